@@ -1,0 +1,173 @@
+"""Typed view of params.yaml: every stage reads its own section, unknown keys are rejected.
+
+pydantic does the validation so that each error names the dotted field (``finetune.epsilon``)
+and what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from privtune.errors import ConfigError
+
+# Fixed stage layout (relative to the project root); dvc.yaml names the same paths.
+PREPARED_DIR = Path("data/prepared")
+BASE_DIR = Path("models/base")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CanaryParams(_Section):
+    repetitions: list[int] = Field(default=[1, 4, 16], description="times each canary is planted")
+    per_repetition: int = Field(default=4, ge=1)
+    held_out: int = Field(default=8, ge=1, description="canaries never planted (attack controls)")
+
+    @field_validator("repetitions")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(r < 1 for r in value):
+            raise ValueError("must be a non-empty list of positive integers, e.g. [1, 4, 16]")
+        return value
+
+
+class PrepareParams(_Section):
+    seed: int = 20251123
+    # "generator" = the embedded pseudo-clinical generator; otherwise a path to a .jsonl or .csv
+    # file with a `text` column, or a directory written by datasets' save_to_disk.
+    source: str = "generator"
+    n_private: int = Field(default=2400, ge=10, description="generated private notes (all splits)")
+    n_public: int = Field(default=3000, ge=10, description="public reference passages")
+    valid_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    canaries: CanaryParams = CanaryParams()
+
+
+class BaseParams(_Section):
+    # A local directory loadable with AutoModelForCausalLM.from_pretrained (and its tokenizer);
+    # null = train a tokenizer and pretrain a small GPT-2 on the public split here.
+    pretrained_path: str | None = None
+    seed: int = 0
+    vocab_size: int = Field(default=4096, ge=300)
+    n_layer: int = Field(default=2, ge=1)
+    n_head: int = Field(default=4, ge=1)
+    n_embd: int = Field(default=128, ge=8)
+    max_length: int = Field(default=256, ge=16, description="tokens per record, truncated")
+    steps: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    device: str = "auto"
+
+
+class LoraParams(_Section):
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = ["c_attn", "c_proj"]
+
+
+class FinetuneParams(_Section):
+    seed: int = 0
+    device: str = "auto"
+    epsilon: float = Field(default=8.0, description="target epsilon for every private method")
+    # null = 1 / (10 N), well below the 1/N a meaningful delta must stay under
+    delta: float | None = None
+    batch_size: int = Field(default=32, ge=1, description="expected batch; q = batch_size / N")
+    epochs: float = Field(default=4.0, gt=0, description="steps = ceil(epochs / q)")
+    lr: float = Field(default=2e-3, gt=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=50, ge=1)
+    eval_records: int = Field(default=128, ge=1, description="validation records per evaluation")
+    lora: LoraParams = LoraParams()
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon(cls, value: float) -> float:
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError("must be a finite number > 0 (typical private values: 1 to 8)")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 1:
+            raise ValueError("must be in (0, 1/N) for N training records, e.g. 1e-5, or null")
+        return value
+
+
+class MethodParams(_Section):
+    """One entry of ``methods``: the method type and its controller's parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str | None = None  # defaults to the entry's key
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(default=32, ge=1)
+    max_records: int | None = Field(default=None, ge=1, description="cap on test records")
+
+
+class Params(_Section):
+    prepare: PrepareParams = PrepareParams()
+    base: BaseParams = BaseParams()
+    finetune: FinetuneParams = FinetuneParams()
+    methods: dict[str, MethodParams] = {"nonprivate": MethodParams(), "dpsgd": MethodParams()}
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def method(self, name: str) -> tuple[str, dict[str, Any]]:
+        """Return (method type, controller options) for the entry ``methods.<name>``."""
+        if name not in self.methods:
+            known = ", ".join(sorted(self.methods)) or "(none)"
+            raise ConfigError(
+                f"methods.{name}",
+                f"no method entry named '{name}' in params.yaml",
+                f"use one of: {known}, or add a `methods.{name}` section",
+            )
+        entry = self.methods[name]
+        options = dict(entry.model_extra or {})
+        return entry.method or name, options
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    value = first.get("input")
+    problem = f"{first['msg']} (got {value!r})" if not isinstance(value, dict) else first["msg"]
+    if first["type"] == "extra_forbidden":
+        problem = "unknown parameter"
+        fix = f"remove or rename `{field}` in {path} (see the documented keys in README.md)"
+    else:
+        fix = f"correct `{field}` in {path}"
+    return ConfigError(field, problem, fix)
+
+
+def parse_params(raw: dict[str, Any], path: Path = Path("params.yaml")) -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise _format_validation_error(path, err) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every error names the field and how to fix it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "parameter file not found", "run from the project root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), f"not valid YAML ({err})", "fix the YAML syntax") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(str(path), "top level must be a mapping", "use `section: {key: value}`")
+    return parse_params(raw or {}, path)

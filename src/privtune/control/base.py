@@ -1,0 +1,80 @@
+"""The controller interface: a method is a controller that sets clipping and noise over time.
+
+The training loop asks the controller for an action every ``interval`` steps, passing an
+observation of the learning dynamics since the last action. The budget guard then admits the
+action (raising its noise if needed), so a controller can never overspend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+Grouping = Literal["flat", "per_adapter"]
+
+
+@dataclass(frozen=True)
+class ControllerContext:
+    """What a controller knows before training starts."""
+
+    group_names: tuple[str, ...]
+    sample_rate: float
+    total_steps: int
+    target_epsilon: float
+    delta: float
+    calibrated_noise: float  # z spending exactly the target over total_steps at constant noise
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Action:
+    clip_thresholds: tuple[float, ...]
+    noise_multiplier: float
+    # Per-group noise std; None = the same std on every group (effective z = noise_multiplier).
+    noise_stds: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Learning-dynamics statistics over the last interval."""
+
+    step: int
+    total_steps: int
+    train_loss: float
+    loss_trend: float  # mean loss of this interval minus the previous interval's
+    valid_loss: float | None
+    epsilon_spent: float
+    epsilon_target: float
+    clipped_fraction: float
+    norm_quantiles: tuple[tuple[float, ...], ...]  # per group: (q10, q25, q50, q75, q90)
+    norm_mean: tuple[float, ...]
+    norm_std: tuple[float, ...]
+    action: Action
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Controller(ABC):
+    """Base class; subclasses are registered with ``@register_controller(name)``."""
+
+    name: ClassVar[str] = ""
+    private: ClassVar[bool] = True
+    grouping: Grouping = "flat"
+
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+        self.interval = ctx.total_steps
+
+    def reserve_noise(self) -> float:
+        """Noise the guard assumes for steps after the current interval."""
+        return self.ctx.calibrated_noise
+
+    @abstractmethod
+    def act(self, observation: Observation | None) -> Action:
+        """Return the action for the next interval (observation is None before step 0)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state

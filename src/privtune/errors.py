@@ -1,0 +1,30 @@
+"""Errors that name the offending field and the fix, so a user can act on them.
+
+Messages never include record text: a bad record is identified by its file and line number.
+"""
+
+
+class PrivtuneError(Exception):
+    """Base class: a user-facing error with a field name and a suggested fix."""
+
+    def __init__(self, field: str, problem: str, fix: str) -> None:
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{field}: {problem}. Fix: {fix}")
+
+
+class ConfigError(PrivtuneError):
+    """A parameter in params.yaml is missing, malformed or impossible."""
+
+
+class DataError(PrivtuneError):
+    """An input dataset cannot be used (format, missing column, empty)."""
+
+
+class ModelError(PrivtuneError):
+    """A model directory is missing or cannot be loaded."""
+
+
+class BudgetExhausted(RuntimeError):
+    """The budget guard refused a step: spending it would exceed the target epsilon."""

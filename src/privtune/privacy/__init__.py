@@ -1,0 +1,1 @@
+"""The privacy contract: ledger of every noise draw, accountant, budget guard, mechanisms."""

@@ -1,0 +1,44 @@
+"""Stage `evaluate@<name>`: utility of a fine-tuned model on the private test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from privtune import io
+from privtune.config import METRICS_DIR, MODELS_DIR, Params
+from privtune.errors import ModelError
+from privtune.stages.common import load_base, read_split
+
+
+def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
+    """Utility of the fine-tuned model on the private test split, logged to its MLflow run."""
+    from peft import PeftModel
+
+    from privtune import tracking
+    from privtune.evaluate import evaluate_model
+    from privtune.modeling import resolve_device
+
+    params.method(name)
+    model_dir = root / MODELS_DIR / name
+    if not (model_dir / "finetune.json").is_file():
+        raise ModelError(
+            str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
+        )
+    info = io.read_json(model_dir / "finetune.json")
+    model, tokenizer = load_base(root)
+    model = PeftModel.from_pretrained(model, model_dir / "adapter")
+    model.to(resolve_device(params.finetune.device))
+    test = read_split(root, "test")
+    if params.evaluate.max_records:
+        test = test[: params.evaluate.max_records]
+    metrics = evaluate_model(
+        model, tokenizer, test, params.base.max_length, params.evaluate.batch_size
+    )
+    metrics["method"] = info["method"]
+    if "epsilon" in info["metrics"]:
+        metrics["epsilon"] = info["metrics"]["epsilon"]
+    with tracking.start_run(root=root, run_id=info["run_id"]) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    io.write_json(root / METRICS_DIR / f"evaluate-{name}.json", metrics)
+    return metrics

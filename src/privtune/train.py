@@ -1,0 +1,349 @@
+"""ONE training loop for every method: a method is a controller (clipping and noise over time)
+plugged into the same loop, with the privacy ledger and the budget guard around every step.
+
+Read top to bottom: plan (sampling rate, steps, calibrated noise) -> for each Poisson batch:
+decide (controller, admitted by the guard) -> forward/backward with per-sample gradients ->
+DP step (clip, noise, scale) -> ledger -> optimizer -> log / validate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import get_cosine_schedule_with_warmup
+
+from privtune.config import FinetuneParams
+from privtune.control import Action, Controller, ControllerContext, Observation, build_controller
+from privtune.data.tokenization import EncodedRecords
+from privtune.errors import BudgetExhausted, ConfigError
+from privtune.losses import per_sample_loss, token_nll
+from privtune.modeling import adapter_groups, resolve_device
+from privtune.privacy import accountant
+from privtune.privacy.guard import BudgetGuard
+from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
+from privtune.privacy.mechanisms import (
+    GaussianMechanism,
+    effective_noise_multiplier,
+    uniform_noise_stds,
+)
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    n_records: int
+    sample_rate: float
+    steps: int
+    delta: float
+    calibrated_noise: float  # 0 for non-private methods
+
+
+def make_plan(n_records: int, params: FinetuneParams, private: bool) -> TrainingPlan:
+    """Sampling rate q = B/N, steps = ceil(epochs / q), delta < 1/N, and the calibrated noise."""
+    if n_records < 2:
+        raise ConfigError("data", f"only {n_records} training records", "provide more records")
+    q = min(1.0, params.batch_size / n_records)
+    steps = max(1, math.ceil(params.epochs / q))
+    delta = params.delta if params.delta is not None else 1.0 / (10 * n_records)
+    if not delta < 1.0 / n_records:
+        raise ConfigError(
+            "finetune.delta",
+            f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
+            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
+        )
+    noise = (
+        accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)
+        if private
+        else 0.0
+    )
+    return TrainingPlan(n_records, q, steps, delta, noise)
+
+
+@dataclass
+class TrainResult:
+    plan: TrainingPlan
+    steps_taken: int
+    ledger: PrivacyLedger | None
+    epsilon: float | None
+    epsilon_rdp: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    valid_loss: float = math.nan
+    stopped_by_guard: bool = False
+    controller: Controller | None = None
+
+
+class _Observer:
+    """Accumulates per-step statistics into the observation a controller sees."""
+
+    def __init__(self, n_groups: int) -> None:
+        self.n_groups = n_groups
+        self.losses: list[float] = []
+        self.norms: list[torch.Tensor] = []
+        self.clipped: list[float] = []
+        self.previous_loss = math.nan
+
+    def add(self, loss: float, norms: torch.Tensor | None, clipped: float) -> None:
+        self.losses.append(loss)
+        if norms is not None and norms.numel():
+            self.norms.append(norms)
+        self.clipped.append(clipped)
+
+    def observe(self, step: int, plan: TrainingPlan, action: Action, **kwargs: Any) -> Observation:
+        loss = float(np.mean(self.losses)) if self.losses else math.nan
+        norms = torch.cat(self.norms) if self.norms else torch.zeros(1, self.n_groups)
+        quantiles = torch.quantile(norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]), dim=0)
+        obs = Observation(
+            step=step,
+            total_steps=plan.steps,
+            train_loss=loss,
+            loss_trend=loss - self.previous_loss if math.isfinite(self.previous_loss) else 0.0,
+            clipped_fraction=float(np.mean(self.clipped)) if self.clipped else 0.0,
+            norm_quantiles=tuple(tuple(quantiles[:, k].tolist()) for k in range(self.n_groups)),
+            norm_mean=tuple(norms.mean(0).tolist()),
+            norm_std=tuple(norms.std(0, correction=0).tolist()),
+            action=action,
+            **kwargs,
+        )
+        self.previous_loss = loss
+        self.losses, self.norms, self.clipped = [], [], []
+        return obs
+
+
+@torch.no_grad()
+def mean_token_loss(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 32) -> float:
+    """Token-level mean NLL over a dataset (its exp is the perplexity)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, mask = token_nll(logits, batch["labels"])
+        total += float(nll.sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _freeze_dropout(model: torch.nn.Module) -> None:
+    """No dropout while fine-tuning (as usual for DP-SGD): runs match across CPU and CUDA.
+
+    LoRA modules stay in training mode because opacus captures activations only there.
+    """
+    model.eval()
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            module.train()
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def train(
+    model: torch.nn.Module,
+    train_data: EncodedRecords,
+    valid_data: EncodedRecords,
+    params: FinetuneParams,
+    method: str,
+    options: dict[str, Any] | None = None,
+    *,
+    entry: str | None = None,
+    on_log: LogFn | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Fine-tune the trainable (LoRA) parameters of ``model`` with the given method."""
+    device = resolve_device(params.device)
+    torch.manual_seed(params.seed)
+    from privtune.control.registry import controller_class
+
+    private = controller_class(method, entry).private
+    plan = make_plan(len(train_data), params, private)
+    ctx = ControllerContext(
+        group_names=tuple(adapter_groups(model, "per_adapter")[0]),
+        sample_rate=plan.sample_rate,
+        total_steps=plan.steps,
+        target_epsilon=params.epsilon,
+        delta=plan.delta,
+        calibrated_noise=plan.calibrated_noise,
+        seed=params.seed,
+    )
+    controller = build_controller(method, ctx, options or {}, entry)
+    group_names, groups = adapter_groups(model, controller.grouping)
+
+    model.to(device)
+    _freeze_dropout(model)
+    trainable = [p for group in groups for p in group]
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(params.warmup_fraction * plan.steps), plan.steps
+    )
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(train_data),
+        sample_rate=plan.sample_rate,
+        generator=torch.Generator().manual_seed(params.seed),
+        steps=plan.steps,
+    )
+    expected_batch = plan.sample_rate * len(train_data)
+    valid_subset = EncodedRecords(
+        valid_data.input_ids[: params.eval_records], valid_data.lengths[: params.eval_records]
+    )
+
+    ledger = PrivacyLedger() if private else None
+    forward = model
+    guard = mechanism = None
+    if private:
+        forward = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise.
+        mechanism = GaussianMechanism(groups, torch.Generator().manual_seed(params.seed + 1))
+        guard = BudgetGuard(
+            ledger=ledger,
+            target_epsilon=params.epsilon,
+            delta=plan.delta,
+            sample_rate=plan.sample_rate,
+            total_steps=plan.steps,
+            reserve_noise=controller.reserve_noise(),
+            accountant=params.accountant,
+        )
+
+    observer = _Observer(len(groups))
+    result = TrainResult(plan, 0, ledger, None, None, controller=controller)
+    action: Action | None = None
+    stds: tuple[float, ...] = ()
+    next_decision = 0
+    valid_loss = math.nan
+    eps_spent = 0.0
+
+    with _progress(show_progress) as progress:
+        task = progress.add_task(f"finetune {entry or method}", total=plan.steps, status="")
+        for step, indices in enumerate(sampler):
+            # -- decide: the controller proposes, the guard admits ------------------------
+            if step == next_decision:
+                obs = None
+                if action is not None:
+                    obs = observer.observe(
+                        step,
+                        plan,
+                        action,
+                        valid_loss=valid_loss,
+                        epsilon_spent=eps_spent,
+                        epsilon_target=params.epsilon,
+                    )
+                action = controller.act(obs)
+                if private:
+                    try:
+                        admitted = guard.admit(action.noise_multiplier, controller.interval)
+                    except BudgetExhausted:
+                        result.stopped_by_guard = True
+                        break
+                    action, stds = _apply_admission(action, admitted.noise_multiplier)
+                next_decision = step + max(1, controller.interval)
+
+            # -- forward / backward with per-sample gradients ------------------------------
+            index = torch.as_tensor(indices, dtype=torch.long)
+            empty = len(index) == 0
+            loss_value = math.nan
+            if not empty:
+                batch = {k: v.to(device) for k, v in train_data.batch(index).items()}
+                logits = forward(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                losses = per_sample_loss(logits, batch["labels"])
+                losses.sum().backward()
+                loss_value = float(losses.mean())
+            elif not private:
+                continue  # nothing to learn from and no privacy to account
+
+            # -- DP step: clip, noise, scale; the ledger records the draw ------------------
+            if private:
+                z = effective_noise_multiplier(action.clip_thresholds, stds)
+                guard.check_step(z)
+                stats = mechanism.step(action.clip_thresholds, stds, expected_batch, empty=empty)
+                ledger.record(
+                    LedgerEntry(
+                        step=step,
+                        sample_rate=plan.sample_rate,
+                        noise_multiplier=z,
+                        clip_thresholds=tuple(action.clip_thresholds),
+                        noise_stds=tuple(stds),
+                        batch_size=len(index),
+                    )
+                )
+                observer.add(loss_value, stats.norms, stats.clipped_fraction)
+            else:
+                for p in trainable:
+                    p.grad = p.grad / expected_batch
+                observer.add(loss_value, None, 0.0)
+
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps_taken = step + 1
+
+            # -- log and validate ----------------------------------------------------------
+            last = step + 1 == plan.steps
+            if step % params.eval_every == 0 or last:
+                valid_loss = mean_token_loss(model, valid_subset)
+            if step % params.log_every == 0 or last:
+                row = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+                if math.isfinite(valid_loss):
+                    row["valid_loss"] = valid_loss
+                if private:
+                    eps_spent = accountant.epsilon(ledger.segments(), plan.delta, params.accountant)
+                    row.update(
+                        epsilon=eps_spent,
+                        noise_multiplier=z,
+                        clipped_fraction=stats.clipped_fraction,
+                    )
+                    clips = zip(group_names, action.clip_thresholds, strict=True)
+                    row.update({f"clip/{n}": c for n, c in clips})
+                result.history.append(row)
+                if on_log:
+                    on_log({k: v for k, v in row.items() if k != "step"}, step)
+                status = f"loss {loss_value:.3f}" + (f" eps {eps_spent:.2f}" if private else "")
+                progress.update(task, status=status)
+            progress.advance(task)
+
+    result.valid_loss = mean_token_loss(model, valid_data)
+    if private:
+        segments = ledger.segments()
+        result.epsilon = accountant.epsilon(segments, plan.delta, params.accountant)
+        result.epsilon_rdp = accountant.epsilon(segments, plan.delta, "rdp")
+        if result.epsilon > params.epsilon * (1 + 1e-9):
+            raise BudgetExhausted(  # unreachable unless the guard is broken: fail loudly
+                f"spent epsilon {result.epsilon} exceeds the target {params.epsilon}"
+            )
+        _remove_opacus(forward)
+    return result
+
+
+def _apply_admission(action: Action, noise: float) -> tuple[Action, tuple[float, ...]]:
+    """Rescale the action's noise to the admitted multiplier and return per-group stds."""
+    if action.noise_stds is None:
+        return replace(action, noise_multiplier=noise), uniform_noise_stds(
+            action.clip_thresholds, noise
+        )
+    requested = effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
+    factor = noise / requested if requested > 0 else math.inf
+    stds = tuple(s * max(1.0, factor) for s in action.noise_stds)
+    return replace(action, noise_multiplier=max(noise, requested), noise_stds=stds), stds
+
+
+def _remove_opacus(forward: torch.nn.Module) -> None:
+    """Detach opacus' hooks so the fine-tuned model can be saved and evaluated as usual."""
+    if isinstance(forward, GradSampleModule):
+        forward.to_standard_module()

@@ -1,0 +1,71 @@
+"""The accountant: exact composition of ledgers, agreement with an independent library."""
+
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privtune.privacy import accountant
+from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
+
+
+def pld_epsilon(z: float, q: float, steps: int, delta: float) -> float:
+    pld = pld_privacy_accountant.PLDAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    pld.compose(event, steps)
+    return pld.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(
+    ("z", "q", "steps"), [(0.6, 0.016, 300), (1.0, 0.01, 1000), (2.0, 0.05, 200)]
+)
+def test_prv_agrees_with_dp_accounting_pld_within_one_percent(z, q, steps):
+    ours = accountant.epsilon([(z, q, steps)], 1e-5, "prv")
+    reference = pld_epsilon(z, q, steps, 1e-5)
+    assert ours == pytest.approx(reference, rel=0.01)
+
+
+def test_rdp_is_looser_than_prv():
+    schedule = [(0.8, 0.02, 400)]
+    assert accountant.epsilon(schedule, 1e-5, "rdp") > accountant.epsilon(schedule, 1e-5, "prv")
+
+
+def test_heterogeneous_schedule_composes_segments():
+    """Splitting a constant schedule into segments changes nothing; noisier segments spend less."""
+    whole = accountant.epsilon([(1.0, 0.02, 300)], 1e-5, "rdp")
+    split = accountant.epsilon([(1.0, 0.02, 100), (1.0, 0.02, 200)], 1e-5, "rdp")
+    assert split == pytest.approx(whole, rel=1e-9)
+    noisier = accountant.epsilon([(1.0, 0.02, 100), (2.0, 0.02, 200)], 1e-5, "rdp")
+    assert noisier < whole
+
+
+def test_no_noise_means_no_guarantee_and_no_steps_mean_nothing_spent():
+    assert accountant.epsilon([(0.0, 0.1, 10)], 1e-5) == math.inf
+    assert accountant.epsilon([], 1e-5) == 0.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    target=st.floats(0.5, 10.0),
+    q=st.floats(0.005, 0.1),
+    steps=st.integers(20, 600),
+)
+def test_calibrated_noise_spends_at_most_and_nearly_the_target(target, q, steps):
+    sigma = accountant.calibrate_noise(target, 1e-5, q, steps, "rdp")
+    spent = accountant.epsilon([(sigma, q, steps)], 1e-5, "rdp")
+    assert spent <= target
+    assert spent >= 0.95 * target
+
+
+def test_ledger_segments_and_round_trip(tmp_path):
+    ledger = PrivacyLedger()
+    for step, z in enumerate([1.0, 1.0, 2.0, 2.0, 2.0, 1.0]):
+        ledger.record(LedgerEntry(step, 0.1, z, (1.0,), (z,), 3))
+    assert ledger.segments() == [(1.0, 0.1, 2), (2.0, 0.1, 3), (1.0, 0.1, 1)]
+    ledger.save(tmp_path / "ledger.json")
+    assert PrivacyLedger.load(tmp_path / "ledger.json").entries == ledger.entries
+    with pytest.raises(ValueError):
+        ledger.record(LedgerEntry(7, 0.1, 0.0, (1.0,), (0.0,), 3))
