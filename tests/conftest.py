@@ -11,3 +11,39 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS = (
+    "patient presents with cough fever chest pain diabetes metformin hypertension lisinopril "
+    "asthma salbutamol plan follow up in two weeks blood pressure heart rate"
+).split()
+
+
+def synthetic_texts(n: int, seed: int = 0, words: int = 30) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from privtune.data.tokenization import train_tokenizer
+
+    return train_tokenizer(synthetic_texts(300), 320)
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A 1-layer GPT-2 small enough to train in a second on a CPU."""
+    import torch
+
+    from privtune.config import BaseParams
+    from privtune.modeling import build_gpt2
+
+    torch.manual_seed(0)
+    params = BaseParams(n_layer=1, n_head=2, n_embd=32, max_length=64)
+    return build_gpt2(
+        params, len(tiny_tokenizer), tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    )

@@ -66,7 +66,11 @@ def test_random_and_adversarial_actions_never_overspend(
 ):
     calibrated = accountant.calibrate_noise(target, DELTA, q, total, "rdp")
     ledger, _ = run_schedule(
-        requests, target=target, q=q, total=total, interval=interval,
+        requests,
+        target=target,
+        q=q,
+        total=total,
+        interval=interval,
         reserve=calibrated * reserve_scale,
     )
     assert accountant.epsilon(ledger.segments(), DELTA, "rdp") <= target * (1 + 1e-9)
@@ -92,8 +96,15 @@ def test_well_behaved_schedule_uses_at_least_95_percent_of_budget(target, q, tot
 
 def test_greedy_request_is_raised_to_fit():
     ledger = PrivacyLedger()
-    guard = BudgetGuard(ledger=ledger, target_epsilon=2.0, delta=DELTA, sample_rate=0.05,
-                        total_steps=100, reserve_noise=3.0, accountant="rdp")
+    guard = BudgetGuard(
+        ledger=ledger,
+        target_epsilon=2.0,
+        delta=DELTA,
+        sample_rate=0.05,
+        total_steps=100,
+        reserve_noise=3.0,
+        accountant="rdp",
+    )
     admission = guard.admit(0.1, 50)
     assert admission.raised and admission.noise_multiplier > 0.1
     assert admission.projected_epsilon <= 2.0
@@ -101,8 +112,15 @@ def test_greedy_request_is_raised_to_fit():
 
 def test_steps_outside_the_admitted_interval_are_refused():
     ledger = PrivacyLedger()
-    guard = BudgetGuard(ledger=ledger, target_epsilon=2.0, delta=DELTA, sample_rate=0.05,
-                        total_steps=10, reserve_noise=3.0, accountant="rdp")
+    guard = BudgetGuard(
+        ledger=ledger,
+        target_epsilon=2.0,
+        delta=DELTA,
+        sample_rate=0.05,
+        total_steps=10,
+        reserve_noise=3.0,
+        accountant="rdp",
+    )
     with pytest.raises(BudgetExhausted):
         guard.check_step(3.0)  # nothing admitted yet
     admission = guard.admit(3.0, 2)
@@ -116,6 +134,7 @@ def test_steps_outside_the_admitted_interval_are_refused():
 
 
 def test_prv_guard_holds_the_target():
-    ledger, _ = run_schedule([0.2, 5.0, 0.3], target=3.0, q=0.02, total=60, interval=20,
-                             reserve=4.0, acc="prv")
+    ledger, _ = run_schedule(
+        [0.2, 5.0, 0.3], target=3.0, q=0.02, total=60, interval=20, reserve=4.0, acc="prv"
+    )
     assert accountant.epsilon(ledger.segments(), DELTA, "prv") <= 3.0

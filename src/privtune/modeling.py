@@ -62,8 +62,8 @@ def load_pretrained(path: str | Path, field: str = "base.pretrained_path"):
     return model, tokenizer
 
 
-def attach_lora(model: torch.nn.Module, params: LoraParams) -> PeftModel:
-    """Freeze the base model and add LoRA adapters on the target modules."""
+def attach_lora(model: torch.nn.Module, params: LoraParams, seed: int = 0) -> PeftModel:
+    """Freeze the base model and add LoRA adapters (seeded init) on the target modules."""
     targets = [
         m for name, m in model.named_modules() if name.split(".")[-1] in params.target_modules
     ]
@@ -82,7 +82,9 @@ def attach_lora(model: torch.nn.Module, params: LoraParams) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 _ADAPTER = re.compile(r"^(.*)\.lora_[AB]\.")

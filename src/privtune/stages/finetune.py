@@ -34,7 +34,7 @@ def finetune(
     valid_data = encode_records(
         [r["text"] for r in read_split(root, "valid")], tokenizer, max_length
     )
-    model = attach_lora(model, f.lora)
+    model = attach_lora(model, f.lora, seed=f.seed)
 
     with tracking.start_run(run_name=name, root=root) as run:
         run.set_tags({"stage": "finetune", "method": method, "entry": name})

@@ -1,0 +1,49 @@
+"""One Prefect task per pipeline stage. Each runs the DVC stage of the same name, so a
+scheduled run executes exactly what `dvc repro` would and leaves dvc.lock consistent."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+
+def reproduce(root: str, target: str, force: bool = False) -> list[str]:
+    """Run one DVC stage (skipped when up to date); returns the stages that actually ran."""
+    from dvc.repo import Repo
+
+    # dvc.yaml calls the `privtune` CLI: make the interpreter's own bin dir win on PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    if not os.environ.get("PATH", "").startswith(bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    with Repo(root) as repo:
+        ran = repo.reproduce(targets=[target], single_item=True, force=force)
+    return [stage.addressing for stage in ran]
+
+
+def _run(root: str, target: str, force: bool) -> list[str]:
+    ran = reproduce(root, target, force)
+    get_run_logger().info("%s: %s", target, "ran" if ran else "up to date, skipped")
+    return ran
+
+
+@task(name="prepare", retries=2, retry_delay_seconds=5)
+def prepare(root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, "prepare", force)
+
+
+@task(name="base", retries=2, retry_delay_seconds=5)
+def base(root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, "base", force)
+
+
+@task(name="finetune", task_run_name="finetune-{method}", retries=1, retry_delay_seconds=10)
+def finetune(method: str, root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, f"finetune@{method}", force)
+
+
+@task(name="evaluate", task_run_name="evaluate-{method}", retries=2, retry_delay_seconds=5)
+def evaluate(method: str, root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, f"evaluate@{method}", force)

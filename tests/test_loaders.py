@@ -1,0 +1,60 @@
+"""User corpora: JSONL, CSV and datasets directories, and clear errors for bad ones."""
+
+import json
+
+import datasets
+import pytest
+
+from privtune.data.loaders import load_records
+from privtune.errors import DataError
+
+ROWS = [{"text": "first note", "label": 1}, {"text": "second note", "label": 0}]
+
+
+def test_jsonl_csv_and_datasets_dir_load_the_same_texts(tmp_path):
+    jsonl = tmp_path / "notes.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    csv = tmp_path / "notes.csv"
+    csv.write_text('text,label\nfirst note,1\n"second note",0\n')
+    ds_dir = tmp_path / "notes_ds"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(ds_dir))
+    dict_dir = tmp_path / "notes_dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(dict_dir))
+    for source in (jsonl, csv, ds_dir, dict_dir):
+        assert [r["text"] for r in load_records(source)] == ["first note", "second note"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.jsonl", '{"body": "x"}\n', "no `text` column"),
+        ("b.jsonl", '{"text": "ok"}\n{broken\n', "line 2 is not valid JSON"),
+        ("c.jsonl", "", "empty"),
+        ("d.csv", "body\nsecret text\n", "no `text` column"),
+        ("e.csv", "", "empty"),
+        ("f.jsonl", '{"text": ""}\n', "empty or non-string"),
+        ("g.parquet", "x", "unsupported file type"),
+    ],
+)
+def test_bad_files_give_errors_naming_the_problem_without_record_text(
+    tmp_path, name, content, message
+):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert message in str(err.value)
+    assert "Fix:" in str(err.value)
+    assert "secret text" not in str(err.value)
+
+
+def test_missing_source_names_the_parameter(tmp_path):
+    with pytest.raises(DataError, match=r"prepare\.source"):
+        load_records(tmp_path / "nope.jsonl")
+
+
+def test_datasets_dir_without_text_column(tmp_path):
+    ds_dir = tmp_path / "bad_ds"
+    datasets.Dataset.from_list([{"body": "x"}]).save_to_disk(str(ds_dir))
+    with pytest.raises(DataError, match="no `text` column"):
+        load_records(ds_dir)

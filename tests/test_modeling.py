@@ -1,0 +1,40 @@
+"""Base models load from local directories only; LoRA attaches to the right modules."""
+
+import pytest
+
+from privtune.config import LoraParams
+from privtune.errors import ConfigError, ModelError
+from privtune.modeling import adapter_groups, attach_lora, load_pretrained
+
+
+def test_local_model_directory_round_trip(tmp_path, tiny_model, tiny_tokenizer):
+    tiny_model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    model, tokenizer = load_pretrained(tmp_path / "m")
+    assert model.config.n_embd == 32
+    assert tokenizer("cough fever")["input_ids"] == tiny_tokenizer("cough fever")["input_ids"]
+
+
+def test_missing_or_broken_model_directory(tmp_path):
+    with pytest.raises(ModelError, match=r"base\.pretrained_path.*not a directory"):
+        load_pretrained(tmp_path / "absent")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"base\.pretrained_path.*cannot load") as err:
+        load_pretrained(tmp_path / "broken")
+    assert "save_pretrained" in str(err.value)
+
+
+def test_lora_freezes_base_and_groups_adapters(tiny_model):
+    model = attach_lora(tiny_model, LoraParams(r=4, target_modules=["c_attn", "c_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    names, groups = adapter_groups(model, "per_adapter")
+    # one block: attn.c_attn, attn.c_proj, mlp.c_proj -> three adapters of (A, B)
+    assert len(names) == 3 and all(len(g) == 2 for g in groups)
+    assert adapter_groups(model, "flat")[0] == ["all"]
+
+
+def test_unknown_target_modules(tiny_model):
+    with pytest.raises(ConfigError, match=r"finetune\.lora\.target_modules"):
+        attach_lora(tiny_model, LoraParams(target_modules=["q_proj"]))

@@ -1,0 +1,109 @@
+"""The one training loop: ledger, guard and accountant agree; runs are reproducible."""
+
+import pytest
+import torch
+
+from privtune.config import FinetuneParams, LoraParams
+from privtune.control import Action, Controller, register_controller
+from privtune.control.registry import CONTROLLERS
+from privtune.data.tokenization import encode_records
+from privtune.modeling import attach_lora
+from privtune.privacy import accountant
+from privtune.train import train
+from tests.conftest import synthetic_texts
+
+PARAMS = FinetuneParams(
+    epsilon=2.0,
+    batch_size=16,
+    epochs=1.0,
+    lr=5e-3,
+    log_every=2,
+    eval_every=4,
+    eval_records=16,
+    lora=LoraParams(r=4),
+)
+
+
+def _data(tokenizer):
+    return (
+        encode_records(synthetic_texts(160, seed=1), tokenizer, 64),
+        encode_records(synthetic_texts(32, seed=2), tokenizer, 64),
+    )
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_dpsgd_ledger_spends_the_target_and_no_more(tiny_model, tiny_tokenizer):
+    train_data, valid_data = _data(tiny_tokenizer)
+    base_before = {n: p.clone() for n, p in tiny_model.named_parameters()}
+    model = attach_lora(tiny_model, PARAMS.lora)
+    result = train(
+        model, train_data, valid_data, PARAMS, "dpsgd", {"clip": 0.5}, show_progress=False
+    )
+    plan = result.plan
+    assert plan.sample_rate == pytest.approx(16 / 160)
+    assert result.steps_taken == plan.steps == 10 == len(result.ledger)
+    assert all(
+        e.noise_multiplier == pytest.approx(plan.calibrated_noise) for e in result.ledger.entries
+    )
+    assert all(e.clip_thresholds == (0.5,) for e in result.ledger.entries)
+    assert 0.95 * PARAMS.epsilon <= result.epsilon <= PARAMS.epsilon
+    assert result.epsilon_rdp > result.epsilon  # RDP is looser, logged beside
+    recomputed = accountant.epsilon(result.ledger.segments(), plan.delta, "prv")
+    assert recomputed == pytest.approx(result.epsilon)
+    # the frozen base model is untouched: only LoRA parameters moved
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            torch.testing.assert_close(param, base_before[name.replace(".base_layer", "")])
+    assert [row["step"] for row in result.history][-1] == plan.steps - 1
+
+
+def test_runs_are_reproducible_for_a_seed(tiny_model, tiny_tokenizer):
+    train_data, valid_data = _data(tiny_tokenizer)
+    states = []
+    for _ in range(2):
+        model = attach_lora(__import__("copy").deepcopy(tiny_model), PARAMS.lora)
+        train(model, train_data, valid_data, PARAMS, "dpsgd", {}, show_progress=False)
+        states.append(_lora_state(model))
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name])
+
+
+def test_nonprivate_learns_and_has_no_ledger(tiny_model, tiny_tokenizer):
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    params = PARAMS.model_copy(update={"epochs": 3.0})
+    result = train(model, train_data, valid_data, params, "nonprivate", show_progress=False)
+    assert result.ledger is None and result.epsilon is None
+    first, last = result.history[0]["valid_loss"], result.history[-1]["valid_loss"]
+    assert last < first
+
+
+@pytest.fixture
+def greedy_controller():
+    @register_controller("test-greedy", force=True)
+    class Greedy(Controller):
+        """Asks for almost no noise every 3 steps: the guard must refuse to overspend."""
+
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.interval = 3
+
+        def reserve_noise(self) -> float:
+            return self.ctx.calibrated_noise * 1.5
+
+        def act(self, observation):
+            return Action(clip_thresholds=(1.0,), noise_multiplier=1e-3)
+
+    yield
+    CONTROLLERS.pop("test-greedy")
+
+
+def test_guard_holds_against_a_greedy_controller(tiny_model, tiny_tokenizer, greedy_controller):
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    result = train(model, train_data, valid_data, PARAMS, "test-greedy", show_progress=False)
+    assert result.epsilon <= PARAMS.epsilon
+    assert min(e.noise_multiplier for e in result.ledger.entries) > 1e-3
