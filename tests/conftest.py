@@ -17,9 +17,10 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 
 WORDS = (
-    "patient presents with cough fever chest pain diabetes metformin hypertension lisinopril "
-    "asthma salbutamol plan follow up in two weeks blood pressure heart rate"
-).split()
+    "patient", "presents", "with", "cough", "fever", "chest", "pain", "diabetes", "metformin",
+    "hypertension", "lisinopril", "asthma", "salbutamol", "plan", "follow", "up", "in", "two",
+    "weeks", "blood", "pressure", "heart", "rate",
+)
 
 
 def synthetic_texts(n: int, seed: int = 0, words: int = 30) -> list[str]:

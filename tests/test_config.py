@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from privtune.config import load_params, parse_params
-from privtune.control.registry import build_controller
 from privtune.control.base import ControllerContext
+from privtune.control.registry import build_controller
 from privtune.errors import ConfigError
 from privtune.train import make_plan
 

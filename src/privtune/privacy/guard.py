@@ -1,10 +1,11 @@
 """The budget guard: no controller, however buggy or adversarial, can overspend epsilon.
 
 Before an interval's action is applied the guard projects the whole run: the ledger so far,
-the interval at the requested noise, and every later planned step at ``reserve_noise``. If that
-projection exceeds the target, the interval's noise is raised (doubling, then geometric bisection) until it fits; if
-nothing fits, the run stops. Steps are then only allowed inside the admitted interval, so the
-per-step check is a counter, and the final epsilon is at most the target by construction.
+the interval at the requested noise, and every later planned step at ``reserve_noise``. If
+that projection exceeds the target, the interval's noise is raised (doubling, then geometric
+bisection) until it fits; if nothing fits, the run stops. Steps are then only allowed inside
+the admitted interval, so the per-step check is a counter, and the final epsilon is at most
+the target by construction.
 """
 
 from __future__ import annotations
