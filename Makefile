@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-all bench lint ui clean
+.PHONY: install demo test test-fast bench lint ui clean
 
 install: $(VENV)/.installed
 
@@ -29,11 +29,13 @@ demo: install
 	@echo "Metrics: metrics/*.json (above); plots: plots/ and reports/; models: models/"
 	@echo "Open the MLflow UI with:  make ui   (or: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
+# The whole suite, end-to-end tests included (what CI runs).
 test: install
-	$(BIN)/pytest
-
-test-all: install
 	$(BIN)/pytest -m "slow or not slow"
+
+# Without the end-to-end pipeline tests (marked slow).
+test-fast: install
+	$(BIN)/pytest
 
 bench: install
 	$(BIN)/python benchmarks/step_overhead.py

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,22 +100,51 @@ def time_side_by_side(base, lora, device, batch: int, steps: int) -> dict[str, f
     return {"dp_step_s": dp, "nonprivate_step_s": plain, "time_ratio": dp / plain}
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Peak resident memory while a block runs, sampled every millisecond (CPU runs).
+
+    ru_maxrss cannot be used: model construction sets a peak the steps never reach.
+    """
+
+    def __enter__(self) -> RssPeak:
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def peak_memory_child(kind: str, config: str, device: str, batch: int) -> None:
-    """Run in a subprocess: report peak memory growth of a few steps of one kind."""
+    """Run in a subprocess: report the peak memory growth of a few steps of one kind."""
     base = GPT2_SMALL if config == "gpt2-small" else load_params().base
     dev = torch.device(device)
     stepper = Stepper(kind == "dp", base, load_params().finetune.lora, dev, batch)
     if dev.type == "cuda":
+        stepper.step()  # first step allocates optimizer state: not part of the steady state
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for _ in range(3):
-        stepper.step()
-    if dev.type == "cuda":
+        for _ in range(3):
+            stepper.step()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        with RssPeak() as rss:  # from the first step: the allocator keeps what it has freed
+            for _ in range(4):
+                stepper.step()
+        peak = rss.peak - rss.start
     print(json.dumps({"peak_bytes": max(peak, 1)}))
 
 

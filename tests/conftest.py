@@ -17,9 +17,29 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 
 WORDS = (
-    "patient", "presents", "with", "cough", "fever", "chest", "pain", "diabetes", "metformin",
-    "hypertension", "lisinopril", "asthma", "salbutamol", "plan", "follow", "up", "in", "two",
-    "weeks", "blood", "pressure", "heart", "rate",
+    "patient",
+    "presents",
+    "with",
+    "cough",
+    "fever",
+    "chest",
+    "pain",
+    "diabetes",
+    "metformin",
+    "hypertension",
+    "lisinopril",
+    "asthma",
+    "salbutamol",
+    "plan",
+    "follow",
+    "up",
+    "in",
+    "two",
+    "weeks",
+    "blood",
+    "pressure",
+    "heart",
+    "rate",
 )
 
 
@@ -48,3 +68,49 @@ def tiny_model(tiny_tokenizer):
     return build_gpt2(
         params, len(tiny_tokenizer), tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
     )
+
+
+# A whole pipeline small enough for seconds per stage: used by the CLI and pipeline tests.
+TINY_PARAMS = {
+    "prepare": {
+        "n_private": 120,
+        "n_public": 200,
+        "canaries": {"repetitions": [1, 4], "per_repetition": 1, "held_out": 2},
+    },
+    "base": {
+        "vocab_size": 400,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 32,
+        "max_length": 64,
+        "steps": 20,
+        "batch_size": 16,
+    },
+    "finetune": {
+        "epsilon": 4.0,
+        "batch_size": 16,
+        "epochs": 1.0,
+        "log_every": 2,
+        "eval_every": 4,
+        "eval_records": 8,
+        "lora": {"r": 4},
+    },
+    "methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}},
+    "evaluate": {"max_records": 8},
+}
+
+
+def write_params(path, **sections):
+    """Write TINY_PARAMS with some sections replaced/extended to a params.yaml."""
+    import copy
+
+    import yaml
+
+    params = copy.deepcopy(TINY_PARAMS)
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(params.get(name), dict):
+            params[name] = {**params[name], **values}
+        else:
+            params[name] = values
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tests.conftest import synthetic_texts
 
 from privtune.config import FinetuneParams, LoraParams
 from privtune.control import Action, Controller, register_controller
@@ -11,6 +10,7 @@ from privtune.data.tokenization import encode_records
 from privtune.modeling import attach_lora
 from privtune.privacy import accountant
 from privtune.train import train
+from tests.conftest import synthetic_texts
 
 PARAMS = FinetuneParams(
     epsilon=2.0,

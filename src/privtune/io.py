@@ -29,13 +29,13 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
+def atomic_file(target: str | Path, mode: str = "w", encoding: str | None = None) -> Iterator[Any]:
     """Open a temporary sibling file that replaces ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

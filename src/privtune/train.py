@@ -163,16 +163,20 @@ def train(
     options: dict[str, Any] | None = None,
     *,
     entry: str | None = None,
+    plan: TrainingPlan | None = None,
     on_log: LogFn | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune the trainable (LoRA) parameters of ``model`` with the given method."""
+    """Fine-tune the trainable (LoRA) parameters of ``model`` with the given method.
+
+    ``plan`` may be computed beforehand with :func:`make_plan` (to validate before any output).
+    """
     device = resolve_device(params.device)
     torch.manual_seed(params.seed)
     from privtune.control.registry import controller_class
 
     private = controller_class(method, entry).private
-    plan = make_plan(len(train_data), params, private)
+    plan = plan or make_plan(len(train_data), params, private)
     ctx = ControllerContext(
         group_names=tuple(adapter_groups(model, "per_adapter")[0]),
         sample_rate=plan.sample_rate,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,10 @@ def finetune(
     from privtune.data.tokenization import encode_records
     from privtune.modeling import attach_lora
     from privtune.plots import plot_training
-    from privtune.train import train
+    from privtune.train import make_plan, train
 
     method, options = params.method(name)
-    controller_class(method, name)  # fail fast on an unknown method, before any work
+    private = controller_class(method, name).private  # fail fast on an unknown method
     f = params.finetune
     model, tokenizer = load_base(root)
     max_length = params.base.max_length
@@ -35,6 +37,7 @@ def finetune(
         [r["text"] for r in read_split(root, "valid")], tokenizer, max_length
     )
     model = attach_lora(model, f.lora, seed=f.seed)
+    plan = make_plan(len(train_data), f, private)  # validates delta before anything is written
 
     with tracking.start_run(run_name=name, root=root) as run:
         run.set_tags({"stage": "finetune", "method": method, "entry": name})
@@ -48,6 +51,10 @@ def finetune(
                 "data_sha256": data_hash(root),
                 "git_commit": tracking.git_commit(root),
                 "n_train_records": len(train_data),
+                "sample_rate": plan.sample_rate,
+                "steps": plan.steps,
+                "delta": plan.delta,
+                "noise_multiplier": plan.calibrated_noise,
             }
         )
         result = train(
@@ -58,24 +65,16 @@ def finetune(
             method,
             options,
             entry=name,
+            plan=plan,
             on_log=run.log_metrics,
             show_progress=show_progress,
-        )
-        plan = result.plan
-        run.log_params(
-            {
-                "sample_rate": plan.sample_rate,
-                "steps": plan.steps,
-                "delta": plan.delta,
-                "noise_multiplier": plan.calibrated_noise,
-            }
         )
         metrics: dict[str, Any] = {
             "method": method,
             "private": result.ledger is not None,
             "steps": result.steps_taken,
             "sample_rate": plan.sample_rate,
-            "valid_perplexity": float(torch.tensor(result.valid_loss).exp()),
+            "valid_perplexity": math.exp(result.valid_loss),
             "stopped_by_guard": result.stopped_by_guard,
         }
         if result.ledger is not None:
@@ -102,7 +101,7 @@ def finetune(
                     "options": options,
                     "base": str(BASE_DIR),
                     "run_id": run.run_id,
-                    "plan": plan.__dict__,
+                    "plan": dataclasses.asdict(plan),
                     "finetune": f.model_dump(),
                     "metrics": metrics,
                 },

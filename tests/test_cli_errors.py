@@ -1,0 +1,119 @@
+"""Bad input: each gives a clear error naming the field and the fix, exits non-zero, and
+leaves no half-written output."""
+
+import json
+import shutil
+
+import pytest
+
+from privtune.cli import main
+from tests.conftest import write_params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project with prepared data and a base model (tiny), shared by the tests below."""
+    root = tmp_path_factory.mktemp("project")
+    write_params(root / "params.yaml")
+    assert main(["--root", str(root), "--no-progress", "prepare"]) == 0
+    assert main(["--root", str(root), "--no-progress", "base"]) == 0
+    return root
+
+
+def _run(root, *args, capsys):
+    code = main(["--root", str(root), "--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("epsilon", [0, -2])
+def test_non_positive_epsilon(project, capsys, epsilon, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    write_params(root / "params.yaml", finetune={"epsilon": epsilon})
+    before = _listing(root)
+    code, err = _run(root, "finetune", "dpsgd", capsys=capsys)
+    assert code == 2 and "finetune.epsilon" in err and "Fix:" in err
+    assert _listing(root) == before
+
+
+def test_delta_not_below_one_over_n(project, capsys, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    write_params(root / "params.yaml", finetune={"delta": 0.05})
+    before = _listing(root)
+    code, err = _run(root, "finetune", "dpsgd", capsys=capsys)
+    assert code == 2 and "finetune.delta" in err and "below 1/N" in err
+    assert _listing(root) == before  # no models/dpsgd, no metrics, no MLflow run
+
+
+def test_unknown_method(project, capsys):
+    code, err = _run(project, "finetune", "nosuch", capsys=capsys)
+    assert code == 2 and "methods.nosuch" in err
+
+
+def test_unknown_method_type(project, capsys, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    write_params(root / "params.yaml", methods={"mine": {"method": "magic"}})
+    code, err = _run(root, "finetune", "mine", capsys=capsys)
+    assert code == 2 and "unknown method 'magic'" in err and "dpsgd" in err
+    assert not (root / "models" / "mine").exists()
+
+
+def _bad_source(tmp_path, capsys, name, content):
+    (tmp_path / name).write_text(content)
+    write_params(tmp_path / "params.yaml", prepare={"source": name})
+    code, err = _run(tmp_path, "prepare", capsys=capsys)
+    assert code == 2
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.jsonl"))
+    return err
+
+
+def test_dataset_without_text_column(tmp_path, capsys):
+    rows = "\n".join(json.dumps({"body": f"secret note {i}"}) for i in range(50))
+    err = _bad_source(tmp_path, capsys, "notes.jsonl", rows)
+    assert "no `text` column" in err and "secret note" not in err
+
+
+def test_empty_dataset(tmp_path, capsys):
+    err = _bad_source(tmp_path, capsys, "notes.csv", "text\n")
+    assert "empty" in err
+
+
+def test_missing_model_path(tmp_path, capsys, project):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    shutil.rmtree(root / "models")
+    write_params(root / "params.yaml", base={"pretrained_path": "no/such/model"})
+    code, err = _run(root, "base", capsys=capsys)
+    assert code == 2 and "base.pretrained_path" in err
+    assert not (root / "models").exists()
+
+
+def test_unreadable_model_path(tmp_path, capsys, project):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    shutil.rmtree(root / "models")
+    (root / "garbage").mkdir()
+    (root / "garbage" / "config.json").write_text("not json")
+    write_params(root / "params.yaml", base={"pretrained_path": "garbage"})
+    code, err = _run(root, "base", capsys=capsys)
+    assert code == 2 and "base.pretrained_path" in err and "cannot load" in err
+    assert not (root / "models").exists()
+
+
+def test_user_model_directory_skips_pretraining(tmp_path, capsys, project):
+    """A local from_pretrained directory is loaded with its own tokenizer, not pretrained."""
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    shutil.copytree(project / "models" / "base", root / "mymodel")
+    shutil.rmtree(root / "models")
+    write_params(root / "params.yaml", base={"pretrained_path": "mymodel", "steps": 10**6})
+    code, _ = _run(root, "base", capsys=capsys)
+    assert code == 0
+    metrics = json.loads((root / "metrics" / "base.json").read_text())
+    assert metrics["source"] == "mymodel" and "public_valid_perplexity" not in metrics
