@@ -6,6 +6,7 @@ prefect deploy --all                      # scheduled deployments from prefect.y
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def pipeline(root: str = ".", methods: list[str] | None = None, force: bool = Fa
         stages.evaluate(method, root, force)
     from dvc.repo import Repo
 
-    with Repo(root) as repo:
+    with contextlib.chdir(root), Repo(".") as repo:
         shown = repo.metrics.show()[""]["data"]
     metrics = {path: entry.get("data", {}) for path, entry in shown.items()}
     logger.info("metrics files: %s", ", ".join(sorted(metrics)))

@@ -3,6 +3,7 @@ scheduled run executes exactly what `dvc repro` would and leaves dvc.lock consis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ def reproduce(root: str, target: str, force: bool = False) -> list[str]:
     bin_dir = str(Path(sys.executable).parent)
     if not os.environ.get("PATH", "").startswith(bin_dir):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    with Repo(root) as repo:
+    # DVC resolves stage paths against the working directory: run from the repo root.
+    with contextlib.chdir(root), Repo(".") as repo:
         ran = repo.reproduce(targets=[target], single_item=True, force=force)
     return [stage.addressing for stage in ran]
 

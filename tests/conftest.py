@@ -100,17 +100,24 @@ TINY_PARAMS = {
 }
 
 
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "methods":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def write_params(path, **sections):
-    """Write TINY_PARAMS with some sections replaced/extended to a params.yaml."""
-    import copy
+    """Write the project's params.yaml with TINY_PARAMS and then `sections` merged over it
+    (DVC needs every parameter a stage tracks to be present in the file)."""
+    from pathlib import Path
 
     import yaml
 
-    params = copy.deepcopy(TINY_PARAMS)
-    for name, values in sections.items():
-        if isinstance(values, dict) and isinstance(params.get(name), dict):
-            params[name] = {**params[name], **values}
-        else:
-            params[name] = values
+    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = _merge(_merge(project, TINY_PARAMS), sections)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
