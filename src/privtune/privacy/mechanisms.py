@@ -73,9 +73,9 @@ class GaussianMechanism:
     def add_noise(self, stds: Sequence[float]) -> None:
         for std, group in zip(stds, self.groups, strict=True):
             for p in group:
-                noise = torch.normal(
-                    0.0, std, size=p.shape, generator=self.generator, device=p.device
-                )
+                # Drawn on the CPU generator, so CPU and CUDA runs add identical noise.
+                noise = torch.normal(0.0, std, size=p.shape, generator=self.generator)
+                noise = noise.to(device=p.device, dtype=p.dtype)
                 p.grad = (p.grad if p.grad is not None else torch.zeros_like(p)) + noise
 
     def scale(self, expected_batch_size: float) -> None:

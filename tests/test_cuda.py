@@ -1,0 +1,52 @@
+"""Training runs on CUDA when a GPU is present, with the CPU's results up to floating point.
+
+Skipped on machines without a GPU (CI); run on a GPU worker with `pytest tests/test_cuda.py`.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from privtune.config import FinetuneParams, LoraParams
+from privtune.data.tokenization import encode_records
+from privtune.modeling import attach_lora, resolve_device
+from privtune.train import train
+from tests.conftest import synthetic_texts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_auto_device_is_cuda():
+    assert resolve_device("auto").type == "cuda"
+
+
+@pytest.mark.parametrize("method", ["dpsgd", "nonprivate"])
+def test_cuda_run_matches_cpu_run(tiny_model, tiny_tokenizer, method):
+    train_data = encode_records(synthetic_texts(160, seed=1), tiny_tokenizer, 64)
+    valid_data = encode_records(synthetic_texts(32, seed=2), tiny_tokenizer, 64)
+    results, states = {}, {}
+    for device in ("cpu", "cuda"):
+        params = FinetuneParams(
+            device=device,
+            epsilon=2.0,
+            batch_size=16,
+            epochs=1.0,
+            lr=5e-3,
+            log_every=2,
+            eval_every=4,
+            eval_records=16,
+            lora=LoraParams(r=4),
+        )
+        model = attach_lora(copy.deepcopy(tiny_model), params.lora)
+        results[device] = train(model, train_data, valid_data, params, method, show_progress=False)
+        assert next(model.parameters()).device.type == device
+        states[device] = {
+            n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad
+        }
+    if method == "dpsgd":
+        assert results["cpu"].ledger.entries == results["cuda"].ledger.entries
+        assert results["cpu"].epsilon == results["cuda"].epsilon
+    for name, value in states["cpu"].items():
+        torch.testing.assert_close(states["cuda"][name], value, rtol=1e-3, atol=1e-4)
+    assert results["cuda"].valid_loss == pytest.approx(results["cpu"].valid_loss, rel=1e-3)
