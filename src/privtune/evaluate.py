@@ -22,38 +22,72 @@ def perplexity(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 3
     return math.exp(mean_token_loss(model, data, batch_size))
 
 
-@torch.no_grad()
-def continuation_logprobs(
-    model: torch.nn.Module, tokenizer, prompt: str, continuations: Sequence[str]
-) -> torch.Tensor:
-    """Sum of log p(continuation tokens | prompt) for each continuation, in one batch."""
-    device = next(model.parameters()).device
+def _encode_prompt(tokenizer, prompt: str, continuations: Sequence[str], limit: int):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     # Whitespace before the answer belongs to the answer's first token in byte-level BPE.
     stem = prompt.rstrip()
     gap = prompt[len(stem) :] or " "
     prefix = [bos] + tokenizer(stem, add_special_tokens=False)["input_ids"]
     tails = [tokenizer(gap + c, add_special_tokens=False)["input_ids"] for c in continuations]
-    limit = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
     longest = max(len(t) for t in tails)
-    prefix = prefix[-(limit - longest) :]
-    width = len(prefix) + longest
-    ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    return prefix[-(limit - longest) :], tails
+
+
+def _position_limit(model: torch.nn.Module) -> int:
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: torch.nn.Module, tokenizer, prompt: str, continuations: Sequence[str]
+) -> torch.Tensor:
+    """Sum of log p(continuation tokens | prompt) for each continuation.
+
+    The prompt is run once and its key/value cache shared by every continuation, so scoring
+    50 drug names costs one long forward pass and one short batched one.
+    """
+    device = next(model.parameters()).device
+    prefix, tails = _encode_prompt(tokenizer, prompt, continuations, _position_limit(model))
+    n, width = len(tails), max(len(t) for t in tails)
+    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(n, len(prefix) + width, dtype=torch.long)
+    mask[:, : len(prefix)] = 1
     for row, tail in enumerate(tails):
-        seq = prefix + tail
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        ids[row, : len(tail)] = torch.tensor(tail)
+        mask[row, len(prefix) : len(prefix) + len(tail)] = 1
+    positions = torch.arange(len(prefix), len(prefix) + width).expand(n, -1)
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+    ).logits.float()
     logp = F.log_softmax(logits[:, :-1], dim=-1)
-    target = ids[:, 1:].to(device)
-    token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     scores = []
-    start = len(prefix) - 1  # position predicting the first tail token
     for row, tail in enumerate(tails):
-        scores.append(token_logp[row, start : start + len(tail)].sum())
+        rest = logp[row, : len(tail) - 1].gather(-1, ids[row, 1 : len(tail), None].to(device))
+        scores.append(first[tail[0]] + rest.sum())
+    return torch.stack(scores).cpu()
+
+
+@torch.no_grad()
+def continuation_logprobs_uncached(
+    model: torch.nn.Module, tokenizer, prompt: str, continuations: Sequence[str]
+) -> torch.Tensor:
+    """Reference implementation (prompt repeated per continuation), for tests."""
+    device = next(model.parameters()).device
+    prefix, tails = _encode_prompt(tokenizer, prompt, continuations, _position_limit(model))
+    scores = []
+    for tail in tails:
+        ids = torch.tensor([prefix + tail], device=device)
+        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, len(prefix) :]
+        scores.append(logp[len(prefix) - 1 :].gather(-1, targets[:, None]).sum())
     return torch.stack(scores).cpu()
 
 

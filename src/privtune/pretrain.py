@@ -35,15 +35,15 @@ def pretrain(
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
-            loss = per_sample_loss(logits, batch["labels"]).mean()
+            loss = per_sample_loss(logits, batch["labels"], params.label_smoothing).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if step % 10 == 0:
-                losses.append(float(loss))
-                progress.update(task, status=f"loss {float(loss):.3f}")
+                losses.append(loss.item())
+                progress.update(task, status=f"loss {losses[-1]:.3f}")
             progress.advance(task)
     model.eval()
     return losses

@@ -268,7 +268,7 @@ def train(
                 ).logits
                 losses = per_sample_loss(logits, batch["labels"])
                 losses.sum().backward()
-                loss_value = float(losses.mean())
+                loss_value = losses.mean().item()
             elif not private:
                 continue  # nothing to learn from and no privacy to account
 
@@ -300,11 +300,12 @@ def train(
 
             # -- log and validate ----------------------------------------------------------
             last = step + 1 == plan.steps
-            if step % params.eval_every == 0 or last:
+            evaluated = step % params.eval_every == 0 or last
+            if evaluated:
                 valid_loss = mean_token_loss(model, valid_subset)
-            if step % params.log_every == 0 or last:
+            if step % params.log_every == 0 or evaluated:
                 row = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
-                if math.isfinite(valid_loss):
+                if evaluated:
                     row["valid_loss"] = valid_loss
                 if private:
                     eps_spent = accountant.epsilon(ledger.segments(), plan.delta, params.accountant)

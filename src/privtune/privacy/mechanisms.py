@@ -72,11 +72,14 @@ class GaussianMechanism:
 
     def add_noise(self, stds: Sequence[float]) -> None:
         for std, group in zip(stds, self.groups, strict=True):
-            for p in group:
-                # Drawn on the CPU generator, so CPU and CUDA runs add identical noise.
-                noise = torch.normal(0.0, std, size=p.shape, generator=self.generator)
-                noise = noise.to(device=p.device, dtype=p.dtype)
-                p.grad = (p.grad if p.grad is not None else torch.zeros_like(p)) + noise
+            # One draw per group on the CPU generator (CPU and CUDA runs add identical noise),
+            # moved to the device in one copy.
+            sizes = [p.numel() for p in group]
+            flat = torch.normal(0.0, std, size=(sum(sizes),), generator=self.generator)
+            flat = flat.to(group[0].device, non_blocking=True)
+            for p, noise in zip(group, flat.split(sizes), strict=True):
+                noise = noise.view_as(p).to(p.dtype)
+                p.grad = noise if p.grad is None else p.grad + noise
 
     def scale(self, expected_batch_size: float) -> None:
         for group in self.groups:

@@ -1,0 +1,55 @@
+"""Utility metrics: cached candidate scoring equals the plain computation; accuracy counts."""
+
+import math
+
+import pytest
+import torch
+
+from privtune.data.tokenization import encode_records
+from privtune.evaluate import (
+    continuation_logprobs,
+    continuation_logprobs_uncached,
+    medication_accuracy,
+    perplexity,
+)
+from tests.conftest import synthetic_texts
+
+
+def test_cached_scoring_matches_uncached(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    candidates = ["metformin", "lisinopril", "salbutamol", "plan follow up"]
+    prompt = "patient presents with cough fever plan start "
+    cached = continuation_logprobs(tiny_model, tiny_tokenizer, prompt, candidates)
+    plain = continuation_logprobs_uncached(tiny_model, tiny_tokenizer, prompt, candidates)
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tiny_tokenizer):
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, 50) + self.w
+            return type("Out", (), {"logits": logits})
+
+    data = encode_records(synthetic_texts(4), tiny_tokenizer, 32)
+    data.input_ids.clamp_(max=49)
+    assert perplexity(Uniform(), data) == pytest.approx(50, rel=1e-5)
+
+
+def test_medication_accuracy_counts_consistent_choices(monkeypatch):
+    scores = {"a": torch.tensor([0.0, 1.0, -1.0]), "b": torch.tensor([2.0, 0.0, 0.0])}
+    monkeypatch.setattr(
+        "privtune.evaluate.continuation_logprobs", lambda m, t, prompt, c: scores[prompt]
+    )
+    records = [
+        {"med_prompt": "a", "icd10": "X", "medication": "m2"},  # picks m2: consistent, exact
+        {"med_prompt": "b", "icd10": "Y", "medication": "m3"},  # picks m1: inconsistent
+    ]
+    allowed = {"X": ["m2", "m3"], "Y": ["m3"]}
+    result = medication_accuracy(None, None, records, ["m1", "m2", "m3"], allowed)
+    assert result["medication_accuracy"] == 0.5
+    assert result["medication_exact_match"] == 0.5
+    assert math.isclose(result["medication_chance"], (2 + 1) / (2 * 3))
