@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from privtune.config import FinetuneParams, LoraParams
 from privtune.data.tokenization import encode_records
 from privtune.modeling import attach_lora, resolve_device
 from privtune.train import train
 from tests.conftest import synthetic_texts
+from tests.test_train import PARAMS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,17 +27,7 @@ def test_cuda_run_matches_cpu_run(tiny_model, tiny_tokenizer, method):
     valid_data = encode_records(synthetic_texts(32, seed=2), tiny_tokenizer, 64)
     results, states = {}, {}
     for device in ("cpu", "cuda"):
-        params = FinetuneParams(
-            device=device,
-            epsilon=2.0,
-            batch_size=16,
-            epochs=1.0,
-            lr=5e-3,
-            log_every=2,
-            eval_every=4,
-            eval_records=16,
-            lora=LoraParams(r=4),
-        )
+        params = PARAMS.model_copy(update={"device": device})
         model = attach_lora(copy.deepcopy(tiny_model), params.lora)
         results[device] = train(model, train_data, valid_data, params, method, show_progress=False)
         assert next(model.parameters()).device.type == device

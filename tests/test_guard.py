@@ -94,33 +94,29 @@ def test_well_behaved_schedule_uses_at_least_95_percent_of_budget(target, q, tot
     assert 0.95 * target <= spent <= target
 
 
-def test_greedy_request_is_raised_to_fit():
+def _small_guard(total_steps: int) -> tuple[PrivacyLedger, BudgetGuard]:
     ledger = PrivacyLedger()
     guard = BudgetGuard(
         ledger=ledger,
         target_epsilon=2.0,
         delta=DELTA,
         sample_rate=0.05,
-        total_steps=100,
+        total_steps=total_steps,
         reserve_noise=3.0,
         accountant="rdp",
     )
+    return ledger, guard
+
+
+def test_greedy_request_is_raised_to_fit():
+    ledger, guard = _small_guard(total_steps=100)
     admission = guard.admit(0.1, 50)
     assert admission.raised and admission.noise_multiplier > 0.1
     assert admission.projected_epsilon <= 2.0
 
 
 def test_steps_outside_the_admitted_interval_are_refused():
-    ledger = PrivacyLedger()
-    guard = BudgetGuard(
-        ledger=ledger,
-        target_epsilon=2.0,
-        delta=DELTA,
-        sample_rate=0.05,
-        total_steps=10,
-        reserve_noise=3.0,
-        accountant="rdp",
-    )
+    ledger, guard = _small_guard(total_steps=10)
     with pytest.raises(BudgetExhausted):
         guard.check_step(3.0)  # nothing admitted yet
     admission = guard.admit(3.0, 2)
