@@ -26,7 +26,7 @@ demo: install
 	@echo
 	dvc metrics show
 	@echo
-	@echo "Metrics: metrics/*.json (above); plots: plots/ and reports/; models: models/"
+	@echo "Metrics: metrics/*.json (table above); curves: plots/; models and ledgers: models/"
 	@echo "Open the MLflow UI with:  make ui   (or: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 # The whole suite, end-to-end tests included (what CI runs).

@@ -107,3 +107,41 @@ def test_guard_holds_against_a_greedy_controller(tiny_model, tiny_tokenizer, gre
     result = train(model, train_data, valid_data, PARAMS, "test-greedy", show_progress=False)
     assert result.epsilon <= PARAMS.epsilon
     assert min(e.noise_multiplier for e in result.ledger.entries) > 1e-3
+
+
+@pytest.fixture
+def per_adapter_controller():
+    @register_controller("test-per-adapter", force=True)
+    class PerAdapter(Controller):
+        """Different threshold and noise std per adapter (the RLDP action shape)."""
+
+        grouping = "per_adapter"
+
+        def act(self, observation):
+            k = len(self.ctx.group_names)
+            clips = tuple(0.2 * (i + 1) for i in range(k))
+            stds = tuple(
+                2.0 * self.ctx.calibrated_noise * c * (1 + i % 2) for i, c in enumerate(clips)
+            )
+            return Action(clip_thresholds=clips, noise_multiplier=0.0, noise_stds=stds)
+
+    yield
+    CONTROLLERS.pop("test-per-adapter")
+
+
+def test_heteroscedastic_noise_enters_the_ledger_as_effective_z(
+    tiny_model, tiny_tokenizer, per_adapter_controller
+):
+    from privtune.privacy.mechanisms import effective_noise_multiplier
+
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    result = train(model, train_data, valid_data, PARAMS, "test-per-adapter", show_progress=False)
+    entry = result.ledger.entries[0]
+    # one per LoRA adapter of the 1-block model: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    assert len(entry.clip_thresholds) == len(result.controller.ctx.group_names) == 4
+    z = effective_noise_multiplier(entry.clip_thresholds, entry.noise_stds)
+    assert entry.noise_multiplier == pytest.approx(z)
+    assert z >= result.plan.calibrated_noise  # the guard only admits enough noise
+    assert result.epsilon <= PARAMS.epsilon
+    assert {f"clip/{name}" for name in result.controller.ctx.group_names} <= set(result.history[0])
