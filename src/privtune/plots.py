@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_training(history: Sequence[dict[str, float]], target_epsilon: float, path: Path) -> Path:
-    """Epsilon spent and loss over steps, side by side."""
+    """Epsilon spent, loss, and the clipping/noise schedule over steps, side by side."""
     steps = [row["step"] for row in history]
-    fig, (ax_eps, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_eps, ax_loss, ax_sched) = plt.subplots(1, 3, figsize=(15, 3.8))
     if any("epsilon" in row for row in history):
         ax_eps.plot(steps, [row.get("epsilon", float("nan")) for row in history], label="spent")
         ax_eps.axhline(target_epsilon, color="red", linestyle="--", label="target")
@@ -28,6 +28,25 @@ def plot_training(history: Sequence[dict[str, float]], target_epsilon: float, pa
         ax_loss.plot(*zip(*valid, strict=True), marker="o", label="validation")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
     ax_loss.legend()
+    rows = [row for row in history if "noise_multiplier" in row]
+    if rows:
+        clip_keys = sorted({k for row in rows for k in row if k.startswith("clip/")})
+        for key in clip_keys:
+            ax_sched.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[5:])
+        ax_sched.set(xlabel="step", ylabel="clipping threshold C_k", title="Schedule")
+        ax_noise = ax_sched.twinx()
+        ax_noise.plot(
+            [r["step"] for r in rows],
+            [r["noise_multiplier"] for r in rows],
+            color="black",
+            linestyle="--",
+            label="noise z",
+        )
+        ax_noise.set_ylabel("noise multiplier z (dashed)")
+        if len(clip_keys) <= 8:
+            ax_sched.legend(fontsize=6, loc="upper left")
+    else:
+        ax_sched.text(0.5, 0.5, "no clipping or noise", ha="center", va="center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -238,6 +238,10 @@ def train(
             # -- decide: the controller proposes, the guard admits ------------------------
             if step == next_decision:
                 obs = None
+                if controller.needs_validation and step > 0:
+                    valid_loss = mean_token_loss(model, valid_subset)
+                if private and step > 0:
+                    eps_spent = guard.spent()  # public: depends only on the schedule
                 if action is not None:
                     obs = observer.observe(
                         step,
@@ -256,6 +260,8 @@ def train(
                         break
                     action, stds = _apply_admission(action, admitted.noise_multiplier)
                 next_decision = step + max(1, controller.interval)
+                if on_log and controller.metrics():
+                    on_log(controller.metrics(), step)
 
             # -- forward / backward with per-sample gradients ------------------------------
             index = torch.as_tensor(indices, dtype=torch.long)

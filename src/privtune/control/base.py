@@ -60,6 +60,8 @@ class Controller(ABC):
     name: ClassVar[str] = ""
     private: ClassVar[bool] = True
     grouping: Grouping = "flat"
+    # True: the loop evaluates the validation loss right before every decision.
+    needs_validation: ClassVar[bool] = False
 
     def __init__(self, ctx: ControllerContext) -> None:
         self.ctx = ctx
@@ -72,6 +74,10 @@ class Controller(ABC):
     @abstractmethod
     def act(self, observation: Observation | None) -> Action:
         """Return the action for the next interval (observation is None before step 0)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the last decision (reward, fallbacks...), logged by the loop."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,235 @@
+"""RLDP (Khadangi et al., 2025, arXiv 2507.22565): a Soft Actor-Critic hyper-policy, trained
+online during the fine-tuning run, sets per-adapter clipping thresholds and the noise
+multiplier every ``rl_interval`` steps.
+
+Soundness: the policy sees only (a) the loss on held-out validation records, (b) public
+quantities (epsilon spent, progress, its own past actions). It never reads the per-sample
+gradient norms or the training loss of the protected records: actions chosen from those would
+leak information the ledger does not account for. Every action still goes through the budget
+guard, so no policy (random, failing or learned) can end a run above the target epsilon.
+
+Reward of an interval: validation-loss improvement divided by the interval's pace of privacy
+spending relative to a uniform schedule, r = dU / max(pace, 0.05) with
+pace = (d_eps / eps_target) / (steps / total_steps), clipped to [-10, 10]. Spending at the
+uniform pace leaves the improvement as it is; spending twice as fast halves it.
+
+SAC is stable-baselines3's: the training loop drives it (predict, replay buffer, train) since
+the loop, not the agent, owns time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from privtune.control.base import Action, Controller, ControllerContext, Observation
+from privtune.control.registry import register_controller
+
+log = logging.getLogger(__name__)
+
+N_FEATURES = 6  # valid loss, its change, eps spent/target, progress, pace, budget per step left
+
+
+class _Spaces(gym.Env):
+    """Observation and action spaces for SB3; steps are driven by the training loop."""
+
+    def __init__(self, obs_dim: int, act_dim: int) -> None:
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        return np.zeros(self.observation_space.shape, np.float32), {}
+
+    def step(self, action):
+        raise RuntimeError("RLDP's environment is stepped by the fine-tuning loop")
+
+
+@register_controller("rldp")
+class RLDP(Controller):
+    """Online SAC over log clipping thresholds (one per adapter) and the log noise multiplier."""
+
+    grouping = "per_adapter"
+    needs_validation: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        ctx: ControllerContext,
+        rl_interval: int = 20,
+        warmup_intervals: int = 2,
+        sac_updates: int = 4,
+        sac_batch_size: int = 8,
+        buffer_size: int = 2000,
+        learning_rate: float = 1e-3,
+        clip_bounds: tuple[float, float] = (0.05, 5.0),
+        noise_bounds: tuple[float, float] = (0.7, 2.0),
+        initial_clip: float = 1.0,
+        warm_start: str | None = None,
+    ) -> None:
+        super().__init__(ctx)
+        from stable_baselines3 import SAC
+        from stable_baselines3.common.logger import configure
+        from stable_baselines3.common.running_mean_std import RunningMeanStd
+
+        if rl_interval < 1 or sac_batch_size < 1 or sac_updates < 0:
+            raise ValueError("rl_interval and sac_batch_size must be >= 1, sac_updates >= 0")
+        lo, hi = clip_bounds
+        z_lo, z_hi = noise_bounds
+        if not (0 < lo < hi and 0 < z_lo < z_hi):
+            raise ValueError("bounds must be 0 < low < high (noise bounds scale the calibrated z)")
+        self.interval = rl_interval
+        self.warmup_intervals = warmup_intervals
+        self.sac_updates = sac_updates
+        self.sac_batch_size = sac_batch_size
+        self.n_groups = len(ctx.group_names)
+        self.log_clip = (math.log(lo), math.log(hi))
+        # Noise bounds are relative to the z that spends the budget uniformly.
+        self.log_noise = (
+            math.log(z_lo * ctx.calibrated_noise),
+            math.log(z_hi * ctx.calibrated_noise),
+        )
+        act_dim = self.n_groups + 1
+        obs_dim = N_FEATURES + act_dim
+        self.sac = SAC(
+            "MlpPolicy",
+            _Spaces(obs_dim, act_dim),
+            learning_rate=learning_rate,
+            buffer_size=buffer_size,
+            learning_starts=0,
+            batch_size=sac_batch_size,
+            gamma=0.9,
+            tau=0.02,
+            policy_kwargs={"net_arch": [64, 64]},
+            seed=ctx.seed,
+            device="cpu",
+        )
+        self.sac.set_logger(configure(None, []))  # silent: metrics go to MLflow via the loop
+        self.obs_rms = RunningMeanStd(shape=(obs_dim,))
+        self.rng = np.random.default_rng(ctx.seed)
+        self.safe = self._encode(initial_clip, ctx.calibrated_noise)
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+        self._prev_valid: float | None = None
+        self._prev_eps = 0.0
+        self._prev_step = 0
+        self.decisions = 0
+        self.fallbacks = 0
+        self.last_reward = math.nan
+        if warm_start:
+            self.load_state_dict(torch.load(warm_start, weights_only=False))
+
+    # -- action mapping ------------------------------------------------------------------
+    def _encode(self, clip: float, noise: float) -> np.ndarray:
+        def unit(value: float, bounds: tuple[float, float]) -> float:
+            low, high = bounds
+            return float(np.clip(2 * (math.log(value) - low) / (high - low) - 1, -1, 1))
+
+        return np.array(
+            [unit(clip, self.log_clip)] * self.n_groups + [unit(noise, self.log_noise)],
+            dtype=np.float32,
+        )
+
+    def _decode(self, vector: np.ndarray) -> Action:
+        def value(u: float, bounds: tuple[float, float]) -> float:
+            low, high = bounds
+            return math.exp(low + (float(u) + 1) / 2 * (high - low))
+
+        clips = tuple(value(u, self.log_clip) for u in vector[: self.n_groups])
+        return Action(clip_thresholds=clips, noise_multiplier=value(vector[-1], self.log_noise))
+
+    def reserve_noise(self) -> float:
+        return math.exp(self.log_noise[1])
+
+    # -- features and reward (public and held-out signals only) -------------------------
+    def _features(self, obs: Observation) -> np.ndarray:
+        valid = obs.valid_loss
+        if valid is None or not math.isfinite(valid):
+            raise ValueError("validation loss is not finite")
+        change = 0.0 if self._prev_valid is None else valid - self._prev_valid
+        progress = obs.step / obs.total_steps
+        spent = obs.epsilon_spent / obs.epsilon_target
+        steps_left = max(obs.total_steps - obs.step, 1) / obs.total_steps
+        features = [valid, change, spent, progress, self._pace(obs), (1 - spent) / steps_left]
+        vector = np.concatenate([np.array(features, np.float32), self._prev[1]])
+        if not np.all(np.isfinite(vector)):
+            raise ValueError("observation is not finite")
+        return vector
+
+    def _pace(self, obs: Observation) -> float:
+        steps = max(obs.step - self._prev_step, 1)
+        spent = (obs.epsilon_spent - self._prev_eps) / obs.epsilon_target
+        return spent / (steps / obs.total_steps)
+
+    def _reward(self, obs: Observation) -> float:
+        gain = 0.0 if self._prev_valid is None else self._prev_valid - obs.valid_loss
+        return float(np.clip(gain / max(self._pace(obs), 0.05), -10.0, 10.0))
+
+    # -- acting and learning ---------------------------------------------------------------
+    def act(self, observation: Observation | None) -> Action:
+        if observation is None or self._prev is None:
+            vector = self.safe
+            self._prev = (np.zeros(N_FEATURES + self.n_groups + 1, np.float32), vector)
+        else:
+            try:
+                vector = self._learn_and_act(observation)
+            except Exception as err:  # a policy failure never stops training or the guarantee
+                self.fallbacks += 1
+                log.warning("RLDP policy failed (%s); keeping the last safe action", err)
+                vector = self.safe
+            self._prev_valid = observation.valid_loss
+            self._prev_eps = observation.epsilon_spent
+            self._prev_step = observation.step
+        self.decisions += 1
+        return self._decode(vector)
+
+    def _learn_and_act(self, obs: Observation) -> np.ndarray:
+        raw = self._features(obs)
+        self.obs_rms.update(raw[None])
+        x = np.clip((raw - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -5, 5)
+        x = x.astype(np.float32)
+        reward = self._reward(obs)
+        previous_x, previous_action = self._prev
+        if self.decisions > 1:  # the first transition starts from the placeholder observation
+            self.sac.replay_buffer.add(
+                previous_x, x, previous_action, np.array([reward]), np.array([False]), [{}]
+            )
+        self.last_reward = reward
+        if self.sac.replay_buffer.size() >= self.sac_batch_size and self.sac_updates:
+            self.sac.train(gradient_steps=self.sac_updates, batch_size=self.sac_batch_size)
+        if self.decisions <= self.warmup_intervals:
+            vector = self.rng.uniform(-1, 1, self.n_groups + 1).astype(np.float32)
+        else:
+            vector, _ = self.sac.predict(x, deterministic=False)
+            vector = np.asarray(vector, np.float32)
+        if not np.all(np.isfinite(vector)):
+            raise ValueError("policy produced a non-finite action")
+        self._prev = (x, vector)
+        self.safe = vector
+        return vector
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "rldp/reward": self.last_reward,
+            "rldp/fallbacks": float(self.fallbacks),
+            "rldp/replay_size": float(self.sac.replay_buffer.size()),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.sac.policy.state_dict(),
+            "obs_mean": self.obs_rms.mean,
+            "obs_var": self.obs_rms.var,
+            "obs_count": self.obs_rms.count,
+            "decisions": self.decisions,
+            "fallbacks": self.fallbacks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Warm start: the policy and observation statistics of an earlier run."""
+        self.sac.policy.load_state_dict(state["policy"])
+        self.obs_rms.mean = state["obs_mean"]
+        self.obs_rms.var = state["obs_var"]
+        self.obs_rms.count = state["obs_count"]

@@ -1,0 +1,132 @@
+"""RLDP: the SAC hyper-policy acts within its bounds, learns online, never breaks the budget,
+falls back safely on failure, warm-starts, and never reads the protected records' statistics."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from privtune.control import Action, ControllerContext, Observation, build_controller
+from privtune.modeling import attach_lora
+from privtune.train import train
+from tests.test_train import PARAMS, _data
+
+CTX = ControllerContext(
+    group_names=("a", "b", "c"),
+    sample_rate=0.1,
+    total_steps=40,
+    target_epsilon=2.0,
+    delta=1e-5,
+    calibrated_noise=1.0,
+    seed=0,
+)
+OPTIONS = {"rl_interval": 2, "warmup_intervals": 1, "sac_batch_size": 2, "sac_updates": 2}
+
+
+def _obs(step, valid=5.0, eps=0.5, **changes):
+    base = Observation(
+        step=step,
+        total_steps=40,
+        train_loss=5.0,
+        loss_trend=-0.1,
+        valid_loss=valid,
+        epsilon_spent=eps,
+        epsilon_target=2.0,
+        clipped_fraction=0.5,
+        norm_quantiles=((0.1, 0.2, 0.3, 0.4, 0.5),) * 3,
+        norm_mean=(0.3,) * 3,
+        norm_std=(0.1,) * 3,
+        action=Action((1.0, 1.0, 1.0), 1.0),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _drive(controller, steps=8):
+    actions = [controller.act(None)]
+    for i in range(1, steps):
+        actions.append(controller.act(_obs(2 * i, valid=5.0 - 0.1 * i, eps=0.2 * i)))
+    return actions
+
+
+def test_actions_stay_in_bounds_and_the_policy_learns():
+    controller = build_controller("rldp", CTX, OPTIONS)
+    actions = _drive(controller, 10)
+    for action in actions:
+        assert len(action.clip_thresholds) == 3
+        assert all(0.05 - 1e-9 <= c <= 5.0 + 1e-9 for c in action.clip_thresholds)
+        assert 0.7 - 1e-9 <= action.noise_multiplier <= 2.0 + 1e-9
+    assert actions[0].clip_thresholds == pytest.approx((1.0, 1.0, 1.0), rel=1e-5)
+    assert len({a.noise_multiplier for a in actions}) > 2
+    assert controller.sac.replay_buffer.size() == 8
+    assert controller.sac._n_updates > 0
+    assert math.isfinite(controller.metrics()["rldp/reward"])
+    assert controller.reserve_noise() == pytest.approx(2.0)
+
+
+def test_features_ignore_private_training_statistics():
+    """Gradient norms and training loss of the protected records never reach the policy."""
+    controller = build_controller("rldp", CTX, OPTIONS)
+    _drive(controller, 4)
+    plain = controller._features(_obs(10))
+    private_changed = _obs(
+        10,
+        train_loss=99.0,
+        loss_trend=7.0,
+        clipped_fraction=0.0,
+        norm_quantiles=((9.0,) * 5,) * 3,
+        norm_mean=(9.0,) * 3,
+        norm_std=(4.0,) * 3,
+    )
+    np.testing.assert_array_equal(controller._features(private_changed), plain)
+
+
+def test_nan_observation_and_failed_update_fall_back_to_the_last_safe_action(monkeypatch):
+    controller = build_controller("rldp", CTX, OPTIONS)
+    actions = _drive(controller, 4)
+    action = controller.act(_obs(20, valid=float("nan")))
+    assert controller.fallbacks == 1
+    assert action == actions[-1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("SAC update failed")
+
+    monkeypatch.setattr(controller.sac, "train", broken)
+    action = controller.act(_obs(22))
+    assert controller.fallbacks == 2 and action == actions[-1]
+
+
+def test_warm_start_restores_the_policy(tmp_path):
+    first = build_controller("rldp", CTX, OPTIONS)
+    _drive(first, 8)
+    torch.save(first.state_dict(), tmp_path / "controller.pt")
+    second = build_controller(
+        "rldp", CTX, {**OPTIONS, "warm_start": str(tmp_path / "controller.pt")}
+    )
+    x = np.zeros(first.sac.observation_space.shape, np.float32)
+    a1, _ = first.sac.predict(x, deterministic=True)
+    a2, _ = second.sac.predict(x, deterministic=True)
+    np.testing.assert_allclose(a1, a2)
+    np.testing.assert_allclose(second.obs_rms.mean, first.obs_rms.mean)
+
+
+def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenizer):
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    logged = []
+    result = train(
+        model,
+        train_data,
+        valid_data,
+        PARAMS,
+        "rldp",
+        dict(OPTIONS),
+        on_log=lambda metrics, step: logged.append(metrics),
+        show_progress=False,
+    )
+    assert result.steps_taken == result.plan.steps
+    assert result.epsilon <= PARAMS.epsilon
+    assert len({e.noise_multiplier for e in result.ledger.entries}) > 1  # a real schedule
+    assert all(len(e.clip_thresholds) == 4 for e in result.ledger.entries)
+    assert any("rldp/reward" in m for m in logged)
