@@ -55,14 +55,16 @@ def test_actions_stay_in_bounds_and_the_policy_learns():
     actions = _drive(controller, 10)
     for action in actions:
         assert len(action.clip_thresholds) == 3
-        assert all(0.05 - 1e-9 <= c <= 5.0 + 1e-9 for c in action.clip_thresholds)
-        assert 0.7 - 1e-9 <= action.noise_multiplier <= 2.0 + 1e-9
-    assert actions[0].clip_thresholds == pytest.approx((1.0, 1.0, 1.0), rel=1e-5)
+        split = 1 / math.sqrt(3)  # the flat threshold 1.0 split equally over three adapters
+        assert all(0.5 * split - 1e-9 <= c <= 2 * split + 1e-9 for c in action.clip_thresholds)
+        assert 0.8 - 1e-9 <= action.noise_multiplier <= 1.5 + 1e-9
+    assert actions[0].clip_thresholds == pytest.approx((1 / math.sqrt(3),) * 3, rel=1e-5)
+    assert actions[0].noise_multiplier == pytest.approx(1.0, rel=1e-5)  # DP-SGD's start
     assert len({a.noise_multiplier for a in actions}) > 2
     assert controller.sac.replay_buffer.size() == 8
     assert controller.sac._n_updates > 0
     assert math.isfinite(controller.metrics()["rldp/reward"])
-    assert controller.reserve_noise() == pytest.approx(2.0)
+    assert controller.reserve_noise() == pytest.approx(1.5)
 
 
 def test_features_ignore_private_training_statistics():

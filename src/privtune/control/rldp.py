@@ -59,15 +59,15 @@ class RLDP(Controller):
     def __init__(
         self,
         ctx: ControllerContext,
-        rl_interval: int = 20,
+        rl_interval: int = 10,
         warmup_intervals: int = 2,
         sac_updates: int = 4,
         sac_batch_size: int = 8,
         buffer_size: int = 2000,
         learning_rate: float = 1e-3,
-        clip_bounds: tuple[float, float] = (0.05, 5.0),
-        noise_bounds: tuple[float, float] = (0.7, 2.0),
-        initial_clip: float = 1.0,
+        clip_bounds: tuple[float, float] = (0.5, 2.0),
+        noise_bounds: tuple[float, float] = (0.8, 1.5),
+        clip: float = 1.0,
         warm_start: str | None = None,
     ) -> None:
         super().__init__(ctx)
@@ -77,10 +77,14 @@ class RLDP(Controller):
 
         if rl_interval < 1 or sac_batch_size < 1 or sac_updates < 0:
             raise ValueError("rl_interval and sac_batch_size must be >= 1, sac_updates >= 0")
-        lo, hi = clip_bounds
+        # Thresholds are relative to the equal split C / sqrt(K) of the flat threshold C: with it,
+        # sum_k C_k^2 = C^2 and the start matches DP-SGD's signal-to-noise (C_k = C each would
+        # add sqrt(K) times more noise per adapter).
+        split = clip / math.sqrt(len(ctx.group_names))
+        lo, hi = clip_bounds[0] * split, clip_bounds[1] * split
         z_lo, z_hi = noise_bounds
         if not (0 < lo < hi and 0 < z_lo < z_hi):
-            raise ValueError("bounds must be 0 < low < high (noise bounds scale the calibrated z)")
+            raise ValueError("bounds must be 0 < low < high (both are multiples of the defaults)")
         self.interval = rl_interval
         self.warmup_intervals = warmup_intervals
         self.sac_updates = sac_updates
@@ -110,7 +114,7 @@ class RLDP(Controller):
         self.sac.set_logger(configure(None, []))  # silent: metrics go to MLflow via the loop
         self.obs_rms = RunningMeanStd(shape=(obs_dim,))
         self.rng = np.random.default_rng(ctx.seed)
-        self.safe = self._encode(initial_clip, ctx.calibrated_noise)
+        self.safe = self._encode(split, ctx.calibrated_noise)
         self._prev: tuple[np.ndarray, np.ndarray] | None = None
         self._prev_valid: float | None = None
         self._prev_eps = 0.0
