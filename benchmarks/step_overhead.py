@@ -26,6 +26,7 @@ from privtune.config import BaseParams, LoraParams, load_params
 from privtune.losses import per_sample_loss
 from privtune.modeling import adapter_groups, attach_lora, build_gpt2
 from privtune.privacy.mechanisms import GaussianMechanism, uniform_noise_stds
+from privtune.train import freeze_dropout
 
 GPT2_SMALL = BaseParams(n_layer=12, n_head=12, n_embd=768, max_length=256, vocab_size=50257)
 RESULTS = Path(__file__).parent / "results"
@@ -34,10 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 def make_model(base: BaseParams, lora: LoraParams, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     model = attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora).to(device)
-    model.eval()
-    for name, module in model.named_modules():
-        if "lora_" in name:
-            module.train()
+    freeze_dropout(model)  # exactly as the training loop runs it
     return model
 
 

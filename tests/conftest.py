@@ -2,11 +2,10 @@
 
 import os
 
+from privtune.tracking import TELEMETRY_OFF
+
 for key, value in {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
+    **TELEMETRY_OFF,
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():

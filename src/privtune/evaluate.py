@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from privtune.data.tokenization import EncodedRecords, encode_records
+from privtune.data.tokenization import EncodedRecords, bos_id, encode_records
 from privtune.train import mean_token_loss
 
 
@@ -23,11 +23,10 @@ def perplexity(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 3
 
 
 def _encode_prompt(tokenizer, prompt: str, continuations: Sequence[str], limit: int):
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     # Whitespace before the answer belongs to the answer's first token in byte-level BPE.
     stem = prompt.rstrip()
     gap = prompt[len(stem) :] or " "
-    prefix = [bos] + tokenizer(stem, add_special_tokens=False)["input_ids"]
+    prefix = [bos_id(tokenizer)] + tokenizer(stem, add_special_tokens=False)["input_ids"]
     tails = [tokenizer(gap + c, add_special_tokens=False)["input_ids"] for c in continuations]
     longest = max(len(t) for t in tails)
     return prefix[-(limit - longest) :], tails

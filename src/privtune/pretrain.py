@@ -10,7 +10,7 @@ from transformers import get_cosine_schedule_with_warmup
 from privtune.config import BaseParams
 from privtune.data.tokenization import EncodedRecords
 from privtune.losses import per_sample_loss
-from privtune.train import _progress, mean_token_loss
+from privtune.train import mean_token_loss, progress_bar
 
 
 def pretrain(
@@ -27,7 +27,7 @@ def pretrain(
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, params.steps // 20), params.steps)
     losses: list[float] = []
-    with _progress(show_progress) as progress:
+    with progress_bar(show_progress) as progress:
         task = progress.add_task("pretrain base", total=params.steps, status="")
         for step in range(params.steps):
             index = torch.randint(len(data), (params.batch_size,), generator=generator)

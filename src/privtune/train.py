@@ -133,7 +133,7 @@ def mean_token_loss(model: torch.nn.Module, data: EncodedRecords, batch_size: in
     return total / max(count, 1)
 
 
-def _freeze_dropout(model: torch.nn.Module) -> None:
+def freeze_dropout(model: torch.nn.Module) -> None:
     """No dropout while fine-tuning (as usual for DP-SGD): runs match across CPU and CUDA.
 
     LoRA modules stay in training mode because opacus captures activations only there.
@@ -144,7 +144,7 @@ def _freeze_dropout(model: torch.nn.Module) -> None:
             module.train()
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -190,7 +190,7 @@ def train(
     group_names, groups = adapter_groups(model, controller.grouping)
 
     model.to(device)
-    _freeze_dropout(model)
+    freeze_dropout(model)
     trainable = [p for group in groups for p in group]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(
@@ -203,9 +203,7 @@ def train(
         steps=plan.steps,
     )
     expected_batch = plan.sample_rate * len(train_data)
-    valid_subset = EncodedRecords(
-        valid_data.input_ids[: params.eval_records], valid_data.lengths[: params.eval_records]
-    )
+    valid_subset = valid_data.slice(0, params.eval_records)
 
     ledger = PrivacyLedger() if private else None
     forward = model
@@ -232,7 +230,7 @@ def train(
     valid_loss = math.nan
     eps_spent = 0.0
 
-    with _progress(show_progress) as progress:
+    with progress_bar(show_progress) as progress:
         task = progress.add_task(f"finetune {entry or method}", total=plan.steps, status="")
         for step, indices in enumerate(sampler):
             # -- decide: the controller proposes, the guard admits ------------------------
@@ -260,8 +258,9 @@ def train(
                         break
                     action, stds = _apply_admission(action, admitted.noise_multiplier)
                 next_decision = step + max(1, controller.interval)
-                if on_log and controller.metrics():
-                    on_log(controller.metrics(), step)
+                decision_metrics = controller.metrics()
+                if on_log and decision_metrics:
+                    on_log(decision_metrics, step)
 
             # -- forward / backward with per-sample gradients ------------------------------
             index = torch.as_tensor(indices, dtype=torch.long)
@@ -314,7 +313,7 @@ def train(
                 if evaluated:
                     row["valid_loss"] = valid_loss
                 if private:
-                    eps_spent = accountant.epsilon(ledger.segments(), plan.delta, params.accountant)
+                    eps_spent = guard.spent()
                     row.update(
                         epsilon=eps_spent,
                         noise_multiplier=z,

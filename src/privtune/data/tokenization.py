@@ -41,6 +41,10 @@ class EncodedRecords:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def slice(self, start: int | None = None, stop: int | None = None) -> EncodedRecords:
+        """A contiguous range of records (no copy)."""
+        return EncodedRecords(self.input_ids[start:stop], self.lengths[start:stop])
+
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather a batch, trimmed to its longest record to save compute."""
         lengths = self.lengths[index]
@@ -52,10 +56,15 @@ class EncodedRecords:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def bos_id(tokenizer) -> int:
+    """The sequence-start token; causal LMs without one start with their eos token."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_records(texts: Sequence[str], tokenizer, max_length: int) -> EncodedRecords:
     """Encode each text as [bos] text [eos], truncated to max_length tokens."""
     ensure_pad_token(tokenizer)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_id(tokenizer)
     eos = tokenizer.eos_token_id
     body = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     ids = torch.full((len(texts), max_length), tokenizer.pad_token_id, dtype=torch.long)

@@ -30,10 +30,8 @@ def base(params: Params, root: Path = Path("."), show_progress: bool = True) -> 
         model = build_gpt2(b, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         n_valid = max(1, len(public) // 20)
         encoded = encode_records(public, tokenizer, b.max_length)
-        train_part = type(encoded)(encoded.input_ids[n_valid:], encoded.lengths[n_valid:])
-        valid_part = type(encoded)(encoded.input_ids[:n_valid], encoded.lengths[:n_valid])
-        pretrain(model, train_part, b, device, show_progress)
-        metrics["public_valid_perplexity"] = public_perplexity(model, valid_part)
+        pretrain(model, encoded.slice(n_valid), b, device, show_progress)
+        metrics["public_valid_perplexity"] = public_perplexity(model, encoded.slice(0, n_valid))
         metrics["source"] = "pretrained here on the public split"
     model.to(device)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
