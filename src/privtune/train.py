@@ -32,6 +32,7 @@ from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from privtune.privacy.mechanisms import (
     GaussianMechanism,
     effective_noise_multiplier,
+    gradient_noise_multiplier,
     uniform_noise_stds,
 )
 
@@ -89,13 +90,22 @@ class _Observer:
         self.losses: list[float] = []
         self.norms: list[torch.Tensor] = []
         self.clipped: list[float] = []
+        self.released: list[float] = []  # DP releases of the unclipped fraction
         self.previous_loss = math.nan
 
-    def add(self, loss: float, norms: torch.Tensor | None, clipped: float) -> None:
+    def add(
+        self,
+        loss: float,
+        norms: torch.Tensor | None,
+        clipped: float,
+        released: float | None = None,
+    ) -> None:
         self.losses.append(loss)
         if norms is not None and norms.numel():
             self.norms.append(norms)
         self.clipped.append(clipped)
+        if released is not None:
+            self.released.append(released)
 
     def observe(self, step: int, plan: TrainingPlan, action: Action, **kwargs: Any) -> Observation:
         loss = float(np.mean(self.losses)) if self.losses else math.nan
@@ -111,10 +121,11 @@ class _Observer:
             norm_mean=tuple(norms.mean(0).tolist()),
             norm_std=tuple(norms.std(0, correction=0).tolist()),
             action=action,
+            unclipped_fraction_dp=float(np.mean(self.released)) if self.released else None,
             **kwargs,
         )
         self.previous_loss = loss
-        self.losses, self.norms, self.clipped = [], [], []
+        self.losses, self.norms, self.clipped, self.released = [], [], [], []
         return obs
 
 
@@ -185,6 +196,8 @@ def train(
         delta=plan.delta,
         calibrated_noise=plan.calibrated_noise,
         seed=params.seed,
+        expected_batch_size=plan.sample_rate * len(train_data),
+        accountant=params.accountant,
     )
     controller = build_controller(method, ctx, options or {}, entry)
     group_names, groups = adapter_groups(model, controller.grouping)
@@ -226,6 +239,7 @@ def train(
     result = TrainResult(plan, 0, ledger, None, None, controller=controller)
     action: Action | None = None
     stds: tuple[float, ...] = ()
+    count_std: float | None = None
     next_decision = 0
     valid_loss = math.nan
     eps_spent = 0.0
@@ -251,12 +265,15 @@ def train(
                     )
                 action = controller.act(obs)
                 if private:
+                    # The reserve may change as a schedule unfolds (a decaying one does); the
+                    # guard's bound holds whatever it is: the last admission sees the whole run.
+                    guard.reserve_noise = _checked_reserve(controller.reserve_noise())
                     try:
                         admitted = guard.admit(action.noise_multiplier, controller.interval)
                     except BudgetExhausted:
                         result.stopped_by_guard = True
                         break
-                    action, stds = _apply_admission(action, admitted.noise_multiplier)
+                    action, stds, count_std = _apply_admission(action, admitted.noise_multiplier)
                 next_decision = step + max(1, controller.interval)
                 decision_metrics = controller.metrics()
                 if on_log and decision_metrics:
@@ -279,9 +296,17 @@ def train(
 
             # -- DP step: clip, noise, scale; the ledger records the draw ------------------
             if private:
-                z = effective_noise_multiplier(action.clip_thresholds, stds)
+                z = effective_noise_multiplier(action.clip_thresholds, stds, count_std)
                 guard.check_step(z)
-                stats = mechanism.step(action.clip_thresholds, stds, expected_batch, empty=empty)
+                stats = mechanism.step(
+                    action.clip_thresholds,
+                    stds,
+                    expected_batch,
+                    empty=empty,
+                    scaling=action.scaling,
+                    stability=action.stability,
+                    count_std=count_std,
+                )
                 ledger.record(
                     LedgerEntry(
                         step=step,
@@ -290,9 +315,12 @@ def train(
                         clip_thresholds=tuple(action.clip_thresholds),
                         noise_stds=tuple(stds),
                         batch_size=len(index),
+                        count_noise_std=count_std,
                     )
                 )
-                observer.add(loss_value, stats.norms, stats.clipped_fraction)
+                observer.add(
+                    loss_value, stats.norms, stats.clipped_fraction, stats.unclipped_fraction_dp
+                )
             else:
                 for p in trainable:
                     p.grad = p.grad / expected_batch
@@ -319,6 +347,8 @@ def train(
                         noise_multiplier=z,
                         clipped_fraction=stats.clipped_fraction,
                     )
+                    if stats.unclipped_fraction_dp is not None:
+                        row["unclipped_fraction_dp"] = stats.unclipped_fraction_dp
                     clips = zip(group_names, action.clip_thresholds, strict=True)
                     row.update({f"clip/{n}": c for n, c in clips})
                 result.history.append(row)
@@ -341,16 +371,34 @@ def train(
     return result
 
 
-def _apply_admission(action: Action, noise: float) -> tuple[Action, tuple[float, ...]]:
-    """Rescale the action's noise to the admitted multiplier and return per-group stds."""
+def _checked_reserve(noise: float) -> float:
+    if not (noise > 0 and math.isfinite(noise)):
+        raise ValueError(f"controller.reserve_noise() must be finite and > 0, got {noise}")
+    return noise
+
+
+def _apply_admission(
+    action: Action, noise: float
+) -> tuple[Action, tuple[float, ...], float | None]:
+    """Rescale the action's noise to the admitted multiplier z; return the action, per-group
+    gradient stds and the count's noise std, together making one step of multiplier >= z."""
+    count_std = action.count_noise
+    grad_noise = noise
+    if count_std is not None:
+        # The count must leave room for gradient noise, z < 2 sigma_b; should the admitted z
+        # reach 2 sigma_b, sigma_b is raised to z (the count then takes a quarter of the step).
+        if not 2 * count_std > noise * (1 + 1e-6):
+            count_std = noise
+        grad_noise = gradient_noise_multiplier(noise, count_std)
     if action.noise_stds is None:
-        return replace(action, noise_multiplier=noise), uniform_noise_stds(
-            action.clip_thresholds, noise
-        )
+        stds = uniform_noise_stds(action.clip_thresholds, grad_noise)
+        return replace(action, noise_multiplier=noise, count_noise=count_std), stds, count_std
     requested = effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
-    factor = noise / requested if requested > 0 else math.inf
+    factor = grad_noise / requested if requested > 0 else math.inf
     stds = tuple(s * max(1.0, factor) for s in action.noise_stds)
-    return replace(action, noise_multiplier=max(noise, requested), noise_stds=stds), stds
+    total = effective_noise_multiplier(action.clip_thresholds, stds, count_std)
+    admitted = replace(action, noise_multiplier=total, noise_stds=stds, count_noise=count_std)
+    return admitted, stds, count_std
 
 
 def _remove_opacus(forward: torch.nn.Module) -> None:

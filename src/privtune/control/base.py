@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from privtune.privacy.mechanisms import Scaling
+
 Grouping = Literal["flat", "per_adapter"]
 
 
@@ -25,6 +27,8 @@ class ControllerContext:
     delta: float
     calibrated_noise: float  # z spending exactly the target over total_steps at constant noise
     seed: int = 0
+    expected_batch_size: float | None = None  # q * N (public)
+    accountant: str = "prv"  # the accountant the budget guard uses
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,13 @@ class Action:
     noise_multiplier: float
     # Per-group noise std; None = the same std on every group (effective z = noise_multiplier).
     noise_stds: tuple[float, ...] | None = None
+    # How each per-sample gradient is bounded (see privacy.mechanisms), and its constant
+    # (gamma of AUTO-S, r of DP-PSAC).
+    scaling: Scaling = "clip"
+    stability: float = 0.0
+    # Std of the noisy unclipped count to release every step (Andrew et al. 2021); None = none.
+    # noise_multiplier is the step's total z: the gradient gets the part the count leaves.
+    count_noise: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,10 @@ class Observation:
     norm_std: tuple[float, ...]
     action: Action
     extra: dict[str, float] = field(default_factory=dict)
+    # Mean over the interval of the DP-released unclipped fraction (None when not released).
+    # Everything above from train_loss to norm_std is computed from the protected records
+    # WITHOUT noise: a private controller must not set thresholds or noise from it.
+    unclipped_fraction_dp: float | None = None
 
 
 class Controller(ABC):

@@ -18,6 +18,9 @@ class LedgerEntry:
     clip_thresholds: tuple[float, ...]
     noise_stds: tuple[float, ...]
     batch_size: int
+    # Std of the noisy unclipped count released in the same step (adaptive quantile clipping);
+    # None when no count was released. noise_multiplier already includes its cost.
+    count_noise_std: float | None = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class PrivacyLedger:
                 clip_thresholds=tuple(e["clip_thresholds"]),
                 noise_stds=tuple(e["noise_stds"]),
                 batch_size=e["batch_size"],
+                count_noise_std=e.get("count_noise_std"),  # absent in ledgers saved before it
             )
             for e in state["entries"]
         ]

@@ -4,6 +4,17 @@ Groups are sets of parameters clipped jointly (one group for flat DP-SGD, one pe
 for per-adapter clipping). With group k clipped to C_k and given noise of std s_k, a step is a
 subsampled Gaussian mechanism with effective noise multiplier z = 1 / sqrt(sum_k (C_k / s_k)^2).
 
+Per-sample scaling rules (all bound a sample's group-k contribution by C_k, so the sensitivity,
+and therefore z, is the same for all of them):
+- "clip":      g * min(1, C / ||g||)                  (Abadi et al. 2016)
+- "normalize": g * C / (||g|| + gamma)                 (AUTO-S, Bu et al. 2023, arXiv 2206.07136)
+- "psac":      g * C / (||g|| + r / (||g|| + r))       (DP-PSAC, Xia et al. 2023, arXiv 2212.00328)
+
+Optionally the step also releases a noisy count of unclipped samples (Andrew et al. 2021, arXiv
+1905.03871): sum_i (b_i - 1/2) + N(0, sigma_b^2), with b_i = 1 when every group norm of sample i
+is within its threshold. Under add/remove its sensitivity is 1/2, so the count and the gradient
+together are one Gaussian mechanism with z = 1 / sqrt(sum_k (C_k / s_k)^2 + (1 / (2 sigma_b))^2).
+
 Written here rather than with opacus' DPOptimizer because opacus clips with one threshold (or
 per parameter) and one noise scale; we need per-adapter thresholds with per-group noise.
 """
@@ -13,19 +24,43 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 Group = list[torch.nn.Parameter]
+Scaling = Literal["clip", "normalize", "psac"]
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+# Sensitivity of the centred count sum_i (b_i - 1/2) under adding or removing one record.
+COUNT_SENSITIVITY = 0.5
 
 
-def effective_noise_multiplier(clips: Sequence[float], stds: Sequence[float]) -> float:
-    """z of a step whose group k is clipped to clips[k] and noised with std stds[k]."""
+def effective_noise_multiplier(
+    clips: Sequence[float], stds: Sequence[float], count_std: float | None = None
+) -> float:
+    """z of a step whose group k is clipped to clips[k] and noised with std stds[k], releasing
+    also (when count_std is given) the noisy unclipped count with noise std count_std."""
     if len(clips) != len(stds) or not clips:
         raise ValueError("need one noise std per clipping threshold")
-    if any(s <= 0 for s in stds):
+    if any(s <= 0 for s in stds) or (count_std is not None and count_std <= 0):
         return 0.0
-    return 1.0 / math.sqrt(sum((c / s) ** 2 for c, s in zip(clips, stds, strict=True)))
+    ratio = sum((c / s) ** 2 for c, s in zip(clips, stds, strict=True))
+    if count_std is not None:
+        ratio += (COUNT_SENSITIVITY / count_std) ** 2
+    return 1.0 / math.sqrt(ratio)
+
+
+def gradient_noise_multiplier(z: float, count_std: float) -> float:
+    """Noise multiplier left for the gradient when the count with std count_std is released too
+    and the whole step must be a Gaussian mechanism of multiplier z (Andrew et al. 2021, Thm 1:
+    z_grad = (z^-2 - (2 sigma_b)^-2)^(-1/2)). Needs z < 2 sigma_b."""
+    rest = z**-2 - (COUNT_SENSITIVITY / count_std) ** 2
+    if not rest > 0:
+        raise ValueError(
+            f"count noise std {count_std:g} is too small for total noise multiplier {z:g}: "
+            f"it must exceed z / 2 = {z / 2:g}"
+        )
+    return rest**-0.5
 
 
 def uniform_noise_stds(clips: Sequence[float], noise_multiplier: float) -> tuple[float, ...]:
@@ -34,12 +69,30 @@ def uniform_noise_stds(clips: Sequence[float], noise_multiplier: float) -> tuple
     return tuple(scale for _ in clips)
 
 
+def per_sample_factors(
+    norms: torch.Tensor, thresholds: torch.Tensor, scaling: str = "clip", stability: float = 0.0
+) -> torch.Tensor:
+    """(B, K) factors scaling each sample's group k to norm < C_k, by the named rule."""
+    if scaling == "clip":
+        return (thresholds / (norms + 1e-6)).clamp(max=1.0)
+    if not stability > 0:
+        raise ValueError(f"scaling '{scaling}' needs a stability constant > 0")
+    if scaling == "normalize":
+        return thresholds / (norms + stability)
+    if scaling == "psac":
+        return thresholds / (norms + stability / (norms + stability))
+    raise ValueError(f"unknown per-sample scaling '{scaling}': use one of {', '.join(SCALINGS)}")
+
+
 @dataclass
 class ClipStats:
-    """Per-sample, per-group gradient norms before clipping, for controllers and logs."""
+    """Per-sample, per-group gradient norms before clipping, for logs (not DP: a controller
+    must not set thresholds from them), and the DP release of the unclipped fraction."""
 
     norms: torch.Tensor  # (B, K) on CPU
     clipped_fraction: float
+    # (noisy count of unclipped samples) / (expected batch size); None when not released
+    unclipped_fraction_dp: float | None = None
 
 
 class GaussianMechanism:
@@ -58,17 +111,31 @@ class GaussianMechanism:
             columns.append(torch.stack(squares, dim=1).sum(1).sqrt())
         return torch.stack(columns, dim=1)
 
-    def clip_and_accumulate(self, clips: Sequence[float]) -> ClipStats:
+    def clip_and_accumulate(
+        self, clips: Sequence[float], scaling: str = "clip", stability: float = 0.0
+    ) -> ClipStats:
         """Sum per-sample gradients after scaling each group of each sample to norm <= C_k."""
         norms = self.per_sample_norms()
         thresholds = torch.tensor(clips, dtype=norms.dtype, device=norms.device)
-        factors = (thresholds / (norms + 1e-6)).clamp(max=1.0)  # (B, K)
+        factors = per_sample_factors(norms, thresholds, scaling, stability)  # (B, K)
         for k, group in enumerate(self.groups):
             for p in group:
                 p.grad = torch.einsum("i,i...->...", factors[:, k], p.grad_sample).to(p.dtype)
                 p.grad_sample = None
         clipped = (norms > thresholds).float().mean().item() if norms.numel() else 0.0
         return ClipStats(norms.detach().cpu(), clipped)
+
+    def release_unclipped_count(
+        self, norms: torch.Tensor, clips: Sequence[float], count_std: float, expected: float
+    ) -> float:
+        """Noisy fraction of samples whose every group is within its threshold: the count
+        centred by 1/2 per sample (sensitivity 1/2), plus noise from the mechanism's generator,
+        rescaled by the public expected batch size."""
+        thresholds = torch.tensor(clips, dtype=norms.dtype)
+        unclipped = (norms <= thresholds).all(dim=1).float()  # (B,); empty batch: (0,)
+        centred = float((unclipped - 0.5).sum())
+        noise = float(torch.normal(0.0, count_std, size=(1,), generator=self.generator))
+        return (centred + noise) / expected + 0.5
 
     def add_noise(self, stds: Sequence[float]) -> None:
         for std, group in zip(stds, self.groups, strict=True):
@@ -101,8 +168,17 @@ class GaussianMechanism:
         expected_batch_size: float,
         *,
         empty: bool = False,
+        scaling: str = "clip",
+        stability: float = 0.0,
+        count_std: float | None = None,
     ) -> ClipStats:
-        stats = self.empty_batch() if empty else self.clip_and_accumulate(clips)
+        """One DP step; with count_std, also release the noisy unclipped fraction (the step's
+        privacy cost is then effective_noise_multiplier(clips, stds, count_std))."""
+        stats = self.empty_batch() if empty else self.clip_and_accumulate(clips, scaling, stability)
+        if count_std is not None:
+            stats.unclipped_fraction_dp = self.release_unclipped_count(
+                stats.norms, clips, count_std, expected_batch_size
+            )
         self.add_noise(stds)
         self.scale(expected_batch_size)
         return stats
