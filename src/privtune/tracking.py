@@ -96,6 +96,57 @@ class RunTracker:
         else:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_dir_contents(self, path: str | Path) -> None:
+        """Every file and folder of ``path`` at the root of the run's artifacts."""
+        self._mlflow.log_artifacts(str(path))
+
+
+RUN_KEY_TAG = "privtune.run_key"
+
+
+def _client(root: str | Path) -> Any:
+    disable_telemetry()
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri(root))
+
+
+def _runs_with_key(root: str | Path, key: str, experiment: str = EXPERIMENT) -> list[Any]:
+    client = _client(root)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"
+    )
+
+
+def finished_run(root: str | Path, key: str) -> Any | None:
+    """The latest FINISHED run with this key (same stage and inputs), if any."""
+    runs = [r for r in _runs_with_key(root, key) if r.info.status == "FINISHED"]
+    return max(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def discard_unfinished(root: str | Path, key: str) -> int:
+    """Delete runs with this key that never finished (a crashed attempt), so a retry does not
+    leave a duplicate beside its own run. Returns how many were deleted."""
+    client = _client(root)
+    stale = [r for r in _runs_with_key(root, key) if r.info.status != "FINISHED"]
+    for run in stale:
+        client.delete_run(run.info.run_id)
+    return len(stale)
+
+
+def download_run_artifacts(root: str | Path, run_id: str, destination: str | Path) -> Path:
+    """Copy every artifact of a run into ``destination`` (a directory)."""
+    disable_telemetry()
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, dst_path=str(destination), tracking_uri=tracking_uri(root)
+    )
+    return Path(path)
+
 
 @contextlib.contextmanager
 def start_run(
@@ -104,17 +155,23 @@ def start_run(
     root: str | Path = ".",
     run_id: str | None = None,
     experiment: str = EXPERIMENT,
+    key: str | None = None,
 ) -> Iterator[RunTracker]:
-    """Open (or reopen, with run_id) an MLflow run in the project's store."""
+    """Open (or reopen, with run_id) an MLflow run in the project's store.
+
+    ``key`` tags the run with its stage and inputs, so a retry can find (and reuse or discard)
+    an earlier attempt instead of duplicating it.
+    """
     disable_telemetry()
     import mlflow
 
     root = Path(root)
     mlflow.set_tracking_uri(tracking_uri(root))
+    tags = {RUN_KEY_TAG: key} if key else None
     if run_id is not None:
         with mlflow.start_run(run_id=run_id) as run:
             yield RunTracker(mlflow, run)
         return
     experiment_id = _experiment_id(mlflow, root, experiment)
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id) as run:
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags) as run:
         yield RunTracker(mlflow, run)

@@ -3,15 +3,86 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import privtune
 from privtune import io
 from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.stages.common import data_hash, load_base, read_split
+
+
+def _tree_sha256(path: Path, pattern: str = "*") -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob(pattern) if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def run_key(params: Params, name: str, root: Path) -> str:
+    """The identity of a fine-tuning run: its method, parameters, data, base model and code.
+
+    Two attempts with the same key would train the same model and spend the same budget, so
+    the second one reuses the first's finished run instead (see `finetune`).
+    """
+    method, options = params.method(name)
+    payload = {
+        "stage": "finetune",
+        "entry": name,
+        "method": method,
+        "options": options,
+        "finetune": params.finetune.model_dump(),
+        "max_length": params.base.max_length,
+        "data": data_hash(root),
+        "base": _tree_sha256(root / BASE_DIR),
+        "code": _tree_sha256(Path(privtune.__file__).parent, "*.py"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _publish(root: Path, name: str, info: dict[str, Any], history: list[dict]) -> None:
+    """The stage's metric and plot files (the model directory is written before)."""
+    _write_history(root / PLOTS_DIR / f"finetune-{name}.csv", history)
+    io.write_json(root / METRICS_DIR / f"finetune-{name}.json", info["metrics"])
+
+
+def _reuse(root: Path, name: str, run: Any) -> dict[str, Any]:
+    """Restore the model of an earlier finished run with the same key: nothing is re-spent."""
+    from privtune import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tracking.download_run_artifacts(root, run.info.run_id, tmp)
+        if not (files / "finetune.json").is_file() or not (files / "adapter").is_dir():
+            return {}
+        with io.atomic_dir(root / MODELS_DIR / name) as out:
+            for item in (
+                "adapter",
+                "ledger.json",
+                "controller.pt",
+                "finetune.json",
+                "history.json",
+            ):
+                source = files / item
+                if source.is_dir():
+                    shutil.copytree(source, out / item)
+                elif source.is_file():
+                    shutil.copy2(source, out / item)
+    info = io.read_json(root / MODELS_DIR / name / "finetune.json")
+    history = io.read_json(root / MODELS_DIR / name / "history.json")
+    from privtune.plots import plot_training
+
+    plot_training(history, info["finetune"]["epsilon"], root / PLOTS_DIR / f"finetune-{name}.png")
+    _publish(root, name, info, history)
+    print(f"finetune {name}: reusing finished MLflow run {run.info.run_id} (same inputs)")
+    return info["metrics"]
 
 
 def finetune(
@@ -39,7 +110,15 @@ def finetune(
     model = attach_lora(model, f.lora, seed=f.seed)
     plan = make_plan(len(train_data), f, private)  # validates delta before anything is written
 
-    with tracking.start_run(run_name=name, root=root) as run:
+    # A retried stage (Prefect retries, a crash after training) must neither train again and
+    # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
+    key = run_key(params, name, root)
+    previous = tracking.finished_run(root, key)
+    if previous is not None and (reused := _reuse(root, name, previous)):
+        return reused
+    tracking.discard_unfinished(root, key)
+
+    with tracking.start_run(run_name=name, root=root, key=key) as run:
         run.set_tags({"stage": "finetune", "method": method, "entry": name})
         run.log_params(
             {
@@ -93,26 +172,24 @@ def finetune(
             if result.ledger is not None:
                 result.ledger.save(out / "ledger.json")
             torch.save(result.controller.state_dict(), out / "controller.pt")
-            io.write_json(
-                out / "finetune.json",
-                {
-                    "entry": name,
-                    "method": method,
-                    "options": options,
-                    "base": str(BASE_DIR),
-                    "run_id": run.run_id,
-                    "plan": dataclasses.asdict(plan),
-                    "finetune": f.model_dump(),
-                    "metrics": metrics,
-                },
+            io.write_json(out / "history.json", result.history)
+            info = {
+                "entry": name,
+                "method": method,
+                "options": options,
+                "base": str(BASE_DIR),
+                "run_id": run.run_id,
+                "plan": dataclasses.asdict(plan),
+                "finetune": f.model_dump(),
+                "metrics": metrics,
+            }
+            io.write_json(out / "finetune.json", info)
+            figure = plot_training(
+                result.history, f.epsilon, root / PLOTS_DIR / f"finetune-{name}.png"
             )
-            run.log_artifact(out / "adapter", "adapter")
-            if result.ledger is not None:
-                run.log_artifact(out / "ledger.json")
-        figure = plot_training(result.history, f.epsilon, root / PLOTS_DIR / f"finetune-{name}.png")
-        run.log_artifact(figure)
-    _write_history(root / PLOTS_DIR / f"finetune-{name}.csv", result.history)
-    io.write_json(root / METRICS_DIR / f"finetune-{name}.json", metrics)
+            run.log_artifact(figure)
+            run.log_dir_contents(out)  # adapter, ledger, controller, history, finetune.json
+    _publish(root, name, info, result.history)
     return metrics
 
 

@@ -1,0 +1,71 @@
+"""A retried fine-tuning stage neither trains (and spends the budget) again nor leaves a
+duplicate MLflow run: runs are keyed by stage and inputs."""
+
+import shutil
+
+import mlflow
+import pytest
+
+from privtune import tracking
+from privtune.cli import main
+from privtune.config import load_params
+from privtune.stages.finetune import run_key
+from tests.conftest import write_params
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    write_params(root / "params.yaml")
+    for stage in ("prepare", "base"):
+        assert main(["--root", str(root), "--no-progress", stage]) == 0
+    return root
+
+
+@pytest.fixture
+def project(prepared, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root)
+    return root
+
+
+def _dpsgd_runs(root):
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "dpsgd"]
+
+
+def test_retry_after_outputs_were_lost_reuses_the_finished_run(project, capsys):
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    ledger = (project / "models/dpsgd/ledger.json").read_text()
+    metrics = (project / "metrics/finetune-dpsgd.json").read_text()
+    # DVC deletes a stage's outputs before it reruns the stage: simulate that, then retry.
+    shutil.rmtree(project / "models/dpsgd")
+    (project / "metrics/finetune-dpsgd.json").unlink()
+    capsys.readouterr()
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    assert "reusing finished MLflow run" in capsys.readouterr().out
+    assert len(_dpsgd_runs(project)) == 1
+    assert (project / "models/dpsgd/ledger.json").read_text() == ledger  # nothing re-spent
+    assert (project / "metrics/finetune-dpsgd.json").read_text() == metrics
+    assert (project / "models/dpsgd/adapter/adapter_config.json").is_file()
+    assert (project / "plots/finetune-dpsgd.png").is_file()
+
+
+def test_crashed_attempt_is_replaced_not_duplicated(project):
+    params = load_params(project / "params.yaml")
+    key = run_key(params, "dpsgd", project)
+    with pytest.raises(RuntimeError), tracking.start_run("dpsgd", root=project, key=key):
+        raise RuntimeError("worker lost mid-training")
+    assert [r.info.status for r in _dpsgd_runs(project)] == ["FAILED"]
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    assert [r.info.status for r in _dpsgd_runs(project)] == ["FINISHED"]
+
+
+def test_changed_inputs_train_anew(project):
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    write_params(project / "params.yaml", methods={"nonprivate": {}, "dpsgd": {"clip": 0.5}})
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    runs = _dpsgd_runs(project)
+    assert len(runs) == 2 and len({r.data.tags[tracking.RUN_KEY_TAG] for r in runs}) == 2
