@@ -159,3 +159,17 @@ def test_prefect_flow_runs_the_same_stages(tmp_path):
     assert metrics["metrics/finetune-dpsgd.json"]["epsilon"] <= 4.0
     # the flow left dvc.lock consistent: DVC sees nothing to do
     assert "Data and pipelines are up to date" in _sh(project, "dvc", "status")
+
+
+def test_default_dvc_remote_push_and_pull(built):
+    """The project's own .dvc/config remote (a local directory) works out of the box."""
+    project, _ = built
+    shutil.copy(ROOT / ".dvc/config", project / ".dvc/config")
+    _sh(project, "dvc", "push")
+    assert (project / ".dvcstore").is_dir()
+    adapter = project / "models/dpsgd/adapter/adapter_config.json"
+    expected = adapter.read_text()
+    shutil.rmtree(project / "models/dpsgd")
+    shutil.rmtree(project / ".dvc/cache")  # so the outputs can only come from the remote
+    _sh(project, "dvc", "pull", "finetune@dpsgd")
+    assert adapter.read_text() == expected
