@@ -12,12 +12,13 @@ note generator and for the canaries does not correlate their random streams.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from privtune.io import atomic_file
@@ -144,6 +145,40 @@ def make_canaries(
             prefix = rng.choice(_PREFIX_TEMPLATES).format(mrn=mrn)
             canaries.append(Canary(f"canary-r{count}-{index + 1:02d}", prefix, secret, count))
     return canaries
+
+
+def make_audit_canaries(
+    m: int, seed: int, avoid: Collection[Canary] = (), inclusion_probability: float = 0.5
+) -> list[Canary]:
+    """m audit canaries with distinct prefixes and secrets, each independently IN w.p. 1/2.
+
+    IN canaries have ``repetitions=1`` (add them to the training set as one record each,
+    e.g. :func:`audit_records`), OUT canaries ``repetitions=0``. None shares a prefix or a
+    secret with ``avoid`` (pass the ordinary canaries). Deterministic in ``(m, seed, avoid)``.
+    """
+    if m < 1:
+        raise ValueError(f"m (number of audit canaries) must be >= 1, got {m}")
+    if not 0 < inclusion_probability < 1:
+        raise ValueError(f"inclusion_probability must be in (0, 1), got {inclusion_probability}")
+    # A seed of its own, so the same `seed` as the ordinary canaries gives different canaries.
+    derived = int.from_bytes(hashlib.sha256(f"privtune.audit/{seed}".encode()).digest()[:8], "big")
+    taken = {c.prefix for c in avoid} | {c.secret for c in avoid}
+    pool = make_canaries((1,), per_repetition=m + len(avoid), held_out=0, seed=derived)
+    fresh = [c for c in pool if c.prefix not in taken and c.secret not in taken][:m]
+    coin = random.Random(f"privtune.audit/include/{seed}")
+    return [
+        replace(
+            canary,
+            id=f"audit-{index + 1:04d}",
+            repetitions=int(coin.random() < inclusion_probability),
+        )
+        for index, canary in enumerate(fresh)
+    ]
+
+
+def audit_records(canaries: Sequence[Canary]) -> list[dict[str, str]]:
+    """The training records of the IN audit canaries: one standalone sentence per record."""
+    return [{"text": f"{c.text}."} for c in canaries if c.repetitions > 0]
 
 
 def candidate_secrets(n: int, seed: int, exclude: Collection[str] = ()) -> list[str]:

@@ -1,0 +1,103 @@
+"""Canary exposure (Carlini et al. 2019, "The Secret Sharer").
+
+The secret's log-likelihood after its prefix is ranked among random candidate secrets of the
+same format; exposure = log2(n_candidates + 1) - log2(rank), so rank 1 gives the maximum and a
+model that knows nothing gives about 1/ln 2 = 1.44 bits on average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from privtune.data.canaries import Canary, candidate_secrets
+from privtune.evaluate import continuation_logprobs
+
+LOGITS_BUDGET_BYTES = 256 * 2**20
+"""Memory allowed for one chunk's float32 logits (continuations x tokens x vocabulary)."""
+
+
+def default_chunk_size(model: torch.nn.Module, tokens_per_continuation: int = 12) -> int:
+    """Continuations per forward pass so that the logits (and their log-softmax) fit the budget."""
+    vocab = int(model.config.vocab_size)
+    return max(16, LOGITS_BUDGET_BYTES // (2 * 4 * vocab * tokens_per_continuation))
+
+
+def chunked_continuation_logprobs(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    continuations: Sequence[str],
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`privtune.evaluate.continuation_logprobs` over chunks, for bounded memory.
+
+    Each chunk re-runs the (short) prompt once and shares its KV cache within the chunk.
+    """
+    size = chunk_size or default_chunk_size(model)
+    parts = [
+        continuation_logprobs(model, tokenizer, prompt, continuations[start : start + size])
+        for start in range(0, len(continuations), size)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def secret_rank(secret_score: float, candidate_scores: np.ndarray) -> float:
+    """1 + number of candidates scored above the secret; ties share the average rank."""
+    candidate_scores = np.asarray(candidate_scores, dtype=float)
+    above = np.sum(candidate_scores > secret_score)
+    return float(1 + above + 0.5 * np.sum(candidate_scores == secret_score))
+
+
+def exposure_from_scores(secret_score: float, candidate_scores: np.ndarray) -> float:
+    """Exposure of a secret among candidates: log2(n + 1) - log2(rank)."""
+    rank = secret_rank(secret_score, candidate_scores)
+    return math.log2(np.size(candidate_scores) + 1) - math.log2(rank)
+
+
+@dataclass(frozen=True)
+class CanaryExposure:
+    """Exposure of one canary (identified by id and repetitions, never by its text)."""
+
+    id: str
+    repetitions: int
+    exposure: float
+    rank: float
+
+
+def canary_exposures(
+    model: torch.nn.Module,
+    tokenizer,
+    canaries: Sequence[Canary],
+    n_candidates: int = 10_000,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    on_canary: Callable[[], None] | None = None,
+) -> list[CanaryExposure]:
+    """Exposure of every canary against the same ``n_candidates`` random secrets.
+
+    Candidates exclude all canaries' secrets, so no canary competes with another's secret.
+    """
+    if n_candidates < 1:
+        raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+    model.eval()
+    candidates = candidate_secrets(n_candidates, seed, exclude={c.secret for c in canaries})
+    results = []
+    for canary in canaries:
+        scores = chunked_continuation_logprobs(
+            model, tokenizer, canary.prefix, [canary.secret, *candidates], chunk_size
+        ).double()
+        secret, others = float(scores[0]), scores[1:].numpy()
+        rank = secret_rank(secret, others)
+        results.append(
+            CanaryExposure(
+                canary.id, canary.repetitions, exposure_from_scores(secret, others), rank
+            )
+        )
+        if on_canary is not None:
+            on_canary()
+    return results

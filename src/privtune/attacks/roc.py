@@ -1,0 +1,134 @@
+"""ROC metrics of a membership attack: AUC with a bootstrap interval, TPR at low FPR, plots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from privtune.io import atomic_file  # noqa: E402
+
+LOW_FPRS: tuple[float, ...] = (0.001, 0.01)
+"""False-positive rates at which the attack's true-positive rate is reported."""
+
+
+@dataclass(frozen=True)
+class RocSummary:
+    """What the metrics file reports for one score."""
+
+    auc: float
+    auc_ci_low: float
+    auc_ci_high: float
+    tpr_at_fpr: dict[float, float]
+
+
+def _labelled(member_scores: Sequence[float], non_member_scores: Sequence[float]):
+    members = np.asarray(member_scores, dtype=float)
+    non_members = np.asarray(non_member_scores, dtype=float)
+    if members.size == 0 or non_members.size == 0:
+        raise ValueError("ROC needs at least one member and one non-member score")
+    if not (np.isfinite(members).all() and np.isfinite(non_members).all()):
+        raise ValueError("membership scores must be finite")
+    labels = np.r_[np.ones(members.size), np.zeros(non_members.size)]
+    return labels, np.r_[members, non_members]
+
+
+def tpr_at_fpr(
+    member_scores: Sequence[float], non_member_scores: Sequence[float], fpr: float
+) -> float:
+    """Highest TPR of a threshold rule "member if score >= t" whose FPR is at most ``fpr``.
+
+    A step (not linear) reading of sklearn's ROC: only rates a real threshold achieves count.
+    """
+    if not 0 <= fpr <= 1:
+        raise ValueError(f"fpr must be in [0, 1], got {fpr}")
+    labels, scores = _labelled(member_scores, non_member_scores)
+    fprs, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(tprs[fprs <= fpr + 1e-12].max())
+
+
+def _auc_statistic(members: np.ndarray, non_members: np.ndarray, axis: int = -1) -> np.ndarray:
+    # AUC = Mann-Whitney U / (n1 n0) (ties count 1/2); scipy's U is vectorised over resamples,
+    # which sklearn's roc_auc_score is not (1000 separate calls per score).
+    u = stats.mannwhitneyu(members, non_members, axis=axis).statistic
+    return u / (members.shape[axis] * non_members.shape[axis])
+
+
+def auc_confidence_interval(
+    member_scores: Sequence[float],
+    non_member_scores: Sequence[float],
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, members and non-members resampled separately."""
+    members = np.asarray(member_scores, dtype=float)
+    non_members = np.asarray(non_member_scores, dtype=float)
+    if members.size < 2 or non_members.size < 2:
+        raise ValueError("a bootstrap interval needs at least two members and two non-members")
+    result = stats.bootstrap(
+        (members, non_members),
+        _auc_statistic,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def roc_summary(
+    member_scores: Sequence[float],
+    non_member_scores: Sequence[float],
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    fprs: Sequence[float] = LOW_FPRS,
+) -> RocSummary:
+    """AUC (sklearn), its bootstrap interval and the TPR at each low FPR."""
+    labels, scores = _labelled(member_scores, non_member_scores)
+    low, high = auc_confidence_interval(
+        member_scores, non_member_scores, resamples, confidence, seed
+    )
+    return RocSummary(
+        auc=float(roc_auc_score(labels, scores)),
+        auc_ci_low=low,
+        auc_ci_high=high,
+        tpr_at_fpr={f: tpr_at_fpr(member_scores, non_member_scores, f) for f in fprs},
+    )
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str, path: Path
+) -> Path:
+    """ROC curves of several scores on log-log axes (where low-FPR attacks show), chance dashed.
+
+    ``curves`` maps a score name to (member scores, non-member scores); only rates are drawn.
+    """
+    fig, ax = plt.subplots(figsize=(5, 5))
+    floor = 1.0
+    for name, (members, non_members) in curves.items():
+        labels, scores = _labelled(members, non_members)
+        fprs, tprs, _ = roc_curve(labels, scores)
+        auc = roc_auc_score(labels, scores)
+        ax.plot(fprs, tprs, label=f"{name} (AUC {auc:.3f})")
+        floor = min(floor, 0.5 / max(len(members), len(non_members)))
+    ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path, mode="wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+    return path

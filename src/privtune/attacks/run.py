@@ -1,0 +1,224 @@
+"""All attacks on one model, summarised as the flat metrics the registry gates on."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from privtune.attacks.audit import AuditResult, one_run_audit
+from privtune.attacks.exposure import CanaryExposure, canary_exposures
+from privtune.attacks.extraction import CanaryExtraction, canary_extraction
+from privtune.attacks.membership import membership_inference
+from privtune.attacks.roc import RocSummary, plot_roc
+from privtune.attacks.scoring import SCORE_NAMES, membership_scores
+from privtune.data.canaries import Canary
+from privtune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Knobs of the attack stage (defaults follow the papers; tests shrink the expensive ones).
+
+    Attributes:
+        min_k: Fraction of least likely tokens averaged by the Min-K% score.
+        bootstrap_resamples: Resamples of the AUC confidence interval.
+        confidence: Level of the AUC interval and of the audit's epsilon bound.
+        seed: Seeds the bootstrap, candidate secrets and sampling.
+        n_candidates: Random secrets each canary is ranked against (exposure).
+        chunk_size: Candidates per forward pass; None sizes chunks from the vocabulary.
+        samples: Sampled generations per canary (extraction), besides the greedy one.
+        audit_delta: Delta of the audited (eps, delta) claim; needed when auditing.
+        audit_score: Membership score used to guess audit canaries ("reference" or "loss").
+        audit_k_choices: (k+, k-) pairs tried, Bonferroni-corrected; None = a default grid.
+        max_length: Token limit when scoring records; None = the model's context.
+        batch_size: Records per forward pass when scoring.
+        progress: Show rich progress bars (counts only, never text).
+    """
+
+    min_k: float = 0.2
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    n_candidates: int = 10_000
+    chunk_size: int | None = None
+    samples: int = 4
+    audit_delta: float | None = None
+    audit_score: str = "reference"
+    audit_k_choices: tuple[tuple[int, int], ...] | None = None
+    max_length: int | None = None
+    batch_size: int = 32
+    progress: bool = True
+
+
+def _rate(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else 0.0
+
+
+def _fpr_key(fpr: float) -> str:
+    return f"{fpr:g}"
+
+
+def summarize(
+    mia: dict[str, RocSummary],
+    exposures: Sequence[CanaryExposure],
+    extractions: Sequence[CanaryExtraction],
+    audit: AuditResult | None,
+) -> dict[str, float]:
+    """One flat dict of floats (metrics JSON, MLflow); key names are read by the registry.
+
+    Groups with nothing to report (no reference model, no canaries of a repetition count,
+    no audit canaries) are left out rather than filled with placeholders.
+    """
+    metrics: dict[str, float] = {}
+    for name, summary in mia.items():
+        metrics[f"mia_{name}_auc"] = summary.auc
+        metrics[f"mia_{name}_auc_ci_low"] = summary.auc_ci_low
+        metrics[f"mia_{name}_auc_ci_high"] = summary.auc_ci_high
+        for fpr, tpr in summary.tpr_at_fpr.items():
+            metrics[f"mia_{name}_tpr_at_fpr_{_fpr_key(fpr)}"] = tpr
+    if mia:
+        metrics["mia_auc_max"] = max(s.auc for s in mia.values())
+        low = [s.tpr_at_fpr[0.01] for s in mia.values() if 0.01 in s.tpr_at_fpr]
+        if low:
+            metrics["mia_tpr_at_fpr_0.01_max"] = max(low)
+    for reps in sorted({e.repetitions for e in exposures}):
+        values = [e.exposure for e in exposures if e.repetitions == reps]
+        label = f"r{reps}" if reps else "held_out"
+        metrics[f"exposure_{label}_mean"] = float(np.mean(values))
+        metrics[f"exposure_{label}_max"] = float(np.max(values))
+    for reps in sorted({e.repetitions for e in extractions}):
+        group = [e for e in extractions if e.repetitions == reps]
+        label = f"r{reps}" if reps else "held_out"
+        metrics[f"extraction_greedy_{label}"] = _rate([float(e.greedy) for e in group])
+        samples = sum(e.samples for e in group)
+        if samples:
+            metrics[f"extraction_sampled_{label}"] = sum(e.sampled_hits for e in group) / samples
+    if audit is not None:
+        metrics["audit_epsilon_lower_bound"] = float(audit.epsilon_lower_bound)
+        metrics["audit_m"] = float(audit.m)
+        metrics["audit_guesses"] = float(audit.guesses)
+        metrics["audit_correct"] = float(audit.correct)
+    return metrics
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def run_attacks(
+    model: torch.nn.Module,
+    reference_model: torch.nn.Module | None,
+    tokenizer,
+    members: Sequence[dict],
+    non_members: Sequence[dict],
+    canaries: Sequence[Canary],
+    audit_canaries: Sequence[Canary] = (),
+    config: AttackConfig | None = None,
+    out_dir: Path | None = None,
+    name: str = "model",
+) -> tuple[dict[str, float], list[Path]]:
+    """Membership inference, exposure, extraction and the one-run audit of one model.
+
+    ``members``/``non_members`` are balanced record lists (see ``balanced_sets``); canaries
+    with ``repetitions=0`` are the held-out control. Audit canaries must have been trained on
+    exactly when ``repetitions > 0``. Returns the flat metrics and the written figure paths
+    (an ROC plot in ``out_dir`` when given).
+    """
+    config = config or AttackConfig()
+    if audit_canaries and config.audit_delta is None:
+        raise ConfigError(
+            "attack.audit_delta",
+            "auditing needs the delta of the audited (epsilon, delta) claim",
+            "pass the fine-tuning delta (finetune.json plan.delta)",
+        )
+    if config.audit_score not in SCORE_NAMES:
+        raise ConfigError(
+            "attack.audit_score", f"unknown score {config.audit_score!r}", f"use {SCORE_NAMES}"
+        )
+    if config.audit_score == "reference" and reference_model is None and audit_canaries:
+        raise ConfigError(
+            "attack.audit_score", "'reference' needs a reference model", "pass one or use 'loss'"
+        )
+    scoring = {"max_length": config.max_length, "batch_size": config.batch_size}
+    figures: list[Path] = []
+    with _progress(config.progress) as progress:
+        task = progress.add_task("membership inference", total=1)
+        mia, curves = membership_inference(
+            model,
+            reference_model,
+            tokenizer,
+            members,
+            non_members,
+            min_k=config.min_k,
+            resamples=config.bootstrap_resamples,
+            confidence=config.confidence,
+            seed=config.seed,
+            **scoring,
+        )
+        progress.advance(task)
+        if out_dir is not None:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            figures.append(
+                plot_roc(curves, f"Membership inference: {name}", out_dir / f"roc-{safe}.png")
+            )
+        task = progress.add_task(
+            f"exposure ({config.n_candidates} candidates)", total=len(canaries)
+        )
+        exposures = canary_exposures(
+            model,
+            tokenizer,
+            canaries,
+            n_candidates=config.n_candidates,
+            seed=config.seed,
+            chunk_size=config.chunk_size,
+            on_canary=lambda: progress.advance(task),
+        )
+        task = progress.add_task("extraction", total=len(canaries))
+        extractions = canary_extraction(
+            model,
+            tokenizer,
+            canaries,
+            samples=config.samples,
+            seed=config.seed,
+            on_canary=lambda: progress.advance(task),
+        )
+        audit = None
+        if audit_canaries:
+            task = progress.add_task("one-run audit", total=1)
+            scores = membership_scores(
+                model,
+                reference_model if config.audit_score == "reference" else None,
+                tokenizer,
+                [f"{c.text}." for c in audit_canaries],
+                min_k=config.min_k,
+                **scoring,
+            )[config.audit_score]
+            audit = one_run_audit(
+                scores,
+                [c.repetitions > 0 for c in audit_canaries],
+                delta=float(config.audit_delta),
+                k_choices=config.audit_k_choices,
+                confidence=config.confidence,
+            )
+            progress.advance(task)
+    return summarize(mia, exposures, extractions, audit), figures

@@ -1,0 +1,116 @@
+"""Per-record membership scores from token log-probabilities.
+
+Every score is oriented so that higher means "more likely a training member", so one ROC
+routine serves all of them. Scores are numbers only: no text leaves this module.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from privtune.data.tokenization import encode_records
+from privtune.errors import DataError
+from privtune.losses import token_nll
+
+SCORE_NAMES: tuple[str, ...] = ("loss", "reference", "zlib", "min_k")
+"""The membership scores, in the order they are reported (metric keys use these names)."""
+
+
+def model_max_length(model: torch.nn.Module) -> int:
+    """Positions the model attends to (``n_positions`` or ``max_position_embeddings``)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+
+
+def record_texts(records: Sequence[dict], field: str) -> list[str]:
+    """The ``text`` of each record; a bad record is named by its index, never by its content."""
+    texts = []
+    for index, record in enumerate(records):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text:
+            raise DataError(
+                f"{field}[{index}]",
+                "record has no non-empty string 'text'",
+                "pass records with text",
+            )
+        texts.append(text)
+    if not texts:
+        raise DataError(field, "no records given", "pass at least one record")
+    return texts
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    batch_size: int = 32,
+) -> list[np.ndarray]:
+    """log p(token | earlier tokens) of every predicted token of each text ([bos] text [eos]).
+
+    Records are batched by length (less padding); the result keeps the input order.
+    """
+    if max_length is None:
+        max_length = model_max_length(model)
+    model.eval()
+    device = next(model.parameters()).device
+    data = encode_records(list(texts), tokenizer, max_length)
+    order = torch.argsort(data.lengths, descending=True)
+    out: list[np.ndarray] = [np.empty(0)] * len(data)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in data.batch(index).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, mask = token_nll(logits, batch["labels"])
+        for row, record in enumerate(index.tolist()):
+            out[record] = -nll[row][mask[row]].double().cpu().numpy()
+    return out
+
+
+def zlib_bytes(text: str) -> int:
+    """zlib-compressed length of the text in bytes: Carlini et al. (2021)'s zlib entropy."""
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def min_k_logprob(logprobs: np.ndarray, k: float = 0.2) -> float:
+    """Mean log-prob of the k fraction least likely tokens (Min-K% Prob, Shi et al. 2024)."""
+    if not 0 < k <= 1:
+        raise ValueError(f"min_k fraction must be in (0, 1], got {k}")
+    if logprobs.size == 0:
+        return 0.0
+    count = max(1, math.ceil(k * logprobs.size))
+    return float(np.sort(logprobs)[:count].mean())
+
+
+def membership_scores(
+    model: torch.nn.Module,
+    reference_model: torch.nn.Module | None,
+    tokenizer,
+    texts: Sequence[str],
+    min_k: float = 0.2,
+    max_length: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
+    """All membership scores of each text (higher = more likely member), keyed by score name.
+
+    ``reference`` (target loss minus reference loss, negated) is left out when no reference
+    model is given.
+    """
+    target = token_logprobs(model, tokenizer, texts, max_length, batch_size)
+    loss = np.array([-lp.mean() if lp.size else 0.0 for lp in target])
+    scores = {
+        "loss": -loss,
+        "zlib": -loss / np.array([zlib_bytes(t) for t in texts], dtype=float),
+        "min_k": np.array([min_k_logprob(lp, min_k) for lp in target]),
+    }
+    if reference_model is not None:
+        reference = token_logprobs(reference_model, tokenizer, texts, max_length, batch_size)
+        ref_loss = np.array([-lp.mean() if lp.size else 0.0 for lp in reference])
+        scores["reference"] = -(loss - ref_loss)
+    return {name: scores[name] for name in SCORE_NAMES if name in scores}
