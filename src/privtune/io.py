@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -63,3 +64,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def tree_sha256(path: str | Path, pattern: str = "*") -> str:
+    """Content hash of a directory (relative names and bytes of the files matching `pattern`)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob(pattern) if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()

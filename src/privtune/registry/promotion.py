@@ -1,0 +1,257 @@
+"""Promotion gates: the `champion` alias moves only when the challenger keeps the privacy
+contract, resists the attacks and is at least as useful as the current champion.
+
+Every decision (each gate's value, threshold and margin) is written onto the version, so the
+registry itself is the audit trail; `rollback` walks a history kept on the registered model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from privtune.config import Gates
+from privtune.errors import ModelError
+from privtune.registry.register import (
+    ATTACK_PREFIX,
+    CHALLENGER,
+    CHAMPION,
+    UTILITY_PREFIX,
+    client,
+)
+
+PREVIOUS = "previous_champion"
+HISTORY_TAG = "privtune.champion_history"  # JSON list of versions that were champion, in order
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    margin: float | None  # >= 0 is slack, < 0 is by how much the gate failed
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    version: str
+    promoted: bool
+    champion_before: str | None
+    gates: tuple[GateResult, ...]
+
+    @property
+    def failed(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    def summary(self) -> str:
+        verdict = "PROMOTED to champion" if self.promoted else "REFUSED"
+        lines = [
+            f"{self.name} v{self.version}: {verdict} (champion before: "
+            f"{'v' + self.champion_before if self.champion_before else 'none'})"
+        ]
+        lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.gate}: {g.reason}" for g in self.gates]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"failed": [g.gate for g in self.failed]}
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _number(tags: dict[str, str], key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _at_most(gate: str, value: float | None, threshold: float | None, what: str) -> GateResult:
+    if value is None or threshold is None:
+        missing = what if value is None else f"threshold for {gate}"
+        return GateResult(gate, False, value, threshold, None, f"{missing} missing: cannot check")
+    margin = threshold - value
+    passed = value <= threshold
+    relation = "<=" if passed else ">"
+    reason = f"{value:.6g} {relation} {threshold:.6g} (margin {margin:+.6g})"
+    return GateResult(gate, passed, value, threshold, margin, reason)
+
+
+def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateResult:
+    key = f"{UTILITY_PREFIX}{gates.utility_metric}"
+    value = _number(tags, key)
+    if value is None:
+        return GateResult("utility", False, None, None, None, f"{key} missing: cannot check")
+    if champion is None:
+        return GateResult(
+            "utility", True, value, None, None, f"{value:.6g}; no champion yet, nothing to beat"
+        )
+    best = _number(dict(champion.tags), key)
+    if best is None:
+        reason = f"champion v{champion.version} has no {key}: cannot compare"
+        return GateResult("utility", False, value, None, None, reason)
+    gain = value - best if gates.higher_is_better else best - value
+    margin = gain + gates.utility_tolerance
+    direction = "higher" if gates.higher_is_better else "lower"
+    reason = (
+        f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g} "
+        f"({direction} is better; margin {margin:+.6g})"
+    )
+    return GateResult("utility", margin >= 0, value, best, margin, reason)
+
+
+def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> list[GateResult]:
+    """Each gate on a version's tags; a missing metric fails its gate, never passes."""
+    epsilon = _number(tags, "epsilon")
+    audit = _number(tags, f"{ATTACK_PREFIX}audit_epsilon_lower_bound")
+    return [
+        _at_most("epsilon", epsilon, gates.max_epsilon, "spent epsilon"),
+        _at_most("delta", _number(tags, "delta"), gates.max_delta, "delta"),
+        _at_most(
+            "mia_auc",
+            _number(tags, f"{ATTACK_PREFIX}mia_auc_max"),
+            gates.max_mia_auc,
+            f"{ATTACK_PREFIX}mia_auc_max",
+        ),
+        _at_most(
+            "mia_tpr_at_fpr_0.01",
+            _number(tags, f"{ATTACK_PREFIX}mia_tpr_at_fpr_0.01_max"),
+            gates.max_mia_tpr_at_fpr_0_01,
+            f"{ATTACK_PREFIX}mia_tpr_at_fpr_0.01_max",
+        ),
+        _at_most(
+            "audit",
+            audit,
+            epsilon,
+            f"{ATTACK_PREFIX}audit_epsilon_lower_bound" if audit is None else "claimed epsilon",
+        ),
+        _utility(gates, tags, champion),
+    ]
+
+
+def _alias(mlflow_client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _history(mlflow_client: Any, name: str) -> list[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow_client.get_registered_model(name)
+    except MlflowException:
+        raise ModelError(name, "no such registered model", "register a model first") from None
+    return json.loads(model.tags.get(HISTORY_TAG, "[]"))
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else repr(value)
+
+
+def _record(mlflow_client: Any, decision: Decision) -> None:
+    """Decision and per-gate numbers as tags; the human-readable summary in the description."""
+    name, version = decision.name, decision.version
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    tags = {
+        "promotion.decision": "promoted" if decision.promoted else "refused",
+        "promotion.time": now,
+        "promotion.failed": ",".join(g.gate for g in decision.failed) or "none",
+    }
+    for g in decision.gates:
+        tags |= {
+            f"gate.{g.gate}.passed": str(g.passed),
+            f"gate.{g.gate}.value": _fmt(g.value),
+            f"gate.{g.gate}.threshold": _fmt(g.threshold),
+            f"gate.{g.gate}.margin": _fmt(g.margin),
+        }
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
+    previous = mlflow_client.get_model_version(name, version).description or ""
+    text = f"{previous}\n\n[{now}] {decision.summary()}".strip()
+    mlflow_client.update_model_version(name, version, description=text)
+
+
+def promote(
+    name: str, gates: Gates | None = None, *, root: str | Path = ".", version: str | None = None
+) -> Decision:
+    """Move `champion` to the challenger (or `version`) only if every gate holds."""
+    gates = gates or Gates()
+    mlflow_client = client(root)
+    candidate = (
+        mlflow_client.get_model_version(name, version)
+        if version is not None
+        else _alias(mlflow_client, name, CHALLENGER)
+    )
+    if candidate is None:
+        raise ModelError(
+            f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
+        )
+    champion = _alias(mlflow_client, name, CHAMPION)
+    if champion is not None and str(champion.version) == str(candidate.version):
+        raise ModelError(
+            f"{name} v{candidate.version}", "already the champion", "register a new challenger"
+        )
+    results = evaluate_gates(gates, dict(candidate.tags), champion)
+    promoted = all(g.passed for g in results)
+    decision = Decision(
+        name,
+        str(candidate.version),
+        promoted,
+        str(champion.version) if champion else None,
+        tuple(results),
+    )
+    _record(mlflow_client, decision)
+    if promoted:
+        history = _history(mlflow_client, name) + [str(candidate.version)]
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        mlflow_client.set_registered_model_alias(name, CHAMPION, candidate.version)
+        if champion is not None:
+            mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
+        challenger = _alias(mlflow_client, name, CHALLENGER)
+        if challenger is not None and str(challenger.version) == str(candidate.version):
+            mlflow_client.delete_registered_model_alias(name, CHALLENGER)
+    return decision
+
+
+def pending_versions(name: str, *, root: str | Path = ".") -> list[str]:
+    """Versions of `name` no promotion has judged yet (oldest first): a run's new challengers."""
+    found = client(root).search_model_versions(f"name = '{name}'")
+    return sorted((str(v.version) for v in found if "promotion.decision" not in v.tags), key=int)
+
+
+@dataclass(frozen=True)
+class Rollback:
+    name: str
+    from_version: str
+    to_version: str
+
+
+def rollback(name: str, *, root: str | Path = ".") -> Rollback:
+    """Give `champion` back to the previous champion (the history tag on the registered model)."""
+    mlflow_client = client(root)
+    history = _history(mlflow_client, name)
+    if len(history) < 2:
+        raise ModelError(
+            f"{name} {HISTORY_TAG}", "no previous champion to roll back to", "promote a model"
+        )
+    demoted, restored = history[-1], history[-2]
+    history = history[:-1]
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mlflow_client.set_registered_model_alias(name, CHAMPION, restored)
+    if len(history) >= 2:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, history[-2])
+    elif _alias(mlflow_client, name, PREVIOUS) is not None:
+        mlflow_client.delete_registered_model_alias(name, PREVIOUS)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    mlflow_client.set_model_version_tag(name, demoted, "promotion.rolled_back", now)
+    return Rollback(name, demoted, restored)

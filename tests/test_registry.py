@@ -1,0 +1,271 @@
+"""Registry against a real sqlite MLflow store: register, load and generate, gated promotion,
+rollback, idempotent registration."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from privtune import io
+from privtune.config import BaseParams, LoraParams
+from privtune.errors import ModelError
+from privtune.registry import (
+    CHALLENGER,
+    CHAMPION,
+    Gates,
+    evaluate_gates,
+    promote,
+    register,
+    rollback,
+    version_tags,
+)
+from privtune.registry.promotion import HISTORY_TAG, PREVIOUS
+from privtune.registry.register import KEY_TAG, _logged_model, client
+
+SAFE_ATTACK = {"mia_auc_max": 0.52, "mia_tpr_at_fpr_0.01_max": 0.012, "exposure_r4_mean": 1.1}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_tokenizer):
+    """A project laid out like the real one (base model, data card, dvc.lock) with its own
+    sqlite store; entries are added per test with `add_entry`."""
+    from privtune.modeling import build_gpt2
+
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.chdir(root)  # MLflow's default artifact root (./mlruns) lands here, not in the repo
+        params = BaseParams(n_layer=1, n_head=2, n_embd=32, max_length=64)
+        tok = tiny_tokenizer
+        model = build_gpt2(params, len(tok), tok.bos_token_id, tok.eos_token_id)
+        model.save_pretrained(root / "models/base")
+        tok.save_pretrained(root / "models/base")
+        io.write_json(root / "data/prepared/data_card.json", {"content_sha256": "c0ffee"})
+        yield root
+
+
+def add_entry(
+    root,
+    entry: str,
+    *,
+    perplexity: float | None = 50.0,
+    attack: dict | None = None,
+    epsilon: float | None = 4.0,
+    audit: float | None = 0.5,
+    seed: int = 0,
+) -> str:
+    """Save an adapter, finetune.json (with a real run id) and metrics files for `entry`."""
+    from privtune import tracking
+    from privtune.modeling import attach_lora, load_pretrained
+
+    model, _ = load_pretrained(root / "models/base")
+    attach_lora(model, LoraParams(r=2), seed=seed).save_pretrained(root / f"models/{entry}/adapter")
+    with tracking.start_run(run_name=entry, root=root) as run:
+        run_id = run.run_id
+    metrics: dict = {"method": "dpsgd", "private": epsilon is not None, "steps": 30}
+    metrics["sample_rate"] = 0.05
+    if epsilon is not None:
+        metrics |= {"epsilon": epsilon, "target_epsilon": 4.0, "delta": 1e-5, "accountant": "prv"}
+    info = {"entry": entry, "method": "dpsgd", "run_id": run_id, "metrics": metrics}
+    io.write_json(root / f"models/{entry}/finetune.json", info)
+    attack = dict(SAFE_ATTACK if attack is None else attack)
+    if audit is not None:
+        attack["audit_epsilon_lower_bound"] = audit
+    io.write_json(root / f"metrics/attack-{entry}.json", attack)
+    evaluation = {"method": "dpsgd", "medication_accuracy": 0.3}
+    if perplexity is not None:
+        evaluation["test_perplexity"] = perplexity
+    io.write_json(root / f"metrics/evaluate-{entry}.json", evaluation)
+    return run_id
+
+
+def test_registered_model_loads_and_generates_with_one_call(project):
+    import mlflow
+
+    add_entry(project, "gen")
+    version = register("gen", "clinical-gen", project)
+    assert version.created and version.version == "1"
+    loaded = mlflow.pyfunc.load_model(f"models:/clinical-gen@{CHALLENGER}")
+    out = loaded.predict(["Patient"], params={"max_new_tokens": 5})
+    assert len(out) == 1 and isinstance(out[0], str) and out[0]
+    frame = loaded.predict(pd.DataFrame({"prompt": ["patient presents", "plan"]}))
+    assert len(frame) == 2
+    assert len(loaded.predict([""], params={"max_new_tokens": 3})) == 1  # starts a record
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        loaded.predict(["Patient"], params={"max_new_tokens": 64})
+    # Greedy decoding is deterministic; seeded sampling is reproducible.
+    sampled = {"do_sample": True, "seed": 3, "max_new_tokens": 8}
+    assert loaded.predict(["fever"], params=sampled) == loaded.predict(["fever"], params=sampled)
+
+
+def test_version_carries_contract_evidence_and_provenance(project):
+    run_id = add_entry(project, "tagged", perplexity=42.0, seed=1)
+    lock = {
+        "stages": {
+            "finetune@tagged": {
+                "deps": [{"path": "data/prepared", "md5": "aa.dir"}],
+                "outs": [{"path": "models/tagged", "md5": "bb.dir"}],
+            }
+        }
+    }
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    try:
+        version = register("tagged", "clinical-tags", project)
+    finally:
+        (project / "dvc.lock").unlink()
+    tags = client(project).get_model_version("clinical-tags", version.version).tags
+    assert float(tags["epsilon"]) == 4.0 and float(tags["delta"]) == 1e-5
+    assert tags["accountant"] == "prv" and tags["steps"] == "30" and tags["method"] == "dpsgd"
+    assert float(tags["attack.mia_auc_max"]) == 0.52
+    assert float(tags["utility.test_perplexity"]) == 42.0
+    assert tags["data_sha256"] == "c0ffee"
+    assert tags["dvc.outs_md5"] == "bb.dir" and len(tags["dvc.deps_md5"]) == 32
+    assert tags["finetune_run_id"] == run_id and tags[KEY_TAG].startswith(run_id)
+    assert "git_commit" in tags
+    # The pyfunc was logged into the fine-tuning run itself.
+    assert client(project).get_model_version("clinical-tags", version.version).run_id == run_id
+
+
+def test_registering_twice_reuses_the_version(project):
+    add_entry(project, "twice", seed=2)
+    first = register("twice", "clinical-twice", project)
+    second = register("twice", "clinical-twice", project)
+    assert (first.version, first.created) == ("1", True)
+    assert (second.version, second.created) == ("1", False)
+    assert len(client(project).search_model_versions("name = 'clinical-twice'")) == 1
+    # A retry after a crash between logging and registering reuses the logged pyfunc.
+    add_entry(project, "retry", seed=10)
+    key = version_tags(project, "retry")[KEY_TAG]
+    uri, _ = _logged_model(project, "retry", key.split(":")[0], key)
+    retried = register("retry", "clinical-twice", project)
+    assert client(project).get_model_version("clinical-twice", retried.version).source == uri
+    # A new adapter in the same run is a new model: a new version.
+    add_entry(project, "twice", seed=3)
+    assert register("twice", "clinical-twice", project).version == "3"
+
+
+def test_model_from_another_store_is_a_clear_error(project):
+    add_entry(project, "stray", seed=11)
+    info = io.read_json(project / "models/stray/finetune.json")
+    io.write_json(project / "models/stray/finetune.json", info | {"run_id": "0" * 32})
+    with pytest.raises(ModelError, match="finetune.json.*not in the MLflow store"):
+        register("stray", "clinical-stray", project)
+    assert not client(project).search_registered_models("name = 'clinical-stray'")
+
+
+def test_promotion_gates_history_and_rollback(project):
+    name = "clinical-promote"
+    mlflow_client = client(project)
+    add_entry(project, "first", perplexity=50.0, seed=4)
+    register("first", name, project)
+    decision = promote(name, root=project)
+    assert decision.promoted and decision.champion_before is None
+    utility = next(g for g in decision.gates if g.gate == "utility")
+    assert utility.passed and "no champion yet" in utility.reason
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+
+    add_entry(project, "worse", perplexity=60.0, seed=5)
+    register("worse", name, project)
+    refused = promote(name, root=project)
+    assert not refused.promoted
+    assert [g.gate for g in refused.failed] == ["utility"]
+    assert refused.failed[0].margin == pytest.approx(-10.0)
+    assert "-10" in refused.summary() and "REFUSED" in refused.summary()
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    tags = mlflow_client.get_model_version(name, "2").tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.failed"] == "utility"
+    assert float(tags["gate.utility.margin"]) == pytest.approx(-10.0)
+    assert "REFUSED" in mlflow_client.get_model_version(name, "2").description
+
+    add_entry(project, "better", perplexity=40.0, seed=6)
+    register("better", name, project)
+    assert promote(name, root=project).promoted
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "3"
+    assert str(mlflow_client.get_model_version_by_alias(name, PREVIOUS).version) == "1"
+    assert json.loads(mlflow_client.get_registered_model(name).tags[HISTORY_TAG]) == ["1", "3"]
+    with pytest.raises(ModelError, match="no challenger"):
+        promote(name, root=project)
+
+    back = rollback(name, root=project)
+    assert (back.from_version, back.to_version) == ("3", "1")
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    with pytest.raises(ModelError, match="no previous champion"):
+        rollback(name, root=project)
+    with pytest.raises(ModelError, match="no such registered model"):
+        rollback("clinical-nobody", root=project)
+
+
+def test_missing_metrics_and_broken_contracts_fail_their_gates(project):
+    name = "clinical-refuse"
+    add_entry(project, "noattack", attack={}, audit=None, perplexity=None, seed=7)
+    register("noattack", name, project)
+    decision = promote(name, root=project)
+    assert not decision.promoted
+    failed = {g.gate: g for g in decision.failed}
+    assert set(failed) == {"mia_auc", "mia_tpr_at_fpr_0.01", "audit", "utility"}
+    assert all("missing" in g.reason for g in failed.values())
+
+    add_entry(
+        project,
+        "leaky",
+        attack={"mia_auc_max": 0.9, "mia_tpr_at_fpr_0.01_max": 0.3},
+        audit=6.0,
+        epsilon=4.0,
+        seed=8,
+    )
+    register("leaky", name, project)
+    failed = {g.gate: g for g in promote(name, root=project).failed}
+    assert failed["mia_auc"].margin == pytest.approx(-0.3)
+    assert failed["audit"].margin == pytest.approx(-2.0)  # audit bound above the claimed 4.0
+
+
+def test_non_private_model_has_infinite_epsilon_and_is_refused(project):
+    add_entry(project, "open", epsilon=None, seed=9)
+    tags = version_tags(project, "open")
+    assert math.isinf(float(tags["epsilon"])) and tags["private"] == "False"
+    register("open", "clinical-open", project)
+    failed = {g.gate for g in promote("clinical-open", root=project).failed}
+    assert {"epsilon", "delta"} <= failed
+
+
+@given(
+    epsilon=st.floats(0, 20),
+    auc=st.floats(0, 1),
+    tpr=st.floats(0, 1),
+    audit=st.floats(0, 20),
+    challenger=st.floats(1, 1000),
+    champion=st.floats(1, 1000),
+)
+def test_promoted_exactly_when_every_margin_is_non_negative(
+    epsilon, auc, tpr, audit, challenger, champion
+):
+    class Champion:
+        version = "1"
+        tags = {"utility.test_perplexity": repr(champion)}
+
+    tags = {
+        "epsilon": repr(epsilon),
+        "delta": "1e-05",
+        "attack.mia_auc_max": repr(auc),
+        "attack.mia_tpr_at_fpr_0.01_max": repr(tpr),
+        "attack.audit_epsilon_lower_bound": repr(audit),
+        "utility.test_perplexity": repr(challenger),
+    }
+    gates = Gates()
+    results = evaluate_gates(gates, tags, Champion())
+    for g in results:
+        assert g.passed == (g.margin >= 0)
+    expected = (
+        epsilon <= gates.max_epsilon
+        and auc <= gates.max_mia_auc
+        and tpr <= gates.max_mia_tpr_at_fpr_0_01
+        and audit <= epsilon
+        and challenger <= champion
+    )
+    assert all(g.passed for g in results) == expected
