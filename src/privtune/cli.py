@@ -1,6 +1,9 @@
 """Command line for the pipeline's stages (dvc.yaml calls these).
 
-privtune prepare | base | finetune NAME | evaluate NAME   [--params params.yaml]
+privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register NAME
+privtune promote [--version V] | rollback                         [--params params.yaml]
+
+Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input, 3 budget guard, 4 audit violation.
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from privtune.errors import BudgetExhausted, PrivtuneError
+from privtune.errors import AuditViolation, BudgetExhausted, PrivtuneError
 from privtune.tracking import disable_telemetry
+
+if TYPE_CHECKING:
+    from privtune.config import Params
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,10 +31,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True)
     sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
     sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
-    for stage in ("finetune", "evaluate"):
+    for stage in ("finetune", "evaluate", "attack", "register"):
         cmd = sub.add_parser(stage, help=f"{stage} one method entry of params.yaml `methods`")
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
+    cmd = sub.add_parser("promote", help="move `champion` to the challenger if every gate holds")
+    cmd.add_argument("--version", help="promote this version instead of the `challenger`")
+    sub.add_parser("rollback", help="give `champion` back to the previous champion")
     return parser
+
+
+def _promote(params: Params, root: Path, version: str | None) -> tuple[dict, int]:
+    from privtune.registry import promote
+
+    decision = promote(params.registry.name, params.registry.gates, root=root, version=version)
+    print(decision.summary(), file=sys.stderr)
+    return decision.to_dict(), 0 if decision.promoted else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.root)
     progress = not args.no_progress
+    code = 0
     try:
         params = load_params(
             Path(args.params) if Path(args.params).is_absolute() else root / args.params
@@ -50,16 +69,31 @@ def main(argv: list[str] | None = None) -> int:
             result = stages.base(params, root, show_progress=progress)
         elif args.stage == "finetune":
             result = stages.finetune(params, args.name, root, show_progress=progress)
-        else:
+        elif args.stage == "evaluate":
             result = stages.evaluate(params, args.name, root)
+        elif args.stage == "attack":
+            result = stages.attack(params, args.name, root, show_progress=progress)
+        elif args.stage == "register":
+            result = stages.register(params, args.name, root)
+        elif args.stage == "promote":
+            result, code = _promote(params, root, args.version)
+        else:
+            from dataclasses import asdict
+
+            from privtune.registry import rollback
+
+            result = asdict(rollback(params.registry.name, root=root))
     except PrivtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BudgetExhausted as err:
         print(f"privacy budget violation: {err}", file=sys.stderr)
         return 3
+    except AuditViolation as err:
+        print(f"privacy audit violation: {err}", file=sys.stderr)
+        return 4
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

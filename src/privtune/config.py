@@ -31,6 +31,9 @@ class CanaryParams(_Section):
     repetitions: list[int] = Field(default=[1, 4, 16], description="times each canary is planted")
     per_repetition: int = Field(default=4, ge=1)
     held_out: int = Field(default=8, ge=1, description="canaries never planted (attack controls)")
+    # One-run audit (Steinke et al. 2023): standalone canary records, each added to the train
+    # split independently with probability 1/2; 0 = no audit.
+    audit: int = Field(default=256, ge=0, description="audit canaries (half expected in train)")
 
     @field_validator("repetitions")
     @classmethod
@@ -116,6 +119,49 @@ class MethodParams(_Section):
     method: str | None = None  # defaults to the entry's key
 
 
+class AttackParams(_Section):
+    seed: int = 0
+    members: int = Field(default=200, ge=10, description="members and as many non-members")
+    reference: bool = Field(default=True, description="calibrate by the base model's loss")
+    min_k: float = Field(default=0.2, gt=0, le=1, description="fraction k of Min-K% prob")
+    bootstrap: int = Field(default=1000, ge=100, description="resamples for AUC intervals")
+    candidates: int = Field(
+        default=10_000, ge=100, description="random secrets each canary is ranked among"
+    )
+    samples: int = Field(default=4, ge=0, description="sampled generations per canary")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="of the audit bound")
+    batch_size: int = Field(default=32, ge=1)
+
+
+class Gates(_Section):
+    """Thresholds a hospital's privacy officer can sign off on (override any of them).
+
+    max_epsilon 8: the upper end of what DP deployments on sensitive data publish; the
+    pipeline's default target. max_delta 1e-4: below 1/n for any training set under 10k
+    records (the pipeline uses 1/(10 n)). MIA AUC 0.6 and TPR at 1% FPR 0.05: an attacker
+    barely better than a coin (0.5) and at most 5x the chance rate (0.01) at low FPR. The audit
+    gate has no threshold: its lower bound must not exceed the claimed (spent) epsilon. Utility:
+    test perplexity (lower is better) no worse than the champion's, with no tolerance.
+    """
+
+    max_epsilon: float = Field(default=8.0, gt=0)
+    max_delta: float = Field(default=1e-4, gt=0, lt=1)
+    max_mia_auc: float = Field(default=0.6, ge=0.5, le=1)
+    max_mia_tpr_at_fpr_0_01: float = Field(default=0.05, ge=0, le=1)
+    utility_metric: str = "test_perplexity"
+    higher_is_better: bool = False
+    utility_tolerance: float = Field(default=0.0, ge=0)  # allowed loss vs the champion
+
+
+class RegistryParams(_Section):
+    name: str = Field(
+        default="privtune-clinical-notes",
+        min_length=1,
+        description="registered model of this use case (every method registers a version)",
+    )
+    gates: Gates = Gates()
+
+
 class EvaluateParams(_Section):
     batch_size: int = Field(default=32, ge=1)
     max_records: int | None = Field(default=None, ge=1, description="cap on test records")
@@ -127,6 +173,8 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     methods: dict[str, MethodParams] = {"nonprivate": MethodParams(), "dpsgd": MethodParams()}
     evaluate: EvaluateParams = EvaluateParams()
+    attack: AttackParams = AttackParams()
+    registry: RegistryParams = RegistryParams()
 
     def method(self, name: str) -> tuple[str, dict[str, Any]]:
         """Return (method type, controller options) for the entry ``methods.<name>``."""

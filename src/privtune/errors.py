@@ -28,3 +28,11 @@ class ModelError(PrivtuneError):
 
 class BudgetExhausted(RuntimeError):
     """The budget guard refused a step: spending it would exceed the target epsilon."""
+
+
+class AuditViolation(RuntimeError):
+    """The empirical privacy audit found more leakage than the claimed epsilon allows.
+
+    Under a correct implementation this happens with probability at most 1 - confidence;
+    treat it as a bug in the privacy code until shown otherwise.
+    """

@@ -5,9 +5,11 @@ stage has exactly one definition. Every stage validates its inputs first, then w
 outputs atomically.
 """
 
+from privtune.stages.attack import attack
 from privtune.stages.base import base
 from privtune.stages.evaluate import evaluate
 from privtune.stages.finetune import finetune
 from privtune.stages.prepare import prepare
+from privtune.stages.register import register
 
-__all__ = ["base", "evaluate", "finetune", "prepare"]
+__all__ = ["attack", "base", "evaluate", "finetune", "prepare", "register"]

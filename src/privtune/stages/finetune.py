@@ -19,14 +19,6 @@ from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.stages.common import data_hash, load_base, read_split
 
 
-def _tree_sha256(path: Path, pattern: str = "*") -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob(pattern) if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def run_key(params: Params, name: str, root: Path) -> str:
     """The identity of a fine-tuning run: its method, parameters, data, base model and code.
 
@@ -42,8 +34,8 @@ def run_key(params: Params, name: str, root: Path) -> str:
         "finetune": params.finetune.model_dump(),
         "max_length": params.base.max_length,
         "data": data_hash(root),
-        "base": _tree_sha256(root / BASE_DIR),
-        "code": _tree_sha256(Path(privtune.__file__).parent, "*.py"),
+        "base": io.tree_sha256(root / BASE_DIR),
+        "code": io.tree_sha256(Path(privtune.__file__).parent, "*.py"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

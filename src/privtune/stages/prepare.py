@@ -29,7 +29,13 @@ def _split(records: list[dict], params: Params) -> tuple[list[dict], list[dict],
 
 def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """Private train/valid/test splits with canaries planted, a public split, a data card."""
-    from privtune.data.canaries import insert_canaries, make_canaries, save_canaries
+    from privtune.data.canaries import (
+        audit_records,
+        insert_canaries,
+        make_audit_canaries,
+        make_canaries,
+        save_canaries,
+    )
     from privtune.data.generator import generate_private_notes, generate_public_corpus
     from privtune.data.loaders import load_records
 
@@ -51,12 +57,19 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             "lower prepare.canaries.per_repetition or the repetitions, or add records",
         )
     train = insert_canaries(train, canaries, seed=p.seed)
+    audit = []
+    if p.canaries.audit:
+        # Standalone records (one per IN canary): adding or removing one is exactly the
+        # add/remove neighbouring relation the DP guarantee is stated for.
+        audit = make_audit_canaries(p.canaries.audit, seed=p.seed, avoid=canaries)
+        train = train + [{**r, "kind": "audit_canary"} for r in audit_records(audit)]
     public = [{"text": t} for t in generate_public_corpus(p.n_public, p.seed + 1)]
 
     with io.atomic_dir(root / PREPARED_DIR) as out:
         for name, rows in [("public", public), ("train", train), ("valid", valid), ("test", test)]:
             io.write_jsonl(out / f"{name}.jsonl", rows)
         save_canaries(canaries, out / "canaries.json")
+        save_canaries(audit, out / "audit_canaries.json")
         digest = hashlib.sha256()
         for name in ["public", "train", "valid", "test"]:
             digest.update((out / f"{name}.jsonl").read_bytes())
@@ -74,6 +87,8 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 "held_out": sum(c.repetitions == 0 for c in canaries),
                 "repetitions": sorted({c.repetitions for c in canaries if c.repetitions}),
                 "records_with_canary": needed,
+                "audit": len(audit),
+                "audit_included": sum(c.repetitions for c in audit),
             },
             "mean_characters": {
                 name: round(sum(len(r["text"]) for r in rows) / len(rows), 1)

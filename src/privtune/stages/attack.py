@@ -1,0 +1,86 @@
+"""Stage `attack@<name>`: membership inference, canary exposure and extraction, and the
+one-run privacy audit of a fine-tuned model, logged to its MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from privtune import io
+from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, Params
+from privtune.errors import AuditViolation, ModelError
+from privtune.stages.common import load_base, read_split
+
+
+def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
+    """Attack the model of `methods.<name>`; fail loudly if the audit beats the claim."""
+    from peft import PeftModel
+
+    from privtune import tracking
+    from privtune.attacks.membership import balanced_sets, without_canaries
+    from privtune.attacks.run import AttackConfig, run_attacks
+    from privtune.data.canaries import load_canaries
+    from privtune.modeling import resolve_device
+
+    params.method(name)
+    a = params.attack
+    model_dir = root / MODELS_DIR / name
+    if not (model_dir / "finetune.json").is_file():
+        raise ModelError(
+            str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
+        )
+    info = io.read_json(model_dir / "finetune.json")
+    device = resolve_device(params.finetune.device)
+    model, tokenizer = load_base(root)
+    model = PeftModel.from_pretrained(model, model_dir / "adapter").to(device).eval()
+    # The base model saw only public text: a legitimate reference for calibrated scores.
+    reference = load_base(root)[0].to(device).eval() if a.reference else None
+
+    canaries = load_canaries(root / PREPARED_DIR / "canaries.json")
+    # Members: ordinary training records; canaries are measured by exposure and the audit.
+    train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
+    members, non_members = balanced_sets(
+        without_canaries(train, canaries), read_split(root, "test"), a.members, a.seed
+    )
+    audit_file = root / PREPARED_DIR / "audit_canaries.json"
+    audit = load_canaries(audit_file) if audit_file.is_file() else []
+    config = AttackConfig(
+        min_k=a.min_k,
+        bootstrap_resamples=a.bootstrap,
+        confidence=a.confidence,
+        seed=a.seed,
+        n_candidates=a.candidates,
+        samples=a.samples,
+        audit_delta=info["plan"]["delta"],
+        audit_score="reference" if a.reference else "loss",
+        max_length=params.base.max_length,
+        batch_size=a.batch_size,
+        progress=show_progress,
+    )
+    found, figures = run_attacks(
+        model,
+        reference,
+        tokenizer,
+        members,
+        non_members,
+        canaries,
+        audit,
+        config,
+        out_dir=root / PLOTS_DIR,
+        name=name,
+    )
+    claimed = info["metrics"].get("epsilon")  # None: non-private, nothing claimed
+    metrics: dict[str, Any] = {"method": info["method"], "claimed_epsilon": claimed, **found}
+    with tracking.start_run(root=root, run_id=info["run_id"]) as run:
+        run.log_metrics({f"attack.{k}": v for k, v in found.items()})
+        for figure in figures:
+            run.log_artifact(figure, "attack")
+    bound = found.get("audit_epsilon_lower_bound")
+    if claimed is not None and bound is not None and bound > claimed:
+        raise AuditViolation(
+            f"the audit's {a.confidence:.0%} lower bound on epsilon, {bound:.3f}, exceeds the "
+            f"claimed epsilon {claimed:.3f} of '{name}': check the privacy code (ledger, "
+            "accountant, mechanism) before trusting any model of this method"
+        )
+    io.write_json(root / METRICS_DIR / f"attack-{name}.json", metrics)
+    return metrics
