@@ -49,3 +49,45 @@ def finetune(method: str, root: str = ".", force: bool = False) -> list[str]:
 @task(name="evaluate", task_run_name="evaluate-{method}", retries=2, retry_delay_seconds=5)
 def evaluate(method: str, root: str = ".", force: bool = False) -> list[str]:
     return _run(root, f"evaluate@{method}", force)
+
+
+@task(name="attack", task_run_name="attack-{method}", retries=2, retry_delay_seconds=5)
+def attack(method: str, root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, f"attack@{method}", force)
+
+
+@task(name="register", task_run_name="register-{method}", retries=2, retry_delay_seconds=5)
+def register(method: str, root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, f"register@{method}", force)
+
+
+@task(name="experiment", task_run_name="experiment-{name}", retries=1, retry_delay_seconds=10)
+def experiment(name: str, overrides: list[str], root: str = ".") -> str:
+    """Run the whole pipeline as a DVC experiment (in a temporary copy) with params overridden.
+
+    The workspace is left untouched; `dvc exp show` compares the experiments afterwards.
+    """
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:
+        results = repo.experiments.run(params=overrides, tmp_dir=True, name=name)
+    get_run_logger().info("experiment %s (%s): %s", name, " ".join(overrides), results)
+    return name
+
+
+@task(name="push", task_run_name="push-{target}", retries=2, retry_delay_seconds=10)
+def push(target: str, root: str = ".") -> int:
+    """Send a stage's outputs to the DVC remote (workers on other machines pull them)."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:
+        return repo.push(targets=[target])
+
+
+@task(name="pull", task_run_name="pull-{target}", retries=2, retry_delay_seconds=10)
+def pull(target: str, root: str = ".") -> None:
+    """Fetch a stage's outputs from the DVC remote into this worker's checkout."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:
+        repo.pull(targets=[target])

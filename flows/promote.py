@@ -1,0 +1,79 @@
+"""Promotion and rollback of the registered model as Prefect flows (deployed on the CPU pool).
+
+python flows/promote.py            # promote the challenger if every gate holds
+python flows/promote.py rollback   # give `champion` back to the previous champion
+
+The gates and the registered model's name come from params.yaml (`registry:`), as for
+`privtune promote`; a refusal is a decision, not a failure: the flow completes and returns it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+
+def _registry(root: str):
+    from privtune.config import load_params
+
+    return load_params(Path(root) / "params.yaml").registry
+
+
+@task(name="decide", task_run_name="decide-v{version}", retries=2, retry_delay_seconds=5)
+def decide(root: str, version: str | None) -> dict:
+    """Judge one version (None: the challenger) against the gates; idempotent under retries."""
+    from mlflow.exceptions import MlflowException
+
+    from privtune.registry import CHAMPION, promote
+    from privtune.registry.register import client
+
+    registry = _registry(root)
+    if version is not None:
+        # A retry after the alias moved must not fail as "already the champion".
+        try:
+            champion = client(root).get_model_version_by_alias(registry.name, CHAMPION)
+        except MlflowException:  # no champion yet
+            champion = None
+        if champion is not None and str(champion.version) == str(version):
+            return {"name": registry.name, "version": str(version), "promoted": True}
+    decision = promote(registry.name, registry.gates, root=root, version=version)
+    get_run_logger().info("%s", decision.summary())
+    return decision.to_dict()
+
+
+@flow(name="privtune-promote", log_prints=True)
+def promote(root: str = ".", version: str | None = None, pending: bool = False) -> list[dict]:
+    """Move `champion` through the gates: to `version`, or to every version not judged yet
+    (``pending``, oldest first, as the nightly pipeline does), or to the challenger."""
+    from privtune.registry import pending_versions
+    from privtune.tracking import disable_telemetry
+
+    disable_telemetry()
+    root = str(Path(root).resolve())
+    if version is not None:
+        return [decide(root, version)]
+    if pending:
+        versions = pending_versions(_registry(root).name, root=root)
+        return [decide(root, v) for v in versions]
+    return [decide(root, None)]
+
+
+@flow(name="privtune-rollback", log_prints=True)
+def rollback(root: str = ".") -> dict:
+    """Give `champion` back to the version that held it before the last promotion."""
+    from dataclasses import asdict
+
+    from privtune.registry import rollback as rollback_champion
+    from privtune.tracking import disable_telemetry
+
+    disable_telemetry()
+    root = str(Path(root).resolve())
+    done = rollback_champion(_registry(root).name, root=root)
+    get_run_logger().info("champion: v%s -> v%s", done.from_version, done.to_version)
+    return asdict(done)
+
+
+if __name__ == "__main__":
+    rollback() if sys.argv[1:] == ["rollback"] else promote()
