@@ -26,7 +26,9 @@ demo: install
 	@echo
 	dvc metrics show
 	@echo
-	@echo "Metrics: metrics/*.json (table above); curves: plots/; models and ledgers: models/"
+	@echo "Report (methods side by side, attacks, plots): reports/report.md"
+	@echo "Metrics: metrics/*.json (table above); curves and ROC plots: plots/; models and ledgers: models/"
+	@echo "Registered versions: privtune promote  (moves the champion alias through the gates)"
 	@echo "Open the MLflow UI with:  make ui   (or: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 # The whole suite, end-to-end tests included (what CI runs).

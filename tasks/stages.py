@@ -61,6 +61,11 @@ def register(method: str, root: str = ".", force: bool = False) -> list[str]:
     return _run(root, f"register@{method}", force)
 
 
+@task(name="report", retries=2, retry_delay_seconds=5)
+def report(root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, "report", force)
+
+
 @task(name="experiment", task_run_name="experiment-{name}", retries=1, retry_delay_seconds=10)
 def experiment(name: str, overrides: list[str], root: str = ".") -> str:
     """Run the whole pipeline as a DVC experiment (in a temporary copy) with params overridden.

@@ -74,7 +74,7 @@ TINY_PARAMS = {
     "prepare": {
         "n_private": 120,
         "n_public": 200,
-        "canaries": {"repetitions": [1, 4], "per_repetition": 1, "held_out": 2},
+        "canaries": {"repetitions": [1, 4], "per_repetition": 1, "held_out": 2, "audit": 16},
     },
     "base": {
         "vocab_size": 400,
@@ -96,6 +96,7 @@ TINY_PARAMS = {
     },
     "methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}},
     "evaluate": {"max_records": 8},
+    "attack": {"members": 10, "bootstrap": 100, "candidates": 100, "samples": 1},
 }
 
 

@@ -117,3 +117,26 @@ def test_user_model_directory_skips_pretraining(tmp_path, capsys, project):
     assert code == 0
     metrics = json.loads((root / "metrics" / "base.json").read_text())
     assert metrics["source"] == "mymodel" and "public_valid_perplexity" not in metrics
+
+
+def test_attack_before_finetune_names_the_missing_stage(project, capsys):
+    code, err = _run(project, "attack", "dpsgd", capsys=capsys)
+    assert code == 2 and "fine-tuned model missing" in err and "finetune@dpsgd" in err
+
+
+def test_audit_above_the_claimed_epsilon_fails_loudly(project, capsys, tmp_path, monkeypatch):
+    """A bound above the claim means broken privacy code: exit 4, no metrics file to trust."""
+    import privtune.attacks.run as attacks
+
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    assert _run(root, "finetune", "dpsgd", capsys=capsys)[0] == 0
+    claimed = json.loads((root / "metrics/finetune-dpsgd.json").read_text())["epsilon"]
+    monkeypatch.setattr(
+        attacks,
+        "run_attacks",
+        lambda *args, **kwargs: ({"audit_epsilon_lower_bound": claimed + 0.5}, []),
+    )
+    code, err = _run(root, "attack", "dpsgd", capsys=capsys)
+    assert code == 4 and "privacy audit violation" in err and "exceeds the claimed" in err
+    assert not (root / "metrics/attack-dpsgd.json").exists()

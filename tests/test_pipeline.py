@@ -66,6 +66,11 @@ def test_repro_builds_every_stage(built):
         "finetune@dpsgd",
         "evaluate@nonprivate",
         "evaluate@dpsgd",
+        "attack@nonprivate",
+        "attack@dpsgd",
+        "register@nonprivate",
+        "register@dpsgd",
+        "report",
     ]:
         assert f"Running stage '{stage}'" in log
     for path in [
@@ -76,6 +81,10 @@ def test_repro_builds_every_stage(built):
         "models/dpsgd/adapter/adapter_config.json",
         "models/dpsgd/ledger.json",
         "plots/finetune-dpsgd.png",
+        "plots/roc-dpsgd.png",
+        "data/prepared/audit_canaries.json",
+        "reports/report.md",
+        "reports/utility_vs_attack.png",
     ]:
         assert (project / path).is_file(), path
     assert not (project / "models/nonprivate/ledger.json").exists()
@@ -91,6 +100,48 @@ def test_metrics_side_by_side(built):
         assert evaluated["test_perplexity"] > 1
         assert 0 <= evaluated["medication_accuracy"] <= 1
     assert "test_perplexity" in shown["metrics/base.json"]["data"]
+    for name in ["nonprivate", "dpsgd"]:
+        attacked = shown[f"metrics/attack-{name}.json"]["data"]
+        assert 0 <= attacked["mia_loss_auc"] <= 1 and "exposure_r4_mean" in attacked
+        assert attacked["audit_m"] == 16
+    attacked = shown["metrics/attack-dpsgd.json"]["data"]
+    assert attacked["audit_epsilon_lower_bound"] <= attacked["claimed_epsilon"] <= 4.0
+    versions = {
+        shown[f"metrics/register-{n}.json"]["data"]["version"] for n in ["nonprivate", "dpsgd"]
+    }
+    assert versions == {1, 2}
+
+
+def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):
+    """The pipeline's own dpsgd model: loads from the registry with one call and generates;
+    `privtune promote` judges it (exit 0 promoted, 1 refused) and `rollback` needs a history."""
+    project, _ = built
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    name = "privtune-clinical-notes"
+    version, nonprivate = (
+        json.loads((project / f"metrics/register-{n}.json").read_text())["version"]
+        for n in ["dpsgd", "nonprivate"]
+    )
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    generated = loaded.predict(["Discharge summary"], params={"max_new_tokens": 8})
+    assert len(generated) == 1 and isinstance(generated[0], str)
+
+    def cli(*args):
+        cmd = [str(Path(sys.executable).parent / "privtune"), *args]
+        return subprocess.run(cmd, cwd=project, env=_env(project), capture_output=True, text=True)
+
+    refused = cli("promote", "--version", str(nonprivate))  # epsilon is infinite
+    assert refused.returncode == 1 and "FAIL] epsilon" in refused.stderr
+    judged = cli("promote", "--version", str(version))
+    decision = json.loads(judged.stdout)
+    assert judged.returncode == (0 if decision["promoted"] else 1)
+    assert judged.returncode == 0 or decision["failed"], judged.stderr
+    tags = mlflow.MlflowClient().get_model_version(name, str(version)).tags
+    assert tags["promotion.decision"] == ("promoted" if decision["promoted"] else "refused")
+    no_history = cli("rollback")
+    assert no_history.returncode == 2 and "no previous champion" in no_history.stderr
 
 
 def test_second_repro_does_nothing_and_params_rerun_only_dependents(built, tmp_path):
@@ -99,7 +150,13 @@ def test_second_repro_does_nothing_and_params_rerun_only_dependents(built, tmp_p
     assert "Running stage" not in log
     write_params(project / "params.yaml", methods={"nonprivate": {}, "dpsgd": {"clip": 0.5}})
     status = _sh(project, "dvc", "status", "--json")
-    assert set(json.loads(status)) == {"finetune@dpsgd", "evaluate@dpsgd"}
+    assert set(json.loads(status)) == {
+        "finetune@dpsgd",
+        "evaluate@dpsgd",
+        "attack@dpsgd",
+        "register@dpsgd",
+        "report",
+    }
     write_params(project / "params.yaml")  # restore
 
 

@@ -1,7 +1,7 @@
 """Command line for the pipeline's stages (dvc.yaml calls these).
 
 privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register NAME
-privtune promote [--version V] | rollback                         [--params params.yaml]
+privtune report | promote [--version V] | rollback                        [--params params.yaml]
 
 Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input, 3 budget guard, 4 audit violation.
 """
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True)
     sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
     sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
+    sub.add_parser("report", help="every method side by side: reports/report.md and plots")
     for stage in ("finetune", "evaluate", "attack", "register"):
         cmd = sub.add_parser(stage, help=f"{stage} one method entry of params.yaml `methods`")
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             result = stages.attack(params, args.name, root, show_progress=progress)
         elif args.stage == "register":
             result = stages.register(params, args.name, root)
+        elif args.stage == "report":
+            result = stages.report(params, root)
         elif args.stage == "promote":
             result, code = _promote(params, root, args.version)
         else:

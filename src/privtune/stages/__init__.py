@@ -11,5 +11,6 @@ from privtune.stages.evaluate import evaluate
 from privtune.stages.finetune import finetune
 from privtune.stages.prepare import prepare
 from privtune.stages.register import register
+from privtune.stages.report import report
 
-__all__ = ["attack", "base", "evaluate", "finetune", "prepare", "register"]
+__all__ = ["attack", "base", "evaluate", "finetune", "prepare", "register", "report"]

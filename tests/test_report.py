@@ -1,0 +1,67 @@
+"""The report puts every method's numbers side by side, plots them, and logs once to MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from privtune import io
+from privtune.config import Params
+from privtune.stages.report import REPORT_DIR, markdown_table, report
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    for name, eps, ppl, auc in [("nonprivate", None, 240.0, 0.71), ("dpsgd", 7.99, 430.0, 0.52)]:
+        finetune = {"method": name, "steps": 180, "delta": 5e-5}
+        if eps is not None:
+            finetune |= {"epsilon": eps, "target_epsilon": 8.0}
+        io.write_json(tmp_path / f"metrics/finetune-{name}.json", finetune)
+        io.write_json(
+            tmp_path / f"metrics/evaluate-{name}.json",
+            {"method": name, "test_perplexity": ppl, "medication_accuracy": 0.05},
+        )
+        io.write_json(
+            tmp_path / f"metrics/attack-{name}.json",
+            {"method": name, "mia_auc_max": auc, "audit_epsilon_lower_bound": 0.4},
+        )
+        rows = "step,loss,valid_loss,epsilon\n0,8.0,8.1,0.1\n10,7.0,,0.2\n20,6.0,6.2,0.3\n"
+        (tmp_path / "plots").mkdir(exist_ok=True)
+        (tmp_path / f"plots/finetune-{name}.csv").write_text(rows)
+    return tmp_path
+
+
+def test_report_table_plots_and_one_mlflow_run(project):
+    params = Params.model_validate(
+        {"methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}, "rldp": {}}}
+    )
+    result = report(params, project)
+    assert result["methods"] == ["nonprivate", "dpsgd", "rldp"]
+    text = (project / REPORT_DIR / "report.md").read_text()
+    dpsgd = next(line for line in text.splitlines() if line.startswith("| dpsgd |"))
+    assert "| 7.990 |" in dpsgd and "| 430.0 |" in dpsgd and "| 0.520 |" in dpsgd
+    nonprivate = next(line for line in text.splitlines() if line.startswith("| nonprivate |"))
+    assert "| ∞ |" in nonprivate
+    # a method that has not run yet shows dashes, never made-up numbers
+    rldp = next(line for line in text.splitlines() if line.startswith("| rldp |"))
+    assert set(rldp.strip("| ").split(" | ")[1:]) == {"–"}
+    for figure in ["utility_vs_epsilon.png", "valid_perplexity.png", "utility_vs_attack.png"]:
+        assert (project / REPORT_DIR / figure).stat().st_size > 1000
+    saved = io.read_json(project / REPORT_DIR / "report.json")
+    assert saved["dpsgd"]["attack"]["mia_auc_max"] == 0.52
+
+    report(params, project)  # same content: no second run
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1
+    artifacts = {
+        a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "report")
+    }
+    assert "report/report.md" in artifacts and "report/utility_vs_attack.png" in artifacts
+
+
+def test_table_has_a_row_per_method_and_a_column_per_number():
+    rows = {"a": {"finetune": {}, "evaluate": {"test_perplexity": 3.0}, "attack": {}}}
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
