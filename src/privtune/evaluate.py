@@ -49,7 +49,8 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     prefix, tails = _encode_prompt(tokenizer, prompt, continuations, _position_limit(model))
     n, width = len(tails), max(len(t) for t in tails)
-    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    prompt_ids = torch.tensor([prefix], device=device)
+    out = model(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), use_cache=True)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)
@@ -60,18 +61,23 @@ def continuation_logprobs(
         ids[row, : len(tail)] = torch.tensor(tail)
         mask[row, len(prefix) : len(prefix) + len(tail)] = 1
     positions = torch.arange(len(prefix), len(prefix) + width).expand(n, -1)
-    logits = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        past_key_values=cache,
-    ).logits.float()
-    logp = F.log_softmax(logits[:, :-1], dim=-1)
-    scores = []
-    for row, tail in enumerate(tails):
-        rest = logp[row, : len(tail) - 1].gather(-1, ids[row, 1 : len(tail), None].to(device))
-        scores.append(first[tail[0]] + rest.sum())
-    return torch.stack(scores).cpu()
+    ids, mask = ids.to(device), mask.to(device)
+    logits = (
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions.to(device),
+            past_key_values=cache,
+        )
+        .logits[:, :-1]
+        .float()
+    )
+    # log p(next token) = logit - logsumexp: no full log-softmax tensor (10k candidates x V).
+    targets = ids[:, 1:]
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    scored = mask[:, len(prefix) + 1 :].to(logp.dtype)  # tokens after each tail's first
+    scores = first[ids[:, 0]] + (logp * scored).sum(-1)
+    return scores.cpu()
 
 
 @torch.no_grad()

@@ -32,7 +32,9 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     info = io.read_json(model_dir / "finetune.json")
     device = resolve_device(params.finetune.device)
     model, tokenizer = load_base(root)
-    model = PeftModel.from_pretrained(model, model_dir / "adapter").to(device).eval()
+    # Merged weights compute the same function at half the cost of separate LoRA matmuls.
+    model = PeftModel.from_pretrained(model, model_dir / "adapter").merge_and_unload()
+    model = model.to(device).eval()
     # The base model saw only public text: a legitimate reference for calibrated scores.
     reference = load_base(root)[0].to(device).eval() if a.reference else None
 
