@@ -391,7 +391,7 @@ LIGHT_OPTIONS = {"decay": {"phases": 2}}
 
 
 def test_every_baseline_is_registered():
-    expected = {"dpsgd", "per_adapter", "quantile", "auto_s", "psac", "decay", "rldp"}
+    expected = {"dpsgd", "per_adapter", "quantile", "auto_s", "psac", "decay", "rldp", "lmo"}
     assert expected <= set(PRIVATE_METHODS)
 
 
@@ -408,7 +408,8 @@ def test_every_private_method_ends_within_the_target_by_its_ledger(
     for e in ledger.entries:  # the recorded z is the step's noise, the count's included
         z = effective_noise_multiplier(e.clip_thresholds, e.noise_stds, e.count_noise_std)
         assert e.noise_multiplier == pytest.approx(z, rel=1e-9)
-    composed = accountant.epsilon(ledger.segments(), result.plan.delta, RDP_PARAMS.accountant)
+    # Gaussian ledgers compose as segments (PRV or RDP); LMO steps in RDP with their own bound.
+    composed = accountant.ledger_epsilon(ledger, result.plan.delta, RDP_PARAMS.accountant)
     assert composed == pytest.approx(result.epsilon)
     assert composed <= RDP_PARAMS.epsilon
     assert math.isfinite(result.valid_loss)

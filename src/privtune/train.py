@@ -4,6 +4,9 @@ plugged into the same loop, with the privacy ledger and the budget guard around 
 Read top to bottom: plan (sampling rate, steps, calibrated noise) -> for each Poisson batch:
 decide (controller, admitted by the guard) -> forward/backward with per-sample gradients ->
 DP step (clip, noise, scale) -> ledger -> optimizer -> log / validate.
+
+The noise is Gaussian (L2 clipping) unless the controller's mechanism is "lmo" (LMO-DP: L1
+clipping, Laplace-mixture noise, accounted in RDP); the ledger and guard handle both.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from privtune.modeling import adapter_groups, resolve_device
 from privtune.privacy import accountant
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
+from privtune.privacy.lmo_mechanism import LMOParams, noise_std
 from privtune.privacy.mechanisms import (
     GaussianMechanism,
+    LMOMechanism,
     effective_noise_multiplier,
     gradient_noise_multiplier,
     uniform_noise_stds,
@@ -221,10 +226,22 @@ def train(
     ledger = PrivacyLedger() if private else None
     forward = model
     guard = mechanism = None
+    lmo_base: LMOParams | None = None  # LMO-DP: the controller's law at noise level 1
+    if private and controller.mechanism == "lmo":
+        lmo_base = getattr(controller, "lmo_params", None)
+        if not isinstance(lmo_base, LMOParams):
+            raise ValueError(f"controller '{controller.name}' uses LMO noise: needs lmo_params")
+    lmo_law: LMOParams | None = None  # the admitted LMO law of the current interval
+    lmo_stds: dict[LMOParams, float] = {}  # per-coordinate std per unit clip, for the ledger
     if private:
         forward = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise.
-        mechanism = GaussianMechanism(groups, torch.Generator().manual_seed(params.seed + 1))
+        noise_generator = torch.Generator().manual_seed(params.seed + 1)
+        mechanism = (
+            LMOMechanism(groups, noise_generator)
+            if lmo_base is not None
+            else GaussianMechanism(groups, noise_generator)
+        )
         guard = BudgetGuard(
             ledger=ledger,
             target_epsilon=params.epsilon,
@@ -233,6 +250,7 @@ def train(
             total_steps=plan.steps,
             reserve_noise=controller.reserve_noise(),
             accountant=params.accountant,
+            lmo_base=lmo_base,
         )
 
     observer = _Observer(len(groups))
@@ -273,7 +291,15 @@ def train(
                     except BudgetExhausted:
                         result.stopped_by_guard = True
                         break
-                    action, stds, count_std = _apply_admission(action, admitted.noise_multiplier)
+                    if lmo_base is not None:
+                        action = replace(action, noise_multiplier=admitted.noise_multiplier)
+                        lmo_law = lmo_base.with_noise_level(admitted.noise_multiplier)
+                        if lmo_law not in lmo_stds:
+                            lmo_stds[lmo_law] = noise_std(lmo_law)
+                    else:
+                        action, stds, count_std = _apply_admission(
+                            action, admitted.noise_multiplier
+                        )
                 next_decision = step + max(1, controller.interval)
                 decision_metrics = controller.metrics()
                 if on_log and decision_metrics:
@@ -295,7 +321,26 @@ def train(
                 continue  # nothing to learn from and no privacy to account
 
             # -- DP step: clip, noise, scale; the ledger records the draw ------------------
-            if private:
+            if private and lmo_law is not None:
+                # LMO-DP: the guard's knob is the noise level; the ledger keeps the law drawn.
+                guard.check_step(action.noise_multiplier)
+                (clip,) = action.clip_thresholds
+                stats = mechanism.step(clip, lmo_law, expected_batch, empty=empty)
+                z = lmo_stds[lmo_law]  # per-coordinate std over the clip: logs only
+                ledger.record(
+                    LedgerEntry(
+                        step=step,
+                        sample_rate=plan.sample_rate,
+                        noise_multiplier=z,
+                        clip_thresholds=(clip,),
+                        noise_stds=(z * clip,),
+                        batch_size=len(index),
+                        mechanism="lmo",
+                        lmo_params=lmo_law.to_dict(),
+                    )
+                )
+                observer.add(loss_value, stats.norms, stats.clipped_fraction)
+            elif private:
                 z = effective_noise_multiplier(action.clip_thresholds, stds, count_std)
                 guard.check_step(z)
                 stats = mechanism.step(
@@ -360,9 +405,8 @@ def train(
 
     result.valid_loss = mean_token_loss(model, valid_data)
     if private:
-        segments = ledger.segments()
-        result.epsilon = accountant.epsilon(segments, plan.delta, params.accountant)
-        result.epsilon_rdp = accountant.epsilon(segments, plan.delta, "rdp")
+        result.epsilon = accountant.ledger_epsilon(ledger, plan.delta, params.accountant)
+        result.epsilon_rdp = accountant.ledger_epsilon(ledger, plan.delta, "rdp")
         if result.epsilon > params.epsilon * (1 + 1e-9):
             raise BudgetExhausted(  # unreachable unless the guard is broken: fail loudly
                 f"spent epsilon {result.epsilon} exceeds the target {params.epsilon}"

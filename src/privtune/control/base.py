@@ -77,6 +77,9 @@ class Controller(ABC):
     grouping: Grouping = "flat"
     # True: the loop evaluates the validation loss right before every decision.
     needs_validation: ClassVar[bool] = False
+    # The noise the loop adds: "gaussian" (noise_multiplier is z) or "lmo" (LMO-DP noise of the
+    # controller's `lmo_params` law; noise_multiplier is its noise level, see LMOParams).
+    mechanism: ClassVar[str] = "gaussian"
 
     def __init__(self, ctx: ControllerContext) -> None:
         self.ctx = ctx

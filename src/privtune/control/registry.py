@@ -55,4 +55,4 @@ def build_controller(
 
 def _load_builtin() -> None:
     # Import for the registration side effect; kept lazy to avoid an import cycle.
-    from privtune.control import adaptive, fixed, per_sample, rldp, schedules  # noqa: F401
+    from privtune.control import adaptive, fixed, lmo, per_sample, rldp, schedules  # noqa: F401

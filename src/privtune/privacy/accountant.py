@@ -2,15 +2,25 @@
 
 Schedules are lists of (noise_multiplier, sample_rate, steps) segments, so varying noise
 (RLDP, decaying schedules) composes exactly, segment by segment.
+
+LMO-DP steps (privacy.lmo_accounting) have only a sound RDP bound, so a ledger holding any
+composes entirely in RDP: the subsampled-Gaussian RDP of its Gaussian segments (opacus) plus
+the subsampled LMO RDP of the others, at the same integer orders 2..128, then converted once.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
+
+from privtune.privacy.ledger import LMOSegment, PrivacyLedger
+from privtune.privacy.lmo_accounting import MAX_ORDER, orders_up_to, segment_rdp
 
 Segment = tuple[float, float, int]
 
@@ -55,3 +65,37 @@ def calibrate_noise(
     while epsilon([(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:
         sigma *= 1.001
     return float(sigma)
+
+
+def composed_epsilon(
+    gaussian: Sequence[Segment],
+    lmo: Sequence[LMOSegment],
+    delta: float,
+    accountant: str = "prv",
+) -> float:
+    """Epsilon of Gaussian and LMO segments together; without LMO, exactly `epsilon`."""
+    lmo = [(p, q, n) for p, q, n in lmo if n > 0]
+    if not lmo:
+        return epsilon(gaussian, delta, accountant)
+    orders = orders_up_to(MAX_ORDER)
+    total = np.zeros(len(orders))
+    for params, q, n in lmo:
+        total += segment_rdp(params, q, n)
+    for z, q, n in gaussian:
+        if n <= 0:
+            continue
+        if z <= 0:
+            return math.inf
+        total += compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders)
+    if not np.isfinite(total).any():
+        return math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # opacus warns when the best order is an end point
+        eps, _ = get_privacy_spent(orders=orders, rdp=total, delta=delta)
+    return max(float(eps), 0.0)
+
+
+def ledger_epsilon(ledger: PrivacyLedger, delta: float, accountant: str = "prv") -> float:
+    """Epsilon spent by a ledger of any mix of Gaussian and LMO steps (an upper bound)."""
+    gaussian, lmo = ledger.split_segments()
+    return composed_epsilon(gaussian, lmo, delta, accountant)

@@ -6,6 +6,11 @@ that projection exceeds the target, the interval's noise is raised (doubling, th
 bisection) until it fits; if nothing fits, the run stops. Steps are then only allowed inside
 the admitted interval, so the per-step check is a counter, and the final epsilon is at most
 the target by construction.
+
+For LMO-DP (``lmo_base`` set) the knob is the noise level L of LMOParams.with_noise_level
+(every draw multiplied by L, spending non-increasing in L) instead of z, and the projection is
+composed in RDP with the ledger's other steps (accountant.composed_epsilon): the same
+admission, raising and stopping apply, so an LMO run cannot overspend either.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from privtune.errors import BudgetExhausted
 from privtune.privacy import accountant as acc
 from privtune.privacy.ledger import PrivacyLedger
+from privtune.privacy.lmo_mechanism import LMOParams
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class BudgetGuard:
         accountant: str = "prv",
         max_noise: float = 1e3,
         rtol: float = 1e-3,
+        lmo_base: LMOParams | None = None,
     ) -> None:
         if reserve_noise <= 0:
             raise ValueError("reserve_noise must be > 0")
@@ -50,18 +57,24 @@ class BudgetGuard:
         self.accountant = accountant
         self.max_noise = max_noise
         self.rtol = rtol  # relative precision of a raised noise multiplier
+        self.lmo_base = lmo_base  # LMO-DP: the noise law at level 1; None: Gaussian steps
         self._allowed_until = len(ledger)  # ledger length up to which steps are admitted
         self._admitted_noise: float | None = None
 
     def spent(self) -> float:
-        return acc.epsilon(self.ledger.segments(), self.delta, self.accountant)
+        return acc.ledger_epsilon(self.ledger, self.delta, self.accountant)
 
     def projected(self, noise: float, steps: int) -> float:
         left = self.total_steps - len(self.ledger)
         steps = min(steps, left)
-        plan = [*self.ledger.segments(), (noise, self.sample_rate, steps)]
-        plan.append((self.reserve_noise, self.sample_rate, left - steps))
-        return acc.epsilon(plan, self.delta, self.accountant)
+        gaussian, lmo = self.ledger.split_segments()
+        planned = [(noise, steps), (self.reserve_noise, left - steps)]
+        q = self.sample_rate
+        if self.lmo_base is None:
+            gaussian += [(level, q, n) for level, n in planned]
+        else:
+            lmo += [(self.lmo_base.with_noise_level(level), q, n) for level, n in planned]
+        return acc.composed_epsilon(gaussian, lmo, self.delta, self.accountant)
 
     def admit(self, noise: float, steps: int) -> Admission:
         """Admit `steps` steps at the requested noise, raised as needed to stay in budget."""

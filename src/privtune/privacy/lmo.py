@@ -11,6 +11,7 @@ from privtune.privacy.lmo_accounting import (
     paper_epsilon,
     rdp_at_shift,
     rdp_per_step,
+    segment_rdp,
     subsampled_rdp,
     valid_orders,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "rdp_per_step",
     "sample_inverse_scales",
     "search",
+    "segment_rdp",
     "subsampled_rdp",
     "usefulness",
     "valid_orders",

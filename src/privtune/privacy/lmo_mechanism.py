@@ -12,7 +12,7 @@ Everything is in units of the clipping threshold: with clip = 1 the noise is Lap
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,15 @@ class LMOParams:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMOParams:
         return cls(**{key: float(values[key]) for key in cls.__dataclass_fields__})
+
+    def with_noise_level(self, level: float) -> LMOParams:
+        """The same law with every noise draw multiplied by `level` (weights a1, a3, a4 divided
+        by it): level > 1 adds noise. The knob the budget guard turns, as z for Gaussian noise;
+        spending is non-increasing in it (the pair at level L is the pair at level 1 with the
+        shift divided by L, and the bound grows with the shift)."""
+        if not (math.isfinite(level) and level > 0):
+            raise ValueError(f"noise level must be finite and > 0, got {level!r}")
+        return replace(self, a1=self.a1 / level, a3=self.a3 / level, a4=self.a4 / level)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The parameters as 0-d arrays, the form the vectorised helpers take."""

@@ -15,6 +15,8 @@ Optionally the step also releases a noisy count of unclipped samples (Andrew et 
 is within its threshold. Under add/remove its sensitivity is 1/2, so the count and the gradient
 together are one Gaussian mechanism with z = 1 / sqrt(sum_k (C_k / s_k)^2 + (1 / (2 sigma_b))^2).
 
+LMOMechanism (at the end) is the LMO-DP step: L1 clipping over all parameters, LMO noise.
+
 Written here rather than with opacus' DPOptimizer because opacus clips with one threshold (or
 per parameter) and one noise scale; we need per-adapter thresholds with per-group noise.
 """
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
+
+from privtune.privacy.lmo_mechanism import LMOParams, lmo_noise
 
 Group = list[torch.nn.Parameter]
 Scaling = Literal["clip", "normalize", "psac"]
@@ -181,4 +185,54 @@ class GaussianMechanism:
             )
         self.add_noise(stds)
         self.scale(expected_batch_size)
+        return stats
+
+
+class _L1Clipping(GaussianMechanism):
+    """The Gaussian mechanism's clipping, summing and scaling phases with per-sample L1 norms
+    (its add_noise is never called: LMOMechanism adds its own noise)."""
+
+    def per_sample_norms(self) -> torch.Tensor:
+        columns = []
+        for group in self.groups:
+            sums = [p.grad_sample.flatten(1).abs().sum(1) for p in group]
+            columns.append(torch.stack(sums, dim=1).sum(1))
+        return torch.stack(columns, dim=1)
+
+
+class LMOMechanism:
+    """LMO-DP step (arXiv 2405.18776, made sound): clip each sample's gradient over ALL
+    trainable parameters to L1 norm <= C, sum, add LMO noise C * Laplace(0, 1) / eps per
+    coordinate (eps = a1 Gamma + a3 Exp + a4 U, privacy.lmo_mechanism), divide by the expected
+    batch size.
+
+    L1, not L2: one record moves the clipped sum by at most C in L1, which is what the
+    per-coordinate Laplace-mixture bound of lmo_accounting needs (with L2 clipping the L1 shift
+    can reach sqrt(d) C). Noise is drawn on the CPU generator, as the Gaussian path does.
+    """
+
+    def __init__(self, groups: Sequence[Group], generator: torch.Generator) -> None:
+        flat = [p for group in groups for p in group]
+        self._clipping = _L1Clipping([flat], generator)
+        self.params = flat
+        self.generator = generator
+
+    def add_noise(self, law: LMOParams, clip: float) -> None:
+        sizes = [p.numel() for p in self.params]
+        flat = lmo_noise(law, (sum(sizes),), clip, self.generator)
+        flat = flat.to(self.params[0].device, non_blocking=True)
+        for p, noise in zip(self.params, flat.split(sizes), strict=True):
+            noise = noise.view_as(p).to(p.dtype)
+            p.grad = noise if p.grad is None else p.grad + noise
+
+    def step(
+        self, clip: float, law: LMOParams, expected_batch_size: float, *, empty: bool = False
+    ) -> ClipStats:
+        """One DP step; its privacy cost is law's (lmo_accounting), sensitivity C in L1."""
+        if not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"the L1 clipping threshold must be > 0, got {clip!r}")
+        clipping = self._clipping
+        stats = clipping.empty_batch() if empty else clipping.clip_and_accumulate([clip])
+        self.add_noise(law, clip)
+        clipping.scale(expected_batch_size)
         return stats

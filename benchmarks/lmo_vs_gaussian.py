@@ -1,0 +1,192 @@
+"""Sound LMO-DP against Gaussian DP-SGD at equal (epsilon, delta), sampling rate and steps.
+
+For each target epsilon both methods fine-tune the same base on the same data through the one
+training loop (`lmo` and `dpsgd` controllers); the report gives each one's test perplexity,
+their ratio (LMO / Gaussian; < 1 favours LMO), the epsilon each actually spent by its ledger,
+and, labelled "paper's accounting, not a guarantee", what the LMO-DP authors' code would print
+for the LMO law used (privacy.lmo_accounting.paper_epsilon). An epsilon no LMO law in the
+searched grids can meet is reported as infeasible.
+
+Uses the project's base model and prepared data under --root (`dvc repro base`). With
+--quick and no base there, it runs the pipeline's own prepare and base stages at a reduced
+size in a temporary project first (minutes on a CPU).
+
+    python benchmarks/lmo_vs_gaussian.py [--epsilons 0.3 1 3] [--quick] [--root .]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from privtune import io
+from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
+from privtune.data.tokenization import encode_records
+from privtune.errors import ConfigError
+from privtune.evaluate import perplexity
+from privtune.modeling import attach_lora, load_pretrained
+from privtune.privacy.lmo_accounting import paper_epsilon
+from privtune.train import make_plan, train
+
+RESULTS = Path(__file__).parent / "results"
+# --quick: the pipeline at a size that runs in minutes on a busy 2-core machine.
+QUICK = {
+    "prepare": {"n_private": 480, "n_public": 600},
+    "base": {"vocab_size": 1024, "n_layer": 1, "n_head": 2, "n_embd": 64, "max_length": 96,
+             "steps": 150, "batch_size": 16},
+    "finetune": {"batch_size": 16, "epochs": 1.0, "eval_every": 1000, "log_every": 1000,
+                 "eval_records": 16, "lora": {"r": 4}},
+}  # fmt: skip
+
+
+def quick_params(params: Params) -> Params:
+    sections = {
+        name: getattr(params, name).model_copy(update=values) for name, values in QUICK.items()
+    }
+    lora = params.finetune.lora.model_copy(update=QUICK["finetune"]["lora"])
+    sections["finetune"] = sections["finetune"].model_copy(update={"lora": lora})
+    return params.model_copy(update=sections)
+
+
+def ensure_project(params: Params, root: Path, quick: bool) -> Path:
+    """The project root holding a base model and prepared data, built when --quick needs it."""
+    if (root / BASE_DIR).is_dir() and (root / PREPARED_DIR / "train.jsonl").is_file():
+        return root
+    if not quick:
+        raise SystemExit(f"no base model under {root}: run `dvc repro base` or pass --quick")
+    from privtune.stages.base import base
+    from privtune.stages.prepare import prepare
+
+    tmp = Path(tempfile.mkdtemp(prefix="lmo-bench-"))
+    print(f"building a reduced project in {tmp} (prepare, base)", flush=True)
+    prepare(params, tmp)
+    base(params, tmp, show_progress=False)
+    return tmp
+
+
+def lmo_options(clip: float, grids: list[str]) -> list[dict[str, Any]]:
+    return [{"clip": clip, "grid": grid} for grid in grids]
+
+
+def run_one(params, root, method, options, data) -> dict[str, Any]:
+    train_data, valid_data, test_data = data
+    model, _ = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
+    f = params.finetune
+    model = attach_lora(model, f.lora, seed=f.seed)
+    start = time.perf_counter()
+    result = train(model, train_data, valid_data, f, method, options, show_progress=False)
+    seconds = time.perf_counter() - start
+    row: dict[str, Any] = {
+        "method": method,
+        "options": options,
+        "target_epsilon": f.epsilon,
+        "epsilon_spent": result.epsilon,
+        "steps": result.steps_taken,
+        "sample_rate": result.plan.sample_rate,
+        "delta": result.plan.delta,
+        "seconds_per_step": seconds / max(result.steps_taken, 1),
+        "test_perplexity": perplexity(model, test_data),
+    }
+    if method == "lmo":
+        law = result.controller.lmo_params
+        paper = paper_epsilon(law, result.plan.sample_rate, result.plan.steps, result.plan.delta)
+        row["lmo_params"] = law.to_dict()
+        row["lmo_noise_std"] = result.controller.noise_std
+        row["paper_accounting_not_a_guarantee"] = {
+            "per_step_epsilon": paper.per_step,
+            "composed_no_subsampling": paper.composed_no_subsampling,
+            "gaussian_proxy_epsilon": paper.gaussian_proxy,
+        }
+    else:
+        row["noise_multiplier"] = result.plan.calibrated_noise
+    return row
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| target eps | Gaussian ppl | LMO ppl | ratio LMO/Gauss | eps spent Gauss | "
+        "eps spent LMO | paper's accounting, not a guarantee: per-step eps / Gaussian-proxy eps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g, lm = r["gaussian"], r["lmo"]
+        if lm is None:
+            lmo_cells = ["infeasible", "-", "-"]
+            paper = r["lmo_infeasible"]
+        else:
+            lmo_cells = [fmt(lm["test_perplexity"]), fmt(r["ppl_ratio"]), fmt(lm["epsilon_spent"])]
+            p = lm["paper_accounting_not_a_guarantee"]
+            paper = f"{fmt(p['per_step_epsilon'])} / {fmt(p['gaussian_proxy_epsilon'])}"
+        cells = [fmt(r["epsilon"]), fmt(g["test_perplexity"]), lmo_cells[0], lmo_cells[1]]
+        cells += [fmt(g["epsilon_spent"]), lmo_cells[2], paper]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--quick", action="store_true", help="reduced size (see QUICK)")
+    parser.add_argument("--clip", type=float, default=1.0, help="clip of both methods")
+    parser.add_argument("--grids", nargs="+", default=["paper", "extended"],
+                        help="LMO search grids, tried in order until one is feasible")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args()
+    params = load_params(args.root / "params.yaml")
+    if args.quick:
+        params = quick_params(params)
+    root = ensure_project(params, args.root, args.quick)
+    _, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
+    texts = {n: [r["text"] for r in io.read_jsonl(root / PREPARED_DIR / f"{n}.jsonl")]
+             for n in ("train", "valid", "test")}  # fmt: skip
+    length = params.base.max_length
+    data = tuple(encode_records(texts[n], tokenizer, length) for n in ("train", "valid", "test"))
+    rows = []
+    for eps in args.epsilons:
+        p = params.model_copy(update={"finetune": params.finetune.model_copy(
+            update={"epsilon": eps})})  # fmt: skip
+        plan = make_plan(len(data[0]), p.finetune, private=True)
+        gaussian = run_one(p, root, "dpsgd", {"clip": args.clip}, data)
+        lmo, infeasible = None, None
+        for options in lmo_options(args.clip, args.grids):
+            try:
+                lmo = run_one(p, root, "lmo", options, data)
+                break
+            except ConfigError as err:
+                infeasible = f"infeasible for sound LMO ({options['grid']} grid): {err.problem}"
+        row = {
+            "epsilon": eps,
+            "delta": plan.delta,
+            "sample_rate": plan.sample_rate,
+            "steps": plan.steps,
+            "gaussian": gaussian,
+            "lmo": lmo,
+            "lmo_infeasible": None if lmo else infeasible,
+            "ppl_ratio": lmo["test_perplexity"] / gaussian["test_perplexity"] if lmo else None,
+        }
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("gaussian", "lmo")}
+                         | {"gauss_ppl": gaussian["test_perplexity"],
+                            "lmo_ppl": lmo and lmo["test_perplexity"]}), flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "lmo_vs_gaussian" + ("_quick" if args.quick else "")
+    io.write_json(args.out / f"{name}.json", {"quick": args.quick, "rows": rows})
+    table = markdown(rows)
+    with io.atomic_file(args.out / f"{name}.md") as handle:
+        handle.write(f"# Sound LMO-DP vs Gaussian DP-SGD{' (--quick)' if args.quick else ''}\n\n")
+        handle.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
