@@ -362,4 +362,4 @@ def test_search_caches_per_plan_and_refuses_impossible_targets(tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.raises(ConfigError) as info:
         search(0.01, **PLAN, grid=TINY_GRID, cache_path=cache)
-    assert info.value.field == "privacy.target_epsilon" and "best" in info.value.problem
+    assert info.value.field == "finetune.epsilon" and "best" in info.value.problem

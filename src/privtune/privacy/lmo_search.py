@@ -155,12 +155,12 @@ def search(
 ) -> LMOSearchResult:
     """Best grid candidate whose sound epsilon over the plan is <= target_epsilon.
 
-    Raises ConfigError (field privacy.target_epsilon) when no candidate qualifies.
+    Raises ConfigError (field finetune.epsilon) when no candidate qualifies.
     """
     if objective not in ("usefulness", "std"):
         raise ValueError(f"objective must be 'usefulness' or 'std', got {objective!r}")
     if not target_epsilon > 0:
-        raise ConfigError("privacy.target_epsilon", "must be > 0", "set a positive target")
+        raise ConfigError("finetune.epsilon", "must be > 0", "set a positive target")
     key = _cache_key(target_epsilon, delta, sample_rate, steps, grid, objective=objective,
                      gamma=gamma, max_order=max_order)  # fmt: skip
     cache: dict[str, Any] = {}
@@ -175,7 +175,7 @@ def search(
     entry = cache[key]
     if entry.get("best_epsilon") is not None:
         raise ConfigError(
-            "privacy.target_epsilon",
+            "finetune.epsilon",
             f"no LMO-DP candidate in grid {grid.version} reaches epsilon <= {target_epsilon} "
             f"over {steps} steps at q={sample_rate:.4g} (best: {entry['best_epsilon']:.4g})",
             "raise the target, plan fewer steps or a lower sample rate, or search a finer grid",
