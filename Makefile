@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast bench bench-rldp lint ui clean
+.PHONY: install demo test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,16 @@ bench: install
 bench-rldp: install
 	dvc repro base
 	$(BIN)/python benchmarks/rldp_vs_dpsgd.py
+
+# Sound LMO-DP vs Gaussian DP-SGD at epsilon 0.3, 1, 3 (add ARGS=--quick for a reduced run).
+bench-lmo: install
+	dvc repro base
+	$(BIN)/python benchmarks/lmo_vs_gaussian.py $(ARGS)
+
+# Every method at epsilon 1, 4, 8 x 3 seeds (hours on 2 CPU cores; ARGS=--quick for a taste).
+bench-methods: install
+	dvc repro base
+	$(BIN)/python benchmarks/methods_grid.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests tasks flows benchmarks
