@@ -149,14 +149,18 @@ def finetune(
             "stopped_by_guard": result.stopped_by_guard,
         }
         if result.ledger is not None:
+            gaussian = all(e.mechanism == "gaussian" for e in result.ledger.entries)
             metrics |= {
                 "target_epsilon": f.epsilon,
                 "epsilon": result.epsilon,
                 "epsilon_rdp": result.epsilon_rdp,
                 "delta": plan.delta,
-                "noise_multiplier": plan.calibrated_noise,
-                "accountant": f.accountant,
+                "mechanism": "gaussian" if gaussian else "lmo",
+                # LMO steps are composed in RDP whatever `accountant` says (no PRV for them).
+                "accountant": f.accountant if gaussian else "rdp",
             }
+            if gaussian:  # z means nothing for Laplace-mixture noise
+                metrics["noise_multiplier"] = plan.calibrated_noise
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 
         with io.atomic_dir(root / MODELS_DIR / name) as out:
