@@ -1,5 +1,5 @@
 """The default pipeline as a Prefect flow: prepare -> base -> per method: finetune, evaluate,
-attack, register -> report -> (optionally) promote.
+attack -> register -> report -> (optionally) promote.
 
 python flows/pipeline.py                  # run once, locally (ephemeral Prefect server)
 prefect deploy --all                      # scheduled deployments from prefect.yaml
@@ -81,7 +81,7 @@ def pipeline(
             stages.finetune(method, root, force)
         stages.evaluate(method, root, force)
         stages.attack(method, root, force)
-        stages.register(method, root, force)
+    stages.register(root, force)
     stages.report(root, force)
     if promote:
         from flows.promote import promote as promote_flow

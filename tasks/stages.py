@@ -56,9 +56,9 @@ def attack(method: str, root: str = ".", force: bool = False) -> list[str]:
     return _run(root, f"attack@{method}", force)
 
 
-@task(name="register", task_run_name="register-{method}", retries=2, retry_delay_seconds=5)
-def register(method: str, root: str = ".", force: bool = False) -> list[str]:
-    return _run(root, f"register@{method}", force)
+@task(name="register", retries=2, retry_delay_seconds=5)
+def register(root: str = ".", force: bool = False) -> list[str]:
+    return _run(root, "register", force)
 
 
 @task(name="report", retries=2, retry_delay_seconds=5)

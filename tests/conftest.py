@@ -92,6 +92,7 @@ TINY_PARAMS = {
         "log_every": 2,
         "eval_every": 4,
         "eval_records": 8,
+        "audit_canaries": 64,
         "lora": {"r": 4},
     },
     "methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}},

@@ -115,7 +115,7 @@ def test_deploy_trigger_and_complete_with_a_gpu_pool_worker(server, tmp_path):
     assert states.get("finetune-dpsgd") == "COMPLETED", (states, log[-2000:])
     assert any(state == "COMPLETED" for name, state in runs if name != "finetune-dpsgd"), states
     assert (project / "metrics/attack-dpsgd.json").is_file()
-    assert (project / "metrics/register-dpsgd.json").is_file()
+    assert (project / "reports/registered.json").is_file()
 
 
 _LIST_RUNS = """

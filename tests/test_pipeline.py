@@ -68,8 +68,7 @@ def test_repro_builds_every_stage(built):
         "evaluate@dpsgd",
         "attack@nonprivate",
         "attack@dpsgd",
-        "register@nonprivate",
-        "register@dpsgd",
+        "register",
         "report",
     ]:
         assert f"Running stage '{stage}'" in log
@@ -80,11 +79,13 @@ def test_repro_builds_every_stage(built):
         "models/base/config.json",
         "models/dpsgd/adapter/adapter_config.json",
         "models/dpsgd/ledger.json",
+        "models/dpsgd/audit.json",
         "plots/finetune-dpsgd.png",
         "plots/roc-dpsgd.png",
         "data/prepared/audit_canaries.json",
         "reports/report.md",
         "reports/utility_vs_attack.png",
+        "reports/registered.json",
     ]:
         assert (project / path).is_file(), path
     assert not (project / "models/nonprivate/ledger.json").exists()
@@ -103,13 +104,14 @@ def test_metrics_side_by_side(built):
     for name in ["nonprivate", "dpsgd"]:
         attacked = shown[f"metrics/attack-{name}.json"]["data"]
         assert 0 <= attacked["mia_loss_auc"] <= 1 and "exposure_r4_mean" in attacked
-        assert attacked["audit_m"] == 16
+        assert attacked["audit_blackbox_m"] == 16
+        assert attacked["audit_whitebox_m"] == 64
     attacked = shown["metrics/attack-dpsgd.json"]["data"]
     assert attacked["audit_epsilon_lower_bound"] <= attacked["claimed_epsilon"] <= 4.0
-    versions = {
-        shown[f"metrics/register-{n}.json"]["data"]["version"] for n in ["nonprivate", "dpsgd"]
-    }
-    assert versions == {1, 2}
+    # the non-private model's released gradients give its gradient canaries away
+    assert shown["metrics/attack-nonprivate.json"]["data"]["audit_whitebox_epsilon_lower_bound"] > 1
+    registered = json.loads((project / "reports/registered.json").read_text())
+    assert {registered[n]["version"] for n in ["nonprivate", "dpsgd"]} == {1, 2}
 
 
 def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):
@@ -120,10 +122,8 @@ def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):
 
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     name = "privtune-clinical-notes"
-    version, nonprivate = (
-        json.loads((project / f"metrics/register-{n}.json").read_text())["version"]
-        for n in ["dpsgd", "nonprivate"]
-    )
+    registered = json.loads((project / "reports/registered.json").read_text())
+    version, nonprivate = (registered[n]["version"] for n in ["dpsgd", "nonprivate"])
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     generated = loaded.predict(["Discharge summary"], params={"max_new_tokens": 8})
     assert len(generated) == 1 and isinstance(generated[0], str)
@@ -154,7 +154,7 @@ def test_second_repro_does_nothing_and_params_rerun_only_dependents(built, tmp_p
         "finetune@dpsgd",
         "evaluate@dpsgd",
         "attack@dpsgd",
-        "register@dpsgd",
+        "register",
         "report",
     }
     write_params(project / "params.yaml")  # restore

@@ -51,7 +51,7 @@ def test_dpsgd_ledger_spends_the_target_and_no_more(tiny_model, tiny_tokenizer):
     assert all(e.clip_thresholds == (0.5,) for e in result.ledger.entries)
     assert 0.95 * PARAMS.epsilon <= result.epsilon <= PARAMS.epsilon
     assert result.epsilon_rdp > result.epsilon  # RDP is looser, logged beside
-    recomputed = accountant.epsilon(result.ledger.segments(), plan.delta, "prv")
+    recomputed = accountant.epsilon(result.ledger.segments(), plan.delta, PARAMS.accountant)
     assert recomputed == pytest.approx(result.epsilon)
     # the frozen base model is untouched: only LoRA parameters moved
     for name, param in model.get_base_model().named_parameters():

@@ -1,6 +1,6 @@
 """Command line for the pipeline's stages (dvc.yaml calls these).
 
-privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register NAME
+privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register [NAME ...]
 privtune report | promote [--version V] | rollback                        [--params params.yaml]
 
 Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input, 3 budget guard, 4 audit violation.
@@ -32,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
     sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
     sub.add_parser("report", help="every method side by side: reports/report.md and plots")
-    for stage in ("finetune", "evaluate", "attack", "register"):
+    for stage in ("finetune", "evaluate", "attack"):
         cmd = sub.add_parser(stage, help=f"{stage} one method entry of params.yaml `methods`")
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
+    cmd = sub.add_parser("register", help="register the models of `methods` (default: all)")
+    cmd.add_argument("names", nargs="*", help="keys of `methods` in params.yaml")
     cmd = sub.add_parser("promote", help="move `champion` to the challenger if every gate holds")
     cmd.add_argument("--version", help="promote this version instead of the `challenger`")
     sub.add_parser("rollback", help="give `champion` back to the previous champion")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "attack":
             result = stages.attack(params, args.name, root, show_progress=progress)
         elif args.stage == "register":
-            result = stages.register(params, args.name, root)
+            result = stages.register(params, args.names, root)
         elif args.stage == "report":
             result = stages.report(params, root)
         elif args.stage == "promote":

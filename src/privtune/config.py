@@ -91,10 +91,16 @@ class FinetuneParams(_Section):
     epochs: float = Field(default=3.0, gt=0, description="steps = ceil(epochs / q)")
     lr: float = Field(default=1e-2, gt=0)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["pld", "prv", "rdp"] = "pld"
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=40, ge=1)
     eval_records: int = Field(default=128, ge=1, description="validation records per evaluation")
+    # White-box one-run audit (privacy.gradient_canaries): Dirac gradient canaries, each a
+    # pseudo-record IN with probability 1/2; 0 = none (params.yaml turns them on).
+    audit_canaries: int = Field(default=0, ge=0, description="gradient canaries (0 = none)")
+    audit_canary_norm: float = Field(
+        default=10.0, gt=0, description="a canary's gradient norm before the method clips it"
+    )
     lora: LoraParams = LoraParams()
 
     @field_validator("epsilon")

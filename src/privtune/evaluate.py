@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from privtune.data.tokenization import EncodedRecords, bos_id, encode_records
-from privtune.train import mean_token_loss
+from privtune.losses import mean_token_loss
 
 
 def perplexity(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 32) -> float:

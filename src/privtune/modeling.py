@@ -36,6 +36,8 @@ def build_gpt2(params: BaseParams, vocab_size: int, bos: int, eos: int) -> GPT2L
         n_embd=params.n_embd,
         n_layer=params.n_layer,
         n_head=params.n_head,
+        # torch's fused tanh GELU: the same function as GPT-2's gelu_new in one kernel
+        activation_function="gelu_pytorch_tanh",
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,

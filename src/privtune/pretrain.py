@@ -9,8 +9,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from privtune.config import BaseParams
 from privtune.data.tokenization import EncodedRecords
-from privtune.losses import per_sample_loss
-from privtune.train import mean_token_loss, progress_bar
+from privtune.losses import mean_token_loss, next_token_logits, per_sample_loss
+from privtune.progress import progress_bar
 
 
 def pretrain(
@@ -32,9 +32,7 @@ def pretrain(
         for step in range(params.steps):
             index = torch.randint(len(data), (params.batch_size,), generator=generator)
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"])
             loss = per_sample_loss(logits, batch["labels"], params.label_smoothing).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
 from privtune.config import FinetuneParams
 from privtune.control import Action, Controller, ControllerContext, Observation, build_controller
 from privtune.data.tokenization import EncodedRecords
 from privtune.errors import BudgetExhausted, ConfigError
-from privtune.losses import per_sample_loss, token_nll
+from privtune.losses import mean_token_loss, next_token_logits, per_sample_loss
 from privtune.modeling import adapter_groups, resolve_device
 from privtune.privacy import accountant
+from privtune.privacy.gradient_canaries import CanaryInjector, GradientCanaries, included_count
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from privtune.privacy.lmo_mechanism import LMOParams, noise_std
@@ -40,6 +40,7 @@ from privtune.privacy.mechanisms import (
     gradient_noise_multiplier,
     uniform_noise_stds,
 )
+from privtune.progress import progress_bar
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -53,8 +54,16 @@ class TrainingPlan:
     calibrated_noise: float  # 0 for non-private methods
 
 
+def planned_records(n_texts: int, params: FinetuneParams) -> int:
+    """N: the text records plus the IN gradient canaries of the white-box audit (each one is a
+    record, sampled, clipped and accounted like the others)."""
+    return n_texts + included_count(params.audit_canaries, params.seed)
+
+
 def make_plan(n_records: int, params: FinetuneParams, private: bool) -> TrainingPlan:
-    """Sampling rate q = B/N, steps = ceil(epochs / q), delta < 1/N, and the calibrated noise."""
+    """Sampling rate q = B/N, steps = ceil(epochs / q), delta < 1/N, and the calibrated noise.
+
+    ``n_records`` is N, audit canaries included (see :func:`planned_records`)."""
     if n_records < 2:
         raise ConfigError("data", f"only {n_records} training records", "provide more records")
     q = min(1.0, params.batch_size / n_records)
@@ -85,6 +94,7 @@ class TrainResult:
     valid_loss: float = math.nan
     stopped_by_guard: bool = False
     controller: Controller | None = None
+    audit: GradientCanaries | None = None  # the white-box audit's canaries and scores
 
 
 class _Observer:
@@ -134,21 +144,6 @@ class _Observer:
         return obs
 
 
-@torch.no_grad()
-def mean_token_loss(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 32) -> float:
-    """Token-level mean NLL over a dataset (its exp is the perplexity)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, mask = token_nll(logits, batch["labels"])
-        total += float(nll.sum())
-        count += int(mask.sum())
-    return total / max(count, 1)
-
-
 def freeze_dropout(model: torch.nn.Module) -> None:
     """No dropout while fine-tuning (as usual for DP-SGD): runs match across CPU and CUDA.
 
@@ -158,16 +153,6 @@ def freeze_dropout(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if "lora_" in name:
             module.train()
-
-
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def train(
@@ -192,7 +177,13 @@ def train(
     from privtune.control.registry import controller_class
 
     private = controller_class(method, entry).private
-    plan = plan or make_plan(len(train_data), params, private)
+    n_texts = len(train_data)
+    plan = plan or make_plan(planned_records(n_texts, params), params, private)
+    if plan.n_records != planned_records(n_texts, params):
+        raise ValueError(
+            f"the plan is for {plan.n_records} records, the data and audit canaries make "
+            f"{planned_records(n_texts, params)}: compute it with planned_records()"
+        )
     ctx = ControllerContext(
         group_names=tuple(adapter_groups(model, "per_adapter")[0]),
         sample_rate=plan.sample_rate,
@@ -201,7 +192,7 @@ def train(
         delta=plan.delta,
         calibrated_noise=plan.calibrated_noise,
         seed=params.seed,
-        expected_batch_size=plan.sample_rate * len(train_data),
+        expected_batch_size=plan.sample_rate * plan.n_records,
         accountant=params.accountant,
     )
     controller = build_controller(method, ctx, options or {}, entry)
@@ -210,17 +201,27 @@ def train(
     model.to(device)
     freeze_dropout(model)
     trainable = [p for group in groups for p in group]
+    audit = injector = None
+    if params.audit_canaries:
+        audit = GradientCanaries.draw(
+            params.audit_canaries,
+            sum(p.numel() for p in trainable),
+            params.seed,
+            params.audit_canary_norm,
+        )
+        injector = CanaryInjector(audit, trainable)
+        canary_of_record = audit.in_indices()  # record n_texts + j is IN canary j
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(params.warmup_fraction * plan.steps), plan.steps
     )
     sampler = UniformWithReplacementSampler(
-        num_samples=len(train_data),
+        num_samples=plan.n_records,
         sample_rate=plan.sample_rate,
         generator=torch.Generator().manual_seed(params.seed),
         steps=plan.steps,
     )
-    expected_batch = plan.sample_rate * len(train_data)
+    expected_batch = plan.sample_rate * plan.n_records
     valid_subset = valid_data.slice(0, params.eval_records)
 
     ledger = PrivacyLedger() if private else None
@@ -254,7 +255,7 @@ def train(
         )
 
     observer = _Observer(len(groups))
-    result = TrainResult(plan, 0, ledger, None, None, controller=controller)
+    result = TrainResult(plan, 0, ledger, None, None, controller=controller, audit=audit)
     action: Action | None = None
     stds: tuple[float, ...] = ()
     count_std: float | None = None
@@ -307,18 +308,27 @@ def train(
 
             # -- forward / backward with per-sample gradients ------------------------------
             index = torch.as_tensor(indices, dtype=torch.long)
+            texts = index[index < n_texts]
+            canaries = (
+                canary_of_record[index[index >= n_texts].numpy() - n_texts]
+                if injector is not None
+                else np.zeros(0, dtype=np.int64)
+            )
             empty = len(index) == 0
             loss_value = math.nan
-            if not empty:
-                batch = {k: v.to(device) for k, v in train_data.batch(index).items()}
-                logits = forward(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
+            if len(texts):
+                batch = {k: v.to(device) for k, v in train_data.batch(texts).items()}
+                logits = next_token_logits(forward, batch["input_ids"], batch["attention_mask"])
                 losses = per_sample_loss(logits, batch["labels"])
                 losses.sum().backward()
                 loss_value = losses.mean().item()
-            elif not private:
+            elif empty and not private:
                 continue  # nothing to learn from and no privacy to account
+            if len(canaries):  # audit canaries are records: clipped as the method clips
+                if private:
+                    injector.add_per_sample(canaries, has_records=len(texts) > 0)
+                else:
+                    injector.add_to_sum(canaries)
 
             # -- DP step: clip, noise, scale; the ledger records the draw ------------------
             if private and lmo_law is not None:
@@ -370,6 +380,8 @@ def train(
                 for p in trainable:
                     p.grad = p.grad / expected_batch
                 observer.add(loss_value, None, 0.0)
+            if injector is not None:
+                injector.observe()  # the auditor reads the released gradient (white-box)
 
             optimizer.step()
             scheduler.step()

@@ -91,12 +91,18 @@ class AuditResult:
 
 
 def default_k_choices(m: int) -> list[tuple[int, int]]:
-    """A few (k+, k-) pairs, from few confident guesses to guessing on every canary."""
+    """A few (k+, k-) pairs: from few confident guesses to guessing on every canary, and
+    IN-only guesses (an IN canary the run never sampled looks OUT, so guessing OUT is where
+    errors concentrate; guessing only the top scores avoids them)."""
     choices = []
     for fraction in (0.05, 0.1, 0.25, 0.5):
         k = max(1, round(fraction * m))
         if 2 * k <= m and (k, k) not in choices:
             choices.append((k, k))
+    for fraction in (0.1, 0.25, 0.4):
+        k = max(1, round(fraction * m))
+        if k <= m and (k, 0) not in choices:
+            choices.append((k, 0))
     return choices or [(1, 0)]
 
 

@@ -26,6 +26,7 @@ from privtune.attacks.roc import RocSummary, plot_roc
 from privtune.attacks.scoring import SCORE_NAMES, membership_scores
 from privtune.data.canaries import Canary
 from privtune.errors import ConfigError
+from privtune.privacy.gradient_canaries import GradientCanaries
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,15 @@ def summarize(
     mia: dict[str, RocSummary],
     exposures: Sequence[CanaryExposure],
     extractions: Sequence[CanaryExtraction],
-    audit: AuditResult | None,
+    audits: dict[str, AuditResult],
 ) -> dict[str, float]:
     """One flat dict of floats (metrics JSON, MLflow); key names are read by the registry.
 
-    Groups with nothing to report (no reference model, no canaries of a repetition count,
-    no audit canaries) are left out rather than filled with placeholders.
+    ``audits`` maps "blackbox" (text canaries) and/or "whitebox" (gradient canaries) to their
+    results; ``audit_epsilon_lower_bound`` is the larger bound (each was computed at its share
+    of the significance, so the larger is still a bound at the stated confidence). Groups with
+    nothing to report (no reference model, no canaries of a repetition count, no audit) are
+    left out rather than filled with placeholders.
     """
     metrics: dict[str, float] = {}
     for name, summary in mia.items():
@@ -106,11 +110,15 @@ def summarize(
         samples = sum(e.samples for e in group)
         if samples:
             metrics[f"extraction_sampled_{label}"] = sum(e.sampled_hits for e in group) / samples
-    if audit is not None:
-        metrics["audit_epsilon_lower_bound"] = float(audit.epsilon_lower_bound)
-        metrics["audit_m"] = float(audit.m)
-        metrics["audit_guesses"] = float(audit.guesses)
-        metrics["audit_correct"] = float(audit.correct)
+    for kind, audit in sorted(audits.items()):
+        metrics[f"audit_{kind}_epsilon_lower_bound"] = float(audit.epsilon_lower_bound)
+        metrics[f"audit_{kind}_m"] = float(audit.m)
+        metrics[f"audit_{kind}_guesses"] = float(audit.guesses)
+        metrics[f"audit_{kind}_correct"] = float(audit.correct)
+    if audits:
+        metrics["audit_epsilon_lower_bound"] = max(
+            float(a.epsilon_lower_bound) for a in audits.values()
+        )
     return metrics
 
 
@@ -136,16 +144,18 @@ def run_attacks(
     config: AttackConfig | None = None,
     out_dir: Path | None = None,
     name: str = "model",
+    gradient_canaries: GradientCanaries | None = None,
 ) -> tuple[dict[str, float], list[Path]]:
-    """Membership inference, exposure, extraction and the one-run audit of one model.
+    """Membership inference, exposure, extraction and the one-run audits of one model.
 
     ``members``/``non_members`` are balanced record lists (see ``balanced_sets``); canaries
     with ``repetitions=0`` are the held-out control. Audit canaries must have been trained on
-    exactly when ``repetitions > 0``. Returns the flat metrics and the written figure paths
-    (an ROC plot in ``out_dir`` when given).
+    exactly when ``repetitions > 0`` (black-box audit: guessed from the model's scores);
+    ``gradient_canaries`` carry the scores the training loop recorded (white-box audit).
+    Returns the flat metrics and the written figure paths (an ROC plot in ``out_dir``).
     """
     config = config or AttackConfig()
-    if audit_canaries and config.audit_delta is None:
+    if (audit_canaries or gradient_canaries is not None) and config.audit_delta is None:
         raise ConfigError(
             "attack.audit_delta",
             "auditing needs the delta of the audited (epsilon, delta) claim",
@@ -202,9 +212,20 @@ def run_attacks(
             seed=config.seed,
             on_canary=lambda: progress.advance(task),
         )
-        audit = None
+        audits: dict[str, AuditResult] = {}
+        n_audits = bool(audit_canaries) + (gradient_canaries is not None)
+        # Bonferroni over the audits: the larger bound keeps the stated confidence.
+        audit_confidence = 1 - (1 - config.confidence) / max(n_audits, 1)
+        if gradient_canaries is not None:
+            audits["whitebox"] = one_run_audit(
+                gradient_canaries.scores,
+                gradient_canaries.included,
+                delta=float(config.audit_delta),
+                k_choices=config.audit_k_choices,
+                confidence=audit_confidence,
+            )
         if audit_canaries:
-            task = progress.add_task("one-run audit", total=1)
+            task = progress.add_task("one-run audit (text canaries)", total=1)
             scores = membership_scores(
                 model,
                 reference_model if config.audit_score == "reference" else None,
@@ -213,12 +234,12 @@ def run_attacks(
                 min_k=config.min_k,
                 **scoring,
             )[config.audit_score]
-            audit = one_run_audit(
+            audits["blackbox"] = one_run_audit(
                 scores,
                 [c.repetitions > 0 for c in audit_canaries],
                 delta=float(config.audit_delta),
                 k_choices=config.audit_k_choices,
-                confidence=config.confidence,
+                confidence=audit_confidence,
             )
             progress.advance(task)
-    return summarize(mia, exposures, extractions, audit), figures
+    return summarize(mia, exposures, extractions, audits), figures

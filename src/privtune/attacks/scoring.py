@@ -15,7 +15,7 @@ import torch
 
 from privtune.data.tokenization import encode_records
 from privtune.errors import DataError
-from privtune.losses import token_nll
+from privtune.losses import next_token_logits, token_nll
 
 SCORE_NAMES: tuple[str, ...] = ("loss", "reference", "zlib", "min_k")
 """The membership scores, in the order they are reported (metric keys use these names)."""
@@ -66,7 +66,7 @@ def token_logprobs(
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in data.batch(index).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"])
         nll, mask = token_nll(logits, batch["labels"])
         for row, record in enumerate(index.tolist()):
             out[record] = -nll[row][mask[row]].double().cpu().numpy()

@@ -28,7 +28,7 @@ class ControllerContext:
     calibrated_noise: float  # z spending exactly the target over total_steps at constant noise
     seed: int = 0
     expected_batch_size: float | None = None  # q * N (public)
-    accountant: str = "prv"  # the accountant the budget guard uses
+    accountant: str = "pld"  # the accountant the budget guard uses
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class BudgetGuard:
         sample_rate: float,
         total_steps: int,
         reserve_noise: float,
-        accountant: str = "prv",
+        accountant: str = "pld",
         max_noise: float = 1e3,
         rtol: float = 1e-3,
         lmo_base: LMOParams | None = None,

@@ -21,6 +21,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     from privtune.attacks.run import AttackConfig, run_attacks
     from privtune.data.canaries import load_canaries
     from privtune.modeling import resolve_device
+    from privtune.privacy.gradient_canaries import AUDIT_FILE, GradientCanaries
 
     params.method(name)
     a = params.attack
@@ -46,6 +47,8 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     )
     audit_file = root / PREPARED_DIR / "audit_canaries.json"
     audit = load_canaries(audit_file) if audit_file.is_file() else []
+    gradient_file = model_dir / AUDIT_FILE  # written by training when it planted canaries
+    gradient = GradientCanaries.load(gradient_file) if gradient_file.is_file() else None
     config = AttackConfig(
         min_k=a.min_k,
         bootstrap_resamples=a.bootstrap,
@@ -70,6 +73,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         config,
         out_dir=root / PLOTS_DIR,
         name=name,
+        gradient_canaries=gradient,
     )
     claimed = info["metrics"].get("epsilon")  # None: non-private, nothing claimed
     metrics: dict[str, Any] = {"method": info["method"], "claimed_epsilon": claimed, **found}

@@ -59,6 +59,7 @@ def _reuse(root: Path, name: str, run: Any) -> dict[str, Any]:
                 "adapter",
                 "ledger.json",
                 "controller.pt",
+                "audit.json",
                 "finetune.json",
                 "history.json",
             ):
@@ -86,7 +87,8 @@ def finetune(
     from privtune.data.tokenization import encode_records
     from privtune.modeling import attach_lora
     from privtune.plots import plot_training
-    from privtune.train import make_plan, train
+    from privtune.privacy.gradient_canaries import AUDIT_FILE
+    from privtune.train import make_plan, planned_records, train
 
     method, options = params.method(name)
     private = controller_class(method, name).private  # fail fast on an unknown method
@@ -100,7 +102,8 @@ def finetune(
         [r["text"] for r in read_split(root, "valid")], tokenizer, max_length
     )
     model = attach_lora(model, f.lora, seed=f.seed)
-    plan = make_plan(len(train_data), f, private)  # validates delta before anything is written
+    # Validates delta before anything is written; N counts the audit's gradient canaries.
+    plan = make_plan(planned_records(len(train_data), f), f, private)
 
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
@@ -122,6 +125,7 @@ def finetune(
                 "data_sha256": data_hash(root),
                 "git_commit": tracking.git_commit(root),
                 "n_train_records": len(train_data),
+                "n_records_with_audit_canaries": plan.n_records,
                 "sample_rate": plan.sample_rate,
                 "steps": plan.steps,
                 "delta": plan.delta,
@@ -168,6 +172,8 @@ def finetune(
             if result.ledger is not None:
                 result.ledger.save(out / "ledger.json")
             torch.save(result.controller.state_dict(), out / "controller.pt")
+            if result.audit is not None:
+                result.audit.save(out / AUDIT_FILE)  # the auditor's canaries and scores
             io.write_json(out / "history.json", result.history)
             info = {
                 "entry": name,

@@ -1,26 +1,42 @@
-"""Stage `register@<name>`: the fine-tuned model of `methods.<name>` becomes a version of the
-use case's registered model, tagged with its privacy contract, attack and utility metrics."""
+"""Stage `register`: every method's fine-tuned model becomes a version of the use case's
+registered model, tagged with its privacy contract, attack and utility metrics.
+
+One stage for all methods (not one per method): registering is seconds of work after ten of
+start-up, and an unchanged model keeps its version, so re-running it for every model is cheap.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import METRICS_DIR, Params
+from privtune.config import Params
+
+REGISTERED_FILE = Path("reports/registered.json")
 
 
-def register(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
-    """Register models/<name> (idempotent: the same model never gets a second version)."""
+def register(
+    params: Params, names: Sequence[str] = (), root: Path = Path(".")
+) -> dict[str, dict[str, Any]]:
+    """Register models/<name> for the given method entries, or for all of them (the stage,
+    which then writes reports/registered.json). Idempotent: the same model never gets a
+    second version."""
     from privtune.registry import register as register_version
 
-    params.method(name)
-    registered = register_version(name, params.registry.name, root)
-    result = {
-        "registered_model": registered.name,
-        "version": int(registered.version),
-        "created": registered.created,
-        "run_id": registered.run_id,
-    }
-    io.write_json(root / METRICS_DIR / f"register-{name}.json", result)
+    entries = list(names) or list(params.methods)
+    for name in entries:
+        params.method(name)  # an unknown entry fails before anything is registered
+    result = {}
+    for name in entries:
+        registered = register_version(name, params.registry.name, root)
+        result[name] = {
+            "registered_model": registered.name,
+            "version": int(registered.version),
+            "created": registered.created,
+            "run_id": registered.run_id,
+        }
+    if not names:
+        io.write_json(root / REGISTERED_FILE, result)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,9 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     from privtune import tracking
 
     rows = collect(params, root)
-    with io.atomic_dir(root / REPORT_DIR) as out:
+    # Built in a temporary directory, then each file moved into reports/ (which also holds
+    # the register stage's registered.json, so the directory itself is not replaced).
+    with io.atomic_dir(root / REPORT_DIR / ".report") as out:
         plot(rows, root, out)
         io.write_json(out / "report.json", rows)
         text = "\n\n".join(
@@ -166,4 +169,8 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             with tracking.start_run("report", root=root, key=key) as run:
                 run.set_tags({"privtune.stage": "report"})
                 run.log_artifact(out, "report")
+    built = root / REPORT_DIR / ".report"
+    for file in sorted(built.iterdir()):
+        os.replace(file, root / REPORT_DIR / file.name)
+    built.rmdir()
     return {"methods": list(rows), "report": str(REPORT_DIR / "report.md")}
