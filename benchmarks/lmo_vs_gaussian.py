@@ -19,54 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
-from privtune import io
-from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
-from privtune.data.tokenization import encode_records
-from privtune.errors import ConfigError
-from privtune.evaluate import perplexity
-from privtune.modeling import attach_lora, load_pretrained
-from privtune.privacy.lmo_accounting import paper_epsilon
-from privtune.train import make_plan, train
-
-RESULTS = Path(__file__).parent / "results"
-# --quick: the pipeline at a size that runs in minutes on a busy 2-core machine.
-QUICK = {
-    "prepare": {"n_private": 480, "n_public": 600},
-    "base": {"vocab_size": 1024, "n_layer": 1, "n_head": 2, "n_embd": 64, "max_length": 96,
-             "steps": 150, "batch_size": 16},
-    "finetune": {"batch_size": 16, "epochs": 1.0, "eval_every": 1000, "log_every": 1000,
-                 "eval_records": 16, "lora": {"r": 4}},
-}  # fmt: skip
-
-
-def quick_params(params: Params) -> Params:
-    sections = {
-        name: getattr(params, name).model_copy(update=values) for name, values in QUICK.items()
-    }
-    lora = params.finetune.lora.model_copy(update=QUICK["finetune"]["lora"])
-    sections["finetune"] = sections["finetune"].model_copy(update={"lora": lora})
-    return params.model_copy(update=sections)
-
-
-def ensure_project(params: Params, root: Path, quick: bool) -> Path:
-    """The project root holding a base model and prepared data, built when --quick needs it."""
-    if (root / BASE_DIR).is_dir() and (root / PREPARED_DIR / "train.jsonl").is_file():
-        return root
-    if not quick:
-        raise SystemExit(f"no base model under {root}: run `dvc repro base` or pass --quick")
-    from privtune.stages.base import base
-    from privtune.stages.prepare import prepare
-
-    tmp = Path(tempfile.mkdtemp(prefix="lmo-bench-"))
-    print(f"building a reduced project in {tmp} (prepare, base)", flush=True)
-    prepare(params, tmp)
-    base(params, tmp, show_progress=False)
-    return tmp
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ensure_project, load_data, quick_params, run_method  # noqa: E402
+from privtune import io  # noqa: E402
+from privtune.config import load_params  # noqa: E402
+from privtune.errors import ConfigError  # noqa: E402
+from privtune.privacy.lmo_accounting import paper_epsilon  # noqa: E402
+from privtune.train import make_plan, planned_records  # noqa: E402
 
 
 def lmo_options(clip: float, grids: list[str]) -> list[dict[str, Any]]:
@@ -74,24 +37,9 @@ def lmo_options(clip: float, grids: list[str]) -> list[dict[str, Any]]:
 
 
 def run_one(params, root, method, options, data) -> dict[str, Any]:
-    train_data, valid_data, test_data = data
-    model, _ = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
     f = params.finetune
-    model = attach_lora(model, f.lora, seed=f.seed)
-    start = time.perf_counter()
-    result = train(model, train_data, valid_data, f, method, options, show_progress=False)
-    seconds = time.perf_counter() - start
-    row: dict[str, Any] = {
-        "method": method,
-        "options": options,
-        "target_epsilon": f.epsilon,
-        "epsilon_spent": result.epsilon,
-        "steps": result.steps_taken,
-        "sample_rate": result.plan.sample_rate,
-        "delta": result.plan.delta,
-        "seconds_per_step": seconds / max(result.steps_taken, 1),
-        "test_perplexity": perplexity(model, test_data),
-    }
+    row, result = run_method(params, root, method, options, data, epsilon=f.epsilon, seed=f.seed)
+    row["target_epsilon"] = f.epsilon
     if method == "lmo":
         law = result.controller.lmo_params
         paper = paper_epsilon(law, result.plan.sample_rate, result.plan.steps, result.plan.delta)
@@ -146,16 +94,13 @@ def main() -> None:
     if args.quick:
         params = quick_params(params)
     root = ensure_project(params, args.root, args.quick)
-    _, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
-    texts = {n: [r["text"] for r in io.read_jsonl(root / PREPARED_DIR / f"{n}.jsonl")]
-             for n in ("train", "valid", "test")}  # fmt: skip
-    length = params.base.max_length
-    data = tuple(encode_records(texts[n], tokenizer, length) for n in ("train", "valid", "test"))
+    data = load_data(params, root)
     rows = []
     for eps in args.epsilons:
         p = params.model_copy(update={"finetune": params.finetune.model_copy(
             update={"epsilon": eps})})  # fmt: skip
-        plan = make_plan(len(data[0]), p.finetune, private=True)
+        f = p.finetune.model_copy(update={"audit_canaries": 0})  # as run_method trains
+        plan = make_plan(planned_records(len(data.train), f), f, private=True)
         gaussian = run_one(p, root, "dpsgd", {"clip": args.clip}, data)
         lmo, infeasible = None, None
         for options in lmo_options(args.clip, args.grids):

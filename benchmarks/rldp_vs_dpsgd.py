@@ -3,9 +3,9 @@
 For each epsilon and seed both methods fine-tune the same base on the same data through the one
 training loop; the report gives the test perplexity ratio (RLDP / DP-SGD, mean and spread),
 medication accuracy, the steps RLDP needs to reach DP-SGD's final validation loss, and the
-wall-clock ratio of an RLDP step to a DP-SGD step. Needs `dvc repro base` first.
+wall-clock ratio of an RLDP step to a DP-SGD step. Needs `dvc repro base` first (or --quick).
 
-    python benchmarks/rldp_vs_dpsgd.py [--epsilons 1 4 8] [--seeds 0 1 2]
+    python benchmarks/rldp_vs_dpsgd.py [--epsilons 1 4 8] [--seeds 0 1 2] [--quick]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,36 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ensure_project, load_data, quick_params, run_method  # noqa: E402
 from privtune import io  # noqa: E402
-from privtune.config import BASE_DIR, PREPARED_DIR, load_params  # noqa: E402
-from privtune.data.tokenization import encode_records  # noqa: E402
-from privtune.evaluate import evaluate_model  # noqa: E402
-from privtune.modeling import attach_lora, load_pretrained  # noqa: E402
-from privtune.train import train  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def run_one(params, method, options, epsilon, seed, data) -> dict:
-    train_data, valid_data, test_records = data
-    model, tokenizer = load_pretrained(BASE_DIR, field=str(BASE_DIR))
-    f = params.finetune.model_copy(update={"epsilon": epsilon, "seed": seed, "eval_every": 10})
-    model = attach_lora(model, f.lora, seed=seed)
-    start = time.perf_counter()
-    result = train(model, train_data, valid_data, f, method, options, show_progress=False)
-    seconds = time.perf_counter() - start
-    metrics = evaluate_model(model, tokenizer, test_records, params.base.max_length)
-    curve = [(r["step"], r["valid_loss"]) for r in result.history if "valid_loss" in r]
-    return {
-        "method": method,
-        "epsilon": epsilon,
-        "seed": seed,
-        "epsilon_spent": result.epsilon,
-        "steps": result.steps_taken,
-        "seconds_per_step": seconds / result.steps_taken,
-        "curve": curve,
-        **metrics,
-    }
+from privtune.config import load_params  # noqa: E402
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -128,36 +102,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rldp", type=json.loads, default={}, help="RLDP options as JSON")
+    parser.add_argument("--rldp", type=json.loads, default=None,
+                        help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--quick", action="store_true", help="reduced size (common.QUICK)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    params = load_params()
-    _, tokenizer = load_pretrained(BASE_DIR, field=str(BASE_DIR))
-    split = {n: io.read_jsonl(PREPARED_DIR / f"{n}.jsonl") for n in ("train", "valid", "test")}
-    data = (
-        encode_records([r["text"] for r in split["train"]], tokenizer, params.base.max_length),
-        encode_records([r["text"] for r in split["valid"]], tokenizer, params.base.max_length),
-        split["test"],
-    )
+    params = load_params(args.root / "params.yaml")
+    if args.quick:
+        params = quick_params(params)
+    root = ensure_project(params, args.root, args.quick)
+    data = load_data(params, root)
+    rldp = args.rldp if args.rldp is not None else dict(params.method("rldp")[1])
+    dpsgd = dict(params.method("dpsgd")[1]) if "dpsgd" in params.methods else {"clip": 1.0}
+    name = "rldp_vs_dpsgd" + ("_quick" if args.quick else "")
     runs = []
     for eps in args.epsilons:
         for seed in args.seeds:
-            for method, options in (("dpsgd", {"clip": 1.0}), ("rldp", args.rldp)):
-                runs.append(run_one(params, method, options, eps, seed, data))
-                io.write_json(args.out / "rldp_vs_dpsgd_runs.json", runs)  # partial results
-                last = runs[-1]
+            # interleaved, so both methods of a pair see the same machine load
+            for method, options in (("dpsgd", dpsgd), ("rldp", rldp)):
+                run, _ = run_method(params, root, method, options, data, epsilon=eps, seed=seed)
+                runs.append(run)
+                io.write_json(args.out / f"{name}_runs.json", runs)  # partial results
                 print(
-                    f"{method:>6} eps={eps:<4} seed={seed} ppl={last['test_perplexity']:.1f} "
-                    f"spent={last['epsilon_spent']:.3f} "
-                    f"{last['seconds_per_step'] * 1e3:.0f} ms/step",
+                    f"{method:>6} eps={eps:<4} seed={seed} ppl={run['test_perplexity']:.1f} "
+                    f"spent={run['epsilon_spent']:.3f} "
+                    f"{run['seconds_per_step'] * 1e3:.0f} ms/step",
                     flush=True,
                 )
     rows = summarise(runs, args.epsilons, args.seeds)
-    io.write_json(args.out / "rldp_vs_dpsgd.json", {"rows": rows, "runs": runs})
-    plot(runs, rows, args.out / "rldp_vs_dpsgd.png")
-    for row in rows:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    io.write_json(args.out / f"{name}.json", {"quick": args.quick, "rldp": rldp, "rows": rows,
+                                              "runs": runs})  # fmt: skip
+    plot(runs, rows, args.out / f"{name}.png")
+    with io.atomic_file(args.out / f"{name}.md") as handle:
+        handle.write(markdown(rows))
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| ε | test ppl RLDP / DP-SGD (mean [min, max]) | DP-SGD ppl | RLDP ppl | "
+        "medication acc DP-SGD / RLDP | RLDP steps to DP-SGD's final valid loss | "
+        "step time RLDP / DP-SGD | max ε spent |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reach = ", ".join("never" if s is None else str(s) for s in r["rldp_steps_to_dpsgd_final"])
+        lines.append(
+            f"| {r['epsilon']:g} | {r['ppl_ratio_mean']:.3f} [{r['ppl_ratio_min']:.3f}, "
+            f"{r['ppl_ratio_max']:.3f}] | {r['dpsgd_ppl']:.1f} | {r['rldp_ppl']:.1f} | "
+            f"{r['dpsgd_med_acc']:.3f} / {r['rldp_med_acc']:.3f} | {reach} of "
+            f"{r['dpsgd_steps']} | {r['step_time_ratio']:.3f} | {r['max_epsilon_spent']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Test-wide settings: no telemetry, no network, quiet libraries."""
 
 import os
+import tempfile
 
 from privtune.tracking import TELEMETRY_OFF
 
@@ -8,6 +9,8 @@ for key, value in {
     **TELEMETRY_OFF,
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # the accountant's calibration cache stays out of the user's home during tests
+    "PRIVTUNE_CACHE_DIR": tempfile.mkdtemp(prefix="privtune-test-cache-"),
 }.items():
     os.environ.setdefault(key, value)
 

@@ -1,5 +1,6 @@
 """The accountant: exact composition of ledgers, agreement with an independent library."""
 
+import json
 import math
 
 import dp_accounting
@@ -69,3 +70,35 @@ def test_ledger_segments_and_round_trip(tmp_path):
     assert PrivacyLedger.load(tmp_path / "ledger.json").entries == ledger.entries
     with pytest.raises(ValueError):
         ledger.record(LedgerEntry(7, 0.1, 0.0, (1.0,), (0.0,), 3))
+
+
+def test_pld_agrees_with_prv_and_is_tighter_than_rdp():
+    for schedule in ([(0.6, 0.03, 68)], [(0.6, 0.03, 30), (0.7, 0.03, 38)], [(1.0, 0.01, 1000)]):
+        pld = accountant.epsilon(schedule, 1e-5, "pld")
+        assert pld == pytest.approx(accountant.epsilon(schedule, 1e-5, "prv"), rel=0.01)
+        assert pld < accountant.epsilon(schedule, 1e-5, "rdp")
+
+
+def test_pld_composition_does_not_depend_on_how_a_schedule_is_cut():
+    whole = accountant.epsilon([(0.8, 0.02, 300)], 1e-5, "pld")
+    cut = accountant.epsilon([(0.8, 0.02, 100), (0.8, 0.02, 150), (0.8, 0.02, 50)], 1e-5, "pld")
+    assert cut == pytest.approx(whole, rel=1e-3)
+    swapped = [(1.2, 0.02, 100), (0.8, 0.02, 200)]
+    assert accountant.epsilon(swapped, 1e-5, "pld") == pytest.approx(
+        accountant.epsilon(swapped[::-1], 1e-5, "pld"), rel=1e-3
+    )
+
+
+def test_calibration_cache_is_used_only_when_it_is_safe(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIVTUNE_CACHE_DIR", str(tmp_path))
+    sigma = accountant.calibrate_noise(4.0, 1e-5, 0.02, 200, "pld")
+    cache = tmp_path / "calibration.json"
+    assert cache.is_file()
+    assert accountant.calibrate_noise(4.0, 1e-5, 0.02, 200, "pld") == sigma
+    # An edited (or stale) entry that would overspend is ignored and recalibrated.
+    entries = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: sigma / 2 for key in entries}))
+    assert accountant.calibrate_noise(4.0, 1e-5, 0.02, 200, "pld") == pytest.approx(sigma)
+    cache.write_text("not json")
+    assert accountant.calibrate_noise(4.0, 1e-5, 0.02, 200, "pld") == pytest.approx(sigma)
+    assert accountant.epsilon([(sigma, 0.02, 200)], 1e-5, "pld") <= 4.0

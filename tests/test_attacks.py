@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -477,14 +478,16 @@ def test_run_attacks_reports_flat_floats_and_no_text(
         f"extraction_sampled_r{PLANTED_REPS}",
         "extraction_greedy_held_out",
         "audit_epsilon_lower_bound",
-        "audit_m",
-        "audit_guesses",
-        "audit_correct",
+        "audit_blackbox_epsilon_lower_bound",
+        "audit_blackbox_m",
+        "audit_blackbox_guesses",
+        "audit_blackbox_correct",
     ):
         assert key in metrics, key
     assert metrics["mia_auc_max"] > 0.9
     assert metrics[f"extraction_greedy_r{PLANTED_REPS}"] == 1.0
-    assert metrics["audit_m"] == 16.0
+    assert metrics["audit_blackbox_m"] == 16.0
+    assert metrics["audit_epsilon_lower_bound"] == metrics["audit_blackbox_epsilon_lower_bound"]
     assert [f.name for f in figures] == ["roc-overfit.png"] and figures[0].stat().st_size > 0
 
     secrets = [c.secret for c in world["canaries"] + world["audit"]]
@@ -527,10 +530,35 @@ def test_summarize_groups_by_repetitions():
         CanaryExtraction("b", 1, False, 0, 4),
         CanaryExtraction("d", 0, False, 0, 4),
     ]
-    metrics = summarize({"loss": roc, "zlib": roc}, exposures, extractions, None)
+    metrics = summarize({"loss": roc, "zlib": roc}, exposures, extractions, {})
     assert metrics["exposure_r1_mean"] == 3.0 and metrics["exposure_r1_max"] == 4.0
     assert metrics["exposure_r16_mean"] == 9.0 and metrics["exposure_held_out_mean"] == 1.0
     assert metrics["extraction_greedy_r1"] == 0.5 and metrics["extraction_sampled_r1"] == 1 / 8
     assert metrics["extraction_greedy_held_out"] == 0.0
     assert metrics["mia_loss_tpr_at_fpr_0.01"] == 0.02 and metrics["mia_auc_max"] == 0.6
     assert not any(k.startswith("audit_") for k in metrics)
+
+
+def test_both_audits_share_the_confidence_and_the_larger_bound_is_reported(
+    world, overfit_model, untouched_model
+):
+    """Text canaries (black-box) and gradient canaries (white-box) are audited at half the
+    significance each (Bonferroni), so the larger of the two bounds keeps the confidence."""
+    from privtune.privacy.gradient_canaries import GradientCanaries
+
+    gradient = GradientCanaries.draw(64, 1000, seed=0, norm=1.0)
+    gradient.scores = np.where(gradient.included, 5.0, 0.0)  # a leak no DP run would show
+    config = replace(SMALL, samples=0, n_candidates=100)
+    args = (world["tokenizer"], world["members"], world["non_members"], world["canaries"])
+    both, _ = run_attacks(
+        overfit_model, untouched_model, *args, world["audit"], config, gradient_canaries=gradient
+    )
+    alone, _ = run_attacks(
+        overfit_model, untouched_model, *args, (), config, gradient_canaries=gradient
+    )
+    whitebox = both["audit_whitebox_epsilon_lower_bound"]
+    assert both["audit_epsilon_lower_bound"] == max(
+        whitebox, both["audit_blackbox_epsilon_lower_bound"]
+    )
+    assert 0 < whitebox < alone["audit_whitebox_epsilon_lower_bound"]  # half the significance
+    assert both["audit_whitebox_m"] == 64.0

@@ -173,6 +173,31 @@ def test_noisy_count_release_is_centred_scaled_and_noised():
     assert empty == pytest.approx(0.5)  # noise alone around the centre
 
 
+def test_norm_histogram_release_counts_each_group_and_level():
+    """RLDP's observation of the norms: per group k and level l, the noisy fraction of samples
+    with ||g_k|| <= l * C_k, each count centred (sensitivity 1/2) and noised."""
+    norms = torch.tensor([[0.1, 0.1], [0.5, 3.0], [2.0, 0.1], [0.2, 0.2], [0.3, 0.9]])
+    clips, levels = [1.0, 0.5], [0.5, 1.0, 2.0]
+    mech = GaussianMechanism([[torch.nn.Parameter(torch.zeros(1))]] * 2, torch.Generator())
+    mech.generator.manual_seed(0)
+    exact = mech.release_norm_histogram(norms, clips, levels, 1e-9, expected=4.0)
+    direct = np.array(
+        [[float((norms[:, k] <= lv * clips[k]).sum()) for lv in levels] for k in range(2)]
+    )
+    np.testing.assert_allclose(exact, (direct - 5 / 2) / 4.0 + 0.5, atol=1e-6)
+    draws = np.stack(
+        [mech.release_norm_histogram(norms, clips, levels, 2.0, 4.0) for _ in range(3000)]
+    )
+    assert draws.std(axis=0) == pytest.approx(np.full((2, 3), 0.5), rel=0.08)
+    # D counts of std sigma_b cost what one count of std sigma_b / sqrt(D) costs
+    one = effective_noise_multiplier([1.0], [2.0], 3.0 / math.sqrt(6))
+    assert effective_noise_multiplier([1.0], [2.0], 3.0, count_dims=6) == pytest.approx(one)
+    z = gradient_noise_multiplier(0.8, 3.0, count_dims=6)
+    assert effective_noise_multiplier([1.0], [z], 3.0, count_dims=6) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="sqrt"):
+        gradient_noise_multiplier(2.0, 1.0, count_dims=6)
+
+
 def test_ledger_reads_entries_saved_before_the_count_field(tmp_path):
     old = {
         "version": 1,
@@ -279,6 +304,14 @@ def test_quantile_in_the_loop_releases_the_count_at_the_ledgers_cost(tiny_model,
     clips = [e.clip_thresholds[0] for e in result.ledger.entries]
     assert clips[-1] > clips[0]  # a tiny start clips everything: the threshold grows
     assert "unclipped_fraction_dp" in result.history[0]
+    # The threshold moves every interval but z does not: the ledger records the admitted z
+    # exactly (the stds carry a rounding margin above it), so the run is one segment for the
+    # accountant instead of one per step.
+    assert len(result.ledger.segments()) == 1
+    assert all(e.noise_multiplier == z for e in result.ledger.entries)
+    for e in result.ledger.entries:  # ...and the noise actually drawn is at least that z
+        actual = effective_noise_multiplier(e.clip_thresholds, e.noise_stds, e.count_noise_std)
+        assert actual >= e.noise_multiplier
 
 
 # -- the decaying schedule --------------------------------------------------------------------

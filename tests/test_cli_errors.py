@@ -140,3 +140,11 @@ def test_audit_above_the_claimed_epsilon_fails_loudly(project, capsys, tmp_path,
     code, err = _run(root, "attack", "dpsgd", capsys=capsys)
     assert code == 4 and "privacy audit violation" in err and "exceeds the claimed" in err
     assert not (root / "metrics/attack-dpsgd.json").exists()
+
+
+def test_register_names_unknown_and_untrained_methods_and_registers_nothing(project, capsys):
+    code, err = _run(project, "register", "dpsgd", "nosuch", capsys=capsys)
+    assert code == 2 and "methods.nosuch" in err
+    code, err = _run(project, "register", capsys=capsys)  # every method: none is trained yet
+    assert code == 2 and "fine-tuned model missing" in err and "finetune@" in err
+    assert not (project / "reports/registered.json").exists()

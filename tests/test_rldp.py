@@ -10,6 +10,7 @@ import torch
 
 from privtune.control import Action, ControllerContext, Observation, build_controller
 from privtune.modeling import attach_lora
+from privtune.privacy.mechanisms import effective_noise_multiplier
 from privtune.train import train
 from tests.test_train import PARAMS, _data
 
@@ -21,6 +22,7 @@ CTX = ControllerContext(
     delta=1e-5,
     calibrated_noise=1.0,
     seed=0,
+    expected_batch_size=10.0,
 )
 OPTIONS = {"rl_interval": 2, "warmup_intervals": 1, "sac_batch_size": 2, "sac_updates": 2}
 
@@ -39,6 +41,7 @@ def _obs(step, valid=5.0, eps=0.5, **changes):
         norm_mean=(0.3,) * 3,
         norm_std=(0.1,) * 3,
         action=Action((1.0, 1.0, 1.0), 1.0),
+        norm_histogram_dp=((0.2, 0.5, 0.9),) * 3,
     )
     return dataclasses.replace(base, **changes)
 
@@ -65,6 +68,10 @@ def test_actions_stay_in_bounds_and_the_policy_learns():
     assert controller.sac._n_updates > 0
     assert math.isfinite(controller.metrics()["rldp/reward"])
     assert controller.reserve_noise() == pytest.approx(1.5)
+    # every action asks the mechanism for the DP norm histogram, at sigma_b = B / 4
+    assert all(a.count_levels == (0.5, 1.0, 2.0) for a in actions)
+    assert all(a.count_noise == pytest.approx(2.5) for a in actions)
+    assert controller.metrics()["rldp/obs/unclipped_dp/a"] == pytest.approx(0.5)
 
 
 def test_features_ignore_private_training_statistics():
@@ -82,6 +89,20 @@ def test_features_ignore_private_training_statistics():
         norm_std=(4.0,) * 3,
     )
     np.testing.assert_array_equal(controller._features(private_changed), plain)
+
+
+def test_features_read_the_dp_norm_histogram_and_need_it():
+    controller = build_controller("rldp", CTX, OPTIONS)
+    _drive(controller, 4)
+    plain = controller._features(_obs(10))
+    shifted = controller._features(_obs(10, norm_histogram_dp=((0.0, 0.1, 0.4),) * 3))
+    assert not np.array_equal(plain, shifted)
+    noisy = controller._features(_obs(10, norm_histogram_dp=((-0.3, 0.5, 1.4),) * 3))
+    assert noisy[6:15].min() >= 0.0 and noisy[6:15].max() <= 1.0  # noisy fractions: clipped
+    with pytest.raises(ValueError, match="histogram"):
+        controller._features(_obs(10, norm_histogram_dp=None))
+    blind = build_controller("rldp", CTX, {**OPTIONS, "norm_levels": []})
+    assert blind._decode(blind.safe).count_noise is None  # no release, no cost
 
 
 def test_nan_observation_and_failed_update_fall_back_to_the_last_safe_action(monkeypatch):
@@ -132,3 +153,15 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
     assert len({e.noise_multiplier for e in result.ledger.entries}) > 1  # a real schedule
     assert all(len(e.clip_thresholds) == 4 for e in result.ledger.entries)
     assert any("rldp/reward" in m for m in logged)
+    # the norm histogram (4 adapters x 3 levels) is released every step and charged: the
+    # ledger's z is that of gradient and counts together, as the noise drawn says
+    expected = result.plan.sample_rate * result.plan.n_records
+    for e in result.ledger.entries:
+        assert e.count_dims == 12 and e.count_noise_std == pytest.approx(expected / 4)
+        drawn = effective_noise_multiplier(
+            e.clip_thresholds, e.noise_stds, e.count_noise_std, e.count_dims
+        )
+        assert drawn >= e.noise_multiplier * (1 - 1e-12)
+    assert any(k.startswith("rldp/obs/unclipped_dp/") for m in logged for k in m)
+    histogram = result.controller.last_features[6:18]
+    assert 0 < histogram.mean() < 1

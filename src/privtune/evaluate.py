@@ -22,12 +22,28 @@ def perplexity(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 3
     return math.exp(mean_token_loss(model, data, batch_size))
 
 
-def _encode_prompt(tokenizer, prompt: str, continuations: Sequence[str], limit: int):
-    # Whitespace before the answer belongs to the answer's first token in byte-level BPE.
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """(stem, gap): whitespace before the answer belongs to the answer's first token in
+    byte-level BPE, so it moves from the prompt to every continuation (a prompt without
+    trailing whitespace gets a space)."""
     stem = prompt.rstrip()
-    gap = prompt[len(stem) :] or " "
+    return stem, prompt[len(stem) :] or " "
+
+
+def encode_continuations(tokenizer, gap: str, continuations: Sequence[str]) -> list[list[int]]:
+    """Token ids of each continuation after ``gap``, in one batched tokenizer call (scoring the
+    same candidates after many prompts can reuse them)."""
+    texts = [gap + c for c in continuations]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _encode_prompt(
+    tokenizer, prompt: str, continuations: Sequence[str], limit: int, tails=None
+) -> tuple[list[int], list[list[int]]]:
+    stem, gap = split_prompt(prompt)
     prefix = [bos_id(tokenizer)] + tokenizer(stem, add_special_tokens=False)["input_ids"]
-    tails = [tokenizer(gap + c, add_special_tokens=False)["input_ids"] for c in continuations]
+    if tails is None:
+        tails = encode_continuations(tokenizer, gap, continuations)
     longest = max(len(t) for t in tails)
     return prefix[-(limit - longest) :], tails
 
@@ -39,15 +55,21 @@ def _position_limit(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: torch.nn.Module, tokenizer, prompt: str, continuations: Sequence[str]
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    continuations: Sequence[str],
+    tails: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Sum of log p(continuation tokens | prompt) for each continuation.
 
     The prompt is run once and its key/value cache shared by every continuation, so scoring
-    50 drug names costs one long forward pass and one short batched one.
+    50 drug names costs one long forward pass and one short batched one. ``tails`` may carry
+    the continuations' ids from :func:`encode_continuations` (with the prompt's own gap).
     """
     device = next(model.parameters()).device
-    prefix, tails = _encode_prompt(tokenizer, prompt, continuations, _position_limit(model))
+    limit = _position_limit(model)
+    prefix, tails = _encode_prompt(tokenizer, prompt, continuations, limit, tails)
     n, width = len(tails), max(len(t) for t in tails)
     prompt_ids = torch.tensor([prefix], device=device)
     out = model(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), use_cache=True)

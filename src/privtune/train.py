@@ -36,6 +36,7 @@ from privtune.privacy.lmo_mechanism import LMOParams, noise_std
 from privtune.privacy.mechanisms import (
     GaussianMechanism,
     LMOMechanism,
+    count_dims,
     effective_noise_multiplier,
     gradient_noise_multiplier,
     uniform_noise_stds,
@@ -106,6 +107,7 @@ class _Observer:
         self.norms: list[torch.Tensor] = []
         self.clipped: list[float] = []
         self.released: list[float] = []  # DP releases of the unclipped fraction
+        self.histograms: list[np.ndarray] = []  # DP releases of the norm histogram
         self.previous_loss = math.nan
 
     def add(
@@ -114,6 +116,7 @@ class _Observer:
         norms: torch.Tensor | None,
         clipped: float,
         released: float | None = None,
+        histogram: np.ndarray | None = None,
     ) -> None:
         self.losses.append(loss)
         if norms is not None and norms.numel():
@@ -121,6 +124,8 @@ class _Observer:
         self.clipped.append(clipped)
         if released is not None:
             self.released.append(released)
+        if histogram is not None:
+            self.histograms.append(histogram)
 
     def observe(self, step: int, plan: TrainingPlan, action: Action, **kwargs: Any) -> Observation:
         loss = float(np.mean(self.losses)) if self.losses else math.nan
@@ -137,10 +142,16 @@ class _Observer:
             norm_std=tuple(norms.std(0, correction=0).tolist()),
             action=action,
             unclipped_fraction_dp=float(np.mean(self.released)) if self.released else None,
+            norm_histogram_dp=(
+                tuple(map(tuple, np.mean(self.histograms, axis=0).tolist()))
+                if self.histograms
+                else None
+            ),
             **kwargs,
         )
         self.previous_loss = loss
         self.losses, self.norms, self.clipped, self.released = [], [], [], []
+        self.histograms = []
         return obs
 
 
@@ -259,6 +270,7 @@ def train(
     action: Action | None = None
     stds: tuple[float, ...] = ()
     count_std: float | None = None
+    dims = 1  # counts released per step with count_std (mechanisms.count_dims)
     next_decision = 0
     valid_loss = math.nan
     eps_spent = 0.0
@@ -299,8 +311,9 @@ def train(
                             lmo_stds[lmo_law] = noise_std(lmo_law)
                     else:
                         action, stds, count_std = _apply_admission(
-                            action, admitted.noise_multiplier
+                            action, admitted.noise_multiplier, len(groups)
                         )
+                        dims = count_dims(len(groups), action.count_levels)
                 next_decision = step + max(1, controller.interval)
                 decision_metrics = controller.metrics()
                 if on_log and decision_metrics:
@@ -351,7 +364,11 @@ def train(
                 )
                 observer.add(loss_value, stats.norms, stats.clipped_fraction)
             elif private:
-                z = effective_noise_multiplier(action.clip_thresholds, stds, count_std)
+                z = effective_noise_multiplier(action.clip_thresholds, stds, count_std, dims)
+                if z >= action.noise_multiplier:
+                    # stds carry a rounding margin above the admitted z (see _apply_admission):
+                    # record the admitted z, so an interval's steps stay one ledger segment.
+                    z = action.noise_multiplier
                 guard.check_step(z)
                 stats = mechanism.step(
                     action.clip_thresholds,
@@ -361,6 +378,7 @@ def train(
                     scaling=action.scaling,
                     stability=action.stability,
                     count_std=count_std,
+                    count_levels=action.count_levels,
                 )
                 ledger.record(
                     LedgerEntry(
@@ -371,10 +389,15 @@ def train(
                         noise_stds=tuple(stds),
                         batch_size=len(index),
                         count_noise_std=count_std,
+                        count_dims=dims,
                     )
                 )
                 observer.add(
-                    loss_value, stats.norms, stats.clipped_fraction, stats.unclipped_fraction_dp
+                    loss_value,
+                    stats.norms,
+                    stats.clipped_fraction,
+                    stats.unclipped_fraction_dp,
+                    stats.norm_histogram_dp,
                 )
             else:
                 for p in trainable:
@@ -433,26 +456,33 @@ def _checked_reserve(noise: float) -> float:
     return noise
 
 
+# Relative excess of the noise stds over the admitted multiplier (float rounding only).
+ROUNDING_MARGIN = 1e-9
+
+
 def _apply_admission(
-    action: Action, noise: float
+    action: Action, noise: float, n_groups: int
 ) -> tuple[Action, tuple[float, ...], float | None]:
     """Rescale the action's noise to the admitted multiplier z; return the action, per-group
-    gradient stds and the count's noise std, together making one step of multiplier >= z."""
+    gradient stds and the counts' noise std, together making one step of multiplier >= z."""
     count_std = action.count_noise
     grad_noise = noise
     if count_std is not None:
-        # The count must leave room for gradient noise, z < 2 sigma_b; should the admitted z
-        # reach 2 sigma_b, sigma_b is raised to z (the count then takes a quarter of the step).
-        if not 2 * count_std > noise * (1 + 1e-6):
-            count_std = noise
-        grad_noise = gradient_noise_multiplier(noise, count_std)
+        dims = count_dims(n_groups, action.count_levels)
+        # The counts must leave room for gradient noise, z sqrt(D) < 2 sigma_b; should the
+        # admitted z reach that, sigma_b is raised to z sqrt(D) (counts take a quarter of it).
+        if not 2 * count_std > noise * math.sqrt(dims) * (1 + 1e-6):
+            count_std = noise * math.sqrt(dims)
+        grad_noise = gradient_noise_multiplier(noise, count_std, dims)
     if action.noise_stds is None:
-        stds = uniform_noise_stds(action.clip_thresholds, grad_noise)
+        # A hair more noise than z needs, so recombining the stds into z never rounds below it.
+        stds = uniform_noise_stds(action.clip_thresholds, grad_noise * (1 + ROUNDING_MARGIN))
         return replace(action, noise_multiplier=noise, count_noise=count_std), stds, count_std
     requested = effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
     factor = grad_noise / requested if requested > 0 else math.inf
     stds = tuple(s * max(1.0, factor) for s in action.noise_stds)
-    total = effective_noise_multiplier(action.clip_thresholds, stds, count_std)
+    dims = count_dims(n_groups, action.count_levels)
+    total = effective_noise_multiplier(action.clip_thresholds, stds, count_std, dims)
     admitted = replace(action, noise_multiplier=total, noise_stds=stds, count_noise=count_std)
     return admitted, stds, count_std
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from privtune.data.canaries import Canary, candidate_secrets
-from privtune.evaluate import continuation_logprobs
+from privtune.evaluate import continuation_logprobs, encode_continuations, split_prompt
 
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """Memory allowed for one chunk's float32 logits (continuations x tokens x vocabulary)."""
@@ -33,17 +33,31 @@ def chunked_continuation_logprobs(
     prompt: str,
     continuations: Sequence[str],
     chunk_size: int | None = None,
+    tails: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """:func:`privtune.evaluate.continuation_logprobs` over chunks, for bounded memory.
 
     Each chunk re-runs the (short) prompt once and shares its KV cache within the chunk.
+    ``tails``: the continuations' ids after the prompt's gap, when the caller has them.
     """
     size = chunk_size or default_chunk_size(model)
+    if tails is None:
+        tails = encode_continuations(tokenizer, _gap(prompt), continuations)
     parts = [
-        continuation_logprobs(model, tokenizer, prompt, continuations[start : start + size])
+        continuation_logprobs(
+            model,
+            tokenizer,
+            prompt,
+            continuations[start : start + size],
+            tails[start : start + size],
+        )
         for start in range(0, len(continuations), size)
     ]
     return torch.cat(parts) if parts else torch.empty(0)
+
+
+def _gap(prompt: str) -> str:
+    return split_prompt(prompt)[1]
 
 
 def secret_rank(secret_score: float, candidate_scores: np.ndarray) -> float:
@@ -86,10 +100,15 @@ def canary_exposures(
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
     model.eval()
     candidates = candidate_secrets(n_candidates, seed, exclude={c.secret for c in canaries})
+    encoded: dict[str, list[list[int]]] = {}  # candidates' ids per gap, shared by canaries
     results = []
     for canary in canaries:
+        gap = _gap(canary.prefix)
+        if gap not in encoded:
+            encoded[gap] = encode_continuations(tokenizer, gap, candidates)
+        tails = [*encode_continuations(tokenizer, gap, [canary.secret]), *encoded[gap]]
         scores = chunked_continuation_logprobs(
-            model, tokenizer, canary.prefix, [canary.secret, *candidates], chunk_size
+            model, tokenizer, canary.prefix, [canary.secret, *candidates], chunk_size, tails
         ).double()
         secret, others = float(scores[0]), scores[1:].numpy()
         rank = secret_rank(secret, others)

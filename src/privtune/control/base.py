@@ -44,6 +44,9 @@ class Action:
     # Std of the noisy unclipped count to release every step (Andrew et al. 2021); None = none.
     # noise_multiplier is the step's total z: the gradient gets the part the count leaves.
     count_noise: float | None = None
+    # With count_noise: release instead, per group k, the noisy fraction of samples whose norm
+    # is <= level * C_k for each level (a DP histogram of the norms; mechanisms.py).
+    count_levels: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class Observation:
     # Everything above from train_loss to norm_std is computed from the protected records
     # WITHOUT noise: a private controller must not set thresholds or noise from it.
     unclipped_fraction_dp: float | None = None
+    # Mean over the interval of the DP-released norm histogram: per group, per level of the
+    # action's count_levels, the fraction of samples with norm <= level * C_k (None: not released)
+    norm_histogram_dp: tuple[tuple[float, ...], ...] | None = None
 
 
 class Controller(ABC):

@@ -3,10 +3,14 @@ online during the fine-tuning run, sets per-adapter clipping thresholds and the 
 multiplier every ``rl_interval`` steps.
 
 Soundness: the policy sees only (a) the loss on held-out validation records, (b) public
-quantities (epsilon spent, progress, its own past actions). It never reads the per-sample
-gradient norms or the training loss of the protected records: actions chosen from those would
-leak information the ledger does not account for. Every action still goes through the budget
-guard, so no policy (random, failing or learned) can end a run above the target epsilon.
+quantities (epsilon spent, progress, its own past actions), (c) a differentially private
+histogram of each adapter's per-sample gradient norms: every step the mechanism releases, per
+adapter k and level l, the noisy fraction of samples with norm <= l * C_k (levels 0.5, 1, 2:
+the clip fraction, and where the norms lie around the threshold), and the ledger charges it
+(mechanisms.py). It never reads the raw norms or the training loss of the protected records:
+actions chosen from those would leak information no ledger accounts for. Every action still
+goes through the budget guard, so no policy (random, failing or learned) can end a run above
+the target epsilon.
 
 Reward of an interval: validation-loss improvement divided by the interval's pace of privacy
 spending relative to a uniform schedule, r = dU / max(pace, 0.05) with
@@ -33,6 +37,7 @@ from privtune.control.registry import register_controller
 log = logging.getLogger(__name__)
 
 N_FEATURES = 6  # valid loss, its change, eps spent/target, progress, pace, budget per step left
+# (plus the DP norm histogram, adapters x levels, and the last action)
 
 
 class _Spaces(gym.Env):
@@ -68,6 +73,8 @@ class RLDP(Controller):
         clip_bounds: tuple[float, float] = (0.5, 2.0),
         noise_bounds: tuple[float, float] = (0.8, 1.5),
         clip: float = 1.0,
+        norm_levels: tuple[float, ...] = (0.5, 1.0, 2.0),
+        norm_noise: float = 0.25,
         warm_start: str | None = None,
     ) -> None:
         super().__init__(ctx)
@@ -85,6 +92,15 @@ class RLDP(Controller):
         z_lo, z_hi = noise_bounds
         if not (0 < lo < hi and 0 < z_lo < z_hi):
             raise ValueError("bounds must be 0 < low < high (both are multiples of the defaults)")
+        levels = tuple(float(level) for level in norm_levels)
+        if any(not level > 0 for level in levels) or not norm_noise > 0:
+            raise ValueError("norm_levels must be > 0 and norm_noise > 0 (or norm_levels: [])")
+        if levels and not ctx.expected_batch_size:
+            raise ValueError("the DP norm histogram needs the expected batch size")
+        self.norm_levels = levels
+        # sigma_b of each count, as a fraction of the expected batch (0.25: a fraction's noise
+        # is 0.25 per step, about 0.1 averaged over a 5-step interval)
+        self.count_noise = norm_noise * ctx.expected_batch_size if levels else None
         self.interval = rl_interval
         self.warmup_intervals = warmup_intervals
         self.sac_updates = sac_updates
@@ -97,7 +113,7 @@ class RLDP(Controller):
             math.log(z_hi * ctx.calibrated_noise),
         )
         act_dim = self.n_groups + 1
-        obs_dim = N_FEATURES + act_dim
+        obs_dim = N_FEATURES + self.n_groups * len(levels) + act_dim
         self.sac = SAC(
             "MlpPolicy",
             _Spaces(obs_dim, act_dim),
@@ -115,6 +131,7 @@ class RLDP(Controller):
         self.obs_rms = RunningMeanStd(shape=(obs_dim,))
         self.rng = np.random.default_rng(ctx.seed)
         self.safe = self._encode(split, ctx.calibrated_noise)
+        self._obs_dim = obs_dim
         self._prev: tuple[np.ndarray, np.ndarray] | None = None
         self._prev_valid: float | None = None
         self._prev_eps = 0.0
@@ -122,6 +139,7 @@ class RLDP(Controller):
         self.decisions = 0
         self.fallbacks = 0
         self.last_reward = math.nan
+        self.last_features: np.ndarray | None = None
         if warm_start:
             self.load_state_dict(torch.load(warm_start, weights_only=False))
 
@@ -142,7 +160,12 @@ class RLDP(Controller):
             return math.exp(low + (float(u) + 1) / 2 * (high - low))
 
         clips = tuple(value(u, self.log_clip) for u in vector[: self.n_groups])
-        return Action(clip_thresholds=clips, noise_multiplier=value(vector[-1], self.log_noise))
+        return Action(
+            clip_thresholds=clips,
+            noise_multiplier=value(vector[-1], self.log_noise),
+            count_noise=self.count_noise,
+            count_levels=self.norm_levels,
+        )
 
     def reserve_noise(self) -> float:
         return math.exp(self.log_noise[1])
@@ -157,7 +180,13 @@ class RLDP(Controller):
         spent = obs.epsilon_spent / obs.epsilon_target
         steps_left = max(obs.total_steps - obs.step, 1) / obs.total_steps
         features = [valid, change, spent, progress, self._pace(obs), (1 - spent) / steps_left]
-        vector = np.concatenate([np.array(features, np.float32), self._prev[1]])
+        histogram = np.zeros(self.n_groups * len(self.norm_levels), np.float32)
+        if self.norm_levels:
+            if obs.norm_histogram_dp is None:
+                raise ValueError("the DP norm histogram was not released")
+            # fractions: noise can push them outside [0, 1]
+            histogram = np.clip(np.ravel(obs.norm_histogram_dp), 0.0, 1.0).astype(np.float32)
+        vector = np.concatenate([np.array(features, np.float32), histogram, self._prev[1]])
         if not np.all(np.isfinite(vector)):
             raise ValueError("observation is not finite")
         return vector
@@ -175,7 +204,7 @@ class RLDP(Controller):
     def act(self, observation: Observation | None) -> Action:
         if observation is None or self._prev is None:
             vector = self.safe
-            self._prev = (np.zeros(N_FEATURES + self.n_groups + 1, np.float32), vector)
+            self._prev = (np.zeros(self._obs_dim, np.float32), vector)
         else:
             try:
                 vector = self._learn_and_act(observation)
@@ -191,6 +220,7 @@ class RLDP(Controller):
 
     def _learn_and_act(self, obs: Observation) -> np.ndarray:
         raw = self._features(obs)
+        self.last_features = raw
         self.obs_rms.update(raw[None])
         x = np.clip((raw - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -5, 5)
         x = x.astype(np.float32)
@@ -215,11 +245,26 @@ class RLDP(Controller):
         return vector
 
     def metrics(self) -> dict[str, float]:
-        return {
+        """The last decision: reward, fallbacks and a summary of what the policy observed."""
+        metrics = {
             "rldp/reward": self.last_reward,
             "rldp/fallbacks": float(self.fallbacks),
             "rldp/replay_size": float(self.sac.replay_buffer.size()),
         }
+        raw = self.last_features
+        if raw is not None:
+            metrics |= {
+                "rldp/obs/valid_loss": float(raw[0]),
+                "rldp/obs/epsilon_fraction": float(raw[2]),
+                "rldp/obs/pace": float(raw[4]),
+            }
+            levels = len(self.norm_levels)
+            if levels and 1.0 in self.norm_levels:  # the DP fraction within each threshold
+                at = self.norm_levels.index(1.0)
+                histogram = raw[N_FEATURES : N_FEATURES + self.n_groups * levels]
+                for k, name in enumerate(self.ctx.group_names):
+                    metrics[f"rldp/obs/unclipped_dp/{name}"] = float(histogram[k * levels + at])
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -19,9 +19,13 @@ the subsampled LMO RDP of the others, at the same integer orders 2..128, then co
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld
@@ -71,9 +75,22 @@ def _pld_epsilon(segments: Sequence[Segment], delta: float) -> float:
     return float(_pld_schedule(tuple(segments)).get_epsilon_for_delta(delta))
 
 
+def _merge_adjacent(segments: list[Segment]) -> list[Segment]:
+    """Adjacent segments of the same (z, q) are one: a constant schedule stays one segment
+    however the guard cuts it (ledger so far, next interval, the rest), so its composition is
+    computed once and cached."""
+    merged: list[Segment] = []
+    for z, q, n in segments:
+        if merged and merged[-1][:2] == (z, q):
+            merged[-1] = (z, q, merged[-1][2] + n)
+        else:
+            merged.append((z, q, n))
+    return merged
+
+
 def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "pld") -> float:
     """Epsilon spent by a schedule of subsampled-Gaussian segments (an upper bound)."""
-    segments = [(z, q, n) for z, q, n in segments if n > 0]
+    segments = _merge_adjacent([(z, q, n) for z, q, n in segments if n > 0])
     if not segments:
         return 0.0
     if any(z <= 0 for z, _, _ in segments):
@@ -99,7 +116,54 @@ def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "pld") 
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "pld"
 ) -> float:
-    """Smallest noise multiplier whose `steps` steps spend at most the target epsilon."""
+    """Smallest noise multiplier whose `steps` steps spend at most the target epsilon.
+
+    Results are cached on disk (every private method of a pipeline run asks the same question,
+    seconds each); a cached value is used only after checking that it spends at most the
+    target, so a stale or edited cache can cost utility but never privacy.
+    """
+    key = "|".join(
+        map(repr, (_CACHE_VERSION, accountant, target_epsilon, delta, sample_rate, steps))
+    )
+    cache = _read_cache()
+    cached = cache.get(key)
+    safe = isinstance(cached, float) and cached > 0
+    if safe and epsilon([(cached, sample_rate, steps)], delta, accountant) <= target_epsilon:
+        return cached
+    sigma = _calibrate(target_epsilon, delta, sample_rate, steps, accountant)
+    _write_cache({**cache, key: sigma})
+    return sigma
+
+
+# Bumped whenever calibration or the accountants' versions change what a key means.
+_CACHE_VERSION = (1, metadata.version("opacus"), metadata.version("dp-accounting"))
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("PRIVTUNE_CACHE_DIR") or Path.home() / ".cache" / "privtune"
+    return Path(base) / "calibration.json"
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        data = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(data: dict[str, float]) -> None:
+    try:
+        from privtune.io import write_json
+
+        write_json(_cache_file(), data)
+    except OSError:
+        pass  # a read-only home: calibrate again next time
+
+
+def _calibrate(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
     if accountant == "pld":
         return _calibrate_by_bisection(target_epsilon, delta, sample_rate, steps, accountant)
     sigma = get_noise_multiplier(
@@ -121,7 +185,7 @@ def _calibrate_by_bisection(
 ) -> float:
     """Geometric bisection on z (epsilon falls as z grows), bracketed by RDP's calibration:
     RDP is looser, so its z spends at most the target here too."""
-    high = calibrate_noise(target, delta, q, steps, "rdp")
+    high = _calibrate(target, delta, q, steps, "rdp")
     low = high / 2
     while epsilon([(low, q, steps)], delta, accountant) <= target:
         high, low = low, low / 2

@@ -33,6 +33,8 @@ class LedgerEntry:
     # None when no count was released. noise_multiplier already includes its cost.
     count_noise_std: float | None = None
     mechanism: str = "gaussian"
+    # How many counts of that std the step released (1: the unclipped count; K*L: a histogram)
+    count_dims: int = 1
     # LMO steps only: LMOParams.to_dict() of the law drawn, in units of the (L1) clip.
     lmo_params: dict[str, float] | None = None
 
@@ -113,6 +115,7 @@ class PrivacyLedger:
                     count_noise_std=e.get("count_noise_std"),  # absent in ledgers saved before
                     mechanism=e.get("mechanism", "gaussian"),
                     lmo_params=e.get("lmo_params"),
+                    count_dims=e.get("count_dims", 1),
                 )
             )
         return ledger

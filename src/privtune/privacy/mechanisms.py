@@ -14,6 +14,9 @@ Optionally the step also releases a noisy count of unclipped samples (Andrew et 
 1905.03871): sum_i (b_i - 1/2) + N(0, sigma_b^2), with b_i = 1 when every group norm of sample i
 is within its threshold. Under add/remove its sensitivity is 1/2, so the count and the gradient
 together are one Gaussian mechanism with z = 1 / sqrt(sum_k (C_k / s_k)^2 + (1 / (2 sigma_b))^2).
+Or it releases D such counts at once, a histogram of each group's norms (samples with
+||g_k|| <= l * C_k for a few levels l): each record moves each count by 1/2, so the vector's
+sensitivity is sqrt(D) / 2 and z = 1 / sqrt(sum_k (C_k / s_k)^2 + D (1 / (2 sigma_b))^2).
 
 LMOMechanism (at the end) is the LMO-DP step: L1 clipping over all parameters, LMO noise.
 
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 
 from privtune.privacy.lmo_mechanism import LMOParams, lmo_noise
@@ -40,31 +44,40 @@ COUNT_SENSITIVITY = 0.5
 
 
 def effective_noise_multiplier(
-    clips: Sequence[float], stds: Sequence[float], count_std: float | None = None
+    clips: Sequence[float],
+    stds: Sequence[float],
+    count_std: float | None = None,
+    count_dims: int = 1,
 ) -> float:
     """z of a step whose group k is clipped to clips[k] and noised with std stds[k], releasing
-    also (when count_std is given) the noisy unclipped count with noise std count_std."""
+    also (when count_std is given) ``count_dims`` noisy counts with noise std count_std."""
     if len(clips) != len(stds) or not clips:
         raise ValueError("need one noise std per clipping threshold")
     if any(s <= 0 for s in stds) or (count_std is not None and count_std <= 0):
         return 0.0
     ratio = sum((c / s) ** 2 for c, s in zip(clips, stds, strict=True))
     if count_std is not None:
-        ratio += (COUNT_SENSITIVITY / count_std) ** 2
+        ratio += count_dims * (COUNT_SENSITIVITY / count_std) ** 2
     return 1.0 / math.sqrt(ratio)
 
 
-def gradient_noise_multiplier(z: float, count_std: float) -> float:
-    """Noise multiplier left for the gradient when the count with std count_std is released too
-    and the whole step must be a Gaussian mechanism of multiplier z (Andrew et al. 2021, Thm 1:
-    z_grad = (z^-2 - (2 sigma_b)^-2)^(-1/2)). Needs z < 2 sigma_b."""
-    rest = z**-2 - (COUNT_SENSITIVITY / count_std) ** 2
+def gradient_noise_multiplier(z: float, count_std: float, count_dims: int = 1) -> float:
+    """Noise multiplier left for the gradient when ``count_dims`` counts with std count_std are
+    released too and the whole step must be a Gaussian mechanism of multiplier z (Andrew et al.
+    2021, Thm 1: z_grad = (z^-2 - D (2 sigma_b)^-2)^(-1/2)). Needs z < 2 sigma_b / sqrt(D)."""
+    rest = z**-2 - count_dims * (COUNT_SENSITIVITY / count_std) ** 2
     if not rest > 0:
+        bound = z * math.sqrt(count_dims) / 2
         raise ValueError(
             f"count noise std {count_std:g} is too small for total noise multiplier {z:g}: "
-            f"it must exceed z / 2 = {z / 2:g}"
+            f"it must exceed z * sqrt({count_dims}) / 2 = {bound:g}"
         )
     return rest**-0.5
+
+
+def count_dims(n_groups: int, count_levels: Sequence[float]) -> int:
+    """Counts a step releases: one unclipped count, or one per group and level."""
+    return n_groups * len(count_levels) if count_levels else 1
 
 
 def uniform_noise_stds(clips: Sequence[float], noise_multiplier: float) -> tuple[float, ...]:
@@ -97,6 +110,8 @@ class ClipStats:
     clipped_fraction: float
     # (noisy count of unclipped samples) / (expected batch size); None when not released
     unclipped_fraction_dp: float | None = None
+    # (K, L) DP fractions of samples whose group-k norm is <= levels[l] * C_k; None: not released
+    norm_histogram_dp: np.ndarray | None = None
 
 
 class GaussianMechanism:
@@ -141,6 +156,25 @@ class GaussianMechanism:
         noise = float(torch.normal(0.0, count_std, size=(1,), generator=self.generator))
         return (centred + noise) / expected + 0.5
 
+    def release_norm_histogram(
+        self,
+        norms: torch.Tensor,
+        clips: Sequence[float],
+        levels: Sequence[float],
+        count_std: float,
+        expected: float,
+    ) -> np.ndarray:
+        """(K, L) noisy fractions of samples with ||g_k|| <= levels[l] * C_k: centred counts
+        (sensitivity 1/2 each) plus noise from the mechanism's generator, over the public
+        expected batch size. What a controller may read about the norms."""
+        thresholds = torch.tensor(clips, dtype=norms.dtype)[:, None] * torch.tensor(
+            levels, dtype=norms.dtype
+        )  # (K, L)
+        below = (norms[:, :, None] <= thresholds).to(torch.float64)  # (B, K, L)
+        centred = (below - 0.5).sum(0)  # (K, L); empty batch: zeros
+        noise = torch.normal(0.0, count_std, size=tuple(centred.shape), generator=self.generator)
+        return ((centred + noise.double()) / expected + 0.5).numpy()
+
     def add_noise(self, stds: Sequence[float]) -> None:
         for std, group in zip(stds, self.groups, strict=True):
             # One draw per group on the CPU generator (CPU and CUDA runs add identical noise),
@@ -175,11 +209,17 @@ class GaussianMechanism:
         scaling: str = "clip",
         stability: float = 0.0,
         count_std: float | None = None,
+        count_levels: Sequence[float] = (),
     ) -> ClipStats:
-        """One DP step; with count_std, also release the noisy unclipped fraction (the step's
-        privacy cost is then effective_noise_multiplier(clips, stds, count_std))."""
+        """One DP step; with count_std, also release the noisy unclipped fraction, or with
+        ``count_levels`` the per-group norm histogram (the step's privacy cost is then
+        effective_noise_multiplier(clips, stds, count_std, count_dims(...)))."""
         stats = self.empty_batch() if empty else self.clip_and_accumulate(clips, scaling, stability)
-        if count_std is not None:
+        if count_std is not None and count_levels:
+            stats.norm_histogram_dp = self.release_norm_histogram(
+                stats.norms, clips, count_levels, count_std, expected_batch_size
+            )
+        elif count_std is not None:
             stats.unclipped_fraction_dp = self.release_unclipped_count(
                 stats.norms, clips, count_std, expected_batch_size
             )

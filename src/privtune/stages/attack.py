@@ -1,5 +1,5 @@
 """Stage `attack@<name>`: membership inference, canary exposure and extraction, and the
-one-run privacy audit of a fine-tuned model, logged to its MLflow run."""
+one-run privacy audits of a fine-tuned model (logged to its MLflow run by `register`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     """Attack the model of `methods.<name>`; fail loudly if the audit beats the claim."""
     from peft import PeftModel
 
-    from privtune import tracking
     from privtune.attacks.membership import balanced_sets, without_canaries
     from privtune.attacks.run import AttackConfig, run_attacks
     from privtune.data.canaries import load_canaries
@@ -77,10 +76,6 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     )
     claimed = info["metrics"].get("epsilon")  # None: non-private, nothing claimed
     metrics: dict[str, Any] = {"method": info["method"], "claimed_epsilon": claimed, **found}
-    with tracking.start_run(root=root, run_id=info["run_id"]) as run:
-        run.log_metrics({f"attack.{k}": v for k, v in found.items()})
-        for figure in figures:
-            run.log_artifact(figure, "attack")
     bound = found.get("audit_epsilon_lower_bound")
     if claimed is not None and bound is not None and bound > claimed:
         raise AuditViolation(

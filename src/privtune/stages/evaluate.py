@@ -1,4 +1,8 @@
-"""Stage `evaluate@<name>`: utility of a fine-tuned model on the private test split."""
+"""Stage `evaluate@<name>`: utility of a fine-tuned model on the private test split.
+
+The numbers reach the fine-tuning run in MLflow through the `register` stage, which logs every
+method's evaluation and attack results in one process (MLflow's start-up is seconds a stage).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,9 @@ from privtune.stages.common import load_base, read_split
 
 
 def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
-    """Utility of the fine-tuned model on the private test split, logged to its MLflow run."""
+    """Utility of the fine-tuned model on the private test split (metrics/evaluate-<name>)."""
     from peft import PeftModel
 
-    from privtune import tracking
     from privtune.evaluate import evaluate_model
     from privtune.modeling import resolve_device
 
@@ -38,7 +41,5 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     metrics["method"] = info["method"]
     if "epsilon" in info["metrics"]:
         metrics["epsilon"] = info["metrics"]["epsilon"]
-    with tracking.start_run(root=root, run_id=info["run_id"]) as run:
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
     io.write_json(root / METRICS_DIR / f"evaluate-{name}.json", metrics)
     return metrics

@@ -1,0 +1,131 @@
+"""What the utility benchmarks share: the project's data and base model, one fine-tuning run
+through the one training loop, and the reduced project of --quick.
+
+Benchmarks run methods side by side in one process on the same data, base and step budget, so
+their ratios are measured under the same machine load (these machines are shared and noisy).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privtune import io
+from privtune.config import BASE_DIR, PREPARED_DIR, Params
+from privtune.data.tokenization import EncodedRecords, encode_records
+from privtune.evaluate import evaluate_model
+from privtune.modeling import attach_lora, load_pretrained
+from privtune.train import TrainResult, train
+
+RESULTS = Path(__file__).parent / "results"
+# --quick: the pipeline at a size that runs in minutes on a busy 2-core machine.
+QUICK = {
+    "prepare": {"n_private": 480, "n_public": 600},
+    "base": {"vocab_size": 1024, "n_layer": 1, "n_head": 2, "n_embd": 64, "max_length": 96,
+             "steps": 150, "batch_size": 16},
+    "finetune": {"batch_size": 16, "epochs": 1.0, "eval_every": 1000, "log_every": 1000,
+                 "eval_records": 16, "lora": {"r": 4}},
+}  # fmt: skip
+
+
+def quick_params(params: Params) -> Params:
+    sections = {
+        name: getattr(params, name).model_copy(update=values) for name, values in QUICK.items()
+    }
+    lora = params.finetune.lora.model_copy(update=QUICK["finetune"]["lora"])
+    sections["finetune"] = sections["finetune"].model_copy(update={"lora": lora})
+    return params.model_copy(update=sections)
+
+
+def ensure_project(params: Params, root: Path, quick: bool) -> Path:
+    """The project root holding a base model and prepared data, built when --quick needs it."""
+    if (root / BASE_DIR).is_dir() and (root / PREPARED_DIR / "train.jsonl").is_file():
+        return root
+    if not quick:
+        raise SystemExit(f"no base model under {root}: run `dvc repro base` or pass --quick")
+    from privtune.stages.base import base
+    from privtune.stages.prepare import prepare
+
+    tmp = Path(tempfile.mkdtemp(prefix="privtune-bench-"))
+    print(f"building a reduced project in {tmp} (prepare, base)", flush=True)
+    prepare(params, tmp)
+    base(params, tmp, show_progress=False)
+    return tmp
+
+
+@dataclass
+class Data:
+    train: EncodedRecords
+    valid: EncodedRecords
+    test_records: list[dict]
+
+
+def load_data(params: Params, root: Path) -> Data:
+    _, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
+    split = {
+        n: io.read_jsonl(root / PREPARED_DIR / f"{n}.jsonl") for n in ("train", "valid", "test")
+    }
+    length = params.base.max_length
+    return Data(
+        encode_records([r["text"] for r in split["train"]], tokenizer, length),
+        encode_records([r["text"] for r in split["valid"]], tokenizer, length),
+        split["test"],
+    )
+
+
+def run_method(
+    params: Params,
+    root: Path,
+    method: str,
+    options: dict[str, Any],
+    data: Data,
+    *,
+    epsilon: float,
+    seed: int,
+    eval_every: int = 10,
+    entry: str | None = None,
+) -> tuple[dict[str, Any], TrainResult]:
+    """Fine-tune the base with one method at (epsilon, seed): a row of utility, spending and
+    time (JSON-ready), and the loop's result (ledger, controller).
+
+    The white-box audit's gradient canaries are left out: a benchmark compares methods, and
+    canaries would only add the same records to every side.
+    """
+    model, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
+    f = params.finetune.model_copy(
+        update={"epsilon": epsilon, "seed": seed, "eval_every": eval_every, "audit_canaries": 0}
+    )
+    model = attach_lora(model, f.lora, seed=seed)
+    start = time.perf_counter()
+    result = train(
+        model, data.train, data.valid, f, method, options, entry=entry, show_progress=False
+    )
+    seconds = time.perf_counter() - start
+    metrics = evaluate_model(model, tokenizer, data.test_records, params.base.max_length)
+    curve = [(r["step"], r["valid_loss"]) for r in result.history if "valid_loss" in r]
+    row = {
+        "method": method,
+        "entry": entry or method,
+        "options": options,
+        "epsilon": epsilon,
+        "seed": seed,
+        "epsilon_spent": result.epsilon,
+        "delta": result.plan.delta,
+        "sample_rate": result.plan.sample_rate,
+        "steps": result.steps_taken,
+        "seconds_per_step": seconds / max(result.steps_taken, 1),
+        "curve": curve,
+        "controller_metrics": result.controller.metrics() if result.controller else {},
+        **metrics,
+    }
+    return row, result
+
+
+def mean_spread(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, standard deviation, min, max); a single value has no spread."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.mean(values), sd, min(values), max(values)
