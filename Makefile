@@ -42,17 +42,17 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/step_overhead.py
 
-# RLDP vs DP-SGD at epsilon 1, 4, 8 x 3 seeds: about 90 min on 2 CPU cores, minutes on a GPU.
+# RLDP vs DP-SGD at epsilon 1, 4, 8 x 3 seeds: about 15 min on 2 CPU cores (ARGS=--quick: less).
 bench-rldp: install
 	dvc repro base
-	$(BIN)/python benchmarks/rldp_vs_dpsgd.py
+	$(BIN)/python benchmarks/rldp_vs_dpsgd.py $(ARGS)
 
 # Sound LMO-DP vs Gaussian DP-SGD at epsilon 0.3, 1, 3 (add ARGS=--quick for a reduced run).
 bench-lmo: install
 	dvc repro base
 	$(BIN)/python benchmarks/lmo_vs_gaussian.py $(ARGS)
 
-# Every method at epsilon 1, 4, 8 x 3 seeds (hours on 2 CPU cores; ARGS=--quick for a taste).
+# Every method at epsilon 1, 4, 8 x 3 seeds (about 50 min on 2 CPU cores; ARGS=--quick less).
 bench-methods: install
 	dvc repro base
 	$(BIN)/python benchmarks/methods_grid.py $(ARGS)

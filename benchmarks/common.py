@@ -88,6 +88,7 @@ def run_method(
     seed: int,
     eval_every: int = 10,
     entry: str | None = None,
+    epochs: float | None = None,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Fine-tune the base with one method at (epsilon, seed): a row of utility, spending and
     time (JSON-ready), and the loop's result (ledger, controller).
@@ -96,9 +97,10 @@ def run_method(
     canaries would only add the same records to every side.
     """
     model, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
-    f = params.finetune.model_copy(
-        update={"epsilon": epsilon, "seed": seed, "eval_every": eval_every, "audit_canaries": 0}
-    )
+    update = {"epsilon": epsilon, "seed": seed, "eval_every": eval_every, "audit_canaries": 0}
+    if epochs is not None:
+        update["epochs"] = epochs
+    f = params.finetune.model_copy(update=update)
     model = attach_lora(model, f.lora, seed=seed)
     start = time.perf_counter()
     result = train(

@@ -152,7 +152,7 @@ def main() -> None:
             private = controller_class(method, entry).private
             for eps in args.epsilons if private else [params.finetune.epsilon]:
                 run, _ = run_method(params, root, method, options, data, epsilon=eps, seed=seed,
-                                 entry=entry)  # fmt: skip
+                                    entry=entry, epochs=args.epochs)  # fmt: skip
                 if not private:
                     run["epsilon"] = None  # no epsilon claimed
                 runs.append(run)

@@ -106,6 +106,7 @@ def main() -> None:
                         help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")
     parser.add_argument("--quick", action="store_true", help="reduced size (common.QUICK)")
+    parser.add_argument("--epochs", type=float, help="passes over the data (finetune.epochs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,9 @@ def main() -> None:
         for seed in args.seeds:
             # interleaved, so both methods of a pair see the same machine load
             for method, options in (("dpsgd", dpsgd), ("rldp", rldp)):
-                run, _ = run_method(params, root, method, options, data, epsilon=eps, seed=seed)
+                run, _ = run_method(
+                    params, root, method, options, data, epsilon=eps, seed=seed, epochs=args.epochs
+                )
                 runs.append(run)
                 io.write_json(args.out / f"{name}_runs.json", runs)  # partial results
                 print(
@@ -132,8 +135,8 @@ def main() -> None:
                     flush=True,
                 )
     rows = summarise(runs, args.epsilons, args.seeds)
-    io.write_json(args.out / f"{name}.json", {"quick": args.quick, "rldp": rldp, "rows": rows,
-                                              "runs": runs})  # fmt: skip
+    summary = {"quick": args.quick, "epochs": args.epochs, "rldp": rldp, "rows": rows}
+    io.write_json(args.out / f"{name}.json", {**summary, "runs": runs})
     plot(runs, rows, args.out / f"{name}.png")
     with io.atomic_file(args.out / f"{name}.md") as handle:
         handle.write(markdown(rows))

@@ -23,7 +23,7 @@ import torch
 from opacus import GradSampleModule
 
 from privtune.config import BaseParams, LoraParams, load_params
-from privtune.losses import per_sample_loss
+from privtune.losses import next_token_logits, per_sample_loss
 from privtune.modeling import adapter_groups, attach_lora, build_gpt2
 from privtune.privacy.mechanisms import GaussianMechanism, uniform_noise_stds
 from privtune.train import freeze_dropout
@@ -62,7 +62,7 @@ class Stepper:
         self.expected = float(batch)
 
     def step(self) -> None:
-        logits = self.forward(**self.batch).logits
+        logits = next_token_logits(self.forward, **self.batch)  # as the training loop does
         per_sample_loss(logits, self.labels).sum().backward()
         if self.private:
             self.mechanism.step([1.0], uniform_noise_stds([1.0], 1.0), self.expected)
