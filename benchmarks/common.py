@@ -7,15 +7,15 @@ their ratios are measured under the same machine load (these machines are shared
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import BASE_DIR, PREPARED_DIR, Params
+from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
 from privtune.data.tokenization import EncodedRecords, encode_records
 from privtune.evaluate import evaluate_model
 from privtune.modeling import attach_lora, load_pretrained
@@ -42,7 +42,12 @@ def quick_params(params: Params) -> Params:
 
 
 def ensure_project(params: Params, root: Path, quick: bool) -> Path:
-    """The project root holding a base model and prepared data, built when --quick needs it."""
+    """The project root holding a base model and prepared data. With --quick, a reduced
+    project of its own (the pipeline's prepare and base stages at the QUICK size), built once
+    under benchmarks/results/quick-project and reused, so reduced runs never mix the reduced
+    parameters with the full project's base model."""
+    if quick:
+        root = RESULTS / "quick-project"
     if (root / BASE_DIR).is_dir() and (root / PREPARED_DIR / "train.jsonl").is_file():
         return root
     if not quick:
@@ -50,11 +55,28 @@ def ensure_project(params: Params, root: Path, quick: bool) -> Path:
     from privtune.stages.base import base
     from privtune.stages.prepare import prepare
 
-    tmp = Path(tempfile.mkdtemp(prefix="privtune-bench-"))
-    print(f"building a reduced project in {tmp} (prepare, base)", flush=True)
-    prepare(params, tmp)
-    base(params, tmp, show_progress=False)
-    return tmp
+    print(f"building a reduced project in {root} (prepare, base)", flush=True)
+    prepare(params, root)
+    base(params, root, show_progress=False)
+    return root
+
+
+def add_project_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every utility benchmark takes: where the project is, its size, the output."""
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--quick", action="store_true", help="reduced size (common.QUICK)")
+    parser.add_argument("--epochs", type=float, help="passes over the data (finetune.epochs)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+
+
+def open_project(args: argparse.Namespace) -> tuple[Params, Path, Data]:
+    """(params, project root, encoded data) for the parsed options; the output folder exists."""
+    params = load_params(args.root / "params.yaml")
+    if args.quick:
+        params = quick_params(params)
+    root = ensure_project(params, args.root, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return params, root, load_data(params, root)
 
 
 @dataclass

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ensure_project, load_data, quick_params, run_method  # noqa: E402
+from common import add_project_arguments, open_project, run_method  # noqa: E402
 from privtune import io  # noqa: E402
-from privtune.config import load_params  # noqa: E402
 from privtune.errors import ConfigError  # noqa: E402
 from privtune.privacy.lmo_accounting import paper_epsilon  # noqa: E402
 from privtune.train import make_plan, planned_records  # noqa: E402
@@ -83,18 +82,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.3, 1.0, 3.0])
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
-    parser.add_argument("--quick", action="store_true", help="reduced size (see QUICK)")
     parser.add_argument("--clip", type=float, default=1.0, help="clip of both methods")
     parser.add_argument("--grids", nargs="+", default=["paper", "extended"],
                         help="LMO search grids, tried in order until one is feasible")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    add_project_arguments(parser)
     args = parser.parse_args()
-    params = load_params(args.root / "params.yaml")
-    if args.quick:
-        params = quick_params(params)
-    root = ensure_project(params, args.root, args.quick)
-    data = load_data(params, root)
+    params, root, data = open_project(args)
     rows = []
     for eps in args.epsilons:
         p = params.model_copy(update={"finetune": params.finetune.model_copy(

@@ -25,15 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    RESULTS,
-    ensure_project,
-    load_data,
+    add_project_arguments,
     mean_spread,
-    quick_params,
+    open_project,
     run_method,
 )
 from privtune import io  # noqa: E402
-from privtune.config import load_params  # noqa: E402
 from privtune.control.registry import controller_class  # noqa: E402
 
 
@@ -133,18 +130,11 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", help="entries of params.yaml `methods` (all)")
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
-    parser.add_argument("--quick", action="store_true", help="reduced size (common.QUICK)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    add_project_arguments(parser)
     args = parser.parse_args()
-    params = load_params(args.root / "params.yaml")
-    if args.quick:
-        params = quick_params(params)
-    root = ensure_project(params, args.root, args.quick)
-    data = load_data(params, root)
+    params, root, data = open_project(args)
     entries = args.methods or list(params.methods)
     name = "methods_grid" + ("_quick" if args.quick else "")
-    args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     for seed in args.seeds:
         for entry in entries:

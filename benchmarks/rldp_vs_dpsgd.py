@@ -22,9 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ensure_project, load_data, quick_params, run_method  # noqa: E402
+from common import add_project_arguments, open_project, run_method  # noqa: E402
 from privtune import io  # noqa: E402
-from privtune.config import load_params  # noqa: E402
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -104,17 +103,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rldp", type=json.loads, default=None,
                         help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
-    parser.add_argument("--quick", action="store_true", help="reduced size (common.QUICK)")
-    parser.add_argument("--epochs", type=float, help="passes over the data (finetune.epochs)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    add_project_arguments(parser)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    params = load_params(args.root / "params.yaml")
-    if args.quick:
-        params = quick_params(params)
-    root = ensure_project(params, args.root, args.quick)
-    data = load_data(params, root)
+    params, root, data = open_project(args)
     rldp = args.rldp if args.rldp is not None else dict(params.method("rldp")[1])
     dpsgd = dict(params.method("dpsgd")[1]) if "dpsgd" in params.methods else {"clip": 1.0}
     name = "rldp_vs_dpsgd" + ("_quick" if args.quick else "")

@@ -149,7 +149,8 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
         show_progress=False,
     )
     assert result.steps_taken == result.plan.steps
-    assert result.epsilon <= PARAMS.epsilon
+    # paced by the budget, and the last interval spends what is left: nothing is wasted
+    assert 0.97 * PARAMS.epsilon <= result.epsilon <= PARAMS.epsilon
     assert len({e.noise_multiplier for e in result.ledger.entries}) > 1  # a real schedule
     assert all(len(e.clip_thresholds) == 4 for e in result.ledger.entries)
     assert any("rldp/reward" in m for m in logged)

@@ -107,11 +107,9 @@ class RLDP(Controller):
         self.sac_batch_size = sac_batch_size
         self.n_groups = len(ctx.group_names)
         self.log_clip = (math.log(lo), math.log(hi))
-        # Noise bounds are relative to the z that spends the budget uniformly.
-        self.log_noise = (
-            math.log(z_lo * ctx.calibrated_noise),
-            math.log(z_hi * ctx.calibrated_noise),
-        )
+        # Noise bounds are factors of the budget-paced z (see budget_noise): at 1 the rest of
+        # the run would spend what is left of the budget evenly.
+        self.log_noise = (math.log(z_lo), math.log(z_hi))
         act_dim = self.n_groups + 1
         obs_dim = N_FEATURES + self.n_groups * len(levels) + act_dim
         self.sac = SAC(
@@ -130,7 +128,9 @@ class RLDP(Controller):
         self.sac.set_logger(configure(None, []))  # silent: metrics go to MLflow via the loop
         self.obs_rms = RunningMeanStd(shape=(obs_dim,))
         self.rng = np.random.default_rng(ctx.seed)
-        self.safe = self._encode(split, ctx.calibrated_noise)
+        self._used = 0.0  # steps x (z_cal / z)^2 so far: the share of the budget spent
+        self._step = 0
+        self.safe = self._encode(split, 1.0)
         self._obs_dim = obs_dim
         self._prev: tuple[np.ndarray, np.ndarray] | None = None
         self._prev_valid: float | None = None
@@ -144,13 +144,13 @@ class RLDP(Controller):
             self.load_state_dict(torch.load(warm_start, weights_only=False))
 
     # -- action mapping ------------------------------------------------------------------
-    def _encode(self, clip: float, noise: float) -> np.ndarray:
+    def _encode(self, clip: float, noise_factor: float) -> np.ndarray:
         def unit(value: float, bounds: tuple[float, float]) -> float:
             low, high = bounds
             return float(np.clip(2 * (math.log(value) - low) / (high - low) - 1, -1, 1))
 
         return np.array(
-            [unit(clip, self.log_clip)] * self.n_groups + [unit(noise, self.log_noise)],
+            [unit(clip, self.log_clip)] * self.n_groups + [unit(noise_factor, self.log_noise)],
             dtype=np.float32,
         )
 
@@ -160,15 +160,41 @@ class RLDP(Controller):
             return math.exp(low + (float(u) + 1) / 2 * (high - low))
 
         clips = tuple(value(u, self.log_clip) for u in vector[: self.n_groups])
+        factor = value(vector[-1], self.log_noise)
+        if self._step + self.interval >= self.ctx.total_steps:
+            # The last interval asks for the least noise; the guard raises it to what exactly
+            # spends the rest, so no budget is left unused.
+            factor = math.exp(self.log_noise[0])
         return Action(
             clip_thresholds=clips,
-            noise_multiplier=value(vector[-1], self.log_noise),
+            noise_multiplier=self.budget_noise() * factor,
             count_noise=self.count_noise,
             count_levels=self.norm_levels,
         )
 
+    def budget_noise(self) -> float:
+        """The constant z that would spend what is left of the budget over the steps left.
+
+        A pacing estimate, not an accountant (the guard composes the real ledger): spending is
+        nearly additive in (z_cal / z)^2 per step at these noise levels, as in zCDP, so after
+        a share u of the budget the rest of the run affords z = z_cal sqrt(left / (1 - u)).
+        Noisy early intervals thus buy less noise later instead of budget left unspent.
+        """
+        total = self.ctx.total_steps
+        left = max(total - self._step, 1) / total
+        unused = max(1.0 - self._used / total, 1e-2)
+        return self.ctx.calibrated_noise * math.sqrt(left / unused)
+
+    def _track(self, obs: Observation) -> None:
+        """Account the interval just run at the noise the guard admitted (a public quantity)."""
+        steps = max(obs.step - self._step, 0)
+        z = obs.action.noise_multiplier
+        if z > 0 and math.isfinite(z):
+            self._used += steps * (self.ctx.calibrated_noise / z) ** 2
+        self._step = obs.step
+
     def reserve_noise(self) -> float:
-        return math.exp(self.log_noise[1])
+        return self.budget_noise() * math.exp(self.log_noise[1])
 
     # -- features and reward (public and held-out signals only) -------------------------
     def _features(self, obs: Observation) -> np.ndarray:
@@ -206,6 +232,7 @@ class RLDP(Controller):
             vector = self.safe
             self._prev = (np.zeros(self._obs_dim, np.float32), vector)
         else:
+            self._track(observation)
             try:
                 vector = self._learn_and_act(observation)
             except Exception as err:  # a policy failure never stops training or the guarantee
