@@ -438,9 +438,12 @@ def test_every_private_method_ends_within_the_target_by_its_ledger(
     result = train(model, train_data, valid_data, RDP_PARAMS, method, options, show_progress=False)
     ledger = result.ledger
     assert result.steps_taken == len(ledger) == result.plan.steps
-    for e in ledger.entries:  # the recorded z is the step's noise, the count's included
-        z = effective_noise_multiplier(e.clip_thresholds, e.noise_stds, e.count_noise_std)
-        assert e.noise_multiplier == pytest.approx(z, rel=1e-9)
+    for e in ledger.entries:  # the recorded z is the step's noise, the counts' included:
+        drawn = effective_noise_multiplier(
+            e.clip_thresholds, e.noise_stds, e.count_noise_std, e.count_dims
+        )
+        # never more than was drawn (stds carry a 1e-9 rounding margin above the admitted z)
+        assert e.noise_multiplier <= drawn <= e.noise_multiplier * (1 + 1e-8)
     # Gaussian ledgers compose as segments (PRV or RDP); LMO steps in RDP with their own bound.
     composed = accountant.ledger_epsilon(ledger, result.plan.delta, RDP_PARAMS.accountant)
     assert composed == pytest.approx(result.epsilon)

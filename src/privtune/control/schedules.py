@@ -26,7 +26,7 @@ from privtune.control.registry import register_controller
 from privtune.privacy import accountant
 
 Segment = tuple[float, float, int]
-XTOL = 1e-3  # relative precision of the root finding on log noise (0.1 %)
+XTOL = 1e-4  # relative precision of the root finding on log noise
 
 
 def decay_profile(schedule: str, end_ratio: float, phases: int) -> np.ndarray:
