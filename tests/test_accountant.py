@@ -102,3 +102,33 @@ def test_calibration_cache_is_used_only_when_it_is_safe(tmp_path, monkeypatch):
     cache.write_text("not json")
     assert accountant.calibrate_noise(4.0, 1e-5, 0.02, 200, "pld") == pytest.approx(sigma)
     assert accountant.epsilon([(sigma, 0.02, 200)], 1e-5, "pld") <= 4.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    z=st.floats(0.3, 5.0),
+    q=st.floats(1e-3, 0.9),
+    steps=st.integers(1, 50),
+)
+def test_fast_step_pld_is_dp_accountings_own(z, q, steps):
+    """The vectorised step PLD is the library's, to rounding: same epsilons, same deltas."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    from privtune.privacy.pld_gaussian import gaussian_step_pld
+
+    library = pld.from_gaussian_mechanism(
+        standard_deviation=z,
+        sampling_prob=q,
+        value_discretization_interval=accountant.PLD_INTERVAL,
+        pessimistic_estimate=True,
+    ).self_compose(steps)
+    fast = gaussian_step_pld(z, q, accountant.PLD_INTERVAL).self_compose(steps)
+    for delta in (1e-3, 1e-5, 1e-9):
+        assert fast.get_epsilon_for_delta(delta) == pytest.approx(
+            library.get_epsilon_for_delta(delta), rel=1e-12
+        )
+    epsilons = [0.05, 0.5, 2.0, 8.0]
+    fast_deltas = fast.get_delta_for_epsilon(epsilons)
+    library_deltas = library.get_delta_for_epsilon(epsilons)
+    for a, b in zip(fast_deltas, library_deltas, strict=True):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-300)

@@ -110,14 +110,21 @@ def test_nan_observation_and_failed_update_fall_back_to_the_last_safe_action(mon
     actions = _drive(controller, 4)
     action = controller.act(_obs(20, valid=float("nan")))
     assert controller.fallbacks == 1
-    assert action == actions[-1]
+    _assert_same_action(action, actions[-1])
 
     def broken(*args, **kwargs):
         raise RuntimeError("SAC update failed")
 
     monkeypatch.setattr(controller.sac, "train", broken)
     action = controller.act(_obs(22))
-    assert controller.fallbacks == 2 and action == actions[-1]
+    assert controller.fallbacks == 2
+    _assert_same_action(action, actions[-1])
+
+
+def _assert_same_action(action, expected):
+    """The same safe action; its z is relative to the budget-paced noise, recomputed (floats)."""
+    assert action.clip_thresholds == expected.clip_thresholds
+    assert action.noise_multiplier == pytest.approx(expected.noise_multiplier, rel=1e-9)
 
 
 def test_warm_start_restores_the_policy(tmp_path):
@@ -134,9 +141,37 @@ def test_warm_start_restores_the_policy(tmp_path):
     np.testing.assert_allclose(second.obs_rms.mean, first.obs_rms.mean)
 
 
-def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenizer):
+def test_budget_noise_paces_what_is_left_in_the_clts_step_costs():
+    """Untouched, the paced z is the calibrated one; after greedy (low-noise) intervals it
+    rises, after noisy ones it falls; a step at z costs e^{1/z^2} - 1 (mu-GDP's CLT), so a
+    greedy step is charged far more than (z_cal / z)^2."""
+    ctx = dataclasses.replace(CTX, calibrated_noise=1.0)
+    fresh = build_controller("rldp", ctx, OPTIONS)
+    assert fresh.budget_noise() == pytest.approx(1.0)
+    after = {}
+    for z in (0.8, 1.0, 2.0):
+        controller = build_controller("rldp", ctx, OPTIONS)
+        controller._track(_obs(10, action=Action((1.0,) * 3, z)))
+        after[z] = controller.budget_noise()
+    assert after[0.8] > after[1.0] > after[2.0]
+    assert after[1.0] == pytest.approx(1.0)
+    used = 10 * math.expm1(1 / 0.8**2) / math.expm1(1.0)  # ten steps at z = 0.8
+    assert used > 10 * (1 / 0.8) ** 2
+    assert 1 / after[0.8] ** 2 == pytest.approx(
+        math.log1p(math.expm1(1.0) * (1 - used / 40) / (30 / 40))
+    )
+
+
+def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenizer, monkeypatch):
+    import privtune.train as loop
+
     train_data, valid_data = _data(tiny_tokenizer)
     model = attach_lora(tiny_model, PARAMS.lora)
+    evaluated = []
+    measure = loop.mean_token_loss
+    monkeypatch.setattr(
+        loop, "mean_token_loss", lambda m, data: evaluated.append(len(data)) or measure(m, data)
+    )
     logged = []
     result = train(
         model,
@@ -144,11 +179,13 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
         valid_data,
         PARAMS,
         "rldp",
-        dict(OPTIONS),
+        dict(OPTIONS, valid_records=3),
         on_log=lambda metrics, step: logged.append(metrics),
         show_progress=False,
     )
     assert result.steps_taken == result.plan.steps
+    decisions = math.ceil(result.plan.steps / OPTIONS["rl_interval"]) - 1  # the first has none
+    assert evaluated.count(3) == decisions  # decisions validate on valid_records records
     # paced by the budget, and the last interval spends what is left: nothing is wasted
     assert 0.97 * PARAMS.epsilon <= result.epsilon <= PARAMS.epsilon
     assert len({e.noise_multiplier for e in result.ledger.entries}) > 1  # a real schedule

@@ -234,6 +234,7 @@ def train(
     )
     expected_batch = plan.sample_rate * plan.n_records
     valid_subset = valid_data.slice(0, params.eval_records)
+    decision_subset = valid_data.slice(0, controller.validation_records or params.eval_records)
 
     ledger = PrivacyLedger() if private else None
     forward = model
@@ -282,7 +283,7 @@ def train(
             if step == next_decision:
                 obs = None
                 if controller.needs_validation and step > 0:
-                    valid_loss = mean_token_loss(model, valid_subset)
+                    valid_loss = mean_token_loss(model, decision_subset)
                 if private and step > 0:
                     eps_spent = guard.spent()  # public: depends only on the schedule
                 if action is not None:

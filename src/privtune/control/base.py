@@ -83,6 +83,9 @@ class Controller(ABC):
     grouping: Grouping = "flat"
     # True: the loop evaluates the validation loss right before every decision.
     needs_validation: ClassVar[bool] = False
+    # How many of the validation records those decision-time evaluations use (None: the
+    # loop's eval_records); fewer make each decision cheaper.
+    validation_records: int | None = None
     # The noise the loop adds: "gaussian" (noise_multiplier is z) or "lmo" (LMO-DP noise of the
     # controller's `lmo_params` law; noise_multiplier is its noise level, see LMOParams).
     mechanism: ClassVar[str] = "gaussian"

@@ -40,6 +40,11 @@ N_FEATURES = 6  # valid loss, its change, eps spent/target, progress, pace, budg
 # (plus the DP norm histogram, adapters x levels, and the last action)
 
 
+def _step_cost(z: float) -> float:
+    """e^{1/z^2} - 1: a subsampled Gaussian step's share of mu^2 in the CLT's mu-GDP."""
+    return math.expm1(min(1.0 / z**2, 700.0))
+
+
 class _Spaces(gym.Env):
     """Observation and action spaces for SB3; steps are driven by the training loop."""
 
@@ -75,6 +80,7 @@ class RLDP(Controller):
         clip: float = 1.0,
         norm_levels: tuple[float, ...] = (0.5, 1.0, 2.0),
         norm_noise: float = 0.25,
+        valid_records: int = 16,
         warm_start: str | None = None,
     ) -> None:
         super().__init__(ctx)
@@ -82,8 +88,13 @@ class RLDP(Controller):
         from stable_baselines3.common.logger import configure
         from stable_baselines3.common.running_mean_std import RunningMeanStd
 
-        if rl_interval < 1 or sac_batch_size < 1 or sac_updates < 0:
-            raise ValueError("rl_interval and sac_batch_size must be >= 1, sac_updates >= 0")
+        if rl_interval < 1 or sac_batch_size < 1 or sac_updates < 0 or valid_records < 1:
+            raise ValueError(
+                "rl_interval, sac_batch_size and valid_records must be >= 1, sac_updates >= 0"
+            )
+        # The validation loss before each decision, on this many records: the same ones every
+        # time, so its change tracks the model; 16 keep a decision under a tenth of a step.
+        self.validation_records = valid_records
         # Thresholds are relative to the equal split C / sqrt(K) of the flat threshold C: with it,
         # sum_k C_k^2 = C^2 and the start matches DP-SGD's signal-to-noise (C_k = C each would
         # add sqrt(K) times more noise per adapter).
@@ -128,7 +139,7 @@ class RLDP(Controller):
         self.sac.set_logger(configure(None, []))  # silent: metrics go to MLflow via the loop
         self.obs_rms = RunningMeanStd(shape=(obs_dim,))
         self.rng = np.random.default_rng(ctx.seed)
-        self._used = 0.0  # steps x (z_cal / z)^2 so far: the share of the budget spent
+        self._used = 0.0  # steps x c(z) / c(z_cal) so far: the share of the budget spent
         self._step = 0
         self.safe = self._encode(split, 1.0)
         self._obs_dim = obs_dim
@@ -175,22 +186,25 @@ class RLDP(Controller):
     def budget_noise(self) -> float:
         """The constant z that would spend what is left of the budget over the steps left.
 
-        A pacing estimate, not an accountant (the guard composes the real ledger): spending is
-        nearly additive in (z_cal / z)^2 per step at these noise levels, as in zCDP, so after
-        a share u of the budget the rest of the run affords z = z_cal sqrt(left / (1 - u)).
-        Noisy early intervals thus buy less noise later instead of budget left unspent.
+        A pacing estimate, not an accountant (the guard composes the real ledger): by the
+        central limit theorem for Poisson-subsampled Gaussian steps (Bu, Dong, Long, Su 2020)
+        the run is close to mu-GDP with mu^2 = q^2 sum_t (e^{1/z_t^2} - 1), so each step's
+        share of the budget is additive in c(z) = e^{1/z^2} - 1 (1/z^2 alone underweights
+        low-noise steps many times over). After a share u of the calibrated run's total
+        the rest affords the z with c(z) = c(z_cal) (1 - u) / left. Noisy early intervals thus
+        buy less noise later instead of budget left unspent, and greedy ones pay for it.
         """
         total = self.ctx.total_steps
         left = max(total - self._step, 1) / total
         unused = max(1.0 - self._used / total, 1e-2)
-        return self.ctx.calibrated_noise * math.sqrt(left / unused)
+        return 1.0 / math.sqrt(math.log1p(_step_cost(self.ctx.calibrated_noise) * unused / left))
 
     def _track(self, obs: Observation) -> None:
         """Account the interval just run at the noise the guard admitted (a public quantity)."""
         steps = max(obs.step - self._step, 0)
         z = obs.action.noise_multiplier
         if z > 0 and math.isfinite(z):
-            self._used += steps * (self.ctx.calibrated_noise / z) ** 2
+            self._used += steps * _step_cost(z) / _step_cost(self.ctx.calibrated_noise)
         self._step = obs.step
 
     def reserve_noise(self) -> float:

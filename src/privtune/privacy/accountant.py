@@ -35,6 +35,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from privtune.privacy.ledger import LMOSegment, PrivacyLedger
 from privtune.privacy.lmo_accounting import MAX_ORDER, orders_up_to, segment_rdp
+from privtune.privacy.pld_gaussian import gaussian_step_pld
 
 Segment = tuple[float, float, int]
 
@@ -49,13 +50,9 @@ PLD_INTERVAL = 1e-3
 
 @functools.lru_cache(maxsize=128)
 def _pld_step(z: float, q: float) -> pld.PrivacyLossDistribution:
-    """One Poisson-subsampled Gaussian step, add/remove-one neighbours (dp-accounting)."""
-    return pld.from_gaussian_mechanism(
-        standard_deviation=z,
-        sampling_prob=q,
-        value_discretization_interval=PLD_INTERVAL,
-        pessimistic_estimate=True,
-    )
+    """One Poisson-subsampled Gaussian step, add/remove-one neighbours (dp-accounting's PLD,
+    built vectorised: pld_gaussian)."""
+    return gaussian_step_pld(z, q, PLD_INTERVAL)
 
 
 @functools.lru_cache(maxsize=256)

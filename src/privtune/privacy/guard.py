@@ -2,8 +2,8 @@
 
 Before an interval's action is applied the guard projects the whole run: the ledger so far,
 the interval at the requested noise, and every later planned step at ``reserve_noise``. If
-that projection exceeds the target, the interval's noise is raised (doubling, then geometric
-bisection) until it fits; if nothing fits, the run stops. Steps are then only allowed inside
+that projection exceeds the target, the interval's noise is raised (a bracketing search on
+log z) until it fits; if nothing fits, the run stops. Steps are then only allowed inside
 the admitted interval, so the per-step check is a counter, and the final epsilon is at most
 the target by construction.
 
@@ -15,7 +15,10 @@ admission, raising and stopping apply, so an LMO run cannot overspend either.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from scipy import optimize
 
 from privtune.errors import BudgetExhausted
 from privtune.privacy import accountant as acc
@@ -85,29 +88,65 @@ class BudgetGuard:
             noise = self.reserve_noise
         noise = min(noise, self.max_noise)
         eps = self.projected(noise, steps)
-        raised = False
-        if eps > self.target_epsilon:
-            raised = True
-            low, high = noise, noise
-            while eps > self.target_epsilon:  # double until feasible
-                if high >= self.max_noise:
-                    raise BudgetExhausted(
-                        f"even noise multiplier {self.max_noise} cannot keep the run within "
-                        f"epsilon {self.target_epsilon}"
-                    )
-                low, high = high, min(2 * high, self.max_noise)
-                eps = self.projected(high, steps)
-            while high / low > 1 + self.rtol:  # geometric bisection: feasible side is `high`
-                mid = (low * high) ** 0.5
-                mid_eps = self.projected(mid, steps)
-                if mid_eps > self.target_epsilon:
-                    low = mid
-                else:
-                    high, eps = mid, mid_eps
-            noise = high
+        raised = eps > self.target_epsilon
+        if raised:
+            noise, eps = self._raise(noise, eps, steps)
         self._allowed_until = len(self.ledger) + steps
         self._admitted_noise = noise
         return Admission(noise, steps, eps, raised)
+
+    def _raise(self, noise: float, eps: float, steps: int) -> tuple[float, float]:
+        """The least noise (to ``rtol``) at which the projection fits, and its epsilon.
+
+        Every projection at a new noise costs a fresh PLD, so the search is frugal. On
+        u = log z, f(u) = log eps - log target is smooth and decreasing: widen from the
+        request along eps ~ 1/z until feasible, let Brent's method find the root, then close
+        the bracket of the points seen around it on the feasible side.
+        """
+        tol = math.log(1 + self.rtol)
+        ceiling = math.log(self.max_noise)
+        target = math.log(self.target_epsilon)
+        seen: dict[float, tuple[float, float]] = {}  # u -> (f, projected epsilon)
+
+        def f(u: float) -> float:
+            if u not in seen:
+                projected = self.projected(math.exp(u), steps)
+                value = math.log(projected) - target if projected > 0 else -math.inf
+                seen[u] = (value, projected)
+            return min(max(seen[u][0], -50.0), 50.0)  # finite for the root finder
+
+        low = math.log(noise)
+        seen[low] = (math.log(eps) - target, eps)  # infeasible
+        step = min(f(low), math.log(64.0))
+        while True:  # widen until feasible
+            high = min(low + max(step, tol), ceiling)
+            if f(high) <= 0:
+                break
+            if high >= ceiling:
+                raise BudgetExhausted(
+                    f"even noise multiplier {self.max_noise} cannot keep the run within "
+                    f"epsilon {self.target_epsilon}"
+                )
+            low, step = high, 2 * step
+
+        def tighten() -> tuple[float, float]:  # the closest infeasible and feasible points
+            infeasible = max(u for u, (v, _) in seen.items() if v > 0)
+            return infeasible, min(u for u, (v, _) in seen.items() if v <= 0)
+
+        if high - low > tol:
+            root = optimize.brentq(f, low, high, xtol=tol / 4)
+            for probe in (root + tol / 4, root - tol / 4):
+                low, high = tighten()
+                if high - low > tol and low < probe < high:
+                    f(probe)
+            low, high = tighten()
+        while high - low > tol:  # bisection, in case the root finder left a gap
+            mid = (low + high) / 2
+            if f(mid) > 0:
+                low = mid
+            else:
+                high = mid
+        return math.exp(high), seen[high][1]
 
     def check_step(self, noise: float) -> None:
         """Refuse a step outside the admitted interval or at a noise below the admitted one."""
