@@ -69,6 +69,14 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
 
+def add_grid_arguments(
+    parser: argparse.ArgumentParser, epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
+) -> None:
+    """The epsilon grid and the seeds a side-by-side comparison runs over."""
+    parser.add_argument("--epsilons", type=float, nargs="+", default=list(epsilons))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+
+
 def open_project(args: argparse.Namespace) -> tuple[Params, Path, Data]:
     """(params, project root, encoded data) for the parsed options; the output folder exists."""
     params = load_params(args.root / "params.yaml")

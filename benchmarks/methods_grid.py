@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    add_grid_arguments,
     add_project_arguments,
     mean_spread,
     open_project,
@@ -127,8 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_grid_arguments(parser)
     parser.add_argument("--methods", nargs="+", help="entries of params.yaml `methods` (all)")
     add_project_arguments(parser)
     args = parser.parse_args()

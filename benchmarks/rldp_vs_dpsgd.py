@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_project_arguments, open_project, run_method  # noqa: E402
+from common import add_grid_arguments, add_project_arguments, open_project, run_method  # noqa: E402
 from privtune import io  # noqa: E402
 
 
@@ -99,8 +99,7 @@ def plot(runs, rows, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_grid_arguments(parser)
     parser.add_argument("--rldp", type=json.loads, default=None,
                         help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
     add_project_arguments(parser)
