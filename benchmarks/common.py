@@ -69,11 +69,9 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
 
-def add_grid_arguments(
-    parser: argparse.ArgumentParser, epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
-) -> None:
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     """The epsilon grid and the seeds a side-by-side comparison runs over."""
-    parser.add_argument("--epsilons", type=float, nargs="+", default=list(epsilons))
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 
 

@@ -67,7 +67,8 @@ def pipeline(
     disable_telemetry()
     logger = get_run_logger()
     root = str(Path(root).resolve())
-    methods = methods or method_names(root)
+    every_method = method_names(root)
+    methods = methods or every_method
     stages.prepare(root, force)
     stages.base(root, force)
     if share:
@@ -82,7 +83,7 @@ def pipeline(
             stages.finetune(method, root, force)
         stages.evaluate(method, root, force)
         stages.attack(method, root, force)
-    if set(methods) >= set(method_names(root)):
+    if set(methods) >= set(every_method):
         stages.register(root, force)
         stages.report(root, force)
     else:  # the register and report stages cover every method; this run built only some
