@@ -1,8 +1,12 @@
-"""Cost of privacy per step: a DP-SGD LoRA step against a non-private LoRA step.
+"""Cost of privacy per step: the training loop's own DP-SGD step against its non-private step.
 
-Both run side by side in one process (interleaved, same batches) so the machine's noise hits
-both alike; peak memory is measured for each in its own subprocess. On a GPU, the same is
-measured on a GPT-2-small-sized model. Writes benchmarks/results/step_overhead.json.
+Each step is ``Trainer.step`` of privtune.train, the one the pipeline runs: Poisson batches from
+the loop's sampler (audit gradient canaries included), per-sample gradients, the privacy
+engine's release (clipping, noise, ledger record and guard check) and the optimizer. Both kinds
+run side by side in one process (interleaved, the same Poisson batches: both samplers share the
+seed) so the machine's noise hits both alike; peak memory is measured for each in its own
+subprocess. On a GPU, the same is measured on a GPT-2-small-sized model. Writes
+benchmarks/results/step_overhead.json.
 
     make bench            # or: python benchmarks/step_overhead.py [--steps 30] [--gpt2-small]
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -20,69 +25,53 @@ import time
 from pathlib import Path
 
 import torch
-from opacus import GradSampleModule
 
-from privtune.config import BaseParams, LoraParams, load_params
-from privtune.losses import next_token_logits, per_sample_loss
-from privtune.modeling import adapter_groups, attach_lora, build_gpt2
-from privtune.privacy.mechanisms import GaussianMechanism, uniform_noise_stds
-from privtune.train import freeze_dropout
+from privtune.config import BaseParams, load_params
+from privtune.data.tokenization import EncodedRecords
+from privtune.modeling import attach_lora, build_gpt2
+from privtune.privacy.plan import planned_records
+from privtune.train import Trainer
 
 GPT2_SMALL = BaseParams(n_layer=12, n_head=12, n_embd=768, max_length=256, vocab_size=50257)
 RESULTS = Path(__file__).parent / "results"
-
-
-def make_model(base: BaseParams, lora: LoraParams, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora).to(device)
-    freeze_dropout(model)  # exactly as the training loop runs it
-    return model
+RECORDS = 1000  # synthetic corpus size: q = batch / (N + IN audit canaries)
+METHODS = {"dp": "dpsgd", "nonprivate": "nonprivate"}
 
 
 class Stepper:
-    """One optimizer step of either kind on a fixed batch."""
+    """The loop's step of one method on a synthetic corpus of full-length random records."""
 
-    def __init__(self, private: bool, base: BaseParams, lora: LoraParams, device, batch: int):
-        self.private, self.device = private, device
-        self.model = make_model(base, lora, device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-3)
-        self.forward = self.model
-        if private:
-            self.forward = GradSampleModule(self.model, batch_first=True, loss_reduction="sum")
-            _, groups = adapter_groups(self.model, "flat")
-            self.mechanism = GaussianMechanism(groups, torch.Generator().manual_seed(0))
+    def __init__(self, kind: str, base: BaseParams, device, batch: int, steps: int) -> None:
+        self.device = device
+        params = load_params().finetune
         generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(base.vocab_size, (batch, base.max_length), generator=generator)
-        self.batch = {
-            "input_ids": ids.to(device),
-            "attention_mask": torch.ones_like(ids).to(device),
-        }
-        self.labels = ids.to(device)
-        self.expected = float(batch)
+        ids = torch.randint(base.vocab_size, (RECORDS, base.max_length), generator=generator)
+        data = EncodedRecords(ids, torch.full((RECORDS,), base.max_length))
+        n = planned_records(RECORDS, params)
+        params = params.model_copy(
+            update={
+                "batch_size": batch,
+                "epochs": (steps + 2) * batch / n,  # enough planned (and admitted) steps
+                "device": str(device),
+            }
+        )
+        torch.manual_seed(0)
+        model = attach_lora(build_gpt2(base, base.vocab_size, 0, 0), params.lora)
+        self.trainer = Trainer(model, data, data.slice(0, 8), params, METHODS[kind])
+        self.trainer.decide(0, math.nan)  # DP-SGD decides once for the whole run
+        self.batches = enumerate(self.trainer.sampler)
 
     def step(self) -> None:
-        logits = next_token_logits(self.forward, **self.batch)  # as the training loop does
-        per_sample_loss(logits, self.labels).sum().backward()
-        if self.private:
-            self.mechanism.step([1.0], uniform_noise_stds([1.0], 1.0), self.expected)
-        else:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad /= self.expected
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        step, indices = next(self.batches)
+        self.trainer.step(step, indices)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
 
-def time_side_by_side(base, lora, device, batch: int, steps: int) -> dict[str, float]:
-    steppers = {
-        "dp": Stepper(True, base, lora, device, batch),
-        "nonprivate": Stepper(False, base, lora, device, batch),
-    }
+def time_side_by_side(base, device, batch: int, steps: int) -> dict[str, float]:
+    steppers = {kind: Stepper(kind, base, device, batch, steps + 3) for kind in METHODS}
     for stepper in steppers.values():  # warm-up
         for _ in range(3):
             stepper.step()
@@ -129,7 +118,7 @@ def peak_memory_child(kind: str, config: str, device: str, batch: int) -> None:
     """Run in a subprocess: report the peak memory growth of a few steps of one kind."""
     base = GPT2_SMALL if config == "gpt2-small" else load_params().base
     dev = torch.device(device)
-    stepper = Stepper(kind == "dp", base, load_params().finetune.lora, dev, batch)
+    stepper = Stepper(kind, base, dev, batch, 5)
     if dev.type == "cuda":
         stepper.step()  # first step allocates optimizer state: not part of the steady state
         torch.cuda.synchronize()
@@ -178,7 +167,7 @@ def measure(config: str, device: torch.device, batch: int, steps: int) -> dict:
         "n_layer": base.n_layer,
         "n_embd": base.n_embd,
     }
-    result |= time_side_by_side(base, params.finetune.lora, device, batch, steps)
+    result |= time_side_by_side(base, device, batch, steps)
     dp_mem = peak_memory("dp", config, str(device), batch)
     plain_mem = peak_memory("nonprivate", config, str(device), batch)
     result |= {

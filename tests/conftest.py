@@ -1,16 +1,22 @@
 """Test-wide settings: no telemetry, no network, quiet libraries."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from privtune.tracking import TELEMETRY_OFF
+
+# the accountant's calibration cache stays out of the user's home during tests, and goes
+# when the session ends (stage subprocesses inherit the variable)
+_CACHE = tempfile.mkdtemp(prefix="privtune-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 for key, value in {
     **TELEMETRY_OFF,
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    # the accountant's calibration cache stays out of the user's home during tests
-    "PRIVTUNE_CACHE_DIR": tempfile.mkdtemp(prefix="privtune-test-cache-"),
+    "PRIVTUNE_CACHE_DIR": _CACHE,
 }.items():
     os.environ.setdefault(key, value)
 
@@ -102,6 +108,17 @@ TINY_PARAMS = {
     "evaluate": {"max_records": 8},
     "attack": {"members": 10, "bootstrap": 100, "candidates": 100, "samples": 1},
 }
+
+
+def release_step(mech, clips, noise, expected_batch_size, batch_size=1, **action):
+    """One DP step of a mechanism on the per-sample gradients already in ``p.grad_sample``:
+    admit an action at ``noise``, accumulate (unless the batch is empty) and release."""
+    from privtune.privacy.action import Action
+
+    spec = mech.admit(Action(tuple(clips), noise, **action), noise)
+    if batch_size:
+        mech.accumulate(spec)
+    return mech.release(spec, expected_batch_size, batch_size)
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from opacus import GradSampleModule
 
 from privtune.control import Action, ControllerContext, Observation, build_controller
-from privtune.control.registry import CONTROLLERS, _load_builtin
+from privtune.control.registry import CONTROLLERS
 from privtune.control.schedules import decay_profile
 from privtune.errors import ConfigError
 from privtune.modeling import attach_lora
@@ -20,13 +20,14 @@ from privtune.privacy import accountant
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from privtune.privacy.mechanisms import (
-    GaussianMechanism,
+    Gaussian,
     effective_noise_multiplier,
     gradient_noise_multiplier,
     per_sample_factors,
     uniform_noise_stds,
 )
 from privtune.train import train
+from tests.conftest import release_step
 from tests.test_train import PARAMS, _data
 
 # Five steps, accounted by RDP, logged once: accounting dominates a tiny run's time. The
@@ -128,8 +129,8 @@ def _tiny_grads():
 def test_mechanism_scales_each_sample_by_the_rule(scaling, stability, weight):
     model, direct = _tiny_grads()
     params = list(model.parameters())
-    mech = GaussianMechanism([params], torch.Generator().manual_seed(0))
-    mech.clip_and_accumulate([1.5], scaling, stability)
+    mech = Gaussian([params], ["all"], seed=0)
+    release_step(mech, [1.5], 1e-12, 1.0, 6, scaling=scaling, stability=stability)
     expected = [torch.zeros_like(p) for p in params]
     for sample in direct:
         norm = math.sqrt(sum(float(g.pow(2).sum()) for g in sample))
@@ -162,7 +163,7 @@ def test_count_noise_too_small_for_the_step_is_refused():
 def test_noisy_count_release_is_centred_scaled_and_noised():
     norms = torch.tensor([[0.1, 0.1], [0.5, 3.0], [2.0, 0.1], [0.2, 0.2], [0.3, 0.9]])
     clips = [1.0, 1.0]  # unclipped (every group within): samples 0, 3, 4
-    mech = GaussianMechanism([[torch.nn.Parameter(torch.zeros(1))]] * 2, torch.Generator())
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]] * 2, ["a", "b"], seed=0)
     mech.generator.manual_seed(0)
     exact = mech.release_unclipped_count(norms, clips, 1e-9, expected=4.0)
     assert exact == pytest.approx((3 - 5 / 2) / 4.0 + 0.5)
@@ -178,7 +179,7 @@ def test_norm_histogram_release_counts_each_group_and_level():
     with ||g_k|| <= l * C_k, each count centred (sensitivity 1/2) and noised."""
     norms = torch.tensor([[0.1, 0.1], [0.5, 3.0], [2.0, 0.1], [0.2, 0.2], [0.3, 0.9]])
     clips, levels = [1.0, 0.5], [0.5, 1.0, 2.0]
-    mech = GaussianMechanism([[torch.nn.Parameter(torch.zeros(1))]] * 2, torch.Generator())
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]] * 2, ["a", "b"], seed=0)
     mech.generator.manual_seed(0)
     exact = mech.release_norm_histogram(norms, clips, levels, 1e-9, expected=4.0)
     direct = np.array(
@@ -269,7 +270,7 @@ def test_quantile_tracks_the_target_quantile_from_noisy_counts():
     """Driven by the mechanism's DP release only, C settles near the true median norm."""
     rng = np.random.default_rng(0)
     controller = build_controller("quantile", _ctx(), {"clip": 0.1, "target_quantile": 0.5})
-    mech = GaussianMechanism([[torch.nn.Parameter(torch.zeros(1))]], torch.Generator())
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]], ["all"], seed=0)
     mech.generator.manual_seed(1)
     action = controller.act(None)
     clips = []
@@ -407,13 +408,12 @@ def test_decay_in_the_loop_is_applied_as_planned(tiny_model, tiny_tokenizer):
 
 
 def test_decay_rejects_an_unknown_schedule():
-    with pytest.raises(ConfigError, match=r"methods.decay.*linear or exponential"):
+    with pytest.raises(ConfigError, match=r"methods\.decay\.schedule.*'linear' or 'exponential'"):
         build_controller("decay", _ctx(), {"schedule": "cosine"})
 
 
 # -- one accounting contract for every private method -----------------------------------------
 
-_load_builtin()
 PRIVATE_METHODS = sorted(
     name for name, cls in CONTROLLERS.items() if cls.private and not name.startswith("test-")
 )

@@ -9,7 +9,7 @@ from privtune.config import load_params, parse_params
 from privtune.control.base import ControllerContext
 from privtune.control.registry import build_controller
 from privtune.errors import ConfigError
-from privtune.train import make_plan
+from privtune.privacy.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,17 +45,39 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
         parse_params({"finetune": {"lora": {"rank": 4}}})
 
 
-def test_unknown_method_and_bad_option():
-    params = parse_params({"methods": {"fancy": {}, "dpsgd": {"clipp": 1.0}}})
-    ctx = ControllerContext(("all",), 0.1, 10, 1.0, 1e-5, 1.0)
-    method, options = params.method("fancy")
+def test_unknown_method_and_bad_options_are_refused_when_params_load():
+    """Every method's options are typed: refused at load time, before any stage writes, with
+    the dotted option, the value and the allowed range."""
     with pytest.raises(ConfigError, match=r"methods\.fancy.*unknown method 'fancy'.*dpsgd"):
-        build_controller(method, ctx, options, "fancy")
-    method, options = params.method("dpsgd")
-    with pytest.raises(ConfigError, match=r"methods\.dpsgd\.clipp"):
-        build_controller(method, ctx, options, "dpsgd")
+        parse_params({"methods": {"fancy": {}}})
+    with pytest.raises(ConfigError, match=r"methods\.dpsgd\.clipp.*unknown.*options: clip"):
+        parse_params({"methods": {"dpsgd": {"clipp": 1.0}}})
+    with pytest.raises(ConfigError, match=r"methods\.rldp\.rl_interval.*greater than or equal"):
+        parse_params({"methods": {"rldp": {"rl_interval": 0}}})
+    with pytest.raises(ConfigError, match=r"methods\.fast\.clip.*greater than 0.*got -1"):
+        parse_params({"methods": {"fast": {"method": "dpsgd", "clip": -1}}})
+    with pytest.raises(ConfigError, match=r"methods\.decay\.schedule"):
+        parse_params({"methods": {"decay": {"schedule": "cosine"}}})
     with pytest.raises(ConfigError, match=r"methods\.missing"):
-        params.method("missing")
+        parse_params({}).method("missing")
+
+
+def test_build_controller_names_the_entry_of_a_bad_option():
+    ctx = ControllerContext(("all",), 0.1, 10, 1.0, 1e-5, 1.0)
+    with pytest.raises(ConfigError, match=r"methods\.mine\.clipp"):
+        build_controller("dpsgd", ctx, {"clipp": 1.0}, "mine")
+    with pytest.raises(ConfigError, match=r"methods\.nosuch.*unknown method"):
+        build_controller("nosuch", ctx, {}, "nosuch")
+
+
+def test_params_file_and_code_defaults_are_one_set():
+    """A section left out of params.yaml means what the shipped file says (no second set)."""
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    assert shipped == parse_params({}).model_dump()
+    for section in ("prepare", "base", "finetune", "evaluate", "attack", "registry"):
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        del raw[section]
+        assert parse_params(raw).model_dump() == shipped
 
 
 def test_malformed_yaml(tmp_path):

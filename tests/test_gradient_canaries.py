@@ -11,6 +11,7 @@ from privtune.config import FinetuneParams, LoraParams
 from privtune.data.tokenization import encode_records
 from privtune.modeling import attach_lora
 from privtune.privacy import mechanisms
+from privtune.privacy.action import Action
 from privtune.privacy.gradient_canaries import (
     CanaryInjector,
     GradientCanaries,
@@ -74,13 +75,17 @@ def test_injected_rows_are_dirac_gradients_on_their_coordinates():
     injector = CanaryInjector(canaries, params)
     for p in params:
         p.grad_sample = torch.ones(2, *p.shape)  # two real records
-    injector.add_per_sample(np.array([1, 0]), has_records=True)
-    flat = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)  # (4, 17)
-    assert flat.shape == (4, 17)
-    assert (flat[:2] == 1).all()
+    rows = injector.rows(np.array([1, 0]))
+    flat = torch.cat([r.flatten(1) for r in rows], dim=1)  # (2, 17): one row per canary
     expected = torch.zeros(2, 17)
     expected[0, 13], expected[1, 2] = -7.0, 7.0
-    torch.testing.assert_close(flat[2:], expected)
+    torch.testing.assert_close(flat, expected)
+    # the mechanism takes them as extra records after the two real ones
+    mech = mechanisms.Gaussian([params], ["all"], seed=0)
+    spec = mech.admit(Action((100.0,), 1e-12), 1e-12)
+    mech.accumulate(spec, rows)
+    stats = mech.release(spec, 1.0, 4)
+    assert stats.norms[:, 0].tolist() == pytest.approx([17**0.5, 17**0.5, 7.0, 7.0])
     # the released gradient is read back at every canary's coordinate, times its sign
     params[0].grad = torch.arange(12.0).view(3, 4)
     params[1].grad = torch.arange(5.0)
@@ -118,12 +123,12 @@ def test_dp_run_is_audited_at_or_below_its_claim(tiny_model, tiny_tokenizer, met
 
 def test_audit_catches_noise_cut_behind_the_ledgers_back(tiny_model, tiny_tokenizer, monkeypatch):
     """A bug that adds 100x less noise than the ledger records must fail the audit."""
-    add_noise = mechanisms.GaussianMechanism.add_noise
+    add_noise = mechanisms.Gaussian.add_noise
 
     def too_little(self, stds):
         add_noise(self, [s / 100 for s in stds])
 
-    monkeypatch.setattr(mechanisms.GaussianMechanism, "add_noise", too_little)
+    monkeypatch.setattr(mechanisms.Gaussian, "add_noise", too_little)
     train_data, valid_data = _data(tiny_tokenizer)
     model = attach_lora(tiny_model, PARAMS.lora)
     result = train(model, train_data, valid_data, PARAMS, "dpsgd", show_progress=False)

@@ -17,12 +17,14 @@ from privtune.control import build_controller
 from privtune.errors import BudgetExhausted, ConfigError
 from privtune.modeling import attach_lora
 from privtune.privacy import accountant, lmo_accounting
+from privtune.privacy.action import Action
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from privtune.privacy.lmo import LMOParams, mean_abs_noise, noise_std, subsampled_rdp
 from privtune.privacy.lmo_accounting import orders_up_to
-from privtune.privacy.mechanisms import LMOMechanism
+from privtune.privacy.mechanisms import LMO
 from privtune.train import train
+from tests.conftest import release_step
 from tests.test_baselines import RDP_PARAMS, _ctx
 from tests.test_train import _data
 
@@ -56,8 +58,8 @@ def test_l1_clipping_bounds_every_sample_and_sums_them(clip):
     model, direct = _per_sample_grads()
     params = list(model.parameters())
     # Two groups (weight, bias) are clipped JOINTLY in L1: the whole sample is bounded by C.
-    mech = LMOMechanism([[params[0]], [params[1]]], torch.Generator().manual_seed(0))
-    stats = mech.step(clip, SILENT, expected_batch_size=1.0)
+    mech = LMO([[params[0]], [params[1]]], ["weight", "bias"], seed=0, law=SILENT)
+    stats = release_step(mech, [clip], 1.0, 1.0, batch_size=len(direct))
     l1 = direct.abs().sum(1)
     torch.testing.assert_close(stats.norms[:, 0], l1, rtol=1e-5, atol=1e-6)
     factors = (clip / l1).clamp(max=1.0)
@@ -74,8 +76,8 @@ def test_one_steps_noise_has_the_scale_the_ledger_claims():
     clip, expected = 2.5, 4.0
     weight = torch.nn.Parameter(torch.zeros(400, 500))
     weight.grad_sample = torch.zeros(3, 400, 500)  # three samples, zero gradients
-    mech = LMOMechanism([[weight]], torch.Generator().manual_seed(7))
-    mech.step(clip, PAPER_03, expected)
+    mech = LMO([[weight]], ["weight"], seed=7, law=PAPER_03)
+    release_step(mech, [clip], 1.0, expected, batch_size=3)
     noise = weight.grad.double().flatten() * expected  # undo the division by the batch size
     assert float(noise.abs().mean()) == pytest.approx(mean_abs_noise(PAPER_03, clip), rel=0.02)
     assert float(noise.std()) == pytest.approx(noise_std(PAPER_03, clip), rel=0.03)
@@ -83,10 +85,10 @@ def test_one_steps_noise_has_the_scale_the_ledger_claims():
     # The same seed draws the same noise (the Gaussian path's generator discipline).
     again = torch.nn.Parameter(torch.zeros(400, 500))
     again.grad_sample = torch.zeros(3, 400, 500)
-    LMOMechanism([[again]], torch.Generator().manual_seed(7)).step(clip, PAPER_03, expected)
+    release_step(LMO([[again]], ["weight"], seed=7, law=PAPER_03), [clip], 1.0, expected, 3)
     assert torch.equal(again.grad, weight.grad)
     with pytest.raises(ValueError, match="L1 clipping threshold"):
-        mech.step(0.0, PAPER_03, expected, empty=True)
+        mech.admit(Action((0.0,), 1.0), 1.0)
 
 
 # -- the subsampling bound ----------------------------------------------------------------------
@@ -189,7 +191,7 @@ def _guard(ledger, law, target):
         total_steps=STEPS,
         reserve_noise=1.0,
         accountant="rdp",
-        lmo_base=law,
+        segment=LMO([[torch.nn.Parameter(torch.zeros(1))]], ["w"], 0, law=law).segment,
     )
 
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from privtune.privacy.action import Action
 from privtune.privacy.mechanisms import (
-    GaussianMechanism,
+    Gaussian,
+    NoNoise,
     effective_noise_multiplier,
     uniform_noise_stds,
 )
+from tests.conftest import release_step
 
 
 def test_effective_noise_multiplier_formula():
@@ -46,8 +49,8 @@ def test_per_group_clipping_matches_direct_computation():
     params = list(model.parameters())
     groups = [params[:2], params[2:]]
     clips = [0.3, 0.05]
-    mech = GaussianMechanism(groups, torch.Generator().manual_seed(0))
-    stats = mech.clip_and_accumulate(clips)
+    mech = Gaussian(groups, ["first", "second"], seed=0)
+    stats = release_step(mech, clips, 1e-12, 1.0, batch_size=len(x))  # noise ~1e-13
 
     expected = [torch.zeros_like(p) for p in params]
     for n, sample in enumerate(direct):
@@ -66,10 +69,11 @@ def test_per_group_clipping_matches_direct_computation():
 def test_noise_has_the_requested_std_per_group():
     big = torch.nn.Parameter(torch.zeros(200_000))
     small = torch.nn.Parameter(torch.zeros(200_000))
-    mech = GaussianMechanism([[big], [small]], torch.Generator().manual_seed(1))
+    mech = Gaussian([[big], [small]], ["big", "small"], seed=1)
     big.grad_sample = torch.zeros(1, 200_000)
     small.grad_sample = torch.zeros(1, 200_000)
-    mech.step([1.0, 1.0], [2.0, 0.5], expected_batch_size=4.0)
+    z = effective_noise_multiplier([1.0, 1.0], [2.0, 0.5])
+    release_step(mech, [1.0, 1.0], z, 4.0, noise_stds=(2.0, 0.5))
     assert float(big.grad.std()) == pytest.approx(2.0 / 4.0, rel=0.01)
     assert float(small.grad.std()) == pytest.approx(0.5 / 4.0, rel=0.01)
     assert float(big.grad.mean()) == pytest.approx(0.0, abs=0.01)
@@ -77,6 +81,58 @@ def test_noise_has_the_requested_std_per_group():
 
 def test_empty_batch_is_pure_noise():
     p = torch.nn.Parameter(torch.ones(10_000))
-    mech = GaussianMechanism([[p]], torch.Generator().manual_seed(2))
-    mech.step([1.0], [1.0], expected_batch_size=1.0, empty=True)
+    mech = Gaussian([[p]], ["p"], seed=2)
+    stats = release_step(mech, [1.0], 1.0, 1.0, batch_size=0)
     assert float(p.grad.std()) == pytest.approx(1.0, rel=0.05)
+    assert stats.norms.shape == (0, 1) and stats.clipped_fraction == 0.0
+
+
+def _records_and_grads(n=6, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    x, y = torch.randn(n, 4) * 3, torch.randn(n, 2)
+    return GradSampleModule(model, batch_first=True, loss_reduction="sum"), x, y
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_micro_batches_release_the_same_step_as_the_whole_batch(micro):
+    """Memory-bounded steps: clipped per-sample gradients summed over micro-batches, the noise
+    added once: the same released gradient, norms and noise draw as the whole batch at once."""
+    released = []
+    for size in (6, micro):
+        gsm, x, y = _records_and_grads()
+        params = list(gsm.parameters())
+        mech = Gaussian([params[:2], params[2:]], ["first", "second"], seed=5)
+        spec = mech.admit(Action((0.4, 0.1), 0.7), 0.7)
+        for start in range(0, 6, size):
+            ((gsm(x[start : start + size]) - y[start : start + size]) ** 2).sum().backward()
+            mech.accumulate(spec)
+        stats = mech.release(spec, 3.0, 6)
+        released.append(([p.grad.clone() for p in params], stats))
+    (whole, whole_stats), (parts, part_stats) = released
+    for a, b in zip(whole, parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole_stats.norms, part_stats.norms)
+    assert whole_stats.clipped_fraction == part_stats.clipped_fraction
+    assert whole_stats.metrics == part_stats.metrics  # z and thresholds
+
+
+def test_a_parameter_without_per_sample_gradients_is_a_loud_error():
+    """The silent failure of LoRA under opacus (no grad_sample: the adapter never learns) must
+    stop the step, not release noise alone."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    mech = Gaussian([[p]], ["p"], seed=0)
+    with pytest.raises(RuntimeError, match="no per-sample gradient"):
+        release_step(mech, [1.0], 1.0, 1.0, batch_size=1)
+
+
+def test_no_noise_sums_the_extra_rows_and_scales_without_a_ledger_entry():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])  # what autograd summed for the records
+    mech = NoNoise([[p]], ["p"], seed=0)
+    spec = mech.admit(Action((), 0.0), 0.0)
+    mech.accumulate(spec, [torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, -1.0]])])
+    stats = mech.release(spec, 4.0, batch_size=3)
+    torch.testing.assert_close(p.grad, torch.tensor([11.0, 2.0, 2.0]) / 4.0)
+    assert stats.norms is None and mech.ledger_entry(spec, 0, 0.1, 3) is None
+    assert mech.release(spec, 4.0, batch_size=0) is None  # an empty batch releases nothing

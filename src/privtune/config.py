@@ -1,7 +1,10 @@
 """Typed view of params.yaml: every stage reads its own section, unknown keys are rejected.
 
 pydantic does the validation so that each error names the dotted field (``finetune.epsilon``)
-and what a valid value looks like.
+and what a valid value looks like. The defaults here ARE params.yaml's values (one set of
+defaults: tests/test_config.py checks that the file and these models agree), so a section
+left out of params.yaml means exactly what the shipped file says. Method options are typed per
+method (privtune.options) and checked here too, before any stage writes anything.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from privtune.errors import ConfigError
+from privtune.options import METHOD_OPTIONS
 
 # Fixed stage layout (relative to the project root); dvc.yaml names the same paths.
 PREPARED_DIR = Path("data/prepared")
@@ -29,11 +33,11 @@ class _Section(BaseModel):
 
 class CanaryParams(_Section):
     repetitions: list[int] = Field(default=[1, 4, 16], description="times each canary is planted")
-    per_repetition: int = Field(default=4, ge=1)
-    held_out: int = Field(default=8, ge=1, description="canaries never planted (attack controls)")
+    per_repetition: int = Field(default=2, ge=1)
+    held_out: int = Field(default=3, ge=1, description="canaries never planted (attack controls)")
     # One-run audit (Steinke et al. 2023): standalone canary records, each added to the train
     # split independently with probability 1/2; 0 = no audit.
-    audit: int = Field(default=256, ge=0, description="audit canaries (half expected in train)")
+    audit: int = Field(default=128, ge=0, description="audit canaries (half expected in train)")
 
     @field_validator("repetitions")
     @classmethod
@@ -48,7 +52,7 @@ class PrepareParams(_Section):
     # "generator" = the embedded pseudo-clinical generator; otherwise a path to a .jsonl or .csv
     # file with a `text` column, or a directory written by datasets' save_to_disk.
     source: str = "generator"
-    n_private: int = Field(default=2400, ge=10, description="generated private notes (all splits)")
+    n_private: int = Field(default=1040, ge=10, description="generated private notes (all splits)")
     n_public: int = Field(default=3000, ge=10, description="public reference passages")
     valid_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
@@ -60,12 +64,12 @@ class BaseParams(_Section):
     # null = train a tokenizer and pretrain a small GPT-2 on the public split here.
     pretrained_path: str | None = None
     seed: int = 0
-    vocab_size: int = Field(default=4096, ge=300)
-    n_layer: int = Field(default=2, ge=1)
+    vocab_size: int = Field(default=2048, ge=300)
+    n_layer: int = Field(default=1, ge=1)
     n_head: int = Field(default=4, ge=1)
     n_embd: int = Field(default=128, ge=8)
     max_length: int = Field(default=384, ge=16, description="tokens per record, truncated")
-    steps: int = Field(default=300, ge=1)
+    steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     # Keeps the base's predictions calibrated on text unlike the public split, which leaves
@@ -88,16 +92,23 @@ class FinetuneParams(_Section):
     # null = 1 / (10 N), well below the 1/N a meaningful delta must stay under
     delta: float | None = None
     batch_size: int = Field(default=32, ge=1, description="expected batch; q = batch_size / N")
-    epochs: float = Field(default=3.0, gt=0, description="steps = ceil(epochs / q)")
+    epochs: float = Field(default=1.25, gt=0, description="steps = ceil(epochs / q)")
     lr: float = Field(default=1e-2, gt=0)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     accountant: Literal["pld", "prv", "rdp"] = "pld"
-    log_every: int = Field(default=10, ge=1)
-    eval_every: int = Field(default=40, ge=1)
-    eval_records: int = Field(default=128, ge=1, description="validation records per evaluation")
+    log_every: int = Field(default=5, ge=1)
+    eval_every: int = Field(default=20, ge=1)
+    eval_records: int = Field(default=48, ge=1, description="validation records per evaluation")
+    # Memory-bounded steps: the Poisson batch is split into micro-batches of this many records
+    # whose clipped per-sample gradients are summed before the noise is added once (the same
+    # ledger and noise as the whole batch at once); null = the whole logical batch.
+    physical_batch_size: int | None = Field(default=None, ge=1)
+    # bf16 autocast of the forward/backward (per-sample norms, clipping and noise stay float32);
+    # auto = bf16 on CUDA, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # White-box one-run audit (privacy.gradient_canaries): Dirac gradient canaries, each a
     # pseudo-record IN with probability 1/2; 0 = none (params.yaml turns them on).
-    audit_canaries: int = Field(default=0, ge=0, description="gradient canaries (0 = none)")
+    audit_canaries: int = Field(default=256, ge=0, description="gradient canaries (0 = none)")
     audit_canary_norm: float = Field(
         default=10.0, gt=0, description="a canary's gradient norm before the method clips it"
     )
@@ -127,7 +138,7 @@ class MethodParams(_Section):
 
 class AttackParams(_Section):
     seed: int = 0
-    members: int = Field(default=200, ge=10, description="members and as many non-members")
+    members: int = Field(default=150, ge=10, description="members and as many non-members")
     reference: bool = Field(default=True, description="calibrate by the base model's loss")
     min_k: float = Field(default=0.2, gt=0, le=1, description="fraction k of Min-K% prob")
     bootstrap: int = Field(default=1000, ge=100, description="resamples for AUC intervals")
@@ -173,11 +184,24 @@ class EvaluateParams(_Section):
     max_records: int | None = Field(default=None, ge=1, description="cap on test records")
 
 
+DEFAULT_METHODS: dict[str, MethodParams] = {
+    "nonprivate": MethodParams(),
+    "dpsgd": MethodParams(clip=1.0),
+    "per_adapter": MethodParams(clip=1.0),
+    "quantile": MethodParams(clip=1.0, target_quantile=0.5, clip_lr=0.2),
+    "auto_s": MethodParams(gamma=0.01),
+    "psac": MethodParams(clip=1.0, r=0.1),
+    "decay": MethodParams(schedule="linear", end_ratio=0.5, phases=5),
+    "lmo": MethodParams(clip=1.0),
+    "rldp": MethodParams(rl_interval=5),
+}
+
+
 class Params(_Section):
     prepare: PrepareParams = PrepareParams()
     base: BaseParams = BaseParams()
     finetune: FinetuneParams = FinetuneParams()
-    methods: dict[str, MethodParams] = {"nonprivate": MethodParams(), "dpsgd": MethodParams()}
+    methods: dict[str, MethodParams] = DEFAULT_METHODS
     evaluate: EvaluateParams = EvaluateParams()
     attack: AttackParams = AttackParams()
     registry: RegistryParams = RegistryParams()
@@ -196,14 +220,18 @@ class Params(_Section):
         return entry.method or name, options
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> ConfigError:
+def _format_validation_error(
+    path: Path, err: ValidationError, prefix: str = "", allowed: list[str] | None = None
+) -> ConfigError:
     first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"])
+    field = prefix + ".".join(str(part) for part in first["loc"])
     value = first.get("input")
     problem = f"{first['msg']} (got {value!r})" if not isinstance(value, dict) else first["msg"]
     if first["type"] == "extra_forbidden":
         problem = "unknown parameter"
         fix = f"remove or rename `{field}` in {path} (see the documented keys in README.md)"
+        if allowed is not None:
+            fix = f"remove or rename `{field}` in {path}; options: {', '.join(allowed) or 'none'}"
     else:
         fix = f"correct `{field}` in {path}"
     return ConfigError(field, problem, fix)
@@ -211,9 +239,29 @@ def _format_validation_error(path: Path, err: ValidationError) -> ConfigError:
 
 def parse_params(raw: dict[str, Any], path: Path = Path("params.yaml")) -> Params:
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as err:
         raise _format_validation_error(path, err) from None
+    for name in params.methods:
+        method_options(*params.method(name), name, path)
+    return params
+
+
+def method_options(
+    method: str, options: dict[str, Any], entry: str, path: Path = Path("params.yaml")
+) -> Any:
+    """The typed options of ``methods.<entry>``; errors name the option, value and range."""
+    if method not in METHOD_OPTIONS:
+        raise ConfigError(
+            f"methods.{entry}",
+            f"unknown method '{method}'",
+            f"choose one of: {', '.join(sorted(METHOD_OPTIONS))}",
+        )
+    try:
+        return METHOD_OPTIONS[method].model_validate(options)
+    except ValidationError as err:
+        allowed = list(METHOD_OPTIONS[method].model_fields)
+        raise _format_validation_error(path, err, f"methods.{entry}.", allowed) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

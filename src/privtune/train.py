@@ -1,94 +1,58 @@
 """ONE training loop for every method: a method is a controller (clipping and noise over time)
-plugged into the same loop, with the privacy ledger and the budget guard around every step.
+and the noise mechanism it names, plugged into the same loop through the privacy engine.
 
-Read top to bottom: plan (sampling rate, steps, calibrated noise) -> for each Poisson batch:
-decide (controller, admitted by the guard) -> forward/backward with per-sample gradients ->
-DP step (clip, noise, scale) -> ledger -> optimizer -> log / validate.
-
-The noise is Gaussian (L2 clipping) unless the controller's mechanism is "lmo" (LMO-DP: L1
-clipping, Laplace-mixture noise, accounted in RDP); the ledger and guard handle both.
+Read top to bottom: ``Trainer`` builds the run (plan, controller, engine, optimizer, Poisson
+sampler); ``train`` runs it: for each logical batch, decide when due (the controller proposes,
+the engine's guard admits), then ``Trainer.step`` (per-sample gradients per physical
+micro-batch, one DP release by the engine, the optimizer), then the callbacks (validation,
+metrics, progress). Nothing here branches on whether the method is private: the mechanism
+(privacy.mechanisms) decides what a release is, and the engine whether it is accounted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import get_cosine_schedule_with_warmup
 
+from privtune.callbacks import (
+    Callback,
+    CallbackList,
+    LogFn,
+    MetricsLogger,
+    ProgressCallback,
+    StepInfo,
+    Validation,
+)
 from privtune.config import FinetuneParams
-from privtune.control import Action, Controller, ControllerContext, Observation, build_controller
+from privtune.control import Action, Controller, ControllerContext, Observer, build_controller
+from privtune.control.registry import controller_class
 from privtune.data.tokenization import EncodedRecords
-from privtune.errors import BudgetExhausted, ConfigError
+from privtune.errors import BudgetExhausted
 from privtune.losses import mean_token_loss, next_token_logits, per_sample_loss
 from privtune.modeling import adapter_groups, resolve_device
-from privtune.privacy import accountant
-from privtune.privacy.gradient_canaries import CanaryInjector, GradientCanaries, included_count
-from privtune.privacy.guard import BudgetGuard
-from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
-from privtune.privacy.lmo_mechanism import LMOParams, noise_std
-from privtune.privacy.mechanisms import (
-    GaussianMechanism,
-    LMOMechanism,
-    count_dims,
-    effective_noise_multiplier,
-    gradient_noise_multiplier,
-    uniform_noise_stds,
-)
+from privtune.privacy.engine import PrivacyEngine
+from privtune.privacy.gradient_canaries import CanaryInjector, GradientCanaries
+from privtune.privacy.ledger import PrivacyLedger
+from privtune.privacy.mechanisms import StepStats
+from privtune.privacy.plan import TrainingPlan, make_plan, planned_records
 from privtune.progress import progress_bar
 
-LogFn = Callable[[dict[str, float], int], None]
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    n_records: int
-    sample_rate: float
-    steps: int
-    delta: float
-    calibrated_noise: float  # 0 for non-private methods
-
-
-def planned_records(n_texts: int, params: FinetuneParams) -> int:
-    """N: the text records plus the IN gradient canaries of the white-box audit (each one is a
-    record, sampled, clipped and accounted like the others)."""
-    return n_texts + included_count(params.audit_canaries, params.seed)
-
-
-def make_plan(n_records: int, params: FinetuneParams, private: bool) -> TrainingPlan:
-    """Sampling rate q = B/N, steps = ceil(epochs / q), delta < 1/N, and the calibrated noise.
-
-    ``n_records`` is N, audit canaries included (see :func:`planned_records`)."""
-    if n_records < 2:
-        raise ConfigError("data", f"only {n_records} training records", "provide more records")
-    q = min(1.0, params.batch_size / n_records)
-    steps = max(1, math.ceil(params.epochs / q))
-    delta = params.delta if params.delta is not None else 1.0 / (10 * n_records)
-    if not delta < 1.0 / n_records:
-        raise ConfigError(
-            "finetune.delta",
-            f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
-            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
-        )
-    noise = (
-        accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)
-        if private
-        else 0.0
-    )
-    return TrainingPlan(n_records, q, steps, delta, noise)
+__all__ = ["TrainResult", "Trainer", "TrainingPlan", "make_plan", "planned_records", "train"]
 
 
 @dataclass
 class TrainResult:
     plan: TrainingPlan
     steps_taken: int
-    ledger: PrivacyLedger | None
+    ledger: PrivacyLedger | None  # None for a non-private method
     epsilon: float | None
     epsilon_rdp: float | None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -96,63 +60,9 @@ class TrainResult:
     stopped_by_guard: bool = False
     controller: Controller | None = None
     audit: GradientCanaries | None = None  # the white-box audit's canaries and scores
-
-
-class _Observer:
-    """Accumulates per-step statistics into the observation a controller sees."""
-
-    def __init__(self, n_groups: int) -> None:
-        self.n_groups = n_groups
-        self.losses: list[float] = []
-        self.norms: list[torch.Tensor] = []
-        self.clipped: list[float] = []
-        self.released: list[float] = []  # DP releases of the unclipped fraction
-        self.histograms: list[np.ndarray] = []  # DP releases of the norm histogram
-        self.previous_loss = math.nan
-
-    def add(
-        self,
-        loss: float,
-        norms: torch.Tensor | None,
-        clipped: float,
-        released: float | None = None,
-        histogram: np.ndarray | None = None,
-    ) -> None:
-        self.losses.append(loss)
-        if norms is not None and norms.numel():
-            self.norms.append(norms)
-        self.clipped.append(clipped)
-        if released is not None:
-            self.released.append(released)
-        if histogram is not None:
-            self.histograms.append(histogram)
-
-    def observe(self, step: int, plan: TrainingPlan, action: Action, **kwargs: Any) -> Observation:
-        loss = float(np.mean(self.losses)) if self.losses else math.nan
-        norms = torch.cat(self.norms) if self.norms else torch.zeros(1, self.n_groups)
-        quantiles = torch.quantile(norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]), dim=0)
-        obs = Observation(
-            step=step,
-            total_steps=plan.steps,
-            train_loss=loss,
-            loss_trend=loss - self.previous_loss if math.isfinite(self.previous_loss) else 0.0,
-            clipped_fraction=float(np.mean(self.clipped)) if self.clipped else 0.0,
-            norm_quantiles=tuple(tuple(quantiles[:, k].tolist()) for k in range(self.n_groups)),
-            norm_mean=tuple(norms.mean(0).tolist()),
-            norm_std=tuple(norms.std(0, correction=0).tolist()),
-            action=action,
-            unclipped_fraction_dp=float(np.mean(self.released)) if self.released else None,
-            norm_histogram_dp=(
-                tuple(map(tuple, np.mean(self.histograms, axis=0).tolist()))
-                if self.histograms
-                else None
-            ),
-            **kwargs,
-        )
-        self.previous_loss = loss
-        self.losses, self.norms, self.clipped, self.released = [], [], [], []
-        self.histograms = []
-        return obs
+    mechanism: str = ""  # the noise mechanism's name (privacy.mechanisms)
+    accountant: str | None = None  # the accountant that composed `epsilon`
+    privacy: dict[str, Any] = field(default_factory=dict)  # the engine's report (private runs)
 
 
 def freeze_dropout(model: torch.nn.Module) -> None:
@@ -166,6 +76,160 @@ def freeze_dropout(model: torch.nn.Module) -> None:
             module.train()
 
 
+class Trainer:
+    """One fine-tuning run: its plan, controller, privacy engine, optimizer and sampler.
+
+    ``plan`` may be computed beforehand with :func:`make_plan` (the stage does, to validate
+    before any output); it must be the plan of this data and these params.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_data: EncodedRecords,
+        valid_data: EncodedRecords,
+        params: FinetuneParams,
+        method: str,
+        options: dict[str, Any] | None = None,
+        *,
+        entry: str | None = None,
+        plan: TrainingPlan | None = None,
+    ) -> None:
+        self.device = resolve_device(params.device)
+        torch.manual_seed(params.seed)
+        self.model, self.train_data, self.params = model, train_data, params
+        n_records = planned_records(len(train_data), params)
+        private = controller_class(method, entry).private
+        self.plan = plan = plan or make_plan(n_records, params, private)
+        if plan.n_records != n_records:
+            raise ValueError(
+                f"the plan is for {plan.n_records} records, the data and audit canaries make "
+                f"{n_records}: compute it with planned_records()"
+            )
+        ctx = ControllerContext(
+            group_names=tuple(adapter_groups(model, "per_adapter")[0]),
+            sample_rate=plan.sample_rate,
+            total_steps=plan.steps,
+            target_epsilon=params.epsilon,
+            delta=plan.delta,
+            calibrated_noise=plan.calibrated_noise,
+            seed=params.seed,
+            expected_batch_size=plan.expected_batch_size,
+            accountant=params.accountant,
+        )
+        self.controller = build_controller(method, ctx, options or {}, entry)
+        group_names, groups = adapter_groups(model, self.controller.grouping)
+        model.to(self.device)
+        freeze_dropout(model)
+        trainable = [p for group in groups for p in group]
+
+        # The white-box audit's gradient canaries are records n_texts.. of the sampler.
+        self.audit = self.injector = None
+        if params.audit_canaries:
+            n_params = sum(p.numel() for p in trainable)
+            self.audit = GradientCanaries.draw(
+                params.audit_canaries, n_params, params.seed, params.audit_canary_norm
+            )
+            self.injector = CanaryInjector(self.audit, trainable)
+            self.canary_of_record = self.audit.in_indices()  # record n_texts + j: IN canary j
+
+        self.optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(params.warmup_fraction * plan.steps), plan.steps
+        )
+        self.sampler = UniformWithReplacementSampler(
+            num_samples=plan.n_records,
+            sample_rate=plan.sample_rate,
+            generator=torch.Generator().manual_seed(params.seed),
+            steps=plan.steps,
+        )
+        mechanism = self.controller.make_mechanism(groups, group_names, seed=params.seed + 1)
+        self.engine = PrivacyEngine(
+            plan=plan,
+            mechanism=mechanism,
+            target_epsilon=params.epsilon,
+            accountant=params.accountant,
+        )
+        self.forward = self.engine.wrap(model)  # opacus' per-sample hooks when needed
+        if self.injector is not None:
+            self.engine.attach_release_hook(self.injector.observe)  # reads what was released
+        self.observer = Observer(len(groups), plan.steps)
+        self.decision_data = valid_data.slice(
+            0, self.controller.validation_records or params.eval_records
+        )
+        self.action: Action | None = None
+        bf16 = params.precision == "bf16" or (
+            params.precision == "auto" and self.device.type == "cuda"
+        )
+        self.bf16 = bf16
+
+    def decide(self, step: int, valid_loss: float) -> Action:
+        """The controller proposes from what it may observe; the engine admits."""
+        observation = None
+        if self.action is not None:
+            if self.controller.needs_validation:
+                valid_loss = mean_token_loss(self.model, self.decision_data)
+            observation = self.observer.observe(
+                step,
+                self.action,
+                valid_loss=valid_loss,
+                epsilon_spent=self.engine.spent(),
+                epsilon_target=self.params.epsilon,
+            )
+        c = self.controller
+        self.action = self.engine.decide(
+            c.act(observation), steps=c.interval, reserve=c.reserve_noise()
+        )
+        return self.action
+
+    def step(self, step: int, indices: list[int]) -> tuple[float, StepStats] | None:
+        """One logical (Poisson) batch: per-sample gradients per physical micro-batch, one DP
+        release, one optimizer step. None when an empty batch released nothing."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        n_texts = len(self.train_data)
+        texts = index[index < n_texts]
+        canaries = (
+            self.canary_of_record[index[index >= n_texts].numpy() - n_texts]
+            if (self.injector is not None)
+            else np.zeros(0, dtype=np.int64)
+        )
+        rows = self.injector.rows(canaries) if len(canaries) else None  # type: ignore[union-attr]
+        size = self.params.physical_batch_size or max(len(texts), 1)
+        chunks = list(texts.split(size)) if len(texts) else []
+        losses = []
+        for i, chunk in enumerate(chunks):
+            batch = {k: v.to(self.device) for k, v in self.train_data.batch(chunk).items()}
+            with self._autocast():
+                logits = next_token_logits(
+                    self.forward, batch["input_ids"], batch["attention_mask"]
+                )
+                per_record = per_sample_loss(logits, batch["labels"])
+            with warnings.catch_warnings():
+                # opacus' full backward hooks on modules whose inputs need no gradient (the
+                # frozen base): expected here, and torch would warn on every step
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                per_record.sum().backward()
+            losses.append(per_record.detach())
+            # audit canaries are records too: clipped with the last micro-batch
+            self.engine.accumulate(rows if i == len(chunks) - 1 else None)
+        if not chunks and rows is not None:
+            self.engine.accumulate(rows)
+        stats = self.engine.step(step, len(index))
+        if stats is None:
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.cat(losses).mean().item() if losses else math.nan
+        self.observer.add(loss, stats)
+        return loss, stats
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
 def train(
     model: torch.nn.Module,
     train_data: EncodedRecords,
@@ -177,318 +241,56 @@ def train(
     entry: str | None = None,
     plan: TrainingPlan | None = None,
     on_log: LogFn | None = None,
+    callbacks: list[Callback] | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of ``model`` with the given method.
 
-    ``plan`` may be computed beforehand with :func:`make_plan` (to validate before any output).
+    ``on_log(metrics, step)`` receives every logged row and decision (MLflow, in the stage).
     """
-    device = resolve_device(params.device)
-    torch.manual_seed(params.seed)
-    from privtune.control.registry import controller_class
-
-    private = controller_class(method, entry).private
-    n_texts = len(train_data)
-    plan = plan or make_plan(planned_records(n_texts, params), params, private)
-    if plan.n_records != planned_records(n_texts, params):
-        raise ValueError(
-            f"the plan is for {plan.n_records} records, the data and audit canaries make "
-            f"{planned_records(n_texts, params)}: compute it with planned_records()"
-        )
-    ctx = ControllerContext(
-        group_names=tuple(adapter_groups(model, "per_adapter")[0]),
-        sample_rate=plan.sample_rate,
-        total_steps=plan.steps,
-        target_epsilon=params.epsilon,
-        delta=plan.delta,
-        calibrated_noise=plan.calibrated_noise,
-        seed=params.seed,
-        expected_batch_size=plan.sample_rate * plan.n_records,
-        accountant=params.accountant,
+    trainer = Trainer(
+        model, train_data, valid_data, params, method, options, entry=entry, plan=plan
     )
-    controller = build_controller(method, ctx, options or {}, entry)
-    group_names, groups = adapter_groups(model, controller.grouping)
-
-    model.to(device)
-    freeze_dropout(model)
-    trainable = [p for group in groups for p in group]
-    audit = injector = None
-    if params.audit_canaries:
-        audit = GradientCanaries.draw(
-            params.audit_canaries,
-            sum(p.numel() for p in trainable),
-            params.seed,
-            params.audit_canary_norm,
-        )
-        injector = CanaryInjector(audit, trainable)
-        canary_of_record = audit.in_indices()  # record n_texts + j is IN canary j
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(params.warmup_fraction * plan.steps), plan.steps
+    plan, controller, engine = trainer.plan, trainer.controller, trainer.engine
+    validation = Validation(model, valid_data.slice(0, params.eval_records), params.eval_every)
+    logger = MetricsLogger(engine, validation, params.log_every, on_log)
+    result = TrainResult(
+        plan,
+        0,
+        engine.ledger,
+        None,
+        None,
+        controller=controller,
+        audit=trainer.audit,
+        mechanism=engine.mechanism.name,
     )
-    sampler = UniformWithReplacementSampler(
-        num_samples=plan.n_records,
-        sample_rate=plan.sample_rate,
-        generator=torch.Generator().manual_seed(params.seed),
-        steps=plan.steps,
-    )
-    expected_batch = plan.sample_rate * plan.n_records
-    valid_subset = valid_data.slice(0, params.eval_records)
-    decision_subset = valid_data.slice(0, controller.validation_records or params.eval_records)
-
-    ledger = PrivacyLedger() if private else None
-    forward = model
-    guard = mechanism = None
-    lmo_base: LMOParams | None = None  # LMO-DP: the controller's law at noise level 1
-    if private and controller.mechanism == "lmo":
-        lmo_base = getattr(controller, "lmo_params", None)
-        if not isinstance(lmo_base, LMOParams):
-            raise ValueError(f"controller '{controller.name}' uses LMO noise: needs lmo_params")
-    lmo_law: LMOParams | None = None  # the admitted LMO law of the current interval
-    lmo_stds: dict[LMOParams, float] = {}  # per-coordinate std per unit clip, for the ledger
-    if private:
-        forward = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise.
-        noise_generator = torch.Generator().manual_seed(params.seed + 1)
-        mechanism = (
-            LMOMechanism(groups, noise_generator)
-            if lmo_base is not None
-            else GaussianMechanism(groups, noise_generator)
-        )
-        guard = BudgetGuard(
-            ledger=ledger,
-            target_epsilon=params.epsilon,
-            delta=plan.delta,
-            sample_rate=plan.sample_rate,
-            total_steps=plan.steps,
-            reserve_noise=controller.reserve_noise(),
-            accountant=params.accountant,
-            lmo_base=lmo_base,
-        )
-
-    observer = _Observer(len(groups))
-    result = TrainResult(plan, 0, ledger, None, None, controller=controller, audit=audit)
-    action: Action | None = None
-    stds: tuple[float, ...] = ()
-    count_std: float | None = None
-    dims = 1  # counts released per step with count_std (mechanisms.count_dims)
     next_decision = 0
-    valid_loss = math.nan
-    eps_spent = 0.0
-
     with progress_bar(show_progress) as progress:
-        task = progress.add_task(f"finetune {entry or method}", total=plan.steps, status="")
-        for step, indices in enumerate(sampler):
-            # -- decide: the controller proposes, the guard admits ------------------------
+        bar = ProgressCallback(progress, f"finetune {entry or method}", plan.steps, logger)
+        callback = CallbackList([validation, logger, bar, *(callbacks or [])])
+        for step, indices in enumerate(trainer.sampler):
             if step == next_decision:
-                obs = None
-                if controller.needs_validation and step > 0:
-                    valid_loss = mean_token_loss(model, decision_subset)
-                if private and step > 0:
-                    eps_spent = guard.spent()  # public: depends only on the schedule
-                if action is not None:
-                    obs = observer.observe(
-                        step,
-                        plan,
-                        action,
-                        valid_loss=valid_loss,
-                        epsilon_spent=eps_spent,
-                        epsilon_target=params.epsilon,
-                    )
-                action = controller.act(obs)
-                if private:
-                    # The reserve may change as a schedule unfolds (a decaying one does); the
-                    # guard's bound holds whatever it is: the last admission sees the whole run.
-                    guard.reserve_noise = _checked_reserve(controller.reserve_noise())
-                    try:
-                        admitted = guard.admit(action.noise_multiplier, controller.interval)
-                    except BudgetExhausted:
-                        result.stopped_by_guard = True
-                        break
-                    if lmo_base is not None:
-                        action = replace(action, noise_multiplier=admitted.noise_multiplier)
-                        lmo_law = lmo_base.with_noise_level(admitted.noise_multiplier)
-                        if lmo_law not in lmo_stds:
-                            lmo_stds[lmo_law] = noise_std(lmo_law)
-                    else:
-                        action, stds, count_std = _apply_admission(
-                            action, admitted.noise_multiplier, len(groups)
-                        )
-                        dims = count_dims(len(groups), action.count_levels)
+                try:
+                    trainer.decide(step, validation.last)
+                except BudgetExhausted:
+                    result.stopped_by_guard = True
+                    break
                 next_decision = step + max(1, controller.interval)
-                decision_metrics = controller.metrics()
-                if on_log and decision_metrics:
-                    on_log(decision_metrics, step)
-
-            # -- forward / backward with per-sample gradients ------------------------------
-            index = torch.as_tensor(indices, dtype=torch.long)
-            texts = index[index < n_texts]
-            canaries = (
-                canary_of_record[index[index >= n_texts].numpy() - n_texts]
-                if injector is not None
-                else np.zeros(0, dtype=np.int64)
-            )
-            empty = len(index) == 0
-            loss_value = math.nan
-            if len(texts):
-                batch = {k: v.to(device) for k, v in train_data.batch(texts).items()}
-                logits = next_token_logits(forward, batch["input_ids"], batch["attention_mask"])
-                losses = per_sample_loss(logits, batch["labels"])
-                losses.sum().backward()
-                loss_value = losses.mean().item()
-            elif empty and not private:
-                continue  # nothing to learn from and no privacy to account
-            if len(canaries):  # audit canaries are records: clipped as the method clips
-                if private:
-                    injector.add_per_sample(canaries, has_records=len(texts) > 0)
-                else:
-                    injector.add_to_sum(canaries)
-
-            # -- DP step: clip, noise, scale; the ledger records the draw ------------------
-            if private and lmo_law is not None:
-                # LMO-DP: the guard's knob is the noise level; the ledger keeps the law drawn.
-                guard.check_step(action.noise_multiplier)
-                (clip,) = action.clip_thresholds
-                stats = mechanism.step(clip, lmo_law, expected_batch, empty=empty)
-                z = lmo_stds[lmo_law]  # per-coordinate std over the clip: logs only
-                ledger.record(
-                    LedgerEntry(
-                        step=step,
-                        sample_rate=plan.sample_rate,
-                        noise_multiplier=z,
-                        clip_thresholds=(clip,),
-                        noise_stds=(z * clip,),
-                        batch_size=len(index),
-                        mechanism="lmo",
-                        lmo_params=lmo_law.to_dict(),
-                    )
-                )
-                observer.add(loss_value, stats.norms, stats.clipped_fraction)
-            elif private:
-                z = effective_noise_multiplier(action.clip_thresholds, stds, count_std, dims)
-                if z >= action.noise_multiplier:
-                    # stds carry a rounding margin above the admitted z (see _apply_admission):
-                    # record the admitted z, so an interval's steps stay one ledger segment.
-                    z = action.noise_multiplier
-                guard.check_step(z)
-                stats = mechanism.step(
-                    action.clip_thresholds,
-                    stds,
-                    expected_batch,
-                    empty=empty,
-                    scaling=action.scaling,
-                    stability=action.stability,
-                    count_std=count_std,
-                    count_levels=action.count_levels,
-                )
-                ledger.record(
-                    LedgerEntry(
-                        step=step,
-                        sample_rate=plan.sample_rate,
-                        noise_multiplier=z,
-                        clip_thresholds=tuple(action.clip_thresholds),
-                        noise_stds=tuple(stds),
-                        batch_size=len(index),
-                        count_noise_std=count_std,
-                        count_dims=dims,
-                    )
-                )
-                observer.add(
-                    loss_value,
-                    stats.norms,
-                    stats.clipped_fraction,
-                    stats.unclipped_fraction_dp,
-                    stats.norm_histogram_dp,
-                )
-            else:
-                for p in trainable:
-                    p.grad = p.grad / expected_batch
-                observer.add(loss_value, None, 0.0)
-            if injector is not None:
-                injector.observe()  # the auditor reads the released gradient (white-box)
-
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                callback.on_decision(step, controller.metrics())
+            released = trainer.step(step, indices)
+            if released is None:
+                continue
+            loss, stats = released
             result.steps_taken = step + 1
+            info = StepInfo(loss, trainer.scheduler.get_last_lr()[0], stats, step + 1 == plan.steps)
+            if not callback.on_step(step, info):
+                break
+        callback.on_training_end()
 
-            # -- log and validate ----------------------------------------------------------
-            last = step + 1 == plan.steps
-            evaluated = step % params.eval_every == 0 or last
-            if evaluated:
-                valid_loss = mean_token_loss(model, valid_subset)
-            if step % params.log_every == 0 or evaluated:
-                row = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
-                if evaluated:
-                    row["valid_loss"] = valid_loss
-                if private:
-                    eps_spent = guard.spent()
-                    row.update(
-                        epsilon=eps_spent,
-                        noise_multiplier=z,
-                        clipped_fraction=stats.clipped_fraction,
-                    )
-                    if stats.unclipped_fraction_dp is not None:
-                        row["unclipped_fraction_dp"] = stats.unclipped_fraction_dp
-                    clips = zip(group_names, action.clip_thresholds, strict=True)
-                    row.update({f"clip/{n}": c for n, c in clips})
-                result.history.append(row)
-                if on_log:
-                    on_log({k: v for k, v in row.items() if k != "step"}, step)
-                status = f"loss {loss_value:.3f}" + (f" eps {eps_spent:.2f}" if private else "")
-                progress.update(task, status=status)
-            progress.advance(task)
-
+    result.history = logger.history
     result.valid_loss = mean_token_loss(model, valid_data)
-    if private:
-        result.epsilon = accountant.ledger_epsilon(ledger, plan.delta, params.accountant)
-        result.epsilon_rdp = accountant.ledger_epsilon(ledger, plan.delta, "rdp")
-        if result.epsilon > params.epsilon * (1 + 1e-9):
-            raise BudgetExhausted(  # unreachable unless the guard is broken: fail loudly
-                f"spent epsilon {result.epsilon} exceeds the target {params.epsilon}"
-            )
-        _remove_opacus(forward)
+    spent = engine.finish(trainer.forward)
+    if spent is not None:
+        result.epsilon, result.epsilon_rdp = spent.epsilon, spent.epsilon_rdp
+        result.accountant, result.privacy = spent.accountant, spent.metrics
     return result
-
-
-def _checked_reserve(noise: float) -> float:
-    if not (noise > 0 and math.isfinite(noise)):
-        raise ValueError(f"controller.reserve_noise() must be finite and > 0, got {noise}")
-    return noise
-
-
-# Relative excess of the noise stds over the admitted multiplier (float rounding only).
-ROUNDING_MARGIN = 1e-9
-
-
-def _apply_admission(
-    action: Action, noise: float, n_groups: int
-) -> tuple[Action, tuple[float, ...], float | None]:
-    """Rescale the action's noise to the admitted multiplier z; return the action, per-group
-    gradient stds and the counts' noise std, together making one step of multiplier >= z."""
-    count_std = action.count_noise
-    grad_noise = noise
-    if count_std is not None:
-        dims = count_dims(n_groups, action.count_levels)
-        # The counts must leave room for gradient noise, z sqrt(D) < 2 sigma_b; should the
-        # admitted z reach that, sigma_b is raised to z sqrt(D) (counts take a quarter of it).
-        if not 2 * count_std > noise * math.sqrt(dims) * (1 + 1e-6):
-            count_std = noise * math.sqrt(dims)
-        grad_noise = gradient_noise_multiplier(noise, count_std, dims)
-    if action.noise_stds is None:
-        # A hair more noise than z needs, so recombining the stds into z never rounds below it.
-        stds = uniform_noise_stds(action.clip_thresholds, grad_noise * (1 + ROUNDING_MARGIN))
-        return replace(action, noise_multiplier=noise, count_noise=count_std), stds, count_std
-    requested = effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
-    factor = grad_noise / requested if requested > 0 else math.inf
-    stds = tuple(s * max(1.0, factor) for s in action.noise_stds)
-    dims = count_dims(n_groups, action.count_levels)
-    total = effective_noise_multiplier(action.clip_thresholds, stds, count_std, dims)
-    admitted = replace(action, noise_multiplier=total, noise_stds=stds, count_noise=count_std)
-    return admitted, stds, count_std
-
-
-def _remove_opacus(forward: torch.nn.Module) -> None:
-    """Detach opacus' hooks so the fine-tuned model can be saved and evaluated as usual."""
-    if isinstance(forward, GradSampleModule):
-        forward.to_standard_module()

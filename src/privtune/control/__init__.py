@@ -1,7 +1,14 @@
 """Controllers: how each method sets clipping thresholds and noise during training."""
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import CONTROLLERS, build_controller, register_controller
+from privtune.control.observer import Observer
+from privtune.control.registry import (
+    CONTROLLERS,
+    build_controller,
+    controller_class,
+    register_controller,
+    unregister_controller,
+)
 
 __all__ = [
     "CONTROLLERS",
@@ -9,6 +16,9 @@ __all__ = [
     "Controller",
     "ControllerContext",
     "Observation",
+    "Observer",
     "build_controller",
+    "controller_class",
     "register_controller",
+    "unregister_controller",
 ]

@@ -16,16 +16,16 @@ from __future__ import annotations
 import math
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import register_controller
 
 
-@register_controller("quantile")
 class AdaptiveQuantile(Controller):
     """Flat clipping at a threshold adapted every ``interval`` steps towards a target quantile.
 
     ``count_noise`` is sigma_b in count units; default: expected batch size / 20, the paper's
     recommendation.
     """
+
+    name = "quantile"
 
     def __init__(
         self,

@@ -8,12 +8,16 @@ action (raising its noise if needed), so a controller can never overspend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from privtune.privacy.mechanisms import Scaling
+from privtune.privacy.action import Action, Scaling
+from privtune.privacy.mechanisms import Gaussian, Group, Mechanism
 
 Grouping = Literal["flat", "per_adapter"]
+
+__all__ = ["Action", "Controller", "ControllerContext", "Grouping", "Observation", "Scaling"]
 
 
 @dataclass(frozen=True)
@@ -29,24 +33,6 @@ class ControllerContext:
     seed: int = 0
     expected_batch_size: float | None = None  # q * N (public)
     accountant: str = "pld"  # the accountant the budget guard uses
-
-
-@dataclass(frozen=True)
-class Action:
-    clip_thresholds: tuple[float, ...]
-    noise_multiplier: float
-    # Per-group noise std; None = the same std on every group (effective z = noise_multiplier).
-    noise_stds: tuple[float, ...] | None = None
-    # How each per-sample gradient is bounded (see privacy.mechanisms), and its constant
-    # (gamma of AUTO-S, r of DP-PSAC).
-    scaling: Scaling = "clip"
-    stability: float = 0.0
-    # Std of the noisy unclipped count to release every step (Andrew et al. 2021); None = none.
-    # noise_multiplier is the step's total z: the gradient gets the part the count leaves.
-    count_noise: float | None = None
-    # With count_noise: release instead, per group k, the noisy fraction of samples whose norm
-    # is <= level * C_k for each level (a DP histogram of the norms; mechanisms.py).
-    count_levels: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,23 +62,35 @@ class Observation:
 
 
 class Controller(ABC):
-    """Base class; subclasses are registered with ``@register_controller(name)``."""
+    """Base class of a method's controller; the registry (control.registry) names them.
+
+    A controller names its noise mechanism (``mechanism``, a class of privacy.mechanisms);
+    the loop and the privacy engine build and drive it, so nothing else reads its type.
+    """
 
     name: ClassVar[str] = ""
-    private: ClassVar[bool] = True
+    mechanism: ClassVar[type[Mechanism]] = Gaussian
+    private: ClassVar[bool] = True  # derived from the mechanism (__init_subclass__)
     grouping: Grouping = "flat"
     # True: the loop evaluates the validation loss right before every decision.
     needs_validation: ClassVar[bool] = False
     # How many of the validation records those decision-time evaluations use (None: the
     # loop's eval_records); fewer make each decision cheaper.
     validation_records: int | None = None
-    # The noise the loop adds: "gaussian" (noise_multiplier is z) or "lmo" (LMO-DP noise of the
-    # controller's `lmo_params` law; noise_multiplier is its noise level, see LMOParams).
-    mechanism: ClassVar[str] = "gaussian"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.private = cls.mechanism.private
 
     def __init__(self, ctx: ControllerContext) -> None:
         self.ctx = ctx
         self.interval = ctx.total_steps
+
+    def make_mechanism(
+        self, groups: Sequence[Group], group_names: Sequence[str], seed: int
+    ) -> Mechanism:
+        """The noise mechanism of this method over the loop's parameter groups."""
+        return self.mechanism(groups, group_names, seed)
 
     def reserve_noise(self) -> float:
         """Noise the guard assumes for steps after the current interval."""

@@ -6,25 +6,26 @@ from __future__ import annotations
 import math
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import register_controller
+from privtune.privacy.mechanisms import NoNoise
 
 
-@register_controller("nonprivate")
 class NonPrivate(Controller):
     """No clipping, no noise: the utility ceiling every private method is compared with."""
 
-    private = False
+    name = "nonprivate"
+    mechanism = NoNoise
 
     def act(self, observation: Observation | None) -> Action:
         return Action(clip_thresholds=(), noise_multiplier=0.0)
 
 
-@register_controller("dpsgd")
 class DPSGD(Controller):
     """DP-SGD (Abadi et al., 2016, arXiv 1607.00133): flat clipping at C, constant noise.
 
     The noise multiplier is calibrated so that the planned steps spend exactly the target.
     """
+
+    name = "dpsgd"
 
     def __init__(self, ctx: ControllerContext, clip: float = 1.0) -> None:
         super().__init__(ctx)
@@ -36,7 +37,6 @@ class DPSGD(Controller):
         return Action(clip_thresholds=(self.clip,), noise_multiplier=self.ctx.calibrated_noise)
 
 
-@register_controller("per_adapter")
 class PerAdapter(Controller):
     """Per-layer clipping (McMahan, Ramage, Talwar, Zhang 2018, arXiv 1710.06963): each LoRA
     adapter (A and B jointly) is clipped to its own fixed C_k, with C_k = C * w_k / ||w||, so
@@ -45,6 +45,8 @@ class PerAdapter(Controller):
     ``weights`` (one per adapter, in the order of the model's adapters) default to equal,
     C_k = C / sqrt(K).
     """
+
+    name = "per_adapter"
 
     grouping = "per_adapter"
 

@@ -23,21 +23,21 @@ What we changed to make it sound (see privacy/lmo_accounting.py and the research
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import register_controller
 from privtune.errors import ConfigError
 from privtune.privacy import lmo_accounting
 from privtune.privacy.lmo_mechanism import LMOParams, noise_std
 from privtune.privacy.lmo_search import EXTENDED_GRID, PAPER_GRID, LMOSearchResult, search
+from privtune.privacy.mechanisms import LMO, Group, Mechanism
 
 GRIDS = {"paper": PAPER_GRID, "extended": EXTENDED_GRID}
 LEVEL_RTOL = 1e-3  # relative precision of the calibrated noise level
 LEVEL_RANGE = (1e-3, 1e3)
 
 
-@register_controller("lmo")
 class LMODP(Controller):
     """LMO-DP with a constant noise law over the run and a flat L1 threshold ``clip``.
 
@@ -49,7 +49,8 @@ class LMODP(Controller):
     the target, then calibrated (default). ``cache``: a JSON file caching searches per plan.
     """
 
-    mechanism = "lmo"
+    name = "lmo"
+    mechanism = LMO
 
     def __init__(
         self,
@@ -130,6 +131,11 @@ class LMODP(Controller):
             mid = math.sqrt(low * high)
             low, high = (low, mid) if fits(mid) else (mid, high)
         return high
+
+    def make_mechanism(
+        self, groups: Sequence[Group], group_names: Sequence[str], seed: int
+    ) -> Mechanism:
+        return LMO(groups, group_names, seed, law=self.lmo_params)
 
     def reserve_noise(self) -> float:
         return 1.0  # the planned law itself, for every later step

@@ -4,14 +4,14 @@ depends on its norm and bounds it by C, so the sensitivity (and DP-SGD's noise) 
 from __future__ import annotations
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import register_controller
 
 
-@register_controller("auto_s")
 class AutoS(Controller):
     """Automatic clipping AUTO-S (Bu, Wang, Zha, Karypis 2023, arXiv 2206.07136): each
     per-sample gradient becomes g / (||g|| + gamma); sensitivity 1, noise z * 1. No threshold to
     tune: the update's scale is absorbed by the learning rate."""
+
+    name = "auto_s"
 
     def __init__(self, ctx: ControllerContext, gamma: float = 0.01) -> None:
         super().__init__(ctx)
@@ -28,12 +28,13 @@ class AutoS(Controller):
         )
 
 
-@register_controller("psac")
 class PSAC(Controller):
     """DP-PSAC (Xia et al., AAAI 2023, arXiv 2212.00328): per-sample adaptive clipping with the
     non-monotonic weight C / (||g|| + r / (||g|| + r)). Unlike AUTO-S it does not blow up
     small gradients (the weight tends to C as ||g|| -> 0); every weighted gradient has norm < C,
     so the sensitivity is C and the noise std z * C."""
+
+    name = "psac"
 
     def __init__(self, ctx: ControllerContext, clip: float = 1.0, r: float = 0.1) -> None:
         super().__init__(ctx)

@@ -1,30 +1,65 @@
-"""Registry of controllers by method name: adding a method is registering a class."""
+"""The table of controllers by method name: adding a method is adding a class here (or
+registering one from outside with :func:`register_controller`, with its options model).
+
+An explicit table rather than import-time self-registration: every controller module imports
+only control.base, so there is no import cycle and no lazy import to break one.
+"""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
+from privtune.config import method_options
+from privtune.control.adaptive import AdaptiveQuantile
 from privtune.control.base import Controller, ControllerContext
+from privtune.control.fixed import DPSGD, NonPrivate, PerAdapter
+from privtune.control.lmo import LMODP
+from privtune.control.per_sample import PSAC, AutoS
+from privtune.control.rldp import RLDP
+from privtune.control.schedules import DecayingNoise
 from privtune.errors import ConfigError
+from privtune.options import METHOD_OPTIONS, MethodOptions, NoOptions
 
-CONTROLLERS: dict[str, type[Controller]] = {}
+CONTROLLERS: dict[str, type[Controller]] = {
+    cls.name: cls
+    for cls in (
+        NonPrivate,
+        DPSGD,
+        PerAdapter,
+        AdaptiveQuantile,
+        AutoS,
+        PSAC,
+        DecayingNoise,
+        LMODP,
+        RLDP,
+    )
+}
+assert set(CONTROLLERS) == set(METHOD_OPTIONS), "every controller needs its options model"
 
 
-def register_controller(name: str, *, force: bool = False) -> Callable[[type], type]:
+def register_controller(
+    name: str, *, options: type[MethodOptions] = NoOptions, force: bool = False
+) -> Callable[[type[Controller]], type[Controller]]:
+    """Class decorator adding a controller (and its options model) under ``name``."""
+
     def decorate(cls: type[Controller]) -> type[Controller]:
         if name in CONTROLLERS and not force:
             raise ValueError(f"controller '{name}' is already registered")
         cls.name = name
         CONTROLLERS[name] = cls
+        METHOD_OPTIONS[name] = options
         return cls
 
     return decorate
 
 
+def unregister_controller(name: str) -> None:
+    CONTROLLERS.pop(name, None)
+    METHOD_OPTIONS.pop(name, None)
+
+
 def controller_class(method: str, entry: str | None = None) -> type[Controller]:
-    _load_builtin()
     if method not in CONTROLLERS:
         raise ConfigError(
             f"methods.{entry or method}",
@@ -37,22 +72,10 @@ def controller_class(method: str, entry: str | None = None) -> type[Controller]:
 def build_controller(
     method: str, ctx: ControllerContext, options: dict[str, Any], entry: str | None = None
 ) -> Controller:
-    """Instantiate a controller, turning bad options into errors that name the field."""
+    """Instantiate a controller from its typed options; errors name the field."""
     cls = controller_class(method, entry)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "ctx"}
-    for key in options:
-        if key not in accepted:
-            raise ConfigError(
-                f"methods.{entry or method}.{key}",
-                f"unknown option for method '{method}'",
-                f"use one of: {', '.join(sorted(accepted)) or '(no options)'}",
-            )
+    typed = method_options(method, options, entry or method)
     try:
-        return cls(ctx, **options)
+        return cls(ctx, **typed.model_dump())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"methods.{entry or method}", str(err), "correct the option") from None
-
-
-def _load_builtin() -> None:
-    # Import for the registration side effect; kept lazy to avoid an import cycle.
-    from privtune.control import adaptive, fixed, lmo, per_sample, rldp, schedules  # noqa: F401

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import register_controller
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +58,10 @@ class _Spaces(gym.Env):
         raise RuntimeError("RLDP's environment is stepped by the fine-tuning loop")
 
 
-@register_controller("rldp")
 class RLDP(Controller):
     """Online SAC over log clipping thresholds (one per adapter) and the log noise multiplier."""
+
+    name = "rldp"
 
     grouping = "per_adapter"
     needs_validation: ClassVar[bool] = True
@@ -85,7 +85,7 @@ class RLDP(Controller):
     ) -> None:
         super().__init__(ctx)
         from stable_baselines3 import SAC
-        from stable_baselines3.common.logger import configure
+        from stable_baselines3.common.logger import Logger
         from stable_baselines3.common.running_mean_std import RunningMeanStd
 
         if rl_interval < 1 or sac_batch_size < 1 or sac_updates < 0 or valid_records < 1:
@@ -136,7 +136,9 @@ class RLDP(Controller):
             seed=ctx.seed,
             device="cpu",
         )
-        self.sac.set_logger(configure(None, []))  # silent: metrics go to MLflow via the loop
+        # Silent, and no folder: configure(None) would create an SB3-<time> dir in the temp
+        # dir; metrics go to MLflow through the loop.
+        self.sac.set_logger(Logger(folder=None, output_formats=[]))
         self.obs_rms = RunningMeanStd(shape=(obs_dim,))
         self.rng = np.random.default_rng(ctx.seed)
         self._used = 0.0  # steps x c(z) / c(z_cal) so far: the share of the budget spent

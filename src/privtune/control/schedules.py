@@ -22,7 +22,6 @@ import numpy as np
 from scipy.optimize import brentq
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
-from privtune.control.registry import register_controller
 from privtune.privacy import accountant
 
 Segment = tuple[float, float, int]
@@ -39,10 +38,11 @@ def decay_profile(schedule: str, end_ratio: float, phases: int) -> np.ndarray:
     raise ValueError(f"unknown schedule '{schedule}': use linear or exponential")
 
 
-@register_controller("decay")
 class DecayingNoise(Controller):
     """Noise multiplier decaying linearly or exponentially from its first to its last phase
     (last / first = ``end_ratio``), flat clipping at ``clip``."""
+
+    name = "decay"
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from privtune.privacy.ledger import LMOSegment, PrivacyLedger
 from privtune.privacy.lmo_accounting import MAX_ORDER, orders_up_to, segment_rdp
+from privtune.privacy.lmo_mechanism import LMOParams
 from privtune.privacy.pld_gaussian import gaussian_step_pld
 
 Segment = tuple[float, float, int]
@@ -223,6 +224,14 @@ def composed_epsilon(
         warnings.simplefilter("ignore")  # opacus warns when the best order is an end point
         eps, _ = get_privacy_spent(orders=orders, rdp=total, delta=delta)
     return max(float(eps), 0.0)
+
+
+def compose(segments: Sequence[tuple], delta: float, accountant: str = "pld") -> float:
+    """Epsilon of segments of any mechanism, in order: (z, q, n) for Gaussian steps and
+    (LMOParams, q, n) for LMO-DP steps (which only RDP composes)."""
+    gaussian = [s for s in segments if not isinstance(s[0], LMOParams)]
+    lmo = [s for s in segments if isinstance(s[0], LMOParams)]
+    return composed_epsilon(gaussian, lmo, delta, accountant)
 
 
 def ledger_epsilon(ledger: PrivacyLedger, delta: float, accountant: str = "pld") -> float:

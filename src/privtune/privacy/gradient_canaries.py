@@ -161,22 +161,11 @@ class CanaryInjector:
                 rows[row, self._local[j]] = self.canaries.norm * self.canaries.signs[j]
         return rows.view(len(canary_ids), *param.shape).to(param.device)
 
-    def add_per_sample(self, canary_ids: np.ndarray, has_records: bool) -> None:
-        """Append the canaries as extra rows of ``p.grad_sample`` (opacus' per-sample grads), so
-        the method clips them like every other record."""
-        for i, p in enumerate(self.params):
-            rows = self._rows(canary_ids, i, p)
-            if has_records:
-                p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample.dtype)])
-            else:
-                p.grad_sample = rows
-
-    def add_to_sum(self, canary_ids: np.ndarray) -> None:
-        """Non-private steps have no per-sample gradients: add the canaries to the summed
-        gradient, as the records' own gradients are."""
-        for i, p in enumerate(self.params):
-            total = self._rows(canary_ids, i, p).sum(0)
-            p.grad = total if p.grad is None else p.grad + total
+    def rows(self, canary_ids: np.ndarray) -> list[torch.Tensor]:
+        """Per-sample gradients of the given canaries, one (n, *shape) tensor per parameter:
+        the rows the mechanism clips (or, without per-sample clipping, sums) like every other
+        record's."""
+        return [self._rows(canary_ids, i, p) for i, p in enumerate(self.params)]
 
     @torch.no_grad()
     def observe(self) -> None:

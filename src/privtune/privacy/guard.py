@@ -7,23 +7,32 @@ log z) until it fits; if nothing fits, the run stops. Steps are then only allowe
 the admitted interval, so the per-step check is a counter, and the final epsilon is at most
 the target by construction.
 
-For LMO-DP (``lmo_base`` set) the knob is the noise level L of LMOParams.with_noise_level
-(every draw multiplied by L, spending non-increasing in L) instead of z, and the projection is
-composed in RDP with the ledger's other steps (accountant.composed_epsilon): the same
-admission, raising and stopping apply, so an LMO run cannot overspend either.
+The guard does not know the noise law: ``segment(noise, q, steps)`` (the mechanism's) turns
+its knob into an accounting segment. For Gaussian noise the knob is z; for LMO-DP it is the
+noise level L of LMOParams.with_noise_level (every draw multiplied by L, spending
+non-increasing in L), composed in RDP with the ledger's other steps (accountant.compose): the
+same admission, raising and stopping apply, so no mechanism can overspend.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from scipy import optimize
 
 from privtune.errors import BudgetExhausted
 from privtune.privacy import accountant as acc
 from privtune.privacy.ledger import PrivacyLedger
-from privtune.privacy.lmo_mechanism import LMOParams
+
+SegmentFn = Callable[[float, float, int], tuple[Any, float, int]]
+
+
+def gaussian_segment(noise: float, sample_rate: float, steps: int) -> tuple[float, float, int]:
+    """Steps of the subsampled Gaussian mechanism at noise multiplier ``noise``."""
+    return (noise, sample_rate, steps)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class BudgetGuard:
         accountant: str = "pld",
         max_noise: float = 1e3,
         rtol: float = 1e-3,
-        lmo_base: LMOParams | None = None,
+        segment: SegmentFn = gaussian_segment,
     ) -> None:
         if reserve_noise <= 0:
             raise ValueError("reserve_noise must be > 0")
@@ -60,7 +69,7 @@ class BudgetGuard:
         self.accountant = accountant
         self.max_noise = max_noise
         self.rtol = rtol  # relative precision of a raised noise multiplier
-        self.lmo_base = lmo_base  # LMO-DP: the noise law at level 1; None: Gaussian steps
+        self.segment = segment  # noise knob -> accounting segment (the mechanism's)
         self._allowed_until = len(ledger)  # ledger length up to which steps are admitted
         self._admitted_noise: float | None = None
 
@@ -71,13 +80,9 @@ class BudgetGuard:
         left = self.total_steps - len(self.ledger)
         steps = min(steps, left)
         gaussian, lmo = self.ledger.split_segments()
-        planned = [(noise, steps), (self.reserve_noise, left - steps)]
         q = self.sample_rate
-        if self.lmo_base is None:
-            gaussian += [(level, q, n) for level, n in planned]
-        else:
-            lmo += [(self.lmo_base.with_noise_level(level), q, n) for level, n in planned]
-        return acc.composed_epsilon(gaussian, lmo, self.delta, self.accountant)
+        planned = [self.segment(noise, q, steps), self.segment(self.reserve_noise, q, left - steps)]
+        return acc.compose([*gaussian, *lmo, *planned], self.delta, self.accountant)
 
     def admit(self, noise: float, steps: int) -> Admission:
         """Admit `steps` steps at the requested noise, raised as needed to stay in budget."""
@@ -147,6 +152,19 @@ class BudgetGuard:
             else:
                 high = mid
         return math.exp(high), seen[high][1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The admitted interval (the ledger is saved on its own)."""
+        return {
+            "allowed_until": self._allowed_until,
+            "admitted_noise": self._admitted_noise,
+            "reserve_noise": self.reserve_noise,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._allowed_until = int(state["allowed_until"])
+        self._admitted_noise = state["admitted_noise"]
+        self.reserve_noise = float(state["reserve_noise"])
 
     def check_step(self, noise: float) -> None:
         """Refuse a step outside the admitted interval or at a noise below the admitted one."""

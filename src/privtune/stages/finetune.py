@@ -88,7 +88,8 @@ def finetune(
     from privtune.modeling import attach_lora
     from privtune.plots import plot_training
     from privtune.privacy.gradient_canaries import AUDIT_FILE
-    from privtune.train import make_plan, planned_records, train
+    from privtune.privacy.plan import make_plan, planned_records
+    from privtune.train import train
 
     method, options = params.method(name)
     private = controller_class(method, name).private  # fail fast on an unknown method
@@ -152,19 +153,7 @@ def finetune(
             "valid_perplexity": math.exp(result.valid_loss),
             "stopped_by_guard": result.stopped_by_guard,
         }
-        if result.ledger is not None:
-            gaussian = all(e.mechanism == "gaussian" for e in result.ledger.entries)
-            metrics |= {
-                "target_epsilon": f.epsilon,
-                "epsilon": result.epsilon,
-                "epsilon_rdp": result.epsilon_rdp,
-                "delta": plan.delta,
-                "mechanism": "gaussian" if gaussian else "lmo",
-                # LMO steps are composed in RDP whatever `accountant` says (no PRV for them).
-                "accountant": f.accountant if gaussian else "rdp",
-            }
-            if gaussian:  # z means nothing for Laplace-mixture noise
-                metrics["noise_multiplier"] = plan.calibrated_noise
+        metrics |= result.privacy  # epsilon spent, delta, mechanism, accountant (private runs)
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 
         with io.atomic_dir(root / MODELS_DIR / name) as out:

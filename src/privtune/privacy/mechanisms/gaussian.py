@@ -1,4 +1,4 @@
-"""The DP step on per-sample gradients: per-group clipping, then Gaussian noise, in phases.
+"""Gaussian noise on per-group clipped per-sample gradients, optionally with DP counts.
 
 Groups are sets of parameters clipped jointly (one group for flat DP-SGD, one per LoRA adapter
 for per-adapter clipping). With group k clipped to C_k and given noise of std s_k, a step is a
@@ -18,8 +18,6 @@ Or it releases D such counts at once, a histogram of each group's norms (samples
 ||g_k|| <= l * C_k for a few levels l): each record moves each count by 1/2, so the vector's
 sensitivity is sqrt(D) / 2 and z = 1 / sqrt(sum_k (C_k / s_k)^2 + D (1 / (2 sigma_b))^2).
 
-LMOMechanism (at the end) is the LMO-DP step: L1 clipping over all parameters, LMO noise.
-
 Written here rather than with opacus' DPOptimizer because opacus clips with one threshold (or
 per parameter) and one noise scale; we need per-adapter thresholds with per-group noise.
 """
@@ -28,19 +26,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from privtune.privacy.lmo_mechanism import LMOParams, lmo_noise
+from privtune.privacy.action import SCALINGS, Action
+from privtune.privacy.ledger import LedgerEntry
+from privtune.privacy.mechanisms.base import PerSampleClipping, StepSpec, StepStats
 
-Group = list[torch.nn.Parameter]
-Scaling = Literal["clip", "normalize", "psac"]
-SCALINGS: tuple[str, ...] = get_args(Scaling)
 # Sensitivity of the centred count sum_i (b_i - 1/2) under adding or removing one record.
 COUNT_SENSITIVITY = 0.5
+# Relative excess of the noise stds over the admitted multiplier (float rounding only).
+ROUNDING_MARGIN = 1e-9
 
 
 def effective_noise_multiplier(
@@ -101,48 +99,102 @@ def per_sample_factors(
     raise ValueError(f"unknown per-sample scaling '{scaling}': use one of {', '.join(SCALINGS)}")
 
 
-@dataclass
-class ClipStats:
-    """Per-sample, per-group gradient norms before clipping, for logs (not DP: a controller
-    must not set thresholds from them), and the DP release of the unclipped fraction."""
+def admit_gaussian(
+    action: Action, noise: float, n_groups: int
+) -> tuple[Action, tuple[float, ...], float | None]:
+    """Rescale the action's noise to the admitted multiplier z; return the action, per-group
+    gradient stds and the counts' noise std, together making one step of multiplier >= z."""
+    count_std = action.count_noise
+    grad_noise = noise
+    if count_std is not None:
+        dims = count_dims(n_groups, action.count_levels)
+        # The counts must leave room for gradient noise, z sqrt(D) < 2 sigma_b; should the
+        # admitted z reach that, sigma_b is raised to z sqrt(D) (counts take a quarter of it).
+        if not 2 * count_std > noise * math.sqrt(dims) * (1 + 1e-6):
+            count_std = noise * math.sqrt(dims)
+        grad_noise = gradient_noise_multiplier(noise, count_std, dims)
+    if action.noise_stds is None:
+        # A hair more noise than z needs, so recombining the stds into z never rounds below it.
+        stds = uniform_noise_stds(action.clip_thresholds, grad_noise * (1 + ROUNDING_MARGIN))
+        return replace(action, noise_multiplier=noise, count_noise=count_std), stds, count_std
+    requested = effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
+    factor = grad_noise / requested if requested > 0 else math.inf
+    stds = tuple(s * max(1.0, factor) for s in action.noise_stds)
+    dims = count_dims(n_groups, action.count_levels)
+    total = effective_noise_multiplier(action.clip_thresholds, stds, count_std, dims)
+    admitted = replace(action, noise_multiplier=total, noise_stds=stds, count_noise=count_std)
+    return admitted, stds, count_std
 
-    norms: torch.Tensor  # (B, K) on CPU
-    clipped_fraction: float
-    # (noisy count of unclipped samples) / (expected batch size); None when not released
-    unclipped_fraction_dp: float | None = None
-    # (K, L) DP fractions of samples whose group-k norm is <= levels[l] * C_k; None: not released
-    norm_histogram_dp: np.ndarray | None = None
+
+@dataclass(frozen=True)
+class GaussianSpec(StepSpec):
+    stds: tuple[float, ...]
+    count_std: float | None
+    count_dims: int
 
 
-class GaussianMechanism:
-    """Phased DP step over per-sample gradients (``p.grad_sample`` from opacus' hooks)."""
+class Gaussian(PerSampleClipping):
+    """Per-group clipping (or normalising), per-group Gaussian noise and the DP counts."""
 
-    def __init__(self, groups: Sequence[Group], generator: torch.Generator) -> None:
-        if not groups or any(not g for g in groups):
-            raise ValueError("every clipping group needs at least one parameter")
-        self.groups = [list(g) for g in groups]
-        self.generator = generator
+    name = "gaussian"
 
-    def per_sample_norms(self) -> torch.Tensor:
-        columns = []
-        for group in self.groups:
-            squares = [p.grad_sample.flatten(1).pow(2).sum(1) for p in group]
-            columns.append(torch.stack(squares, dim=1).sum(1).sqrt())
-        return torch.stack(columns, dim=1)
+    def admit(self, action: Action, noise: float) -> GaussianSpec:
+        if len(action.clip_thresholds) != len(self.groups):
+            raise ValueError(
+                f"the action has {len(action.clip_thresholds)} clipping thresholds for "
+                f"{len(self.groups)} groups ({', '.join(self.group_names)})"
+            )
+        admitted, stds, count_std = admit_gaussian(action, noise, len(self.groups))
+        dims = count_dims(len(self.groups), admitted.count_levels)
+        z = effective_noise_multiplier(admitted.clip_thresholds, stds, count_std, dims)
+        if z >= admitted.noise_multiplier:
+            # stds carry a rounding margin above the admitted z (see admit_gaussian): record
+            # the admitted z, so an interval's steps stay one ledger segment.
+            z = admitted.noise_multiplier
+        return GaussianSpec(admitted, z, stds, count_std, dims)
 
-    def clip_and_accumulate(
-        self, clips: Sequence[float], scaling: str = "clip", stability: float = 0.0
-    ) -> ClipStats:
-        """Sum per-sample gradients after scaling each group of each sample to norm <= C_k."""
-        norms = self.per_sample_norms()
-        thresholds = torch.tensor(clips, dtype=norms.dtype, device=norms.device)
-        factors = per_sample_factors(norms, thresholds, scaling, stability)  # (B, K)
-        for k, group in enumerate(self.groups):
-            for p in group:
-                p.grad = torch.einsum("i,i...->...", factors[:, k], p.grad_sample).to(p.dtype)
-                p.grad_sample = None
-        clipped = (norms > thresholds).float().mean().item() if norms.numel() else 0.0
-        return ClipStats(norms.detach().cpu(), clipped)
+    def summary(self, calibrated_noise: float) -> dict[str, float]:
+        return {"noise_multiplier": calibrated_noise}  # z means nothing for other noise laws
+
+    def factors(self, norms: torch.Tensor, spec: StepSpec) -> torch.Tensor:
+        a = spec.action
+        thresholds = torch.tensor(a.clip_thresholds, dtype=norms.dtype, device=norms.device)
+        return per_sample_factors(norms, thresholds, a.scaling, a.stability)
+
+    def release(self, spec: GaussianSpec, expected_batch_size: float, batch_size: int) -> StepStats:
+        a = spec.action
+        norms, clipped = self.take_sum(a.clip_thresholds)
+        stats = StepStats(norms, clipped)
+        if spec.count_std is not None and a.count_levels:
+            stats.norm_histogram_dp = self.release_norm_histogram(
+                norms, a.clip_thresholds, a.count_levels, spec.count_std, expected_batch_size
+            )
+        elif spec.count_std is not None:
+            stats.unclipped_fraction_dp = self.release_unclipped_count(
+                norms, a.clip_thresholds, spec.count_std, expected_batch_size
+            )
+        self.add_noise(spec.stds)
+        self.scale(expected_batch_size)
+        stats.metrics = {"noise_multiplier": spec.guard_noise, "clipped_fraction": clipped}
+        if stats.unclipped_fraction_dp is not None:
+            stats.metrics["unclipped_fraction_dp"] = stats.unclipped_fraction_dp
+        clips = zip(self.group_names, a.clip_thresholds, strict=True)
+        stats.metrics |= {f"clip/{name}": c for name, c in clips}
+        return stats
+
+    def ledger_entry(
+        self, spec: GaussianSpec, step: int, sample_rate: float, batch_size: int
+    ) -> LedgerEntry:
+        return LedgerEntry(
+            step=step,
+            sample_rate=sample_rate,
+            noise_multiplier=spec.guard_noise,
+            clip_thresholds=tuple(spec.action.clip_thresholds),
+            noise_stds=tuple(spec.stds),
+            batch_size=batch_size,
+            count_noise_std=spec.count_std,
+            count_dims=spec.count_dims,
+        )
 
     def release_unclipped_count(
         self, norms: torch.Tensor, clips: Sequence[float], count_std: float, expected: float
@@ -185,94 +237,3 @@ class GaussianMechanism:
             for p, noise in zip(group, flat.split(sizes), strict=True):
                 noise = noise.view_as(p).to(p.dtype)
                 p.grad = noise if p.grad is None else p.grad + noise
-
-    def scale(self, expected_batch_size: float) -> None:
-        for group in self.groups:
-            for p in group:
-                p.grad = p.grad / expected_batch_size
-
-    def empty_batch(self) -> ClipStats:
-        """A Poisson batch can be empty: the step is then noise alone (still accounted)."""
-        for group in self.groups:
-            for p in group:
-                p.grad = torch.zeros_like(p)
-                p.grad_sample = None
-        return ClipStats(torch.zeros(0, len(self.groups)), 0.0)
-
-    def step(
-        self,
-        clips: Sequence[float],
-        stds: Sequence[float],
-        expected_batch_size: float,
-        *,
-        empty: bool = False,
-        scaling: str = "clip",
-        stability: float = 0.0,
-        count_std: float | None = None,
-        count_levels: Sequence[float] = (),
-    ) -> ClipStats:
-        """One DP step; with count_std, also release the noisy unclipped fraction, or with
-        ``count_levels`` the per-group norm histogram (the step's privacy cost is then
-        effective_noise_multiplier(clips, stds, count_std, count_dims(...)))."""
-        stats = self.empty_batch() if empty else self.clip_and_accumulate(clips, scaling, stability)
-        if count_std is not None and count_levels:
-            stats.norm_histogram_dp = self.release_norm_histogram(
-                stats.norms, clips, count_levels, count_std, expected_batch_size
-            )
-        elif count_std is not None:
-            stats.unclipped_fraction_dp = self.release_unclipped_count(
-                stats.norms, clips, count_std, expected_batch_size
-            )
-        self.add_noise(stds)
-        self.scale(expected_batch_size)
-        return stats
-
-
-class _L1Clipping(GaussianMechanism):
-    """The Gaussian mechanism's clipping, summing and scaling phases with per-sample L1 norms
-    (its add_noise is never called: LMOMechanism adds its own noise)."""
-
-    def per_sample_norms(self) -> torch.Tensor:
-        columns = []
-        for group in self.groups:
-            sums = [p.grad_sample.flatten(1).abs().sum(1) for p in group]
-            columns.append(torch.stack(sums, dim=1).sum(1))
-        return torch.stack(columns, dim=1)
-
-
-class LMOMechanism:
-    """LMO-DP step (arXiv 2405.18776, made sound): clip each sample's gradient over ALL
-    trainable parameters to L1 norm <= C, sum, add LMO noise C * Laplace(0, 1) / eps per
-    coordinate (eps = a1 Gamma + a3 Exp + a4 U, privacy.lmo_mechanism), divide by the expected
-    batch size.
-
-    L1, not L2: one record moves the clipped sum by at most C in L1, which is what the
-    per-coordinate Laplace-mixture bound of lmo_accounting needs (with L2 clipping the L1 shift
-    can reach sqrt(d) C). Noise is drawn on the CPU generator, as the Gaussian path does.
-    """
-
-    def __init__(self, groups: Sequence[Group], generator: torch.Generator) -> None:
-        flat = [p for group in groups for p in group]
-        self._clipping = _L1Clipping([flat], generator)
-        self.params = flat
-        self.generator = generator
-
-    def add_noise(self, law: LMOParams, clip: float) -> None:
-        sizes = [p.numel() for p in self.params]
-        flat = lmo_noise(law, (sum(sizes),), clip, self.generator)
-        flat = flat.to(self.params[0].device, non_blocking=True)
-        for p, noise in zip(self.params, flat.split(sizes), strict=True):
-            noise = noise.view_as(p).to(p.dtype)
-            p.grad = noise if p.grad is None else p.grad + noise
-
-    def step(
-        self, clip: float, law: LMOParams, expected_batch_size: float, *, empty: bool = False
-    ) -> ClipStats:
-        """One DP step; its privacy cost is law's (lmo_accounting), sensitivity C in L1."""
-        if not (math.isfinite(clip) and clip > 0):
-            raise ValueError(f"the L1 clipping threshold must be > 0, got {clip!r}")
-        clipping = self._clipping
-        stats = clipping.empty_batch() if empty else clipping.clip_and_accumulate([clip])
-        self.add_noise(law, clip)
-        clipping.scale(expected_batch_size)
-        return stats

@@ -1,0 +1,191 @@
+"""The DP step's phases, shared by every noise law (after opacus' DPOptimizer).
+
+A :class:`Mechanism` owns one kind of step: ``admit`` turns the budget guard's admitted noise
+into the mechanism's own parameters (a :class:`StepSpec`), ``accumulate`` clips or scales the
+per-sample gradients of one physical micro-batch into a running sum, ``release`` adds the
+noise once per logical batch and scales by the expected batch size, and ``ledger_entry``
+describes the released step for the accountant. The privacy engine calls them in that order;
+nothing else reads which mechanism a method uses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from privtune.privacy.action import Action
+from privtune.privacy.ledger import LedgerEntry
+
+Group = list[torch.nn.Parameter]
+# One accounting segment: (noise multiplier or LMO law, sample rate, steps).
+Segment = tuple[Any, float, int]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """An admitted interval's step in the mechanism's terms.
+
+    ``guard_noise`` is what the guard checks every step (never below what it admitted).
+    """
+
+    action: Action
+    guard_noise: float
+
+
+@dataclass
+class StepStats:
+    """What one released step tells the loop.
+
+    ``norms`` are the per-sample, per-group gradient norms before clipping: logs only, not DP
+    (a controller must not set thresholds from them). The ``*_dp`` fields are DP releases the
+    ledger has paid for. ``metrics`` are the step's numbers for the logs (z, thresholds).
+    """
+
+    norms: torch.Tensor | None  # (B, K) on CPU; None when the mechanism has no per-sample view
+    clipped_fraction: float
+    unclipped_fraction_dp: float | None = None
+    # (K, L) DP fractions of samples whose group-k norm is <= levels[l] * C_k
+    norm_histogram_dp: np.ndarray | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Mechanism(ABC):
+    """One noise law's DP step over groups of parameters clipped jointly."""
+
+    name: ClassVar[str]
+    private: ClassVar[bool] = True
+    # True: the step needs opacus' per-sample gradients (``p.grad_sample``).
+    per_sample: ClassVar[bool] = True
+    # The accountant that can compose it: None = any (the run's choice); "rdp" = RDP only.
+    accounting: ClassVar[str | None] = None
+
+    def __init__(self, groups: Sequence[Group], group_names: Sequence[str], seed: int) -> None:
+        if not groups or any(not g for g in groups) or len(groups) != len(group_names):
+            raise ValueError("every clipping group needs a name and at least one parameter")
+        self.groups = [list(g) for g in groups]
+        self.group_names = tuple(group_names)
+        # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.groups for p in group]
+
+    @abstractmethod
+    def admit(self, action: Action, noise: float) -> StepSpec:
+        """The step for an interval whose noise knob the guard admitted at ``noise``."""
+
+    @abstractmethod
+    def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
+        """Fold one micro-batch into the running sum; ``extra_rows`` are per-parameter
+        per-sample gradients of records that have no forward pass (the audit's canaries)."""
+
+    @abstractmethod
+    def release(self, spec: StepSpec, expected_batch_size: float, batch_size: int) -> StepStats:
+        """Noise the summed gradient once into ``p.grad`` and scale it; reset the sum."""
+
+    def ledger_entry(
+        self, spec: StepSpec, step: int, sample_rate: float, batch_size: int
+    ) -> LedgerEntry | None:
+        """The released step as the accountant composes it (None: nothing to account)."""
+        return None
+
+    def summary(self, calibrated_noise: float) -> dict[str, float]:
+        """What the run's metrics say about the noise (beside epsilon)."""
+        return {}
+
+    def segment(self, noise: float, sample_rate: float, steps: int) -> Segment:
+        """The accounting segment of ``steps`` steps at noise knob ``noise`` (for the guard)."""
+        return (noise, sample_rate, steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class PerSampleClipping(Mechanism):
+    """Bounds each sample's gradient per group before summing (the shared accumulate phase).
+
+    Subclasses choose the norm (L2 or L1) and the per-sample factor; the running sum and the
+    batch's norms live here until ``release`` uses them.
+    """
+
+    def __init__(self, groups: Sequence[Group], group_names: Sequence[str], seed: int) -> None:
+        super().__init__(groups, group_names, seed)
+        self._sums: list[torch.Tensor | None] = [None] * len(self.parameters)
+        self._norms: list[torch.Tensor] = []
+
+    def group_norm(self, grad_sample: torch.Tensor) -> torch.Tensor:
+        """(B,) squared L2 norm of one parameter's per-sample gradients (summed per group)."""
+        return grad_sample.flatten(1).pow(2).sum(1)
+
+    def finish_norm(self, summed: torch.Tensor) -> torch.Tensor:
+        return summed.sqrt()
+
+    def per_sample_norms(self) -> torch.Tensor:
+        """(B, K) norm of each sample's gradient restricted to each group, in float32."""
+        columns = []
+        for group in self.groups:
+            parts = [self.group_norm(p.grad_sample.float()) for p in group]
+            columns.append(self.finish_norm(torch.stack(parts, dim=1).sum(1)))
+        return torch.stack(columns, dim=1)
+
+    @abstractmethod
+    def factors(self, norms: torch.Tensor, spec: StepSpec) -> torch.Tensor:
+        """(B, K) factors bounding each sample's group k by its threshold."""
+
+    def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
+        params = self.parameters
+        for p, rows in zip(params, extra_rows or [None] * len(params), strict=True):
+            if rows is not None:
+                current = getattr(p, "grad_sample", None)
+                p.grad_sample = (
+                    rows if current is None else torch.cat([current, rows.to(current.dtype)])
+                )
+            if getattr(p, "grad_sample", None) is None:
+                raise RuntimeError(
+                    f"no per-sample gradient for a trainable parameter of shape {tuple(p.shape)}: "
+                    "opacus did not capture it (is the LoRA module supported and in training "
+                    "mode?); without it the adapter would silently not learn"
+                )
+        norms = self.per_sample_norms()
+        factors = self.factors(norms, spec)  # (B, K)
+        i = 0
+        for k, group in enumerate(self.groups):
+            for p in group:
+                clipped = torch.einsum("i,i...->...", factors[:, k], p.grad_sample.float())
+                clipped = clipped.to(p.dtype)
+                self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
+                p.grad_sample = None
+                i += 1
+        self._norms.append(norms.detach())
+
+    def take_sum(self, thresholds: Sequence[float]) -> tuple[torch.Tensor, float]:
+        """Move the running sum into ``p.grad`` (zeros for an empty batch); return the batch's
+        norms (on CPU) and the fraction of per-group norms above their threshold."""
+        if self._norms:
+            for p, summed in zip(self.parameters, self._sums, strict=True):
+                p.grad = summed
+            norms = torch.cat(self._norms)
+            limits = torch.tensor(thresholds, dtype=norms.dtype, device=norms.device)
+            clipped = (norms > limits).float().mean().item() if norms.numel() else 0.0
+            norms = norms.cpu()
+        else:  # a Poisson batch can be empty: the step is then noise alone (still accounted)
+            for p in self.parameters:
+                p.grad = torch.zeros_like(p)
+                p.grad_sample = None
+            norms, clipped = torch.zeros(0, len(self.groups)), 0.0
+        self._sums = [None] * len(self._sums)
+        self._norms = []
+        return norms, clipped
+
+    def scale(self, expected_batch_size: float) -> None:
+        for p in self.parameters:
+            p.grad = p.grad / expected_batch_size

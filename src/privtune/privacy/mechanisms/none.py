@@ -1,0 +1,41 @@
+"""The non-private step: the summed gradient over the expected batch size, no noise, no ledger.
+
+The reference every private method is compared with; it shares the loop, the sampler and the
+scaling so that only the privacy differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from privtune.privacy.action import Action
+from privtune.privacy.mechanisms.base import Mechanism, StepSpec, StepStats
+
+
+class NoNoise(Mechanism):
+    name = "none"
+    private = False
+    per_sample = False
+
+    def admit(self, action: Action, noise: float) -> StepSpec:
+        return StepSpec(action, 0.0)
+
+    def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
+        """Autograd has summed the records' gradients into ``p.grad``; add the extra rows."""
+        if extra_rows is None:
+            return
+        for p, rows in zip(self.parameters, extra_rows, strict=True):
+            total = rows.sum(0)
+            p.grad = total if p.grad is None else p.grad + total
+
+    def release(
+        self, spec: StepSpec, expected_batch_size: float, batch_size: int
+    ) -> StepStats | None:
+        """None for an empty batch: nothing to learn from and no privacy to account."""
+        if batch_size == 0:
+            return None
+        for p in self.parameters:
+            p.grad = p.grad / expected_batch_size
+        return StepStats(None, 0.0)

@@ -1,0 +1,55 @@
+"""The training plan: N, q, steps, delta and the calibrated noise, computed ONCE (by the stage,
+before any output is written) and handed to the loop and the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from privtune.config import FinetuneParams
+from privtune.errors import ConfigError
+from privtune.privacy import accountant
+from privtune.privacy.gradient_canaries import included_count
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    n_records: int
+    sample_rate: float
+    steps: int
+    delta: float
+    calibrated_noise: float  # 0 for non-private methods
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q * N: the public denominator of every step's gradient."""
+        return self.sample_rate * self.n_records
+
+
+def planned_records(n_texts: int, params: FinetuneParams) -> int:
+    """N: the text records plus the IN gradient canaries of the white-box audit (each one is a
+    record, sampled, clipped and accounted like the others)."""
+    return n_texts + included_count(params.audit_canaries, params.seed)
+
+
+def make_plan(n_records: int, params: FinetuneParams, private: bool) -> TrainingPlan:
+    """Sampling rate q = B/N, steps = ceil(epochs / q), delta < 1/N, and the calibrated noise.
+
+    ``n_records`` is N, audit canaries included (see :func:`planned_records`)."""
+    if n_records < 2:
+        raise ConfigError("data", f"only {n_records} training records", "provide more records")
+    q = min(1.0, params.batch_size / n_records)
+    steps = max(1, math.ceil(params.epochs / q))
+    delta = params.delta if params.delta is not None else 1.0 / (10 * n_records)
+    if not delta < 1.0 / n_records:
+        raise ConfigError(
+            "finetune.delta",
+            f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
+            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
+        )
+    noise = (
+        accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)
+        if private
+        else 0.0
+    )
+    return TrainingPlan(n_records, q, steps, delta, noise)
