@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
     sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
     sub.add_parser("report", help="every method side by side: reports/report.md and plots")
+    sub.add_parser("summary", help="print the compact table of every method's results")
     for stage in ("finetune", "evaluate", "attack"):
         cmd = sub.add_parser(stage, help=f"{stage} one method entry of params.yaml `methods`")
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
@@ -54,9 +54,7 @@ def _promote(params: Params, root: Path, version: str | None) -> tuple[dict, int
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     disable_telemetry()
-    warnings.filterwarnings("ignore", module="opacus")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    from privtune import stages
     from privtune.config import load_params
 
     root = Path(args.root)
@@ -67,19 +65,38 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.params) if Path(args.params).is_absolute() else root / args.params
         )
         if args.stage == "prepare":
-            result = stages.prepare(params, root)
+            from privtune.stages.prepare import prepare
+
+            result = prepare(params, root)
         elif args.stage == "base":
-            result = stages.base(params, root, show_progress=progress)
+            from privtune.stages.base import base
+
+            result = base(params, root, show_progress=progress)
         elif args.stage == "finetune":
-            result = stages.finetune(params, args.name, root, show_progress=progress)
+            from privtune.stages.finetune import finetune
+
+            result = finetune(params, args.name, root, show_progress=progress)
         elif args.stage == "evaluate":
-            result = stages.evaluate(params, args.name, root)
+            from privtune.stages.evaluate import evaluate
+
+            result = evaluate(params, args.name, root)
         elif args.stage == "attack":
-            result = stages.attack(params, args.name, root, show_progress=progress)
+            from privtune.stages.attack import attack
+
+            result = attack(params, args.name, root, show_progress=progress)
         elif args.stage == "register":
-            result = stages.register(params, args.names, root)
+            from privtune.stages.register import register
+
+            result = register(params, args.names, root)
         elif args.stage == "report":
-            result = stages.report(params, root)
+            from privtune.stages.report import report
+
+            result = report(params, root)
+        elif args.stage == "summary":
+            from privtune.stages.report import summary_table
+
+            print(summary_table(params, root))
+            return 0
         elif args.stage == "promote":
             result, code = _promote(params, root, args.version)
         else:

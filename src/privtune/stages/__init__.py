@@ -2,15 +2,7 @@
 
 dvc.yaml calls them through the CLI, and the Prefect tasks run the same DVC stages, so each
 stage has exactly one definition. Every stage validates its inputs first, then writes its
-outputs atomically.
+outputs atomically. Import a stage from its own module (``privtune.stages.finetune``): this
+package imports none of them, so a stage's import closure (its code dependencies in dvc.yaml,
+checked by tests/test_dvc_deps.py) holds only what it runs.
 """
-
-from privtune.stages.attack import attack
-from privtune.stages.base import base
-from privtune.stages.evaluate import evaluate
-from privtune.stages.finetune import finetune
-from privtune.stages.prepare import prepare
-from privtune.stages.register import register
-from privtune.stages.report import report
-
-__all__ = ["attack", "base", "evaluate", "finetune", "prepare", "register", "report"]
