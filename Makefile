@@ -11,25 +11,31 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean
+.PHONY: install lock demo test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The environment is pinned by requirements.lock (pip-tools; `make lock` regenerates it from
+# pyproject.toml). torch comes from the CPU wheel pip finds locally (torch==2.13.0+cpu).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install -q -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $@
+
+lock: install
+	$(BIN)/pip-compile -q --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
 
 demo: install
 	dvc repro
 	@echo
-	dvc metrics show
+	@$(BIN)/privtune summary
 	@echo
-	@echo "Report (methods side by side, attacks, plots): reports/report.md"
-	@echo "Metrics: metrics/*.json (table above); curves and ROC plots: plots/; models and ledgers: models/"
-	@echo "Registered versions: privtune promote  (moves the champion alias through the gates)"
-	@echo "Open the MLflow UI with:  make ui   (or: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+	@echo "Full report (every metric, plots): reports/report.md; per-method metrics: dvc metrics show"
+	@echo "Curves and ROC plots: plots/; adapters, ledgers and audit canaries: models/<method>/"
+	@echo "Registry: privtune promote  (the best eligible challenger, through the gates)"
+	@echo "MLflow UI: make ui  (or: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 # The whole suite, end-to-end tests included (what CI runs).
 test: install

@@ -70,6 +70,33 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The compact view `make demo` ends with: one line per method, what a reader compares first.
+SUMMARY: tuple[tuple[str, str, str, str], ...] = (
+    ("test ppl", "evaluate", "test_perplexity", "{:.1f}"),
+    ("med. acc", "evaluate", "medication_accuracy", "{:.3f}"),
+    ("ε spent", "finetune", "epsilon", "{:.2f}"),
+    ("MIA AUC", "attack", "mia_auc_max", "{:.3f}"),
+    ("TPR@1%FPR", "attack", "mia_tpr_at_fpr_0.01_max", "{:.3f}"),
+    ("audit ε ≥", "attack", "audit_epsilon_lower_bound", "{:.2f}"),
+)
+
+
+def summary_table(params: Params, root: Path = Path(".")) -> str:
+    """Methods x (utility, epsilon spent, attack success, audit bound), aligned plain text."""
+    rows = collect(params, root)
+    header = ["method", *(c[0] for c in SUMMARY)]
+    body = [
+        [name, *(_cell(row, src, key, fmt) for _, src, key, fmt in SUMMARY)]
+        for name, row in rows.items()
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+        for line in [header, *body]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def validation_curve(root: Path, name: str) -> tuple[list[int], list[float]]:
     """(steps, validation perplexity) from the training curve the finetune stage wrote."""
     path = root / PLOTS_DIR / f"finetune-{name}.csv"
