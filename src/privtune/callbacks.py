@@ -9,8 +9,11 @@ engine's release hook (privacy.engine).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import Progress
@@ -41,6 +44,13 @@ class Callback:
     def on_training_end(self) -> None:
         """Training is over (the final evaluation and accounting follow)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of this callback (checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
 
 class CallbackList(Callback):
     def __init__(self, callbacks: Sequence[Callback]) -> None:
@@ -58,6 +68,13 @@ class CallbackList(Callback):
         for callback in self.callbacks:
             callback.on_training_end()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"callbacks": [callback.state_dict() for callback in self.callbacks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback, saved in zip(self.callbacks, state["callbacks"], strict=True):
+            callback.load_state_dict(saved)
+
 
 class Validation(Callback):
     """Validation loss every ``every`` steps and at the last step, on ``data``."""
@@ -74,6 +91,12 @@ class Validation(Callback):
         if self.fresh:
             self.last = mean_token_loss(self.model, self.data)
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last = state["last"]
 
 
 class MetricsLogger(Callback):
@@ -111,13 +134,26 @@ class MetricsLogger(Callback):
             self.row = row
         return True
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+
 
 class ProgressCallback(Callback):
     """Steps, ETA and the latest loss (and epsilon) on the console."""
 
-    def __init__(self, progress: Progress, description: str, total: int, logger: MetricsLogger):
+    def __init__(
+        self,
+        progress: Progress,
+        description: str,
+        total: int,
+        logger: MetricsLogger,
+        completed: int = 0,
+    ) -> None:
         self.progress = progress
-        self.task = progress.add_task(description, total=total, status="")
+        self.task = progress.add_task(description, total=total, completed=completed, status="")
         self.logger = logger
 
     def on_step(self, step: int, info: StepInfo) -> bool:
@@ -129,3 +165,38 @@ class ProgressCallback(Callback):
             self.progress.update(self.task, status=status)
         self.progress.advance(self.task)
         return True
+
+
+class Checkpoint(Callback):
+    """Saves the whole run every ``every`` steps (not at the last: the outputs follow), so a
+    run killed at step 900 of 1000 resumes from step 900 (see train(checkpoint=...)).
+
+    Written to a temporary file and renamed: a kill mid-write leaves the previous checkpoint.
+    ``state`` builds the dict to save (the trainer's and the callbacks' state).
+    """
+
+    def __init__(self, path: Path, every: int, state: Callable[[int], dict[str, Any]]) -> None:
+        self.path = Path(path)
+        self.every = every
+        self.state = state
+
+    def on_step(self, step: int, info: StepInfo) -> bool:
+        if self.every and (step + 1) % self.every == 0 and not info.last:
+            save_checkpoint(self.path, self.state(step))
+        return True
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to the run ``key`` (same inputs), else None."""
+    if not path.is_file():
+        return None
+    # our own file, written by save_checkpoint: it holds pickled controllers (SB3's SAC)
+    state = torch.load(path, weights_only=False)
+    return state if state.get("key") == key else None

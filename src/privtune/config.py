@@ -25,6 +25,9 @@ BASE_DIR = Path("models/base")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
+# Resumable fine-tuning checkpoints: outside every stage's DVC outputs (dvc repro deletes those
+# before rerunning a stage), git- and dvc-ignored.
+CHECKPOINTS_DIR = Path(".privtune/checkpoints")
 
 
 class _Section(BaseModel):
@@ -106,6 +109,8 @@ class FinetuneParams(_Section):
     # bf16 autocast of the forward/backward (per-sample norms, clipping and noise stay float32);
     # auto = bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Save the whole run every this many steps (0 = never); a killed run resumes from it.
+    checkpoint_every: int = Field(default=20, ge=0)
     # White-box one-run audit (privacy.gradient_canaries): Dirac gradient canaries, each a
     # pseudo-record IN with probability 1/2; 0 = none (params.yaml turns them on).
     audit_canaries: int = Field(default=256, ge=0, description="gradient canaries (0 = none)")

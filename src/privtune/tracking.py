@@ -127,11 +127,16 @@ def finished_run(root: str | Path, key: str) -> Any | None:
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
-def discard_unfinished(root: str | Path, key: str) -> int:
+def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> int:
     """Delete runs with this key that never finished (a crashed attempt), so a retry does not
-    leave a duplicate beside its own run. Returns how many were deleted."""
+    leave a duplicate beside its own run; ``keep``: a run to resume instead. Returns how many
+    were deleted."""
     client = _client(root)
-    stale = [r for r in _runs_with_key(root, key) if r.info.status != "FINISHED"]
+    stale = [
+        r
+        for r in _runs_with_key(root, key)
+        if r.info.status != "FINISHED" and r.info.run_id != keep
+    ]
     for run in stale:
         client.delete_run(run.info.run_id)
     return len(stale)

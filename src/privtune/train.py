@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +27,13 @@ from transformers import get_cosine_schedule_with_warmup
 from privtune.callbacks import (
     Callback,
     CallbackList,
+    Checkpoint,
     LogFn,
     MetricsLogger,
     ProgressCallback,
     StepInfo,
     Validation,
+    load_checkpoint,
 )
 from privtune.config import FinetuneParams
 from privtune.control import Action, Controller, ControllerContext, Observer, build_controller
@@ -38,6 +42,7 @@ from privtune.data.tokenization import EncodedRecords
 from privtune.errors import BudgetExhausted
 from privtune.losses import mean_token_loss, next_token_logits, per_sample_loss
 from privtune.modeling import adapter_groups, resolve_device
+from privtune.privacy.distributed import Replica
 from privtune.privacy.engine import PrivacyEngine
 from privtune.privacy.gradient_canaries import CanaryInjector, GradientCanaries
 from privtune.privacy.ledger import PrivacyLedger
@@ -45,7 +50,15 @@ from privtune.privacy.mechanisms import StepStats
 from privtune.privacy.plan import TrainingPlan, make_plan, planned_records
 from privtune.progress import progress_bar
 
-__all__ = ["TrainResult", "Trainer", "TrainingPlan", "make_plan", "planned_records", "train"]
+__all__ = [
+    "Checkpointing",
+    "TrainResult",
+    "Trainer",
+    "TrainingPlan",
+    "make_plan",
+    "planned_records",
+    "train",
+]
 
 
 @dataclass
@@ -63,6 +76,7 @@ class TrainResult:
     mechanism: str = ""  # the noise mechanism's name (privacy.mechanisms)
     accountant: str | None = None  # the accountant that composed `epsilon`
     privacy: dict[str, Any] = field(default_factory=dict)  # the engine's report (private runs)
+    resumed_at: int | None = None  # the step a checkpoint resumed the run from
 
 
 def freeze_dropout(model: torch.nn.Module) -> None:
@@ -95,7 +109,10 @@ class Trainer:
         entry: str | None = None,
         plan: TrainingPlan | None = None,
     ) -> None:
+        self.replica = Replica.current()
         self.device = resolve_device(params.device)
+        if self.replica.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(params.seed)
         self.model, self.train_data, self.params = model, train_data, params
         n_records = planned_records(len(train_data), params)
@@ -137,18 +154,16 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(params.warmup_fraction * plan.steps), plan.steps
         )
-        self.sampler = UniformWithReplacementSampler(
-            num_samples=plan.n_records,
-            sample_rate=plan.sample_rate,
-            generator=torch.Generator().manual_seed(params.seed),
-            steps=plan.steps,
-        )
+        # Every replica draws the same Poisson masks (the same seed): one logical batch.
+        self.sampler_generator = torch.Generator().manual_seed(params.seed)
+        self.position = 0  # logical batches drawn so far (where a resumed run continues)
         mechanism = self.controller.make_mechanism(groups, group_names, seed=params.seed + 1)
         self.engine = PrivacyEngine(
             plan=plan,
             mechanism=mechanism,
             target_epsilon=params.epsilon,
             accountant=params.accountant,
+            replica=self.replica,
         )
         self.forward = self.engine.wrap(model)  # opacus' per-sample hooks when needed
         if self.injector is not None:
@@ -158,13 +173,27 @@ class Trainer:
             0, self.controller.validation_records or params.eval_records
         )
         self.action: Action | None = None
-        bf16 = params.precision == "bf16" or (
+        self.next_decision = 0
+        self.bf16 = params.precision == "bf16" or (
             params.precision == "auto" and self.device.type == "cuda"
         )
-        self.bf16 = bf16
+
+    def batches(self):
+        """(step, record indices) of the logical batches still to run (Poisson, rate q)."""
+        sampler = UniformWithReplacementSampler(
+            num_samples=self.plan.n_records,
+            sample_rate=self.plan.sample_rate,
+            generator=self.sampler_generator,
+            steps=self.plan.steps - self.position,
+        )
+        return enumerate(sampler, start=self.position)
+
+    def due(self, step: int) -> bool:
+        return step == self.next_decision
 
     def decide(self, step: int, valid_loss: float) -> Action:
-        """The controller proposes from what it may observe; the engine admits."""
+        """The controller proposes from what it may observe; the engine admits (every replica
+        the proposal of rank 0, so all apply the same admitted action)."""
         observation = None
         if self.action is not None:
             if self.controller.needs_validation:
@@ -177,19 +206,21 @@ class Trainer:
                 epsilon_target=self.params.epsilon,
             )
         c = self.controller
-        self.action = self.engine.decide(
-            c.act(observation), steps=c.interval, reserve=c.reserve_noise()
-        )
+        proposal = self.replica.broadcast(c.act(observation))
+        self.action = self.engine.decide(proposal, steps=c.interval, reserve=c.reserve_noise())
+        self.next_decision = step + max(1, c.interval)
         return self.action
 
     def step(self, step: int, indices: list[int]) -> tuple[float, StepStats] | None:
         """One logical (Poisson) batch: per-sample gradients per physical micro-batch, one DP
         release, one optimizer step. None when an empty batch released nothing."""
+        self.position = step + 1
         index = torch.as_tensor(indices, dtype=torch.long)
+        mine = self.replica.share(index)  # the whole batch unless distributed
         n_texts = len(self.train_data)
-        texts = index[index < n_texts]
+        texts = mine[mine < n_texts]
         canaries = (
-            self.canary_of_record[index[index >= n_texts].numpy() - n_texts]
+            self.canary_of_record[mine[mine >= n_texts].numpy() - n_texts]
             if (self.injector is not None)
             else np.zeros(0, dtype=np.int64)
         )
@@ -220,14 +251,85 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.cat(losses).mean().item() if losses else math.nan
+        loss = self._mean_loss(losses)
         self.observer.add(loss, stats)
         return loss, stats
+
+    def _mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """The batch's mean per-record loss (every replica's records when distributed)."""
+        if not self.replica.distributed:
+            return torch.cat(losses).mean().item() if losses else math.nan
+        total = torch.tensor([float(torch.cat(losses).sum()) if losses else 0.0, 0.0])
+        total[1] = sum(len(part) for part in losses)
+        self.replica.sum_([total])
+        return float(total[0] / total[1]) if total[1] else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one is.
+
+        The controller and the observer are saved whole (pickled): stable-baselines3's SAC,
+        its replay buffer and its random streams have no state_dict that covers everything.
+        """
+        trainable = {
+            n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        return {
+            "position": self.position,
+            "next_decision": self.next_decision,
+            "action": self.action,
+            "trainable": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler_generator": self.sampler_generator.get_state(),
+            "engine": self.engine.state_dict(),
+            "controller": self.controller,
+            "observer": self.observer,
+            "audit_scores": None if self.audit is None else self.audit.scores.copy(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position, self.next_decision = state["position"], state["next_decision"]
+        self.action = state["action"]
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler_generator.set_state(state["sampler_generator"])
+        self.controller = state["controller"]
+        self.observer = state["observer"]
+        self.engine.load_state_dict(state["engine"])
+        if self.audit is not None:
+            self.audit.scores[:] = state["audit_scores"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often a run saves itself, and the identity of its inputs (``key``): a
+    checkpoint resumes only a run of the same method, parameters, data, base and code."""
+
+    path: Path
+    every: int
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)  # saved alongside (the MLflow run id)
 
 
 def train(
@@ -242,41 +344,66 @@ def train(
     plan: TrainingPlan | None = None,
     on_log: LogFn | None = None,
     callbacks: list[Callback] | None = None,
+    checkpoint: Checkpointing | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of ``model`` with the given method.
 
     ``on_log(metrics, step)`` receives every logged row and decision (MLflow, in the stage).
+    With ``checkpoint``, the run saves itself every ``checkpoint.every`` steps and, started
+    again with the same key, resumes from the last save: the same batches, noise, ledger and
+    controller state as if it had never stopped.
     """
     trainer = Trainer(
         model, train_data, valid_data, params, method, options, entry=entry, plan=plan
     )
-    plan, controller, engine = trainer.plan, trainer.controller, trainer.engine
+    plan, engine, main = trainer.plan, trainer.engine, trainer.replica.is_main
     validation = Validation(model, valid_data.slice(0, params.eval_records), params.eval_every)
-    logger = MetricsLogger(engine, validation, params.log_every, on_log)
+    logger = MetricsLogger(engine, validation, params.log_every, on_log if main else None)
+    resumed = load_checkpoint(checkpoint.path, checkpoint.key) if checkpoint else None
+    steps_taken = 0
+    if resumed is not None:
+        trainer.load_state_dict(resumed["trainer"])
+        validation.load_state_dict(resumed["validation"])
+        logger.load_state_dict(resumed["logger"])
+        steps_taken = resumed["steps_taken"]
     result = TrainResult(
         plan,
-        0,
+        steps_taken,
         engine.ledger,
         None,
         None,
-        controller=controller,
         audit=trainer.audit,
         mechanism=engine.mechanism.name,
+        resumed_at=trainer.position if resumed else None,
     )
-    next_decision = 0
-    with progress_bar(show_progress) as progress:
-        bar = ProgressCallback(progress, f"finetune {entry or method}", plan.steps, logger)
-        callback = CallbackList([validation, logger, bar, *(callbacks or [])])
-        for step, indices in enumerate(trainer.sampler):
-            if step == next_decision:
+
+    def state(step: int) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "key": checkpoint.key,
+            "steps_taken": step + 1,
+            "trainer": trainer.state_dict(),
+            "validation": validation.state_dict(),
+            "logger": logger.state_dict(),
+            **checkpoint.extra,
+        }
+
+    with progress_bar(show_progress and main) as progress:
+        name = f"finetune {entry or method}"
+        bar = ProgressCallback(progress, name, plan.steps, logger, trainer.position)
+        extra = (
+            [Checkpoint(checkpoint.path, checkpoint.every, state)] if checkpoint and main else []
+        )
+        callback = CallbackList([validation, logger, bar, *(callbacks or []), *extra])
+        for step, indices in trainer.batches():
+            if trainer.due(step):
                 try:
                     trainer.decide(step, validation.last)
                 except BudgetExhausted:
                     result.stopped_by_guard = True
                     break
-                next_decision = step + max(1, controller.interval)
-                callback.on_decision(step, controller.metrics())
+                callback.on_decision(step, trainer.controller.metrics())
             released = trainer.step(step, indices)
             if released is None:
                 continue
@@ -287,7 +414,7 @@ def train(
                 break
         callback.on_training_end()
 
-    result.history = logger.history
+    result.controller, result.history = trainer.controller, logger.history
     result.valid_loss = mean_token_loss(model, valid_data)
     spent = engine.finish(trainer.forward)
     if spent is not None:

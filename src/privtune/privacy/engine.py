@@ -28,6 +28,7 @@ from opacus import GradSampleModule
 from privtune.errors import BudgetExhausted
 from privtune.privacy import accountant as acc
 from privtune.privacy.action import Action
+from privtune.privacy.distributed import Replica
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import PrivacyLedger
 from privtune.privacy.mechanisms import Mechanism, StepSpec, StepStats
@@ -51,9 +52,12 @@ class PrivacyEngine:
         mechanism: Mechanism,
         target_epsilon: float,
         accountant: str = "pld",
+        replica: Replica | None = None,
     ) -> None:
         self.plan = plan
         self.mechanism = mechanism
+        self.replica = replica or Replica()
+        mechanism.replica = self.replica
         self.target_epsilon = target_epsilon
         # LMO-DP composes in RDP only, whatever the run asked for (mechanism.accounting).
         self.accountant = mechanism.accounting or accountant
@@ -73,6 +77,7 @@ class PrivacyEngine:
             else None
         )
         self._spec: StepSpec | None = None
+        self._admitted: tuple[Action, float] | None = None  # (proposal, noise): to resume
         self._release_hooks: list[Callable[[], None]] = []
 
     @property
@@ -104,15 +109,16 @@ class PrivacyEngine:
             self.guard.reserve_noise = reserve
             noise = self.guard.admit(proposal.noise_multiplier, steps).noise_multiplier
         self._spec = self.mechanism.admit(proposal, noise)
+        self._admitted = (proposal, noise)
         return self._spec.action
 
     def accumulate(self, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
-        self.mechanism.accumulate(self._admitted(), extra_rows)
+        self.mechanism.accumulate(self._current(), extra_rows)
 
     def step(self, step: int, batch_size: int) -> StepStats | None:
         """Release one logical batch of ``batch_size`` records (None: an empty non-private
         batch, nothing released)."""
-        spec = self._admitted()
+        spec = self._current()
         if self.guard is not None:
             self.guard.check_step(spec.guard_noise)
         stats = self.mechanism.release(spec, self.plan.expected_batch_size, batch_size)
@@ -159,11 +165,13 @@ class PrivacyEngine:
         return spent
 
     def state_dict(self) -> dict[str, Any]:
-        """Ledger, guard and noise generator: what a resumed run needs to spend nothing twice."""
+        """Ledger, guard, noise generator and the admitted interval: what a resumed run needs
+        to continue the same releases and spend nothing twice."""
         return {
             "ledger": None if self.ledger is None else self.ledger.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "mechanism": self.mechanism.state_dict(),
+            "admitted": self._admitted,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,8 +179,11 @@ class PrivacyEngine:
             self.ledger.entries[:] = PrivacyLedger.from_state_dict(state["ledger"]).entries
             self.guard.load_state_dict(state["guard"])
         self.mechanism.load_state_dict(state["mechanism"])
+        self._admitted = state["admitted"]
+        # the same proposal at the same admitted noise: the interval's step, exactly
+        self._spec = None if self._admitted is None else self.mechanism.admit(*self._admitted)
 
-    def _admitted(self) -> StepSpec:
+    def _current(self) -> StepSpec:
         if self._spec is None:
             raise BudgetExhausted("no admitted action: call decide() before stepping")
         return self._spec

@@ -15,7 +15,7 @@ import torch
 
 import privtune
 from privtune import io
-from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
+from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.stages.common import data_hash, load_base, read_split
 
 
@@ -83,14 +83,17 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune LoRA adapters with method `name`; log everything to MLflow."""
     from privtune import tracking
+    from privtune.callbacks import load_checkpoint
     from privtune.control.registry import controller_class
     from privtune.data.tokenization import encode_records
     from privtune.modeling import attach_lora
     from privtune.plots import plot_training
+    from privtune.privacy.distributed import init_from_environment
     from privtune.privacy.gradient_canaries import AUDIT_FILE
     from privtune.privacy.plan import make_plan, planned_records
-    from privtune.train import train
+    from privtune.train import Checkpointing, train
 
+    replica = init_from_environment()  # under torchrun: one rank of a distributed run
     method, options = params.method(name)
     private = controller_class(method, name).private  # fail fast on an unknown method
     f = params.finetune
@@ -109,30 +112,52 @@ def finetune(
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
     key = run_key(params, name, root)
+    # A run killed mid-way resumes from its last checkpoint (kept outside the stage's DVC
+    # outputs, which `dvc repro` removes before rerunning the stage), in the same MLflow run.
+    checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
+    resumed = load_checkpoint(checkpoint_path, key)
+    checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
+    if not replica.is_main:  # other ranks compute; rank 0 logs and writes everything
+        train(
+            model,
+            train_data,
+            valid_data,
+            f,
+            method,
+            options,
+            entry=name,
+            plan=plan,
+            checkpoint=checkpointing,
+            show_progress=False,
+        )
+        return {}
     previous = tracking.finished_run(root, key)
     if previous is not None and (reused := _reuse(root, name, previous)):
         return reused
-    tracking.discard_unfinished(root, key)
+    resumed_run = resumed.get("mlflow_run_id") if resumed else None
+    tracking.discard_unfinished(root, key, keep=resumed_run)
 
-    with tracking.start_run(run_name=name, root=root, key=key) as run:
+    with tracking.start_run(run_name=name, root=root, key=key, run_id=resumed_run) as run:
+        checkpointing.extra["mlflow_run_id"] = run.run_id
         run.set_tags({"stage": "finetune", "method": method, "entry": name})
-        run.log_params(
-            {
-                "method": method,
-                "entry": name,
-                "method_options": options,
-                "finetune": f.model_dump(),
-                "base": params.base.model_dump(),
-                "data_sha256": data_hash(root),
-                "git_commit": tracking.git_commit(root),
-                "n_train_records": len(train_data),
-                "n_records_with_audit_canaries": plan.n_records,
-                "sample_rate": plan.sample_rate,
-                "steps": plan.steps,
-                "delta": plan.delta,
-                "noise_multiplier": plan.calibrated_noise,
-            }
-        )
+        if resumed_run is None:
+            run.log_params(
+                {
+                    "method": method,
+                    "entry": name,
+                    "method_options": options,
+                    "finetune": f.model_dump(),
+                    "base": params.base.model_dump(),
+                    "data_sha256": data_hash(root),
+                    "git_commit": tracking.git_commit(root),
+                    "n_train_records": len(train_data),
+                    "n_records_with_audit_canaries": plan.n_records,
+                    "sample_rate": plan.sample_rate,
+                    "steps": plan.steps,
+                    "delta": plan.delta,
+                    "noise_multiplier": plan.calibrated_noise,
+                }
+            )
         result = train(
             model,
             train_data,
@@ -143,8 +168,11 @@ def finetune(
             entry=name,
             plan=plan,
             on_log=run.log_metrics,
+            checkpoint=checkpointing,
             show_progress=show_progress,
         )
+        if result.resumed_at is not None:
+            run.set_tags({"resumed_at_step": result.resumed_at})
         metrics: dict[str, Any] = {
             "method": method,
             "private": result.ledger is not None,
@@ -181,6 +209,7 @@ def finetune(
             run.log_artifact(figure)
             run.log_dir_contents(out)  # adapter, ledger, controller, history, finetune.json
     _publish(root, name, info, result.history)
+    checkpoint_path.unlink(missing_ok=True)  # the outputs are written: nothing to resume
     return metrics
 
 

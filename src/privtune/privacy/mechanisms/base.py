@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from privtune.privacy.action import Action
+from privtune.privacy.distributed import Replica
 from privtune.privacy.ledger import LedgerEntry
 
 Group = list[torch.nn.Parameter]
@@ -69,8 +70,10 @@ class Mechanism(ABC):
             raise ValueError("every clipping group needs a name and at least one parameter")
         self.groups = [list(g) for g in groups]
         self.group_names = tuple(group_names)
-        # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise.
+        # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise (and every
+        # replica of a distributed run the same draw: privacy.distributed).
         self.generator = torch.Generator().manual_seed(seed)
+        self.replica = Replica()  # the engine sets it for a distributed run
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -169,22 +172,28 @@ class PerSampleClipping(Mechanism):
 
     def take_sum(self, thresholds: Sequence[float]) -> tuple[torch.Tensor, float]:
         """Move the running sum into ``p.grad`` (zeros for an empty batch); return the batch's
-        norms (on CPU) and the fraction of per-group norms above their threshold."""
+        norms (on CPU) and the fraction of per-group norms above their threshold. In a
+        distributed run, the sum and the norms are every replica's together."""
         if self._norms:
             for p, summed in zip(self.parameters, self._sums, strict=True):
                 p.grad = summed
             norms = torch.cat(self._norms)
-            limits = torch.tensor(thresholds, dtype=norms.dtype, device=norms.device)
-            clipped = (norms > limits).float().mean().item() if norms.numel() else 0.0
-            norms = norms.cpu()
         else:  # a Poisson batch can be empty: the step is then noise alone (still accounted)
             for p in self.parameters:
                 p.grad = torch.zeros_like(p)
                 p.grad_sample = None
-            norms, clipped = torch.zeros(0, len(self.groups)), 0.0
+            norms = torch.zeros(0, len(self.groups))
+        if self.replica.distributed:
+            self.replica.sum_([p.grad for p in self.parameters])
+            norms = self.replica.gather_rows(norms)
+        if norms.numel():
+            limits = torch.tensor(thresholds, dtype=norms.dtype, device=norms.device)
+            clipped = (norms > limits).float().mean().item()
+        else:
+            clipped = 0.0
         self._sums = [None] * len(self._sums)
         self._norms = []
-        return norms, clipped
+        return norms.cpu(), clipped
 
     def scale(self, expected_batch_size: float) -> None:
         for p in self.parameters:

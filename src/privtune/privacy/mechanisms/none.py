@@ -36,6 +36,10 @@ class NoNoise(Mechanism):
         """None for an empty batch: nothing to learn from and no privacy to account."""
         if batch_size == 0:
             return None
+        for p in self.parameters:  # a replica whose share of the batch was empty
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.replica.sum_([p.grad for p in self.parameters])
         for p in self.parameters:
             p.grad = p.grad / expected_batch_size
         return StepStats(None, 0.0)

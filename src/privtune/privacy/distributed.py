@@ -1,0 +1,83 @@
+"""One DP run across processes (torchrun, torch.distributed): what each replica does.
+
+Every rank draws the same Poisson mask (the sampler's generator is seeded alike), so the
+logical batch is exactly the single-process one; rank r processes the records at positions
+r, r + W, r + 2W... of it. Each rank clips its own records' per-sample gradients; the clipped
+sums are all-reduced and the per-sample norms all-gathered, so every rank then holds the
+global sum and the global norms. The noise is drawn from the mechanism's generator, seeded
+alike on every rank: each rank adds the same draw to the same global sum, i.e. the noise enters
+the released gradient exactly once (opacus' DistributedDPOptimizer adds it on rank 0 before the
+all-reduce instead; the result is the same, and every rank keeps its generator, DP counts and
+controller observations identical). Rank 0 alone writes the ledger, MLflow and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Replica:
+    """This process's place in the run: rank ``rank`` of ``world_size`` (1: not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Replica:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's records of a logical batch (every rank sees the same batch)."""
+        return indices[self.rank :: self.world_size] if self.distributed else indices
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """All-reduce (sum) the tensors in place, through one flat buffer."""
+        if not self.distributed or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows (a variable number each), in rank order."""
+        if not self.distributed:
+            return rows
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, rows.cpu())
+        return torch.cat(parts).to(rows.device)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value on every rank (so every rank applies the same admitted action)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_from_environment() -> Replica:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Replica.current()

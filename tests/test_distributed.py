@@ -1,0 +1,203 @@
+"""One DP run across processes (gloo, 2 ranks on the CPU): the same logical batch, the noise
+added once, the same ledger as one process, every rank on the same admitted action."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from privtune.privacy.action import Action
+from privtune.privacy.distributed import Replica
+from privtune.privacy.mechanisms import Gaussian
+from privtune.privacy.mechanisms.gaussian import GaussianSpec
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, port: int) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+
+
+def _records(n: int = 10, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    return model, torch.randn(n, 4) * 3, torch.randn(n, 2)
+
+
+def _release(model, x, y, std: float, replica: Replica, zero_grads: bool = False):
+    """Clip the rows of (x, y) this replica owns; release with per-group noise std `std`."""
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    params = list(gsm.parameters())
+    half = len(params) // 2
+    mech = Gaussian([params[:half], params[half:]], ["first", "second"], seed=7)
+    mech.replica = replica
+    spec = GaussianSpec(Action((0.5, 0.2), 1.0), 1.0, (std, std), None, 1)
+    mine = replica.share(torch.arange(len(x)))
+    if len(mine):
+        loss = ((gsm(x[mine]) - y[mine]) ** 2).sum()
+        (loss * 0 if zero_grads else loss).backward()
+        mech.accumulate(spec)
+    stats = mech.release(spec, 5.0, len(x))
+    return [p.grad.clone() for p in params], stats
+
+
+def _mechanism_worker(rank: int, port: int, out: str) -> None:
+    _join(rank, port)
+    model, x, y = _records()
+    grads, stats = _release(model, x, y, 0.0, Replica.current())  # zero noise
+    big = torch.nn.Linear(500, 400)  # 200k coordinates of noise on zero gradients
+    noisy, _ = _release(big, torch.zeros(3, 500), torch.zeros(3, 400), 2.0, Replica.current(), True)
+    torch.save(
+        {
+            "grads": grads,
+            "norms": stats.norms,
+            "clipped": stats.clipped_fraction,
+            "noise": noisy[0],
+        },
+        f"{out}/rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def test_two_ranks_release_the_single_process_update_with_the_noise_added_once(tmp_path):
+    mp.spawn(_mechanism_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model, x, y = _records()
+    single, stats = _release(model, x, y, 0.0, Replica())
+    for rank in ranks:  # every rank holds the global, clipped, summed update
+        for a, b in zip(rank["grads"], single, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert sorted(rank["norms"][:, 0].tolist()) == pytest.approx(
+            sorted(stats.norms[:, 0].tolist()), rel=1e-5
+        )
+        assert rank["clipped"] == stats.clipped_fraction
+    # the noise enters once: std 2 over the expected batch 5, not sqrt(2) times more
+    assert torch.equal(ranks[0]["noise"], ranks[1]["noise"])
+    assert float(ranks[0]["noise"].std()) == pytest.approx(2.0 / 5.0, rel=0.01)
+
+
+def _train_worker(rank: int, port: int, out: str, method: str, options: dict) -> None:
+    _join(rank, port)
+    result, state = _tiny_run(method, options)
+    decisions = [e.noise_multiplier for e in result.ledger.entries]
+    torch.save(
+        {
+            "ledger": result.ledger.state_dict(),
+            "epsilon": result.epsilon,
+            "steps": result.steps_taken,
+            "state": state,
+            "decisions": decisions,
+        },
+        f"{out}/rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def _tiny_run(method: str, options: dict):
+    from privtune.config import BaseParams
+    from privtune.data.tokenization import train_tokenizer
+    from privtune.modeling import attach_lora, build_gpt2
+    from tests.conftest import synthetic_texts
+    from tests.test_train import PARAMS, _data, _lora_state
+
+    tokenizer = train_tokenizer(synthetic_texts(300), 320)
+    torch.manual_seed(0)
+    base = build_gpt2(
+        BaseParams(n_layer=1, n_head=2, n_embd=32, max_length=64),
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    train_data, valid_data = _data(tokenizer)
+    params = PARAMS.model_copy(update={"audit_canaries": 16, "epochs": 0.6})
+    model = attach_lora(copy.deepcopy(base), params.lora)
+    from privtune.train import train
+
+    result = train(model, train_data, valid_data, params, method, options, show_progress=False)
+    return result, _lora_state(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "options"), [("dpsgd", {}), ("rldp", {"rl_interval": 2})])
+def test_two_ranks_spend_what_one_process_spends_and_act_alike(tmp_path, method, options):
+    mp.spawn(
+        _train_worker,
+        args=(_free_port(), str(tmp_path), method, options),
+        nprocs=WORLD,
+        join=True,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # every rank applied the same admitted actions and holds the same model
+    assert ranks[0]["ledger"] == ranks[1]["ledger"]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name
+    if method == "dpsgd":  # a schedule that does not depend on the data: the same as one process
+        single, state = _tiny_run(method, options)
+        assert ranks[0]["ledger"] == single.ledger.state_dict()
+        assert (ranks[0]["epsilon"], ranks[0]["steps"]) == (single.epsilon, single.steps_taken)
+        for name, value in state.items():
+            torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
+    """`torchrun --nproc_per_node 2 -m privtune.cli finetune dpsgd`: rank 0 writes the outputs
+    and MLflow; the ledger is the single-process run's."""
+    from privtune.cli import main
+    from tests.conftest import write_params
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project / "params.yaml")
+    assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
+    assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    single = tmp_path / "single"
+    import shutil
+
+    shutil.copytree(project, single)
+    assert main(["--root", str(single), "--no-progress", "finetune", "dpsgd"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "privtune.cli",
+        "--root",
+        str(project),
+        "--no-progress",
+        "finetune",
+        "dpsgd",
+    ]
+    assert subprocess.run(command, env=env, cwd=project).returncode == 0
+    read = lambda root: json.loads(Path(root, "models/dpsgd/ledger.json").read_text())  # noqa: E731
+    assert read(project) == read(single)
+    metrics = json.loads((project / "metrics" / "finetune-dpsgd.json").read_text())
+    assert (
+        metrics["epsilon"]
+        == json.loads((single / "metrics" / "finetune-dpsgd.json").read_text())["epsilon"]
+    )

@@ -1,0 +1,145 @@
+"""Resumable runs: a run stopped after a checkpoint and started again ends exactly where an
+uninterrupted run ends (ledger, epsilon, adapter, history), spending nothing twice."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from privtune.callbacks import Callback
+from privtune.modeling import attach_lora
+from privtune.train import Checkpointing, train
+from tests.conftest import write_params
+from tests.test_train import PARAMS, _data, _lora_state
+
+
+class Crash(Callback):
+    """Dies after ``at`` steps, as a killed process would (its memory is lost)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step(self, step, info):
+        if step + 1 == self.at:
+            raise KeyboardInterrupt(f"crash after step {step}")
+        return True
+
+
+@pytest.mark.parametrize(("method", "options"), [("dpsgd", {}), ("rldp", {"rl_interval": 2})])
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(
+    method, options, tiny_model, tiny_tokenizer, tmp_path
+):
+    train_data, valid_data = _data(tiny_tokenizer)
+    params = PARAMS.model_copy(update={"audit_canaries": 24})
+    start = attach_lora(tiny_model, params.lora)
+
+    def run(callbacks=(), checkpoint=None):
+        model = copy.deepcopy(start)  # a new process: nothing survives but the checkpoint
+        result = train(
+            model,
+            train_data,
+            valid_data,
+            params,
+            method,
+            options,
+            callbacks=list(callbacks),
+            checkpoint=checkpoint,
+            show_progress=False,
+        )
+        return result, _lora_state(model)
+
+    reference, reference_state = run()
+    checkpoint = Checkpointing(tmp_path / "run.pt", every=3, key="same-inputs")
+    with pytest.raises(KeyboardInterrupt):
+        run([Crash(at=5)], checkpoint)  # checkpoint at step 3, dies during step 5
+    assert checkpoint.path.is_file()
+    resumed, resumed_state = run(checkpoint=checkpoint)
+
+    assert resumed.resumed_at == 3 and reference.resumed_at is None
+    assert resumed.ledger.state_dict() == reference.ledger.state_dict()  # nothing spent twice
+    assert resumed.epsilon == reference.epsilon and resumed.steps_taken == reference.steps_taken
+    for name, value in reference_state.items():
+        assert torch.equal(resumed_state[name], value), name
+    assert resumed.history == reference.history
+    assert (resumed.audit.scores == reference.audit.scores).all()
+
+
+def test_a_checkpoint_of_other_inputs_is_not_resumed(tiny_model, tiny_tokenizer, tmp_path):
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    mine = Checkpointing(tmp_path / "run.pt", every=2, key="inputs-a")
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            copy.deepcopy(model),
+            train_data,
+            valid_data,
+            PARAMS,
+            "dpsgd",
+            callbacks=[Crash(at=3)],
+            checkpoint=mine,
+            show_progress=False,
+        )
+    other = Checkpointing(tmp_path / "run.pt", every=2, key="inputs-b")
+    result = train(
+        model, train_data, valid_data, PARAMS, "dpsgd", checkpoint=other, show_progress=False
+    )
+    assert result.resumed_at is None and result.steps_taken == result.plan.steps
+
+
+def _mlflow_runs(root: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("privtune")
+    return client.search_runs([experiment.experiment_id], run_view_type=3)  # ALL
+
+
+def _digest(root: Path, method: str) -> tuple[dict, bytes]:
+    ledger = json.loads((root / "models" / method / "ledger.json").read_text())
+    adapter = (root / "models" / method / "adapter" / "adapter_model.safetensors").read_bytes()
+    return ledger, adapter
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
+    """The real thing: `privtune finetune` killed with SIGKILL after a checkpoint, run again:
+    the same ledger and adapter bytes as an uninterrupted run, one MLflow run (resumed)."""
+    from privtune.cli import main
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project / "params.yaml", finetune={"epochs": 3.0, "checkpoint_every": 2})
+    assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
+    assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    reference = tmp_path / "reference"
+    shutil.copytree(project, reference)
+    assert main(["--root", str(reference), "--no-progress", "finetune", "dpsgd"]) == 0
+
+    command = [sys.executable, "-m", "privtune.cli", "--root", str(project), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([*command, "finetune", "dpsgd"], env=env)
+    checkpoint = project / ".privtune" / "checkpoints" / "dpsgd.pt"
+    deadline = time.time() + 300
+    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = _mlflow_runs(project)
+    assert [r.info.status for r in killed] == ["RUNNING"]  # what kill -9 leaves behind
+
+    assert subprocess.run([*command, "finetune", "dpsgd"], env=env).returncode == 0
+    assert _digest(project, "dpsgd") == _digest(reference, "dpsgd")
+    runs = _mlflow_runs(project)
+    assert len(runs) == 1 and runs[0].info.run_id == killed[0].info.run_id
+    assert runs[0].info.status == "FINISHED" and int(runs[0].data.tags["resumed_at_step"]) >= 2
+    assert not checkpoint.exists()  # done: nothing left to resume
