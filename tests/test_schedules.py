@@ -6,6 +6,7 @@ and a profile builds in a project of its own."""
 import json
 import shutil
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 import yaml
@@ -135,3 +136,46 @@ def test_an_unknown_profile_or_key_fails_naming_it(checkout):
         profiles.project(checkout, "tiny", None)
     with pytest.raises(ConfigError, match="finetune.lrr"):
         profiles.project(checkout, None, {"finetune.lrr": 0.02})
+
+
+class _Runs:
+    """A Prefect client that knows flow runs by idempotency key (what `_usable_key` asks)."""
+
+    def __init__(self, runs: dict[str, object]) -> None:
+        self.runs = runs
+
+    def read_flow_runs(self, flow_run_filter, deployment_filter):
+        (key,) = flow_run_filter.idempotency_key.any_
+        return [self.runs[key]] if key in self.runs else []
+
+
+def _run(run_id: str, state):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=run_id, state=state)
+
+
+def test_a_keyed_run_is_reused_only_while_it_can_still_give_the_stage(monkeypatch):
+    from prefect.states import Completed, Crashed, Running
+
+    from tasks import dispatch
+
+    current = {"value": True}
+    monkeypatch.setattr(dispatch, "stage_is_current", lambda root, target: current["value"])
+
+    def usable(runs, check_outputs=True):
+        return dispatch._usable_key(_Runs(runs), uuid4(), "k", "/p", "finetune@x", check_outputs)
+
+    assert usable({}) == ("k", None)  # nothing yet: a new run under the inputs' key
+    running = _run("r1", Running())
+    assert usable({"k": running}) == ("k", running)  # a retried pipeline waits for it
+    done = _run("r1", Completed())
+    assert usable({"k": done}) == ("k", done)
+    # changed and changed back: dvc.lock holds the other inputs' model, so not this run
+    current["value"] = False
+    assert usable({"k": done}) == ("k:after-r1", None)
+    assert usable({"k": done}, check_outputs=False) == ("k", done)  # outputs on another machine
+    # a crashed run is passed over; every dispatcher derives the same next key from it
+    again = _run("r2", Completed())
+    current["value"] = True
+    assert usable({"k": _run("r1", Crashed()), "k:after-r1": again}) == ("k:after-r1", again)
