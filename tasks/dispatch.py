@@ -162,9 +162,10 @@ def finetune(
 ) -> Dispatched:
     """Run `finetune@method` as a run of `deployment` and wait for it (see the module doc).
 
-    ``share``: the worker is on another machine; its outputs come back through the DVC remote,
-    so whether they are current is checked after the pull, not here. ``run_parameters``: extra
-    parameters of the fine-tuning flow run (the profile of a quick run).
+    Without ``share`` the worker runs in this checkout, so DVC here must find the stage current
+    afterwards; otherwise the next stage would evaluate an old model. ``share``: the worker is on
+    another machine and its outputs come through the DVC remote, so only a failed run is passed
+    over. ``run_parameters``: more parameters of the fine-tuning run (a quick run's profile).
     """
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -181,7 +182,7 @@ def finetune(
             key, earlier = _usable_key(
                 client, found.id, finetune_key(root, method), root, target, not share
             )
-        done = earlier is not None and earlier.state.is_completed()
+        done = earlier is not None and earlier.state is not None and earlier.state.is_completed()
         problem = None if done else pool_problem(client, pool)
     if problem:
         if not local_fallback:
@@ -212,6 +213,12 @@ def finetune(
     if not state.is_completed():
         raise RemoteRunFailed(
             f"fine-tuning {method} on {deployment} ended {state.name}: {state.message}"
+        )
+    if not share and not stage_is_current(root, target):
+        raise DispatchError(
+            f"fine-tuning {method} completed on {deployment} (flow run {run.id}) but {target} is "
+            f"still stale in {root}: the worker ran in another checkout; start the workers of "
+            f"pool '{pool}' with PRIVTUNE_ROOT={root}, or run the pipeline with share"
         )
     how = "reused" if earlier is not None and str(earlier.id) == str(run.id) else "new"
     logger.info("fine-tuning %s: %s flow run %s (key %s)", method, how, run.id, key)
