@@ -258,14 +258,16 @@ def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed)
     assert not [r for r in _finetune_runs() if str(r.deployment_id) != _gpu_deployment_id()]
 
     @flow(name="fallback")
-    def fallback(root: str) -> str:
-        return dispatch.finetune(
+    def fallback(root: str) -> None:
+        done = dispatch.finetune(
             "privtune-finetune/idle-finetune", "dpsgd", root, local_fallback=True
-        ).how
+        )
+        # (checked here: a result read back from a busy server can come without its data)
+        assert done.how == "local", done
 
     # asked to, it fine-tunes here instead of waiting (the stage: DVC finds it up to date)
     state = fallback(str(project), return_state=True)
-    assert state.result() == "local"
+    assert state.is_completed(), state.message
     (stage,) = _task_runs(state.state_details.flow_run_id)
     assert stage.name == "finetune-dpsgd" and stage.state.is_completed()
 
@@ -311,7 +313,8 @@ def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeyp
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_params(tmp_path / "params.yaml")  # no model registered in this project's store
-    state = promote(root=str(tmp_path), return_state=True)
+    # persisted, so the result survives a state read back from a busy server
+    state = promote.with_options(persist_result=True)(root=str(tmp_path), return_state=True)
     assert state.is_completed(), state.message
     assert state.result() == [
         {"name": MODEL, "version": None, "promoted": False, "nothing_to_promote": True}
