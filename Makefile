@@ -70,4 +70,4 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:
-	rm -rf data/prepared models metrics plots reports mlflow.db mlruns
+	rm -rf data/prepared models metrics plots reports mlflow.db mlruns profiles

@@ -7,24 +7,36 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow  # noqa: E402
 
-from tasks import stages  # noqa: E402
+from tasks import profiles, stages  # noqa: E402
 
 
 @flow(name="privtune-finetune", log_prints=True)
-def finetune(method: str, root: str = ".", force: bool = False, share: bool = False) -> list[str]:
+def finetune(
+    method: str,
+    root: str = ".",
+    force: bool = False,
+    share: bool = False,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[str]:
     """`dvc repro finetune@<method>` on this worker (CUDA when it has a GPU: device auto).
 
-    With ``share``, the outputs go to the DVC remote for workers on other machines.
+    With ``share``, the outputs go to the DVC remote for workers on other machines. With
+    ``profile`` / ``overrides`` (a quick run of the pipeline), in that profile's own project
+    (tasks/profiles.py), the one the pipeline built in the same checkout.
     """
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
     root = str(Path(root).resolve())
+    if profile or overrides:
+        root = str(profiles.project(root, profile, overrides))
     if share:  # the data and base model were built on another machine
         stages.pull("prepare", root)
         stages.pull("base", root)

@@ -6,8 +6,9 @@ python flows/pipeline.py                  # run once, locally (ephemeral Prefect
 prefect deploy --all                      # scheduled deployments from prefect.yaml
 
 With ``finetune_deployment`` set (prefect.yaml's nightly run sets it), each fine-tuning runs as a
-run of that deployment, i.e. on a worker of the GPU pool; everything else runs where this flow
-runs. Workers on other machines share stage outputs through the DVC remote (README).
+run of that deployment, i.e. on a worker of the GPU pool, keyed by its inputs (tasks/dispatch.py);
+everything else runs where this flow runs. Workers on other machines share stage outputs through
+the DVC remote (README).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 # tasks/ sits beside flows/ at the project root (DESIGN.md layout); make it importable when
 # Prefect loads this file by path.
@@ -22,31 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow, get_run_logger  # noqa: E402
 
-from tasks import stages  # noqa: E402
+from tasks import dispatch, profiles, stages  # noqa: E402
 
 
 def method_names(root: str) -> list[str]:
     from privtune.config import load_params
 
     return list(load_params(Path(root) / "params.yaml").methods)
-
-
-def finetune_remotely(
-    deployment: str, method: str, root: str, force: bool, share: bool = False
-) -> None:
-    """Run `finetune@method` as a run of `deployment` (a GPU pool) and wait for it."""
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(
-        deployment,
-        # The worker runs in its own checkout ($PRIVTUNE_ROOT on its machine).
-        parameters={"method": method, "root": ".", "force": force, "share": share},
-        flow_run_name=f"finetune-{method}",
-        # A retried pipeline reuses the same fine-tuning flow run instead of starting another.
-        idempotency_key=None if force else f"{root}:finetune@{method}",
-    )
-    if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"fine-tuning {method} on {deployment} ended in state {run.state}")
 
 
 @flow(name="privtune-pipeline", log_prints=True)
@@ -57,16 +41,39 @@ def pipeline(
     finetune_deployment: str | None = None,
     promote: bool = False,
     share: bool = False,
+    finetune_timeout: float | None = None,
+    finetune_local_fallback: bool = False,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Run every stage through DVC; returns the metrics of each stage, as `dvc metrics show`.
 
+    ``methods``: a subset of params.yaml's `methods` (default: all of them).
+    ``finetune_deployment``: run each fine-tuning as a run of this deployment (tasks/dispatch.py);
+    it fails at once when that pool has no live worker, unless ``finetune_local_fallback``, and
+    gives up after ``finetune_timeout`` seconds (None: waits as long as it takes).
     ``share``: GPU workers are on other machines; stage outputs travel through the DVC remote.
+    ``profile`` / ``overrides``: a run with a named profile of profiles.yaml (e.g. `quick`, the
+    reduced CPU profile) and/or dotted params.yaml overrides, built in profiles/<name>/ so it
+    never touches the default pipeline's outputs or champion (tasks/profiles.py).
     """
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
     logger = get_run_logger()
     root = str(Path(root).resolve())
+    run_parameters: dict[str, Any] = {}
+    if profile or overrides:
+        if share:
+            from privtune.errors import ConfigError
+
+            raise ConfigError(
+                "share", "a profile run has no DVC remote of its own", "run it without `share`"
+            )
+        root = str(profiles.project(root, profile, overrides))
+        logger.info("profile %s: building in %s", profile or "overrides", root)
+        # the fine-tuning worker builds the same profile project in its own checkout
+        run_parameters = {"profile": profile, "overrides": overrides}
     every_method = method_names(root)
     methods = methods or every_method
     stages.prepare(root, force)
@@ -76,7 +83,16 @@ def pipeline(
         stages.push("base", root)
     for method in methods:
         if finetune_deployment:
-            finetune_remotely(finetune_deployment, method, root, force, share)
+            dispatch.finetune(
+                finetune_deployment,
+                method,
+                root,
+                force=force,
+                share=share,
+                timeout=finetune_timeout,
+                local_fallback=finetune_local_fallback,
+                run_parameters=run_parameters,
+            )
             if share:
                 stages.pull(f"finetune@{method}", root)
         else:

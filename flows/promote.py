@@ -5,6 +5,8 @@ python flows/promote.py rollback   # give `champion` back to the previous champi
 
 The gates and the registered model's name come from params.yaml (`registry:`), as for
 `privtune promote`; a refusal is a decision, not a failure: the flow completes and returns it.
+So is "nothing to promote" (no challenger): a nightly run with no new model has nothing to do.
+Only transient failures are retried; a configuration or model error fails at once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from tasks.stages import transient  # noqa: E402
+
+# What MLflow answers for a missing registered model, or a missing alias.
+_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
 def _registry(root: str):
@@ -21,16 +31,39 @@ def _registry(root: str):
     return load_params(Path(root) / "params.yaml").registry
 
 
-@task(name="decide", task_run_name="decide-v{version}", retries=2, retry_delay_seconds=5)
+@task(
+    name="decide",
+    task_run_name="decide-v{version}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def decide(root: str, version: str | None) -> dict:
-    """Judge one version (None: the challenger) against the gates; idempotent under retries."""
+    """Judge one version (None: the challenger) against the gates; idempotent under retries.
+
+    Without a challenger there is nothing to promote: that is the result, not a failure.
+    """
     from mlflow.exceptions import MlflowException
 
-    from privtune.registry import CHAMPION, promote
+    from privtune.registry import CHALLENGER, CHAMPION, promote
     from privtune.registry.register import client
 
     registry = _registry(root)
-    if version is not None:
+    if version is None:
+        try:
+            client(root).get_model_version_by_alias(registry.name, CHALLENGER)
+        except MlflowException as err:
+            if err.error_code not in _NOT_FOUND:  # e.g. the tracking server is down: retry
+                raise
+            get_run_logger().info("nothing to promote: %s has no %s", registry.name, CHALLENGER)
+            return {
+                "name": registry.name,
+                "version": None,
+                "promoted": False,
+                "nothing_to_promote": True,
+            }
+    else:
         # A retry after the alias moved must not fail as "already the champion".
         try:
             champion = client(root).get_model_version_by_alias(registry.name, CHAMPION)

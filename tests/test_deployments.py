@@ -1,6 +1,9 @@
-"""The deployments of prefect.yaml, for real: a local Prefect server in a temporary home,
-`prefect deploy --all`, one worker per pool, a triggered pipeline run that completes, with its
-fine-tuning done as a run of the GPU-pool deployment."""
+"""The deployments of prefect.yaml, for real: one local Prefect server in a temporary home for
+the module, `prefect deploy --all` from a directory that is not the workers' checkout, a
+process worker per pool (started as a user would, not the test harness). The nightly pipeline
+dispatches fine-tuning to the GPU pool keyed by the stage's inputs: a changed fine-tuning
+parameter trains again, an unchanged run reuses. Dispatch to a pool nobody serves fails at once,
+and a configuration error is not retried."""
 
 import json
 import os
@@ -15,10 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import ROOT, make_project
+from tests.conftest import write_params
+from tests.test_pipeline import PIPELINE, ROOT, _sh, make_project
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+NIGHTLY = "privtune-pipeline/nightly-pipeline"
+MODEL = "privtune-clinical-notes"
 
 
 def _free_port() -> int:
@@ -39,29 +45,6 @@ def _wait_healthy(url: str, timeout: float = 120) -> None:
     raise TimeoutError("Prefect server did not become healthy")
 
 
-@pytest.fixture
-def server(tmp_path):
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen(
-        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-ui", "--analytics-off"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _wait_healthy(env["PREFECT_API_URL"])
-        yield env
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
 def _prefect(env, cwd, *args, timeout=300):
     out = subprocess.run(
         [BIN / "prefect", "--no-prompt", *args],
@@ -73,68 +56,268 @@ def _prefect(env, cwd, *args, timeout=300):
     return out.stdout
 
 
-def test_deploy_trigger_and_complete_with_a_gpu_pool_worker(server, tmp_path):
-    project = make_project(tmp_path)
-    for item in ("flows", "tasks"):
-        shutil.copytree(ROOT / item, project / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "prefect.yaml", project)
-    env = dict(server, PRIVTUNE_ROOT=str(project))
-    for pool in ("privtune-cpu", "privtune-gpu"):
-        _prefect(env, project, "work-pool", "create", "--type", "process", pool)
-    deployed = _prefect(env, project, "deploy", "--all")
-    for name in ("nightly-pipeline", "gpu-finetune", "sweep", "promote", "rollback"):
-        assert name in deployed
+def _drain() -> None:
+    """Send this process's pending Prefect logs and events while the server is still up (as
+    prefect_test_harness does), or they retry against a stopped server at exit."""
+    import inspect
 
-    # The GPU pool's worker stays up for the fine-tuning runs the pipeline starts.
-    gpu_worker = subprocess.Popen(
-        [BIN / "prefect", "--no-prompt", "worker", "start", "--pool", "privtune-gpu",
-         "--limit", "1", "--install-policy", "never"],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `prefect server start`; this process talks to it too (in-process flows)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        # the worktree's code first, for the workers' flow runs and the stages they start
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-ui", "--analytics-off"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        _prefect(
-            env, project, "deployment", "run", "privtune-pipeline/nightly-pipeline",
-            "--param", 'methods=["dpsgd"]', "--param", "promote=true",
-        )  # fmt: skip
-        log = _prefect(
-            env, project, "worker", "start", "--pool", "privtune-cpu", "--run-once",
-            "--install-policy", "never", timeout=1200,
-        )  # fmt: skip
+        _wait_healthy(env["PREFECT_API_URL"])
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            try:
+                yield env
+            finally:
+                _drain()
     finally:
-        os.killpg(gpu_worker.pid, signal.SIGKILL)  # a background worker ignores SIGINT
-        gpu_worker.wait(timeout=30)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
 
-    runs = json.loads(
-        subprocess.run(
-            [BIN / "python", "-c", _LIST_RUNS], env=env, capture_output=True, text=True,
-            check=True,
-        ).stdout
+
+def _start_worker(env, cwd, pool):
+    return subprocess.Popen(
+        [BIN / "prefect", "--no-prompt", "worker", "start", "--pool", pool,
+         "--install-policy", "never"],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
-    states = {name: state for name, state in runs}
-    assert states.get("finetune-dpsgd") == "COMPLETED", (states, log[-2000:])
-    assert any(state == "COMPLETED" for name, state in runs if name != "finetune-dpsgd"), (
-        states,
-        log[-4000:],
-    )
-    assert (project / "metrics/attack-dpsgd.json").is_file()
-    # a run over some of the methods registers just those (and leaves the report alone)
+
+
+@pytest.fixture(scope="module")
+def deployed(server, tmp_path_factory):
+    """prefect.yaml deployed from `deployer` (whose $PRIVTUNE_ROOT is itself: a path that must
+    not reach the workers), and one worker per pool running in the project's checkout."""
+    base = tmp_path_factory.mktemp("deployments")
+    project = make_project(base)
+    deployer = base / "deployer"
+    deployer.mkdir()
+    for item in ("flows", "tasks"):
+        for where in (project, deployer):
+            shutil.copytree(ROOT / item, where / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", deployer)
+    env = dict(server, PRIVTUNE_ROOT=str(deployer))
+    for pool in ("privtune-cpu", "privtune-gpu"):
+        _prefect(env, deployer, "work-pool", "create", "--type", "process", pool)
+    deployed = _prefect(env, deployer, "deploy", "--all")
+    for name in ("nightly-pipeline", "gpu-finetune", "sweep", "promote", "rollback"):
+        assert name in deployed
+    # Workers find their checkout at run time; they poll every 2 s instead of 10 to save time.
+    worker_env = dict(server, PRIVTUNE_ROOT=str(project), PREFECT_WORKER_QUERY_SECONDS="2")
+    workers = [_start_worker(worker_env, base, p) for p in ("privtune-cpu", "privtune-gpu")]
+    try:
+        yield project, deployer, server
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGKILL)  # a background worker ignores SIGINT
+            worker.wait(timeout=30)
+
+
+def _run_nightly(**parameters):
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(NIGHTLY, parameters=parameters, timeout=1200, as_subflow=False)
+    assert run.state is not None and run.state.is_final(), f"{NIGHTLY} still {run.state}"
+    return run
+
+
+def _finetune_runs():
+    """The GPU deployment's flow runs, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["finetune-dpsgd"]))
+        )
+    return sorted(runs, key=lambda r: r.created)
+
+
+def _tracked(project):
+    """(finished MLflow fine-tuning runs of dpsgd, registered versions) in the project's store."""
     import mlflow
 
-    registry = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
-    versions = registry.search_model_versions("name='privtune-clinical-notes'")
-    assert [v.tags["method"] for v in versions] == ["dpsgd"]
-    assert not (project / "reports/report.md").exists()
+    from privtune import tracking
+
+    client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    runs = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.info.run_name == "dpsgd" and r.info.status == "FINISHED"
+    ]
+    return runs, client.search_model_versions(f"name='{MODEL}'")
 
 
-_LIST_RUNS = """
-import asyncio, json
-from prefect.client.orchestration import get_client
+def test_deployments_carry_no_deployer_path_and_one_tracking_store(deployed):
+    from prefect.client.orchestration import get_client
 
-async def main():
-    async with get_client() as client:
-        runs = await client.read_flow_runs()
-        print(json.dumps([[r.name, r.state.type.value] for r in runs]))
+    _, deployer, _ = deployed
+    with get_client(sync_client=True) as client:
+        for name in (NIGHTLY, "privtune-finetune/gpu-finetune", "privtune-promote/promote"):
+            deployment = client.read_deployment_by_name(name)
+            assert str(deployer) not in json.dumps([deployment.pull_steps])
+            assert deployment.pull_steps == [{"privtune.workers.set_project_root": {}}]
+            env = deployment.job_variables["env"]
+            assert env["MLFLOW_TRACKING_URI"] == "sqlite:///mlflow.db"
+        nightly = client.read_deployment_by_name(NIGHTLY)
+        assert nightly.parameters["finetune_timeout"] > 0
+        assert nightly.parameters["finetune_local_fallback"] is False
 
-asyncio.run(main())
-"""
+
+def test_nightly_retrains_when_a_parameter_changed_and_reuses_when_not(deployed):
+    from privtune.config import load_params
+    from privtune.stages.finetune import run_key
+
+    project, deployer, _ = deployed
+    first = _run_nightly(methods=["dpsgd"])
+    assert first.state.is_completed(), first.state
+    assert [r.state.type.value for r in _finetune_runs()] == ["COMPLETED"]
+    runs, versions = _tracked(project)
+    assert len(runs) == 1 and [v.tags["method"] for v in versions] == ["dpsgd"]
+    assert (project / "metrics/attack-dpsgd.json").is_file()
+    assert not (deployer / "metrics").exists()  # the workers ran in their own checkout
+    assert not (project / "reports/report.md").exists()  # a subset of the methods: no report
+
+    # A changed fine-tuning parameter: a second fine-tuning, a new MLflow run and version.
+    write_params(project / "params.yaml", finetune={**PIPELINE["finetune"], "lr": 0.02})
+    second = _run_nightly(methods=["dpsgd"])
+    assert second.state.is_completed(), second.state
+    dispatched = _finetune_runs()
+    assert len(dispatched) == 2 and dispatched[0].idempotency_key != dispatched[1].idempotency_key
+    key = run_key(load_params(project / "params.yaml"), "dpsgd", project)
+    assert key in dispatched[1].idempotency_key
+    runs, versions = _tracked(project)
+    assert len(runs) == 2 and len({r.data.tags["privtune.run_key"] for r in runs}) == 2
+    assert float(max(runs, key=lambda r: r.info.start_time).data.params["finetune.lr"]) == 0.02
+    assert len(versions) == 2
+
+    # Unchanged: the finished fine-tuning is reused, nothing trains or registers again.
+    third = _run_nightly(methods=["dpsgd"])
+    assert third.state.is_completed(), third.state
+    assert [r.id for r in _finetune_runs()] == [r.id for r in dispatched]
+    runs, versions = _tracked(project)
+    assert len(runs) == 2 and len(versions) == 2
+    assert "Data and pipelines are up to date" in _sh(project, "dvc", "status", "finetune@dpsgd")
+
+
+def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed):
+    from prefect import flow
+
+    from tasks import dispatch
+
+    project, deployer, env = deployed
+    _prefect(env, deployer, "work-pool", "create", "--type", "process", "privtune-idle")
+    _prefect(
+        env, deployer, "deploy", "flows/finetune.py:finetune", "--name", "idle-finetune",
+        "--pool", "privtune-idle",
+    )  # fmt: skip
+    _sh(project, "dvc", "repro", "base")  # the key reads the data and base model
+    started = time.monotonic()
+    with pytest.raises(dispatch.NoLiveWorker) as refused:
+        dispatch.finetune("privtune-finetune/idle-finetune", "dpsgd", str(project), timeout=600)
+    assert time.monotonic() - started < 30
+    message = str(refused.value)
+    assert "'privtune-idle'" in message and "prefect worker start --pool privtune-idle" in message
+    assert not [r for r in _finetune_runs() if str(r.deployment_id) != _gpu_deployment_id()]
+
+    @flow(name="fallback")
+    def fallback(root: str) -> None:
+        done = dispatch.finetune(
+            "privtune-finetune/idle-finetune", "dpsgd", root, local_fallback=True
+        )
+        # (checked here: a result read back from a busy server can come without its data)
+        assert done.how == "local", done
+
+    # asked to, it fine-tunes here instead of waiting (the stage: DVC finds it up to date)
+    state = fallback(str(project), return_state=True)
+    assert state.is_completed(), state.message
+    (stage,) = _task_runs(state.state_details.flow_run_id)
+    assert stage.name == "finetune-dpsgd" and stage.state.is_completed()
+
+
+def _gpu_deployment_id() -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.read_deployment_by_name("privtune-finetune/gpu-finetune").id)
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def test_a_configuration_error_fails_at_once_without_retries(server, tmp_path):
+    from prefect import flow
+
+    from tasks import stages
+
+    project = make_project(tmp_path)
+    write_params(project / "params.yaml", prepare={"n_private": 5})  # must be >= 10
+
+    @flow(name="prepare-only")
+    def prepare_only(root: str) -> list[str]:
+        return stages.prepare(root)
+
+    state = prepare_only(str(project), return_state=True)
+    assert state.is_failed()
+    assert "prepare.n_private" in state.message and "not retried" in state.message
+    (attempt,) = _task_runs(state.state_details.flow_run_id)
+    assert attempt.run_count == 1 and attempt.state.is_failed()
+
+
+def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeypatch):
+    from flows.promote import promote
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_params(tmp_path / "params.yaml")  # no model registered in this project's store
+    # persisted, so the result survives a state read back from a busy server
+    state = promote.with_options(persist_result=True)(root=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == [
+        {"name": MODEL, "version": None, "promoted": False, "nothing_to_promote": True}
+    ]
+    (attempt,) = _task_runs(state.state_details.flow_run_id)
+    assert attempt.run_count == 1

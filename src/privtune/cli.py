@@ -4,6 +4,9 @@ privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register
 privtune report | promote [--version V] | rollback                        [--params params.yaml]
 
 Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input, 3 budget guard, 4 audit violation.
+With $PRIVTUNE_ERROR_FILE set, an exit 2-4 also writes {"exit_code", "error", "message"} there
+as JSON: `dvc repro` runs this command in a subprocess, and the scheduler (tasks/stages.py) reads
+the file to fail at once, with the message, instead of retrying what cannot succeed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +24,8 @@ from privtune.tracking import disable_telemetry
 
 if TYPE_CHECKING:
     from privtune.config import Params
+
+ERROR_FILE_ENV = "PRIVTUNE_ERROR_FILE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +55,17 @@ def _promote(params: Params, root: Path, version: str | None) -> tuple[dict, int
     decision = promote(params.registry.name, params.registry.gates, root=root, version=version)
     print(decision.summary(), file=sys.stderr)
     return decision.to_dict(), 0 if decision.promoted else 1
+
+
+def _fail(code: int, label: str, err: Exception) -> int:
+    """Print the error; leave it for the scheduler too when it asked (exit codes 2-4 are
+    deterministic: a retry would fail the same way, or worse, retry an audit until it passes)."""
+    print(f"{label}: {err}", file=sys.stderr)
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        report = {"exit_code": code, "error": type(err).__name__, "message": str(err)}
+        Path(path).write_text(json.dumps(report))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
             result = asdict(rollback(params.registry.name, root=root))
     except PrivtuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(2, "error", err)
     except BudgetExhausted as err:
-        print(f"privacy budget violation: {err}", file=sys.stderr)
-        return 3
+        return _fail(3, "privacy budget violation", err)
     except AuditViolation as err:
-        print(f"privacy audit violation: {err}", file=sys.stderr)
-        return 4
+        return _fail(4, "privacy audit violation", err)
     print(json.dumps(result, indent=2, default=str))
     return code
 

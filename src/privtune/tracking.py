@@ -39,8 +39,11 @@ def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        location = (root.resolve() / "mlruns").as_uri()
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the store's file, not under whichever directory the first run
+        # happened to start in (MLflow's default): every stage and worker finds them.
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
 

@@ -1,0 +1,225 @@
+"""Fine-tuning as a run of another deployment (a GPU work pool), the way a scheduled run needs it:
+
+- keyed by its inputs: the idempotency key is the fine-tuning's `run_key` (method, parameters,
+  data, base model, code: what the CLI keys its MLflow runs by), so a changed input starts a new
+  fine-tuning, an unchanged one reuses the finished run, and a retried pipeline never starts a
+  second one;
+- never waiting on nobody: without a live worker in the deployment's pool it fails at once,
+  naming the pool and the command that starts a worker (or runs locally, if asked to);
+- never waiting forever: it gives up after `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# A worker that has not sent a heartbeat for this many of its heartbeat intervals is gone
+# (Prefect's own server marks it offline after 3).
+MISSED_HEARTBEATS = 3
+
+
+class DispatchError(RuntimeError):
+    """A dispatched stage could not run, or did not finish, on its work pool."""
+
+
+class NoLiveWorker(DispatchError):
+    """The deployment's work pool has no worker that could pick the run up."""
+
+
+class DispatchTimeout(DispatchError):
+    """The dispatched run did not finish within the configured timeout."""
+
+
+class RemoteRunFailed(DispatchError):
+    """The dispatched run ended in a state other than Completed."""
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What a dispatch did: `how` is "new", "reused" (an earlier run with the same inputs) or
+    "local" (no live worker and the fallback was asked for)."""
+
+    how: str
+    flow_run_id: str | None = None
+    key: str | None = None
+
+
+def finetune_key(root: str | Path, method: str) -> str:
+    """The idempotency key of `finetune@method`: its inputs' identity (`run_key`), and the
+    checkout, so two projects on one Prefect server never share a fine-tuning."""
+    from privtune.config import load_params
+    from privtune.stages.finetune import run_key
+
+    root = Path(root).resolve()
+    inputs = run_key(load_params(root / "params.yaml"), method, root)
+    where = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return f"finetune@{method}:{inputs}:{where}"
+
+
+def _live(worker: Any, now: datetime) -> bool:
+    from prefect.client.schemas.objects import WorkerStatus
+
+    if worker.status != WorkerStatus.ONLINE or worker.last_heartbeat_time is None:
+        return False
+    interval = timedelta(seconds=worker.heartbeat_interval_seconds or 30)
+    return now - worker.last_heartbeat_time <= MISSED_HEARTBEATS * interval
+
+
+def pool_problem(client: Any, pool: str) -> str | None:
+    """Why `pool` cannot run a flow run now (None when a live worker serves it)."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        work_pool = client.read_work_pool(pool)
+    except ObjectNotFound:
+        return f"work pool '{pool}' does not exist: create it with " + (
+            f"`prefect work-pool create --type process {pool}`"
+        )
+    if work_pool.is_paused:
+        return f"work pool '{pool}' is paused: `prefect work-pool resume {pool}`"
+    now = datetime.now(UTC)
+    if not any(_live(w, now) for w in client.read_workers_for_work_pool(pool)):
+        return (
+            f"no live worker in work pool '{pool}': start one on a machine of that pool with "
+            f"`PRIVTUNE_ROOT=/path/to/checkout prefect worker start --pool {pool}`"
+        )
+    return None
+
+
+def _runs_with_key(client: Any, deployment_id: Any, key: str) -> list[Any]:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterIdempotencyKey,
+    )
+
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[key])),
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+    )
+
+
+def stage_is_current(root: str | Path, target: str) -> bool:
+    """DVC's own answer: the stage's dependencies and parameters match its dvc.lock entry."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:
+        return not repo.status(targets=[target])
+
+
+def _usable_key(
+    client: Any, deployment_id: Any, key: str, root: str, target: str, check_outputs: bool
+) -> tuple[str, Any | None]:
+    """The key to dispatch with, and the earlier run it names (None: a new run will start).
+
+    An earlier run with the key is reused while it is pending, running or completed with the
+    stage current. One that failed, crashed or was cancelled, or completed but whose stage is
+    stale here (an input changed and then changed back), is passed over for a key derived from
+    it, so every dispatcher of the same inputs still agrees on one next run.
+    """
+    base = key
+    while True:
+        found = _runs_with_key(client, deployment_id, key)
+        if not found:
+            return key, None
+        run = found[0]
+        state = run.state
+        if state is None or not state.is_final():
+            return key, run
+        if state.is_completed() and (not check_outputs or stage_is_current(root, target)):
+            return key, run
+        key = f"{base}:after-{run.id}"
+
+
+def _logger() -> Any:
+    """The flow run's logger (its lines show in the Prefect UI), or a plain one outside runs."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("privtune.dispatch")
+
+
+def finetune(
+    deployment: str,
+    method: str,
+    root: str,
+    *,
+    force: bool = False,
+    share: bool = False,
+    timeout: float | None = None,
+    local_fallback: bool = False,
+    run_parameters: dict[str, Any] | None = None,
+) -> Dispatched:
+    """Run `finetune@method` as a run of `deployment` and wait for it (see the module doc).
+
+    Without ``share`` the worker runs in this checkout, so DVC here must find the stage current
+    afterwards; otherwise the next stage would evaluate an old model. ``share``: the worker is on
+    another machine and its outputs come through the DVC remote, so only a failed run is passed
+    over. ``run_parameters``: more parameters of the fine-tuning run (a quick run's profile).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from tasks import stages
+
+    logger = _logger()
+    target = f"finetune@{method}"
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(deployment)
+        pool = found.work_pool_name
+        key, earlier = (None, None)
+        if not force:
+            key, earlier = _usable_key(
+                client, found.id, finetune_key(root, method), root, target, not share
+            )
+        done = earlier is not None and earlier.state is not None and earlier.state.is_completed()
+        problem = None if done else pool_problem(client, pool)
+    if problem:
+        if not local_fallback:
+            raise NoLiveWorker(f"cannot fine-tune {method} on {deployment}: {problem}")
+        logger.warning("%s; fine-tuning %s here instead (local fallback)", problem, method)
+        stages.finetune(method, root, force)
+        return Dispatched("local")
+    run = run_deployment(
+        deployment,
+        parameters={
+            "method": method,
+            "root": ".",
+            "force": force,
+            "share": share,
+            **(run_parameters or {}),
+        },
+        flow_run_name=f"finetune-{method}",
+        idempotency_key=key,
+        timeout=timeout,
+    )
+    state = run.state
+    if state is None or not state.is_final():
+        raise DispatchTimeout(
+            f"fine-tuning {method} on {deployment} (pool '{pool}') did not finish within "
+            f"{timeout} s: flow run {run.id} is {state.name if state else 'unknown'}; "
+            f"a later pipeline run waits for it again, or `prefect flow-run cancel {run.id}`"
+        )
+    if not state.is_completed():
+        raise RemoteRunFailed(
+            f"fine-tuning {method} on {deployment} ended {state.name}: {state.message}"
+        )
+    if not share and not stage_is_current(root, target):
+        raise DispatchError(
+            f"fine-tuning {method} completed on {deployment} (flow run {run.id}) but {target} is "
+            f"still stale in {root}: the worker ran in another checkout; start the workers of "
+            f"pool '{pool}' with PRIVTUNE_ROOT={root}, or run the pipeline with share"
+        )
+    how = "reused" if earlier is not None and str(earlier.id) == str(run.id) else "new"
+    logger.info("fine-tuning %s: %s flow run %s (key %s)", method, how, run.id, key)
+    return Dispatched(how, str(run.id), key)

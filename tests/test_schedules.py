@@ -1,0 +1,181 @@
+"""What scheduled runs decide without a Prefect server: the fine-tuning dispatch key follows the
+stage's inputs, only transient failures are retried (a stage command's exit 2 is recognised
+through the CLI's error file), a worker finds its own checkout and tracking store at run time,
+and a profile builds in a project of its own."""
+
+import json
+import shutil
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import yaml
+from dvc.exceptions import ReproductionError
+from prefect.states import Failed
+
+from privtune.cli import main
+from privtune.errors import ConfigError, ModelError
+from privtune.workers import absolute_tracking_uri, project_root
+from tasks import profiles
+from tasks.dispatch import finetune_key
+from tasks.stages import PermanentStageError, _permanent_errors, transient
+from tests.conftest import write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def keyed_project(tmp_path):
+    """Just what `run_key` reads: params, the data card's hash, the base model's files."""
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/data_card.json").write_text(json.dumps({"content_sha256": "a"}))
+    (tmp_path / "models/base").mkdir(parents=True)
+    (tmp_path / "models/base/config.json").write_text("{}")
+    return tmp_path
+
+
+def test_dispatch_key_changes_with_the_inputs_and_only_with_them(keyed_project):
+    first = finetune_key(keyed_project, "dpsgd")
+    assert finetune_key(keyed_project, "dpsgd") == first
+    assert finetune_key(keyed_project, "nonprivate") != first
+    write_params(keyed_project / "params.yaml", finetune={"lr": 0.02})
+    changed_lr = finetune_key(keyed_project, "dpsgd")
+    assert changed_lr != first
+    # another method's options are not an input of finetune@dpsgd
+    write_params(
+        keyed_project / "params.yaml",
+        finetune={"lr": 0.02},
+        methods={"nonprivate": {}, "dpsgd": {"clip": 1.0}, "auto_s": {}},
+    )
+    assert finetune_key(keyed_project, "dpsgd") == changed_lr
+    (keyed_project / "data/prepared/data_card.json").write_text('{"content_sha256": "b"}')
+    assert finetune_key(keyed_project, "dpsgd") != changed_lr
+    (keyed_project / "data/prepared/data_card.json").write_text('{"content_sha256": "a"}')
+    (keyed_project / "models/base/config.json").write_text('{"n_layer": 2}')
+    assert finetune_key(keyed_project, "dpsgd") != changed_lr
+
+
+def _failed(exc: BaseException):
+    return Failed(data=exc, message=repr(exc))
+
+
+def test_only_transient_failures_are_retried():
+    assert transient(None, None, _failed(RuntimeError("connection reset")))
+    assert transient(None, None, _failed(OSError("disk busy")))
+    assert not transient(None, None, _failed(ConfigError("finetune.lr", "negative", "use > 0")))
+    assert not transient(None, None, _failed(ModelError("x", "no challenger", "register")))
+    stage = PermanentStageError("finetune@dpsgd", 2, "ConfigError", "finetune.lr: ...")
+    assert not transient(None, None, _failed(stage))
+    wrapped = ReproductionError("failed to reproduce 'prepare'")
+    wrapped.__cause__ = stage
+    assert not transient(None, None, _failed(wrapped))
+
+
+def test_a_stage_commands_exit_2_becomes_a_permanent_error_with_its_message(tmp_path, capsys):
+    """The error file is how `dvc repro`'s subprocess tells the task what went wrong."""
+    write_params(tmp_path / "params.yaml", prepare={"n_private": 5})
+    with pytest.raises(PermanentStageError) as raised, _permanent_errors("prepare"):
+        if main(["--root", str(tmp_path), "--no-progress", "prepare"]) != 0:
+            raise RuntimeError("stage command failed")  # what DVC raises, without the reason
+    assert raised.value.exit_code == 2 and raised.value.error == "ConfigError"
+    assert "prepare.n_private" in str(raised.value) and "not retried" in str(raised.value)
+    assert "error: prepare.n_private" in capsys.readouterr().err  # the CLI still prints it
+    # any other failure passes through unchanged (and is retried)
+    with pytest.raises(RuntimeError, match="lock busy"), _permanent_errors("prepare"):
+        raise RuntimeError("lock busy")
+
+
+def test_a_worker_finds_its_checkout_and_store_at_run_time(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root({"PRIVTUNE_ROOT": str(tmp_path)}) == tmp_path.resolve()
+    with pytest.raises(FileNotFoundError, match="PRIVTUNE_ROOT=/path/to/your/checkout"):
+        project_root({"PRIVTUNE_ROOT": str(tmp_path / "elsewhere")})
+    assert (
+        absolute_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    )
+    assert absolute_tracking_uri("sqlite:////srv/m.db", tmp_path) == "sqlite:////srv/m.db"
+    assert absolute_tracking_uri("http://mlflow:5000", tmp_path) == "http://mlflow:5000"
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    from dvc.repo import Repo
+
+    for name in ("dvc.yaml", "profiles.yaml"):
+        shutil.copy(ROOT / name, tmp_path)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(tmp_path / "params.yaml")
+    Repo.init(str(tmp_path), no_scm=True).close()
+    return tmp_path
+
+
+def test_a_profile_builds_in_a_project_of_its_own(checkout):
+    from dvc.repo import Repo
+
+    before = (checkout / "params.yaml").read_text()
+    quick = profiles.project(checkout, "quick", {"finetune.lr": 0.02})
+    assert quick == checkout / "profiles/quick"
+    params = yaml.safe_load((quick / "params.yaml").read_text())
+    assert params["base"]["n_embd"] == 64 and params["finetune"]["device"] == "cpu"
+    assert params["finetune"]["lr"] == 0.02 and params["finetune"]["lora"]["r"] == 4
+    assert params["finetune"]["lora"]["alpha"] == 16  # untouched keys keep their value
+    assert params["registry"]["name"] == "privtune-clinical-notes-quick"
+    assert (checkout / "params.yaml").read_text() == before
+    with Repo(str(quick)) as repo:
+        assert "finetune@dpsgd" in {s.name for s in repo.index.stages}
+    with Repo(str(checkout)) as repo:  # the checkout's own pipeline does not see it
+        assert all(Path(s.path).parent == checkout for s in repo.index.stages)
+    # overrides alone: a project named by their content
+    custom = profiles.project(checkout, None, {"finetune.epochs": 0.5})
+    assert custom.parent == checkout / "profiles" and custom.name.startswith("overrides-")
+
+
+def test_an_unknown_profile_or_key_fails_naming_it(checkout):
+    with pytest.raises(ConfigError, match="no such profile.*quick"):
+        profiles.project(checkout, "tiny", None)
+    with pytest.raises(ConfigError, match="finetune.lrr"):
+        profiles.project(checkout, None, {"finetune.lrr": 0.02})
+
+
+class _Runs:
+    """A Prefect client that knows flow runs by idempotency key (what `_usable_key` asks)."""
+
+    def __init__(self, runs: dict[str, object]) -> None:
+        self.runs = runs
+
+    def read_flow_runs(self, flow_run_filter, deployment_filter):
+        (key,) = flow_run_filter.idempotency_key.any_
+        return [self.runs[key]] if key in self.runs else []
+
+
+def _run(run_id: str, state):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=run_id, state=state)
+
+
+def test_a_keyed_run_is_reused_only_while_it_can_still_give_the_stage(monkeypatch):
+    from prefect.states import Completed, Crashed, Running
+
+    from tasks import dispatch
+
+    current = {"value": True}
+    monkeypatch.setattr(dispatch, "stage_is_current", lambda root, target: current["value"])
+
+    def usable(runs, check_outputs=True):
+        return dispatch._usable_key(_Runs(runs), uuid4(), "k", "/p", "finetune@x", check_outputs)
+
+    assert usable({}) == ("k", None)  # nothing yet: a new run under the inputs' key
+    running = _run("r1", Running())
+    assert usable({"k": running}) == ("k", running)  # a retried pipeline waits for it
+    done = _run("r1", Completed())
+    assert usable({"k": done}) == ("k", done)
+    # changed and changed back: dvc.lock holds the other inputs' model, so not this run
+    current["value"] = False
+    assert usable({"k": done}) == ("k:after-r1", None)
+    assert usable({"k": done}, check_outputs=False) == ("k", done)  # outputs on another machine
+    # a crashed run is passed over; every dispatcher derives the same next key from it
+    again = _run("r2", Completed())
+    current["value"] = True
+    assert usable({"k": _run("r1", Crashed()), "k:after-r1": again}) == ("k:after-r1", again)
