@@ -114,7 +114,16 @@ def finetune(
     tracking.discard_unfinished(root, key)
 
     with tracking.start_run(run_name=name, root=root, key=key) as run:
-        run.set_tags({"stage": "finetune", "method": method, "entry": name})
+        run.set_tags(
+            {
+                "stage": "finetune",
+                "method": method,
+                "entry": name,
+                tracking.NOTE_TAG: tracking.finetune_note(
+                    name, method, f.epsilon if private else None
+                ),
+            }
+        )
         run.log_params(
             {
                 "method": method,
@@ -165,7 +174,8 @@ def finetune(
             }
             if gaussian:  # z means nothing for Laplace-mixture noise
                 metrics["noise_multiplier"] = plan.calibrated_noise
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        # Final values at the last step, so no curve jumps back to step 0 (tracking.py).
+        run.log_metrics(tracking.final_metrics(metrics), step=max(0, result.steps_taken - 1))
 
         with io.atomic_dir(root / MODELS_DIR / name) as out:
             model.save_pretrained(out / "adapter")
