@@ -130,8 +130,6 @@ def test_registered_model_loads_and_generates_with_one_call(project):
 
 def _card(project, name: str, version: str) -> tuple[dict, str]:
     """The version's model card: JSON at the root of its logged model, and its markdown."""
-    import mlflow
-
     mv = client(project).get_model_version(name, version)
     location = client(project).get_logged_model(mv.source.removeprefix("models:/"))
     root = Path(location.artifact_location.removeprefix("file://"))
@@ -281,7 +279,7 @@ def test_promotion_gates_history_and_rollback(project):
     description = mlflow_client.get_model_version(name, "2").description
     first = description.splitlines()[0]
     assert first.startswith("**worse** (dpsgd)") and "**REFUSED**: utility: " in first
-    assert description.count("Promotion gates, judged") == 1
+    assert description.count("**Promotion gates**, judged") == 1
     assert description.count("**REFUSED**") == 1
     assert "| utility | **FAIL** | 60 | 50 | -10 |" in description
     assert len(mlflow_client.get_model_version(name, "2").tags) <= 20

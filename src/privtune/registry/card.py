@@ -315,7 +315,7 @@ def gate_report(decision: Decision, when: str) -> str:
     """The gate table of one promotion decision, in markdown (replaces the previous one)."""
     before = f"v{decision.champion_before}" if decision.champion_before else "none"
     lines = [
-        f"#### Promotion gates, judged {when} (champion before: {before})",
+        f"**Promotion gates**, judged {when} (champion before: {before})",
         "",
         "| gate | result | value | threshold | margin | detail |",
         "|---|---|---|---|---|---|",

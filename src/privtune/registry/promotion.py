@@ -235,17 +235,18 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:
         mlflow_client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)
     )
     champion = _alias(mlflow_client, name, CHAMPION)
+    refused = [v for v in versions if v.tags.get("promotion.decision") == "refused"]
+    waiting = [v for v in versions if "promotion.decision" not in v.tags]
     if champion is not None:
         tags = dict(champion.tags)
         why = tags.get("promotion.reason", "promoted before reasons were recorded")
         head = (
             f"**Champion: v{champion.version} ({tags.get('method', '?')})**, promoted "
-            f"{tags.get('promotion.time', '')}: {why}."
+            f"{tags.get('promotion.time', '')}: {why}. Of the {len(versions)} versions, "
+            f"{len(refused)} were refused and {len(waiting)} are not yet judged."
         )
         who, summary = f"v{champion.version}", f"v{champion.version}: {why}"
     else:
-        refused = [v for v in versions if v.tags.get("promotion.decision") == "refused"]
-        waiting = [v for v in versions if "promotion.decision" not in v.tags]
         reasons = "; ".join(
             f"v{v.version} ({v.tags.get('method', '?')}): {v.tags.get('promotion.reason', '')}"
             for v in refused[:MAX_LISTED]

@@ -226,7 +226,7 @@ def card_section(card: dict[str, Any]) -> str:
     """The part of a version's description that points at its model card."""
     model = card["model"]
     return (
-        "#### Privacy model card\n\n"
+        "**Privacy model card**\n\n"
         "`model_card.md` (to read) and `model_card.json` (for tools), at the root of this "
         "version's model artifacts and inside the pyfunc (`artifacts/model_card/`): the "
         "contract, the data hash and size, the accountant and ledger, every attack with its "
@@ -300,11 +300,19 @@ def _logged_model(
 def _attach_results(root: Path, entry: str, run: Any, model_id: str, step: int) -> None:
     """The run's metrics at its last step become the logged model's (as MLflow does for a
     model logged inside a run); the evaluation and attack results join both, at that step,
-    utility under its own names and attacks under `attack.`; the ROC plot joins both too."""
+    utility under its own names and attacks under `attack.`; the ROC plot joins both too. A
+    run trained before runs carried their metric glossary gets it now (a tag: the run stays
+    closed)."""
     from mlflow.entities import Metric
 
     mlflow_client = client(root)
     run_id = run.info.run_id
+    if tracking.NOTE_TAG not in run.data.tags:  # a run trained before runs were described
+        metrics = _model_info(root, entry).get("metrics", {})
+        note = tracking.finetune_note(
+            entry, str(metrics.get("method")), metrics.get("target_epsilon")
+        )
+        mlflow_client.set_tag(run_id, tracking.NOTE_TAG, note)
     at_step = [
         Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
         for key in run.data.metrics
