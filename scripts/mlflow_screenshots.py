@@ -237,7 +237,7 @@ def pages(ui: Ui, name: str, version: str | None) -> dict[str, Page]:
     return {
         "mlflow-model-version.png": (
             f"{ui.base}/#/models/{quote(name)}/versions/{version}",
-            (1400, 1600),
+            (1400, 1250),
             f"{text}('Privacy model card')",
         ),
         "mlflow-epsilon-chart.png": (
@@ -259,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/img"))
     parser.add_argument("--name", default=REGISTERED_MODEL, help="registered model")
     parser.add_argument("--version", help="model version to show (default: the champion)")
+    parser.add_argument(
+        "--pages",
+        nargs="+",
+        choices=["model-version", "epsilon-chart", "runs-headline"],
+        help="only these (default: all)",
+    )
     args = parser.parse_args(argv)
     project = args.project.resolve()
     if not (project / "mlflow.db").is_file():
@@ -269,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         browser = Browser()
         for file, (url, size, ready) in pages(ui, args.name, args.version).items():
+            if args.pages and file.removeprefix("mlflow-").removesuffix(".png") not in args.pages:
+                continue
             browser.screenshot(url, args.out / file, size, ready)
             print(f"{args.out / file}  <-  {url}")
     finally:

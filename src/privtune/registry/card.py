@@ -308,7 +308,11 @@ def verdict_line(card: Mapping[str, Any], gates: Gates, decision: str) -> str:
 
 
 def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.6g}"
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _pairs(mapping: Mapping[str, Any] | None) -> str:
+    return "–" if not mapping else ", ".join(f"{k} {v}" for k, v in mapping.items())
 
 
 def gate_report(decision: Decision, when: str) -> str:
@@ -322,9 +326,12 @@ def gate_report(decision: Decision, when: str) -> str:
     ]
     for g in decision.gates:
         result = "pass" if g.passed else "**FAIL**"
+        # A threshold gate's reason only repeats its numbers; the others say what they compared.
+        plain = g.gate != "utility" and g.value is not None and g.threshold is not None
+        detail = "" if plain else g.reason.replace("|", "/")
         lines.append(
             f"| {g.gate} | {result} | {_cell(g.value)} | {_cell(g.threshold)} | "
-            f"{_cell(g.margin)} | {g.reason.replace('|', '/')} |"
+            f"{_cell(g.margin)} | {detail} |"
         )
     return "\n".join(lines)
 
@@ -356,7 +363,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "## Data",
         "",
         f"- Content hash (sha256) {data['content_sha256']}, source `{data['source']}`.",
-        f"- Records per split: {data['split_records']}; records in training: "
+        f"- Records per split: {_pairs(data['split_records'])}; records in training: "
         f"{data['training_records']} (with {data['audit_gradient_canaries']} white-box audit "
         "gradient canaries, each included with probability ½).",
         "",
@@ -370,7 +377,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         z = ledger.get("noise_multiplier") or {}
         clip = ledger.get("clip_threshold") or {}
         lines.append(
-            f"- {ledger['steps']} noisy steps ({ledger.get('mechanisms')}), "
+            f"- {ledger['steps']} noisy steps ({_pairs(ledger.get('mechanisms'))}), "
             f"{ledger.get('noise_segments')} noise level(s): z first {_g(z.get('first'))}, "
             f"last {_g(z.get('last'))}, range [{_g(z.get('min'))}, {_g(z.get('max'))}]; "
             f"clipping thresholds [{_g(clip.get('min'))}, {_g(clip.get('max'))}]."
@@ -405,7 +412,10 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "| canaries | exposure mean | exposure max | extraction greedy | extraction sampled |",
         "|---|---|---|---|---|",
     ]
-    groups = sorted(set(canaries["exposure_bits"]) | set(canaries["extraction_rate"]))
+    groups = sorted(
+        set(canaries["exposure_bits"]) | set(canaries["extraction_rate"]),
+        key=lambda g: (g == "held_out", int(g[1:]) if g[1:].isdigit() else 0),
+    )
     for group in groups:
         e = canaries["exposure_bits"].get(group, {})
         x = canaries["extraction_rate"].get(group, {})
@@ -433,7 +443,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
                     f"{_g(a.get('epsilon_lower_bound'), '{:.4f}')}."
                 )
     gates = card["gates"]
-    lines += ["", "## Gates at registration", "", f"Policy: `{gates['policy']}`.", ""]
+    lines += ["", "## Gates at registration", "", f"Policy: {_pairs(gates['policy'])}.", ""]
     for g in gates["at_registration"]:
         lines.append(f"- {'pass' if g['passed'] else 'FAIL'} {g['gate']}: {g['reason']}")
     lines.append(f"- utility: {gates['utility']}.")

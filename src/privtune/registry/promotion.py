@@ -7,8 +7,11 @@ registry itself is the audit trail; `rollback` walks a history kept on the regis
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,6 +185,20 @@ def _history(mlflow_client: Any, name: str) -> list[str]:
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _version_card(mlflow_client: Any, version: Any, uri: str) -> dict[str, Any]:
     """The version's model card (JSON, at the root of its logged model's artifacts), or, for a
     version registered before cards existed, the little its tags tell."""
@@ -189,9 +206,10 @@ def _version_card(mlflow_client: Any, version: Any, uri: str) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar
     try:
         location = mlflow_client.get_logged_model(model_id).artifact_location
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _environ(quiet):
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{location.rstrip('/')}/{CARD_JSON}",
                 dst_path=tmp,
@@ -243,7 +261,8 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:
         head = (
             f"**Champion: v{champion.version} ({tags.get('method', '?')})**, promoted "
             f"{tags.get('promotion.time', '')}: {why}. Of the {len(versions)} versions, "
-            f"{len(refused)} were refused and {len(waiting)} are not yet judged."
+            f"{len(refused)} {'was' if len(refused) == 1 else 'were'} refused and "
+            f"{len(waiting)} {'is' if len(waiting) == 1 else 'are'} not yet judged."
         )
         who, summary = f"v{champion.version}", f"v{champion.version}: {why}"
     else:
