@@ -66,8 +66,12 @@ bench-methods: install
 lint: install
 	$(BIN)/ruff check src tests tasks flows benchmarks
 
+# MLflow 3 opens experiments in its GenAI view: the printed link opens the model-training view
+# with the headline columns (a saved view the pipeline puts on the experiment).
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+	@echo "Runs, headline view: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=privtune-headline"
+	@echo "Registered model:    http://127.0.0.1:5000/#/models/privtune-clinical-notes"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf data/prepared models metrics plots reports mlflow.db mlruns profiles

@@ -5,11 +5,13 @@ same stages."""
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,3 +238,192 @@ def test_default_dvc_remote_push_and_pull(built):
     shutil.rmtree(project / ".dvc/cache")  # so the outputs can only come from the remote
     _sh(project, "dvc", "pull", "finetune@dpsgd")
     assert adapter.read_text() == expected
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Server:
+    """`mlflow server` on 127.0.0.1 over the project's store, read as a browser would."""
+
+    def __init__(self, project: Path) -> None:
+        import time
+        import urllib.request
+
+        self.base = f"http://127.0.0.1:{_free_port()}"
+        port = self.base.rsplit(":", 1)[1]
+        self.log = open(project / "mlflow-server.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{project}/mlflow.db",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--workers",
+                "1",
+            ],
+            cwd=project,
+            env=_env(project),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=2):
+                    return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log = (project / "mlflow-server.log").read_text()[-3000:]
+                    raise AssertionError(f"mlflow server did not start:\n{log}") from None
+                time.sleep(0.5)
+
+    def get(self, route: str, **query: str) -> Any:
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.base}/{route}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, body: dict) -> Any:
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.base}/{route}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+VERDICT = re.compile(r"^\*\*\w+\*\* \(\w+\) · ε .* · δ .* · MIA AUC .* · (audit|no audit)")
+
+
+def test_reviewer_reads_the_store_through_the_rest_api(built):
+    """After the pipeline and promoting every version twice: epsilon charts monotone in step,
+    one verdict line and one gate report per version, a dozen headline tags, the model card on
+    each version consistent with metrics/, runs as long as their training, the experiment typed
+    for training with its headline view, and the registered model naming its champion."""
+    project, _ = built
+    registered = json.loads((project / "reports/registered.json").read_text())
+    for _ in range(2):
+        for entry in ["nonprivate", "dpsgd"]:
+            judged = subprocess.run(
+                [str(Path(sys.executable).parent / "privtune"), "promote", "--version"]
+                + [str(registered[entry]["version"])],
+                cwd=project,
+                env=_env(project),
+                capture_output=True,
+                text=True,
+            )
+            expected = {1} if entry == "nonprivate" else {0, 1, 2}  # 2: already the champion
+            assert judged.returncode in expected, judged.stderr
+    server = _Server(project)
+    try:
+        experiment = server.get(
+            "api/2.0/mlflow/experiments/get-by-name", experiment_name="privtune"
+        )["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "mlflow.sharedViewState.privtune-headline" in tags
+        assert tags["mlflow.note.content"].startswith("**privtune")
+        runs = server.post(
+            "api/2.0/mlflow/runs/search",
+            {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.stage = 'finetune'"},
+        )["runs"]
+        by_name = {r["info"]["run_name"]: r for r in runs}
+        assert set(by_name) == {"nonprivate", "dpsgd"}
+        dpsgd = by_name["dpsgd"]
+        history = server.get(
+            "api/2.0/mlflow/metrics/get-history",
+            run_id=dpsgd["info"]["run_id"],
+            metric_key="epsilon",
+        )["metrics"]
+        ordered = sorted(history, key=lambda m: (int(m["step"]), int(m["timestamp"])))
+        values = [m["value"] for m in ordered]
+        assert len(values) > 2 and values == sorted(values), values
+        steps = json.loads((project / "metrics/finetune-dpsgd.json").read_text())["steps"]
+        assert int(ordered[-1]["step"]) == steps - 1
+        run_notes = {t["key"]: t["value"] for t in dpsgd["data"]["tags"]}["mlflow.note.content"]
+        assert "`epsilon_rdp_looser_bound`" in run_notes
+
+        name = "privtune-clinical-notes"
+        versions = server.get("api/2.0/mlflow/model-versions/search", filter=f"name='{name}'")[
+            "model_versions"
+        ]
+        assert len(versions) == 2
+        for version in versions:
+            number = int(version["version"])
+            entry = next(e for e, r in registered.items() if r["version"] == number)
+            lines = version["description"].splitlines()
+            assert VERDICT.match(lines[0]) and lines[0].startswith(f"**{entry}**"), lines[0]
+            assert sum(1 for line in lines if VERDICT.match(line)) == 1
+            assert version["description"].count("**Promotion gates**, judged") == 1
+            assert len(version.get("tags", [])) <= 20
+            # Runs were not reopened: training ended before its version was created.
+            run = next(r for r in runs if r["info"]["run_id"] == version["run_id"])
+            assert int(run["info"]["end_time"]) <= int(version["creation_timestamp"])
+
+            card = server.get(
+                "model-versions/get-artifact",
+                path="model_card.json",
+                name=name,
+                version=version["version"],
+            )
+            inside = server.get(
+                "model-versions/get-artifact",
+                path="artifacts/model_card/model_card.json",
+                name=name,
+                version=version["version"],
+            )
+            assert card == inside
+            metrics = {
+                stage: json.loads((project / f"metrics/{stage}-{entry}.json").read_text())
+                for stage in ("finetune", "evaluate", "attack")
+            }
+            contract = card["contract"]
+            assert contract["epsilon"] == metrics["finetune"].get("epsilon")
+            assert contract["delta"] == metrics["finetune"].get("delta")
+            assert card["utility"]["test_perplexity"] == metrics["evaluate"]["test_perplexity"]
+            membership = card["attacks"]["membership"]
+            assert membership["best_auc"] == metrics["attack"]["mia_auc_max"]
+            assert membership["members"] == metrics["attack"]["mia_members"]
+            for score, found in membership["scores"].items():
+                assert found["auc_ci_low"] == metrics["attack"][f"mia_{score}_auc_ci_low"]
+            audit = card["audit"]
+            assert audit["epsilon_lower_bound"] == metrics["attack"]["audit_epsilon_lower_bound"]
+            assert audit["whitebox"]["m"] == metrics["attack"]["audit_whitebox_m"]
+            assert f"{membership['members']} members" in lines[0]
+
+        model = server.get("api/2.0/mlflow/registered-models/get", name=name)["registered_model"]
+        model_tags = {t["key"]: t["value"] for t in model["tags"]}
+        champion = {a["alias"]: a["version"] for a in model.get("aliases", [])}.get("champion")
+        if champion is None:
+            assert model["description"].startswith("**No champion.**")
+            assert model_tags["champion"] == "none"
+        else:
+            assert model["description"].startswith(f"**Champion: v{champion} (dpsgd)**")
+            assert model_tags["champion"] == f"v{champion}"
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -28,7 +29,26 @@ from privtune.registry import (
 from privtune.registry.promotion import HISTORY_TAG, PREVIOUS
 from privtune.registry.register import KEY_TAG, _logged_model, client
 
-SAFE_ATTACK = {"mia_auc_max": 0.52, "mia_tpr_at_fpr_0.01_max": 0.012, "exposure_r4_mean": 1.1}
+SAFE_ATTACK = {
+    "mia_auc_max": 0.52,
+    "mia_tpr_at_fpr_0.01_max": 0.012,
+    "mia_loss_auc": 0.52,
+    "mia_loss_auc_ci_low": 0.44,
+    "mia_loss_auc_ci_high": 0.6,
+    "mia_loss_tpr_at_fpr_0.01": 0.012,
+    "mia_members": 83,
+    "mia_non_members": 83,
+    "exposure_r4_mean": 1.1,
+    "audit_whitebox_m": 64,
+    "audit_whitebox_guesses": 20,
+    "audit_whitebox_correct": 12,
+}
+# Two noise levels over three steps (a budget-paced schedule), one clipping threshold.
+LEDGER = [
+    {"step": i, "sample_rate": 0.05, "noise_multiplier": z, "clip_thresholds": [1.0]}
+    | {"noise_stds": [z], "batch_size": 25, "mechanism": "gaussian"}
+    for i, z in enumerate([1.1, 1.1, 0.9])
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +88,15 @@ def add_entry(
     attach_lora(model, LoraParams(r=2), seed=seed).save_pretrained(root / f"models/{entry}/adapter")
     with tracking.start_run(run_name=entry, root=root) as run:
         run_id = run.run_id
+        run.log_metrics({"loss": 3.0}, step=29)  # the last step of the 30 below
     metrics: dict = {"method": "dpsgd", "private": epsilon is not None, "steps": 30}
     metrics["sample_rate"] = 0.05
     if epsilon is not None:
         metrics |= {"epsilon": epsilon, "target_epsilon": 4.0, "delta": 1e-5, "accountant": "prv"}
-    info = {"entry": entry, "method": "dpsgd", "run_id": run_id, "metrics": metrics}
+        metrics |= {"epsilon_rdp": epsilon * 1.2, "mechanism": "gaussian"}
+        io.write_json(root / f"models/{entry}/ledger.json", {"version": 1, "entries": LEDGER})
+    plan = {"n_records": 500, "steps": 30}
+    info = {"entry": entry, "method": "dpsgd", "run_id": run_id, "metrics": metrics, "plan": plan}
     io.write_json(root / f"models/{entry}/finetune.json", info)
     attack = dict(SAFE_ATTACK if attack is None else attack)
     if audit is not None:
@@ -104,7 +128,17 @@ def test_registered_model_loads_and_generates_with_one_call(project):
     assert loaded.predict(["fever"], params=sampled) == loaded.predict(["fever"], params=sampled)
 
 
-def test_version_carries_contract_evidence_and_provenance(project):
+def _card(project, name: str, version: str) -> tuple[dict, str]:
+    """The version's model card: JSON at the root of its logged model, and its markdown."""
+    mv = client(project).get_model_version(name, version)
+    location = client(project).get_logged_model(mv.source.removeprefix("models:/"))
+    root = Path(location.artifact_location.removeprefix("file://"))
+    return json.loads((root / "model_card.json").read_text()), (root / "model_card.md").read_text()
+
+
+def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
+    import mlflow
+
     run_id = add_entry(project, "tagged", perplexity=42.0, seed=1)
     lock = {
         "stages": {
@@ -115,24 +149,72 @@ def test_version_carries_contract_evidence_and_provenance(project):
         }
     }
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    mlflow_client = client(project)
+    end_before = mlflow_client.get_run(run_id).info.end_time
     try:
-        version = register("tagged", "clinical-tags", project)
+        version = register("tagged", "clinical-tags", project, confidence=0.95)
     finally:
         (project / "dvc.lock").unlink()
-    tags = client(project).get_model_version("clinical-tags", version.version).tags
+    mv = mlflow_client.get_model_version("clinical-tags", version.version)
+    tags = mv.tags
+    # About a dozen headline tags: the gates' inputs, the contract, data and code.
+    assert len(tags) <= 15, sorted(tags)
     assert float(tags["epsilon"]) == 4.0 and float(tags["delta"]) == 1e-5
-    assert tags["accountant"] == "prv" and tags["steps"] == "30" and tags["method"] == "dpsgd"
+    assert tags["accountant"] == "prv" and tags["method"] == "dpsgd"
     assert float(tags["attack.mia_auc_max"]) == 0.52
     assert float(tags["utility.test_perplexity"]) == 42.0
-    assert tags["data_sha256"] == "c0ffee"
-    assert tags["dvc.outs_md5"] == "bb.dir" and len(tags["dvc.deps_md5"]) == 32
-    assert tags["finetune_run_id"] == run_id and tags[KEY_TAG].startswith(run_id)
-    assert "git_commit" in tags
-    # The pyfunc was logged into the fine-tuning run itself.
-    assert client(project).get_model_version("clinical-tags", version.version).run_id == run_id
+    assert tags["data_sha256"] == "c0ffee" and "git_commit" in tags
+    assert tags[KEY_TAG].startswith(run_id) and mv.run_id == run_id
+    assert not any(k.startswith("gate.") or k.startswith("dvc.") for k in tags)
+
+    # The description opens with the one-line verdict, counts included.
+    first, rest = mv.description.split("\n", 1)
+    assert first.startswith("**tagged** (dpsgd) · ε 4.000 / 4 (PRV) · δ 1e-05")
+    assert "test perplexity 42" in first and "MIA AUC 0.52" in first
+    assert "83 members vs 83 non-members" in first and "audit ε ≥ 0.500" in first
+    assert "not yet judged" in first and "Privacy model card" in rest
+
+    # The card: on the version's model, inside the pyfunc, and equal to the stages' files.
+    card, text = _card(project, "clinical-tags", version.version)
+    metrics = io.read_json(project / "metrics/attack-tagged.json")
+    assert card["contract"]["epsilon"] == 4.0 and card["contract"]["accountant"] == "prv"
+    assert card["contract"]["epsilon_rdp_looser_bound"] == pytest.approx(4.8)
+    assert card["data"] == card["data"] | {"content_sha256": "c0ffee", "training_records": 500}
+    assert card["ledger"]["steps"] == 3 and card["ledger"]["noise_segments"] == 2
+    assert card["ledger"]["noise_multiplier"] == {"first": 1.1, "last": 0.9, "min": 0.9, "max": 1.1}
+    membership = card["attacks"]["membership"]
+    assert (membership["members"], membership["non_members"]) == (83, 83)
+    assert membership["scores"]["loss"]["auc_ci_low"] == metrics["mia_loss_auc_ci_low"]
+    assert card["audit"]["epsilon_lower_bound"] == metrics["audit_epsilon_lower_bound"]
+    assert card["audit"]["whitebox"] == {"m": 64, "guesses": 20, "correct": 12}
+    assert card["audit"]["confidence"] == 0.95
+    assert card["utility"]["test_perplexity"] == 42.0
+    assert card["model"]["dvc.outs_md5"] == "bb.dir" and len(card["model"]["dvc.deps_md5"]) == 32
+    assert card["model"]["finetune_run_id"] == run_id
+    assert {g["gate"] for g in card["gates"]["at_registration"]} == {
+        "epsilon",
+        "delta",
+        "mia_auc",
+        "mia_tpr_at_fpr_0.01",
+        "audit",
+    }
+    assert "## Membership inference" in text and "| loss | 0.52 | [0.44, 0.6] |" in text
+    loaded = mlflow.pyfunc.load_model(f"models:/clinical-tags/{version.version}")
+    assert loaded.unwrap_python_model().model_card == card
+
+    # Results joined the run without reopening it, at its last step, and the logged model.
+    run = mlflow_client.get_run(run_id)
+    assert run.info.end_time == end_before
+    history = mlflow_client.get_metric_history(run_id, "test_perplexity")
+    assert [(m.step, m.value) for m in history] == [(29, 42.0)]
+    assert run.data.metrics["attack.mia_auc_max"] == 0.52
+    logged = mlflow_client.get_logged_model(mv.source.removeprefix("models:/"))
+    on_model = {m.key: m.value for m in logged.metrics}
+    assert on_model["test_perplexity"] == 42.0 and on_model["loss"] == 3.0
+    assert len(mlflow_client.get_metric_history(run_id, "loss")) == 1  # copied, not duplicated
 
 
-def test_registering_twice_reuses_the_version(project):
+def test_registering_twice_reuses_the_version(project, tmp_path):
     add_entry(project, "twice", seed=2)
     first = register("twice", "clinical-twice", project)
     second = register("twice", "clinical-twice", project)
@@ -142,12 +224,20 @@ def test_registering_twice_reuses_the_version(project):
     # A retry after a crash between logging and registering reuses the logged pyfunc.
     add_entry(project, "retry", seed=10)
     key = version_tags(project, "retry")[KEY_TAG]
-    uri, _ = _logged_model(project, "retry", key.split(":")[0], key)
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "model_card.json").write_text("{}")
+    uri, _ = _logged_model(project, "retry", key.split(":")[0], key, card, 29)
     retried = register("retry", "clinical-twice", project)
     assert client(project).get_model_version("clinical-twice", retried.version).source == uri
+    # New evidence for the same adapter (another attack result) is a new version: its card
+    # ships inside the model and cannot change.
+    attack = io.read_json(project / "metrics/attack-twice.json")
+    io.write_json(project / "metrics/attack-twice.json", attack | {"mia_auc_max": 0.53})
+    assert register("twice", "clinical-twice", project).version == "3"
     # A new adapter in the same run is a new model: a new version.
     add_entry(project, "twice", seed=3)
-    assert register("twice", "clinical-twice", project).version == "3"
+    assert register("twice", "clinical-twice", project).version == "4"
 
 
 def test_model_from_another_store_is_a_clear_error(project):
@@ -164,6 +254,9 @@ def test_promotion_gates_history_and_rollback(project):
     mlflow_client = client(project)
     add_entry(project, "first", perplexity=50.0, seed=4)
     register("first", name, project)
+    model = mlflow_client.get_registered_model(name)
+    assert model.description.startswith("**No champion.** 1 version registered; 1 not yet")
+    assert model.tags["champion"] == "none"
     decision = promote(name, root=project)
     assert decision.promoted and decision.champion_before is None
     utility = next(g for g in decision.gates if g.gate == "utility")
@@ -180,8 +273,19 @@ def test_promotion_gates_history_and_rollback(project):
     assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     tags = mlflow_client.get_model_version(name, "2").tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.failed"] == "utility"
-    assert float(tags["gate.utility.margin"]) == pytest.approx(-10.0)
-    assert "REFUSED" in mlflow_client.get_model_version(name, "2").description
+    assert "60 vs champion v1 50" in tags["promotion.reason"]
+    # Judged again: the description is rebuilt, never appended to.
+    assert not promote(name, root=project, version="2").promoted
+    description = mlflow_client.get_model_version(name, "2").description
+    first = description.splitlines()[0]
+    assert first.startswith("**worse** (dpsgd)") and "**REFUSED**: utility: " in first
+    assert description.count("**Promotion gates**, judged") == 1
+    assert description.count("**REFUSED**") == 1
+    assert "| utility | **FAIL** | 60 | 50 | -10 |" in description
+    assert len(mlflow_client.get_model_version(name, "2").tags) <= 20
+    model = mlflow_client.get_registered_model(name)
+    assert model.description.startswith("**Champion: v1 (dpsgd)**")
+    assert "all 6 gates hold" in model.description and model.tags["champion"] == "v1"
 
     add_entry(project, "better", perplexity=40.0, seed=6)
     register("better", name, project)
@@ -195,6 +299,7 @@ def test_promotion_gates_history_and_rollback(project):
     back = rollback(name, root=project)
     assert (back.from_version, back.to_version) == ("3", "1")
     assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert mlflow_client.get_registered_model(name).tags["champion"] == "v1"
     with pytest.raises(ModelError, match="no previous champion"):
         rollback(name, root=project)
     with pytest.raises(ModelError, match="no such registered model"):
@@ -228,10 +333,18 @@ def test_missing_metrics_and_broken_contracts_fail_their_gates(project):
 def test_non_private_model_has_infinite_epsilon_and_is_refused(project):
     add_entry(project, "open", epsilon=None, seed=9)
     tags = version_tags(project, "open")
-    assert math.isinf(float(tags["epsilon"])) and tags["private"] == "False"
-    register("open", "clinical-open", project)
+    assert math.isinf(float(tags["epsilon"])) and "delta" not in tags
+    version = register("open", "clinical-open", project)
+    card, _ = _card(project, "clinical-open", version.version)
+    assert card["contract"]["private"] is False and card["contract"]["epsilon"] is None
+    assert card["ledger"] is None
     failed = {g.gate for g in promote("clinical-open", root=project).failed}
     assert {"epsilon", "delta"} <= failed
+    mv = client(project).get_model_version("clinical-open", version.version)
+    assert "ε ∞ (not private)" in mv.description.splitlines()[0]
+    model = client(project).get_registered_model("clinical-open")
+    assert model.description.startswith("**No champion.** 1 version registered; 1 refused")
+    assert "epsilon: inf > 8" in model.description
 
 
 @given(

@@ -8,9 +8,11 @@ files we choose are logged: never record text.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,139 @@ def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
         # Artifacts beside the store's file, not under whichever directory the first run
         # happened to start in (MLflow's default): every stage and worker finds them.
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    experiment_id = mlflow.create_experiment(name, artifact_location=location)
+    describe_experiment(mlflow.MlflowClient(), experiment_id)
+    return experiment_id
+
+
+# -- what a reviewer reads in the UI ---------------------------------------------------------
+
+NOTE_TAG = "mlflow.note.content"  # the markdown description MLflow shows on runs and experiments
+# MLflow 3 opens experiments in its GenAI view unless told otherwise. MLflow 3.17's UI reads
+# the view from `?workflowType=machine_learning` (or its sidebar switch, kept in the browser);
+# the experiment kind tag is what the UI's own "Machine learning" choice writes, kept so the
+# experiment is typed for model training wherever MLflow reads it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved view of the runs table (the UI's "Views" menu and ?viewStateShareKey=<id>): MLflow
+# has no per-experiment default columns, so the headline columns are chosen here.
+SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+HEADLINE_VIEW = "privtune-headline"
+HEADLINE_COLUMNS = (
+    "params.`method`",
+    "metrics.`epsilon`",
+    "metrics.`target_epsilon`",
+    "params.`delta`",
+    "metrics.`test_perplexity`",
+    "metrics.`attack.mia_auc_max`",
+    "metrics.`attack.mia_tpr_at_fpr_0.01_max`",
+    "metrics.`attack.audit_epsilon_lower_bound`",
+)
+
+# Final values of a fine-tuning run, by the name MLflow shows (finetune.json keeps its own
+# names). They are logged at the run's last step, so a per-step curve of the same name
+# (epsilon) ends at its final value instead of jumping back to step 0; a final value that
+# means something else than the per-step series gets its own name.
+FINAL_METRIC_NAMES = {
+    "epsilon": "epsilon",
+    "epsilon_rdp": "epsilon_rdp_looser_bound",
+    "target_epsilon": "target_epsilon",
+    "delta": "delta",
+    "sample_rate": "sample_rate",
+    "valid_perplexity": "valid_perplexity",
+    "noise_multiplier": "noise_multiplier_calibrated",
+}
+
+METRIC_GLOSSARY = """\
+| metric | what it is |
+|---|---|
+| `epsilon` | ε spent after each step, by the run's accountant (`finetune.accountant`; RDP for \
+LMO steps): an upper bound. Its last point, at the last step, is the run's final ε. |
+| `target_epsilon`, `delta` | the contract: the ε the run may spend at most, and its δ. |
+| `epsilon_rdp_looser_bound` | the same ledger converted through RDP: a looser upper bound, \
+shown for comparison only (the claim is `epsilon`). |
+| `noise_multiplier` | each step's effective noise multiplier z (per step). |
+| `noise_multiplier_calibrated` | the constant z that spends the target over the planned \
+steps (what a fixed-noise method uses). |
+| `loss`, `valid_loss` | training loss of the step's batch, and validation loss on \
+`finetune.eval_records` records (nats per token, per step). |
+| `valid_perplexity` | perplexity on the whole validation split after training. |
+| `test_perplexity`, `medication_accuracy` | utility on the test split (`evaluate` stage). |
+| `attack.mia_auc_max`, `attack.mia_tpr_at_fpr_0.01_max` | the strongest of the four \
+membership-inference scores: ROC AUC (0.5 = chance) and true-positive rate at 1 % false \
+positives (0.01 = chance). |
+| `attack.audit_epsilon_lower_bound` | the one-run audit's lower bound on ε (white-box \
+gradient canaries and black-box text canaries, the larger); it must stay at or below \
+`epsilon`. |
+
+Evaluation and attack results are attached by the `register` stage at the last training step;
+the registered version's description and its privacy model card (`model_card.md`) give the
+verdict."""
+
+EXPERIMENT_NOTE = f"""\
+**privtune: differentially private LoRA fine-tuning.** One run per method entry of \
+`params.yaml: methods` (run name = entry, e.g. `dpsgd`), all at the same target (ε, δ), plus a \
+`report` run with every method side by side.
+
+Headline columns: open **Views → privacy headline** (method, ε spent and target, δ, test \
+perplexity, best membership-inference AUC and TPR at 1 % FPR, audit lower bound). The verdict \
+on each model (promoted or refused, and why) is on its version of the registered model.
+
+{METRIC_GLOSSARY}"""
+
+
+def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The floats of a run's final metrics under the names MLflow shows (FINAL_METRIC_NAMES);
+    other numbers keep their names, flags and labels are left out."""
+    return {
+        FINAL_METRIC_NAMES.get(key, key): float(value)
+        for key, value in metrics.items()
+        if isinstance(value, float)
+    }
+
+
+def finetune_note(name: str, method: str, target_epsilon: float | None) -> str:
+    """A fine-tuning run's description: what it trained and what its headline metrics mean."""
+    contract = (
+        f"under the target ε = {target_epsilon:g} (δ is a parameter of the run)"
+        if target_epsilon is not None
+        else "without differential privacy (no ε: the utility ceiling)"
+    )
+    return f"Fine-tuning of entry `{name}` (method `{method}`) {contract}.\n\n{METRIC_GLOSSARY}"
+
+
+def headline_view_state() -> dict[str, Any]:
+    """The runs-table state MLflow's UI restores for the headline view (columns only)."""
+    return {"selectedColumns": list(HEADLINE_COLUMNS)}
+
+
+def describe_experiment(client: Any, experiment_id: str) -> None:
+    """Description, model-training kind and the headline view on the experiment; tags already
+    holding the same content are left alone (a view keeps its creation time)."""
+    tags = dict(client.get_experiment(experiment_id).tags)
+    wanted = {NOTE_TAG: EXPERIMENT_NOTE, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    view_tag = SAVED_VIEW_TAG_PREFIX + HEADLINE_VIEW
+    state = json.dumps(headline_view_state(), sort_keys=True)
+    try:
+        current_state = json.loads(tags[view_tag])["state"]
+    except (KeyError, ValueError, TypeError):
+        current_state = None
+    if current_state != state:
+        now = int(time.time() * 1000)
+        envelope = {"name": "privacy headline", "createdAt": now, "updatedAt": now}
+        wanted[view_tag] = json.dumps(envelope | {"state": state})
+    for key, value in wanted.items():
+        if tags.get(key) != value:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def headline_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The runs table in MLflow's model-training view with the headline columns."""
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={HEADLINE_VIEW}"
+    )
+
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -143,6 +277,28 @@ def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> i
     for run in stale:
         client.delete_run(run.info.run_id)
     return len(stale)
+
+
+def attach_metrics(
+    root: str | Path,
+    run_id: str,
+    metrics: Mapping[str, float],
+    step: int,
+    model_id: str | None = None,
+) -> None:
+    """Log metrics onto a finished run (and its logged model) through the client API: the run
+    stays closed, so its duration remains the training's. Non-finite values are left out, as
+    in RunTracker.log_metrics."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(key.replace("/", "."), float(value), now, step, model_id=model_id)
+        for key, value in metrics.items()
+        if math.isfinite(value)
+    ]
+    if batch:
+        _client(root).log_batch(run_id, metrics=batch)
 
 
 def download_run_artifacts(root: str | Path, run_id: str, destination: str | Path) -> Path:

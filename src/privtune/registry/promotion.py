@@ -7,7 +7,11 @@ registry itself is the audit trail; `rollback` walks a history kept on the regis
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,16 +19,29 @@ from typing import Any
 
 from privtune.config import Gates
 from privtune.errors import ModelError
+from privtune.registry.card import CARD_JSON, CARD_SCHEMA, card_from_tags, gate_report, verdict_line
 from privtune.registry.register import (
     ATTACK_PREFIX,
     CHALLENGER,
     CHAMPION,
     UTILITY_PREFIX,
     client,
+    tracking_uri,
 )
 
 PREVIOUS = "previous_champion"
 HISTORY_TAG = "privtune.champion_history"  # JSON list of versions that were champion, in order
+MAX_TAG_TEXT = 500  # a tag is for search and a glance; the description has the whole story
+MAX_LISTED = 4  # refused versions named in the registered model's description
+MODEL_POLICY = (
+    "Privately fine-tuned clinical-note generators (privtune), one version per method and "
+    "evidence. A version becomes `champion` only through `privtune promote`, when every gate "
+    "of `params.yaml: registry.gates` holds: spent ε and δ within their limits, the best "
+    "membership-inference AUC and TPR at 1 % FPR within theirs, the audit's lower bound on ε "
+    "at or below the claimed ε, and utility no worse than the champion's. Each version's "
+    "description opens with its verdict; its privacy model card (`model_card.md`) ships with "
+    "the model. `privtune rollback` restores the previous champion."
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,20 @@ class Decision:
         ]
         lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.gate}: {g.reason}" for g in self.gates]
         return "\n".join(lines)
+
+    def reason(self) -> str:
+        """Why, in one phrase: the failed gates with their numbers, or what the promotion
+        rested on (the utility comparison)."""
+        if not self.promoted:
+            return "; ".join(f"{g.gate}: {g.reason}" for g in self.failed)
+        utility = next((g for g in self.gates if g.gate == "utility"), None)
+        detail = f"; {utility.reason}" if utility is not None else ""
+        return f"all {len(self.gates)} gates hold{detail}"
+
+    def headline(self) -> str:
+        """The decision as the verdict line ends with it."""
+        verdict = "**PROMOTED** to champion" if self.promoted else "**REFUSED**"
+        return f"{verdict}: {self.reason()}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"failed": [g.gate for g in self.failed]}
@@ -154,31 +185,111 @@ def _history(mlflow_client: Any, name: str) -> list[str]:
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
-def _fmt(value: float | None) -> str:
-    return "none" if value is None else repr(value)
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def _record(mlflow_client: Any, decision: Decision) -> None:
-    """Decision and per-gate numbers as tags; the human-readable summary in the description."""
+def _version_card(mlflow_client: Any, version: Any, uri: str) -> dict[str, Any]:
+    """The version's model card (JSON, at the root of its logged model's artifacts), or, for a
+    version registered before cards existed, the little its tags tell."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar
+    try:
+        location = mlflow_client.get_logged_model(model_id).artifact_location
+        with tempfile.TemporaryDirectory() as tmp, _environ(quiet):
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/{CARD_JSON}",
+                dst_path=tmp,
+                tracking_uri=uri,
+            )
+            return json.loads(Path(path).read_text())
+    except (MlflowException, OSError, ValueError):
+        return card_from_tags(dict(version.tags))
+
+
+def _record(mlflow_client: Any, decision: Decision, gates: Gates, uri: str) -> None:
+    """The decision as a few tags, and the version's description rebuilt: the verdict line,
+    this decision's gate table (replacing any earlier one) and the model card pointer."""
+    from privtune.registry.register import card_section
+
     name, version = decision.name, decision.version
     now = datetime.now(UTC).isoformat(timespec="seconds")
     tags = {
         "promotion.decision": "promoted" if decision.promoted else "refused",
-        "promotion.time": now,
+        "promotion.reason": decision.reason()[:MAX_TAG_TEXT],
         "promotion.failed": ",".join(g.gate for g in decision.failed) or "none",
+        "promotion.time": now,
     }
-    for g in decision.gates:
-        tags |= {
-            f"gate.{g.gate}.passed": str(g.passed),
-            f"gate.{g.gate}.value": _fmt(g.value),
-            f"gate.{g.gate}.threshold": _fmt(g.threshold),
-            f"gate.{g.gate}.margin": _fmt(g.margin),
-        }
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
-    previous = mlflow_client.get_model_version(name, version).description or ""
-    text = f"{previous}\n\n[{now}] {decision.summary()}".strip()
-    mlflow_client.update_model_version(name, version, description=text)
+    current = mlflow_client.get_model_version(name, version)
+    for key in current.tags:  # per-gate tags of earlier releases: the table replaces them
+        if key.startswith("gate."):
+            mlflow_client.delete_model_version_tag(name, version, key)
+    card = _version_card(mlflow_client, current, uri)
+    parts = [verdict_line(card, gates, decision.headline()), gate_report(decision, now)]
+    if card.get("schema") == CARD_SCHEMA:
+        parts.append(card_section(card))
+    mlflow_client.update_model_version(name, version, description="\n\n".join(parts))
+
+
+def describe_registered_model(mlflow_client: Any, name: str) -> None:
+    """The registered model says who is champion and why, or why there is none (and how to
+    judge the rest), above what the gates are."""
+    versions = sorted(
+        mlflow_client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)
+    )
+    champion = _alias(mlflow_client, name, CHAMPION)
+    refused = [v for v in versions if v.tags.get("promotion.decision") == "refused"]
+    waiting = [v for v in versions if "promotion.decision" not in v.tags]
+    if champion is not None:
+        tags = dict(champion.tags)
+        why = tags.get("promotion.reason", "promoted before reasons were recorded")
+        head = (
+            f"**Champion: v{champion.version} ({tags.get('method', '?')})**, promoted "
+            f"{tags.get('promotion.time', '')}: {why}. Of the {len(versions)} versions, "
+            f"{len(refused)} {'was' if len(refused) == 1 else 'were'} refused and "
+            f"{len(waiting)} {'is' if len(waiting) == 1 else 'are'} not yet judged."
+        )
+        who, summary = f"v{champion.version}", f"v{champion.version}: {why}"
+    else:
+        reasons = "; ".join(
+            f"v{v.version} ({v.tags.get('method', '?')}): {v.tags.get('promotion.reason', '')}"
+            for v in refused[:MAX_LISTED]
+        )
+        more = f"; and {len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
+        plural = "s" if len(versions) != 1 else ""
+        head = f"**No champion.** {len(versions)} version{plural} registered"
+        head += f"; {len(refused)} refused ({reasons}{more})" if refused else ""
+        head += (
+            f"; {len(waiting)} not yet judged: run `privtune promote` (the challenger) or "
+            "`privtune promote --version N`."
+            if waiting
+            else "."
+        )
+        who = "none"
+        summary = (
+            f"{len(refused)} refused, {len(waiting)} not yet judged"
+            if versions
+            else "nothing registered"
+        )
+    description = "\n\n".join([head, MODEL_POLICY])
+    mlflow_client.update_registered_model(name, description=description)
+    mlflow_client.set_registered_model_tag(name, "champion", who)
+    mlflow_client.set_registered_model_tag(name, "champion.why", summary[:MAX_TAG_TEXT])
 
 
 def promote(
@@ -210,7 +321,7 @@ def promote(
         str(champion.version) if champion else None,
         tuple(results),
     )
-    _record(mlflow_client, decision)
+    _record(mlflow_client, decision, gates, tracking_uri(root))
     if promoted:
         history = _history(mlflow_client, name) + [str(candidate.version)]
         mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
@@ -220,6 +331,7 @@ def promote(
         challenger = _alias(mlflow_client, name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(candidate.version):
             mlflow_client.delete_registered_model_alias(name, CHALLENGER)
+    describe_registered_model(mlflow_client, name)
     return decision
 
 
@@ -254,4 +366,5 @@ def rollback(name: str, *, root: str | Path = ".") -> Rollback:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     mlflow_client.set_model_version_tag(name, demoted, "promotion.rolled_back", now)
+    describe_registered_model(mlflow_client, name)
     return Rollback(name, demoted, restored)

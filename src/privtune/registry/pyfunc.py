@@ -1,12 +1,15 @@
 """The registered artifact: base model + LoRA adapter behind one `pyfunc` call.
 
 `mlflow.pyfunc.load_model("models:/<name>@champion").predict(["Patient"])` loads both directories
-from the model's artifacts (never a hub) and returns generated continuations.
+from the model's artifacts (never a hub) and returns generated continuations; the model's
+privacy model card is among those artifacts too.
 """
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -72,6 +75,12 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
         self.model = PeftModel.from_pretrained(model, context.artifacts["adapter"]).eval()
+        # The privacy model card travels with the weights: `unwrap_python_model().model_card`.
+        card = context.artifacts.get("model_card")
+        card_file = Path(card) / "model_card.json" if card else None
+        self.model_card = (
+            json.loads(card_file.read_text()) if card_file and card_file.is_file() else None
+        )
 
     # No type hints on model_input: MLflow would derive a schema from them; ours is explicit.
     def predict(self, context, model_input, params=None):

@@ -1,7 +1,9 @@
 """Registration: every fine-tuned model becomes a tagged version of its use case's model.
 
-A version is keyed by (fine-tuning run id, adapter content hash): registering the same model
-again returns the existing version instead of a duplicate.
+A version is keyed by (fine-tuning run id, adapter content hash, evidence hash): registering
+the same model with the same results again returns the existing version instead of a
+duplicate. Its tags are the headline (about a dozen); its description opens with the verdict;
+its privacy model card (registry/card.py) holds the details.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +19,23 @@ from typing import Any
 import yaml
 
 from privtune import io, tracking
-from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PREPARED_DIR
+from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, Gates
 from privtune.errors import ModelError
+from privtune.registry.card import CARD_ARTIFACT
 
 KEY_TAG = "privtune.version_key"
+# On a logged model once its card, metrics and run link are all in place: a retry reuses only
+# a complete one (and deletes an attempt that crashed half way).
+COMPLETE_TAG = "privtune.complete"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 ATTACK_PREFIX = "attack."
 UTILITY_PREFIX = "utility."
-# finetune.json["metrics"] fields carried as version tags (the privacy contract of the model).
-PRIVACY_FIELDS = ("epsilon", "target_epsilon", "delta", "sample_rate", "steps", "accountant")
+# The headline tags of a version (about a dozen; the details are in its model card).
+PRIVACY_FIELDS = ("epsilon", "target_epsilon", "delta", "accountant")
+ATTACK_FIELDS = ("mia_auc_max", "mia_tpr_at_fpr_0.01_max", "audit_epsilon_lower_bound")
+UTILITY_FIELDS = ("test_perplexity", "medication_accuracy")
+MODEL_NAME = "generator"  # the pyfunc's name in the run and among logged models
 
 
 @dataclass(frozen=True)
@@ -73,44 +83,79 @@ def _dvc_stage(root: Path, entry: str) -> dict[str, str]:
     return tags
 
 
-def version_tags(root: str | Path, entry: str) -> dict[str, str]:
-    """Everything a reviewer needs on the version: privacy contract, attack and utility
-    metrics, data and stage hashes, code commit. Non-private models get epsilon = inf."""
-    root = Path(root)
+def _model_info(root: Path, entry: str) -> dict[str, Any]:
     model_dir = root / MODELS_DIR / entry
     info_path = model_dir / "finetune.json"
     if not info_path.is_file() or not (model_dir / "adapter").is_dir():
         raise ModelError(
             str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{entry}` first"
         )
-    info = io.read_json(info_path)
-    metrics = info.get("metrics", {})
-    tags: dict[str, Any] = {
-        "entry": entry,
-        "method": info.get("method", metrics.get("method", "unknown")),
-        "private": bool(metrics.get("private", "epsilon" in metrics)),
-        "finetune_run_id": info["run_id"],
-        "adapter_sha256": io.tree_sha256(model_dir / "adapter"),
-        "git_commit": tracking.git_commit(root),
+    return io.read_json(info_path)
+
+
+def _numbers(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    return {
+        k: v
+        for k, v in io.read_json(path).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
     }
+
+
+def evidence_sha256(root: str | Path, entry: str) -> str:
+    """Hash of what a version's card states: the fine-tuning, evaluation and attack results and
+    the data. New evidence for the same adapter is a new version (its card ships inside the
+    model, so it cannot be edited in place)."""
+    root = Path(root)
+    info = _model_info(root, entry)
+    card = root / PREPARED_DIR / "data_card.json"
+    payload = {
+        "finetune": info.get("metrics", {}),
+        "evaluate": _numbers(root / METRICS_DIR / f"evaluate-{entry}.json"),
+        "attack": _numbers(root / METRICS_DIR / f"attack-{entry}.json"),
+        "data": io.read_json(card).get("content_sha256") if card.is_file() else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> dict[str, str]:
+    """The headline tags of a version: method, privacy contract, the numbers the gates read
+    (attacks, audit, utility), data hash and code commit, and its key. Non-private models get
+    epsilon = inf. Everything else is in the model card."""
+    root = Path(root)
+    info = _model_info(root, entry)
+    metrics = info.get("metrics", {})
+    private = bool(metrics.get("private", "epsilon" in metrics))
+    tags: dict[str, Any] = {"method": info.get("method", metrics.get("method", "unknown"))}
     tags |= {field: metrics[field] for field in PRIVACY_FIELDS if field in metrics}
-    if not tags["private"]:
+    if not private:
         tags["epsilon"] = math.inf
+    attack = _numbers(root / METRICS_DIR / f"attack-{entry}.json")
+    tags |= {f"{ATTACK_PREFIX}{k}": attack[k] for k in ATTACK_FIELDS if k in attack}
+    evaluation = _numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
+    utility = {*UTILITY_FIELDS, (gates or Gates()).utility_metric}
+    tags |= {f"{UTILITY_PREFIX}{k}": evaluation[k] for k in sorted(utility) if k in evaluation}
     card = root / PREPARED_DIR / "data_card.json"
     if card.is_file():
         tags["data_sha256"] = io.read_json(card)["content_sha256"]
-    for prefix, stage in ((ATTACK_PREFIX, "attack"), (UTILITY_PREFIX, "evaluate")):
-        path = root / METRICS_DIR / f"{stage}-{entry}.json"
-        if path.is_file():
-            numbers = io.read_json(path)
-            tags |= {
-                f"{prefix}{k}": v
-                for k, v in numbers.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-    tags |= _dvc_stage(root, entry)
-    tags[KEY_TAG] = f"{tags['finetune_run_id']}:{tags['adapter_sha256']}"
+    tags["git_commit"] = tracking.git_commit(root)
+    adapter = io.tree_sha256(root / MODELS_DIR / entry / "adapter")
+    tags[KEY_TAG] = f"{info['run_id']}:{adapter}:{evidence_sha256(root, entry)[:16]}"
     return {k: _tag(v) for k, v in tags.items()}
+
+
+def provenance(root: str | Path, entry: str) -> dict[str, str]:
+    """Where the model came from (for its card): run, adapter and base, code, DVC stage."""
+    root = Path(root)
+    info = _model_info(root, entry)
+    return {
+        "finetune_run_id": info["run_id"],
+        "adapter_sha256": io.tree_sha256(root / MODELS_DIR / entry / "adapter"),
+        "base": str(info.get("base", BASE_DIR)),
+        "git_commit": tracking.git_commit(root),
+        **_dvc_stage(root, entry),
+    }
 
 
 def find_version(name: str, key: str, root: str | Path = ".") -> Any | None:
@@ -120,70 +165,175 @@ def find_version(name: str, key: str, root: str | Path = ".") -> Any | None:
 
 
 def register(
-    entry: str, name: str, root: str | Path = ".", *, alias: str = CHALLENGER
+    entry: str,
+    name: str,
+    root: str | Path = ".",
+    *,
+    alias: str = CHALLENGER,
+    gates: Gates | None = None,
+    confidence: float | None = None,
+    membership_counts: tuple[int, int] | None = None,
 ) -> RegisteredVersion:
-    """Log models/<entry> (base + adapter) as a pyfunc into its fine-tuning run and register it
-    as a version of `name`, tagged, with the `challenger` alias; reuse an identical version."""
+    """Register models/<entry> (base + adapter + privacy model card, one pyfunc) as a version
+    of `name` with the `challenger` alias; reuse the version of an identical model and
+    evidence. The fine-tuning run is never reopened: the evaluation and attack results join
+    it, and the logged model, through the client API, so the run's duration stays the
+    training's."""
+    from privtune.registry.card import build_card, verdict_line, write_card
+    from privtune.registry.promotion import describe_registered_model, evaluate_gates
+
     root = Path(root)
-    tags = version_tags(root, entry)
+    gates = gates or Gates()
+    tags = version_tags(root, entry, gates)
+    info = _model_info(root, entry)
+    run_id = info["run_id"]
     mlflow_client = client(root)
-    run_id = tags["finetune_run_id"]
     existing = find_version(name, tags[KEY_TAG], root)
     if existing is not None:
         return RegisteredVersion(name, str(existing.version), run_id, created=False)
 
     if not (root / BASE_DIR).is_dir():
         raise ModelError(str(BASE_DIR), "base model missing", "run `dvc repro base` first")
-    model_uri, model_id = _logged_model(root, entry, run_id, tags[KEY_TAG])
+    # The gates that do not depend on the champion, judged now for the card.
+    at_registration = [g for g in evaluate_gates(gates, tags, None) if g.gate != "utility"]
+    card = build_card(
+        root,
+        entry,
+        gates=gates,
+        gate_results=at_registration,
+        provenance=provenance(root, entry),
+        confidence=confidence,
+        membership_counts=membership_counts,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        card_dir = write_card(card, Path(tmp) / "model_card")
+        last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
+        model_uri, model_id = _logged_model(root, entry, run_id, tags[KEY_TAG], card_dir, last_step)
     if not _registered_model_exists(mlflow_client, name):
-        mlflow_client.create_registered_model(
-            name, description="Privately fine-tuned generators (privtune); gated promotion."
-        )
+        mlflow_client.create_registered_model(name)
     version = mlflow_client.create_model_version(
         name, model_uri, run_id=run_id, tags=tags, model_id=model_id
     )
-    mlflow_client.update_model_version(name, version.version, description=_describe(tags, entry))
+    pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
+    description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
+    mlflow_client.update_model_version(name, version.version, description=description)
     mlflow_client.set_registered_model_alias(name, alias, version.version)
+    describe_registered_model(mlflow_client, name)
     return RegisteredVersion(name, str(version.version), run_id, created=True)
 
 
-def _logged_model(root: Path, entry: str, run_id: str, key: str) -> tuple[str, str]:
-    """(uri, id) of the pyfunc for this key in the run: reuse one logged by an attempt that
-    crashed before registering (a Prefect retry), else log base + adapter now."""
+def card_section(card: dict[str, Any]) -> str:
+    """The part of a version's description that points at its model card."""
+    model = card["model"]
+    return (
+        "**Privacy model card**\n\n"
+        "`model_card.md` (to read) and `model_card.json` (for tools), at the root of this "
+        "version's model artifacts and inside the pyfunc (`artifacts/model_card/`): the "
+        "contract, the data hash and size, the accountant and ledger, every attack with its "
+        "record counts and intervals, the audit and the gates.\n\n"
+        f"Fine-tuning run `{model.get('finetune_run_id')}`, adapter sha256 "
+        f"`{str(model.get('adapter_sha256'))[:16]}…`, data sha256 "
+        f"`{str(card['data'].get('content_sha256'))[:16]}…`, git `{model.get('git_commit')}`."
+    )
+
+
+def _logged_model(
+    root: Path, entry: str, run_id: str, key: str, card_dir: Path, step: int
+) -> tuple[str, str]:
+    """(uri, id) of the complete pyfunc for this key: reuse one an earlier attempt finished,
+    else log base + adapter + card now, linked to the run at its last step, with the run's
+    metrics of that step and the evaluation and attack results as the model's metrics."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
 
     from privtune.registry.pyfunc import GenerationModel, pip_requirements, signature
 
     mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow_client = mlflow.MlflowClient(tracking_uri(root))
     try:
-        experiment = mlflow.get_run(run_id).info.experiment_id
+        run = mlflow_client.get_run(run_id)
     except MlflowException:
         raise ModelError(
             str(MODELS_DIR / entry / "finetune.json"),
             f"fine-tuning run {run_id} is not in the MLflow store {tracking_uri(root)}",
             "register against the store the model was trained with (MLFLOW_TRACKING_URI)",
         ) from None
+    experiment = run.info.experiment_id
     earlier = mlflow.search_logged_models(
         experiment_ids=[experiment],
         filter_string=f"tags.`{KEY_TAG}` = '{key}'",
         output_format="list",
     )
-    if earlier:
-        return f"models:/{earlier[0].model_id}", earlier[0].model_id
-    with tracking.start_run(root=root, run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="generator",
-            python_model=GenerationModel(),
-            artifacts={
-                "base": str(root / BASE_DIR),
-                "adapter": str(root / MODELS_DIR / entry / "adapter"),
-            },
-            signature=signature(),
-            pip_requirements=pip_requirements(),
-            tags={KEY_TAG: key},
+    for model in earlier:
+        if model.tags.get(COMPLETE_TAG) == "true":
+            return f"models:/{model.model_id}", model.model_id
+    for model in earlier:  # an attempt that crashed half way: never a version's source
+        mlflow_client.delete_logged_model(model.model_id)
+
+    model = mlflow_client.create_logged_model(
+        experiment,
+        name=MODEL_NAME,
+        source_run_id=run_id,
+        tags={KEY_TAG: key},
+        params=dict(run.data.params),
+    )
+    mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=GenerationModel(),
+        artifacts={
+            "base": str(root / BASE_DIR),
+            "adapter": str(root / MODELS_DIR / entry / "adapter"),
+            CARD_ARTIFACT: str(card_dir),
+        },
+        signature=signature(),
+        pip_requirements=pip_requirements(),
+        model_id=model.model_id,
+    )
+    mlflow_client.log_model_artifacts(model.model_id, str(card_dir))
+    mlflow_client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    _attach_results(root, entry, run, model.model_id, step)
+    mlflow_client.set_logged_model_tags(model.model_id, {COMPLETE_TAG: "true"})
+    return f"models:/{model.model_id}", model.model_id
+
+
+def _attach_results(root: Path, entry: str, run: Any, model_id: str, step: int) -> None:
+    """The run's metrics at its last step become the logged model's (as MLflow does for a
+    model logged inside a run); the evaluation and attack results join both, at that step,
+    utility under its own names and attacks under `attack.`; the ROC plot joins both too. A
+    run trained before runs carried their metric glossary gets it now (a tag: the run stays
+    closed)."""
+    from mlflow.entities import Metric
+
+    mlflow_client = client(root)
+    run_id = run.info.run_id
+    if tracking.NOTE_TAG not in run.data.tags:  # a run trained before runs were described
+        metrics = _model_info(root, entry).get("metrics", {})
+        note = tracking.finetune_note(
+            entry, str(metrics.get("method")), metrics.get("target_epsilon")
         )
-    return info.model_uri, info.model_id
+        mlflow_client.set_tag(run_id, tracking.NOTE_TAG, note)
+    at_step = [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+        for key in run.data.metrics
+        for m in mlflow_client.get_metric_history(run_id, key)
+        if m.step == step
+    ]
+    if at_step:  # same timestamps: the run's own points are not duplicated
+        mlflow_client.log_batch(run_id, metrics=at_step)
+    results: dict[str, float] = {}
+    for stage, prefix in (("evaluate", ""), ("attack", ATTACK_PREFIX)):
+        numbers = _numbers(root / METRICS_DIR / f"{stage}-{entry}.json")
+        results |= {
+            f"{prefix}{k}": float(v)
+            for k, v in numbers.items()
+            if not (stage == "evaluate" and k == "epsilon")  # finetune logs its curve
+        }
+    tracking.attach_metrics(root, run_id, results, step, model_id=model_id)
+    roc = root / PLOTS_DIR / f"roc-{entry}.png"
+    if roc.is_file():
+        mlflow_client.log_artifact(run_id, str(roc), "attack")
+        mlflow_client.log_model_artifact(model_id, str(roc), "attack")
 
 
 def _registered_model_exists(mlflow_client: Any, name: str) -> bool:
@@ -194,8 +344,3 @@ def _registered_model_exists(mlflow_client: Any, name: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def _describe(tags: dict[str, str], entry: str) -> str:
-    shown = {k: tags[k] for k in ("method", "epsilon", "delta", "accountant") if k in tags}
-    return f"{entry}: {json.dumps(shown)}; registered as {CHALLENGER}"

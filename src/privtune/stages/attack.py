@@ -7,16 +7,29 @@ from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, Params
+from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, ModelError
 from privtune.stages.common import load_base, read_split
+
+
+def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
+    """Members (ordinary training records: canaries are measured by exposure and the audit)
+    and as many test records as non-members; the register stage counts them the same way for
+    attack results that predate `mia_members`."""
+    from privtune.attacks.membership import balanced_sets, without_canaries
+    from privtune.data.canaries import load_canaries
+
+    canaries = load_canaries(root / PREPARED_DIR / "canaries.json")
+    train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
+    return balanced_sets(
+        without_canaries(train, canaries), read_split(root, "test"), a.members, a.seed
+    )
 
 
 def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
     """Attack the model of `methods.<name>`; fail loudly if the audit beats the claim."""
     from peft import PeftModel
 
-    from privtune.attacks.membership import balanced_sets, without_canaries
     from privtune.attacks.run import AttackConfig, run_attacks
     from privtune.data.canaries import load_canaries
     from privtune.modeling import resolve_device
@@ -39,11 +52,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     reference = load_base(root)[0].to(device).eval() if a.reference else None
 
     canaries = load_canaries(root / PREPARED_DIR / "canaries.json")
-    # Members: ordinary training records; canaries are measured by exposure and the audit.
-    train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
-    members, non_members = balanced_sets(
-        without_canaries(train, canaries), read_split(root, "test"), a.members, a.seed
-    )
+    members, non_members = membership_sets(root, a)
     audit_file = root / PREPARED_DIR / "audit_canaries.json"
     audit = load_canaries(audit_file) if audit_file.is_file() else []
     gradient_file = model_dir / AUDIT_FILE  # written by training when it planted canaries
@@ -75,7 +84,14 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         gradient_canaries=gradient,
     )
     claimed = info["metrics"].get("epsilon")  # None: non-private, nothing claimed
-    metrics: dict[str, Any] = {"method": info["method"], "claimed_epsilon": claimed, **found}
+    metrics: dict[str, Any] = {
+        "method": info["method"],
+        "claimed_epsilon": claimed,
+        # how many records each side of membership inference had (a TPR of 0.01 is 1 of 100)
+        "mia_members": len(members),
+        "mia_non_members": len(non_members),
+        **found,
+    }
     bound = found.get("audit_epsilon_lower_bound")
     if claimed is not None and bound is not None and bound > claimed:
         raise AuditViolation(

@@ -139,7 +139,16 @@ def finetune(
 
     with tracking.start_run(run_name=name, root=root, key=key, run_id=resumed_run) as run:
         checkpointing.extra["mlflow_run_id"] = run.run_id
-        run.set_tags({"stage": "finetune", "method": method, "entry": name})
+        run.set_tags(
+            {
+                "stage": "finetune",
+                "method": method,
+                "entry": name,
+                tracking.NOTE_TAG: tracking.finetune_note(
+                    name, method, f.epsilon if private else None
+                ),
+            }
+        )
         if resumed_run is None:
             run.log_params(
                 {
@@ -182,7 +191,8 @@ def finetune(
             "stopped_by_guard": result.stopped_by_guard,
         }
         metrics |= result.privacy  # epsilon spent, delta, mechanism, accountant (private runs)
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        # Final values at the last step, so no curve jumps back to step 0 (tracking.py).
+        run.log_metrics(tracking.final_metrics(metrics), step=max(0, result.steps_taken - 1))
 
         with io.atomic_dir(root / MODELS_DIR / name) as out:
             model.save_pretrained(out / "adapter")

@@ -194,7 +194,14 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         key = "report:" + hashlib.sha256(io.tree_sha256(out).encode()).hexdigest()
         if tracking.finished_run(root, key) is None:
             with tracking.start_run("report", root=root, key=key) as run:
-                run.set_tags({"privtune.stage": "report"})
+                run.set_tags(
+                    {
+                        "privtune.stage": "report",
+                        tracking.NOTE_TAG: "Every method side by side at equal (ε, δ): "
+                        "`report/report.md` (table of utility, ε spent, attack success and the "
+                        "audit bound) and its plots, in this run's artifacts.",
+                    }
+                )
                 run.log_artifact(out, "report")
     built = root / REPORT_DIR / ".report"
     for file in sorted(built.iterdir()):

@@ -1,0 +1,94 @@
+"""What MLflow shows for a run and the experiment, against a real sqlite store: final metrics at
+the last step under self-explaining names, the experiment described and typed for training,
+the headline view in the form MLflow's UI reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privtune import tracking
+
+
+def test_final_metrics_take_their_own_names_where_they_differ_from_the_step_series():
+    finals = tracking.final_metrics(
+        {
+            "epsilon": 7.99,
+            "epsilon_rdp": 9.94,
+            "noise_multiplier": 0.49,
+            "valid_perplexity": 248.0,
+            "steps": 41,  # an int: the step count is a param, not a metric
+            "private": True,
+            "accountant": "pld",
+        }
+    )
+    assert finals == {
+        "epsilon": 7.99,  # continues the per-step curve at the last step
+        "epsilon_rdp_looser_bound": 9.94,
+        "noise_multiplier_calibrated": 0.49,  # not the last step's z
+        "valid_perplexity": 248.0,
+    }
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_runs_log_finals_at_the_last_step_and_the_epsilon_curve_stays_monotone(store):
+    import mlflow
+
+    with tracking.start_run("dpsgd", root=store) as run:
+        for step, eps in [(0, 1.0), (5, 3.0), (9, 4.0)]:
+            run.log_metrics({"epsilon": eps, "noise_multiplier": 0.8}, step=step)
+        run.log_metrics(tracking.final_metrics({"epsilon": 4.0, "noise_multiplier": 0.7}), step=9)
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run.run_id, "epsilon")
+    ordered = sorted(history, key=lambda m: (m.step, m.timestamp))
+    assert [m.step for m in ordered][0] == 0 and ordered[-1].step == 9
+    values = [m.value for m in ordered]
+    assert values == sorted(values)
+    assert client.get_run(run.run_id).data.metrics["noise_multiplier_calibrated"] == 0.7
+    assert {m.value for m in client.get_metric_history(run.run_id, "noise_multiplier")} == {0.8}
+
+
+def test_experiment_is_described_typed_and_has_the_headline_view(store):
+    import mlflow
+
+    with tracking.start_run("dpsgd", root=store):
+        pass
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    tags = experiment.tags
+    assert tags[tracking.NOTE_TAG].startswith("**privtune")
+    assert "`epsilon_rdp_looser_bound`" in tags[tracking.NOTE_TAG]
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # The envelope MLflow 3.17's UI parses (name, numeric createdAt, state as a JSON string).
+    envelope = json.loads(tags["mlflow.sharedViewState.privtune-headline"])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    columns = json.loads(envelope["state"])["selectedColumns"]
+    assert "metrics.`epsilon`" in columns and "params.`method`" in columns
+    assert all(c.split(".", 1)[0] in {"metrics", "params"} for c in columns)
+    assert all(c.count("`") == 2 for c in columns)
+    # Describing again changes nothing (the view keeps its creation time).
+    tracking.describe_experiment(client, experiment.experiment_id)
+    assert client.get_experiment(experiment.experiment_id).tags == tags
+    url = tracking.headline_url(experiment.experiment_id)
+    assert "workflowType=machine_learning" in url and "viewStateShareKey=privtune-headline" in url
+
+
+def test_attached_metrics_leave_a_finished_run_closed(store):
+    import mlflow
+
+    with tracking.start_run("dpsgd", root=store) as run:
+        run.log_metrics({"loss": 2.0}, step=3)
+    client = mlflow.MlflowClient()
+    before = client.get_run(run.run_id).info
+    tracking.attach_metrics(store, run.run_id, {"test_perplexity": 40.0, "bad": float("nan")}, 3)
+    after = client.get_run(run.run_id)
+    assert (after.info.status, after.info.end_time) == (before.status, before.end_time)
+    assert after.data.metrics["test_perplexity"] == 40.0 and "bad" not in after.data.metrics
+    assert client.get_metric_history(run.run_id, "test_perplexity")[0].step == 3
