@@ -21,8 +21,16 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 import random  # noqa: E402
+import sys  # noqa: E402
 
+import absl.logging  # noqa: E402
 import pytest  # noqa: E402
+
+# dp-accounting imports absl, whose (unattached) log handler keeps the stream it first saw:
+# pytest's capture. Prefect's logging setup closes every handler ever created, and absl then
+# closes that stream unless it is a real one, so pytest fails at exit ("I/O operation on
+# closed file") whenever a module importing Prefect is collected after one importing absl.
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 WORDS = (
     "patient",

@@ -139,8 +139,8 @@ def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):
         return subprocess.run(cmd, cwd=project, env=_env(project), capture_output=True, text=True)
 
     refused = cli("promote", "--version", str(nonprivate))  # epsilon is infinite
-    assert refused.returncode == 1 and "FAIL] epsilon" in refused.stderr
-    judged = cli("promote", "--version", str(version))
+    assert refused.returncode == 1 and "inf!" in refused.stdout, refused.stdout
+    judged = cli("promote", "--json", "--version", str(version))
     decision = json.loads(judged.stdout)
     assert judged.returncode == (0 if decision["promoted"] else 1)
     assert judged.returncode == 0 or decision["failed"], judged.stderr

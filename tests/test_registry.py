@@ -306,6 +306,62 @@ def test_promotion_gates_history_and_rollback(project):
         rollback("clinical-nobody", root=project)
 
 
+def test_promote_best_chooses_the_most_useful_eligible_new_version(project, capsys):
+    """After a pipeline run every method is a new version: the champion goes to the best one
+    that passes every gate (not to the last registered), the others are judged and refused,
+    and the champion history gains one entry."""
+    from privtune.cli import main
+    from privtune.registry import promote_best
+
+    name = "clinical-best"
+    mlflow_client = client(project)
+    add_entry(project, "leaky", perplexity=20.0, attack={**SAFE_ATTACK, "mia_auc_max": 0.9})
+    add_entry(project, "good", perplexity=45.0, seed=7)
+    add_entry(project, "best", perplexity=41.0, seed=8)
+    add_entry(project, "last", perplexity=49.0, seed=9)  # the `challenger` alias ends here
+    for entry in ("leaky", "good", "best", "last"):
+        register(entry, name, project)
+    assert str(mlflow_client.get_model_version_by_alias(name, CHALLENGER).version) == "4"
+
+    selection = promote_best(name, root=project)
+    assert selection.chosen == "3" and "lowest test_perplexity (41)" in selection.why
+    assert "3 eligible candidate(s) out of 4" in selection.why  # leaky fails mia_auc
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "3"
+    assert json.loads(mlflow_client.get_registered_model(name).tags[HISTORY_TAG]) == ["3"]
+    decisions = {d.version: d for d in selection.decisions}
+    assert [g.gate for g in decisions["1"].failed] == ["mia_auc"]
+    for other in ("2", "4"):  # eligible but worse: refused as not chosen, naming the winner
+        assert not decisions[other].promoted
+        assert "v3 was chosen" in decisions[other].reason()
+        tags = mlflow_client.get_model_version(name, other).tags
+        assert tags["promotion.decision"] == "refused"
+    # nothing new left: `privtune promote` falls back to the challenger, judged vs v3: refused
+    code = main(["--root", str(project), "promote"])
+    out = capsys.readouterr().out
+    assert code == 1 and "v4" in out and "nothing promoted" in out
+    assert code == main(["--root", str(project), "promote", "--json", "--version", "4"])
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["promoted"] is False and "utility" in decision["failed"]
+
+
+def test_gates_table_marks_each_failed_gate(project):
+    from privtune.registry import Decision
+    from privtune.registry.promotion import GateResult, gates_table
+
+    decision = Decision(
+        "m",
+        "7",
+        False,
+        None,
+        (GateResult("epsilon", False, 9.5, 8.0, -1.5, "9.5 > 8"),)
+        + tuple(GateResult(g, True, 0.1, 1.0, 0.9, "ok") for g in ("delta", "audit")),
+    )
+    table = gates_table([decision], {"7": "dpsgd"})
+    header, row = table.splitlines()
+    assert header.split()[:3] == ["version", "method", "epsilon"]
+    assert row.split()[:3] == ["v7", "dpsgd", "9.5!"] and row.split()[-1] == "refused"
+
+
 def test_missing_metrics_and_broken_contracts_fail_their_gates(project):
     name = "clinical-refuse"
     add_entry(project, "noattack", attack={}, audit=None, perplexity=None, seed=7)

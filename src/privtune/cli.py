@@ -43,18 +43,37 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
     cmd = sub.add_parser("register", help="register the models of `methods` (default: all)")
     cmd.add_argument("names", nargs="*", help="keys of `methods` in params.yaml")
-    cmd = sub.add_parser("promote", help="move `champion` to the challenger if every gate holds")
-    cmd.add_argument("--version", help="promote this version instead of the `challenger`")
+    cmd = sub.add_parser(
+        "promote", help="move `champion` to the best new version that passes every gate"
+    )
+    cmd.add_argument("--version", help="judge this version only (default: every new version)")
+    cmd.add_argument("--json", action="store_true", help="print the decisions as JSON")
     sub.add_parser("rollback", help="give `champion` back to the previous champion")
     return parser
 
 
-def _promote(params: Params, root: Path, version: str | None) -> tuple[dict, int]:
-    from privtune.registry import promote
+def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> int:
+    """One version, or the best eligible of the versions not judged yet: a table of the gates
+    (or JSON), exit 0 when a version was promoted, 1 when the gates refused."""
+    from privtune.registry import promote, promote_best
+    from privtune.registry.promotion import gates_table
 
-    decision = promote(params.registry.name, params.registry.gates, root=root, version=version)
-    print(decision.summary(), file=sys.stderr)
-    return decision.to_dict(), 0 if decision.promoted else 1
+    name, gates = params.registry.name, params.registry.gates
+    if version is not None:
+        decision = promote(name, gates, root=root, version=version)
+        result, decisions, why = decision.to_dict(), [decision], decision.reason()
+        promoted, methods = decision.promoted, None
+    else:
+        selection = promote_best(name, gates, root=root)
+        result, decisions, why = selection.to_dict(), list(selection.decisions), selection.why
+        promoted, methods = selection.chosen is not None, selection.methods
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(gates_table(decisions, methods))
+        verdict = "promoted" if promoted else "nothing promoted"
+        print(f"\n{name}: {verdict}: {why}  (`!` marks a failed gate; --json for details)")
+    return 0 if promoted else 1
 
 
 def _fail(code: int, label: str, err: Exception) -> int:
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(summary_table(params, root))
             return 0
         elif args.stage == "promote":
-            result, code = _promote(params, root, args.version)
+            return _promote(params, root, args.version, args.json)
         else:
             from dataclasses import asdict
 

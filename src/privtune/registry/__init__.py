@@ -2,7 +2,8 @@
 
 `register` logs base + adapter as one pyfunc (`load_model("models:/<name>@champion").predict`)
 and tags the version with its privacy contract and evidence; `promote` moves `champion` only
-when every gate in `Gates` holds; `rollback` restores the previous champion.
+when every gate in `Gates` holds (`promote_best`: to the best eligible of the new versions);
+`rollback` restores the previous champion.
 """
 
 from privtune.registry.promotion import (
@@ -10,9 +11,11 @@ from privtune.registry.promotion import (
     GateResult,
     Gates,
     Rollback,
+    Selection,
     evaluate_gates,
     pending_versions,
     promote,
+    promote_best,
     rollback,
 )
 from privtune.registry.register import (
@@ -35,7 +38,9 @@ __all__ = [
     "evaluate_gates",
     "find_version",
     "pending_versions",
+    "Selection",
     "promote",
+    "promote_best",
     "register",
     "rollback",
     "version_tags",

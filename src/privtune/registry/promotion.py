@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -333,6 +333,112 @@ def promote(
             mlflow_client.delete_registered_model_alias(name, CHALLENGER)
     describe_registered_model(mlflow_client, name)
     return decision
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A `privtune promote` over several candidates: which one was chosen, and why."""
+
+    chosen: str | None  # the version promoted (None: no candidate was eligible)
+    why: str
+    decisions: tuple[Decision, ...]  # every candidate's, the chosen one first
+    methods: dict[str, str]  # version -> method, for the table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "why": self.why,
+            "decisions": [d.to_dict() for d in self.decisions],
+        }
+
+
+def _utility_value(gates: Gates, tags: dict[str, str]) -> float | None:
+    return _number(tags, f"{UTILITY_PREFIX}{gates.utility_metric}")
+
+
+def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".") -> Selection:
+    """Promote the best eligible candidate: of the versions no promotion has judged yet (or
+    the challenger, when every version was judged), those that pass every gate against the
+    current champion, the one with the best utility. The others are judged too and refused
+    (a candidate that passed its gates is refused as not chosen, naming the better one), so
+    the champion history gains one entry, not one per candidate."""
+    gates = gates or Gates()
+    mlflow_client = client(root)
+    candidates = pending_versions(name, root=root)
+    if not candidates:
+        challenger = _alias(mlflow_client, name, CHALLENGER)
+        if challenger is None:
+            raise ModelError(
+                f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
+            )
+        candidates = [str(challenger.version)]
+    champion = _alias(mlflow_client, name, CHAMPION)
+    candidates = [v for v in candidates if champion is None or v != str(champion.version)]
+    tags = {v: dict(mlflow_client.get_model_version(name, v).tags) for v in candidates}
+    eligible = [
+        v for v in candidates if all(g.passed for g in evaluate_gates(gates, tags[v], champion))
+    ]
+    sign = -1.0 if gates.higher_is_better else 1.0
+    # ties go to the older version (candidates are oldest first)
+    best = min(eligible, key=lambda v: sign * _utility_value(gates, tags[v])) if eligible else None
+    decisions: list[Decision] = []
+    if best is not None:
+        decisions.append(promote(name, gates, root=root, version=best))
+        champion = _alias(mlflow_client, name, CHAMPION)
+    for version in candidates:
+        if version == best:
+            continue
+        results = evaluate_gates(gates, tags[version], champion)
+        if best is not None and all(g.passed for g in results):
+            value = _utility_value(gates, tags[best])
+            reason = f"v{best} was chosen: better {gates.utility_metric} ({value:.6g})"
+            results.append(GateResult("best_candidate", False, None, None, None, reason))
+        decision = Decision(
+            name,
+            version,
+            False,
+            str(champion.version) if champion else None,
+            tuple(results),
+        )
+        _record(mlflow_client, decision, gates, tracking_uri(root))
+        decisions.append(decision)
+    describe_registered_model(mlflow_client, name)
+    if best is None:
+        why = f"none of {len(candidates)} candidate(s) passes every gate"
+    else:
+        value = _utility_value(gates, tags[best])
+        direction = "highest" if gates.higher_is_better else "lowest"
+        why = (
+            f"v{best} has the {direction} {gates.utility_metric} ({value:.6g}) of the "
+            f"{len(eligible)} eligible candidate(s) out of {len(candidates)}"
+        )
+    methods = {v: tags[v].get("method", "?") for v in candidates}
+    return Selection(best, why, tuple(decisions), methods)
+
+
+GATE_COLUMNS = ("epsilon", "delta", "mia_auc", "mia_tpr_at_fpr_0.01", "audit", "utility")
+
+
+def gates_table(decisions: Sequence[Decision], methods: dict[str, str] | None = None) -> str:
+    """Candidates x gates as aligned text: each gate's value, `!` where it failed."""
+    header = ["version", "method", *GATE_COLUMNS, "decision"]
+    rows = [header]
+    for d in decisions:
+        by_gate = {g.gate: g for g in d.gates}
+        cells = [f"v{d.version}", (methods or {}).get(d.version, "")]
+        for gate in GATE_COLUMNS:
+            g = by_gate.get(gate)
+            if g is None:
+                cells.append("")
+            else:
+                value = "–" if g.value is None else f"{g.value:.4g}"
+                cells.append(value if g.passed else f"{value}!")
+        not_chosen = "best_candidate" in by_gate
+        cells.append("PROMOTED" if d.promoted else "not chosen" if not_chosen else "refused")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
 
 
 def pending_versions(name: str, *, root: str | Path = ".") -> list[str]:
