@@ -140,3 +140,17 @@ def test_dp_training_moves_the_lora_weights_and_not_the_base(tiny_tokenizer):
     for name, weight in base.items():
         key = name.replace(".weight", ".base_layer.weight")
         assert torch.equal(merged.get(key, merged.get(name)), weight), name
+
+
+def test_continuation_scores_with_the_llama_kv_cache_match_the_uncached_reference(tiny_tokenizer):
+    """The medication task and canary exposure share one prompt's cache across candidates:
+    with Llama's grouped-query cache and rotary positions the scores must stay exact."""
+    from privtune.evaluate import continuation_logprobs, continuation_logprobs_uncached
+
+    tok = tiny_tokenizer
+    model = tiny_llama(len(tok), tok.bos_token_id, tok.eos_token_id)
+    prompt = "patient presents with fever and cough. plan: start "
+    candidates = ["metformin", "lisinopril", "salbutamol", "asthma plan", "heart"]
+    cached = continuation_logprobs(model, tok, prompt, candidates)
+    reference = continuation_logprobs_uncached(model, tok, prompt, candidates)
+    assert torch.allclose(cached, reference, atol=1e-4)
