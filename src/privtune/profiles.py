@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["run", "show"])
     parser.add_argument("profile", type=Path)
     parser.add_argument("--cpu", type=Path, help="overlay used when no CUDA device is present")
-    parser.add_argument("--name", help="experiment name (default: the profile's file name)")
+    parser.add_argument("--name", help="experiment name (default: profile name and time)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     profiles = [args.profile]
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             profiles.append(args.cpu)
-    name = args.name or profiles[-1].stem.removeprefix("params-")
+    # DVC refuses a second experiment of the same name (and -f would rerun every stage)
+    name = args.name or f"{profiles[-1].stem.removeprefix('params-')}-{time.strftime('%m%d-%H%M')}"
     cmd = command(profiles, args.params, name)
     print(f"profile {' + '.join(map(str, profiles))}:\n{shlex.join(cmd)}", file=sys.stderr)
     if args.action == "show":
