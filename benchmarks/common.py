@@ -19,6 +19,7 @@ from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
 from privtune.data.tokenization import EncodedRecords, encode_records
 from privtune.evaluate import evaluate_model
 from privtune.modeling import attach_lora, load_pretrained
+from privtune.stages.common import resolved_max_length
 from privtune.train import TrainResult, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,7 +98,7 @@ def load_data(params: Params, root: Path) -> Data:
     split = {
         n: io.read_jsonl(root / PREPARED_DIR / f"{n}.jsonl") for n in ("train", "valid", "test")
     }
-    length = params.base.max_length
+    length = resolved_max_length(params, root)
     return Data(
         encode_records([r["text"] for r in split["train"]], tokenizer, length),
         encode_records([r["text"] for r in split["valid"]], tokenizer, length),
@@ -135,7 +136,7 @@ def run_method(
         model, data.train, data.valid, f, method, options, entry=entry, show_progress=False
     )
     seconds = time.perf_counter() - start
-    metrics = evaluate_model(model, tokenizer, data.test_records, params.base.max_length)
+    metrics = evaluate_model(model, tokenizer, data.test_records, resolved_max_length(params, root))
     curve = [(r["step"], r["valid_loss"]) for r in result.history if "valid_loss" in r]
     row = {
         "method": method,

@@ -88,9 +88,9 @@ def test_missing_model_path(tmp_path, capsys, project):
     root = tmp_path / "p"
     shutil.copytree(project, root)
     shutil.rmtree(root / "models")
-    write_params(root / "params.yaml", base={"pretrained_path": "no/such/model"})
+    write_params(root / "params.yaml", base={"source": "no/such/model"})
     code, err = _run(root, "base", capsys=capsys)
-    assert code == 2 and "base.pretrained_path" in err
+    assert code == 2 and "base.source" in err and "smollm2-135m" in err
     assert not (root / "models").exists()
 
 
@@ -100,9 +100,9 @@ def test_unreadable_model_path(tmp_path, capsys, project):
     shutil.rmtree(root / "models")
     (root / "garbage").mkdir()
     (root / "garbage" / "config.json").write_text("not json")
-    write_params(root / "params.yaml", base={"pretrained_path": "garbage"})
+    write_params(root / "params.yaml", base={"source": "garbage"})
     code, err = _run(root, "base", capsys=capsys)
-    assert code == 2 and "base.pretrained_path" in err and "cannot load" in err
+    assert code == 2 and "base.source" in err and "cannot load" in err
     assert not (root / "models").exists()
 
 
@@ -112,7 +112,7 @@ def test_user_model_directory_skips_pretraining(tmp_path, capsys, project):
     shutil.copytree(project, root)
     shutil.copytree(project / "models" / "base", root / "mymodel")
     shutil.rmtree(root / "models")
-    write_params(root / "params.yaml", base={"pretrained_path": "mymodel", "steps": 10**6})
+    write_params(root / "params.yaml", base={"source": "mymodel", "steps": 10**6})
     code, _ = _run(root, "base", capsys=capsys)
     assert code == 0
     metrics = json.loads((root / "metrics" / "base.json").read_text())

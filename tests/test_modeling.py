@@ -16,11 +16,11 @@ def test_local_model_directory_round_trip(tmp_path, tiny_model, tiny_tokenizer):
 
 
 def test_missing_or_broken_model_directory(tmp_path):
-    with pytest.raises(ModelError, match=r"base\.pretrained_path.*not a directory"):
+    with pytest.raises(ModelError, match=r"base\.source.*not a directory"):
         load_pretrained(tmp_path / "absent")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    with pytest.raises(ModelError, match=r"base\.pretrained_path.*cannot load") as err:
+    with pytest.raises(ModelError, match=r"base\.source.*cannot load") as err:
         load_pretrained(tmp_path / "broken")
     assert "save_pretrained" in str(err.value)
 
@@ -31,7 +31,8 @@ def test_lora_freezes_base_and_groups_adapters(tiny_model):
     assert trainable and all("lora_" in n for n in trainable)
     names, groups = adapter_groups(model, "per_adapter")
     # one block: attn.c_attn, attn.c_proj, mlp.c_proj -> three adapters of (A, B)
-    assert len(names) == 3 and all(len(g) == 2 for g in groups)
+    assert names == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_proj"]
+    assert all(len(g) == 2 for g in groups)
     assert adapter_groups(model, "flat")[0] == ["all"]
 
 

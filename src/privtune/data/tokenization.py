@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
@@ -74,3 +75,13 @@ def encode_records(texts: Sequence[str], tokenizer, max_length: int) -> EncodedR
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         lengths[row] = len(seq)
     return EncodedRecords(ids, lengths)
+
+
+def length_percentile(texts: Sequence[str], tokenizer, percentile: float) -> int:
+    """Length in tokens of [bos] text [eos] at ``percentile`` (0-100) of the texts, rounded up:
+    what `base.max_length: auto` truncates records to."""
+    if not texts:
+        raise ValueError("no texts to measure")
+    body = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    lengths = np.array([len(tokens) + 2 for tokens in body])
+    return int(np.ceil(np.percentile(lengths, percentile)))

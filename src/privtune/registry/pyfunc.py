@@ -87,21 +87,21 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from privtune.data.tokenization import bos_id
+        from privtune.modeling import position_limit
 
         params = params or {}
         max_new = int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         do_sample = bool(params.get("do_sample", False))
         seed = int(params.get("seed", 0))
-        limit = getattr(self.model.config, "n_positions", None)
-        if limit is not None and not 0 < max_new < limit:
+        limit = position_limit(self.model)  # GPT-2's n_positions, Llama's max_position_embeddings
+        if not 0 < max_new < limit:
             raise ValueError(f"params.max_new_tokens must be in 1..{limit - 1} for this model")
         out: list[str] = []
         for prompt in _prompts(model_input):
             # Records were trained as [bos] text [eos]: a prompt starts a record the same way.
             tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([[bos_id(self.tokenizer)] + tokens])
-            if limit is not None:
-                ids = ids[:, -max(1, limit - max_new) :]
+            ids = ids[:, -max(1, limit - max_new) :]
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(seed)
                 generated = self.model.generate(

@@ -9,7 +9,7 @@ from typing import Any
 from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, ModelError
-from privtune.stages.common import load_base, read_split
+from privtune.stages.common import load_base, read_split, resolved_max_length
 
 
 def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
@@ -66,7 +66,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         samples=a.samples,
         audit_delta=info["plan"]["delta"],
         audit_score="reference" if a.reference else "loss",
-        max_length=params.base.max_length,
+        max_length=resolved_max_length(params, root),
         batch_size=a.batch_size,
         progress=show_progress,
     )

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from privtune import io
-from privtune.config import BASE_DIR, PREPARED_DIR
+from privtune.config import BASE_DIR, PREPARED_DIR, Params
 from privtune.errors import DataError, ModelError
+
+BASE_INFO = "privtune.json"
+"""In models/base: the source and the max_length the base stage fixed (`auto` resolved)."""
 
 
 def read_split(root: Path, name: str) -> list[dict]:
@@ -26,3 +29,18 @@ def load_base(root: Path):
     if not (root / BASE_DIR).is_dir():
         raise ModelError(str(BASE_DIR), "base model missing", "run `dvc repro base` first")
     return load_pretrained(root / BASE_DIR, field=str(BASE_DIR))
+
+
+def resolved_max_length(params: Params, root: Path) -> int:
+    """Tokens per record for every stage after `base`: base.max_length, or for `auto` the
+    value the base stage derived from the data."""
+    if params.base.max_length != "auto":
+        return params.base.max_length
+    info = root / BASE_DIR / BASE_INFO
+    if not info.is_file():
+        raise ModelError(
+            str(BASE_DIR),
+            "base.max_length is auto but the base model has no resolved value",
+            "run `dvc repro base` first",
+        )
+    return int(io.read_json(info)["max_length"])

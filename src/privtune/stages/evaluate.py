@@ -12,7 +12,7 @@ from typing import Any
 from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, Params
 from privtune.errors import ModelError
-from privtune.stages.common import load_base, read_split
+from privtune.stages.common import load_base, read_split, resolved_max_length
 
 
 def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]
     metrics = evaluate_model(
-        model, tokenizer, test, params.base.max_length, params.evaluate.batch_size
+        model, tokenizer, test, resolved_max_length(params, root), params.evaluate.batch_size
     )
     metrics["method"] = info["method"]
     if "epsilon" in info["metrics"]:

@@ -16,7 +16,7 @@ import torch
 import privtune
 from privtune import io
 from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
-from privtune.stages.common import data_hash, load_base, read_split
+from privtune.stages.common import data_hash, load_base, read_split, resolved_max_length
 
 
 def run_key(params: Params, name: str, root: Path) -> str:
@@ -32,7 +32,7 @@ def run_key(params: Params, name: str, root: Path) -> str:
         "method": method,
         "options": options,
         "finetune": params.finetune.model_dump(),
-        "max_length": params.base.max_length,
+        "max_length": resolved_max_length(params, root),
         "data": data_hash(root),
         "base": io.tree_sha256(root / BASE_DIR),
         "code": io.tree_sha256(Path(privtune.__file__).parent, "*.py"),
@@ -98,7 +98,7 @@ def finetune(
     private = controller_class(method, name).private  # fail fast on an unknown method
     f = params.finetune
     model, tokenizer = load_base(root)
-    max_length = params.base.max_length
+    max_length = resolved_max_length(params, root)
     train_data = encode_records(
         [r["text"] for r in read_split(root, "train")], tokenizer, max_length
     )
