@@ -28,6 +28,7 @@ from privtune.registry import (
 )
 from privtune.registry.promotion import HISTORY_TAG, PREVIOUS
 from privtune.registry.register import KEY_TAG, _logged_model, client
+from tests.conftest import write_params
 
 SAFE_ATTACK = {
     "mia_auc_max": 0.52,
@@ -330,12 +331,13 @@ def test_promote_best_chooses_the_most_useful_eligible_new_version(project, caps
     assert json.loads(mlflow_client.get_registered_model(name).tags[HISTORY_TAG]) == ["3"]
     decisions = {d.version: d for d in selection.decisions}
     assert [g.gate for g in decisions["1"].failed] == ["mia_auc"]
-    for other in ("2", "4"):  # eligible but worse: refused as not chosen, naming the winner
+    for other in ("2", "4"):  # eligible but worse: refused against the new champion
         assert not decisions[other].promoted
-        assert "v3 was chosen" in decisions[other].reason()
+        assert "vs champion v3 41" in decisions[other].reason()
         tags = mlflow_client.get_model_version(name, other).tags
         assert tags["promotion.decision"] == "refused"
     # nothing new left: `privtune promote` falls back to the challenger, judged vs v3: refused
+    write_params(project / "params.yaml", registry={"name": name})
     code = main(["--root", str(project), "promote"])
     out = capsys.readouterr().out
     assert code == 1 and "v4" in out and "nothing promoted" in out
