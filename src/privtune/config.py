@@ -91,6 +91,9 @@ class BaseParams(_Section):
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-3, gt=0)
+    # Threads of the base stage (with torch's deterministic algorithms): fixed, so the built
+    # base model is the same bytes on every machine with the pinned environment.
+    threads: int = Field(default=2, ge=1)
     # Keeps the base's predictions calibrated on text unlike the public split, which leaves
     # low-rank fine-tuning room to move them (0 = plain cross-entropy).
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)

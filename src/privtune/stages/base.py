@@ -3,7 +3,10 @@ a packaged GGUF file, or loaded from a local directory."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +58,37 @@ def resolve_max_length(
     return b.max_length, "base.max_length"
 
 
+@contextlib.contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """Bitwise-reproducible torch inside: deterministic algorithms and a fixed thread count
+    (CPU kernels split their reductions by thread), so two machines or two fresh clones with
+    the pinned environment write the same models/base."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
 def base(params: Params, root: Path = Path("."), show_progress: bool = True) -> dict[str, Any]:
     """Build the base model (pretrain a small GPT-2, convert a packaged GGUF, or load a local
     directory), save it, then evaluate it on the (bounded) test split."""
+    import torch
+
+    with deterministic(params.base.threads):
+        # torch's default generator starts from a random seed: the model's initial weights
+        # come from base.seed, not from the process
+        torch.manual_seed(params.base.seed)
+        return _base(params, root, show_progress)
+
+
+def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
     from privtune.data.tokenization import encode_records, train_tokenizer
     from privtune.evaluate import evaluate_model
     from privtune.modeling import build_gpt2, load_pretrained, position_limit, resolve_device
