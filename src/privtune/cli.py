@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
     sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
     sub.add_parser("report", help="every method side by side: reports/report.md and plots")
-    sub.add_parser("summary", help="print the compact table of every method's results")
+    cmd = sub.add_parser("summary", help="print the compact table of every method's results")
+    cmd.add_argument("--markdown", action="store_true", help="as a markdown table (README)")
     for stage in ("finetune", "evaluate", "attack"):
         cmd = sub.add_parser(stage, help=f"{stage} one method entry of params.yaml `methods`")
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "summary":
             from privtune.stages.report import summary_table
 
-            print(summary_table(params, root))
+            print(summary_table(params, root, markdown=args.markdown))
             return 0
         elif args.stage == "promote":
             return _promote(params, root, args.version, args.json)

@@ -81,14 +81,18 @@ SUMMARY: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def summary_table(params: Params, root: Path = Path(".")) -> str:
-    """Methods x (utility, epsilon spent, attack success, audit bound), aligned plain text."""
+def summary_table(params: Params, root: Path = Path("."), markdown: bool = False) -> str:
+    """Methods x (utility, epsilon spent, attack success, audit bound): aligned plain text, or
+    the markdown table README's results section carries (tests/test_readme.py compares them)."""
     rows = collect(params, root)
     header = ["method", *(c[0] for c in SUMMARY)]
     body = [
         [name, *(_cell(row, src, key, fmt) for _, src, key, fmt in SUMMARY)]
         for name, row in rows.items()
     ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join([*lines, *("| " + " | ".join(cells) + " |" for cells in body)])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
