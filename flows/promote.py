@@ -76,11 +76,37 @@ def decide(root: str, version: str | None) -> dict:
     return decision.to_dict()
 
 
+@task(
+    name="choose",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+def choose(root: str) -> list[dict]:
+    """The best eligible of the versions not judged yet becomes champion (`privtune promote`);
+    a retry after it finds nothing new and judges the challenger again (a rebuilt, not
+    duplicated, decision). Nothing new and no challenger: nothing to promote, a result."""
+    from privtune.registry import CHALLENGER, pending_versions, promote_best
+    from privtune.registry.promotion import alias_version
+    from privtune.registry.register import client
+
+    registry = _registry(root)
+    waiting = pending_versions(registry.name, root=root)
+    if not waiting and alias_version(client(root), registry.name, CHALLENGER) is None:
+        get_run_logger().info("nothing to promote: no new version of %s", registry.name)
+        return [
+            {"name": registry.name, "version": None, "promoted": False, "nothing_to_promote": True}
+        ]
+    selection = promote_best(registry.name, registry.gates, root=root)
+    get_run_logger().info("%s", selection.why)
+    return [decision.to_dict() for decision in selection.decisions]
+
+
 @flow(name="privtune-promote", log_prints=True)
 def promote(root: str = ".", version: str | None = None, pending: bool = False) -> list[dict]:
-    """Move `champion` through the gates: to `version`, or to every version not judged yet
-    (``pending``, oldest first, as the nightly pipeline does), or to the challenger."""
-    from privtune.registry import pending_versions
+    """Move `champion` through the gates: to `version`, or to the best eligible of the
+    versions not judged yet (``pending``, as the nightly pipeline does), or to the challenger."""
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
@@ -88,8 +114,7 @@ def promote(root: str = ".", version: str | None = None, pending: bool = False) 
     if version is not None:
         return [decide(root, version)]
     if pending:
-        versions = pending_versions(_registry(root).name, root=root)
-        return [decide(root, v) for v in versions]
+        return choose(root)
     return [decide(root, None)]
 
 

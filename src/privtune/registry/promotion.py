@@ -166,7 +166,7 @@ def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> 
     ]
 
 
-def _alias(mlflow_client: Any, name: str, alias: str) -> Any | None:
+def alias_version(mlflow_client: Any, name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -252,7 +252,7 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:
     versions = sorted(
         mlflow_client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)
     )
-    champion = _alias(mlflow_client, name, CHAMPION)
+    champion = alias_version(mlflow_client, name, CHAMPION)
     refused = [v for v in versions if v.tags.get("promotion.decision") == "refused"]
     waiting = [v for v in versions if "promotion.decision" not in v.tags]
     if champion is not None:
@@ -301,13 +301,13 @@ def promote(
     candidate = (
         mlflow_client.get_model_version(name, version)
         if version is not None
-        else _alias(mlflow_client, name, CHALLENGER)
+        else alias_version(mlflow_client, name, CHALLENGER)
     )
     if candidate is None:
         raise ModelError(
             f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
         )
-    champion = _alias(mlflow_client, name, CHAMPION)
+    champion = alias_version(mlflow_client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(candidate.version):
         raise ModelError(
             f"{name} v{candidate.version}", "already the champion", "register a new challenger"
@@ -328,7 +328,7 @@ def promote(
         mlflow_client.set_registered_model_alias(name, CHAMPION, candidate.version)
         if champion is not None:
             mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
-        challenger = _alias(mlflow_client, name, CHALLENGER)
+        challenger = alias_version(mlflow_client, name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(candidate.version):
             mlflow_client.delete_registered_model_alias(name, CHALLENGER)
     describe_registered_model(mlflow_client, name)
@@ -366,13 +366,13 @@ def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".
     mlflow_client = client(root)
     candidates = pending_versions(name, root=root)
     if not candidates:
-        challenger = _alias(mlflow_client, name, CHALLENGER)
+        challenger = alias_version(mlflow_client, name, CHALLENGER)
         if challenger is None:
             raise ModelError(
                 f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
             )
         candidates = [str(challenger.version)]
-    champion = _alias(mlflow_client, name, CHAMPION)
+    champion = alias_version(mlflow_client, name, CHAMPION)
     candidates = [v for v in candidates if champion is None or v != str(champion.version)]
     tags = {v: dict(mlflow_client.get_model_version(name, v).tags) for v in candidates}
     eligible = [
@@ -384,7 +384,7 @@ def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".
     decisions: list[Decision] = []
     if best is not None:
         decisions.append(promote(name, gates, root=root, version=best))
-        champion = _alias(mlflow_client, name, CHAMPION)
+        champion = alias_version(mlflow_client, name, CHAMPION)
     for version in candidates:
         if version == best:
             continue
@@ -468,7 +468,7 @@ def rollback(name: str, *, root: str | Path = ".") -> Rollback:
     mlflow_client.set_registered_model_alias(name, CHAMPION, restored)
     if len(history) >= 2:
         mlflow_client.set_registered_model_alias(name, PREVIOUS, history[-2])
-    elif _alias(mlflow_client, name, PREVIOUS) is not None:
+    elif alias_version(mlflow_client, name, PREVIOUS) is not None:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     mlflow_client.set_model_version_tag(name, demoted, "promotion.rolled_back", now)
