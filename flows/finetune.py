@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow  # noqa: E402
 
-from tasks import profiles, stages  # noqa: E402
+from privtune import profiles  # noqa: E402
+from tasks import stages  # noqa: E402
 
 
 @flow(name="privtune-finetune", log_prints=True)
@@ -29,7 +30,7 @@ def finetune(
 
     With ``share``, the outputs go to the DVC remote for workers on other machines. With
     ``profile`` / ``overrides`` (a quick run of the pipeline), in that profile's own project
-    (tasks/profiles.py), the one the pipeline built in the same checkout.
+    (privtune/profiles.py), the one the pipeline built in the same checkout.
     """
     from privtune.tracking import disable_telemetry
 

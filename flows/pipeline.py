@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow, get_run_logger  # noqa: E402
 
-from tasks import dispatch, profiles, stages  # noqa: E402
+from privtune import profiles  # noqa: E402
+from tasks import dispatch, stages  # noqa: E402
 
 
 def method_names(root: str) -> list[str]:
@@ -55,7 +56,7 @@ def pipeline(
     ``share``: GPU workers are on other machines; stage outputs travel through the DVC remote.
     ``profile`` / ``overrides``: a run with a named profile of profiles.yaml (e.g. `quick`, the
     reduced CPU profile) and/or dotted params.yaml overrides, built in profiles/<name>/ so it
-    never touches the default pipeline's outputs or champion (tasks/profiles.py).
+    never touches the default pipeline's outputs or champion (privtune/profiles.py).
     """
     from privtune.tracking import disable_telemetry
 

@@ -1,5 +1,5 @@
-"""Parameter profiles become `dvc exp run -S` overrides that DVC's grammar accepts; the SmolLM2
-profiles validate against the schema and pass the registry's delta gate."""
+"""Profiles (profiles.yaml): overlays of params.yaml, extended by name, checked against the
+schema; the SmolLM2 profiles are valid and pass the registry's delta gate."""
 
 from pathlib import Path
 
@@ -8,12 +8,12 @@ import yaml
 
 from privtune.config import parse_params
 from privtune.errors import ConfigError
-from privtune.profiles import command, merged, overrides
+from privtune.profiles import merged, overlay, resolve, with_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_overrides_change_add_and_replace_the_method_list():
+def test_an_overlay_merges_sections_and_replaces_the_method_list():
     params = {
         "base": {"source": "build", "max_length": 384},
         "finetune": {"lora": {"r": 8}},
@@ -22,43 +22,44 @@ def test_overrides_change_add_and_replace_the_method_list():
     profile = {
         "base": {"source": "smollm2-135m", "max_length": "auto"},
         "finetune": {"delta": 1e-5, "lora": {"target_modules": ["q_proj", "v_proj"]}},
-        "methods": {"nonprivate": {}, "dpsgd": {"clip": 0.5}, "rldp": {"rl_interval": 5}},
+        "methods": {"nonprivate": {}, "dpsgd": {"clip": 0.5}},
     }
     target = merged(profile, params)
     assert target["methods"] == profile["methods"]  # replaced, not merged
     assert target["finetune"]["lora"] == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
-    assert overrides(target, params) == [
-        "base.source=smollm2-135m",
-        "base.max_length=auto",
-        "+finetune.lora.target_modules=[q_proj,v_proj]",
-        "+finetune.delta=1.0e-05",
-        "~methods.lmo",
-        "~methods.dpsgd.extra",
-        "methods.dpsgd.clip=0.5",
-        "+methods.rldp={rl_interval:5}",
-    ]
-    assert overrides(params, params) == []
+    assert target["base"] == {"source": "smollm2-135m", "max_length": "auto"}
+    assert with_dotted(target, {"finetune.lora.r": 4})["finetune"]["lora"]["r"] == 4
+    assert params["finetune"]["lora"] == {"r": 8}  # the inputs are not modified
 
 
-@pytest.mark.parametrize("cpu", [False, True])
-def test_smollm2_profiles_are_valid_and_pass_the_delta_gate(cpu):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    target = merged(yaml.safe_load((ROOT / "params-smollm2.yaml").read_text()), params)
-    if cpu:
-        target = merged(yaml.safe_load((ROOT / "params-smollm2-cpu.yaml").read_text()), target)
-    checked = parse_params(target)
-    assert checked.base.source == "smollm2-135m"
-    assert checked.finetune.delta <= checked.registry.gates.max_delta
-    expected = {"nonprivate", "dpsgd", "rldp"} if cpu else set(params["methods"])
+@pytest.mark.parametrize("name", ["smollm2", "smollm2-cpu", "quick"])
+def test_shipped_profiles_are_valid_and_pass_the_delta_gate(name):
+    run, params = resolve(ROOT, name, None)
+    checked = parse_params(params)
+    assert run == name
+    if name.startswith("smollm2"):
+        assert checked.base.source == "smollm2-135m"
+        assert checked.finetune.delta <= checked.registry.gates.max_delta
+    expected = {
+        "smollm2": set(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]),
+        "smollm2-cpu": {"nonprivate", "dpsgd", "rldp"},
+        "quick": {"nonprivate", "dpsgd"},
+    }[name]
     assert set(checked.methods) == expected
 
 
-def test_a_bad_profile_fails_before_dvc_runs(tmp_path):
-    bad = tmp_path / "params-bad.yaml"
-    bad.write_text("base: {max_length: longest}\n")
-    with pytest.raises(ConfigError, match=r"base\.max_length"):
-        command([bad], ROOT / "params.yaml", "bad")
-    cmd = command([ROOT / "params-smollm2.yaml"], ROOT / "params.yaml", "smollm2")
-    assert cmd[:5] == ["dvc", "exp", "run", "-n", "smollm2"]
-    assert "base.source=smollm2-135m" in cmd and "finetune.delta=1.0e-05" in cmd
-    assert yaml.safe_load("x: 1.0e-05")["x"] == 1e-5  # how params.yaml is read back
+def test_extends_applies_the_base_profile_first(tmp_path):
+    (tmp_path / "profiles.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "big": {"finetune": {"lr": 0.5, "epochs": 2.0}},
+                "small": {"extends": "big", "finetune": {"epochs": 0.5}},
+                "loop": {"extends": "loop"},
+            }
+        )
+    )
+    assert overlay(tmp_path, "small") == {"finetune": {"lr": 0.5, "epochs": 0.5}}
+    with pytest.raises(ConfigError, match="extends itself"):
+        overlay(tmp_path, "loop")
+    with pytest.raises(ConfigError, match="no such profile.*big"):
+        overlay(tmp_path, "huge")

@@ -13,10 +13,10 @@ import yaml
 from dvc.exceptions import ReproductionError
 from prefect.states import Failed
 
+from privtune import profiles
 from privtune.cli import main
 from privtune.errors import ConfigError, ModelError
 from privtune.workers import absolute_tracking_uri, project_root
-from tasks import profiles
 from tasks.dispatch import finetune_key
 from tasks.stages import PermanentStageError, _permanent_errors, transient
 from tests.conftest import write_params

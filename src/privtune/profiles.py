@@ -1,62 +1,44 @@
-"""Parameter profiles: a YAML overlay of params.yaml, run as one DVC experiment.
+"""Named parameter profiles (profiles.yaml): a run of the pipeline with some params changed,
+built in a DVC project of its own so it never touches the default pipeline.
 
-A profile (e.g. `params-smollm2.yaml`) holds only what differs from params.yaml; its `methods`,
-when given, replaces the list of methods. It becomes `dvc exp run -S ...` overrides (DVC's
-Hydra grammar: `key=value` to change, `+key=value` to add, `~key` to remove), so the run is an
-ordinary DVC experiment: `dvc exp show` lists it, params.yaml in the workspace shows what ran.
+A profile is an overlay of params.yaml (the same sections, only what differs; its `methods`,
+when given, replaces the list of methods) and may `extends` another profile. A run with a
+profile (`make demo-smollm2`, `python -m privtune.profiles run quick`, or the Prefect pipeline's
+`profile` / `overrides` parameters) builds in profiles/<name>/ under the checkout: the same
+dvc.yaml and code, params.yaml with the overlay, its own outputs, dvc.lock and MLflow store, and
+it registers its models as `<registry.name>-<name>`, so none of them can become the default
+model's champion. `dvc repro` there reruns only what changed, like in the checkout.
 
-    python -m privtune.profiles run params-smollm2.yaml [--cpu params-smollm2-cpu.yaml]
-    python -m privtune.profiles show params-smollm2.yaml     # print the dvc command only
+    python -m privtune.profiles run smollm2 [--cpu-profile smollm2-cpu]
+    python -m privtune.profiles show quick        # the merged params.yaml, validated
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import shlex
+import hashlib
+import json
+import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from privtune.config import parse_params
+from privtune.config import load_params, parse_params
 from privtune.errors import ConfigError
 
+PROFILES_FILE = "profiles.yaml"
+PROFILES_DIR = Path("profiles")
 REPLACED = ("methods",)  # mappings a profile replaces instead of merging into
-_PLAIN = re.compile(r"^[A-Za-z0-9_./@-]+$")
 
 
-def _value(value: Any) -> str:
-    """A value in the override grammar (no spaces, so the command splits cleanly)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        # 1.0e-05, not 1e-05: YAML 1.1 readers (PyYAML) take a mantissa without a dot for a string
-        mantissa, _, exponent = repr(value).partition("e")
-        if exponent and "." not in mantissa:
-            mantissa += ".0"
-        return mantissa + (f"e{exponent}" if exponent else "")
-    if isinstance(value, int):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ",".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if not _PLAIN.match(text) or text in ("true", "false", "null"):
-        raise ConfigError("profile", f"value {text!r} needs quoting", "use a plain word or path")
-    return text
-
-
-def merged(profile: dict[str, Any], params: dict[str, Any], path: str = "") -> dict[str, Any]:
+def merged(overlay: dict[str, Any], params: dict[str, Any], path: str = "") -> dict[str, Any]:
     """params.yaml overlaid with a profile (a REPLACED mapping is taken whole)."""
     out = dict(params)
-    for key, value in profile.items():
+    for key, value in overlay.items():
         full = f"{path}{key}"
         if full not in REPLACED and isinstance(value, dict) and isinstance(params.get(key), dict):
             out[key] = merged(value, params[key], f"{full}.")
@@ -65,65 +47,123 @@ def merged(profile: dict[str, Any], params: dict[str, Any], path: str = "") -> d
     return out
 
 
-def overrides(
-    target: dict[str, Any], params: dict[str, Any], path: str = "", exact: bool = False
-) -> list[str]:
-    """`-S` arguments that turn ``params`` into ``target``; inside a REPLACED mapping
-    (``exact``) keys that ``target`` lacks are removed."""
-    args = [f"~{path}{old}" for old in params if old not in target] if exact else []
-    for key, value in target.items():
-        full = f"{path}{key}"
-        if key not in params:
-            args.append(f"+{full}={_value(value)}")
-        elif isinstance(value, dict) and isinstance(params[key], dict):
-            args += overrides(value, params[key], f"{full}.", exact or full in REPLACED)
-        elif value != params[key]:
-            args.append(f"{full}={_value(value)}")
-    return args
+def with_dotted(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """params with each dotted key (`finetune.lr`) set; a mapping value replaces the subtree."""
+    result = json.loads(json.dumps(params))
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return result
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(str(path), "profile not found", "run from the project root")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "a profile is a mapping of params.yaml sections", "fix it")
+def known(root: Path) -> dict[str, dict[str, Any]]:
+    path = root / PROFILES_FILE
+    data = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(PROFILES_FILE, "must map profile names to overlays", "fix its shape")
     return data
 
 
-def command(profiles: list[Path], params_file: Path, name: str) -> list[str]:
-    """The `dvc exp run` command of the profiles (later ones overlay earlier ones), checked
-    against the parameter schema first, so a bad profile fails before anything runs."""
-    params = yaml.safe_load(params_file.read_text()) or {}
-    target = params
-    for profile in profiles:
-        target = merged(_read(profile), target)
-    parse_params(target, profiles[-1])
-    args = overrides(target, params)
-    return ["dvc", "exp", "run", "-n", name, *(a for arg in args for a in ("-S", arg))]
+def overlay(root: Path, name: str) -> dict[str, Any]:
+    """The profile's overlay, with the profiles it extends applied first."""
+    profiles = known(root)
+    chain: list[str] = []
+    while name is not None:
+        if name not in profiles:
+            raise ConfigError(
+                f"{PROFILES_FILE}: {name}",
+                "no such profile",
+                f"use one of {sorted(profiles) or 'none (add one)'} or pass `overrides`",
+            )
+        if name in chain:
+            raise ConfigError(f"{PROFILES_FILE}: {name}", "extends itself", "break the cycle")
+        chain.append(name)
+        name = profiles[name].get("extends")
+    result: dict[str, Any] = {}
+    for step in reversed(chain):
+        body = {k: v for k, v in profiles[step].items() if k != "extends"}
+        result = merged(body, result)
+    return result
+
+
+def resolve(
+    root: str | Path, profile: str | None, overrides: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """(project name, params of the run): params.yaml overlaid with the profile, then the
+    dotted ``overrides``. A profile's project is its name (overrides on top change its params,
+    and DVC reruns what they change); overrides alone get a name from their content, so
+    different sets never share a project."""
+    root = Path(root)
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    if profile:
+        params = merged(overlay(root, profile), params)
+    params = with_dotted(params, overrides or {})
+    if profile:
+        return profile, params
+    digest = hashlib.sha256(json.dumps(overrides or {}, sort_keys=True).encode()).hexdigest()
+    return f"overrides-{digest[:8]}", params
+
+
+def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | None) -> Path:
+    """profiles/<name>/ under ``root``, created or brought up to date: dvc.yaml and the code
+    copied from the checkout (the stages' dependencies), params.yaml of the profile, checked
+    against the schema before anything runs."""
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    name, params = resolve(root, profile, overrides)
+    parse_params(params, Path(f"{PROFILES_FILE}: {name}"))  # a bad key fails here, named
+    registry = params.setdefault("registry", {})
+    if not any(key.startswith("registry.name") for key in overrides or {}):
+        registry["name"] = f"{registry.get('name', 'privtune-clinical-notes')}-{name}"
+    target = root / PROFILES_DIR / name
+    target.mkdir(parents=True, exist_ok=True)
+    params_file = target / "params.yaml"
+    text = yaml.safe_dump(params, sort_keys=False)
+    if not params_file.is_file() or params_file.read_text() != text:
+        params_file.write_text(text)
+    load_params(params_file)
+    shutil.copy2(root / "dvc.yaml", target / "dvc.yaml")
+    shutil.rmtree(target / "src", ignore_errors=True)
+    shutil.copytree(
+        root / "src", target / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    if not (target / ".dvc").is_dir():  # its own DVC project; the checkout's DVC skips it
+        Repo.init(str(target), no_scm=True).close()
+        with Repo(str(target)) as repo, repo.config.edit() as config:
+            config["core"]["analytics"] = False
+            config["core"]["check_update"] = False
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privtune.profiles", description=__doc__)
     parser.add_argument("action", choices=["run", "show"])
-    parser.add_argument("profile", type=Path)
-    parser.add_argument("--cpu", type=Path, help="overlay used when no CUDA device is present")
-    parser.add_argument("--name", help="experiment name (default: profile name and time)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("profile", help="a profile of profiles.yaml")
+    parser.add_argument("--cpu-profile", help="the profile to run instead without CUDA")
+    parser.add_argument("--root", type=Path, default=Path("."))
     args = parser.parse_args(argv)
-    profiles = [args.profile]
-    if args.cpu is not None:
+    name = args.profile
+    if args.cpu_profile:
         import torch
 
-        if not torch.cuda.is_available():
-            profiles.append(args.cpu)
-    # DVC refuses a second experiment of the same name (and -f would rerun every stage)
-    name = args.name or f"{profiles[-1].stem.removeprefix('params-')}-{time.strftime('%m%d-%H%M')}"
-    cmd = command(profiles, args.params, name)
-    print(f"profile {' + '.join(map(str, profiles))}:\n{shlex.join(cmd)}", file=sys.stderr)
-    if args.action == "show":
-        return 0
-    return subprocess.run(cmd).returncode
+        name = name if torch.cuda.is_available() else args.cpu_profile
+    try:
+        if args.action == "show":
+            run, params = resolve(args.root, name, None)
+            parse_params(params, Path(f"{PROFILES_FILE}: {name}"))
+            print(yaml.safe_dump(params, sort_keys=False))
+            return 0
+        target = project(args.root, name, None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"profile {name}: building in {target}", file=sys.stderr)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
+    return subprocess.run(["dvc", "repro"], cwd=target, env=env).returncode
 
 
 if __name__ == "__main__":
