@@ -36,6 +36,22 @@ def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
 
 
+def point_mlflow_at(mlflow: Any, root: str | Path) -> str:
+    """Point MLflow at the project's store without exporting it.
+
+    MLflow 3's set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which would send
+    the next project's runs in this process, and every subprocess it starts, to this store.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    return uri
+
+
 def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -330,7 +346,7 @@ def start_run(
     import mlflow
 
     root = Path(root)
-    mlflow.set_tracking_uri(tracking_uri(root))
+    point_mlflow_at(mlflow, root)
     tags = {RUN_KEY_TAG: key} if key else None
     if run_id is not None:
         with mlflow.start_run(run_id=run_id) as run:

@@ -249,7 +249,7 @@ def _logged_model(
 
     from privtune.registry.pyfunc import GenerationModel, pip_requirements, signature
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    tracking.point_mlflow_at(mlflow, root)
     mlflow_client = mlflow.MlflowClient(tracking_uri(root))
     try:
         run = mlflow_client.get_run(run_id)
