@@ -29,4 +29,3 @@ def test_results_table_is_what_privtune_summary_prints_for_the_committed_outputs
 def test_no_placeholders():
     for marker in ("TODO", "TBD", "FIXME", "XXX", "placeholder", "lorem"):
         assert marker.lower() not in README.lower(), marker
-
