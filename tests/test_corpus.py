@@ -255,3 +255,23 @@ def test_the_gates_table_marks_insufficient_evidence_apart_from_failures():
     results = evaluate_gates(Gates(), _tags(0.55, 0.4, None, None), None)
     table = gates_table([Decision("m", "1", False, None, tuple(results))])
     assert "–?" in table and INSUFFICIENT in table
+
+
+def test_the_report_says_when_no_downstream_task_was_declared():
+    from privtune.stages.report import NO_TASK, markdown_table
+
+    evaluated = {"test_perplexity": 3.0, "downstream_task": None}
+    rows = {
+        "none": {"finetune": {}, "evaluate": evaluated, "attack": {}, "task": None},
+        "cloze": {
+            "finetune": {},
+            "evaluate": {"downstream_accuracy": 0.42, "downstream_chance": 0.1},
+            "attack": {"mia_members": 100, "mia_non_members": 100, "mia_auc_max": 0.5}
+            | {"mia_tpr_at_fpr_0.01_max": None},
+            "task": "cloze",
+        },
+    }
+    lines = markdown_table(rows).splitlines()
+    assert f"| {NO_TASK} |" in lines[2]
+    assert "| 0.420 (0.10) |" in lines[3] and "| 100 / 100 |" in lines[3]
+    assert "| n/r |" in lines[3]  # recorded as not measurable, not a dash

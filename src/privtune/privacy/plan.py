@@ -52,6 +52,12 @@ def make_plan(
     q = min(1.0, params.batch_size / n_records)
     steps = max(1, math.ceil(params.epochs / q))
     delta = params.delta if params.delta is not None else default_delta(n_records, max_delta)
+    if not delta < 1.0 / n_records:
+        raise ConfigError(
+            "finetune.delta",
+            f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
+            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
+        )
     if max_delta is not None and delta > max_delta:
         raise ConfigError(
             "finetune.delta",
@@ -59,12 +65,6 @@ def make_plan(
             f"{max_delta:g}: the model would be trained and then refused promotion",
             f"set finetune.delta to at most {max_delta:g} (or null: 1/(10 N) capped by the "
             "gate), or raise registry.gates.max_delta if your privacy officer agrees",
-        )
-    if not delta < 1.0 / n_records:
-        raise ConfigError(
-            "finetune.delta",
-            f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
-            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
         )
     noise = (
         accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)

@@ -398,7 +398,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "## Membership inference",
         "",
         f"{m['members']} members against {m['non_members']} non-members; AUC with its "
-        "bootstrap interval, TPR at 0.1 % and 1 % FPR.",
+        "bootstrap interval, TPR at 0.1 % and 1 % FPR (– where fewer than 1/FPR non-members "
+        "cannot measure that rate).",
         "",
         "| score | AUC | interval | TPR @ 0.1 % FPR | TPR @ 1 % FPR |",
         "|---|---|---|---|---|",
