@@ -237,8 +237,9 @@ class Gates(_Section):
 
     max_epsilon 8: the upper end of what DP deployments on sensitive data publish; the
     pipeline's default target. max_delta 1e-4: below 1/n for any training set under 10k
-    records (the pipeline uses 1/(10 n)). MIA AUC 0.6 and TPR at 1% FPR 0.05: an attacker
-    barely better than a coin (0.5) and at most 5x the chance rate (0.01) at low FPR. The audit
+    records (the pipeline uses 1/(10 n), capped at this gate). MIA AUC 0.6 and TPR at 1% FPR
+    0.05: an attacker barely better than a coin (0.5) and at most 5x the chance rate (0.01) at
+    low FPR, judged on the attack's lower confidence bound (attack.confidence). The audit
     gate has no threshold: its lower bound must not exceed the claimed (spent) epsilon. Utility:
     test perplexity (lower is better) no worse than the champion's, with no tolerance.
     """
