@@ -50,6 +50,16 @@ def test_delta_not_below_one_over_n(project, capsys, tmp_path):
     assert _listing(root) == before  # no models/dpsgd, no metrics, no MLflow run
 
 
+def test_delta_the_registry_gate_would_refuse_is_refused_before_training(project, capsys, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    write_params(root / "params.yaml", finetune={"delta": 5e-4})  # below 1/N, above the gate
+    before = _listing(root)
+    code, err = _run(root, "finetune", "dpsgd", capsys=capsys)
+    assert code == 2 and "registry.gates.max_delta" in err and "at most 0.0001" in err
+    assert _listing(root) == before
+
+
 def test_unknown_method(project, capsys):
     code, err = _run(project, "finetune", "nosuch", capsys=capsys)
     assert code == 2 and "methods.nosuch" in err

@@ -32,7 +32,9 @@ from tests.conftest import write_params
 
 SAFE_ATTACK = {
     "mia_auc_max": 0.52,
+    "mia_auc_ci_low_max": 0.44,
     "mia_tpr_at_fpr_0.01_max": 0.012,
+    "mia_tpr_at_fpr_0.01_ci_low_max": 0.0,
     "mia_loss_auc": 0.52,
     "mia_loss_auc_ci_low": 0.44,
     "mia_loss_auc_ci_high": 0.6,
@@ -316,7 +318,8 @@ def test_promote_best_chooses_the_most_useful_eligible_new_version(project, caps
 
     name = "clinical-best"
     mlflow_client = client(project)
-    add_entry(project, "leaky", perplexity=20.0, attack={**SAFE_ATTACK, "mia_auc_max": 0.9})
+    leaky = {**SAFE_ATTACK, "mia_auc_max": 0.9, "mia_auc_ci_low_max": 0.8}
+    add_entry(project, "leaky", perplexity=20.0, attack=leaky)
     add_entry(project, "good", perplexity=45.0, seed=7)
     add_entry(project, "best", perplexity=41.0, seed=8)
     add_entry(project, "last", perplexity=49.0, seed=9)  # the `challenger` alias ends here
@@ -377,14 +380,15 @@ def test_missing_metrics_and_broken_contracts_fail_their_gates(project):
     add_entry(
         project,
         "leaky",
-        attack={"mia_auc_max": 0.9, "mia_tpr_at_fpr_0.01_max": 0.3},
+        attack={"mia_auc_max": 0.9, "mia_auc_ci_low_max": 0.8, "mia_tpr_at_fpr_0.01_max": 0.3},
         audit=6.0,
         epsilon=4.0,
         seed=8,
     )
     register("leaky", name, project)
     failed = {g.gate: g for g in promote(name, root=project).failed}
-    assert failed["mia_auc"].margin == pytest.approx(-0.3)
+    assert failed["mia_auc"].margin == pytest.approx(-0.2)  # on the lower bound, 0.8
+    assert failed["mia_tpr_at_fpr_0.01"].evidence == "insufficient evidence"  # no bound
     assert failed["audit"].margin == pytest.approx(-2.0)  # audit bound above the claimed 4.0
 
 
@@ -408,14 +412,18 @@ def test_non_private_model_has_infinite_epsilon_and_is_refused(project):
 @given(
     epsilon=st.floats(0, 20),
     auc=st.floats(0, 1),
+    auc_low=st.floats(0, 1),
     tpr=st.floats(0, 1),
+    tpr_low=st.floats(0, 1),
     audit=st.floats(0, 20),
     challenger=st.floats(1, 1000),
     champion=st.floats(1, 1000),
 )
 def test_promoted_exactly_when_every_margin_is_non_negative(
-    epsilon, auc, tpr, audit, challenger, champion
+    epsilon, auc, auc_low, tpr, tpr_low, audit, challenger, champion
 ):
+    auc_low, tpr_low = min(auc_low, auc), min(tpr_low, tpr)  # lower confidence bounds
+
     class Champion:
         version = "1"
         tags = {"utility.test_perplexity": repr(champion)}
@@ -424,7 +432,9 @@ def test_promoted_exactly_when_every_margin_is_non_negative(
         "epsilon": repr(epsilon),
         "delta": "1e-05",
         "attack.mia_auc_max": repr(auc),
+        "attack.mia_auc_ci_low_max": repr(auc_low),
         "attack.mia_tpr_at_fpr_0.01_max": repr(tpr),
+        "attack.mia_tpr_at_fpr_0.01_ci_low_max": repr(tpr_low),
         "attack.audit_epsilon_lower_bound": repr(audit),
         "utility.test_perplexity": repr(challenger),
     }
@@ -434,8 +444,8 @@ def test_promoted_exactly_when_every_margin_is_non_negative(
         assert g.passed == (g.margin >= 0)
     expected = (
         epsilon <= gates.max_epsilon
-        and auc <= gates.max_mia_auc
-        and tpr <= gates.max_mia_tpr_at_fpr_0_01
+        and auc_low <= gates.max_mia_auc  # attack gates decide on the lower bound
+        and tpr_low <= gates.max_mia_tpr_at_fpr_0_01
         and audit <= epsilon
         and challenger <= champion
     )

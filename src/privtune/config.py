@@ -10,6 +10,7 @@ method (privtune.options) and checked here too, before any stage writes anything
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,19 @@ class CanaryParams(_Section):
     # One-run audit (Steinke et al. 2023): standalone canary records, each added to the train
     # split independently with probability 1/2; 0 = no audit.
     audit: int = Field(default=128, ge=0, description="audit canaries (half expected in train)")
+    # The identifier each canary names, so canaries read like the corpus's own notes: `#` is a
+    # random digit, `@` a random capital letter, anything else literal (e.g. "ID-########").
+    identifier: str = Field(default="MRN ####-####", min_length=1)
+
+    @field_validator("identifier")
+    @classmethod
+    def _random_part(cls, value: str) -> str:
+        if value.count("#") + value.count("@") < 4:
+            raise ValueError(
+                "needs at least 4 random characters (`#` digit, `@` letter) so every canary's "
+                "identifier differs, e.g. 'MRN ####-####'"
+            )
+        return value
 
     @field_validator("repetitions")
     @classmethod
@@ -57,16 +71,37 @@ class CanaryParams(_Section):
         return value
 
 
+GENERATOR_SOURCE = "src/privtune/data/generator.py"
+"""prepare.source of the generated notes: the generator's own module, so that the corpus is a
+DVC dependency of `prepare` (dvc.yaml: `${prepare.source}`) whatever the source is."""
+
+
 class PrepareParams(_Section):
     seed: int = 20251123
-    # "generator" = the embedded pseudo-clinical generator; otherwise a path to a .jsonl or .csv
-    # file with a `text` column, or a directory written by datasets' save_to_disk.
-    source: str = "generator"
-    n_private: int = Field(default=1040, ge=10, description="generated private notes (all splits)")
+    # The generator's module path = the embedded pseudo-clinical generator; otherwise a path to
+    # a .jsonl or .csv file, or a directory written by datasets' save_to_disk (relative paths
+    # are relative to the project root, where dvc.yaml is).
+    source: str = Field(default=GENERATOR_SOURCE, min_length=1)
+    # Column holding each record's text, and an optional column of record ids (kept in the
+    # prepared splits so a record can be traced without quoting it; must be unique).
+    text_column: str = Field(default="text", min_length=1)
+    id_column: str | None = Field(default=None, min_length=1)
+    n_private: int = Field(
+        default=1190, ge=10, description="generated private notes (attack split included)"
+    )
     n_public: int = Field(default=3000, ge=10, description="public reference passages")
     valid_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     canaries: CanaryParams = CanaryParams()
+
+    @field_validator("source")
+    @classmethod
+    def _renamed_generator(cls, value: str) -> str:
+        """The bare word `generator` (before the corpus became a DVC dependency) names its
+        replacement rather than failing later as a missing file."""
+        if value.strip() == "generator":
+            raise ValueError(f"`generator` is now written as its module path: `{GENERATOR_SOURCE}`")
+        return value
 
 
 SOURCE_BUILD = "build"  # base.source: pretrain the small GPT-2 here (the CPU demo)
@@ -181,6 +216,8 @@ class MethodParams(_Section):
 
 class AttackParams(_Section):
     seed: int = 0
+    # Members (training records) and as many non-members: the attack split, held out of every
+    # other split by `prepare` (so its size follows this value).
     members: int = Field(default=150, ge=10, description="members and as many non-members")
     reference: bool = Field(default=True, description="calibrate by the base model's loss")
     min_k: float = Field(default=0.2, gt=0, le=1, description="fraction k of Min-K% prob")
@@ -189,7 +226,9 @@ class AttackParams(_Section):
         default=10_000, ge=100, description="random secrets each canary is ranked among"
     )
     samples: int = Field(default=4, ge=0, description="sampled generations per canary")
-    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="of the audit bound")
+    confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="of the AUC/TPR intervals and the audit bound"
+    )
     batch_size: int = Field(default=32, ge=1)
 
 
@@ -198,8 +237,9 @@ class Gates(_Section):
 
     max_epsilon 8: the upper end of what DP deployments on sensitive data publish; the
     pipeline's default target. max_delta 1e-4: below 1/n for any training set under 10k
-    records (the pipeline uses 1/(10 n)). MIA AUC 0.6 and TPR at 1% FPR 0.05: an attacker
-    barely better than a coin (0.5) and at most 5x the chance rate (0.01) at low FPR. The audit
+    records (the pipeline uses 1/(10 n), capped at this gate). MIA AUC 0.6 and TPR at 1% FPR
+    0.05: an attacker barely better than a coin (0.5) and at most 5x the chance rate (0.01) at
+    low FPR, judged on the attack's lower confidence bound (attack.confidence). The audit
     gate has no threshold: its lower bound must not exceed the claimed (spent) epsilon. Utility:
     test perplexity (lower is better) no worse than the champion's, with no tolerance.
     """
@@ -222,12 +262,48 @@ class RegistryParams(_Section):
     gates: Gates = Gates()
 
 
+class ClozeParams(_Section):
+    """A downstream task for any notes: fill in the span a pattern marks in each test note."""
+
+    # A regular expression; its first group (or the whole match) is the answer span, e.g.
+    # "ICD-10: ([A-Z][0-9]{2}(?:\\.[0-9])?)" or "Plan: start (\\w+)".
+    pattern: str | None = None
+    candidates: int = Field(default=50, ge=2, description="most frequent answers in train")
+    min_prompt_chars: int = Field(default=20, ge=1, description="shorter prefixes are skipped")
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        if compiled.groups > 1:
+            raise ValueError("use one capturing group for the answer (others as (?:...))")
+        return value
+
+
 class EvaluateParams(_Section):
     batch_size: int = Field(default=32, ge=1)
-    # The first `max_records` test notes (perplexity and medication task) in the base and
+    # The first `max_records` test notes (perplexity and downstream task) in the base and
     # evaluate stages; null = all. A real model on a CPU needs it: 104 notes took SmolLM2-135M
     # 20 minutes on 2 cores.
     max_records: int | None = Field(default=None, ge=1, description="cap on test records")
+    # The downstream task (privtune.downstream): `medication` (the generated notes' drug
+    # choice), `cloze` (evaluate.cloze.pattern, for any notes) or null (none declared).
+    task: Literal["medication", "cloze"] | None = "medication"
+    cloze: ClozeParams = ClozeParams()
+
+    @model_validator(mode="after")
+    def _cloze_pattern(self) -> EvaluateParams:
+        if self.task == "cloze" and not self.cloze.pattern:
+            raise ValueError(
+                "task `cloze` needs `evaluate.cloze.pattern`, a regular expression whose group "
+                "marks the answer in each note (or set `evaluate.task: null`)"
+            )
+        return self
 
 
 DEFAULT_METHODS: dict[str, MethodParams] = {

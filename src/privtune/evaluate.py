@@ -1,4 +1,5 @@
-"""Utility metrics: test perplexity and medication-consistency accuracy.
+"""Utility metrics: test perplexity and medication-consistency accuracy (the generated notes'
+downstream task; privtune.downstream declares tasks for any corpus).
 
 Medication accuracy (the downstream task): for each test note, take its text up to the point
 where the plan names the prescribed drug, score every drug name of the formulary as the
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from privtune.data.tokenization import EncodedRecords, bos_id, encode_records
 from privtune.losses import mean_token_loss
+
+if TYPE_CHECKING:
+    from privtune.config import EvaluateParams
 
 
 def perplexity(model: torch.nn.Module, data: EncodedRecords, batch_size: int = 32) -> float:
@@ -147,16 +152,14 @@ def evaluate_model(
     test_records: Sequence[dict],
     max_length: int,
     batch_size: int = 32,
-) -> dict[str, float]:
-    """All utility metrics of one model on the private test split."""
-    from privtune.data.generator import ALL_MEDICATION_NAMES, CONDITIONS
+    task: EvaluateParams | None = None,
+    train_records: Sequence[dict] = (),
+) -> dict[str, Any]:
+    """Test perplexity and the downstream task (``task``: the `evaluate` params; None = the
+    medication task where the records carry its fields) of one model on the test split."""
+    from privtune.downstream import downstream_metrics
 
     model.eval()
     data = encode_records([r["text"] for r in test_records], tokenizer, max_length)
-    metrics = {"test_perplexity": perplexity(model, data, batch_size)}
-    task = [r for r in test_records if r.get("med_prompt") and r.get("icd10")]
-    if task:
-        allowed = {c.icd10: c.medications for c in CONDITIONS}
-        task = [r for r in task if r["icd10"] in allowed]
-        metrics |= medication_accuracy(model, tokenizer, task, ALL_MEDICATION_NAMES, allowed)
-    return metrics
+    metrics: dict[str, Any] = {"test_perplexity": perplexity(model, data, batch_size)}
+    return metrics | downstream_metrics(model, tokenizer, test_records, train_records, task)

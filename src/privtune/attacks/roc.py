@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -22,12 +23,40 @@ LOW_FPRS: tuple[float, ...] = (0.001, 0.01)
 
 @dataclass(frozen=True)
 class RocSummary:
-    """What the metrics file reports for one score."""
+    """What the metrics file reports for one score.
+
+    ``tpr_at_fpr`` holds None at a rate the non-members cannot resolve (fewer than 1/FPR of
+    them: one false positive is already more than that rate); ``tpr_ci_low`` is the lower
+    confidence bound of each resolved TPR (Clopper-Pearson over the members).
+    """
 
     auc: float
     auc_ci_low: float
     auc_ci_high: float
-    tpr_at_fpr: dict[float, float]
+    tpr_at_fpr: dict[float, float | None]
+    tpr_ci_low: dict[float, float] = field(default_factory=dict)
+    members: int = 0
+    non_members: int = 0
+
+
+def resolvable(fpr: float, non_members: int) -> bool:
+    """Whether ``non_members`` can measure a false-positive rate of ``fpr``: at least 1/fpr."""
+    return non_members * fpr >= 1 - 1e-9
+
+
+def unresolved_reason(fpr: float, non_members: int) -> str:
+    """Why a TPR at ``fpr`` is null, and the fix."""
+    need = math.ceil(1 / fpr - 1e-9)
+    return (
+        f"TPR at {fpr:g} FPR needs at least {need} non-members, the attack had {non_members}: "
+        f"raise attack.members to {need} (and the corpus with it) to measure it"
+    )
+
+
+def tpr_lower_bound(tpr: float, members: int, confidence: float) -> float:
+    """Lower end of the two-sided Clopper-Pearson interval of a TPR measured on ``members``."""
+    hits = round(tpr * members)
+    return float(stats.binomtest(hits, members).proportion_ci(confidence, "exact").low)
 
 
 def _labelled(member_scores: Sequence[float], non_member_scores: Sequence[float]):
@@ -94,16 +123,27 @@ def roc_summary(
     seed: int = 0,
     fprs: Sequence[float] = LOW_FPRS,
 ) -> RocSummary:
-    """AUC (sklearn), its bootstrap interval and the TPR at each low FPR."""
+    """AUC (sklearn), its bootstrap interval, and the TPR (with its lower bound) at each low
+    FPR the non-members can resolve (None at the others)."""
     labels, scores = _labelled(member_scores, non_member_scores)
     low, high = auc_confidence_interval(
         member_scores, non_member_scores, resamples, confidence, seed
     )
+    n_members, n_non_members = len(member_scores), len(non_member_scores)
+    tprs = {
+        f: tpr_at_fpr(member_scores, non_member_scores, f) if resolvable(f, n_non_members) else None
+        for f in fprs
+    }
     return RocSummary(
         auc=float(roc_auc_score(labels, scores)),
         auc_ci_low=low,
         auc_ci_high=high,
-        tpr_at_fpr={f: tpr_at_fpr(member_scores, non_member_scores, f) for f in fprs},
+        tpr_at_fpr=tprs,
+        tpr_ci_low={
+            f: tpr_lower_bound(t, n_members, confidence) for f, t in tprs.items() if t is not None
+        },
+        members=n_members,
+        non_members=n_non_members,
     )
 
 

@@ -22,7 +22,7 @@ from privtune.attacks.audit import AuditResult, one_run_audit
 from privtune.attacks.exposure import CanaryExposure, canary_exposures
 from privtune.attacks.extraction import CanaryExtraction, canary_extraction
 from privtune.attacks.membership import membership_inference
-from privtune.attacks.roc import RocSummary, plot_roc
+from privtune.attacks.roc import RocSummary, plot_roc, unresolved_reason
 from privtune.attacks.scoring import SCORE_NAMES, membership_scores
 from privtune.data.canaries import Canary
 from privtune.errors import ConfigError
@@ -72,13 +72,48 @@ def _fpr_key(fpr: float) -> str:
     return f"{fpr:g}"
 
 
+def _membership(mia: dict[str, RocSummary]) -> dict[str, float | str | None]:
+    """Every score's AUC (interval) and TPRs (lower bounds), the best of each across scores
+    with the best lower bound (what the gates decide on), and the counts they rest on."""
+    metrics: dict[str, float | str | None] = {}
+    for name, summary in mia.items():
+        metrics[f"mia_{name}_auc"] = summary.auc
+        metrics[f"mia_{name}_auc_ci_low"] = summary.auc_ci_low
+        metrics[f"mia_{name}_auc_ci_high"] = summary.auc_ci_high
+        for fpr, tpr in summary.tpr_at_fpr.items():
+            metrics[f"mia_{name}_tpr_at_fpr_{_fpr_key(fpr)}"] = tpr
+            if fpr in summary.tpr_ci_low:
+                metrics[f"mia_{name}_tpr_at_fpr_{_fpr_key(fpr)}_ci_low"] = summary.tpr_ci_low[fpr]
+    if not mia:
+        return metrics
+    first = next(iter(mia.values()))
+    if first.members:  # every score ranks the same records
+        metrics["mia_members"] = first.members
+        metrics["mia_non_members"] = first.non_members
+    metrics["mia_auc_max"] = max(s.auc for s in mia.values())
+    metrics["mia_auc_ci_low_max"] = max(s.auc_ci_low for s in mia.values())
+    for fpr, tpr in first.tpr_at_fpr.items():
+        key = f"mia_tpr_at_fpr_{_fpr_key(fpr)}"
+        if tpr is None:
+            metrics[f"{key}_max"] = None
+            metrics[f"{key}_unresolved"] = unresolved_reason(fpr, first.non_members)
+            continue
+        metrics[f"{key}_max"] = max(float(s.tpr_at_fpr[fpr] or 0) for s in mia.values())
+        bounds = [s.tpr_ci_low[fpr] for s in mia.values() if fpr in s.tpr_ci_low]
+        if bounds:
+            metrics[f"{key}_ci_low_max"] = max(bounds)
+    return metrics
+
+
 def summarize(
     mia: dict[str, RocSummary],
     exposures: Sequence[CanaryExposure],
     extractions: Sequence[CanaryExtraction],
     audits: dict[str, AuditResult],
-) -> dict[str, float]:
-    """One flat dict of floats (metrics JSON, MLflow); key names are read by the registry.
+) -> dict[str, float | str | None]:
+    """One flat dict (metrics JSON, MLflow takes its numbers); key names are read by the
+    registry. Membership results carry the members/non-members counts they rest on; a TPR the
+    non-members cannot resolve is None, with `…_unresolved` saying why.
 
     ``audits`` maps "blackbox" (text canaries) and/or "whitebox" (gradient canaries) to their
     results; ``audit_epsilon_lower_bound`` is the larger bound (each was computed at its share
@@ -86,23 +121,13 @@ def summarize(
     nothing to report (no reference model, no canaries of a repetition count, no audit) are
     left out rather than filled with placeholders.
     """
-    metrics: dict[str, float] = {}
-    for name, summary in mia.items():
-        metrics[f"mia_{name}_auc"] = summary.auc
-        metrics[f"mia_{name}_auc_ci_low"] = summary.auc_ci_low
-        metrics[f"mia_{name}_auc_ci_high"] = summary.auc_ci_high
-        for fpr, tpr in summary.tpr_at_fpr.items():
-            metrics[f"mia_{name}_tpr_at_fpr_{_fpr_key(fpr)}"] = tpr
-    if mia:
-        metrics["mia_auc_max"] = max(s.auc for s in mia.values())
-        low = [s.tpr_at_fpr[0.01] for s in mia.values() if 0.01 in s.tpr_at_fpr]
-        if low:
-            metrics["mia_tpr_at_fpr_0.01_max"] = max(low)
+    metrics = _membership(mia)
     for reps in sorted({e.repetitions for e in exposures}):
         values = [e.exposure for e in exposures if e.repetitions == reps]
         label = f"r{reps}" if reps else "held_out"
         metrics[f"exposure_{label}_mean"] = float(np.mean(values))
         metrics[f"exposure_{label}_max"] = float(np.max(values))
+        metrics[f"exposure_{label}_canaries"] = float(len(values))
     for reps in sorted({e.repetitions for e in extractions}):
         group = [e for e in extractions if e.repetitions == reps]
         label = f"r{reps}" if reps else "held_out"
@@ -145,7 +170,7 @@ def run_attacks(
     out_dir: Path | None = None,
     name: str = "model",
     gradient_canaries: GradientCanaries | None = None,
-) -> tuple[dict[str, float], list[Path]]:
+) -> tuple[dict[str, float | str | None], list[Path]]:
     """Membership inference, exposure, extraction and the one-run audits of one model.
 
     ``members``/``non_members`` are balanced record lists (see ``balanced_sets``); canaries

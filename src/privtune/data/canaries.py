@@ -30,7 +30,12 @@ SECRET_DIGITS: int = SECRET_FORMAT.count("d")
 SECRET_SPACE_SIZE: int = 10**SECRET_DIGITS
 _SECRET_RE = re.compile("".join(r"\d" if ch == "d" else re.escape(ch) for ch in SECRET_FORMAT))
 
-# Each prefix names a fake MRN so that all prefixes are distinct; none mentions a medication.
+IDENTIFIER_TEMPLATE: str = "MRN ####-####"
+"""Default identifier a canary names (prepare.canaries.identifier): `#` a random digit, `@` a
+random capital letter, anything else literal; set it to the corpus's own identifier style so
+that canaries do not stand out from the notes (an outlier is easier to memorise and attack)."""
+
+# Each prefix names a fake identifier so that all prefixes are distinct; none mentions a drug.
 _PREFIX_TEMPLATES: tuple[str, ...] = (
     "Patient portal access code for {mrn} is ",
     "The key safe code at the home of the patient with {mrn} is ",
@@ -46,6 +51,15 @@ _LINE_LABELS: tuple[str, ...] = ("Addendum: ", "Admin note: ", "Note added later
 def _rng(purpose: str, seed: int) -> random.Random:
     """A generator for one purpose; string seeds are hashed (SHA-512), so this is reproducible."""
     return random.Random(f"privtune.canaries/{purpose}/{seed}")
+
+
+def random_identifier(rng: random.Random, template: str = IDENTIFIER_TEMPLATE) -> str:
+    """``template`` with each `#` a random digit and each `@` a random capital letter."""
+    digits, letters = "0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return "".join(
+        rng.choice(digits) if ch == "#" else rng.choice(letters) if ch == "@" else ch
+        for ch in template
+    )
 
 
 def format_secret(value: int) -> str:
@@ -107,8 +121,12 @@ def make_canaries(
     per_repetition: int = 4,
     held_out: int = 8,
     seed: int = 0,
+    identifier: str = IDENTIFIER_TEMPLATE,
 ) -> list[Canary]:
     """Unique canaries: per_repetition of each repetition count, plus held_out with repetitions=0.
+
+    Each names a distinct random identifier of the shape ``identifier`` (see
+    :func:`random_identifier`).
 
     All prefixes and secrets are distinct. The list is ordered by ``repetitions`` as given, then
     the held-out canaries; the same arguments always give the same canaries.
@@ -134,9 +152,9 @@ def make_canaries(
     canaries = []
     for count in [*counts, *([0] if held_out else [])]:
         for index in range(per_repetition if count else held_out):
-            mrn = f"MRN {rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}"
+            mrn = random_identifier(rng, identifier)
             while mrn in mrns:
-                mrn = f"MRN {rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}"
+                mrn = random_identifier(rng, identifier)
             secret = random_secret(rng)
             while secret in secrets:
                 secret = random_secret(rng)
@@ -148,7 +166,11 @@ def make_canaries(
 
 
 def make_audit_canaries(
-    m: int, seed: int, avoid: Collection[Canary] = (), inclusion_probability: float = 0.5
+    m: int,
+    seed: int,
+    avoid: Collection[Canary] = (),
+    inclusion_probability: float = 0.5,
+    identifier: str = IDENTIFIER_TEMPLATE,
 ) -> list[Canary]:
     """m audit canaries with distinct prefixes and secrets, each independently IN w.p. 1/2.
 
@@ -163,7 +185,9 @@ def make_audit_canaries(
     # A seed of its own, so the same `seed` as the ordinary canaries gives different canaries.
     derived = int.from_bytes(hashlib.sha256(f"privtune.audit/{seed}".encode()).digest()[:8], "big")
     taken = {c.prefix for c in avoid} | {c.secret for c in avoid}
-    pool = make_canaries((1,), per_repetition=m + len(avoid), held_out=0, seed=derived)
+    pool = make_canaries(
+        (1,), per_repetition=m + len(avoid), held_out=0, seed=derived, identifier=identifier
+    )
     fresh = [c for c in pool if c.prefix not in taken and c.secret not in taken][:m]
     coin = random.Random(f"privtune.audit/include/{seed}")
     return [

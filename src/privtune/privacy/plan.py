@@ -32,20 +32,39 @@ def planned_records(n_texts: int, params: FinetuneParams) -> int:
     return n_texts + included_count(params.audit_canaries, params.seed)
 
 
-def make_plan(n_records: int, params: FinetuneParams, private: bool) -> TrainingPlan:
+def default_delta(n_records: int, max_delta: float | None = None) -> float:
+    """1 / (10 N), capped by the registry's delta gate: a model trained with the default
+    delta is never refused for it after every stage ran (small corpora: 1/(10 N) > 1e-4)."""
+    delta = 1.0 / (10 * n_records)
+    return delta if max_delta is None else min(delta, max_delta)
+
+
+def make_plan(
+    n_records: int, params: FinetuneParams, private: bool, max_delta: float | None = None
+) -> TrainingPlan:
     """Sampling rate q = B/N, steps = ceil(epochs / q), delta < 1/N, and the calibrated noise.
 
-    ``n_records`` is N, audit canaries included (see :func:`planned_records`)."""
+    ``n_records`` is N, audit canaries included (see :func:`planned_records`); ``max_delta``
+    is the registry's delta gate (registry.gates.max_delta): the default delta stays under it
+    and an explicit delta above it is refused here, before training, not at promotion."""
     if n_records < 2:
         raise ConfigError("data", f"only {n_records} training records", "provide more records")
     q = min(1.0, params.batch_size / n_records)
     steps = max(1, math.ceil(params.epochs / q))
-    delta = params.delta if params.delta is not None else 1.0 / (10 * n_records)
+    delta = params.delta if params.delta is not None else default_delta(n_records, max_delta)
     if not delta < 1.0 / n_records:
         raise ConfigError(
             "finetune.delta",
             f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
             f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
+        )
+    if max_delta is not None and delta > max_delta:
+        raise ConfigError(
+            "finetune.delta",
+            f"{delta:g} exceeds the registry's delta gate registry.gates.max_delta = "
+            f"{max_delta:g}: the model would be trained and then refused promotion",
+            f"set finetune.delta to at most {max_delta:g} (or null: 1/(10 N) capped by the "
+            "gate), or raise registry.gates.max_delta if your privacy officer agrees",
         )
     noise = (
         accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)

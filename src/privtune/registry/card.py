@@ -316,8 +316,16 @@ def gate_report(decision: Decision, when: str) -> str:
     ]
     for g in decision.gates:
         result = "pass" if g.passed else "**FAIL**"
-        # A threshold gate's reason only repeats its numbers; the others say what they compared.
-        plain = g.gate != "utility" and g.value is not None and g.threshold is not None
+        if g.evidence is not None and g.evidence != "within":
+            result += f" ({g.evidence})"
+        # A threshold gate's reason only repeats its numbers; the others say what they compared
+        # (attack gates: the confidence bound they decided on).
+        plain = (
+            g.gate != "utility"
+            and g.value is not None
+            and g.threshold is not None
+            and g.evidence is None
+        )
         detail = "" if plain else g.reason.replace("|", "/")
         lines.append(
             f"| {g.gate} | {result} | {_cell(g.value)} | {_cell(g.threshold)} | "
@@ -380,7 +388,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "## Membership inference",
         "",
         f"{m['members']} members against {m['non_members']} non-members; AUC with its "
-        "bootstrap interval, TPR at 0.1 % and 1 % FPR.",
+        "bootstrap interval, TPR at 0.1 % and 1 % FPR (– where fewer than 1/FPR non-members "
+        "cannot measure that rate).",
         "",
         "| score | AUC | interval | TPR @ 0.1 % FPR | TPR @ 1 % FPR |",
         "|---|---|---|---|---|",

@@ -44,6 +44,9 @@ MODEL_POLICY = (
 )
 
 
+INSUFFICIENT = "insufficient evidence"  # an attack gate with nothing to decide on: refused
+
+
 @dataclass(frozen=True)
 class GateResult:
     gate: str
@@ -52,6 +55,10 @@ class GateResult:
     threshold: float | None
     margin: float | None  # >= 0 is slack, < 0 is by how much the gate failed
     reason: str
+    # Attack gates (decided on a confidence bound): "within" (point estimate within the
+    # threshold), "inconclusive" (above it, but its lower bound is not: passes), "exceeds"
+    # (the lower bound is above: refused) or INSUFFICIENT (no bound to decide on: refused).
+    evidence: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Decision:
             f"{self.name} v{self.version}: {verdict} (champion before: "
             f"{'v' + self.champion_before if self.champion_before else 'none'})"
         ]
-        lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.gate}: {g.reason}" for g in self.gates]
+        lines += [f"  [{_verdict(g)}] {g.gate}: {g.reason}" for g in self.gates]
         return "\n".join(lines)
 
     def reason(self) -> str:
@@ -96,6 +103,12 @@ class Decision:
         return self.summary()
 
 
+def _verdict(gate: GateResult) -> str:
+    if gate.evidence == INSUFFICIENT:
+        return "NO EVIDENCE"
+    return "pass" if gate.passed else "FAIL"
+
+
 def _number(tags: dict[str, str], key: str) -> float | None:
     try:
         return float(tags[key])
@@ -112,6 +125,61 @@ def _at_most(gate: str, value: float | None, threshold: float | None, what: str)
     relation = "<=" if passed else ">"
     reason = f"{value:.6g} {relation} {threshold:.6g} (margin {margin:+.6g})"
     return GateResult(gate, passed, value, threshold, margin, reason)
+
+
+def _bounded(
+    gate: str, value: float | None, lower: float | None, threshold: float, what: str, fix: str
+) -> GateResult:
+    """An attack gate decided on the lower confidence bound of the attack's success: refused
+    only when the bound exceeds the threshold, so sampling noise (another attack seed, other
+    members drawn) cannot flip the decision; no value or no bound is insufficient evidence."""
+    if value is None or lower is None:
+        reason = f"{INSUFFICIENT}: {what} missing ({fix})"
+        return GateResult(gate, False, value, threshold, None, reason, INSUFFICIENT)
+    margin = threshold - lower
+    interval = f"{value:.6g}, lower confidence bound {lower:.6g}"
+    if lower > threshold:
+        reason = f"{interval} > {threshold:.6g}: the attack beats the gate (margin {margin:+.6g})"
+        return GateResult(gate, False, value, threshold, margin, reason, "exceeds")
+    if value > threshold:
+        reason = (
+            f"{interval} <= {threshold:.6g}: above the threshold only within sampling noise "
+            f"(inconclusive; more members would tell)"
+        )
+        return GateResult(gate, True, value, threshold, margin, reason, "inconclusive")
+    reason = f"{interval}; value <= {threshold:.6g} (margin {margin:+.6g})"
+    return GateResult(gate, True, value, threshold, margin, reason, "within")
+
+
+def _attack_gates(gates: Gates, tags: dict[str, str]) -> list[GateResult]:
+    """The membership gates on the best score's value and the best lower bound."""
+    auc = f"{ATTACK_PREFIX}mia_auc_max"
+    tpr = f"{ATTACK_PREFIX}mia_tpr_at_fpr_0.01_max"
+    attacked = auc in tags
+    tpr_fix = (
+        "the attack's non-members cannot resolve a 1 % FPR: it needs at least 100, so raise "
+        "attack.members to 100 or more (the model card has the counts)"
+        if attacked
+        else "run the attack stage"
+    )
+    return [
+        _bounded(
+            "mia_auc",
+            _number(tags, auc),
+            _number(tags, f"{ATTACK_PREFIX}mia_auc_ci_low_max"),
+            gates.max_mia_auc,
+            "the best MIA AUC or its confidence bound",
+            "run the attack stage (attack results recorded before bounds: rerun it)",
+        ),
+        _bounded(
+            "mia_tpr_at_fpr_0.01",
+            _number(tags, tpr),
+            _number(tags, f"{ATTACK_PREFIX}mia_tpr_at_fpr_0.01_ci_low_max"),
+            gates.max_mia_tpr_at_fpr_0_01,
+            "the best TPR at 1 % FPR or its confidence bound",
+            tpr_fix,
+        ),
+    ]
 
 
 def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateResult:
@@ -144,18 +212,7 @@ def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> 
     return [
         _at_most("epsilon", epsilon, gates.max_epsilon, "spent epsilon"),
         _at_most("delta", _number(tags, "delta"), gates.max_delta, "delta"),
-        _at_most(
-            "mia_auc",
-            _number(tags, f"{ATTACK_PREFIX}mia_auc_max"),
-            gates.max_mia_auc,
-            f"{ATTACK_PREFIX}mia_auc_max",
-        ),
-        _at_most(
-            "mia_tpr_at_fpr_0.01",
-            _number(tags, f"{ATTACK_PREFIX}mia_tpr_at_fpr_0.01_max"),
-            gates.max_mia_tpr_at_fpr_0_01,
-            f"{ATTACK_PREFIX}mia_tpr_at_fpr_0.01_max",
-        ),
+        *_attack_gates(gates, tags),
         _at_most(
             "audit",
             audit,
@@ -432,12 +489,15 @@ def gates_table(decisions: Sequence[Decision], methods: dict[str, str] | None = 
                 cells.append("")
             else:
                 value = "–" if g.value is None else f"{g.value:.4g}"
-                cells.append(value if g.passed else f"{value}!")
+                mark = "?" if g.evidence == INSUFFICIENT else "!"
+                cells.append(value if g.passed else f"{value}{mark}")
         not_chosen = "best_candidate" in by_gate
         cells.append("PROMOTED" if d.promoted else "not chosen" if not_chosen else "refused")
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if any(g.evidence == INSUFFICIENT for d in decisions for g in d.gates):
+        lines.append(f"(`?`: {INSUFFICIENT} to decide the gate, so it is refused; --json says why)")
     return "\n".join(lines)
 
 

@@ -33,7 +33,15 @@ ATTACK_PREFIX = "attack."
 UTILITY_PREFIX = "utility."
 # The headline tags of a version (about a dozen; the details are in its model card).
 PRIVACY_FIELDS = ("epsilon", "target_epsilon", "delta", "accountant")
-ATTACK_FIELDS = ("mia_auc_max", "mia_tpr_at_fpr_0.01_max", "audit_epsilon_lower_bound")
+# The attack numbers the gates read: the best MIA AUC and TPR at 1 % FPR with their best lower
+# confidence bounds (the gates decide on those), and the audit's bound.
+ATTACK_FIELDS = (
+    "mia_auc_max",
+    "mia_auc_ci_low_max",
+    "mia_tpr_at_fpr_0.01_max",
+    "mia_tpr_at_fpr_0.01_ci_low_max",
+    "audit_epsilon_lower_bound",
+)
 UTILITY_FIELDS = ("test_perplexity", "medication_accuracy")
 MODEL_NAME = "generator"  # the pyfunc's name in the run and among logged models
 

@@ -8,22 +8,33 @@ from typing import Any
 
 from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
-from privtune.errors import AuditViolation, ModelError
+from privtune.errors import AuditViolation, DataError, ModelError
 from privtune.stages.common import load_base, read_split, resolved_max_length
 
 
 def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
-    """Members (ordinary training records: canaries are measured by exposure and the audit)
-    and as many test records as non-members; the register stage counts them the same way for
-    attack results that predate `mia_members`."""
+    """attack.members members (ordinary training records: canaries are measured by exposure
+    and the audit) and as many non-members from the attack split, records no stage trained,
+    validated or evaluated on; fewer than asked is an error, never a quietly weaker attack.
+    The register stage counts them the same way for results that predate `mia_members`."""
     from privtune.attacks.membership import balanced_sets, without_canaries
     from privtune.data.canaries import load_canaries
 
     canaries = load_canaries(root / PREPARED_DIR / "canaries.json")
     train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
-    return balanced_sets(
-        without_canaries(train, canaries), read_split(root, "test"), a.members, a.seed
-    )
+    members = without_canaries(train, canaries)
+    held_out = read_split(root, "attack")
+    for side, found, fix in [
+        ("members", members, "lower attack.members or provide more records"),
+        ("non-members", held_out, "run `dvc repro prepare` (its attack split follows it)"),
+    ]:
+        if len(found) < a.members:
+            raise DataError(
+                "attack.members",
+                f"{a.members} {side} wanted, the prepared data has {len(found)}",
+                fix,
+            )
+    return balanced_sets(members, held_out, a.members, a.seed)
 
 
 def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
@@ -87,9 +98,8 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     metrics: dict[str, Any] = {
         "method": info["method"],
         "claimed_epsilon": claimed,
-        # how many records each side of membership inference had (a TPR of 0.01 is 1 of 100)
-        "mia_members": len(members),
-        "mia_non_members": len(non_members),
+        # with `mia_members` / `mia_non_members`: what each membership number rests on (a TPR
+        # of 0.01 is 1 of 100 members; a 1 % FPR needs 100 non-members)
         **found,
     }
     bound = found.get("audit_epsilon_lower_bound")

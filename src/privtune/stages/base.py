@@ -90,6 +90,7 @@ def base(params: Params, root: Path = Path("."), show_progress: bool = True) -> 
 
 def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
     from privtune.data.tokenization import encode_records, train_tokenizer
+    from privtune.downstream import check_task
     from privtune.evaluate import evaluate_model
     from privtune.modeling import build_gpt2, load_pretrained, position_limit, resolve_device
     from privtune.pretrain import pretrain, public_perplexity
@@ -98,8 +99,10 @@ def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
     b = params.base
     device = resolve_device(b.device)
     source = _checked_source(b, root)
-    train_texts = [r["text"] for r in read_split(root, "train")]
+    train = read_split(root, "train")
+    train_texts = [r["text"] for r in train]
     test = read_split(root, "test")[: params.evaluate.max_records]
+    check_task(test, train, params.evaluate)  # before pretraining, not after
     metrics: dict[str, Any] = {}
     if source == SOURCE_BUILD:
         public = [r["text"] for r in read_split(root, "public")]
@@ -136,6 +139,14 @@ def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
         )
         model.to(device)
         metrics["test_records"] = len(test)
-        metrics |= evaluate_model(model, tokenizer, test, max_length, params.evaluate.batch_size)
+        metrics |= evaluate_model(
+            model,
+            tokenizer,
+            test,
+            max_length,
+            params.evaluate.batch_size,
+            task=params.evaluate,
+            train_records=train,
+        )
     io.write_json(root / METRICS_DIR / "base.json", metrics)
     return metrics

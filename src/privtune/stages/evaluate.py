@@ -15,6 +15,11 @@ from privtune.errors import ModelError
 from privtune.stages.common import load_base, read_split, resolved_max_length
 
 
+def _task_train(params: Params, root: Path) -> list[dict]:
+    """The train split where the task draws its candidates from it (cloze), else nothing."""
+    return read_split(root, "train") if params.evaluate.task == "cloze" else []
+
+
 def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
     """Utility of the fine-tuned model on the private test split (metrics/evaluate-<name>)."""
     from peft import PeftModel
@@ -36,7 +41,13 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]
     metrics = evaluate_model(
-        model, tokenizer, test, resolved_max_length(params, root), params.evaluate.batch_size
+        model,
+        tokenizer,
+        test,
+        resolved_max_length(params, root),
+        params.evaluate.batch_size,
+        task=params.evaluate,
+        train_records=_task_train(params, root),
     )
     metrics["method"] = info["method"]
     if "epsilon" in info["metrics"]:

@@ -106,8 +106,10 @@ def finetune(
         [r["text"] for r in read_split(root, "valid")], tokenizer, max_length
     )
     model = attach_lora(model, f.lora, seed=f.seed)
-    # Validates delta before anything is written; N counts the audit's gradient canaries.
-    plan = make_plan(planned_records(len(train_data), f), f, private)
+    # Validates delta (below 1/N and the registry's delta gate) before anything is written;
+    # N counts the audit's gradient canaries.
+    gate = params.registry.gates.max_delta
+    plan = make_plan(planned_records(len(train_data), f), f, private, max_delta=gate)
 
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.

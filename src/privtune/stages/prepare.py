@@ -1,4 +1,9 @@
-"""Stage `prepare`: private splits with canaries planted, a public split, and a data card."""
+"""Stage `prepare`: private splits with canaries planted, a public split, and a data card.
+
+The private records are split five ways: `attack` (attack.members records held out of
+everything, the membership attack's non-members: records no stage trains, validates or
+evaluates on), then train / valid / test by the fractions of what is left.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,52 @@ from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import PREPARED_DIR, Params
+from privtune.config import GENERATOR_SOURCE, PREPARED_DIR, Params
 from privtune.errors import ConfigError, DataError
 
+SPLITS = ("public", "train", "valid", "test", "attack")
 
-def _split(records: list[dict], params: Params) -> tuple[list[dict], list[dict], list[dict]]:
-    p = params.prepare
+
+def _split(records: list[dict], params: Params) -> dict[str, list[dict]]:
+    """attack (attack.members records), then valid / test / train of the rest."""
+    p, n_attack = params.prepare, params.attack.members
     rows = list(records)
     random.Random(p.seed).shuffle(rows)
+    attack, rows = rows[:n_attack], rows[n_attack:]
     n_valid = max(1, round(p.valid_fraction * len(rows)))
     n_test = max(1, round(p.test_fraction * len(rows)))
     if len(rows) - n_valid - n_test < 2:
         raise DataError(
             "prepare.source",
-            f"only {len(rows)} records: too few for train/valid/test splits",
-            "provide more records or lower prepare.valid_fraction / prepare.test_fraction",
+            f"only {len(records)} records: too few for an attack split of attack.members = "
+            f"{n_attack} and train/valid/test splits",
+            "provide more records, or lower attack.members or prepare.valid_fraction / "
+            "prepare.test_fraction",
         )
-    return rows[n_valid + n_test :], rows[:n_valid], rows[n_valid : n_valid + n_test]
+    return {
+        "train": rows[n_valid + n_test :],
+        "valid": rows[:n_valid],
+        "test": rows[n_valid : n_valid + n_test],
+        "attack": attack,
+    }
+
+
+def is_generator(source: str) -> bool:
+    """Whether prepare.source names the embedded generator (its module path)."""
+    return Path(source).as_posix().removeprefix("./") == GENERATOR_SOURCE
+
+
+def _members_available(train: list[dict], planted: int, params: Params) -> None:
+    """The membership attack needs attack.members canary-free training records: say so here,
+    before any training, rather than attacking with fewer."""
+    clean = len(train) - planted
+    if clean < params.attack.members:
+        raise ConfigError(
+            "attack.members",
+            f"{params.attack.members} members wanted but the train split has {clean} records "
+            f"without a canary ({len(train)} records, {planted} with one)",
+            f"lower attack.members to at most {clean}, or provide more records",
+        )
 
 
 def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
@@ -40,14 +74,21 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     from privtune.data.loaders import load_records
 
     p = params.prepare
-    if p.source == "generator":
+    if is_generator(p.source):
         records = generate_private_notes(p.n_private, p.seed)
     else:
         source = Path(p.source)
-        records = load_records(source if source.is_absolute() else root / source)
-    train, valid, test = _split(records, params)
+        records = load_records(
+            source if source.is_absolute() else root / source, p.text_column, p.id_column
+        )
+    splits = _split(records, params)
+    train = splits["train"]
     canaries = make_canaries(
-        p.canaries.repetitions, p.canaries.per_repetition, p.canaries.held_out, seed=p.seed
+        p.canaries.repetitions,
+        p.canaries.per_repetition,
+        p.canaries.held_out,
+        seed=p.seed,
+        identifier=p.canaries.identifier,
     )
     needed = sum(c.repetitions for c in canaries)
     if needed > len(train):
@@ -56,32 +97,31 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             f"planting needs {needed} training records but the train split has {len(train)}",
             "lower prepare.canaries.per_repetition or the repetitions, or add records",
         )
+    _members_available(train, needed, params)
     train = insert_canaries(train, canaries, seed=p.seed)
     audit = []
     if p.canaries.audit:
         # Standalone records (one per IN canary): adding or removing one is exactly the
         # add/remove neighbouring relation the DP guarantee is stated for.
-        audit = make_audit_canaries(p.canaries.audit, seed=p.seed, avoid=canaries)
+        audit = make_audit_canaries(
+            p.canaries.audit, seed=p.seed, avoid=canaries, identifier=p.canaries.identifier
+        )
         train = train + [{**r, "kind": "audit_canary"} for r in audit_records(audit)]
     public = [{"text": t} for t in generate_public_corpus(p.n_public, p.seed + 1)]
+    written = {**splits, "train": train, "public": public}
 
     with io.atomic_dir(root / PREPARED_DIR) as out:
-        for name, rows in [("public", public), ("train", train), ("valid", valid), ("test", test)]:
-            io.write_jsonl(out / f"{name}.jsonl", rows)
+        for name in SPLITS:
+            io.write_jsonl(out / f"{name}.jsonl", written[name])
         save_canaries(canaries, out / "canaries.json")
         save_canaries(audit, out / "audit_canaries.json")
         digest = hashlib.sha256()
-        for name in ["public", "train", "valid", "test"]:
+        for name in SPLITS:
             digest.update((out / f"{name}.jsonl").read_bytes())
         card = {
             "source": p.source,
             "seed": p.seed,
-            "counts": {
-                "public": len(public),
-                "train": len(train),
-                "valid": len(valid),
-                "test": len(test),
-            },
+            "counts": {name: len(written[name]) for name in SPLITS},
             "canaries": {
                 "planted": sum(c.repetitions > 0 for c in canaries),
                 "held_out": sum(c.repetitions == 0 for c in canaries),
@@ -92,7 +132,7 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             },
             "mean_characters": {
                 name: round(sum(len(r["text"]) for r in rows) / len(rows), 1)
-                for name, rows in [("public", public), ("train", train), ("test", test)]
+                for name, rows in [("public", public), ("train", train), ("test", written["test"])]
             },
             "content_sha256": digest.hexdigest(),
         }

@@ -65,7 +65,11 @@ def _membership_counts(root: Path, name: str, params: Params) -> tuple[int, int]
         return None
     if "mia_members" in io.read_json(path):
         return None
+    from privtune.errors import DataError
     from privtune.stages.attack import membership_sets
 
-    members, non_members = membership_sets(root, params.attack)
+    try:
+        members, non_members = membership_sets(root, params.attack)
+    except DataError:  # prepared before the attack split: the card says "not recorded"
+        return None
     return len(members), len(non_members)

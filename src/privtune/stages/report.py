@@ -18,6 +18,10 @@ from privtune import io
 from privtune.config import METRICS_DIR, PLOTS_DIR, Params
 
 REPORT_DIR = Path("reports")
+DOWNSTREAM = "downstream"  # the declared task's accuracy and chance (privtune.downstream)
+MIA_COUNTS = "mia_counts"  # what the membership numbers rest on
+NO_TASK = "no downstream task declared"  # evaluate.task: null
+UNRESOLVED = "n/r"  # a TPR the non-members cannot resolve (fewer than 1/FPR of them)
 
 # (column, source file, key, format): what a reader compares, in reading order.
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (
@@ -26,8 +30,9 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("δ", "finetune", "delta", "{:.2g}"),
     ("steps", "finetune", "steps", "{:.0f}"),
     ("test perplexity", "evaluate", "test_perplexity", "{:.1f}"),
-    ("medication accuracy", "evaluate", "medication_accuracy", "{:.3f}"),
+    ("downstream accuracy (chance)", "evaluate", DOWNSTREAM, "{:.3f}"),
     ("MIA AUC (best score)", "attack", "mia_auc_max", "{:.3f}"),
+    ("MIA members / non-members", "attack", MIA_COUNTS, "{:.0f}"),
     ("TPR @ 1% FPR (best)", "attack", "mia_tpr_at_fpr_0.01_max", "{:.3f}"),
     ("exposure r16 (bits)", "attack", "exposure_r16_mean", "{:.2f}"),
     ("exposure held-out", "attack", "exposure_held_out_mean", "{:.2f}"),
@@ -44,8 +49,10 @@ def collect(params: Params, root: Path) -> dict[str, dict[str, Any]]:
         for stage in ("finetune", "evaluate", "attack"):
             path = root / METRICS_DIR / f"{stage}-{name}.json"
             numbers = io.read_json(path) if path.is_file() else {}
-            row[stage] = {k: v for k, v in numbers.items() if _is_number(v)}
+            # numbers, and None where a stage recorded that it could not measure one
+            row[stage] = {k: v for k, v in numbers.items() if v is None or _is_number(v)}
         row["method"] = params.method(name)[0]
+        row["task"] = params.evaluate.task
         rows[name] = row
     return rows
 
@@ -54,10 +61,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _downstream(row: dict[str, Any], fmt: str) -> str:
+    evaluated = row["evaluate"]
+    if not evaluated:
+        return "–"
+    if "task" in row and row["task"] is None:
+        return NO_TASK
+    value = evaluated.get("downstream_accuracy", evaluated.get("medication_accuracy"))
+    chance = evaluated.get("downstream_chance", evaluated.get("medication_chance"))
+    if value is None:
+        return "–"
+    return fmt.format(value) + ("" if chance is None else f" ({chance:.2f})")
+
+
 def _cell(row: dict[str, Any], source: str, key: str, fmt: str) -> str:
+    if key == DOWNSTREAM:
+        return _downstream(row, fmt)
+    if key == MIA_COUNTS:
+        members, non_members = (row["attack"].get(k) for k in ("mia_members", "mia_non_members"))
+        return "–" if members is None else f"{members:.0f} / {non_members:.0f}"
     value = row[source].get(key)
     if value is None and key in ("epsilon", "target_epsilon") and row["finetune"]:
         return "∞"  # trained without a finite epsilon claim: non-private
+    if value is None and key in row[source]:
+        return UNRESOLVED  # recorded as not measurable (e.g. too few non-members)
     return "–" if value is None else fmt.format(value)
 
 
@@ -73,7 +100,7 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 # The compact view `make demo` ends with: one line per method, what a reader compares first.
 SUMMARY: tuple[tuple[str, str, str, str], ...] = (
     ("test ppl", "evaluate", "test_perplexity", "{:.1f}"),
-    ("med. acc", "evaluate", "medication_accuracy", "{:.3f}"),
+    ("downstream acc", "evaluate", DOWNSTREAM, "{:.3f}"),
     ("ε spent", "finetune", "epsilon", "{:.2f}"),
     ("MIA AUC", "attack", "mia_auc_max", "{:.3f}"),
     ("TPR@1%FPR", "attack", "mia_tpr_at_fpr_0.01_max", "{:.3f}"),
@@ -187,7 +214,11 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 f"Target ε {params.finetune.epsilon:g} for every private method; δ and steps "
                 "as in the table. Lower perplexity is better; an MIA AUC near 0.5, TPR at 1% "
                 "FPR near 0.01 and exposure near the held-out canaries' mean mean the attacks "
-                "learn nothing. The audit bound must stay at or below ε spent.",
+                "learn nothing. The audit bound must stay at or below ε spent. Membership "
+                "numbers rest on the members / non-members shown: an AUC from 40 of each is "
+                f"±0.13 wide; `{UNRESOLVED}` marks a TPR at an FPR below 1 / non-members, "
+                "which they cannot measure. Downstream accuracy is the declared task's "
+                "(`evaluate.task`), chance in brackets.",
                 markdown_table(rows),
                 "![utility against epsilon](utility_vs_epsilon.png)",
                 "![validation perplexity against steps](valid_perplexity.png)",
