@@ -89,7 +89,7 @@ class Stepper:
         )
         self.trainer = Trainer(model, data, data.slice(0, 8), params, METHODS[kind])
         self.trainer.decide(0, math.nan)  # DP-SGD decides once for the whole run
-        self.batches = enumerate(self.trainer.sampler)
+        self.batches = self.trainer.batches()
 
     def step(self) -> None:
         step, indices = next(self.batches)

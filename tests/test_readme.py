@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -29,3 +30,19 @@ def test_results_table_is_what_privtune_summary_prints_for_the_committed_outputs
 def test_no_placeholders():
     for marker in ("TODO", "TBD", "FIXME", "XXX", "placeholder", "lorem"):
         assert marker.lower() not in README.lower(), marker
+
+
+def test_smollm2_table_is_the_committed_smollm2_cpu_run():
+    from privtune.config import parse_params
+    from privtune.profiles import resolve
+
+    _, raw = resolve(ROOT, "smollm2-cpu", None)
+    params = parse_params(raw, Path("profiles.yaml: smollm2-cpu"))
+    results = ROOT / "benchmarks" / "results" / "smollm2-cpu"
+    expected = summary_table(params, results, markdown=True)
+    assert _block("results:smollm2-cpu") == expected.strip()
+    base = json.loads((results / "metrics" / "base.json").read_text())
+    tuned = json.loads((results / "metrics" / "evaluate-nonprivate.json").read_text())
+    # what the section claims: the non-private model beats the base on the downstream task
+    assert tuned["medication_accuracy"] > base["medication_accuracy"]
+    assert f"{base['test_perplexity']:.1f}" in README
