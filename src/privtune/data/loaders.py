@@ -5,16 +5,40 @@ Errors name the file and the line, never the record's content (it may be private
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+from privtune.config import MAX_RECORD_CHARS
 from privtune.errors import DataError
 
 TEXT_COLUMN = "text"
 
 
-def _check_rows(rows: list[dict], source: str) -> list[dict]:
+def _not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
+    """Where the bad bytes are (line and byte offset), never what the record says."""
+    return DataError(
+        str(path),
+        f"not UTF-8 text at line {line}, byte offset {offset} (byte 0x{byte:02x})",
+        "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`), then rerun",
+    )
+
+
+def _too_long(source: str, where: str, length: int | None, limit: int) -> DataError:
+    size = f"{length:,} characters" if length is not None else "a field over the limit"
+    return DataError(
+        source,
+        f"{where} has {size}, more than prepare.max_record_chars = {limit:,}",
+        "split long documents into records of at most that many characters, or raise "
+        "prepare.max_record_chars (tokenizing and memory grow with it; records are truncated "
+        "to base.max_length tokens anyway)",
+    )
+
+
+def _check_rows(rows: list[dict], source: str, max_chars: int = MAX_RECORD_CHARS) -> list[dict]:
     if not rows:
         raise DataError(source, "the dataset is empty", "provide at least one record")
     for index, row in enumerate(rows):
@@ -30,13 +54,21 @@ def _check_rows(rows: list[dict], source: str) -> list[dict]:
                 f"record {index + 1} has an empty or non-string `{TEXT_COLUMN}`",
                 "remove empty records or fill them with text",
             )
+        if len(row[TEXT_COLUMN]) > max_chars:
+            raise _too_long(source, f"record {index + 1}", len(row[TEXT_COLUMN]), max_chars)
     return rows
 
 
-def load_jsonl(path: Path) -> list[dict]:
+def load_jsonl(path: Path, max_chars: int = MAX_RECORD_CHARS) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, number, offset + err.start, raw[err.start]) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -50,12 +82,40 @@ def load_jsonl(path: Path) -> list[dict]:
             if not isinstance(row, dict):
                 raise DataError(str(path), f"line {number} is not a JSON object", "use {...}")
             rows.append(row)
-    return _check_rows(rows, str(path))
+    return _check_rows(rows, str(path), max_chars)
 
 
-def load_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as handle:
+@contextlib.contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """csv's field size limit is process-wide: set for one read, then put back."""
+    before = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
+def load_csv(path: Path, max_chars: int = MAX_RECORD_CHARS) -> list[dict]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise _not_utf8(path, line, err.start, data[err.start]) from None
+    with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
+        try:
+            rows = [dict(row) for row in reader]
+        except csv.Error as err:
+            if "field larger than field limit" in str(err):
+                raise _too_long(
+                    str(path), f"the record at line {reader.line_num}", None, max_chars
+                ) from None
+            raise DataError(
+                str(path),
+                f"not valid CSV at line {reader.line_num} ({type(err).__name__})",
+                "write RFC 4180 CSV: a header with a `text` column, quoted fields",
+            ) from None
         if reader.fieldnames is None or TEXT_COLUMN not in reader.fieldnames:
             if reader.fieldnames is None:
                 raise DataError(str(path), "the dataset is empty", "provide a header and rows")
@@ -64,11 +124,10 @@ def load_csv(path: Path) -> list[dict]:
                 f"no `{TEXT_COLUMN}` column in the header (columns: {reader.fieldnames})",
                 f"rename the column holding the document text to `{TEXT_COLUMN}`",
             )
-        rows = [dict(row) for row in reader]
-    return _check_rows(rows, str(path))
+    return _check_rows(rows, str(path), max_chars)
 
 
-def load_datasets_dir(path: Path) -> list[dict]:
+def load_datasets_dir(path: Path, max_chars: int = MAX_RECORD_CHARS) -> list[dict]:
     import datasets
 
     try:
@@ -88,11 +147,12 @@ def load_datasets_dir(path: Path) -> list[dict]:
             f"no `{TEXT_COLUMN}` column (columns: {ds.column_names})",
             f"rename the column holding the document text to `{TEXT_COLUMN}`",
         )
-    return _check_rows([dict(row) for row in ds], str(path))
+    return _check_rows([dict(row) for row in ds], str(path), max_chars)
 
 
-def load_records(source: str | Path) -> list[dict]:
-    """Load records from a JSONL/CSV file or a datasets directory; each has a `text` field."""
+def load_records(source: str | Path, max_chars: int = MAX_RECORD_CHARS) -> list[dict]:
+    """Load records from a JSONL/CSV file or a datasets directory; each has a `text` field of
+    at most ``max_chars`` characters (prepare.max_record_chars)."""
     path = Path(source)
     if not path.exists():
         raise DataError(
@@ -101,12 +161,12 @@ def load_records(source: str | Path) -> list[dict]:
             "set prepare.source to `generator` or to an existing .jsonl/.csv/dataset directory",
         )
     if path.is_dir():
-        return load_datasets_dir(path)
+        return load_datasets_dir(path, max_chars)
     suffix = path.suffix.lower()
     if suffix in {".jsonl", ".json"}:
-        return load_jsonl(path)
+        return load_jsonl(path, max_chars)
     if suffix == ".csv":
-        return load_csv(path)
+        return load_csv(path, max_chars)
     raise DataError(
         "prepare.source",
         f"unsupported file type '{suffix}'",

@@ -43,7 +43,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
             str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
         )
     info = io.read_json(model_dir / "finetune.json")
-    device = resolve_device(params.finetune.device)
+    device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)
     # Merged weights compute the same function at half the cost of separate LoRA matmuls.
     model = PeftModel.from_pretrained(model, model_dir / "adapter").merge_and_unload()

@@ -5,8 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from privtune import io
-from privtune.config import BASE_DIR, PREPARED_DIR, Params
+from privtune.config import (
+    BASE_DIR,
+    CHECKPOINTS_DIR,
+    METRICS_DIR,
+    MODELS_DIR,
+    PLOTS_DIR,
+    PREPARED_DIR,
+    Params,
+)
 from privtune.errors import DataError, ModelError
+
+OUTPUT_FOLDERS = (PREPARED_DIR.parent, MODELS_DIR, METRICS_DIR, PLOTS_DIR, Path("reports"))
+
+
+def remove_stale_outputs(root: Path) -> list[Path]:
+    """The temporary outputs (`.<name>.tmp-<pid>-*`) and checkpoint files of processes that
+    were killed while writing them: removed when the next stage starts."""
+    removed = []
+    for folder in (*OUTPUT_FOLDERS, CHECKPOINTS_DIR):
+        removed += io.remove_stale_tmp(root / folder)
+    return removed
+
 
 BASE_INFO = "privtune.json"
 """In models/base: the source and the max_length the base stage fixed (`auto` resolved)."""

@@ -31,7 +31,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     info = io.read_json(model_dir / "finetune.json")
     model, tokenizer = load_base(root)
     model = PeftModel.from_pretrained(model, model_dir / "adapter")
-    model.to(resolve_device(params.finetune.device))
+    model.to(resolve_device(params.finetune.device, "finetune.device"))
     test = read_split(root, "test")
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]

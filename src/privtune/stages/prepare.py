@@ -44,7 +44,9 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         records = generate_private_notes(p.n_private, p.seed)
     else:
         source = Path(p.source)
-        records = load_records(source if source.is_absolute() else root / source)
+        records = load_records(
+            source if source.is_absolute() else root / source, p.max_record_chars
+        )
     train, valid, test = _split(records, params)
     canaries = make_canaries(
         p.canaries.repetitions, p.canaries.per_repetition, p.canaries.held_out, seed=p.seed
