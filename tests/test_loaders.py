@@ -92,6 +92,6 @@ def test_csv_field_over_the_csv_modules_limit_is_named(tmp_path):
     """Python's csv refuses fields over 128 KB with its own error; ours names the limit."""
     path = tmp_path / "notes.csv"
     path.write_text("text\n" + "x" * 200_000 + "\n")
-    with pytest.raises(DataError, match=r"line 2 has a field over the limit"):
+    with pytest.raises(DataError, match=r"record 1 \(line 2\) has a field over the limit"):
         load_records(path)
     assert len(load_records(path, max_chars=300_000)[0]["text"]) == 200_000

@@ -104,16 +104,17 @@ def load_csv(path: Path, max_chars: int = MAX_RECORD_CHARS) -> list[dict]:
         raise _not_utf8(path, line, err.start, data[err.start]) from None
     with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
+        rows: list[dict] = []
         try:
-            rows = [dict(row) for row in reader]
+            rows.extend(dict(row) for row in reader)
         except csv.Error as err:
+            # the reader has not counted the line it failed on yet
+            where = f"record {len(rows) + 1} (line {reader.line_num + 1})"
             if "field larger than field limit" in str(err):
-                raise _too_long(
-                    str(path), f"the record at line {reader.line_num}", None, max_chars
-                ) from None
+                raise _too_long(str(path), where, None, max_chars) from None
             raise DataError(
                 str(path),
-                f"not valid CSV at line {reader.line_num} ({type(err).__name__})",
+                f"not valid CSV at {where} ({type(err).__name__})",
                 "write RFC 4180 CSV: a header with a `text` column, quoted fields",
             ) from None
         if reader.fieldnames is None or TEXT_COLUMN not in reader.fieldnames:
