@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +85,19 @@ def test_failed_and_dead_runs_are_closed_with_why_and_the_store_does_not_leak(
     assert closed.data.tags[tracking.ERROR_TAG].startswith("KilledProcess: process")
     for run in (live, elsewhere):  # alive, or not ours to judge
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_rldp_leaves_no_sb3_folder_in_the_temp_dir():
+    """stable-baselines3's default logger makes an SB3-<time> folder per run in the temp dir."""
+    from privtune.control import build_controller
+    from tests.test_rldp import CTX, OPTIONS, _drive
+
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("SB3-*"))
+    controller = build_controller("rldp", CTX, OPTIONS)
+    _drive(controller, 6)
+    assert controller.sac._n_updates > 0  # SAC trained (and logged) several times
+    assert set(temp.glob("SB3-*")) == before
 
 
 # -- kill -9 of a real stage ---------------------------------------------------------------------
