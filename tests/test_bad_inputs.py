@@ -85,6 +85,17 @@ def corrupt_header(path: Path) -> None:
     path.write_bytes((24).to_bytes(8, "little") + b'{"w": [1, 2, 3], "x"...}' + b"\0" * 64)
 
 
+def damaged_adapter(root: Path) -> None:
+    """models/dpsgd as a finished fine-tuning left it, but its adapter weights cut short."""
+    adapter = root / "models" / "dpsgd" / "adapter"
+    adapter.mkdir(parents=True)
+    (root / "models" / "dpsgd" / "finetune.json").write_text("{}")
+    shutil.copy(
+        root / "models" / "base" / "model.safetensors", adapter / "adapter_model.safetensors"
+    )
+    truncate(adapter / "adapter_model.safetensors")
+
+
 def notes(n: int) -> list[dict]:
     return [{"text": f"note {i}: patient with cough, plan follow up"} for i in range(n)]
 
@@ -403,6 +414,18 @@ CASES = [
         ("base",),
         ("base.source", "model.safetensors is corrupt"),
         model_dir(lambda d: corrupt_header(d / "model.safetensors")),
+    ),
+    Case(
+        "adapter-truncated-evaluate",
+        ("evaluate", "dpsgd"),
+        ("models/dpsgd", "adapter_model.safetensors is truncated"),
+        damaged_adapter,
+    ),
+    Case(
+        "adapter-truncated-attack",
+        ("attack", "dpsgd"),
+        ("models/dpsgd", "adapter_model.safetensors is truncated"),
+        damaged_adapter,
     ),
     Case(
         "base-output-truncated",

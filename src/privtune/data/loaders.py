@@ -161,13 +161,20 @@ def load_records(source: str | Path, max_chars: int = MAX_RECORD_CHARS) -> list[
             f"'{path}' does not exist",
             "set prepare.source to `generator` or to an existing .jsonl/.csv/dataset directory",
         )
-    if path.is_dir():
-        return load_datasets_dir(path, max_chars)
-    suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".json"}:
-        return load_jsonl(path, max_chars)
-    if suffix == ".csv":
-        return load_csv(path, max_chars)
+    try:
+        if path.is_dir():
+            return load_datasets_dir(path, max_chars)
+        suffix = path.suffix.lower()
+        if suffix in {".jsonl", ".json"}:
+            return load_jsonl(path, max_chars)
+        if suffix == ".csv":
+            return load_csv(path, max_chars)
+    except OSError as err:  # unreadable: permissions, a broken mount
+        raise DataError(
+            str(path),
+            f"cannot be read ({err.strerror or type(err).__name__})",
+            "check the path and its permissions",
+        ) from None
     raise DataError(
         "prepare.source",
         f"unsupported file type '{suffix}'",

@@ -43,6 +43,18 @@ def data_hash(root: Path) -> str:
     return io.read_json(root / PREPARED_DIR / "data_card.json")["content_sha256"]
 
 
+def check_adapter(model_dir: Path, name: str) -> None:
+    """The fine-tuned adapter's weights are complete (a copy cut short is named, not loaded)."""
+    from privtune.modeling import check_weights
+
+    weights = model_dir / "adapter" / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(
+            str(model_dir), "adapter weights missing", f"run `dvc repro finetune@{name}` again"
+        )
+    check_weights(weights, str(model_dir))
+
+
 def load_base(root: Path):
     from privtune.modeling import load_pretrained
 
