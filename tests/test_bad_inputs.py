@@ -512,3 +512,26 @@ def test_params_path_is_relative_to_the_current_directory(tiny_project, tmp_path
     monkeypatch.chdir(elsewhere)
     assert main(["--root", str(root), "--params", "params.yaml", "summary"]) == 0
     assert main(["--root", str(root), "summary"]) == 2  # <root>/params.yaml is not there
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "says"),
+    [
+        (RuntimeError("boom"), 5, "unexpected error (RuntimeError): this is a bug"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_unexpected_errors_exit_5_and_interrupts_130(
+    raised, code, says, tiny_project, tmp_path, capsys, monkeypatch
+):
+    """Exit 1 stays a gate refusal and 2 bad input: a bug is 5, with the traceback to report."""
+    import privtune.stages.prepare as stage
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(stage, "prepare", fail)
+    assert main(["--root", str(tiny_project), "--no-progress", "prepare"]) == code
+    err = capsys.readouterr().err
+    assert says in err
+    assert ("Traceback" in err) == (code == 5)
