@@ -59,3 +59,16 @@ def test_lora_freezes_base_and_groups_adapters(tiny_model):
 def test_unknown_target_modules(tiny_model):
     with pytest.raises(ConfigError, match=r"finetune\.lora\.target_modules"):
         attach_lora(tiny_model, LoraParams(target_modules=["q_proj"]))
+
+
+def test_every_shard_of_a_sharded_checkpoint_is_checked(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[:-10])
+    with pytest.raises(ModelError, match=rf"{shards[-1].name} is truncated"):
+        load_pretrained(tmp_path / "m")
+    shards[-1].unlink()
+    with pytest.raises(ModelError, match=rf"lacks the shard {shards[-1].name}"):
+        load_pretrained(tmp_path / "m")

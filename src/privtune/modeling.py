@@ -119,6 +119,15 @@ def check_model_dir(path: Path, field: str) -> None:
         raise ModelError(field, f"'{path}' has no weights ({', '.join(WEIGHT_FILES)})", fix)
     if present[0].name == "model.safetensors":
         check_weights(present[0], field)
+    elif present[0].name.endswith(".index.json"):  # sharded: every shard it names
+        try:
+            shards = sorted(set(json.loads(present[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(field, f"{present[0]} is corrupt (no weight_map)", fix) from None
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ModelError(field, f"'{path}' lacks the shard {shard}", fix)
+            check_weights(path / shard, field)
 
 
 def load_pretrained(path: str | Path, field: str = "base.source"):
