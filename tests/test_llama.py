@@ -130,7 +130,9 @@ def test_dp_training_moves_the_lora_weights_and_not_the_base(tiny_tokenizer):
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert len(lora) == 2 * 2 * len(LLAMA_TARGETS)
     data = encode_records(synthetic_texts(64), tok, 48)
-    params = FinetuneParams(batch_size=16, epochs=0.75, delta=1e-3, eval_every=100)
+    params = FinetuneParams(
+        batch_size=16, epochs=0.75, delta=1e-3, eval_every=100, audit_canaries=0
+    )
     result = train(model, data, data.slice(0, 8), params, "dpsgd", {}, show_progress=False)
     assert result.steps_taken == 3 and result.epsilon <= params.epsilon
     moved = {n for n, p in model.named_parameters() if p.requires_grad and not p.equal(lora[n])}

@@ -127,11 +127,25 @@ def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
 
     command = [sys.executable, "-m", "privtune.cli", "--root", str(project), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([*command, "finetune", "dpsgd"], env=env)
+    # The real CLI, with save_checkpoint wrapped to hold the process still once the first
+    # checkpoint is on disk: the kill lands after a checkpoint however fast the machine is.
+    saved = tmp_path / "checkpoint-saved"
+    paused = [
+        sys.executable,
+        "-c",
+        "import sys, time, privtune.callbacks as c; from pathlib import Path; "
+        "save = c.save_checkpoint; "
+        "c.save_checkpoint = lambda p, s: (save(p, s), "
+        f"Path({str(saved)!r}).touch(), time.sleep(600)); "
+        "from privtune.cli import main; sys.exit(main(sys.argv[1:]))",
+        *command[3:],
+    ]
+    process = subprocess.Popen([*paused, "finetune", "dpsgd"], env=env)
     checkpoint = project / ".privtune" / "checkpoints" / "dpsgd.pt"
     deadline = time.time() + 300
-    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
+    while not saved.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert checkpoint.is_file(), "no checkpoint was written"
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed = _mlflow_runs(project)

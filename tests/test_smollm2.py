@@ -69,7 +69,9 @@ def test_three_dp_steps_move_the_lora_weights_and_not_the_base(converted):
     assert names[0] == "layers.0.self_attn.q_proj" and names[-1] == "layers.29.mlp.down_proj"
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = encode_records(synthetic_texts(32, words=12), tokenizer, 24)
-    params = FinetuneParams(batch_size=4, epochs=0.375, delta=1e-3, eval_every=100, eval_records=4)
+    params = FinetuneParams(
+        batch_size=4, epochs=0.375, delta=1e-3, eval_every=100, eval_records=4, audit_canaries=0
+    )
     result = train(model, data, data.slice(0, 4), params, "dpsgd", {}, show_progress=False)
     assert result.steps_taken == 3 and 0 < result.epsilon <= params.epsilon
     moved = {n for n, p in model.named_parameters() if p.requires_grad and not p.equal(lora[n])}

@@ -96,6 +96,17 @@ def read_json(path: str | Path) -> Any:
         return json.load(handle)
 
 
+def read_numbers(path: str | Path) -> dict[str, float]:
+    """The numeric entries of a metrics JSON file ({} when it is not there yet)."""
+    if not Path(path).is_file():
+        return {}
+    return {
+        k: v
+        for k, v in read_json(path).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     with atomic_file(path) as handle:
         for row in rows:

@@ -31,16 +31,6 @@ _EXPOSURE = re.compile(r"exposure_(r\d+|held_out)_(mean|max)")
 _EXTRACTION = re.compile(r"extraction_(greedy|sampled)_(r\d+|held_out)")
 
 
-def _numbers(path: Path) -> dict[str, float]:
-    if not path.is_file():
-        return {}
-    return {
-        k: v
-        for k, v in io.read_json(path).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-
-
 def _finite(value: Any) -> float | None:
     """JSON has no infinity: an unbounded or missing number is null."""
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
@@ -151,8 +141,8 @@ def build_card(
     info = io.read_json(model_dir / "finetune.json")
     metrics = info.get("metrics", {})
     plan = info.get("plan", {})
-    attack = _numbers(root / METRICS_DIR / f"attack-{entry}.json")
-    evaluation = _numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
+    attack = io.read_numbers(root / METRICS_DIR / f"attack-{entry}.json")
+    evaluation = io.read_numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
     data_card_path = root / PREPARED_DIR / "data_card.json"
     data_card = io.read_json(data_card_path) if data_card_path.is_file() else {}
     private = bool(metrics.get("private", "epsilon" in metrics))

@@ -93,16 +93,6 @@ def _model_info(root: Path, entry: str) -> dict[str, Any]:
     return io.read_json(info_path)
 
 
-def _numbers(path: Path) -> dict[str, float]:
-    if not path.is_file():
-        return {}
-    return {
-        k: v
-        for k, v in io.read_json(path).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-
-
 def evidence_sha256(root: str | Path, entry: str) -> str:
     """Hash of what a version's card states: the fine-tuning, evaluation and attack results and
     the data. New evidence for the same adapter is a new version (its card ships inside the
@@ -112,8 +102,8 @@ def evidence_sha256(root: str | Path, entry: str) -> str:
     card = root / PREPARED_DIR / "data_card.json"
     payload = {
         "finetune": info.get("metrics", {}),
-        "evaluate": _numbers(root / METRICS_DIR / f"evaluate-{entry}.json"),
-        "attack": _numbers(root / METRICS_DIR / f"attack-{entry}.json"),
+        "evaluate": io.read_numbers(root / METRICS_DIR / f"evaluate-{entry}.json"),
+        "attack": io.read_numbers(root / METRICS_DIR / f"attack-{entry}.json"),
         "data": io.read_json(card).get("content_sha256") if card.is_file() else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -131,9 +121,9 @@ def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> di
     tags |= {field: metrics[field] for field in PRIVACY_FIELDS if field in metrics}
     if not private:
         tags["epsilon"] = math.inf
-    attack = _numbers(root / METRICS_DIR / f"attack-{entry}.json")
+    attack = io.read_numbers(root / METRICS_DIR / f"attack-{entry}.json")
     tags |= {f"{ATTACK_PREFIX}{k}": attack[k] for k in ATTACK_FIELDS if k in attack}
-    evaluation = _numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
+    evaluation = io.read_numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
     utility = {*UTILITY_FIELDS, (gates or Gates()).utility_metric}
     tags |= {f"{UTILITY_PREFIX}{k}": evaluation[k] for k in sorted(utility) if k in evaluation}
     card = root / PREPARED_DIR / "data_card.json"
@@ -249,7 +239,7 @@ def _logged_model(
 
     from privtune.registry.pyfunc import GenerationModel, pip_requirements, signature
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    tracking.point_mlflow_at(mlflow, root)
     mlflow_client = mlflow.MlflowClient(tracking_uri(root))
     try:
         run = mlflow_client.get_run(run_id)
@@ -323,7 +313,7 @@ def _attach_results(root: Path, entry: str, run: Any, model_id: str, step: int) 
         mlflow_client.log_batch(run_id, metrics=at_step)
     results: dict[str, float] = {}
     for stage, prefix in (("evaluate", ""), ("attack", ATTACK_PREFIX)):
-        numbers = _numbers(root / METRICS_DIR / f"{stage}-{entry}.json")
+        numbers = io.read_numbers(root / METRICS_DIR / f"{stage}-{entry}.json")
         results |= {
             f"{prefix}{k}": float(v)
             for k, v in numbers.items()
