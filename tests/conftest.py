@@ -150,3 +150,36 @@ def write_params(path, **sections):
     params = _merge(_merge(project, TINY_PARAMS), sections)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def edit_params(root, drop: tuple[str, ...] = (), **sections):
+    """Merge ``sections`` into <root>/params.yaml (and delete the sections in ``drop``)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(root) / "params.yaml"
+    params = _merge(yaml.safe_load(path.read_text()), sections)
+    for section in drop:
+        params.pop(section, None)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+# The tiny project's base is pretrained for 2 steps and evaluated on 2 notes: tests that need
+# prepared data and a base model, not a good one, copy it (shutil.copytree) instead of
+# building their own.
+FAST_BASE = {"base": {"steps": 2}, "evaluate": {"max_records": 2}}
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A project with prepared data and a (barely) pretrained base, built once per session:
+    copy it, never write into it."""
+    from privtune.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-project")
+    write_params(root / "params.yaml", **FAST_BASE)
+    assert main(["--root", str(root), "--no-progress", "prepare"]) == 0
+    assert main(["--root", str(root), "--no-progress", "base"]) == 0
+    return root

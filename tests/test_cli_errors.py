@@ -112,7 +112,7 @@ def test_unreadable_model_path(tmp_path, capsys, project):
     (root / "garbage" / "config.json").write_text("not json")
     write_params(root / "params.yaml", base={"source": "garbage"})
     code, err = _run(root, "base", capsys=capsys)
-    assert code == 2 and "base.source" in err and "cannot load" in err
+    assert code == 2 and "base.source" in err and "config.json is corrupt" in err
     assert not (root / "models").exists()
 
 

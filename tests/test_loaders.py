@@ -58,3 +58,40 @@ def test_datasets_dir_without_text_column(tmp_path):
     datasets.Dataset.from_list([{"body": "x"}]).save_to_disk(str(ds_dir))
     with pytest.raises(DataError, match="no `text` column"):
         load_records(ds_dir)
+
+
+@pytest.mark.parametrize("name", ["notes.jsonl", "notes.csv"])
+def test_bad_encoding_names_the_line_and_byte_offset(tmp_path, name):
+    path = tmp_path / name
+    head = b'{"text": "first note"}\n' if name.endswith("jsonl") else b"text\nfirst note\n"
+    bad = b'{"text": "caf\xe9 secret"}\n' if name.endswith("jsonl") else b"caf\xe9 secret\n"
+    path.write_bytes(head + bad)
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    message, offset = str(err.value), len(head) + bad.index(b"\xe9")
+    line = head.count(b"\n") + 1
+    assert f"line {line}, byte offset {offset}" in message
+    assert "UTF-8" in message and "secret" not in message
+
+
+@pytest.mark.parametrize("name", ["notes.jsonl", "notes.csv"])
+def test_a_record_over_the_limit_is_refused_naming_the_parameter(tmp_path, name):
+    path = tmp_path / name
+    long = "secret " * 30
+    if name.endswith("jsonl"):
+        path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": long}) + "\n")
+    else:
+        path.write_text(f"text\nshort\n{long}\n")
+    with pytest.raises(DataError, match=r"prepare\.max_record_chars = 100") as err:
+        load_records(path, max_chars=100)
+    assert "secret" not in str(err.value)
+    assert len(load_records(path, max_chars=1000)) == 2
+
+
+def test_csv_field_over_the_csv_modules_limit_is_named(tmp_path):
+    """Python's csv refuses fields over 128 KB with its own error; ours names the limit."""
+    path = tmp_path / "notes.csv"
+    path.write_text("text\n" + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"record 1 \(line 2\) has a field over the limit"):
+        load_records(path)
+    assert len(load_records(path, max_chars=300_000)[0]["text"]) == 200_000

@@ -20,9 +20,29 @@ def test_missing_or_broken_model_directory(tmp_path):
         load_pretrained(tmp_path / "absent")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    with pytest.raises(ModelError, match=r"base\.source.*cannot load") as err:
+    with pytest.raises(ModelError, match=r"base\.source.*config\.json is corrupt") as err:
         load_pretrained(tmp_path / "broken")
     assert "save_pretrained" in str(err.value)
+
+
+def test_truncated_or_corrupt_weights_are_named(tiny_model, tmp_path):
+    """A copy cut short or overwritten says which file and what is wrong, before any load."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"model\.safetensors is truncated") as err:
+        load_pretrained(tmp_path / "m", field="base.source")
+    assert "Fix:" in str(err.value)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"garbage!" * 4)
+    with pytest.raises(ModelError, match=r"model\.safetensors is corrupt"):
+        load_pretrained(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(ModelError, match="has no weights"):
+        load_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_pretrained(tmp_path / "m")
 
 
 def test_lora_freezes_base_and_groups_adapters(tiny_model):
@@ -39,3 +59,16 @@ def test_lora_freezes_base_and_groups_adapters(tiny_model):
 def test_unknown_target_modules(tiny_model):
     with pytest.raises(ConfigError, match=r"finetune\.lora\.target_modules"):
         attach_lora(tiny_model, LoraParams(target_modules=["q_proj"]))
+
+
+def test_every_shard_of_a_sharded_checkpoint_is_checked(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[:-10])
+    with pytest.raises(ModelError, match=rf"{shards[-1].name} is truncated"):
+        load_pretrained(tmp_path / "m")
+    shards[-1].unlink()
+    with pytest.raises(ModelError, match=rf"lacks the shard {shards[-1].name}"):
+        load_pretrained(tmp_path / "m")

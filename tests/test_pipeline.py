@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import write_params
+from tests.leaks import find_leaks, private_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -186,29 +186,15 @@ def test_mlflow_tracks_runs_without_raw_records(built):
     assert (artifacts / "ledger.json").is_file() and (artifacts / "adapter").is_dir()
     assert any(p.suffix == ".png" for p in artifacts.iterdir())
 
-    # No raw training text anywhere in the store: canaries and record lines are the test.
-    canaries = json.loads((project / "data/prepared/canaries.json").read_text())["canaries"]
-    secrets = [c["secret"] for c in canaries]
-    records = [
-        json.loads(line)["text"]
-        for line in (project / "data/prepared/train.jsonl").read_text().splitlines()
-    ]
-    probes = secrets + [
-        line for text in records[:20] for line in text.splitlines() if len(line) > 25
-    ]
-    db = sqlite3.connect(project / "mlflow.db")
-    dump = "\n".join(
-        str(row)
-        for table in ("params", "tags", "metrics", "runs")
-        for row in db.execute(f"SELECT * FROM {table}")
-    )  # noqa: S608
-    blobs = dump + "".join(
-        p.read_text(errors="ignore")
-        for p in (project / "mlruns").rglob("*")
-        if p.is_file() and p.suffix in {".json", ".txt", ".yaml", ""}
-    )
-    leaked = [p for p in probes if p in blobs]
-    assert not leaked, f"{len(leaked)} raw training strings found in MLflow"
+    # No private text anywhere it publishes: every canary (planted, held out, audit) and 100
+    # records' identifying lines, searched in the whole MLflow store (params, tags, registry
+    # versions and their tags and descriptions, every text artifact), reports, metrics, plots
+    # and the repro log.
+    project, log = built
+    probes = private_probes(project, records=100)
+    assert len(probes) > 100
+    leaked = find_leaks(project, probes, logs=(log,))
+    assert not leaked, f"{len(leaked)} private strings published (canaries or record lines)"
 
 
 def test_prefect_flow_runs_the_same_stages(tmp_path):

@@ -3,10 +3,15 @@
 privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register [NAME ...]
 privtune report | promote [--version V] | rollback                        [--params params.yaml]
 
-Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input, 3 budget guard, 4 audit violation.
-With $PRIVTUNE_ERROR_FILE set, an exit 2-4 also writes {"exit_code", "error", "message"} there
-as JSON: `dvc repro` runs this command in a subprocess, and the scheduler (tasks/stages.py) reads
-the file to fail at once, with the message, instead of retrying what cannot succeed.
+Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input (parameters, data, model files,
+command-line arguments), 3 budget guard, 4 audit violation, 5 unexpected error (a bug: the
+traceback is printed), 130 interrupted (Ctrl-C). With $PRIVTUNE_ERROR_FILE set, an exit 2-4
+also writes {"exit_code", "error", "message"} there as JSON: `dvc repro` runs this command in a
+subprocess, and the scheduler (tasks/stages.py) reads the file to fail at once, with the
+message, instead of retrying what cannot succeed.
+
+`--root` is the project (where the stage reads and writes its outputs); `--params` defaults to
+<root>/params.yaml, and a path given is relative to the current directory, as in any shell.
 """
 
 from __future__ import annotations
@@ -16,21 +21,43 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from privtune.errors import AuditViolation, BudgetExhausted, PrivtuneError
-from privtune.tracking import disable_telemetry
+from privtune.errors import AuditViolation, BudgetExhausted, ConfigError, PrivtuneError
+from privtune.tracking import disable_telemetry, isolated_store
 
 if TYPE_CHECKING:
     from privtune.config import Params
 
 ERROR_FILE_ENV = "PRIVTUNE_ERROR_FILE"
+EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_AUDIT, EXIT_UNEXPECTED = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+
+# The params.yaml sections each command reads: one missing from the file is an error.
+SECTIONS = {
+    "prepare": ("prepare",),
+    "base": ("base", "evaluate"),
+    "finetune": ("base", "finetune", "methods"),
+    "evaluate": ("base", "finetune", "methods", "evaluate"),
+    "attack": ("base", "finetune", "methods", "attack"),
+    "register": ("methods", "attack", "registry"),
+    "report": ("finetune", "methods"),
+    "summary": ("methods",),
+    "promote": ("registry",),
+    "rollback": ("registry",),
+}
+# Commands that write stage outputs: leftovers of a killed attempt are removed first.
+WRITERS = {"prepare", "base", "finetune", "evaluate", "attack", "register", "report"}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privtune", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameter file")
+    parser.add_argument(
+        "--params",
+        help="parameter file, relative to the current directory (default: <root>/params.yaml)",
+    )
     parser.add_argument("--root", default=".", help="project root (stage outputs go here)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -47,10 +74,34 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser(
         "promote", help="move `champion` to the best new version that passes every gate"
     )
-    cmd.add_argument("--version", help="judge this version only (default: every new version)")
+    cmd.add_argument(
+        "--version",
+        type=_version,
+        help="judge this version only, a positive integer (default: every new version)",
+    )
     cmd.add_argument("--json", action="store_true", help="print the decisions as JSON")
     sub.add_parser("rollback", help="give `champion` back to the previous champion")
     return parser
+
+
+def _version(value: str) -> str:
+    """A registered model version is a positive integer (MLflow's own error would be exit 1,
+    which means a gate refusal)."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a version number: use a positive integer, e.g. --version 3 "
+            "(the versions are listed by `privtune promote`)"
+        )
+    return str(int(value))
+
+
+def _params_path(value: str | None, root: Path) -> Path:
+    """--params relative to the current directory, as a shell user expects (not to --root);
+    without it, the project's own params.yaml."""
+    if value is None:
+        return root / "params.yaml"
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path
 
 
 def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> int:
@@ -74,7 +125,7 @@ def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> 
         print(gates_table(decisions, methods))
         verdict = "promoted" if promoted else "nothing promoted"
         print(f"\n{name}: {verdict}: {why}  (`!` marks a failed gate; --json for details)")
-    return 0 if promoted else 1
+    return EXIT_OK if promoted else EXIT_REFUSED
 
 
 def _fail(code: int, label: str, err: Exception) -> int:
@@ -89,67 +140,94 @@ def _fail(code: int, label: str, err: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # argparse printed the usage and the error (exit 2), or --help
+        return int(done.code or 0)
     disable_telemetry()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow's tracking URI as it was after the command: main() may run again in this process
+    with isolated_store():
+        try:
+            return _run(args)
+        except PrivtuneError as err:
+            return _fail(EXIT_BAD_INPUT, "error", err)
+        except BudgetExhausted as err:
+            return _fail(EXIT_BUDGET, "privacy budget violation", err)
+        except AuditViolation as err:
+            return _fail(EXIT_AUDIT, "privacy audit violation", err)
+        except KeyboardInterrupt:
+            print("interrupted: rerun the same command to resume or redo it", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as err:  # a bug, not the input: the traceback is what to report
+            traceback.print_exc()
+            print(
+                f"unexpected error ({type(err).__name__}): this is a bug in privtune or its "
+                "environment; report it with the traceback above",
+                file=sys.stderr,
+            )
+            return EXIT_UNEXPECTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the stage's parameters, clean a killed attempt's leftovers, run the command."""
     from privtune.config import load_params
 
     root = Path(args.root)
-    progress = not args.no_progress
-    code = 0
-    try:
-        params = load_params(
-            Path(args.params) if Path(args.params).is_absolute() else root / args.params
+    if not root.is_dir():
+        raise ConfigError(
+            "--root", f"'{root}' is not a directory", "pass the project's directory, or omit it"
         )
-        if args.stage == "prepare":
-            from privtune.stages.prepare import prepare
+    progress = not args.no_progress
+    params = load_params(_params_path(args.params, root), SECTIONS[args.stage])
+    if args.stage in WRITERS:
+        from privtune.stages.common import remove_stale_outputs
 
-            result = prepare(params, root)
-        elif args.stage == "base":
-            from privtune.stages.base import base
+        for path in remove_stale_outputs(root):
+            print(f"removed {path}: left by an interrupted run", file=sys.stderr)
+    if args.stage == "prepare":
+        from privtune.stages.prepare import prepare
 
-            result = base(params, root, show_progress=progress)
-        elif args.stage == "finetune":
-            from privtune.stages.finetune import finetune
+        result = prepare(params, root)
+    elif args.stage == "base":
+        from privtune.stages.base import base
 
-            result = finetune(params, args.name, root, show_progress=progress)
-        elif args.stage == "evaluate":
-            from privtune.stages.evaluate import evaluate
+        result = base(params, root, show_progress=progress)
+    elif args.stage == "finetune":
+        from privtune.stages.finetune import finetune
 
-            result = evaluate(params, args.name, root)
-        elif args.stage == "attack":
-            from privtune.stages.attack import attack
+        result = finetune(params, args.name, root, show_progress=progress)
+    elif args.stage == "evaluate":
+        from privtune.stages.evaluate import evaluate
 
-            result = attack(params, args.name, root, show_progress=progress)
-        elif args.stage == "register":
-            from privtune.stages.register import register
+        result = evaluate(params, args.name, root)
+    elif args.stage == "attack":
+        from privtune.stages.attack import attack
 
-            result = register(params, args.names, root)
-        elif args.stage == "report":
-            from privtune.stages.report import report
+        result = attack(params, args.name, root, show_progress=progress)
+    elif args.stage == "register":
+        from privtune.stages.register import register
 
-            result = report(params, root)
-        elif args.stage == "summary":
-            from privtune.stages.report import summary_table
+        result = register(params, args.names, root)
+    elif args.stage == "report":
+        from privtune.stages.report import report
 
-            print(summary_table(params, root, markdown=args.markdown))
-            return 0
-        elif args.stage == "promote":
-            return _promote(params, root, args.version, args.json)
-        else:
-            from dataclasses import asdict
+        result = report(params, root)
+    elif args.stage == "summary":
+        from privtune.stages.report import summary_table
 
-            from privtune.registry import rollback
+        print(summary_table(params, root, markdown=args.markdown))
+        return EXIT_OK
+    elif args.stage == "promote":
+        return _promote(params, root, args.version, args.json)
+    else:
+        from dataclasses import asdict
 
-            result = asdict(rollback(params.registry.name, root=root))
-    except PrivtuneError as err:
-        return _fail(2, "error", err)
-    except BudgetExhausted as err:
-        return _fail(3, "privacy budget violation", err)
-    except AuditViolation as err:
-        return _fail(4, "privacy audit violation", err)
+        from privtune.registry import rollback
+
+        result = asdict(rollback(params.registry.name, root=root))
     print(json.dumps(result, indent=2, default=str))
-    return code
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,10 @@ PLOTS_DIR = Path("plots")
 # Resumable fine-tuning checkpoints: outside every stage's DVC outputs (dvc repro deletes those
 # before rerunning a stage), git- and dvc-ignored.
 CHECKPOINTS_DIR = Path(".privtune/checkpoints")
+# Longest record a user's corpus may hold (prepare.max_record_chars): a 21 MB record was
+# accepted without a word and took 4.2 GB to tokenize, although training reads its first
+# base.max_length tokens only.
+MAX_RECORD_CHARS = 100_000
 
 
 class _Section(BaseModel):
@@ -92,6 +97,9 @@ class PrepareParams(_Section):
     n_public: int = Field(default=3000, ge=10, description="public reference passages")
     valid_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    max_record_chars: int = Field(
+        default=MAX_RECORD_CHARS, ge=1, description="longest record of a user's corpus"
+    )
     canaries: CanaryParams = CanaryParams()
 
     @field_validator("source")
@@ -386,15 +394,33 @@ def method_options(
         raise _format_validation_error(path, err, f"methods.{entry}.", allowed) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; every error names the field and how to fix it."""
+def load_params(path: str | Path = "params.yaml", required: Sequence[str] = ()) -> Params:
+    """Read and validate params.yaml; every error names the field and how to fix it.
+
+    ``required``: the sections the caller reads (the CLI passes the stage's). One missing from
+    the file is an error rather than the defaults: a params.yaml without its `finetune:`
+    section is more likely a mistake than a choice, and `finetune: {}` states the choice.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), "parameter file not found", "run from the project root")
+        raise ConfigError(
+            str(path),
+            "parameter file not found",
+            "write the file, or pass --params with its path (relative to the current "
+            "directory, or absolute)",
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"not valid YAML ({err})", "fix the YAML syntax") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(str(path), "top level must be a mapping", "use `section: {key: value}`")
+    for section in required:
+        if section not in (raw or {}):
+            raise ConfigError(
+                section,
+                f"section missing from {path}",
+                f"add a `{section}:` section (see the shipped params.yaml), or `{section}: {{}}` "
+                "for the documented defaults",
+            )
     return parse_params(raw or {}, path)

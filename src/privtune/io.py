@@ -6,11 +6,52 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+# Temporary siblings are named `.<target>.tmp-<pid>-<random>`: a later start can tell the
+# leftovers of a killed process (its pid is gone) from the work of a live one.
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(-.*)?$")
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks, sends nothing)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: str | Path) -> list[Path]:
+    """Remove the temporary outputs (`.<name>.tmp-<pid>-*`) that killed processes left in
+    ``folder``; those of live processes stay. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _TMP_NAME.match(path.name)
+        if match is None or pid_alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -18,7 +59,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -34,7 +75,7 @@ def atomic_file(target: str | Path, mode: str = "w", encoding: str | None = None
     """Open a temporary sibling file that replaces ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
@@ -15,16 +17,27 @@ from privtune.config import BaseParams, LoraParams
 from privtune.errors import ConfigError, ModelError
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; anything else is passed to torch.device."""
+def resolve_device(name: str, field: str = "device") -> torch.device:
+    """`auto` picks CUDA when present; anything else is passed to torch.device. ``field``:
+    the parameter it came from, named in the error (``finetune.device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError("device", f"unknown device '{name}'", "use auto, cpu or cuda") from None
+        raise ConfigError(field, f"unknown device '{name}'", "use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "CUDA requested but not available", "use device: auto")
+        raise ConfigError(
+            field,
+            f"'{name}' requested but CUDA is not available on this machine",
+            f"set {field}: auto (CUDA when present, else cpu) or cpu",
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            field,
+            f"'{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)",
+            f"set {field}: auto or cuda:0",
+        )
     return device
 
 
@@ -46,15 +59,85 @@ def build_gpt2(params: BaseParams, vocab_size: int, bos: int, eos: int) -> GPT2L
     return GPT2LMHeadModel(config)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def check_weights(file: Path, field: str) -> None:
+    """A safetensors file whose header parses and whose size matches it: a truncated copy or a
+    corrupt download is named here, not as a SafetensorError from deep inside a load.
+
+    Hand-written (8-byte length, JSON header, data offsets: the format's whole layout) because
+    safetensors' own reader only fails when loading, without the file's name or what is wrong.
+    """
+    fix = f"copy or save {file.name} again (model.save_pretrained), then rerun"
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ModelError(field, f"{file} is truncated ({size} bytes: no header)", fix)
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise ModelError(
+                field, f"{file} is truncated or corrupt (header of {length} bytes in {size})", fix
+            )
+        try:
+            header = json.loads(handle.read(length))
+            ends = [
+                int(entry["data_offsets"][1])
+                for name, entry in header.items()
+                if name != "__metadata__"
+            ]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelError(field, f"{file} is corrupt (unreadable header)", fix) from None
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        raise ModelError(
+            field, f"{file} is truncated ({size} of the {expected} bytes its header lists)", fix
+        )
+    if size > expected:
+        raise ModelError(
+            field, f"{file} is corrupt ({size - expected} bytes beyond its tensors)", fix
+        )
+
+
+def check_model_dir(path: Path, field: str) -> None:
+    """A save_pretrained directory is complete before anything is loaded or written: a
+    readable config.json and weights whose size matches their header."""
+    fix = "point it at a directory written by model.save_pretrained and tokenizer.save_pretrained"
+    if not path.is_dir():
+        raise ModelError(field, f"'{path}' is not a directory", fix)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(field, f"'{path}' has no config.json", fix)
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise ModelError(field, f"{config} is corrupt (not a JSON object)", fix) from None
+    present = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present:
+        raise ModelError(field, f"'{path}' has no weights ({', '.join(WEIGHT_FILES)})", fix)
+    if present[0].name == "model.safetensors":
+        check_weights(present[0], field)
+    elif present[0].name.endswith(".index.json"):  # sharded: every shard it names
+        try:
+            shards = sorted(set(json.loads(present[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(field, f"{present[0]} is corrupt (no weight_map)", fix) from None
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ModelError(field, f"'{path}' lacks the shard {shard}", fix)
+            check_weights(path / shard, field)
+
+
 def load_pretrained(path: str | Path, field: str = "base.source"):
     """Load any local causal LM and its tokenizer; never reaches for a model hub."""
     path = Path(path)
-    if not path.is_dir():
-        raise ModelError(field, f"'{path}' is not a directory", "point it at a save_pretrained dir")
+    check_model_dir(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise ModelError(
             field,
             f"cannot load a causal LM and tokenizer from '{path}' ({type(err).__name__})",

@@ -11,13 +11,16 @@ import contextlib
 import json
 import math
 import os
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "privtune"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -33,7 +36,7 @@ def disable_telemetry() -> None:
 
 
 def tracking_uri(root: str | Path = ".") -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+    return os.environ.get(TRACKING_ENV) or f"sqlite:///{Path(root).resolve()}/mlflow.db"
 
 
 def point_mlflow_at(mlflow: Any, root: str | Path) -> str:
@@ -196,7 +199,6 @@ def headline_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str
     )
 
 
-
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config -> dotted keys, as MLflow params are flat."""
     flat: dict[str, Any] = {}
@@ -329,6 +331,92 @@ def download_run_artifacts(root: str | Path, run_id: str, destination: str | Pat
 
 
 @contextlib.contextmanager
+def isolated_store() -> Iterator[None]:
+    """MLflow's tracking URI (its global and MLFLOW_TRACKING_URI) back as it was on exit.
+
+    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI into os.environ (for
+    subprocesses), so without this a second project in the same process (a flow, a test, the
+    CLI's main() called twice) would silently log into the first one's store. Imports nothing.
+    """
+    saved_env = os.environ.get(TRACKING_ENV)
+    service = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    saved_uri = getattr(service, "_tracking_uri", None)
+    try:
+        yield
+    finally:
+        service = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if service is not None:
+            service._tracking_uri = saved_uri  # type: ignore[attr-defined]
+        if saved_env is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = saved_env
+
+
+@contextlib.contextmanager
+def use_store(root: str | Path = ".") -> Iterator[Any]:
+    """The mlflow module pointed at the project's store inside, and back as it was after."""
+    disable_telemetry()
+    import mlflow
+
+    with isolated_store():
+        mlflow.set_tracking_uri(tracking_uri(root))
+        yield mlflow
+
+
+# -- interrupted runs --------------------------------------------------------------------------
+
+PID_TAG = "privtune.pid"  # the process that opened the run, and its machine: a later start
+HOST_TAG = "privtune.host"  # on the same machine closes it when that process is gone
+ERROR_TAG = "privtune.error"  # why a run did not finish: the error's class and our message
+
+
+def _owner_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def error_summary(err: BaseException) -> str:
+    """What a failed run's tag says: the class, and the message only for our own errors, which
+    never hold record text (a library's message might quote an input)."""
+    from privtune.errors import AuditViolation, BudgetExhausted, PrivtuneError
+
+    name = type(err).__name__
+    if isinstance(err, PrivtuneError | BudgetExhausted | AuditViolation):
+        return f"{name}: {err}"[:5000]
+    if isinstance(err, KeyboardInterrupt):
+        return f"{name}: interrupted"
+    return f"{name} (message withheld: it may quote input data; see the stage's log)"
+
+
+def close_dead_runs(root: str | Path = ".", experiment: str = EXPERIMENT) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this machine that no longer exists
+    (kill -9, a power cut), with why in ``privtune.error``; returns their ids."""
+    from privtune.io import pid_alive
+
+    client = _client(root)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs(
+        [found.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    ):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            ERROR_TAG,
+            f"KilledProcess: process {pid} on {host} ended without closing the run",
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+@contextlib.contextmanager
 def start_run(
     run_name: str | None = None,
     *,
@@ -340,18 +428,31 @@ def start_run(
     """Open (or reopen, with run_id) an MLflow run in the project's store.
 
     ``key`` tags the run with its stage and inputs, so a retry can find (and reuse or discard)
-    an earlier attempt instead of duplicating it.
+    an earlier attempt instead of duplicating it. The run records its process (pid, host) so
+    that a later start can close it if that process dies; a run that ends by an exception is
+    FAILED (KILLED for an interrupt) with the error's class and message in ``privtune.error``.
     """
-    disable_telemetry()
-    import mlflow
-
     root = Path(root)
-    point_mlflow_at(mlflow, root)
-    tags = {RUN_KEY_TAG: key} if key else None
-    if run_id is not None:
-        with mlflow.start_run(run_id=run_id) as run:
+    close_dead_runs(root, experiment)
+    with use_store(root) as mlflow:
+        tags = {RUN_KEY_TAG: key} if key else {}
+        tags |= _owner_tags()
+        if run_id is not None:
+            client = mlflow.MlflowClient()
+            if ERROR_TAG in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, ERROR_TAG)  # resumed: the interruption is over
+            context = mlflow.start_run(run_id=run_id)
+        else:
+            experiment_id = _experiment_id(mlflow, root, experiment)
+            context = mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags)
+        run = context.__enter__()
+        if run_id is not None:
+            mlflow.set_tags(tags)
+        try:
             yield RunTracker(mlflow, run)
-        return
-    experiment_id = _experiment_id(mlflow, root, experiment)
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags) as run:
-        yield RunTracker(mlflow, run)
+        except BaseException as err:
+            mlflow.set_tag(ERROR_TAG, error_summary(err))
+            status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+            mlflow.end_run(status=status)
+            raise
+        context.__exit__(None, None, None)

@@ -110,7 +110,7 @@ class Trainer:
         plan: TrainingPlan | None = None,
     ) -> None:
         self.replica = Replica.current()
-        self.device = resolve_device(params.device)
+        self.device = resolve_device(params.device, "finetune.device")
         if self.replica.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(params.seed)
@@ -346,6 +346,7 @@ def train(
     callbacks: list[Callback] | None = None,
     checkpoint: Checkpointing | None = None,
     show_progress: bool = True,
+    trainer: Trainer | None = None,
 ) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of ``model`` with the given method.
 
@@ -353,10 +354,16 @@ def train(
     With ``checkpoint``, the run saves itself every ``checkpoint.every`` steps and, started
     again with the same key, resumes from the last save: the same batches, noise, ledger and
     controller state as if it had never stopped.
+
+    ``trainer``: the run already built from these arguments (the stage builds it first, so
+    that every option and the device are checked before it opens an MLflow run).
     """
-    trainer = Trainer(
-        model, train_data, valid_data, params, method, options, entry=entry, plan=plan
-    )
+    if trainer is None:
+        trainer = Trainer(
+            model, train_data, valid_data, params, method, options, entry=entry, plan=plan
+        )
+    elif trainer.model is not model or trainer.params != params:
+        raise ValueError("the trainer was built for another model or other parameters")
     plan, engine, main = trainer.plan, trainer.engine, trainer.replica.is_main
     validation = Validation(model, valid_data.slice(0, params.eval_records), params.eval_every)
     logger = MetricsLogger(engine, validation, params.log_every, on_log if main else None)

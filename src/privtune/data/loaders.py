@@ -8,10 +8,14 @@ Errors name the file, the line and the columns present, never a record's content
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+from privtune.config import MAX_RECORD_CHARS
 from privtune.errors import DataError
 
 TEXT_COLUMN = "text"
@@ -27,8 +31,32 @@ def _missing_column(source: str, column: str, present: list[str], which: str = "
     )
 
 
+def _not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
+    """Where the bad bytes are (line and byte offset), never what the record says."""
+    return DataError(
+        str(path),
+        f"not UTF-8 text at line {line}, byte offset {offset} (byte 0x{byte:02x})",
+        "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`), then rerun",
+    )
+
+
+def _too_long(source: str, where: str, length: int | None, limit: int) -> DataError:
+    size = f"{length:,} characters" if length is not None else "a field over the limit"
+    return DataError(
+        source,
+        f"{where} has {size}, more than prepare.max_record_chars = {limit:,}",
+        "split long documents into records of at most that many characters, or raise "
+        "prepare.max_record_chars (tokenizing and memory grow with it; records are truncated "
+        "to base.max_length tokens anyway)",
+    )
+
+
 def _check_rows(
-    rows: list[dict], source: str, text_column: str = TEXT_COLUMN, id_column: str | None = None
+    rows: list[dict],
+    source: str,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
     """Each row reduced to its text (and id): present, non-empty strings; ids unique."""
     if not rows:
@@ -47,6 +75,8 @@ def _check_rows(
                 f"record {index + 1} has an empty or non-string `{text_column}`",
                 "remove empty records or fill them with text",
             )
+        if len(text) > max_chars:
+            raise _too_long(source, f"record {index + 1}", len(text), max_chars)
         record = {"text": text}
         if id_column is not None:
             record["id"] = str(row[id_column])
@@ -62,11 +92,20 @@ def _check_rows(
 
 
 def load_jsonl(
-    path: Path, text_column: str = TEXT_COLUMN, id_column: str | None = None
+    path: Path,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, number, offset + err.start, raw[err.start]) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -80,25 +119,59 @@ def load_jsonl(
             if not isinstance(row, dict):
                 raise DataError(str(path), f"line {number} is not a JSON object", "use {...}")
             rows.append(row)
-    return _check_rows(rows, str(path), text_column, id_column)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars)
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """csv's field size limit is process-wide: set for one read, then put back."""
+    before = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
 
 
 def load_csv(
-    path: Path, text_column: str = TEXT_COLUMN, id_column: str | None = None
+    path: Path,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise _not_utf8(path, line, err.start, data[err.start]) from None
+    with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
+        rows: list[dict] = []
+        try:
+            rows.extend(dict(row) for row in reader)
+        except csv.Error as err:
+            # the reader has not counted the line it failed on yet
+            where = f"record {len(rows) + 1} (line {reader.line_num + 1})"
+            if "field larger than field limit" in str(err):
+                raise _too_long(str(path), where, None, max_chars) from None
+            raise DataError(
+                str(path),
+                f"not valid CSV at {where} ({type(err).__name__})",
+                "write RFC 4180 CSV: a header naming the columns, quoted fields",
+            ) from None
         if reader.fieldnames is None:
             raise DataError(str(path), "the dataset is empty", "provide a header and rows")
         for column, which in [(text_column, "text"), (id_column, "id")]:
             if column is not None and column not in reader.fieldnames:
                 raise _missing_column(str(path), column, list(reader.fieldnames), which)
-        rows = [dict(row) for row in reader]
-    return _check_rows(rows, str(path), text_column, id_column)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars)
 
 
 def load_datasets_dir(
-    path: Path, text_column: str = TEXT_COLUMN, id_column: str | None = None
+    path: Path,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
     import datasets
 
@@ -116,13 +189,17 @@ def load_datasets_dir(
     for column, which in [(text_column, "text"), (id_column, "id")]:
         if column is not None and column not in ds.column_names:
             raise _missing_column(str(path), column, list(ds.column_names), which)
-    return _check_rows([dict(row) for row in ds], str(path), text_column, id_column)
+    return _check_rows([dict(row) for row in ds], str(path), text_column, id_column, max_chars)
 
 
 def load_records(
-    source: str | Path, text_column: str = TEXT_COLUMN, id_column: str | None = None
+    source: str | Path,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
-    """Records of a JSONL/CSV file or a datasets directory as ``{"text"[, "id"]}`` dicts."""
+    """Records of a JSONL/CSV file or a datasets directory as ``{"text"[, "id"]}`` dicts, each
+    text at most ``max_chars`` characters (prepare.max_record_chars)."""
     path = Path(source)
     if not path.exists():
         raise DataError(
@@ -131,13 +208,21 @@ def load_records(
             "set prepare.source to an existing .jsonl/.csv file or dataset directory (or to "
             "src/privtune/data/generator.py for the generated notes)",
         )
-    if path.is_dir():
-        return load_datasets_dir(path, text_column, id_column)
+    columns = (text_column, id_column, max_chars)
     suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".json"}:
-        return load_jsonl(path, text_column, id_column)
-    if suffix == ".csv":
-        return load_csv(path, text_column, id_column)
+    try:
+        if path.is_dir():
+            return load_datasets_dir(path, *columns)
+        if suffix in {".jsonl", ".json"}:
+            return load_jsonl(path, *columns)
+        if suffix == ".csv":
+            return load_csv(path, *columns)
+    except OSError as err:  # unreadable: permissions, a broken mount
+        raise DataError(
+            str(path),
+            f"cannot be read ({err.strerror or type(err).__name__})",
+            "check the path and its permissions",
+        ) from None
     raise DataError(
         "prepare.source",
         f"unsupported file type '{suffix}'",

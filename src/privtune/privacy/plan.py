@@ -49,7 +49,15 @@ def make_plan(
     and an explicit delta above it is refused here, before training, not at promotion."""
     if n_records < 2:
         raise ConfigError("data", f"only {n_records} training records", "provide more records")
-    q = min(1.0, params.batch_size / n_records)
+    if params.batch_size > n_records:
+        # q = B/N > 1 is no sampling rate: it would silently become q = 1 and a single step
+        raise ConfigError(
+            "finetune.batch_size",
+            f"{params.batch_size} is larger than the N = {n_records} training records "
+            "(audit canaries included)",
+            f"set finetune.batch_size to at most {n_records} (typically N/10 to N/30)",
+        )
+    q = params.batch_size / n_records
     steps = max(1, math.ceil(params.epochs / q))
     delta = params.delta if params.delta is not None else default_delta(n_records, max_delta)
     if not delta < 1.0 / n_records:

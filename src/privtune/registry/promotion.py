@@ -349,6 +349,22 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:
     mlflow_client.set_registered_model_tag(name, "champion.why", summary[:MAX_TAG_TEXT])
 
 
+def _version_or_error(mlflow_client: Any, name: str, version: str) -> Any:
+    """The registered version, or an error naming it and the versions there are."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version(name, version)
+    except MlflowException:
+        found = sorted(
+            int(v.version) for v in mlflow_client.search_model_versions(f"name = '{name}'")
+        )
+        listing = ", ".join(map(str, found)) or "none: run `dvc repro register` first"
+        raise ModelError(
+            "--version", f"{name} has no version {version}", f"use one of: {listing}"
+        ) from None
+
+
 def promote(
     name: str, gates: Gates | None = None, *, root: str | Path = ".", version: str | None = None
 ) -> Decision:
@@ -356,7 +372,7 @@ def promote(
     gates = gates or Gates()
     mlflow_client = client(root)
     candidate = (
-        mlflow_client.get_model_version(name, version)
+        _version_or_error(mlflow_client, name, version)
         if version is not None
         else alias_version(mlflow_client, name, CHALLENGER)
     )

@@ -9,7 +9,7 @@ from typing import Any
 from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, DataError, ModelError
-from privtune.stages.common import load_base, read_split, resolved_max_length
+from privtune.stages.common import check_adapter, load_base, read_split, resolved_max_length
 
 
 def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
@@ -53,8 +53,9 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         raise ModelError(
             str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
         )
+    check_adapter(model_dir, name)
     info = io.read_json(model_dir / "finetune.json")
-    device = resolve_device(params.finetune.device)
+    device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)
     # Merged weights compute the same function at half the cost of separate LoRA matmuls.
     model = PeftModel.from_pretrained(model, model_dir / "adapter").merge_and_unload()

@@ -33,6 +33,9 @@ def _checked_source(b: BaseParams, root: Path):
             f"'{b.source}' is neither a known source ({known}) nor a directory",
             "name a known source or a directory written by save_pretrained",
         )
+    from privtune.modeling import check_model_dir
+
+    check_model_dir(path, "base.source")  # config and weights complete, before any output
     return path
 
 
@@ -97,7 +100,7 @@ def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
     from privtune.sources import check_serialisable, convert_gguf
 
     b = params.base
-    device = resolve_device(b.device)
+    device = resolve_device(b.device, "base.device")
     source = _checked_source(b, root)
     train = read_split(root, "train")
     train_texts = [r["text"] for r in train]

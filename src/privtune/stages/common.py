@@ -5,8 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from privtune import io
-from privtune.config import BASE_DIR, PREPARED_DIR, Params
+from privtune.config import (
+    BASE_DIR,
+    CHECKPOINTS_DIR,
+    METRICS_DIR,
+    MODELS_DIR,
+    PLOTS_DIR,
+    PREPARED_DIR,
+    Params,
+)
 from privtune.errors import DataError, ModelError
+
+OUTPUT_FOLDERS = (PREPARED_DIR.parent, MODELS_DIR, METRICS_DIR, PLOTS_DIR, Path("reports"))
+
+
+def remove_stale_outputs(root: Path) -> list[Path]:
+    """The temporary outputs (`.<name>.tmp-<pid>-*`) and checkpoint files of processes that
+    were killed while writing them: removed when the next stage starts."""
+    removed = []
+    for folder in (*OUTPUT_FOLDERS, CHECKPOINTS_DIR):
+        removed += io.remove_stale_tmp(root / folder)
+    return removed
+
 
 BASE_INFO = "privtune.json"
 """In models/base: the source and the max_length the base stage fixed (`auto` resolved)."""
@@ -21,6 +41,18 @@ def read_split(root: Path, name: str) -> list[dict]:
 
 def data_hash(root: Path) -> str:
     return io.read_json(root / PREPARED_DIR / "data_card.json")["content_sha256"]
+
+
+def check_adapter(model_dir: Path, name: str) -> None:
+    """The fine-tuned adapter's weights are complete (a copy cut short is named, not loaded)."""
+    from privtune.modeling import check_weights
+
+    weights = model_dir / "adapter" / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(
+            str(model_dir), "adapter weights missing", f"run `dvc repro finetune@{name}` again"
+        )
+    check_weights(weights, str(model_dir))
 
 
 def load_base(root: Path):

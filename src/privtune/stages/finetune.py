@@ -91,7 +91,7 @@ def finetune(
     from privtune.privacy.distributed import init_from_environment
     from privtune.privacy.gradient_canaries import AUDIT_FILE
     from privtune.privacy.plan import make_plan, planned_records
-    from privtune.train import Checkpointing, train
+    from privtune.train import Checkpointing, Trainer, train
 
     replica = init_from_environment()  # under torchrun: one rank of a distributed run
     method, options = params.method(name)
@@ -110,6 +110,9 @@ def finetune(
     # N counts the audit's gradient canaries.
     gate = params.registry.gates.max_delta
     plan = make_plan(planned_records(len(train_data), f), f, private, max_delta=gate)
+    # The whole run is built (device, controller and every option, engine) before an MLflow
+    # run is opened or a file written: a bad input leaves nothing behind.
+    trainer = Trainer(model, train_data, valid_data, f, method, options, entry=name, plan=plan)
 
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
@@ -119,20 +122,11 @@ def finetune(
     checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
     resumed = load_checkpoint(checkpoint_path, key)
     checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
+    common = {"entry": name, "plan": plan, "checkpoint": checkpointing, "trainer": trainer}
     if not replica.is_main:  # other ranks compute; rank 0 logs and writes everything
-        train(
-            model,
-            train_data,
-            valid_data,
-            f,
-            method,
-            options,
-            entry=name,
-            plan=plan,
-            checkpoint=checkpointing,
-            show_progress=False,
-        )
+        train(model, train_data, valid_data, f, method, options, show_progress=False, **common)
         return {}
+    tracking.close_dead_runs(root)  # runs a killed attempt left RUNNING: KILLED, with why
     previous = tracking.finished_run(root, key)
     if previous is not None and (reused := _reuse(root, name, previous)):
         return reused
@@ -176,11 +170,9 @@ def finetune(
             f,
             method,
             options,
-            entry=name,
-            plan=plan,
             on_log=run.log_metrics,
-            checkpoint=checkpointing,
             show_progress=show_progress,
+            **common,
         )
         if result.resumed_at is not None:
             run.set_tags({"resumed_at_step": result.resumed_at})

@@ -79,7 +79,10 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     else:
         source = Path(p.source)
         records = load_records(
-            source if source.is_absolute() else root / source, p.text_column, p.id_column
+            source if source.is_absolute() else root / source,
+            p.text_column,
+            p.id_column,
+            p.max_record_chars,
         )
     splits = _split(records, params)
     train = splits["train"]

@@ -1,0 +1,67 @@
+"""Run `privtune` paused at a chosen point, so that a test can kill it there for certain.
+
+    python tests/pause_cli.py MARKER POINT -- <privtune arguments>
+
+POINT is `checkpoint` (right after the first checkpoint is saved: mid-training) or
+`write:<name>` (inside io.atomic_dir for the output <name>, e.g. `write:dpsgd`, once its files
+are in the temporary folder and before it replaces the output: mid-write). At that point the
+process touches MARKER and sleeps; the test waits for MARKER and kills the process by PID. A
+race-free kill: without the pause, a small run can finish before the signal lands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+PAUSE_SECONDS = 600
+
+
+def _pause(marker: Path) -> None:
+    marker.touch()
+    time.sleep(PAUSE_SECONDS)
+
+
+def pause_at(point: str, marker: Path) -> None:
+    """Patch the module function where ``point`` is, so that it pauses there."""
+    if point == "checkpoint":
+        import privtune.callbacks as callbacks
+
+        save = callbacks.save_checkpoint
+
+        def save_then_pause(path: Path, state: dict) -> None:
+            save(path, state)
+            _pause(marker)
+
+        callbacks.save_checkpoint = save_then_pause
+    elif point.startswith("write:"):
+        import privtune.io as io
+
+        name, atomic_dir = point.removeprefix("write:"), io.atomic_dir
+
+        @contextlib.contextmanager
+        def atomic_dir_then_pause(target: str | Path) -> Iterator[Path]:
+            with atomic_dir(target) as tmp:
+                yield tmp
+                if Path(target).name == name:
+                    _pause(marker)
+
+        io.atomic_dir = atomic_dir_then_pause
+    else:
+        raise SystemExit(f"unknown pause point {point!r}: checkpoint or write:<name>")
+
+
+def main(argv: list[str]) -> int:
+    marker, point, separator, *rest = argv
+    assert separator == "--", __doc__
+    pause_at(point, Path(marker))
+    from privtune.cli import main as cli
+
+    return cli(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

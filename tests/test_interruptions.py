@@ -1,0 +1,219 @@
+"""Interruptions leave nothing behind: a stage killed mid-training or mid-write (kill -9 by PID,
+made deterministic by tests/pause_cli.py) and started again ends with complete outputs, no
+RUNNING MLflow run and no temporary folder; a failed run says why; `dvc checkout` restores the
+outputs an interrupted `dvc repro` removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from privtune import io, tracking
+from privtune.errors import ConfigError
+from tests.conftest import edit_params
+from tests.leaks import find_leaks, private_probes
+
+HELPER = Path(__file__).with_name("pause_cli.py")
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_only_the_temporary_outputs_of_dead_processes_are_removed(tmp_path):
+    dead, alive = _dead_pid(), os.getpid()
+    stale = tmp_path / f".dpsgd.tmp-{dead}-x1y2"
+    stale.mkdir()
+    (stale / "adapter.bin").write_bytes(b"half")
+    stale_file = tmp_path / f".dpsgd.pt.tmp-{dead}"  # save_checkpoint's temporary file
+    stale_file.write_bytes(b"half")
+    live = tmp_path / f".dpsgd.tmp-{alive}-a1b2"
+    live.mkdir()
+    mine = tmp_path / "dpsgd"
+    mine.mkdir()
+    assert sorted(io.remove_stale_tmp(tmp_path)) == sorted([stale, stale_file])
+    assert live.is_dir() and mine.is_dir() and not stale.exists()
+    with io.atomic_dir(tmp_path / "out") as out:  # named so that a later start can tell
+        assert out.name.startswith(f".out.tmp-{os.getpid()}-")
+
+
+def test_failed_and_dead_runs_are_closed_with_why_and_the_store_does_not_leak(
+    tmp_path, monkeypatch
+):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError), tracking.start_run("bad", root=tmp_path, key="k1"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith(f"{tmp_path}/mlflow.db")
+        raise ConfigError("finetune.epsilon", "must be > 0", "set it to 8")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # nothing leaks past the store's use
+    with pytest.raises(RuntimeError), tracking.start_run("crash", root=tmp_path, key="k2"):
+        raise RuntimeError("tokenizer choked on 'Patient Jane Roe, MRN 1234'")
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert runs["bad"].info.status == "FAILED"
+    error = runs["bad"].data.tags[tracking.ERROR_TAG]
+    assert error.startswith("ConfigError: finetune.epsilon: must be > 0")
+    assert runs["crash"].info.status == "FAILED"
+    assert runs["crash"].data.tags[tracking.ERROR_TAG].startswith("RuntimeError (message withheld")
+    assert "Jane" not in runs["crash"].data.tags[tracking.ERROR_TAG]
+
+    host = socket.gethostname()
+    owner = {tracking.HOST_TAG: host}
+    dead = client.create_run(experiment, tags={**owner, tracking.PID_TAG: str(_dead_pid())})
+    live = client.create_run(experiment, tags={**owner, tracking.PID_TAG: str(os.getpid())})
+    elsewhere = client.create_run(
+        experiment, tags={tracking.HOST_TAG: "other-host", tracking.PID_TAG: "1"}
+    )
+    assert tracking.close_dead_runs(tmp_path) == [dead.info.run_id]
+    closed = client.get_run(dead.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert closed.data.tags[tracking.ERROR_TAG].startswith("KilledProcess: process")
+    for run in (live, elsewhere):  # alive, or not ours to judge
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_rldp_leaves_no_sb3_folder_in_the_temp_dir():
+    """stable-baselines3's default logger makes an SB3-<time> folder per run in the temp dir."""
+    from privtune.control import build_controller
+    from tests.test_rldp import CTX, OPTIONS, _drive
+
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("SB3-*"))
+    controller = build_controller("rldp", CTX, OPTIONS)
+    _drive(controller, 6)
+    assert controller.sac._n_updates > 0  # SAC trained (and logged) several times
+    assert set(temp.glob("SB3-*")) == before
+
+
+# -- kill -9 of a real stage ---------------------------------------------------------------------
+
+
+def _start(project: Path, marker: Path, point: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = ["--root", str(project), "--no-progress", "finetune", "dpsgd"]
+    return subprocess.Popen([sys.executable, str(HELPER), str(marker), point, "--", *argv], env=env)
+
+
+def _kill_when_paused(process: subprocess.Popen, marker: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert process.poll() is None, f"exited with {process.returncode} before the pause"
+        assert time.time() < deadline, "never reached the pause point"
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def _runs(project: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], run_view_type=3)  # deleted too
+
+
+def _leftovers(project: Path) -> list[Path]:
+    return [p for p in project.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_killed_mid_training_then_mid_write_a_rerun_completes_cleanly(
+    tiny_project, tmp_path, monkeypatch
+):
+    from privtune.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    edit_params(project, finetune={"checkpoint_every": 2})
+    checkpoint = project / ".privtune" / "checkpoints" / "dpsgd.pt"
+
+    first = _start(project, tmp_path / "trained", "checkpoint")  # killed mid-training
+    _kill_when_paused(first, tmp_path / "trained")
+    assert checkpoint.is_file()
+    (killed,) = _runs(project)
+    assert killed.info.status == "RUNNING"  # what kill -9 leaves
+    assert killed.data.tags[tracking.PID_TAG] == str(first.pid)
+
+    second = _start(project, tmp_path / "writing", "write:dpsgd")  # resumes, killed mid-write
+    _kill_when_paused(second, tmp_path / "writing")
+    (half_written,) = (project / "models").glob(f".dpsgd.tmp-{second.pid}-*")
+    assert (half_written / "finetune.json").is_file() and not (project / "models/dpsgd").exists()
+
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    outputs = ["models/dpsgd/finetune.json", "models/dpsgd/ledger.json", "models/dpsgd/adapter"]
+    outputs += [
+        "metrics/finetune-dpsgd.json",
+        "plots/finetune-dpsgd.csv",
+        "plots/finetune-dpsgd.png",
+    ]
+    assert all((project / path).exists() for path in outputs)
+    metrics = json.loads((project / "metrics/finetune-dpsgd.json").read_text())
+    assert metrics["epsilon"] <= 4.0 and metrics["steps"] > 2
+    assert not _leftovers(project) and not checkpoint.exists()
+    runs = _runs(project)
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed run, resumed and closed
+    assert runs[0].info.run_id == killed.info.run_id
+    assert tracking.ERROR_TAG not in runs[0].data.tags and "resumed_at_step" in runs[0].data.tags
+    assert not find_leaks(project, private_probes(project))  # tags and artifacts included
+
+
+@pytest.mark.slow
+def test_dvc_checkout_restores_what_an_interrupted_repro_removed(tmp_path):
+    """`dvc repro` removes a stage's outputs before running it: after an interruption,
+    `dvc checkout <stage>` brings the cached ones back and git the git-tracked metrics."""
+    project = tmp_path / "dvcproject"
+    project.mkdir()
+    (project / "stage.py").write_text(
+        "import os, pathlib, sys\n"
+        "if os.environ.get('INTERRUPT'):\n"
+        "    sys.exit(3)\n"
+        "pathlib.Path('model').mkdir(exist_ok=True)\n"
+        "pathlib.Path('model/weights.bin').write_text(open('input.txt').read() * 2)\n"
+        "pathlib.Path('metrics.json').write_text('{\"loss\": 1.5}')\n"
+    )
+    (project / "input.txt").write_text("v1")
+    (project / "dvc.yaml").write_text(
+        f"stages:\n  train:\n    cmd: {sys.executable} stage.py\n"
+        "    deps: [input.txt, stage.py]\n    outs: [model]\n"
+        "    metrics:\n      - metrics.json:\n          cache: false\n"
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def sh(*cmd: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            cmd, cwd=project, env={**env, **extra}, capture_output=True, text=True
+        )
+
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        assert sh(*cmd).returncode == 0, cmd
+    assert sh("git", "add", "-A").returncode == 0
+    assert (
+        sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1").returncode
+        == 0
+    )
+    (project / "input.txt").write_text("v2")
+    assert sh("dvc", "repro", "-q", INTERRUPT="1").returncode != 0  # the stage died
+    assert not (project / "model").exists() and not (project / "metrics.json").exists()
+
+    # the outputs dvc.lock records (the last complete run), whatever the inputs are now
+    assert sh("dvc", "checkout", "train").returncode == 0
+    assert sh("git", "checkout", "--", "metrics.json").returncode == 0
+    assert (project / "model/weights.bin").read_text() == "v1v1"
+    assert json.loads((project / "metrics.json").read_text()) == {"loss": 1.5}
