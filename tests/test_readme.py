@@ -46,3 +46,14 @@ def test_smollm2_table_is_the_committed_smollm2_cpu_run():
     # what the section claims: the non-private model beats the base on the downstream task
     assert tuned["medication_accuracy"] > base["medication_accuracy"]
     assert f"{base['test_perplexity']:.1f}" in README
+
+
+def test_step_overhead_rows_are_the_committed_benchmark():
+    path = ROOT / "benchmarks" / "results" / "step_overhead.json"
+    assert path.is_file(), "benchmarks/results/step_overhead.json is not committed (make bench)"
+    runs = json.loads(path.read_text())["runs"]
+    assert {run["config"] for run in runs} >= {"default", "smollm2"}
+    block = _block("results:step-overhead")
+    for run in runs:
+        ratio = f"{run['time_ratio']:.2f}"
+        assert ratio in block, f"{run['config']} on {run['device']}: ratio {ratio} not in README"
