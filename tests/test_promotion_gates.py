@@ -9,6 +9,7 @@ values no gate may pass (NaN, infinities).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -137,3 +138,75 @@ def test_contract_and_attack_gates_at_their_boundaries(key, value, gate, passed)
     # a claimed epsilon of NaN is also no threshold for the audit gate
     others = {gate, "audit"} if key == "epsilon" else {gate}
     assert all(g.passed for name, g in results.items() if name not in others)
+
+
+class _Version:
+    def __init__(self, version: str) -> None:
+        self.version, self.tags = version, {"method": "dpsgd"}
+
+
+class _Model:
+    def __init__(self) -> None:
+        self.tags: dict[str, str] = {}
+
+
+class FakeRegistry:
+    """The few MlflowClient calls rollback makes, in memory (a missing alias raises as MLflow
+    does): rollback's alias bookkeeping without a sqlite store."""
+
+    def __init__(self, versions: list[str], history: list[str]) -> None:
+        from privtune.registry.promotion import HISTORY_TAG, PREVIOUS
+
+        self.versions = {v: _Version(v) for v in versions}
+        self.model = _Model()
+        self.model.tags[HISTORY_TAG] = json.dumps(history)
+        self.aliases = {"champion": history[-1]}
+        if len(history) >= 2:
+            self.aliases[PREVIOUS] = history[-2]
+
+    def get_registered_model(self, name):
+        return self.model
+
+    def set_registered_model_tag(self, name, key, value):
+        self.model.tags[key] = value
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.aliases[alias] = str(version)
+
+    def delete_registered_model_alias(self, name, alias):
+        del self.aliases[alias]
+
+    def get_model_version_by_alias(self, name, alias):
+        from mlflow.exceptions import MlflowException
+
+        if alias not in self.aliases:
+            raise MlflowException(f"no alias {alias}")
+        return self.versions[self.aliases[alias]]
+
+    def set_model_version_tag(self, name, version, key, value):
+        self.versions[str(version)].tags[key] = value
+
+    def search_model_versions(self, query):
+        return list(self.versions.values())
+
+    def update_registered_model(self, name, description):
+        self.model.description = description
+
+
+def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatch):
+    """Champions 1, 2, 3: each rollback hands `champion` back one step and `previous_champion`
+    with it (never left naming the version now champion), then removes it at the first."""
+    from privtune.registry import promotion
+
+    fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
+    monkeypatch.setattr(promotion, "client", lambda root=".": fake)
+    back = promotion.rollback("m")
+    assert (back.from_version, back.to_version) == ("3", "2")
+    assert fake.aliases == {"champion": "2", promotion.PREVIOUS: "1"}
+    back = promotion.rollback("m")
+    assert (back.from_version, back.to_version) == ("2", "1")
+    assert fake.aliases == {"champion": "1"}
+    assert json.loads(fake.model.tags[promotion.HISTORY_TAG]) == ["1"]
+    assert fake.versions["3"].tags.get("promotion.rolled_back")
+    with pytest.raises(promotion.ModelError, match="no previous champion"):
+        promotion.rollback("m")
