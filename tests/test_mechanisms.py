@@ -17,11 +17,43 @@ from tests.conftest import release_step
 
 
 def test_effective_noise_multiplier_formula():
+    """Values worked out by hand (not the code's formula restated): z^-2 = sum (C_k / s_k)^2,
+    plus D (1/2 / sigma_b)^2 for D released counts of sensitivity 1/2."""
     assert effective_noise_multiplier([1.0], [2.0]) == pytest.approx(2.0)
-    clips, stds = [1.0, 2.0, 0.5], [3.0, 1.0, 2.0]
-    expected = 1 / math.sqrt(sum((c / s) ** 2 for c, s in zip(clips, stds, strict=True)))
-    assert effective_noise_multiplier(clips, stds) == pytest.approx(expected)
-    assert effective_noise_multiplier(clips, uniform_noise_stds(clips, 1.7)) == pytest.approx(1.7)
+    # 1/9 + 4 + 1/16 = 4.173611...
+    assert effective_noise_multiplier([1.0, 2.0, 0.5], [3.0, 1.0, 2.0]) == pytest.approx(
+        0.48949020986880254, rel=1e-12
+    )
+    assert effective_noise_multiplier([1.0, 1.0], uniform_noise_stds([1.0, 1.0], 1.7)) == (
+        pytest.approx(1.7)
+    )
+    # a count of std 1: (1/2)^2 = 1/4 beside the gradient's 1/4: z = sqrt(2)
+    assert effective_noise_multiplier([1.0], [2.0], 1.0) == pytest.approx(math.sqrt(2), rel=1e-12)
+    # three counts of std 2: 3/16 beside 1/4: z = 1 / sqrt(7/16)
+    assert effective_noise_multiplier([1.0], [2.0], 2.0, 3) == pytest.approx(
+        1.5118578920369088, rel=1e-12
+    )
+
+
+def test_released_count_moves_by_its_accounted_sensitivity():
+    """The count the step releases moves by exactly 1/2 when one record is added (clipped or
+    not); the accountant charges that sensitivity: a step releasing the count at std sigma_b
+    has z^-2 = (C/s)^2 + (0.5/sigma_b)^2, not less."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    mech = Gaussian([[p]], ["p"], seed=0)
+    clips = [1.0]
+    norms = torch.tensor([[0.5], [3.0], [0.2]])
+    base = mech.release_unclipped_count(norms, clips, 1e-12, 1.0)
+    for added in (0.1, 7.0):  # an unclipped and a clipped record
+        more = torch.cat([norms, torch.tensor([[added]])])
+        moved = mech.release_unclipped_count(more, clips, 1e-12, 1.0)
+        assert abs(moved - base) == pytest.approx(0.5, abs=1e-9)
+    counts = mech.release_norm_histogram(norms, clips, [0.5, 1.0], 1e-12, 1.0)
+    more = mech.release_norm_histogram(torch.cat([norms, norms[:1]]), clips, [0.5, 1.0], 1e-12, 1.0)
+    assert abs(more - counts).ravel().tolist() == pytest.approx([0.5, 0.5], abs=1e-9)
+    sigma_b = 0.8
+    z = effective_noise_multiplier(clips, [1.5], sigma_b)
+    assert z**-2 == pytest.approx((1 / 1.5) ** 2 + (0.5 / sigma_b) ** 2, rel=1e-12)
 
 
 def _tiny():
@@ -62,8 +94,16 @@ def test_per_group_clipping_matches_direct_computation():
             assert float(stats.norms[n, k]) == pytest.approx(norm, rel=1e-4)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
-    # every clipped per-sample group contribution respects its threshold
-    assert 0.0 < stats.clipped_fraction <= 1.0
+    # every clipped per-sample group contribution respects its threshold: released alone,
+    # each sample's group gradient has norm min(its norm, the threshold)
+    for n in range(len(x)):
+        gsm.zero_grad()
+        ((gsm(x[n : n + 1]) - y[n : n + 1]) ** 2).sum().backward()
+        release_step(mech, clips, 1e-12, 1.0, batch_size=1)
+        for k, idx in enumerate([(0, 1), (2, 3)]):
+            released = math.sqrt(sum(float(params[i].grad.pow(2).sum()) for i in idx))
+            assert released <= clips[k] * (1 + 1e-5)
+            assert released == pytest.approx(min(float(stats.norms[n, k]), clips[k]), rel=1e-4)
 
 
 def test_noise_has_the_requested_std_per_group():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -110,10 +111,14 @@ def _verdict(gate: GateResult) -> str:
 
 
 def _number(tags: dict[str, str], key: str) -> float | None:
+    """The tag's number; None when missing, unreadable or NaN. A NaN (an attack or evaluation
+    that produced no number; JSON metrics files can hold one) is no evidence: read as a number
+    it compares False both ways, and an attack gate would pass it as "within" its threshold."""
     try:
-        return float(tags[key])
+        value = float(tags[key])
     except (KeyError, ValueError):
         return None
+    return None if math.isnan(value) else value
 
 
 def _at_most(gate: str, value: float | None, threshold: float | None, what: str) -> GateResult:
