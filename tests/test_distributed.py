@@ -177,6 +177,7 @@ def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
     shutil.copytree(project, single)
     assert main(["--root", str(single), "--no-progress", "finetune", "dpsgd"]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store
     command = [
         sys.executable,
         "-m",

@@ -105,6 +105,7 @@ def test_rldp_leaves_no_sb3_folder_in_the_temp_dir():
 
 def _start(project: Path, marker: Path, point: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store
     env.pop("MLFLOW_TRACKING_URI", None)
     argv = ["--root", str(project), "--no-progress", "finetune", "dpsgd"]
     return subprocess.Popen([sys.executable, str(HELPER), str(marker), point, "--", *argv], env=env)

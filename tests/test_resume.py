@@ -126,25 +126,21 @@ def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
     assert main(["--root", str(reference), "--no-progress", "finetune", "dpsgd"]) == 0
 
     command = [sys.executable, "-m", "privtune.cli", "--root", str(project), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    # The real CLI, with save_checkpoint wrapped to hold the process still once the first
-    # checkpoint is on disk: the kill lands after a checkpoint however fast the machine is.
+    # the project's own store, whatever an earlier test left in the environment
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    # The real CLI, paused once its first checkpoint is on disk (tests/pause_cli.py): the
+    # kill lands after a checkpoint however fast the machine is.
     saved = tmp_path / "checkpoint-saved"
-    paused = [
-        sys.executable,
-        "-c",
-        "import sys, time, privtune.callbacks as c; from pathlib import Path; "
-        "save = c.save_checkpoint; "
-        "c.save_checkpoint = lambda p, s: (save(p, s), "
-        f"Path({str(saved)!r}).touch(), time.sleep(600)); "
-        "from privtune.cli import main; sys.exit(main(sys.argv[1:]))",
-        *command[3:],
-    ]
-    process = subprocess.Popen([*paused, "finetune", "dpsgd"], env=env)
+    pause = [sys.executable, str(Path(__file__).with_name("pause_cli.py")), str(saved)]
+    process = subprocess.Popen(
+        [*pause, "checkpoint", "--", *command[3:], "finetune", "dpsgd"], env=env
+    )
     checkpoint = project / ".privtune" / "checkpoints" / "dpsgd.pt"
     deadline = time.time() + 300
     while not saved.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert process.poll() is None, f"the run ended (exit {process.returncode}) before its pause"
     assert checkpoint.is_file(), "no checkpoint was written"
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"

@@ -39,22 +39,6 @@ def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get(TRACKING_ENV) or f"sqlite:///{Path(root).resolve()}/mlflow.db"
 
 
-def point_mlflow_at(mlflow: Any, root: str | Path) -> str:
-    """Point MLflow at the project's store without exporting it.
-
-    MLflow 3's set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which would send
-    the next project's runs in this process, and every subprocess it starts, to this store.
-    """
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
-    return uri
-
-
 def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:

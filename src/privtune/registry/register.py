@@ -203,7 +203,8 @@ def register(
         confidence=confidence,
         membership_counts=membership_counts,
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    # mlflow.pyfunc.log_model logs through the global tracking URI: set for this call only
+    with tempfile.TemporaryDirectory() as tmp, tracking.use_store(root):
         card_dir = write_card(card, Path(tmp) / "model_card")
         last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
         model_uri, model_id = _logged_model(root, entry, run_id, tags[KEY_TAG], card_dir, last_step)
@@ -247,7 +248,6 @@ def _logged_model(
 
     from privtune.registry.pyfunc import GenerationModel, pip_requirements, signature
 
-    tracking.point_mlflow_at(mlflow, root)
     mlflow_client = mlflow.MlflowClient(tracking_uri(root))
     try:
         run = mlflow_client.get_run(run_id)
