@@ -183,3 +183,16 @@ def tiny_project(tmp_path_factory):
     assert main(["--root", str(root), "--no-progress", "prepare"]) == 0
     assert main(["--root", str(root), "--no-progress", "base"]) == 0
     return root
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_per_test():
+    """Each test starts with no MLflow tracking URI set in-process, and leaves none behind:
+    a URI one test set would otherwise send the next test's clients to its store."""
+    from privtune.tracking import isolated_store
+
+    service = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if service is not None:
+        service._tracking_uri = None
+    with isolated_store():
+        yield
