@@ -31,6 +31,22 @@ def _missing_column(source: str, column: str, present: list[str], which: str = "
     )
 
 
+def _require_columns(
+    source: str,
+    present: list[str],
+    text_column: str,
+    id_column: str | None,
+    record: int | None = None,
+) -> None:
+    """The text column (and the id column, when one is named) are among ``present``."""
+    for column, which in [(text_column, "text"), (id_column, "id")]:
+        if column is not None and column not in present:
+            err = _missing_column(source, column, present, which)
+            if record is None:
+                raise err
+            raise DataError(err.field, f"record {record} has {err.problem}", err.fix)
+
+
 def _not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
     """Where the bad bytes are (line and byte offset), never what the record says."""
     return DataError(
@@ -64,10 +80,7 @@ def _check_rows(
     out = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
-        for column, which in [(text_column, "text"), (id_column, "id")]:
-            if column is not None and column not in row:
-                err = _missing_column(source, column, list(row), which)
-                raise DataError(err.field, f"record {index + 1} has {err.problem}", err.fix)
+        _require_columns(source, list(row), text_column, id_column, record=index + 1)
         text = row[text_column]
         if not isinstance(text, str) or not text.strip():
             raise DataError(
@@ -161,9 +174,7 @@ def load_csv(
             ) from None
         if reader.fieldnames is None:
             raise DataError(str(path), "the dataset is empty", "provide a header and rows")
-        for column, which in [(text_column, "text"), (id_column, "id")]:
-            if column is not None and column not in reader.fieldnames:
-                raise _missing_column(str(path), column, list(reader.fieldnames), which)
+        _require_columns(str(path), list(reader.fieldnames), text_column, id_column)
     return _check_rows(rows, str(path), text_column, id_column, max_chars)
 
 
@@ -186,9 +197,7 @@ def load_datasets_dir(
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
-    for column, which in [(text_column, "text"), (id_column, "id")]:
-        if column is not None and column not in ds.column_names:
-            raise _missing_column(str(path), column, list(ds.column_names), which)
+    _require_columns(str(path), list(ds.column_names), text_column, id_column)
     return _check_rows([dict(row) for row in ds], str(path), text_column, id_column, max_chars)
 
 
