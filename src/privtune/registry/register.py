@@ -58,7 +58,8 @@ def client(root: str | Path = ".") -> Any:
     tracking.disable_telemetry()
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri(root), registry_uri=tracking_uri(root))
+    uri = tracking.checked_uri(root)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def tracking_uri(root: str | Path) -> str:
@@ -209,7 +210,7 @@ def register(
         last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
         model_uri, model_id = _logged_model(root, entry, run_id, tags[KEY_TAG], card_dir, last_step)
     if not _registered_model_exists(mlflow_client, name):
-        mlflow_client.create_registered_model(name)
+        _create_registered_model(mlflow_client, name)
     version = mlflow_client.create_model_version(
         name, model_uri, run_id=run_id, tags=tags, model_id=model_id
     )
@@ -342,3 +343,14 @@ def _registered_model_exists(mlflow_client: Any, name: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+def _create_registered_model(mlflow_client: Any, name: str) -> None:
+    """Create it; another worker creating it first (a shared server) is not an error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
