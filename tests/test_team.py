@@ -206,7 +206,11 @@ def servers(tmp_path_factory):
         running.launch()
         yield running
     finally:
+        c0 = os.times()
         running.stop()
+        c1 = os.times()
+        cpu = c1.children_user + c1.children_system - c0.children_user - c0.children_system
+        print(f"TIMING servers cpu {cpu:.1f}", file=sys.stderr)
         for database in (config.mlflow_database, config.prefect_database):
             team.drop_database(TEST_POSTGRES, database)
     assert all(p.poll() is not None for p in running.processes.values())
@@ -230,8 +234,9 @@ def _worker_env(servers: team.TeamServers, checkout: Path) -> dict[str, str]:
     return env
 
 
-def _run_all(commands: list[tuple[list[str], Path, dict[str, str]]], timeout: float = 300):
+def _run_all(commands: list[tuple[list[str], Path, dict[str, str]]], timeout: float = 900):
     """Start every command at once, wait for all; each must succeed."""
+    c0 = os.times()
     started = [
         (cmd, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True))
@@ -242,6 +247,9 @@ def _run_all(commands: list[tuple[list[str], Path, dict[str, str]]], timeout: fl
         out, _ = process.communicate(timeout=timeout)
         assert process.returncode == 0, f"{cmd} failed:\n{out[-4000:]}"
         outputs.append(out)
+    c1 = os.times()
+    cpu = c1.children_user + c1.children_system - c0.children_user - c0.children_system
+    print(f"TIMING cpu of {[c[0][-1] for c in commands]}: {cpu:.1f}", file=sys.stderr)
     return outputs
 
 
@@ -254,13 +262,19 @@ def workers(servers, tmp_path_factory):
     from tests.conftest import FAST_BASE, edit_params
     from tests.test_pipeline import make_project
 
+    t0 = time.time()
+    p0 = time.process_time()
     base = tmp_path_factory.mktemp("team-workers")
     project = make_project(base)
+    print(f"TIMING make_project {time.time() - t0:.1f}", file=sys.stderr)
     edit_params(project, finetune={"audit_canaries": 32}, **FAST_BASE)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
         assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    print(f"TIMING prepare+base {time.time() - t0:.1f} cpu {time.process_time() - p0:.1f}", file=sys.stderr)
+    _ready(servers)
+    print(f"TIMING servers ready {time.time() - t0:.1f}", file=sys.stderr)
     checkouts = {"dpsgd": base / "worker-a", "nonprivate": base / "worker-b"}
     for checkout in checkouts.values():
         shutil.copytree(project, checkout)
@@ -272,6 +286,7 @@ def workers(servers, tmp_path_factory):
             for method, checkout in checkouts.items()
         ]
     )
+    print(f"TIMING finetunes {time.time() - t0:.1f}", file=sys.stderr)
     return checkouts, started
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def register(
     pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
     description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
     mlflow_client.update_model_version(name, version.version, description=description)
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    set_alias(mlflow_client, name, alias, str(version.version))
     describe_registered_model(mlflow_client, name)
     return RegisteredVersion(name, str(version.version), run_id, created=True)
 
@@ -354,3 +355,20 @@ def _create_registered_model(mlflow_client: Any, name: str) -> None:
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def set_alias(mlflow_client: Any, name: str, alias: str, version: str, attempts: int = 4) -> None:
+    """Point ``alias`` at ``version``. MLflow's SQL store reads, then inserts, an alias: two
+    workers setting the same new alias at once on a shared server make one insert fail on
+    the primary key (PostgreSQL UniqueViolation). Once the alias exists a retry updates it, so
+    the last writer wins, as it does one at a time."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow_client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            if "unique" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
