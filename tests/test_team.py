@@ -10,6 +10,7 @@ register from both workers at once and promote through a Prefect flow.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -88,13 +89,16 @@ def test_team_up_with_unreachable_postgres_exits_6_and_starts_nothing(tmp_path, 
     assert not home.exists()  # no log, no artifacts directory, no server
 
 
-def test_a_port_in_use_is_named_with_its_option():
+def test_a_port_in_use_is_named_with_its_option(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(ConfigError, match="--mlflow-port"):
-            team._check_port("127.0.0.1", port, "--mlflow-port")
+        ports = ["--mlflow-port", str(_free_port()), "--prefect-port", str(port)]
+        code = team.main(["up", *ports, "--home", str(tmp_path / "h")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--prefect-port" in err and f"127.0.0.1:{port}" in err and "choose another" in err
 
 
 def test_workers_get_the_public_name_of_both_servers(capsys):
@@ -183,10 +187,34 @@ def test_an_unreachable_server_is_retried_by_the_scheduler():
 # -- slow: both servers on PostgreSQL, two workers ---------------------------------------------
 
 
+class TeamUp:
+    """`python -m privtune.team up`, run as a user runs it: its output read for the workers'
+    environment, SIGTERM to stop it."""
+
+    def __init__(self, config: team.TeamConfig, process: subprocess.Popen[str]) -> None:
+        self.config, self.process = config, process
+        self.output: list[str] = []
+        self.env: dict[str, str] = {}
+
+    def ready(self) -> dict[str, str]:
+        """The environment `up` printed, once both servers are healthy."""
+        while len(self.env) < 2:
+            line = self.process.stdout.readline()  # type: ignore[union-attr]
+            if not line:  # it exited
+                self.process.wait()
+                raise AssertionError(f"team up exited {self.process.returncode}: {self.output}")
+            self.output.append(line)
+            if line.startswith("export "):
+                key, value = line.removeprefix("export ").strip().split("=", 1)
+                self.env[key] = value
+        return self.env
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """Both servers, in two fresh databases (dropped afterwards), on free ports; launched
-    here, waited for by the first user (`_ready`) so the project builds meanwhile."""
+    """Both servers, in two fresh databases (dropped afterwards), on free ports: started
+    here, waited for by their first user (so the project builds meanwhile), and stopped by
+    SIGTERM, after which nothing listens on their ports."""
     try:
         team.check_postgres(TEST_POSTGRES, timeout=3)
     except ServerError as err:
@@ -199,57 +227,70 @@ def servers(tmp_path_factory):
         mlflow_port=_free_port(),
         prefect_port=_free_port(),
         home=tmp_path_factory.mktemp("team-home"),
-        mlflow_workers=1,
     )
-    running = team.TeamServers(config)
+    argv = [
+        sys.executable, "-m", "privtune.team", "up", "--postgres", config.postgres,
+        "--mlflow-database", config.mlflow_database,
+        "--prefect-database", config.prefect_database,
+        "--mlflow-port", str(config.mlflow_port), "--prefect-port", str(config.prefect_port),
+        "--home", str(config.home), "--mlflow-workers", "1", "--startup-timeout", "600",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
-        running.launch()
-        yield running
+        yield TeamUp(config, process)
     finally:
-        c0 = os.times()
-        running.stop()
-        c1 = os.times()
-        cpu = c1.children_user + c1.children_system - c0.children_user - c0.children_system
-        print(f"TIMING servers cpu {cpu:.1f}", file=sys.stderr)
+        process.terminate()
+        rest, _ = process.communicate(timeout=120)
         for database in (config.mlflow_database, config.prefect_database):
             team.drop_database(TEST_POSTGRES, database)
-    assert all(p.poll() is not None for p in running.processes.values())
+    assert process.returncode == 0, rest
+    assert "servers stopped" in rest
+    for port in (config.mlflow_port, config.prefect_port):
+        team._check_port("127.0.0.1", port, "port")  # raises if a server still listens
 
 
-def _ready(servers: team.TeamServers) -> dict[str, str]:
-    if not getattr(servers, "_healthy", False):
-        servers.wait_healthy()
-        servers._healthy = True  # type: ignore[attr-defined]
-    return servers.env
-
-
-def _worker_env(servers: team.TeamServers, checkout: Path) -> dict[str, str]:
+def _worker_env(servers: TeamUp, checkout: Path) -> dict[str, str]:
     """A worker's environment: the two URLs `team env` prints, its own Prefect home, this
     tree's code; nothing else shared with the servers or the other worker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env |= tracking.TELEMETRY_OFF | _ready(servers)
+    env |= tracking.TELEMETRY_OFF | servers.ready()
     env["PREFECT_HOME"] = str(checkout / ".prefect-home")
+    env["OMP_NUM_THREADS"] = "1"  # two workers on a 2-core machine: a core each
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
     return env
 
 
 def _run_all(commands: list[tuple[list[str], Path, dict[str, str]]], timeout: float = 900):
-    """Start every command at once, wait for all; each must succeed."""
-    c0 = os.times()
-    started = [
-        (cmd, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True))
-        for cmd, cwd, env in commands
-    ]  # fmt: skip
-    outputs = []
-    for cmd, process in started:
-        out, _ = process.communicate(timeout=timeout)
-        assert process.returncode == 0, f"{cmd} failed:\n{out[-4000:]}"
-        outputs.append(out)
-    c1 = os.times()
-    cpu = c1.children_user + c1.children_system - c0.children_user - c0.children_system
-    print(f"TIMING cpu of {[c[0][-1] for c in commands]}: {cpu:.1f}", file=sys.stderr)
+    """Start every command at once, wait for all; each must succeed. Output goes to files
+    (a full pipe would stall one command while the other is waited for); a command still
+    running when the test fails is killed, never left behind."""
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        processes = [
+            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            for (cmd, cwd, env), log in zip(commands, logs, strict=True)
+        ]
+        try:
+            deadline = time.monotonic() + timeout
+            for process in processes:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        outputs = []
+        for (cmd, _, _), process, log in zip(commands, processes, logs, strict=True):
+            log.seek(0)
+            out = log.read()
+            assert process.returncode == 0, f"{cmd} failed:\n{out[-4000:]}"
+            outputs.append(out)
     return outputs
 
 
@@ -272,8 +313,9 @@ def workers(servers, tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
         assert main(["--root", str(project), "--no-progress", "base"]) == 0
-    print(f"TIMING prepare+base {time.time() - t0:.1f} cpu {time.process_time() - p0:.1f}", file=sys.stderr)
-    _ready(servers)
+    cpu = time.process_time() - p0
+    print(f"TIMING prepare+base {time.time() - t0:.1f} cpu {cpu:.1f}", file=sys.stderr)
+    servers.ready()
     print(f"TIMING servers ready {time.time() - t0:.1f}", file=sys.stderr)
     checkouts = {"dpsgd": base / "worker-a", "nonprivate": base / "worker-b"}
     for checkout in checkouts.values():
@@ -290,13 +332,13 @@ def workers(servers, tmp_path_factory):
     return checkouts, started
 
 
-def _mlflow(servers: team.TeamServers):
+def _mlflow(servers: TeamUp):
     import mlflow
 
     return mlflow.MlflowClient(servers.env["MLFLOW_TRACKING_URI"])
 
 
-def _prefect_flow_runs(servers: team.TeamServers) -> list[tuple[str, str]]:
+def _prefect_flow_runs(servers: TeamUp) -> list[tuple[str, str]]:
     """(flow name, state) of every flow run the Prefect server recorded, through its REST API."""
 
     def post(path: str) -> list[dict]:
@@ -312,10 +354,8 @@ def _prefect_flow_runs(servers: team.TeamServers) -> list[tuple[str, str]]:
     return sorted((flows[r["flow_id"]], r["state_type"]) for r in post("flow_runs/filter"))
 
 
-def _count(servers: team.TeamServers, database: str, table: str) -> int:
+def _count(servers: TeamUp, database: str, table: str) -> int:
     """Rows of ``table`` in a server's PostgreSQL database: the data is really there."""
-    import contextlib
-
     connection = team._connect(servers.config.postgres, database)
     with contextlib.closing(connection), connection.cursor() as cursor:
         cursor.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 (a fixed table name)

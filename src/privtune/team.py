@@ -234,12 +234,12 @@ class TeamServers:
             log.close()
 
     def launch(self) -> None:
-        """Check PostgreSQL and the ports, create the databases, start both servers (without
+        """Check the ports and PostgreSQL, create the databases, start both servers (without
         waiting for them: a caller may prepare its work meanwhile, then wait_healthy())."""
         config = self.config
-        check_postgres(config.postgres)
         _check_port(config.host, config.mlflow_port, "--mlflow-port")
         _check_port(config.host, config.prefect_port, "--prefect-port")
+        check_postgres(config.postgres)
         for database in (config.mlflow_database, config.prefect_database):
             ensure_database(config.postgres, database)
         self.home.mkdir(parents=True, exist_ok=True)
@@ -385,6 +385,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--home", default=".privtune/team", help="logs, Prefect home, artifacts")
     up.add_argument("--artifacts", help="artifact store (default: <home>/artifacts; s3://...)")
     up.add_argument("--mlflow-workers", type=int, default=2)
+    up.add_argument(
+        "--startup-timeout", type=float, default=240.0, help="seconds to wait for both servers"
+    )
     up.add_argument("--allowed-hosts", help="MLflow --allowed-hosts (add the public name)")
     return parser
 
@@ -402,6 +405,7 @@ def _config(args: argparse.Namespace) -> TeamConfig:
         config.prefect_database = args.prefect_database
         config.home, config.artifacts = Path(args.home), args.artifacts
         config.mlflow_workers, config.allowed_hosts = args.mlflow_workers, args.allowed_hosts
+        config.startup_timeout = args.startup_timeout
     return config
 
 
@@ -413,30 +417,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         print(exports(client_env(config)))
         return 0
-    stop = {"now": False}
 
-    def _stop(signum: int, frame: Any) -> None:
-        stop["now"] = True
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM (a service manager) stops the servers as Ctrl-C does
 
-    signal.signal(signal.SIGTERM, _stop)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with running(config) as servers:
             print(f"MLflow:  {servers.env[MLFLOW_ENV]}  (store {redact(mlflow_store_uri(config))})")
             print(f"Prefect: {servers.env[PREFECT_ENV]}  (database {config.prefect_database})")
             print(f"Logs:    {servers.home}\n\nOn each worker:\n{exports(servers.env)}", flush=True)
-            while not stop["now"]:
+            while True:
                 for name, process in servers.processes.items():
                     if process.poll() is not None:
-                        print(f"{name} server exited ({process.returncode}); see its log")
+                        print(f"{name} server exited ({process.returncode}): see its log")
                         return 6
                 time.sleep(1)
     except PrivtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 6 if isinstance(err, ServerError) else 2
     except KeyboardInterrupt:
-        pass
-    print("servers stopped", file=sys.stderr)
-    return 0
+        print("servers stopped", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
