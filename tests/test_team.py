@@ -303,20 +303,14 @@ def workers(servers, tmp_path_factory):
     from tests.conftest import FAST_BASE, edit_params
     from tests.test_pipeline import make_project
 
-    t0 = time.time()
-    p0 = time.process_time()
     base = tmp_path_factory.mktemp("team-workers")
     project = make_project(base)
-    print(f"TIMING make_project {time.time() - t0:.1f}", file=sys.stderr)
     edit_params(project, finetune={"audit_canaries": 32}, **FAST_BASE)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
         assert main(["--root", str(project), "--no-progress", "base"]) == 0
-    cpu = time.process_time() - p0
-    print(f"TIMING prepare+base {time.time() - t0:.1f} cpu {cpu:.1f}", file=sys.stderr)
     servers.ready()
-    print(f"TIMING servers ready {time.time() - t0:.1f}", file=sys.stderr)
     checkouts = {"dpsgd": base / "worker-a", "nonprivate": base / "worker-b"}
     for checkout in checkouts.values():
         shutil.copytree(project, checkout)
@@ -328,7 +322,6 @@ def workers(servers, tmp_path_factory):
             for method, checkout in checkouts.items()
         ]
     )
-    print(f"TIMING finetunes {time.time() - t0:.1f}", file=sys.stderr)
     return checkouts, started
 
 
