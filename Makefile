@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean
+.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean team-servers
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,11 @@ bench-lmo: install
 bench-methods: install
 	dvc repro base
 	$(BIN)/python benchmarks/methods_grid.py $(ARGS)
+
+# A team deployment: MLflow and Prefect servers on PostgreSQL (README: Team deployment), in the
+# foreground until Ctrl-C; ARGS="--postgres postgresql://USER@HOST:5432 --host 0.0.0.0 ...".
+team-servers: install
+	$(BIN)/python -m privtune.team up $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests tasks flows benchmarks

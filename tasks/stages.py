@@ -44,13 +44,15 @@ def is_permanent(exc: BaseException | None) -> bool:
     from dvc.exceptions import NotDvcRepoError
     from dvc.stage.exceptions import StageNotFound
 
-    from privtune.errors import AuditViolation, BudgetExhausted, PrivtuneError
+    from privtune.errors import AuditViolation, BudgetExhausted, PrivtuneError, ServerError
 
     permanent = (
         PermanentStageError, PrivtuneError, BudgetExhausted, AuditViolation, StageNotFound,
         NotDvcRepoError,
     )  # fmt: skip
     while exc is not None:
+        if isinstance(exc, ServerError):  # a server down now may be up on the next try
+            return False
         if isinstance(exc, permanent):
             return True
         exc = exc.__cause__

@@ -5,7 +5,8 @@ privtune report | promote [--version V] | rollback                        [--par
 
 Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input (parameters, data, model files,
 command-line arguments), 3 budget guard, 4 audit violation, 5 unexpected error (a bug: the
-traceback is printed), 130 interrupted (Ctrl-C). With $PRIVTUNE_ERROR_FILE set, an exit 2-4
+traceback is printed), 6 a server does not answer (MLFLOW_TRACKING_URI; a retry may pass),
+130 interrupted (Ctrl-C). With $PRIVTUNE_ERROR_FILE set, an exit 2-4
 also writes {"exit_code", "error", "message"} there as JSON: `dvc repro` runs this command in a
 subprocess, and the scheduler (tasks/stages.py) reads the file to fail at once, with the
 message, instead of retrying what cannot succeed.
@@ -25,7 +26,13 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from privtune.errors import AuditViolation, BudgetExhausted, ConfigError, PrivtuneError
+from privtune.errors import (
+    AuditViolation,
+    BudgetExhausted,
+    ConfigError,
+    PrivtuneError,
+    ServerError,
+)
 from privtune.tracking import disable_telemetry, isolated_store
 
 if TYPE_CHECKING:
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 
 ERROR_FILE_ENV = "PRIVTUNE_ERROR_FILE"
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_AUDIT, EXIT_UNEXPECTED = 0, 1, 2, 3, 4, 5
+EXIT_UNAVAILABLE = 6  # a server (MLflow tracking) does not answer: a retry may pass
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 # The params.yaml sections each command reads: one missing from the file is an error.
@@ -150,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     with isolated_store():
         try:
             return _run(args)
+        except ServerError as err:  # not written to $PRIVTUNE_ERROR_FILE: the task retries
+            print(f"unavailable: {err}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         except PrivtuneError as err:
             return _fail(EXIT_BAD_INPUT, "error", err)
         except BudgetExhausted as err:

@@ -26,6 +26,11 @@ class ModelError(PrivtuneError):
     """A model directory is missing or cannot be loaded."""
 
 
+class ServerError(PrivtuneError):
+    """A service privtune talks to (the MLflow tracking server, PostgreSQL, a server we start)
+    does not answer. Unlike the others it may pass on a retry: the CLI exits 6, not 2."""
+
+
 class BudgetExhausted(RuntimeError):
     """The budget guard refused a step: spending it would exceed the target epsilon."""
 

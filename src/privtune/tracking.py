@@ -1,8 +1,10 @@
 """The one place that talks to MLflow.
 
-Default store: sqlite at <project>/mlflow.db with artifacts in <project>/mlruns (MLflow 3 refuses
-the plain file store); MLFLOW_TRACKING_URI overrides both. Only configuration, numbers and
-files we choose are logged: never record text.
+Where runs and models go, in this order: $MLFLOW_TRACKING_URI when set (a team's tracking
+server, http://host:5000, whose artifacts it serves itself: privtune.team), else the project's
+own sqlite store <project>/mlflow.db with artifacts in <project>/mlruns (the embedded default;
+MLflow 3 refuses the plain file store). Only configuration, numbers and files we choose are
+logged: never record text.
 """
 
 from __future__ import annotations
@@ -36,7 +38,45 @@ def disable_telemetry() -> None:
 
 
 def tracking_uri(root: str | Path = ".") -> str:
+    """$MLFLOW_TRACKING_URI (a team's server, or any store MLflow takes), else the project's
+    sqlite file: an environment setting, not a parameter, because the store is the machine's
+    deployment, not part of what an experiment is (DVC never hashes it)."""
     return os.environ.get(TRACKING_ENV) or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) store must answer now. MLflow's client retries each failed call for minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES) before it says anything; this fails at once, naming the
+    setting. Any answer below 500 counts (a proxy's 401 or 404 is a server that is up)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return
+        problem = f"answers HTTP {err.code}"
+    except (OSError, ValueError) as err:
+        problem = f"does not answer ({getattr(err, 'reason', err)})"
+    from privtune.errors import ServerError
+
+    raise ServerError(
+        TRACKING_ENV,
+        f"the MLflow tracking server {uri} {problem}",
+        "start it (`make team-servers`, README: Team deployment) or check the URL; unset "
+        f"{TRACKING_ENV} to use the project's own sqlite store",
+    )
+
+
+def checked_uri(root: str | Path = ".") -> str:
+    """tracking_uri(root), checked to answer when it is a server."""
+    uri = tracking_uri(root)
+    check_server(uri)
+    return uri
 
 
 def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
@@ -49,7 +89,15 @@ def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
         # Artifacts beside the store's file, not under whichever directory the first run
         # happened to start in (MLflow's default): every stage and worker finds them.
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
-    experiment_id = mlflow.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        # Two workers starting their first run on a shared server at once: one creates it.
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
     describe_experiment(mlflow.MlflowClient(), experiment_id)
     return experiment_id
 
@@ -247,7 +295,7 @@ def _client(root: str | Path) -> Any:
     disable_telemetry()
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri(root))
+    return mlflow.MlflowClient(checked_uri(root))
 
 
 def _runs_with_key(root: str | Path, key: str, experiment: str = EXPERIMENT) -> list[Any]:
@@ -344,7 +392,7 @@ def use_store(root: str | Path = ".") -> Iterator[Any]:
     import mlflow
 
     with isolated_store():
-        mlflow.set_tracking_uri(tracking_uri(root))
+        mlflow.set_tracking_uri(checked_uri(root))
         yield mlflow
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def client(root: str | Path = ".") -> Any:
     tracking.disable_telemetry()
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri(root), registry_uri=tracking_uri(root))
+    uri = tracking.checked_uri(root)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def tracking_uri(root: str | Path) -> str:
@@ -209,14 +211,14 @@ def register(
         last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
         model_uri, model_id = _logged_model(root, entry, run_id, tags[KEY_TAG], card_dir, last_step)
     if not _registered_model_exists(mlflow_client, name):
-        mlflow_client.create_registered_model(name)
+        _create_registered_model(mlflow_client, name)
     version = mlflow_client.create_model_version(
         name, model_uri, run_id=run_id, tags=tags, model_id=model_id
     )
     pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
     description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
     mlflow_client.update_model_version(name, version.version, description=description)
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    set_alias(mlflow_client, name, alias, str(version.version))
     describe_registered_model(mlflow_client, name)
     return RegisteredVersion(name, str(version.version), run_id, created=True)
 
@@ -342,3 +344,31 @@ def _registered_model_exists(mlflow_client: Any, name: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+def _create_registered_model(mlflow_client: Any, name: str) -> None:
+    """Create it; another worker creating it first (a shared server) is not an error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def set_alias(mlflow_client: Any, name: str, alias: str, version: str, attempts: int = 4) -> None:
+    """Point ``alias`` at ``version``. MLflow's SQL store reads, then inserts, an alias: two
+    workers setting the same new alias at once on a shared server make one insert fail on
+    the primary key (PostgreSQL UniqueViolation). Once the alias exists a retry updates it, so
+    the last writer wins, as it does one at a time."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow_client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            if "unique" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
