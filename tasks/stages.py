@@ -257,8 +257,8 @@ def _git(*args: str) -> str:
 
 
 def _copy_of(root: Path, copy: Path) -> None:
-    """A git clone of `root` at its HEAD, with the workspace's changes to tracked files (as
-    `dvc exp run --temp` takes them), its local DVC config and its DVC cache (outputs and the
+    """A git clone of `root` at its HEAD, with the workspace's changed and untracked files (as
+    `dvc exp run --temp` stashes them), its local DVC config and its DVC cache (outputs and the
     run-cache, content-addressed, so concurrent writers cannot corrupt it)."""
     import shutil
 
@@ -267,8 +267,10 @@ def _copy_of(root: Path, copy: Path) -> None:
     head = _git("-C", str(root), "rev-parse", "HEAD")
     _git("clone", "--quiet", "--shared", "--no-checkout", str(root), str(copy))
     _git("-C", str(copy), "checkout", "--quiet", "-B", "fanout", head)
-    for changed in _git("-C", str(root), "diff", "--name-only", "HEAD").splitlines():
-        source, target = root / changed, copy / changed
+    paths = _git("-C", str(root), "diff", "--name-only", "HEAD").splitlines()
+    paths += _git("-C", str(root), "ls-files", "--others", "--exclude-standard").splitlines()
+    for path in paths:
+        source, target = root / path, copy / path
         if source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
