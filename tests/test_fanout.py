@@ -200,3 +200,35 @@ def test_fine_tunings_at_once_on_ray_equal_the_same_runs_in_turn(tmp_path, monke
     runs = _mlflow_runs(at_once)
     assert sorted(r.info.run_name for r in runs) == sorted(METHODS)
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_sweep_points_copy_is_the_workspace_as_dvc_exp_run_temp_takes_it(tmp_path):
+    """The clone a fanned-out sweep point runs in: HEAD, plus the workspace's changed and
+    untracked files (what DVC's experiment stash takes), with the project's DVC cache."""
+    from dvc.repo import Repo
+
+    from tasks.stages import _copy_of
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "t@example.com"),
+        ("git", "config", "user.name", "t"),
+        ("dvc", "init", "-q"),
+    ):
+        _sh(project, *cmd)
+    (project / "params.yaml").write_text("finetune: {epsilon: 8.0}\n")
+    (project / "gone.txt").write_text("deleted in the workspace\n")
+    _sh(project, "git", "add", "-A")
+    _sh(project, "git", "commit", "-qm", "init")
+    (project / "params.yaml").write_text("finetune: {epsilon: 4.0}\n")  # changed
+    (project / "dvc.lock").write_text("schema: '2.0'\n")  # untracked
+    (project / "gone.txt").unlink()
+    copy = tmp_path / "copy"
+    _copy_of(project, copy)
+    assert (copy / "params.yaml").read_text() == "finetune: {epsilon: 4.0}\n"
+    assert (copy / "dvc.lock").is_file() and not (copy / "gone.txt").exists()
+    with Repo(str(project)) as original, Repo(str(copy)) as cloned:
+        assert cloned.cache.local_cache_dir == original.cache.local_cache_dir
+    assert _sh(copy, "git", "rev-parse", "HEAD") == _sh(project, "git", "rev-parse", "HEAD")
