@@ -126,25 +126,26 @@ def pipeline(
         stages.push("base", root)
     runner = load_params(Path(root) / "params.yaml").runner
     if runner.kind == "ray" and not finetune_deployment:
-        fan_out(root, methods, force, runner)  # every method at once, on Ray
-    for method in () if runner.kind == "ray" and not finetune_deployment else methods:
-        if finetune_deployment:
-            dispatch.finetune(
-                finetune_deployment,
-                method,
-                root,
-                force=force,
-                share=share,
-                timeout=finetune_timeout,
-                local_fallback=finetune_local_fallback,
-                run_parameters=run_parameters,
-            )
-            if share:
-                stages.pull(f"finetune@{method}", root)
-        else:
-            stages.finetune(method, root, force)
-        stages.evaluate(method, root, force)
-        stages.attack(method, root, force)
+        fan_out(root, methods, force, runner)  # every method's stages at once, on Ray
+    else:
+        for method in methods:
+            if finetune_deployment:
+                dispatch.finetune(
+                    finetune_deployment,
+                    method,
+                    root,
+                    force=force,
+                    share=share,
+                    timeout=finetune_timeout,
+                    local_fallback=finetune_local_fallback,
+                    run_parameters=run_parameters,
+                )
+                if share:
+                    stages.pull(f"finetune@{method}", root)
+            else:
+                stages.finetune(method, root, force)
+            stages.evaluate(method, root, force)
+            stages.attack(method, root, force)
     if set(methods) >= set(every_method):
         stages.register(root, force)
         stages.report(root, force)
