@@ -44,7 +44,9 @@ def _worker_env(prefect_api_url: str | None) -> dict[str, str]:
     from privtune.tracking import TELEMETRY_OFF
 
     path = os.pathsep.join(p for p in (str(PROJECT_CODE), os.environ.get("PYTHONPATH")) if p)
-    env = {**TELEMETRY_OFF, "PYTHONPATH": path}
+    # Ray starts task workers at nice 15 (its `worker_niceness`): on a machine shared with
+    # other work, a run would get what the other processes leave; a run here is the work.
+    env = {**TELEMETRY_OFF, "PYTHONPATH": path, "RAY_worker_niceness": "0"}
     if prefect_api_url:
         env["PREFECT_API_URL"] = prefect_api_url
     return env
