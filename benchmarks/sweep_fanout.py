@@ -153,8 +153,38 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="privtune-sweep-bench-"))
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from prefect.testing.utilities import prefect_test_harness
+
     from flows.sweep import sweep
 
+    # One Prefect server for both sides (started once, outside the timings).
+    with prefect_test_harness(server_startup_timeout=300):
+        run(args, work, sweep)
+
+
+def start_local_ray(runner: dict[str, Any], attempts: int = 3) -> None:
+    """The local Ray the fanned-out side runs on, started before the flow (its RayTaskRunner
+    then uses it), with the flow's own settings (tasks/runners.py), retried: on a heavily
+    loaded machine the raylet may miss Ray's fixed 30 s registration window."""
+    import ray
+    from prefect.settings import get_current_settings
+
+    from privtune.config import RunnerParams
+    from tasks import runners
+
+    made = runners.task_runner(RunnerParams(**runner), get_current_settings().api.url)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**made.init_kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 (Ray raises a bare Exception on a timeout)
+            print(f"local Ray did not start (attempt {attempt}): {err}", flush=True)
+            ray.shutdown()
+    raise SystemExit("the local Ray cluster did not start")
+
+
+def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
+    """Build the project, then time the sweep on each side."""
     try:
         print(f"building the {args.size} project in {work}", flush=True)
         project = build_project(work, args.size, args.methods)
@@ -171,10 +201,18 @@ def main() -> None:
             load[side] = os.getloadavg()[0]
             print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
             start = time.perf_counter()
+            if runner["kind"] == "ray":
+                start_local_ray(runner)  # timed: part of what fanning out costs
             sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
             seconds[side] = time.perf_counter() - start
+            if runner["kind"] == "ray":
+                import ray
+
+                ray.shutdown()
             shown[side] = experiments(copy)
             print(f"{side}: {seconds[side]:.1f} s", flush=True)
+            partial = args.out.with_suffix(".partial.json")
+            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2))
         spent = {side: _epsilons(found) for side, found in shown.items()}
         result = {
             "what": "wall time of flows/sweep.py, one point after another vs fanned out on Ray",
@@ -212,6 +250,7 @@ def main() -> None:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".partial.json").unlink(missing_ok=True)
         print(json.dumps({k: result[k] for k in ("sequential", "ray", "speedup")}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
