@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast bench bench-rldp bench-lmo bench-methods lint ui clean team-servers
+.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast bench bench-rldp bench-lmo bench-methods bench-sweep lint ui clean team-servers
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,10 @@ bench-methods: install
 # foreground until Ctrl-C; ARGS="--postgres postgresql://USER@HOST:5432 --host 0.0.0.0 ...".
 team-servers: install
 	$(BIN)/python -m privtune.team up $(ARGS)
+
+# A reduced sweep one point after another vs fanned out on a local Ray (sweep_fanout.json).
+bench-sweep: install
+	$(BIN)/python benchmarks/sweep_fanout.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests tasks flows benchmarks

@@ -8,7 +8,8 @@ prefect deploy --all                      # scheduled deployments from prefect.y
 With ``finetune_deployment`` set (prefect.yaml's nightly run sets it), each fine-tuning runs as a
 run of that deployment, i.e. on a worker of the GPU pool, keyed by its inputs (tasks/dispatch.py);
 everything else runs where this flow runs. Workers on other machines share stage outputs through
-the DVC remote (README).
+the DVC remote (README). Without it, and with `runner.kind: ray` in params.yaml, the methods'
+stages run concurrently on a Ray cluster, one task per method (`per_method`, tasks/runners.py).
 """
 
 from __future__ import annotations
@@ -25,13 +26,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow, get_run_logger  # noqa: E402
 
 from privtune import profiles  # noqa: E402
-from tasks import dispatch, stages  # noqa: E402
+from privtune.config import RunnerParams, load_params  # noqa: E402
+from tasks import dispatch, runners, stages  # noqa: E402
 
 
 def method_names(root: str) -> list[str]:
-    from privtune.config import load_params
-
     return list(load_params(Path(root) / "params.yaml").methods)
+
+
+@flow(name="privtune-methods", log_prints=True)
+def per_method(
+    root: str,
+    methods: list[str],
+    force: bool = False,
+    steps: list[str] | None = None,
+    runner: dict[str, Any] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """Every method's stages (``steps``, default finetune, evaluate, attack) at once: one task
+    per method on this flow's task runner (`fan_out` gives it the Ray runner), each reserving
+    the `runner` section's CPUs and GPUs. Returns the stages that ran, per method."""
+    from prefect_ray.context import remote_options
+
+    params = RunnerParams.model_validate(runner or {})
+    with remote_options(**runners.remote_options(params)):
+        futures = {
+            method: stages.method_stages.submit(method, root, force, steps, runners.threads(params))
+            for method in methods
+        }
+    return {method: future.result() for method, future in futures.items()}
+
+
+def fan_out(
+    root: str,
+    methods: list[str],
+    force: bool,
+    runner: RunnerParams,
+    steps: list[str] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """`per_method` on the runner's Ray cluster (a subflow: the task runner is the runner
+    section's, chosen when this run reads params.yaml, not when the flow was deployed)."""
+    if runner.kind != "ray":
+        raise ValueError("fan_out needs `runner.kind: ray`")
+    from privtune.tracking import ensure_experiment
+
+    ensure_experiment(root)  # created once here, not raced for by the concurrent runs
+    task_runner = runners.task_runner(runner, runners.flow_api_url())
+    return per_method.with_options(task_runner=task_runner)(
+        root=root, methods=methods, force=force, steps=steps, runner=runner.model_dump()
+    )
 
 
 @flow(name="privtune-pipeline", log_prints=True)
@@ -82,24 +124,28 @@ def pipeline(
     if share:
         stages.push("prepare", root)
         stages.push("base", root)
-    for method in methods:
-        if finetune_deployment:
-            dispatch.finetune(
-                finetune_deployment,
-                method,
-                root,
-                force=force,
-                share=share,
-                timeout=finetune_timeout,
-                local_fallback=finetune_local_fallback,
-                run_parameters=run_parameters,
-            )
-            if share:
-                stages.pull(f"finetune@{method}", root)
-        else:
-            stages.finetune(method, root, force)
-        stages.evaluate(method, root, force)
-        stages.attack(method, root, force)
+    runner = load_params(Path(root) / "params.yaml").runner
+    if runner.kind == "ray" and not finetune_deployment:
+        fan_out(root, methods, force, runner)  # every method's stages at once, on Ray
+    else:
+        for method in methods:
+            if finetune_deployment:
+                dispatch.finetune(
+                    finetune_deployment,
+                    method,
+                    root,
+                    force=force,
+                    share=share,
+                    timeout=finetune_timeout,
+                    local_fallback=finetune_local_fallback,
+                    run_parameters=run_parameters,
+                )
+                if share:
+                    stages.pull(f"finetune@{method}", root)
+            else:
+                stages.finetune(method, root, force)
+            stages.evaluate(method, root, force)
+            stages.attack(method, root, force)
     if set(methods) >= set(every_method):
         stages.register(root, force)
         stages.report(root, force)

@@ -2,7 +2,9 @@
 
 Each point runs in a temporary copy of the repository (`dvc exp run --temp`), so the
 workspace is untouched and unchanged stages (prepare, base) come from the DVC cache. Every
-experiment logs to the project's MLflow store; `dvc exp show` compares them.
+experiment logs to the project's MLflow store; `dvc exp show` compares them. With
+`runner.kind: ray` (params.yaml) the points run at once on a Ray cluster, each in a git clone
+of its own pushed back as a DVC experiment (tasks/stages.py `experiment_in_copy`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from typing import Any  # noqa: E402
+
 from prefect import flow, get_run_logger  # noqa: E402
 
-from tasks import stages  # noqa: E402
+from privtune.config import RunnerParams  # noqa: E402
+from tasks import runners, stages  # noqa: E402
 
 
 def sweep_points(epsilons: list[float], seeds: list[int]) -> list[tuple[str, list[str]]]:
@@ -30,23 +35,63 @@ def sweep_points(epsilons: list[float], seeds: list[int]) -> list[tuple[str, lis
     ]
 
 
+@flow(name="privtune-sweep-points", log_prints=True)
+def sweep_fanned_out(
+    root: str,
+    points: list[tuple[str, list[str]]],
+    tracking: str,
+    runner: dict[str, Any] | None = None,
+) -> list[str]:
+    """Every point at once on this flow's task runner (the Ray runner `sweep` gives it), one
+    task per point reserving the `runner` section's CPUs and GPUs, each in a clone of its own
+    (`stages.experiment_in_copy`)."""
+    from prefect_ray.context import remote_options
+
+    params = RunnerParams.model_validate(runner or {})
+    with remote_options(**runners.remote_options(params)):
+        futures = [
+            stages.experiment_in_copy.submit(
+                name, overrides, root, tracking, runners.threads(params)
+            )
+            for name, overrides in points
+        ]
+    return [future.result() for future in futures]
+
+
 @flow(name="privtune-sweep", log_prints=True)
 def sweep(
     root: str = ".",
     epsilons: list[float] = [1.0, 4.0, 8.0],  # noqa: B006 (Prefect parameters are copied)
     seeds: list[int] = [0, 1, 2],  # noqa: B006
 ) -> list[str]:
-    """Every method of params.yaml at every (epsilon, seed); returns the experiment names."""
-    from privtune.tracking import disable_telemetry, tracking_uri
+    """Every method of params.yaml at every (epsilon, seed); returns the experiment names.
+
+    With `runner.kind: ray` in params.yaml the points run concurrently on Ray, after prepare
+    and base are brought up to date here once (so every point takes them from the DVC cache
+    instead of each building them).
+    """
+    from privtune.config import load_params
+    from privtune.tracking import disable_telemetry, ensure_experiment, tracking_uri
 
     disable_telemetry()
     root = str(Path(root).resolve())
     # Experiments run in temporary copies: point them all at the project's store.
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
-    names = [
-        stages.experiment(name, overrides, root)
-        for name, overrides in sweep_points(epsilons, seeds)
-    ]
+    points = sweep_points(epsilons, seeds)
+    runner = load_params(Path(root) / "params.yaml").runner
+    if runner.kind == "local":
+        names = [stages.experiment(name, overrides, root) for name, overrides in points]
+    else:
+        stages.prepare(root)
+        stages.base(root)
+        ensure_experiment(root)  # created once here, not raced for by the concurrent points
+        task_runner = runners.task_runner(runner, runners.flow_api_url())
+        names = sweep_fanned_out.with_options(task_runner=task_runner)(
+            root=root,
+            points=points,
+            tracking=os.environ["MLFLOW_TRACKING_URI"],
+            runner=runner.model_dump(),
+        )
     get_run_logger().info("compare with: dvc exp show --only-changed")
     return names
 

@@ -95,11 +95,20 @@ def _permanent_errors(target: str) -> Iterator[None]:
                 os.environ[ERROR_FILE_ENV] = previous
 
 
-def reproduce(root: str, target: str, force: bool = False) -> list[str]:
+def reproduce(
+    root: str, target: str, force: bool = False, wait_for_lock: bool = False
+) -> list[str]:
     """Run one DVC stage (skipped when up to date); returns the stages that actually ran.
 
     A stage command that exits with one of `PERMANENT_EXIT_CODES` raises `PermanentStageError`
     carrying the CLI's message (which names the field and the fix, never record text).
+
+    ``wait_for_lock`` (`dvc --wait-for-lock`): for stages reproduced concurrently in one
+    workspace (a fan-out over methods). DVC holds the repository lock only to check the stage
+    and to write dvc.lock, and releases it while the stage's command runs (dvc/stage/run.py,
+    `unlocked_repo`), guarding the stage's own deps and outs with read/write locks instead; so
+    stages of distinct methods run at once, and their dvc.lock updates take turns rather than
+    failing after DVC's 3 s default wait.
     """
     from dvc.repo import Repo
 
@@ -108,7 +117,11 @@ def reproduce(root: str, target: str, force: bool = False) -> list[str]:
     if not os.environ.get("PATH", "").startswith(bin_dir):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     # DVC resolves stage paths against the working directory: run from the repo root.
-    with _permanent_errors(target), contextlib.chdir(root), Repo(".") as repo:
+    with (
+        _permanent_errors(target),
+        contextlib.chdir(root),
+        Repo(".", _wait_for_lock=wait_for_lock) as repo,
+    ):
         ran = repo.reproduce(targets=[target], single_item=True, force=force)
     return [stage.addressing for stage in ran]
 
@@ -116,8 +129,8 @@ def reproduce(root: str, target: str, force: bool = False) -> list[str]:
 _STAGE: dict[str, Any] = {"retry_condition_fn": transient, "cache_policy": NO_CACHE}
 
 
-def _run(root: str, target: str, force: bool) -> list[str]:
-    ran = reproduce(root, target, force)
+def _run(root: str, target: str, force: bool, wait_for_lock: bool = False) -> list[str]:
+    ran = reproduce(root, target, force, wait_for_lock)
     get_run_logger().info("%s: %s", target, "ran" if ran else "up to date, skipped")
     return ran
 
@@ -135,20 +148,26 @@ def base(root: str = ".", force: bool = False) -> list[str]:
 @task(
     name="finetune", task_run_name="finetune-{method}", retries=1, retry_delay_seconds=10, **_STAGE
 )
-def finetune(method: str, root: str = ".", force: bool = False) -> list[str]:
-    return _run(root, f"finetune@{method}", force)
+def finetune(
+    method: str, root: str = ".", force: bool = False, wait_for_lock: bool = False
+) -> list[str]:
+    return _run(root, f"finetune@{method}", force, wait_for_lock)
 
 
 @task(
     name="evaluate", task_run_name="evaluate-{method}", retries=2, retry_delay_seconds=5, **_STAGE
 )
-def evaluate(method: str, root: str = ".", force: bool = False) -> list[str]:
-    return _run(root, f"evaluate@{method}", force)
+def evaluate(
+    method: str, root: str = ".", force: bool = False, wait_for_lock: bool = False
+) -> list[str]:
+    return _run(root, f"evaluate@{method}", force, wait_for_lock)
 
 
 @task(name="attack", task_run_name="attack-{method}", retries=2, retry_delay_seconds=5, **_STAGE)
-def attack(method: str, root: str = ".", force: bool = False) -> list[str]:
-    return _run(root, f"attack@{method}", force)
+def attack(
+    method: str, root: str = ".", force: bool = False, wait_for_lock: bool = False
+) -> list[str]:
+    return _run(root, f"attack@{method}", force, wait_for_lock)
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, **_STAGE)
@@ -196,6 +215,133 @@ def experiment(name: str, overrides: list[str], root: str = ".") -> str:
 
     with _permanent_errors(f"experiment {name}"), contextlib.chdir(root), Repo(".") as repo:
         results = repo.experiments.run(params=overrides, tmp_dir=True, name=name)
+    get_run_logger().info("experiment %s (%s): %s", name, " ".join(overrides), results)
+    return name
+
+
+# The per-method stages of the pipeline, in order (what `method_stages` runs for one method).
+METHOD_STEPS = ("finetune", "evaluate", "attack")
+
+
+@task(name="method", task_run_name="method-{method}", cache_policy=NO_CACHE)
+def method_stages(
+    method: str,
+    root: str = ".",
+    force: bool = False,
+    steps: list[str] | None = None,
+    threads: int | None = None,
+) -> dict[str, list[str]]:
+    """One method's stages in order (finetune, evaluate, attack): the unit a fan-out runs
+    concurrently with the other methods' (one Ray task, holding the GPU the run reserved).
+
+    Each stage is the task of the same name (its retries included), with DVC waiting for the
+    repository lock that the other methods' stages take in turn (`reproduce`). ``threads``:
+    the CPU threads each stage's command may use (the CPUs the task reserved).
+    """
+    from tasks.runners import thread_limit
+
+    by_name = {"finetune": finetune, "evaluate": evaluate, "attack": attack}
+    unknown = sorted(set(steps or ()) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown per-method stage(s) {unknown}: choose from {METHOD_STEPS}")
+    with thread_limit(threads):
+        return {
+            step: by_name[step](method, root, force, wait_for_lock=True)
+            for step in (steps or METHOD_STEPS)
+        }
+
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    done = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def _copy_of(root: Path, copy: Path) -> None:
+    """A git clone of `root` at its HEAD, with the workspace's changed and untracked files (as
+    `dvc exp run --temp` stashes them), its local DVC config and its DVC cache (outputs and the
+    run-cache, content-addressed, so concurrent writers cannot corrupt it)."""
+    import shutil
+
+    from dvc.repo import Repo
+
+    head = _git("-C", str(root), "rev-parse", "HEAD")
+    _git("clone", "--quiet", "--shared", "--no-checkout", str(root), str(copy))
+    _git("-C", str(copy), "checkout", "--quiet", "-B", "fanout", head)
+    paths = _git("-C", str(root), "diff", "--name-only", "HEAD").splitlines()
+    paths += _git("-C", str(root), "ls-files", "--others", "--exclude-standard").splitlines()
+    for path in paths:
+        source, target = root / path, copy / path
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        else:
+            target.unlink(missing_ok=True)
+    local = root / ".dvc" / "config.local"
+    if local.is_file():
+        shutil.copy2(local, copy / ".dvc" / "config.local")
+    with Repo(str(root)) as project:
+        cache = project.cache.local_cache_dir
+    with Repo(str(copy)) as repo, repo.config.edit("local") as config:
+        config["cache"]["dir"] = cache
+
+
+@task(
+    name="experiment-copy",
+    task_run_name="experiment-{name}",
+    retries=1,
+    retry_delay_seconds=10,
+    **_STAGE,
+)
+def experiment_in_copy(
+    name: str,
+    overrides: list[str],
+    root: str = ".",
+    tracking_uri: str | None = None,
+    threads: int | None = None,
+) -> str:
+    """`experiment`, for points that run at once: in a clone of its own, then pushed back to the
+    project (`dvc exp push`), where `dvc exp show` lists it as it lists a `--temp` one.
+
+    Concurrent `dvc exp run --temp` in one repository is not safe: its queue is one stash that
+    each process drains (dvc/repo/experiments/queue/workspace.py: `reproduce` loops on `get()`,
+    which takes the stash's first entry), so one process may run another's point and the other
+    none. A clone has its own stash and lock; on a cluster it sits on the shared storage beside
+    the project (.dvc/tmp/fanout/, where DVC keeps its own temp copies).
+    """
+    import shutil
+    import tempfile
+
+    from dvc.repo import Repo
+
+    from privtune.tracking import TRACKING_ENV
+    from tasks.runners import thread_limit
+
+    project = Path(root).resolve()
+    parent = project / ".dvc" / "tmp" / "fanout"
+    parent.mkdir(parents=True, exist_ok=True)
+    copy = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    previous = os.environ.get(TRACKING_ENV)
+    if tracking_uri:
+        os.environ[TRACKING_ENV] = tracking_uri
+    try:
+        _copy_of(project, copy)  # git clones into the new, empty directory
+        with (
+            thread_limit(threads),
+            _permanent_errors(f"experiment {name}"),
+            contextlib.chdir(copy),
+            Repo(".") as repo,
+        ):
+            repo.checkout(allow_missing=True)  # the baseline's outputs, from the shared cache
+            results = repo.experiments.run(params=overrides, name=name)
+            repo.experiments.push(str(project), [name])
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+        if tracking_uri and previous is None:
+            os.environ.pop(TRACKING_ENV, None)
+        elif tracking_uri:
+            os.environ[TRACKING_ENV] = str(previous)
     get_run_logger().info("experiment %s (%s): %s", name, " ".join(overrides), results)
     return name
 

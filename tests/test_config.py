@@ -74,7 +74,7 @@ def test_params_file_and_code_defaults_are_one_set():
     """A section left out of params.yaml means what the shipped file says (no second set)."""
     shipped = load_params(ROOT / "params.yaml").model_dump()
     assert shipped == parse_params({}).model_dump()
-    for section in ("prepare", "base", "finetune", "evaluate", "attack", "registry"):
+    for section in ("prepare", "base", "finetune", "evaluate", "attack", "registry", "runner"):
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
         del raw[section]
         assert parse_params(raw).model_dump() == shipped

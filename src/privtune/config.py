@@ -314,6 +314,52 @@ class EvaluateParams(_Section):
         return self
 
 
+class RunnerParams(_Section):
+    """Where the sweep's points and the pipeline's per-method stages run (no stage reads it:
+    dvc.yaml tracks no `runner` key, so changing it reruns nothing).
+
+    `local`: one after another in the flow's process, as `dvc repro` would. `ray`: concurrently
+    on a Ray cluster through Prefect (prefect-ray's RayTaskRunner), one Ray task per run
+    reserving `num_cpus` and `num_gpus`; the results in DVC and MLflow are the same.
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    # null = start a local Ray for the flow run (and stop it after); "auto" = the cluster that
+    # `ray start` joined this machine to; "ray://<head>:10001" = a remote cluster (Ray Client);
+    # "<head>:6379" = the head's GCS address, from a node of that cluster.
+    address: str | None = None
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs (and threads) each run reserves")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs each run reserves (0 on CPU)")
+    # Local Ray only: how many runs at once (it starts max_concurrency x num_cpus CPUs);
+    # null = as many as this machine's CPUs allow. A cluster's own resources decide otherwise.
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto" or value.startswith("ray://"):
+            return value
+        if re.fullmatch(r"[A-Za-z0-9_.\-]+:[0-9]{1,5}", value):
+            return value  # a GCS address, host:port
+        raise ValueError(
+            "must be null (a local Ray), `auto`, `ray://<head>:10001` or `<head>:6379`"
+        )
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> RunnerParams:
+        if self.kind == "local" and (self.address is not None or self.num_gpus):
+            raise ValueError(
+                "`address` and `num_gpus` are used with `kind: ray` only: set `kind: ray`, "
+                "or leave them at null and 0"
+            )
+        if self.address is not None and self.max_concurrency is not None:
+            raise ValueError(
+                "`max_concurrency` sizes a local Ray (address: null); a cluster's resources "
+                "decide how many runs it takes: remove it, or set `address: null`"
+            )
+        return self
+
+
 DEFAULT_METHODS: dict[str, MethodParams] = {
     "nonprivate": MethodParams(),
     "dpsgd": MethodParams(clip=1.0),
@@ -335,6 +381,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     attack: AttackParams = AttackParams()
     registry: RegistryParams = RegistryParams()
+    runner: RunnerParams = RunnerParams()
 
     def method(self, name: str) -> tuple[str, dict[str, Any]]:
         """Return (method type, controller options) for the entry ``methods.<name>``."""

@@ -28,6 +28,7 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 
 
@@ -77,6 +78,12 @@ def checked_uri(root: str | Path = ".") -> str:
     uri = tracking_uri(root)
     check_server(uri)
     return uri
+
+def ensure_experiment(root: str | Path = ".", name: str | None = None) -> str:
+    """Create the project's store and experiment now, if missing: before runs start at once
+    (two processes creating one sqlite store or one experiment together would collide)."""
+    with use_store(root) as mlflow:
+        return _experiment_id(mlflow, Path(root), name or EXPERIMENT)
 
 
 def _experiment_id(mlflow: Any, root: Path, name: str) -> str:

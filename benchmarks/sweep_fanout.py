@@ -1,0 +1,260 @@
+"""Wall time of a sweep (flows/sweep.py) run one point after another (`runner.kind: local`, each
+point a `dvc exp run --temp`) against the same sweep fanned out on a local Ray cluster
+(`runner.kind: ray`, every point at once, one clone each), on this machine.
+
+Both sides run in copies of one freshly built project whose prepare and base stages are
+already in the DVC cache, so each side times the points only (plus, for Ray, starting the
+local cluster). The default sweep (9 methods x 3 epsilons x 3 seeds at full size) takes hours
+on a 2-core CPU; `--size`, `--methods`, `--epsilons` and `--seeds` define the reduced sweep
+this measures, and the JSON records exactly what ran.
+
+    python benchmarks/sweep_fanout.py                    # writes results/sweep_fanout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).parent / "results"
+
+# The sizes of the reduced project: "tiny" is the test suite's pipeline (tests/conftest.py
+# TINY_PARAMS), "quick" the quick profile's (profiles.yaml).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "prepare": {
+            "n_private": 120,
+            "n_public": 200,
+            "canaries": {"repetitions": [1, 4], "per_repetition": 1, "held_out": 2, "audit": 16},
+        },
+        "base": {"vocab_size": 400, "n_layer": 1, "n_head": 2, "n_embd": 32, "max_length": 64,
+                 "steps": 20, "batch_size": 16},
+        "finetune": {"delta": 1e-5, "batch_size": 16, "epochs": 1.0, "log_every": 2,
+                     "eval_every": 4, "eval_records": 8, "audit_canaries": 64, "lora": {"r": 4}},
+        "evaluate": {"max_records": 8},
+        "attack": {"members": 10, "bootstrap": 100, "candidates": 100, "samples": 1},
+    },
+    "quick": {
+        "prepare": {"n_private": 480, "n_public": 600},
+        "base": {"vocab_size": 1024, "n_head": 2, "n_embd": 64, "max_length": 96, "steps": 150,
+                 "batch_size": 16, "device": "cpu"},
+        "finetune": {"device": "cpu", "batch_size": 16, "epochs": 1.0, "eval_records": 16,
+                     "lora": {"r": 4}},
+        "attack": {"candidates": 1000, "bootstrap": 200},
+    },
+}  # fmt: skip
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "methods":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def build_project(where: Path, size: str, methods: list[str]) -> Path:
+    """A git + DVC project with this checkout's dvc.yaml and code, the reduced params, and
+    prepare and base built (so both sides find them in the DVC cache)."""
+    project = where / "project"
+    project.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", project)
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = _merge(shipped, SIZES[size])
+    params["methods"] = {m: shipped["methods"][m] for m in methods}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "bench@example.com"),
+        ("git", "config", "user.name", "bench"),
+        ("dvc", "init", "-q"),
+        ("dvc", "config", "core.check_update", "false"),
+        ("git", "add", "-A"),
+        ("git", "commit", "-qm", "sweep benchmark"),
+        ("dvc", "repro", "base"),
+    ):
+        _sh(project, *cmd)
+    return project
+
+
+def set_runner(project: Path, runner: dict[str, Any]) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["runner"] = {**params.get("runner", {}), **runner}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def experiments(project: Path) -> dict[str, dict[str, Any]]:
+    """Each experiment's metrics, by name (`dvc exp show --json`)."""
+    shown = json.loads(_sh(project, "dvc", "exp", "show", "--json"))
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            rev = exp["revs"][0]
+            found[exp["name"]] = {
+                path: entry.get("data", {})
+                for path, entry in (rev["data"].get("metrics") or {}).items()
+            }
+    return found
+
+
+def _epsilons(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each experiment's spent epsilon per fine-tuning (metrics/finetune-<method>.json)."""
+    return {
+        name: {
+            path: data.get("epsilon")
+            for path, data in sorted(metrics.items())
+            if Path(path).name.startswith("finetune-")
+        }
+        for name, metrics in sorted(found.items())
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--methods", nargs="+", default=["dpsgd"])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "sweep_fanout.json")
+    args = parser.parse_args()
+
+    from privtune.tracking import disable_telemetry
+
+    disable_telemetry()
+    work = Path(tempfile.mkdtemp(prefix="privtune-sweep-bench-"))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.sweep import sweep
+
+    # One Prefect server for both sides (started once, outside the timings).
+    with prefect_test_harness(server_startup_timeout=300):
+        run(args, work, sweep)
+
+
+def start_local_ray(runner: dict[str, Any], attempts: int = 3) -> None:
+    """The local Ray the fanned-out side runs on, started before the flow (its RayTaskRunner
+    then uses it), with the flow's own settings (tasks/runners.py), retried: on a heavily
+    loaded machine the raylet may miss Ray's fixed 30 s registration window."""
+    import ray
+    from prefect.settings import get_current_settings
+
+    from privtune.config import RunnerParams
+    from tasks import runners
+
+    made = runners.task_runner(RunnerParams(**runner), get_current_settings().api.url)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**made.init_kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 (Ray raises a bare Exception on a timeout)
+            print(f"local Ray did not start (attempt {attempt}): {err}", flush=True)
+            ray.shutdown()
+    raise SystemExit("the local Ray cluster did not start")
+
+
+def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
+    """Build the project, then time the sweep on each side."""
+    try:
+        print(f"building the {args.size} project in {work}", flush=True)
+        project = build_project(work, args.size, args.methods)
+        sides = {  # Ray first: a machine warming up (caches, other load) favours the second
+            "ray": {"kind": "ray", "num_cpus": 1, "max_concurrency": args.concurrency},
+            "sequential": {"kind": "local"},
+        }
+        seconds, shown, load = {}, {}, {}
+        for side, runner in sides.items():
+            copy = work / side
+            shutil.copytree(project, copy, symlinks=True)
+            set_runner(copy, runner)
+            _sh(copy, "git", "commit", "-qam", f"runner: {side}")
+            load[side] = os.getloadavg()[0]
+            print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
+            start = time.perf_counter()
+            if runner["kind"] == "ray":
+                start_local_ray(runner)  # timed: part of what fanning out costs
+            sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
+            seconds[side] = time.perf_counter() - start
+            if runner["kind"] == "ray":
+                import ray
+
+                ray.shutdown()
+            shown[side] = experiments(copy)
+            print(f"{side}: {seconds[side]:.1f} s", flush=True)
+            partial = args.out.with_suffix(".partial.json")
+            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2))
+        spent = {side: _epsilons(found) for side, found in shown.items()}
+        result = {
+            "what": "wall time of flows/sweep.py, one point after another vs fanned out on Ray",
+            "sweep": {
+                "size": args.size,
+                "params_overrides": SIZES[args.size],
+                "methods": args.methods,
+                "epsilons": args.epsilons,
+                "seeds": args.seeds,
+                "points": len(args.epsilons) * len(args.seeds),
+                "stages_per_point": "finetune, evaluate, attack per method; register; report",
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "load_average_1min_at_start": load,
+            },
+            "sequential": {
+                "runner": sides["sequential"],
+                "threads_per_run": "torch default (all CPUs)",
+                "seconds": round(seconds["sequential"], 1),
+            },
+            "ray": {
+                "runner": sides["ray"],
+                "threads_per_run": 1,
+                "seconds": round(seconds["ray"], 1),
+            },
+            "speedup": round(seconds["sequential"] / seconds["ray"], 2),
+            "experiments": sorted(shown["ray"]),
+            # the privacy spent does not depend on threads; float metrics may (1 thread per
+            # run fanned out, all CPUs per run in turn), so they are reported, not required
+            "same_epsilons_both_ways": spent["sequential"] == spent["ray"],
+            "same_metrics_both_ways": shown["sequential"] == shown["ray"],
+            "epsilons": spent["ray"],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+        print(json.dumps({k: result[k] for k in ("sequential", "ray", "speedup")}, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

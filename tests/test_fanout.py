@@ -1,0 +1,234 @@
+"""Fan-out on Ray (params.yaml `runner`): the section is validated, the runner factory builds
+the RayTaskRunner it describes, and several fine-tunings run at once on a local Ray cluster
+(CPU) give the same adapters, ledgers and metrics as the same runs one after another, with
+dvc.lock and MLflow as `dvc repro` leaves them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from privtune.config import RunnerParams, parse_params
+from privtune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks import runners  # noqa: E402
+
+
+def test_runner_defaults_to_local():
+    runner = parse_params({}).runner
+    assert runner.kind == "local" and runner.address is None and runner.num_gpus == 0
+    assert runners.task_runner(runner) is None  # the flows call their tasks in order
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"kind": "slurm"}, "runner.kind"),
+        ({"kind": "ray", "address": "http://head:8265"}, "runner.address"),
+        ({"kind": "ray", "num_gpus": -1}, "runner.num_gpus"),
+        ({"kind": "ray", "num_cpus": 0}, "runner.num_cpus"),
+        ({"kind": "ray", "max_concurrency": 0}, "runner.max_concurrency"),
+        ({"kind": "ray", "gpus": 1}, "runner.gpus"),
+        ({"address": "auto"}, "runner"),  # an address without kind: ray
+        ({"num_gpus": 1}, "runner"),
+        ({"kind": "ray", "address": "auto", "max_concurrency": 2}, "runner"),
+    ],
+)
+def test_bad_runner_sections_are_refused_with_their_field(section, field):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"runner": section})
+    assert err.value.field == field
+    assert "runner" in str(err.value)
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://head.internal:10001", "10.0.0.5:6379"])
+def test_cluster_addresses_are_accepted(address):
+    assert parse_params({"runner": {"kind": "ray", "address": address}}).runner.address == address
+
+
+def test_local_ray_runner_is_lean_and_never_joins_another_ray():
+    from prefect_ray import RayTaskRunner
+
+    runner = RunnerParams(kind="ray", num_cpus=1, max_concurrency=3)
+    made = runners.task_runner(runner, "http://127.0.0.1:4200/api")
+    assert isinstance(made, RayTaskRunner) and made.address is None
+    init = made.init_kwargs
+    assert init["address"] == "local"  # not a cluster some other `ray start` made here
+    assert init["num_cpus"] == 3 and init["include_dashboard"] is False
+    env = init["runtime_env"]["env_vars"]
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["DO_NOT_TRACK"] == "true"
+
+
+def test_cluster_runners_join_the_named_cluster():
+    client = runners.task_runner(
+        RunnerParams(kind="ray", address="ray://head:10001", num_gpus=1, num_cpus=4)
+    )
+    assert client.address == "ray://head:10001" and "address" not in client.init_kwargs
+    assert "num_cpus" not in client.init_kwargs  # the cluster's own resources
+    on_node = runners.task_runner(RunnerParams(kind="ray", address="auto"))
+    assert on_node.init_kwargs["address"] == "auto"
+    options = runners.remote_options(RunnerParams(kind="ray", num_gpus=0.5, num_cpus=2.5))
+    assert options == {"num_cpus": 2.5, "num_gpus": 0.5}
+    assert runners.threads(RunnerParams(num_cpus=2.5)) == 2
+    assert runners.threads(RunnerParams(num_cpus=0.5)) == 1
+
+
+def test_thread_limit_sets_and_restores_the_thread_variables(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with runners.thread_limit(2):
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+    with runners.thread_limit(None):
+        assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
+def test_unknown_per_method_stage_is_refused():
+    from tasks import stages
+
+    with pytest.raises(ValueError, match="unknown per-method stage"):
+        stages.method_stages.fn("dpsgd", ".", steps=["finetune", "deploy"])
+
+
+# -- several fine-tunings at once on a local Ray cluster ---------------------------------------
+
+METHODS = ["nonprivate", "dpsgd", "quantile"]
+FANOUT = {
+    "finetune": {"delta": 1e-5, "audit_canaries": 32},
+    "methods": {
+        "nonprivate": {},
+        "dpsgd": {"clip": 1.0},
+        "quantile": {"clip": 1.0, "target_quantile": 0.5, "clip_lr": 0.2},
+    },
+}
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _results(project: Path, method: str) -> dict[str, object]:
+    """What must not depend on how the run was scheduled: the adapter's bytes, the ledger and
+    the privacy audit, the stage's metrics and training curve."""
+    model = project / "models" / method
+    found: dict[str, object] = {
+        "adapter": (model / "adapter" / "adapter_model.safetensors").read_bytes(),
+        "metrics": json.loads((project / f"metrics/finetune-{method}.json").read_text()),
+        "history": (project / f"plots/finetune-{method}.csv").read_text(),
+    }
+    for name in ("ledger.json", "audit.json"):
+        if (model / name).is_file():
+            found[name] = (model / name).read_text()
+    return found
+
+
+def _mlflow_runs(project: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("privtune")
+    return client.search_runs([experiment.experiment_id])
+
+
+def _task_run_spans(prefix: str) -> list[tuple]:
+    """(start, end) of the task runs whose names start with `prefix`, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix))
+        )
+    return [(run.start_time, run.end_time) for run in found if run.name.startswith(prefix)]
+
+
+@pytest.mark.slow
+def test_fine_tunings_at_once_on_ray_equal_the_same_runs_in_turn(tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import fan_out
+    from tasks.stages import reproduce
+    from tests.conftest import write_params
+    from tests.test_pipeline import make_project
+
+    project = make_project(tmp_path)
+    write_params(project / "params.yaml", **FANOUT)
+    _sh(project, "git", "commit", "-qam", "three methods")
+    _sh(project, "dvc", "repro", "base")  # shared inputs of both schedules
+    in_turn, at_once = tmp_path / "in-turn", tmp_path / "at-once"
+    shutil.copytree(project, in_turn, symlinks=True)
+    shutil.copytree(project, at_once, symlinks=True)
+
+    # Thread counts change float sums: both schedules give every run one thread.
+    with runners.thread_limit(1):
+        for method in METHODS:  # what runner.kind local does: dvc repro, one after another
+            assert reproduce(str(in_turn), f"finetune@{method}") == [f"finetune@{method}"]
+    runner = RunnerParams(kind="ray", num_cpus=1, max_concurrency=len(METHODS))
+    with prefect_test_harness(server_startup_timeout=180):
+        ran = fan_out(str(at_once), METHODS, False, runner, steps=["finetune"])
+        spans = _task_run_spans("finetune-")
+    assert ran == {m: {"finetune": [f"finetune@{m}"]} for m in METHODS}
+    # the Ray workers reported to the flow's Prefect server, and the fine-tunings overlapped
+    assert len(spans) == len(METHODS)
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
+
+    for method in METHODS:
+        assert _results(at_once, method) == _results(in_turn, method), method
+    assert "ledger.json" in _results(at_once, "dpsgd")
+    # dvc.lock holds every concurrent stage: DVC sees them all up to date
+    status = _sh(at_once, "dvc", "status", *[f"finetune@{m}" for m in METHODS])
+    assert "up to date" in status
+    lock = (at_once / "dvc.lock").read_text()
+    assert all(f"finetune@{m}:" in lock for m in METHODS)
+    # one finished MLflow run per method in the project's one sqlite store
+    runs = _mlflow_runs(at_once)
+    assert sorted(r.info.run_name for r in runs) == sorted(METHODS)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_sweep_points_copy_is_the_workspace_as_dvc_exp_run_temp_takes_it(tmp_path):
+    """The clone a fanned-out sweep point runs in: HEAD, plus the workspace's changed and
+    untracked files (what DVC's experiment stash takes), with the project's DVC cache."""
+    from dvc.repo import Repo
+
+    from tasks.stages import _copy_of
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "t@example.com"),
+        ("git", "config", "user.name", "t"),
+        ("dvc", "init", "-q"),
+    ):
+        _sh(project, *cmd)
+    (project / "params.yaml").write_text("finetune: {epsilon: 8.0}\n")
+    (project / "gone.txt").write_text("deleted in the workspace\n")
+    _sh(project, "git", "add", "-A")
+    _sh(project, "git", "commit", "-qm", "init")
+    (project / "params.yaml").write_text("finetune: {epsilon: 4.0}\n")  # changed
+    (project / "dvc.lock").write_text("schema: '2.0'\n")  # untracked
+    (project / "gone.txt").unlink()
+    copy = tmp_path / "copy"
+    _copy_of(project, copy)
+    assert (copy / "params.yaml").read_text() == "finetune: {epsilon: 4.0}\n"
+    assert (copy / "dvc.lock").is_file() and not (copy / "gone.txt").exists()
+    with Repo(str(project)) as original, Repo(str(copy)) as cloned:
+        assert cloned.cache.local_cache_dir == original.cache.local_cache_dir
+    assert _sh(copy, "git", "rev-parse", "HEAD") == _sh(project, "git", "rev-parse", "HEAD")
