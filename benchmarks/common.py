@@ -144,6 +144,7 @@ def run_method(
         "options": options,
         "epsilon": epsilon,
         "seed": seed,
+        "epochs": epochs,
         "epsilon_spent": result.epsilon,
         "delta": result.plan.delta,
         "sample_rate": result.plan.sample_rate,
