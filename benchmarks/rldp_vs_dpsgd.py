@@ -7,7 +7,8 @@ wall-clock ratio of an RLDP step to a DP-SGD step. Needs `dvc repro base` first 
 The JSON's ``summary`` maps each epsilon to the mean RLDP / DP-SGD test-perplexity ratio.
 
 ``--ablation`` runs RLDP's variants instead (ABLATION: the anchor alone, the policy on one
-dimension, the full policy) beside DP-SGD, so a gain can be traced to the anchor or the policy;
+dimension, the full policy) beside DP-SGD, so a gain can be traced to the anchor or the policy
+(test perplexity only: the downstream task is skipped);
 ``--reuse`` takes DP-SGD's and the default RLDP's runs of the same (epsilon, seed, options) from
 an earlier benchmark's JSON instead of running them again (the runs are seeded).
 
@@ -152,7 +153,7 @@ def main() -> None:
                 if run is None:
                     run, _ = run_method(
                         params, root, method, options, data, epsilon=eps, seed=seed,
-                        epochs=args.epochs,
+                        epochs=args.epochs, downstream=not args.ablation,
                     )  # fmt: skip
                 runs.append({**run, "variant": label})
                 io.write_json(args.out / f"{name}_runs.json", runs)  # partial results
