@@ -318,3 +318,26 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
     assert any(k.startswith("rldp/obs/unclipped_dp/") for m in logged for k in m)
     histogram = result.controller.last_features[6:18]
     assert 0 < histogram.mean() < 1
+
+
+def test_a_greedy_policy_cannot_overspend(tiny_model, tiny_tokenizer, monkeypatch):
+    """A policy that always asks for the largest thresholds and the least noise its bounds
+    allow still ends at or under the target: the guard admits every interval."""
+    from privtune.control.rldp import RLDP
+
+    def greedy(self, x):
+        return np.array([1.0] * self.n_groups + [-1.0], np.float32)
+
+    monkeypatch.setattr(RLDP, "_choose", greedy)
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    result = train(
+        model, train_data, valid_data, PARAMS, "rldp", dict(OPTIONS, valid_records=2),
+        show_progress=False,
+    )  # fmt: skip
+    assert result.steps_taken == result.plan.steps
+    assert result.epsilon <= PARAMS.epsilon
+    split = 1 / math.sqrt(4)
+    assert all(
+        e.clip_thresholds == pytest.approx((1.5 * split,) * 4) for e in result.ledger.entries[2:]
+    )
