@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_grid_arguments, add_project_arguments, open_project, run_method  # noqa: E402
 from privtune import io  # noqa: E402
 
-# name -> RLDP options over the defaults (methods.rldp): where a gain comes from.
+# key -> (label, RLDP options over the defaults, methods.rldp): where a gain comes from.
 ABLATION = {
-    "anchor alone (per-adapter AUTO-S, paced noise)": {"policy": False},
-    "anchor + policy on thresholds only": {"noise_bounds": [1.0, 1.0]},
-    "anchor + policy on noise only": {"clip_bounds": [1.0, 1.0]},
-    "anchor + policy (RLDP)": {},
+    "anchor": ("anchor alone (per-adapter AUTO-S, paced noise)", {"policy": False}),
+    "thresholds": ("anchor + policy on thresholds only", {"noise_bounds": [1.0, 1.0]}),
+    "noise": ("anchor + policy on noise only", {"clip_bounds": [1.0, 1.0]}),
+    "full": ("anchor + policy (RLDP)", {}),
 }
 
 
@@ -121,6 +121,8 @@ def main() -> None:
                         help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
     parser.add_argument("--ablation", action="store_true",
                         help="run RLDP's ablation variants (ABLATION) beside DP-SGD")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", choices=list(ABLATION), default=list(ABLATION),
+                        help="with --ablation: which variants")  # fmt: skip
     parser.add_argument("--reuse", type=Path, default=None,
                         help="an earlier JSON whose matching runs are reused")  # fmt: skip
     parser.add_argument("--public-episodes", type=int, default=0,
@@ -135,7 +137,8 @@ def main() -> None:
     name += "_quick" if args.quick else ""
     variants = {"DP-SGD": ("dpsgd", dpsgd)}
     if args.ablation:
-        variants |= {label: ("rldp", {**rldp, **extra}) for label, extra in ABLATION.items()}
+        chosen = {key: ABLATION[key] for key in args.variants}
+        variants |= {label: ("rldp", {**rldp, **extra}) for label, extra in chosen.values()}
         if args.public_episodes:
             policy = public_policy(params, root, data, rldp, args)
             label = f"anchor + policy warm-started on public data ({args.public_episodes} runs)"
