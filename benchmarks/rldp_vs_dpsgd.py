@@ -52,22 +52,19 @@ def summarise(runs: list[dict], epsilons, seeds) -> list[dict]:
     for eps in epsilons:
         pairs = []
         for seed in seeds:
-            d = next(
-                r
-                for r in runs
-                if r["method"] == "dpsgd" and (r["epsilon"], r["seed"]) == (eps, seed)
-            )
-            r = next(
-                r
-                for r in runs
-                if r["method"] == "rldp" and (r["epsilon"], r["seed"]) == (eps, seed)
-            )
-            pairs.append((d, r))
+            found = {
+                r["method"]: r for r in runs if (r["epsilon"], r["seed"]) == (eps, seed)
+            }  # fmt: skip
+            if "dpsgd" in found and "rldp" in found:  # (--reuse-only: pairs that ran)
+                pairs.append((found["dpsgd"], found["rldp"]))
+        if not pairs:
+            continue
         ratios = [r["test_perplexity"] / d["test_perplexity"] for d, r in pairs]
         reach = [steps_to_reach(r["curve"], d["curve"][-1][1]) for d, r in pairs]
         rows.append(
             {
                 "epsilon": eps,
+                "seeds": [d["seed"] for d, _ in pairs],
                 "ppl_ratio_mean": statistics.mean(ratios),
                 "ppl_ratio_min": min(ratios),
                 "ppl_ratio_max": max(ratios),
@@ -121,6 +118,8 @@ def main() -> None:
                         help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
     parser.add_argument("--ablation", action="store_true",
                         help="run RLDP's ablation variants (ABLATION) beside DP-SGD")  # fmt: skip
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="with --reuse: run nothing, report the runs found")  # fmt: skip
     parser.add_argument("--variants", nargs="+", choices=list(ABLATION), default=list(ABLATION),
                         help="with --ablation: which variants")  # fmt: skip
     parser.add_argument("--reuse", type=Path, default=None,
@@ -153,6 +152,8 @@ def main() -> None:
             # interleaved, so the methods of a pair see the same machine load
             for label, (method, options) in variants.items():
                 run = _reusable(earlier, method, options, eps, seed, args.epochs)
+                if run is None and args.reuse_only:
+                    continue
                 if run is None:
                     run, _ = run_method(
                         params, root, method, options, data, epsilon=eps, seed=seed,
@@ -225,7 +226,11 @@ def ablation_markdown(runs: list[dict], epsilons, seeds) -> str:
         base = {r["seed"]: r for r in runs if r["method"] == "dpsgd" and r["epsilon"] == eps}
         labels = dict.fromkeys(r["variant"] for r in runs if r["epsilon"] == eps)
         for label in labels:
-            rows = [r for r in runs if r["variant"] == label and r["epsilon"] == eps]
+            rows = [
+                r
+                for r in runs
+                if r["variant"] == label and r["epsilon"] == eps and r["seed"] in base
+            ]
             ratios = [r["test_perplexity"] / base[r["seed"]]["test_perplexity"] for r in rows]
             times = [r["seconds_per_step"] / base[r["seed"]]["seconds_per_step"] for r in rows]
             metrics = [r.get("controller_metrics") or {} for r in rows]
@@ -250,7 +255,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         reach = ", ".join("never" if s is None else str(s) for s in r["rldp_steps_to_dpsgd_final"])
         lines.append(
-            f"| {r['epsilon']:g} | {r['ppl_ratio_mean']:.3f} [{r['ppl_ratio_min']:.3f}, "
+            f"| {r['epsilon']:g} ({len(r['seeds'])} seeds) | {r['ppl_ratio_mean']:.3f} [{r['ppl_ratio_min']:.3f}, "
             f"{r['ppl_ratio_max']:.3f}] | {r['dpsgd_ppl']:.1f} | {r['rldp_ppl']:.1f} | "
             f"{r['dpsgd_med_acc']:.3f} / {r['rldp_med_acc']:.3f} | {reach} of "
             f"{r['dpsgd_steps']} | {r['step_time_ratio']:.3f} | {r['max_epsilon_spent']:.3f} |"
