@@ -255,7 +255,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         reach = ", ".join("never" if s is None else str(s) for s in r["rldp_steps_to_dpsgd_final"])
         lines.append(
-            f"| {r['epsilon']:g} ({len(r['seeds'])} seeds) | {r['ppl_ratio_mean']:.3f} [{r['ppl_ratio_min']:.3f}, "
+            f"| {r['epsilon']:g} ({len(r['seeds'])} seeds) | {r['ppl_ratio_mean']:.3f} "
+            f"[{r['ppl_ratio_min']:.3f}, "
             f"{r['ppl_ratio_max']:.3f}] | {r['dpsgd_ppl']:.1f} | {r['rldp_ppl']:.1f} | "
             f"{r['dpsgd_med_acc']:.3f} / {r['rldp_med_acc']:.3f} | {reach} of "
             f"{r['dpsgd_steps']} | {r['step_time_ratio']:.3f} | {r['max_epsilon_spent']:.3f} |"
