@@ -134,11 +134,12 @@ def run_method(
         update["epochs"] = epochs
     f = params.finetune.model_copy(update=update)
     model = attach_lora(model, f.lora, seed=seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = train(
         model, data.train, data.valid, f, method, options, entry=entry, show_progress=False
     )
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     task = None if downstream else params.evaluate.model_copy(update={"task": None})
     length = resolved_max_length(params, root)
     metrics = evaluate_model(model, tokenizer, data.test_records, length, task=task)
@@ -155,6 +156,8 @@ def run_method(
         "sample_rate": result.plan.sample_rate,
         "steps": result.steps_taken,
         "seconds_per_step": seconds / max(result.steps_taken, 1),
+        # CPU time of this process: on a shared machine wall time follows the others' load
+        "cpu_seconds_per_step": cpu / max(result.steps_taken, 1),
         "curve": curve,
         "controller_metrics": result.controller.metrics() if result.controller else {},
         **metrics,
