@@ -118,12 +118,15 @@ def run_method(
     eval_every: int = 10,
     entry: str | None = None,
     epochs: float | None = None,
+    downstream: bool = True,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Fine-tune the base with one method at (epsilon, seed): a row of utility, spending and
     time (JSON-ready), and the loop's result (ledger, controller).
 
     The white-box audit's gradient canaries are left out: a benchmark compares methods, and
-    canaries would only add the same records to every side.
+    canaries would only add the same records to every side. ``downstream=False`` skips the
+    downstream task (scoring every drug of the formulary costs about as much as the training
+    run at this size) where only perplexity is compared.
     """
     model, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
     update = {"epsilon": epsilon, "seed": seed, "eval_every": eval_every, "audit_canaries": 0}
@@ -131,12 +134,15 @@ def run_method(
         update["epochs"] = epochs
     f = params.finetune.model_copy(update=update)
     model = attach_lora(model, f.lora, seed=seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = train(
         model, data.train, data.valid, f, method, options, entry=entry, show_progress=False
     )
     seconds = time.perf_counter() - start
-    metrics = evaluate_model(model, tokenizer, data.test_records, resolved_max_length(params, root))
+    cpu = time.process_time() - cpu
+    task = None if downstream else params.evaluate.model_copy(update={"task": None})
+    length = resolved_max_length(params, root)
+    metrics = evaluate_model(model, tokenizer, data.test_records, length, task=task)
     curve = [(r["step"], r["valid_loss"]) for r in result.history if "valid_loss" in r]
     row = {
         "method": method,
@@ -144,11 +150,14 @@ def run_method(
         "options": options,
         "epsilon": epsilon,
         "seed": seed,
+        "epochs": epochs,
         "epsilon_spent": result.epsilon,
         "delta": result.plan.delta,
         "sample_rate": result.plan.sample_rate,
         "steps": result.steps_taken,
         "seconds_per_step": seconds / max(result.steps_taken, 1),
+        # CPU time of this process: on a shared machine wall time follows the others' load
+        "cpu_seconds_per_step": cpu / max(result.steps_taken, 1),
         "curve": curve,
         "controller_metrics": result.controller.metrics() if result.controller else {},
         **metrics,

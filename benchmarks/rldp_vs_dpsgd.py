@@ -4,8 +4,17 @@ For each epsilon and seed both methods fine-tune the same base on the same data 
 training loop; the report gives the test perplexity ratio (RLDP / DP-SGD, mean and spread),
 medication accuracy, the steps RLDP needs to reach DP-SGD's final validation loss, and the
 wall-clock ratio of an RLDP step to a DP-SGD step. Needs `dvc repro base` first (or --quick).
+The JSON's ``summary`` maps each epsilon to the mean RLDP / DP-SGD test-perplexity ratio.
+
+``--ablation`` runs RLDP's variants instead (ABLATION: the anchor alone, the policy on one
+dimension, the full policy) beside DP-SGD, so a gain can be traced to the anchor or the policy
+(test perplexity only: the downstream task is skipped);
+``--reuse`` takes DP-SGD's and the default RLDP's runs of the same (epsilon, seed, options) from
+an earlier benchmark's JSON instead of running them again (the runs are seeded).
 
     python benchmarks/rldp_vs_dpsgd.py [--epsilons 1 4 8] [--seeds 0 1 2] [--quick]
+    python benchmarks/rldp_vs_dpsgd.py --ablation --epsilons 4 --seeds 0 1 \
+        --reuse benchmarks/results/rldp_vs_dpsgd.json
 """
 
 from __future__ import annotations
@@ -25,6 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_grid_arguments, add_project_arguments, open_project, run_method  # noqa: E402
 from privtune import io  # noqa: E402
 
+# key -> (label, RLDP options over the defaults, methods.rldp): where a gain comes from.
+ABLATION = {
+    "anchor": ("anchor alone (per-adapter AUTO-S, paced noise)", {"policy": False}),
+    "thresholds": ("anchor + policy on thresholds only", {"noise_bounds": [1.0, 1.0]}),
+    "noise": ("anchor + policy on noise only", {"clip_bounds": [1.0, 1.0]}),
+    "full": ("anchor + policy (RLDP)", {}),
+}
+
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, loss in curve if loss <= target), None)
@@ -35,22 +52,19 @@ def summarise(runs: list[dict], epsilons, seeds) -> list[dict]:
     for eps in epsilons:
         pairs = []
         for seed in seeds:
-            d = next(
-                r
-                for r in runs
-                if r["method"] == "dpsgd" and (r["epsilon"], r["seed"]) == (eps, seed)
-            )
-            r = next(
-                r
-                for r in runs
-                if r["method"] == "rldp" and (r["epsilon"], r["seed"]) == (eps, seed)
-            )
-            pairs.append((d, r))
+            found = {
+                r["method"]: r for r in runs if (r["epsilon"], r["seed"]) == (eps, seed)
+            }  # fmt: skip
+            if "dpsgd" in found and "rldp" in found:  # (--reuse-only: pairs that ran)
+                pairs.append((found["dpsgd"], found["rldp"]))
+        if not pairs:
+            continue
         ratios = [r["test_perplexity"] / d["test_perplexity"] for d, r in pairs]
         reach = [steps_to_reach(r["curve"], d["curve"][-1][1]) for d, r in pairs]
         rows.append(
             {
                 "epsilon": eps,
+                "seeds": [d["seed"] for d, _ in pairs],
                 "ppl_ratio_mean": statistics.mean(ratios),
                 "ppl_ratio_min": min(ratios),
                 "ppl_ratio_max": max(ratios),
@@ -102,35 +116,133 @@ def main() -> None:
     add_grid_arguments(parser)
     parser.add_argument("--rldp", type=json.loads, default=None,
                         help="RLDP options as JSON (default: methods.rldp)")  # fmt: skip
+    parser.add_argument("--ablation", action="store_true",
+                        help="run RLDP's ablation variants (ABLATION) beside DP-SGD")  # fmt: skip
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="with --reuse: run nothing, report the runs found")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", choices=list(ABLATION), default=list(ABLATION),
+                        help="with --ablation: which variants")  # fmt: skip
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier JSON whose matching runs are reused")  # fmt: skip
+    parser.add_argument("--public-episodes", type=int, default=0,
+                        help="with --ablation: also RLDP warm-started from a policy trained on "
+                        "this many runs on public data (models/rldp-public/policy.pt)")  # fmt: skip
     add_project_arguments(parser)
     args = parser.parse_args()
     params, root, data = open_project(args)
     rldp = args.rldp if args.rldp is not None else dict(params.method("rldp")[1])
     dpsgd = dict(params.method("dpsgd")[1]) if "dpsgd" in params.methods else {"clip": 1.0}
-    name = "rldp_vs_dpsgd" + ("_quick" if args.quick else "")
+    name = "rldp_ablation" if args.ablation else "rldp_vs_dpsgd"
+    name += "_quick" if args.quick else ""
+    variants = {"DP-SGD": ("dpsgd", dpsgd)}
+    if args.ablation:
+        chosen = {key: ABLATION[key] for key in args.variants}
+        variants |= {label: ("rldp", {**rldp, **extra}) for label, extra in chosen.values()}
+        if args.public_episodes:
+            policy = public_policy(params, root, data, rldp, args)
+            label = f"anchor + policy warm-started on public data ({args.public_episodes} runs)"
+            variants[label] = ("rldp", {**rldp, "warm_start": str(policy)})
+    else:
+        variants["RLDP"] = ("rldp", rldp)
+    earlier = io.read_json(args.reuse) if args.reuse else []
+    earlier = earlier["runs"] if isinstance(earlier, dict) else earlier  # a JSON or its _runs
     runs = []
     for eps in args.epsilons:
         for seed in args.seeds:
-            # interleaved, so both methods of a pair see the same machine load
-            for method, options in (("dpsgd", dpsgd), ("rldp", rldp)):
-                run, _ = run_method(
-                    params, root, method, options, data, epsilon=eps, seed=seed, epochs=args.epochs
-                )
-                runs.append(run)
+            # interleaved, so the methods of a pair see the same machine load
+            for label, (method, options) in variants.items():
+                run = _reusable(earlier, method, options, eps, seed, args.epochs)
+                if run is None and args.reuse_only:
+                    continue
+                if run is None:
+                    run, _ = run_method(
+                        params, root, method, options, data, epsilon=eps, seed=seed,
+                        epochs=args.epochs, downstream=not args.ablation,
+                    )  # fmt: skip
+                runs.append({**run, "variant": label})
                 io.write_json(args.out / f"{name}_runs.json", runs)  # partial results
                 print(
-                    f"{method:>6} eps={eps:<4} seed={seed} ppl={run['test_perplexity']:.1f} "
-                    f"spent={run['epsilon_spent']:.3f} "
+                    f"{label[:24]:>24} eps={eps:<4} seed={seed} "
+                    f"ppl={run['test_perplexity']:.2f} spent={run['epsilon_spent']:.3f} "
                     f"{run['seconds_per_step'] * 1e3:.0f} ms/step",
                     flush=True,
                 )
+    if args.ablation:
+        table = ablation_markdown(runs, args.epsilons, args.seeds)
+        io.write_json(args.out / f"{name}.json", {"epochs": args.epochs, "runs": runs})
+        with io.atomic_file(args.out / f"{name}.md") as handle:
+            handle.write(table)
+        print(table)
+        return
     rows = summarise(runs, args.epsilons, args.seeds)
-    summary = {"quick": args.quick, "epochs": args.epochs, "rldp": rldp, "rows": rows}
-    io.write_json(args.out / f"{name}.json", {**summary, "runs": runs})
+    result = {
+        "quick": args.quick,
+        "epochs": args.epochs,
+        "rldp": rldp,
+        "summary": {f"{row['epsilon']:g}": row["ppl_ratio_mean"] for row in rows},
+        "rows": rows,
+    }
+    io.write_json(args.out / f"{name}.json", {**result, "runs": runs})
     plot(runs, rows, args.out / f"{name}.png")
     with io.atomic_file(args.out / f"{name}.md") as handle:
         handle.write(markdown(rows))
     print(markdown(rows))
+
+
+def public_policy(params, root: Path, data, rldp: dict, args: argparse.Namespace) -> Path:
+    """The policy trained on public data (privtune.rldp_public), trained once and reused."""
+    from privtune.rldp_public import train_public_policy
+
+    path = root / "models" / "rldp-public" / "policy.pt"
+    if not path.is_file():
+        epochs = args.epochs if args.epochs is not None else params.finetune.epochs
+        print(f"training the RLDP policy on public data ({args.public_episodes} runs)", flush=True)
+        train_public_policy(
+            params, root, path, options=rldp, n_records=len(data.train),
+            epsilon=max(args.epsilons), epochs=epochs, episodes=args.public_episodes,
+        )  # fmt: skip
+    return path
+
+
+def _reusable(
+    earlier: list[dict], method: str, options: dict, eps: float, seed: int, epochs: float | None
+) -> dict | None:
+    """An earlier run of exactly this method, options, epsilon, seed and length, if any."""
+    for run in earlier:
+        same = (run["method"], run["options"], run["epsilon"], run["seed"])
+        if same == (method, options, eps, seed) and run.get("epochs") == epochs:
+            return run
+    return None
+
+
+def ablation_markdown(runs: list[dict], epsilons, seeds) -> str:
+    """Per variant: mean test perplexity and its mean ratio to DP-SGD's over the seeds."""
+    lines = [
+        "| ε | variant | test ppl (mean over seeds) | / DP-SGD (mean [min, max]) | "
+        "policy actions / fallbacks to the anchor (sum) | step time / DP-SGD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for eps in epsilons:
+        base = {r["seed"]: r for r in runs if r["method"] == "dpsgd" and r["epsilon"] == eps}
+        labels = dict.fromkeys(r["variant"] for r in runs if r["epsilon"] == eps)
+        for label in labels:
+            rows = [
+                r
+                for r in runs
+                if r["variant"] == label and r["epsilon"] == eps and r["seed"] in base
+            ]
+            ratios = [r["test_perplexity"] / base[r["seed"]]["test_perplexity"] for r in rows]
+            times = [r["seconds_per_step"] / base[r["seed"]]["seconds_per_step"] for r in rows]
+            metrics = [r.get("controller_metrics") or {} for r in rows]
+            acted = sum(m.get("rldp/policy_actions", 0) for m in metrics)
+            fell = sum(m.get("rldp/anchor_fallbacks", 0) for m in metrics)
+            lines.append(
+                f"| {eps:g} | {label} | {statistics.mean(r['test_perplexity'] for r in rows):.2f}"
+                f" | {statistics.mean(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] | "
+                f"{acted:.0f} / {fell:.0f} | {statistics.mean(times):.3f} |"
+            )
+    del seeds
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -143,7 +255,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         reach = ", ".join("never" if s is None else str(s) for s in r["rldp_steps_to_dpsgd_final"])
         lines.append(
-            f"| {r['epsilon']:g} | {r['ppl_ratio_mean']:.3f} [{r['ppl_ratio_min']:.3f}, "
+            f"| {r['epsilon']:g} ({len(r['seeds'])} seeds) | {r['ppl_ratio_mean']:.3f} "
+            f"[{r['ppl_ratio_min']:.3f}, "
             f"{r['ppl_ratio_max']:.3f}] | {r['dpsgd_ppl']:.1f} | {r['rldp_ppl']:.1f} | "
             f"{r['dpsgd_med_acc']:.3f} / {r['rldp_med_acc']:.3f} | {reach} of "
             f"{r['dpsgd_steps']} | {r['step_time_ratio']:.3f} | {r['max_epsilon_spent']:.3f} |"

@@ -2,6 +2,7 @@
 falls back safely on failure, warm-starts, and never reads the protected records' statistics."""
 
 import dataclasses
+import hashlib
 import math
 
 import numpy as np
@@ -53,25 +54,117 @@ def _drive(controller, steps=8):
     return actions
 
 
-def test_actions_stay_in_bounds_and_the_policy_learns():
+SPLIT = 1 / math.sqrt(3)  # the flat threshold 1.0 split equally over three adapters
+
+
+def _assert_within_residual_bounds(action, paced=1.0):
+    assert len(action.clip_thresholds) == 3
+    low, high = 2 / 3 * SPLIT, 1.5 * SPLIT
+    assert all(low - 1e-9 <= c <= high + 1e-9 for c in action.clip_thresholds)
+    assert 0.9 * paced - 1e-9 <= action.noise_multiplier <= 1.1 * paced + 1e-9
+
+
+def test_the_first_action_is_the_anchor_per_adapter_auto_s():
     controller = build_controller("rldp", CTX, OPTIONS)
-    actions = _drive(controller, 10)
+    action = controller.act(None)
+    assert action.clip_thresholds == pytest.approx((SPLIT,) * 3, rel=1e-6)
+    assert action.noise_multiplier == pytest.approx(1.0, rel=1e-6)  # the calibrated z
+    assert (action.scaling, action.stability) == ("normalize", 0.01)
+    clipped = build_controller("rldp", CTX, {**OPTIONS, "anchor": "clip"}).act(None)
+    assert (clipped.scaling, clipped.clip_thresholds) == ("clip", action.clip_thresholds)
+
+
+def test_random_residuals_stay_within_their_bounds():
+    """Even uniformly random residuals (warm-up) move each threshold and the noise only within
+    the bounds around the anchor."""
+    controller = build_controller("rldp", CTX, {**OPTIONS, "warmup_intervals": 50})
+    actions = _drive(controller, 12)
     for action in actions:
-        assert len(action.clip_thresholds) == 3
-        split = 1 / math.sqrt(3)  # the flat threshold 1.0 split equally over three adapters
-        assert all(0.5 * split - 1e-9 <= c <= 2 * split + 1e-9 for c in action.clip_thresholds)
-        assert 0.8 - 1e-9 <= action.noise_multiplier <= 1.5 + 1e-9
-    assert actions[0].clip_thresholds == pytest.approx((1 / math.sqrt(3),) * 3, rel=1e-5)
-    assert actions[0].noise_multiplier == pytest.approx(1.0, rel=1e-5)  # DP-SGD's start
-    assert len({a.noise_multiplier for a in actions}) > 2
-    assert controller.sac.replay_buffer.size() == 8
-    assert controller.sac._n_updates > 0
+        _assert_within_residual_bounds(action)
+    assert len({a.clip_thresholds for a in actions}) > 5  # they did move
+    assert min(min(a.clip_thresholds) for a in actions) < 0.8 * SPLIT
+    assert max(a.noise_multiplier for a in actions) > 1.03
+    assert controller.reserve_noise() == pytest.approx(1.1)  # the upper bound, for the guard
+
+
+def test_the_anchor_acts_until_the_critic_has_learned_then_the_policy_learns():
+    """No random warm-up: before its first update the critic knows nothing, so the anchor
+    acts; afterwards the policy's residuals (within bounds) appear and SAC keeps learning."""
+    controller = build_controller("rldp", CTX, {**OPTIONS, "warmup_intervals": 0})
+    actions = _drive(controller, 12)
+    anchor = actions[0]
+    assert controller.sac.replay_buffer.size() == 10
+    assert controller.sac._n_updates > 0 and controller.critic_updates > 0
+    # decisions 1 and 2 come before the buffer holds a batch: the anchor's
+    for action in actions[:3]:
+        _assert_same_action(action, anchor)
+    for action in actions:
+        _assert_within_residual_bounds(action)
+    assert controller.policy_actions + controller.anchor_fallbacks == 12 - 3
+    assert controller.policy_actions > 0
     assert math.isfinite(controller.metrics()["rldp/reward"])
-    assert controller.reserve_noise() == pytest.approx(1.5)
+    assert math.isfinite(controller.metrics()["rldp/advantage"])
     # every action asks the mechanism for the DP norm histogram, at sigma_b = B / 4
     assert all(a.count_levels == (0.5, 1.0, 2.0) for a in actions)
     assert all(a.count_noise == pytest.approx(2.5) for a in actions)
     assert controller.metrics()["rldp/obs/unclipped_dp/a"] == pytest.approx(0.5)
+
+
+def _critic_preferring(prefer_anchor: bool):
+    """A stand-in critic: high value at the anchor (u = 0) or away from it."""
+
+    def critic(obs, action):
+        distance = action.abs().sum(dim=1, keepdim=True)
+        value = -distance if prefer_anchor else distance
+        return value, value
+
+    return critic
+
+
+@pytest.mark.parametrize("prefer_anchor", [True, False])
+def test_the_anchor_acts_when_the_critic_does_not_value_the_policy_above_it(
+    monkeypatch, prefer_anchor
+):
+    controller = build_controller("rldp", CTX, OPTIONS)
+    _drive(controller, 6)  # the critic has learned: the policy may act
+    assert controller.critic_updates > 0
+    monkeypatch.setattr(controller.sac, "critic", _critic_preferring(prefer_anchor))
+    before = (controller.policy_actions, controller.anchor_fallbacks)
+    states = np.random.default_rng(0).normal(size=(4, controller._obs_dim)).astype(np.float32)
+    residuals = [controller._choose(x) for x in states]
+    if prefer_anchor:
+        assert all(not r.any() for r in residuals)
+        assert controller.anchor_fallbacks == before[1] + 4
+        assert controller.metrics()["rldp/advantage"] < 0
+    else:
+        assert all(r.any() for r in residuals)
+        assert controller.policy_actions == before[0] + 4
+        assert controller.metrics()["rldp/advantage"] > 0
+    assert all(np.all(np.abs(r) <= 1) for r in residuals)
+
+
+def test_exploration_shrinks_as_the_critic_learns():
+    controller = build_controller("rldp", CTX, OPTIONS)
+    assert controller.exploration() == pytest.approx(1.0)
+    _drive(controller, 12)
+    assert controller.critic_updates == 2 * (12 - 3)  # sac_updates per decision with a batch
+    assert controller.exploration() == pytest.approx(1 / math.sqrt(1 + 18 / 32))
+    quiet = build_controller("rldp", CTX, {**OPTIONS, "explore": 0.0})
+    quiet.critic_updates, quiet.decisions = 1, 5  # past warm-up, the critic has learned
+    x = np.zeros(quiet._obs_dim, np.float32)
+    quiet.sac.critic = _critic_preferring(prefer_anchor=False)
+    # without exploration the residual is the actor's mean, the same every time
+    np.testing.assert_array_equal(quiet._choose(x), quiet._choose(x))
+
+
+def test_without_the_policy_the_anchor_always_acts():
+    """policy: false is the ablation's 'anchor alone': the same action at every decision."""
+    controller = build_controller("rldp", CTX, {**OPTIONS, "policy": False})
+    actions = _drive(controller, 12)
+    for action in actions[1:]:
+        _assert_same_action(action, actions[0])
+    assert controller.sac._n_updates > 0  # it still learns (and can be saved for warm starts)
+    assert controller.policy_actions == 0
 
 
 def test_features_ignore_private_training_statistics():
@@ -102,43 +195,65 @@ def test_features_read_the_dp_norm_histogram_and_need_it():
     with pytest.raises(ValueError, match="histogram"):
         controller._features(_obs(10, norm_histogram_dp=None))
     blind = build_controller("rldp", CTX, {**OPTIONS, "norm_levels": []})
-    assert blind._decode(blind.safe).count_noise is None  # no release, no cost
+    assert blind.act(None).count_noise is None  # no release, no cost
 
 
-def test_nan_observation_and_failed_update_fall_back_to_the_last_safe_action(monkeypatch):
-    controller = build_controller("rldp", CTX, OPTIONS)
-    actions = _drive(controller, 4)
+def test_nan_observation_and_failed_update_fall_back_to_the_anchor(monkeypatch):
+    controller = build_controller("rldp", CTX, {**OPTIONS, "warmup_intervals": 50})
+    actions = _drive(controller, 4)  # random residuals, none of them the anchor
+    assert actions[-1].clip_thresholds != actions[0].clip_thresholds
     action = controller.act(_obs(20, valid=float("nan")))
-    assert controller.fallbacks == 1
-    _assert_same_action(action, actions[-1])
+    assert controller.failures == 1
+    _assert_same_action(action, actions[0])
 
     def broken(*args, **kwargs):
         raise RuntimeError("SAC update failed")
 
     monkeypatch.setattr(controller.sac, "train", broken)
     action = controller.act(_obs(22))
-    assert controller.fallbacks == 2
-    _assert_same_action(action, actions[-1])
+    assert controller.failures == 2 and controller.metrics()["rldp/fallbacks"] == 2
+    _assert_same_action(action, actions[0])
 
 
 def _assert_same_action(action, expected):
-    """The same safe action; its z is relative to the budget-paced noise, recomputed (floats)."""
-    assert action.clip_thresholds == expected.clip_thresholds
+    """The same action; its z is relative to the budget-paced noise, recomputed (floats)."""
+    assert action.clip_thresholds == pytest.approx(expected.clip_thresholds, rel=1e-12)
     assert action.noise_multiplier == pytest.approx(expected.noise_multiplier, rel=1e-9)
 
 
-def test_warm_start_restores_the_policy(tmp_path):
+def test_warm_start_restores_policy_critic_and_transitions_and_records_provenance(tmp_path):
     first = build_controller("rldp", CTX, OPTIONS)
     _drive(first, 8)
-    torch.save(first.state_dict(), tmp_path / "controller.pt")
-    second = build_controller(
-        "rldp", CTX, {**OPTIONS, "warm_start": str(tmp_path / "controller.pt")}
-    )
+    first.warm_provenance = {"data": "public", "episodes": 1}
+    path = tmp_path / "policy.pt"
+    torch.save(first.state_dict(), path)
+    options = {**OPTIONS, "warmup_intervals": 0, "warm_start": str(path)}
+    second = build_controller("rldp", CTX, options)
     x = np.zeros(first.sac.observation_space.shape, np.float32)
     a1, _ = first.sac.predict(x, deterministic=True)
     a2, _ = second.sac.predict(x, deterministic=True)
     np.testing.assert_allclose(a1, a2)
+    u = torch.zeros(1, 4)
+    q1 = first.sac.critic(torch.as_tensor(x[None]), u)[0].item()
+    assert second.sac.critic(torch.as_tensor(x[None]), u)[0].item() == pytest.approx(q1)
     np.testing.assert_allclose(second.obs_rms.mean, first.obs_rms.mean)
+    assert second.sac.replay_buffer.size() == first.sac.replay_buffer.size() == 6
+    np.testing.assert_array_equal(
+        second.sac.replay_buffer.actions[:6], first.sac.replay_buffer.actions[:6]
+    )
+    # a warm-started critic lets the policy act from the first decision, exploring less
+    assert second.critic_updates == first.critic_updates > 0
+    assert second.exploration() < 1.0
+    second.act(None)
+    second.act(_obs(2, valid=4.9, eps=0.2))
+    assert second.policy_actions + second.anchor_fallbacks == 1
+    tags = second.provenance()
+    assert tags["rldp.warm_start"] == str(path)
+    assert tags["rldp.warm_start.data"] == "public"
+    assert tags["rldp.warm_start.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert first.provenance() == {"rldp.warm_start": "none"}
+    # the provenance travels on with the policy when it is saved again
+    assert second.state_dict()["provenance"]["data"] == "public"
 
 
 def test_budget_noise_paces_what_is_left_in_the_clts_step_costs():
@@ -203,3 +318,26 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
     assert any(k.startswith("rldp/obs/unclipped_dp/") for m in logged for k in m)
     histogram = result.controller.last_features[6:18]
     assert 0 < histogram.mean() < 1
+
+
+def test_a_greedy_policy_cannot_overspend(tiny_model, tiny_tokenizer, monkeypatch):
+    """A policy that always asks for the largest thresholds and the least noise its bounds
+    allow still ends at or under the target: the guard admits every interval."""
+    from privtune.control.rldp import RLDP
+
+    def greedy(self, x):
+        return np.array([1.0] * self.n_groups + [-1.0], np.float32)
+
+    monkeypatch.setattr(RLDP, "_choose", greedy)
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    result = train(
+        model, train_data, valid_data, PARAMS, "rldp", dict(OPTIONS, valid_records=2),
+        show_progress=False,
+    )  # fmt: skip
+    assert result.steps_taken == result.plan.steps
+    assert result.epsilon <= PARAMS.epsilon
+    split = 1 / math.sqrt(4)
+    assert all(
+        e.clip_thresholds == pytest.approx((1.5 * split,) * 4) for e in result.ledger.entries[2:]
+    )

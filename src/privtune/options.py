@@ -75,19 +75,32 @@ class LMOOptions(MethodOptions):
 
 
 class RLDPOptions(MethodOptions):
-    rl_interval: int = Field(10, ge=1, description="steps between the policy's decisions")
-    warmup_intervals: int = Field(2, ge=0, description="random actions before the policy acts")
+    rl_interval: int = Field(5, ge=1, description="steps between the policy's decisions")
+    anchor: Literal["auto_s", "clip"] = Field(
+        "auto_s", description="the anchor's per-adapter scaling: AUTO-S normalising or clipping"
+    )
+    gamma: Positive = Field(0.01, description="AUTO-S stability constant of the anchor")
+    policy: bool = Field(True, description="false: the anchor alone (ablation)")
+    warmup_intervals: int = Field(0, ge=0, description="random actions before the policy acts")
+    explore: float = Field(1.0, ge=0, description="exploration, as a multiple of SAC's std")
+    explore_decay: Positive = Field(
+        32.0, description="critic updates over which exploration falls by 1/sqrt(2)"
+    )
+    fallback_margin: float = Field(
+        0.0, description="the critic's value of the policy's action must beat the anchor's by"
+    )
+    reward_scale: Positive = Field(100.0, description="multiplies the validation-loss gain")
     sac_updates: int = Field(4, ge=0, description="SAC gradient steps per decision")
     sac_batch_size: int = Field(8, ge=1)
     buffer_size: int = Field(2000, ge=1)
     learning_rate: Positive = 1e-3
     clip_bounds: tuple[Positive, Positive] = Field(
-        (0.5, 2.0), description="thresholds' range, as multiples of the equal split C / sqrt(K)"
+        (2 / 3, 1.5), description="thresholds' range, as multiples of the anchor's (C / sqrt(K))"
     )
     noise_bounds: tuple[Positive, Positive] = Field(
-        (0.8, 1.5), description="noise range, as multiples of the budget-paced z"
+        (0.9, 1.1), description="noise range, as multiples of the budget-paced z"
     )
-    clip: Positive = Field(1.0, description="flat threshold C whose equal split starts")
+    clip: Positive = Field(1.0, description="flat threshold C whose equal split is the anchor")
     norm_levels: tuple[Positive, ...] = Field(
         (0.5, 1.0, 2.0), description="levels of the DP norm histogram ([] = none)"
     )

@@ -104,6 +104,10 @@ class Controller(ABC):
         """Numbers about the last decision (reward, fallbacks...), logged by the loop."""
         return {}
 
+    def provenance(self) -> dict[str, str]:
+        """Where a controller's learned state came from (MLflow tags of the run; {}: none)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

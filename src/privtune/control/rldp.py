@@ -23,6 +23,7 @@ the loop, not the agent, owns time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Any, ClassVar
@@ -35,8 +36,13 @@ from privtune.control.base import Action, Controller, ControllerContext, Observa
 
 log = logging.getLogger(__name__)
 
+ANCHORS = ("auto_s", "clip")  # per-adapter AUTO-S normalisation, or per-adapter clipping
 N_FEATURES = 6  # valid loss, its change, eps spent/target, progress, pace, budget per step left
 # (plus the DP norm histogram, adapters x levels, and the last action)
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def _step_cost(z: float) -> float:
@@ -59,7 +65,12 @@ class _Spaces(gym.Env):
 
 
 class RLDP(Controller):
-    """Online SAC over log clipping thresholds (one per adapter) and the log noise multiplier."""
+    """Online SAC over bounded residuals around a calibrated anchor action.
+
+    The anchor is per-adapter AUTO-S at the equal split (or per-adapter clipping) with the
+    budget-paced noise; the policy's action u in [-1, 1]^(K+1) multiplies each threshold and
+    the noise by a factor within ``clip_bounds`` / ``noise_bounds`` (u = 0 is the anchor).
+    """
 
     name = "rldp"
 
@@ -69,14 +80,21 @@ class RLDP(Controller):
     def __init__(
         self,
         ctx: ControllerContext,
-        rl_interval: int = 10,
-        warmup_intervals: int = 2,
+        rl_interval: int = 5,
+        anchor: str = "auto_s",
+        gamma: float = 0.01,
+        policy: bool = True,
+        warmup_intervals: int = 0,
+        explore: float = 1.0,
+        explore_decay: float = 32.0,
+        fallback_margin: float = 0.0,
+        reward_scale: float = 100.0,
         sac_updates: int = 4,
         sac_batch_size: int = 8,
         buffer_size: int = 2000,
         learning_rate: float = 1e-3,
-        clip_bounds: tuple[float, float] = (0.5, 2.0),
-        noise_bounds: tuple[float, float] = (0.8, 1.5),
+        clip_bounds: tuple[float, float] = (2 / 3, 1.5),
+        noise_bounds: tuple[float, float] = (0.9, 1.1),
         clip: float = 1.0,
         norm_levels: tuple[float, ...] = (0.5, 1.0, 2.0),
         norm_noise: float = 0.25,
@@ -92,17 +110,16 @@ class RLDP(Controller):
             raise ValueError(
                 "rl_interval, sac_batch_size and valid_records must be >= 1, sac_updates >= 0"
             )
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, not '{anchor}'")
+        if not (gamma > 0 and explore >= 0 and explore_decay > 0 and reward_scale > 0):
+            raise ValueError("gamma, explore_decay and reward_scale must be > 0, explore >= 0")
+        for low, high in (clip_bounds, noise_bounds):
+            if not 0 < low <= 1 <= high:
+                raise ValueError("bounds must be 0 < low <= 1 <= high (multiples of the anchor)")
         # The validation loss before each decision, on this many records: the same ones every
         # time, so its change tracks the model; 16 keep a decision under a tenth of a step.
         self.validation_records = valid_records
-        # Thresholds are relative to the equal split C / sqrt(K) of the flat threshold C: with it,
-        # sum_k C_k^2 = C^2 and the start matches DP-SGD's signal-to-noise (C_k = C each would
-        # add sqrt(K) times more noise per adapter).
-        split = clip / math.sqrt(len(ctx.group_names))
-        lo, hi = clip_bounds[0] * split, clip_bounds[1] * split
-        z_lo, z_hi = noise_bounds
-        if not (0 < lo < hi and 0 < z_lo < z_hi):
-            raise ValueError("bounds must be 0 < low < high (both are multiples of the defaults)")
         levels = tuple(float(level) for level in norm_levels)
         if any(not level > 0 for level in levels) or not norm_noise > 0:
             raise ValueError("norm_levels must be > 0 and norm_noise > 0 (or norm_levels: [])")
@@ -113,14 +130,24 @@ class RLDP(Controller):
         # is 0.25 per step, about 0.1 averaged over a 5-step interval)
         self.count_noise = norm_noise * ctx.expected_batch_size if levels else None
         self.interval = rl_interval
+        self.n_groups = len(ctx.group_names)
+        # The anchor's thresholds: the equal split C / sqrt(K) of the flat threshold C, so
+        # sum_k C_k^2 = C^2 and the anchor has DP-SGD's signal-to-noise (C_k = C each would add
+        # sqrt(K) times more noise per adapter).
+        self.split = clip / math.sqrt(self.n_groups)
+        self.anchor = anchor
+        self.gamma = gamma
+        self.policy = policy
         self.warmup_intervals = warmup_intervals
+        self.explore = explore
+        self.explore_decay = explore_decay
+        self.fallback_margin = fallback_margin
+        self.reward_scale = reward_scale
         self.sac_updates = sac_updates
         self.sac_batch_size = sac_batch_size
-        self.n_groups = len(ctx.group_names)
-        self.log_clip = (math.log(lo), math.log(hi))
-        # Noise bounds are factors of the budget-paced z (see budget_noise): at 1 the rest of
-        # the run would spend what is left of the budget evenly.
-        self.log_noise = (math.log(z_lo), math.log(z_hi))
+        # log factors of the residual at u = -1 and u = +1 (the noise's are of the paced z)
+        self.clip_range = (math.log(clip_bounds[0]), math.log(clip_bounds[1]))
+        self.noise_range = (math.log(noise_bounds[0]), math.log(noise_bounds[1]))
         act_dim = self.n_groups + 1
         obs_dim = N_FEATURES + self.n_groups * len(levels) + act_dim
         self.sac = SAC(
@@ -143,44 +170,49 @@ class RLDP(Controller):
         self.rng = np.random.default_rng(ctx.seed)
         self._used = 0.0  # steps x c(z) / c(z_cal) so far: the share of the budget spent
         self._step = 0
-        self.safe = self._encode(split, 1.0)
         self._obs_dim = obs_dim
+        self.anchor_action = np.zeros(act_dim, np.float32)
         self._prev: tuple[np.ndarray, np.ndarray] | None = None
+        self._skip_transition = False
         self._prev_valid: float | None = None
         self._prev_eps = 0.0
         self._prev_step = 0
         self.decisions = 0
-        self.fallbacks = 0
+        self.failures = 0  # policy errors (non-finite observation, failed update): anchor
+        self.anchor_fallbacks = 0  # the critic did not prefer the policy's action: anchor
+        self.policy_actions = 0  # decisions where the policy's residual was applied
+        self.critic_updates = 0
         self.last_reward = math.nan
+        self.last_advantage = math.nan
+        self.last_residual = self.anchor_action
         self.last_features: np.ndarray | None = None
+        self.warm_start = warm_start
+        self.warm_provenance: dict[str, Any] = {}
         if warm_start:
             self.load_state_dict(torch.load(warm_start, weights_only=False))
+            self.warm_provenance["sha256"] = _sha256(warm_start)
 
     # -- action mapping ------------------------------------------------------------------
-    def _encode(self, clip: float, noise_factor: float) -> np.ndarray:
-        def unit(value: float, bounds: tuple[float, float]) -> float:
-            low, high = bounds
-            return float(np.clip(2 * (math.log(value) - low) / (high - low) - 1, -1, 1))
+    @staticmethod
+    def _factor(u: float, log_range: tuple[float, float]) -> float:
+        """exp of the residual: u = 0 is the anchor (factor 1), u = -1 / +1 the bounds."""
+        low, high = log_range
+        return math.exp(float(u) * (high if u > 0 else -low))
 
-        return np.array(
-            [unit(clip, self.log_clip)] * self.n_groups + [unit(noise_factor, self.log_noise)],
-            dtype=np.float32,
+    def _decode(self, residual: np.ndarray) -> Action:
+        clips = tuple(
+            self.split * self._factor(u, self.clip_range) for u in residual[: self.n_groups]
         )
-
-    def _decode(self, vector: np.ndarray) -> Action:
-        def value(u: float, bounds: tuple[float, float]) -> float:
-            low, high = bounds
-            return math.exp(low + (float(u) + 1) / 2 * (high - low))
-
-        clips = tuple(value(u, self.log_clip) for u in vector[: self.n_groups])
-        factor = value(vector[-1], self.log_noise)
+        factor = self._factor(residual[-1], self.noise_range)
         if self._step + self.interval >= self.ctx.total_steps:
             # The last interval asks for the least noise; the guard raises it to what exactly
             # spends the rest, so no budget is left unused.
-            factor = math.exp(self.log_noise[0])
+            factor = math.exp(self.noise_range[0])
         return Action(
             clip_thresholds=clips,
             noise_multiplier=self.budget_noise() * factor,
+            scaling="normalize" if self.anchor == "auto_s" else "clip",
+            stability=self.gamma if self.anchor == "auto_s" else 0.0,
             count_noise=self.count_noise,
             count_levels=self.norm_levels,
         )
@@ -210,7 +242,7 @@ class RLDP(Controller):
         self._step = obs.step
 
     def reserve_noise(self) -> float:
-        return self.budget_noise() * math.exp(self.log_noise[1])
+        return self.budget_noise() * math.exp(self.noise_range[1])
 
     # -- features and reward (public and held-out signals only) -------------------------
     def _features(self, obs: Observation) -> np.ndarray:
@@ -228,7 +260,8 @@ class RLDP(Controller):
                 raise ValueError("the DP norm histogram was not released")
             # fractions: noise can push them outside [0, 1]
             histogram = np.clip(np.ravel(obs.norm_histogram_dp), 0.0, 1.0).astype(np.float32)
-        vector = np.concatenate([np.array(features, np.float32), histogram, self._prev[1]])
+        previous = self.anchor_action if self._prev is None else self._prev[1]
+        vector = np.concatenate([np.array(features, np.float32), histogram, previous])
         if not np.all(np.isfinite(vector)):
             raise ValueError("observation is not finite")
         return vector
@@ -239,27 +272,32 @@ class RLDP(Controller):
         return spent / (steps / obs.total_steps)
 
     def _reward(self, obs: Observation) -> float:
+        """Utility per privacy share: the validation-loss gain (x reward_scale, so a typical
+        interval's gain is of order 1 against SAC's entropy bonus) over the spending pace."""
         gain = 0.0 if self._prev_valid is None else self._prev_valid - obs.valid_loss
-        return float(np.clip(gain / max(self._pace(obs), 0.05), -10.0, 10.0))
+        return float(np.clip(self.reward_scale * gain / max(self._pace(obs), 0.05), -10, 10))
 
     # -- acting and learning ---------------------------------------------------------------
     def act(self, observation: Observation | None) -> Action:
         if observation is None or self._prev is None:
-            vector = self.safe
-            self._prev = (np.zeros(self._obs_dim, np.float32), vector)
+            residual = self.anchor_action
+            self._prev = (np.zeros(self._obs_dim, np.float32), residual)
         else:
             self._track(observation)
             try:
-                vector = self._learn_and_act(observation)
+                residual = self._learn_and_act(observation)
             except Exception as err:  # a policy failure never stops training or the guarantee
-                self.fallbacks += 1
-                log.warning("RLDP policy failed (%s); keeping the last safe action", err)
-                vector = self.safe
+                self.failures += 1
+                log.warning("RLDP policy failed (%s); the anchor acts", err)
+                residual = self.anchor_action
+                self._prev = (self._prev[0], residual)
+                self._skip_transition = True  # no reward to pair with the last observation
             self._prev_valid = observation.valid_loss
             self._prev_eps = observation.epsilon_spent
             self._prev_step = observation.step
         self.decisions += 1
-        return self._decode(vector)
+        self.last_residual = residual
+        return self._decode(residual)
 
     def _learn_and_act(self, obs: Observation) -> np.ndarray:
         raw = self._features(obs)
@@ -269,29 +307,65 @@ class RLDP(Controller):
         x = x.astype(np.float32)
         reward = self._reward(obs)
         previous_x, previous_action = self._prev
-        if self.decisions > 1:  # the first transition starts from the placeholder observation
+        # the first transition starts from the placeholder observation
+        if self.decisions > 1 and not self._skip_transition:
             self.sac.replay_buffer.add(
                 previous_x, x, previous_action, np.array([reward]), np.array([False]), [{}]
             )
+        self._skip_transition = False
         self.last_reward = reward
         if self.sac.replay_buffer.size() >= self.sac_batch_size and self.sac_updates:
             self.sac.train(gradient_steps=self.sac_updates, batch_size=self.sac_batch_size)
-        if self.decisions <= self.warmup_intervals:
-            vector = self.rng.uniform(-1, 1, self.n_groups + 1).astype(np.float32)
-        else:
-            vector, _ = self.sac.predict(x, deterministic=False)
-            vector = np.asarray(vector, np.float32)
-        if not np.all(np.isfinite(vector)):
+            self.critic_updates += self.sac_updates
+        residual = self._choose(x)
+        if not np.all(np.isfinite(residual)):
             raise ValueError("policy produced a non-finite action")
-        self._prev = (x, vector)
-        self.safe = vector
-        return vector
+        self._prev = (x, residual)
+        return residual
+
+    def exploration(self) -> float:
+        """Scale of the policy's sampling noise: SAC's own std at first, shrinking as the
+        critic learns (1 / sqrt(1 + critic updates / explore_decay))."""
+        return self.explore / math.sqrt(1.0 + self.critic_updates / self.explore_decay)
+
+    def _choose(self, x: np.ndarray) -> np.ndarray:
+        """The policy's residual when the critic values it above the anchor's, else the anchor.
+
+        Before the critic has learned anything (no update yet, no warm start) the anchor acts:
+        random warm-up actions cost utility and teach a critic little in a few dozen decisions.
+        """
+        if not self.policy:
+            return self.anchor_action
+        if self.decisions <= self.warmup_intervals:
+            return self.rng.uniform(-1, 1, self.n_groups + 1).astype(np.float32)
+        if self.critic_updates == 0:
+            return self.anchor_action
+        obs = torch.as_tensor(x[None])
+        with torch.no_grad():
+            mean, log_std, _ = self.sac.actor.get_action_dist_params(obs)
+            noise = torch.as_tensor(self.rng.standard_normal(mean.shape), dtype=mean.dtype)
+            action = torch.tanh(mean + self.exploration() * log_std.exp() * noise)
+            anchor = torch.as_tensor(self.anchor_action[None])
+            q_policy = torch.min(torch.cat(self.sac.critic(obs, action), dim=1)).item()
+            q_anchor = torch.min(torch.cat(self.sac.critic(obs, anchor), dim=1)).item()
+        self.last_advantage = q_policy - q_anchor
+        if not self.last_advantage > self.fallback_margin:
+            self.anchor_fallbacks += 1
+            return self.anchor_action
+        self.policy_actions += 1
+        return action.numpy()[0].astype(np.float32)
 
     def metrics(self) -> dict[str, float]:
-        """The last decision: reward, fallbacks and a summary of what the policy observed."""
+        """The last decision: reward, the critic's advantage over the anchor, fallbacks, the
+        residual applied and a summary of what the policy observed."""
         metrics = {
             "rldp/reward": self.last_reward,
-            "rldp/fallbacks": float(self.fallbacks),
+            "rldp/advantage": self.last_advantage,
+            "rldp/fallbacks": float(self.failures),
+            "rldp/anchor_fallbacks": float(self.anchor_fallbacks),
+            "rldp/policy_actions": float(self.policy_actions),
+            "rldp/exploration": self.exploration(),
+            "rldp/residual_noise": float(self.last_residual[-1]),
             "rldp/replay_size": float(self.sac.replay_buffer.size()),
         }
         raw = self.last_features
@@ -309,19 +383,57 @@ class RLDP(Controller):
                     metrics[f"rldp/obs/unclipped_dp/{name}"] = float(histogram[k * levels + at])
         return metrics
 
+    def provenance(self) -> dict[str, str]:
+        """Where the policy's starting weights came from (MLflow tags): a warm start carries
+        the data it was trained on, so the privacy argument can be checked per run."""
+        if not self.warm_start:
+            return {"rldp.warm_start": "none"}
+        tags = {"rldp.warm_start": str(self.warm_start)}
+        tags |= {f"rldp.warm_start.{k}": str(v) for k, v in self.warm_provenance.items()}
+        return tags
+
     def state_dict(self) -> dict[str, Any]:
+        """Policy, critic, entropy coefficient, observation statistics and the replay buffer
+        (what a later run needs to start where this one ended), and this run's provenance."""
+        buffer = self.sac.replay_buffer
+        n = buffer.size()
         return {
             "policy": self.sac.policy.state_dict(),
+            "log_ent_coef": self.sac.log_ent_coef.detach().clone(),
             "obs_mean": self.obs_rms.mean,
             "obs_var": self.obs_rms.var,
             "obs_count": self.obs_rms.count,
+            "replay": {
+                "obs": buffer.observations[:n, 0].copy(),
+                "next_obs": buffer.next_observations[:n, 0].copy(),
+                "actions": buffer.actions[:n, 0].copy(),
+                "rewards": buffer.rewards[:n, 0].copy(),
+            },
+            "critic_updates": self.critic_updates,
             "decisions": self.decisions,
-            "fallbacks": self.fallbacks,
+            "fallbacks": self.failures,
+            "anchor_fallbacks": self.anchor_fallbacks,
+            "policy_actions": self.policy_actions,
+            "provenance": dict(self.warm_provenance),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Warm start: the policy and observation statistics of an earlier run."""
+        """Warm start: an earlier run's policy, critic, statistics and transitions."""
         self.sac.policy.load_state_dict(state["policy"])
+        if "log_ent_coef" in state:
+            with torch.no_grad():
+                self.sac.log_ent_coef.copy_(state["log_ent_coef"])
         self.obs_rms.mean = state["obs_mean"]
         self.obs_rms.var = state["obs_var"]
         self.obs_rms.count = state["obs_count"]
+        replay = state.get("replay")
+        if replay is not None:
+            for obs, nxt, action, reward in zip(
+                replay["obs"], replay["next_obs"], replay["actions"], replay["rewards"],
+                strict=True,
+            ):  # fmt: skip
+                self.sac.replay_buffer.add(
+                    obs, nxt, action, np.array([reward]), np.array([False]), [{}]
+                )
+        self.critic_updates = int(state.get("critic_updates", 0))
+        self.warm_provenance = dict(state.get("provenance") or {})

@@ -145,6 +145,8 @@ def finetune(
                 ),
             }
         )
+        # a learned controller's warm start (RLDP): the data its policy saw, file hash
+        run.set_tags(trainer.controller.provenance())
         if resumed_run is None:
             run.log_params(
                 {
