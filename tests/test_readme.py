@@ -57,3 +57,22 @@ def test_step_overhead_rows_are_the_committed_benchmark():
     for run in runs:
         ratio = f"{run['time_ratio']:.2f}"
         assert ratio in block, f"{run['config']} on {run['device']}: ratio {ratio} not in README"
+
+
+def test_smollm2_attacks_table_is_the_committed_run_and_shows_power():
+    from privtune.config import parse_params
+    from privtune.profiles import resolve
+
+    _, raw = resolve(ROOT, "smollm2-cpu-attacks", None)
+    params = parse_params(raw, Path("profiles.yaml: smollm2-cpu-attacks"))
+    results = ROOT / "benchmarks" / "results" / "smollm2-cpu-attacks"
+    expected = summary_table(params, results, markdown=True)
+    assert _block("results:smollm2-cpu-attacks") == expected.strip()
+    open_model = json.loads((results / "metrics" / "attack-nonprivate.json").read_text())
+    private = json.loads((results / "metrics" / "attack-dpsgd.json").read_text())
+    # what the section claims: power on the non-private model (its interval excludes chance)
+    # on 100 members a side, and none left under DP-SGD (its interval contains chance)
+    assert open_model["mia_members"] == open_model["mia_non_members"] == 100
+    assert open_model["mia_loss_auc_ci_low"] > 0.5
+    assert private["mia_loss_auc_ci_low"] < 0.5 < private["mia_loss_auc_ci_high"]
+    assert f"{open_model['mia_loss_auc_ci_low']:.3f}" in README
