@@ -1,1 +1,160 @@
-"""Placeholder."""
+"""Invariants of the privacy core that mutation testing found unguarded (issue 21, `make mutate`).
+
+Each expectation is computed independently of the code under test: by hand, or by the
+libraries the accountant must agree with (dp-accounting's PLD, opacus' RDP).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from privtune.config import parse_params
+from privtune.errors import ConfigError
+from privtune.privacy import accountant
+from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
+from privtune.privacy.plan import default_delta, make_plan
+from tests.test_composition import LAW
+
+DELTA = 1e-5
+
+
+def _gaussian(step: int, q: float = 0.1, z: float = 1.0) -> LedgerEntry:
+    return LedgerEntry(step, q, z, (1.0,), (z,), 4)
+
+
+def _lmo(step: int, q: float = 0.1) -> LedgerEntry:
+    return LedgerEntry(step, q, 1.0, (1.0,), (1.0,), 4, mechanism="lmo", lmo_params=LAW.to_dict())
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("z", "q"), [(0.0, 0.1), (-1.0, 0.1), (1.0, 0.0), (1.0, -0.1)])
+def test_a_step_without_noise_or_sampling_is_refused(z: float, q: float) -> None:
+    with pytest.raises(ValueError, match="noise_multiplier > 0 and sample_rate > 0"):
+        PrivacyLedger().record(_gaussian(0, q=q, z=z))
+
+
+def test_a_ledger_saved_before_mechanisms_reads_as_gaussian(tmp_path) -> None:
+    """Entries saved before `mechanism`, `count_dims` and `lmo_params` existed are Gaussian
+    steps releasing (at most) one count; the file keeps format version 1."""
+    old = {
+        "version": 1,
+        "entries": [
+            {
+                "step": s,
+                "sample_rate": 0.1,
+                "noise_multiplier": 1.5,
+                "clip_thresholds": [1.0],
+                "noise_stds": [1.5],
+                "batch_size": 3,
+                "count_noise_std": 2.0,
+            }
+            for s in range(3)
+        ],
+    }
+    ledger = PrivacyLedger.from_state_dict(old)
+    assert [(e.mechanism, e.count_dims, e.lmo_params) for e in ledger.entries] == [
+        ("gaussian", 1, None)
+    ] * 3
+    assert ledger.segments() == [(1.5, 0.1, 3)]
+    assert ledger.state_dict()["version"] == 1
+    ledger.save(tmp_path / "ledger.json")
+    assert PrivacyLedger.load(tmp_path / "ledger.json").entries == ledger.entries
+
+
+def test_gaussian_segments_refuse_a_ledger_holding_lmo_steps() -> None:
+    ledger = PrivacyLedger()
+    ledger.record(_gaussian(0))
+    ledger.record(_lmo(1))
+    with pytest.raises(ValueError, match="ledger_epsilon"):
+        ledger.segments()
+    assert ledger.split_segments() == ([(1.0, 0.1, 1)], [(LAW, 0.1, 1)])
+
+
+def test_runs_are_split_where_noise_rate_or_mechanism_change() -> None:
+    ledger = PrivacyLedger()
+    plan = [(0.1, 1.0), (0.1, 1.0), (0.1, 2.0), (0.2, 2.0), (0.2, 2.0)]
+    for step, (q, z) in enumerate(plan):
+        ledger.record(_gaussian(step, q=q, z=z))
+    for step in range(5, 7):
+        ledger.record(_lmo(step, q=0.2))
+    ledger.record(_gaussian(7, q=0.2, z=2.0))
+    gaussian, lmo = ledger.split_segments()
+    assert gaussian == [(1.0, 0.1, 2), (2.0, 0.1, 1), (2.0, 0.2, 2), (2.0, 0.2, 1)]
+    assert lmo == [(LAW, 0.2, 2)]
+    assert len(ledger) == 8
+
+
+def test_an_lmo_entry_is_read_only_from_an_lmo_step() -> None:
+    with pytest.raises(ValueError, match="is a gaussian step, not lmo"):
+        _gaussian(3).lmo()
+    assert _lmo(4).lmo() == LAW
+
+
+# -- composition edge cases ---------------------------------------------------------------------
+
+
+def test_empty_and_zero_step_segments_spend_nothing_in_every_accountant() -> None:
+    for name in accountant.ACCOUNTANTS:
+        assert accountant.epsilon([(1.0, 0.1, 0)], DELTA, name) == 0.0
+        assert accountant.composed_epsilon([(1.0, 0.1, 0)], [(LAW, 0.1, 0)], DELTA, name) == 0.0
+    alone = accountant.composed_epsilon([], [(LAW, 0.1, 3)], DELTA)
+    with_empty = accountant.composed_epsilon([(0.5, 0.1, 0)], [(LAW, 0.1, 3)], DELTA)
+    assert with_empty == alone > 0
+
+
+def test_a_noiseless_gaussian_step_beside_lmo_steps_has_no_guarantee() -> None:
+    assert accountant.composed_epsilon([(0.0, 0.1, 1)], [(LAW, 0.1, 3)], DELTA) == math.inf
+    assert accountant.compose([(LAW, 0.1, 3), (-1.0, 0.1, 2)], DELTA) == math.inf
+
+
+def test_an_unknown_accountant_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown accountant 'moments'"):
+        accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
+
+
+# -- the training plan --------------------------------------------------------------------------
+
+
+def _finetune(**changes: object):
+    return parse_params({"finetune": {"audit_canaries": 0, **changes}}).finetune
+
+
+def test_the_plan_by_hand() -> None:
+    """N = 400, B = 40, 2.5 epochs: q = 0.1, ceil(2.5 / 0.1) = 25 steps, delta 1/(10 N)."""
+    plan = make_plan(400, _finetune(batch_size=40, epochs=2.5), private=False)
+    assert (plan.n_records, plan.sample_rate, plan.steps) == (400, 0.1, 25)
+    assert plan.delta == pytest.approx(2.5e-4) and plan.calibrated_noise == 0.0
+    assert plan.expected_batch_size == pytest.approx(40.0)
+    # a fraction of a step is a whole step; a tiny number of epochs is still one step
+    assert make_plan(400, _finetune(batch_size=40, epochs=2.51), private=False).steps == 26
+    assert make_plan(400, _finetune(batch_size=40, epochs=0.01), private=False).steps == 1
+
+
+def test_a_private_plan_spends_at_most_its_epsilon() -> None:
+    plan = make_plan(400, _finetune(batch_size=40, epochs=1.0, epsilon=3.0), private=True)
+    spent = accountant.epsilon([(plan.calibrated_noise, 0.1, 10)], plan.delta, "pld")
+    assert 0.95 * 3.0 <= spent <= 3.0
+
+
+def test_plan_boundaries() -> None:
+    # two records are the fewest that can be sampled; a batch of all records is q = 1
+    assert make_plan(2, _finetune(batch_size=2, epochs=1.0), private=False).sample_rate == 1.0
+    with pytest.raises(ConfigError, match="only 1 training records"):
+        make_plan(1, _finetune(batch_size=1), private=False)
+    with pytest.raises(ConfigError, match="larger than the N = 40"):
+        make_plan(40, _finetune(batch_size=41), private=False)
+    # delta must be strictly below 1/N
+    with pytest.raises(ConfigError, match="not below 1/N"):
+        make_plan(1000, _finetune(delta=1e-3), private=False)
+    assert make_plan(1000, _finetune(delta=0.999e-3), private=False).delta == 0.999e-3
+    # the registry's delta gate: equality is allowed, above it is refused
+    assert make_plan(1000, _finetune(delta=1e-4), private=False, max_delta=1e-4).delta == 1e-4
+    with pytest.raises(ConfigError, match="registry.gates.max_delta"):
+        make_plan(1000, _finetune(delta=1.0001e-4), private=False, max_delta=1e-4)
+    assert default_delta(1000) == pytest.approx(1e-4)
+    assert default_delta(1000, max_delta=5e-5) == 5e-5
+    assert default_delta(100_000, max_delta=5e-5) == pytest.approx(1e-6)
