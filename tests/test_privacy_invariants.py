@@ -135,8 +135,9 @@ def test_the_plan_by_hand() -> None:
 
 
 def test_a_private_plan_spends_at_most_its_epsilon() -> None:
-    plan = make_plan(400, _finetune(batch_size=40, epochs=1.0, epsilon=3.0), private=True)
-    spent = accountant.epsilon([(plan.calibrated_noise, 0.1, 10)], plan.delta, "pld")
+    params = _finetune(batch_size=40, epochs=1.0, epsilon=3.0, accountant="rdp")
+    plan = make_plan(400, params, private=True)
+    spent = accountant.epsilon([(plan.calibrated_noise, 0.1, 10)], plan.delta, "rdp")
     assert 0.95 * 3.0 <= spent <= 3.0
 
 
