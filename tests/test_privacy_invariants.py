@@ -11,8 +11,9 @@ import math
 import pytest
 
 from privtune.config import parse_params
-from privtune.errors import ConfigError
+from privtune.errors import BudgetExhausted, ConfigError
 from privtune.privacy import accountant
+from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from privtune.privacy.plan import default_delta, make_plan
 from tests.test_composition import LAW
@@ -159,3 +160,88 @@ def test_plan_boundaries() -> None:
     assert default_delta(1000) == pytest.approx(1e-4)
     assert default_delta(1000, max_delta=5e-5) == 5e-5
     assert default_delta(100_000, max_delta=5e-5) == pytest.approx(1e-6)
+
+
+# -- the budget guard's admission ---------------------------------------------------------------
+
+
+def _guard(total: int = 10, reserve: float = 3.0, target: float = 2.0) -> BudgetGuard:
+    return BudgetGuard(
+        ledger=PrivacyLedger(), target_epsilon=target, delta=DELTA, sample_rate=0.05,
+        total_steps=total, reserve_noise=reserve, accountant="rdp",
+    )  # fmt: skip
+
+
+def _take(guard: BudgetGuard, z: float, n: int) -> None:
+    for _ in range(n):
+        guard.check_step(z)
+        guard.ledger.record(_gaussian(len(guard.ledger), q=guard.sample_rate, z=z))
+
+
+def test_a_request_that_fits_is_admitted_as_asked_for_the_steps_left() -> None:
+    """At z = 3 (the reserve) ten steps at q = 0.05 spend far less than 2: nothing is raised,
+    the interval is cut to the steps left, and the projection is the RDP of the whole run."""
+    guard = _guard()
+    admission = guard.admit(3.0, 4)
+    assert (admission.noise_multiplier, admission.steps, admission.raised) == (3.0, 4, False)
+    by_hand = accountant.epsilon([(3.0, 0.05, 10)], DELTA, "rdp")
+    assert admission.projected_epsilon == pytest.approx(by_hand, rel=1e-12)
+    _take(guard, 3.0, 4)
+    assert guard.admit(4.0, 100).steps == 6  # only six steps are left
+    assert guard.projected(4.0, 100) == pytest.approx(
+        accountant.epsilon([(3.0, 0.05, 4), (4.0, 0.05, 6)], DELTA, "rdp"), rel=1e-12
+    )
+    _take(guard, 4.0, 5)
+    last = guard.admit(4.0, 3)  # one step left: admitted, not refused
+    assert last.steps == 1
+    _take(guard, 4.0, 1)
+    with pytest.raises(BudgetExhausted, match="the planned number of steps has been taken"):
+        guard.admit(4.0, 1)
+    assert guard.spent() == pytest.approx(
+        accountant.epsilon([(3.0, 0.05, 4), (4.0, 0.05, 6)], DELTA, "rdp"), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("request_", [0.0, -2.0, math.nan])
+def test_a_request_without_noise_gets_the_reserve(request_: float) -> None:
+    admission = _guard().admit(request_, 5)
+    assert (admission.noise_multiplier, admission.raised) == (3.0, False)
+
+
+def test_an_infinite_request_is_capped_at_the_guards_largest_noise() -> None:
+    guard = _guard()
+    assert guard.admit(math.inf, 5).noise_multiplier == guard.max_noise == 1e3
+
+
+def test_when_even_the_largest_noise_cannot_fit_the_run_stops() -> None:
+    guard = _guard(target=2.0)
+    guard.ledger.record(_gaussian(0, q=0.05, z=0.05))  # one step that spent far beyond 2
+    guard._allowed_until = 1
+    with pytest.raises(BudgetExhausted, match="even noise multiplier 1000.0 cannot keep the run"):
+        guard.admit(0.5, 3)
+
+
+def test_a_guard_resumed_from_its_state_admits_the_same_interval() -> None:
+    guard = _guard()
+    admission = guard.admit(0.2, 4)  # greedy: raised
+    assert admission.raised and admission.noise_multiplier > 0.2
+    _take(guard, admission.noise_multiplier, 2)
+    resumed = _guard(reserve=7.0)
+    resumed.ledger = guard.ledger
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.reserve_noise == 3.0
+    assert resumed.state_dict() == {
+        "allowed_until": 4,
+        "admitted_noise": admission.noise_multiplier,
+        "reserve_noise": 3.0,
+    }
+    _take(resumed, admission.noise_multiplier, 2)  # the rest of the admitted interval
+    with pytest.raises(BudgetExhausted, match="call admit"):
+        resumed.check_step(admission.noise_multiplier)
+
+
+def test_a_guard_needs_a_positive_reserve() -> None:
+    for reserve in (0.0, -1.0):
+        with pytest.raises(ValueError, match="reserve_noise must be > 0"):
+            _guard(reserve=reserve)
+    assert _guard(reserve=0.5).reserve_noise == 0.5
