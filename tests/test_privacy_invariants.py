@@ -13,8 +13,10 @@ import pytest
 from privtune.config import parse_params
 from privtune.errors import BudgetExhausted, ConfigError
 from privtune.privacy import accountant
+from privtune.privacy.action import Action
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
+from privtune.privacy.mechanisms.gaussian import admit_gaussian, effective_noise_multiplier
 from privtune.privacy.plan import default_delta, make_plan
 from tests.test_composition import LAW
 
@@ -245,3 +247,48 @@ def test_a_guard_needs_a_positive_reserve() -> None:
         with pytest.raises(ValueError, match="reserve_noise must be > 0"):
             _guard(reserve=reserve)
     assert _guard(reserve=0.5).reserve_noise == 0.5
+
+
+# -- the Gaussian mechanism's admission: gradient and counts share the admitted z ----------------
+
+
+def test_counts_leave_the_gradient_the_rest_of_the_admitted_noise() -> None:
+    """z = 1 with one count of std 2: z_grad^-2 = 1 - (1/2 / 2)^2 = 15/16."""
+    action = Action((1.0,), 1.0, count_noise=2.0)
+    admitted, stds, count_std = admit_gaussian(action, 1.0, 1)
+    assert count_std == 2.0 and admitted.noise_multiplier == 1.0
+    assert stds[0] == pytest.approx((16 / 15) ** 0.5, rel=1e-8)
+    assert stds[0] >= (16 / 15) ** 0.5  # a hair more, never less
+    # a histogram of 2 groups x 2 levels (4 counts) of std 1.5: z_grad^-2 = 1 - 4 / 9
+    action = Action((1.0, 1.0), 1.0, count_noise=1.5, count_levels=(0.5, 1.0))
+    _, stds, count_std = admit_gaussian(action, 1.0, 2)
+    assert count_std == 1.5
+    assert stds == pytest.approx(((9 / 5) ** 0.5 * 2**0.5,) * 2, rel=1e-8)
+
+
+def test_a_count_too_noisy_for_the_admitted_z_is_raised_to_leave_room() -> None:
+    """Counts of std sigma_b need z < 2 sigma_b / sqrt(D); at or past that the count noise is
+    raised to z sqrt(D), a quarter of the step's budget: z_grad^-2 = z^-2 (1 - 1/4)."""
+    for count_noise, dims, levels in [(0.4, 1, ()), (0.5, 1, ()), (0.9, 4, (0.5, 1.0))]:
+        n_groups = 2 if levels else 1
+        action = Action((1.0,) * n_groups, 1.0, count_noise=count_noise, count_levels=levels)
+        _, stds, count_std = admit_gaussian(action, 1.0, n_groups)
+        assert count_std == pytest.approx(dims**0.5, rel=1e-12)
+        total = effective_noise_multiplier((1.0,) * n_groups, stds, count_std, dims)
+        assert total == pytest.approx(1.0, rel=1e-8) and total >= 1.0
+    # just above the limit, the requested count noise is kept
+    _, _, count_std = admit_gaussian(Action((1.0,), 1.0, count_noise=0.5001), 1.0, 1)
+    assert count_std == 0.5001
+
+
+def test_explicit_group_stds_are_scaled_up_to_the_admitted_noise_never_down() -> None:
+    """Clips (1, 2) with stds (2, 2) request z = 1 / sqrt(1/4 + 1); admitted 1.5, both stds
+    grow by 1.5 / that; admitted below the request, the stds stay (more noise is allowed)."""
+    requested = 1 / math.sqrt(1 / 4 + 1)
+    action = Action((1.0, 2.0), requested, noise_stds=(2.0, 2.0))
+    admitted, stds, _ = admit_gaussian(action, 1.5, 2)
+    assert stds == pytest.approx((2 * 1.5 / requested,) * 2, rel=1e-12)
+    assert admitted.noise_multiplier == pytest.approx(1.5, rel=1e-12)
+    assert admitted.noise_stds == stds
+    lower, stds, _ = admit_gaussian(action, 0.5, 2)
+    assert stds == (2.0, 2.0) and lower.noise_multiplier == pytest.approx(requested, rel=1e-12)
