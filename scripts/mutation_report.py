@@ -24,6 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENTS = ROOT / "benchmarks" / "mutation_equivalents.yaml"
+SCOPE = ROOT / "benchmarks" / "mutation_scope.md"  # which files and tests, and why
 OUT = ROOT / "benchmarks" / "results"
 
 # mutmut 3's exit codes (mutmut.stats.status_by_exit_code), folded into the report's columns
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutants", type=Path, default=ROOT / "mutants")
     parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--notes", type=Path, help="markdown inserted under the title")
+    parser.add_argument("--notes", type=Path, default=SCOPE, help="markdown under the title")
+    parser.add_argument("--run-notes", type=Path, help="markdown about this run (after --notes)")
     args = parser.parse_args(argv)
     if not args.mutants.is_dir():
         print(f"no {args.mutants}: run `make mutate` first", file=sys.stderr)
@@ -192,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = {str(k): str(v) for k, v in (equivalents or {}).items()}
     results = load_results(args.mutants)
     per_module, per_area, stale = summarise(results, equivalents)
-    notes = args.notes.read_text() if args.notes else ""
+    notes = "\n\n".join(
+        path.read_text().strip() for path in (args.notes, args.run_notes) if path and path.is_file()
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutation.md").write_text(
         render(results, equivalents, per_module, per_area, stale, notes)
