@@ -73,6 +73,22 @@ def load_results(mutants: Path) -> dict[str, dict[str, Any]]:
     return results
 
 
+def sample(results: dict[str, dict[str, Any]], per_module: int, seed: int) -> list[str]:
+    """A stratified random sample: ``per_module`` mutants of each module (all, if fewer), for a
+    run that cannot test every mutant (`mutmut run $(... --sample N)`)."""
+    import random
+
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for name, r in sorted(results.items()):
+        by_module[r["module"]].append(name)
+    rng = random.Random(seed)
+    chosen: list[str] = []
+    for module in sorted(by_module):
+        names = by_module[module]
+        chosen += sorted(rng.sample(names, min(per_module, len(names))))
+    return chosen
+
+
 def mutated_lines(name: str, path: str) -> str:
     """The mutant's change as `- old` / `+ new` (the lines that differ), from mutmut's copy."""
     try:
@@ -185,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--notes", type=Path, default=SCOPE, help="markdown under the title")
+    parser.add_argument("--sample", type=int, help="print N mutant names per module and exit")
+    parser.add_argument("--seed", type=int, default=0, help="of --sample")
     parser.add_argument("--run-notes", type=Path, help="markdown about this run (after --notes)")
     args = parser.parse_args(argv)
     if not args.mutants.is_dir():
@@ -193,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = yaml.safe_load(args.equivalents.read_text()) if args.equivalents.is_file() else {}
     equivalents = {str(k): str(v) for k, v in (equivalents or {}).items()}
     results = load_results(args.mutants)
+    if args.sample:
+        print(" ".join(sample(results, args.sample, args.seed)))
+        return 0
     per_module, per_area, stale = summarise(results, equivalents)
     notes = "\n\n".join(
         path.read_text().strip() for path in (args.notes, args.run_notes) if path and path.is_file()
