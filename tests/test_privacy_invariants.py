@@ -6,6 +6,7 @@ libraries the accountant must agree with (dp-accounting's PLD, opacus' RDP).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -292,3 +293,61 @@ def test_explicit_group_stds_are_scaled_up_to_the_admitted_noise_never_down() ->
     assert admitted.noise_stds == stds
     lower, stds, _ = admit_gaussian(action, 0.5, 2)
     assert stds == (2.0, 2.0) and lower.noise_multiplier == pytest.approx(requested, rel=1e-12)
+
+
+# -- defaults and where the calibration cache lives ---------------------------------------------
+
+
+def test_the_default_accountant_is_pld_everywhere() -> None:
+    """epsilon, compose, composed_epsilon and ledger_epsilon default to PLD (dp-accounting's
+    composition here, not the looser RDP)."""
+    from tests.test_composition import dp_accounting_epsilon
+
+    schedule = [(1.0, 0.1, 3)]
+    reference = dp_accounting_epsilon(schedule, DELTA)
+    ledger = PrivacyLedger()
+    for step in range(3):
+        ledger.record(_gaussian(step))
+    for spent in (
+        accountant.epsilon(schedule, DELTA),
+        accountant.compose(schedule, DELTA),
+        accountant.composed_epsilon(schedule, [], DELTA),
+        accountant.ledger_epsilon(ledger, DELTA),
+    ):
+        assert spent == pytest.approx(reference, rel=2e-3)
+    assert reference < accountant.epsilon(schedule, DELTA, "rdp")
+
+
+def test_the_calibration_cache_defaults_to_the_users_cache_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("PRIVTUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sigma = accountant.calibrate_noise(2.0, DELTA, 0.05, 40, "rdp")
+    cache = tmp_path / ".cache" / "privtune" / "calibration.json"
+    entries = json.loads(cache.read_text())
+    assert list(entries.values()) == [sigma]
+    (key,) = entries
+    assert key.split("|")[1:] == ["'rdp'", "2.0", "1e-05", "0.05", "40"]
+    cache.write_text("[1.0, 2.0]")  # JSON, but not a cache: ignored and rewritten
+    assert accountant.calibrate_noise(2.0, DELTA, 0.05, 40, "rdp") == sigma
+    assert json.loads(cache.read_text()) == entries
+
+
+def test_ledger_errors_say_exactly_what_is_wrong() -> None:
+    ledger = PrivacyLedger()
+    ledger.record(_lmo(0))
+    with pytest.raises(ValueError) as err:
+        ledger.segments()
+    assert str(err.value) == (
+        "this ledger holds non-Gaussian (lmo) steps: compose it with "
+        "accountant.ledger_epsilon, not as Gaussian segments"
+    )
+    with pytest.raises(ValueError) as err:
+        PrivacyLedger().record(_gaussian(0, z=0.0))
+    assert str(err.value) == "a private step needs noise_multiplier > 0 and sample_rate > 0"
+    gaussian_with_law = LedgerEntry(0, 0.1, 1.0, (1.0,), (1.0,), 4, lmo_params=LAW.to_dict())
+    with pytest.raises(ValueError) as err:
+        PrivacyLedger().record(gaussian_with_law)
+    assert str(err.value) == "a gaussian step must not carry lmo_params"
+    with pytest.raises(ValueError) as err:
+        accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
+    assert str(err.value) == "unknown accountant 'moments': use one of pld, prv, rdp"
