@@ -240,14 +240,31 @@ def test_attack_gates_without_evidence_are_refused_and_say_what_to_do():
     gates = _gates(no_attack)
     for name in ("mia_auc", "mia_tpr_at_fpr_0.01"):
         g = gates[name]
-        assert (g.passed, g.evidence, g.margin) == (False, "insufficient evidence", None)
-        assert g.reason.startswith("insufficient evidence: ") and "run the attack stage" in g.reason
+        assert (g.passed, g.evidence, g.margin, g.value) == (
+            False,
+            "insufficient evidence",
+            None,
+            None,
+        )
+    assert gates["mia_auc"].reason == (
+        "insufficient evidence: the best MIA AUC or its confidence bound missing (run the "
+        "attack stage (attack results recorded before bounds: rerun it))"
+    )
+    assert gates["mia_tpr_at_fpr_0.01"].reason == (
+        "insufficient evidence: the best TPR at 1 % FPR or its confidence bound missing "
+        "(run the attack stage)"
+    )
+    assert gates["mia_tpr_at_fpr_0.01"].threshold == 0.05
     # attacked, but too few non-members to resolve a 1 % FPR: the fix names attack.members
     no_tpr_bound = {k: v for k, v in SAFE.items() if k != "attack.mia_tpr_at_fpr_0.01_ci_low_max"}
     tpr = _gates(no_tpr_bound)["mia_tpr_at_fpr_0.01"]
     assert not tpr.passed and tpr.evidence == "insufficient evidence"
-    assert "raise attack.members to 100 or more" in tpr.reason
-    assert "the best TPR at 1 % FPR or its confidence bound missing" in tpr.reason
+    assert (tpr.value, tpr.threshold) == (0.012, 0.05)  # the value is kept for the record
+    assert tpr.reason == (
+        "insufficient evidence: the best TPR at 1 % FPR or its confidence bound missing (the "
+        "attack's non-members cannot resolve a 1 % FPR: it needs at least 100, so raise "
+        "attack.members to 100 or more (the model card has the counts))"
+    )
     assert _gates(no_tpr_bound)["mia_auc"].passed
 
 
@@ -274,7 +291,13 @@ def test_contract_gates_report_their_margin_and_what_is_missing():
     no_eps = _gates({k: v for k, v in SAFE.items() if k != "epsilon"})
     assert no_eps["epsilon"].reason == "spent epsilon missing: cannot check"
     assert no_eps["audit"].reason == "threshold for audit missing: cannot check"
-    assert no_eps["epsilon"].margin is None and not no_eps["audit"].passed
+    assert (no_eps["epsilon"].passed, no_eps["epsilon"].margin) == (False, None)
+    assert (no_eps["epsilon"].value, no_eps["epsilon"].threshold) == (None, 8.0)
+    assert (no_eps["audit"].passed, no_eps["audit"].value, no_eps["audit"].threshold) == (
+        False,
+        0.5,
+        None,
+    )
     no_audit = _gates({k: v for k, v in SAFE.items() if k != "attack.audit_epsilon_lower_bound"})
     assert no_audit["audit"].reason == ("attack.audit_epsilon_lower_bound missing: cannot check")
     assert _gates(SAFE | {"delta": "1e-5x"})["delta"].reason == "delta missing: cannot check"
