@@ -118,8 +118,14 @@ class Registry:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
     fake = Registry()
-    monkeypatch.setattr(promotion, "client", lambda root=".": fake)
-    monkeypatch.setattr(promotion, "tracking_uri", lambda root=".": "sqlite:///unused.db")
+    fake.roots = []  # the project root of every client asked for: "." unless given
+
+    def client(root: Any) -> Registry:
+        fake.roots.append(str(root))
+        return fake
+
+    monkeypatch.setattr(promotion, "client", client)
+    monkeypatch.setattr(promotion, "tracking_uri", lambda root: f"sqlite:///{root}/mlflow.db")
     return fake
 
 
@@ -166,14 +172,28 @@ def test_promoting_an_explicit_version_keeps_the_other_challenger(registry: Regi
 
 
 def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry) -> None:
-    with pytest.raises(ModelError, match="no challenger"):
+    with pytest.raises(ModelError) as err:
         promotion.promote("m")
+    assert str(err.value) == ("m@challenger: no challenger to promote. Fix: register a model first")
+    with pytest.raises(ModelError) as err:
+        promotion.rollback("m")
+    assert str(err.value) == (
+        "m privtune.champion_history: no previous champion to roll back to. Fix: promote a model"
+    )
     v1 = registry.add(40.0)
     promotion.promote("m")
-    with pytest.raises(ModelError, match="already the champion"):
+    with pytest.raises(ModelError) as err:
         promotion.promote("m", version=v1)
+    assert str(err.value) == "m v1: already the champion. Fix: register a new challenger"
     with pytest.raises(ModelError, match="no version 9"):
         promotion.promote("m", version="9")
+    assert set(registry.roots) == {"."}  # the current directory's store unless told
+    registry.add(39.0)
+    promotion.promote_best("m", root="elsewhere")
+    assert set(registry.roots[-3:]) == {"elsewhere"}
+    promotion.pending_versions("m", root="elsewhere")
+    assert registry.roots[-1] == "elsewhere"
+    assert promotion.pending_versions("m") == [] and registry.roots[-1] == "."
 
 
 def test_promote_flow_decision_is_idempotent_under_retry(
