@@ -148,18 +148,33 @@ def test_a_private_plan_spends_at_most_its_epsilon() -> None:
 def test_plan_boundaries() -> None:
     # two records are the fewest that can be sampled; a batch of all records is q = 1
     assert make_plan(2, _finetune(batch_size=2, epochs=1.0), private=False).sample_rate == 1.0
-    with pytest.raises(ConfigError, match="only 1 training records"):
+    with pytest.raises(ConfigError) as err:
         make_plan(1, _finetune(batch_size=1), private=False)
-    with pytest.raises(ConfigError, match="larger than the N = 40"):
+    assert str(err.value) == "data: only 1 training records. Fix: provide more records"
+    with pytest.raises(ConfigError) as err:
         make_plan(40, _finetune(batch_size=41), private=False)
+    assert str(err.value) == (
+        "finetune.batch_size: 41 is larger than the N = 40 training records (audit canaries "
+        "included). Fix: set finetune.batch_size to at most 40 (typically N/10 to N/30)"
+    )
     # delta must be strictly below 1/N
-    with pytest.raises(ConfigError, match="not below 1/N"):
+    with pytest.raises(ConfigError) as err:
         make_plan(1000, _finetune(delta=1e-3), private=False)
+    assert str(err.value) == (
+        "finetune.delta: 0.001 is not below 1/N = 0.001 for N = 1000 records. "
+        "Fix: set finetune.delta below 0.001 (e.g. 0.0001)"
+    )
     assert make_plan(1000, _finetune(delta=0.999e-3), private=False).delta == 0.999e-3
     # the registry's delta gate: equality is allowed, above it is refused
     assert make_plan(1000, _finetune(delta=1e-4), private=False, max_delta=1e-4).delta == 1e-4
-    with pytest.raises(ConfigError, match="registry.gates.max_delta"):
+    with pytest.raises(ConfigError) as err:
         make_plan(1000, _finetune(delta=1.0001e-4), private=False, max_delta=1e-4)
+    assert str(err.value) == (
+        "finetune.delta: 0.00010001 exceeds the registry's delta gate registry.gates.max_delta "
+        "= 0.0001: the model would be trained and then refused promotion. Fix: set "
+        "finetune.delta to at most 0.0001 (or null: 1/(10 N) capped by the gate), or raise "
+        "registry.gates.max_delta if your privacy officer agrees"
+    )
     assert default_delta(1000) == pytest.approx(1e-4)
     assert default_delta(1000, max_delta=5e-5) == 5e-5
     assert default_delta(100_000, max_delta=5e-5) == pytest.approx(1e-6)

@@ -253,6 +253,7 @@ def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
     for key, gates_failed in failed.items():
         assert not decisions[versions[key]].promoted
         assert [g.gate for g in decisions[versions[key]].failed] == gates_failed
+    assert set(registry.roots) == {"."}  # the current directory's store unless told
 
 
 def test_promote_best_against_a_champion_and_with_nothing_eligible(registry: Registry) -> None:
