@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast bench bench-rldp bench-lmo bench-methods bench-sweep lint ui clean team-servers
+.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast mutate mutate-report bench bench-rldp bench-lmo bench-methods bench-sweep lint ui clean team-servers
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,18 @@ test: install
 # Without the end-to-end pipeline tests (marked slow).
 test-fast: install
 	$(BIN)/pytest
+
+# Mutation testing (issue 21) of the privacy core, the promotion gates and the RL controller's
+# action bounds: mutmut, configured in pyproject.toml [tool.mutmut] (which files, which fast
+# tests). Results are cached in mutants/ (a rerun tests only what changed; `rm -rf mutants`
+# for a fresh run; JOBS=2 on a machine with spare cores). The report, with the equivalent
+# mutants argued in benchmarks/mutation_equivalents.yaml: benchmarks/results/mutation.md.
+mutate: install
+	$(BIN)/mutmut run --max-children $(or $(JOBS),1)
+	$(MAKE) mutate-report
+
+mutate-report: install
+	$(BIN)/python scripts/mutation_report.py
 
 bench: install
 	$(BIN)/python benchmarks/step_overhead.py --smollm2

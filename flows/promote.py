@@ -32,6 +32,35 @@ def _registry(root: str):
 
 
 @task(
+    name="challenger",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+def challenger(root: str) -> str | None:
+    """The challenger's version (None: there is none), resolved once before `decide`: a
+    promotion consumes the challenger alias, so a `decide` retried after it (a transient error
+    while the registry was being described) must be given the version, not look it up again."""
+    from mlflow.exceptions import MlflowException
+
+    from privtune.registry import CHALLENGER
+    from privtune.registry.register import client
+
+    try:
+        found = client(root).get_model_version_by_alias(_registry(root).name, CHALLENGER)
+    except MlflowException as err:
+        if err.error_code not in _NOT_FOUND:  # e.g. the tracking server is down: retry
+            raise
+        return None
+    return str(found.version)
+
+
+def _nothing_to_promote(name: str) -> dict:
+    return {"name": name, "version": None, "promoted": False, "nothing_to_promote": True}
+
+
+@task(
     name="decide",
     task_run_name="decide-v{version}",
     retries=2,
@@ -40,7 +69,8 @@ def _registry(root: str):
     cache_policy=NO_CACHE,
 )
 def decide(root: str, version: str | None) -> dict:
-    """Judge one version (None: the challenger) against the gates; idempotent under retries.
+    """Judge one version (None: the challenger, looked up now) against the gates; idempotent
+    under retries for a given version (the flow passes the challenger's, see `challenger`).
 
     Without a challenger there is nothing to promote: that is the result, not a failure.
     """
@@ -51,26 +81,17 @@ def decide(root: str, version: str | None) -> dict:
 
     registry = _registry(root)
     if version is None:
-        try:
-            client(root).get_model_version_by_alias(registry.name, CHALLENGER)
-        except MlflowException as err:
-            if err.error_code not in _NOT_FOUND:  # e.g. the tracking server is down: retry
-                raise
+        version = challenger.fn(root)
+        if version is None:
             get_run_logger().info("nothing to promote: %s has no %s", registry.name, CHALLENGER)
-            return {
-                "name": registry.name,
-                "version": None,
-                "promoted": False,
-                "nothing_to_promote": True,
-            }
-    else:
-        # A retry after the alias moved must not fail as "already the champion".
-        try:
-            champion = client(root).get_model_version_by_alias(registry.name, CHAMPION)
-        except MlflowException:  # no champion yet
-            champion = None
-        if champion is not None and str(champion.version) == str(version):
-            return {"name": registry.name, "version": str(version), "promoted": True}
+            return _nothing_to_promote(registry.name)
+    # A retry after the alias moved must not fail as "already the champion".
+    try:
+        champion = client(root).get_model_version_by_alias(registry.name, CHAMPION)
+    except MlflowException:  # no champion yet
+        champion = None
+    if champion is not None and str(champion.version) == str(version):
+        return {"name": registry.name, "version": str(version), "promoted": True}
     decision = promote(registry.name, registry.gates, root=root, version=version)
     get_run_logger().info("%s", decision.summary())
     return decision.to_dict()
@@ -95,9 +116,7 @@ def choose(root: str) -> list[dict]:
     waiting = pending_versions(registry.name, root=root)
     if not waiting and alias_version(client(root), registry.name, CHALLENGER) is None:
         get_run_logger().info("nothing to promote: no new version of %s", registry.name)
-        return [
-            {"name": registry.name, "version": None, "promoted": False, "nothing_to_promote": True}
-        ]
+        return [_nothing_to_promote(registry.name)]
     selection = promote_best(registry.name, registry.gates, root=root)
     get_run_logger().info("%s", selection.why)
     return [decision.to_dict() for decision in selection.decisions]
@@ -115,7 +134,12 @@ def promote(root: str = ".", version: str | None = None, pending: bool = False) 
         return [decide(root, version)]
     if pending:
         return choose(root)
-    return [decide(root, None)]
+    # pinned here, not in `decide`: its retries then judge the same version (see challenger)
+    version = challenger(root)
+    if version is None:
+        get_run_logger().info("nothing to promote: no challenger")
+        return [_nothing_to_promote(_registry(root).name)]
+    return [decide(root, version)]
 
 
 @flow(name="privtune-rollback", log_prints=True)

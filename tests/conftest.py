@@ -185,6 +185,21 @@ def tiny_project(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache_per_mutant(tmp_path_factory):
+    """Under `make mutate` (mutmut sets MUTANT_UNDER_TEST) every mutant's test session gets its
+    own calibration cache: the forked sessions would otherwise share the one directory made
+    above, and a noise calibrated by one mutant's code would be served to the next."""
+    if "MUTANT_UNDER_TEST" not in os.environ:
+        yield
+        return
+    saved = os.environ.get("PRIVTUNE_CACHE_DIR")
+    os.environ["PRIVTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("calibration-cache"))
+    yield
+    if saved is not None:
+        os.environ["PRIVTUNE_CACHE_DIR"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_store_per_test():
     """Each test starts with no MLflow tracking URI set in-process, and leaves none behind:

@@ -158,3 +158,26 @@ def test_register_names_unknown_and_untrained_methods_and_registers_nothing(proj
     code, err = _run(project, "register", capsys=capsys)  # every method: none is trained yet
     assert code == 2 and "fine-tuned model missing" in err and "finetune@" in err
     assert not (project / "reports/registered.json").exists()
+
+
+def test_an_exhausted_budget_exits_3_and_tells_the_scheduler(monkeypatch, tmp_path, capsys):
+    """A step the budget guard refuses (BudgetExhausted, from anywhere under a command) is exit
+    3, "privacy budget violation", and the scheduler's error file says so: it is never retried
+    and never mistaken for a bug (5) or bad input (2)."""
+    from privtune import cli
+    from privtune.errors import BudgetExhausted
+
+    def exhausted(args):
+        raise BudgetExhausted("even noise multiplier 1000 cannot keep the run within epsilon 1")
+
+    monkeypatch.setattr(cli, "_run", exhausted)
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv(cli.ERROR_FILE_ENV, str(error_file))
+    code, err = _run(tmp_path, "finetune", "dpsgd", capsys=capsys)
+    assert code == 3
+    assert err.startswith("privacy budget violation: even noise multiplier 1000")
+    assert json.loads(error_file.read_text()) == {
+        "exit_code": 3,
+        "error": "BudgetExhausted",
+        "message": "even noise multiplier 1000 cannot keep the run within epsilon 1",
+    }

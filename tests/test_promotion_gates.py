@@ -210,3 +210,127 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     assert fake.versions["3"].tags.get("promotion.rolled_back")
     with pytest.raises(promotion.ModelError, match="no previous champion"):
         promotion.rollback("m")
+
+
+def _gates(tags: dict[str, str], champion: Champion | None = None, **gates: object) -> dict:
+    return {g.gate: g for g in evaluate_gates(Gates(**gates), tags, champion)}
+
+
+@pytest.mark.parametrize(
+    ("value", "low", "passed", "evidence", "margin"),
+    [
+        (0.55, 0.45, True, "within", 0.15),  # the value itself is within 0.6
+        (0.6, 0.5, True, "within", 0.1),  # at the threshold
+        (0.7, 0.5, True, "inconclusive", 0.1),  # above, but only within sampling noise
+        (0.7, 0.6, True, "inconclusive", 0.0),  # the bound at the threshold
+        (0.75, 0.625, False, "exceeds", -0.025),  # the bound beats the gate
+    ],
+)
+def test_attack_gate_decides_on_the_lower_bound(value, low, passed, evidence, margin):
+    tags = SAFE | {"attack.mia_auc_max": repr(value), "attack.mia_auc_ci_low_max": repr(low)}
+    gate = _gates(tags)["mia_auc"]
+    assert (gate.passed, gate.evidence) == (passed, evidence)
+    assert (gate.value, gate.threshold) == (value, 0.6)
+    assert gate.margin == pytest.approx(margin, abs=1e-12)
+    assert f"lower confidence bound {low:.6g}" in gate.reason
+
+
+def test_attack_gates_without_evidence_are_refused_and_say_what_to_do():
+    no_attack = {k: v for k, v in SAFE.items() if not k.startswith("attack.mia")}
+    gates = _gates(no_attack)
+    for name in ("mia_auc", "mia_tpr_at_fpr_0.01"):
+        g = gates[name]
+        assert (g.passed, g.evidence, g.margin, g.value) == (
+            False,
+            "insufficient evidence",
+            None,
+            None,
+        )
+    assert gates["mia_auc"].reason == (
+        "insufficient evidence: the best MIA AUC or its confidence bound missing (run the "
+        "attack stage (attack results recorded before bounds: rerun it))"
+    )
+    assert gates["mia_tpr_at_fpr_0.01"].reason == (
+        "insufficient evidence: the best TPR at 1 % FPR or its confidence bound missing "
+        "(run the attack stage)"
+    )
+    assert gates["mia_tpr_at_fpr_0.01"].threshold == 0.05
+    # attacked, but too few non-members to resolve a 1 % FPR: the fix names attack.members
+    no_tpr_bound = {k: v for k, v in SAFE.items() if k != "attack.mia_tpr_at_fpr_0.01_ci_low_max"}
+    tpr = _gates(no_tpr_bound)["mia_tpr_at_fpr_0.01"]
+    assert not tpr.passed and tpr.evidence == "insufficient evidence"
+    assert (tpr.value, tpr.threshold) == (0.012, 0.05)  # the value is kept for the record
+    assert tpr.reason == (
+        "insufficient evidence: the best TPR at 1 % FPR or its confidence bound missing (the "
+        "attack's non-members cannot resolve a 1 % FPR: it needs at least 100, so raise "
+        "attack.members to 100 or more (the model card has the counts))"
+    )
+    assert _gates(no_tpr_bound)["mia_auc"].passed
+
+
+def test_tpr_gate_reads_its_own_threshold_and_bound():
+    tags = SAFE | {
+        "attack.mia_tpr_at_fpr_0.01_max": "0.2",
+        "attack.mia_tpr_at_fpr_0.01_ci_low_max": "0.0625",
+    }
+    gate = _gates(tags, max_mia_tpr_at_fpr_0_01=0.0625)["mia_tpr_at_fpr_0.01"]
+    assert (gate.passed, gate.evidence, gate.margin) == (True, "inconclusive", 0.0)
+    gate = _gates(tags, max_mia_tpr_at_fpr_0_01=0.0624)["mia_tpr_at_fpr_0.01"]
+    assert (gate.passed, gate.evidence) == (False, "exceeds")
+
+
+def test_contract_gates_report_their_margin_and_what_is_missing():
+    gates = _gates(SAFE | {"epsilon": "6.5", "utility.test_perplexity": "40.0"}, max_epsilon=8.0)
+    eps = gates["epsilon"]
+    assert (eps.passed, eps.value, eps.threshold, eps.margin) == (True, 6.5, 8.0, 1.5)
+    assert eps.reason == "6.5 <= 8 (margin +1.5)"
+    over = _gates(SAFE | {"epsilon": "9"}, max_epsilon=8.0)["epsilon"]
+    assert (over.passed, over.margin, over.reason) == (False, -1.0, "9 > 8 (margin -1)")
+    audit = gates["audit"]  # the audit's bound against the claimed epsilon
+    assert (audit.value, audit.threshold, audit.margin) == (0.5, 6.5, 6.0)
+    no_eps = _gates({k: v for k, v in SAFE.items() if k != "epsilon"})
+    assert no_eps["epsilon"].reason == "spent epsilon missing: cannot check"
+    assert no_eps["audit"].reason == "threshold for audit missing: cannot check"
+    assert (no_eps["epsilon"].passed, no_eps["epsilon"].margin) == (False, None)
+    assert (no_eps["epsilon"].value, no_eps["epsilon"].threshold) == (None, 8.0)
+    assert (no_eps["audit"].passed, no_eps["audit"].value, no_eps["audit"].threshold) == (
+        False,
+        0.5,
+        None,
+    )
+    no_audit = _gates({k: v for k, v in SAFE.items() if k != "attack.audit_epsilon_lower_bound"})
+    assert no_audit["audit"].reason == ("attack.audit_epsilon_lower_bound missing: cannot check")
+    assert _gates(SAFE | {"delta": "1e-5x"})["delta"].reason == "delta missing: cannot check"
+
+
+def test_utility_gate_against_no_champion_or_one_without_the_metric():
+    tags = SAFE | {"utility.test_perplexity": "40.0"}
+    first = _gates(tags)["utility"]
+    assert first.passed and first.threshold is None and "no champion yet" in first.reason
+    missing = _gates(SAFE)["utility"]
+    assert not missing.passed and missing.reason == (
+        "utility.test_perplexity missing: cannot check"
+    )
+    champion = Champion(40.0, metric="medication_accuracy")  # a champion judged on another one
+    other = _gates(tags, champion)["utility"]
+    assert not other.passed and other.threshold is None
+    assert other.reason == "champion v1 has no utility.test_perplexity: cannot compare"
+
+
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_utility_margin_is_the_gain_plus_the_tolerance(higher_is_better):
+    metric = "medication_accuracy" if higher_is_better else "test_perplexity"
+    tags = SAFE | {f"utility.{metric}": "0.5"}
+    gate = _gates(
+        tags,
+        Champion(0.75, metric),
+        utility_metric=metric,
+        higher_is_better=higher_is_better,
+        utility_tolerance=0.125,
+    )["utility"]
+    # higher is better: 0.5 - 0.75 + 0.125 < 0, refused; lower: 0.75 - 0.5 + 0.125, passed
+    assert gate.margin == (-0.125 if higher_is_better else 0.375)
+    assert gate.passed is (not higher_is_better)
+    assert (gate.value, gate.threshold) == (0.5, 0.75)
+    direction = "higher" if higher_is_better else "lower"
+    assert f"({direction} is better; margin {gate.margin:+.6g})" in gate.reason

@@ -126,7 +126,11 @@ def test_registered_model_loads_and_generates_with_one_call(project):
     assert len(loaded.predict([""], params={"max_new_tokens": 3})) == 1  # starts a record
     with pytest.raises(ValueError, match="max_new_tokens"):
         loaded.predict(["Patient"], params={"max_new_tokens": 64})
-    # Greedy decoding is deterministic; seeded sampling is reproducible.
+    # Greedy decoding is deterministic (whatever the seed); seeded sampling is reproducible.
+    greedy = {"max_new_tokens": 8}
+    first = loaded.predict(["fever"], params=greedy)
+    assert loaded.predict(["fever"], params=greedy) == first
+    assert loaded.predict(["fever"], params=greedy | {"seed": 99}) == first
     sampled = {"do_sample": True, "seed": 3, "max_new_tokens": 8}
     assert loaded.predict(["fever"], params=sampled) == loaded.predict(["fever"], params=sampled)
 

@@ -192,7 +192,7 @@ class PaperEpsilon:
     gaussian_proxy: float  # that sigma's subsampled-Gaussian epsilon, credited to LMO by the paper
 
 
-def _paper_rdp(params: LMOParams, orders: np.ndarray) -> np.ndarray:
+def _paper_rdp(params: LMOParams, orders: np.ndarray) -> np.ndarray:  # pragma: no mutate block
     """The authors' closed forms in real arithmetic, beyond the MGF poles (the unsound part)."""
     p = params
     alpha = orders.astype(float)
@@ -217,7 +217,7 @@ def paper_epsilon(
     steps: int,
     delta: float,
     round_epsilon: float | None = None,
-) -> PaperEpsilon:
+) -> PaperEpsilon:  # pragma: no mutate block
     """Reproduce the paper code's numbers (check_privacy_and_statistics.py). NOT a guarantee.
 
     round_epsilon: the per-round label fed to the Gaussian proxy (the paper's run label, e.g.

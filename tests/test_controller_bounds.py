@@ -1,0 +1,131 @@
+"""RLDP's action bounds, at their corners (issue 21): whatever its policy outputs, a threshold
+stays within clip_bounds x C / sqrt(K) and the noise within noise_bounds x the budget-paced z.
+
+The expected values are computed here from the documented mapping (a unit cube onto log
+bounds), not read back from the controller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privtune.control import Action, ControllerContext, build_controller
+from privtune.errors import ConfigError
+
+CTX = ControllerContext(
+    group_names=("a", "b"),
+    sample_rate=0.1,
+    total_steps=100,
+    target_epsilon=2.0,
+    delta=1e-5,
+    calibrated_noise=1.3,
+    seed=0,
+    expected_batch_size=10.0,
+)
+BOUNDS = {"clip": 2.0, "clip_bounds": (0.25, 4.0), "noise_bounds": (0.5, 3.0), "rl_interval": 5}
+SPLIT = 2.0 / math.sqrt(2)  # C / sqrt(K)
+
+
+@functools.cache
+def _controller():
+    return build_controller("rldp", CTX, BOUNDS)
+
+
+def test_the_corners_of_the_action_cube_are_the_bounds() -> None:
+    rldp = _controller()
+    z = rldp.budget_noise()
+    assert z == pytest.approx(1.3)  # nothing spent yet: the calibrated z
+    low = rldp._decode(np.array([-1.0, -1.0, -1.0]))
+    high = rldp._decode(np.array([1.0, 1.0, 1.0]))
+    middle = rldp._decode(np.array([0.0, 1.0, 0.0]))
+    assert low.clip_thresholds == pytest.approx((0.25 * SPLIT, 0.25 * SPLIT), rel=1e-12)
+    assert low.noise_multiplier == pytest.approx(0.5 * z, rel=1e-12)
+    assert high.clip_thresholds == pytest.approx((4.0 * SPLIT, 4.0 * SPLIT), rel=1e-12)
+    assert high.noise_multiplier == pytest.approx(3.0 * z, rel=1e-12)
+    # the middle of the cube is the geometric middle of the bounds
+    assert middle.clip_thresholds == pytest.approx((SPLIT, 4.0 * SPLIT), rel=1e-12)
+    assert middle.noise_multiplier == pytest.approx(math.sqrt(0.5 * 3.0) * z, rel=1e-12)
+
+
+def test_the_start_is_the_split_threshold_at_the_paced_noise() -> None:
+    rldp = build_controller("rldp", CTX, BOUNDS)
+    first = rldp.act(None)
+    assert first.clip_thresholds == pytest.approx((SPLIT, SPLIT), rel=1e-6)
+    assert first.noise_multiplier == pytest.approx(1.3, rel=1e-6)
+    assert rldp.reserve_noise() == pytest.approx(3.0 * 1.3, rel=1e-12)
+
+
+def test_encoding_inverts_decoding_and_clips_to_the_cube() -> None:
+    rldp = _controller()
+    vector = np.array([-0.5, 0.25, 0.75])
+    action = rldp._decode(vector)
+    factor = action.noise_multiplier / rldp.budget_noise()
+    for k, clip in enumerate(action.clip_thresholds):
+        assert rldp._encode(clip, factor)[k] == pytest.approx(vector[k], abs=1e-6)
+    assert rldp._encode(clip, factor)[-1] == pytest.approx(0.75, abs=1e-6)
+    outside = rldp._encode(100 * SPLIT, 100.0)
+    assert outside.tolist() == [1.0, 1.0, 1.0]
+    outside = rldp._encode(SPLIT / 100, 0.01)
+    assert outside.tolist() == [-1.0, -1.0, -1.0]
+
+
+def test_the_last_interval_asks_for_the_least_noise() -> None:
+    rldp = build_controller("rldp", CTX, BOUNDS)
+    rldp._step = CTX.total_steps - 5  # the next interval (5 steps) ends the run
+    last = rldp._decode(np.array([1.0, 1.0, 1.0]))
+    assert last.noise_multiplier == pytest.approx(0.5 * rldp.budget_noise(), rel=1e-12)
+    assert last.clip_thresholds == pytest.approx((4.0 * SPLIT,) * 2, rel=1e-12)
+    rldp._step = CTX.total_steps - 6  # one step more to go: not the last interval
+    assert rldp._decode(np.array([1.0, 1.0, 1.0])).noise_multiplier == pytest.approx(
+        3.0 * rldp.budget_noise(), rel=1e-12
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-1.0, 1.0), min_size=3, max_size=3))
+def test_any_policy_output_decodes_within_the_bounds(vector: list[float]) -> None:
+    rldp = _controller()
+    action = rldp._decode(np.array(vector))
+    z = rldp.budget_noise()
+    for clip in action.clip_thresholds:
+        assert 0.25 * SPLIT * (1 - 1e-12) <= clip <= 4.0 * SPLIT * (1 + 1e-12)
+    assert 0.5 * z * (1 - 1e-12) <= action.noise_multiplier <= 3.0 * z * (1 + 1e-12)
+    assert action.count_levels == (0.5, 1.0, 2.0)
+    assert action.count_noise == pytest.approx(0.25 * CTX.expected_batch_size)
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {"clip_bounds": (2.0, 2.0)},
+        {"clip_bounds": (0.0, 2.0)},
+        {"clip_bounds": (3.0, 2.0)},
+        {"noise_bounds": (1.0, 1.0)},
+        {"noise_bounds": (0.0, 1.5)},
+        {"noise_bounds": (1.5, 0.8)},
+    ],
+)
+def test_empty_or_non_positive_bounds_are_refused(bounds: dict) -> None:
+    with pytest.raises(ConfigError, match="bounds"):
+        build_controller("rldp", CTX, bounds)
+
+
+def test_pacing_ignores_an_interval_without_finite_noise() -> None:
+    """The pace counts only intervals run at a real (finite, positive) noise multiplier."""
+    from tests.test_rldp import _obs
+
+    ctx = dataclasses.replace(CTX, total_steps=40)
+    for z in (0.0, math.inf, math.nan):
+        rldp = build_controller("rldp", ctx, BOUNDS)
+        rldp._track(_obs(10, action=Action((1.0, 1.0), z)))
+        assert rldp._used == 0.0 and rldp._step == 10
+        # 30 of 40 steps left, nothing used: the rest may spend more per step (lower z)
+        expected = 1 / math.sqrt(math.log1p(math.expm1(1 / 1.3**2) * 1.0 / (30 / 40)))
+        assert rldp.budget_noise() == pytest.approx(expected, rel=1e-12)

@@ -1,0 +1,368 @@
+"""Invariants of the privacy core that mutation testing found unguarded (issue 21, `make mutate`).
+
+Each expectation is computed independently of the code under test: by hand, or by the
+libraries the accountant must agree with (dp-accounting's PLD, opacus' RDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from privtune.config import parse_params
+from privtune.errors import BudgetExhausted, ConfigError
+from privtune.privacy import accountant
+from privtune.privacy.action import Action
+from privtune.privacy.guard import BudgetGuard
+from privtune.privacy.ledger import LedgerEntry, PrivacyLedger
+from privtune.privacy.mechanisms.gaussian import admit_gaussian, effective_noise_multiplier
+from privtune.privacy.plan import default_delta, make_plan
+from tests.test_composition import LAW
+
+DELTA = 1e-5
+
+
+def _gaussian(step: int, q: float = 0.1, z: float = 1.0) -> LedgerEntry:
+    return LedgerEntry(step, q, z, (1.0,), (z,), 4)
+
+
+def _lmo(step: int, q: float = 0.1) -> LedgerEntry:
+    return LedgerEntry(step, q, 1.0, (1.0,), (1.0,), 4, mechanism="lmo", lmo_params=LAW.to_dict())
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("z", "q"), [(0.0, 0.1), (-1.0, 0.1), (1.0, 0.0), (1.0, -0.1)])
+def test_a_step_without_noise_or_sampling_is_refused(z: float, q: float) -> None:
+    with pytest.raises(ValueError, match="noise_multiplier > 0 and sample_rate > 0"):
+        PrivacyLedger().record(_gaussian(0, q=q, z=z))
+
+
+def test_a_ledger_saved_before_mechanisms_reads_as_gaussian(tmp_path) -> None:
+    """Entries saved before `mechanism`, `count_dims` and `lmo_params` existed are Gaussian
+    steps releasing (at most) one count; the file keeps format version 1."""
+    old = {
+        "version": 1,
+        "entries": [
+            {
+                "step": s,
+                "sample_rate": 0.1,
+                "noise_multiplier": 1.5,
+                "clip_thresholds": [1.0],
+                "noise_stds": [1.5],
+                "batch_size": 3,
+                "count_noise_std": 2.0,
+            }
+            for s in range(3)
+        ],
+    }
+    ledger = PrivacyLedger.from_state_dict(old)
+    assert [(e.mechanism, e.count_dims, e.lmo_params) for e in ledger.entries] == [
+        ("gaussian", 1, None)
+    ] * 3
+    assert ledger.segments() == [(1.5, 0.1, 3)]
+    assert ledger.state_dict()["version"] == 1
+    ledger.save(tmp_path / "ledger.json")
+    assert PrivacyLedger.load(tmp_path / "ledger.json").entries == ledger.entries
+
+
+def test_gaussian_segments_refuse_a_ledger_holding_lmo_steps() -> None:
+    ledger = PrivacyLedger()
+    ledger.record(_gaussian(0))
+    ledger.record(_lmo(1))
+    with pytest.raises(ValueError, match="ledger_epsilon"):
+        ledger.segments()
+    assert ledger.split_segments() == ([(1.0, 0.1, 1)], [(LAW, 0.1, 1)])
+
+
+def test_runs_are_split_where_noise_rate_or_mechanism_change() -> None:
+    ledger = PrivacyLedger()
+    plan = [(0.1, 1.0), (0.1, 1.0), (0.1, 2.0), (0.2, 2.0), (0.2, 2.0)]
+    for step, (q, z) in enumerate(plan):
+        ledger.record(_gaussian(step, q=q, z=z))
+    for step in range(5, 7):
+        ledger.record(_lmo(step, q=0.2))
+    ledger.record(_gaussian(7, q=0.2, z=2.0))
+    gaussian, lmo = ledger.split_segments()
+    assert gaussian == [(1.0, 0.1, 2), (2.0, 0.1, 1), (2.0, 0.2, 2), (2.0, 0.2, 1)]
+    assert lmo == [(LAW, 0.2, 2)]
+    assert len(ledger) == 8
+
+
+def test_an_lmo_entry_is_read_only_from_an_lmo_step() -> None:
+    with pytest.raises(ValueError, match="is a gaussian step, not lmo"):
+        _gaussian(3).lmo()
+    assert _lmo(4).lmo() == LAW
+
+
+# -- composition edge cases ---------------------------------------------------------------------
+
+
+def test_empty_and_zero_step_segments_spend_nothing_in_every_accountant() -> None:
+    for name in accountant.ACCOUNTANTS:
+        assert accountant.epsilon([(1.0, 0.1, 0)], DELTA, name) == 0.0
+        assert accountant.composed_epsilon([(1.0, 0.1, 0)], [(LAW, 0.1, 0)], DELTA, name) == 0.0
+    alone = accountant.composed_epsilon([], [(LAW, 0.1, 3)], DELTA)
+    with_empty = accountant.composed_epsilon([(0.5, 0.1, 0)], [(LAW, 0.1, 3)], DELTA)
+    assert with_empty == alone > 0
+
+
+def test_a_noiseless_gaussian_step_beside_lmo_steps_has_no_guarantee() -> None:
+    assert accountant.composed_epsilon([(0.0, 0.1, 1)], [(LAW, 0.1, 3)], DELTA) == math.inf
+    assert accountant.compose([(LAW, 0.1, 3), (-1.0, 0.1, 2)], DELTA) == math.inf
+
+
+def test_an_unknown_accountant_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown accountant 'moments'"):
+        accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
+
+
+# -- the training plan --------------------------------------------------------------------------
+
+
+def _finetune(**changes: object):
+    return parse_params({"finetune": {"audit_canaries": 0, **changes}}).finetune
+
+
+def test_the_plan_by_hand() -> None:
+    """N = 400, B = 40, 2.5 epochs: q = 0.1, ceil(2.5 / 0.1) = 25 steps, delta 1/(10 N)."""
+    plan = make_plan(400, _finetune(batch_size=40, epochs=2.5), private=False)
+    assert (plan.n_records, plan.sample_rate, plan.steps) == (400, 0.1, 25)
+    assert plan.delta == pytest.approx(2.5e-4) and plan.calibrated_noise == 0.0
+    assert plan.expected_batch_size == pytest.approx(40.0)
+    # a fraction of a step is a whole step; a tiny number of epochs is still one step
+    assert make_plan(400, _finetune(batch_size=40, epochs=2.51), private=False).steps == 26
+    assert make_plan(400, _finetune(batch_size=40, epochs=0.01), private=False).steps == 1
+
+
+def test_a_private_plan_spends_at_most_its_epsilon() -> None:
+    params = _finetune(batch_size=40, epochs=1.0, epsilon=3.0, accountant="rdp")
+    plan = make_plan(400, params, private=True)
+    spent = accountant.epsilon([(plan.calibrated_noise, 0.1, 10)], plan.delta, "rdp")
+    assert 0.95 * 3.0 <= spent <= 3.0
+
+
+def test_plan_boundaries() -> None:
+    # two records are the fewest that can be sampled; a batch of all records is q = 1
+    assert make_plan(2, _finetune(batch_size=2, epochs=1.0), private=False).sample_rate == 1.0
+    with pytest.raises(ConfigError) as err:
+        make_plan(1, _finetune(batch_size=1), private=False)
+    assert str(err.value) == "data: only 1 training records. Fix: provide more records"
+    with pytest.raises(ConfigError) as err:
+        make_plan(40, _finetune(batch_size=41), private=False)
+    assert str(err.value) == (
+        "finetune.batch_size: 41 is larger than the N = 40 training records (audit canaries "
+        "included). Fix: set finetune.batch_size to at most 40 (typically N/10 to N/30)"
+    )
+    # delta must be strictly below 1/N
+    with pytest.raises(ConfigError) as err:
+        make_plan(1000, _finetune(delta=1e-3), private=False)
+    assert str(err.value) == (
+        "finetune.delta: 0.001 is not below 1/N = 0.001 for N = 1000 records. "
+        "Fix: set finetune.delta below 0.001 (e.g. 0.0001)"
+    )
+    assert make_plan(1000, _finetune(delta=0.999e-3), private=False).delta == 0.999e-3
+    # the registry's delta gate: equality is allowed, above it is refused
+    assert make_plan(1000, _finetune(delta=1e-4), private=False, max_delta=1e-4).delta == 1e-4
+    with pytest.raises(ConfigError) as err:
+        make_plan(1000, _finetune(delta=1.0001e-4), private=False, max_delta=1e-4)
+    assert str(err.value) == (
+        "finetune.delta: 0.00010001 exceeds the registry's delta gate registry.gates.max_delta "
+        "= 0.0001: the model would be trained and then refused promotion. Fix: set "
+        "finetune.delta to at most 0.0001 (or null: 1/(10 N) capped by the gate), or raise "
+        "registry.gates.max_delta if your privacy officer agrees"
+    )
+    assert default_delta(1000) == pytest.approx(1e-4)
+    assert default_delta(1000, max_delta=5e-5) == 5e-5
+    assert default_delta(100_000, max_delta=5e-5) == pytest.approx(1e-6)
+
+
+# -- the budget guard's admission ---------------------------------------------------------------
+
+
+def _guard(total: int = 10, reserve: float = 3.0, target: float = 2.0) -> BudgetGuard:
+    return BudgetGuard(
+        ledger=PrivacyLedger(), target_epsilon=target, delta=DELTA, sample_rate=0.05,
+        total_steps=total, reserve_noise=reserve, accountant="rdp",
+    )  # fmt: skip
+
+
+def _take(guard: BudgetGuard, z: float, n: int) -> None:
+    for _ in range(n):
+        guard.check_step(z)
+        guard.ledger.record(_gaussian(len(guard.ledger), q=guard.sample_rate, z=z))
+
+
+def test_a_request_that_fits_is_admitted_as_asked_for_the_steps_left() -> None:
+    """At z = 3 (the reserve) ten steps at q = 0.05 spend far less than 2: nothing is raised,
+    the interval is cut to the steps left, and the projection is the RDP of the whole run."""
+    guard = _guard()
+    admission = guard.admit(3.0, 4)
+    assert (admission.noise_multiplier, admission.steps, admission.raised) == (3.0, 4, False)
+    by_hand = accountant.epsilon([(3.0, 0.05, 10)], DELTA, "rdp")
+    assert admission.projected_epsilon == pytest.approx(by_hand, rel=1e-12)
+    _take(guard, 3.0, 4)
+    assert guard.admit(4.0, 100).steps == 6  # only six steps are left
+    assert guard.projected(4.0, 100) == pytest.approx(
+        accountant.epsilon([(3.0, 0.05, 4), (4.0, 0.05, 6)], DELTA, "rdp"), rel=1e-12
+    )
+    _take(guard, 4.0, 5)
+    last = guard.admit(4.0, 3)  # one step left: admitted, not refused
+    assert last.steps == 1
+    _take(guard, 4.0, 1)
+    with pytest.raises(BudgetExhausted, match="the planned number of steps has been taken"):
+        guard.admit(4.0, 1)
+    assert guard.spent() == pytest.approx(
+        accountant.epsilon([(3.0, 0.05, 4), (4.0, 0.05, 6)], DELTA, "rdp"), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("request_", [0.0, -2.0, math.nan])
+def test_a_request_without_noise_gets_the_reserve(request_: float) -> None:
+    admission = _guard().admit(request_, 5)
+    assert (admission.noise_multiplier, admission.raised) == (3.0, False)
+
+
+def test_an_infinite_request_is_capped_at_the_guards_largest_noise() -> None:
+    guard = _guard()
+    assert guard.admit(math.inf, 5).noise_multiplier == guard.max_noise == 1e3
+
+
+def test_when_even_the_largest_noise_cannot_fit_the_run_stops() -> None:
+    guard = _guard(target=2.0)
+    guard.ledger.record(_gaussian(0, q=0.05, z=0.05))  # one step that spent far beyond 2
+    guard._allowed_until = 1
+    with pytest.raises(BudgetExhausted, match="even noise multiplier 1000.0 cannot keep the run"):
+        guard.admit(0.5, 3)
+
+
+def test_a_guard_resumed_from_its_state_admits_the_same_interval() -> None:
+    guard = _guard()
+    admission = guard.admit(0.2, 4)  # greedy: raised
+    assert admission.raised and admission.noise_multiplier > 0.2
+    _take(guard, admission.noise_multiplier, 2)
+    resumed = _guard(reserve=7.0)
+    resumed.ledger = guard.ledger
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.reserve_noise == 3.0
+    assert resumed.state_dict() == {
+        "allowed_until": 4,
+        "admitted_noise": admission.noise_multiplier,
+        "reserve_noise": 3.0,
+    }
+    _take(resumed, admission.noise_multiplier, 2)  # the rest of the admitted interval
+    with pytest.raises(BudgetExhausted, match="call admit"):
+        resumed.check_step(admission.noise_multiplier)
+
+
+def test_a_guard_needs_a_positive_reserve() -> None:
+    for reserve in (0.0, -1.0):
+        with pytest.raises(ValueError, match="reserve_noise must be > 0"):
+            _guard(reserve=reserve)
+    assert _guard(reserve=0.5).reserve_noise == 0.5
+
+
+# -- the Gaussian mechanism's admission: gradient and counts share the admitted z ----------------
+
+
+def test_counts_leave_the_gradient_the_rest_of_the_admitted_noise() -> None:
+    """z = 1 with one count of std 2: z_grad^-2 = 1 - (1/2 / 2)^2 = 15/16."""
+    action = Action((1.0,), 1.0, count_noise=2.0)
+    admitted, stds, count_std = admit_gaussian(action, 1.0, 1)
+    assert count_std == 2.0 and admitted.noise_multiplier == 1.0
+    assert stds[0] == pytest.approx((16 / 15) ** 0.5, rel=1e-8)
+    assert stds[0] >= (16 / 15) ** 0.5  # a hair more, never less
+    # a histogram of 2 groups x 2 levels (4 counts) of std 1.5: z_grad^-2 = 1 - 4 / 9
+    action = Action((1.0, 1.0), 1.0, count_noise=1.5, count_levels=(0.5, 1.0))
+    _, stds, count_std = admit_gaussian(action, 1.0, 2)
+    assert count_std == 1.5
+    assert stds == pytest.approx(((9 / 5) ** 0.5 * 2**0.5,) * 2, rel=1e-8)
+
+
+def test_a_count_too_noisy_for_the_admitted_z_is_raised_to_leave_room() -> None:
+    """Counts of std sigma_b need z < 2 sigma_b / sqrt(D); at or past that the count noise is
+    raised to z sqrt(D), a quarter of the step's budget: z_grad^-2 = z^-2 (1 - 1/4)."""
+    for count_noise, dims, levels in [(0.4, 1, ()), (0.5, 1, ()), (0.9, 4, (0.5, 1.0))]:
+        n_groups = 2 if levels else 1
+        action = Action((1.0,) * n_groups, 1.0, count_noise=count_noise, count_levels=levels)
+        _, stds, count_std = admit_gaussian(action, 1.0, n_groups)
+        assert count_std == pytest.approx(dims**0.5, rel=1e-12)
+        total = effective_noise_multiplier((1.0,) * n_groups, stds, count_std, dims)
+        assert total == pytest.approx(1.0, rel=1e-8) and total >= 1.0
+    # just above the limit, the requested count noise is kept
+    _, _, count_std = admit_gaussian(Action((1.0,), 1.0, count_noise=0.5001), 1.0, 1)
+    assert count_std == 0.5001
+
+
+def test_explicit_group_stds_are_scaled_up_to_the_admitted_noise_never_down() -> None:
+    """Clips (1, 2) with stds (2, 2) request z = 1 / sqrt(1/4 + 1); admitted 1.5, both stds
+    grow by 1.5 / that; admitted below the request, the stds stay (more noise is allowed)."""
+    requested = 1 / math.sqrt(1 / 4 + 1)
+    action = Action((1.0, 2.0), requested, noise_stds=(2.0, 2.0))
+    admitted, stds, _ = admit_gaussian(action, 1.5, 2)
+    assert stds == pytest.approx((2 * 1.5 / requested,) * 2, rel=1e-12)
+    assert admitted.noise_multiplier == pytest.approx(1.5, rel=1e-12)
+    assert admitted.noise_stds == stds
+    lower, stds, _ = admit_gaussian(action, 0.5, 2)
+    assert stds == (2.0, 2.0) and lower.noise_multiplier == pytest.approx(requested, rel=1e-12)
+
+
+# -- defaults and where the calibration cache lives ---------------------------------------------
+
+
+def test_the_default_accountant_is_pld_everywhere() -> None:
+    """epsilon, compose, composed_epsilon and ledger_epsilon default to PLD (dp-accounting's
+    composition here, not the looser RDP)."""
+    from tests.test_composition import dp_accounting_epsilon
+
+    schedule = [(1.0, 0.1, 3)]
+    reference = dp_accounting_epsilon(schedule, DELTA)
+    ledger = PrivacyLedger()
+    for step in range(3):
+        ledger.record(_gaussian(step))
+    for spent in (
+        accountant.epsilon(schedule, DELTA),
+        accountant.compose(schedule, DELTA),
+        accountant.composed_epsilon(schedule, [], DELTA),
+        accountant.ledger_epsilon(ledger, DELTA),
+    ):
+        assert spent == pytest.approx(reference, rel=2e-3)
+    assert reference < accountant.epsilon(schedule, DELTA, "rdp")
+
+
+def test_the_calibration_cache_defaults_to_the_users_cache_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("PRIVTUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sigma = accountant.calibrate_noise(2.0, DELTA, 0.05, 40, "rdp")
+    cache = tmp_path / ".cache" / "privtune" / "calibration.json"
+    entries = json.loads(cache.read_text())
+    assert list(entries.values()) == [sigma]
+    (key,) = entries
+    assert key.split("|")[1:] == ["'rdp'", "2.0", "1e-05", "0.05", "40"]
+    cache.write_text("[1.0, 2.0]")  # JSON, but not a cache: ignored and rewritten
+    assert accountant.calibrate_noise(2.0, DELTA, 0.05, 40, "rdp") == sigma
+    assert json.loads(cache.read_text()) == entries
+
+
+def test_ledger_errors_say_exactly_what_is_wrong() -> None:
+    ledger = PrivacyLedger()
+    ledger.record(_lmo(0))
+    with pytest.raises(ValueError) as err:
+        ledger.segments()
+    assert str(err.value) == (
+        "this ledger holds non-Gaussian (lmo) steps: compose it with "
+        "accountant.ledger_epsilon, not as Gaussian segments"
+    )
+    with pytest.raises(ValueError) as err:
+        PrivacyLedger().record(_gaussian(0, z=0.0))
+    assert str(err.value) == "a private step needs noise_multiplier > 0 and sample_rate > 0"
+    gaussian_with_law = LedgerEntry(0, 0.1, 1.0, (1.0,), (1.0,), 4, lmo_params=LAW.to_dict())
+    with pytest.raises(ValueError) as err:
+        PrivacyLedger().record(gaussian_with_law)
+    assert str(err.value) == "a gaussian step must not carry lmo_params"
+    with pytest.raises(ValueError) as err:
+        accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
+    assert str(err.value) == "unknown accountant 'moments': use one of pld, prv, rdp"

@@ -1,0 +1,279 @@
+"""promote, promote_best and rollback on an in-memory registry: which alias moves where, what
+the history holds, which version wins, and a retried decision (issue 21).
+
+The fake answers the MlflowClient calls promotion makes as MLflow does (a missing alias or
+version raises MlflowException), so these run in milliseconds without a tracking store; the
+registry tests (test_registry.py) check the same flow once against a real MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from privtune.errors import ModelError
+from privtune.registry import Gates, promotion
+from privtune.registry.promotion import HISTORY_TAG, PREVIOUS
+
+SAFE = {
+    "method": "dpsgd",
+    "epsilon": "4.0",
+    "delta": "1e-05",
+    "attack.mia_auc_max": "0.52",
+    "attack.mia_auc_ci_low_max": "0.44",
+    "attack.mia_tpr_at_fpr_0.01_max": "0.012",
+    "attack.mia_tpr_at_fpr_0.01_ci_low_max": "0.0",
+    "attack.audit_epsilon_lower_bound": "0.5",
+}
+
+
+def _missing(what: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    return MlflowException(f"{what} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+
+class _Version:
+    def __init__(self, version: str, tags: dict[str, str]) -> None:
+        self.version = version
+        self.tags = dict(tags)
+        self.source = f"models:/m-{version}"
+        self.description = ""
+
+
+class _Model:
+    def __init__(self) -> None:
+        self.tags: dict[str, str] = {}
+        self.description = ""
+
+
+class Registry:
+    """An in-memory MlflowClient for one registered model, as far as promotion uses it."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, _Version] = {}
+        self.model = _Model()
+        self.aliases: dict[str, str] = {}
+
+    def add(self, perplexity: float, **tags: str) -> str:
+        version = str(len(self.versions) + 1)
+        self.versions[version] = _Version(
+            version, SAFE | {"utility.test_perplexity": repr(perplexity)} | tags
+        )
+        self.aliases["challenger"] = version
+        return version
+
+    # registered model
+    def get_registered_model(self, name: str) -> _Model:
+        return self.model
+
+    def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        self.model.tags[key] = value
+
+    def update_registered_model(self, name: str, description: str) -> None:
+        self.model.description = description
+
+    # aliases
+    def set_registered_model_alias(self, name: str, alias: str, version: Any) -> None:
+        self.aliases[alias] = str(version)
+
+    def delete_registered_model_alias(self, name: str, alias: str) -> None:
+        if alias not in self.aliases:
+            raise _missing(f"alias {alias}")
+        del self.aliases[alias]
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> _Version:
+        if alias not in self.aliases:
+            raise _missing(f"alias {alias}")
+        return self.versions[self.aliases[alias]]
+
+    # versions
+    def get_model_version(self, name: str, version: Any) -> _Version:
+        if str(version) not in self.versions:
+            raise _missing(f"version {version}")
+        return self.versions[str(version)]
+
+    def search_model_versions(self, query: str) -> list[_Version]:
+        return list(self.versions.values())
+
+    def set_model_version_tag(self, name: str, version: Any, key: str, value: str) -> None:
+        self.versions[str(version)].tags[key] = value
+
+    def delete_model_version_tag(self, name: str, version: Any, key: str) -> None:
+        del self.versions[str(version)].tags[key]
+
+    def update_model_version(self, name: str, version: Any, description: str) -> None:
+        self.versions[str(version)].description = description
+
+    def get_logged_model(self, model_id: str) -> Any:
+        raise _missing(f"logged model {model_id}")  # the card then comes from the tags
+
+    def history(self) -> list[str]:
+        return json.loads(self.model.tags.get(HISTORY_TAG, "[]"))
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    fake = Registry()
+    fake.roots = []  # the project root of every client asked for: "." unless given
+
+    def client(root: Any) -> Registry:
+        fake.roots.append(str(root))
+        return fake
+
+    monkeypatch.setattr(promotion, "client", client)
+    monkeypatch.setattr(promotion, "tracking_uri", lambda root: f"sqlite:///{root}/mlflow.db")
+    return fake
+
+
+def test_first_promotion_makes_a_champion_without_a_previous_one(registry: Registry) -> None:
+    v1 = registry.add(40.0)
+    decision = promotion.promote("m")
+    assert decision.promoted and decision.version == v1 and decision.champion_before is None
+    assert registry.aliases == {"champion": v1}  # the challenger alias is consumed
+    assert registry.history() == [v1]
+    assert registry.versions[v1].tags["promotion.decision"] == "promoted"
+    assert registry.versions[v1].tags["promotion.failed"] == "none"
+    assert registry.model.tags["champion"] == f"v{v1}"
+
+
+def test_a_better_challenger_takes_over_and_the_champion_becomes_previous(
+    registry: Registry,
+) -> None:
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(39.0)
+    decision = promotion.promote("m")
+    assert decision.promoted and decision.champion_before == v1
+    assert registry.aliases == {"champion": v2, PREVIOUS: v1}
+    assert registry.history() == [v1, v2]
+
+
+def test_a_refused_challenger_moves_nothing(registry: Registry) -> None:
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(41.0)  # worse perplexity
+    decision = promotion.promote("m")
+    assert not decision.promoted and [g.gate for g in decision.failed] == ["utility"]
+    assert registry.aliases == {"champion": v1, "challenger": v2}
+    assert registry.history() == [v1]
+    assert registry.versions[v2].tags["promotion.decision"] == "refused"
+    assert registry.versions[v2].tags["promotion.failed"] == "utility"
+
+
+def test_promoting_an_explicit_version_keeps_the_other_challenger(registry: Registry) -> None:
+    v1 = registry.add(40.0)
+    v2 = registry.add(39.0)  # the challenger alias now names v2
+    decision = promotion.promote("m", version=v1)
+    assert decision.promoted and registry.aliases == {"champion": v1, "challenger": v2}
+
+
+def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry) -> None:
+    with pytest.raises(ModelError) as err:
+        promotion.promote("m")
+    assert str(err.value) == ("m@challenger: no challenger to promote. Fix: register a model first")
+    with pytest.raises(ModelError) as err:
+        promotion.rollback("m")
+    assert str(err.value) == (
+        "m privtune.champion_history: no previous champion to roll back to. Fix: promote a model"
+    )
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    with pytest.raises(ModelError) as err:
+        promotion.promote("m", version=v1)
+    assert str(err.value) == "m v1: already the champion. Fix: register a new challenger"
+    with pytest.raises(ModelError, match="no version 9"):
+        promotion.promote("m", version="9")
+    assert set(registry.roots) == {"."}  # the current directory's store unless told
+    registry.add(39.0)
+    promotion.promote_best("m", root="elsewhere")
+    assert set(registry.roots[-3:]) == {"elsewhere"}
+    promotion.pending_versions("m", root="elsewhere")
+    assert registry.roots[-1] == "elsewhere"
+    assert promotion.pending_versions("m") == [] and registry.roots[-1] == "."
+
+
+def test_promote_flow_decision_is_idempotent_under_retry(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The flow pins the challenger's version before deciding, so a retried `decide` (after a
+    promotion that consumed the challenger alias) reports the promotion, not "nothing to
+    promote", and promotes nothing twice."""
+    import importlib
+    import logging
+
+    from flows import promote as flow
+
+    register = importlib.import_module("privtune.registry.register")
+    monkeypatch.setattr(register, "client", lambda root=".": registry)
+    monkeypatch.setattr(flow, "get_run_logger", lambda: logging.getLogger("test"))
+    (tmp_path / "params.yaml").write_text("registry:\n  name: m\n")
+    root = str(tmp_path)
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(39.0)
+    assert flow.challenger.fn(root) == v2
+    first = flow.decide.fn(root, v2)
+    assert first["promoted"] is True and first["version"] == v2
+    retried = flow.decide.fn(root, v2)
+    assert retried == {"name": "m", "version": v2, "promoted": True}
+    assert registry.history() == [v1, v2]  # promoted once
+    assert flow.challenger.fn(root) is None  # a later run has nothing to promote
+
+
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
+    registry: Registry, higher_is_better: bool
+) -> None:
+    """Lower is better: the least value wins; higher is better: the greatest. A version that
+    fails a gate is never chosen however good its utility, and ties go to the older one."""
+    metric = "medication_accuracy" if higher_is_better else "test_perplexity"
+    gates = Gates(utility_metric=metric, higher_is_better=higher_is_better)
+    values = {"a": 0.30, "b": 0.50, "c": 0.50, "d": 0.90, "e": 0.10}
+    versions = {}
+    for key, value in values.items():
+        extra = {"epsilon": "9.0"} if key in ("d", "e") else {}  # d, e: over the epsilon gate
+        versions[key] = registry.add(1.0, **{f"utility.{metric}": repr(value)}, **extra)
+    selection = promotion.promote_best("m", gates)
+    expected = versions["b"] if higher_is_better else versions["a"]  # b ties c: b is older
+    assert selection.chosen == expected
+    assert registry.aliases["champion"] == expected and registry.history() == [expected]
+    decisions = {d.version: d for d in selection.decisions}
+    assert selection.decisions[0].version == expected and decisions[expected].promoted
+    # the others, judged against the new champion: worse is refused on utility, as good (the
+    # tie) passes every gate and is refused as not chosen
+    failed = (
+        {"a": ["utility"], "c": ["best_candidate"], "d": ["epsilon"], "e": ["epsilon", "utility"]}
+        if higher_is_better
+        else {"b": ["utility"], "c": ["utility"], "d": ["epsilon", "utility"], "e": ["epsilon"]}
+    )
+    for key, gates_failed in failed.items():
+        assert not decisions[versions[key]].promoted
+        assert [g.gate for g in decisions[versions[key]].failed] == gates_failed
+    assert set(registry.roots) == {"."}  # the current directory's store unless told
+
+
+def test_promote_best_against_a_champion_and_with_nothing_eligible(registry: Registry) -> None:
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(41.0)  # worse than the champion
+    v3 = registry.add(39.0, epsilon="inf")  # better, but not private
+    selection = promotion.promote_best("m")
+    assert selection.chosen is None and "none of 2" in selection.why
+    assert registry.aliases["champion"] == v1 and registry.history() == [v1]
+    assert [d.version for d in selection.decisions] == [v2, v3]
+    v4 = registry.add(39.5)
+    selection = promotion.promote_best("m")  # only v4 is new
+    assert selection.chosen == v4 and registry.aliases["champion"] == v4
+    assert registry.aliases[PREVIOUS] == v1 and registry.history() == [v1, v4]
+
+
+def test_pending_versions_are_the_unjudged_ones_in_numeric_order(registry: Registry) -> None:
+    for _ in range(11):
+        registry.add(40.0)
+    registry.versions["3"].tags["promotion.decision"] = "refused"
+    pending = promotion.pending_versions("m")
+    assert pending == [str(v) for v in range(1, 12) if v != 3]  # "10" after "9", not "1"
