@@ -32,15 +32,21 @@ def test_no_placeholders():
         assert marker.lower() not in README.lower(), marker
 
 
-def test_smollm2_table_is_the_committed_smollm2_cpu_run():
+def _profile_block_matches(profile: str) -> Path:
+    """README's block for a profile is `privtune summary --markdown` of its committed run."""
     from privtune.config import parse_params
     from privtune.profiles import resolve
 
-    _, raw = resolve(ROOT, "smollm2-cpu", None)
-    params = parse_params(raw, Path("profiles.yaml: smollm2-cpu"))
-    results = ROOT / "benchmarks" / "results" / "smollm2-cpu"
+    _, raw = resolve(ROOT, profile, None)
+    params = parse_params(raw, Path(f"profiles.yaml: {profile}"))
+    results = ROOT / "benchmarks" / "results" / profile
     expected = summary_table(params, results, markdown=True)
-    assert _block("results:smollm2-cpu") == expected.strip()
+    assert _block(f"results:{profile}") == expected.strip()
+    return results
+
+
+def test_smollm2_table_is_the_committed_smollm2_cpu_run():
+    results = _profile_block_matches("smollm2-cpu")
     base = json.loads((results / "metrics" / "base.json").read_text())
     tuned = json.loads((results / "metrics" / "evaluate-nonprivate.json").read_text())
     # what the section claims: the non-private model beats the base on the downstream task
@@ -60,14 +66,7 @@ def test_step_overhead_rows_are_the_committed_benchmark():
 
 
 def test_smollm2_attacks_table_is_the_committed_run_and_shows_power():
-    from privtune.config import parse_params
-    from privtune.profiles import resolve
-
-    _, raw = resolve(ROOT, "smollm2-cpu-attacks", None)
-    params = parse_params(raw, Path("profiles.yaml: smollm2-cpu-attacks"))
-    results = ROOT / "benchmarks" / "results" / "smollm2-cpu-attacks"
-    expected = summary_table(params, results, markdown=True)
-    assert _block("results:smollm2-cpu-attacks") == expected.strip()
+    results = _profile_block_matches("smollm2-cpu-attacks")
     open_model = json.loads((results / "metrics" / "attack-nonprivate.json").read_text())
     private = json.loads((results / "metrics" / "attack-dpsgd.json").read_text())
     # what the section claims: power on the non-private model (its interval excludes chance)
