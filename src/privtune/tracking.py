@@ -79,6 +79,7 @@ def checked_uri(root: str | Path = ".") -> str:
     check_server(uri)
     return uri
 
+
 def ensure_experiment(root: str | Path = ".", name: str | None = None) -> str:
     """Create the project's store and experiment now, if missing: before runs start at once
     (two processes creating one sqlite store or one experiment together would collide)."""
