@@ -158,6 +158,11 @@ def run_method(
         "seconds_per_step": seconds / max(result.steps_taken, 1),
         # CPU time of this process: on a shared machine wall time follows the others' load
         "cpu_seconds_per_step": cpu / max(result.steps_taken, 1),
+        # the step loop alone (decisions, steps, validation): the per-step cost of a method,
+        # without the one-off calibration before it (cached on disk after the first run) and
+        # the final accounting after it
+        "loop_seconds_per_step": result.loop_seconds / max(result.steps_taken, 1),
+        "loop_cpu_seconds_per_step": result.loop_cpu_seconds / max(result.steps_taken, 1),
         "curve": curve,
         "controller_metrics": result.controller.metrics() if result.controller else {},
         **metrics,

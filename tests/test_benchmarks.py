@@ -35,3 +35,15 @@ def test_every_benchmark_imports_against_the_current_package(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         assert callable(getattr(_load(path.stem), "main", None)) or path.stem == "common"
+
+
+def test_rldp_step_ratio_prefers_the_timed_loop_and_reads_older_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("rldp_vs_dpsgd")
+    new = {"loop_seconds_per_step": 1.2, "loop_cpu_seconds_per_step": 1.0,
+           "seconds_per_step": 9.0, "cpu_seconds_per_step": 9.0}  # fmt: skip
+    base = {"loop_seconds_per_step": 1.0, "loop_cpu_seconds_per_step": 0.8,
+            "seconds_per_step": 3.0, "cpu_seconds_per_step": 2.0}  # fmt: skip
+    assert bench.step_ratio(new, base) == 1.2 and bench.step_ratio(new, base, cpu=True) == 1.25
+    old = {"seconds_per_step": 6.0, "cpu_seconds_per_step": 3.0}  # saved before the loop timer
+    assert bench.step_ratio(old, base) == 2.0 and bench.step_ratio(old, base, cpu=True) == 1.5

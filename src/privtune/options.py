@@ -105,7 +105,7 @@ class RLDPOptions(MethodOptions):
         (0.5, 1.0, 2.0), description="levels of the DP norm histogram ([] = none)"
     )
     norm_noise: Positive = Field(0.25, description="count noise, as a fraction of the batch")
-    valid_records: int = Field(16, ge=1, description="validation records before a decision")
+    valid_records: int = Field(8, ge=1, description="validation records before a decision")
     warm_start: str | None = Field(None, description="a controller.pt to start the policy from")
 
 

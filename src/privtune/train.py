@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,10 @@ class TrainResult:
     accountant: str | None = None  # the accountant that composed `epsilon`
     privacy: dict[str, Any] = field(default_factory=dict)  # the engine's report (private runs)
     resumed_at: int | None = None  # the step a checkpoint resumed the run from
+    # The step loop alone (decisions, steps, callbacks), wall and CPU seconds: a method's
+    # step cost without the one-off plan calibration before it and final accounting after it
+    loop_seconds: float = 0.0
+    loop_cpu_seconds: float = 0.0
 
 
 def freeze_dropout(model: torch.nn.Module) -> None:
@@ -403,6 +408,7 @@ def train(
             [Checkpoint(checkpoint.path, checkpoint.every, state)] if checkpoint and main else []
         )
         callback = CallbackList([validation, logger, bar, *(callbacks or []), *extra])
+        started, cpu_started = time.perf_counter(), time.process_time()
         for step, indices in trainer.batches():
             if trainer.due(step):
                 try:
@@ -420,6 +426,8 @@ def train(
             if not callback.on_step(step, info):
                 break
         callback.on_training_end()
+        result.loop_seconds = time.perf_counter() - started
+        result.loop_cpu_seconds = time.process_time() - cpu_started
 
     result.controller, result.history = trainer.controller, logger.history
     result.valid_loss = mean_token_loss(model, valid_data)
