@@ -8,6 +8,7 @@ their ratios are measured under the same machine load (these machines are shared
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from privtune import io
 from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
 from privtune.data.tokenization import EncodedRecords, encode_records
 from privtune.evaluate import evaluate_model
-from privtune.modeling import attach_lora, load_pretrained
+from privtune.modeling import adapter_groups, attach_lora, load_pretrained
 from privtune.stages.common import resolved_max_length
 from privtune.train import TrainResult, train
 
@@ -134,6 +135,8 @@ def run_method(
         update["epochs"] = epochs
     f = params.finetune.model_copy(update=update)
     model = attach_lora(model, f.lora, seed=seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapters = len(adapter_groups(model, "per_adapter")[0])
     start, cpu = time.perf_counter(), time.process_time()
     result = train(
         model, data.train, data.valid, f, method, options, entry=entry, show_progress=False
@@ -155,6 +158,9 @@ def run_method(
         "delta": result.plan.delta,
         "sample_rate": result.plan.sample_rate,
         "steps": result.steps_taken,
+        "trainable_parameters": trainable,
+        "adapters": adapters,
+        "valid_perplexity": math.exp(result.valid_loss),
         "seconds_per_step": seconds / max(result.steps_taken, 1),
         # CPU time of this process: on a shared machine wall time follows the others' load
         "cpu_seconds_per_step": cpu / max(result.steps_taken, 1),
