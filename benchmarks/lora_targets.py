@@ -34,7 +34,10 @@ def build_project(root: Path, profile: str) -> Path:
 
     target = project(root, profile, None)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
-    subprocess.run(["dvc", "repro", "base"], cwd=target, env=env, check=True)
+    # the stages call the privtune CLI: this interpreter's scripts, activated or not
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "repro", "base"], cwd=target, env=env, check=True)
     return target
 
 
