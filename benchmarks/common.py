@@ -169,6 +169,7 @@ def run_method(
         # the final accounting after it
         "loop_seconds_per_step": result.loop_seconds / max(result.steps_taken, 1),
         "loop_cpu_seconds_per_step": result.loop_cpu_seconds / max(result.steps_taken, 1),
+        "decision_cpu_seconds_per_step": result.decision_cpu_seconds / max(result.steps_taken, 1),
         "curve": curve,
         "controller_metrics": result.controller.metrics() if result.controller else {},
         **metrics,

@@ -85,6 +85,7 @@ def test_nonprivate_learns_and_has_no_ledger(tiny_model, tiny_tokenizer):
     assert result.ledger is None and result.epsilon is None
     # the step loop is timed on its own: inside the call, without the final validation
     assert 0 < result.loop_seconds < elapsed and result.loop_cpu_seconds > 0
+    assert 0 <= result.decision_cpu_seconds < result.loop_cpu_seconds
     first, last = result.history[0]["valid_loss"], result.history[-1]["valid_loss"]
     assert last < first
 

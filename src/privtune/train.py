@@ -82,6 +82,9 @@ class TrainResult:
     # step cost without the one-off plan calibration before it and final accounting after it
     loop_seconds: float = 0.0
     loop_cpu_seconds: float = 0.0
+    # Of the loop, the CPU seconds of decisions (the controller's observation and action, the
+    # guard's admission): a controller's own cost, measured under the same load as its steps
+    decision_cpu_seconds: float = 0.0
 
 
 def freeze_dropout(model: torch.nn.Module) -> None:
@@ -411,11 +414,14 @@ def train(
         started, cpu_started = time.perf_counter(), time.process_time()
         for step, indices in trainer.batches():
             if trainer.due(step):
+                deciding = time.process_time()
                 try:
                     trainer.decide(step, validation.last)
                 except BudgetExhausted:
                     result.stopped_by_guard = True
                     break
+                finally:
+                    result.decision_cpu_seconds += time.process_time() - deciding
                 callback.on_decision(step, trainer.controller.metrics())
             released = trainer.step(step, indices)
             if released is None:
