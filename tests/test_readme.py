@@ -75,3 +75,15 @@ def test_smollm2_attacks_table_is_the_committed_run_and_shows_power():
     assert open_model["mia_loss_auc_ci_low"] > 0.5
     assert private["mia_loss_auc_ci_low"] < 0.5 < private["mia_loss_auc_ci_high"]
     assert f"{open_model['mia_loss_auc_ci_low']:.3f}" in README
+
+
+def test_rldp_table_is_the_committed_benchmark_and_every_run_kept_its_budget():
+    results = ROOT / "benchmarks" / "results"
+    table = (results / "rldp_vs_dpsgd.md").read_text().strip()
+    assert _block("results:rldp-vs-dpsgd") == table, (
+        "README's RLDP table differs from benchmarks/results/rldp_vs_dpsgd.md (make bench-rldp)"
+    )
+    bench = json.loads((results / "rldp_vs_dpsgd.json").read_text())
+    assert set(bench["summary"]) == {"1", "4", "8"}
+    for run in bench["runs"]:  # the claim the table rests on: equal budgets, none overspent
+        assert run["epsilon_spent"] <= run["epsilon"] * (1 + 1e-9)
