@@ -366,3 +366,58 @@ def test_ledger_errors_say_exactly_what_is_wrong() -> None:
     with pytest.raises(ValueError) as err:
         accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
     assert str(err.value) == "unknown accountant 'moments': use one of pld, prv, rdp"
+
+
+# -- reached by no other fast test: N with the audit's canaries, PLD calibration, the LMO shift --
+
+
+def test_n_counts_the_audits_in_canaries_as_records() -> None:
+    """N is the texts plus the canaries whose secret coin is IN (about half of them): the
+    audit's own count of its IN canaries for that seed, never the OUT ones."""
+    from privtune.privacy.gradient_canaries import included_count
+    from privtune.privacy.plan import planned_records
+
+    assert planned_records(300, _finetune()) == 300  # no canaries
+    params = _finetune(audit_canaries=64, seed=3)
+    in_canaries = planned_records(300, params) - 300
+    assert 16 < in_canaries < 48 and in_canaries == included_count(64, 3)
+    assert planned_records(0, params) == in_canaries  # nothing but canaries: still counted
+
+
+def test_pld_calibration_is_the_least_noise_that_keeps_the_target() -> None:
+    """The bisection's z spends at most the target under PLD (checked against dp-accounting's
+    own composition), a hair less noise (0.2 %, twice its tolerance) overspends, and RDP, looser,
+    would call it too little."""
+    from tests.test_composition import dp_accounting_epsilon
+
+    q, steps, target = 0.05, 10, 1.0
+    z = accountant._calibrate_by_bisection(target, DELTA, q, steps, "pld")
+    assert dp_accounting_epsilon([(z, q, steps)], DELTA) <= target * (1 + 1e-3)
+    assert accountant.epsilon([(z, q, steps)], DELTA) <= target
+    assert accountant.epsilon([(z / 1.002, q, steps)], DELTA) > target
+    assert z > 0.5 and accountant.epsilon([(z, q, steps)], DELTA, "rdp") > target
+
+
+def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
+    """With the inverse scale (nearly) fixed at 1, the LMO bound at shift s is the Laplace
+    mechanism's RDP at sensitivity s, scale 1 (Mironov 2017, Prop. 6), computed here by hand;
+    shift 0 spends nothing and a negative shift is refused."""
+    from privtune.privacy.lmo_accounting import rdp_at_shift
+    from privtune.privacy.lmo_mechanism import LMOParams
+
+    fixed = LMOParams(a1=1e-12, a3=1e-12, a4=1.0, k=1.0, theta=1.0, lam=1.0, a=1.0, b=1.0 + 1e-9)
+    orders = [2, 3, 8]
+    for shift in (0.5, 1.0, 2.0):
+        laplace = [
+            math.log(
+                a / (2 * a - 1) * math.exp((a - 1) * shift)
+                + (a - 1) / (2 * a - 1) * math.exp(-a * shift)
+            )
+            / (a - 1)
+            for a in orders
+        ]
+        assert list(rdp_at_shift(fixed, orders, shift)) == pytest.approx(laplace, rel=1e-6)
+    assert list(rdp_at_shift(fixed, orders, 0.0)) == pytest.approx([0.0] * 3, abs=1e-12)
+    with pytest.raises(ValueError) as err:
+        rdp_at_shift(fixed, orders, -0.1)
+    assert str(err.value) == "shift must be >= 0 (the bound is symmetric)"

@@ -164,32 +164,45 @@ class FakeRegistry:
         if len(history) >= 2:
             self.aliases[PREVIOUS] = history[-2]
 
+    def _model(self, name):  # a call naming any other model fails, as MLflow's does
+        from mlflow.exceptions import MlflowException
+
+        if name != "m":
+            raise MlflowException(f"no registered model {name!r}")
+
     def get_registered_model(self, name):
+        self._model(name)
         return self.model
 
     def set_registered_model_tag(self, name, key, value):
+        self._model(name)
         self.model.tags[key] = value
 
     def set_registered_model_alias(self, name, alias, version):
+        self._model(name)
         self.aliases[alias] = str(version)
 
     def delete_registered_model_alias(self, name, alias):
+        self._model(name)
         del self.aliases[alias]
 
     def get_model_version_by_alias(self, name, alias):
         from mlflow.exceptions import MlflowException
 
+        self._model(name)
         if alias not in self.aliases:
             raise MlflowException(f"no alias {alias}")
         return self.versions[self.aliases[alias]]
 
     def set_model_version_tag(self, name, version, key, value):
+        self._model(name)
         self.versions[str(version)].tags[key] = value
 
     def search_model_versions(self, query):
-        return list(self.versions.values())
+        return list(self.versions.values()) if query == "name = 'm'" else []
 
     def update_registered_model(self, name, description):
+        self._model(name)
         self.model.description = description
 
 
@@ -199,7 +212,8 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     from privtune.registry import promotion
 
     fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
-    monkeypatch.setattr(promotion, "client", lambda root=".": fake)
+    roots = []
+    monkeypatch.setattr(promotion, "client", lambda root: roots.append(str(root)) or fake)
     back = promotion.rollback("m")
     assert (back.from_version, back.to_version) == ("3", "2")
     assert fake.aliases == {"champion": "2", promotion.PREVIOUS: "1"}
@@ -210,6 +224,10 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     assert fake.versions["3"].tags.get("promotion.rolled_back")
     with pytest.raises(promotion.ModelError, match="no previous champion"):
         promotion.rollback("m")
+    assert set(roots) == {"."}  # the current directory's store unless told
+    fake = FakeRegistry(["1", "2"], ["1", "2"])
+    assert promotion.rollback("m", root="elsewhere").to_version == "1"
+    assert roots[-1] == "elsewhere"
 
 
 def _gates(tags: dict[str, str], champion: Champion | None = None, **gates: object) -> dict:
