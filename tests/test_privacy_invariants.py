@@ -421,3 +421,30 @@ def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
     with pytest.raises(ValueError) as err:
         rdp_at_shift(fixed, orders, -0.1)
     assert str(err.value) == "shift must be >= 0 (the bound is symmetric)"
+
+
+def test_prv_falls_back_to_rdp_when_its_discretisation_fails(monkeypatch) -> None:
+    """PRV can fail on extreme schedules; the answer is then RDP's (looser, always sound),
+    here opacus' RDP accountant asked directly."""
+    from opacus.accountants import RDPAccountant
+
+    def fail(self, delta, **kwargs):
+        raise RuntimeError("discretisation failed")
+
+    monkeypatch.setattr(accountant.PRVAccountant, "get_epsilon", fail)
+    rdp = RDPAccountant()
+    rdp.history = [(1.0, 0.1, 3), (2.0, 0.2, 4)]
+    expected = rdp.get_epsilon(DELTA)
+    assert accountant.epsilon(rdp.history, DELTA, "prv") == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_calibration_opacus_leaves_short_is_raised_until_it_fits(monkeypatch) -> None:
+    """Should opacus' calibration come back on the unsafe side, the re-check raises it in
+    0.1 % steps: the result spends at most the target, and 0.1 % less would not."""
+    q, steps, target = 0.05, 40, 2.0
+    exact = accountant._calibrate(target, DELTA, q, steps, "rdp")
+    monkeypatch.setattr(accountant, "get_noise_multiplier", lambda **kw: 0.97 * exact)
+    sigma = accountant._calibrate(target, DELTA, q, steps, "rdp")
+    assert accountant.epsilon([(sigma, q, steps)], DELTA, "rdp") <= target
+    assert accountant.epsilon([(sigma / 1.001, q, steps)], DELTA, "rdp") > target
+    assert sigma == pytest.approx(exact, rel=6e-3)

@@ -9,6 +9,7 @@ registry tests (test_registry.py) check the same flow once against a real MLflow
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -117,7 +118,7 @@ class Registry:
         self.versions[str(version)].description = description
 
     def get_logged_model(self, model_id: str) -> Any:
-        raise _missing(f"logged model {model_id}")  # the card then comes from the tags
+        return SimpleNamespace(artifact_location=f"/nowhere/{model_id}/artifacts")
 
     def history(self) -> list[str]:
         return json.loads(self.model.tags.get(HISTORY_TAG, "[]"))
@@ -132,8 +133,14 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
         fake.roots.append(str(root))
         return fake
 
+    def download_artifacts(artifact_uri: str, dst_path: str, tracking_uri: str) -> str:
+        fake.card_uris.append(tracking_uri)  # the store the model card is read from
+        raise OSError(f"{artifact_uri} is not stored")  # the card then comes from the tags
+
+    fake.card_uris = []
     monkeypatch.setattr(promotion, "client", client)
     monkeypatch.setattr(promotion, "tracking_uri", lambda root: f"sqlite:///{root}/mlflow.db")
+    monkeypatch.setattr("mlflow.artifacts.download_artifacts", download_artifacts)
     return fake
 
 
@@ -199,6 +206,7 @@ def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry)
     registry.add(39.0)
     promotion.promote_best("m", root="elsewhere")
     assert set(registry.roots[-3:]) == {"elsewhere"}
+    assert registry.card_uris[-1] == "sqlite:///elsewhere/mlflow.db"
     promotion.pending_versions("m", root="elsewhere")
     assert registry.roots[-1] == "elsewhere"
     assert promotion.pending_versions("m") == [] and registry.roots[-1] == "."
@@ -248,6 +256,10 @@ def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
     selection = promotion.promote_best("m", gates)
     expected = versions["b"] if higher_is_better else versions["a"]  # b ties c: b is older
     assert selection.chosen == expected
+    best = (
+        "highest medication_accuracy (0.5)" if higher_is_better else "lowest test_perplexity (0.3)"
+    )
+    assert selection.why == f"v{expected} has the {best} of the 3 eligible candidate(s) out of 5"
     assert registry.aliases["champion"] == expected and registry.history() == [expected]
     decisions = {d.version: d for d in selection.decisions}
     assert selection.decisions[0].version == expected and decisions[expected].promoted
@@ -259,7 +271,8 @@ def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
         else {"b": ["utility"], "c": ["utility"], "d": ["epsilon", "utility"], "e": ["epsilon"]}
     )
     for key, gates_failed in failed.items():
-        assert not decisions[versions[key]].promoted
+        assert decisions[versions[key]].promoted is False
+        assert decisions[versions[key]].champion_before == expected  # judged against it
         assert [g.gate for g in decisions[versions[key]].failed] == gates_failed
     assert set(registry.roots) == {"."}  # the current directory's store unless told
 
@@ -339,3 +352,16 @@ def test_promote_best_promotes_under_its_own_gates_and_never_rejudges_the_champi
     assert selection.chosen is None and selection.decisions == ()
     assert selection.why == "none of 0 candidate(s) passes every gate"
     assert registry.history() == [v1]
+
+
+def test_promote_best_with_no_champion_and_nothing_eligible(registry: Registry) -> None:
+    """Every candidate refused, none before them: no champion is named, a version without a
+    method tag is listed as "?", and every decision is recorded against the store asked for."""
+    v1 = registry.add(40.0, epsilon="inf")
+    del registry.versions[v1].tags["method"]
+    selection = promotion.promote_best("m", root="there")
+    assert selection.chosen is None and selection.methods == {v1: "?"}
+    (decision,) = selection.decisions
+    assert decision.promoted is False and decision.champion_before is None
+    assert registry.card_uris == ["sqlite:///there/mlflow.db"]
+    assert "champion" not in registry.aliases

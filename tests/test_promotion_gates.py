@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -221,7 +222,9 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     assert (back.from_version, back.to_version) == ("2", "1")
     assert fake.aliases == {"champion": "1"}
     assert json.loads(fake.model.tags[promotion.HISTORY_TAG]) == ["1"]
-    assert fake.versions["3"].tags.get("promotion.rolled_back")
+    assert back.name == "m"
+    rolled_back = datetime.fromisoformat(fake.versions["3"].tags["promotion.rolled_back"])
+    assert rolled_back.utcoffset() == timedelta(0)  # UTC, as every promotion time is
     with pytest.raises(promotion.ModelError, match="no previous champion"):
         promotion.rollback("m")
     assert set(roots) == {"."}  # the current directory's store unless told
