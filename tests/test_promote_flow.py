@@ -195,6 +195,9 @@ def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry)
     assert str(err.value) == (
         "m privtune.champion_history: no previous champion to roll back to. Fix: promote a model"
     )
+    with pytest.raises(ModelError) as err:
+        promotion.rollback("nope")  # MLflow knows no such registered model
+    assert str(err.value) == "nope: no such registered model. Fix: register a model first"
     v1 = registry.add(40.0)
     promotion.promote("m")
     with pytest.raises(ModelError) as err:

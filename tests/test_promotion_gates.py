@@ -328,13 +328,14 @@ def test_utility_gate_against_no_champion_or_one_without_the_metric():
     tags = SAFE | {"utility.test_perplexity": "40.0"}
     first = _gates(tags)["utility"]
     assert first.passed and first.threshold is None and "no champion yet" in first.reason
+    assert first.value == 40.0  # the challenger's value is on record even with nothing to beat
     missing = _gates(SAFE)["utility"]
     assert not missing.passed and missing.reason == (
         "utility.test_perplexity missing: cannot check"
     )
     champion = Champion(40.0, metric="medication_accuracy")  # a champion judged on another one
     other = _gates(tags, champion)["utility"]
-    assert not other.passed and other.threshold is None
+    assert not other.passed and other.threshold is None and other.value == 40.0
     assert other.reason == "champion v1 has no utility.test_perplexity: cannot compare"
 
 
