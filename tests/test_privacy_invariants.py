@@ -421,6 +421,10 @@ def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
     with pytest.raises(ValueError) as err:
         rdp_at_shift(fixed, orders, -0.1)
     assert str(err.value) == "shift must be >= 0 (the bound is symmetric)"
+    # LAW's Gamma part (a1 = 0.1, theta = 0.5) has no MGF at t >= 20: order 8 at shift 3 asks
+    # for t = 21, no bound (inf); order 2 asks for t = 3, finite
+    low, high = rdp_at_shift(LAW, [2, 8], 3.0)
+    assert math.isfinite(low) and high == math.inf
 
 
 def test_prv_falls_back_to_rdp_when_its_discretisation_fails(monkeypatch) -> None:
@@ -448,3 +452,34 @@ def test_a_calibration_opacus_leaves_short_is_raised_until_it_fits(monkeypatch) 
     assert accountant.epsilon([(sigma, q, steps)], DELTA, "rdp") <= target
     assert accountant.epsilon([(sigma / 1.001, q, steps)], DELTA, "rdp") > target
     assert sigma == pytest.approx(exact, rel=6e-3)
+
+
+def test_lmo_epsilon_of_several_candidates_is_each_ones_own() -> None:
+    """The vectorised RDP -> epsilon conversion (the LMO search's) gives each candidate's row
+    what opacus' conversion gives it alone; a row with no finite order has no guarantee."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privtune.privacy.lmo_accounting import rdp_to_epsilon_arrays
+
+    orders = np.arange(2, 33)
+    rdp = np.stack([0.01 * orders, 0.2 * np.sqrt(orders), np.full(orders.shape, np.inf)])
+    eps = rdp_to_epsilon_arrays(rdp, orders, DELTA)
+    expected = [get_privacy_spent(orders=orders, rdp=row, delta=DELTA)[0] for row in rdp[:2]]
+    assert eps.shape == (3,) and eps[2] == math.inf
+    assert list(eps[:2]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_norm_at_its_clip_counts_as_unclipped_and_a_hair_above_does_not() -> None:
+    """b_i of the unclipped count is 1 when every group norm is within (<=) its threshold,
+    decided at the norms' own precision: 1e-12 above a clip of 0.1 is above it, although
+    float32 would round the clip up past it."""
+    import torch
+
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    clip = 0.1
+    norms = torch.tensor([[clip], [clip + 1e-12], [clip * (1 - 1e-12)]], dtype=torch.float64)
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]], ["a"], seed=0)
+    released = mech.release_unclipped_count(norms, [clip], 1e-12, expected=3.0)
+    assert released == pytest.approx((2 - 3 / 2) / 3.0 + 0.5, abs=1e-9)  # 2 of 3 unclipped
