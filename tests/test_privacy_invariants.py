@@ -67,6 +67,11 @@ def test_a_ledger_saved_before_mechanisms_reads_as_gaussian(tmp_path) -> None:
     assert ledger.state_dict()["version"] == 1
     ledger.save(tmp_path / "ledger.json")
     assert PrivacyLedger.load(tmp_path / "ledger.json").entries == ledger.entries
+    # a step that released a histogram of 6 counts reads back as one
+    histogram = LedgerEntry(3, 0.1, 1.5, (1.0,), (1.6,), 3, count_noise_std=4.0, count_dims=6)
+    ledger.record(histogram)
+    ledger.save(tmp_path / "ledger.json")
+    assert PrivacyLedger.load(tmp_path / "ledger.json").entries[-1] == histogram
 
 
 def test_gaussian_segments_refuse_a_ledger_holding_lmo_steps() -> None:
@@ -483,3 +488,7 @@ def test_a_norm_at_its_clip_counts_as_unclipped_and_a_hair_above_does_not() -> N
     mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]], ["a"], seed=0)
     released = mech.release_unclipped_count(norms, [clip], 1e-12, expected=3.0)
     assert released == pytest.approx((2 - 3 / 2) / 3.0 + 0.5, abs=1e-9)  # 2 of 3 unclipped
+    # the histogram's levels too: ||g|| <= 0.3 * C, with 0.3 not rounded to float32 (0.3000001)
+    norms = torch.tensor([[0.3], [0.3 + 1e-12], [0.3 * (1 - 1e-12)]], dtype=torch.float64)
+    released = mech.release_norm_histogram(norms, [1.0], [0.3], 1e-12, expected=3.0)
+    assert released.shape == (1, 1) and released[0, 0] == pytest.approx(2 / 3, abs=1e-9)
