@@ -492,3 +492,20 @@ def test_a_norm_at_its_clip_counts_as_unclipped_and_a_hair_above_does_not() -> N
     norms = torch.tensor([[0.3], [0.3 + 1e-12], [0.3 * (1 - 1e-12)]], dtype=torch.float64)
     released = mech.release_norm_histogram(norms, [1.0], [0.3], 1e-12, expected=3.0)
     assert released.shape == (1, 1) and released[0, 0] == pytest.approx(2 / 3, abs=1e-9)
+
+
+def test_lmo_epsilon_refuses_a_plan_outside_its_domain() -> None:
+    """q in (0, 1], at least one step, delta in (0, 1): each edge on the right side of it."""
+    from privtune.privacy.lmo_accounting import epsilon as lmo_epsilon
+
+    for q, steps, delta, message in [
+        (0.0, 1, DELTA, "sample_rate must be in (0, 1], got 0.0"),
+        (1.5, 1, DELTA, "sample_rate must be in (0, 1], got 1.5"),
+        (0.1, 0, DELTA, "steps must be >= 1, got 0"),
+        (0.1, 1, 0.0, "delta must be in (0, 1), got 0.0"),
+        (0.1, 1, 1.0, "delta must be in (0, 1), got 1.0"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            lmo_epsilon(LAW, q, steps, delta)
+        assert str(err.value) == message
+    assert 0 < lmo_epsilon(LAW, 1.0, 1, DELTA) < math.inf  # q = 1 and one step are allowed
