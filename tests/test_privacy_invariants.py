@@ -509,3 +509,11 @@ def test_lmo_epsilon_refuses_a_plan_outside_its_domain() -> None:
             lmo_epsilon(LAW, q, steps, delta)
         assert str(err.value) == message
     assert 0 < lmo_epsilon(LAW, 1.0, 1, DELTA) < math.inf  # q = 1 and one step are allowed
+
+
+def test_the_default_delta_of_a_plan_stays_under_the_registrys_gate() -> None:
+    """A small corpus: 1/(10 N) = 1e-3 is above a delta gate of 1e-4, so the plan takes the
+    gate's 1e-4 (a model that trains is not refused for its delta later)."""
+    params = _finetune(batch_size=10, epochs=1.0)
+    assert make_plan(100, params, private=False).delta == pytest.approx(1e-3)
+    assert make_plan(100, params, private=False, max_delta=1e-4).delta == 1e-4
