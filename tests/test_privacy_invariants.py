@@ -405,9 +405,10 @@ def test_pld_calibration_is_the_least_noise_that_keeps_the_target() -> None:
 
 def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
     """With the inverse scale (nearly) fixed at 1, the LMO bound at shift s is the Laplace
-    mechanism's RDP at sensitivity s, scale 1 (Mironov 2017, Prop. 6), computed here by hand;
-    shift 0 spends nothing and a negative shift is refused."""
-    from privtune.privacy.lmo_accounting import rdp_at_shift
+    mechanism's RDP at sensitivity s, scale 1 (Mironov 2017, Prop. 6), computed here by hand,
+    and so is one unsubsampled step's; shift 0 spends nothing, a negative shift, an order <= 1
+    and a sampling rate outside (0, 1] are refused."""
+    from privtune.privacy.lmo_accounting import rdp_at_shift, rdp_per_step, subsampled_rdp
     from privtune.privacy.lmo_mechanism import LMOParams
 
     fixed = LMOParams(a1=1e-12, a3=1e-12, a4=1.0, k=1.0, theta=1.0, lam=1.0, a=1.0, b=1.0 + 1e-9)
@@ -422,6 +423,8 @@ def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
             for a in orders
         ]
         assert list(rdp_at_shift(fixed, orders, shift)) == pytest.approx(laplace, rel=1e-6)
+        if shift == 1.0:  # one release of sensitivity 1 clip, the bound composition uses
+            assert list(rdp_per_step(fixed, orders)) == pytest.approx(laplace, rel=1e-6)
     assert list(rdp_at_shift(fixed, orders, 0.0)) == pytest.approx([0.0] * 3, abs=1e-12)
     with pytest.raises(ValueError) as err:
         rdp_at_shift(fixed, orders, -0.1)
@@ -430,6 +433,13 @@ def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
     # for t = 21, no bound (inf); order 2 asks for t = 3, finite
     low, high = rdp_at_shift(LAW, [2, 8], 3.0)
     assert math.isfinite(low) and high == math.inf
+    with pytest.raises(ValueError) as err:
+        rdp_per_step(fixed, [1, 2])
+    assert str(err.value) == "Renyi orders must be > 1"
+    for q in (0.0, 1.5):
+        with pytest.raises(ValueError) as err:
+            subsampled_rdp(rdp_per_step(fixed, orders), q)
+        assert str(err.value) == f"sample_rate must be in (0, 1], got {q}"
 
 
 def test_prv_falls_back_to_rdp_when_its_discretisation_fails(monkeypatch) -> None:
