@@ -389,7 +389,7 @@ def test_n_counts_the_audits_in_canaries_as_records() -> None:
     assert planned_records(0, params) == in_canaries  # nothing but canaries: still counted
 
 
-def test_pld_calibration_is_the_least_noise_that_keeps_the_target() -> None:
+def test_pld_calibration_is_the_least_noise_that_keeps_the_target(monkeypatch) -> None:
     """The bisection's z spends at most the target under PLD (checked against dp-accounting's
     own composition), a hair less noise (0.2 %, twice its tolerance) overspends, and RDP, looser,
     would call it too little."""
@@ -401,6 +401,12 @@ def test_pld_calibration_is_the_least_noise_that_keeps_the_target() -> None:
     assert accountant.epsilon([(z, q, steps)], DELTA) <= target
     assert accountant.epsilon([(z / 1.002, q, steps)], DELTA) > target
     assert z > 0.5 and accountant.epsilon([(z, q, steps)], DELTA, "rdp") > target
+    # from a bracket far too loose (8 times the answer) it halves down, then bisects, to the
+    # same least noise
+    monkeypatch.setattr(accountant, "_calibrate", lambda *args: 8 * z)
+    again = accountant._calibrate_by_bisection(target, DELTA, q, steps, "pld")
+    assert accountant.epsilon([(again, q, steps)], DELTA) <= target
+    assert accountant.epsilon([(again / 1.002, q, steps)], DELTA) > target
 
 
 def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
@@ -527,3 +533,25 @@ def test_the_default_delta_of_a_plan_stays_under_the_registrys_gate() -> None:
     params = _finetune(batch_size=10, epochs=1.0)
     assert make_plan(100, params, private=False).delta == pytest.approx(1e-3)
     assert make_plan(100, params, private=False, max_delta=1e-4).delta == 1e-4
+
+
+def test_subsampled_lmo_rdp_is_zhu_and_wangs_general_bound_by_hand() -> None:
+    """Theorem 5 of Zhu & Wang (ICML 2019) written out at alpha = 2 and 3, q = 0.1: no factor 3
+    on the l = 2 term, a factor 3 from l = 3 on; orders_up_to's ends."""
+    from privtune.privacy.lmo_accounting import orders_up_to, subsampled_rdp
+
+    q, e2, e3 = 0.1, 2.0, 3.0  # base RDP at orders 2 and 3, large enough not to be the min
+    at2 = math.log((1 - q) * (1 + q) + q**2 * math.exp(e2))
+    at3 = (
+        math.log(
+            (1 - q) ** 2 * (1 + 2 * q)
+            + 3 * q**2 * (1 - q) * math.exp(e2)
+            + 3 * q**3 * math.exp(2 * e3)
+        )
+        / 2
+    )
+    assert list(subsampled_rdp([e2, e3], q)) == pytest.approx([at2, at3], rel=1e-12)
+    assert list(orders_up_to(2)) == [2] and list(orders_up_to(4)) == [2, 3, 4]
+    with pytest.raises(ValueError) as err:
+        orders_up_to(1)
+    assert str(err.value) == "max_order must be >= 2"
