@@ -25,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENTS = ROOT / "benchmarks" / "mutation_equivalents.yaml"
 SCOPE = ROOT / "benchmarks" / "mutation_scope.md"  # which files and tests, and why
+RUN_NOTES = ROOT / "benchmarks" / "mutation_run.md"  # what the committed run ran, and how long
 OUT = ROOT / "benchmarks" / "results"
 
 # mutmut 3's exit codes (mutmut.stats.status_by_exit_code), folded into the report's columns
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", type=Path, default=SCOPE, help="markdown under the title")
     parser.add_argument("--sample", type=int, help="print N mutant names per module and exit")
     parser.add_argument("--seed", type=int, default=0, help="of --sample")
-    parser.add_argument("--run-notes", type=Path, help="markdown about this run (after --notes)")
+    parser.add_argument(
+        "--run-notes", type=Path, default=RUN_NOTES, help="markdown about this run (after --notes)"
+    )
     args = parser.parse_args(argv)
     if not args.mutants.is_dir():
         print(f"no {args.mutants}: run `make mutate` first", file=sys.stderr)

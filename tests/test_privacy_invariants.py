@@ -67,6 +67,11 @@ def test_a_ledger_saved_before_mechanisms_reads_as_gaussian(tmp_path) -> None:
     assert ledger.state_dict()["version"] == 1
     ledger.save(tmp_path / "ledger.json")
     assert PrivacyLedger.load(tmp_path / "ledger.json").entries == ledger.entries
+    # a step that released a histogram of 6 counts reads back as one
+    histogram = LedgerEntry(3, 0.1, 1.5, (1.0,), (1.6,), 3, count_noise_std=4.0, count_dims=6)
+    ledger.record(histogram)
+    ledger.save(tmp_path / "ledger.json")
+    assert PrivacyLedger.load(tmp_path / "ledger.json").entries[-1] == histogram
 
 
 def test_gaussian_segments_refuse_a_ledger_holding_lmo_steps() -> None:
@@ -366,3 +371,187 @@ def test_ledger_errors_say_exactly_what_is_wrong() -> None:
     with pytest.raises(ValueError) as err:
         accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
     assert str(err.value) == "unknown accountant 'moments': use one of pld, prv, rdp"
+
+
+# -- reached by no other fast test: N with the audit's canaries, PLD calibration, the LMO shift --
+
+
+def test_n_counts_the_audits_in_canaries_as_records() -> None:
+    """N is the texts plus the canaries whose secret coin is IN (about half of them): the
+    audit's own count of its IN canaries for that seed, never the OUT ones."""
+    from privtune.privacy.gradient_canaries import included_count
+    from privtune.privacy.plan import planned_records
+
+    assert planned_records(300, _finetune()) == 300  # no canaries
+    params = _finetune(audit_canaries=64, seed=3)
+    in_canaries = planned_records(300, params) - 300
+    assert 16 < in_canaries < 48 and in_canaries == included_count(64, 3)
+    assert planned_records(0, params) == in_canaries  # nothing but canaries: still counted
+
+
+def test_pld_calibration_is_the_least_noise_that_keeps_the_target(monkeypatch) -> None:
+    """The bisection's z spends at most the target under PLD (checked against dp-accounting's
+    own composition), a hair less noise (0.2 %, twice its tolerance) overspends, and RDP, looser,
+    would call it too little."""
+    from tests.test_composition import dp_accounting_epsilon
+
+    q, steps, target = 0.05, 10, 1.0
+    z = accountant._calibrate_by_bisection(target, DELTA, q, steps, "pld")
+    assert dp_accounting_epsilon([(z, q, steps)], DELTA) <= target * (1 + 1e-3)
+    assert accountant.epsilon([(z, q, steps)], DELTA) <= target
+    assert accountant.epsilon([(z / 1.002, q, steps)], DELTA) > target
+    assert z > 0.5 and accountant.epsilon([(z, q, steps)], DELTA, "rdp") > target
+    # from a bracket far too loose (8 times the answer) it halves down, then bisects, to the
+    # same least noise
+    monkeypatch.setattr(accountant, "_calibrate", lambda *args: 8 * z)
+    again = accountant._calibrate_by_bisection(target, DELTA, q, steps, "pld")
+    assert accountant.epsilon([(again, q, steps)], DELTA) <= target
+    assert accountant.epsilon([(again / 1.002, q, steps)], DELTA) > target
+
+
+def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
+    """With the inverse scale (nearly) fixed at 1, the LMO bound at shift s is the Laplace
+    mechanism's RDP at sensitivity s, scale 1 (Mironov 2017, Prop. 6), computed here by hand,
+    and so is one unsubsampled step's; shift 0 spends nothing, a negative shift, an order <= 1
+    and a sampling rate outside (0, 1] are refused."""
+    from privtune.privacy.lmo_accounting import rdp_at_shift, rdp_per_step, subsampled_rdp
+    from privtune.privacy.lmo_mechanism import LMOParams
+
+    fixed = LMOParams(a1=1e-12, a3=1e-12, a4=1.0, k=1.0, theta=1.0, lam=1.0, a=1.0, b=1.0 + 1e-9)
+    orders = [2, 3, 8]
+    for shift in (0.5, 1.0, 2.0):
+        laplace = [
+            math.log(
+                a / (2 * a - 1) * math.exp((a - 1) * shift)
+                + (a - 1) / (2 * a - 1) * math.exp(-a * shift)
+            )
+            / (a - 1)
+            for a in orders
+        ]
+        assert list(rdp_at_shift(fixed, orders, shift)) == pytest.approx(laplace, rel=1e-6)
+        if shift == 1.0:  # one release of sensitivity 1 clip, the bound composition uses
+            assert list(rdp_per_step(fixed, orders)) == pytest.approx(laplace, rel=1e-6)
+    assert list(rdp_at_shift(fixed, orders, 0.0)) == pytest.approx([0.0] * 3, abs=1e-12)
+    with pytest.raises(ValueError) as err:
+        rdp_at_shift(fixed, orders, -0.1)
+    assert str(err.value) == "shift must be >= 0 (the bound is symmetric)"
+    # LAW's Gamma part (a1 = 0.1, theta = 0.5) has no MGF at t >= 20: order 8 at shift 3 asks
+    # for t = 21, no bound (inf); order 2 asks for t = 3, finite
+    low, high = rdp_at_shift(LAW, [2, 8], 3.0)
+    assert math.isfinite(low) and high == math.inf
+    with pytest.raises(ValueError) as err:
+        rdp_per_step(fixed, [1, 2])
+    assert str(err.value) == "Renyi orders must be > 1"
+    for q in (0.0, 1.5):
+        with pytest.raises(ValueError) as err:
+            subsampled_rdp(rdp_per_step(fixed, orders), q)
+        assert str(err.value) == f"sample_rate must be in (0, 1], got {q}"
+
+
+def test_prv_falls_back_to_rdp_when_its_discretisation_fails(monkeypatch) -> None:
+    """PRV can fail on extreme schedules; the answer is then RDP's (looser, always sound),
+    here opacus' RDP accountant asked directly."""
+    from opacus.accountants import RDPAccountant
+
+    def fail(self, delta, **kwargs):
+        raise RuntimeError("discretisation failed")
+
+    monkeypatch.setattr(accountant.PRVAccountant, "get_epsilon", fail)
+    rdp = RDPAccountant()
+    rdp.history = [(1.0, 0.1, 3), (2.0, 0.2, 4)]
+    expected = rdp.get_epsilon(DELTA)
+    assert accountant.epsilon(rdp.history, DELTA, "prv") == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_calibration_opacus_leaves_short_is_raised_until_it_fits(monkeypatch) -> None:
+    """Should opacus' calibration come back on the unsafe side, the re-check raises it in
+    0.1 % steps: the result spends at most the target, and 0.1 % less would not."""
+    q, steps, target = 0.05, 40, 2.0
+    exact = accountant._calibrate(target, DELTA, q, steps, "rdp")
+    monkeypatch.setattr(accountant, "get_noise_multiplier", lambda **kw: 0.97 * exact)
+    sigma = accountant._calibrate(target, DELTA, q, steps, "rdp")
+    assert accountant.epsilon([(sigma, q, steps)], DELTA, "rdp") <= target
+    assert accountant.epsilon([(sigma / 1.001, q, steps)], DELTA, "rdp") > target
+    assert sigma == pytest.approx(exact, rel=6e-3)
+
+
+def test_lmo_epsilon_of_several_candidates_is_each_ones_own() -> None:
+    """The vectorised RDP -> epsilon conversion (the LMO search's) gives each candidate's row
+    what opacus' conversion gives it alone; a row with no finite order has no guarantee."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privtune.privacy.lmo_accounting import rdp_to_epsilon_arrays
+
+    orders = np.arange(2, 33)
+    rdp = np.stack([0.01 * orders, 0.2 * np.sqrt(orders), np.full(orders.shape, np.inf)])
+    eps = rdp_to_epsilon_arrays(rdp, orders, DELTA)
+    expected = [get_privacy_spent(orders=orders, rdp=row, delta=DELTA)[0] for row in rdp[:2]]
+    assert eps.shape == (3,) and eps[2] == math.inf
+    assert list(eps[:2]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_norm_at_its_clip_counts_as_unclipped_and_a_hair_above_does_not() -> None:
+    """b_i of the unclipped count is 1 when every group norm is within (<=) its threshold,
+    decided at the norms' own precision: 1e-12 above a clip of 0.1 is above it, although
+    float32 would round the clip up past it."""
+    import torch
+
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    clip = 0.1
+    norms = torch.tensor([[clip], [clip + 1e-12], [clip * (1 - 1e-12)]], dtype=torch.float64)
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]], ["a"], seed=0)
+    released = mech.release_unclipped_count(norms, [clip], 1e-12, expected=3.0)
+    assert released == pytest.approx((2 - 3 / 2) / 3.0 + 0.5, abs=1e-9)  # 2 of 3 unclipped
+    # the histogram's levels too: ||g|| <= 0.3 * C, with 0.3 not rounded to float32 (0.3000001)
+    norms = torch.tensor([[0.3], [0.3 + 1e-12], [0.3 * (1 - 1e-12)]], dtype=torch.float64)
+    released = mech.release_norm_histogram(norms, [1.0], [0.3], 1e-12, expected=3.0)
+    assert released.shape == (1, 1) and released[0, 0] == pytest.approx(2 / 3, abs=1e-9)
+
+
+def test_lmo_epsilon_refuses_a_plan_outside_its_domain() -> None:
+    """q in (0, 1], at least one step, delta in (0, 1): each edge on the right side of it."""
+    from privtune.privacy.lmo_accounting import epsilon as lmo_epsilon
+
+    for q, steps, delta, message in [
+        (0.0, 1, DELTA, "sample_rate must be in (0, 1], got 0.0"),
+        (1.5, 1, DELTA, "sample_rate must be in (0, 1], got 1.5"),
+        (0.1, 0, DELTA, "steps must be >= 1, got 0"),
+        (0.1, 1, 0.0, "delta must be in (0, 1), got 0.0"),
+        (0.1, 1, 1.0, "delta must be in (0, 1), got 1.0"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            lmo_epsilon(LAW, q, steps, delta)
+        assert str(err.value) == message
+    assert 0 < lmo_epsilon(LAW, 1.0, 1, DELTA) < math.inf  # q = 1 and one step are allowed
+
+
+def test_the_default_delta_of_a_plan_stays_under_the_registrys_gate() -> None:
+    """A small corpus: 1/(10 N) = 1e-3 is above a delta gate of 1e-4, so the plan takes the
+    gate's 1e-4 (a model that trains is not refused for its delta later)."""
+    params = _finetune(batch_size=10, epochs=1.0)
+    assert make_plan(100, params, private=False).delta == pytest.approx(1e-3)
+    assert make_plan(100, params, private=False, max_delta=1e-4).delta == 1e-4
+
+
+def test_subsampled_lmo_rdp_is_zhu_and_wangs_general_bound_by_hand() -> None:
+    """Theorem 5 of Zhu & Wang (ICML 2019) written out at alpha = 2 and 3, q = 0.1: no factor 3
+    on the l = 2 term, a factor 3 from l = 3 on; orders_up_to's ends."""
+    from privtune.privacy.lmo_accounting import orders_up_to, subsampled_rdp
+
+    q, e2, e3 = 0.1, 2.0, 3.0  # base RDP at orders 2 and 3, large enough not to be the min
+    at2 = math.log((1 - q) * (1 + q) + q**2 * math.exp(e2))
+    at3 = (
+        math.log(
+            (1 - q) ** 2 * (1 + 2 * q)
+            + 3 * q**2 * (1 - q) * math.exp(e2)
+            + 3 * q**3 * math.exp(2 * e3)
+        )
+        / 2
+    )
+    assert list(subsampled_rdp([e2, e3], q)) == pytest.approx([at2, at3], rel=1e-12)
+    assert list(orders_up_to(2)) == [2] and list(orders_up_to(4)) == [2, 3, 4]
+    with pytest.raises(ValueError) as err:
+        orders_up_to(1)
+    assert str(err.value) == "max_order must be >= 2"

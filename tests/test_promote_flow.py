@@ -9,9 +9,12 @@ registry tests (test_registry.py) check the same flow once against a real MLflow
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from privtune.errors import ModelError
 from privtune.registry import Gates, promotion
@@ -22,9 +25,6 @@ SAFE = {"method": "dpsgd", **GATE_SAFE}  # tags every default gate passes
 
 
 def _missing(what: str) -> Exception:
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
-
     return MlflowException(f"{what} not found", error_code=RESOURCE_DOES_NOT_EXIST)
 
 
@@ -43,12 +43,19 @@ class _Model:
 
 
 class Registry:
-    """An in-memory MlflowClient for one registered model, as far as promotion uses it."""
+    """An in-memory MlflowClient for one registered model, "m", as far as promotion uses it: a
+    call naming any other model fails as MLflow's does (so a name lost on the way is caught)."""
+
+    NAME = "m"
 
     def __init__(self) -> None:
         self.versions: dict[str, _Version] = {}
         self.model = _Model()
         self.aliases: dict[str, str] = {}
+
+    def _model(self, name: str) -> None:
+        if name != self.NAME:
+            raise _missing(f"registered model {name!r}")
 
     def add(self, perplexity: float, **tags: str) -> str:
         version = str(len(self.versions) + 1)
@@ -60,48 +67,58 @@ class Registry:
 
     # registered model
     def get_registered_model(self, name: str) -> _Model:
+        self._model(name)
         return self.model
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        self._model(name)
         self.model.tags[key] = value
 
     def update_registered_model(self, name: str, description: str) -> None:
+        self._model(name)
         self.model.description = description
 
     # aliases
     def set_registered_model_alias(self, name: str, alias: str, version: Any) -> None:
+        self._model(name)
         self.aliases[alias] = str(version)
 
     def delete_registered_model_alias(self, name: str, alias: str) -> None:
+        self._model(name)
         if alias not in self.aliases:
             raise _missing(f"alias {alias}")
         del self.aliases[alias]
 
     def get_model_version_by_alias(self, name: str, alias: str) -> _Version:
+        self._model(name)
         if alias not in self.aliases:
             raise _missing(f"alias {alias}")
         return self.versions[self.aliases[alias]]
 
     # versions
     def get_model_version(self, name: str, version: Any) -> _Version:
+        self._model(name)
         if str(version) not in self.versions:
             raise _missing(f"version {version}")
         return self.versions[str(version)]
 
     def search_model_versions(self, query: str) -> list[_Version]:
-        return list(self.versions.values())
+        return list(self.versions.values()) if query == f"name = '{self.NAME}'" else []
 
     def set_model_version_tag(self, name: str, version: Any, key: str, value: str) -> None:
+        self._model(name)
         self.versions[str(version)].tags[key] = value
 
     def delete_model_version_tag(self, name: str, version: Any, key: str) -> None:
+        self._model(name)
         del self.versions[str(version)].tags[key]
 
     def update_model_version(self, name: str, version: Any, description: str) -> None:
+        self._model(name)
         self.versions[str(version)].description = description
 
     def get_logged_model(self, model_id: str) -> Any:
-        raise _missing(f"logged model {model_id}")  # the card then comes from the tags
+        return SimpleNamespace(artifact_location=f"/nowhere/{model_id}/artifacts")
 
     def history(self) -> list[str]:
         return json.loads(self.model.tags.get(HISTORY_TAG, "[]"))
@@ -116,8 +133,14 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
         fake.roots.append(str(root))
         return fake
 
+    def download_artifacts(artifact_uri: str, dst_path: str, tracking_uri: str) -> str:
+        fake.card_uris.append(tracking_uri)  # the store the model card is read from
+        raise OSError(f"{artifact_uri} is not stored")  # the card then comes from the tags
+
+    fake.card_uris = []
     monkeypatch.setattr(promotion, "client", client)
     monkeypatch.setattr(promotion, "tracking_uri", lambda root: f"sqlite:///{root}/mlflow.db")
+    monkeypatch.setattr("mlflow.artifacts.download_artifacts", download_artifacts)
     return fake
 
 
@@ -172,6 +195,9 @@ def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry)
     assert str(err.value) == (
         "m privtune.champion_history: no previous champion to roll back to. Fix: promote a model"
     )
+    with pytest.raises(ModelError) as err:
+        promotion.rollback("nope")  # MLflow knows no such registered model
+    assert str(err.value) == "nope: no such registered model. Fix: register a model first"
     v1 = registry.add(40.0)
     promotion.promote("m")
     with pytest.raises(ModelError) as err:
@@ -183,6 +209,7 @@ def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry)
     registry.add(39.0)
     promotion.promote_best("m", root="elsewhere")
     assert set(registry.roots[-3:]) == {"elsewhere"}
+    assert registry.card_uris[-1] == "sqlite:///elsewhere/mlflow.db"
     promotion.pending_versions("m", root="elsewhere")
     assert registry.roots[-1] == "elsewhere"
     assert promotion.pending_versions("m") == [] and registry.roots[-1] == "."
@@ -232,6 +259,10 @@ def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
     selection = promotion.promote_best("m", gates)
     expected = versions["b"] if higher_is_better else versions["a"]  # b ties c: b is older
     assert selection.chosen == expected
+    best = (
+        "highest medication_accuracy (0.5)" if higher_is_better else "lowest test_perplexity (0.3)"
+    )
+    assert selection.why == f"v{expected} has the {best} of the 3 eligible candidate(s) out of 5"
     assert registry.aliases["champion"] == expected and registry.history() == [expected]
     decisions = {d.version: d for d in selection.decisions}
     assert selection.decisions[0].version == expected and decisions[expected].promoted
@@ -243,7 +274,8 @@ def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
         else {"b": ["utility"], "c": ["utility"], "d": ["epsilon", "utility"], "e": ["epsilon"]}
     )
     for key, gates_failed in failed.items():
-        assert not decisions[versions[key]].promoted
+        assert decisions[versions[key]].promoted is False
+        assert decisions[versions[key]].champion_before == expected  # judged against it
         assert [g.gate for g in decisions[versions[key]].failed] == gates_failed
     assert set(registry.roots) == {"."}  # the current directory's store unless told
 
@@ -269,3 +301,70 @@ def test_pending_versions_are_the_unjudged_ones_in_numeric_order(registry: Regis
     registry.versions["3"].tags["promotion.decision"] = "refused"
     pending = promotion.pending_versions("m")
     assert pending == [str(v) for v in range(1, 12) if v != 3]  # "10" after "9", not "1"
+
+
+def test_promote_best_judges_the_challenger_again_once_every_version_was_judged(
+    registry: Registry,
+) -> None:
+    """With nothing left unjudged, promote_best falls back to the challenger alias (a refused
+    challenger keeps it, so it can be judged again after a new evaluation), and without one it
+    is an error that says what to do."""
+    v1 = registry.add(40.0)
+    promotion.promote("m")  # consumes the challenger alias
+    with pytest.raises(ModelError) as err:
+        promotion.promote_best("m")
+    assert str(err.value) == "m@challenger: no challenger to promote. Fix: register a model first"
+    v2 = registry.add(41.0)
+    assert not promotion.promote("m").promoted  # refused: v2 keeps the alias, judged
+    assert promotion.pending_versions("m") == []
+    selection = promotion.promote_best("m")
+    assert selection.chosen is None and selection.methods == {v2: "dpsgd"}
+    assert selection.why == "none of 1 candidate(s) passes every gate"
+    assert [d.version for d in selection.decisions] == [v2]
+    assert [g.gate for g in selection.decisions[0].failed] == ["utility"]
+    registry.versions[v2].tags["utility.test_perplexity"] = "39.0"  # evaluated again, better
+    selection = promotion.promote_best("m")
+    assert selection.chosen == v2 and registry.aliases == {"champion": v2, PREVIOUS: v1}
+    assert selection.why == (
+        f"v{v2} has the lowest test_perplexity (39) of the 1 eligible candidate(s) out of 1"
+    )
+    assert registry.history() == [v1, v2]
+
+
+def test_promote_best_promotes_under_its_own_gates_and_never_rejudges_the_champion(
+    registry: Registry,
+) -> None:
+    """The chosen version is promoted under the gates promote_best was given (here a looser
+    epsilon limit than the default 8: the defaults would refuse it); a passing candidate not
+    chosen is refused by a failed `best_candidate` gate; a challenger alias pointing at the
+    champion is no candidate."""
+    gates = Gates(max_epsilon=10.0)
+    v1 = registry.add(40.0, epsilon="9.0")
+    v2 = registry.add(40.0, epsilon="9.0")  # a tie goes to the older
+    selection = promotion.promote_best("m", gates)
+    assert selection.chosen == v1 and registry.aliases == {"champion": v1, "challenger": v2}
+    first, second = selection.decisions
+    assert first.version == v1 and first.promoted
+    not_chosen = second.gates[-1]
+    assert second.version == v2 and not second.promoted
+    assert (not_chosen.gate, not_chosen.passed) == ("best_candidate", False)
+    assert not_chosen.reason == f"v{v1} was chosen: better test_perplexity (40)"
+    registry.aliases["challenger"] = v1  # pointed back at the champion by hand
+    registry.versions[v2].tags["promotion.decision"] = "refused"  # nothing pending
+    selection = promotion.promote_best("m", gates)
+    assert selection.chosen is None and selection.decisions == ()
+    assert selection.why == "none of 0 candidate(s) passes every gate"
+    assert registry.history() == [v1]
+
+
+def test_promote_best_with_no_champion_and_nothing_eligible(registry: Registry) -> None:
+    """Every candidate refused, none before them: no champion is named, a version without a
+    method tag is listed as "?", and every decision is recorded against the store asked for."""
+    v1 = registry.add(40.0, epsilon="inf")
+    del registry.versions[v1].tags["method"]
+    selection = promotion.promote_best("m", root="there")
+    assert selection.chosen is None and selection.methods == {v1: "?"}
+    (decision,) = selection.decisions
+    assert decision.promoted is False and decision.champion_before is None
+    assert registry.card_uris == ["sqlite:///there/mlflow.db"]
+    assert "champion" not in registry.aliases

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -164,32 +165,45 @@ class FakeRegistry:
         if len(history) >= 2:
             self.aliases[PREVIOUS] = history[-2]
 
+    def _model(self, name):  # a call naming any other model fails, as MLflow's does
+        from mlflow.exceptions import MlflowException
+
+        if name != "m":
+            raise MlflowException(f"no registered model {name!r}")
+
     def get_registered_model(self, name):
+        self._model(name)
         return self.model
 
     def set_registered_model_tag(self, name, key, value):
+        self._model(name)
         self.model.tags[key] = value
 
     def set_registered_model_alias(self, name, alias, version):
+        self._model(name)
         self.aliases[alias] = str(version)
 
     def delete_registered_model_alias(self, name, alias):
+        self._model(name)
         del self.aliases[alias]
 
     def get_model_version_by_alias(self, name, alias):
         from mlflow.exceptions import MlflowException
 
+        self._model(name)
         if alias not in self.aliases:
             raise MlflowException(f"no alias {alias}")
         return self.versions[self.aliases[alias]]
 
     def set_model_version_tag(self, name, version, key, value):
+        self._model(name)
         self.versions[str(version)].tags[key] = value
 
     def search_model_versions(self, query):
-        return list(self.versions.values())
+        return list(self.versions.values()) if query == "name = 'm'" else []
 
     def update_registered_model(self, name, description):
+        self._model(name)
         self.model.description = description
 
 
@@ -199,7 +213,8 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     from privtune.registry import promotion
 
     fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
-    monkeypatch.setattr(promotion, "client", lambda root=".": fake)
+    roots = []
+    monkeypatch.setattr(promotion, "client", lambda root: roots.append(str(root)) or fake)
     back = promotion.rollback("m")
     assert (back.from_version, back.to_version) == ("3", "2")
     assert fake.aliases == {"champion": "2", promotion.PREVIOUS: "1"}
@@ -207,9 +222,15 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     assert (back.from_version, back.to_version) == ("2", "1")
     assert fake.aliases == {"champion": "1"}
     assert json.loads(fake.model.tags[promotion.HISTORY_TAG]) == ["1"]
-    assert fake.versions["3"].tags.get("promotion.rolled_back")
+    assert back.name == "m"
+    rolled_back = datetime.fromisoformat(fake.versions["3"].tags["promotion.rolled_back"])
+    assert rolled_back.utcoffset() == timedelta(0)  # UTC, as every promotion time is
     with pytest.raises(promotion.ModelError, match="no previous champion"):
         promotion.rollback("m")
+    assert set(roots) == {"."}  # the current directory's store unless told
+    fake = FakeRegistry(["1", "2"], ["1", "2"])
+    assert promotion.rollback("m", root="elsewhere").to_version == "1"
+    assert roots[-1] == "elsewhere"
 
 
 def _gates(tags: dict[str, str], champion: Champion | None = None, **gates: object) -> dict:
@@ -307,13 +328,14 @@ def test_utility_gate_against_no_champion_or_one_without_the_metric():
     tags = SAFE | {"utility.test_perplexity": "40.0"}
     first = _gates(tags)["utility"]
     assert first.passed and first.threshold is None and "no champion yet" in first.reason
+    assert first.value == 40.0  # the challenger's value is on record even with nothing to beat
     missing = _gates(SAFE)["utility"]
     assert not missing.passed and missing.reason == (
         "utility.test_perplexity missing: cannot check"
     )
     champion = Champion(40.0, metric="medication_accuracy")  # a champion judged on another one
     other = _gates(tags, champion)["utility"]
-    assert not other.passed and other.threshold is None
+    assert not other.passed and other.threshold is None and other.value == 40.0
     assert other.reason == "champion v1 has no utility.test_perplexity: cannot compare"
 
 
