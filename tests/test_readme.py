@@ -87,3 +87,13 @@ def test_rldp_table_is_the_committed_benchmark_and_every_run_kept_its_budget():
     assert set(bench["summary"]) == {"1", "4", "8"}
     for run in bench["runs"]:  # the claim the table rests on: equal budgets, none overspent
         assert run["epsilon_spent"] <= run["epsilon"] * (1 + 1e-9)
+
+
+def test_lora_targets_table_is_the_committed_benchmark():
+    results = ROOT / "benchmarks" / "results"
+    assert _block("results:lora-targets") == (results / "lora_targets.md").read_text().strip()
+    runs = json.loads((results / "lora_targets.json").read_text())["runs"]
+    ppl = {(r["targets"], r["method"]): r["test_perplexity"] for r in runs}
+    # what the section claims: all seven projections beat q_proj, v_proj with and without DP
+    for method in ("nonprivate", "dpsgd"):
+        assert ppl["all seven projections", method] < ppl["q_proj, v_proj", method]
