@@ -71,27 +71,32 @@ def sweep(
     instead of each building them).
     """
     from privtune.config import load_params
-    from privtune.tracking import disable_telemetry, ensure_experiment, tracking_uri
+    from privtune.tracking import TRACKING_ENV, disable_telemetry, ensure_experiment, tracking_uri
 
     disable_telemetry()
     root = str(Path(root).resolve())
-    # Experiments run in temporary copies: point them all at the project's store.
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
     points = sweep_points(epsilons, seeds)
     runner = load_params(Path(root) / "params.yaml").runner
-    if runner.kind == "local":
-        names = [stages.experiment(name, overrides, root) for name, overrides in points]
-    else:
-        stages.prepare(root)
-        stages.base(root)
-        ensure_experiment(root)  # created once here, not raced for by the concurrent points
-        task_runner = runners.task_runner(runner, runners.flow_api_url())
-        names = sweep_fanned_out.with_options(task_runner=task_runner)(
-            root=root,
-            points=points,
-            tracking=os.environ["MLFLOW_TRACKING_URI"],
-            runner=runner.model_dump(),
-        )
+    # Experiments run in copies of the project: point them all at the project's store (for
+    # this flow only: a later flow in this process, on another project, finds it unset).
+    previous, store = os.environ.get(TRACKING_ENV), tracking_uri(root)
+    os.environ[TRACKING_ENV] = store
+    try:
+        if runner.kind == "local":
+            names = [stages.experiment(name, overrides, root) for name, overrides in points]
+        else:
+            stages.prepare(root)
+            stages.base(root)
+            ensure_experiment(root)  # created once here, not raced for by the concurrent points
+            task_runner = runners.task_runner(runner, runners.flow_api_url())
+            names = sweep_fanned_out.with_options(task_runner=task_runner)(
+                root=root, points=points, tracking=store, runner=runner.model_dump()
+            )
+    finally:
+        if previous is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = previous
     get_run_logger().info("compare with: dvc exp show --only-changed")
     return names
 
