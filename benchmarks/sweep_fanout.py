@@ -183,8 +183,23 @@ def start_local_ray(runner: dict[str, Any], attempts: int = 3) -> None:
     raise SystemExit("the local Ray cluster did not start")
 
 
+def _code_version() -> dict[str, str]:
+    """The commit of the code that ran (and whether it had local changes), and the engines."""
+    from importlib.metadata import version
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    found = {"commit": git("rev-parse", "HEAD"), "dirty": str(bool(git("status", "--porcelain")))}
+    return found | {
+        name: version(name) for name in ("dvc", "prefect", "prefect-ray", "ray", "torch")
+    }
+
+
 def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
     """Build the project, then time the sweep on each side."""
+    code = _code_version()  # before this run writes anything into the checkout
     try:
         print(f"building the {args.size} project in {work}", flush=True)
         project = build_project(work, args.size, args.methods)
@@ -192,7 +207,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             "ray": {"kind": "ray", "num_cpus": 1, "max_concurrency": args.concurrency},
             "sequential": {"kind": "local"},
         }
-        seconds, shown, load = {}, {}, {}
+        seconds, shown, load, load_end = {}, {}, {}, {}
         for side, runner in sides.items():
             copy = work / side
             shutil.copytree(project, copy, symlinks=True)
@@ -205,6 +220,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
                 start_local_ray(runner)  # timed: part of what fanning out costs
             sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
             seconds[side] = time.perf_counter() - start
+            load_end[side] = os.getloadavg()[0]
             if runner["kind"] == "ray":
                 import ray
 
@@ -212,7 +228,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             shown[side] = experiments(copy)
             print(f"{side}: {seconds[side]:.1f} s", flush=True)
             partial = args.out.with_suffix(".partial.json")
-            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2))
+            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2) + "\n")
         spent = {side: _epsilons(found) for side, found in shown.items()}
         result = {
             "what": "wall time of flows/sweep.py, one point after another vs fanned out on Ray",
@@ -229,7 +245,9 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
                 "load_average_1min_at_start": load,
+                "load_average_1min_at_end": load_end,
             },
+            "code": code,
             "sequential": {
                 "runner": sides["sequential"],
                 "threads_per_run": "torch default (all CPUs)",

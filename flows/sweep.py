@@ -35,6 +35,27 @@ def sweep_points(epsilons: list[float], seeds: list[int]) -> list[tuple[str, lis
     ]
 
 
+def existing_experiments(root: str, names: list[str]) -> list[str]:
+    """The names among `names` that the project already has as experiments of its HEAD.
+
+    DVC finds such a clash only when it brings the finished experiment back (`dvc exp run
+    --temp` and `dvc exp push` alike), after the point's whole pipeline ran: a sweep checks first.
+    """
+    import subprocess
+
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD").stdout.strip()
+    return [
+        name
+        for name in names
+        if git("show-ref", "--verify", "--quiet", str(ExpRefInfo(head, name))).returncode == 0
+    ]
+
+
 @flow(name="privtune-sweep-points", log_prints=True)
 def sweep_fanned_out(
     root: str,
@@ -76,6 +97,11 @@ def sweep(
     disable_telemetry()
     root = str(Path(root).resolve())
     points = sweep_points(epsilons, seeds)
+    if clash := existing_experiments(root, [name for name, _ in points]):
+        raise ValueError(
+            f"the project already has experiments {clash} at this commit: `dvc exp remove "
+            f"{' '.join(clash)}` to run those points again, or commit first"
+        )
     runner = load_params(Path(root) / "params.yaml").runner
     # Experiments run in copies of the project: point them all at the project's store (for
     # this flow only: a later flow in this process, on another project, finds it unset).

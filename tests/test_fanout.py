@@ -234,6 +234,28 @@ def test_a_sweep_points_copy_is_the_workspace_as_dvc_exp_run_temp_takes_it(tmp_p
     assert _sh(copy, "git", "rev-parse", "HEAD") == _sh(project, "git", "rev-parse", "HEAD")
 
 
+def test_a_sweep_refuses_points_the_project_already_has_before_running_any(tmp_path):
+    """DVC would find the clash only when bringing a finished point back."""
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    from flows.sweep import existing_experiments, sweep
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "t@example.com"),
+        ("git", "config", "user.name", "t"),
+        ("git", "commit", "-q", "--allow-empty", "-m", "init"),
+    ):
+        _sh(project, *cmd)
+    head = _sh(project, "git", "rev-parse", "HEAD").strip()
+    _sh(project, "git", "update-ref", str(ExpRefInfo(head, "eps1-seed0")), head)
+    assert existing_experiments(str(project), ["eps1-seed0", "eps8-seed0"]) == ["eps1-seed0"]
+    with pytest.raises(ValueError, match=r"dvc exp remove eps1-seed0"):
+        sweep.fn(root=str(project), epsilons=[1.0, 8.0], seeds=[0])
+
+
 # -- a sweep fanned out on a local Ray cluster -------------------------------------------------
 
 # The shortest whole pipeline a sweep point runs: one private method at the tiny sizes.
