@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--methods", nargs="+", default=["dpsgd"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep_fanout.json")
     args = parser.parse_args()
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             copy = work / side
             shutil.copytree(project, copy, symlinks=True)
             set_runner(copy, runner)
-            _sh(copy, "git", "commit", "-qam", f"runner: {side}")
+            _sh(copy, "git", "commit", "-qam", f"runner: {side}", "--allow-empty")
             load[side] = os.getloadavg()[0]
             print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
             start = time.perf_counter()
