@@ -14,6 +14,7 @@ this measures, and the JSON records exactly what ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +186,26 @@ def start_local_ray(runner: dict[str, Any], attempts: int = 3) -> None:
     raise SystemExit("the local Ray cluster did not start")
 
 
+@contextlib.contextmanager
+def sampled_load(every: float = 10.0) -> Iterator[list[float]]:
+    """The 1-minute load average, sampled every `every` seconds until the block ends."""
+    samples = [os.getloadavg()[0]]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            samples.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+        samples.append(os.getloadavg()[0])
+
+
 def _code_version() -> dict[str, str]:
     """The commit of the code that ran (and whether it had local changes), and the engines."""
     from importlib.metadata import version
@@ -207,7 +230,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             "ray": {"kind": "ray", "num_cpus": 1, "max_concurrency": args.concurrency},
             "sequential": {"kind": "local"},
         }
-        seconds, shown, load, load_end = {}, {}, {}, {}
+        seconds, shown, load, load_end, load_during = {}, {}, {}, {}, {}
         for side, runner in sides.items():
             copy = work / side
             shutil.copytree(project, copy, symlinks=True)
@@ -216,10 +239,16 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             load[side] = os.getloadavg()[0]
             print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
             start = time.perf_counter()
-            if runner["kind"] == "ray":
-                start_local_ray(runner)  # timed: part of what fanning out costs
-            sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
+            with sampled_load() as samples:
+                if runner["kind"] == "ray":
+                    start_local_ray(runner)  # timed: part of what fanning out costs
+                sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
             seconds[side] = time.perf_counter() - start
+            load_during[side] = {
+                "mean": round(sum(samples) / len(samples), 2),
+                "max": round(max(samples), 2),
+                "samples": len(samples),
+            }
             load_end[side] = os.getloadavg()[0]
             if runner["kind"] == "ray":
                 import ray
@@ -246,6 +275,8 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
                 "platform": platform.platform(),
                 "load_average_1min_at_start": load,
                 "load_average_1min_at_end": load_end,
+                # every 10 s while the side ran (its own runs included: 1 to 2 of it is ours)
+                "load_average_1min_during": load_during,
             },
             "code": code,
             "sequential": {
