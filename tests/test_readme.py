@@ -75,3 +75,21 @@ def test_smollm2_attacks_table_is_the_committed_run_and_shows_power():
     assert open_model["mia_loss_auc_ci_low"] > 0.5
     assert private["mia_loss_auc_ci_low"] < 0.5 < private["mia_loss_auc_ci_high"]
     assert f"{open_model['mia_loss_auc_ci_low']:.3f}" in README
+
+
+def test_sweep_fanout_rows_are_the_committed_benchmark():
+    path = ROOT / "benchmarks" / "results" / "sweep_fanout.json"
+    assert path.is_file(), (
+        "benchmarks/results/sweep_fanout.json is not committed (make bench-sweep)"
+    )
+    bench = json.loads(path.read_text())
+    block = _block("results:sweep-fanout")
+    sides = [s for s in ("sequential", "sequential_one_thread", "ray") if s in bench]
+    for side in sides:
+        assert f"{bench[side]['seconds']:.1f} s" in block, side
+        # what the section claims: every point a DVC experiment and a finished MLflow run
+        runs = bench[side]["mlflow_finetune_runs"]
+        assert len(runs) == bench["sweep"]["points"] and {r[2] for r in runs} == {"FINISHED"}
+    assert f"{bench['speedup']:.2f}×" in block
+    assert len(bench["experiments"]) == bench["sweep"]["points"]
+    assert bench["same_epsilons_both_ways"]
