@@ -9,6 +9,7 @@ on a 2-core CPU; `--size`, `--methods`, `--epsilons` and `--seeds` define the re
 this measures, and the JSON records exactly what ran.
 
     python benchmarks/sweep_fanout.py                    # writes results/sweep_fanout.json
+    python benchmarks/sweep_fanout.py --one-thread-sequential   # and in turn, one thread a run
 """
 
 from __future__ import annotations
