@@ -9,11 +9,13 @@ on a 2-core CPU; `--size`, `--methods`, `--epsilons` and `--seeds` define the re
 this measures, and the JSON records exactly what ran.
 
     python benchmarks/sweep_fanout.py                    # writes results/sweep_fanout.json
+    python benchmarks/sweep_fanout.py --one-thread-sequential   # and in turn, one thread a run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +23,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +146,13 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--methods", nargs="+", default=["dpsgd"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--one-thread-sequential",
+        action="store_true",
+        help="also time the points in turn with one torch thread each (as fanned out)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep_fanout.json")
     args = parser.parse_args()
 
@@ -183,8 +192,73 @@ def start_local_ray(runner: dict[str, Any], attempts: int = 3) -> None:
     raise SystemExit("the local Ray cluster did not start")
 
 
+@contextlib.contextmanager
+def sampled_load(every: float = 10.0) -> Iterator[list[float]]:
+    """The 1-minute load average, sampled every `every` seconds until the block ends."""
+    samples = [os.getloadavg()[0]]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            samples.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+        samples.append(os.getloadavg()[0])
+
+
+def point_spans() -> dict[str, tuple[str, float]]:
+    """Every sweep point's task run so far on the Prefect server: id -> (name, seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="experiment-"))
+        )
+    return {
+        str(run.id): (run.name, (run.end_time - run.start_time).total_seconds())
+        for run in found
+        if run.start_time and run.end_time
+    }
+
+
+def finetune_runs(project: Path) -> list[list[str]]:
+    """(finetune.epsilon, finetune.seed, status) of each fine-tuning run in the project's
+    MLflow store: every point's run must be there, finished."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("privtune")
+    return sorted(
+        [run.data.params["finetune.epsilon"], run.data.params["finetune.seed"], run.info.status]
+        for run in client.search_runs([experiment.experiment_id])
+        if run.data.tags.get("stage") == "finetune"
+    )
+
+
+def _code_version() -> dict[str, str]:
+    """The commit of the code that ran (and whether it had local changes), and the engines."""
+    from importlib.metadata import version
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    found = {"commit": git("rev-parse", "HEAD"), "dirty": str(bool(git("status", "--porcelain")))}
+    return found | {
+        name: version(name) for name in ("dvc", "prefect", "prefect-ray", "ray", "torch")
+    }
+
+
 def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
     """Build the project, then time the sweep on each side."""
+    code = _code_version()  # before this run writes anything into the checkout
     try:
         print(f"building the {args.size} project in {work}", flush=True)
         project = build_project(work, args.size, args.methods)
@@ -192,19 +266,40 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             "ray": {"kind": "ray", "num_cpus": 1, "max_concurrency": args.concurrency},
             "sequential": {"kind": "local"},
         }
-        seconds, shown, load = {}, {}, {}
+        threads = {"ray": 1, "sequential": None}  # None: torch's default (all CPUs)
+        if args.one_thread_sequential:  # in turn as fanned out: one thread a run
+            sides["sequential_one_thread"] = {"kind": "local"}
+            threads["sequential_one_thread"] = 1
+        seconds, shown, load, load_end, load_during = {}, {}, {}, {}, {}
+        points, runs = {}, {}
+        from tasks.runners import thread_limit
+
         for side, runner in sides.items():
             copy = work / side
             shutil.copytree(project, copy, symlinks=True)
             set_runner(copy, runner)
-            _sh(copy, "git", "commit", "-qam", f"runner: {side}")
+            _sh(copy, "git", "commit", "-qam", f"runner: {side}", "--allow-empty")
             load[side] = os.getloadavg()[0]
             print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
+            seen = set(point_spans())
             start = time.perf_counter()
-            if runner["kind"] == "ray":
-                start_local_ray(runner)  # timed: part of what fanning out costs
-            sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
+            with sampled_load() as samples, thread_limit(threads[side]):
+                if runner["kind"] == "ray":
+                    start_local_ray(runner)  # timed: part of what fanning out costs
+                sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
             seconds[side] = time.perf_counter() - start
+            points[side] = {
+                name: round(seconds_, 1)
+                for key, (name, seconds_) in sorted(point_spans().items(), key=lambda x: x[1])
+                if key not in seen
+            }
+            runs[side] = finetune_runs(copy)
+            load_during[side] = {
+                "mean": round(sum(samples) / len(samples), 2),
+                "max": round(max(samples), 2),
+                "samples": len(samples),
+            }
+            load_end[side] = os.getloadavg()[0]
             if runner["kind"] == "ray":
                 import ray
 
@@ -212,7 +307,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             shown[side] = experiments(copy)
             print(f"{side}: {seconds[side]:.1f} s", flush=True)
             partial = args.out.with_suffix(".partial.json")
-            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2))
+            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2) + "\n")
         spent = {side: _epsilons(found) for side, found in shown.items()}
         result = {
             "what": "wall time of flows/sweep.py, one point after another vs fanned out on Ray",
@@ -229,18 +324,33 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
                 "load_average_1min_at_start": load,
+                "load_average_1min_at_end": load_end,
+                # every 10 s while the side ran (its own runs included: 1 to 2 of it is ours)
+                "load_average_1min_during": load_during,
             },
-            "sequential": {
-                "runner": sides["sequential"],
-                "threads_per_run": "torch default (all CPUs)",
-                "seconds": round(seconds["sequential"], 1),
-            },
-            "ray": {
-                "runner": sides["ray"],
-                "threads_per_run": 1,
-                "seconds": round(seconds["ray"], 1),
+            "code": code,
+            **{
+                side: {
+                    "runner": sides[side],
+                    "threads_per_run": threads[side] or "torch default (all CPUs)",
+                    "seconds": round(seconds[side], 1),
+                    # each point's task run, start to end (Prefect): alone, or two at once
+                    "point_seconds": points[side],
+                    # (finetune.epsilon, finetune.seed, status) of each fine-tuning run
+                    "mlflow_finetune_runs": runs[side],
+                }
+                for side in sides
             },
             "speedup": round(seconds["sequential"] / seconds["ray"], 2),
+            **(
+                {
+                    "speedup_vs_one_thread": round(
+                        seconds["sequential_one_thread"] / seconds["ray"], 2
+                    )
+                }
+                if "sequential_one_thread" in seconds
+                else {}
+            ),
             "experiments": sorted(shown["ray"]),
             # the privacy spent does not depend on threads; float metrics may (1 thread per
             # run fanned out, all CPUs per run in turn), so they are reported, not required

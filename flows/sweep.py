@@ -35,6 +35,27 @@ def sweep_points(epsilons: list[float], seeds: list[int]) -> list[tuple[str, lis
     ]
 
 
+def existing_experiments(root: str, names: list[str]) -> list[str]:
+    """The names among `names` that the project already has as experiments of its HEAD.
+
+    DVC finds such a clash only when it brings the finished experiment back (`dvc exp run
+    --temp` and `dvc exp push` alike), after the point's whole pipeline ran: a sweep checks first.
+    """
+    import subprocess
+
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD").stdout.strip()
+    return [
+        name
+        for name in names
+        if git("show-ref", "--verify", "--quiet", str(ExpRefInfo(head, name))).returncode == 0
+    ]
+
+
 @flow(name="privtune-sweep-points", log_prints=True)
 def sweep_fanned_out(
     root: str,
@@ -71,27 +92,37 @@ def sweep(
     instead of each building them).
     """
     from privtune.config import load_params
-    from privtune.tracking import disable_telemetry, ensure_experiment, tracking_uri
+    from privtune.tracking import TRACKING_ENV, disable_telemetry, ensure_experiment, tracking_uri
 
     disable_telemetry()
     root = str(Path(root).resolve())
-    # Experiments run in temporary copies: point them all at the project's store.
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
     points = sweep_points(epsilons, seeds)
-    runner = load_params(Path(root) / "params.yaml").runner
-    if runner.kind == "local":
-        names = [stages.experiment(name, overrides, root) for name, overrides in points]
-    else:
-        stages.prepare(root)
-        stages.base(root)
-        ensure_experiment(root)  # created once here, not raced for by the concurrent points
-        task_runner = runners.task_runner(runner, runners.flow_api_url())
-        names = sweep_fanned_out.with_options(task_runner=task_runner)(
-            root=root,
-            points=points,
-            tracking=os.environ["MLFLOW_TRACKING_URI"],
-            runner=runner.model_dump(),
+    if clash := existing_experiments(root, [name for name, _ in points]):
+        raise ValueError(
+            f"the project already has experiments {clash} at this commit: `dvc exp remove "
+            f"{' '.join(clash)}` to run those points again, or commit first"
         )
+    runner = load_params(Path(root) / "params.yaml").runner
+    # Experiments run in copies of the project: point them all at the project's store (for
+    # this flow only: a later flow in this process, on another project, finds it unset).
+    previous, store = os.environ.get(TRACKING_ENV), tracking_uri(root)
+    os.environ[TRACKING_ENV] = store
+    try:
+        if runner.kind == "local":
+            names = [stages.experiment(name, overrides, root) for name, overrides in points]
+        else:
+            stages.prepare(root)
+            stages.base(root)
+            ensure_experiment(root)  # created once here, not raced for by the concurrent points
+            task_runner = runners.task_runner(runner, runners.flow_api_url())
+            names = sweep_fanned_out.with_options(task_runner=task_runner)(
+                root=root, points=points, tracking=store, runner=runner.model_dump()
+            )
+    finally:
+        if previous is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = previous
     get_run_logger().info("compare with: dvc exp show --only-changed")
     return names
 

@@ -95,6 +95,14 @@ def _permanent_errors(target: str) -> Iterator[None]:
                 os.environ[ERROR_FILE_ENV] = previous
 
 
+def _cli_on_path() -> None:
+    """dvc.yaml calls the `privtune` CLI: make the interpreter's own bin dir win on PATH (a Ray
+    worker, or `make`, may start this process with the environment's bin dir not on it)."""
+    bin_dir = str(Path(sys.executable).parent)
+    if not os.environ.get("PATH", "").startswith(bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def reproduce(
     root: str, target: str, force: bool = False, wait_for_lock: bool = False
 ) -> list[str]:
@@ -112,10 +120,7 @@ def reproduce(
     """
     from dvc.repo import Repo
 
-    # dvc.yaml calls the `privtune` CLI: make the interpreter's own bin dir win on PATH.
-    bin_dir = str(Path(sys.executable).parent)
-    if not os.environ.get("PATH", "").startswith(bin_dir):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    _cli_on_path()
     # DVC resolves stage paths against the working directory: run from the repo root.
     with (
         _permanent_errors(target),
@@ -213,6 +218,7 @@ def experiment(name: str, overrides: list[str], root: str = ".") -> str:
     """
     from dvc.repo import Repo
 
+    _cli_on_path()
     with _permanent_errors(f"experiment {name}"), contextlib.chdir(root), Repo(".") as repo:
         results = repo.experiments.run(params=overrides, tmp_dir=True, name=name)
     get_run_logger().info("experiment %s (%s): %s", name, " ".join(overrides), results)
@@ -251,11 +257,11 @@ def method_stages(
         }
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, check: bool = True) -> str:
     import subprocess
 
-    done = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+    done = subprocess.run(["git", *args], capture_output=True, text=True, check=check)
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def _copy_of(root: Path, copy: Path) -> None:
@@ -268,6 +274,9 @@ def _copy_of(root: Path, copy: Path) -> None:
 
     head = _git("-C", str(root), "rev-parse", "HEAD")
     _git("clone", "--quiet", "--shared", "--no-checkout", str(root), str(copy))
+    for key in ("user.name", "user.email"):  # who commits the experiment, as in the project
+        if value := _git("-C", str(root), "config", "--get", key, check=False):
+            _git("-C", str(copy), "config", key, value)
     _git("-C", str(copy), "checkout", "--quiet", "-B", "fanout", head)
     paths = _git("-C", str(root), "diff", "--name-only", "HEAD").splitlines()
     paths += _git("-C", str(root), "ls-files", "--others", "--exclude-standard").splitlines()
@@ -322,6 +331,7 @@ def experiment_in_copy(
     parent = project / ".dvc" / "tmp" / "fanout"
     parent.mkdir(parents=True, exist_ok=True)
     copy = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    _cli_on_path()
     previous = os.environ.get(TRACKING_ENV)
     if tracking_uri:
         os.environ[TRACKING_ENV] = tracking_uri
@@ -335,7 +345,12 @@ def experiment_in_copy(
         ):
             repo.checkout(allow_missing=True)  # the baseline's outputs, from the shared cache
             results = repo.experiments.run(params=overrides, name=name)
-            repo.experiments.push(str(project), [name])
+            pushed = repo.experiments.push(str(project), [name])
+        if not any(pushed.get(status) for status in ("success", "up_to_date")):
+            raise RuntimeError(
+                f"experiment {name} ran but was not pushed back to {project} ({pushed}); if "
+                f"the project has an experiment of that name already, `dvc exp remove {name}`"
+            )
     finally:
         shutil.rmtree(copy, ignore_errors=True)
         if tracking_uri and previous is None:

@@ -232,3 +232,90 @@ def test_a_sweep_points_copy_is_the_workspace_as_dvc_exp_run_temp_takes_it(tmp_p
     with Repo(str(project)) as original, Repo(str(copy)) as cloned:
         assert cloned.cache.local_cache_dir == original.cache.local_cache_dir
     assert _sh(copy, "git", "rev-parse", "HEAD") == _sh(project, "git", "rev-parse", "HEAD")
+
+
+def test_a_sweep_refuses_points_the_project_already_has_before_running_any(tmp_path):
+    """DVC would find the clash only when bringing a finished point back."""
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    from flows.sweep import existing_experiments, sweep
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "t@example.com"),
+        ("git", "config", "user.name", "t"),
+        ("git", "commit", "-q", "--allow-empty", "-m", "init"),
+    ):
+        _sh(project, *cmd)
+    head = _sh(project, "git", "rev-parse", "HEAD").strip()
+    _sh(project, "git", "update-ref", str(ExpRefInfo(head, "eps1-seed0")), head)
+    assert existing_experiments(str(project), ["eps1-seed0", "eps8-seed0"]) == ["eps1-seed0"]
+    with pytest.raises(ValueError, match=r"dvc exp remove eps1-seed0"):
+        sweep.fn(root=str(project), epsilons=[1.0, 8.0], seeds=[0])
+
+
+# -- a sweep fanned out on a local Ray cluster -------------------------------------------------
+
+# The shortest whole pipeline a sweep point runs: one private method at the tiny sizes.
+SWEEP = {
+    "finetune": {"delta": 1e-5, "audit_canaries": 32},
+    "methods": {"dpsgd": {"clip": 1.0}},
+    "runner": {"kind": "ray", "num_cpus": 1, "max_concurrency": 2},
+}
+
+
+def _experiments(project: Path) -> dict[str, dict]:
+    """Each experiment of `dvc exp show --json`, by name: its params.yaml and its metrics."""
+    found = {}
+    for baseline in json.loads(_sh(project, "dvc", "exp", "show", "--json")):
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            found[exp["name"]] = {
+                "params": data["params"]["params.yaml"]["data"],
+                "metrics": {path: m.get("data", {}) for path, m in data["metrics"].items()},
+            }
+    return found
+
+
+@pytest.mark.slow
+def test_a_fanned_out_sweep_ends_as_dvc_experiments_and_mlflow_runs(tmp_path):
+    """Two points of a sweep at once on a local Ray (flows/sweep.py, `runner.kind: ray`): each
+    runs the whole pipeline in a clone of its own and comes back to the project as a DVC
+    experiment with its params and metrics, its fine-tuning a finished run in the project's
+    MLflow store; the workspace keeps its own params and no clone is left behind."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.sweep import sweep
+    from tests.conftest import write_params
+    from tests.test_pipeline import make_project
+
+    project = make_project(tmp_path)
+    write_params(project / "params.yaml", **SWEEP)
+    _sh(project, "git", "commit", "-qam", "a sweep of dpsgd on ray")
+    params_before = (project / "params.yaml").read_text()
+    with prefect_test_harness(server_startup_timeout=180):
+        names = sweep(root=str(project), epsilons=[1.0, 8.0], seeds=[1])
+    assert names == ["eps1-seed1", "eps8-seed1"]
+
+    shown = _experiments(project)
+    assert sorted(shown) == names
+    for name, epsilon in zip(names, (1.0, 8.0), strict=True):
+        params, metrics = shown[name]["params"], shown[name]["metrics"]
+        assert params["finetune"]["epsilon"] == epsilon and params["finetune"]["seed"] == 1
+        assert list(params["methods"]) == ["dpsgd"]
+        spent = metrics["metrics/finetune-dpsgd.json"]["epsilon"]
+        assert 0.5 * epsilon < spent <= epsilon, (name, spent)  # the plan spends its target
+        for stage in ("evaluate", "attack"):
+            assert metrics[f"metrics/{stage}-dpsgd.json"], (name, stage)
+    # the workspace is untouched; the points' clones are gone
+    assert (project / "params.yaml").read_text() == params_before
+    assert not any((project / ".dvc" / "tmp" / "fanout").iterdir())
+
+    runs = [r for r in _mlflow_runs(project) if r.data.tags.get("stage") == "finetune"]
+    points = sorted(
+        (r.data.params["finetune.epsilon"], r.data.params["finetune.seed"]) for r in runs
+    )
+    assert points == [("1.0", "1"), ("8.0", "1")]
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -97,3 +97,21 @@ def test_lora_targets_table_is_the_committed_benchmark():
     # what the section claims: all seven projections beat q_proj, v_proj with and without DP
     for method in ("nonprivate", "dpsgd"):
         assert ppl["all seven projections", method] < ppl["q_proj, v_proj", method]
+
+
+def test_sweep_fanout_rows_are_the_committed_benchmark():
+    path = ROOT / "benchmarks" / "results" / "sweep_fanout.json"
+    assert path.is_file(), (
+        "benchmarks/results/sweep_fanout.json is not committed (make bench-sweep)"
+    )
+    bench = json.loads(path.read_text())
+    block = _block("results:sweep-fanout")
+    sides = [s for s in ("sequential", "sequential_one_thread", "ray") if s in bench]
+    for side in sides:
+        assert f"{bench[side]['seconds']:.1f} s" in block, side
+        # what the section claims: every point a DVC experiment and a finished MLflow run
+        runs = bench[side]["mlflow_finetune_runs"]
+        assert len(runs) == bench["sweep"]["points"] and {r[2] for r in runs} == {"FINISHED"}
+    assert f"{bench['speedup']:.2f}×" in block
+    assert len(bench["experiments"]) == bench["sweep"]["points"]
+    assert bench["same_epsilons_both_ways"]
