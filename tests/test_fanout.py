@@ -123,6 +123,18 @@ def _sh(cwd: Path, *cmd: str) -> str:
     return out.stdout
 
 
+def _git_repo(project: Path, *more: tuple[str, ...]) -> None:
+    """A new git repository at ``project`` with a committer, then the ``more`` commands."""
+    project.mkdir()
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "t@example.com"),
+        ("git", "config", "user.name", "t"),
+        *more,
+    ):
+        _sh(project, *cmd)
+
+
 def _results(project: Path, method: str) -> dict[str, object]:
     """What must not depend on how the run was scheduled: the adapter's bytes, the ledger and
     the privacy audit, the stage's metrics and training curve."""
@@ -210,14 +222,7 @@ def test_a_sweep_points_copy_is_the_workspace_as_dvc_exp_run_temp_takes_it(tmp_p
     from tasks.stages import _copy_of
 
     project = tmp_path / "project"
-    project.mkdir()
-    for cmd in (
-        ("git", "init", "-q"),
-        ("git", "config", "user.email", "t@example.com"),
-        ("git", "config", "user.name", "t"),
-        ("dvc", "init", "-q"),
-    ):
-        _sh(project, *cmd)
+    _git_repo(project, ("dvc", "init", "-q"))
     (project / "params.yaml").write_text("finetune: {epsilon: 8.0}\n")
     (project / "gone.txt").write_text("deleted in the workspace\n")
     _sh(project, "git", "add", "-A")
@@ -241,14 +246,7 @@ def test_a_sweep_refuses_points_the_project_already_has_before_running_any(tmp_p
     from flows.sweep import existing_experiments, sweep
 
     project = tmp_path / "project"
-    project.mkdir()
-    for cmd in (
-        ("git", "init", "-q"),
-        ("git", "config", "user.email", "t@example.com"),
-        ("git", "config", "user.name", "t"),
-        ("git", "commit", "-q", "--allow-empty", "-m", "init"),
-    ):
-        _sh(project, *cmd)
+    _git_repo(project, ("git", "commit", "-q", "--allow-empty", "-m", "init"))
     head = _sh(project, "git", "rev-parse", "HEAD").strip()
     _sh(project, "git", "update-ref", str(ExpRefInfo(head, "eps1-seed0")), head)
     assert existing_experiments(str(project), ["eps1-seed0", "eps8-seed0"]) == ["eps1-seed0"]
