@@ -51,10 +51,10 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 def step_ratio(run: dict, base: dict, cpu: bool = False) -> float:
     """``run``'s time per step over ``base``'s: the step loop's (wall or CPU seconds), or the
     whole train() call's for runs saved before the loop was timed."""
-    key = "loop_cpu_seconds_per_step" if cpu else "loop_seconds_per_step"
-    if key not in run or key not in base:
-        key = "cpu_seconds_per_step" if cpu and "cpu_seconds_per_step" in run else None
-        key = key or "seconds_per_step"
+    keys = (
+        ("loop_cpu_seconds_per_step", "cpu_seconds_per_step") if cpu else ("loop_seconds_per_step",)
+    )
+    key = next((k for k in keys if k in run and k in base), "seconds_per_step")
     return run[key] / base[key]
 
 

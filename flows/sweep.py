@@ -41,19 +41,17 @@ def existing_experiments(root: str, names: list[str]) -> list[str]:
     DVC finds such a clash only when it brings the finished experiment back (`dvc exp run
     --temp` and `dvc exp push` alike), after the point's whole pipeline ran: a sweep checks first.
     """
-    import subprocess
-
     from dvc.repo.experiments.refs import ExpRefInfo
 
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True)
-
-    head = git("rev-parse", "HEAD").stdout.strip()
+    head = stages._git("-C", root, "rev-parse", "HEAD")
     return [
         name
         for name in names
-        if git("show-ref", "--verify", "--quiet", str(ExpRefInfo(head, name))).returncode == 0
-    ]
+        if stages._git(
+            "-C", root, "rev-parse", "--verify", "--quiet", str(ExpRefInfo(head, name)),
+            check=False,
+        )
+    ]  # fmt: skip
 
 
 @flow(name="privtune-sweep-points", log_prints=True)
@@ -92,7 +90,13 @@ def sweep(
     instead of each building them).
     """
     from privtune.config import load_params
-    from privtune.tracking import TRACKING_ENV, disable_telemetry, ensure_experiment, tracking_uri
+    from privtune.tracking import (
+        TRACKING_ENV,
+        disable_telemetry,
+        ensure_experiment,
+        isolated_store,
+        tracking_uri,
+    )
 
     disable_telemetry()
     root = str(Path(root).resolve())
@@ -105,9 +109,9 @@ def sweep(
     runner = load_params(Path(root) / "params.yaml").runner
     # Experiments run in copies of the project: point them all at the project's store (for
     # this flow only: a later flow in this process, on another project, finds it unset).
-    previous, store = os.environ.get(TRACKING_ENV), tracking_uri(root)
-    os.environ[TRACKING_ENV] = store
-    try:
+    store = tracking_uri(root)
+    with isolated_store():
+        os.environ[TRACKING_ENV] = store
         if runner.kind == "local":
             names = [stages.experiment(name, overrides, root) for name, overrides in points]
         else:
@@ -118,11 +122,6 @@ def sweep(
             names = sweep_fanned_out.with_options(task_runner=task_runner)(
                 root=root, points=points, tracking=store, runner=runner.model_dump()
             )
-    finally:
-        if previous is None:
-            os.environ.pop(TRACKING_ENV, None)
-        else:
-            os.environ[TRACKING_ENV] = previous
     get_run_logger().info("compare with: dvc exp show --only-changed")
     return names
 

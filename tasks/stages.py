@@ -324,7 +324,7 @@ def experiment_in_copy(
 
     from dvc.repo import Repo
 
-    from privtune.tracking import TRACKING_ENV
+    from privtune.tracking import TRACKING_ENV, isolated_store
     from tasks.runners import thread_limit
 
     project = Path(root).resolve()
@@ -332,31 +332,28 @@ def experiment_in_copy(
     parent.mkdir(parents=True, exist_ok=True)
     copy = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
     _cli_on_path()
-    previous = os.environ.get(TRACKING_ENV)
-    if tracking_uri:
-        os.environ[TRACKING_ENV] = tracking_uri
-    try:
-        _copy_of(project, copy)  # git clones into the new, empty directory
-        with (
-            thread_limit(threads),
-            _permanent_errors(f"experiment {name}"),
-            contextlib.chdir(copy),
-            Repo(".") as repo,
-        ):
-            repo.checkout(allow_missing=True)  # the baseline's outputs, from the shared cache
-            results = repo.experiments.run(params=overrides, name=name)
-            pushed = repo.experiments.push(str(project), [name])
-        if not any(pushed.get(status) for status in ("success", "up_to_date")):
-            raise RuntimeError(
-                f"experiment {name} ran but was not pushed back to {project} ({pushed}); if "
-                f"the project has an experiment of that name already, `dvc exp remove {name}`"
-            )
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
-        if tracking_uri and previous is None:
-            os.environ.pop(TRACKING_ENV, None)
-        elif tracking_uri:
-            os.environ[TRACKING_ENV] = str(previous)
+    with isolated_store():  # this point's store, for this point only
+        if tracking_uri:
+            os.environ[TRACKING_ENV] = tracking_uri
+        try:
+            _copy_of(project, copy)  # git clones into the new, empty directory
+            with (
+                thread_limit(threads),
+                _permanent_errors(f"experiment {name}"),
+                contextlib.chdir(copy),
+                Repo(".") as repo,
+            ):
+                repo.checkout(allow_missing=True)  # the baseline's outputs, from the shared cache
+                results = repo.experiments.run(params=overrides, name=name)
+                pushed = repo.experiments.push(str(project), [name])
+            if not any(pushed.get(status) for status in ("success", "up_to_date")):
+                raise RuntimeError(
+                    f"experiment {name} ran but was not pushed back to {project} ({pushed}); "
+                    f"if the project has an experiment of that name already, `dvc exp remove "
+                    f"{name}`"
+                )
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
     get_run_logger().info("experiment %s (%s): %s", name, " ".join(overrides), results)
     return name
 
