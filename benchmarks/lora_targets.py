@@ -15,8 +15,6 @@ step takes seconds on a CPU), built with its prepare and base stages in profiles
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,14 +28,11 @@ CHOICES = {"all seven projections": "auto", "q_proj, v_proj": ["q_proj", "v_proj
 
 def build_project(root: Path, profile: str) -> Path:
     """profiles/<profile>/ with its prepare and base stages done (the GGUF converted once)."""
-    from privtune.profiles import project
+    from privtune.profiles import project, repro
 
     target = project(root, profile, None)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
-    # the stages call the privtune CLI: this interpreter's scripts, activated or not
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    dvc = str(Path(sys.executable).parent / "dvc")
-    subprocess.run([dvc, "repro", "base"], cwd=target, env=env, check=True)
+    if repro(target, "base"):
+        raise SystemExit(f"`dvc repro base` failed in {target}")
     return target
 
 

@@ -139,6 +139,17 @@ def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | N
     return target
 
 
+def repro(target: Path, *stages: str) -> int:
+    """`dvc repro [stages]` in a profile's project, with its own copy of the code importable;
+    returns DVC's exit code. DVC and the stages' `privtune` CLI are this interpreter's scripts,
+    whether or not its environment is activated."""
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
+    env["PATH"] = os.pathsep.join([str(scripts), env.get("PATH", "")])
+    dvc = scripts / "dvc" if (scripts / "dvc").is_file() else "dvc"
+    return subprocess.run([str(dvc), "repro", *stages], cwd=target, env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privtune.profiles", description=__doc__)
     parser.add_argument("action", choices=["run", "show"])
@@ -162,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"profile {name}: building in {target}", file=sys.stderr)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
-    return subprocess.run(["dvc", "repro"], cwd=target, env=env).returncode
+    return repro(target)
 
 
 if __name__ == "__main__":
