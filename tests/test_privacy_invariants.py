@@ -10,6 +10,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from privtune.config import parse_params
 from privtune.errors import BudgetExhausted, ConfigError
@@ -407,6 +409,90 @@ def test_pld_calibration_is_the_least_noise_that_keeps_the_target(monkeypatch) -
     again = accountant._calibrate_by_bisection(target, DELTA, q, steps, "pld")
     assert accountant.epsilon([(again, q, steps)], DELTA) <= target
     assert accountant.epsilon([(again / 1.002, q, steps)], DELTA) > target
+
+
+def _fake_search(monkeypatch, bracket: float, spend) -> list[float]:
+    """Point the bisection at a bracket and a monotone spend(z) standing in for PLD's epsilon:
+    the search's own logic, checked against answers worked out by hand. Returns the probes."""
+    probes: list[float] = []
+
+    def fake_epsilon(segments, delta, accountant_name="pld"):
+        ((z, _q, _steps),) = segments
+        probes.append(z)
+        return spend(z)
+
+    monkeypatch.setattr(accountant, "_calibrate", lambda *args: bracket)
+    monkeypatch.setattr(accountant, "epsilon", fake_epsilon)
+    return probes
+
+
+@pytest.mark.parametrize("bracket", [1.0, 8.0])
+def test_bisection_returns_the_least_noise_exactly_when_it_meets_it(monkeypatch, bracket) -> None:
+    """spend(z) = 1/z with target 1 (bracket 8) or 2 (bracket 1): the least z that keeps the
+    target is 1 or 0.5, a halving of the bracket, where the spend EQUALS the target. "At most
+    the target" admits it, and the search returns it exactly, not a z above it."""
+    target = 8.0 / bracket
+    _fake_search(monkeypatch, bracket, lambda z: 1.0 / z)
+    z = accountant._calibrate_by_bisection(target, DELTA, 0.1, 10, "pld")
+    assert z == 1.0 / target
+
+
+def test_bisection_stops_once_the_bracket_is_within_its_tolerance(monkeypatch) -> None:
+    """Bracket [0.5, 1] (its low end overspends: 1/0.5 = 2 > 1.6) has high/low = 2, which is
+    1 + rtol at rtol = 1: already within tolerance, so the bracket's safe end, 1, is returned
+    without a further probe (the least z, 0.625, lies inside it)."""
+    probes = _fake_search(monkeypatch, 1.0, lambda z: 1.0 / z)
+    assert accountant._calibrate_by_bisection(1.6, DELTA, 0.1, 10, "pld", rtol=1.0) == 1.0
+    assert probes == [0.5]
+
+
+@pytest.mark.parametrize(
+    ("bracket", "expected"), [(0.008, 0.001), (1.5e-3, 7.5e-4), (0.1, 0.1 / 64)]
+)
+def test_bisection_gives_up_halving_below_a_thousandth(monkeypatch, bracket, expected) -> None:
+    """When every z keeps the target (spend 0), the search halves the bracket until the next
+    half would be below 1e-3 and returns the last half it probed: h/2^k with k the least k >= 1
+    such that h/2^(k+1) < 1e-3 (0.008 -> 0.001, whose half 0.0005 is below; 0.0015 -> 0.00075;
+    0.1 -> 0.1/64, as 0.1/128 < 1e-3)."""
+    probes = _fake_search(monkeypatch, bracket, lambda z: 0.0)
+    assert accountant._calibrate_by_bisection(1.0, DELTA, 0.1, 10, "pld") == expected
+    assert probes[-1] == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    least=st.floats(min_value=0.01, max_value=50.0),
+    looseness=st.floats(min_value=1.0, max_value=64.0),
+    rtol=st.sampled_from([1e-3, 1e-2]),
+)
+def test_bisection_from_any_bracket_ends_within_its_tolerance_of_the_least_noise(
+    least, looseness, rtol
+) -> None:
+    """From any bracket at or above the least z (RDP is looser than PLD, so its z is never
+    below), the answer keeps the target and is within rtol of the least z: a bracket many times
+    too loose, even with the least z below 1.001, is halved down, not returned."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _fake_search(monkeypatch, least * looseness, lambda z: least / z)
+        z = accountant._calibrate_by_bisection(1.0, DELTA, 0.1, 10, "pld", rtol=rtol)
+    assert least / z <= 1.0
+    assert z <= least * (1 + rtol) * (1 + 1e-12)
+
+
+def test_calibration_reproduces_the_committed_pipelines_noise() -> None:
+    """The DP-SGD stage's committed metrics (metrics/finetune-dpsgd.json, written by
+    `dvc repro`) record its plan and the noise it calibrated; calibrating that plan again gives
+    the same float, so the published results reproduce bit for bit from the lock file. A change
+    to the search that moves z, even within its tolerance, has to come with a `dvc repro`."""
+    from pathlib import Path
+
+    metrics = json.loads(
+        (Path(__file__).resolve().parents[1] / "metrics" / "finetune-dpsgd.json").read_text()
+    )
+    assert metrics["accountant"] == "pld" and metrics["mechanism"] == "gaussian"
+    z = accountant._calibrate_by_bisection(
+        metrics["target_epsilon"], metrics["delta"], metrics["sample_rate"], metrics["steps"], "pld"
+    )
+    assert z == metrics["noise_multiplier"]
 
 
 def test_the_lmo_shift_bound_of_a_fixed_scale_is_laplaces_rdp() -> None:
