@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results"
 
-# The sizes of the reduced project: "tiny" is the test suite's pipeline (tests/conftest.py
-# TINY_PARAMS), "quick" the quick profile's (profiles.yaml).
+# The sizes of the project: "tiny" is the test suite's pipeline (tests/conftest.py TINY_PARAMS),
+# "quick" the quick profile's (profiles.yaml), "full" the default pipeline's (no overrides).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "prepare": {
@@ -59,6 +59,7 @@ SIZES: dict[str, dict[str, Any]] = {
                      "lora": {"r": 4}},
         "attack": {"candidates": 1000, "bootstrap": 200},
     },
+    "full": {},  # the shipped params.yaml as it is: the default sweep's points at their size
 }  # fmt: skip
 
 
@@ -92,7 +93,8 @@ def build_project(where: Path, size: str, methods: list[str]) -> Path:
     (project / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = _merge(shipped, SIZES[size])
-    params["methods"] = {m: shipped["methods"][m] for m in methods}
+    if methods != ["all"]:
+        params["methods"] = {m: shipped["methods"][m] for m in methods}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (
         ("git", "init", "-q"),
@@ -144,7 +146,7 @@ def _epsilons(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--methods", nargs="+", default=["dpsgd"])
+    parser.add_argument("--methods", nargs="+", default=["dpsgd"], help="or: all (every method)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 1)
@@ -314,7 +316,9 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             "sweep": {
                 "size": args.size,
                 "params_overrides": SIZES[args.size],
-                "methods": args.methods,
+                "methods": args.methods
+                if args.methods != ["all"]
+                else sorted(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]),
                 "epsilons": args.epsilons,
                 "seeds": args.seeds,
                 "points": len(args.epsilons) * len(args.seeds),
