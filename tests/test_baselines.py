@@ -465,3 +465,46 @@ def test_every_private_method_ends_within_the_target_by_its_ledger(
     assert composed == pytest.approx(result.epsilon)
     assert composed <= RDP_PARAMS.epsilon
     assert math.isfinite(result.valid_loss)
+
+
+def test_count_releases_draw_their_noise_from_the_mechanisms_own_generator():
+    """The counts' noise is the next draws of the mechanism's seeded generator, ADDED to the
+    centred counts (a run's releases reproduce from its seed, on CPU and CUDA alike), and
+    torch's global generator is left alone. Norms in float64 a hair above a clip that float32
+    cannot hold (0.1) count as above it: thresholds are compared in the norms' own dtype."""
+    clip = 0.1
+    norms = torch.tensor(
+        [[0.05, 0.3], [clip * (1 + 1e-12), 0.01], [0.2, 0.2], [clip, 0.02]], dtype=torch.float64
+    )
+    clips, levels, std, expected = [clip, 0.25], [1.0, 2.0], 2.0, 4.0
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]] * 2, ["a", "b"], seed=0)
+    mech.generator.manual_seed(7)
+    twin = torch.Generator().manual_seed(7)
+    global_state = torch.get_rng_state()
+
+    count = mech.release_unclipped_count(norms, clips, std, expected)
+    draw = float(torch.normal(0.0, std, size=(1,), generator=twin))
+    within = sum(
+        all(float(norms[i, k]) <= clips[k] for k in range(2)) for i in range(4)
+    )  # sample 3 only: 1 (sample 1 is a hair above 0.1, sample 0's second group above 0.25)
+    assert within == 1
+    assert count == pytest.approx((within - 4 / 2 + draw) / expected + 0.5, rel=1e-12)
+
+    histogram = mech.release_norm_histogram(norms, clips, levels, std, expected)
+    draws = torch.normal(0.0, std, size=(2, 2), generator=twin).double().numpy()
+    # group a (clip 0.1): <= 0.1: samples 0, 3; <= 0.2: samples 0, 1, 3, 2 (0.2 <= 0.2)
+    # group b (clip 0.25): <= 0.25: samples 1, 2, 3; <= 0.5: all four
+    counts = np.array([[2.0, 4.0], [3.0, 4.0]])
+    np.testing.assert_allclose(histogram, (counts - 4 / 2 + draws) / expected + 0.5, rtol=1e-12)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_count_noise_too_small_names_the_least_std_that_would_do():
+    """z = 2 over D = 4 counts needs sigma_b > z * sqrt(D) / 2 = 2 (Andrew et al., Thm 1 with
+    the centred count's sensitivity 1/2); the error says so, with the number."""
+    with pytest.raises(ValueError) as err:
+        gradient_noise_multiplier(2.0, 1.0, count_dims=4)
+    assert str(err.value) == (
+        "count noise std 1 is too small for total noise multiplier 2: "
+        "it must exceed z * sqrt(4) / 2 = 2"
+    )

@@ -570,11 +570,14 @@ def test_lmo_epsilon_of_several_candidates_is_each_ones_own() -> None:
     from privtune.privacy.lmo_accounting import rdp_to_epsilon_arrays
 
     orders = np.arange(2, 33)
-    rdp = np.stack([0.01 * orders, 0.2 * np.sqrt(orders), np.full(orders.shape, np.inf)])
+    # a NaN order (inf RDP times 0 steps, say) is skipped, as opacus skips it, not taken as min
+    gappy = np.where(orders < 8, np.nan, 0.03 * orders)
+    rdp = np.stack([0.01 * orders, 0.2 * np.sqrt(orders), gappy, np.full(orders.shape, np.inf)])
     eps = rdp_to_epsilon_arrays(rdp, orders, DELTA)
-    expected = [get_privacy_spent(orders=orders, rdp=row, delta=DELTA)[0] for row in rdp[:2]]
-    assert eps.shape == (3,) and eps[2] == math.inf
-    assert list(eps[:2]) == pytest.approx(expected, rel=1e-9)
+    expected = [get_privacy_spent(orders=orders, rdp=row, delta=DELTA)[0] for row in rdp[:3]]
+    assert eps.dtype == np.float64 and eps.shape == (4,) and eps[3] == math.inf
+    assert list(eps[:3]) == pytest.approx(expected, rel=1e-9)
+    assert rdp_to_epsilon_arrays(np.full((1, 3), np.nan), orders[:3], DELTA)[0] == math.inf
 
 
 def test_a_norm_at_its_clip_counts_as_unclipped_and_a_hair_above_does_not() -> None:
@@ -597,8 +600,11 @@ def test_a_norm_at_its_clip_counts_as_unclipped_and_a_hair_above_does_not() -> N
 
 
 def test_lmo_epsilon_refuses_a_plan_outside_its_domain() -> None:
-    """q in (0, 1], at least one step, delta in (0, 1): each edge on the right side of it."""
+    """q in (0, 1], at least one step, delta in (0, 1): each edge on the right side of it, for
+    the sound epsilon and for the paper's numbers alike (whose Gaussian proxy would otherwise
+    take q = 0 or 1.5 without a word)."""
     from privtune.privacy.lmo_accounting import epsilon as lmo_epsilon
+    from privtune.privacy.lmo_accounting import paper_epsilon
 
     for q, steps, delta, message in [
         (0.0, 1, DELTA, "sample_rate must be in (0, 1], got 0.0"),
@@ -607,10 +613,23 @@ def test_lmo_epsilon_refuses_a_plan_outside_its_domain() -> None:
         (0.1, 1, 0.0, "delta must be in (0, 1), got 0.0"),
         (0.1, 1, 1.0, "delta must be in (0, 1), got 1.0"),
     ]:
-        with pytest.raises(ValueError) as err:
-            lmo_epsilon(LAW, q, steps, delta)
-        assert str(err.value) == message
+        for computed in (lmo_epsilon, paper_epsilon):
+            with pytest.raises(ValueError) as err:
+                computed(LAW, q, steps, delta)
+            assert str(err.value) == message
     assert 0 < lmo_epsilon(LAW, 1.0, 1, DELTA) < math.inf  # q = 1 and one step are allowed
+    # fewer Renyi orders can only loosen the bound: orders 2..16 give opacus' conversion of the
+    # segment's RDP at exactly those orders
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privtune.privacy.lmo_accounting import orders_up_to, segment_rdp
+
+    few = lmo_epsilon(LAW, 0.1, 20, DELTA, max_order=16)
+    by_hand, _ = get_privacy_spent(
+        orders=orders_up_to(16), rdp=segment_rdp(LAW, 0.1, 20, max_order=16), delta=DELTA
+    )
+    assert few == pytest.approx(by_hand, rel=1e-12)
+    assert few >= lmo_epsilon(LAW, 0.1, 20, DELTA)
 
 
 def test_the_default_delta_of_a_plan_stays_under_the_registrys_gate() -> None:
