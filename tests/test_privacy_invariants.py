@@ -618,11 +618,18 @@ def test_lmo_epsilon_refuses_a_plan_outside_its_domain() -> None:
                 computed(LAW, q, steps, delta)
             assert str(err.value) == message
     assert 0 < lmo_epsilon(LAW, 1.0, 1, DELTA) < math.inf  # q = 1 and one step are allowed
+    # a segment's RDP names the rate as it was given
+    from privtune.privacy.lmo_accounting import segment_rdp
+
+    for q in (0, 2, -0.5):
+        with pytest.raises(ValueError) as err:
+            segment_rdp(LAW, q, 10)
+        assert str(err.value) == f"sample_rate must be in (0, 1], got {q}"
     # fewer Renyi orders can only loosen the bound: orders 2..16 give opacus' conversion of the
     # segment's RDP at exactly those orders
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    from privtune.privacy.lmo_accounting import orders_up_to, segment_rdp
+    from privtune.privacy.lmo_accounting import orders_up_to
 
     few = lmo_epsilon(LAW, 0.1, 20, DELTA, max_order=16)
     by_hand, _ = get_privacy_spent(
@@ -656,6 +663,14 @@ def test_subsampled_lmo_rdp_is_zhu_and_wangs_general_bound_by_hand() -> None:
         / 2
     )
     assert list(subsampled_rdp([e2, e3], q)) == pytest.approx([at2, at3], rel=1e-12)
+    assert list(subsampled_rdp([2, 3], q)) == pytest.approx([at2, at3], rel=1e-12)  # ints
+    # vectorised over candidates: each row of a (N, A) base is that row's own bound
+    import numpy as np
+
+    rows = np.array([[e2, e3, 4.0], [0.5, 0.7, 0.9], [np.inf, 1.0, 2.0]])
+    each = np.stack([subsampled_rdp(row, q) for row in rows])
+    np.testing.assert_allclose(subsampled_rdp(rows, q), each, rtol=1e-12)
+    assert subsampled_rdp(rows, q).shape == (3, 3)
     assert list(orders_up_to(2)) == [2] and list(orders_up_to(4)) == [2, 3, 4]
     with pytest.raises(ValueError) as err:
         orders_up_to(1)
