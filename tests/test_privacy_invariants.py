@@ -437,6 +437,15 @@ def test_bisection_returns_the_least_noise_exactly_when_it_meets_it(monkeypatch,
     assert z == 1.0 / target
 
 
+def test_bisection_accepts_a_midpoint_that_spends_exactly_the_target(monkeypatch) -> None:
+    """Spend falls from 2 to exactly the target 1 at m = sqrt(2 * 4), the first midpoint of
+    the bracket [2, 4]: m keeps the target ("at most"), so it is the least noise, returned
+    exactly; treating equality as overspending would walk the search up to 4."""
+    m = math.sqrt(2.0 * 4.0)
+    _fake_search(monkeypatch, 4.0, lambda z: 1.0 if z >= m else 2.0)
+    assert accountant._calibrate_by_bisection(1.0, DELTA, 0.1, 10, "pld") == m
+
+
 def test_bisection_stops_once_the_bracket_is_within_its_tolerance(monkeypatch) -> None:
     """Bracket [0.5, 1] (its low end overspends: 1/0.5 = 2 > 1.6) has high/low = 2, which is
     1 + rtol at rtol = 1: already within tolerance, so the bracket's safe end, 1, is returned
