@@ -104,6 +104,47 @@ def test_auto_s_and_psac_weights_are_the_papers():
         per_sample_factors(norms, c, "psac", 0.0)
 
 
+def test_clipping_leaves_a_gradient_within_its_threshold_alone_and_names_bad_rules():
+    """Plain clipping is the default rule; a group norm at or under half its threshold keeps
+    factor exactly 1 (clipping never amplifies), one above lands just under the threshold.
+    AUTO-S and PSAC refuse a missing stability constant, and an unknown rule names the known
+    ones."""
+    norms = torch.tensor([[0.25, 3.0], [2.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    c = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    factors = per_sample_factors(norms, c)
+    torch.testing.assert_close(factors, per_sample_factors(norms, c, "clip", 0.0))
+    assert float(factors[0, 0]) == 1.0 and float(factors[1, 1]) == 1.0
+    assert float(factors[2, 0]) == 1.0  # a zero gradient stays zero, with no division by 0
+    for i, k in [(0, 1), (1, 0), (2, 1)]:  # above the threshold: scaled to just under it
+        assert 1 - 1e-5 < float(factors[i, k] * norms[i, k] / c[k]) < 1.0
+    for rule in ("normalize", "psac"):
+        with pytest.raises(ValueError) as err:
+            per_sample_factors(norms, c, rule)
+        assert str(err.value) == f"scaling '{rule}' needs a stability constant > 0"
+        assert per_sample_factors(norms, c, rule, 1e-9).shape == (3, 2)  # any positive one
+    with pytest.raises(ValueError) as err:
+        per_sample_factors(norms, c, "flat", 0.1)
+    assert str(err.value) == "unknown per-sample scaling 'flat': use one of clip, normalize, psac"
+
+
+def test_a_gaussian_steps_ledger_entry_carries_its_counts_noise():
+    """What the accountant composes for a step that also releases counts: the admitted z, the
+    rate, the clips and stds, and the counts' noise std and how many counts (2 groups x 3
+    levels); the summary logs the calibrated z under its name."""
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    groups = [[torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(3))]]
+    mech = Gaussian(groups, ["a", "b"], seed=0)
+    action = Action((1.0, 0.5), 0.8, count_noise=6.0, count_levels=(0.5, 1.0, 2.0))
+    spec = mech.admit(action, 0.8)
+    entry = mech.ledger_entry(spec, 7, 0.02, 16)
+    assert (entry.step, entry.sample_rate, entry.batch_size) == (7, 0.02, 16)
+    assert entry.noise_multiplier == 0.8 and entry.clip_thresholds == (1.0, 0.5)
+    assert entry.count_noise_std == 6.0 and entry.count_dims == 6
+    assert entry.noise_stds == spec.stds and len(entry.noise_stds) == 2
+    assert mech.summary(0.8) == {"noise_multiplier": 0.8}
+
+
 def _tiny_grads():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
