@@ -145,6 +145,74 @@ def test_a_gaussian_steps_ledger_entry_carries_its_counts_noise():
     assert mech.summary(0.8) == {"noise_multiplier": 0.8}
 
 
+def _two_groups_with_known_norms():
+    """Groups a (2 weights) and b (3) holding 4 per-sample gradients whose group norms are
+    exact in float32: a = 5, 0.5, 0, 0.5 and b = 0.125, 2, 0.25, 0.375."""
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad_sample = torch.tensor([[5.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.5]])
+    b.grad_sample = torch.tensor(
+        [[0.0, 0.0, 0.125], [2.0, 0.0, 0.0], [0.0, 0.25, 0.0], [0.0, 0.0, 0.375]]
+    )
+    mech = Gaussian([[a], [b]], ["a", "b"], seed=0)
+    mech.generator.manual_seed(3)
+    return mech, torch.Generator().manual_seed(3)
+
+
+def test_a_step_releases_the_count_its_action_asks_for_and_reports_it():
+    """With count noise and no levels, a step releases the unclipped fraction (clips 1 and 0.5:
+    samples 2 and 3 are within both), drawn before the gradient noise from the mechanism's
+    generator, and reports it with z, the clipped fraction (2 of 8 group norms) and the
+    clips; with levels, the (group x level) histogram instead; with neither, no count."""
+    mech, twin = _two_groups_with_known_norms()
+    stats = release_step(mech, [1.0, 0.5], 0.8, 4.0, batch_size=4, count_noise=6.0)
+    draw = float(torch.normal(0.0, 6.0, size=(1,), generator=twin))
+    fraction = (2 - 4 / 2 + draw) / 4.0 + 0.5
+    assert stats.unclipped_fraction_dp == pytest.approx(fraction, rel=1e-12)
+    assert stats.norm_histogram_dp is None
+    assert stats.metrics == pytest.approx(
+        {
+            "noise_multiplier": 0.8,
+            "clipped_fraction": 0.25,
+            "unclipped_fraction_dp": fraction,
+            "clip/a": 1.0,
+            "clip/b": 0.5,
+        },
+        rel=1e-12,
+    )
+
+    mech, twin = _two_groups_with_known_norms()
+    levels = (0.5, 1.0)  # a: <= 0.5 and <= 1: 3 and 3; b (0.25, 0.5): 2 and 3
+    stats = release_step(
+        mech, [1.0, 0.5], 0.8, 4.0, batch_size=4, count_noise=6.0, count_levels=levels
+    )
+    draws = torch.normal(0.0, 6.0, size=(2, 2), generator=twin).double().numpy()
+    expected = (np.array([[3.0, 3.0], [2.0, 3.0]]) - 4 / 2 + draws) / 4.0 + 0.5
+    np.testing.assert_allclose(stats.norm_histogram_dp, expected, rtol=1e-12)
+    assert stats.unclipped_fraction_dp is None and "unclipped_fraction_dp" not in stats.metrics
+
+    mech, _ = _two_groups_with_known_norms()
+    stats = release_step(mech, [1.0, 0.5], 0.8, 4.0, batch_size=4)
+    assert stats.unclipped_fraction_dp is None and stats.norm_histogram_dp is None
+    assert set(stats.metrics) == {"noise_multiplier", "clipped_fraction", "clip/a", "clip/b"}
+
+
+def test_the_mechanisms_factors_follow_the_actions_rule_at_the_norms_precision():
+    """Gaussian.factors applies the action's rule and stability (PSAC here), and compares in
+    the norms' dtype: a float64 norm of 10 clipped to 0.1 (not float32's 0.1000000015) lands
+    at or under 0.1."""
+    mech, _ = _two_groups_with_known_norms()
+    norms = torch.tensor([[10.0, 0.3], [0.05, 0.01]], dtype=torch.float64)
+    spec = mech.admit(Action((0.1, 0.2), 1.0, scaling="psac", stability=0.1), 1.0)
+    c = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(
+        mech.factors(norms, spec), per_sample_factors(norms, c, "psac", 0.1), rtol=0, atol=0
+    )
+    spec = mech.admit(Action((0.1, 0.2), 1.0), 1.0)
+    assert float(mech.factors(norms, spec)[0, 0] * norms[0, 0]) <= 0.1
+
+
 def _tiny_grads():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
