@@ -143,6 +143,9 @@ def test_a_gaussian_steps_ledger_entry_carries_its_counts_noise():
     assert entry.count_noise_std == 6.0 and entry.count_dims == 6
     assert entry.noise_stds == spec.stds and len(entry.noise_stds) == 2
     assert mech.summary(0.8) == {"noise_multiplier": 0.8}
+    with pytest.raises(ValueError) as err:
+        mech.admit(Action((1.0,), 0.8), 0.8)
+    assert str(err.value) == "the action has 1 clipping thresholds for 2 groups (a, b)"
 
 
 def _two_groups_with_known_norms():
