@@ -201,6 +201,47 @@ def test_a_step_releases_the_count_its_action_asks_for_and_reports_it():
     assert set(stats.metrics) == {"noise_multiplier", "clipped_fraction", "clip/a", "clip/b"}
 
 
+def test_the_gradient_noise_is_added_to_the_clipped_sum_after_the_count():
+    """p.grad after a step is (clipped sum + noise) / expected batch, the noise being the
+    generator's draws right after the count's, one run per group, in the parameter's dtype."""
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    mech, twin = _two_groups_with_known_norms()
+    (a,), (b,) = mech.groups
+    rows = {id(a): a.grad_sample.clone(), id(b): b.grad_sample.clone()}
+    spec = mech.admit(Action((1.0, 0.5), 0.8, count_noise=6.0), 0.8)
+    mech.accumulate(spec)
+    mech.release(spec, 4.0, 4)
+    torch.normal(0.0, 6.0, size=(1,), generator=twin)  # the count's draw comes first
+    norms = torch.stack([rows[id(a)].norm(dim=1), rows[id(b)].norm(dim=1)], dim=1)
+    factors = per_sample_factors(norms, torch.tensor([1.0, 0.5]))
+    for k, p in enumerate((a, b)):
+        clipped = (factors[:, k : k + 1] * rows[id(p)]).sum(0)
+        noise = torch.normal(0.0, spec.stds[k], size=(p.numel(),), generator=twin)
+        torch.testing.assert_close(p.grad, (clipped + noise) / 4.0, rtol=1e-6, atol=1e-7)
+
+    double = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    double.grad_sample = torch.ones(3, 2, dtype=torch.float64)
+    mech = Gaussian([[double]], ["w"], seed=0)
+    release_step(mech, [1.0], 0.8, 3.0, batch_size=3)
+    assert double.grad.dtype == torch.float64
+
+
+def test_a_count_std_at_the_edge_of_the_room_for_the_gradient_is_raised():
+    """The counts leave the gradient noise only if 2 sigma_b > z sqrt(D); at that edge (up to
+    the 1e-6 slack) sigma_b is raised to z sqrt(D), so the gradient's share stays z / sqrt(3/4)
+    instead of blowing up by a factor of about 700."""
+    from privtune.privacy.mechanisms.gaussian import admit_gaussian
+
+    z, dims = 0.8, 4  # 2 groups x 2 levels
+    edge = z * math.sqrt(dims) * (1 + 1e-6) / 2
+    action = Action((1.0, 0.5), z, count_noise=edge, count_levels=(0.5, 1.0))
+    admitted, stds, count_std = admit_gaussian(action, z, 2)
+    assert count_std == z * math.sqrt(dims) and admitted.count_noise == count_std
+    grad_z = z / math.sqrt(3 / 4)
+    assert effective_noise_multiplier((1.0, 0.5), stds) == pytest.approx(grad_z, rel=1e-6)
+
+
 def test_the_mechanisms_factors_follow_the_actions_rule_at_the_norms_precision():
     """Gaussian.factors applies the action's rule and stability (PSAC here), and compares in
     the norms' dtype: a float64 norm of 10 clipped to 0.1 (not float32's 0.1000000015) lands
