@@ -220,11 +220,12 @@ def test_the_gradient_noise_is_added_to_the_clipped_sum_after_the_count():
         noise = torch.normal(0.0, spec.stds[k], size=(p.numel(),), generator=twin)
         torch.testing.assert_close(p.grad, (clipped + noise) / 4.0, rtol=1e-6, atol=1e-7)
 
-    double = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    double.grad_sample = torch.ones(3, 2, dtype=torch.float64)
-    mech = Gaussian([[double]], ["w"], seed=0)
-    release_step(mech, [1.0], 0.8, 3.0, batch_size=3)
-    assert double.grad.dtype == torch.float64
+    for dtype in (torch.float64, torch.bfloat16):  # noise drawn in float32, cast to p's
+        weight = torch.nn.Parameter(torch.zeros(2, dtype=dtype))
+        weight.grad_sample = torch.ones(3, 2, dtype=dtype)
+        mech = Gaussian([[weight]], ["w"], seed=0)
+        release_step(mech, [1.0], 0.8, 3.0, batch_size=3)
+        assert weight.grad.dtype == dtype
 
 
 def test_a_count_std_at_the_edge_of_the_room_for_the_gradient_is_raised():
