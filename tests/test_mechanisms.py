@@ -2,8 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus import GradSampleModule
 
 from privtune.privacy.action import Action
@@ -11,6 +14,8 @@ from privtune.privacy.mechanisms import (
     Gaussian,
     NoNoise,
     effective_noise_multiplier,
+    gradient_noise_multiplier,
+    per_sample_factors,
     uniform_noise_stds,
 )
 from tests.conftest import release_step
@@ -176,3 +181,234 @@ def test_no_noise_sums_the_extra_rows_and_scales_without_a_ledger_entry():
     torch.testing.assert_close(p.grad, torch.tensor([11.0, 2.0, 2.0]) / 4.0)
     assert stats.norms is None and mech.ledger_entry(spec, 0, 0.1, 3) is None
     assert mech.release(spec, 4.0, batch_size=0) is None  # an empty batch releases nothing
+
+
+# -- per-sample scaling rules, the counts and the step's noise, value by value ----------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    norms=st.lists(st.floats(0.0, 1e4), min_size=1, max_size=20),
+    clip=st.floats(1e-3, 10.0),
+    stability=st.floats(1e-4, 1.0),
+    scaling=st.sampled_from(["clip", "normalize", "psac"]),
+)
+def test_every_scaling_rule_bounds_a_sample_by_its_threshold(norms, clip, stability, scaling):
+    """The sensitivity (hence the noise the ledger records) is C for every rule."""
+    n = torch.tensor(norms, dtype=torch.float64)[:, None]
+    c = torch.tensor([clip], dtype=torch.float64)
+    scaled = per_sample_factors(n, c, scaling, stability) * n
+    assert float(scaled.max()) <= clip * (1 + 1e-9)
+
+
+def test_auto_s_and_psac_weights_are_the_papers():
+    norms = torch.tensor([[0.0], [0.01], [0.1], [1.0], [10.0]], dtype=torch.float64)
+    c = torch.tensor([2.0], dtype=torch.float64)
+    auto_s = per_sample_factors(norms, c, "normalize", 0.01)[:, 0]
+    torch.testing.assert_close(auto_s, 2.0 / (norms[:, 0] + 0.01))
+    psac = per_sample_factors(norms, c, "psac", 0.1)[:, 0]
+    torch.testing.assert_close(psac, 2.0 / (norms[:, 0] + 0.1 / (norms[:, 0] + 0.1)))
+    # AUTO-S gives a vanishing gradient the weight C / gamma; PSAC keeps it at C and its weight
+    # is non-monotonic in the norm (rises, then falls).
+    assert float(auto_s[0]) == pytest.approx(200.0)
+    assert float(psac[0]) == pytest.approx(2.0)
+    assert psac[2] > psac[0] and psac[2] > psac[4]
+    with pytest.raises(ValueError, match="stability"):
+        per_sample_factors(norms, c, "psac", 0.0)
+
+
+def test_clipping_leaves_a_gradient_within_its_threshold_alone_and_names_bad_rules():
+    """Plain clipping is the default rule; a group norm at or under half its threshold keeps
+    factor exactly 1 (clipping never amplifies), one above lands just under the threshold.
+    AUTO-S and PSAC refuse a missing stability constant, and an unknown rule names the known
+    ones."""
+    norms = torch.tensor([[0.25, 3.0], [2.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    c = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    factors = per_sample_factors(norms, c)
+    torch.testing.assert_close(factors, per_sample_factors(norms, c, "clip", 0.0))
+    assert float(factors[0, 0]) == 1.0 and float(factors[1, 1]) == 1.0
+    assert float(factors[2, 0]) == 1.0  # a zero gradient stays zero, with no division by 0
+    for i, k in [(0, 1), (1, 0), (2, 1)]:  # above the threshold: scaled to just under it
+        assert 1 - 1e-5 < float(factors[i, k] * norms[i, k] / c[k]) < 1.0
+    for rule in ("normalize", "psac"):
+        with pytest.raises(ValueError) as err:
+            per_sample_factors(norms, c, rule)
+        assert str(err.value) == f"scaling '{rule}' needs a stability constant > 0"
+        assert per_sample_factors(norms, c, rule, 1e-9).shape == (3, 2)  # any positive one
+    with pytest.raises(ValueError) as err:
+        per_sample_factors(norms, c, "flat", 0.1)
+    assert str(err.value) == "unknown per-sample scaling 'flat': use one of clip, normalize, psac"
+
+
+def test_a_gaussian_steps_ledger_entry_carries_its_counts_noise():
+    """What the accountant composes for a step that also releases counts: the admitted z, the
+    rate, the clips and stds, and the counts' noise std and how many counts (2 groups x 3
+    levels); the summary logs the calibrated z under its name."""
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    groups = [[torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(3))]]
+    mech = Gaussian(groups, ["a", "b"], seed=0)
+    action = Action((1.0, 0.5), 0.8, count_noise=6.0, count_levels=(0.5, 1.0, 2.0))
+    spec = mech.admit(action, 0.8)
+    entry = mech.ledger_entry(spec, 7, 0.02, 16)
+    assert (entry.step, entry.sample_rate, entry.batch_size) == (7, 0.02, 16)
+    assert entry.noise_multiplier == 0.8 and entry.clip_thresholds == (1.0, 0.5)
+    assert entry.count_noise_std == 6.0 and entry.count_dims == 6
+    assert entry.noise_stds == spec.stds and len(entry.noise_stds) == 2
+    assert mech.summary(0.8) == {"noise_multiplier": 0.8}
+    with pytest.raises(ValueError) as err:
+        mech.admit(Action((1.0,), 0.8), 0.8)
+    assert str(err.value) == "the action has 1 clipping thresholds for 2 groups (a, b)"
+
+
+def _two_groups_with_known_norms():
+    """Groups a (2 weights) and b (3) holding 4 per-sample gradients whose group norms are
+    exact in float32: a = 5, 0.5, 0, 0.5 and b = 0.125, 2, 0.25, 0.375."""
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad_sample = torch.tensor([[5.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.5]])
+    b.grad_sample = torch.tensor(
+        [[0.0, 0.0, 0.125], [2.0, 0.0, 0.0], [0.0, 0.25, 0.0], [0.0, 0.0, 0.375]]
+    )
+    mech = Gaussian([[a], [b]], ["a", "b"], seed=0)
+    mech.generator.manual_seed(3)
+    return mech, torch.Generator().manual_seed(3)
+
+
+def test_a_step_releases_the_count_its_action_asks_for_and_reports_it():
+    """With count noise and no levels, a step releases the unclipped fraction (clips 1 and 0.5:
+    samples 2 and 3 are within both), drawn before the gradient noise from the mechanism's
+    generator, and reports it with z, the clipped fraction (2 of 8 group norms) and the
+    clips; with levels, the (group x level) histogram instead; with neither, no count."""
+    mech, twin = _two_groups_with_known_norms()
+    stats = release_step(mech, [1.0, 0.5], 0.8, 4.0, batch_size=4, count_noise=6.0)
+    draw = float(torch.normal(0.0, 6.0, size=(1,), generator=twin))
+    fraction = (2 - 4 / 2 + draw) / 4.0 + 0.5
+    assert stats.unclipped_fraction_dp == pytest.approx(fraction, rel=1e-12)
+    assert stats.norm_histogram_dp is None
+    assert stats.metrics == pytest.approx(
+        {
+            "noise_multiplier": 0.8,
+            "clipped_fraction": 0.25,
+            "unclipped_fraction_dp": fraction,
+            "clip/a": 1.0,
+            "clip/b": 0.5,
+        },
+        rel=1e-12,
+    )
+
+    mech, twin = _two_groups_with_known_norms()
+    levels = (0.5, 1.0)  # a: <= 0.5 and <= 1: 3 and 3; b (0.25, 0.5): 2 and 3
+    stats = release_step(
+        mech, [1.0, 0.5], 0.8, 4.0, batch_size=4, count_noise=6.0, count_levels=levels
+    )
+    draws = torch.normal(0.0, 6.0, size=(2, 2), generator=twin).double().numpy()
+    expected = (np.array([[3.0, 3.0], [2.0, 3.0]]) - 4 / 2 + draws) / 4.0 + 0.5
+    np.testing.assert_allclose(stats.norm_histogram_dp, expected, rtol=1e-12)
+    assert stats.unclipped_fraction_dp is None and "unclipped_fraction_dp" not in stats.metrics
+
+    mech, _ = _two_groups_with_known_norms()
+    stats = release_step(mech, [1.0, 0.5], 0.8, 4.0, batch_size=4)
+    assert stats.unclipped_fraction_dp is None and stats.norm_histogram_dp is None
+    assert set(stats.metrics) == {"noise_multiplier", "clipped_fraction", "clip/a", "clip/b"}
+
+
+def test_the_gradient_noise_is_added_to_the_clipped_sum_after_the_count():
+    """p.grad after a step is (clipped sum + noise) / expected batch, the noise being the
+    generator's draws right after the count's, one run per group, in the parameter's dtype."""
+    from privtune.privacy.mechanisms.gaussian import Gaussian
+
+    mech, twin = _two_groups_with_known_norms()
+    (a,), (b,) = mech.groups
+    rows = {id(a): a.grad_sample.clone(), id(b): b.grad_sample.clone()}
+    spec = mech.admit(Action((1.0, 0.5), 0.8, count_noise=6.0), 0.8)
+    mech.accumulate(spec)
+    mech.release(spec, 4.0, 4)
+    torch.normal(0.0, 6.0, size=(1,), generator=twin)  # the count's draw comes first
+    norms = torch.stack([rows[id(a)].norm(dim=1), rows[id(b)].norm(dim=1)], dim=1)
+    factors = per_sample_factors(norms, torch.tensor([1.0, 0.5]))
+    for k, p in enumerate((a, b)):
+        clipped = (factors[:, k : k + 1] * rows[id(p)]).sum(0)
+        noise = torch.normal(0.0, spec.stds[k], size=(p.numel(),), generator=twin)
+        torch.testing.assert_close(p.grad, (clipped + noise) / 4.0, rtol=1e-6, atol=1e-7)
+
+    for dtype in (torch.float64, torch.bfloat16):  # noise drawn in float32, cast to p's
+        weight = torch.nn.Parameter(torch.zeros(2, dtype=dtype))
+        weight.grad_sample = torch.ones(3, 2, dtype=dtype)
+        mech = Gaussian([[weight]], ["w"], seed=0)
+        release_step(mech, [1.0], 0.8, 3.0, batch_size=3)
+        assert weight.grad.dtype == dtype
+
+
+def test_a_count_std_at_the_edge_of_the_room_for_the_gradient_is_raised():
+    """The counts leave the gradient noise only if 2 sigma_b > z sqrt(D); at that edge (up to
+    the 1e-6 slack) sigma_b is raised to z sqrt(D), so the gradient's share stays z / sqrt(3/4)
+    instead of blowing up by a factor of about 700."""
+    from privtune.privacy.mechanisms.gaussian import admit_gaussian
+
+    z, dims = 0.8, 4  # 2 groups x 2 levels
+    edge = z * math.sqrt(dims) * (1 + 1e-6) / 2
+    action = Action((1.0, 0.5), z, count_noise=edge, count_levels=(0.5, 1.0))
+    admitted, stds, count_std = admit_gaussian(action, z, 2)
+    assert count_std == z * math.sqrt(dims) and admitted.count_noise == count_std
+    grad_z = z / math.sqrt(3 / 4)
+    assert effective_noise_multiplier((1.0, 0.5), stds) == pytest.approx(grad_z, rel=1e-6)
+
+
+def test_the_mechanisms_factors_follow_the_actions_rule_at_the_norms_precision():
+    """Gaussian.factors applies the action's rule and stability (PSAC here), and compares in
+    the norms' dtype: a float64 norm of 10 clipped to 0.1 (not float32's 0.1000000015) lands
+    at or under 0.1."""
+    mech, _ = _two_groups_with_known_norms()
+    norms = torch.tensor([[10.0, 0.3], [0.05, 0.01]], dtype=torch.float64)
+    spec = mech.admit(Action((0.1, 0.2), 1.0, scaling="psac", stability=0.1), 1.0)
+    c = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(
+        mech.factors(norms, spec), per_sample_factors(norms, c, "psac", 0.1), rtol=0, atol=0
+    )
+    spec = mech.admit(Action((0.1, 0.2), 1.0), 1.0)
+    assert float(mech.factors(norms, spec)[0, 0] * norms[0, 0]) <= 0.1
+
+
+def test_count_releases_draw_their_noise_from_the_mechanisms_own_generator():
+    """The counts' noise is the next draws of the mechanism's seeded generator, ADDED to the
+    centred counts (a run's releases reproduce from its seed, on CPU and CUDA alike), and
+    torch's global generator is left alone. Norms in float64 a hair above a clip that float32
+    cannot hold (0.1) count as above it: thresholds are compared in the norms' own dtype."""
+    clip = 0.1
+    norms = torch.tensor(
+        [[0.05, 0.3], [clip * (1 + 1e-12), 0.01], [0.2, 0.2], [clip, 0.02]], dtype=torch.float64
+    )
+    clips, levels, std, expected = [clip, 0.25], [1.0, 2.0], 2.0, 4.0
+    mech = Gaussian([[torch.nn.Parameter(torch.zeros(1))]] * 2, ["a", "b"], seed=0)
+    mech.generator.manual_seed(7)
+    twin = torch.Generator().manual_seed(7)
+    global_state = torch.get_rng_state()
+
+    count = mech.release_unclipped_count(norms, clips, std, expected)
+    draw = float(torch.normal(0.0, std, size=(1,), generator=twin))
+    within = sum(
+        all(float(norms[i, k]) <= clips[k] for k in range(2)) for i in range(4)
+    )  # sample 3 only: 1 (sample 1 is a hair above 0.1, sample 0's second group above 0.25)
+    assert within == 1
+    assert count == pytest.approx((within - 4 / 2 + draw) / expected + 0.5, rel=1e-12)
+
+    histogram = mech.release_norm_histogram(norms, clips, levels, std, expected)
+    draws = torch.normal(0.0, std, size=(2, 2), generator=twin).double().numpy()
+    # group a (clip 0.1): <= 0.1: samples 0, 3; <= 0.2: samples 0, 1, 3, 2 (0.2 <= 0.2)
+    # group b (clip 0.25): <= 0.25: samples 1, 2, 3; <= 0.5: all four
+    counts = np.array([[2.0, 4.0], [3.0, 4.0]])
+    np.testing.assert_allclose(histogram, (counts - 4 / 2 + draws) / expected + 0.5, rtol=1e-12)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_count_noise_too_small_names_the_least_std_that_would_do():
+    """z = 2 over D = 4 counts needs sigma_b > z * sqrt(D) / 2 = 2 (Andrew et al., Thm 1 with
+    the centred count's sensitivity 1/2); the error says so, with the number."""
+    with pytest.raises(ValueError) as err:
+        gradient_noise_multiplier(2.0, 1.0, count_dims=4)
+    assert str(err.value) == (
+        "count noise std 1 is too small for total noise multiplier 2: "
+        "it must exceed z * sqrt(4) / 2 = 2"
+    )
