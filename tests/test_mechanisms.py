@@ -412,3 +412,26 @@ def test_count_noise_too_small_names_the_least_std_that_would_do():
         "count noise std 1 is too small for total noise multiplier 2: "
         "it must exceed z * sqrt(4) / 2 = 2"
     )
+
+
+def test_per_group_stds_are_scaled_together_until_the_step_with_its_counts_is_z():
+    """Stds the controller asked for per group (0.5 on both, clips 1 and 0.5: z 0.447 alone)
+    keep their ratio and are raised by one factor until the gradient and 2 x 2 counts of std 3
+    are one mechanism of z = 0.8 (Andrew et al., Thm 1: z_grad^-2 = z^-2 - D / (2 sigma_b)^2);
+    stds already above what z needs are kept; a group asked to take no noise is refused."""
+    from privtune.privacy.mechanisms.gaussian import admit_gaussian
+
+    clips, z, count_std, dims = (1.0, 0.5), 0.8, 3.0, 4
+    action = Action(clips, z, noise_stds=(0.5, 0.5), count_noise=count_std, count_levels=(1, 2))
+    admitted, stds, released_count_std = admit_gaussian(action, z, 2)
+    grad_z = (z**-2 - dims * (0.5 / count_std) ** 2) ** -0.5  # 0.830...
+    factor = grad_z / (1 / math.sqrt((1 / 0.5) ** 2 + (0.5 / 0.5) ** 2))
+    assert stds == pytest.approx((0.5 * factor, 0.5 * factor), rel=1e-12)
+    assert released_count_std == count_std and admitted.noise_stds == stds
+    assert admitted.noise_multiplier == pytest.approx(z, rel=1e-12)
+    loud = Action(clips, z, noise_stds=(50.0, 50.0))
+    admitted, stds, _ = admit_gaussian(loud, z, 2)
+    assert stds == (50.0, 50.0) and admitted.noise_multiplier == pytest.approx(1 / math.sqrt(5e-4))
+    with pytest.raises(ValueError) as err:
+        admit_gaussian(Action(clips, z, noise_stds=(0.0, 0.5)), z, 2)
+    assert str(err.value) == "every per-group noise std must be > 0, got (0.0, 0.5)"

@@ -117,8 +117,10 @@ def admit_gaussian(
         # A hair more noise than z needs, so recombining the stds into z never rounds below it.
         stds = uniform_noise_stds(action.clip_thresholds, grad_noise * (1 + ROUNDING_MARGIN))
         return replace(action, noise_multiplier=noise, count_noise=count_std), stds, count_std
-    requested = effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
-    factor = grad_noise / requested if requested > 0 else math.inf
+    if not all(s > 0 for s in action.noise_stds):
+        # a group without noise leaks its gradient whatever the others get: no z fits
+        raise ValueError(f"every per-group noise std must be > 0, got {action.noise_stds}")
+    factor = grad_noise / effective_noise_multiplier(action.clip_thresholds, action.noise_stds)
     stds = tuple(s * max(1.0, factor) for s in action.noise_stds)
     dims = count_dims(n_groups, action.count_levels)
     total = effective_noise_multiplier(action.clip_thresholds, stds, count_std, dims)
