@@ -435,3 +435,15 @@ def test_per_group_stds_are_scaled_together_until_the_step_with_its_counts_is_z(
     with pytest.raises(ValueError) as err:
         admit_gaussian(Action(clips, z, noise_stds=(0.0, 0.5)), z, 2)
     assert str(err.value) == "every per-group noise std must be > 0, got (0.0, 0.5)"
+
+
+def test_effective_noise_multiplier_edges():
+    """A group or a count without noise leaves no guarantee (z = 0); clips and stds must pair
+    up, one each, and there must be at least one."""
+    assert effective_noise_multiplier((1.0, 0.5), (0.0, 1.0)) == 0.0
+    assert effective_noise_multiplier((1.0,), (1.0,), count_std=0.0) == 0.0
+    assert effective_noise_multiplier((1.0,), (2.0,), count_std=None) == 2.0
+    for clips, stds in [((1.0, 0.5), (1.0,)), ((), ())]:
+        with pytest.raises(ValueError) as err:
+            effective_noise_multiplier(clips, stds)
+        assert str(err.value) == "need one noise std per clipping threshold"

@@ -684,3 +684,92 @@ def test_subsampled_lmo_rdp_is_zhu_and_wangs_general_bound_by_hand() -> None:
     with pytest.raises(ValueError) as err:
         orders_up_to(1)
     assert str(err.value) == "max_order must be >= 2"
+
+
+def test_the_step_pld_inverts_the_loss_in_one_pass_not_the_librarys_loop(monkeypatch) -> None:
+    """gaussian_step_pld's losses answer the library's array queries themselves (the point
+    of the module: the library's loop costs 0.1 s a step PLD, built dozens of times a run),
+    and the PLD is the library's to rounding."""
+    import numpy as np
+    from dp_accounting.pld import privacy_loss_distribution as pld
+    from dp_accounting.pld import privacy_loss_mechanism as plm
+
+    from privtune.privacy.pld_gaussian import gaussian_step_pld
+
+    library = pld.from_gaussian_mechanism(
+        standard_deviation=0.9,
+        sampling_prob=0.05,
+        value_discretization_interval=accountant.PLD_INTERVAL,
+        pessimistic_estimate=True,
+    )
+    slow = plm.GaussianPrivacyLoss.get_delta_for_epsilon
+    asked: list[int] = []
+
+    def spy(self, epsilon):
+        asked.append(int(np.ndim(epsilon)))
+        return slow(self, epsilon)
+
+    monkeypatch.setattr(plm.GaussianPrivacyLoss, "get_delta_for_epsilon", spy)
+    fast = gaussian_step_pld(0.9, 0.05, accountant.PLD_INTERVAL)
+    assert asked == []
+    for delta in (1e-3, 1e-6):
+        assert fast.get_epsilon_for_delta(delta) == pytest.approx(
+            library.get_epsilon_for_delta(delta), rel=1e-12
+        )
+
+
+@pytest.mark.parametrize("adjacency", ["ADD", "REMOVE"])
+def test_the_vectorised_loss_leaves_scalars_and_unsampled_steps_to_the_library(adjacency) -> None:
+    """One epsilon, or a step without subsampling (q = 1, where the closed form's constant
+    1 - 1/q is 0), is the library's own answer, a float; arrays at q < 1 are the library's to
+    rounding."""
+    import numpy as np
+    from dp_accounting.pld import privacy_loss_mechanism as plm
+
+    from privtune.privacy.pld_gaussian import VectorisedGaussianLoss
+
+    kind = plm.AdjacencyType[adjacency]
+
+    def both(q: float):
+        kwargs = dict(sensitivity=1, pessimistic_estimate=True, sampling_prob=q)
+        return (
+            VectorisedGaussianLoss(0.9, adjacency_type=kind, **kwargs),
+            plm.GaussianPrivacyLoss(0.9, adjacency_type=kind, **kwargs),
+        )
+
+    ours, theirs = both(0.05)
+    one = ours.get_delta_for_epsilon(0.5)
+    assert isinstance(one, float) and one == theirs.get_delta_for_epsilon(0.5)
+    grid = np.array([-0.2, 0.0, 0.01, 0.5, 2.0])
+    np.testing.assert_allclose(
+        ours.get_delta_for_epsilon(grid), theirs.get_delta_for_epsilon(grid), rtol=1e-9
+    )
+    ours, theirs = both(1.0)
+    np.testing.assert_array_equal(
+        ours.get_delta_for_epsilon(grid), theirs.get_delta_for_epsilon(grid)
+    )
+
+
+def test_log_a_exp_b_plus_c_is_the_librarys_and_quiet_at_the_edge_of_its_domain() -> None:
+    """log(a e^b + c) for a > 0 > c as dp-accounting's common.log_a_times_exp_b_plus_c gives
+    it (exactly its log(a + c) at b = 0); where a e^b + c reaches 0 (the loss's bound, which
+    the caller replaces) it is -inf, and below it NaN, without a floating-point error even
+    where numpy is set to raise."""
+    import numpy as np
+    from dp_accounting.pld import common
+
+    from privtune.privacy.pld_gaussian import _log_a_exp_b_plus_c
+
+    q = 0.05  # the subsampled loss's constants: a = 1/q, c = 1 - 1/q, so log(a + c) = 0
+    a, c = 1 / q, 1 - 1 / q
+    bs = np.array([0.0, 0.3, 2.0, -0.01])
+    ours = _log_a_exp_b_plus_c(a, bs, c)
+    assert ours[0] == common.log_a_times_exp_b_plus_c(a, 0.0, c) == 0.0  # not 8.9e-16
+    np.testing.assert_allclose(
+        ours[1:], [common.log_a_times_exp_b_plus_c(a, b, c) for b in bs[1:]], rtol=1e-12
+    )
+    a, c = 2.0, -1.0
+    edge = math.log(0.5)  # 2 e^b - 1 = 0
+    with np.errstate(all="raise"):
+        at_edge, below = _log_a_exp_b_plus_c(a, np.array([edge, edge - 0.1]), c)
+    assert at_edge == -math.inf and math.isnan(below)
