@@ -719,10 +719,12 @@ def test_the_step_pld_inverts_the_loss_in_one_pass_not_the_librarys_loop(monkeyp
 
 
 @pytest.mark.parametrize("adjacency", ["ADD", "REMOVE"])
-def test_the_vectorised_loss_leaves_scalars_and_unsampled_steps_to_the_library(adjacency) -> None:
-    """One epsilon, or a step without subsampling (q = 1, where the closed form's constant
-    1 - 1/q is 0), is the library's own answer, a float; arrays at q < 1 are the library's to
-    rounding."""
+def test_the_vectorised_loss_is_the_librarys_at_any_sensitivity_and_at_its_bound(adjacency):
+    """Deltas of the subsampled Gaussian loss (sensitivity 2, q = 0.05) against the library's,
+    at epsilons on both sides of the loss's bound log(1 - q) (REMOVE) or -log(1 - q) (ADD),
+    exactly at it, a hair inside it and as integers; one epsilon, or a step
+    without subsampling (q = 1, where the closed form's constant 1 - 1/q is 0), is the
+    library's own answer, a float."""
     import numpy as np
     from dp_accounting.pld import privacy_loss_mechanism as plm
 
@@ -731,19 +733,28 @@ def test_the_vectorised_loss_leaves_scalars_and_unsampled_steps_to_the_library(a
     kind = plm.AdjacencyType[adjacency]
 
     def both(q: float):
-        kwargs = dict(sensitivity=1, pessimistic_estimate=True, sampling_prob=q)
+        kwargs = dict(sensitivity=2.0, pessimistic_estimate=True, sampling_prob=q)
         return (
             VectorisedGaussianLoss(0.9, adjacency_type=kind, **kwargs),
             plm.GaussianPrivacyLoss(0.9, adjacency_type=kind, **kwargs),
         )
 
-    ours, theirs = both(0.05)
-    one = ours.get_delta_for_epsilon(0.5)
-    assert isinstance(one, float) and one == theirs.get_delta_for_epsilon(0.5)
-    grid = np.array([-0.2, 0.0, 0.01, 0.5, 2.0])
+    q = 0.05
+    ours, theirs = both(q)
+    bound = -math.log1p(-q) if adjacency == "ADD" else math.log1p(-q)
+    # inside the bound by 1e-7 (the closed form) and by 1e-10 (within the library's isclose:
+    # the inverse's limit), at it, and beyond it
+    near = [bound * (1 - 1e-7), bound * (1 - 1e-10), bound, bound * 1.5, 0.5 * bound]
+    grid = np.array([-0.2, 0.0, 0.01, 0.5, 2.0, *near])
     np.testing.assert_allclose(
         ours.get_delta_for_epsilon(grid), theirs.get_delta_for_epsilon(grid), rtol=1e-9
     )
+    at_bound = ours.get_delta_for_epsilon(np.array([bound]))
+    assert at_bound[0] == theirs.get_delta_for_epsilon(np.array([bound]))[0]  # q or 0, exactly
+    integers = ours.get_delta_for_epsilon([0, 1, 2])
+    np.testing.assert_allclose(integers, theirs.get_delta_for_epsilon([0.0, 1.0, 2.0]), rtol=1e-9)
+    one = ours.get_delta_for_epsilon(0.5)
+    assert isinstance(one, float) and one == theirs.get_delta_for_epsilon(0.5)
     ours, theirs = both(1.0)
     np.testing.assert_array_equal(
         ours.get_delta_for_epsilon(grid), theirs.get_delta_for_epsilon(grid)
