@@ -784,3 +784,31 @@ def test_log_a_exp_b_plus_c_is_the_librarys_and_quiet_at_the_edge_of_its_domain(
     with np.errstate(all="raise"):
         at_edge, below = _log_a_exp_b_plus_c(a, np.array([edge, edge - 0.1]), c)
     assert at_edge == -math.inf and math.isnan(below)
+
+
+def test_without_the_library_internals_the_step_pld_is_the_librarys_own(monkeypatch) -> None:
+    """Should a dp-accounting release drop the private helpers the fast path borrows, or for a
+    step without subsampling, the step PLD is pld.from_gaussian_mechanism's, pessimistic, at
+    the accountant's discretisation: the same epsilons to the last bit."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    from privtune.privacy import pld_gaussian
+
+    def library(q: float):
+        return pld.from_gaussian_mechanism(
+            standard_deviation=0.9,
+            sampling_prob=q,
+            value_discretization_interval=accountant.PLD_INTERVAL,
+            pessimistic_estimate=True,
+        )
+
+    def same(built, expected) -> None:
+        for delta in (1e-3, 1e-6):
+            assert built.get_epsilon_for_delta(delta) == expected.get_epsilon_for_delta(delta)
+
+    same(pld_gaussian.gaussian_step_pld(0.9, 1.0, accountant.PLD_INTERVAL), library(1.0))
+    for helper in ("_build_pmf", "_for_subsampled"):
+        with monkeypatch.context() as patched:
+            patched.setattr(pld_gaussian, helper, None)
+            built = pld_gaussian.gaussian_step_pld(0.9, 0.05, accountant.PLD_INTERVAL)
+        same(built, library(0.05))
