@@ -570,6 +570,52 @@ def test_a_calibration_opacus_leaves_short_is_raised_until_it_fits(monkeypatch) 
     assert sigma == pytest.approx(exact, rel=6e-3)
 
 
+def test_a_calibration_that_spends_exactly_the_target_is_kept(monkeypatch) -> None:
+    """opacus' answer is re-checked with "at most": a z spending exactly the target is not
+    raised; the accountant is passed on (PRV's calibration is PRV's, not opacus' default
+    RDP's, so it is tight under PRV)."""
+    monkeypatch.setattr(accountant, "get_noise_multiplier", lambda **kw: 0.75)
+    # a stand-in spend, 1.5 / z: exactly 2.0 at opacus' 0.75, less above it
+    monkeypatch.setattr(accountant, "epsilon", lambda segments, delta, name: 1.5 / segments[0][0])
+    assert accountant._calibrate(2.0, DELTA, 0.05, 40, "rdp") == 0.75
+    monkeypatch.undo()
+    sigma = accountant._calibrate(2.0, DELTA, 0.05, 40, "prv")
+    assert accountant.epsilon([(sigma, 0.05, 40)], DELTA, "prv") <= 2.0
+    assert accountant.epsilon([(sigma / 1.01, 0.05, 40)], DELTA, "prv") > 2.0
+
+
+def test_a_cached_calibration_is_used_when_it_keeps_the_target_under_its_own_accountant(
+    tmp_path, monkeypatch
+) -> None:
+    """The cache serves any z that spends at most the target under the accountant asked
+    (a louder one costs utility, never privacy), PLD when none is named; a z that is safe
+    under PLD but not under the looser RDP is not served to an RDP calibration."""
+    import json
+
+    monkeypatch.setenv("PRIVTUNE_CACHE_DIR", str(tmp_path))
+    plan = (4.0, 1e-5, 0.02, 200)
+    sigma = accountant.calibrate_noise(*plan)
+    assert sigma == accountant.calibrate_noise(*plan, "pld")
+    cache = tmp_path / "calibration.json"
+    (key,) = json.loads(cache.read_text())
+    louder = sigma * 1.05  # spends less than the target: safe, if not the least
+    assert louder < 1.0
+    cache.write_text(json.dumps({key: louder}))
+    assert accountant.calibrate_noise(*plan) == louder
+
+    rdp_sigma = accountant.calibrate_noise(*plan, "rdp")
+    entries = json.loads(cache.read_text())
+    (rdp_key,) = [k for k in entries if "'rdp'" in k]
+    assert accountant.epsilon([(sigma, 0.02, 200)], 1e-5, "rdp") > 4.0  # PLD's z: not RDP-safe
+    cache.write_text(json.dumps({**entries, rdp_key: sigma}))
+    assert accountant.calibrate_noise(*plan, "rdp") == pytest.approx(rdp_sigma, rel=1e-9)
+
+    # a cached z spending exactly the target (a stand-in accountant says so) is served
+    monkeypatch.setattr(accountant, "epsilon", lambda segments, delta, name: 4.0)
+    cache.write_text(json.dumps({key: louder}))
+    assert accountant.calibrate_noise(*plan) == louder
+
+
 def test_lmo_epsilon_of_several_candidates_is_each_ones_own() -> None:
     """The vectorised RDP -> epsilon conversion (the LMO search's) gives each candidate's row
     what opacus' conversion gives it alone; a row with no finite order has no guarantee."""
