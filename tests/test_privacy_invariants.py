@@ -762,6 +762,16 @@ def test_the_step_pld_inverts_the_loss_in_one_pass_not_the_librarys_loop(monkeyp
         assert fast.get_epsilon_for_delta(delta) == pytest.approx(
             library.get_epsilon_for_delta(delta), rel=1e-12
         )
+    # the truncated tail (mass ~1e-25) counted pessimistically, as an infinite loss
+    assert fast.get_delta_for_epsilon(50.0) == pytest.approx(
+        library.get_delta_for_epsilon(50.0), rel=1e-9
+    )
+    assert fast.get_delta_for_epsilon(50.0) > 0
+    # each adjacency's own PMF (the REMOVE side dominates the max; the ADD side is its own)
+    for side in ("_pmf_add", "_pmf_remove"):
+        assert getattr(fast, side).get_delta_for_epsilon(0.2) == pytest.approx(
+            getattr(library, side).get_delta_for_epsilon(0.2), rel=1e-9, abs=1e-300
+        )
 
 
 @pytest.mark.parametrize("adjacency", ["ADD", "REMOVE"])
