@@ -427,7 +427,8 @@ def test_per_group_stds_are_scaled_together_until_the_step_with_its_counts_is_z(
     grad_z = (z**-2 - dims * (0.5 / count_std) ** 2) ** -0.5  # 0.830...
     factor = grad_z / (1 / math.sqrt((1 / 0.5) ** 2 + (0.5 / 0.5) ** 2))
     assert stds == pytest.approx((0.5 * factor, 0.5 * factor), rel=1e-12)
-    assert released_count_std == count_std and admitted.noise_stds == stds
+    assert released_count_std == count_std == admitted.count_noise
+    assert admitted.noise_stds == stds
     assert admitted.noise_multiplier == pytest.approx(z, rel=1e-12)
     loud = Action(clips, z, noise_stds=(50.0, 50.0))
     admitted, stds, _ = admit_gaussian(loud, z, 2)

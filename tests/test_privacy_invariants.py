@@ -868,3 +868,37 @@ def test_without_the_library_internals_the_step_pld_is_the_librarys_own(monkeypa
             patched.setattr(pld_gaussian, helper, None)
             built = pld_gaussian.gaussian_step_pld(0.9, 0.05, accountant.PLD_INTERVAL)
         same(built, library(0.05))
+
+
+def _guard_with_projection(spend, target: float = 1.0) -> BudgetGuard:
+    """A guard whose projection is a stand-in, so its raise search is checked by hand."""
+    guard = BudgetGuard(
+        ledger=PrivacyLedger(), target_epsilon=target, delta=DELTA, sample_rate=0.05,
+        total_steps=60, reserve_noise=1.0,
+    )  # fmt: skip
+    guard.projected = lambda z, steps: spend(z)
+    return guard
+
+
+def test_the_raise_accepts_a_noise_that_spends_exactly_the_target() -> None:
+    """Asked for z = 1 (spend 2, target 1), the search's first widening probes z = e^(log 2),
+    where the spend is exactly the target: "at most" admits it, and nothing below it fits, so
+    that z is the answer, with the target as its projection."""
+    first = math.exp(math.log(2.0))  # low + min(f(low), log 64) with f(low) = log 2
+    guard = _guard_with_projection(lambda z: 1.0 if z >= first else 2.0)
+    admission = guard.admit(1.0, 5)
+    assert admission.raised and admission.noise_multiplier == first
+    assert admission.projected_epsilon == 1.0
+
+
+def test_the_raise_treats_a_projection_of_zero_as_fitting() -> None:
+    """So much noise that the PLD spends nothing (epsilon 0 at this delta) fits the budget
+    (log 0 is -inf, not an error, not an overspend); the least noise that fits, 16 here
+    (spend 4 / sqrt(z) below z = 20, nothing above; the widening probes z = 4, then 64), is
+    still found to rtol."""
+    probed: list[float] = []
+    guard = _guard_with_projection(lambda z: probed.append(z) or (0.0 if z >= 20 else 4 / z**0.5))
+    admission = guard.admit(1.0, 5)
+    assert any(z >= 20 for z in probed)  # the search did meet a projection of 0
+    assert admission.raised and admission.projected_epsilon <= 1.0
+    assert 16 <= admission.noise_multiplier <= 16 * (1 + guard.rtol)
