@@ -6,6 +6,7 @@ libraries the accountant must agree with (dp-accounting's PLD, opacus' RDP).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -902,3 +903,30 @@ def test_the_raise_treats_a_projection_of_zero_as_fitting() -> None:
     assert any(z >= 20 for z in probed)  # the search did meet a projection of 0
     assert admission.raised and admission.projected_epsilon <= 1.0
     assert 16 <= admission.noise_multiplier <= 16 * (1 + guard.rtol)
+
+
+def test_the_per_step_check_names_why_it_refuses_and_its_slack_is_inclusive() -> None:
+    """The step check's two refusals say which rule a step broke; a noise exactly at the
+    admitted z less its 1e-9 rounding slack still passes."""
+    guard = BudgetGuard(
+        ledger=PrivacyLedger(), target_epsilon=2.0, delta=DELTA, sample_rate=0.05,
+        total_steps=10, reserve_noise=3.0, accountant="rdp",
+    )  # fmt: skip
+    with pytest.raises(BudgetExhausted) as err:
+        guard.check_step(5.0)
+    assert str(err.value) == "step not admitted: call admit() for the next interval"
+    z = guard.admit(4.0, 3).noise_multiplier
+    guard.check_step(z * (1 - 1e-9))
+    with pytest.raises(BudgetExhausted) as err:
+        guard.check_step(z * (1 - 1e-6))
+    assert str(err.value) == "step noise is below the admitted noise multiplier"
+
+
+def test_the_ledger_names_the_mechanisms_it_knows() -> None:
+    entry = LedgerEntry(
+        step=0, sample_rate=0.1, noise_multiplier=1.0, clip_thresholds=(1.0,),
+        noise_stds=(1.0,), batch_size=4,
+    )  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        PrivacyLedger().record(dataclasses.replace(entry, mechanism="laplace"))
+    assert str(err.value) == "unknown noise mechanism 'laplace': use one of gaussian, lmo"
