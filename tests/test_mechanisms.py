@@ -430,6 +430,9 @@ def test_per_group_stds_are_scaled_together_until_the_step_with_its_counts_is_z(
     assert released_count_std == count_std == admitted.count_noise
     assert admitted.noise_stds == stds
     assert admitted.noise_multiplier == pytest.approx(z, rel=1e-12)
+    quiet_counts = Action(clips, z, noise_stds=(0.5, 0.5), count_noise=0.1, count_levels=(1, 2))
+    admitted, _, raised_count_std = admit_gaussian(quiet_counts, z, 2)
+    assert raised_count_std == z * math.sqrt(dims) == admitted.count_noise  # raised, recorded
     loud = Action(clips, z, noise_stds=(50.0, 50.0))
     admitted, stds, _ = admit_gaussian(loud, z, 2)
     assert stds == (50.0, 50.0) and admitted.noise_multiplier == pytest.approx(1 / math.sqrt(5e-4))

@@ -960,3 +960,28 @@ def test_the_guard_names_what_it_refuses() -> None:
     with pytest.raises(BudgetExhausted) as err:
         guard.admit(1.0, 1)
     assert str(err.value) == "the planned number of steps has been taken"
+
+
+def test_prv_and_pld_take_over_from_rdp_at_exactly_their_least_noise() -> None:
+    """PLD and PRV answer for every segment at z >= PRV_MIN_NOISE (0.1) and are tighter than
+    RDP there: at z = 0.1 exactly they are theirs, not RDP's fallback."""
+    schedule = [(accountant.PRV_MIN_NOISE, 0.01, 5)]
+    rdp = accountant.epsilon(schedule, DELTA, "rdp")
+    for name in ("pld", "prv"):
+        assert accountant.epsilon(schedule, DELTA, name) < 0.9 * rdp
+
+
+def test_a_mixed_ledger_counts_every_lmo_step_and_every_gaussian_segment() -> None:
+    """One LMO step is one step more spending than none; a Gaussian segment of no steps (even
+    at z = 0) is skipped, not a reason to stop reading the schedule or to call it unbounded."""
+    from privtune.privacy.accountant import composed_epsilon
+
+    gaussian = [(1.0, 0.05, 50)]
+    without = composed_epsilon(gaussian, [(LAW, 0.05, 10)], DELTA)
+    one_more = composed_epsilon(gaussian, [(LAW, 0.05, 10), (LAW, 0.05, 1)], DELTA)
+    assert one_more > without
+    assert composed_epsilon(gaussian, [(LAW, 0.05, 1)], DELTA) > composed_epsilon(
+        gaussian, [(LAW, 0.05, 0)], DELTA
+    )
+    padded = [(0.0, 0.05, 0), (2.0, 0.05, 0), *gaussian]
+    assert composed_epsilon(padded, [(LAW, 0.05, 10)], DELTA) == without
