@@ -129,3 +129,42 @@ def test_pacing_ignores_an_interval_without_finite_noise() -> None:
         # 30 of 40 steps left, nothing used: the rest may spend more per step (lower z)
         expected = 1 / math.sqrt(math.log1p(math.expm1(1 / 1.3**2) * 1.0 / (30 / 40)))
         assert rldp.budget_noise() == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_anchor_names_the_scaling_rule_of_every_action() -> None:
+    """The default anchor is per-adapter AUTO-S: every action normalises with stability gamma;
+    the clipping anchor clips, with no stability constant."""
+    residual = np.array([0.3, -0.2, 0.1])
+    auto_s = build_controller("rldp", CTX, {**BOUNDS, "gamma": 0.05})._decode(residual)
+    assert (auto_s.scaling, auto_s.stability) == ("normalize", 0.05)
+    clip = build_controller("rldp", CTX, {**BOUNDS, "anchor": "clip"})._decode(residual)
+    assert (clip.scaling, clip.stability) == ("clip", 0.0)
+
+
+def test_budget_pacing_follows_the_steps_run_at_each_admitted_noise() -> None:
+    """The pace, by hand from budget_noise's rule: each step at z uses c(z) / c(z_cal) of one
+    calibrated step's share (c(z) = e^(1/z^2) - 1); the rest of the budget over the steps left
+    affords the z with c(z) = c(z_cal) (1 - used / total) / (left / total). An interval at no
+    (or a non-finite) noise, or a step count that went back, uses nothing."""
+    from types import SimpleNamespace
+
+    def c(z: float) -> float:
+        return math.expm1(1 / z**2)
+
+    def pace(used: float, step: int) -> float:
+        unused = max(1 - used / 100, 1e-2)
+        left = max(100 - step, 1) / 100
+        return 1 / math.sqrt(math.log1p(c(1.3) * unused / left))
+
+    rldp = build_controller("rldp", CTX, BOUNDS)
+    assert rldp.budget_noise() == pytest.approx(1.3, rel=1e-12)  # nothing run: the calibrated z
+    used = 0.0
+    for step, z in [(20, 2.0), (30, 0.9), (35, 0.0), (33, 1.0), (38, math.inf), (60, 1.1)]:
+        if z > 0 and math.isfinite(z) and step > rldp._step:
+            used += (step - rldp._step) * c(z) / c(1.3)
+        rldp._track(SimpleNamespace(step=step, action=Action((1.0, 1.0), z)))
+        assert rldp._step == step
+        assert rldp.budget_noise() == pytest.approx(pace(used, step), rel=1e-12)
+    rldp._track(SimpleNamespace(step=100, action=Action((1.0, 1.0), 1.3)))
+    used += 40 * c(1.3) / c(1.3)
+    assert rldp.budget_noise() == pytest.approx(pace(used, 100), rel=1e-12)  # 1 step "left"
