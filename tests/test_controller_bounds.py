@@ -168,3 +168,49 @@ def test_budget_pacing_follows_the_steps_run_at_each_admitted_noise() -> None:
     rldp._track(SimpleNamespace(step=100, action=Action((1.0, 1.0), 1.3)))
     used += 40 * c(1.3) / c(1.3)
     assert rldp.budget_noise() == pytest.approx(pace(used, 100), rel=1e-12)  # 1 step "left"
+
+
+def test_a_policy_failure_lets_the_anchor_act_and_is_counted(monkeypatch, caplog) -> None:
+    """act's bookkeeping, decision by decision: the first decision (no observation yet) is the
+    anchor; later ones track the interval and ask the policy; a policy that raises is logged,
+    counted and replaced by the anchor, its transition skipped, and the observation's loss,
+    spend and step are kept for the next decision either way."""
+    import logging
+
+    from privtune.control import Observation
+
+    rldp = build_controller("rldp", CTX, BOUNDS)
+    first = rldp.act(None)
+    assert rldp.decisions == 1 and np.array_equal(rldp.last_residual, rldp.anchor_action)
+    assert first.noise_multiplier == pytest.approx(1.3, rel=1e-12)
+    assert rldp._prev[0].dtype == np.float32 and not rldp._prev[0].any()
+
+    def observed(step: int, valid: float) -> Observation:
+        return Observation(
+            step=step, total_steps=100, train_loss=2.0, loss_trend=0.0, valid_loss=valid,
+            epsilon_spent=0.1 * step / 5, epsilon_target=2.0, clipped_fraction=0.5,
+            norm_quantiles=((1.0,) * 5,) * 2, norm_mean=(1.0, 1.0), norm_std=(0.1, 0.1),
+            action=dataclasses.replace(first, noise_multiplier=2.0),  # louder than paced
+        )  # fmt: skip
+
+    before = rldp.budget_noise()
+    policy = np.array([0.5, -0.5, 0.25], np.float32)
+    monkeypatch.setattr(rldp, "_learn_and_act", lambda obs: policy)
+    rldp.act(observed(5, 3.0))
+    assert rldp.decisions == 2 and rldp.failures == 0 and rldp.last_residual is policy
+    assert rldp._step == 5 and rldp.budget_noise() != before  # the interval was tracked
+    assert (rldp._prev_valid, rldp._prev_eps, rldp._prev_step) == (3.0, 0.1, 5)
+
+    def broken(obs):
+        raise RuntimeError("critic diverged")
+
+    monkeypatch.setattr(rldp, "_learn_and_act", broken)
+    placeholder = rldp._prev[0]
+    with caplog.at_level(logging.WARNING):
+        rldp.act(observed(10, 2.5))
+    assert rldp.decisions == 3 and rldp.failures == 1
+    assert np.array_equal(rldp.last_residual, rldp.anchor_action)
+    assert rldp._prev[0] is placeholder and np.array_equal(rldp._prev[1], rldp.anchor_action)
+    assert rldp._skip_transition is True
+    assert (rldp._prev_valid, rldp._prev_eps, rldp._prev_step) == (2.5, 0.2, 10)
+    assert "RLDP policy failed (critic diverged); the anchor acts" in caplog.text
