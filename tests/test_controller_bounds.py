@@ -195,8 +195,10 @@ def test_a_policy_failure_lets_the_anchor_act_and_is_counted(monkeypatch, caplog
 
     before = rldp.budget_noise()
     policy = np.array([0.5, -0.5, 0.25], np.float32)
-    monkeypatch.setattr(rldp, "_learn_and_act", lambda obs: policy)
+    seen: list = []
+    monkeypatch.setattr(rldp, "_learn_and_act", lambda obs: seen.append(obs) or policy)
     rldp.act(observed(5, 3.0))
+    assert seen == [observed(5, 3.0)]  # the policy sees the observation
     assert rldp.decisions == 2 and rldp.failures == 0 and rldp.last_residual is policy
     assert rldp._step == 5 and rldp.budget_noise() != before  # the interval was tracked
     assert (rldp._prev_valid, rldp._prev_eps, rldp._prev_step) == (3.0, 0.1, 5)
@@ -213,4 +215,11 @@ def test_a_policy_failure_lets_the_anchor_act_and_is_counted(monkeypatch, caplog
     assert rldp._prev[0] is placeholder and np.array_equal(rldp._prev[1], rldp.anchor_action)
     assert rldp._skip_transition is True
     assert (rldp._prev_valid, rldp._prev_eps, rldp._prev_step) == (2.5, 0.2, 10)
-    assert "RLDP policy failed (critic diverged); the anchor acts" in caplog.text
+    assert caplog.records[-1].getMessage() == (
+        "RLDP policy failed (critic diverged); the anchor acts"
+    )
+    rldp.act(observed(15, 2.4))
+    assert rldp.failures == 2  # counted, not just flagged
+    # with no new observation (a resumed loop's first call), the anchor acts, nothing tracked
+    assert rldp.act(None).noise_multiplier == pytest.approx(rldp.budget_noise(), rel=1e-12)
+    assert rldp.decisions == 5 and rldp._step == 15
