@@ -93,8 +93,7 @@ def build_project(where: Path, size: str, methods: list[str]) -> Path:
     (project / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = _merge(shipped, SIZES[size])
-    if methods != ["all"]:
-        params["methods"] = {m: shipped["methods"][m] for m in methods}
+    params["methods"] = {m: shipped["methods"][m] for m in methods}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (
         ("git", "init", "-q"),
@@ -157,6 +156,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep_fanout.json")
     args = parser.parse_args()
+    if args.methods == ["all"]:  # resolved once: the project and the JSON name the same list
+        args.methods = list(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"])
 
     from privtune.tracking import disable_telemetry
 
@@ -316,9 +317,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
             "sweep": {
                 "size": args.size,
                 "params_overrides": SIZES[args.size],
-                "methods": args.methods
-                if args.methods != ["all"]
-                else sorted(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]),
+                "methods": args.methods,
                 "epsilons": args.epsilons,
                 "seeds": args.seeds,
                 "points": len(args.epsilons) * len(args.seeds),
