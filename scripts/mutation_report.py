@@ -9,6 +9,12 @@ is counted as killed (and the stale entry reported). The kill rate is over non-e
 mutants that were run: (killed + timeout) / (run - equivalent); a timeout is a mutant whose
 tests never finished (an endless loop), so the suite did notice it. "no tests" mutants (no
 selected test reaches their function) count as not killed.
+
+    python scripts/mutation_report.py --carry-over benchmarks/results/mutation.json
+
+after a pass that ran only some mutants (`mutmut run 'privtune.privacy.guard.*'`), takes each
+mutant left unrun from the previous report, if its function's source is unchanged (mutmut's
+hash of it, recorded in the report), and says how many verdicts it carried.
 """
 
 from __future__ import annotations
@@ -57,21 +63,45 @@ def area(module: str) -> str:
 
 
 def load_results(mutants: Path) -> dict[str, dict[str, Any]]:
-    """mutant name -> {module, status, function} from mutmut's per-file .meta files."""
+    """mutant name -> {module, status, function, hash} from mutmut's per-file .meta files (the
+    hash is mutmut's of the mutated function's source: equal hashes, same mutants)."""
     results: dict[str, dict[str, Any]] = {}
     for meta in sorted(mutants.rglob("*.py.meta")):
         data = json.loads(meta.read_text())
         source = meta.relative_to(mutants).with_suffix("")  # src/privtune/x/y.py
         module = ".".join(source.with_suffix("").parts[1:])
+        hashes = data.get("hash_by_function_name") or {}
         for name, code in data["exit_code_by_key"].items():
+            function = name.rsplit("__mutmut_", 1)[0].removeprefix(module + ".")
             results[name] = {
                 "module": module,
                 "path": str(source),
-                "function": name.rsplit("__mutmut_", 1)[0].removeprefix(module + "."),
+                "function": function,
+                "hash": hashes.get(function),
                 "status": STATUS.get(code, "other"),
                 "exit_code": code,
             }
     return results
+
+
+def carry_over(results: dict[str, dict[str, Any]], previous: dict[str, Any]) -> int:
+    """Give each mutant this pass did not run its verdict in the `previous` report, where its
+    function's source hash is the one the previous report recorded. Returns how many."""
+    verdicts = previous.get("mutants", {})
+    hashes = previous.get("function_hashes", {})
+    carried = 0
+    for name, r in results.items():
+        before = verdicts.get(name)
+        key = f"{r['module']}.{r['function']}"
+        if r["status"] != "not checked" or before in (None, "not checked"):
+            continue
+        if r["hash"] is None or hashes.get(key) != r["hash"]:
+            continue  # the function changed (or its hash is unknown): its mutants may differ
+        # "equivalent" was a survivor argued in the equivalents file, which summarise re-reads
+        r["status"] = "survived" if before == "equivalent" else before
+        r["carried"] = True
+        carried += 1
+    return carried
 
 
 def sample(results: dict[str, dict[str, Any]], per_module: int, seed: int) -> list[str]:
@@ -146,6 +176,7 @@ def render(
     per_area: dict[str, Counter],
     stale: list[str],
     notes: str,
+    carried: int = 0,
 ) -> str:
     header = (
         "| | mutants | " + " | ".join(COLUMNS) + " | kill rate |\n"
@@ -162,6 +193,13 @@ def render(
     ]
     if notes:
         lines += [notes.strip(), ""]
+    if carried:
+        lines += [
+            f"{carried} of the {len(results)} verdicts were carried over from the previous "
+            "report: mutants this pass did not run, of functions whose source is unchanged "
+            "(the same mutmut hash).",
+            "",
+        ]
     lines += ["## By area", "", header]
     lines += [_row(a, per_area[a]) for a in sorted(per_area)]
     total: Counter = Counter()
@@ -207,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--run-notes", type=Path, default=RUN_NOTES, help="markdown about this run (after --notes)"
     )
+    parser.add_argument(
+        "--carry-over",
+        type=Path,
+        help="a previous mutation.json: verdicts for mutants not run here, functions unchanged",
+    )
     args = parser.parse_args(argv)
     if not args.mutants.is_dir():
         print(f"no {args.mutants}: run `make mutate` first", file=sys.stderr)
@@ -217,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         print(" ".join(sample(results, args.sample, args.seed)))
         return 0
+    carried = 0
+    if args.carry_over:
+        carried = carry_over(results, json.loads(args.carry_over.read_text()))
     per_module, per_area, stale = summarise(results, equivalents)
     notes = "\n\n".join(
         path.read_text().strip() for path in (args.notes, args.run_notes) if path and path.is_file()
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutation.md").write_text(
-        render(results, equivalents, per_module, per_area, stale, notes)
+        render(results, equivalents, per_module, per_area, stale, notes, carried)
     )
     summary = {
         "areas": {a: dict(c) | {"kill_rate": kill_rate(c)} for a, c in sorted(per_area.items())},
@@ -232,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "mutants": {n: r["reported"] for n, r in sorted(results.items())},
         "stale_equivalents": sorted(stale),
+        "carried_over": carried,
+        # mutmut's hash of each mutated function's source, for a later --carry-over
+        "function_hashes": {
+            f"{r['module']}.{r['function']}": r["hash"]
+            for _, r in sorted(results.items())
+            if r["hash"] is not None
+        },
     }
     (args.out / "mutation.json").write_text(json.dumps(summary, indent=1) + "\n")
     for a, c in sorted(per_area.items()):
