@@ -223,3 +223,11 @@ def test_a_policy_failure_lets_the_anchor_act_and_is_counted(monkeypatch, caplog
     # with no new observation (a resumed loop's first call), the anchor acts, nothing tracked
     assert rldp.act(None).noise_multiplier == pytest.approx(rldp.budget_noise(), rel=1e-12)
     assert rldp.decisions == 5 and rldp._step == 15
+
+
+def test_a_calibrated_noise_below_the_overflow_cap_paces_at_the_cap() -> None:
+    """e^(1/z^2) overflows a float for z below about 0.0375 (1/z^2 > 709), so a step's cost is
+    capped at 1/z^2 = 700: a run calibrated to z = 0.01 (epsilon in the thousands) paces its
+    first interval at the cap's z = 1/sqrt(700), finite, instead of raising OverflowError."""
+    rldp = build_controller("rldp", dataclasses.replace(CTX, calibrated_noise=0.01), BOUNDS)
+    assert rldp.budget_noise() == pytest.approx(1 / math.sqrt(700), rel=1e-12)

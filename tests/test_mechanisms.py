@@ -451,3 +451,20 @@ def test_effective_noise_multiplier_edges():
         with pytest.raises(ValueError) as err:
             effective_noise_multiplier(clips, stds)
         assert str(err.value) == "need one noise std per clipping threshold"
+
+
+def test_factors_and_noise_are_made_on_the_device_of_the_norms_and_parameters():
+    """On CUDA the norms and parameters live on the GPU while the noise is drawn on the CPU
+    generator: the thresholds must be made beside the norms, and each group's draw moved to
+    its parameters' device. PyTorch's meta device stands in for CUDA here (a CPU tensor
+    meeting a meta one fails as it would meeting a CUDA one), so this runs on any machine."""
+    a = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    b = torch.nn.Parameter(torch.zeros(3, device="meta", dtype=torch.bfloat16))
+    mech = Gaussian([[a], [b]], ["a", "b"], seed=0)
+    spec = mech.admit(Action((1.0, 0.5), 1.0), 1.0)
+    norms = torch.ones(4, 2, device="meta", dtype=torch.float64)
+    factors = mech.factors(norms, spec)
+    assert (factors.device.type, factors.shape, factors.dtype) == ("meta", (4, 2), torch.float64)
+    mech.add_noise(spec.stds)
+    assert (a.grad.device.type, a.grad.shape, a.grad.dtype) == ("meta", (2,), torch.float32)
+    assert (b.grad.device.type, b.grad.shape, b.grad.dtype) == ("meta", (3,), torch.bfloat16)

@@ -123,9 +123,30 @@ def test_a_noiseless_gaussian_step_beside_lmo_steps_has_no_guarantee() -> None:
     assert accountant.compose([(LAW, 0.1, 3), (-1.0, 0.1, 2)], DELTA) == math.inf
 
 
-def test_an_unknown_accountant_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown accountant 'moments'"):
-        accountant.epsilon([(1.0, 0.1, 3)], DELTA, "moments")
+def test_an_unknown_accountant_is_refused_whatever_the_schedule() -> None:
+    """A misspelt accountant is an error even where no accountant is needed (nothing spent,
+    or no noise at all), so a typo in params.yaml is caught on the first call, not late."""
+    for schedule in ([(1.0, 0.1, 3)], [], [(1.0, 0.1, 0)], [(0.0, 0.1, 3)], [(-0.0, 0.1, 3)]):
+        with pytest.raises(ValueError) as err:
+            accountant.epsilon(schedule, DELTA, "moments")
+        assert str(err.value) == "unknown accountant 'moments': use one of pld, prv, rdp"
+
+
+def test_a_schedule_without_noise_has_no_guarantee_under_every_accountant() -> None:
+    """z = 0 (or -0.0) anywhere in a schedule: epsilon is infinite, by every accountant."""
+    for name in accountant.ACCOUNTANTS:
+        for z in (0.0, -0.0):
+            assert accountant.epsilon([(1.0, 0.1, 3), (z, 0.1, 1)], DELTA, name) == math.inf
+
+
+def test_adjacent_segments_merge_only_at_the_same_noise_and_rate() -> None:
+    """A constant schedule cut by the guard (ledger so far, next interval, the rest) is one
+    segment again; a change of z or of q starts a new one, even back to an earlier pair."""
+    cut = [(1.0, 0.1, 3), (1.0, 0.1, 4), (1.0, 0.2, 2), (2.0, 0.2, 5), (1.0, 0.1, 1)]
+    assert accountant._merge_adjacent(cut) == [
+        (1.0, 0.1, 7), (1.0, 0.2, 2), (2.0, 0.2, 5), (1.0, 0.1, 1),
+    ]  # fmt: skip
+    assert accountant._merge_adjacent([]) == []
 
 
 # -- the training plan --------------------------------------------------------------------------
@@ -985,3 +1006,113 @@ def test_a_mixed_ledger_counts_every_lmo_step_and_every_gaussian_segment() -> No
     )
     padded = [(0.0, 0.05, 0), (2.0, 0.05, 0), *gaussian]
     assert composed_epsilon(padded, [(LAW, 0.05, 10)], DELTA) == without
+
+
+# -- the guard's raise search, probe by probe ---------------------------------------------------
+#
+# The search's contract is "the least noise that fits, to rtol, from few projections". The
+# tests above check the first half on real accountants; these check how it gets there, on
+# stand-in projections whose least fitting noise is known by hand, by recording every noise
+# the guard projects and every call to the root finder.
+
+# rtol whose tolerance log(1 + rtol) is a multiple of 2^-53, so that brackets of exactly
+# "tol" can be built in floats below 1 (the search's "within tol" is inclusive there)
+EXACT_RTOL = 0.0010000000000423004
+EXACT_TOL = math.log(1 + EXACT_RTOL)
+
+
+def _search(spend, request: float, *, rtol: float = 1e-3, max_noise: float = 1e3, root=None):
+    """Admit `request` under a stand-in projection `spend(z)` (target 1); `root(f, a, b)`, if
+    given, replaces Brent's method. Returns the admission, the noises the search projected in
+    order (after admit's own projection of the request) and the root finder's calls
+    (a, b, xtol, f(a), f(b))."""
+    from privtune.privacy import guard as guard_module
+
+    probed: list[float] = []
+    calls: list[tuple[float, float, float, float, float]] = []
+    guard = _guard_with_projection(lambda z: probed.append(z) or spend(z))
+    guard.rtol, guard.max_noise = rtol, max_noise
+    brentq = guard_module.optimize.brentq
+
+    def finder(f, a, b, xtol):
+        calls.append((a, b, xtol, f(a), f(b)))
+        return root(f, a, b) if root else brentq(f, a, b, xtol=xtol)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(guard_module.optimize, "brentq", finder)
+        admission = guard.admit(request, 5)
+    assert probed[0] == request
+    return admission, probed[1:], calls
+
+
+def test_the_search_widens_by_the_requests_overspend_capped_at_64_then_doubles() -> None:
+    """Spend 1e6 / z from z = 1: the first step along eps ~ 1/z would be 1e6, capped at 64;
+    the steps then double in log z (64^3, then 64^7, beyond the ceiling of 1e9, so the
+    ceiling), and Brent's method starts from the last two, at a quarter of the tolerance."""
+    admission, probed, calls = _search(lambda z: 1e6 / z, 1.0, max_noise=1e9)
+    assert probed[:3] == pytest.approx([64.0, 64.0**3, 1e9], rel=1e-12)
+    (a, b, xtol, _, _) = calls[0]
+    assert (math.exp(a), math.exp(b)) == pytest.approx((64.0**3, 1e9), rel=1e-12)
+    assert xtol == math.log(1 + 1e-3) / 4
+    assert 1e6 <= admission.noise_multiplier <= 1e6 * (1 + 1e-3)
+
+
+def test_the_root_finder_sees_the_log_overspend_clamped_to_50() -> None:
+    """A projection e^69 times the target and one of 0 (log -inf) reach Brent's method as
+    +50 and -50: finite, so its interpolation stays defined; the least noise, 100, is found."""
+    admission, _, calls = _search(lambda z: 1e30 if z < 100 else 0.0, 1.0)
+    [(a, b, _, fa, fb)] = calls
+    assert (math.exp(a), math.exp(b)) == pytest.approx((64.0, 1e3), rel=1e-12)
+    assert (fa, fb) == (50.0, -50.0)
+    assert 100 <= admission.noise_multiplier <= 100 * (1 + 1e-3)
+
+
+def test_a_widening_step_of_exactly_tol_needs_no_root_finder() -> None:
+    """From z = 2.5, an overspend of 1e-5 in log asks for a step below the tolerance; the step
+    is the tolerance, which fits, and a bracket of exactly tol is precise enough: one
+    projection, no root finding, no bisection."""
+    low = math.log(2.5)
+    assert (low + EXACT_TOL) - low == EXACT_TOL  # the bracket is exactly tol in floats
+    admission, probed, calls = _search(lambda z: 2.5 * math.exp(1e-5) / z, 2.5, rtol=EXACT_RTOL)
+    assert probed == [math.exp(low + EXACT_TOL)] and calls == []
+    assert admission.noise_multiplier == math.exp(low + EXACT_TOL)
+
+
+def test_the_search_probes_a_quarter_tol_either_side_of_the_root() -> None:
+    """Spend 5 / z^2 from z = 1: the widening's first probe, z = 5, fits; the root is at
+    z = sqrt(5). Brent's method (here: answering the exact root without projecting) is
+    followed by one probe a quarter of the tolerance above it (fits) and one below (does
+    not): a bracket of tol / 2, so the answer is the probe above."""
+    root = math.log(5) / 2
+    tol = math.log(1 + 1e-3)
+    admission, probed, calls = _search(lambda z: 5 / z**2, 1.0, root=lambda f, a, b: root)
+    assert len(calls) == 1
+    assert probed == [math.exp(math.log(5.0)), math.exp(root + tol / 4), math.exp(root - tol / 4)]
+    assert admission.noise_multiplier == math.exp(root + tol / 4)
+
+
+def test_the_second_probe_is_skipped_once_the_bracket_is_within_tol() -> None:
+    """As above, but the root finder had already projected 3/4 tol below the root: after the
+    probe above the root the bracket is exactly tol, so the probe below is not needed."""
+    root = math.log(5) / 2
+    below = (root + EXACT_TOL / 4) - EXACT_TOL
+    assert (root + EXACT_TOL / 4) - below == EXACT_TOL  # exactly tol in floats
+
+    def finder(f, a, b):
+        f(below)
+        return root
+
+    admission, probed, _ = _search(lambda z: 5 / z**2, 1.0, rtol=EXACT_RTOL, root=finder)
+    assert probed == [math.exp(math.log(5.0)), math.exp(below), math.exp(root + EXACT_TOL / 4)]
+    assert admission.noise_multiplier == math.exp(root + EXACT_TOL / 4)
+
+
+def test_a_stretch_spending_exactly_the_target_is_searched_down_to_its_start() -> None:
+    """Spend 2 below z = 1.5, exactly the target from 1.5 to 3, 0.5 above: every noise from
+    1.5 on fits ("at most" the target), so the least is 1.5, although Brent's method stops at
+    the first zero it meets (z = 2); the bisection counts a midpoint spending exactly the
+    target as fitting, and a bracket end there as feasible, not as the infeasible side."""
+    admission, probed, _ = _search(lambda z: 2.0 if z < 1.5 else 1.0 if z < 3 else 0.5, 1.0)
+    assert probed[0] == 2.0  # the widening's first probe: exactly the target
+    assert 1.5 <= admission.noise_multiplier <= 1.5 * (1 + 1e-3)
+    assert admission.projected_epsilon == 1.0
