@@ -88,13 +88,13 @@ def _merge_adjacent(segments: list[Segment]) -> list[Segment]:
 
 def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "pld") -> float:
     """Epsilon spent by a schedule of subsampled-Gaussian segments (an upper bound)."""
+    if accountant not in ACCOUNTANTS:  # first: a misspelt name fails even where none is needed
+        raise ValueError(f"unknown accountant '{accountant}': use one of {', '.join(ACCOUNTANTS)}")
     segments = _merge_adjacent([(z, q, n) for z, q, n in segments if n > 0])
     if not segments:
         return 0.0
     if any(z <= 0 for z, _, _ in segments):
         return math.inf
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant '{accountant}': use one of {', '.join(ACCOUNTANTS)}")
     tight = min(z for z, _, _ in segments) >= PRV_MIN_NOISE
     if accountant == "pld" and tight:
         return _pld_epsilon([(float(z), float(q), int(n)) for z, q, n in segments], delta)
