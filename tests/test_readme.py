@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from privtune.config import load_params
 from privtune.stages.report import summary_table
 
@@ -99,19 +101,23 @@ def test_lora_targets_table_is_the_committed_benchmark():
         assert ppl["all seven projections", method] < ppl["q_proj, v_proj", method]
 
 
-def test_sweep_fanout_rows_are_the_committed_benchmark():
-    path = ROOT / "benchmarks" / "results" / "sweep_fanout.json"
-    assert path.is_file(), (
-        "benchmarks/results/sweep_fanout.json is not committed (make bench-sweep)"
-    )
+@pytest.mark.parametrize(
+    ("name", "marker"),
+    [("sweep_fanout", "results:sweep-fanout"), ("sweep_fanout_full", "results:sweep-fanout-full")],
+)
+def test_sweep_fanout_rows_are_the_committed_benchmark(name: str, marker: str):
+    path = ROOT / "benchmarks" / "results" / f"{name}.json"
+    assert path.is_file(), f"benchmarks/results/{name}.json is not committed (make bench-sweep)"
     bench = json.loads(path.read_text())
-    block = _block("results:sweep-fanout")
+    block = _block(marker)
     sides = [s for s in ("sequential", "sequential_one_thread", "ray") if s in bench]
     for side in sides:
         assert f"{bench[side]['seconds']:.1f} s" in block, side
-        # what the section claims: every point a DVC experiment and a finished MLflow run
+        # what the section claims: every point a DVC experiment and a finished MLflow run for
+        # each of its methods
         runs = bench[side]["mlflow_finetune_runs"]
-        assert len(runs) == bench["sweep"]["points"] and {r[2] for r in runs} == {"FINISHED"}
+        expected = bench["sweep"]["points"] * len(bench["sweep"]["methods"])
+        assert len(runs) == expected and {r[2] for r in runs} == {"FINISHED"}
     assert f"{bench['speedup']:.2f}×" in block
     assert len(bench["experiments"]) == bench["sweep"]["points"]
     assert bench["same_epsilons_both_ways"]
