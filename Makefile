@@ -68,7 +68,7 @@ mutate: install
 	$(MAKE) mutate-report
 
 mutate-report: install
-	$(BIN)/python scripts/mutation_report.py
+	$(BIN)/python scripts/mutation_report.py $(ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/step_overhead.py --smollm2

@@ -121,3 +121,23 @@ def test_sweep_fanout_rows_are_the_committed_benchmark(name: str, marker: str):
     assert f"{bench['speedup']:.2f}×" in block
     assert len(bench["experiments"]) == bench["sweep"]["points"]
     assert bench["same_epsilons_both_ways"]
+
+
+def test_the_mutation_table_is_the_committed_report():
+    """README's per-area mutation numbers are benchmarks/results/mutation.json's."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "mutation.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    labels = {"privacy/": "privacy/", "promotion gates": "promotion gates"}
+    labels["controller bounds"] = "RLDP's action bounds"
+    for area, label in labels.items():
+        c = report["areas"][area]
+        killed, timeouts = c.get("killed", 0), c.get("timeout", 0)
+        total = sum(v for k, v in c.items() if k != "kill_rate")
+        row = (
+            f"| {label} | {total:,} | {killed + timeouts:,}"
+            + (f" ({timeouts})" if timeouts else "")
+            + f" | {c.get('equivalent', 0)} | {c.get('survived', 0)} | "
+            + f"{100 * c['kill_rate']:.1f}".removesuffix(".0")
+            + " % |"
+        )
+        assert row in readme, row
