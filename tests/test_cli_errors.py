@@ -181,3 +181,27 @@ def test_an_exhausted_budget_exits_3_and_tells_the_scheduler(monkeypatch, tmp_pa
         "error": "BudgetExhausted",
         "message": "even noise multiplier 1000 cannot keep the run within epsilon 1",
     }
+
+
+def test_no_progress_also_hides_the_libraries_bars(monkeypatch, tmp_path, capfd):
+    """`--no-progress` reaches transformers: loading a model prints no "Loading weights" bar
+    (it did before, into every scheduled run's log)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from privtune.cli import quiet_library_progress
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)).save_pretrained(
+        tmp_path / "tiny"
+    )
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    hf_logging.enable_progress_bar()
+    try:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+        assert "Loading weights" in capfd.readouterr().err  # shown by default
+        quiet_library_progress()
+        AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+        assert "Loading weights" not in capfd.readouterr().err
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

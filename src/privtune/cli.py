@@ -180,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_UNEXPECTED
 
 
+def quiet_library_progress() -> None:
+    """--no-progress hides the libraries' bars too (transformers' "Loading weights"), not only
+    ours: logs of scheduled runs stay readable."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+    if "transformers" in sys.modules:  # already imported: switch its flag off
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _run(args: argparse.Namespace) -> int:
     """Load the stage's parameters, clean a killed attempt's leftovers, run the command."""
     from privtune.config import load_params
@@ -190,6 +200,8 @@ def _run(args: argparse.Namespace) -> int:
             "--root", f"'{root}' is not a directory", "pass the project's directory, or omit it"
         )
     progress = not args.no_progress
+    if not progress:
+        quiet_library_progress()
     params = load_params(_params_path(args.params, root), SECTIONS[args.stage])
     if args.stage in WRITERS:
         from privtune.stages.common import remove_stale_outputs
