@@ -55,6 +55,7 @@ def test_report_table_plots_and_one_mlflow_run(project):
     report(params, project)  # same content: no second run
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 1
+    assert runs[0].data.tags["stage"] == "report"  # the same tag key as fine-tuning runs
     artifacts = {
         a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "report")
     }

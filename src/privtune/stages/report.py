@@ -231,7 +231,7 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             with tracking.start_run("report", root=root, key=key) as run:
                 run.set_tags(
                     {
-                        "privtune.stage": "report",
+                        "stage": "report",
                         tracking.NOTE_TAG: "Every method side by side at equal (ε, δ): "
                         "`report/report.md` (table of utility, ε spent, attack success and the "
                         "audit bound) and its plots, in this run's artifacts.",
