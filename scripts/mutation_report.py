@@ -14,7 +14,9 @@ selected test reaches their function) count as not killed.
 
 after a pass that ran only some mutants (`mutmut run 'privtune.privacy.guard.*'`), takes each
 mutant left unrun from the previous report, if its function's source is unchanged (mutmut's
-hash of it, recorded in the report), and says how many verdicts it carried.
+hash of it, recorded in the report), and says how many verdicts it carried. A carried "killed"
+assumes the tests that killed it are still there: after removing or weakening tests, run
+every mutant again.
 """
 
 from __future__ import annotations
