@@ -63,6 +63,17 @@ def ensure_project(params: Params, root: Path, quick: bool) -> Path:
     return root
 
 
+def build_profile_project(root: Path, profile: str) -> Path:
+    """profiles/<profile>/ of the checkout at `root` with its prepare and base stages done
+    (a GGUF base converted once)."""
+    from privtune.profiles import project, repro
+
+    target = project(root, profile, None)
+    if repro(target, "base"):
+        raise SystemExit(f"`dvc repro base` failed in {target}")
+    return target
+
+
 def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every utility benchmark takes: where the project is, its size, the output."""
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")

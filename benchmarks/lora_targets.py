@@ -19,21 +19,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, load_data, run_method  # noqa: E402
+from common import RESULTS, build_profile_project, load_data, run_method  # noqa: E402
 from privtune import io  # noqa: E402
 from privtune.config import Params, load_params  # noqa: E402
 
 CHOICES = {"all seven projections": "auto", "q_proj, v_proj": ["q_proj", "v_proj"]}
-
-
-def build_project(root: Path, profile: str) -> Path:
-    """profiles/<profile>/ with its prepare and base stages done (the GGUF converted once)."""
-    from privtune.profiles import project, repro
-
-    target = project(root, profile, None)
-    if repro(target, "base"):
-        raise SystemExit(f"`dvc repro base` failed in {target}")
-    return target
 
 
 def with_targets(params: Params, targets: str | list[str], physical: int | None) -> Params:
@@ -71,7 +61,7 @@ def main() -> None:
     parser.add_argument("--physical-batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    root = build_project(args.root.resolve(), args.profile)
+    root = build_profile_project(args.root.resolve(), args.profile)
     params = load_params(root / "params.yaml")
     data = load_data(params, root)
     args.out.mkdir(parents=True, exist_ok=True)

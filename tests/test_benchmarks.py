@@ -47,3 +47,20 @@ def test_rldp_step_ratio_prefers_the_timed_loop_and_reads_older_runs(monkeypatch
     assert bench.step_ratio(new, base) == 1.2 and bench.step_ratio(new, base, cpu=True) == 1.25
     old = {"seconds_per_step": 6.0, "cpu_seconds_per_step": 3.0}  # saved before the loop timer
     assert bench.step_ratio(old, base) == 2.0 and bench.step_ratio(old, base, cpu=True) == 1.5
+
+
+def test_the_learning_rate_is_chosen_on_validation_not_test_perplexity(monkeypatch):
+    """dp_learning_rate picks the least validation perplexity (the first on a tie) and marks it;
+    the test perplexity is only reported: choosing on it would fit the test set."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("dp_learning_rate")
+    row = {"epsilon_spent": 7.99, "steps": 30, "loop_cpu_seconds_per_step": 20.0}
+    runs = [
+        row | {"lr": 0.01, "valid_perplexity": 25.0, "test_perplexity": 20.0},
+        row | {"lr": 0.003, "valid_perplexity": 9.0, "test_perplexity": 30.0},
+        row | {"lr": 0.001, "valid_perplexity": 9.0, "test_perplexity": 8.0},
+    ]
+    assert bench.chosen(runs)["lr"] == 0.003
+    table = bench.markdown(runs)
+    assert "| 0.003 (chosen) | 30.00 | 9.00 | 7.99 | 30 | 20.0 |" in table
+    assert table.count("(chosen)") == 1
