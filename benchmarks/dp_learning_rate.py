@@ -36,6 +36,17 @@ def chosen(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["valid_perplexity"])
 
 
+def kept_runs(path: Path, setup: dict, lrs: list[float]) -> list[dict]:
+    """The runs of an earlier result at other rates, if it had this setup (runs are
+    deterministic: a rate run again gives the same row)."""
+    if not path.is_file():
+        return []
+    earlier = io.read_json(path)
+    if {k: earlier.get(k) for k in setup} != setup:
+        raise SystemExit(f"{path} is of another setup ({earlier.get('profile')}): drop --add")
+    return [r for r in earlier["runs"] if r["lr"] not in lrs]
+
+
 def markdown(runs: list[dict]) -> str:
     best = chosen(runs)
     lines = [
@@ -82,13 +93,18 @@ def main() -> None:
     parser.add_argument("--physical-batch-size", type=int, default=8)
     parser.add_argument("--base-perplexity", type=float, help="drawn as a line (README's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--add", action="store_true", help="keep the rates already in the JSON (same setup)"
+    )
     args = parser.parse_args()
     root = build_profile_project(args.root.resolve(), args.profile)
     params = load_params(root / "params.yaml")
     data = load_data(params, root)
     method, options = params.method(args.method)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs: list[dict] = []
+    setup = {"profile": args.profile, "method": args.method,
+             "epochs": args.epochs or params.finetune.epochs, "seed": args.seed}  # fmt: skip
+    runs = kept_runs(args.out / "dp_learning_rate.json", setup, args.lrs) if args.add else []
     for lr in args.lrs:
         update = {"lr": lr, "physical_batch_size": args.physical_batch_size}
         tuned = params.model_copy(update={"finetune": params.finetune.model_copy(update=update)})
@@ -100,12 +116,10 @@ def main() -> None:
         io.write_json(args.out / "dp_learning_rate_runs.json", runs)  # partial results
         test, valid = row["test_perplexity"], row["valid_perplexity"]
         print(f"lr {lr:g}: test ppl {test:.2f}, valid ppl {valid:.2f}", flush=True)
+    runs.sort(key=lambda r: -r["lr"])
     io.write_json(
-        args.out / "dp_learning_rate.json",
-        {"profile": args.profile, "method": args.method, "epochs": args.epochs
-         or params.finetune.epochs, "seed": args.seed, "chosen_lr": chosen(runs)["lr"],
-         "runs": runs},
-    )  # fmt: skip
+        args.out / "dp_learning_rate.json", setup | {"chosen_lr": chosen(runs)["lr"], "runs": runs}
+    )
     (args.out / "dp_learning_rate_runs.json").unlink(missing_ok=True)
     with io.atomic_file(args.out / "dp_learning_rate.md") as handle:
         handle.write(markdown(runs))

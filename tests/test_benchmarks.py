@@ -4,10 +4,12 @@ loop's sampler moved into Trainer.batches)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +66,15 @@ def test_the_learning_rate_is_chosen_on_validation_not_test_perplexity(monkeypat
     table = bench.markdown(runs)
     assert "| 0.003 (chosen) | 30.00 | 9.00 | 7.99 | 30 | 20.0 |" in table
     assert table.count("(chosen)") == 1
+
+
+def test_adding_rates_keeps_only_other_rates_of_the_same_setup(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("dp_learning_rate")
+    setup = {"profile": "p", "method": "dpsgd", "epochs": 2.0, "seed": 0}
+    path = tmp_path / "dp_learning_rate.json"
+    path.write_text(json.dumps(setup | {"runs": [{"lr": 0.01}, {"lr": 0.003}]}))
+    assert bench.kept_runs(path, setup, [0.003, 0.03]) == [{"lr": 0.01}]
+    assert bench.kept_runs(tmp_path / "none.json", setup, [0.01]) == []
+    with pytest.raises(SystemExit, match="another setup"):
+        bench.kept_runs(path, setup | {"seed": 1}, [0.03])
