@@ -17,6 +17,7 @@ tune on public or synthetic notes like this project's, then fix the rate for the
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -65,17 +66,21 @@ def markdown(runs: list[dict]) -> str:
 def plot(runs: list[dict], base_ppl: float | None, path: Path) -> None:
     """Validation perplexity along each run: where the noise takes over shows as a rise."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    starts = [math.exp(r["curve"][0][1]) for r in runs if r["curve"]]
+    top = 1.5 * max([*starts, base_ppl or 0.0])  # a diverging rate would hide the others
     for r in runs:
         steps, losses = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
-        ax.plot(steps, [2.718281828459045**loss for loss in losses], marker="o",
-                label=f"lr {r['lr']:g}")  # fmt: skip
+        label = f"lr {r['lr']:g}"
+        if r["valid_perplexity"] > top:
+            label += f" (off the chart: {r['valid_perplexity']:,.0f})"
+        ax.plot(steps, [math.exp(loss) for loss in losses], marker="o", label=label)
     if base_ppl:
         ax.axhline(base_ppl, color="grey", linestyle="--", label="base (test)")
     ax.set_xlabel("step")
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
+    ax.set_ylim(0, top)
     ax.set_title(f"DP-SGD at ε = {runs[0]['epsilon']:g}: learning rate")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
