@@ -12,6 +12,7 @@ Tuning on private data is itself a release that ε does not cover (Papernot and 
 tune on public or synthetic notes like this project's, then fix the rate for the private run.
 
     python benchmarks/dp_learning_rate.py [--profile smollm2-cpu-attacks] [--lrs 0.01 0.003 0.001]
+    python benchmarks/dp_learning_rate.py --add --clip 0.1 --lrs 0.01   # and at another clip
 """
 
 from __future__ import annotations
@@ -37,40 +38,47 @@ def chosen(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["valid_perplexity"])
 
 
-def kept_runs(path: Path, setup: dict, lrs: list[float]) -> list[dict]:
-    """The runs of an earlier result at other rates, if it had this setup (runs are
-    deterministic: a rate run again gives the same row)."""
+def clip(run: dict) -> float | None:
+    """The run's clipping threshold (its method options'; None for a method without one)."""
+    return run["options"].get("clip")
+
+
+def kept_runs(path: Path, setup: dict, pairs: list[tuple[float, float | None]]) -> list[dict]:
+    """The runs of an earlier result at other (rate, clip) pairs, if it had this setup (runs
+    are deterministic: a pair run again gives the same row)."""
     if not path.is_file():
         return []
     earlier = io.read_json(path)
     if {k: earlier.get(k) for k in setup} != setup:
         raise SystemExit(f"{path} is of another setup ({earlier.get('profile')}): drop --add")
-    return [r for r in earlier["runs"] if r["lr"] not in lrs]
+    return [r for r in earlier["runs"] if (r["lr"], clip(r)) not in pairs]
 
 
 def markdown(runs: list[dict]) -> str:
     best = chosen(runs)
     lines = [
-        "| learning rate | test ppl | valid ppl | ε spent | steps | s / step (CPU) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| clip | learning rate | test ppl | valid ppl | ε spent | steps | s / step (CPU) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         mark = " (chosen)" if r is best else ""
         lines.append(
-            f"| {r['lr']:g}{mark} | {r['test_perplexity']:.2f} | {r['valid_perplexity']:.2f} | "
-            f"{r['epsilon_spent']:.2f} | {r['steps']} | {r['loop_cpu_seconds_per_step']:.1f} |"
+            f"| {clip(r):g} | {r['lr']:g}{mark} | {r['test_perplexity']:.2f} | "
+            f"{r['valid_perplexity']:.2f} | {r['epsilon_spent']:.2f} | {r['steps']} | "
+            f"{r['loop_cpu_seconds_per_step']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(runs: list[dict], base_ppl: float | None, path: Path) -> None:
     """Validation perplexity along each run: where the noise takes over shows as a rise."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     starts = [math.exp(r["curve"][0][1]) for r in runs if r["curve"]]
     top = 1.5 * max([*starts, base_ppl or 0.0])  # a diverging rate would hide the others
+    clips = {clip(r) for r in runs}
     for r in runs:
         steps, losses = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
-        label = f"lr {r['lr']:g}"
+        label = f"lr {r['lr']:g}" + (f", clip {clip(r):g}" if len(clips) > 1 else "")
         if r["valid_perplexity"] > top:
             label += f" (off the chart: {r['valid_perplexity']:,.0f})"
         ax.plot(steps, [math.exp(loss) for loss in losses], marker="o", label=label)
@@ -79,8 +87,8 @@ def plot(runs: list[dict], base_ppl: float | None, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("validation perplexity")
     ax.set_ylim(0, top)
-    ax.set_title(f"DP-SGD at ε = {runs[0]['epsilon']:g}: learning rate")
-    ax.legend(fontsize="small")
+    ax.set_title(f"DP-SGD at ε = {runs[0]['epsilon']:g}: learning rate and clip")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -92,6 +100,7 @@ def main() -> None:
     parser.add_argument("--profile", default="smollm2-cpu-attacks")
     parser.add_argument("--method", default="dpsgd", help="a method entry of the profile")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.003, 0.001])
+    parser.add_argument("--clip", type=float, help="the clipping threshold (the method's)")
     parser.add_argument("--epochs", type=float, help="passes over the data (the profile's)")
     parser.add_argument("--seed", type=int, default=0)
     # records per forward/backward: bounds a DP step's memory (the ledger and update are equal)
@@ -106,10 +115,15 @@ def main() -> None:
     params = load_params(root / "params.yaml")
     data = load_data(params, root)
     method, options = params.method(args.method)
+    if args.clip is not None:
+        if "clip" not in options:
+            raise SystemExit(f"method entry '{args.method}' has no clip option: drop --clip")
+        options = {**options, "clip": args.clip}
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {"profile": args.profile, "method": args.method,
              "epochs": args.epochs or params.finetune.epochs, "seed": args.seed}  # fmt: skip
-    runs = kept_runs(args.out / "dp_learning_rate.json", setup, args.lrs) if args.add else []
+    pairs = [(lr, options.get("clip")) for lr in args.lrs]
+    runs = kept_runs(args.out / "dp_learning_rate.json", setup, pairs) if args.add else []
     for lr in args.lrs:
         update = {"lr": lr, "physical_batch_size": args.physical_batch_size}
         tuned = params.model_copy(update={"finetune": params.finetune.model_copy(update=update)})
@@ -121,9 +135,11 @@ def main() -> None:
         io.write_json(args.out / "dp_learning_rate_runs.json", runs)  # partial results
         test, valid = row["test_perplexity"], row["valid_perplexity"]
         print(f"lr {lr:g}: test ppl {test:.2f}, valid ppl {valid:.2f}", flush=True)
-    runs.sort(key=lambda r: -r["lr"])
+    runs.sort(key=lambda r: (-(clip(r) or 0.0), -r["lr"]))
+    best = chosen(runs)
     io.write_json(
-        args.out / "dp_learning_rate.json", setup | {"chosen_lr": chosen(runs)["lr"], "runs": runs}
+        args.out / "dp_learning_rate.json",
+        setup | {"chosen_lr": best["lr"], "chosen_clip": clip(best), "runs": runs},
     )
     (args.out / "dp_learning_rate_runs.json").unlink(missing_ok=True)
     with io.atomic_file(args.out / "dp_learning_rate.md") as handle:

@@ -58,23 +58,31 @@ def test_the_learning_rate_is_chosen_on_validation_not_test_perplexity(monkeypat
     bench = _load("dp_learning_rate")
     row = {"epsilon_spent": 7.99, "steps": 30, "loop_cpu_seconds_per_step": 20.0}
     runs = [
-        row | {"lr": 0.01, "valid_perplexity": 25.0, "test_perplexity": 20.0},
-        row | {"lr": 0.003, "valid_perplexity": 9.0, "test_perplexity": 30.0},
-        row | {"lr": 0.001, "valid_perplexity": 9.0, "test_perplexity": 8.0},
-    ]
+        row | {"lr": 0.01, "options": {"clip": 1.0}, "valid_perplexity": 25.0,
+               "test_perplexity": 20.0},
+        row | {"lr": 0.003, "options": {"clip": 1.0}, "valid_perplexity": 9.0,
+               "test_perplexity": 30.0},
+        row | {"lr": 0.001, "options": {"clip": 0.1}, "valid_perplexity": 9.0,
+               "test_perplexity": 8.0},
+    ]  # fmt: skip
     assert bench.chosen(runs)["lr"] == 0.003
     table = bench.markdown(runs)
-    assert "| 0.003 (chosen) | 30.00 | 9.00 | 7.99 | 30 | 20.0 |" in table
+    assert "| 1 | 0.003 (chosen) | 30.00 | 9.00 | 7.99 | 30 | 20.0 |" in table
+    assert "| 0.1 | 0.001 | 8.00 | 9.00 |" in table
     assert table.count("(chosen)") == 1
 
 
-def test_adding_rates_keeps_only_other_rates_of_the_same_setup(monkeypatch, tmp_path):
+def test_adding_runs_keeps_only_other_rate_and_clip_pairs_of_the_same_setup(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     bench = _load("dp_learning_rate")
     setup = {"profile": "p", "method": "dpsgd", "epochs": 2.0, "seed": 0}
     path = tmp_path / "dp_learning_rate.json"
-    path.write_text(json.dumps(setup | {"runs": [{"lr": 0.01}, {"lr": 0.003}]}))
-    assert bench.kept_runs(path, setup, [0.003, 0.03]) == [{"lr": 0.01}]
-    assert bench.kept_runs(tmp_path / "none.json", setup, [0.01]) == []
+    runs = [
+        {"lr": lr, "options": {"clip": c}} for lr, c in [(0.01, 1.0), (0.003, 1.0), (0.01, 0.1)]
+    ]
+    path.write_text(json.dumps(setup | {"runs": runs}))
+    kept = bench.kept_runs(path, setup, [(0.003, 1.0), (0.01, 0.1), (0.03, 1.0)])
+    assert kept == [{"lr": 0.01, "options": {"clip": 1.0}}]
+    assert bench.kept_runs(tmp_path / "none.json", setup, [(0.01, 1.0)]) == []
     with pytest.raises(SystemExit, match="another setup"):
-        bench.kept_runs(path, setup | {"seed": 1}, [0.03])
+        bench.kept_runs(path, setup | {"seed": 1}, [(0.03, 1.0)])
