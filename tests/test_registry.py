@@ -3,6 +3,7 @@ rollback, idempotent registration."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -454,3 +455,33 @@ def test_promoted_exactly_when_every_margin_is_non_negative(
         and challenger <= champion
     )
     assert all(g.passed for g in results) == expected
+
+
+def test_a_registry_write_is_retried_after_a_concurrent_workers_unique_key_clash(monkeypatch):
+    """Two workers registering at once on a PostgreSQL-backed server can both insert the same
+    new tag or alias; the loser's UniqueViolation is retried (the row then exists, so the retry
+    updates it). Any other error, or a clash that persists, is raised."""
+    from mlflow.exceptions import MlflowException
+
+    register_module = importlib.import_module("privtune.registry.register")  # not the function
+
+    monkeypatch.setattr(register_module.time, "sleep", lambda _: None)
+    calls = []
+
+    def clashing_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('duplicate key value violates unique constraint "tag_pk"')
+
+    register_module.retry_unique(clashing_once)
+    assert len(calls) == 2
+
+    def failing(message: str) -> None:
+        calls.append(1)
+        raise MlflowException(message)
+
+    for message, tries in [("violates unique constraint", 3), ("RESOURCE_DOES_NOT_EXIST", 1)]:
+        calls.clear()
+        with pytest.raises(MlflowException, match=message):
+            register_module.retry_unique(lambda m=message: failing(m), attempts=3)
+        assert len(calls) == tries

@@ -13,6 +13,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,8 @@ def register(
     description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
     mlflow_client.update_model_version(name, version.version, description=description)
     set_alias(mlflow_client, name, alias, str(version.version))
-    describe_registered_model(mlflow_client, name)
+    # its tags (champion, champion.why) race like the alias when two workers register at once
+    retry_unique(lambda: describe_registered_model(mlflow_client, name))
     return RegisteredVersion(name, str(version.version), run_id, created=True)
 
 
@@ -357,18 +359,23 @@ def _create_registered_model(mlflow_client: Any, name: str) -> None:
             raise
 
 
-def set_alias(mlflow_client: Any, name: str, alias: str, version: str, attempts: int = 4) -> None:
-    """Point ``alias`` at ``version``. MLflow's SQL store reads, then inserts, an alias: two
-    workers setting the same new alias at once on a shared server make one insert fail on
-    the primary key (PostgreSQL UniqueViolation). Once the alias exists a retry updates it, so
-    the last writer wins, as it does one at a time."""
+def retry_unique(write: Callable[[], None], attempts: int = 4) -> None:
+    """Run an idempotent registry write, again after a unique-key clash. MLflow's SQL store
+    reads, then inserts, an alias or a tag: two workers writing the same new one at once on a
+    shared server make one insert fail on the primary key (PostgreSQL UniqueViolation). Once
+    the row exists a retry updates it, so the last writer wins, as it does one at a time."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
         try:
-            mlflow_client.set_registered_model_alias(name, alias, version)
+            write()
             return
         except MlflowException as err:
             if "unique" not in str(err).lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def set_alias(mlflow_client: Any, name: str, alias: str, version: str, attempts: int = 4) -> None:
+    """Point ``alias`` at ``version``, retried on a concurrent worker's clash (retry_unique)."""
+    retry_unique(lambda: mlflow_client.set_registered_model_alias(name, alias, version), attempts)
