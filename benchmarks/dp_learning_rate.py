@@ -43,6 +43,11 @@ def clip(run: dict) -> float | None:
     return run["options"].get("clip")
 
 
+def clip_text(run: dict) -> str:
+    """The clip as the table and the plot show it ("–" for a method without one)."""
+    return "–" if clip(run) is None else f"{clip(run):g}"
+
+
 def kept_runs(path: Path, setup: dict, pairs: list[tuple[float, float | None]]) -> list[dict]:
     """The runs of an earlier result at other (rate, clip) pairs, if it had this setup (runs
     are deterministic: a pair run again gives the same row)."""
@@ -63,7 +68,7 @@ def markdown(runs: list[dict]) -> str:
     for r in runs:
         mark = " (chosen)" if r is best else ""
         lines.append(
-            f"| {clip(r):g} | {r['lr']:g}{mark} | {r['test_perplexity']:.2f} | "
+            f"| {clip_text(r)} | {r['lr']:g}{mark} | {r['test_perplexity']:.2f} | "
             f"{r['valid_perplexity']:.2f} | {r['epsilon_spent']:.2f} | {r['steps']} | "
             f"{r['loop_cpu_seconds_per_step']:.1f} |"
         )
@@ -78,7 +83,7 @@ def plot(runs: list[dict], base_ppl: float | None, path: Path) -> None:
     clips = {clip(r) for r in runs}
     for r in runs:
         steps, losses = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
-        label = f"lr {r['lr']:g}" + (f", clip {clip(r):g}" if len(clips) > 1 else "")
+        label = f"lr {r['lr']:g}" + (f", clip {clip_text(r)}" if len(clips) > 1 else "")
         if r["valid_perplexity"] > top:
             label += f" (off the chart: {r['valid_perplexity']:,.0f})"
         ax.plot(steps, [math.exp(loss) for loss in losses], marker="o", label=label)
@@ -108,7 +113,7 @@ def main() -> None:
     parser.add_argument("--base-perplexity", type=float, help="drawn as a line (README's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--add", action="store_true", help="keep the rates already in the JSON (same setup)"
+        "--add", action="store_true", help="keep the JSON's other (rate, clip) runs (same setup)"
     )
     args = parser.parse_args()
     root = build_profile_project(args.root.resolve(), args.profile)
@@ -142,10 +147,11 @@ def main() -> None:
         setup | {"chosen_lr": best["lr"], "chosen_clip": clip(best), "runs": runs},
     )
     (args.out / "dp_learning_rate_runs.json").unlink(missing_ok=True)
+    table = markdown(runs)
     with io.atomic_file(args.out / "dp_learning_rate.md") as handle:
-        handle.write(markdown(runs))
+        handle.write(table)
     plot(runs, args.base_perplexity, args.out / "dp_learning_rate.png")
-    print(markdown(runs))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ def test_the_learning_rate_is_chosen_on_validation_not_test_perplexity(monkeypat
     assert "| 1 | 0.003 (chosen) | 30.00 | 9.00 | 7.99 | 30 | 20.0 |" in table
     assert "| 0.1 | 0.001 | 8.00 | 9.00 |" in table
     assert table.count("(chosen)") == 1
+    # a method without a clip option (auto_s) is shown, not a formatting error
+    unclipped = row | {"lr": 0.01, "options": {"gamma": 0.01}, "valid_perplexity": 30.0,
+                       "test_perplexity": 31.0}  # fmt: skip
+    assert "| – | 0.01 (chosen) | 31.00 | 30.00 |" in bench.markdown([unclipped])
 
 
 def test_adding_runs_keeps_only_other_rate_and_clip_pairs_of_the_same_setup(monkeypatch, tmp_path):
