@@ -96,6 +96,47 @@ def test_two_ranks_release_the_single_process_update_with_the_noise_added_once(t
     assert float(ranks[0]["noise"].std()) == pytest.approx(2.0 / 5.0, rel=0.01)
 
 
+def _lifecycle_worker(rank: int, ports: list[int], out: str) -> None:
+    from privtune.privacy.distributed import process_group_from_environment
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0]), "RANK": str(rank)}
+        | {"LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)}
+    )
+    seen = {}
+    with process_group_from_environment() as replica:
+        seen["inside"] = (dist.is_initialized(), replica.rank, replica.world_size)
+    seen["left"] = dist.is_initialized()
+    os.environ["MASTER_PORT"] = str(ports[1])
+    try:  # an error inside the block leaves the group too
+        with process_group_from_environment():
+            raise RuntimeError("a stage failed")
+    except RuntimeError:
+        seen["left_on_error"] = dist.is_initialized()
+    _join(rank, ports[2])  # a group the caller joined stays the caller's
+    with process_group_from_environment() as replica:
+        seen["theirs"] = replica.world_size
+    seen["theirs_kept"] = dist.is_initialized()
+    dist.destroy_process_group()
+    torch.save(seen, f"{out}/rank{rank}.pt")
+
+
+def test_a_stage_leaves_the_process_group_it_joined_and_only_that(tmp_path):
+    """Under torchrun a stage joins the group from the environment and leaves it at its end,
+    error or not (a process exiting inside its group can abort in gloo, and NCCL warns)."""
+    ports = [_free_port() for _ in range(3)]
+    mp.spawn(_lifecycle_worker, args=(ports, str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen == {
+            "inside": (True, rank, WORLD),
+            "left": False,
+            "left_on_error": False,
+            "theirs": WORLD,
+            "theirs_kept": True,
+        }
+
+
 def _train_worker(rank: int, port: int, out: str, method: str, options: dict) -> None:
     _join(rank, port)
     result, state = _tiny_run(method, options)

@@ -13,7 +13,9 @@ controller observations identical). Rank 0 alone writes the ledger, MLflow and c
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +74,21 @@ class Replica:
         return box[0]
 
 
-def init_from_environment() -> Replica:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, nccl on CUDA."""
+@contextlib.contextmanager
+def process_group_from_environment() -> Iterator[Replica]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1; gloo on CPU, nccl on CUDA)
+    for the block, and leave it on the way out, also on an error: a process that exits still in
+    its group makes NCCL warn of pending work and can abort in gloo's threads at exit. A group
+    someone else joined (a test's spawned worker) is theirs to leave."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Replica.current()
+    try:
+        yield Replica.current()
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()

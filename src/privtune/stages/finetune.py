@@ -9,7 +9,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ import privtune
 from privtune import io
 from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.stages.common import data_hash, load_base, read_split, resolved_max_length
+
+if TYPE_CHECKING:
+    from privtune.privacy.distributed import Replica
 
 
 def run_key(params: Params, name: str, root: Path) -> str:
@@ -82,18 +85,26 @@ def finetune(
     params: Params, name: str, root: Path = Path("."), show_progress: bool = True
 ) -> dict[str, Any]:
     """Fine-tune LoRA adapters with method `name`; log everything to MLflow."""
+    from privtune.privacy.distributed import process_group_from_environment
+
+    # under torchrun: one rank of a distributed run, in its process group until the end
+    with process_group_from_environment() as replica:
+        return _finetune(params, name, root, show_progress, replica)
+
+
+def _finetune(
+    params: Params, name: str, root: Path, show_progress: bool, replica: Replica
+) -> dict[str, Any]:
     from privtune import tracking
     from privtune.callbacks import load_checkpoint
     from privtune.control.registry import controller_class
     from privtune.data.tokenization import encode_records
     from privtune.modeling import attach_lora
     from privtune.plots import plot_training
-    from privtune.privacy.distributed import init_from_environment
     from privtune.privacy.gradient_canaries import AUDIT_FILE
     from privtune.privacy.plan import make_plan, planned_records
     from privtune.train import Checkpointing, Trainer, train
 
-    replica = init_from_environment()  # under torchrun: one rank of a distributed run
     method, options = params.method(name)
     private = controller_class(method, name).private  # fail fast on an unknown method
     f = params.finetune
