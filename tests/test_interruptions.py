@@ -49,6 +49,28 @@ def test_only_the_temporary_outputs_of_dead_processes_are_removed(tmp_path):
         assert out.name.startswith(f".out.tmp-{os.getpid()}-")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """Not tempfile's owner-only ones: a team sharing a checkout reads each other's outputs
+    (umask 022 or 002), and a user who wants them private says so (077)."""
+    old = os.umask(umask)
+    try:
+        assert io._umask() == umask
+        with io.atomic_dir(tmp_path / "model") as out:
+            io.write_json(out / "metrics.json", {"epsilon": 1.0})
+        with io.atomic_file(tmp_path / "notes.txt") as handle:
+            handle.write("text")
+        plain_dir, plain_file = tmp_path / "plain", tmp_path / "plain.txt"
+        plain_dir.mkdir()
+        plain_file.write_text("text")
+    finally:
+        os.umask(old)
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "model") == mode(plain_dir) == 0o777 & ~umask
+    for made in (tmp_path / "model" / "metrics.json", tmp_path / "notes.txt"):
+        assert mode(made) == mode(plain_file) == 0o666 & ~umask, made
+
+
 def test_failed_and_dead_runs_are_closed_with_why_and_the_store_does_not_leak(
     tmp_path, monkeypatch
 ):

@@ -54,6 +54,17 @@ def remove_stale_tmp(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets a new one to read the old:
+    a race with other threads creating files); Linux gives it in /proc/self/status."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only on success."""
@@ -61,6 +72,9 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     try:
+        # tempfile makes its files owner-only: a team sharing a checkout (NFS) could not read
+        # each other's models and metrics. Give what mkdir would have.
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,6 +92,7 @@ def atomic_file(target: str | Path, mode: str = "w", encoding: str | None = None
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # as open() would have made it
             yield handle
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
