@@ -76,6 +76,29 @@ def test_the_learning_rate_is_chosen_on_validation_not_test_perplexity(monkeypat
     assert "| – | 0.01 (chosen) | 31.00 | 30.00 |" in bench.markdown([unclipped])
 
 
+def test_the_batch_grid_reads_its_pairs_and_chooses_on_validation(monkeypatch):
+    """dp_batch_size: BATCH:RATE pairs from the command line (a clear error otherwise), the
+    pair of least validation perplexity marked, the noise multiplier and q shown per batch."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("dp_batch_size")
+    assert bench.pair("64:0.02") == (64, 0.02)
+    for bad in ("64", "0.02:64", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BATCH:RATE"):
+            bench.pair(bad)
+    row = {"epsilon_spent": 7.99, "loop_cpu_seconds_per_step": 20.0}
+    runs = [
+        row | {"batch_size": 16, "sample_rate": 0.0667, "lr": 0.01, "steps": 30,
+               "noise_multiplier": 0.64, "valid_perplexity": 25.9, "test_perplexity": 25.3},
+        row | {"batch_size": 64, "sample_rate": 0.2667, "lr": 0.02, "steps": 8,
+               "noise_multiplier": 1.31, "valid_perplexity": 20.1, "test_perplexity": 26.0},
+    ]  # fmt: skip
+    table = bench.markdown(runs)
+    assert "| 64 | 0.267 | 0.02 (chosen) | 8 | 1.31 | 26.00 | 20.10 | 7.99 | 20.0 |" in table
+    assert "| 16 | 0.067 | 0.01 | 30 | 0.64 | 25.30 | 25.90 |" in table
+
+
 def test_adding_runs_keeps_only_other_rate_and_clip_pairs_of_the_same_setup(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     bench = _load("dp_learning_rate")
