@@ -74,6 +74,25 @@ def build_profile_project(root: Path, profile: str) -> Path:
     return target
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark on a profile's SmolLM2 project (profiles.yaml)."""
+    parser.add_argument("--root", type=Path, default=Path("."), help="the checkout")
+    parser.add_argument("--profile", default="smollm2-cpu-attacks")
+    parser.add_argument("--epochs", type=float, help="passes over the data (the profile's)")
+    parser.add_argument("--seed", type=int, default=0)
+    # records per forward/backward: bounds a DP step's memory (the ledger and update are equal)
+    parser.add_argument("--physical-batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def open_profile(args: argparse.Namespace) -> tuple[Params, Path, Data]:
+    """(params, project root, encoded data) of the parsed profile; the output folder exists."""
+    root = build_profile_project(args.root.resolve(), args.profile)
+    params = load_params(root / "params.yaml")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return params, root, load_data(params, root)
+
+
 def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every utility benchmark takes: where the project is, its size, the output."""
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")

@@ -28,9 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, build_profile_project, load_data, run_method  # noqa: E402
+from common import add_profile_arguments, open_profile, run_method  # noqa: E402
 from privtune import io  # noqa: E402
-from privtune.config import load_params  # noqa: E402
 
 
 def chosen(runs: list[dict]) -> dict:
@@ -101,30 +100,21 @@ def plot(runs: list[dict], base_ppl: float | None, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."), help="the checkout")
-    parser.add_argument("--profile", default="smollm2-cpu-attacks")
+    add_profile_arguments(parser)
     parser.add_argument("--method", default="dpsgd", help="a method entry of the profile")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.003, 0.001])
     parser.add_argument("--clip", type=float, help="the clipping threshold (the method's)")
-    parser.add_argument("--epochs", type=float, help="passes over the data (the profile's)")
-    parser.add_argument("--seed", type=int, default=0)
-    # records per forward/backward: bounds a DP step's memory (the ledger and update are equal)
-    parser.add_argument("--physical-batch-size", type=int, default=8)
     parser.add_argument("--base-perplexity", type=float, help="drawn as a line (README's)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--add", action="store_true", help="keep the JSON's other (rate, clip) runs (same setup)"
     )
     args = parser.parse_args()
-    root = build_profile_project(args.root.resolve(), args.profile)
-    params = load_params(root / "params.yaml")
-    data = load_data(params, root)
+    params, root, data = open_profile(args)
     method, options = params.method(args.method)
     if args.clip is not None:
         if "clip" not in options:
             raise SystemExit(f"method entry '{args.method}' has no clip option: drop --clip")
         options = {**options, "clip": args.clip}
-    args.out.mkdir(parents=True, exist_ok=True)
     setup = {"profile": args.profile, "method": args.method,
              "epochs": args.epochs or params.finetune.epochs, "seed": args.seed}  # fmt: skip
     pairs = [(lr, options.get("clip")) for lr in args.lrs]

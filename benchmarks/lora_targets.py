@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, build_profile_project, load_data, run_method  # noqa: E402
+from common import add_profile_arguments, open_profile, run_method  # noqa: E402
 from privtune import io  # noqa: E402
-from privtune.config import Params, load_params  # noqa: E402
+from privtune.config import Params  # noqa: E402
 
 CHOICES = {"all seven projections": "auto", "q_proj, v_proj": ["q_proj", "v_proj"]}
 
@@ -52,19 +52,10 @@ def markdown(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."), help="the checkout")
-    parser.add_argument("--profile", default="smollm2-cpu-attacks")
+    add_profile_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=["nonprivate", "dpsgd"])
-    parser.add_argument("--epochs", type=float, help="passes over the data (the profile's)")
-    parser.add_argument("--seed", type=int, default=0)
-    # records per forward/backward: bounds a DP step's memory (the ledger and update are equal)
-    parser.add_argument("--physical-batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    root = build_profile_project(args.root.resolve(), args.profile)
-    params = load_params(root / "params.yaml")
-    data = load_data(params, root)
-    args.out.mkdir(parents=True, exist_ok=True)
+    params, root, data = open_profile(args)
     runs: list[dict] = []
     for entry in args.methods:
         method, options = params.method(entry)
