@@ -63,12 +63,12 @@ def plot(runs: list[dict], base_ppl: float | None, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 4))
     for r in runs:
         steps, losses = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
-        seen = [s * r["batch_size"] for s in steps]
+        seen = [(s + 1) * r["batch_size"] for s in steps]  # after step s (from 0)
         label = f"batch {r['batch_size']}, lr {r['lr']:g}"
         ax.plot(seen, [math.exp(loss) for loss in losses], marker="o", label=label)
     if base_ppl:
         ax.axhline(base_ppl, color="grey", linestyle="--", label="base (test)")
-    ax.set_xlabel("records seen (expected: steps x batch)")
+    ax.set_xlabel("records seen (expected: steps taken x batch)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"DP-SGD at ε = {runs[0]['epsilon']:g}: logical batch and learning rate")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
