@@ -45,6 +45,7 @@ METHODS = {"dp": "dpsgd", "nonprivate": "nonprivate"}
 
 SMOLLM2_LENGTH = 128  # tokens per record of the SmolLM2 rows (the CPU profile's notes: ~340)
 SMOLLM2_CONFIG = Path(__file__).parent / "smollm2-135m.json"  # the architecture, from the GGUF
+SMOLLM2_WEIGHTS = {"smollm2": "pretrained", "smollm2-random": "random (its architecture)"}
 
 
 def smollm2_dir() -> Path:
@@ -73,17 +74,17 @@ def make_model(
     """(model with LoRA, vocabulary size, tokens per record) of a benchmark configuration;
     `length` is the SmolLM2 rows' tokens per record."""
     torch.manual_seed(0)
-    if config in ("smollm2", "smollm2-random"):
-        if config == "smollm2-random":
-            model = smollm2_architecture()
-        else:
-            model, _ = load_pretrained(smollm2_dir())
-        return attach_lora(model, lora), model.config.vocab_size, length
-    return (
-        attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora),
-        base.vocab_size,
-        base.max_length,
-    )
+    if config not in SMOLLM2_WEIGHTS:
+        return (
+            attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora),
+            base.vocab_size,
+            base.max_length,
+        )
+    if config == "smollm2-random":
+        model = smollm2_architecture()
+    else:
+        model, _ = load_pretrained(smollm2_dir())
+    return attach_lora(model, lora), model.config.vocab_size, length
 
 
 class Stepper:
@@ -224,10 +225,10 @@ def measure(
     params = load_params()
     base = GPT2_SMALL if config == "gpt2-small" else params.base
     result = {"config": config, "device": str(device), "batch": batch}
-    if config.startswith("smollm2"):
+    if config in SMOLLM2_WEIGHTS:
         result |= {"seq_len": length, "model": "SmolLM2-135M (Llama, 30 x 576)"}
         result["lora_targets"] = "auto (all seven projections, 210 adapters)"
-        result["weights"] = "random (its architecture)" if "random" in config else "pretrained"
+        result["weights"] = SMOLLM2_WEIGHTS[config]
     else:
         result |= {"seq_len": base.max_length, "n_layer": base.n_layer, "n_embd": base.n_embd}
     result |= time_side_by_side(config, base, device, batch, steps, length)
