@@ -48,6 +48,27 @@ def test_bad_files_give_errors_naming_the_problem_without_record_text(
     assert "secret text" not in str(err.value)
 
 
+def test_a_csv_without_a_header_row_is_refused_without_echoing_its_first_record(tmp_path):
+    # csv.DictReader takes the first row for the header: here that row is a patient's record
+    path = tmp_path / "notes.csv"
+    path.write_text("Patient John Doe, 45, HIV positive\nPatient Jane Roe, 51, diabetic\n")
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    message = str(err.value)
+    assert "no `text` column in the header row (3 columns" in message
+    assert "add one naming the columns" in message
+    for cell in ("John Doe", "45", "HIV", "Jane"):
+        assert cell not in message
+
+
+def test_a_csv_header_without_the_column_gives_the_fix(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text("id,body\n1,first note\n")
+    with pytest.raises(DataError, match=r"prepare\.text_column") as err:
+        load_records(path)
+    assert "first note" not in str(err.value)
+
+
 def test_missing_source_names_the_parameter(tmp_path):
     with pytest.raises(DataError, match=r"prepare\.source"):
         load_records(tmp_path / "nope.jsonl")

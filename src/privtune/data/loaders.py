@@ -21,13 +21,24 @@ from privtune.errors import DataError
 TEXT_COLUMN = "text"
 
 
-def _missing_column(source: str, column: str, present: list[str], which: str = "text") -> DataError:
+def _missing_column(
+    source: str, column: str, present: list[str], which: str = "text", named: bool = True
+) -> DataError:
+    """`named`: the present names may be shown; a CSV's header row may be a record (a file
+    without a header), so its cells are counted, never echoed."""
     key = "prepare.text_column" if which == "text" else "prepare.id_column"
+    fix = f"set {key} to the column holding the {'document text' if which == 'text' else 'ids'}"
+    if which == "text":
+        fix += f", or rename that column to `{column}`"
+    if named:
+        names = sorted(map(str, present))
+        return DataError(source, f"no `{column}` column (columns: {names})", fix)
     return DataError(
         source,
-        f"no `{column}` column (columns: {sorted(str(c) for c in present)})",
-        f"set {key} to the column holding the {'document text' if which == 'text' else 'ids'}"
-        + (f", or rename that column to `{column}`" if which == "text" else ""),
+        f"no `{column}` column in the header row ({len(present)} columns; their names are not "
+        "shown, as the first row may be a record)",
+        "if the first row is a note, the file has no header row: add one naming the columns "
+        f"(e.g. `id,text`); otherwise {fix}",
     )
 
 
@@ -37,11 +48,12 @@ def _require_columns(
     text_column: str,
     id_column: str | None,
     record: int | None = None,
+    named: bool = True,
 ) -> None:
     """The text column (and the id column, when one is named) are among ``present``."""
     for column, which in [(text_column, "text"), (id_column, "id")]:
         if column is not None and column not in present:
-            err = _missing_column(source, column, present, which)
+            err = _missing_column(source, column, present, which, named)
             if record is None:
                 raise err
             raise DataError(err.field, f"record {record} has {err.problem}", err.fix)
@@ -174,7 +186,8 @@ def load_csv(
             ) from None
         if reader.fieldnames is None:
             raise DataError(str(path), "the dataset is empty", "provide a header and rows")
-        _require_columns(str(path), list(reader.fieldnames), text_column, id_column)
+        fields = list(reader.fieldnames)
+        _require_columns(str(path), fields, text_column, id_column, named=False)
     return _check_rows(rows, str(path), text_column, id_column, max_chars)
 
 
