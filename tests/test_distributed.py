@@ -243,3 +243,13 @@ def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
         metrics["epsilon"]
         == json.loads((single / "metrics" / "finetune-dpsgd.json").read_text())["epsilon"]
     )
+
+    # The stage again, same inputs: rank 0 reuses the finished run, and the other rank must
+    # learn so rather than wait for it in the first collective (it hung until the group's
+    # timeout, or failed when rank 0 left the group).
+    again = subprocess.run(
+        command, env=env, cwd=project, capture_output=True, text=True, timeout=240
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "reusing finished MLflow run" in again.stdout
+    assert read(project) == read(single)

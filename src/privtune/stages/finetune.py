@@ -134,13 +134,19 @@ def _finetune(
     resumed = load_checkpoint(checkpoint_path, key)
     checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
     common = {"entry": name, "plan": plan, "checkpoint": checkpointing, "trainer": trainer}
+    reused: dict[str, Any] | None = None
+    if replica.is_main:
+        tracking.close_dead_runs(root)  # runs a killed attempt left RUNNING: KILLED, with why
+        previous = tracking.finished_run(root, key)
+        if previous is not None:
+            reused = _reuse(root, name, previous) or None
+    # Every rank learns whether rank 0 reuses a finished run: a rank that trained alone would
+    # wait for the others in its first collective until the group timed out.
+    if replica.broadcast(reused is not None):
+        return reused or {}
     if not replica.is_main:  # other ranks compute; rank 0 logs and writes everything
         train(model, train_data, valid_data, f, method, options, show_progress=False, **common)
         return {}
-    tracking.close_dead_runs(root)  # runs a killed attempt left RUNNING: KILLED, with why
-    previous = tracking.finished_run(root, key)
-    if previous is not None and (reused := _reuse(root, name, previous)):
-        return reused
     resumed_run = resumed.get("mlflow_run_id") if resumed else None
     tracking.discard_unfinished(root, key, keep=resumed_run)
 
