@@ -83,10 +83,13 @@ def process_group_from_environment() -> Iterator[Replica]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     joined = world > 1 and not dist.is_initialized()
     if joined:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # NCCL reduces CUDA tensors only: the loss summary and the object collectives
+            # (norms, the admitted action) are CPU tensors, which go through gloo
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group(backend="gloo")
     try:
         yield Replica.current()
     finally:
