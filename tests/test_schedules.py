@@ -19,7 +19,7 @@ from privtune.errors import ConfigError, ModelError
 from privtune.workers import absolute_tracking_uri, project_root
 from tasks.dispatch import finetune_key
 from tasks.stages import PermanentStageError, _permanent_errors, transient
-from tests.conftest import write_params
+from tests.conftest import edit_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,11 @@ def test_dispatch_key_changes_with_the_inputs_and_only_with_them(keyed_project):
         finetune={"lr": 0.02},
         methods={"nonprivate": {}, "dpsgd": {"clip": 1.0}, "auto_s": {}},
     )
+    assert finetune_key(keyed_project, "dpsgd") == changed_lr
+    # the default delta is capped by the registry's delta gate: lowering it changes the plan
+    edit_params(keyed_project, registry={"gates": {"max_delta": 1e-6}})
+    assert finetune_key(keyed_project, "dpsgd") != changed_lr
+    edit_params(keyed_project, registry={"gates": {"max_delta": 1e-4}})
     assert finetune_key(keyed_project, "dpsgd") == changed_lr
     (keyed_project / "data/prepared/data_card.json").write_text('{"content_sha256": "b"}')
     assert finetune_key(keyed_project, "dpsgd") != changed_lr

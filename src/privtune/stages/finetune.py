@@ -35,6 +35,8 @@ def run_key(params: Params, name: str, root: Path) -> str:
         "method": method,
         "options": options,
         "finetune": params.finetune.model_dump(),
+        # the default delta is capped by the registry's gate: a lower gate is another plan
+        "max_delta": params.registry.gates.max_delta,
         "max_length": resolved_max_length(params, root),
         "data": data_hash(root),
         "base": io.tree_sha256(root / BASE_DIR),
