@@ -88,9 +88,11 @@ class TrainResult:
 
 
 def freeze_dropout(model: torch.nn.Module) -> None:
-    """No dropout while fine-tuning (as usual for DP-SGD): runs match across CPU and CUDA.
+    """No dropout in the base model while fine-tuning (as usual for DP-SGD): runs match
+    across CPU and CUDA.
 
-    LoRA modules stay in training mode because opacus captures activations only there.
+    LoRA modules stay in training mode because opacus captures activations only there, so
+    LoRA's own dropout (`finetune.lora.dropout`, 0 by default) applies when a user sets it.
     """
     model.eval()
     for name, module in model.named_modules():
