@@ -39,9 +39,11 @@ def remote_options(runner: RunnerParams) -> dict[str, float]:
 
 def _worker_env(prefect_api_url: str | None) -> dict[str, str]:
     """What every Ray worker must see: this checkout's code on the import path, no telemetry,
-    and the Prefect API of the flow run (without it, a worker of a flow that runs on an
-    ephemeral server would start an ephemeral server of its own and report there)."""
-    from privtune.tracking import TELEMETRY_OFF
+    the Prefect API of the flow run (without it, a worker of a flow that runs on an
+    ephemeral server would start an ephemeral server of its own and report there) and the
+    flow's MLflow tracking server (a worker started by `ray start` on another node would log
+    to the project's sqlite file, where `register`, run by the flow, does not look)."""
+    from privtune.tracking import TELEMETRY_OFF, TRACKING_ENV
 
     path = os.pathsep.join(p for p in (str(PROJECT_CODE), os.environ.get("PYTHONPATH")) if p)
     # Ray starts task workers at nice 15 (its `worker_niceness`): on a machine shared with
@@ -49,6 +51,8 @@ def _worker_env(prefect_api_url: str | None) -> dict[str, str]:
     env = {**TELEMETRY_OFF, "PYTHONPATH": path, "RAY_worker_niceness": "0"}
     if prefect_api_url:
         env["PREFECT_API_URL"] = prefect_api_url
+    if os.environ.get(TRACKING_ENV):
+        env[TRACKING_ENV] = os.environ[TRACKING_ENV]
     return env
 
 

@@ -78,6 +78,21 @@ def test_cluster_runners_join_the_named_cluster():
     assert "num_cpus" not in client.init_kwargs  # the cluster's own resources
     on_node = runners.task_runner(RunnerParams(kind="ray", address="auto"))
     assert on_node.init_kwargs["address"] == "auto"
+
+
+def test_workers_log_to_the_flows_tracking_server(monkeypatch):
+    """A worker that `ray start` began on another node has its own environment: the flow's
+    MLflow server goes with every task, or the stages would log where `register` never looks."""
+    cluster = RunnerParams(kind="ray", address="ray://head:10001")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert (
+        "MLFLOW_TRACKING_URI"
+        not in runners.task_runner(cluster).init_kwargs["runtime_env"]["env_vars"]
+    )  # the project's own store, found from the checkout as in a local run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    for runner in (cluster, RunnerParams(kind="ray")):
+        env = runners.task_runner(runner).init_kwargs["runtime_env"]["env_vars"]
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
     options = runners.remote_options(RunnerParams(kind="ray", num_gpus=0.5, num_cpus=2.5))
     assert options == {"num_cpus": 2.5, "num_gpus": 0.5}
     assert runners.threads(RunnerParams(num_cpus=2.5)) == 2
