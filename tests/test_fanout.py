@@ -78,6 +78,10 @@ def test_cluster_runners_join_the_named_cluster():
     assert "num_cpus" not in client.init_kwargs  # the cluster's own resources
     on_node = runners.task_runner(RunnerParams(kind="ray", address="auto"))
     assert on_node.init_kwargs["address"] == "auto"
+    options = runners.remote_options(RunnerParams(kind="ray", num_gpus=0.5, num_cpus=2.5))
+    assert options == {"num_cpus": 2.5, "num_gpus": 0.5}
+    assert runners.threads(RunnerParams(num_cpus=2.5)) == 2
+    assert runners.threads(RunnerParams(num_cpus=0.5)) == 1
 
 
 def test_workers_log_to_the_flows_tracking_server(monkeypatch):
@@ -93,10 +97,6 @@ def test_workers_log_to_the_flows_tracking_server(monkeypatch):
     for runner in (cluster, RunnerParams(kind="ray")):
         env = runners.task_runner(runner).init_kwargs["runtime_env"]["env_vars"]
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
-    options = runners.remote_options(RunnerParams(kind="ray", num_gpus=0.5, num_cpus=2.5))
-    assert options == {"num_cpus": 2.5, "num_gpus": 0.5}
-    assert runners.threads(RunnerParams(num_cpus=2.5)) == 2
-    assert runners.threads(RunnerParams(num_cpus=0.5)) == 1
 
 
 def test_thread_limit_sets_and_restores_the_thread_variables(monkeypatch):
