@@ -37,6 +37,10 @@ class PermanentStageError(RuntimeError):
             f"{target} failed ({error}, exit {exit_code}: {kind}; not retried): {message}"
         )
 
+    def __reduce__(self) -> tuple:
+        # rebuilt from its own arguments: a Ray task's failure travels pickled to the flow
+        return type(self), (self.target, self.exit_code, self.error, self.message)
+
 
 def is_permanent(exc: BaseException | None) -> bool:
     """True for failures a retry would repeat: privtune's own input, budget and audit errors

@@ -77,6 +77,26 @@ def test_only_transient_failures_are_retried():
     assert not transient(None, None, _failed(wrapped))
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConfigError("finetune.lr", "negative", "use > 0"),
+        ModelError("base.source", "not installed", "make install-smollm2"),
+        PermanentStageError("finetune@dpsgd", 3, "BudgetExhausted", "the guard refused"),
+    ],
+    ids=type,
+)
+def test_errors_survive_the_trip_from_a_ray_worker(error):
+    """A fanned-out task's failure comes back to the flow pickled: it must arrive whole, not as
+    a deserialisation error in its place, and still be recognised as permanent."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert vars(back) == vars(error)
+    assert not transient(None, None, _failed(back))
+
+
 def test_a_stage_commands_exit_2_becomes_a_permanent_error_with_its_message(tmp_path, capsys):
     """The error file is how `dvc repro`'s subprocess tells the task what went wrong."""
     write_params(tmp_path / "params.yaml", prepare={"n_private": 5})

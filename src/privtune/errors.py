@@ -13,6 +13,10 @@ class PrivtuneError(Exception):
         self.fix = fix
         super().__init__(f"{field}: {problem}. Fix: {fix}")
 
+    def __reduce__(self) -> tuple:
+        # rebuilt from its own arguments: a Ray task's failure travels pickled to the flow
+        return type(self), (self.field, self.problem, self.fix)
+
 
 class ConfigError(PrivtuneError):
     """A parameter in params.yaml is missing, malformed or impossible."""
