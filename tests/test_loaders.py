@@ -96,6 +96,22 @@ def test_bad_encoding_names_the_line_and_byte_offset(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["notes.jsonl", "notes.csv"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path, name):
+    """Excel's "CSV UTF-8" (and some editors) start the file with U+FEFF; the first column is
+    still `id`, and a bad byte after it is still located in the file's own bytes."""
+    bom = b"\xef\xbb\xbf"
+    path = tmp_path / name
+    good = [b'{"id": "a", "text": "first note"}\n', b"id,text\na,first note\n"]
+    path.write_bytes(bom + good[name.endswith("csv")])
+    assert load_records(path, id_column="id") == [{"text": "first note", "id": "a"}]
+    bad = [b'{"text": "caf\xe9"}\n', b"text\ncaf\xe9\n"][name.endswith("csv")]
+    path.write_bytes(bom + bad)
+    offset = (bom + bad).index(b"\xe9")
+    with pytest.raises(DataError, match=f"byte offset {offset}"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("name", ["notes.jsonl", "notes.csv"])
 def test_a_record_over_the_limit_is_refused_naming_the_parameter(tmp_path, name):
     path = tmp_path / name
     long = "secret " * 30

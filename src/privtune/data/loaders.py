@@ -8,6 +8,7 @@ Errors name the file, the line and the columns present, never a record's content
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import io
@@ -126,10 +127,12 @@ def load_jsonl(
     offset = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            bom = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
             try:
-                line = raw.decode("utf-8")
+                line = raw[bom:].decode("utf-8")
             except UnicodeDecodeError as err:
-                raise _not_utf8(path, number, offset + err.start, raw[err.start]) from None
+                at = bom + err.start
+                raise _not_utf8(path, number, offset + at, raw[at]) from None
             offset += len(raw)
             if not line.strip():
                 continue
@@ -164,11 +167,14 @@ def load_csv(
     max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
     data = path.read_bytes()
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which would prefix the first column
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data.decode("utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise _not_utf8(path, line, err.start, data[err.start]) from None
+        at = bom + err.start
+        line = data.count(b"\n", 0, at) + 1
+        raise _not_utf8(path, line, at, data[at]) from None
     with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         rows: list[dict] = []
