@@ -40,6 +40,16 @@ def test_delta_must_be_below_one_over_n():
     assert make_plan(1000, parse_params({}).finetune, private=False).delta == pytest.approx(1e-4)
 
 
+def test_canary_counts_that_cannot_be_planted_are_refused_when_params_load():
+    with pytest.raises(ConfigError, match=r"prepare\.canaries\.repetitions.*repeats a count"):
+        parse_params({"prepare": {"canaries": {"repetitions": [4, 4]}}})
+    # 10,000 identifiers for 10,009 canaries: drawing a new one would never end
+    small = {"identifier": "ID-####", "audit": 10_000}
+    with pytest.raises(ConfigError, match=r"prepare\.canaries.*10,000 distinct values"):
+        parse_params({"prepare": {"canaries": small}})
+    assert parse_params({"prepare": {"canaries": {"identifier": "ID-####"}}})  # 137 of 10,000
+
+
 def test_unknown_key_is_rejected_with_its_dotted_name():
     with pytest.raises(ConfigError, match=r"finetune\.lora\.rank.*unknown parameter"):
         parse_params({"finetune": {"lora": {"rank": 4}}})

@@ -73,7 +73,25 @@ class CanaryParams(_Section):
     def _positive(cls, value: list[int]) -> list[int]:
         if not value or any(r < 1 for r in value):
             raise ValueError("must be a non-empty list of positive integers, e.g. [1, 4, 16]")
+        if len(set(value)) != len(value):
+            raise ValueError(
+                f"repeats a count ({value}): exposure is reported per count, so list each once "
+                "and raise per_repetition for more canaries of a count"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _enough_identifiers(self) -> CanaryParams:
+        # every canary, the audit's included, names an identifier of its own (drawn until new)
+        space = 10 ** self.identifier.count("#") * 26 ** self.identifier.count("@")
+        needed = len(self.repetitions) * self.per_repetition + self.held_out + self.audit
+        if space < 2 * needed:
+            raise ValueError(
+                f"identifier {self.identifier!r} has {space:,} distinct values for {needed:,} "
+                "canaries (audit included); give it more random characters (`#` digit, `@` "
+                "letter) or plant fewer canaries"
+            )
+        return self
 
 
 GENERATOR_SOURCE = "src/privtune/data/generator.py"
