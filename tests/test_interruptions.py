@@ -49,6 +49,27 @@ def test_only_the_temporary_outputs_of_dead_processes_are_removed(tmp_path):
         assert out.name.startswith(f".out.tmp-{os.getpid()}-")
 
 
+def test_a_replaced_folder_is_whole_even_if_removing_the_old_one_is_cut_short(
+    tmp_path, monkeypatch
+):
+    """The old folder is renamed aside before it is deleted: a kill during the (long) deletion
+    leaves the new output whole and the old one as a temporary leftover, not a half-deleted
+    target."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.safetensors").write_text("old")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # what a kill during the deletion amounts to here
+
+    with pytest.raises(KeyboardInterrupt), io.atomic_dir(target) as out:
+        (out / "new.safetensors").write_text("new")
+        monkeypatch.setattr(io.shutil, "rmtree", killed)
+    assert [p.name for p in target.iterdir()] == ["new.safetensors"]
+    [leftover] = [p for p in tmp_path.iterdir() if p != target]
+    assert io._TMP_NAME.match(leftover.name)  # what remove_stale_tmp clears after the kill
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_atomic_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
     """Not tempfile's owner-only ones: a team sharing a checkout reads each other's outputs

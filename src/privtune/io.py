@@ -79,9 +79,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target)
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    # Renamed aside, not deleted in place: a process killed while deleting a large folder
+    # would leave a half-deleted target; aside, it is a leftover `remove_stale_tmp` clears.
+    old = target.parent / f"{_tmp_prefix(target)}old-{tmp.name[-8:]}"
+    os.replace(target, old)
     os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
