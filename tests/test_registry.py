@@ -27,7 +27,7 @@ from privtune.registry import (
     rollback,
     version_tags,
 )
-from privtune.registry.promotion import HISTORY_TAG, PREVIOUS
+from privtune.registry.promotion import HISTORY_TAG, PREVIOUS, alias_version
 from privtune.registry.register import KEY_TAG, _logged_model, client
 from tests.conftest import write_params
 
@@ -312,6 +312,36 @@ def test_promotion_gates_history_and_rollback(project):
         rollback(name, root=project)
     with pytest.raises(ModelError, match="no such registered model"):
         rollback("clinical-nobody", root=project)
+
+
+def test_a_promotion_cut_short_is_judged_again_and_enters_the_history_once(project, monkeypatch):
+    """A lost connection between the registry writes of a promotion (Prefect then retries):
+    the version must not be left "promoted" without being champion, nor enter the champion
+    history twice (a later rollback would "restore" it to itself)."""
+    from mlflow.tracking import MlflowClient
+
+    name = "clinical-retried"
+    add_entry(project, "retried", perplexity=50.0, seed=11)
+    register("retried", name, project)
+    real = MlflowClient.set_registered_model_alias
+    failures = [ConnectionError("the tracking server went away")]
+
+    def flaky(self, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", flaky)
+    with pytest.raises(ConnectionError):
+        promote(name, root=project)
+    mlflow_client = client(project)
+    assert "promotion.decision" not in mlflow_client.get_model_version(name, "1").tags
+    assert alias_version(mlflow_client, name, CHAMPION) is None
+
+    assert promote(name, root=project).promoted  # the retry
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert json.loads(mlflow_client.get_registered_model(name).tags[HISTORY_TAG]) == ["1"]
+    assert mlflow_client.get_model_version(name, "1").tags["promotion.decision"] == "promoted"
 
 
 def test_promote_best_chooses_the_most_useful_eligible_new_version(project, capsys):

@@ -38,7 +38,9 @@ MODEL_POLICY = (
     "Privately fine-tuned clinical-note generators (privtune), one version per method and "
     "evidence. A version becomes `champion` only through `privtune promote`, when every gate "
     "of `params.yaml: registry.gates` holds: spent ε and δ within their limits, the best "
-    "membership-inference AUC and TPR at 1 % FPR within theirs, the audit's lower bound on ε "
+    "membership-inference AUC and TPR at 1 % FPR within theirs by the lower bound of their "
+    "confidence interval (a value above a gate within sampling noise passes, marked "
+    "inconclusive), the audit's lower bound on ε "
     "at or below the claimed ε, and utility no worse than the champion's. Each version's "
     "description opens with its verdict; its privacy model card (`model_card.md`) ships with "
     "the model. `privtune rollback` restores the previous champion."
@@ -412,16 +414,21 @@ def promote(
         str(champion.version) if champion else None,
         tuple(results),
     )
-    _record(mlflow_client, decision, gates, tracking_uri(root))
     if promoted:
-        history = _history(mlflow_client, name) + [str(candidate.version)]
-        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        # The registry's state first, the verdict tags last: a promotion that fails in between
+        # (a lost connection) leaves the version pending, judged again by the retry, never
+        # tagged "promoted" without being champion; and it enters the history once.
+        history = _history(mlflow_client, name)
+        if history[-1:] != [decision.version]:
+            history.append(decision.version)
+            mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         mlflow_client.set_registered_model_alias(name, CHAMPION, candidate.version)
         if champion is not None:
             mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
         challenger = alias_version(mlflow_client, name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(candidate.version):
             mlflow_client.delete_registered_model_alias(name, CHALLENGER)
+    _record(mlflow_client, decision, gates, tracking_uri(root))
     describe_registered_model(mlflow_client, name)
     return decision
 
