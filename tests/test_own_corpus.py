@@ -177,3 +177,25 @@ def test_editing_one_byte_of_the_corpus_makes_dvc_rerun_prepare(tmp_path):
     status = json.loads(_sh(project, "dvc", "status", "--json", "prepare"))
     changed = [c for entry in status["prepare"] for c in entry.get("changed deps", {})]
     assert "notes.csv" in changed, status
+
+
+def test_copied_forward_notes_are_kept_once_so_no_copy_crosses_the_splits(tmp_path, capsys):
+    """A corpus where notes were copied forward (the same text under new ids): each text is
+    kept once, so a trained note can never also be an attack non-member or a test note."""
+    notes = write_notes(tmp_path / "original.csv", 90)
+    rows = list(csv.reader(notes.open(newline="")))
+    header, body = rows[0], rows[1:]
+    copies = [[f"C{i:05d}", text] for i, (_, text) in enumerate(body[:30])]
+    with (tmp_path / "notes.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *body, *copies])
+    write_params(tmp_path / "params.yaml", **USER)
+    assert _main(tmp_path, "prepare") == 0
+    assert "30 record(s) repeat an earlier record's text" in capsys.readouterr().out
+    prepared = tmp_path / "data" / "prepared"
+    card = json.loads((prepared / "data_card.json").read_text())
+    assert card["duplicates_removed"] == 30
+    texts: dict[str, set[str]] = {}
+    for split in ("train", "valid", "test", "attack"):
+        for line in (prepared / f"{split}.jsonl").read_text().splitlines():
+            texts.setdefault(json.loads(line)["text"], set()).add(split)
+    assert all(len(splits) == 1 for splits in texts.values())

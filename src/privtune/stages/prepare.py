@@ -61,6 +61,20 @@ def _members_available(train: list[dict], planted: int, params: Params) -> None:
         )
 
 
+def _without_duplicates(records: list[dict]) -> tuple[list[dict], int]:
+    """The records with exact repeats of an earlier record's text left out, and how many.
+
+    Copied-forward notes are common in clinical corpora; split at random, one copy could train
+    while another is a membership non-member or a test note."""
+    seen: set[str] = set()
+    kept = []
+    for record in records:
+        if record["text"] not in seen:
+            seen.add(record["text"])
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
 def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """Private train/valid/test splits with canaries planted, a public split, a data card."""
     from privtune.data.canaries import (
@@ -83,6 +97,13 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             p.text_column,
             p.id_column,
             p.max_record_chars,
+        )
+    records, duplicates = _without_duplicates(records)
+    if duplicates:
+        print(
+            f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
+            "left out (a copy in train and another among the attack's non-members or the test "
+            "notes would make the attacks and the perplexity wrong)"
         )
     splits = _split(records, params)
     train = splits["train"]
@@ -137,6 +158,7 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 name: round(sum(len(r["text"]) for r in rows) / len(rows), 1)
                 for name, rows in [("public", public), ("train", train), ("test", written["test"])]
             },
+            "duplicates_removed": duplicates,
             "content_sha256": digest.hexdigest(),
         }
         io.write_json(out / "data_card.json", card)
