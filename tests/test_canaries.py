@@ -24,6 +24,7 @@ from privtune.data.canaries import (
     make_canaries,
     random_secret,
     save_canaries,
+    trained_occurrences,
 )
 from privtune.data.generator import ALL_MEDICATION_NAMES, generate_private_notes
 
@@ -321,3 +322,22 @@ def test_load_rejects_other_formats_and_malformed_files(tmp_path) -> None:
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError):
         load_canaries(path)
+
+
+def _characters(texts, add_special_tokens=True):
+    """A tokenizer whose tokens are characters: lengths are easy to place by hand."""
+    assert not add_special_tokens
+    return {"input_ids": [list(text) for text in texts]}
+
+
+def test_canaries_past_the_truncation_are_counted_as_never_trained():
+    canary = Canary("canary-r2-01", "MRN 1: ", "123 456 789", 2)
+    held_out = Canary("canary-r0-01", "MRN 2: ", "987 654 321", 0)
+    early = "Addendum: MRN 1: 123 456 789.\nlong note " + "x" * 200
+    late = "x" * 200 + "\nAddendum: MRN 1: 123 456 789."
+    texts = [early, late, "an ordinary note"]
+    secret_end = early.index("123 456 789") + 11  # characters = tokens here; +1 for bos
+    counts = trained_occurrences([canary, held_out], texts, _characters, secret_end + 1)
+    assert counts == {"canary-r2-01": 1}  # the late copy is cut; held-out ones are not planted
+    assert trained_occurrences([canary], texts, _characters, secret_end) == {"canary-r2-01": 0}
+    assert trained_occurrences([canary], texts, _characters, len(late) + 1) == {"canary-r2-01": 2}

@@ -304,6 +304,28 @@ def insert_canaries(
     return out
 
 
+def trained_occurrences(
+    canaries: Sequence[Canary], train_texts: Sequence[str], tokenizer, max_length: int
+) -> dict[str, int]:
+    """Of each planted canary, the train records that hold it whole within the first
+    ``max_length`` tokens of ``[bos] text`` (records are truncated there for training).
+
+    Canaries are planted by characters before any tokenizer exists, so in a long record under
+    a short ``base.max_length`` one can fall past the cut: the model never sees it, and its
+    exposure and extraction say nothing about memorisation. (Counted on the text up to the
+    secret's end: a merge across that cut can move the count by a token.)
+    """
+    counts = {}
+    for canary in canaries:
+        if canary.repetitions == 0:
+            continue
+        holding = [t for t in train_texts if canary.text in t]
+        heads = [t[: t.index(canary.text) + len(canary.text)] for t in holding]
+        ids = tokenizer(heads, add_special_tokens=False)["input_ids"] if heads else []
+        counts[canary.id] = sum(len(tokens) + 1 <= max_length for tokens in ids)
+    return counts
+
+
 def save_canaries(canaries: Sequence[Canary], path: str | os.PathLike[str]) -> None:
     """Write canaries (and ``SECRET_FORMAT``) as JSON, atomically, for the attack stage."""
     payload = {"secret_format": SECRET_FORMAT, "canaries": [asdict(c) for c in canaries]}

@@ -3,6 +3,7 @@ one-run privacy audits of a fine-tuned model (logged to its MLflow run by `regis
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,29 @@ def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]
                 fix,
             )
     return balanced_sets(members, held_out, a.members, a.seed)
+
+
+def _canary_coverage(root: Path, canaries, tokenizer, max_length: int) -> dict[str, float]:
+    """How many planted canary occurrences training could see (within base.max_length); says
+    so when some could not, as their exposure and extraction then understate memorisation."""
+    from privtune.data.canaries import trained_occurrences
+
+    texts = [r["text"] for r in read_split(root, "train")]
+    seen = trained_occurrences(canaries, texts, tokenizer, max_length)
+    planted = sum(c.repetitions for c in canaries)
+    trained = sum(seen.values())
+    if trained < planted:
+        print(
+            f"warning: {planted - trained} of {planted} planted canary occurrences lie past "
+            f"base.max_length = {max_length} tokens, so training never saw them and the "
+            "canaries' exposure and extraction understate memorisation; raise base.max_length "
+            "(or use notes whose first lines hold room for a canary)",
+            file=sys.stderr,
+        )
+    return {
+        "canary_occurrences_planted": float(planted),
+        "canary_occurrences_trained": float(trained),
+    }
 
 
 def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
@@ -102,6 +126,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         # with `mia_members` / `mia_non_members`: what each membership number rests on (a TPR
         # of 0.01 is 1 of 100 members; a 1 % FPR needs 100 non-members)
         **found,
+        **_canary_coverage(root, canaries, tokenizer, config.max_length),
     }
     bound = found.get("audit_epsilon_lower_bound")
     if claimed is not None and bound is not None and bound > claimed:
