@@ -248,6 +248,36 @@ def test_registering_twice_reuses_the_version(project, tmp_path):
     assert register("twice", "clinical-twice", project).version == "4"
 
 
+def test_a_registration_cut_short_is_finished_by_its_retry(project, monkeypatch):
+    """The version was created, then the connection went before its description and the
+    `challenger` alias: the retry finds the version by its key and finishes it, instead of
+    leaving `challenger` on an older version for the promotion flow to judge again."""
+    from mlflow.tracking import MlflowClient
+
+    name = "clinical-cut"
+    add_entry(project, "cut-old", seed=12)
+    add_entry(project, "cut-new", seed=13)
+    register("cut-old", name, project)
+    real = MlflowClient.update_model_version
+    failures = [ConnectionError("the tracking server went away")]
+
+    def flaky(self, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "update_model_version", flaky)
+    with pytest.raises(ConnectionError):
+        register("cut-new", name, project)
+    mlflow_client = client(project)
+    assert str(mlflow_client.get_model_version_by_alias(name, CHALLENGER).version) == "1"
+    retried = register("cut-new", name, project)
+    assert (retried.version, retried.created) == ("2", False)
+    assert str(mlflow_client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
+    assert "not yet judged" in mlflow_client.get_model_version(name, "2").description
+    assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 2
+
+
 def test_model_from_another_store_is_a_clear_error(project):
     add_entry(project, "stray", seed=11)
     info = io.read_json(project / "models/stray/finetune.json")

@@ -190,7 +190,7 @@ def register(
     run_id = info["run_id"]
     mlflow_client = client(root)
     existing = find_version(name, tags[KEY_TAG], root)
-    if existing is not None:
+    if existing is not None and existing.description:
         return RegisteredVersion(name, str(existing.version), run_id, created=False)
 
     if not (root / BASE_DIR).is_dir():
@@ -206,23 +206,28 @@ def register(
         confidence=confidence,
         membership_counts=membership_counts,
     )
-    # mlflow.pyfunc.log_model logs through the global tracking URI: set for this call only
-    with tempfile.TemporaryDirectory() as tmp, tracking.use_store(root):
-        card_dir = write_card(card, Path(tmp) / "model_card")
-        last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
-        model_uri, model_id = _logged_model(root, entry, run_id, tags[KEY_TAG], card_dir, last_step)
-    if not _registered_model_exists(mlflow_client, name):
-        _create_registered_model(mlflow_client, name)
-    version = mlflow_client.create_model_version(
-        name, model_uri, run_id=run_id, tags=tags, model_id=model_id
-    )
+    if existing is None:
+        # mlflow.pyfunc.log_model logs through the global tracking URI: set for this call only
+        with tempfile.TemporaryDirectory() as tmp, tracking.use_store(root):
+            card_dir = write_card(card, Path(tmp) / "model_card")
+            last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
+            model_uri, model_id = _logged_model(
+                root, entry, run_id, tags[KEY_TAG], card_dir, last_step
+            )
+        if not _registered_model_exists(mlflow_client, name):
+            _create_registered_model(mlflow_client, name)
+        version = mlflow_client.create_model_version(
+            name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+        )
+    else:  # an earlier attempt created it and stopped before its description and alias
+        version = existing
     pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
     description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
     mlflow_client.update_model_version(name, version.version, description=description)
     set_alias(mlflow_client, name, alias, str(version.version))
     # its tags (champion, champion.why) race like the alias when two workers register at once
     retry_unique(lambda: describe_registered_model(mlflow_client, name))
-    return RegisteredVersion(name, str(version.version), run_id, created=True)
+    return RegisteredVersion(name, str(version.version), run_id, created=existing is None)
 
 
 def card_section(card: dict[str, Any]) -> str:
