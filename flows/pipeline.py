@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.futures import wait  # noqa: E402
 
 from privtune import profiles  # noqa: E402
 from privtune.config import RunnerParams, load_params  # noqa: E402
@@ -53,6 +54,9 @@ def per_method(
             method: stages.method_stages.submit(method, root, force, steps, runners.threads(params))
             for method in methods
         }
+    # Every run ends, done or failed, before a failure is raised: leaving the flow shuts Ray
+    # down, which would kill the runs still going (their MLflow runs left RUNNING).
+    wait(list(futures.values()))
     return {method: future.result() for method, future in futures.items()}
 
 

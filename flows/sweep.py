@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.futures import wait  # noqa: E402
 
 from privtune.config import RunnerParams  # noqa: E402
 from tasks import runners, stages  # noqa: E402
@@ -74,6 +75,9 @@ def sweep_fanned_out(
             )
             for name, overrides in points
         ]
+    # Every point ends, done or failed, before a failure is raised: leaving the flow shuts
+    # Ray down, which would kill the points still going (their clones left behind).
+    wait(futures)
     return [future.result() for future in futures]
 
 

@@ -332,3 +332,40 @@ def test_a_fanned_out_sweep_ends_as_dvc_experiments_and_mlflow_runs(tmp_path):
     )
     assert points == [("1.0", "1"), ("8.0", "1")]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_failed_run_lets_the_others_end_before_the_flow_fails(tmp_path, monkeypatch):
+    """Leaving the flow shuts the task runner down, and Ray's kills the runs still going
+    (MLflow runs left RUNNING, a point's clone left behind): a failure is raised only after
+    every run ended. The runner here marks what was still running when it shut down."""
+    import time
+
+    from prefect import task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows import pipeline
+
+    shut = tmp_path / "runner-shut-down"
+
+    class KillsOnExit(ThreadPoolTaskRunner):
+        def __exit__(self, *exc_info):
+            shut.touch()  # what ray.shutdown() is to the tasks still running
+            super().__exit__(*exc_info)
+
+        def duplicate(self):
+            return type(self)(max_workers=self._max_workers)
+
+    @task
+    def method_stages(method, root, force, steps, threads):
+        if method == "broken":
+            raise RuntimeError("finetune@broken failed")
+        time.sleep(2)
+        Path(root, f"{method}.end").write_text("killed" if shut.exists() else "finished")
+        return {"ran": [method]}
+
+    monkeypatch.setattr(pipeline.stages, "method_stages", method_stages)
+    flow = pipeline.per_method.with_options(task_runner=KillsOnExit(max_workers=3))
+    with pytest.raises(RuntimeError, match="finetune@broken"):
+        flow(root=str(tmp_path), methods=["broken", "nonprivate", "dpsgd"])
+    for method in ("nonprivate", "dpsgd"):
+        assert (tmp_path / f"{method}.end").read_text() == "finished"
