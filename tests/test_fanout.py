@@ -363,9 +363,15 @@ def test_a_failed_run_lets_the_others_end_before_the_flow_fails(tmp_path, monkey
         Path(root, f"{method}.end").write_text("killed" if shut.exists() else "finished")
         return {"ran": [method]}
 
+    from prefect.testing.utilities import prefect_test_harness
+
     monkeypatch.setattr(pipeline.stages, "method_stages", method_stages)
     flow = pipeline.per_method.with_options(task_runner=KillsOnExit(max_workers=3))
-    with pytest.raises(RuntimeError, match="finetune@broken"):
+    # a server of the test's own, stopped with it (an ephemeral one outlives pytest's output)
+    with (
+        prefect_test_harness(server_startup_timeout=180),
+        pytest.raises(RuntimeError, match="finetune@broken"),
+    ):
         flow(root=str(tmp_path), methods=["broken", "nonprivate", "dpsgd"])
     for method in ("nonprivate", "dpsgd"):
         assert (tmp_path / f"{method}.end").read_text() == "finished"
