@@ -248,17 +248,11 @@ def test_registering_twice_reuses_the_version(project, tmp_path):
     assert register("twice", "clinical-twice", project).version == "4"
 
 
-def test_a_registration_cut_short_is_finished_by_its_retry(project, monkeypatch):
-    """The version was created, then the connection went before its description and the
-    `challenger` alias: the retry finds the version by its key and finishes it, instead of
-    leaving `challenger` on an older version for the promotion flow to judge again."""
+def _server_lost_once(monkeypatch, method: str) -> None:
+    """The tracking server goes away during the next call of `MlflowClient.<method>`."""
     from mlflow.tracking import MlflowClient
 
-    name = "clinical-cut"
-    add_entry(project, "cut-old", seed=12)
-    add_entry(project, "cut-new", seed=13)
-    register("cut-old", name, project)
-    real = MlflowClient.update_model_version
+    real = getattr(MlflowClient, method)
     failures = [ConnectionError("the tracking server went away")]
 
     def flaky(self, *args, **kwargs):
@@ -266,7 +260,18 @@ def test_a_registration_cut_short_is_finished_by_its_retry(project, monkeypatch)
             raise failures.pop()
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(MlflowClient, "update_model_version", flaky)
+    monkeypatch.setattr(MlflowClient, method, flaky)
+
+
+def test_a_registration_cut_short_is_finished_by_its_retry(project, monkeypatch):
+    """The version was created, then the connection went before its description and the
+    `challenger` alias: the retry finds the version by its key and finishes it, instead of
+    leaving `challenger` on an older version for the promotion flow to judge again."""
+    name = "clinical-cut"
+    add_entry(project, "cut-old", seed=12)
+    add_entry(project, "cut-new", seed=13)
+    register("cut-old", name, project)
+    _server_lost_once(monkeypatch, "update_model_version")
     with pytest.raises(ConnectionError):
         register("cut-new", name, project)
     mlflow_client = client(project)
@@ -348,20 +353,10 @@ def test_a_promotion_cut_short_is_judged_again_and_enters_the_history_once(proje
     """A lost connection between the registry writes of a promotion (Prefect then retries):
     the version must not be left "promoted" without being champion, nor enter the champion
     history twice (a later rollback would "restore" it to itself)."""
-    from mlflow.tracking import MlflowClient
-
     name = "clinical-retried"
     add_entry(project, "retried", perplexity=50.0, seed=11)
     register("retried", name, project)
-    real = MlflowClient.set_registered_model_alias
-    failures = [ConnectionError("the tracking server went away")]
-
-    def flaky(self, *args, **kwargs):
-        if failures:
-            raise failures.pop()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", flaky)
+    _server_lost_once(monkeypatch, "set_registered_model_alias")
     with pytest.raises(ConnectionError):
         promote(name, root=project)
     mlflow_client = client(project)
