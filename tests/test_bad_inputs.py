@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from privtune.cli import main
+from privtune.errors import DataError
 from tests.conftest import edit_params
 
 OUTPUT_FOLDERS = ("data", "models", "metrics", "plots", "reports", ".privtune", "mlruns")
@@ -535,3 +536,19 @@ def test_unexpected_errors_exit_5_and_interrupts_130(
     err = capsys.readouterr().err
     assert says in err
     assert ("Traceback" in err) == (code == 5)
+
+
+def test_a_damaged_prepared_file_is_a_data_error_naming_it_and_the_rebuild(tiny_project, tmp_path):
+    """A canaries file cut short (or hand-edited) was a crash (exit 5, which schedulers retry)."""
+    from privtune.config import load_params
+    from privtune.stages import attack
+
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project, root)
+    canaries = root / "data" / "prepared" / "canaries.json"
+    canaries.write_text(canaries.read_text()[:40])
+    expected = (
+        r"canaries\.json: unreadable \(JSONDecodeError\)\. Fix: rebuild it: `dvc repro prepare`"
+    )
+    with pytest.raises(DataError, match=expected):
+        attack.membership_sets(root, load_params(root / "params.yaml").attack)

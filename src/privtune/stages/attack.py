@@ -4,6 +4,7 @@ one-run privacy audits of a fine-tuned model (logged to its MLflow run by `regis
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,17 @@ from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, DataError, ModelError
 from privtune.stages.common import check_adapter, load_base, read_split, resolved_max_length
+
+PREPARE_AGAIN = "rebuild it: `dvc repro prepare` (or `dvc checkout` the tracked version)"
+
+
+def _read(path: Path, load: Callable[[Path], Any], fix: str) -> Any:
+    """A stage input read by `load`; a damaged file (hand-edited, cut short) is a data error
+    naming the file and how to rebuild it, not a crash (exit 5, which schedulers retry)."""
+    try:
+        return load(path)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise DataError(str(path), f"unreadable ({type(err).__name__})", fix) from None
 
 
 def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
@@ -21,7 +33,7 @@ def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]
     from privtune.attacks.membership import balanced_sets, without_canaries
     from privtune.data.canaries import load_canaries
 
-    canaries = load_canaries(root / PREPARED_DIR / "canaries.json")
+    canaries = _read(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
     train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
     members = without_canaries(train, canaries)
     held_out = read_split(root, "attack")
@@ -78,7 +90,9 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
             str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
         )
     check_adapter(model_dir, name)
-    info = io.read_json(model_dir / "finetune.json")
+    again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
+    info = _read(model_dir / "finetune.json", io.read_json, again)
+    delta = _read(model_dir / "finetune.json", lambda _: float(info["plan"]["delta"]), again)
     device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)
     # Merged weights compute the same function at half the cost of separate LoRA matmuls.
@@ -87,12 +101,14 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     # The base model saw only public text: a legitimate reference for calibrated scores.
     reference = load_base(root)[0].to(device).eval() if a.reference else None
 
-    canaries = load_canaries(root / PREPARED_DIR / "canaries.json")
+    canaries = _read(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
     members, non_members = membership_sets(root, a)
     audit_file = root / PREPARED_DIR / "audit_canaries.json"
-    audit = load_canaries(audit_file) if audit_file.is_file() else []
+    audit = _read(audit_file, load_canaries, PREPARE_AGAIN) if audit_file.is_file() else []
     gradient_file = model_dir / AUDIT_FILE  # written by training when it planted canaries
-    gradient = GradientCanaries.load(gradient_file) if gradient_file.is_file() else None
+    gradient = (
+        _read(gradient_file, GradientCanaries.load, again) if gradient_file.is_file() else None
+    )
     config = AttackConfig(
         min_k=a.min_k,
         bootstrap_resamples=a.bootstrap,
@@ -100,7 +116,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         seed=a.seed,
         n_candidates=a.candidates,
         samples=a.samples,
-        audit_delta=info["plan"]["delta"],
+        audit_delta=delta,
         audit_score="reference" if a.reference else "loss",
         max_length=resolved_max_length(params, root),
         batch_size=a.batch_size,
