@@ -352,9 +352,6 @@ def test_a_failed_run_lets_the_others_end_before_the_flow_fails(tmp_path, monkey
             shut.touch()  # what ray.shutdown() is to the tasks still running
             super().__exit__(*exc_info)
 
-        def duplicate(self):
-            return type(self)(max_workers=self._max_workers)
-
     @task
     def method_stages(method, root, force, steps, threads):
         if method == "broken":

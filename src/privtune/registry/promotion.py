@@ -415,9 +415,10 @@ def promote(
         tuple(results),
     )
     if promoted:
-        # The registry's state first, the verdict tags last: a promotion that fails in between
-        # (a lost connection) leaves the version pending, judged again by the retry, never
-        # tagged "promoted" without being champion; and it enters the history once.
+        # The registry's state first, the verdict tags last: a promotion cut short before the
+        # alias moved leaves the version pending for the retry to judge again, and one cut
+        # short after leaves it champion without its verdict tags, never "promoted" without
+        # being champion; the history gains the version once however often this runs.
         history = _history(mlflow_client, name)
         if history[-1:] != [decision.version]:
             history.append(decision.version)

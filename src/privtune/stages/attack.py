@@ -25,6 +25,12 @@ def _read(path: Path, load: Callable[[Path], Any], fix: str) -> Any:
         raise DataError(str(path), f"unreadable ({type(err).__name__})", fix) from None
 
 
+def _finetune_info(path: Path) -> tuple[dict[str, Any], float]:
+    """finetune.json, and its plan's δ (the claim the audits test)."""
+    info = io.read_json(path)
+    return info, float(info["plan"]["delta"])
+
+
 def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
     """attack.members members (ordinary training records: canaries are measured by exposure
     and the audit) and as many non-members from the attack split, records no stage trained,
@@ -91,8 +97,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         )
     check_adapter(model_dir, name)
     again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
-    info = _read(model_dir / "finetune.json", io.read_json, again)
-    delta = _read(model_dir / "finetune.json", lambda _: float(info["plan"]["delta"]), again)
+    info, delta = _read(model_dir / "finetune.json", _finetune_info, again)
     device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)
     # Merged weights compute the same function at half the cost of separate LoRA matmuls.
