@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow  # noqa: E402
 
 from privtune import profiles  # noqa: E402
-from tasks import stages  # noqa: E402
+from tasks import lockfile, stages  # noqa: E402
 
 
 @flow(name="privtune-finetune", log_prints=True)
@@ -25,12 +25,16 @@ def finetune(
     share: bool = False,
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
+    lock: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """`dvc repro finetune@<method>` on this worker (CUDA when it has a GPU: device auto).
 
-    With ``share``, the outputs go to the DVC remote for workers on other machines. With
-    ``profile`` / ``overrides`` (a quick run of the pipeline), in that profile's own project
-    (privtune/profiles.py), the one the pipeline built in the same checkout.
+    With ``share``, the data and base model come from the DVC remote as named by ``lock`` (the
+    dispatcher's dvc.lock entries of `prepare` and `base`), and the outputs go back there, their
+    dvc.lock entry and metrics published on this flow run for the dispatcher
+    (tasks/lockfile.py). With ``profile`` / ``overrides`` (a quick run of the pipeline), in
+    that profile's own project (privtune/profiles.py), the one the pipeline built in the same
+    checkout.
     """
     from privtune.tracking import disable_telemetry
 
@@ -38,12 +42,16 @@ def finetune(
     root = str(Path(root).resolve())
     if profile or overrides:
         root = str(profiles.project(root, profile, overrides))
+    target = f"finetune@{method}"
     if share:  # the data and base model were built on another machine
+        if lock:
+            lockfile.adopt(root, lock)
         stages.pull("prepare", root)
         stages.pull("base", root)
     ran = stages.finetune(method, root, force)
     if share:
-        stages.push(f"finetune@{method}", root)
+        stages.push(target, root)
+        lockfile.publish(root, target)
     return ran
 
 

@@ -143,9 +143,7 @@ def pipeline(
                     timeout=finetune_timeout,
                     local_fallback=finetune_local_fallback,
                     run_parameters=run_parameters,
-                )
-                if share:
-                    stages.pull(f"finetune@{method}", root)
+                )  # with share, it also brings the worker's outputs and their dvc.lock entry
             else:
                 stages.finetune(method, root, force)
             stages.evaluate(method, root, force)

@@ -162,15 +162,18 @@ def finetune(
 ) -> Dispatched:
     """Run `finetune@method` as a run of `deployment` and wait for it (see the module doc).
 
-    Without ``share`` the worker runs in this checkout, so DVC here must find the stage current
-    afterwards; otherwise the next stage would evaluate an old model. ``share``: the worker is on
-    another machine and its outputs come through the DVC remote, so only a failed run is passed
-    over. ``run_parameters``: more parameters of the fine-tuning run (a quick run's profile).
+    Without ``share`` the worker runs in this checkout. ``share``: the worker is on another
+    machine; it gets this checkout's dvc.lock entries of `prepare` and `base` (pushed to the DVC
+    remote by the caller), and its own entry for the stage comes back published on its flow run,
+    adopted here before the outputs are pulled (tasks/lockfile.py); only a failed run is passed
+    over. Either way DVC here must find the stage current afterwards, or the next stage would
+    evaluate another model. ``run_parameters``: more parameters of the fine-tuning run (a quick
+    run's profile).
     """
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from tasks import stages
+    from tasks import lockfile, stages
 
     logger = _logger()
     target = f"finetune@{method}"
@@ -190,15 +193,12 @@ def finetune(
         logger.warning("%s; fine-tuning %s here instead (local fallback)", problem, method)
         stages.finetune(method, root, force)
         return Dispatched("local")
+    parameters: dict[str, Any] = {"method": method, "root": ".", "force": force, "share": share}
+    if share:  # what the worker pulls: the data and base model this checkout built
+        parameters["lock"] = lockfile.entries(root, ["prepare", "base"])
     run = run_deployment(
         deployment,
-        parameters={
-            "method": method,
-            "root": ".",
-            "force": force,
-            "share": share,
-            **(run_parameters or {}),
-        },
+        parameters={**parameters, **(run_parameters or {})},
         flow_run_name=f"finetune-{method}",
         idempotency_key=key,
         timeout=timeout,
@@ -214,11 +214,21 @@ def finetune(
         raise RemoteRunFailed(
             f"fine-tuning {method} on {deployment} ended {state.name}: {state.message}"
         )
-    if not share and not stage_is_current(root, target):
+    if share:  # the outputs the worker built, by its dvc.lock entry
+        with get_client(sync_client=True) as client:
+            lockfile.receive(root, lockfile.published(client, run.id, target))
+        stages.pull(target, root)
+    if not stage_is_current(root, target):
         raise DispatchError(
             f"fine-tuning {method} completed on {deployment} (flow run {run.id}) but {target} is "
-            f"still stale in {root}: the worker ran in another checkout; start the workers of "
-            f"pool '{pool}' with PRIVTUNE_ROOT={root}, or run the pipeline with share"
+            f"still stale in {root}: "
+            + (
+                "the worker built it from other inputs (its checkout is at another commit, or "
+                "its params.yaml differs): bring the worker's checkout to this one's"
+                if share
+                else f"the worker ran in another checkout; start the workers of pool '{pool}' "
+                f"with PRIVTUNE_ROOT={root}, or run the pipeline with share"
+            )
         )
     how = "reused" if earlier is not None and str(earlier.id) == str(run.id) else "new"
     logger.info("fine-tuning %s: %s flow run %s (key %s)", method, how, run.id, key)

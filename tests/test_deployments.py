@@ -272,6 +272,58 @@ def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed)
     assert stage.name == "finetune-dpsgd" and stage.state.is_completed()
 
 
+def test_share_carries_the_dvc_lock_entries_both_ways(deployed, tmp_path):
+    """`share`: the worker is another machine (its own checkout, with older data in its
+    workspace and dvc.lock); both reach one DVC remote. The worker must train on the data this
+    checkout built, and this checkout must end with the model the worker built, by its dvc.lock
+    entry, also after a changed parameter (pulling by its own old entry brought the old model)."""
+    from prefect import flow
+
+    from privtune.io import tree_sha256
+    from tasks import dispatch, lockfile, stages
+
+    worker, _, _ = deployed  # the GPU pool's worker runs in this checkout
+    _sh(worker, "dvc", "repro", "base")  # its own, older data and base model
+    here = make_project(tmp_path)
+    store = tmp_path / "remote"
+    for checkout in (worker, here):
+        _sh(checkout, "dvc", "remote", "add", "--local", "-d", "-f", "shared", str(store))
+
+    def both(**finetune):  # one commit's params on both machines; new data (another seed)
+        for checkout in (worker, here):
+            write_params(
+                checkout / "params.yaml",
+                prepare={"seed": 7},
+                finetune={**PIPELINE["finetune"], **finetune},
+            )
+
+    @flow(name="share")
+    def share(root: str) -> str | None:
+        stages.prepare(root)
+        stages.base(root)
+        stages.push("prepare", root)
+        stages.push("base", root)
+        done = dispatch.finetune(
+            "privtune-finetune/gpu-finetune", "dpsgd", root, share=True, timeout=900
+        )
+        return done.flow_run_id
+
+    built = []
+    for finetune in ({}, {"lr": 0.02}):
+        both(**finetune)
+        state = share(str(here), return_state=True)
+        assert state.is_completed(), state.message
+        mine = lockfile.entries(here, ["prepare", "finetune@dpsgd"])
+        theirs = lockfile.entries(worker, ["prepare", "finetune@dpsgd"])
+        assert theirs["prepare"]["outs"] == mine["prepare"]["outs"]  # trained on our data
+        assert theirs["finetune@dpsgd"] == mine["finetune@dpsgd"]
+        assert tree_sha256(here / "models/dpsgd") == tree_sha256(worker / "models/dpsgd")
+        assert "Data and pipelines are up to date" in _sh(here, "dvc", "status", "finetune@dpsgd")
+        built.append(mine["finetune@dpsgd"]["outs"])
+    assert built[0] != built[1]  # the second round brought the new model, not the first again
+    assert len({r.id for r in _finetune_runs() if "dpsgd" in r.name}) >= 2
+
+
 def _gpu_deployment_id() -> str:
     from prefect.client.orchestration import get_client
 
