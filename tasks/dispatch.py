@@ -6,7 +6,11 @@
   second one;
 - never waiting on nobody: without a live worker in the deployment's pool it fails at once,
   naming the pool and the command that starts a worker (or runs locally, if asked to);
-- never waiting forever: it gives up after `timeout` seconds.
+- never waiting forever: it gives up after `timeout` seconds;
+- never waiting on the dead: a running fine-tuning whose flow-run heartbeats stopped (its worker
+  was killed, its machine lost: nobody is left to report it) is marked Crashed, so this dispatch
+  fails at once instead of at the timeout, and the next one starts a new run rather than
+  waiting on it again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +27,11 @@ from typing import Any
 # A worker that has not sent a heartbeat for this many of its heartbeat intervals is gone
 # (Prefect's own server marks it offline after 3).
 MISSED_HEARTBEATS = 3
+# The flow runs' own heartbeats (prefect.yaml sets it in the workers' environment); Prefect
+# sends them no more often than every 30 s.
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+MIN_HEARTBEAT_SECONDS = 30.0
+POLL_SECONDS = 5.0
 
 
 class DispatchError(RuntimeError):
@@ -92,6 +102,62 @@ def pool_problem(client: Any, pool: str) -> str | None:
     return None
 
 
+def heartbeat_seconds(deployment: Any) -> float | None:
+    """How often the deployment's flow runs send heartbeats (None: they are not asked to)."""
+    env = (deployment.job_variables or {}).get("env") or {}
+    try:
+        value = float(env.get(HEARTBEAT_ENV) or 0)
+    except (TypeError, ValueError):
+        return None
+    return max(value, MIN_HEARTBEAT_SECONDS) if value > 0 else None
+
+
+def last_heartbeat(client: Any, run: Any) -> datetime | None:
+    """When the flow run last sent a heartbeat (None: never)."""
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventResourceFilter,
+    )
+
+    since = run.start_time or run.created or datetime.now(UTC) - timedelta(days=1)
+    page = client.read_events(
+        EventFilter(
+            occurred=EventOccurredFilter(since=since, until=datetime.now(UTC)),
+            event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+        ),
+        limit=1,
+    )  # newest first
+    return page.events[0].occurred if page.events else None
+
+
+def stopped(beat: datetime | None, interval: float | None, now: datetime) -> bool:
+    """A running run is dead when it has sent heartbeats and missed the last few. One that never
+    sent any is not judged: its deployment may not send them, or the events may lag."""
+    if beat is None or interval is None:
+        return False
+    return now - beat > timedelta(seconds=MISSED_HEARTBEATS * interval + POLL_SECONDS)
+
+
+def crash_if_dead(client: Any, run: Any, interval: float | None) -> str | None:
+    """Mark a running flow run whose heartbeats stopped as Crashed; returns why (None: alive)."""
+    from prefect.states import Crashed
+
+    if interval is None or run.state is None or not run.state.is_running():
+        return None
+    beat = last_heartbeat(client, run)
+    if not stopped(beat, interval, datetime.now(UTC)):
+        return None
+    why = (
+        f"flow run {run.id} sent no heartbeat since {beat:%Y-%m-%d %H:%M:%S} UTC (every "
+        f"{interval:g} s expected): its worker or machine is gone"
+    )
+    client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+    return why
+
+
 def _runs_with_key(client: Any, deployment_id: Any, key: str) -> list[Any]:
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -115,21 +181,31 @@ def stage_is_current(root: str | Path, target: str) -> bool:
 
 
 def _usable_key(
-    client: Any, deployment_id: Any, key: str, root: str, target: str, check_outputs: bool
+    client: Any,
+    deployment: Any,
+    key: str,
+    root: str,
+    target: str,
+    check_outputs: bool,
 ) -> tuple[str, Any | None]:
     """The key to dispatch with, and the earlier run it names (None: a new run will start).
 
-    An earlier run with the key is reused while it is pending, running or completed with the
-    stage current. One that failed, crashed or was cancelled, or completed but whose stage is
-    stale here (an input changed and then changed back), is passed over for a key derived from
-    it, so every dispatcher of the same inputs still agrees on one next run.
+    An earlier run with the key is reused while it is pending, running (and alive) or completed
+    with the stage current. One that failed, crashed or was cancelled, whose heartbeats stopped
+    (marked Crashed here), or completed but whose stage is stale here (an input changed and
+    then changed back), is passed over for a key derived from it, so every dispatcher of the
+    same inputs still agrees on one next run.
     """
     base = key
     while True:
-        found = _runs_with_key(client, deployment_id, key)
+        found = _runs_with_key(client, deployment.id, key)
         if not found:
             return key, None
         run = found[0]
+        why = crash_if_dead(client, run, heartbeat_seconds(deployment))
+        if why:
+            _logger().warning("passing over the fine-tuning %s", why)
+            run = client.read_flow_run(run.id)
         state = run.state
         if state is None or not state.is_final():
             return key, run
@@ -147,6 +223,25 @@ def _logger() -> Any:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("privtune.dispatch")
+
+
+def _wait(client: Any, run: Any, timeout: float | None, interval: float | None) -> Any:
+    """The flow run once it is final, its heartbeats stopped, or ``timeout`` passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        run = client.read_flow_run(run.id)
+        if run.state is not None and run.state.is_final():
+            return run
+        why = crash_if_dead(client, run, interval)
+        if why:
+            raise RemoteRunFailed(
+                f"fine-tuning {run.name} crashed: {why}; it is marked Crashed, and the next "
+                f"pipeline run starts a new fine-tuning instead of waiting on it"
+            )
+        if deadline is not None and time.monotonic() >= deadline:
+            return run
+        left = POLL_SECONDS if deadline is None else deadline - time.monotonic()
+        time.sleep(max(0.0, min(POLL_SECONDS, left)))
 
 
 def finetune(
@@ -183,7 +278,7 @@ def finetune(
         key, earlier = (None, None)
         if not force:
             key, earlier = _usable_key(
-                client, found.id, finetune_key(root, method), root, target, not share
+                client, found, finetune_key(root, method), root, target, not share
             )
         done = earlier is not None and earlier.state is not None and earlier.state.is_completed()
         problem = None if done else pool_problem(client, pool)
@@ -201,8 +296,10 @@ def finetune(
         parameters={**parameters, **(run_parameters or {})},
         flow_run_name=f"finetune-{method}",
         idempotency_key=key,
-        timeout=timeout,
+        timeout=0,  # waited for below, watching its heartbeats
     )
+    with get_client(sync_client=True) as client:
+        run = _wait(client, run, timeout, heartbeat_seconds(found))
     state = run.state
     if state is None or not state.is_final():
         raise DispatchTimeout(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_params
+from tests.conftest import edit_params, write_params
 from tests.test_pipeline import PIPELINE, ROOT, _sh, make_project
 
 pytestmark = pytest.mark.slow
@@ -322,6 +322,98 @@ def test_share_carries_the_dvc_lock_entries_both_ways(deployed, tmp_path):
         built.append(mine["finetune@dpsgd"]["outs"])
     assert built[0] != built[1]  # the second round brought the new model, not the first again
     assert len({r.id for r in _finetune_runs() if "dpsgd" in r.name}) >= 2
+
+
+def _start_live_worker(env, cwd, pool):
+    """A worker, once it has checked in with the server (dispatch refuses a pool without)."""
+    from prefect.client.orchestration import get_client
+
+    from tasks import dispatch
+
+    worker = _start_worker(env, cwd, pool)
+    deadline = time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        while dispatch.pool_problem(client, pool) and time.monotonic() < deadline:
+            time.sleep(1)
+    return worker
+
+
+def _kill_flow_run(flow_run_id) -> None:
+    """SIGKILL the flow run's process group (its `dvc repro` and `privtune` under it): found by
+    the run id Prefect puts in its environment."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.killpg(os.getpgid(int(proc.name)), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue  # gone already, or not ours
+
+
+def test_a_killed_worker_fails_the_dispatch_at_once_and_the_next_run_starts_anew(deployed):
+    """kill -9 of a worker and its fine-tuning (a lost machine): nobody reports the run, so it
+    stays Running. The pipeline waiting on it must notice the stopped heartbeats, mark it
+    Crashed and fail, not wait out its timeout; the next dispatch starts a new run."""
+    import contextvars
+    import threading
+
+    from prefect.client.orchestration import get_client
+
+    from tasks import dispatch
+
+    project, deployer, env = deployed
+    _prefect(env, deployer, "work-pool", "create", "--type", "process", "privtune-doomed")
+    _prefect(
+        env, deployer, "deploy", "flows/finetune.py:finetune", "--name", "doomed-finetune",
+        "--pool", "privtune-doomed",
+        "--job-variable", json.dumps({"env": {dispatch.HEARTBEAT_ENV: "30"}}),
+    )  # fmt: skip
+    _sh(project, "dvc", "repro", "base")
+    edit_params(project, finetune={"epochs": 60.0, "lr": 0.003})  # long enough to be killed
+    worker_env = dict(env, PRIVTUNE_ROOT=str(project), PREFECT_WORKER_QUERY_SECONDS="2")
+    worker = _start_live_worker(worker_env, project.parent, "privtune-doomed")
+    killed = threading.Event()
+
+    def kill_at_first_heartbeat() -> None:
+        deadline = time.monotonic() + 600
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                runs = [r for r in _finetune_runs() if r.state and r.state.is_running()]
+                if runs and dispatch.last_heartbeat(client, runs[-1]) is not None:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    _kill_flow_run(runs[-1].id)
+                    killed.set()
+                    return
+                time.sleep(0.5)
+
+    # in this test's Prefect settings (the module's server), which a bare thread would not see
+    context = contextvars.copy_context()
+    killer = threading.Thread(target=context.run, args=(kill_at_first_heartbeat,), daemon=True)
+    killer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(dispatch.RemoteRunFailed) as failed:
+            dispatch.finetune("privtune-finetune/doomed-finetune", "dpsgd", str(project),
+                              timeout=1800)  # fmt: skip
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    assert killed.is_set()
+    assert time.monotonic() - started < 400  # three missed heartbeats, not the 1800 s timeout
+    assert "sent no heartbeat since" in str(failed.value) and "marked Crashed" in str(failed.value)
+    (dead,) = [r for r in _finetune_runs() if r.state and r.state.is_crashed()]
+    assert "its worker or machine is gone" in dead.state.message
+
+    # a worker again: the next dispatch of the same inputs passes the crashed run over
+    worker = _start_live_worker(worker_env, project.parent, "privtune-doomed")
+    try:
+        done = dispatch.finetune("privtune-finetune/doomed-finetune", "dpsgd", str(project),
+                                 timeout=900)  # fmt: skip
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    assert done.how == "new" and done.flow_run_id != str(dead.id)
+    assert done.key == f"{dead.idempotency_key}:after-{dead.id}"
 
 
 def _gpu_deployment_id() -> str:

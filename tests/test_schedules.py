@@ -5,7 +5,9 @@ and a profile builds in a project of its own."""
 
 import json
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from uuid import uuid4
 
 import pytest
@@ -175,9 +177,7 @@ class _Runs:
 
 
 def _run(run_id: str, state):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(id=run_id, state=state)
+    return SimpleNamespace(id=run_id, state=state, start_time=None, created=None, name=run_id)
 
 
 def test_a_keyed_run_is_reused_only_while_it_can_still_give_the_stage(monkeypatch):
@@ -189,7 +189,8 @@ def test_a_keyed_run_is_reused_only_while_it_can_still_give_the_stage(monkeypatc
     monkeypatch.setattr(dispatch, "stage_is_current", lambda root, target: current["value"])
 
     def usable(runs, check_outputs=True):
-        return dispatch._usable_key(_Runs(runs), uuid4(), "k", "/p", "finetune@x", check_outputs)
+        deployment = SimpleNamespace(id=uuid4(), job_variables={})  # no heartbeats asked for
+        return dispatch._usable_key(_Runs(runs), deployment, "k", "/p", "finetune@x", check_outputs)
 
     assert usable({}) == ("k", None)  # nothing yet: a new run under the inputs' key
     running = _run("r1", Running())
@@ -204,3 +205,72 @@ def test_a_keyed_run_is_reused_only_while_it_can_still_give_the_stage(monkeypatc
     again = _run("r2", Completed())
     current["value"] = True
     assert usable({"k": _run("r1", Crashed()), "k:after-r1": again}) == ("k:after-r1", again)
+
+
+class _Beating(_Runs):
+    """...that also knows each run's last heartbeat, and takes state changes."""
+
+    def __init__(self, runs, beats) -> None:
+        super().__init__(runs)
+        self.beats, self.crashed = beats, {}
+
+    def read_events(self, filter, limit):
+        (resource,) = filter.resource.id
+        beat = self.beats.get(resource.removeprefix("prefect.flow-run."))
+        return SimpleNamespace(events=[SimpleNamespace(occurred=beat)] if beat else [])
+
+    def set_flow_run_state(self, run_id, state, force):
+        assert force  # a crash is recorded over the Running the dead worker left
+        self.crashed[run_id] = state.message
+        for key, run in self.runs.items():
+            if run.id == run_id:
+                self.runs[key] = _run(run_id, state)
+
+    def read_flow_run(self, run_id):
+        return next(r for r in self.runs.values() if r.id == run_id)
+
+
+def test_a_running_run_whose_heartbeats_stopped_is_crashed_and_passed_over(monkeypatch):
+    """A worker killed mid-run leaves its flow run Running for ever; waiting on it again (every
+    later pipeline run, up to its timeout) is what the heartbeats prevent."""
+    from prefect.states import Running
+
+    from tasks import dispatch
+
+    monkeypatch.setattr(dispatch, "stage_is_current", lambda root, target: True)
+    now = datetime.now(UTC)
+    beating = SimpleNamespace(id=uuid4(), job_variables={"env": {dispatch.HEARTBEAT_ENV: "30"}})
+    silent = SimpleNamespace(id=uuid4(), job_variables={})
+
+    def usable(client, deployment):
+        return dispatch._usable_key(client, deployment, "k", "/p", "finetune@x", True)
+
+    # the last heartbeat 60 s ago, at one every 30 s: alive, a retried pipeline waits for it
+    client = _Beating({"k": _run("r1", Running())}, {"r1": now - timedelta(seconds=60)})
+    assert usable(client, beating)[1].id == "r1" and not client.crashed
+    # 100 s ago (three missed, and the poll): dead; marked Crashed, naming why, a new key
+    client = _Beating({"k": _run("r1", Running())}, {"r1": now - timedelta(seconds=100)})
+    assert usable(client, beating) == ("k:after-r1", None)
+    assert "sent no heartbeat since" in client.crashed["r1"]
+    assert client.runs["k"].state.is_crashed()
+    # no heartbeat ever, or a deployment that does not send them: not judged
+    client = _Beating({"k": _run("r1", Running())}, {})
+    assert usable(client, beating)[1].id == "r1"
+    client = _Beating({"k": _run("r1", Running())}, {"r1": now - timedelta(hours=5)})
+    assert usable(client, silent)[1].id == "r1" and not client.crashed
+
+
+def test_heartbeat_interval_is_read_from_the_deployment():
+    from tasks.dispatch import heartbeat_seconds
+
+    def interval(env):
+        return heartbeat_seconds(SimpleNamespace(job_variables={"env": env}))
+
+    assert interval({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "45"}) == 45.0
+    assert interval({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "5"}) == 30.0  # Prefect's minimum
+    assert interval({}) is None and interval({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "x"}) is None
+    assert heartbeat_seconds(SimpleNamespace(job_variables=None)) is None
+    shipped = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in shipped["deployments"]:  # every worker's flow runs send them
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert float(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30
