@@ -11,7 +11,9 @@ Only transient failures are retried; a configuration or model error fails at onc
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,6 +25,31 @@ from tasks.stages import transient  # noqa: E402
 
 # What MLflow answers for a missing registered model, or a missing alias.
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+# Prefect's global concurrency limit (one slot) that every promotion and rollback run of this
+# Prefect server holds: the lock for stores behind a tracking server, where privtune has none
+# of its own beside the store (privtune/registry/lock.py).
+REGISTRY_LIMIT = "privtune-registry"
+
+
+@contextlib.contextmanager
+def one_at_a_time() -> Iterator[None]:
+    """Hold the registry's slot (the limit is created on first use); a run killed while holding
+    it frees it when its lease (300 s, renewed while alive) runs out."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1)
+                )
+    with concurrency(REGISTRY_LIMIT, occupy=1, strict=True):
+        yield
 
 
 def _registry(root: str):
@@ -130,16 +157,17 @@ def promote(root: str = ".", version: str | None = None, pending: bool = False) 
 
     disable_telemetry()
     root = str(Path(root).resolve())
-    if version is not None:
+    with one_at_a_time():
+        if version is not None:
+            return [decide(root, version)]
+        if pending:
+            return choose(root)
+        # pinned here, not in `decide`: its retries then judge the same version (challenger)
+        version = challenger(root)
+        if version is None:
+            get_run_logger().info("nothing to promote: no challenger")
+            return [_nothing_to_promote(_registry(root).name)]
         return [decide(root, version)]
-    if pending:
-        return choose(root)
-    # pinned here, not in `decide`: its retries then judge the same version (see challenger)
-    version = challenger(root)
-    if version is None:
-        get_run_logger().info("nothing to promote: no challenger")
-        return [_nothing_to_promote(_registry(root).name)]
-    return [decide(root, version)]
 
 
 @flow(name="privtune-rollback", log_prints=True)
@@ -152,7 +180,8 @@ def rollback(root: str = ".") -> dict:
 
     disable_telemetry()
     root = str(Path(root).resolve())
-    done = rollback_champion(_registry(root).name, root=root)
+    with one_at_a_time():
+        done = rollback_champion(_registry(root).name, root=root)
     get_run_logger().info("champion: v%s -> v%s", done.from_version, done.to_version)
     return asdict(done)
 

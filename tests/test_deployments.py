@@ -465,3 +465,31 @@ def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeyp
     ]
     (attempt,) = _task_runs(state.state_details.flow_run_id)
     assert attempt.run_count == 1
+
+
+def test_promotions_through_prefect_take_turns(server, tmp_path, monkeypatch):
+    """A tracking server has no lock beside it that privtune can take: promotion and rollback
+    runs hold one slot of a Prefect global concurrency limit instead, on any worker."""
+    import contextvars
+    import threading
+
+    from prefect.client.orchestration import get_client
+
+    from flows.promote import REGISTRY_LIMIT, one_at_a_time, promote
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_params(tmp_path / "params.yaml")
+    results = []
+    run = contextvars.copy_context().run  # this test's Prefect settings, in the thread too
+    with one_at_a_time():  # another promotion holds the registry
+        waiting = threading.Thread(
+            target=run, args=(lambda: results.append(promote(str(tmp_path))),)
+        )
+        waiting.start()
+        waiting.join(timeout=5)
+        assert waiting.is_alive() and not results
+    waiting.join(timeout=120)
+    assert results and results[0][0]["nothing_to_promote"]
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
+    assert limit.limit == 1 and limit.active_slots == 0

@@ -125,7 +125,9 @@ class Registry:
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
+def registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Registry:
+    monkeypatch.chdir(tmp_path)  # the default store's promotion lock sits beside mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fake = Registry()
     fake.roots = []  # the project root of every client asked for: "." unless given
 
@@ -368,3 +370,20 @@ def test_promote_best_with_no_champion_and_nothing_eligible(registry: Registry) 
     assert decision.promoted is False and decision.champion_before is None
     assert registry.card_uris == ["sqlite:///there/mlflow.db"]
     assert "champion" not in registry.aliases
+
+
+def test_a_promotion_waits_for_the_one_in_progress(registry: Registry) -> None:
+    """Two at once would judge against the same champion and interleave the history."""
+    import threading
+
+    from privtune.registry.lock import registry_lock
+
+    v1 = registry.add(40.0)
+    done: list[Any] = []
+    with registry_lock("."):  # another promotion (or a rollback) holds the store
+        waiting = threading.Thread(target=lambda: done.append(promotion.promote("m")))
+        waiting.start()
+        waiting.join(timeout=1.5)
+        assert waiting.is_alive() and not done and registry.aliases.get("champion") is None
+    waiting.join(timeout=30)
+    assert done and done[0].promoted and registry.aliases["champion"] == v1

@@ -207,10 +207,13 @@ class FakeRegistry:
         self.model.description = description
 
 
-def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatch):
+def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatch, tmp_path):
     """Champions 1, 2, 3: each rollback hands `champion` back one step and `previous_champion`
     with it (never left naming the version now champion), then removes it at the first."""
     from privtune.registry import promotion
+
+    monkeypatch.chdir(tmp_path)  # the default store's promotion lock sits beside mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
     roots = []

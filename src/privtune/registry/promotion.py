@@ -21,6 +21,7 @@ from typing import Any
 from privtune.config import Gates
 from privtune.errors import ModelError
 from privtune.registry.card import CARD_JSON, CARD_SCHEMA, card_from_tags, gate_report, verdict_line
+from privtune.registry.lock import registry_lock
 from privtune.registry.register import (
     ATTACK_PREFIX,
     CHALLENGER,
@@ -388,7 +389,15 @@ def _version_or_error(
 def promote(
     name: str, gates: Gates | None = None, *, root: str | Path = ".", version: str | None = None
 ) -> Decision:
-    """Move `champion` to the challenger (or `version`) only if every gate holds."""
+    """Move `champion` to the challenger (or `version`) only if every gate holds; one promotion
+    at a time per store (registry/lock.py)."""
+    with registry_lock(root):
+        return _promote(name, gates, root=root, version=version)
+
+
+def _promote(
+    name: str, gates: Gates | None = None, *, root: str | Path = ".", version: str | None = None
+) -> Decision:
     gates = gates or Gates()
     mlflow_client = client(root)
     candidate = (
@@ -461,6 +470,11 @@ def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".
     current champion, the one with the best utility. The others are judged too and refused
     (a candidate that passed its gates is refused as not chosen, naming the better one), so
     the champion history gains one entry, not one per candidate."""
+    with registry_lock(root):
+        return _promote_best(name, gates, root=root)
+
+
+def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".") -> Selection:
     gates = gates or Gates()
     mlflow_client = client(root)
     candidates = pending_versions(name, root=root)
@@ -482,7 +496,7 @@ def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".
     best = min(eligible, key=lambda v: sign * _utility_value(gates, tags[v])) if eligible else None
     decisions: list[Decision] = []
     if best is not None:
-        decisions.append(promote(name, gates, root=root, version=best))
+        decisions.append(_promote(name, gates, root=root, version=best))
         champion = alias_version(mlflow_client, name, CHAMPION)
     for version in candidates:
         if version == best:
@@ -561,6 +575,11 @@ class Rollback:
 
 def rollback(name: str, *, root: str | Path = ".") -> Rollback:
     """Give `champion` back to the previous champion (the history tag on the registered model)."""
+    with registry_lock(root):
+        return _rollback(name, root=root)
+
+
+def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     mlflow_client = client(root)
     history = _history(mlflow_client, name)
     if len(history) < 2:
