@@ -97,6 +97,17 @@ def damaged_adapter(root: Path) -> None:
     truncate(adapter / "adapter_model.safetensors")
 
 
+def finished_model(root: Path, finetune_json: str) -> None:
+    """models/dpsgd with whole weights (the base's file stands in for the adapter's) and the
+    given finetune.json."""
+    adapter = root / "models" / "dpsgd" / "adapter"
+    adapter.mkdir(parents=True)
+    (root / "models" / "dpsgd" / "finetune.json").write_text(finetune_json)
+    shutil.copy(
+        root / "models" / "base" / "model.safetensors", adapter / "adapter_model.safetensors"
+    )
+
+
 def notes(n: int) -> list[dict]:
     return [{"text": f"note {i}: patient with cough, plan follow up"} for i in range(n)]
 
@@ -427,6 +438,33 @@ CASES = [
         ("attack", "dpsgd"),
         ("models/dpsgd", "adapter_model.safetensors is truncated"),
         damaged_adapter,
+    ),
+    Case(
+        "prepared-split-truncated",
+        FT,
+        ("train.jsonl", "unreadable (JSONDecodeError)", "dvc repro prepare"),
+        lambda root: truncate(root / "data/prepared/train.jsonl"),
+    ),
+    Case(
+        "data-card-without-hash",
+        FT,
+        ("data_card.json", "unreadable (KeyError)", "dvc repro prepare"),
+        lambda root: (root / "data/prepared/data_card.json").write_text("{}"),
+    ),
+    Case(
+        "base-info-truncated",
+        FT,
+        ("privtune.json", "unreadable (JSONDecodeError)", "dvc repro base"),
+        lambda root: (
+            truncate(root / "models/base/privtune.json")
+            or edit_params(root, base={"max_length": "auto"})
+        ),
+    ),
+    Case(
+        "finetune-info-truncated-evaluate",
+        ("evaluate", "dpsgd"),
+        ("finetune.json", "unreadable (JSONDecodeError)", "dvc repro finetune@dpsgd"),
+        lambda root: finished_model(root, finetune_json="{"),
     ),
     Case(
         "base-output-truncated",

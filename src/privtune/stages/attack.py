@@ -4,25 +4,20 @@ one-run privacy audits of a fine-tuned model (logged to its MLflow run by `regis
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, DataError, ModelError
-from privtune.stages.common import check_adapter, load_base, read_split, resolved_max_length
-
-PREPARE_AGAIN = "rebuild it: `dvc repro prepare` (or `dvc checkout` the tracked version)"
-
-
-def _read(path: Path, load: Callable[[Path], Any], fix: str) -> Any:
-    """A stage input read by `load`; a damaged file (hand-edited, cut short) is a data error
-    naming the file and how to rebuild it, not a crash (exit 5, which schedulers retry)."""
-    try:
-        return load(path)
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-        raise DataError(str(path), f"unreadable ({type(err).__name__})", fix) from None
+from privtune.stages.common import (
+    PREPARE_AGAIN,
+    check_adapter,
+    load_base,
+    read_input,
+    read_split,
+    resolved_max_length,
+)
 
 
 def _finetune_info(path: Path) -> tuple[dict[str, Any], float]:
@@ -39,7 +34,7 @@ def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]
     from privtune.attacks.membership import balanced_sets, without_canaries
     from privtune.data.canaries import load_canaries
 
-    canaries = _read(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
+    canaries = read_input(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
     train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
     members = without_canaries(train, canaries)
     held_out = read_split(root, "attack")
@@ -97,7 +92,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         )
     check_adapter(model_dir, name)
     again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
-    info, delta = _read(model_dir / "finetune.json", _finetune_info, again)
+    info, delta = read_input(model_dir / "finetune.json", _finetune_info, again)
     device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)
     # Merged weights compute the same function at half the cost of separate LoRA matmuls.
@@ -106,13 +101,13 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     # The base model saw only public text: a legitimate reference for calibrated scores.
     reference = load_base(root)[0].to(device).eval() if a.reference else None
 
-    canaries = _read(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
+    canaries = read_input(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
     members, non_members = membership_sets(root, a)
     audit_file = root / PREPARED_DIR / "audit_canaries.json"
-    audit = _read(audit_file, load_canaries, PREPARE_AGAIN) if audit_file.is_file() else []
+    audit = read_input(audit_file, load_canaries, PREPARE_AGAIN) if audit_file.is_file() else []
     gradient_file = model_dir / AUDIT_FILE  # written by training when it planted canaries
     gradient = (
-        _read(gradient_file, GradientCanaries.load, again) if gradient_file.is_file() else None
+        read_input(gradient_file, GradientCanaries.load, again) if gradient_file.is_file() else None
     )
     config = AttackConfig(
         min_k=a.min_k,

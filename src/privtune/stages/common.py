@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from privtune import io
 from privtune.config import (
@@ -14,7 +16,7 @@ from privtune.config import (
     PREPARED_DIR,
     Params,
 )
-from privtune.errors import DataError, ModelError
+from privtune.errors import DataError, ModelError, PrivtuneError
 
 OUTPUT_FOLDERS = (PREPARED_DIR.parent, MODELS_DIR, METRICS_DIR, PLOTS_DIR, Path("reports"))
 
@@ -32,15 +34,37 @@ BASE_INFO = "privtune.json"
 """In models/base: the source and the max_length the base stage fixed (`auto` resolved)."""
 
 
+PREPARE_AGAIN = "rebuild it: `dvc repro prepare` (or `dvc checkout` the tracked version)"
+
+
+def read_input(
+    path: Path, load: Callable[[Path], Any], fix: str, error: type[PrivtuneError] = DataError
+) -> Any:
+    """A stage input read by `load`; a damaged file (hand-edited, cut short) is an error
+    naming the file and how to rebuild it, not a crash (exit 5, which schedulers retry). The
+    parser's message is left out: it can quote the record it stopped in."""
+    try:
+        return load(path)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise error(str(path), f"unreadable ({type(err).__name__})", fix) from None
+
+
 def read_split(root: Path, name: str) -> list[dict]:
     path = root / PREPARED_DIR / f"{name}.jsonl"
     if not path.is_file():
         raise DataError(str(path), "missing prepared split", "run `dvc repro prepare` first")
-    return io.read_jsonl(path)
+    return read_input(path, io.read_jsonl, PREPARE_AGAIN)
 
 
 def data_hash(root: Path) -> str:
-    return io.read_json(root / PREPARED_DIR / "data_card.json")["content_sha256"]
+    card = root / PREPARED_DIR / "data_card.json"
+    if not card.is_file():
+        raise DataError(str(card), "missing data card", "run `dvc repro prepare` first")
+    return read_input(card, _content_sha256, PREPARE_AGAIN)
+
+
+def _content_sha256(card: Path) -> str:
+    return str(io.read_json(card)["content_sha256"])
 
 
 def check_adapter(model_dir: Path, name: str) -> None:
@@ -75,4 +99,8 @@ def resolved_max_length(params: Params, root: Path) -> int:
             "base.max_length is auto but the base model has no resolved value",
             "run `dvc repro base` first",
         )
+    return read_input(info, _max_length, "rebuild it: `dvc repro base`", ModelError)
+
+
+def _max_length(info: Path) -> int:
     return int(io.read_json(info)["max_length"])

@@ -12,7 +12,13 @@ from typing import Any
 from privtune import io
 from privtune.config import METRICS_DIR, MODELS_DIR, Params
 from privtune.errors import ModelError
-from privtune.stages.common import check_adapter, load_base, read_split, resolved_max_length
+from privtune.stages.common import (
+    check_adapter,
+    load_base,
+    read_input,
+    read_split,
+    resolved_max_length,
+)
 
 
 def _task_train(params: Params, root: Path) -> list[dict]:
@@ -34,7 +40,8 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
             str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
         )
     check_adapter(model_dir, name)
-    info = io.read_json(model_dir / "finetune.json")
+    again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
+    info = read_input(model_dir / "finetune.json", io.read_json, again, ModelError)
     model, tokenizer = load_base(root)
     model = PeftModel.from_pretrained(model, model_dir / "adapter")
     model.to(resolve_device(params.finetune.device, "finetune.device"))
