@@ -53,3 +53,31 @@ def test_medication_accuracy_counts_consistent_choices(monkeypatch):
     assert result["medication_accuracy"] == 0.5
     assert result["medication_exact_match"] == 0.5
     assert math.isclose(result["medication_chance"], (2 + 1) / (2 * 3))
+
+
+def test_evaluated_on_changes_with_what_the_numbers_were_measured_on():
+    """The promotion's utility gate compares two versions only when this matches."""
+    from types import SimpleNamespace
+
+    from privtune.config import Params
+    from privtune.stages.evaluate import evaluated_on
+
+    params = Params()
+    words = SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1})
+    test = [{"text": "note one"}, {"text": "note two"}]
+    same = evaluated_on(test, words, 64, params)
+    assert same == evaluated_on([dict(r) for r in test], words, 64, params)
+    batch = params.model_copy(
+        update={"evaluate": params.evaluate.model_copy(update={"batch_size": 7})}
+    )
+    assert evaluated_on(test, words, 64, batch) == same  # the batch size changes no number
+    other_task = params.model_copy(
+        update={"evaluate": params.evaluate.model_copy(update={"task": None})}
+    )
+    others = [
+        evaluated_on(test[:1], words, 64, params),
+        evaluated_on(test, SimpleNamespace(get_vocab=lambda: {"a": 1, "b": 0}), 64, params),
+        evaluated_on(test, words, 128, params),
+        evaluated_on(test, words, 64, other_task),
+    ]
+    assert same not in others and len(set(others)) == len(others)

@@ -118,6 +118,14 @@ def test_metrics_side_by_side(built):
     assert shown["metrics/attack-nonprivate.json"]["data"]["audit_whitebox_epsilon_lower_bound"] > 1
     registered = json.loads((project / "reports/registered.json").read_text())
     assert {registered[n]["version"] for n in ["nonprivate", "dpsgd"]} == {1, 2}
+    # both measured on the same records, tokenizer and task: their utility is comparable, and
+    # each registered version says so
+    import mlflow
+
+    on = {shown[f"metrics/evaluate-{n}.json"]["data"]["evaluated_on"] for n in registered}
+    store = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    versions = store.search_model_versions("name='privtune-clinical-notes'")
+    assert len(on) == 1 and {v.tags["evaluated_on"] for v in versions} == on
 
 
 def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):

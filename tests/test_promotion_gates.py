@@ -359,3 +359,22 @@ def test_utility_margin_is_the_gain_plus_the_tolerance(higher_is_better):
     assert (gate.value, gate.threshold) == (0.5, 0.75)
     direction = "higher" if higher_is_better else "lower"
     assert f"({direction} is better; margin {gate.margin:+.6g})" in gate.reason
+
+
+def test_utility_measured_on_other_test_data_is_not_compared():
+    """A retrain on changed data: a better-looking number on other records is no evidence."""
+    tags = SAFE | {"utility.test_perplexity": "30.0", "evaluated_on": "new"}
+    champion = Champion(40.0)
+    champion.tags["evaluated_on"] = "old"
+    gate = _gates(tags, champion)["utility"]
+    assert not gate.passed and gate.margin is None and (gate.value, gate.threshold) == (30, 40)
+    assert gate.reason.startswith("not comparable: test_perplexity 30 and champion v1's 40")
+    assert "evaluated_on new vs old" in gate.reason
+    assert "registry.gates.utility_across_data: true" in gate.reason
+    # a reviewer's decision to compare anyway; the same data, or a champion from before the
+    # tag (unknown), is compared as always
+    assert _gates(tags, champion, utility_across_data=True)["utility"].passed
+    champion.tags["evaluated_on"] = "new"
+    assert _gates(tags, champion)["utility"].passed
+    del champion.tags["evaluated_on"]
+    assert _gates(tags, champion)["utility"].passed

@@ -277,6 +277,9 @@ class Gates(_Section):
     utility_metric: str = "test_perplexity"
     higher_is_better: bool = False
     utility_tolerance: float = Field(default=0.0, ge=0)  # allowed loss vs the champion
+    # Compare utility with a champion measured on other test data, tokenizer or task (the
+    # versions' `evaluated_on` tags differ): false refuses as not comparable.
+    utility_across_data: bool = False
 
 
 class RegistryParams(_Section):

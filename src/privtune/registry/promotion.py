@@ -26,6 +26,7 @@ from privtune.registry.register import (
     ATTACK_PREFIX,
     CHALLENGER,
     CHAMPION,
+    EVALUATED_ON_TAG,
     UTILITY_PREFIX,
     client,
     tracking_uri,
@@ -203,6 +204,15 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
     if best is None:
         reason = f"champion v{champion.version} has no {key}: cannot compare"
         return GateResult("utility", False, value, None, None, reason)
+    mine, theirs = tags.get(EVALUATED_ON_TAG), dict(champion.tags).get(EVALUATED_ON_TAG)
+    if mine and theirs and mine != theirs and not gates.utility_across_data:
+        reason = (
+            f"not comparable: {gates.utility_metric} {value:.6g} and champion "
+            f"v{champion.version}'s {best:.6g} were measured on other test data, tokenizer or "
+            f"task ({EVALUATED_ON_TAG} {mine} vs {theirs}); review it, then set "
+            f"registry.gates.utility_across_data: true to compare them anyway"
+        )
+        return GateResult("utility", False, value, best, None, reason)
     gain = value - best if gates.higher_is_better else best - value
     margin = gain + gates.utility_tolerance
     direction = "higher" if gates.higher_is_better else "lower"

@@ -33,6 +33,7 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 ATTACK_PREFIX = "attack."
 UTILITY_PREFIX = "utility."
+EVALUATED_ON_TAG = "evaluated_on"
 # The headline tags of a version (about a dozen; the details are in its model card).
 PRIVACY_FIELDS = ("epsilon", "target_epsilon", "delta", "accountant")
 # The attack numbers the gates read: the best MIA AUC and TPR at 1 % FPR with their best lower
@@ -137,6 +138,9 @@ def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> di
     evaluation = io.read_numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
     utility = {*UTILITY_FIELDS, (gates or Gates()).utility_metric}
     tags |= {f"{UTILITY_PREFIX}{k}": evaluation[k] for k in sorted(utility) if k in evaluation}
+    evaluated = root / METRICS_DIR / f"evaluate-{entry}.json"
+    if evaluated.is_file() and "evaluated_on" in (on := io.read_json(evaluated)):
+        tags[EVALUATED_ON_TAG] = on["evaluated_on"]  # what the utility numbers were measured on
     card = root / PREPARED_DIR / "data_card.json"
     if card.is_file():
         tags["data_sha256"] = io.read_json(card)["content_sha256"]

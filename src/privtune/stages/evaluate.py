@@ -6,6 +6,8 @@ method's evaluation and attack results in one process (MLflow's start-up is seco
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,19 @@ from privtune.stages.common import (
 def _task_train(params: Params, root: Path) -> list[dict]:
     """The train split where the task draws its candidates from it (cloze), else nothing."""
     return read_split(root, "train") if params.evaluate.task == "cloze" else []
+
+
+def evaluated_on(test: list[dict], tokenizer: Any, max_length: int, params: Params) -> str:
+    """What the utility numbers were measured on: the test records' texts, the tokenizer's
+    vocabulary, max_length and the task's settings (not the batch size). Two versions'
+    numbers are comparable only when this matches (the promotion's utility gate)."""
+    what = {
+        "texts": [r["text"] for r in test],
+        "vocabulary": sorted(tokenizer.get_vocab().items()),
+        "max_length": max_length,
+        "task": params.evaluate.model_dump(exclude={"batch_size", "max_records"}, mode="json"),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
@@ -56,6 +71,9 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
         params.evaluate.batch_size,
         task=params.evaluate,
         train_records=_task_train(params, root),
+    )
+    metrics["evaluated_on"] = evaluated_on(
+        test, tokenizer, resolved_max_length(params, root), params
     )
     metrics["method"] = info["method"]
     if "epsilon" in info["metrics"]:
