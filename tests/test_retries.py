@@ -69,3 +69,21 @@ def test_changed_inputs_train_anew(project):
     assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
     runs = _dpsgd_runs(project)
     assert len(runs) == 2 and len({r.data.tags[tracking.RUN_KEY_TAG] for r in runs}) == 2
+
+
+def test_a_running_attempt_elsewhere_is_not_deleted(project, monkeypatch):
+    """Workers on several machines share one store: a run of the same key still RUNNING there
+    may be alive, and this machine cannot tell; only ended attempts are replaced."""
+    import socket
+
+    params = load_params(project / "params.yaml")
+    key = run_key(params, "dpsgd", project)
+    with tracking.start_run("dpsgd", root=project, key=key) as other:
+        other_id = other.run_id
+    client = mlflow.MlflowClient(tracking.tracking_uri(project))
+    client.update_run(other_id, status="RUNNING")  # still going, on another machine
+    client.set_tag(other_id, tracking.HOST_TAG, f"not-{socket.gethostname()}")
+    assert tracking.discard_unfinished(project, key) == 0
+    client.set_terminated(other_id, status="FAILED")  # it ended there without finishing
+    assert tracking.discard_unfinished(project, key) == 1
+    assert _dpsgd_runs(project) == []

@@ -323,14 +323,16 @@ def finished_run(root: str | Path, key: str) -> Any | None:
 
 
 def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> int:
-    """Delete runs with this key that never finished (a crashed attempt), so a retry does not
-    leave a duplicate beside its own run; ``keep``: a run to resume instead. Returns how many
-    were deleted."""
+    """Delete runs with this key that ended without finishing (a crashed attempt), so a retry
+    does not leave a duplicate beside its own run; ``keep``: a run to resume instead. A run
+    still RUNNING is left alone: its process may be alive on another machine sharing the store
+    (this machine's dead ones were closed as KILLED first, `close_dead_runs`). Returns how
+    many were deleted."""
     client = _client(root)
     stale = [
         r
         for r in _runs_with_key(root, key)
-        if r.info.status != "FINISHED" and r.info.run_id != keep
+        if r.info.status not in ("FINISHED", "RUNNING") and r.info.run_id != keep
     ]
     for run in stale:
         client.delete_run(run.info.run_id)
