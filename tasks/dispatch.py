@@ -277,9 +277,9 @@ def finetune(
         pool = found.work_pool_name
         key, earlier = (None, None)
         if not force:
-            key, earlier = _usable_key(
-                client, found, finetune_key(root, method), root, target, not share
-            )
+            # Prefect's keys are unique per flow: the deployment keeps two pools' runs apart
+            inputs = f"{finetune_key(root, method)}@{deployment}"
+            key, earlier = _usable_key(client, found, inputs, root, target, not share)
         done = earlier is not None and earlier.state is not None and earlier.state.is_completed()
         problem = None if done else pool_problem(client, pool)
     if problem:

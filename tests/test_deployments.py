@@ -209,6 +209,8 @@ def test_nightly_retrains_when_a_parameter_changed_and_reuses_when_not(deployed)
     first = _run_nightly(methods=["dpsgd"])
     assert first.state.is_completed(), first.state
     assert [r.state.type.value for r in _finetune_runs()] == ["COMPLETED"]
+    # keyed per deployment too (Prefect's keys are unique per flow, not per deployment)
+    assert _finetune_runs()[0].idempotency_key.endswith("@privtune-finetune/gpu-finetune")
     runs, versions = _tracked(project)
     assert len(runs) == 1 and [v.tags["method"] for v in versions] == ["dpsgd"]
     assert (project / "metrics/attack-dpsgd.json").is_file()
