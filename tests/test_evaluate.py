@@ -79,5 +79,6 @@ def test_evaluated_on_changes_with_what_the_numbers_were_measured_on():
         evaluated_on(test, SimpleNamespace(get_vocab=lambda: {"a": 1, "b": 0}), 64, params),
         evaluated_on(test, words, 128, params),
         evaluated_on(test, words, 64, other_task),
+        evaluated_on(test, words, 64, params, candidates=[{"text": "a train note"}]),  # cloze
     ]
     assert same not in others and len(set(others)) == len(others)

@@ -28,12 +28,20 @@ def _task_train(params: Params, root: Path) -> list[dict]:
     return read_split(root, "train") if params.evaluate.task == "cloze" else []
 
 
-def evaluated_on(test: list[dict], tokenizer: Any, max_length: int, params: Params) -> str:
+def evaluated_on(
+    test: list[dict],
+    tokenizer: Any,
+    max_length: int,
+    params: Params,
+    candidates: list[dict] | None = None,
+) -> str:
     """What the utility numbers were measured on: the test records' texts, the tokenizer's
-    vocabulary, max_length and the task's settings (not the batch size). Two versions'
-    numbers are comparable only when this matches (the promotion's utility gate)."""
+    vocabulary, max_length, the task's settings (not the batch size) and, for the cloze task,
+    the train records its candidates come from. Two versions' numbers are comparable only
+    when this matches (the promotion's utility gate)."""
     what = {
         "texts": [r["text"] for r in test],
+        "candidates": [r["text"] for r in candidates or []],
         "vocabulary": sorted(tokenizer.get_vocab().items()),
         "max_length": max_length,
         "task": params.evaluate.model_dump(exclude={"batch_size", "max_records"}, mode="json"),
@@ -63,18 +71,17 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     test = read_split(root, "test")
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]
+    max_length, candidates = resolved_max_length(params, root), _task_train(params, root)
     metrics = evaluate_model(
         model,
         tokenizer,
         test,
-        resolved_max_length(params, root),
+        max_length,
         params.evaluate.batch_size,
         task=params.evaluate,
-        train_records=_task_train(params, root),
+        train_records=candidates,
     )
-    metrics["evaluated_on"] = evaluated_on(
-        test, tokenizer, resolved_max_length(params, root), params
-    )
+    metrics["evaluated_on"] = evaluated_on(test, tokenizer, max_length, params, candidates)
     metrics["method"] = info["method"]
     if "epsilon" in info["metrics"]:
         metrics["epsilon"] = info["metrics"]["epsilon"]
