@@ -161,6 +161,7 @@ def run_method(
     """
     model, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
     update = {"epsilon": epsilon, "seed": seed, "eval_every": eval_every, "audit_canaries": 0}
+    update["secret_noise"] = False  # paired: at one seed every method gets the same batches, noise
     if epochs is not None:
         update["epochs"] = epochs
     f = params.finetune.model_copy(update=update)

@@ -66,6 +66,8 @@ def test_unknown_method_and_bad_options_are_refused_when_params_load():
         parse_params({"methods": {"rldp": {"rl_interval": 0}}})
     with pytest.raises(ConfigError, match=r"methods\.fast\.clip.*greater than 0.*got -1"):
         parse_params({"methods": {"fast": {"method": "dpsgd", "clip": -1}}})
+    with pytest.raises(ConfigError, match=r"methods\.dpsgd\.clip.*finite number"):
+        parse_params({"methods": {"dpsgd": {"clip": float("inf")}}})  # no clipping at all
     with pytest.raises(ConfigError, match=r"methods\.decay\.schedule"):
         parse_params({"methods": {"decay": {"schedule": "cosine"}}})
     with pytest.raises(ConfigError, match=r"methods\.missing"):

@@ -200,6 +200,7 @@ def test_tpr_is_reported_only_where_the_non_members_resolve_it():
 
 def _tags(auc: float, auc_low: float, tpr: float | None, tpr_low: float | None) -> dict:
     tags = {"epsilon": "4.0", "delta": "1e-05", "attack.audit_epsilon_lower_bound": "0.1"}
+    tags["secret_noise"] = "true"
     tags |= {"utility.test_perplexity": "10.0", "attack.mia_auc_max": str(auc)}
     tags["attack.mia_auc_ci_low_max"] = str(auc_low)
     if tpr is not None:

@@ -20,6 +20,7 @@ from privtune.privacy.action import Action
 from privtune.privacy.distributed import Replica
 from privtune.privacy.mechanisms import Gaussian
 from privtune.privacy.mechanisms.gaussian import GaussianSpec
+from privtune.train import Checkpointing
 
 WORLD = 2
 
@@ -137,9 +138,11 @@ def test_a_stage_leaves_the_process_group_it_joined_and_only_that(tmp_path):
         }
 
 
-def _train_worker(rank: int, port: int, out: str, method: str, options: dict) -> None:
+def _train_worker(
+    rank: int, port: int, out: str, method: str, options: dict, secret: bool = False
+) -> None:
     _join(rank, port)
-    result, state = _tiny_run(method, options)
+    result, state = _tiny_run(method, options, secret)
     decisions = [e.noise_multiplier for e in result.ledger.entries]
     torch.save(
         {
@@ -154,7 +157,7 @@ def _train_worker(rank: int, port: int, out: str, method: str, options: dict) ->
     dist.destroy_process_group()
 
 
-def _tiny_run(method: str, options: dict):
+def _tiny_run(method: str, options: dict, secret: bool = False, **run):
     from privtune.config import BaseParams
     from privtune.data.tokenization import train_tokenizer
     from privtune.modeling import attach_lora, build_gpt2
@@ -170,11 +173,13 @@ def _tiny_run(method: str, options: dict):
         tokenizer.eos_token_id,
     )
     train_data, valid_data = _data(tokenizer)
-    params = PARAMS.model_copy(update={"audit_canaries": 16, "epochs": 0.6})
+    params = PARAMS.model_copy(update={"audit_canaries": 16, "epochs": 0.6, "secret_noise": secret})
     model = attach_lora(copy.deepcopy(base), params.lora)
     from privtune.train import train
 
-    result = train(model, train_data, valid_data, params, method, options, show_progress=False)
+    result = train(
+        model, train_data, valid_data, params, method, options, show_progress=False, **run
+    )
     return result, _lora_state(model)
 
 
@@ -198,6 +203,50 @@ def test_two_ranks_spend_what_one_process_spends_and_act_alike(tmp_path, method,
         assert (ranks[0]["epsilon"], ranks[0]["steps"]) == (single.epsilon, single.steps_taken)
         for name, value in state.items():
             torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_rank_draws_rank_0s_secret_seeds(tmp_path):
+    """With secret seeds (the default) each rank would draw its own, so their Poisson masks
+    and noise would differ; they take rank 0's, and hold one model: not the seeded run's."""
+    mp.spawn(_train_worker, args=(_free_port(), str(tmp_path), "dpsgd", {}, True), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert ranks[0]["ledger"] == ranks[1]["ledger"]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name
+    _, seeded = _tiny_run("dpsgd", {})
+    assert any(not torch.equal(ranks[0]["state"][n], seeded[n]) for n in seeded)
+
+
+def _resume_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 finds the checkpoint, rank 1 (another node's disk) finds none."""
+    _join(rank, port)
+    path = Path(out) / ("run.pt" if rank == 0 else f"missing-{rank}.pt")
+    try:
+        _tiny_run("dpsgd", {}, checkpoint=Checkpointing(path, every=2, key="same-inputs"))
+        outcome = "trained"
+    except RuntimeError as err:
+        outcome = str(err)
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.slow
+def test_ranks_that_would_resume_from_different_checkpoints_fail_together(tmp_path):
+    from tests.test_resume import Crash
+
+    with pytest.raises(KeyboardInterrupt):  # one process's run, killed after its checkpoint
+        _tiny_run(
+            "dpsgd",
+            {},
+            checkpoint=Checkpointing(tmp_path / "run.pt", every=2, key="same-inputs"),
+            callbacks=[Crash(at=3)],
+        )
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "resume from different checkpoints" in outcome, outcome
+        assert "rank 0: 2, rank 1: none" in outcome
 
 
 @pytest.mark.slow

@@ -139,6 +139,8 @@ def test_steps_outside_the_admitted_interval_are_refused():
     admission = guard.admit(3.0, 2)
     with pytest.raises(BudgetExhausted):
         guard.check_step(admission.noise_multiplier / 2)  # below the admitted noise
+    with pytest.raises(BudgetExhausted):
+        guard.check_step(float("nan"))  # an infinite clip's inf/inf: no noise to speak of
     for step in range(2):
         guard.check_step(admission.noise_multiplier)
         ledger.record(LedgerEntry(step, 0.05, admission.noise_multiplier, (1.0,), (3.0,), 1))

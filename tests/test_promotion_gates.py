@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from privtune.registry import Gates, evaluate_gates
 
 SAFE = {
+    "secret_noise": "true",
     "epsilon": "4.0",
     "delta": "1e-05",
     "attack.mia_auc_max": "0.52",
@@ -378,3 +379,27 @@ def test_utility_measured_on_other_test_data_is_not_compared():
     assert _gates(tags, champion)["utility"].passed
     del champion.tags["evaluated_on"]
     assert _gates(tags, champion)["utility"].passed
+
+
+@pytest.mark.parametrize(
+    ("tag", "allowed", "passed"),
+    [("true", False, True), ("false", False, False), (None, False, False), ("false", True, True)]
+    + [(None, True, True)],
+)
+def test_the_noise_gate_passes_secret_seeds_only_unless_allowed(tag, allowed, passed):
+    """Seeded from finetune.seed ("false", or no tag: every run before secret seeds) is
+    refused, naming the fix, unless registry.gates.allow_reproducible_noise."""
+    tags = {k: v for k, v in SAFE.items() if k != "secret_noise"} | {"utility.test_perplexity": "9"}
+    tags |= {} if tag is None else {"secret_noise": tag}
+    gates = Gates(allow_reproducible_noise=allowed)
+    results = {g.gate: g for g in evaluate_gates(gates, tags, None)}
+    assert results["noise"].passed is passed
+    assert all(g.passed for name, g in results.items() if name != "noise")
+    if not passed:
+        assert "finetune.secret_noise: true" in results["noise"].reason
+
+
+def test_a_non_private_model_has_no_noise_gate_to_fail():
+    tags = {k: v for k, v in SAFE.items() if k != "secret_noise"} | {"epsilon": "inf"}
+    results = {g.gate: g for g in evaluate_gates(Gates(), tags, None)}
+    assert results["noise"].passed and not results["epsilon"].passed

@@ -83,6 +83,7 @@ def add_entry(
     epsilon: float | None = 4.0,
     audit: float | None = 0.5,
     seed: int = 0,
+    secret_noise: bool | None = True,
 ) -> str:
     """Save an adapter, finetune.json (with a real run id) and metrics files for `entry`."""
     from privtune import tracking
@@ -101,6 +102,8 @@ def add_entry(
         io.write_json(root / f"models/{entry}/ledger.json", {"version": 1, "entries": LEDGER})
     plan = {"n_records": 500, "steps": 30}
     info = {"entry": entry, "method": "dpsgd", "run_id": run_id, "metrics": metrics, "plan": plan}
+    if secret_noise is not None:  # None: a model trained before finetune.secret_noise existed
+        info["finetune"] = {"secret_noise": secret_noise}
     io.write_json(root / f"models/{entry}/finetune.json", info)
     attack = dict(SAFE_ATTACK if attack is None else attack)
     if audit is not None:
@@ -166,12 +169,13 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     mv = mlflow_client.get_model_version("clinical-tags", version.version)
     tags = mv.tags
     # About a dozen headline tags: the gates' inputs, the contract, data and code.
-    assert len(tags) <= 15, sorted(tags)
+    assert len(tags) <= 16, sorted(tags)
     assert float(tags["epsilon"]) == 4.0 and float(tags["delta"]) == 1e-5
     assert tags["accountant"] == "prv" and tags["method"] == "dpsgd"
     assert float(tags["attack.mia_auc_max"]) == 0.52
     assert float(tags["utility.test_perplexity"]) == 42.0
     assert tags["data_sha256"] == "c0ffee" and "git_commit" in tags
+    assert tags["secret_noise"] == "true"
     assert tags[KEY_TAG].startswith(run_id) and mv.run_id == run_id
     assert not any(k.startswith("gate.") or k.startswith("dvc.") for k in tags)
 
@@ -199,9 +203,12 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert card["utility"]["test_perplexity"] == 42.0
     assert card["model"]["dvc.outs_md5"] == "bb.dir" and len(card["model"]["dvc.deps_md5"]) == 32
     assert card["model"]["finetune_run_id"] == run_id
+    assert card["contract"]["secret_noise"] is True
+    assert "Sampler and noise seeded from OS entropy, kept secret." in text
     assert {g["gate"] for g in card["gates"]["at_registration"]} == {
         "epsilon",
         "delta",
+        "noise",
         "mia_auc",
         "mia_tpr_at_fpr_0.01",
         "audit",
@@ -328,7 +335,7 @@ def test_promotion_gates_history_and_rollback(project):
     assert len(mlflow_client.get_model_version(name, "2").tags) <= 20
     model = mlflow_client.get_registered_model(name)
     assert model.description.startswith("**Champion: v1 (dpsgd)**")
-    assert "all 6 gates hold" in model.description and model.tags["champion"] == "v1"
+    assert "all 7 gates hold" in model.description and model.tags["champion"] == "v1"
 
     add_entry(project, "better", perplexity=40.0, seed=6)
     register("better", name, project)
@@ -452,6 +459,29 @@ def test_missing_metrics_and_broken_contracts_fail_their_gates(project):
     assert failed["audit"].margin == pytest.approx(-2.0)  # audit bound above the claimed 4.0
 
 
+def test_noise_seeded_from_the_published_seed_is_refused_unless_allowed(project):
+    """A run with finetune.secret_noise: false (or from before it existed) can be replayed by
+    anyone with the params: the card says so and the noise gate refuses it by default."""
+    name = "clinical-seeded"
+    add_entry(project, "seeded", seed=10, secret_noise=False)
+    version = register("seeded", name, project)
+    assert client(project).get_model_version(name, version.version).tags["secret_noise"] == "false"
+    card, text = _card(project, name, version.version)
+    assert card["contract"]["secret_noise"] is False
+    assert "**Sampler and noise seeded from `finetune.seed`**" in text
+    refused = promote(name, root=project)
+    assert [g.gate for g in refused.failed] == ["noise"]
+    assert "retrain with finetune.secret_noise: true" in refused.failed[0].reason
+    allowed = promote(name, Gates(allow_reproducible_noise=True), root=project)
+    assert allowed.promoted
+
+    add_entry(project, "older", seed=11, secret_noise=None)  # no tag: seeded as all were
+    older = register("older", name, project)
+    assert "secret_noise" not in client(project).get_model_version(name, older.version).tags
+    failed = promote(name, root=project, version=older.version).failed
+    assert [g.gate for g in failed] == ["noise"] and "no secret_noise tag" in failed[0].reason
+
+
 def test_non_private_model_has_infinite_epsilon_and_is_refused(project):
     add_entry(project, "open", epsilon=None, seed=9)
     tags = version_tags(project, "open")
@@ -491,6 +521,7 @@ def test_promoted_exactly_when_every_margin_is_non_negative(
     tags = {
         "epsilon": repr(epsilon),
         "delta": "1e-05",
+        "secret_noise": "true",
         "attack.mia_auc_max": repr(auc),
         "attack.mia_auc_ci_low_max": repr(auc_low),
         "attack.mia_tpr_at_fpr_0.01_max": repr(tpr),
@@ -500,8 +531,8 @@ def test_promoted_exactly_when_every_margin_is_non_negative(
     }
     gates = Gates()
     results = evaluate_gates(gates, tags, Champion())
-    for g in results:
-        assert g.passed == (g.margin >= 0)
+    for g in results:  # the noise gate has no margin: it reads whether the seeds were secret
+        assert g.passed == (g.margin >= 0) if g.gate != "noise" else g.passed
     expected = (
         epsilon <= gates.max_epsilon
         and auc_low <= gates.max_mia_auc  # attack gates decide on the lower bound

@@ -187,9 +187,12 @@ class Checkpoint(Callback):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Owner-only (0600): the sampler's and the noise's generator states are the run's secret
+    (they give every batch's members and every noise draw), so is the adapter before release."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        torch.save(state, handle)
     os.replace(tmp, path)
 
 

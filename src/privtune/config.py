@@ -189,6 +189,11 @@ class LoraParams(_Section):
 
 class FinetuneParams(_Section):
     seed: int = 0
+    # The Poisson sampler and the noise are seeded from the OS's entropy, drawn anew for each run
+    # and kept only in its checkpoint: anyone who knew their seed could replay the batches and
+    # subtract the noise. false seeds them from `seed` (published with the model): reproducible
+    # runs for tests and paired benchmarks, refused by the promotion's `noise` gate.
+    secret_noise: bool = True
     device: str = "auto"
     epsilon: float = Field(default=8.0, description="target epsilon for every private method")
     # null = 1 / (10 N), well below the 1/N a meaningful delta must stay under
@@ -280,6 +285,9 @@ class Gates(_Section):
     # Compare utility with a champion measured on other test data, tokenizer or task (the
     # versions' `evaluated_on` tags differ): false refuses as not comparable.
     utility_across_data: bool = False
+    # Promote a version whose noise was seeded from finetune.seed (finetune.secret_noise:
+    # false): its guarantee holds only against someone who does not know the seed.
+    allow_reproducible_noise: bool = False
 
 
 class RegistryParams(_Section):

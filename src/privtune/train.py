@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -100,6 +101,17 @@ def freeze_dropout(model: torch.nn.Module) -> None:
             module.train()
 
 
+def noise_seeds(params: FinetuneParams, replica: Replica) -> tuple[int, int]:
+    """The seeds of the Poisson sampler and of the noise. DP needs both secret: whoever knows
+    them knows every batch's members and every noise draw, and can subtract the noise from the
+    released adapter. So, by default, 64 bits each from the OS's entropy (rank 0's, shared with
+    every replica), kept nowhere but in the generators (and the run's checkpoint).
+    ``secret_noise: false``: ``seed`` and ``seed + 1`` (reproducible, and published)."""
+    if not params.secret_noise:
+        return params.seed, params.seed + 1
+    return replica.broadcast((secrets.randbits(64), secrets.randbits(64)))
+
+
 class Trainer:
     """One fine-tuning run: its plan, controller, privacy engine, optimizer and sampler.
 
@@ -164,10 +176,11 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(params.warmup_fraction * plan.steps), plan.steps
         )
-        # Every replica draws the same Poisson masks (the same seed): one logical batch.
-        self.sampler_generator = torch.Generator().manual_seed(params.seed)
+        # Every replica draws the same Poisson masks (rank 0's seed): one logical batch.
+        sampler_seed, noise_seed = noise_seeds(params, self.replica)
+        self.sampler_generator = torch.Generator().manual_seed(sampler_seed)
         self.position = 0  # logical batches drawn so far (where a resumed run continues)
-        mechanism = self.controller.make_mechanism(groups, group_names, seed=params.seed + 1)
+        mechanism = self.controller.make_mechanism(groups, group_names, seed=noise_seed)
         self.engine = PrivacyEngine(
             plan=plan,
             mechanism=mechanism,
@@ -342,6 +355,22 @@ class Checkpointing:
     extra: dict[str, Any] = field(default_factory=dict)  # saved alongside (the MLflow run id)
 
 
+def _same_start_on_every_rank(replica: Replica, resumed: dict[str, Any] | None) -> None:
+    """Under torchrun each rank reads the checkpoint rank 0 wrote; a rank that finds another
+    one (or none: its node cannot see rank 0's disk) would mix other steps' batches into the
+    logical batch, so every rank fails before the first step, together."""
+    starts = replica.gather(None if resumed is None else resumed["steps_taken"])
+    if len(set(starts)) > 1:
+        found = ", ".join(
+            f"rank {r}: {s if s is not None else 'none'}" for r, s in enumerate(starts)
+        )
+        raise RuntimeError(
+            f"the ranks would resume from different checkpoints (steps taken, {found}): every "
+            "rank must read the checkpoint rank 0 writes: put .privtune/checkpoints on storage "
+            "every node shares (or delete it there to start the run over)"
+        )
+
+
 def train(
     model: torch.nn.Module,
     train_data: EncodedRecords,
@@ -378,6 +407,7 @@ def train(
     validation = Validation(model, valid_data.slice(0, params.eval_records), params.eval_every)
     logger = MetricsLogger(engine, validation, params.log_every, on_log if main else None)
     resumed = load_checkpoint(checkpoint.path, checkpoint.key) if checkpoint else None
+    _same_start_on_every_rank(trainer.replica, resumed)
     steps_taken = 0
     if resumed is not None:
         trainer.load_state_dict(resumed["trainer"])

@@ -65,6 +65,14 @@ class Replica:
         dist.all_gather_object(parts, rows.cpu())
         return torch.cat(parts).to(rows.device)
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's value on every rank (so every rank applies the same admitted action)."""
         if not self.distributed:

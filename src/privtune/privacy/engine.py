@@ -158,7 +158,7 @@ class PrivacyEngine:
             **self.mechanism.summary(self.plan.calibrated_noise),
         }
         spent = PrivacySpent(epsilon, epsilon_rdp, delta, self.accountant, metrics)
-        if spent.epsilon > self.target_epsilon * (1 + 1e-9):
+        if not spent.epsilon <= self.target_epsilon * (1 + 1e-9):  # NaN fails too
             raise BudgetExhausted(  # unreachable unless the guard is broken: fail loudly
                 f"spent epsilon {spent.epsilon} exceeds the target {self.target_epsilon}"
             )

@@ -170,6 +170,7 @@ class BudgetGuard:
         """Refuse a step outside the admitted interval or at a noise below the admitted one."""
         if len(self.ledger) >= self._allowed_until:
             raise BudgetExhausted("step not admitted: call admit() for the next interval")
-        # Relative slack of 1e-9 absorbs float rounding when per-group stds are recombined.
-        if self._admitted_noise is None or noise < self._admitted_noise * (1 - 1e-9):
+        # Relative slack of 1e-9 absorbs float rounding when per-group stds are recombined;
+        # written as `not >=` so a NaN noise (an infinite clip's inf/inf) is refused too.
+        if self._admitted_noise is None or not noise >= self._admitted_noise * (1 - 1e-9):
             raise BudgetExhausted("step noise is below the admitted noise multiplier")

@@ -57,7 +57,7 @@ class PrivacyLedger:
     entries: list[LedgerEntry] = field(default_factory=list)
 
     def record(self, entry: LedgerEntry) -> None:
-        if entry.noise_multiplier <= 0 or entry.sample_rate <= 0:
+        if not (entry.noise_multiplier > 0 and entry.sample_rate > 0):  # NaN fails too
             raise ValueError("a private step needs noise_multiplier > 0 and sample_rate > 0")
         if entry.mechanism not in MECHANISMS:
             raise ValueError(

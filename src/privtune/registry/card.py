@@ -169,6 +169,8 @@ def build_card(
             "steps": metrics.get("steps"),
             "planned_steps": plan.get("steps"),
             "stopped_by_guard": metrics.get("stopped_by_guard"),
+            # null: trained before secret seeds existed, i.e. seeded from finetune.seed
+            "secret_noise": finetune.get("secret_noise"),
         },
         "data": {
             "content_sha256": data_card.get("content_sha256"),
@@ -215,6 +217,7 @@ def card_from_tags(tags: Mapping[str, str]) -> dict[str, Any]:
             "target_epsilon": number("target_epsilon"),
             "delta": number("delta"),
             "accountant": tags.get("accountant"),
+            "secret_noise": {"true": True, "false": False}.get(tags.get("secret_noise", "")),
         },
         "utility": {
             k.removeprefix("utility."): number(k) for k in tags if k.startswith("utility.")
@@ -355,6 +358,10 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             f"{_g(c['sample_rate'], '{:.4g}')}, "
             f"{c['steps']} of {c['planned_steps']} planned steps"
             + (" (stopped by the budget guard)." if c.get("stopped_by_guard") else "."),
+            "- Sampler and noise seeded from OS entropy, kept secret."
+            if c.get("secret_noise")
+            else "- **Sampler and noise seeded from `finetune.seed`** (reproducible): the "
+            "guarantee does not hold against anyone who knows the params.",
         ]
     lines += [
         "",

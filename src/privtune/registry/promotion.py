@@ -27,6 +27,7 @@ from privtune.registry.register import (
     CHALLENGER,
     CHAMPION,
     EVALUATED_ON_TAG,
+    NOISE_TAG,
     UTILITY_PREFIX,
     client,
     tracking_uri,
@@ -223,6 +224,32 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
     return GateResult("utility", margin >= 0, value, best, margin, reason)
 
 
+def _noise(gates: Gates, tags: dict[str, str]) -> GateResult:
+    """The guarantee holds only if the sampler's and the noise's seeds were secret; a run
+    seeded from finetune.seed (published in params, MLflow and the card) can be replayed and
+    its noise subtracted by anyone who has the params."""
+    epsilon = _number(tags, "epsilon")
+    if epsilon is not None and math.isinf(epsilon):
+        return GateResult("noise", True, None, None, None, "not private: no noise to keep secret")
+    secret = tags.get(NOISE_TAG)
+    if secret == "true":
+        reason = "sampler and noise seeded from OS entropy, kept secret"
+        return GateResult("noise", True, None, None, None, reason)
+    seeded = (
+        "sampler and noise seeded from finetune.seed (finetune.secret_noise: false)"
+        if secret == "false"
+        else f"no {NOISE_TAG} tag: trained before secret seeds, from finetune.seed"
+    )
+    if gates.allow_reproducible_noise:
+        reason = f"{seeded}; allowed by registry.gates.allow_reproducible_noise"
+        return GateResult("noise", True, None, None, None, reason)
+    reason = (
+        f"{seeded}, which the params publish: anyone who has them can replay the batches and "
+        f"subtract the noise; retrain with finetune.secret_noise: true"
+    )
+    return GateResult("noise", False, None, None, None, reason)
+
+
 def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> list[GateResult]:
     """Each gate on a version's tags; a missing metric fails its gate, never passes."""
     epsilon = _number(tags, "epsilon")
@@ -230,6 +257,7 @@ def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> 
     return [
         _at_most("epsilon", epsilon, gates.max_epsilon, "spent epsilon"),
         _at_most("delta", _number(tags, "delta"), gates.max_delta, "delta"),
+        _noise(gates, tags),
         *_attack_gates(gates, tags),
         _at_most(
             "audit",

@@ -34,6 +34,8 @@ CHAMPION = "champion"
 ATTACK_PREFIX = "attack."
 UTILITY_PREFIX = "utility."
 EVALUATED_ON_TAG = "evaluated_on"
+# "true" when the run drew its sampler and noise seeds from a secret (finetune.secret_noise)
+NOISE_TAG = "secret_noise"
 # The headline tags of a version (about a dozen; the details are in its model card).
 PRIVACY_FIELDS = ("epsilon", "target_epsilon", "delta", "accountant")
 # The attack numbers the gates read: the best MIA AUC and TPR at 1 % FPR with their best lower
@@ -133,6 +135,8 @@ def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> di
     tags |= {field: metrics[field] for field in PRIVACY_FIELDS if field in metrics}
     if not private:
         tags["epsilon"] = math.inf
+    if "secret_noise" in (finetune := info.get("finetune", {})):
+        tags[NOISE_TAG] = str(bool(finetune["secret_noise"])).lower()  # absent: seeded runs
     attack = io.read_numbers(root / METRICS_DIR / f"attack-{entry}.json")
     tags |= {f"{ATTACK_PREFIX}{k}": attack[k] for k in ATTACK_FIELDS if k in attack}
     evaluation = io.read_numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
