@@ -10,6 +10,12 @@ this measures, and the JSON records exactly what ran.
 
     python benchmarks/sweep_fanout.py                    # writes results/sweep_fanout.json
     python benchmarks/sweep_fanout.py --one-thread-sequential   # and in turn, one thread a run
+
+Each side's complete record is saved to `<out>.partial.json` as soon as it ends; `--resume`
+measures only the sides missing there (a run cut short, e.g. the whole default sweep, which
+needs about three hours on 2 cores, split over two sittings). Every side first times a fixed
+one-thread workload (`calibration_seconds`), so sides measured at different times can be
+told apart from a machine that ran slower.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ def build_project(where: Path, size: str, methods: list[str]) -> Path:
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = _merge(shipped, SIZES[size])
     params["methods"] = {m: shipped["methods"][m] for m in methods}
+    # The sides are compared run for run (the same epsilon spent), so the noise is seeded from
+    # finetune.seed; secret seeds cost the same time.
+    params["finetune"]["secret_noise"] = False
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (
         ("git", "init", "-q"),
@@ -155,6 +164,11 @@ def main() -> None:
         help="also time the points in turn with one torch thread each (as fanned out)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep_fanout.json")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the sides <out>.partial.json already holds for this sweep; measure the rest",
+    )
     args = parser.parse_args()
     if args.methods == ["all"]:  # resolved once: the project and the JSON name the same list
         args.methods = list(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"])
@@ -259,12 +273,96 @@ def _code_version() -> dict[str, str]:
     }
 
 
+def calibrate(seconds: float = 0.0) -> float:
+    """Seconds one thread takes for a fixed float workload (1024 products of 512 x 512
+    matrices): the machine's speed when a side starts, for sides measured at other times."""
+    import torch
+
+    from tasks.runners import thread_limit
+
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    with thread_limit(1):
+        start = time.perf_counter()
+        for _ in range(1024):
+            a = torch.tanh(a @ a)
+        return time.perf_counter() - start + seconds
+
+
+def _what(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep a partial file's sides belong to (a resumed run must measure the same)."""
+    return {
+        "size": args.size,
+        "methods": args.methods,
+        "epsilons": args.epsilons,
+        "seeds": args.seeds,
+        "concurrency": args.concurrency,
+    }
+
+
+def measure_side(
+    side: str, runner: dict[str, Any], threads: int | None, project: Path, work: Path, args, sweep
+) -> dict[str, Any]:
+    """Run the sweep on one side in its own copy of the project: its complete record."""
+    from tasks.runners import thread_limit
+
+    copy = work / side
+    shutil.copytree(project, copy, symlinks=True)
+    set_runner(copy, runner)
+    _sh(copy, "git", "commit", "-qam", f"runner: {side}", "--allow-empty")
+    calibration = calibrate()
+    load = os.getloadavg()[0]
+    print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
+    seen = set(point_spans())
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    start = time.perf_counter()
+    with sampled_load() as samples, thread_limit(threads):
+        if runner["kind"] == "ray":
+            start_local_ray(runner)  # timed: part of what fanning out costs
+        sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
+    seconds = time.perf_counter() - start
+    record = {
+        "runner": runner,
+        "threads_per_run": threads or "torch default (all CPUs)",
+        "seconds": round(seconds, 1),
+        "started": started,
+        "calibration_seconds": round(calibration, 2),
+        # each point's task run, start to end (Prefect): alone, or two at once
+        "point_seconds": {
+            name: round(seconds_, 1)
+            for key, (name, seconds_) in sorted(point_spans().items(), key=lambda x: x[1])
+            if key not in seen
+        },
+        # (finetune.epsilon, finetune.seed, status) of each fine-tuning run
+        "mlflow_finetune_runs": finetune_runs(copy),
+        "load_average_1min_at_start": load,
+        # every 10 s while the side ran (its own runs included: 1 to 2 of it is ours)
+        "load_average_1min_during": {
+            "mean": round(sum(samples) / len(samples), 2),
+            "max": round(max(samples), 2),
+            "samples": len(samples),
+        },
+        "load_average_1min_at_end": os.getloadavg()[0],
+    }
+    if runner["kind"] == "ray":
+        import ray
+
+        ray.shutdown()
+    record["experiments"] = experiments(copy)
+    print(f"{side}: {seconds:.1f} s", flush=True)
+    return record
+
+
 def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
-    """Build the project, then time the sweep on each side."""
+    """Build the project, then time the sweep on each side not measured yet."""
     code = _code_version()  # before this run writes anything into the checkout
+    partial_path = args.out.with_suffix(".partial.json")
+    partial = {"sweep": _what(args), "sides": {}}
+    if args.resume and partial_path.is_file():
+        found = json.loads(partial_path.read_text())
+        if found.get("sweep") != _what(args):
+            raise SystemExit(f"{partial_path} holds another sweep: {found.get('sweep')}")
+        partial = found
     try:
-        print(f"building the {args.size} project in {work}", flush=True)
-        project = build_project(work, args.size, args.methods)
         sides = {  # Ray first: a machine warming up (caches, other load) favours the second
             "ray": {"kind": "ray", "num_cpus": 1, "max_concurrency": args.concurrency},
             "sequential": {"kind": "local"},
@@ -273,45 +371,18 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
         if args.one_thread_sequential:  # in turn as fanned out: one thread a run
             sides["sequential_one_thread"] = {"kind": "local"}
             threads["sequential_one_thread"] = 1
-        seconds, shown, load, load_end, load_during = {}, {}, {}, {}, {}
-        points, runs = {}, {}
-        from tasks.runners import thread_limit
-
-        for side, runner in sides.items():
-            copy = work / side
-            shutil.copytree(project, copy, symlinks=True)
-            set_runner(copy, runner)
-            _sh(copy, "git", "commit", "-qam", f"runner: {side}", "--allow-empty")
-            load[side] = os.getloadavg()[0]
-            print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
-            seen = set(point_spans())
-            start = time.perf_counter()
-            with sampled_load() as samples, thread_limit(threads[side]):
-                if runner["kind"] == "ray":
-                    start_local_ray(runner)  # timed: part of what fanning out costs
-                sweep(root=str(copy), epsilons=args.epsilons, seeds=args.seeds)
-            seconds[side] = time.perf_counter() - start
-            points[side] = {
-                name: round(seconds_, 1)
-                for key, (name, seconds_) in sorted(point_spans().items(), key=lambda x: x[1])
-                if key not in seen
-            }
-            runs[side] = finetune_runs(copy)
-            load_during[side] = {
-                "mean": round(sum(samples) / len(samples), 2),
-                "max": round(max(samples), 2),
-                "samples": len(samples),
-            }
-            load_end[side] = os.getloadavg()[0]
-            if runner["kind"] == "ray":
-                import ray
-
-                ray.shutdown()
-            shown[side] = experiments(copy)
-            print(f"{side}: {seconds[side]:.1f} s", flush=True)
-            partial = args.out.with_suffix(".partial.json")
-            partial.write_text(json.dumps({"seconds": seconds, "load": load}, indent=2) + "\n")
+        todo = [side for side in sides if side not in partial["sides"]]
+        if todo:
+            print(f"building the {args.size} project in {work}", flush=True)
+            project = build_project(work, args.size, args.methods)
+        for side in todo:
+            record = measure_side(side, sides[side], threads[side], project, work, args, sweep)
+            partial["sides"][side] = record | {"code": code}
+            partial_path.write_text(json.dumps(partial, indent=2) + "\n")
+        done = partial["sides"]
+        shown = {side: done[side].pop("experiments") for side in done}
         spent = {side: _epsilons(found) for side, found in shown.items()}
+        seconds = {side: done[side]["seconds"] for side in done}
         result = {
             "what": "wall time of flows/sweep.py, one point after another vs fanned out on Ray",
             "sweep": {
@@ -323,27 +394,10 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
                 "points": len(args.epsilons) * len(args.seeds),
                 "stages_per_point": "finetune, evaluate, attack per method; register; report",
             },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "load_average_1min_at_start": load,
-                "load_average_1min_at_end": load_end,
-                # every 10 s while the side ran (its own runs included: 1 to 2 of it is ours)
-                "load_average_1min_during": load_during,
-            },
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            # the code of the last side measured; each side keeps its own under "code"
             "code": code,
-            **{
-                side: {
-                    "runner": sides[side],
-                    "threads_per_run": threads[side] or "torch default (all CPUs)",
-                    "seconds": round(seconds[side], 1),
-                    # each point's task run, start to end (Prefect): alone, or two at once
-                    "point_seconds": points[side],
-                    # (finetune.epsilon, finetune.seed, status) of each fine-tuning run
-                    "mlflow_finetune_runs": runs[side],
-                }
-                for side in sides
-            },
+            **done,
             "speedup": round(seconds["sequential"] / seconds["ray"], 2),
             **(
                 {
@@ -363,11 +417,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-        print(json.dumps({k: result[k] for k in ("sequential", "ray", "speedup")}, indent=2))
+        partial_path.unlink(missing_ok=True)
+        print(json.dumps({k: result[k] for k in ("sequential", "ray", "speedup")}, indent=2)[:2000])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()

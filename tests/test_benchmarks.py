@@ -130,3 +130,42 @@ def test_step_overhead_measures_smollm2s_architecture_without_its_package(monkey
     row = bench.measure("smollm2-random", torch.device("cpu"), 2, 1, length=12)
     assert (row["seq_len"], row["weights"]) == (12, "random (its architecture)")
     assert row["dp_peak_bytes"] > 0 and row["nonprivate_peak_bytes"] > 0
+
+
+def test_the_sweep_benchmark_resumes_with_the_sides_it_has(monkeypatch, tmp_path):
+    """A run cut short keeps each finished side in <out>.partial.json; --resume measures only
+    the missing side and writes the comparison; a partial of another sweep is refused."""
+    bench = _load("sweep_fanout")
+    measured = []
+
+    def side(name, runner, threads, project, work, args, sweep):
+        measured.append(name)
+        spent = {"metrics/finetune-dpsgd.json": {"epsilon": 1.0}}
+        return {
+            "runner": runner,
+            "seconds": {"ray": 60.0, "sequential": 90.0}[name],
+            "mlflow_finetune_runs": [["1.0", "0", "FINISHED"]],
+            "experiments": {"eps1-seed0": spent},
+        }
+
+    monkeypatch.setattr(bench, "measure_side", side)
+    monkeypatch.setattr(bench, "build_project", lambda *a: tmp_path / "project")
+    out = tmp_path / "sweep.json"
+    args = bench.argparse.Namespace(
+        size="tiny", methods=["dpsgd"], epsilons=[1.0], seeds=[0], concurrency=2,
+        one_thread_sequential=False, out=out, resume=True,
+    )  # fmt: skip
+    partial = out.with_suffix(".partial.json")
+    ray = side("ray", {"kind": "ray"}, 1, None, None, args, None)
+    partial.write_text(json.dumps({"sweep": bench._what(args), "sides": {"ray": ray}}))
+    measured.clear()
+    bench.run(args, tmp_path / "work", sweep=None)
+    result = json.loads(out.read_text())
+    assert measured == ["sequential"] and not partial.exists()
+    assert result["speedup"] == 1.5 and result["same_epsilons_both_ways"]
+    assert result["ray"]["seconds"] == 60.0 and "experiments" not in result["ray"]
+
+    other = bench.argparse.Namespace(**{**vars(args), "seeds": [0, 1]})
+    partial.write_text(json.dumps({"sweep": bench._what(args), "sides": {"ray": ray}}))
+    with pytest.raises(SystemExit, match="holds another sweep"):
+        bench.run(other, tmp_path / "work2", sweep=None)
