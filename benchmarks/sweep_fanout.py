@@ -421,3 +421,7 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
         print(json.dumps({k: result[k] for k in ("sequential", "ray", "speedup")}, indent=2)[:2000])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
