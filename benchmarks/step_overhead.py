@@ -112,6 +112,7 @@ class Stepper:
                 "batch_size": batch,
                 "epochs": (steps + 2) * batch / n,  # enough planned (and admitted) steps
                 "device": str(device),
+                "secret_noise": False,  # both kinds of step on the same Poisson batches
             }
         )
         self.trainer = Trainer(model, data, data.slice(0, 8), params, METHODS[kind])

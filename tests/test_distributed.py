@@ -218,12 +218,13 @@ def test_every_rank_draws_rank_0s_secret_seeds(tmp_path):
     assert any(not torch.equal(ranks[0]["state"][n], seeded[n]) for n in seeded)
 
 
-def _resume_worker(rank: int, port: int, out: str) -> None:
-    """Rank 0 finds the checkpoint, rank 1 (another node's disk) finds none."""
+def _resume_worker(rank: int, port: int, out: str, secret: bool) -> None:
+    """Each rank resumes from rank{rank}.pt: a missing file is another node's disk."""
     _join(rank, port)
-    path = Path(out) / ("run.pt" if rank == 0 else f"missing-{rank}.pt")
+    path = Path(out) / f"rank{rank}.pt"
     try:
-        _tiny_run("dpsgd", {}, checkpoint=Checkpointing(path, every=2, key="same-inputs"))
+        run = {"checkpoint": Checkpointing(path, every=2, key="same-inputs")}
+        _tiny_run("dpsgd", {}, secret, **run)
         outcome = "trained"
     except RuntimeError as err:
         outcome = str(err)
@@ -232,21 +233,29 @@ def _resume_worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_ranks_that_would_resume_from_different_checkpoints_fail_together(tmp_path):
+@pytest.mark.parametrize("rank_1_finds", ["nothing", "another attempt's checkpoint"])
+def test_ranks_that_would_resume_from_different_checkpoints_fail_together(tmp_path, rank_1_finds):
+    """Rank 1 on a node without rank 0's checkpoint, or with the one an earlier attempt left at
+    the same step (with secret seeds, other generator states): both ranks fail before a step."""
     from tests.test_resume import Crash
 
-    with pytest.raises(KeyboardInterrupt):  # one process's run, killed after its checkpoint
-        _tiny_run(
-            "dpsgd",
-            {},
-            checkpoint=Checkpointing(tmp_path / "run.pt", every=2, key="same-inputs"),
-            callbacks=[Crash(at=3)],
-        )
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    attempts = [0] if rank_1_finds == "nothing" else [0, 1]
+    for rank in attempts:  # one process's run each time, killed after its checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            _tiny_run(
+                "dpsgd",
+                {},
+                True,
+                checkpoint=Checkpointing(tmp_path / f"rank{rank}.pt", every=2, key="same-inputs"),
+                callbacks=[Crash(at=3)],
+            )
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert "resume from different checkpoints" in outcome, outcome
-        assert "rank 0: 2, rank 1: none" in outcome
+        assert "(rank 0: step 2 of checkpoint " in outcome
+        other = ", rank 1: step 2 of checkpoint"
+        assert (", rank 1: none)" if rank_1_finds == "nothing" else other) in outcome, outcome
 
 
 @pytest.mark.slow

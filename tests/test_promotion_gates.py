@@ -144,7 +144,7 @@ def test_contract_and_attack_gates_at_their_boundaries(key, value, gate, passed)
 
 class _Version:
     def __init__(self, version: str) -> None:
-        self.version, self.tags = version, {"method": "dpsgd"}
+        self.version, self.tags = version, {"method": "dpsgd", "secret_noise": "true"}
 
 
 class _Model:
@@ -195,6 +195,10 @@ class FakeRegistry:
         if alias not in self.aliases:
             raise MlflowException(f"no alias {alias}")
         return self.versions[self.aliases[alias]]
+
+    def get_model_version(self, name, version):
+        self._model(name)
+        return self.versions[str(version)]
 
     def set_model_version_tag(self, name, version, key, value):
         self._model(name)

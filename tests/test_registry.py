@@ -347,7 +347,7 @@ def test_promotion_gates_history_and_rollback(project):
         promote(name, root=project)
 
     back = rollback(name, root=project)
-    assert (back.from_version, back.to_version) == ("3", "1")
+    assert (back.from_version, back.to_version) == ("3", "1") and back.warning is None
     assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     assert mlflow_client.get_registered_model(name).tags["champion"] == "v1"
     with pytest.raises(ModelError, match="no previous champion"):
@@ -426,10 +426,12 @@ def test_gates_table_marks_each_failed_gate(project):
         False,
         None,
         (GateResult("epsilon", False, 9.5, 8.0, -1.5, "9.5 > 8"),)
-        + tuple(GateResult(g, True, 0.1, 1.0, 0.9, "ok") for g in ("delta", "audit")),
+        + tuple(GateResult(g, True, 0.1, 1.0, 0.9, "ok") for g in ("delta", "audit"))
+        + (GateResult("noise", False, None, None, None, "seeded", "seeded"),),
     )
     table = gates_table([decision], {"7": "dpsgd"})
     header, row = table.splitlines()
+    assert header.split()[4] == "noise" and row.split()[4] == "seeded!"
     assert header.split()[:3] == ["version", "method", "epsilon"]
     assert row.split()[:3] == ["v7", "dpsgd", "9.5!"] and row.split()[-1] == "refused"
 
@@ -480,6 +482,10 @@ def test_noise_seeded_from_the_published_seed_is_refused_unless_allowed(project)
     assert "secret_noise" not in client(project).get_model_version(name, older.version).tags
     failed = promote(name, root=project, version=older.version).failed
     assert [g.gate for g in failed] == ["noise"] and "no secret_noise tag" in failed[0].reason
+
+    assert promote(name, Gates(allow_reproducible_noise=True), root=project).promoted
+    back = rollback(name, root=project)  # the way back judges no gate, but says what it gives
+    assert back.to_version == version.version and "finetune.secret_noise: true" in back.warning
 
 
 def test_non_private_model_has_infinite_epsilon_and_is_refused(project):

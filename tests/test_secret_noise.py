@@ -108,3 +108,26 @@ def test_the_checkpoint_holding_the_secret_is_owner_only(tmp_path):
     save_checkpoint(path, {"key": "k"})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir()] == ["run.pt"]  # no temporary file left
+
+
+def test_a_secret_state_is_random_in_every_word_not_a_32_bit_seed():
+    """manual_seed keeps 32 bits of a seed; a secret state draws all 624 words, so neither its
+    recorded seed nor any seed of the published kind reproduces its stream."""
+    from privtune.privacy.seeds import MT_WORDS, secret_state, seeded_state
+
+    # why a seed is not enough: manual_seed keeps 32 bits, so 2**32 + 5 and 5 are one stream
+    wide, narrow = (torch.Generator().manual_seed(s) for s in (2**32 + 5, 5))
+    assert torch.equal(torch.randn(8, generator=wide), torch.randn(8, generator=narrow))
+    seeded = seeded_state(5).numpy()
+    # the layout seeds.py writes into: the first two Mersenne Twister words of seed 5
+    assert seeded[24:40].view("<u8").tolist() == [5, (1812433253 * 5 + 1) % 2**32]
+    generator, again = torch.Generator(), torch.Generator()
+    state = secret_state()
+    generator.set_state(state)
+    again.manual_seed(generator.initial_seed())
+    draws = torch.randn(10_000, generator=generator)
+    assert not torch.equal(draws[:16], torch.randn(16, generator=again))
+    assert abs(float(draws.mean())) < 0.05 and abs(float(draws.std()) - 1) < 0.05
+    words = state.numpy()[24 : 24 + 8 * MT_WORDS].view("<u8")
+    assert (words < 2**32).all() and len(set(words.tolist())) > MT_WORDS - 5
+    assert not torch.equal(state, secret_state())

@@ -192,6 +192,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # also a leftover temporary file's
         torch.save(state, handle)
     os.replace(tmp, path)
 

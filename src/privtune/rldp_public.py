@@ -72,7 +72,10 @@ def train_public_policy(
         chunk = records[episode * n_records : (episode + 1) * n_records]
         model, _ = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
         update = {"epsilon": epsilon, "seed": seed + episode, "epochs": epochs}
-        f = params.finetune.model_copy(update={**update, "audit_canaries": 0})
+        # public records: nothing to keep secret, and the policy's provenance names its seed
+        f = params.finetune.model_copy(
+            update={**update, "audit_canaries": 0, "secret_noise": False}
+        )
         model = attach_lora(model, f.lora, seed=seed + episode)
         result = train(
             model,

@@ -12,9 +12,9 @@ metrics, progress). Nothing here branches on whether the method is private: the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
-import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ from privtune.privacy.gradient_canaries import CanaryInjector, GradientCanaries
 from privtune.privacy.ledger import PrivacyLedger
 from privtune.privacy.mechanisms import StepStats
 from privtune.privacy.plan import TrainingPlan, make_plan, planned_records
+from privtune.privacy.seeds import secret_state, seeded_state
 from privtune.progress import progress_bar
 
 __all__ = [
@@ -101,15 +102,14 @@ def freeze_dropout(model: torch.nn.Module) -> None:
             module.train()
 
 
-def noise_seeds(params: FinetuneParams, replica: Replica) -> tuple[int, int]:
-    """The seeds of the Poisson sampler and of the noise. DP needs both secret: whoever knows
-    them knows every batch's members and every noise draw, and can subtract the noise from the
-    released adapter. So, by default, 64 bits each from the OS's entropy (rank 0's, shared with
-    every replica), kept nowhere but in the generators (and the run's checkpoint).
-    ``secret_noise: false``: ``seed`` and ``seed + 1`` (reproducible, and published)."""
+def generator_states(params: FinetuneParams, replica: Replica) -> tuple[torch.Tensor, ...]:
+    """The Poisson sampler's and the noise generator's states. DP needs both secret, so by
+    default they come whole from the OS's entropy (rank 0's, sent to every replica) and live
+    nowhere but in the generators and the run's checkpoint (privacy/seeds.py).
+    ``secret_noise: false``: seeded from ``seed`` and ``seed + 1`` (reproducible, published)."""
     if not params.secret_noise:
-        return params.seed, params.seed + 1
-    return replica.broadcast((secrets.randbits(64), secrets.randbits(64)))
+        return seeded_state(params.seed), seeded_state(params.seed + 1)
+    return replica.broadcast((secret_state(), secret_state()))
 
 
 class Trainer:
@@ -177,10 +177,12 @@ class Trainer:
             self.optimizer, int(params.warmup_fraction * plan.steps), plan.steps
         )
         # Every replica draws the same Poisson masks (rank 0's seed): one logical batch.
-        sampler_seed, noise_seed = noise_seeds(params, self.replica)
-        self.sampler_generator = torch.Generator().manual_seed(sampler_seed)
+        sampler_state, noise_state = generator_states(params, self.replica)
+        self.sampler_generator = torch.Generator()
+        self.sampler_generator.set_state(sampler_state)
         self.position = 0  # logical batches drawn so far (where a resumed run continues)
-        mechanism = self.controller.make_mechanism(groups, group_names, seed=noise_seed)
+        mechanism = self.controller.make_mechanism(groups, group_names, seed=params.seed + 1)
+        mechanism.generator.set_state(noise_state)  # secret, or seeded as above
         self.engine = PrivacyEngine(
             plan=plan,
             mechanism=mechanism,
@@ -355,20 +357,32 @@ class Checkpointing:
     extra: dict[str, Any] = field(default_factory=dict)  # saved alongside (the MLflow run id)
 
 
-def _same_start_on_every_rank(replica: Replica, resumed: dict[str, Any] | None) -> None:
-    """Under torchrun each rank reads the checkpoint rank 0 wrote; a rank that finds another
-    one (or none: its node cannot see rank 0's disk) would mix other steps' batches into the
-    logical batch, so every rank fails before the first step, together."""
-    starts = replica.gather(None if resumed is None else resumed["steps_taken"])
-    if len(set(starts)) > 1:
-        found = ", ".join(
-            f"rank {r}: {s if s is not None else 'none'}" for r, s in enumerate(starts)
-        )
+def _resumed_alike(replica: Replica, checkpoint: Checkpointing | None) -> dict[str, Any] | None:
+    """The checkpoint to resume from, the same on every rank. Under torchrun each rank reads
+    the file rank 0 wrote; a rank that finds another one (the same step of another attempt: its
+    secret generator states differ), none (its node cannot see rank 0's disk) or cannot read it
+    would mix other batches and noise into the logical batch, or leave the others waiting in a
+    collective: every rank fails before the first step, together."""
+    try:
+        resumed = load_checkpoint(checkpoint.path, checkpoint.key) if checkpoint else None
+    except Exception as err:  # any: the other ranks must hear of it, not wait for it
+        if not replica.distributed:
+            raise
+        resumed, mine = None, f"unreadable ({type(err).__name__})"
+    else:
+        mine = "none"
+        if resumed is not None and replica.distributed:
+            digest = hashlib.sha256(checkpoint.path.read_bytes()).hexdigest()[:12]
+            mine = f"step {resumed['steps_taken']} of checkpoint {digest}"
+    found = replica.gather(mine)
+    if len(set(found)) > 1 or any(f.startswith("unreadable") for f in found):
+        ranks = ", ".join(f"rank {r}: {f}" for r, f in enumerate(found))
         raise RuntimeError(
-            f"the ranks would resume from different checkpoints (steps taken, {found}): every "
-            "rank must read the checkpoint rank 0 writes: put .privtune/checkpoints on storage "
-            "every node shares (or delete it there to start the run over)"
+            f"the ranks would resume from different checkpoints ({ranks}): every rank must read "
+            "the checkpoint rank 0 writes: put .privtune/checkpoints on storage every node "
+            "shares (or delete it there to start the run over)"
         )
+    return resumed
 
 
 def train(
@@ -406,8 +420,7 @@ def train(
     plan, engine, main = trainer.plan, trainer.engine, trainer.replica.is_main
     validation = Validation(model, valid_data.slice(0, params.eval_records), params.eval_every)
     logger = MetricsLogger(engine, validation, params.log_every, on_log if main else None)
-    resumed = load_checkpoint(checkpoint.path, checkpoint.key) if checkpoint else None
-    _same_start_on_every_rank(trainer.replica, resumed)
+    resumed = _resumed_alike(trainer.replica, checkpoint)
     steps_taken = 0
     if resumed is not None:
         trainer.load_state_dict(resumed["trainer"])

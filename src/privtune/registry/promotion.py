@@ -64,6 +64,7 @@ class GateResult:
     # Attack gates (decided on a confidence bound): "within" (point estimate within the
     # threshold), "inconclusive" (above it, but its lower bound is not: passes), "exceeds"
     # (the lower bound is above: refused) or INSUFFICIENT (no bound to decide on: refused).
+    # The noise gate: "secret", "seeded" (from finetune.seed) or "none" (not private).
     evidence: str | None = None
 
 
@@ -230,11 +231,12 @@ def _noise(gates: Gates, tags: dict[str, str]) -> GateResult:
     its noise subtracted by anyone who has the params."""
     epsilon = _number(tags, "epsilon")
     if epsilon is not None and math.isinf(epsilon):
-        return GateResult("noise", True, None, None, None, "not private: no noise to keep secret")
+        reason = "not private: no noise to keep secret"
+        return GateResult("noise", True, None, None, None, reason, "none")
     secret = tags.get(NOISE_TAG)
     if secret == "true":
         reason = "sampler and noise seeded from OS entropy, kept secret"
-        return GateResult("noise", True, None, None, None, reason)
+        return GateResult("noise", True, None, None, None, reason, "secret")
     seeded = (
         "sampler and noise seeded from finetune.seed (finetune.secret_noise: false)"
         if secret == "false"
@@ -242,12 +244,12 @@ def _noise(gates: Gates, tags: dict[str, str]) -> GateResult:
     )
     if gates.allow_reproducible_noise:
         reason = f"{seeded}; allowed by registry.gates.allow_reproducible_noise"
-        return GateResult("noise", True, None, None, None, reason)
+        return GateResult("noise", True, None, None, None, reason, "seeded")
     reason = (
         f"{seeded}, which the params publish: anyone who has them can replay the batches and "
         f"subtract the noise; retrain with finetune.secret_noise: true"
     )
-    return GateResult("noise", False, None, None, None, reason)
+    return GateResult("noise", False, None, None, None, reason, "seeded")
 
 
 def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> list[GateResult]:
@@ -567,7 +569,7 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
     return Selection(best, why, tuple(decisions), methods)
 
 
-GATE_COLUMNS = ("epsilon", "delta", "mia_auc", "mia_tpr_at_fpr_0.01", "audit", "utility")
+GATE_COLUMNS = ("epsilon", "delta", "noise", "mia_auc", "mia_tpr_at_fpr_0.01", "audit", "utility")
 
 
 def gates_table(
@@ -586,6 +588,7 @@ def gates_table(
                 cells.append("")
             else:
                 value = "–" if g.value is None else f"{g.value:.4g}"
+                value = (g.evidence or value) if gate == "noise" else value  # secret, seeded
                 mark = "?" if g.evidence == INSUFFICIENT else "!"
                 cells.append(value if g.passed else f"{value}{mark}")
         not_chosen = "best_candidate" in by_gate
@@ -609,6 +612,9 @@ class Rollback:
     name: str
     from_version: str
     to_version: str
+    # Said when the restored champion's noise was seeded from finetune.seed (a rollback is
+    # the way back in an emergency, so it judges no gate; it says what it restored).
+    warning: str | None = None
 
 
 def rollback(name: str, *, root: str | Path = ".") -> Rollback:
@@ -635,4 +641,7 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     mlflow_client.set_model_version_tag(name, demoted, "promotion.rolled_back", now)
     describe_registered_model(mlflow_client, name)
-    return Rollback(name, demoted, restored)
+    tags = dict(mlflow_client.get_model_version(name, restored).tags)
+    noise = _noise(Gates(), tags)
+    warning = None if noise.passed else f"v{restored}: {noise.reason}"
+    return Rollback(name, demoted, restored, warning)

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 def run_key(params: Params, name: str, root: Path) -> str:
     """The identity of a fine-tuning run: its method, parameters, data, base model and code.
 
-    Two attempts with the same key would train the same model and spend the same budget, so
-    the second one reuses the first's finished run instead (see `finetune`).
+    Two attempts with the same key would train the same kind of model on the same records and
+    spend the same budget again (with secret noise, another model: a second release), so the
+    second one reuses the first's finished run instead (see `finetune`).
     """
     method, options = params.method(name)
     payload = {
