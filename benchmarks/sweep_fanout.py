@@ -273,7 +273,7 @@ def _code_version() -> dict[str, str]:
     }
 
 
-def calibrate(seconds: float = 0.0) -> float:
+def calibrate() -> float:
     """Seconds one thread takes for a fixed float workload (1024 products of 512 x 512
     matrices): the machine's speed when a side starts, for sides measured at other times."""
     import torch
@@ -285,7 +285,7 @@ def calibrate(seconds: float = 0.0) -> float:
         start = time.perf_counter()
         for _ in range(1024):
             a = torch.tanh(a @ a)
-        return time.perf_counter() - start + seconds
+        return time.perf_counter() - start
 
 
 def _what(args: argparse.Namespace) -> dict[str, Any]:
