@@ -73,10 +73,12 @@ mutate-report: install
 bench: install
 	$(BIN)/python benchmarks/step_overhead.py --smollm2
 
-# Wheels a GPU machine without internet needs beside its own torch (scripts/device_check.sh
-# runs the CUDA tests and the GPU rows of make bench there; README, "GPU checks").
+# What a GPU machine without internet needs beside its own torch: the wheels (.whl/) and
+# SmolLM2's GGUF in two parts (.gpu-carry/). scripts/device_check.sh runs make bench's GPU rows,
+# the smollm2 profile stage by stage and the CUDA tests there; README, "GPU checks".
 device-wheels: install
 	PYTHON=$(BIN)/python scripts/device_wheels.sh
+	PYTHON=$(BIN)/python scripts/device_gguf_parts.sh
 
 # RLDP vs DP-SGD at epsilon 1, 4, 8 x 3 seeds, 3 epochs (85 steps): about 15 min on 2 idle CPU
 # cores (ARGS=--quick: less). The ablation: ARGS="--ablation --epsilons 4 --seeds 0 1".

@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine that cannot reach the internet: the device tool's H200 machines have
-# Python 3.12 with torch, transformers' dependencies, accelerate, pytest and hypothesis, but not
-# privtune's other dependencies. Each is pinned as in requirements.lock, so the GPU checks run
-# the locked libraries beside that machine's torch. Written to .whl/ (git-ignored), which
-# scripts/device_check.sh installs there. Usage: make device-wheels
+# Python 3.12 with torch, transformers (5.17), peft, accelerate, pytest and hypothesis, but not
+# privtune's other dependencies. Each is pinned as in requirements.lock. The checks use that
+# machine's transformers: its wheel (13 MiB) would not leave room beside SmolLM2's GGUF in a
+# call's 64 MiB. The second group is what the pipeline's stages need there without DVC
+# (benchmarks/profile_stages.py): MLflow's tracking client and its sqlite store (mlflow-skinny;
+# the full package adds the server and UI), and the GGUF reader. Written to .whl/
+# (git-ignored), which scripts/device_check.sh installs there. Usage: make device-wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 PACKAGES=(
   opacus pydantic pydantic-core annotated-types typing-inspection typing-extensions
-  dp-accounting dm-tree dill gymnasium farama-notifications stable-baselines3 transformers peft
+  dp-accounting dm-tree dill gymnasium farama-notifications stable-baselines3 peft
+  mlflow-skinny sqlalchemy alembic mako greenlet sqlparse databricks-sdk
+  google-auth pyasn1 pyasn1-modules cachetools fastapi starlette uvicorn annotated-doc
+  importlib-metadata opentelemetry-api opentelemetry-sdk opentelemetry-proto
+  opentelemetry-semantic-conventions python-dotenv cryptography cffi pycparser gguf
 )
 pins=()
 for package in "${PACKAGES[@]}"; do

@@ -173,3 +173,65 @@ def test_the_sweep_benchmark_resumes_with_the_sides_it_has(monkeypatch, tmp_path
     partial.write_text(json.dumps({"sweep": bench._what(args), "sides": {"ray": ray}}))
     with pytest.raises(SystemExit, match="holds another sweep"):
         bench.run(other, tmp_path / "work2", sweep=None)
+
+
+def _stage_project(tmp_path: Path, bench) -> Path:
+    out = tmp_path / "project"
+    (out / "logs").mkdir(parents=True)
+    _, params = bench.run_params(ROOT, "quick", {})
+    (out / "params.yaml").write_text(bench.yaml.safe_dump(params))
+    return out
+
+
+def test_profile_stages_skips_after_the_deadline_and_stops_at_the_hard_one(tmp_path):
+    """A stage not started by the deadline is skipped; one still running at the hard deadline
+    is stopped; a failed stage ends its method's chain, its log kept."""
+    bench = _load("profile_stages")
+    out = _stage_project(tmp_path, bench)
+    late = bench.Clock(deadline=-1.0, hard_deadline=math.inf)
+    assert not bench.run_stage(out, late, "prepare")
+    assert late.records == [{"stage": "prepare", "status": "skipped (deadline)"}]
+    assert not (out / "data").exists()
+
+    stopped = bench.Clock(deadline=math.inf, hard_deadline=0.0)
+    assert not bench.run_stage(out, stopped, "prepare")
+    assert stopped.records[0]["status"] == "stopped (hard deadline)"
+    assert stopped.records[0]["exit_code"] is None
+
+    clock = bench.Clock(deadline=math.inf, hard_deadline=math.inf)
+    bench.method_chain(out, clock, "dpsgd")  # nothing prepared: finetune fails, the rest waits
+    [record] = clock.records
+    assert record["stage"] == "finetune dpsgd" and record["status"].startswith("failed (exit 2")
+    assert "base model missing" in (out / "logs" / "finetune-dpsgd.log").read_text()
+
+
+def test_profile_stages_runs_prepare_and_base_then_each_methods_chain(monkeypatch, tmp_path):
+    bench = _load("profile_stages")
+    ran = []
+
+    def stage(out, clock, name, method=None):
+        ran.append((name, method))
+        ok = (name, method) != ("evaluate", "dpsgd")
+        clock.add({"stage": f"{name} {method}", "status": "ok" if ok else "failed", "seconds": 1.0})
+        return ok
+
+    monkeypatch.setattr(bench, "run_stage", stage)
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: bench.argparse.Namespace(
+        stdout="| table |\n", stderr=""))  # fmt: skip
+    out = tmp_path / "smollm2"
+    argv = ["profile_stages.py", "quick", "--out", str(out), "--methods", "dpsgd", "nonprivate"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--set", "finetune.lr=0.02"])
+    bench.main()
+    assert ran[:2] == [("prepare", None), ("base", None)]
+    assert [s for s in ran if s[1] == "dpsgd"] == [("finetune", "dpsgd"), ("evaluate", "dpsgd")]
+    assert [s for s in ran if s[1] == "nonprivate"] == [
+        (stage, "nonprivate") for stage in bench.METHOD_STAGES
+    ]
+    result = json.loads((out / "stage_times.json").read_text())
+    assert result["methods"] == ["dpsgd", "nonprivate"] and not result["complete"]
+    assert result["stage_seconds_sum"] == 6.0 and result["overrides"] == {"finetune.lr": 0.02}
+    params = bench.yaml.safe_load((out / "params.yaml").read_text())
+    assert list(params["methods"]) == ["dpsgd", "nonprivate"]
+    assert params["finetune"]["lr"] == 0.02
+    assert params["registry"]["name"].endswith("-quick")
+    assert (out / "summary.md").read_text() == "| table |\n"

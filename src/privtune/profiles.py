@@ -107,6 +107,19 @@ def resolve(
     return f"overrides-{digest[:8]}", params
 
 
+def run_params(
+    root: str | Path, profile: str | None, overrides: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """resolve(), checked against the schema (a bad key fails here, named), its models
+    registered as `<registry.name>-<project name>` unless the overrides name them."""
+    name, params = resolve(root, profile, overrides)
+    parse_params(params, Path(f"{PROFILES_FILE}: {name}"))
+    registry = params.setdefault("registry", {})
+    if not any(key.startswith("registry.name") for key in overrides or {}):
+        registry["name"] = f"{registry.get('name', 'privtune-clinical-notes')}-{name}"
+    return name, params
+
+
 def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | None) -> Path:
     """profiles/<name>/ under ``root``, created or brought up to date: dvc.yaml and the code
     copied from the checkout (the stages' dependencies), params.yaml of the profile, checked
@@ -114,11 +127,7 @@ def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | N
     from dvc.repo import Repo
 
     root = Path(root).resolve()
-    name, params = resolve(root, profile, overrides)
-    parse_params(params, Path(f"{PROFILES_FILE}: {name}"))  # a bad key fails here, named
-    registry = params.setdefault("registry", {})
-    if not any(key.startswith("registry.name") for key in overrides or {}):
-        registry["name"] = f"{registry.get('name', 'privtune-clinical-notes')}-{name}"
+    name, params = run_params(root, profile, overrides)
     target = root / PROFILES_DIR / name
     target.mkdir(parents=True, exist_ok=True)
     params_file = target / "params.yaml"
