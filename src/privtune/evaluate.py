@@ -79,7 +79,9 @@ def continuation_logprobs(
     prompt_ids = torch.tensor([prefix], device=device)
     out = model(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), use_cache=True)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
-    cache = out.cache
+    # transformers 5.2x names the key/value cache `cache`; earlier 5.x (GPU images) past_key_values
+    name = "cache" if hasattr(out, "cache") else "past_key_values"
+    cache = getattr(out, name)
     cache.batch_repeat_interleave(n)
     ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(n, len(prefix) + width, dtype=torch.long)
@@ -94,7 +96,7 @@ def continuation_logprobs(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions.to(device),
-            cache=cache,
+            **{name: cache},
         )
         .logits[:, :-1]
         .float()
