@@ -226,6 +226,8 @@ def measure(
     params = load_params()
     base = GPT2_SMALL if config == "gpt2-small" else params.base
     result = {"config": config, "device": str(device), "batch": batch}
+    if device.type == "cuda":
+        result["gpu"] = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     if config in SMOLLM2_WEIGHTS:
         result |= {"seq_len": length, "model": "SmolLM2-135M (Llama, 30 x 576)"}
         result["lora_targets"] = "auto (all seven projections, 210 adapters)"
@@ -241,6 +243,29 @@ def measure(
         "memory_ratio": dp_mem / plain_mem,
     }
     return result
+
+
+def profile_dp_step(config: str, device: torch.device, batch: int, length: int) -> str:
+    """torch.profiler's tables of five DP steps (CPU and, on a GPU, CUDA time): where the DP
+    step's extra time goes, which the ratio alone does not say."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base = GPT2_SMALL if config == "gpt2-small" else load_params().base
+    stepper = Stepper("dp", config, base, device, batch, 10, length)
+    for _ in range(2):
+        stepper.step()
+    stepper.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            stepper.step()
+        stepper.sync()
+    tables = [f"DP step of {config} on {device}, batch {batch}, five steps"]
+    keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else [])
+    for key in keys:
+        tables.append(f"sorted by {key}:")
+        tables.append(prof.key_averages().table(sort_by=key, row_limit=25))
+    return "\n".join(tables)
 
 
 def main() -> None:
@@ -259,6 +284,9 @@ def main() -> None:
         choices=["pretrained", "random"],
         default="pretrained",
         help="random: its architecture only (step time and memory do not depend on the values)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also write torch.profiler tables of the DP step"
     )
     parser.add_argument("--memory-child", choices=["dp", "nonprivate"])
     parser.add_argument("--config", default="default")
@@ -287,6 +315,13 @@ def main() -> None:
         ]
         runs = kept + runs
     out.write_text(json.dumps({"runs": runs, "target_time_ratio": 1.2}, indent=2) + "\n")
+    if args.profile:
+        last = runs[-1]
+        table = profile_dp_step(
+            last["config"], device, last["batch"], last.get("seq_len", SMOLLM2_LENGTH)
+        )
+        (RESULTS / "step_profile.txt").write_text(table + "\n")
+        print(f"profile of the DP step written to {RESULTS / 'step_profile.txt'}")
     for run in runs:
         print(
             f"{run['config']:>10} on {run['device']}: DP/non-private step time "

@@ -235,3 +235,11 @@ def test_profile_stages_runs_prepare_and_base_then_each_methods_chain(monkeypatc
     assert params["finetune"]["lr"] == 0.02
     assert params["registry"]["name"].endswith("-quick")
     assert (out / "summary.md").read_text() == "| table |\n"
+
+
+def test_the_step_benchmark_profiles_the_dp_step(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bench = _load("step_overhead")
+    table = bench.profile_dp_step("default", torch.device("cpu"), 4, 384)
+    assert table.startswith("DP step of default on cpu, batch 4")
+    assert "sorted by self_cpu_time_total" in table and "aten::" in table

@@ -60,6 +60,25 @@ def test_smollm2_table_is_the_committed_smollm2_cpu_run():
     assert f"{base['test_perplexity']:.1f}" in README
 
 
+def test_smollm2_gpu_table_is_the_committed_run_and_what_the_section_claims():
+    """The nine-method profile on a GPU (stage by stage, with a deadline): the table is the
+    committed outputs', and the claims are theirs: the non-private model far above the base
+    on the task, the attacks with power on it, every private run within its budget."""
+    results = _profile_block_matches("smollm2")
+    metrics = results / "metrics"
+    base = json.loads((metrics / "base.json").read_text())
+    tuned = json.loads((metrics / "evaluate-nonprivate.json").read_text())
+    attack = json.loads((metrics / "attack-nonprivate.json").read_text())
+    assert tuned["medication_accuracy"] > 5 * base["medication_accuracy"]
+    assert attack["mia_loss_auc_ci_low"] > 0.5
+    for path in metrics.glob("finetune-*.json"):
+        info = json.loads(path.read_text())
+        assert not info["private"] or info["epsilon"] <= info["target_epsilon"], path.name
+    times = json.loads((results / "stage_times.json").read_text())
+    assert times["profile"] == "smollm2" and "H200" in times["device"]
+    assert f"{times['wall_seconds']:.0f} s" in README
+
+
 def test_step_overhead_rows_are_the_committed_benchmark():
     path = ROOT / "benchmarks" / "results" / "step_overhead.json"
     assert path.is_file(), "benchmarks/results/step_overhead.json is not committed (make bench)"
