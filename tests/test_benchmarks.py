@@ -205,36 +205,78 @@ def test_profile_stages_skips_after_the_deadline_and_stops_at_the_hard_one(tmp_p
     assert "base model missing" in (out / "logs" / "finetune-dpsgd.log").read_text()
 
 
-def test_profile_stages_runs_prepare_and_base_then_each_methods_chain(monkeypatch, tmp_path):
-    bench = _load("profile_stages")
+def _fake_stages(monkeypatch, bench, failing: set[tuple[str, str | None]]) -> list:
+    """run_stage replaced by a recorder (each stage 1 s; those in ``failing`` fail)."""
     ran = []
 
     def stage(out, clock, name, method=None):
         ran.append((name, method))
-        ok = (name, method) != ("evaluate", "dpsgd")
-        clock.add({"stage": f"{name} {method}", "status": "ok" if ok else "failed", "seconds": 1.0})
+        ok = (name, method) not in failing
+        record = {"stage": f"{name} {method}", "status": "ok" if ok else "failed (exit 2)"}
+        clock.add(record | {"seconds": 1.0})
         return ok
 
     monkeypatch.setattr(bench, "run_stage", stage)
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: bench.argparse.Namespace(
-        stdout="| table |\n", stderr=""))  # fmt: skip
-    out = tmp_path / "smollm2"
+    monkeypatch.setattr(bench, "write_summary", lambda out: (out / "summary.md").write_text("|"))
+    return ran
+
+
+def _run_main(monkeypatch, bench, out: Path, *extra: str) -> None:
     argv = ["profile_stages.py", "quick", "--out", str(out), "--methods", "dpsgd", "nonprivate"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--set", "finetune.lr=0.02"])
+    monkeypatch.setattr(sys, "argv", [*argv, *extra])
     bench.main()
+
+
+def test_profile_stages_runs_prepare_and_base_then_each_methods_chain(monkeypatch, tmp_path):
+    bench = _load("profile_stages")
+    ran = _fake_stages(monkeypatch, bench, failing=set())
+    out = tmp_path / "all"
+    _run_main(monkeypatch, bench, out, "--lanes", "2", "--set", "finetune.lr=0.02")
     assert ran[:2] == [("prepare", None), ("base", None)]
-    assert [s for s in ran if s[1] == "dpsgd"] == [("finetune", "dpsgd"), ("evaluate", "dpsgd")]
-    assert [s for s in ran if s[1] == "nonprivate"] == [
-        (stage, "nonprivate") for stage in bench.METHOD_STAGES
-    ]
+    for method in ("dpsgd", "nonprivate"):  # each method's stages in order, whatever the lanes
+        assert [s for s in ran if s[1] == method] == [(st, method) for st in bench.METHOD_STAGES]
     result = json.loads((out / "stage_times.json").read_text())
-    assert result["methods"] == ["dpsgd", "nonprivate"] and not result["complete"]
-    assert result["stage_seconds_sum"] == 6.0 and result["overrides"] == {"finetune.lr": 0.02}
+    assert result["complete"] and result["lanes"] == 2 and result["stage_seconds_sum"] == 8.0
+    assert result["methods"] == ["dpsgd", "nonprivate"]
+    assert result["overrides"] == {"finetune.lr": 0.02}
     params = bench.yaml.safe_load((out / "params.yaml").read_text())
     assert list(params["methods"]) == ["dpsgd", "nonprivate"]
     assert params["finetune"]["lr"] == 0.02
     assert params["registry"]["name"].endswith("-quick")
-    assert (out / "summary.md").read_text() == "| table |\n"
+    assert (out / "summary.md").read_text() == "|"
+
+
+def test_profile_stages_stops_a_chain_at_its_failure_and_says_so(monkeypatch, tmp_path):
+    """A failed stage ends its method's chain and the run's exit status; a failed base runs no
+    method stage at all and records each as not run."""
+    bench = _load("profile_stages")
+    ran = _fake_stages(monkeypatch, bench, failing={("evaluate", "dpsgd")})
+    with pytest.raises(SystemExit, match="evaluate dpsgd"):
+        _run_main(monkeypatch, bench, tmp_path / "evaluate")
+    assert [s for s in ran if s[1] == "dpsgd"] == [("finetune", "dpsgd"), ("evaluate", "dpsgd")]
+    assert len([s for s in ran if s[1] == "nonprivate"]) == 3
+    result = json.loads((tmp_path / "evaluate" / "stage_times.json").read_text())
+    assert not result["complete"] and result["stage_seconds_sum"] == 6.0
+
+    ran = _fake_stages(monkeypatch, bench, failing={("base", None)})
+    with pytest.raises(SystemExit, match="base"):
+        _run_main(monkeypatch, bench, tmp_path / "base")
+    assert ran == [("prepare", None), ("base", None)]
+    result = json.loads((tmp_path / "base" / "stage_times.json").read_text())
+    not_run = [r["stage"] for r in result["stages"] if r["status"].startswith("not run")]
+    assert len(not_run) == 6 and "attack nonprivate" in not_run
+
+
+def test_profile_stages_refuses_unknown_methods_and_an_existing_project(monkeypatch, tmp_path):
+    bench = _load("profile_stages")
+    _fake_stages(monkeypatch, bench, failing=set())
+    with pytest.raises(SystemExit):
+        _run_main(monkeypatch, bench, tmp_path / "x", "--methods", "dpsgd", "nosuch")
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "y").mkdir()
+    with pytest.raises(SystemExit):
+        _run_main(monkeypatch, bench, tmp_path / "y")
+    assert not (tmp_path / "y" / "stage_times.json").exists()
 
 
 def test_the_step_benchmark_profiles_the_dp_step(monkeypatch):
