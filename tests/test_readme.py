@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import statistics
 import subprocess
 import tarfile
 from pathlib import Path
@@ -100,7 +101,31 @@ def test_smollm2_gpu_table_is_the_committed_run_and_what_the_section_claims():
         assert not info["private"] or info["epsilon"] <= info["target_epsilon"], path.name
     times = json.loads((results / "stage_times.json").read_text())
     assert times["profile"] == "smollm2" and "H200" in times["device"]
-    assert f"{times['wall_seconds']:.0f} s" in README
+    section = README[README.index("### SmolLM2-135M on one H200 GPU") :]
+    section = " ".join(section[: section.index("\n### ")].split())  # one line: prose wraps
+    assert f"ended at {times['wall_seconds']:.0f} s" in section
+    # the times the section derives: the first round of three lanes, the whole in lanes, and
+    # the sequential estimate from the mean stage times
+    stages = {r["stage"]: r for r in times["stages"] if r["status"] == "ok"}
+    lanes_began = min(r["started_s"] for name, r in stages.items() if " " in name)
+    first = times["methods"][:3]
+    ends = [stages[f"attack {m}"]["started_s"] + stages[f"attack {m}"]["seconds"] for m in first]
+    round_s = max(ends) - lanes_began
+    assert f"ended {round_s:.0f} s after they began" in section
+    assert (
+        f"{lanes_began:.0f} + 3 × {round_s:.0f} ≈ {round(lanes_began + 3 * round_s, -1):.0f}"
+        in (section)
+    )
+    mean = {
+        kind: statistics.mean(r["seconds"] for name, r in stages.items() if name.startswith(kind))
+        for kind in ("finetune", "evaluate", "attack")
+    }
+    setup = stages["prepare"]["seconds"] + stages["base"]["seconds"]
+    total = setup + 9 * sum(mean.values())
+    per_method = " + ".join(f"{mean[k]:.0f}" for k in ("finetune", "evaluate", "attack"))
+    assert f"{setup:.0f} + 9 × ({per_method}) ≈ {round(total, -1):,.0f} s" in section
+    assert f"({total / 60:.0f} min)" in section
+    assert f"attack stage is {9 * mean['attack'] / total:.0%}".replace("%", " %") in section
 
 
 def test_step_overhead_rows_are_the_committed_benchmark():
