@@ -1,6 +1,7 @@
 """Utility metrics: cached candidate scoring equals the plain computation; accuracy counts."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,33 @@ def test_cached_scoring_matches_uncached(tiny_model, tiny_tokenizer):
     cached = continuation_logprobs(tiny_model, tiny_tokenizer, prompt, candidates)
     plain = continuation_logprobs_uncached(tiny_model, tiny_tokenizer, prompt, candidates)
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
+
+
+class EarlierCacheNames(torch.nn.Module):
+    """A model as transformers 5.1x (the GPU machines' 5.17) returns it: the key/value cache
+    is `past_key_values`, in the output and as the argument, not `cache`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, past_key_values=None, **kwargs):
+        assert "cache" not in kwargs
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        out = self.model(**kwargs)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+def test_cached_scoring_runs_on_either_name_of_the_cache(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    candidates = ["metformin", "lisinopril", "plan follow up"]
+    prompt = "patient presents with cough fever plan start "
+    current = continuation_logprobs(tiny_model, tiny_tokenizer, prompt, candidates)
+    earlier = continuation_logprobs(
+        EarlierCacheNames(tiny_model), tiny_tokenizer, prompt, candidates
+    )
+    torch.testing.assert_close(earlier, current)
 
 
 def test_perplexity_of_uniform_model_is_vocab_size(tiny_tokenizer):
