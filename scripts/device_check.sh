@@ -8,7 +8,8 @@
 #           carry: [".whl", ".gpu-carry/smollm2-b"]   timeout_s: 560
 # (SmolLM2's GGUF, 98 MB, is over the 64 MiB a call carries: the first call parks its first part.)
 # In the second, in this order, each within its own time limit:
-#   1. make bench's GPU rows and a torch.profiler table of the DP step (benchmarks/step_overhead.py
+#   1. where the DP step's extra GPU time goes (scripts/gpu_step_probe.py, about a minute), then
+#      make bench's GPU rows and a torch.profiler table of the DP step (benchmarks/step_overhead.py
 #      --profile: step_profile.txt): the default model, GPT-2-small's size,
 #      and SmolLM2-135M's architecture at the smollm2 profile's 32 records x 340 tokens, random
 #      weights: a step's time and memory do not depend on the values);
@@ -36,6 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 nproc | tee -a "$OUT/gpu.txt"
 
 if [[ " $PARTS " == *" steps "* ]]; then
+  timeout 120 python3 scripts/gpu_step_probe.py 2>&1 | tee "$OUT/gpu_step_probe.log" || status=1
   if timeout 180 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random --profile \
       --smollm2-batch 32 --smollm2-length 340 2>&1 | tee "$OUT/step_overhead.log"; then
     cp benchmarks/results/step_overhead.json benchmarks/results/step_profile.txt "$OUT/" || status=1

@@ -285,3 +285,19 @@ def test_the_step_benchmark_profiles_the_dp_step(monkeypatch):
     table = bench.profile_dp_step("default", torch.device("cpu"), 4, 384)
     assert table.startswith("DP step of default on cpu, batch 4")
     assert "sorted by self_cpu_time_total" in table and "aten::" in table
+
+
+@pytest.mark.slow
+def test_the_gpu_step_probe_runs_its_variants_and_phases(tmp_path):
+    """The probe the next GPU session runs first (scripts/device_check.sh) still runs: here on
+    the CPU, at a tiny size."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_step_probe.py"), "--device", "cpu",
+         "--batch", "2", "--length", "8", "--steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dp, fixed B" in done.stdout and "dp, precision fp32" in done.stdout
+    assert "phases of dp (ms per step, 8 steps)" in done.stdout and "add_noise" in done.stdout
