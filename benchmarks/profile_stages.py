@@ -6,9 +6,10 @@ of each method) without DVC, for a machine that has the stages' libraries but no
 device tool's GPU machines, scripts/device_check.sh): `prepare` and `base` first, then each
 method's three stages in order, methods spread over `--lanes` lanes. With one lane the total is
 the sequential run's wall time; with more, each stage's time is measured while others share
-the GPU, so their sum bounds the sequential run's from above. A stage not started by
-`--deadline` seconds is skipped (the JSON says which), one still running at
-`--hard-deadline` is stopped. Writes <out>/stage_times.json and <out>/summary.md.
+the GPU, so their sum likely overstates the sequential run's (an estimate, not a
+measurement). A stage not started by `--deadline` seconds is skipped (the JSON says which),
+one still running at `--hard-deadline` is stopped. Writes <out>/stage_times.json and
+<out>/summary.md.
 
     python benchmarks/profile_stages.py smollm2 --out /tmp/smollm2 [--lanes 3]
         [--set finetune.epochs=1.0] [--deadline 600] [--methods nonprivate dpsgd]
