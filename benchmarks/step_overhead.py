@@ -99,9 +99,11 @@ class Stepper:
         batch: int,
         steps: int,
         length: int = SMOLLM2_LENGTH,
+        overrides: dict | None = None,
     ) -> None:
+        """``overrides``: finetune params changed before the plan (scripts/gpu_step_probe.py)."""
         self.device = device
-        params = load_params().finetune
+        params = load_params().finetune.model_copy(update=overrides or {})
         model, vocab, length = make_model(config, base, params.lora, length)
         generator = torch.Generator().manual_seed(1)
         ids = torch.randint(vocab, (RECORDS, length), generator=generator)
@@ -176,9 +178,14 @@ class RssPeak:
         self._thread.join()
 
 
+def base_params(config: str) -> BaseParams:
+    """The GPT-2 size a configuration builds (SmolLM2's ignores it: its own architecture)."""
+    return GPT2_SMALL if config == "gpt2-small" else load_params().base
+
+
 def peak_memory_child(kind: str, config: str, device: str, batch: int, length: int) -> None:
     """Run in a subprocess: report the peak memory growth of a few steps of one kind."""
-    base = GPT2_SMALL if config == "gpt2-small" else load_params().base
+    base = base_params(config)
     dev = torch.device(device)
     stepper = Stepper(kind, config, base, dev, batch, 5, length)
     if dev.type == "cuda":
@@ -223,8 +230,7 @@ def peak_memory(kind: str, config: str, device: str, batch: int, length: int) ->
 def measure(
     config: str, device: torch.device, batch: int, steps: int, length: int = SMOLLM2_LENGTH
 ) -> dict:
-    params = load_params()
-    base = GPT2_SMALL if config == "gpt2-small" else params.base
+    base = base_params(config)
     result = {"config": config, "device": str(device), "batch": batch}
     if device.type == "cuda":
         result["gpu"] = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -250,8 +256,7 @@ def profile_dp_step(config: str, device: torch.device, batch: int, length: int) 
     step's extra time goes, which the ratio alone does not say."""
     from torch.profiler import ProfilerActivity, profile
 
-    base = GPT2_SMALL if config == "gpt2-small" else load_params().base
-    stepper = Stepper("dp", config, base, device, batch, 10, length)
+    stepper = Stepper("dp", config, base_params(config), device, batch, 10, length)
     for _ in range(2):
         stepper.step()
     stepper.sync()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import math
 import os
 import statistics
 import sys
@@ -35,8 +34,6 @@ import torch  # noqa: E402
 
 import privtune.train as T  # noqa: E402
 from privtune.config import load_params  # noqa: E402
-from privtune.data.tokenization import EncodedRecords  # noqa: E402
-from privtune.privacy.plan import planned_records  # noqa: E402
 from privtune.train import Trainer  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
@@ -44,7 +41,7 @@ _spec = importlib.util.spec_from_file_location(
 )
 _so = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_so)
-RECORDS, make_model = _so.RECORDS, _so.make_model
+Stepper = _so.Stepper
 
 ARGS = argparse.Namespace(device="cuda", batch=32, length=384, steps=10)
 DEV = torch.device("cpu")
@@ -57,25 +54,9 @@ def sync() -> None:
 
 
 def build(kind: str, steps: int, **over) -> Trainer:
-    """A Trainer on full-length random records, as step_overhead.py's Stepper builds it."""
-    p = load_params()
-    base = p.base.model_copy(update={"max_length": ARGS.length})
-    model, vocab, length = make_model("default", base, p.finetune.lora)
-    ids = torch.randint(vocab, (RECORDS, length), generator=torch.Generator().manual_seed(1))
-    data = EncodedRecords(ids, torch.full((RECORDS,), length))
-    fp = p.finetune.model_copy(update=over)
-    n = planned_records(RECORDS, fp)
-    fp = fp.model_copy(
-        update={
-            "batch_size": ARGS.batch,
-            "epochs": (steps + 4) * ARGS.batch / n,
-            "device": str(DEV),
-            "secret_noise": False,
-        }
-    )
-    trainer = Trainer(model, data, data.slice(0, 8), fp, "dpsgd" if kind == "dp" else "nonprivate")
-    trainer.decide(0, math.nan)
-    return trainer
+    """step_overhead.py's Stepper at the probe's size, with ``over`` finetune params changed."""
+    base = load_params().base.model_copy(update={"max_length": ARGS.length})
+    return Stepper(kind, "default", base, DEV, ARGS.batch, steps + 2, overrides=over).trainer
 
 
 def run(kind: str, warm: int = 2, fixed: bool = False, label: str | None = None, **over) -> None:
