@@ -11,17 +11,18 @@ this measures, and the JSON records exactly what ran.
     python benchmarks/sweep_fanout.py                    # writes results/sweep_fanout.json
     python benchmarks/sweep_fanout.py --one-thread-sequential   # and in turn, one thread a run
 
-Each side's complete record is saved to `<out>.partial.json` as soon as it ends; `--resume`
-measures only the sides missing there (a run cut short, e.g. the whole default sweep, which
-needs about three hours on 2 cores, split over two sittings). Every side first times a fixed
-one-thread workload (`calibration_seconds`), so sides measured at different times can be
-told apart from a machine that ran slower.
+Each side's complete record is saved to `<out>.partial.json` as soon as it ends, and an in-turn
+side's record point by point; `--resume` measures only what is missing there (a run cut short,
+e.g. the whole default sweep, which needs about three hours on 2 cores, split over sittings).
+Every side and every sitting first times a fixed one-thread workload (`calibration_seconds`),
+so sides measured at different times can be told apart from a machine that ran slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -31,7 +32,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,16 +301,30 @@ def _what(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def side_copy(project: Path, work: Path, side: str, runner: dict[str, Any]) -> Path:
+    """A copy of the built project for one side, its `runner` section committed."""
+    copy = work / side
+    shutil.copytree(project, copy, symlinks=True)
+    set_runner(copy, runner)
+    _sh(copy, "git", "commit", "-qam", f"runner: {side}", "--allow-empty")
+    return copy
+
+
+def _load_summary(samples: list[float]) -> dict[str, Any]:
+    return {
+        "mean": round(sum(samples) / len(samples), 2),
+        "max": round(max(samples), 2),
+        "samples": len(samples),
+    }
+
+
 def measure_side(
     side: str, runner: dict[str, Any], threads: int | None, project: Path, work: Path, args, sweep
 ) -> dict[str, Any]:
     """Run the sweep on one side in its own copy of the project: its complete record."""
     from tasks.runners import thread_limit
 
-    copy = work / side
-    shutil.copytree(project, copy, symlinks=True)
-    set_runner(copy, runner)
-    _sh(copy, "git", "commit", "-qam", f"runner: {side}", "--allow-empty")
+    copy = side_copy(project, work, side, runner)
     calibration = calibrate()
     load = os.getloadavg()[0]
     print(f"{side}: sweeping {args.epsilons} x {args.seeds}", flush=True)
@@ -336,11 +352,7 @@ def measure_side(
         "mlflow_finetune_runs": finetune_runs(copy),
         "load_average_1min_at_start": load,
         # every 10 s while the side ran (its own runs included: 1 to 2 of it is ours)
-        "load_average_1min_during": {
-            "mean": round(sum(samples) / len(samples), 2),
-            "max": round(max(samples), 2),
-            "samples": len(samples),
-        },
+        "load_average_1min_during": _load_summary(samples),
         "load_average_1min_at_end": os.getloadavg()[0],
     }
     if runner["kind"] == "ray":
@@ -350,6 +362,82 @@ def measure_side(
     record["experiments"] = experiments(copy)
     print(f"{side}: {seconds:.1f} s", flush=True)
     return record
+
+
+def _without(record: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key not in keys}
+
+
+def measure_in_turn(
+    side: str,
+    runner: dict[str, Any],
+    threads: int | None,
+    project: Path,
+    work: Path,
+    args: argparse.Namespace,
+    sweep: Any,
+    progress: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    """The points one after another, each its own sweep flow run, timed and kept in `progress`
+    (and `save`d) as it ends: a sitting cut short keeps the points it finished, and the next
+    runs only the others. In turn, the side's time is the sum of its points' (each point's
+    flow run included); every sitting records its calibration, so a slower machine shows."""
+    from flows.sweep import sweep_points
+    from tasks.runners import thread_limit
+
+    copy = side_copy(project, work, side, runner)
+    sittings = progress.setdefault("sittings", [])
+    sittings.append(
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "calibration_seconds": round(calibrate(), 2),
+            "load_average_1min_at_start": os.getloadavg()[0],
+        }
+    )
+    points = progress.setdefault("points", {})
+    for epsilon, seed in itertools.product(args.epsilons, args.seeds):  # the flow's order
+        [(name, _)] = sweep_points([epsilon], [seed])
+        if name in points:
+            continue
+        total = len(args.epsilons) * len(args.seeds)
+        print(f"{side}: point {name} ({len(points) + 1} of {total})", flush=True)
+        before = Counter(map(tuple, finetune_runs(copy)))
+        with sampled_load() as samples, thread_limit(threads):
+            start = time.perf_counter()
+            sweep(root=str(copy), epsilons=[epsilon], seeds=[seed])
+            seconds = time.perf_counter() - start
+        runs = Counter(map(tuple, finetune_runs(copy))) - before
+        points[name] = {
+            "seconds": round(seconds, 1),
+            "sitting": len(sittings) - 1,
+            "load_average_1min_during": _load_summary(samples),
+            "mlflow_finetune_runs": sorted(list(run) for run in runs.elements()),
+            "experiment": experiments(copy)[name],
+        }
+        save()
+        print(f"{side}: {name} {seconds:.1f} s", flush=True)
+    seconds = sum(point["seconds"] for point in points.values())
+    print(f"{side}: {seconds:.1f} s (the sum of its points)", flush=True)
+    return {
+        "runner": runner,
+        "threads_per_run": threads or "torch default (all CPUs)",
+        "seconds": round(seconds, 1),
+        "seconds_are": "the sum of the points' sweep flow runs, one after another",
+        "started": sittings[0]["started"],
+        "calibration_seconds": sittings[0]["calibration_seconds"],
+        # one per sitting the side was measured in, with its own calibration
+        "sittings": sittings,
+        "point_seconds": {f"experiment-{name}": point["seconds"] for name, point in points.items()},
+        "points": {
+            name: _without(point, "experiment", "mlflow_finetune_runs")
+            for name, point in points.items()
+        },  # fmt: skip
+        "mlflow_finetune_runs": sorted(
+            run for point in points.values() for run in point["mlflow_finetune_runs"]
+        ),
+        "experiments": {name: point["experiment"] for name, point in points.items()},
+    }
 
 
 def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
@@ -375,10 +463,24 @@ def run(args: argparse.Namespace, work: Path, sweep: Any) -> None:
         if todo:
             print(f"building the {args.size} project in {work}", flush=True)
             project = build_project(work, args.size, args.methods)
-        for side in todo:
-            record = measure_side(side, sides[side], threads[side], project, work, args, sweep)
-            partial["sides"][side] = record | {"code": code}
+
+        def save() -> None:
+            partial_path.parent.mkdir(parents=True, exist_ok=True)
             partial_path.write_text(json.dumps(partial, indent=2) + "\n")
+
+        for side in todo:
+            if sides[side]["kind"] == "local":  # in turn: resumable point by point
+                progress = partial.setdefault("in_progress", {}).setdefault(side, {})
+                progress["code"] = code  # the code of the last sitting
+                record = measure_in_turn(
+                    side, sides[side], threads[side], project, work, args, sweep,
+                    progress=progress, save=save,
+                )  # fmt: skip
+                del partial["in_progress"][side]
+            else:
+                record = measure_side(side, sides[side], threads[side], project, work, args, sweep)
+            partial["sides"][side] = record | {"code": code}
+            save()
         done = partial["sides"]
         shown = {side: done[side].pop("experiments") for side in done}
         spent = {side: _epsilons(found) for side, found in shown.items()}

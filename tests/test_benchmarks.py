@@ -153,6 +153,7 @@ def test_the_sweep_benchmark_resumes_with_the_sides_it_has(monkeypatch, tmp_path
         }
 
     monkeypatch.setattr(bench, "measure_side", side)
+    monkeypatch.setattr(bench, "measure_in_turn", lambda *a, progress, save: side(*a))
     monkeypatch.setattr(bench, "build_project", lambda *a: tmp_path / "project")
     out = tmp_path / "sweep.json"
     args = bench.argparse.Namespace(
@@ -173,6 +174,67 @@ def test_the_sweep_benchmark_resumes_with_the_sides_it_has(monkeypatch, tmp_path
     partial.write_text(json.dumps({"sweep": bench._what(args), "sides": {"ray": ray}}))
     with pytest.raises(SystemExit, match="holds another sweep"):
         bench.run(other, tmp_path / "work2", sweep=None)
+
+
+def test_the_sweep_benchmarks_in_turn_side_resumes_point_by_point(monkeypatch, tmp_path):
+    """A sitting cut short mid-way keeps the in-turn points it finished in <out>.partial.json;
+    the next sitting runs only the others, and the side's time is the sum of its points', with
+    each point's own MLflow runs and experiment and each sitting's calibration."""
+    bench = _load("sweep_fanout")
+    store: list[list[str]] = []  # the copy's MLflow fine-tuning runs
+    shown: dict[str, dict] = {}  # its DVC experiments
+    ran: list[tuple[float, int]] = []
+    stop_at = {"eps8-seed0"}
+
+    def sweep(root, epsilons, seeds):
+        [(eps, seed)] = [(e, s) for e in epsilons for s in seeds]
+        name = f"eps{eps:g}-seed{seed}"
+        if name in stop_at:
+            raise KeyboardInterrupt  # the sitting ends here
+        ran.append((eps, seed))
+        store.extend([[str(eps), str(seed), "FINISHED"]] * 2)  # two methods a point
+        shown[name] = {"metrics/finetune-dpsgd.json": {"epsilon": eps * 0.999}}
+
+    monkeypatch.setattr(bench, "side_copy", lambda *a: tmp_path / "copy")
+    monkeypatch.setattr(bench, "build_project", lambda *a: tmp_path / "project")
+    monkeypatch.setattr(bench, "finetune_runs", lambda copy: sorted(store))
+    monkeypatch.setattr(bench, "experiments", lambda copy: dict(shown))
+    monkeypatch.setattr(bench, "calibrate", lambda: 1.5)
+    ray = {
+        "runner": {"kind": "ray"}, "seconds": 10.0,
+        "mlflow_finetune_runs": [[str(e), "0", "FINISHED"] for e in (1.0, 1.0, 8.0, 8.0)],
+        "experiments": {
+            "eps1-seed0": {"metrics/finetune-dpsgd.json": {"epsilon": 0.999}},
+            "eps8-seed0": {"metrics/finetune-dpsgd.json": {"epsilon": 8 * 0.999}},
+        },
+    }  # fmt: skip
+    out = tmp_path / "sweep.json"
+    args = bench.argparse.Namespace(
+        size="tiny", methods=["dpsgd", "nonprivate"], epsilons=[1.0, 8.0], seeds=[0],
+        concurrency=2, one_thread_sequential=False, out=out, resume=True,
+    )  # fmt: skip
+    partial = out.with_suffix(".partial.json")
+    partial.write_text(json.dumps({"sweep": bench._what(args), "sides": {"ray": ray}}))
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(args, tmp_path / "work", sweep=sweep)
+    kept = json.loads(partial.read_text())["in_progress"]["sequential"]
+    assert list(kept["points"]) == ["eps1-seed0"] and len(kept["sittings"]) == 1
+    assert kept["points"]["eps1-seed0"]["mlflow_finetune_runs"] == [["1.0", "0", "FINISHED"]] * 2
+    assert not out.exists()
+
+    stop_at.clear()
+    store.clear()  # the next sitting builds a fresh project
+    shown.clear()
+    bench.run(args, tmp_path / "work2", sweep=sweep)
+    assert ran == [(1.0, 0), (8.0, 0)]  # the first point was not run again
+    result = json.loads(out.read_text())
+    side = result["sequential"]
+    assert side["seconds"] == round(sum(p["seconds"] for p in side["points"].values()), 1)
+    assert [p["sitting"] for p in side["points"].values()] == [0, 1]
+    assert [s["calibration_seconds"] for s in side["sittings"]] == [1.5, 1.5]
+    assert len(side["mlflow_finetune_runs"]) == 4
+    assert result["same_epsilons_both_ways"] and not partial.exists()
 
 
 def _stage_project(tmp_path: Path, bench) -> Path:
