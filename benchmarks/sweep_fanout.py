@@ -254,6 +254,8 @@ def finetune_runs(project: Path) -> list[list[str]]:
 
     client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name("privtune")
+    if experiment is None:  # no point has run yet
+        return []
     return sorted(
         [run.data.params["finetune.epsilon"], run.data.params["finetune.seed"], run.info.status]
         for run in client.search_runs([experiment.experiment_id])
