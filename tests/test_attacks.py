@@ -272,6 +272,22 @@ def test_chunking_does_not_change_scores(world, overfit_model):
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
 
 
+def test_chunks_are_sized_for_the_models_device(monkeypatch, untouched_model):
+    """On the CPU a chunk's logits stay within 256 MiB; on a GPU within a quarter of its free
+    memory, at most 4 GiB, and never less than the CPU's budget."""
+    from privtune.attacks import exposure
+
+    assert exposure.logits_budget(torch.device("cpu")) == 256 * 2**20
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 2**40))
+    for available, budget in [(64 * 2**30, 4 * 2**30), (4 * 2**30, 2**30), (2**20, 256 * 2**20)]:
+        free["bytes"] = available
+        assert exposure.logits_budget(torch.device("cuda", 0)) == budget
+    vocab = untouched_model.config.vocab_size
+    chunk = exposure.default_chunk_size(untouched_model, tokens_per_continuation=12)
+    assert chunk == max(16, 256 * 2**20 // (8 * vocab * 12))
+
+
 def test_greedy_and_sampled_extraction(world, overfit_model, untouched_model):
     results = canary_extraction(overfit_model, world["tokenizer"], world["canaries"], samples=4)
     planted = [r for r in results if r.repetitions == PLANTED_REPS]
@@ -503,6 +519,13 @@ def test_run_attacks_reports_flat_floats_and_no_text(
     prefixes = [c.prefix.strip() for c in world["canaries"] + world["audit"]]
     fragments = [r["text"][:24] for r in world["members"] + world["non_members"]]
     captured = capsys.readouterr()
+    # where the stage's time went, as a log line (seconds are no metric: reruns must agree)
+    phases = ("membership inference", "exposure", "extraction", "audits")
+    line = next(x for x in captured.err.splitlines() if x.startswith("attack phases: "))
+    assert [
+        part.rsplit(" ", 2)[0] for part in line.removeprefix("attack phases: ").split(", ")
+    ] == list(phases)
+    assert not any("seconds" in key for key in metrics)
     written = json.dumps(metrics) + captured.out + captured.err
     blobs = [written.encode()] + [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
     for needle in secrets + prefixes + fragments:

@@ -19,12 +19,25 @@ from privtune.evaluate import continuation_logprobs, encode_continuations, split
 
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """Memory allowed for one chunk's float32 logits (continuations x tokens x vocabulary)."""
+CUDA_LOGITS_BUDGET_BYTES = 4 * 2**30
+"""The same on a GPU, at most (and at most a quarter of its free memory): a pass there costs
+about the same for 56 continuations as for 1,000, so fewer, larger chunks."""
+
+
+def logits_budget(device: torch.device) -> int:
+    """Bytes one chunk's logits may take on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(LOGITS_BUDGET_BYTES, min(CUDA_LOGITS_BUDGET_BYTES, free // 4))
+    return LOGITS_BUDGET_BYTES
 
 
 def default_chunk_size(model: torch.nn.Module, tokens_per_continuation: int = 12) -> int:
-    """Continuations per forward pass so that the logits (and their log-softmax) fit the budget."""
+    """Continuations per forward pass so that the logits (and their log-softmax) fit the budget
+    of the model's device."""
     vocab = int(model.config.vocab_size)
-    return max(16, LOGITS_BUDGET_BYTES // (2 * 4 * vocab * tokens_per_continuation))
+    budget = logits_budget(next(model.parameters()).device)
+    return max(16, budget // (2 * 4 * vocab * tokens_per_continuation))
 
 
 def chunked_continuation_logprobs(

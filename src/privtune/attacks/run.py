@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +160,22 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+class _PhaseClock:
+    """Wall seconds of consecutive phases."""
+
+    def __init__(self) -> None:
+        self.laps: list[tuple[str, float]] = []
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.laps)
+
+
 def run_attacks(
     model: torch.nn.Module,
     reference_model: torch.nn.Module | None,
@@ -196,6 +214,7 @@ def run_attacks(
         )
     scoring = {"max_length": config.max_length, "batch_size": config.batch_size}
     figures: list[Path] = []
+    clock = _PhaseClock()
     with _progress(config.progress) as progress:
         task = progress.add_task("membership inference", total=1)
         mia, curves = membership_inference(
@@ -211,6 +230,7 @@ def run_attacks(
             **scoring,
         )
         progress.advance(task)
+        clock.lap("membership inference")
         if out_dir is not None:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
             figures.append(
@@ -228,6 +248,7 @@ def run_attacks(
             chunk_size=config.chunk_size,
             on_canary=lambda: progress.advance(task),
         )
+        clock.lap("exposure")
         task = progress.add_task("extraction", total=len(canaries))
         extractions = canary_extraction(
             model,
@@ -237,6 +258,7 @@ def run_attacks(
             seed=config.seed,
             on_canary=lambda: progress.advance(task),
         )
+        clock.lap("extraction")
         audits: dict[str, AuditResult] = {}
         n_audits = bool(audit_canaries) + (gradient_canaries is not None)
         # Bonferroni over the audits: the larger bound keeps the stated confidence.
@@ -267,4 +289,8 @@ def run_attacks(
                 confidence=audit_confidence,
             )
             progress.advance(task)
+        clock.lap("audits")
+    # Seconds are not metrics (a rerun must give the same metrics file): a log line, which
+    # says where an attack stage's time goes (on a GPU, sizing attack.candidates, batch_size).
+    print(f"attack phases: {clock}", file=sys.stderr, flush=True)
     return summarize(mia, exposures, extractions, audits), figures

@@ -152,14 +152,21 @@ class CanaryInjector:
         owner = np.searchsorted(offsets, canaries.coordinates, side="right") - 1
         self._owner = owner  # parameter index of each canary
         self._local = canaries.coordinates - offsets[owner]  # flat index inside that parameter
+        # per (parameter, device): the indices of its canaries' coordinates, on that device
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _rows(self, canary_ids: np.ndarray, param_index: int, param: torch.Tensor):
-        """(n, *param.shape) per-sample gradients of the given canaries for one parameter."""
-        rows = torch.zeros((len(canary_ids), param.numel()), dtype=param.dtype)
-        for row, j in enumerate(canary_ids):
-            if self._owner[j] == param_index:
-                rows[row, self._local[j]] = self.canaries.norm * self.canaries.signs[j]
-        return rows.view(len(canary_ids), *param.shape).to(param.device)
+        """(n, *param.shape) per-sample gradients of the given canaries for one parameter,
+        made on the parameter's device: only the few nonzero entries cross from the host."""
+        rows = torch.zeros((len(canary_ids), param.numel()), dtype=param.dtype, device=param.device)
+        mine = [(row, j) for row, j in enumerate(canary_ids) if self._owner[j] == param_index]
+        if mine:
+            at = torch.tensor([[row, self._local[j]] for row, j in mine]).T.to(param.device)
+            values = torch.tensor(
+                [self.canaries.norm * self.canaries.signs[j] for _, j in mine], dtype=param.dtype
+            )
+            rows[at[0], at[1]] = values.to(param.device)
+        return rows.view(len(canary_ids), *param.shape)
 
     def rows(self, canary_ids: np.ndarray) -> list[torch.Tensor]:
         """Per-sample gradients of the given canaries, one (n, *shape) tensor per parameter:
@@ -169,11 +176,18 @@ class CanaryInjector:
 
     @torch.no_grad()
     def observe(self) -> None:
-        """Add sign * released gradient at each canary's coordinate to its score."""
-        values = np.zeros(self.canaries.m)
+        """Add sign * released gradient at each canary's coordinate to its score (read from the
+        device in one copy, not one per parameter: each copy waits for the GPU)."""
+        owners, picked = [], []
         for i, p in enumerate(self.params):
             mine = np.flatnonzero(self._owner == i)
             if mine.size and p.grad is not None:
-                local = torch.as_tensor(self._local[mine], device=p.grad.device)
-                values[mine] = p.grad.reshape(-1)[local].double().cpu().numpy()
+                key = (i, p.grad.device)
+                if key not in self._index:
+                    self._index[key] = torch.as_tensor(self._local[mine], device=p.grad.device)
+                owners.append(mine)
+                picked.append(p.grad.reshape(-1)[self._index[key]].double())
+        values = np.zeros(self.canaries.m)
+        if picked:
+            values[np.concatenate(owners)] = torch.cat(picked).cpu().numpy()
         self.canaries.scores += self.canaries.signs * values

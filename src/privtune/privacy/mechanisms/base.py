@@ -186,14 +186,15 @@ class PerSampleClipping(Mechanism):
         if self.replica.distributed:
             self.replica.sum_([p.grad for p in self.parameters])
             norms = self.replica.gather_rows(norms)
+        norms = norms.cpu()  # the one copy from the device a step needs (the logs read them)
         if norms.numel():
-            limits = torch.tensor(thresholds, dtype=norms.dtype, device=norms.device)
+            limits = torch.tensor(thresholds, dtype=norms.dtype)
             clipped = (norms > limits).float().mean().item()
         else:
             clipped = 0.0
         self._sums = [None] * len(self._sums)
         self._norms = []
-        return norms.cpu(), clipped
+        return norms, clipped
 
     def scale(self, expected_batch_size: float) -> None:
         for p in self.parameters:
