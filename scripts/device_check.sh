@@ -14,8 +14,9 @@
 #      and SmolLM2-135M's architecture at the smollm2 profile's 32 records x 340 tokens, random
 #      weights: a step's time and memory do not depend on the values);
 #   2. the nine-method smollm2 profile stage by stage on the real SmolLM2 (the GGUF joined and
-#      checked against its SHA-256; benchmarks/profile_stages.py, three lanes, stopped by a
-#      deadline; skipped when the first call's part is gone);
+#      checked against its SHA-256; benchmarks/profile_stages.py, DEVICE_CHECK_LANES lanes (3),
+#      DEVICE_CHECK_METHODS in that order (all nine), stopped by a deadline; skipped when the
+#      first call's part is gone);
 #   3. the CUDA tests (tests/test_cuda.py: CPU/CUDA parity in fp32, bf16 autocast by default).
 # Everything lands in $OUT: the logs, step_overhead.json (this machine's CPU rows kept, the
 # CUDA rows added) and smollm2-profile.tgz (stage times, metrics, plots, summary); commit them.
@@ -23,6 +24,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/device-check}
 LIMIT=${DEVICE_CHECK_SECONDS:-540}  # the call's timeout_s less the margin to pack up
 PARTS=${DEVICE_CHECK_PARTS:-steps profile tests}  # a rerun may take fewer
+LANES=${DEVICE_CHECK_LANES:-3}  # the profile's methods at once (a SmolLM2 DP step peaks at 21 GB)
+METHODS=${DEVICE_CHECK_METHODS:-nonprivate dpsgd rldp per_adapter quantile auto_s psac decay lmo}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || { echo "no wheels: run make device-wheels here first"; exit 1; }
@@ -63,7 +66,7 @@ elif [ -f /tmp/stash/gguf.part-a ] && [ -f .gpu-carry/smollm2-b/gguf.part-b ]; t
     else
       rm -rf /tmp/smollm2  # a rerun on the same machine starts a new project
       OMP_NUM_THREADS=5 python3 benchmarks/profile_stages.py smollm2 --out /tmp/smollm2 \
-        --lanes 3 --methods nonprivate dpsgd rldp per_adapter quantile auto_s psac decay lmo \
+        --lanes "$LANES" --methods $METHODS \
         --deadline $((left - 60)) --hard-deadline "$left" 2>&1 | tee "$OUT/profile.log" || status=1
       outputs=(); for path in params.yaml stage_times.json summary.md logs metrics plots; do
         [ -e "/tmp/smollm2/$path" ] && outputs+=("$path"); done

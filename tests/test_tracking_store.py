@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
 
 from privtune import tracking
 
@@ -28,3 +34,48 @@ def test_an_exported_store_is_kept(tmp_path, monkeypatch):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == store
     assert (tmp_path / "shared.db").is_file() and not (tmp_path / "project" / "mlflow.db").exists()
+
+
+_START_TOGETHER = """
+import sys, time
+from pathlib import Path
+from privtune import tracking
+import mlflow  # imported before the start line, so the processes reach the store together
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+with tracking.start_run(f"run-{sys.argv[3]}", root=sys.argv[1]):
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_runs_started_together_on_a_fresh_project_all_land_in_one_store(tmp_path, monkeypatch):
+    """Four processes opening the same missing sqlite store at once: MLflow creates and migrates
+    it on first use, which only one may do at a time; every run must land, and the project
+    gains nothing but the store and its artifacts folder."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project, go = tmp_path / "project", tmp_path / "go"
+    project.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _START_TOGETHER, str(project), str(go), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    time.sleep(1.0)
+    go.touch()
+    outputs = [child.communicate(timeout=300)[0] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, "\n".join(outputs)[-3000:]
+    client = mlflow.MlflowClient(tracking.tracking_uri(project))
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"run-{i}" for i in range(4)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    left = {p.name for p in project.iterdir()}
+    assert "mlflow.db" in left and left <= {"mlflow.db", "mlruns"}, left

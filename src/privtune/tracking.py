@@ -74,10 +74,36 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def checked_uri(root: str | Path = ".") -> str:
-    """tracking_uri(root), checked to answer when it is a server."""
+    """tracking_uri(root), checked to answer when it is a server, and created (when it is a
+    missing sqlite file) by one process at a time."""
     uri = tracking_uri(root)
     check_server(uri)
+    _create_sqlite_store(uri)
     return uri
+
+
+_OPENED: set[str] = set()  # the sqlite stores this process has opened
+
+
+def _create_sqlite_store(uri: str, wait: float = 600.0) -> None:
+    """Open a sqlite store once per process under a file lock: MLflow creates and migrates a
+    missing store on first use, and two processes doing that at once (stages or fine-tunings
+    started together on a fresh project) collide on its tables. The lock lives in the temp
+    directory (a sqlite store is one machine's), so the project gains no untracked file."""
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return
+    import hashlib
+    import tempfile
+
+    import mlflow
+    from filelock import FileLock
+
+    path = Path(uri.removeprefix("sqlite:///")).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"privtune-mlflow-{key}.lock", timeout=wait):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates it
+    _OPENED.add(uri)
 
 
 def ensure_experiment(root: str | Path = ".", name: str | None = None) -> str:
