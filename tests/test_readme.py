@@ -233,7 +233,11 @@ def test_dp_batch_size_seeds_are_the_committed_runs():
 
 @pytest.mark.parametrize(
     ("name", "marker"),
-    [("sweep_fanout", "results:sweep-fanout"), ("sweep_fanout_full", "results:sweep-fanout-full")],
+    [
+        ("sweep_fanout", "results:sweep-fanout"),
+        ("sweep_fanout_full", "results:sweep-fanout-full"),
+        ("sweep_fanout_default", "results:sweep-fanout-default"),
+    ],
 )
 def test_sweep_fanout_rows_are_the_committed_benchmark(name: str, marker: str):
     path = ROOT / "benchmarks" / "results" / f"{name}.json"
@@ -248,6 +252,10 @@ def test_sweep_fanout_rows_are_the_committed_benchmark(name: str, marker: str):
         runs = bench[side]["mlflow_finetune_runs"]
         expected = bench["sweep"]["points"] * len(bench["sweep"]["methods"])
         assert len(runs) == expected and {r[2] for r in runs} == {"FINISHED"}
+        if "points" in bench[side]:  # measured point by point: the side's time is their sum
+            points = bench[side]["points"].values()
+            assert len(points) == bench["sweep"]["points"]
+            assert round(sum(p["seconds"] for p in points), 1) == bench[side]["seconds"]
     assert f"{bench['speedup']:.2f}×" in block
     assert len(bench["experiments"]) == bench["sweep"]["points"]
     assert bench["same_epsilons_both_ways"]
