@@ -39,19 +39,20 @@ def test_an_exported_store_is_kept(tmp_path, monkeypatch):
 _START_TOGETHER = """
 import sys, time
 from pathlib import Path
+import mlflow.store.tracking.sqlalchemy_store  # the slow imports first: all reach the store at once
 from privtune import tracking
-import mlflow  # imported before the start line, so the processes reach the store together
-go = Path(sys.argv[2])
-while not go.exists():
-    time.sleep(0.01)
-with tracking.start_run(f"run-{sys.argv[3]}", root=sys.argv[1]):
+project, go, i = sys.argv[1:]
+(Path(go).parent / f"ready-{i}").touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+with tracking.start_run(f"run-{i}", root=project):
     pass
 """
 
 
 @pytest.mark.slow
 def test_runs_started_together_on_a_fresh_project_all_land_in_one_store(tmp_path, monkeypatch):
-    """Four processes opening the same missing sqlite store at once: MLflow creates and migrates
+    """Six processes opening the same missing sqlite store at once: MLflow creates and migrates
     it on first use, which only one may do at a time; every run must land, and the project
     gains nothing but the store and its artifacts folder."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -66,16 +67,18 @@ def test_runs_started_together_on_a_fresh_project_all_land_in_one_store(tmp_path
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for i in range(4)
+        for i in range(6)
     ]
-    time.sleep(1.0)
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("ready-*"))) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
     go.touch()
     outputs = [child.communicate(timeout=300)[0] for child in children]
-    assert [child.returncode for child in children] == [0] * 4, "\n".join(outputs)[-3000:]
+    assert [child.returncode for child in children] == [0] * 6, "\n".join(outputs)[-3000:]
     client = mlflow.MlflowClient(tracking.tracking_uri(project))
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == [f"run-{i}" for i in range(4)]
+    assert sorted(r.info.run_name for r in runs) == [f"run-{i}" for i in range(6)]
     assert {r.info.status for r in runs} == {"FINISHED"}
     left = {p.name for p in project.iterdir()}
     assert "mlflow.db" in left and left <= {"mlflow.db", "mlruns"}, left
