@@ -398,11 +398,11 @@ def measure_in_turn(
         }
     )
     points = progress.setdefault("points", {})
+    total = len(args.epsilons) * len(args.seeds)
     for epsilon, seed in itertools.product(args.epsilons, args.seeds):  # the flow's order
         [(name, _)] = sweep_points([epsilon], [seed])
         if name in points:
             continue
-        total = len(args.epsilons) * len(args.seeds)
         print(f"{side}: point {name} ({len(points) + 1} of {total})", flush=True)
         before = Counter(map(tuple, finetune_runs(copy)))
         with sampled_load() as samples, thread_limit(threads):
@@ -434,7 +434,7 @@ def measure_in_turn(
         "points": {
             name: _without(point, "experiment", "mlflow_finetune_runs")
             for name, point in points.items()
-        },  # fmt: skip
+        },
         "mlflow_finetune_runs": sorted(
             run for point in points.values() for run in point["mlflow_finetune_runs"]
         ),

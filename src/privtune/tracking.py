@@ -99,7 +99,6 @@ def _create_sqlite_store(uri: str, wait: float = 600.0) -> None:
     from filelock import FileLock
 
     path = Path(uri.removeprefix("sqlite:///")).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"privtune-mlflow-{key}.lock", timeout=wait):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates it
@@ -108,7 +107,8 @@ def _create_sqlite_store(uri: str, wait: float = 600.0) -> None:
 
 def ensure_experiment(root: str | Path = ".", name: str | None = None) -> str:
     """Create the project's store and experiment now, if missing: before runs start at once
-    (two processes creating one sqlite store or one experiment together would collide)."""
+    (the store's creation takes turns, `checked_uri`; the experiment is then made once here
+    instead of raced for)."""
     with use_store(root) as mlflow:
         return _experiment_id(mlflow, Path(root), name or EXPERIMENT)
 

@@ -152,7 +152,8 @@ class CanaryInjector:
         owner = np.searchsorted(offsets, canaries.coordinates, side="right") - 1
         self._owner = owner  # parameter index of each canary
         self._local = canaries.coordinates - offsets[owner]  # flat index inside that parameter
-        # per (parameter, device): the indices of its canaries' coordinates, on that device
+        self._mine = [np.flatnonzero(owner == i) for i in range(len(self.params))]  # per param
+        # per (parameter, device): the flat indices of its canaries' coordinates, on that device
         self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _rows(self, canary_ids: np.ndarray, param_index: int, param: torch.Tensor):
@@ -179,8 +180,7 @@ class CanaryInjector:
         """Add sign * released gradient at each canary's coordinate to its score (read from the
         device in one copy, not one per parameter: each copy waits for the GPU)."""
         owners, picked = [], []
-        for i, p in enumerate(self.params):
-            mine = np.flatnonzero(self._owner == i)
+        for i, (p, mine) in enumerate(zip(self.params, self._mine, strict=True)):
             if mine.size and p.grad is not None:
                 key = (i, p.grad.device)
                 if key not in self._index:
