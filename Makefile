@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast mutate mutate-report bench bench-rldp bench-lmo bench-methods bench-sweep device-wheels lint ui clean team-servers
+.PHONY: install install-smollm2 lock demo demo-smollm2 test test-fast mutate mutate-report bench bench-rldp bench-lmo bench-methods bench-sweep bench-ddp device-wheels lint ui clean team-servers
 
 install: $(VENV)/.installed
 
@@ -104,6 +104,10 @@ team-servers: install
 # A reduced sweep one point after another vs fanned out on a local Ray (sweep_fanout.json).
 bench-sweep: install
 	$(BIN)/python benchmarks/sweep_fanout.py $(ARGS)
+
+# The DP step in one process vs two torchrun ranks (gloo) on the CPU (ddp_scaling.json).
+bench-ddp: install
+	$(BIN)/python benchmarks/ddp_scaling.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests tasks flows benchmarks

@@ -363,3 +363,40 @@ def test_the_gpu_step_probe_runs_its_variants_and_phases(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dp, fixed B" in done.stdout and "dp, precision fp32" in done.stdout
     assert "phases of dp (ms per step, 8 steps)" in done.stdout and "add_noise" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_ddp_benchmark_times_one_process_and_two_ranks_on_the_same_batches(tmp_path):
+    """make bench-ddp at its smallest: three sides, the same logical batches and losses, the
+    two ranks' collectives timed."""
+    import subprocess
+
+    out = tmp_path / "ddp.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--configs"]
+    command += ["default", "--rounds", "2", "--steps", "2", "--batch", "4", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600)
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["rounds"] == 2 and len(run["records_per_step"]) == 2
+    assert run["largest_loss_difference"] <= 1e-4
+    two = run["two_processes_one_thread_each"]
+    assert (two["processes"], two["threads_per_process"]) == (2, 1)
+    assert 0 < two["collective_share"] < 1
+    assert run["one_process_two_threads"]["collective_share"] == 0
+    assert len(two["round_medians_s"]) == 2
+    ratio = run["one_process_two_threads"]["median_step_s"] / two["median_step_s"]
+    assert run["speedup_over_one_process"] == pytest.approx(ratio, abs=2e-3)
+
+
+def test_the_ddp_benchmark_stops_when_the_sides_ran_different_steps(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("ddp_scaling")
+    same = {"records": [3, 5], "losses": [2.0, 1.5]}
+    close = {"records": [3, 5], "losses": [2.0, 1.5 * (1 + 1e-6)]}
+    assert bench.loss_difference({"a": same, "b": close}, "x") == pytest.approx(1e-6, rel=1e-3)
+    with pytest.raises(SystemExit, match="different logical batches"):
+        bench.loss_difference({"a": same, "b": {"records": [3, 4], "losses": [2.0, 1.5]}}, "x")
+    with pytest.raises(SystemExit, match="losses differ"):
+        bench.loss_difference({"a": same, "b": {"records": [3, 5], "losses": [2.0, 1.6]}}, "x")
+    nan = {"records": [3, 5], "losses": [2.0, float("nan")]}
+    with pytest.raises(SystemExit, match="losses differ"):
+        bench.loss_difference({"a": same, "b": nan}, "x")

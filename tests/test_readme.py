@@ -261,6 +261,22 @@ def test_sweep_fanout_rows_are_the_committed_benchmark(name: str, marker: str):
     assert bench["same_epsilons_both_ways"]
 
 
+def test_ddp_scaling_rows_are_the_committed_benchmark():
+    """README's 1-to-2-process rows are benchmarks/results/ddp_scaling.json's, and every side
+    of it ran the same logical batches."""
+    path = ROOT / "benchmarks" / "results" / "ddp_scaling.json"
+    assert path.is_file(), "benchmarks/results/ddp_scaling.json is not committed (make bench-ddp)"
+    block = _block("results:ddp-scaling")
+    for run in json.loads(path.read_text())["runs"]:
+        assert run["largest_loss_difference"] <= 1e-4  # the same batches and updates
+        row = next(line for line in block.splitlines() if line.startswith(f"| {run['config']} "))
+        for side in ("one_process_two_threads", "one_process_one_thread"):
+            assert f"{run[side]['median_step_s']:.3f} s" in row, side
+        assert f"{run['two_processes_one_thread_each']['median_step_s']:.3f} s" in row
+        assert f"**{run['speedup_over_one_process']:.2f}×**" in row
+        assert f"{run['scaling_efficiency']:.2f}" in row
+
+
 def test_the_mutation_table_is_the_committed_report():
     """README's per-area mutation numbers are benchmarks/results/mutation.json's."""
     report = json.loads((ROOT / "benchmarks" / "results" / "mutation.json").read_text())
