@@ -164,14 +164,18 @@ def _calibrate(
 ) -> float:
     if accountant == "pld":
         return _calibrate_by_bisection(target_epsilon, delta, sample_rate, steps, accountant)
-    sigma = get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant=accountant,
-        epsilon_tolerance=0.005,
-    )
+    with warnings.catch_warnings():
+        # opacus' search starts at z = 10, where RDP's best order is its largest, and warns of
+        # a loose bound there; the z it returns is re-checked below at every order
+        warnings.filterwarnings("ignore", "Optimal order is the largest alpha", UserWarning)
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
     # opacus stops its bisection within tolerance on the safe side; re-check to be certain.
     while epsilon([(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:
         sigma *= 1.001
