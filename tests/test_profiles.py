@@ -32,7 +32,7 @@ def test_an_overlay_merges_sections_and_replaces_the_method_list():
     assert params["finetune"]["lora"] == {"r": 8}  # the inputs are not modified
 
 
-@pytest.mark.parametrize("name", ["smollm2", "smollm2-cpu", "quick"])
+@pytest.mark.parametrize("name", ["smollm2", "smollm2-cpu", "smollm2-cpu-methods", "quick"])
 def test_shipped_profiles_are_valid_and_pass_the_delta_gate(name):
     run, params = resolve(ROOT, name, None)
     checked = parse_params(params)
@@ -43,6 +43,7 @@ def test_shipped_profiles_are_valid_and_pass_the_delta_gate(name):
     expected = {
         "smollm2": set(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]),
         "smollm2-cpu": {"nonprivate", "dpsgd", "rldp"},
+        "smollm2-cpu-methods": set(yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]),
         "quick": {"nonprivate", "dpsgd"},
     }[name]
     assert set(checked.methods) == expected

@@ -85,6 +85,31 @@ def test_smollm2_table_is_the_committed_smollm2_cpu_run():
     assert f"{base['test_perplexity']:.1f}" in README
 
 
+def test_smollm2_every_method_table_is_the_committed_cpu_run():
+    """Every method fine-tuned and evaluated on SmolLM2 in one CPU run: the table is the
+    committed outputs', every private run within its budget, and the section's claims hold."""
+    results = _profile_block_matches("smollm2-cpu-methods")
+    metrics = results / "metrics"
+    methods = set(load_params(results / "params.yaml").methods)
+    tuned = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+             for p in metrics.glob("finetune-*.json")}  # fmt: skip
+    assert set(tuned) == methods and len(methods) == 9
+    for name, info in tuned.items():
+        assert not info["private"] or info["epsilon"] <= info["target_epsilon"], name
+        assert (metrics / f"evaluate-{name}.json").is_file(), name
+    test = {m: json.loads((metrics / f"evaluate-{m}.json").read_text()) for m in methods}
+    base = json.loads((metrics / "base.json").read_text())
+    # what the section claims: the non-private model far above the base on the task, sound
+    # LMO-DP below the base on perplexity, every other private method between
+    assert test["nonprivate"]["medication_accuracy"] > 2 * base["medication_accuracy"]
+    assert test["lmo"]["test_perplexity"] > base["test_perplexity"]
+    others = [m for m in methods if m not in ("nonprivate", "lmo")]
+    assert all(
+        test["nonprivate"]["test_perplexity"] < test[m]["test_perplexity"] < base["test_perplexity"]
+        for m in others
+    )
+
+
 def test_smollm2_gpu_table_is_the_committed_run_and_what_the_section_claims():
     """The nine-method profile on a GPU (stage by stage, with a deadline): the table is the
     committed outputs', and the claims are theirs: the non-private model far above the base
