@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,8 @@ class CollectiveClock:
         for name, original in self._kept.items():
             setattr(dist, name, self._timed(original))
 
-    def _timed(self, original):
-        def timed(*args, **kwargs):
+    def _timed(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
