@@ -400,3 +400,26 @@ def test_the_ddp_benchmark_stops_when_the_sides_ran_different_steps(monkeypatch)
     nan = {"records": [3, 5], "losses": [2.0, float("nan")]}
     with pytest.raises(SystemExit, match="losses differ"):
         bench.loss_difference({"a": same, "b": nan}, "x")
+
+
+def test_lmo_clip_is_chosen_on_validation_and_every_clip_is_shown(monkeypatch):
+    """lmo_vs_gaussian --lmo-clips keeps the LMO run of least validation perplexity (not
+    test: that would fit the test set) and names every clip it ran."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("lmo_vs_gaussian")
+    paper = {"per_step_epsilon": 1.3, "gaussian_proxy_epsilon": 0.18}
+    run = {"epsilon_spent": 0.99, "paper_accounting_not_a_guarantee": paper}
+    runs = [
+        run | {"options": {"clip": 0.1}, "valid_perplexity": 500.0, "test_perplexity": 400.0},
+        run | {"options": {"clip": 1.0}, "valid_perplexity": 450.0, "test_perplexity": 470.0},
+        run | {"options": {"clip": 10.0}, "valid_perplexity": 450.0, "test_perplexity": 460.0},
+    ]
+    assert bench.chosen_clip(runs)["options"]["clip"] == 1.0  # the first of a tie
+    assert bench.chosen_clip([]) is None
+    gaussian = {"test_perplexity": 235.0, "epsilon_spent": 1.0}
+    row = {"epsilon": 1.0, "gaussian": gaussian, "lmo": runs[1], "lmo_runs": runs,
+           "ppl_ratio": 470.0 / 235.0}  # fmt: skip
+    assert "| 1 | 235 | 470 | 1 (0.1, 1, 10) | 2 | 1 | 0.99 | 1.3 / 0.18 |" in bench.markdown([row])
+    infeasible = {"epsilon": 0.1, "gaussian": gaussian, "lmo": None, "lmo_runs": [],
+                  "lmo_infeasible": "infeasible for sound LMO (extended grid): x"}  # fmt: skip
+    assert "| 0.1 | 235 | infeasible | - () | - | 1 | - |" in bench.markdown([infeasible])
