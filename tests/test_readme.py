@@ -188,6 +188,25 @@ def test_rldp_table_is_the_committed_benchmark_and_every_run_kept_its_budget():
         assert run["epsilon_spent"] <= run["epsilon"] * (1 + 1e-9)
 
 
+def test_lmo_table_is_the_committed_benchmark_and_what_the_section_claims():
+    results = ROOT / "benchmarks" / "results"
+    table = (results / "lmo_vs_gaussian.md").read_text().split("\n", 2)[2].strip()
+    assert _block("results:lmo-vs-gaussian") == table, (
+        "README's LMO table differs from benchmarks/results/lmo_vs_gaussian.md (make bench-lmo)"
+    )
+    bench = json.loads((results / "lmo_vs_gaussian.json").read_text())
+    assert not bench["quick"]
+    for row in bench["rows"]:
+        runs = [row["gaussian"], *row["lmo_runs"]]
+        assert all(r["epsilon_spent"] <= row["epsilon"] * (1 + 1e-9) for r in runs)
+        if row["lmo"] is None:  # what the section claims: infeasible, never overspent
+            assert "infeasible" in row["lmo_infeasible"]
+            continue
+        # the clip kept is the one of least validation perplexity, and LMO-DP loses
+        assert row["lmo"] == min(row["lmo_runs"], key=lambda r: r["valid_perplexity"])
+        assert row["lmo"]["test_perplexity"] > 1.5 * row["gaussian"]["test_perplexity"]
+
+
 def test_lora_targets_table_is_the_committed_benchmark():
     results = ROOT / "benchmarks" / "results"
     assert _block("results:lora-targets") == (results / "lora_targets.md").read_text().strip()
