@@ -160,13 +160,12 @@ class CanaryInjector:
         """(n, *param.shape) per-sample gradients of the given canaries for one parameter,
         made on the parameter's device: only the few nonzero entries cross from the host."""
         rows = torch.zeros((len(canary_ids), param.numel()), dtype=param.dtype, device=param.device)
-        mine = [(row, j) for row, j in enumerate(canary_ids) if self._owner[j] == param_index]
-        if mine:
-            at = torch.tensor([[row, self._local[j]] for row, j in mine]).T.to(param.device)
-            values = torch.tensor(
-                [self.canaries.norm * self.canaries.signs[j] for _, j in mine], dtype=param.dtype
-            )
-            rows[at[0], at[1]] = values.to(param.device)
+        at = np.flatnonzero(self._owner[canary_ids] == param_index)  # rows of this param's
+        if at.size:
+            j = canary_ids[at]
+            values = torch.as_tensor(self.canaries.norm * self.canaries.signs[j], dtype=param.dtype)
+            index = torch.as_tensor(np.stack([at, self._local[j]])).to(param.device)
+            rows[index[0], index[1]] = values.to(param.device)
         return rows.view(len(canary_ids), *param.shape)
 
     def rows(self, canary_ids: np.ndarray) -> list[torch.Tensor]:
