@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,17 +48,11 @@ STEPS = {"default": 30, "gpt2-small": 5, "smollm2-random": 4, "smollm2": 4}
 WARMUP = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class CollectiveClock:
     """Seconds spent in torch.distributed's collectives while installed (privacy/distributed.py
     calls them through the module, so wrapping the module's functions sees every call)."""
 
-    NAMES = ("all_reduce", "all_gather_object", "broadcast_object_list", "barrier")
+    NAMES = ("all_reduce", "all_gather_object", "broadcast_object_list")
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -99,18 +92,20 @@ def worker(config: str, threads: int, steps: int, batch: int, out: Path) -> None
         for _ in range(WARMUP):
             stepper.step()
         times, losses, records, collective = [], [], [], []
-        for _ in range(steps):
-            step, indices = next(stepper.batches)
-            if replica.distributed:
-                dist.barrier()  # every rank starts the step together
-            clock = CollectiveClock()
-            start = time.perf_counter()
-            done = trainer.step(step, indices)
-            times.append(time.perf_counter() - start)
+        clock = CollectiveClock()
+        try:
+            for _ in range(steps):
+                step, indices = next(stepper.batches)
+                if replica.distributed:
+                    dist.barrier()  # every rank starts the step together (not clocked)
+                before, start = clock.seconds, time.perf_counter()
+                done = trainer.step(step, indices)
+                times.append(time.perf_counter() - start)
+                collective.append(clock.seconds - before)
+                losses.append(done[0] if done else math.nan)
+                records.append(len(indices))
+        finally:
             clock.remove()
-            collective.append(clock.seconds)
-            losses.append(done[0] if done else math.nan)
-            records.append(len(indices))
         if replica.is_main:
             out.write_text(
                 json.dumps(
@@ -136,9 +131,8 @@ def run_side(side: str, config: str, steps: int, batch: int, scratch: Path) -> d
     if processes == 1:
         command = [sys.executable, *script]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node"]
-        command += [str(processes), "--master_addr", "127.0.0.1"]
-        command += ["--master_port", str(_free_port()), *script]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(processes), *script]  # standalone: a free port
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     load = os.getloadavg()[0]
     subprocess.run(command, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
