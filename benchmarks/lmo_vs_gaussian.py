@@ -78,16 +78,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         g, lm = r["gaussian"], r["lmo"]
         tried = ", ".join(fmt(run["options"]["clip"]) for run in r.get("lmo_runs", []))
         if lm is None:
-            lmo_cells = ["infeasible", f"- ({tried})", "-", "-"]
+            ppl, clip, ratio, spent = "infeasible", f"- ({tried})", "-", "-"
             paper = r["lmo_infeasible"]
         else:
             clip = f"{fmt(lm['options']['clip'])} ({tried or fmt(lm['options']['clip'])})"
-            lmo_cells = [fmt(lm["test_perplexity"]), clip, fmt(r["ppl_ratio"])]
-            lmo_cells.append(fmt(lm["epsilon_spent"]))
+            ppl, ratio, spent = (
+                fmt(lm["test_perplexity"]),
+                fmt(r["ppl_ratio"]),
+                fmt(lm["epsilon_spent"]),
+            )
             p = lm["paper_accounting_not_a_guarantee"]
             paper = f"{fmt(p['per_step_epsilon'])} / {fmt(p['gaussian_proxy_epsilon'])}"
-        cells = [fmt(r["epsilon"]), fmt(g["test_perplexity"]), *lmo_cells[:3]]
-        cells += [fmt(g["epsilon_spent"]), lmo_cells[3], paper]
+        cells = [fmt(r["epsilon"]), fmt(g["test_perplexity"]), ppl, clip, ratio]
+        cells += [fmt(g["epsilon_spent"]), spent, paper]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -122,6 +125,8 @@ def main() -> None:
                     break
                 except ConfigError as err:
                     infeasible = f"infeasible for sound LMO ({options['grid']} grid): {err.problem}"
+            else:  # the law's search does not depend on the clip: no other clip can fit
+                break
         lmo = chosen_clip(lmo_runs)
         row = {
             "epsilon": eps,
