@@ -91,8 +91,8 @@ def test_smollm2_every_method_table_is_the_committed_cpu_run():
     results = _profile_block_matches("smollm2-cpu-methods")
     metrics = results / "metrics"
     methods = set(load_params(results / "params.yaml").methods)
-    tuned = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
-             for p in metrics.glob("finetune-*.json")}  # fmt: skip
+    runs = [json.loads(p.read_text()) for p in metrics.glob("finetune-*.json")]
+    tuned = {info["method"]: info for info in runs}
     assert set(tuned) == methods and len(methods) == 9
     for name, info in tuned.items():
         assert not info["private"] or info["epsilon"] <= info["target_epsilon"], name
