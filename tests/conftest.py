@@ -21,6 +21,7 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 import random  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 import absl.logging  # noqa: E402
@@ -57,6 +58,13 @@ WORDS = (
     "heart",
     "rate",
 )
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now, picked by the OS, for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def synthetic_texts(n: int, seed: int = 0, words: int = 30) -> list[str]:

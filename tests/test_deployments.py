@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import edit_params, write_params
+from tests.conftest import edit_params, free_port, write_params
 from tests.test_pipeline import PIPELINE, ROOT, _sh, make_project
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 NIGHTLY = "privtune-pipeline/nightly-pipeline"
 MODEL = "privtune-clinical-notes"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, timeout: float = 120) -> None:
@@ -84,7 +77,7 @@ def server(tmp_path_factory):
     """A real `prefect server start`; this process talks to it too (in-process flows)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),

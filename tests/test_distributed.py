@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,9 @@ from privtune.privacy.distributed import Replica
 from privtune.privacy.mechanisms import Gaussian
 from privtune.privacy.mechanisms.gaussian import GaussianSpec
 from privtune.train import Checkpointing
+from tests.conftest import free_port
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _join(rank: int, port: int) -> None:
@@ -81,7 +75,7 @@ def _mechanism_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_release_the_single_process_update_with_the_noise_added_once(tmp_path):
-    mp.spawn(_mechanism_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_mechanism_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model, x, y = _records()
     single, stats = _release(model, x, y, 0.0, Replica())
@@ -125,7 +119,7 @@ def _lifecycle_worker(rank: int, ports: list[int], out: str) -> None:
 def test_a_stage_leaves_the_process_group_it_joined_and_only_that(tmp_path):
     """Under torchrun a stage joins the group from the environment and leaves it at its end,
     error or not (a process exiting inside its group can abort in gloo, and NCCL warns)."""
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     mp.spawn(_lifecycle_worker, args=(ports, str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         seen = torch.load(tmp_path / f"rank{rank}.pt")
@@ -188,7 +182,7 @@ def _tiny_run(method: str, options: dict, secret: bool = False, **run):
 def test_two_ranks_spend_what_one_process_spends_and_act_alike(tmp_path, method, options):
     mp.spawn(
         _train_worker,
-        args=(_free_port(), str(tmp_path), method, options),
+        args=(free_port(), str(tmp_path), method, options),
         nprocs=WORLD,
         join=True,
     )
@@ -209,7 +203,7 @@ def test_two_ranks_spend_what_one_process_spends_and_act_alike(tmp_path, method,
 def test_every_rank_draws_rank_0s_secret_seeds(tmp_path):
     """With secret seeds (the default) each rank would draw its own, so their Poisson masks
     and noise would differ; they take rank 0's, and hold one model: not the seeded run's."""
-    mp.spawn(_train_worker, args=(_free_port(), str(tmp_path), "dpsgd", {}, True), nprocs=WORLD)
+    mp.spawn(_train_worker, args=(free_port(), str(tmp_path), "dpsgd", {}, True), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert ranks[0]["ledger"] == ranks[1]["ledger"]
     for name, value in ranks[0]["state"].items():
@@ -249,7 +243,7 @@ def test_ranks_that_would_resume_from_different_checkpoints_fail_together(tmp_pa
                 checkpoint=Checkpointing(tmp_path / f"rank{rank}.pt", every=2, key="same-inputs"),
                 callbacks=[Crash(at=3)],
             )
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert "resume from different checkpoints" in outcome, outcome
@@ -284,7 +278,7 @@ def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "privtune.cli",
         "--root",

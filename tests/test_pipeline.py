@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_params
+from tests.conftest import free_port, write_params
 from tests.leaks import find_leaks, private_probes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,14 +234,6 @@ def test_default_dvc_remote_push_and_pull(built):
     assert adapter.read_text() == expected
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class _Server:
     """`mlflow server` on 127.0.0.1 over the project's store, read as a browser would."""
 
@@ -249,7 +241,7 @@ class _Server:
         import time
         import urllib.request
 
-        self.base = f"http://127.0.0.1:{_free_port()}"
+        self.base = f"http://127.0.0.1:{free_port()}"
         port = self.base.rsplit(":", 1)[1]
         self.log = open(project / "mlflow-server.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(

@@ -28,6 +28,7 @@ import pytest
 
 from privtune import team, tracking
 from privtune.errors import ConfigError, ServerError
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,12 +36,6 @@ TEST_POSTGRES = os.environ.get(
     "PRIVTUNE_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/postgres"
 )
 MODEL = "privtune-clinical-notes"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- fast: URLs, environment, bad input ---------------------------------------------------------
@@ -70,7 +65,7 @@ def test_a_url_that_is_not_postgresql_is_refused_naming_the_setting(url):
 
 
 def test_unreachable_postgres_names_the_setting_and_the_fix_without_the_password():
-    url = f"postgresql://alice:s3cret@127.0.0.1:{_free_port()}/postgres"
+    url = f"postgresql://alice:s3cret@127.0.0.1:{free_port()}/postgres"
     started = time.monotonic()
     with pytest.raises(ServerError) as err:
         team.check_postgres(url)
@@ -81,7 +76,7 @@ def test_unreachable_postgres_names_the_setting_and_the_fix_without_the_password
 
 
 def test_team_up_with_unreachable_postgres_exits_6_and_starts_nothing(tmp_path, capsys):
-    url = f"postgresql://root@127.0.0.1:{_free_port()}/postgres"
+    url = f"postgresql://root@127.0.0.1:{free_port()}/postgres"
     home = tmp_path / "home"
     code = team.main(["up", "--postgres", url, "--home", str(home)])
     assert code == 6
@@ -94,7 +89,7 @@ def test_a_port_in_use_is_named_with_its_option(tmp_path, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        ports = ["--mlflow-port", str(_free_port()), "--prefect-port", str(port)]
+        ports = ["--mlflow-port", str(free_port()), "--prefect-port", str(port)]
         code = team.main(["up", *ports, "--home", str(tmp_path / "h")])
     assert code == 2
     err = capsys.readouterr().err
@@ -163,7 +158,7 @@ def test_an_unreachable_tracking_server_fails_at_once_naming_the_setting(
     from privtune.cli import EXIT_UNAVAILABLE, main
     from tests.conftest import write_params
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     write_params(tmp_path / "params.yaml")
     started = time.monotonic()
     with pytest.raises(ServerError) as err, tracking.start_run("x", root=tmp_path):
@@ -224,8 +219,8 @@ def servers(tmp_path_factory):
         postgres=TEST_POSTGRES,
         mlflow_database=f"{name}_mlflow",
         prefect_database=f"{name}_prefect",
-        mlflow_port=_free_port(),
-        prefect_port=_free_port(),
+        mlflow_port=free_port(),
+        prefect_port=free_port(),
         home=tmp_path_factory.mktemp("team-home"),
     )
     argv = [
