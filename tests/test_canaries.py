@@ -341,3 +341,22 @@ def test_canaries_past_the_truncation_are_counted_as_never_trained():
     assert counts == {"canary-r2-01": 1}  # the late copy is cut; held-out ones are not planted
     assert trained_occurrences([canary], texts, _characters, secret_end) == {"canary-r2-01": 0}
     assert trained_occurrences([canary], texts, _characters, len(late) + 1) == {"canary-r2-01": 2}
+
+
+def test_attack_stage_counts_and_warns_of_canaries_training_never_saw(capsys):
+    """The attack stage reports planted against trained occurrences, and warns (before its
+    long attacks) when some copies lie past base.max_length; the warning holds no text."""
+    from privtune.stages.attack import _canary_coverage
+
+    canary = Canary("canary-r2-01", "MRN 1: ", "123 456 789", 2)
+    early = "Addendum: MRN 1: 123 456 789.\nlong note " + "x" * 200
+    late = "x" * 200 + "\nAddendum: MRN 1: 123 456 789."
+    train = [{"text": early}, {"text": late}, {"text": "an ordinary note"}]
+    whole = _canary_coverage([canary], train, _characters, len(late) + 1)
+    assert whole == {"canary_occurrences_planted": 2.0, "canary_occurrences_trained": 2.0}
+    assert capsys.readouterr().err == ""
+    cut = _canary_coverage([canary], train, _characters, 64)
+    assert cut == {"canary_occurrences_planted": 2.0, "canary_occurrences_trained": 1.0}
+    warning = capsys.readouterr().err
+    assert "1 of 2 planted canary occurrences lie past base.max_length = 64" in warning
+    assert "123 456 789" not in warning and "MRN" not in warning

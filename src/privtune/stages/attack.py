@@ -26,17 +26,26 @@ def _finetune_info(path: Path) -> tuple[dict[str, Any], float]:
     return info, float(info["plan"]["delta"])
 
 
-def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]]:
+def read_canaries(root: Path) -> list:
+    """The prepared text canaries (prepare's canaries.json)."""
+    from privtune.data.canaries import load_canaries
+
+    return read_input(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
+
+
+def membership_sets(
+    root: Path, a: AttackParams, canaries: list | None = None, train: list[dict] | None = None
+) -> tuple[list[dict], list[dict]]:
     """attack.members members (ordinary training records: canaries are measured by exposure
     and the audit) and as many non-members from the attack split, records no stage trained,
     validated or evaluated on; fewer than asked is an error, never a quietly weaker attack.
-    The register stage counts them the same way for results that predate `mia_members`."""
+    The register stage counts them the same way for results that predate `mia_members`.
+    ``canaries`` and ``train``: the prepared ones, when the caller has read them already."""
     from privtune.attacks.membership import balanced_sets, without_canaries
-    from privtune.data.canaries import load_canaries
 
-    canaries = read_input(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
-    train = [r for r in read_split(root, "train") if r.get("kind") != "audit_canary"]
-    members = without_canaries(train, canaries)
+    canaries = read_canaries(root) if canaries is None else canaries
+    train = read_split(root, "train") if train is None else train
+    members = without_canaries([r for r in train if r.get("kind") != "audit_canary"], canaries)
     held_out = read_split(root, "attack")
     for side, found, fix in [
         ("members", members, "lower attack.members or provide more records"),
@@ -51,13 +60,13 @@ def membership_sets(root: Path, a: AttackParams) -> tuple[list[dict], list[dict]
     return balanced_sets(members, held_out, a.members, a.seed)
 
 
-def _canary_coverage(root: Path, canaries, tokenizer, max_length: int) -> dict[str, float]:
+def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) -> dict[str, float]:
     """How many planted canary occurrences training could see (within base.max_length); says
-    so when some could not, as their exposure and extraction then understate memorisation."""
+    so, before the attacks run, when some could not, as their exposure and extraction then
+    understate memorisation."""
     from privtune.data.canaries import trained_occurrences
 
-    texts = [r["text"] for r in read_split(root, "train")]
-    seen = trained_occurrences(canaries, texts, tokenizer, max_length)
+    seen = trained_occurrences(canaries, [r["text"] for r in train], tokenizer, max_length)
     planted = sum(c.repetitions for c in canaries)
     trained = sum(seen.values())
     if trained < planted:
@@ -101,8 +110,10 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     # The base model saw only public text: a legitimate reference for calibrated scores.
     reference = load_base(root)[0].to(device).eval() if a.reference else None
 
-    canaries = read_input(root / PREPARED_DIR / "canaries.json", load_canaries, PREPARE_AGAIN)
-    members, non_members = membership_sets(root, a)
+    canaries, train = read_canaries(root), read_split(root, "train")
+    max_length = resolved_max_length(params, root)
+    coverage = _canary_coverage(canaries, train, tokenizer, max_length)
+    members, non_members = membership_sets(root, a, canaries, train)
     audit_file = root / PREPARED_DIR / "audit_canaries.json"
     audit = read_input(audit_file, load_canaries, PREPARE_AGAIN) if audit_file.is_file() else []
     gradient_file = model_dir / AUDIT_FILE  # written by training when it planted canaries
@@ -118,7 +129,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         samples=a.samples,
         audit_delta=delta,
         audit_score="reference" if a.reference else "loss",
-        max_length=resolved_max_length(params, root),
+        max_length=max_length,
         batch_size=a.batch_size,
         progress=show_progress,
     )
@@ -142,7 +153,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         # with `mia_members` / `mia_non_members`: what each membership number rests on (a TPR
         # of 0.01 is 1 of 100 members; a 1 % FPR needs 100 non-members)
         **found,
-        **_canary_coverage(root, canaries, tokenizer, config.max_length),
+        **coverage,
     }
     bound = found.get("audit_epsilon_lower_bound")
     if claimed is not None and bound is not None and bound > claimed:
