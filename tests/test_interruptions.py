@@ -130,6 +130,120 @@ def test_failed_and_dead_runs_are_closed_with_why_and_the_store_does_not_leak(
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
 
 
+def _beats(seconds_ago: float, interval: float = 60.0) -> dict[str, str]:
+    from datetime import UTC, datetime, timedelta
+
+    beat = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+    return {
+        tracking.HEARTBEAT_TAG: beat.isoformat(timespec="milliseconds"),
+        tracking.HEARTBEAT_SECONDS_TAG: f"{interval:g}",
+    }
+
+
+def test_a_run_of_another_machine_is_judged_by_its_heartbeats(tmp_path, monkeypatch):
+    """Workers on several machines share one store: a RUNNING run of another machine is dead
+    once it has missed MISSED_HEARTBEATS beats; a fresh one, or one that never beat (opened by
+    an older privtune), is left alone."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.start_run("first", root=tmp_path, key="k"):
+        pass
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    owner = {tracking.HOST_TAG: "worker-2", tracking.PID_TAG: "4242"}
+    limit = tracking.MISSED_HEARTBEATS * 60
+    silent = client.create_run(experiment, tags={**owner, **_beats(limit + 30)})
+    recent = client.create_run(experiment, tags={**owner, **_beats(limit - 30)})
+    never = client.create_run(experiment, tags=owner)
+    assert tracking.close_dead_runs(tmp_path) == [silent.info.run_id]
+    closed = client.get_run(silent.info.run_id)
+    assert closed.info.status == "KILLED"
+    why = closed.data.tags[tracking.ERROR_TAG]
+    assert why.startswith("KilledProcess: no heartbeat from worker-2 since ")
+    assert "every 60 s" in why
+    for run in (recent, never):
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_an_open_run_beats_and_reopens_itself_if_judged_dead(tmp_path, monkeypatch):
+    """The beat advances while the run is open; a run another start closed as silent (the store
+    was out of its reach) is RUNNING again at its next beat, and finishes as usual."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(tracking.HEARTBEAT_ENV, "0.2")
+    with tracking.start_run("beating", root=tmp_path, key="k") as run:
+        client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+        first = client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG]
+        assert client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_SECONDS_TAG] == "0.2"
+        deadline = time.monotonic() + 30
+        while client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG] == first:
+            assert time.monotonic() < deadline, "no heartbeat in 30 s"
+            time.sleep(0.1)
+        client.set_tag(run.run_id, tracking.ERROR_TAG, f"{tracking.NO_HEARTBEAT} from x")
+        client.set_terminated(run.run_id, status="KILLED")
+        while client.get_run(run.run_id).info.status != "RUNNING":
+            assert time.monotonic() < deadline, "not reopened in 30 s"
+            time.sleep(0.1)
+        assert tracking.ERROR_TAG not in client.get_run(run.run_id).data.tags
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_bad_heartbeat_interval_names_the_variable(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(tracking.HEARTBEAT_ENV, value)
+    with (
+        pytest.raises(ConfigError, match=tracking.HEARTBEAT_ENV),
+        tracking.start_run("x", root=tmp_path),
+    ):
+        pass
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store is touched
+
+
+_REMOTE_WORKER = """
+import socket, sys, time
+socket.gethostname = lambda: "worker-2"  # another machine sharing the store
+from privtune import tracking
+with tracking.start_run("remote", root=sys.argv[1], key="k") as run:
+    print(run.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_whose_machine_died_is_closed_by_a_start_on_another(tmp_path, monkeypatch):
+    """kill -9 of a fine-tuning on another machine: its run keeps beating while it lives, and
+    once it is gone a start here closes it as KILLED after MISSED_HEARTBEATS intervals."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = {**os.environ, tracking.HEARTBEAT_ENV: "0.5"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _REMOTE_WORKER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        run_id = worker.stdout.readline().strip()
+        assert run_id, "the worker opened no run"
+        time.sleep(tracking.MISSED_HEARTBEATS * 0.5 + 1.5)  # longer than the silence allowed
+        assert tracking.close_dead_runs(tmp_path) == []  # alive: it kept beating
+    finally:
+        worker.kill()
+        worker.wait()
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody left to close it
+    deadline = time.monotonic() + 60
+    while not tracking.close_dead_runs(tmp_path):
+        assert time.monotonic() < deadline, "the silent run was never closed"
+        time.sleep(0.5)
+    closed = client.get_run(run_id)
+    assert closed.info.status == "KILLED"
+    assert "no heartbeat from worker-2" in closed.data.tags[tracking.ERROR_TAG]
+
+
 def test_rldp_leaves_no_sb3_folder_in_the_temp_dir():
     """stable-baselines3's default logger makes an SB3-<time> folder per run in the temp dir."""
     from privtune.control import build_controller

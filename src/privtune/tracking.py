@@ -16,8 +16,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -437,10 +439,91 @@ def use_store(root: str | Path = ".") -> Iterator[Any]:
 PID_TAG = "privtune.pid"  # the process that opened the run, and its machine: a later start
 HOST_TAG = "privtune.host"  # on the same machine closes it when that process is gone
 ERROR_TAG = "privtune.error"  # why a run did not finish: the error's class and our message
+HEARTBEAT_TAG = "privtune.heartbeat"  # the open run's last sign of life (UTC): a start on any
+HEARTBEAT_SECONDS_TAG = "privtune.heartbeat_seconds"  # machine judges a run of another by it
+HEARTBEAT_ENV = "PRIVTUNE_RUN_HEARTBEAT_SECONDS"
+HEARTBEAT_SECONDS = 60.0
+MISSED_HEARTBEATS = 5  # beats a run may miss (a slow store, clocks apart) before it is dead
 
 
 def _owner_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def heartbeat_seconds() -> float:
+    """How often an open run beats: PRIVTUNE_RUN_HEARTBEAT_SECONDS, else 60 s."""
+    raw = os.environ.get(HEARTBEAT_ENV)
+    if raw is None:
+        return HEARTBEAT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        from privtune.errors import ConfigError
+
+        raise ConfigError(HEARTBEAT_ENV, f"must be a number of seconds > 0, got {raw!r}",
+                          f"unset it (every {HEARTBEAT_SECONDS:g} s) or set e.g. 30")  # fmt: skip
+    return value
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class _Heartbeat:
+    """Beats into the open run's ``privtune.heartbeat`` tag from a daemon thread, so a start on
+    another machine sharing the store can tell a live run from one whose machine died. A beat
+    that fails (the store busy or unreachable) is skipped; if another start closed the run as
+    dead meanwhile (the store was out of reach for minutes), the next beat reopens it."""
+
+    def __init__(self, client: Any, run_id: str, interval: float) -> None:
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="privtune-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                run = self.client.get_run(self.run_id)
+                if run.info.status == "KILLED" and _judged_dead(run.data.tags):
+                    self.client.update_run(self.run_id, status="RUNNING")
+                    self.client.delete_tag(self.run_id, ERROR_TAG)
+                self.client.set_tag(self.run_id, HEARTBEAT_TAG, _now())
+            except Exception:  # noqa: BLE001 - a missed beat is not the run's failure
+                continue
+
+    def stop(self) -> None:
+        """No beat after this returns (unless one hangs on an unreachable store: it is left)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+NO_HEARTBEAT = "KilledProcess: no heartbeat"
+
+
+def _judged_dead(tags: Mapping[str, str]) -> bool:
+    return tags.get(ERROR_TAG, "").startswith(NO_HEARTBEAT)
+
+
+def _heartbeat_stopped(tags: Mapping[str, str], now: datetime) -> str | None:
+    """Why a RUNNING run's beats say its process is gone (None: alive, or it never beat: a
+    run opened by an older privtune is not judged)."""
+    try:
+        beat = datetime.fromisoformat(tags[HEARTBEAT_TAG])
+        interval = float(tags[HEARTBEAT_SECONDS_TAG])
+    except (KeyError, ValueError):
+        return None
+    if beat.tzinfo is None or not (math.isfinite(interval) and interval > 0):
+        return None
+    silent = (now - beat).total_seconds()
+    if silent <= MISSED_HEARTBEATS * interval:
+        return None
+    return (
+        f"{NO_HEARTBEAT} from {tags.get(HOST_TAG, 'its machine')} since {tags[HEARTBEAT_TAG]} "
+        f"({silent:.0f} s, every {interval:g} s): its process or machine is gone"
+    )
 
 
 def error_summary(err: BaseException) -> str:
@@ -457,28 +540,32 @@ def error_summary(err: BaseException) -> str:
 
 
 def close_dead_runs(root: str | Path = ".", experiment: str = EXPERIMENT) -> list[str]:
-    """Mark KILLED the runs left RUNNING by a process of this machine that no longer exists
-    (kill -9, a power cut), with why in ``privtune.error``; returns their ids."""
+    """Mark KILLED the runs left RUNNING by a process that no longer exists (kill -9, a power
+    cut, a lost machine), with why in ``privtune.error``; returns their ids. A run of this
+    machine is judged by its process id; one of another machine by its heartbeats (none for
+    MISSED_HEARTBEATS of its intervals)."""
     from privtune.io import pid_alive
 
     client = _client(root)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    host = socket.gethostname()
+    host, now = socket.gethostname(), datetime.now(UTC)
     closed = []
     for run in client.search_runs(
         [found.experiment_id], filter_string="attributes.status = 'RUNNING'"
     ):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) != host or not pid.isdigit() or pid_alive(int(pid)):
-            continue
-        client.set_tag(
-            run.info.run_id,
-            ERROR_TAG,
-            f"KilledProcess: process {pid} on {host} ended without closing the run",
-        )
+        if tags.get(HOST_TAG) == host and pid.isdigit():
+            if pid_alive(int(pid)):
+                continue
+            why = f"KilledProcess: process {pid} on {host} ended without closing the run"
+        else:
+            why = _heartbeat_stopped(tags, now)
+            if why is None:
+                continue
+        client.set_tag(run.info.run_id, ERROR_TAG, why)
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
@@ -501,10 +588,11 @@ def start_run(
     FAILED (KILLED for an interrupt) with the error's class and message in ``privtune.error``.
     """
     root = Path(root)
+    interval = heartbeat_seconds()
     close_dead_runs(root, experiment)
     with use_store(root) as mlflow:
         tags = {RUN_KEY_TAG: key} if key else {}
-        tags |= _owner_tags()
+        tags |= _owner_tags() | {HEARTBEAT_TAG: _now(), HEARTBEAT_SECONDS_TAG: f"{interval:g}"}
         if run_id is not None:
             client = mlflow.MlflowClient()
             if ERROR_TAG in client.get_run(run_id).data.tags:
@@ -516,11 +604,15 @@ def start_run(
         run = context.__enter__()
         if run_id is not None:
             mlflow.set_tags(tags)
+        client = mlflow.MlflowClient(mlflow.get_tracking_uri())
+        heartbeat = _Heartbeat(client, run.info.run_id, interval)
         try:
             yield RunTracker(mlflow, run)
         except BaseException as err:
+            heartbeat.stop()
             mlflow.set_tag(ERROR_TAG, error_summary(err))
             status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
             mlflow.end_run(status=status)
             raise
+        heartbeat.stop()
         context.__exit__(None, None, None)
