@@ -51,13 +51,12 @@ def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterato
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        key = {"key": _key(uri)}
         try:
             with engine.connect() as connection:
                 connection.execute(sqlalchemy.text(f"SET lock_timeout = '{int(wait * 1000)}ms'"))
                 try:
-                    connection.execute(
-                        sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _key(uri)}
-                    )
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
                 except sqlalchemy.exc.OperationalError as err:
                     raise ServerError(
                         "registry", f"another promotion held the store's lock for {wait:g} s",
@@ -66,9 +65,7 @@ def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterato
                 try:
                     yield "postgresql"
                 finally:
-                    connection.execute(
-                        sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _key(uri)}
-                    )
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
         finally:
             engine.dispose()
     else:
