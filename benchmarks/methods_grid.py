@@ -81,23 +81,46 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
 
 
 def markdown(rows: list[dict]) -> str:
+    """One line per method: test perplexity (mean ± sd over seeds) at each ε, its ratio to
+    DP-SGD's (paired by seed), the largest ε any of its runs spent and medication accuracy."""
+    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
+    grid = ", ".join(fmt(e) for e in epsilons)
     lines = [
-        "| method | target ε | test perplexity (mean ± sd) | / DP-SGD (mean ± sd) | "
-        "medication accuracy | max ε spent | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "| method | "
+        + " | ".join(f"ε = {fmt(e)}" for e in epsilons)
+        + f" | / DP-SGD at ε {grid} (mean ± sd) | max ε spent | medication accuracy |",
+        "|---|" + "---|" * len(epsilons) + "---|---|---|",
     ]
-    for r in rows:
-        ratio = r.get("ppl_ratio_to_dpsgd_mean")
-        cells = [
-            r["entry"],
-            "∞" if r["epsilon"] is None else fmt(r["epsilon"]),
-            f"{fmt(r['test_perplexity_mean'], '.1f')} ± {fmt(r['test_perplexity_sd'], '.1f')}",
-            "-" if ratio is None else f"{ratio:.3f} ± {r['ppl_ratio_to_dpsgd_sd']:.3f}",
-            fmt(r["medication_accuracy_mean"], ".3f"),
-            fmt(r["max_epsilon_spent"], ".3f"),
-            fmt(r["seconds_per_step"], ".2f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    for entry in dict.fromkeys(r["entry"] for r in rows):
+        mine = {r["epsilon"]: r for r in rows if r["entry"] == entry}
+        # one value when every ε gives the same (a task the runs do not move)
+        accuracy = ", ".join(
+            dict.fromkeys(fmt(r["medication_accuracy_mean"], ".3f") for r in mine.values())
+        )
+        if None in mine:  # non-private: one run per seed, no ε claimed
+            r = mine[None]
+            ppl = f"{fmt(r['test_perplexity_mean'], '.1f')} ± {fmt(r['test_perplexity_sd'], '.1f')}"
+            cells = [f"{ppl} (no ε)", *[""] * (len(epsilons) - 1), "", "-", accuracy]
+        else:
+            ppl = [
+                f"{fmt(mine[e]['test_perplexity_mean'], '.1f')} ± "
+                f"{fmt(mine[e]['test_perplexity_sd'], '.1f')}"
+                if e in mine
+                else "-"
+                for e in epsilons
+            ]
+            ratios = [
+                "-"
+                if mine.get(e, {}).get("ppl_ratio_to_dpsgd_mean") is None
+                else f"{mine[e]['ppl_ratio_to_dpsgd_mean']:.3f} ± "
+                f"{mine[e]['ppl_ratio_to_dpsgd_sd']:.3f}"
+                for e in epsilons
+            ]
+            spent = ", ".join(
+                fmt(mine[e]["max_epsilon_spent"], ".3f") for e in epsilons if e in mine
+            )
+            cells = [*ppl, "; ".join(ratios) if entry != "dpsgd" else "1", spent, accuracy]
+        lines.append(f"| {entry} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -423,3 +423,39 @@ def test_lmo_clip_is_chosen_on_validation_and_every_clip_is_shown(monkeypatch):
     infeasible = {"epsilon": 0.1, "gaussian": gaussian, "lmo": None, "lmo_runs": [],
                   "lmo_infeasible": "infeasible for sound LMO (extended grid): x"}  # fmt: skip
     assert "| 0.1 | 235 | infeasible | - () | - | 1 | - |" in bench.markdown([infeasible])
+
+
+def test_the_methods_grid_pairs_each_method_with_dpsgd_by_seed(monkeypatch):
+    """Ratios to DP-SGD are per (ε, seed) pair, then averaged; the non-private model claims no
+    ε; the table shows the largest ε any run spent, and a missing point as '-'."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("methods_grid")
+
+    def run(entry, eps, seed, ppl, spent=None, accuracy=0.1):
+        return {"entry": entry, "method": entry, "epsilon": eps, "seed": seed,
+                "test_perplexity": ppl, "epsilon_spent": spent,
+                "medication_accuracy": accuracy, "seconds_per_step": 0.5}  # fmt: skip
+
+    runs = [
+        run("nonprivate", None, 0, 100.0), run("nonprivate", None, 1, 110.0),
+        run("dpsgd", 1.0, 0, 200.0, 1.0), run("dpsgd", 1.0, 1, 300.0, 0.999),
+        run("dpsgd", 4.0, 0, 150.0, 4.0), run("dpsgd", 4.0, 1, 160.0, 4.0),
+        run("auto_s", 1.0, 0, 190.0, 0.98), run("auto_s", 1.0, 1, 270.0, 1.0, 0.2),
+        run("auto_s", 4.0, 0, 150.0, 3.9),  # seed 1 at ε 4 did not run
+    ]  # fmt: skip
+    rows = {(r["entry"], r["epsilon"]): r for r in bench.summarise(runs, [1.0, 4.0], [0, 1])}
+    assert rows[("nonprivate", None)]["test_perplexity_mean"] == 105.0
+    assert "ppl_ratio_to_dpsgd_mean" not in rows[("nonprivate", None)]
+    auto = rows[("auto_s", 1.0)]
+    # (190/200 + 270/300) / 2 = 0.925, not 460/500 = 0.92 (means of unpaired perplexities)
+    assert auto["ppl_ratio_to_dpsgd_mean"] == pytest.approx(0.925)
+    assert auto["max_epsilon_spent"] == 1.0 and auto["seeds"] == 2
+    assert rows[("auto_s", 4.0)]["seeds"] == 1
+    assert rows[("auto_s", 4.0)]["ppl_ratio_to_dpsgd_mean"] == pytest.approx(1.0)
+    table = bench.markdown(list(rows.values())).splitlines()
+    assert table[0].startswith("| method | ε = 1 | ε = 4 | / DP-SGD at ε 1, 4 (mean ± sd)")
+    lines = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert "| 105.0 ± 7.1 (no ε) |" in lines["nonprivate"]
+    assert "| 1 | 1.000, 4.000 | 0.100 |" in lines["dpsgd"]
+    assert "0.925 ± 0.035; 1.000 ± 0.000" in lines["auto_s"]
+    assert lines["auto_s"].endswith("| 1.000, 3.900 | 0.150, 0.100 |")
