@@ -8,7 +8,8 @@ The JSON's ``summary`` maps each epsilon to the mean RLDP / DP-SGD test-perplexi
 
 ``--ablation`` runs RLDP's variants instead (ABLATION: the anchor alone, the policy on one
 dimension, the full policy) beside DP-SGD, so a gain can be traced to the anchor or the policy
-(test perplexity only: the downstream task is skipped);
+(test perplexity only: the downstream task is skipped), with ``--baselines`` static methods
+beside them and ``--public-episodes N`` RLDP warm-started from a policy trained on public data;
 ``--reuse`` takes DP-SGD's and the default RLDP's runs of the same (epsilon, seed, options) from
 an earlier benchmark's JSON instead of running them again (the runs are seeded).
 
@@ -141,6 +142,9 @@ def main() -> None:
                         help="with --ablation: which variants")  # fmt: skip
     parser.add_argument("--reuse", type=Path, default=None,
                         help="an earlier JSON whose matching runs are reused")  # fmt: skip
+    parser.add_argument("--baselines", nargs="+", default=[],
+                        help="with --ablation: static methods of params.yaml run beside "
+                        "(e.g. auto_s per_adapter: the anchor's two halves)")  # fmt: skip
     parser.add_argument("--public-episodes", type=int, default=0,
                         help="with --ablation: also RLDP warm-started from a policy trained on "
                         "this many runs on public data (models/rldp-public/policy.pt)")  # fmt: skip
@@ -155,6 +159,9 @@ def main() -> None:
     if args.ablation:
         chosen = {key: ABLATION[key] for key in args.variants}
         variants |= {label: ("rldp", {**rldp, **extra}) for label, extra in chosen.values()}
+        for entry in args.baselines:
+            method, options = params.method(entry)
+            variants[f"{entry} (static method)"] = (method, dict(options))
         if args.public_episodes:
             policy = public_policy(params, root, data, rldp, args)
             label = f"anchor + policy warm-started on public data ({args.public_episodes} runs)"
