@@ -118,6 +118,28 @@ def test_q_and_v_only_is_one_setting(tiny_tokenizer):
     assert all(len(group) == 2 for group in groups)  # A and B of one module, clipped jointly
 
 
+def test_projection_groups_gather_each_projection_across_layers(tiny_tokenizer):
+    """RLDP's `groups: projection`: one threshold per projection (7 on a Llama with every
+    projection adapted, against 7 per layer per adapter), each group the adapters of every
+    layer, every trainable parameter in exactly one group."""
+    from privtune.modeling import group_of
+
+    tok = tiny_tokenizer
+    model = attach_lora(tiny_llama(len(tok), tok.bos_token_id, tok.eos_token_id), LoraParams(r=2))
+    adapters, per_adapter = adapter_groups(model, "per_adapter")
+    names, groups = adapter_groups(model, "per_projection")
+    assert names == list(LLAMA_TARGETS) and len(adapters) == 2 * len(LLAMA_TARGETS)
+    assert [len(group) for group in groups] == [2 * 2] * len(LLAMA_TARGETS)  # A, B x 2 layers
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(map(id, (p for g in groups for p in g))) == sorted(map(id, trainable))
+    for adapter, params in zip(adapters, per_adapter, strict=True):  # the names agree
+        group = groups[names.index(group_of(adapter, "per_projection"))]
+        assert all(any(p is q for q in group) for p in params)
+    assert adapter_groups(model, "flat")[0] == ["all"]
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        adapter_groups(model, "per_layer")
+
+
 def test_dp_training_moves_the_lora_weights_and_not_the_base(tiny_tokenizer):
     """Three DP-SGD steps through train(): every adapter moves, no base weight does (the known
     silent failure: opacus hooks that never reach the LoRA parameters)."""

@@ -320,6 +320,39 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
     assert 0 < histogram.mean() < 1
 
 
+@pytest.mark.parametrize("groups", ["projection", "flat"])
+def test_rldp_with_fewer_threshold_groups_in_the_loop(tiny_model, tiny_tokenizer, groups):
+    """`groups: projection` (or `flat`) gives RLDP one threshold per projection across layers
+    (or one in all): a smaller action, the equal split over fewer groups, the same budget."""
+    from privtune.modeling import adapter_groups
+
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    names = adapter_groups(model, {"projection": "per_projection", "flat": "flat"}[groups])[0]
+    assert len(names) < len(adapter_groups(model, "per_adapter")[0])
+    result = train(model, train_data, valid_data, PARAMS, "rldp",
+                   dict(OPTIONS, valid_records=3, groups=groups), show_progress=False)  # fmt: skip
+    assert result.controller.group_names == tuple(names)
+    assert result.controller.sac.action_space.shape == (len(names) + 1,)
+    assert all(len(e.clip_thresholds) == len(names) for e in result.ledger.entries)
+    first = result.ledger.entries[0]  # the anchor: C / sqrt(K) for the K groups
+    assert first.clip_thresholds == pytest.approx((1 / math.sqrt(len(names)),) * len(names))
+    assert 0.97 * PARAMS.epsilon <= result.epsilon <= PARAMS.epsilon
+
+
+def test_rldp_groups_and_a_mismatched_warm_start_are_refused_by_name(tmp_path):
+    from privtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="methods.rldp"):
+        build_controller("rldp", CTX, {**OPTIONS, "groups": "layer"})
+    three = build_controller("rldp", CTX, OPTIONS)  # three adapters
+    path = tmp_path / "policy.pt"
+    torch.save(three.state_dict(), path)
+    one = dataclasses.replace(CTX, group_names=("a",))
+    with pytest.raises(ConfigError, match="warm_start policy observes"):
+        build_controller("rldp", one, {**OPTIONS, "warm_start": str(path)})
+
+
 def test_a_greedy_policy_cannot_overspend(tiny_model, tiny_tokenizer, monkeypatch):
     """A policy that always asks for the largest thresholds and the least noise its bounds
     allow still ends at or under the target: the guard admits every interval."""

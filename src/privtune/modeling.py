@@ -222,16 +222,29 @@ def _backbone_prefix(model: torch.nn.Module) -> str:
     return f"{prefix}." if prefix else ""
 
 
+GROUPINGS = ("flat", "per_adapter", "per_projection")
+
+
+def group_of(adapter: str, grouping: str) -> str:
+    """The clipping group of an adapter (named as :func:`adapter_groups` names it): "all",
+    the adapter itself, or its projection (`q_proj`, `down_proj`, GPT-2's `c_attn`), the
+    same projection of every layer in one group."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, not '{grouping}'")
+    if grouping == "flat":
+        return "all"
+    return adapter.rsplit(".", 1)[-1] if grouping == "per_projection" else adapter
+
+
 def adapter_groups(model: torch.nn.Module, grouping: str) -> tuple[list[str], list[list]]:
-    """Trainable parameters grouped for clipping: all in one, or one group per LoRA adapter.
+    """Trainable parameters grouped for clipping: all in one, one group per LoRA adapter, or
+    one per projection across layers (GROUPINGS).
 
     An adapter is named by its module's path inside the backbone (GPT-2: `h.0.attn.c_attn`;
     Llama: `layers.0.self_attn.q_proj`, `layers.0.mlp.down_proj`): short enough for MLflow
     metric names (`clip/<name>`), and the layer and projection stay readable.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if grouping == "flat":
-        return ["all"], [[p for _, p in named]]
     backbone = _backbone_prefix(model)
     groups: dict[str, list] = {}
     for name, param in named:
@@ -240,5 +253,5 @@ def adapter_groups(model: torch.nn.Module, grouping: str) -> tuple[list[str], li
         for wrapper in _WRAPPERS:
             key = key.removeprefix(wrapper)
         key = key.removeprefix(backbone) if backbone else key
-        groups.setdefault(key, []).append(param)
+        groups.setdefault(group_of(key, grouping), []).append(param)
     return list(groups), list(groups.values())

@@ -101,6 +101,11 @@ class RLDPOptions(MethodOptions):
         (0.9, 1.1), description="noise range, as multiples of the budget-paced z"
     )
     clip: Positive = Field(1.0, description="flat threshold C whose equal split is the anchor")
+    groups: Literal["adapter", "projection", "flat"] = Field(
+        "adapter",
+        description="what has a threshold of its own: each LoRA adapter, each projection "
+        "across layers (q_proj, ..., down_proj), or all as one",
+    )
     norm_levels: tuple[Positive, ...] = Field(
         (0.5, 1.0, 2.0), description="levels of the DP norm histogram ([] = none)"
     )

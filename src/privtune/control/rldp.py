@@ -33,9 +33,12 @@ import numpy as np
 import torch
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
+from privtune.modeling import group_of
 
 log = logging.getLogger(__name__)
 
+# what has a threshold of its own (the `groups` option), as privtune.modeling groups it
+GROUPS = {"adapter": "per_adapter", "projection": "per_projection", "flat": "flat"}
 ANCHORS = ("auto_s", "clip")  # per-adapter AUTO-S normalisation, or per-adapter clipping
 N_FEATURES = 6  # valid loss, its change, eps spent/target, progress, pace, budget per step left
 # (plus the DP norm histogram, adapters x levels, and the last action)
@@ -101,6 +104,7 @@ class RLDP(Controller):
         clip_bounds: tuple[float, float] = (2 / 3, 1.5),
         noise_bounds: tuple[float, float] = (0.9, 1.1),
         clip: float = 1.0,
+        groups: str = "adapter",
         norm_levels: tuple[float, ...] = (0.5, 1.0, 2.0),
         norm_noise: float = 0.25,
         valid_records: int = 8,
@@ -137,7 +141,14 @@ class RLDP(Controller):
         # is 0.25 per step, about 0.1 averaged over a 5-step interval)
         self.count_noise = norm_noise * ctx.expected_batch_size if levels else None
         self.interval = rl_interval
-        self.n_groups = len(ctx.group_names)
+        if groups not in GROUPS:
+            raise ValueError(f"groups must be one of {', '.join(GROUPS)}, not '{groups}'")
+        # The loop groups the parameters by this (train.py); the names are the same groups'.
+        self.grouping = GROUPS[groups]
+        self.group_names = tuple(
+            dict.fromkeys(group_of(name, self.grouping) for name in ctx.group_names)
+        )
+        self.n_groups = len(self.group_names)
         # The anchor's thresholds: the equal split C / sqrt(K) of the flat threshold C, so
         # sum_k C_k^2 = C^2 and the anchor has DP-SGD's signal-to-noise (C_k = C each would add
         # sqrt(K) times more noise per adapter).
@@ -386,7 +397,7 @@ class RLDP(Controller):
             if levels and 1.0 in self.norm_levels:  # the DP fraction within each threshold
                 at = self.norm_levels.index(1.0)
                 histogram = raw[N_FEATURES : N_FEATURES + self.n_groups * levels]
-                for k, name in enumerate(self.ctx.group_names):
+                for k, name in enumerate(self.group_names):
                     metrics[f"rldp/obs/unclipped_dp/{name}"] = float(histogram[k * levels + at])
         return metrics
 
@@ -426,6 +437,14 @@ class RLDP(Controller):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no mutate block
         """Warm start: an earlier run's policy, critic, statistics and transitions."""
+        theirs, ours = np.shape(state["obs_mean"]), self.obs_rms.mean.shape
+        if theirs != ours:
+            raise ValueError(
+                f"the warm_start policy observes {theirs[0] if theirs else 0} numbers, this "
+                f"run's {ours[0]} ({self.n_groups} threshold groups, {len(self.norm_levels)} "
+                "norm levels): train it with the same model, LoRA targets, groups and "
+                "norm_levels"
+            )
         self.sac.policy.load_state_dict(state["policy"])
         if "log_ent_coef" in state:
             with torch.no_grad():
