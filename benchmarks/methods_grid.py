@@ -93,10 +93,9 @@ def markdown(rows: list[dict]) -> str:
     ]
     for entry in dict.fromkeys(r["entry"] for r in rows):
         mine = {r["epsilon"]: r for r in rows if r["entry"] == entry}
-        # one value when every ε gives the same (a task the runs do not move)
-        accuracy = ", ".join(
-            dict.fromkeys(fmt(r["medication_accuracy_mean"], ".3f") for r in mine.values())
-        )
+        # one value when every ε gives the same (a task the runs do not move), else one per ε
+        accuracies = [fmt(r["medication_accuracy_mean"], ".3f") for r in mine.values()]
+        accuracy = accuracies[0] if len(set(accuracies)) == 1 else ", ".join(accuracies)
         if None in mine:  # non-private: one run per seed, no ε claimed
             r = mine[None]
             ppl = f"{fmt(r['test_perplexity_mean'], '.1f')} ± {fmt(r['test_perplexity_sd'], '.1f')}"

@@ -458,4 +458,5 @@ def test_the_methods_grid_pairs_each_method_with_dpsgd_by_seed(monkeypatch):
     assert "| 105.0 ± 7.1 (no ε) |" in lines["nonprivate"]
     assert "| 1 | 1.000, 4.000 | 0.100 |" in lines["dpsgd"]
     assert "0.925 ± 0.035; 1.000 ± 0.000" in lines["auto_s"]
-    assert lines["auto_s"].endswith("| 1.000, 3.900 | 0.150, 0.100 |")
+    assert lines["auto_s"].endswith("| 1.000, 3.900 | 0.150, 0.100 |")  # one per ε
+    assert lines["nonprivate"].endswith("| - | 0.100 |")  # the same at every ε: once

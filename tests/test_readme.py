@@ -339,3 +339,25 @@ def test_the_mutation_table_is_the_committed_report():
             + " % |"
         )
         assert row in readme, row
+
+
+def test_methods_grid_table_is_the_committed_benchmark_and_what_the_section_claims():
+    results = ROOT / "benchmarks" / "results"
+    table = (results / "methods_grid.md").read_text().split("\n", 2)[2].strip()
+    assert _block("results:methods-grid") == table, (
+        "README's every-method table differs from benchmarks/results/methods_grid.md "
+        "(make bench-methods)"
+    )
+    bench = json.loads((results / "methods_grid.json").read_text())
+    assert not bench["quick"]
+    runs = {(r["entry"], r["epsilon"], r["seed"]): r for r in bench["runs"]}
+    private = [r for r in bench["runs"] if r["epsilon"] is not None]
+    assert all(r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9) for r in private)
+    pairs = [(eps, seed) for _, eps, seed in runs if eps is not None]
+    # what the section claims: RLDP below DP-SGD and AUTO-S in every (ε, seed) pair, and its
+    # policy never acted (the row is its anchor alone)
+    for eps, seed in pairs:
+        rldp = runs[("rldp", eps, seed)]
+        for other in ("dpsgd", "auto_s"):
+            assert rldp["test_perplexity"] < runs[(other, eps, seed)]["test_perplexity"]
+        assert rldp["controller_metrics"]["rldp/policy_actions"] == 0
