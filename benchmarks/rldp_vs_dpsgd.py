@@ -39,6 +39,10 @@ from privtune import io  # noqa: E402
 # key -> (label, RLDP options over the defaults, methods.rldp): where a gain comes from.
 ABLATION = {
     "anchor": ("anchor alone (per-adapter AUTO-S, paced noise)", {"policy": False}),
+    "flat_anchor": (
+        "anchor alone on one group (flat AUTO-S, paced noise)",
+        {"policy": False, "groups": "flat"},
+    ),
     "thresholds": ("anchor + policy on thresholds only", {"noise_bounds": [1.0, 1.0]}),
     "noise": ("anchor + policy on noise only", {"clip_bounds": [1.0, 1.0]}),
     "full": ("anchor + policy (RLDP)", {}),
