@@ -91,7 +91,7 @@ bench-lmo: install
 	dvc repro base
 	$(BIN)/python benchmarks/lmo_vs_gaussian.py $(ARGS)
 
-# Every method at epsilon 1, 4, 8 x 3 seeds (about 50 min on 2 CPU cores; ARGS=--quick less).
+# Every method at epsilon 1, 4, 8 x 3 seeds (about 30 min on 2 CPU cores; ARGS=--quick less).
 bench-methods: install
 	dvc repro base
 	$(BIN)/python benchmarks/methods_grid.py $(ARGS)
