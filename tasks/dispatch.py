@@ -133,17 +133,12 @@ def last_heartbeat(client: Any, run: Any) -> datetime | None:
     return page.events[0].occurred if page.events else None
 
 
-def stopped(
-    beat: datetime | None, interval: float | None, now: datetime, started: datetime | None = None
-) -> bool:
-    """A running run is dead when it has missed its last few heartbeats. Prefect sends the
-    first as the run starts running, so one that never sent any is judged from its start (a
-    worker killed in its first seconds); one of a deployment that asks for none, or with no
-    start time, is not judged."""
-    last = beat or started
-    if last is None or interval is None:
+def stopped(beat: datetime | None, interval: float | None, now: datetime) -> bool:
+    """A running run is dead when it has sent heartbeats and missed the last few. One that never
+    sent any is not judged: its deployment may not send them, or the events may lag."""
+    if beat is None or interval is None:
         return False
-    return now - last > timedelta(seconds=MISSED_HEARTBEATS * interval + POLL_SECONDS)
+    return now - beat > timedelta(seconds=MISSED_HEARTBEATS * interval + POLL_SECONDS)
 
 
 def crash_if_dead(client: Any, run: Any, interval: float | None) -> str | None:
@@ -153,16 +148,11 @@ def crash_if_dead(client: Any, run: Any, interval: float | None) -> str | None:
     if interval is None or run.state is None or not run.state.is_running():
         return None
     beat = last_heartbeat(client, run)
-    if not stopped(beat, interval, datetime.now(UTC), run.start_time):
+    if not stopped(beat, interval, datetime.now(UTC)):
         return None
-    since = (
-        f"since {beat:%Y-%m-%d %H:%M:%S}"
-        if beat
-        else f"since it started at {run.start_time:%Y-%m-%d %H:%M:%S}"
-    )
     why = (
-        f"flow run {run.id} sent no heartbeat {since} UTC (every {interval:g} s expected): "
-        "its worker or machine is gone"
+        f"flow run {run.id} sent no heartbeat since {beat:%Y-%m-%d %H:%M:%S} UTC (every "
+        f"{interval:g} s expected): its worker or machine is gone"
     )
     client.set_flow_run_state(run.id, Crashed(message=why), force=True)
     return why
