@@ -329,7 +329,10 @@ def test_rldp_with_fewer_threshold_groups_in_the_loop(tiny_model, tiny_tokenizer
     train_data, valid_data = _data(tiny_tokenizer)
     model = attach_lora(tiny_model, PARAMS.lora)
     names = adapter_groups(model, {"projection": "per_projection", "flat": "flat"}[groups])[0]
-    assert len(names) < len(adapter_groups(model, "per_adapter")[0])
+    adapters = adapter_groups(model, "per_adapter")[0]  # one layer: h.0.attn.c_attn, ...
+    # GPT-2's attention and MLP output projections (both `c_proj`) stay two groups
+    expected = [a.removeprefix("h.0.") for a in adapters] if groups == "projection" else ["all"]
+    assert names == expected and "attn.c_proj" in adapters[1]
     result = train(model, train_data, valid_data, PARAMS, "rldp",
                    dict(OPTIONS, valid_records=3, groups=groups), show_progress=False)  # fmt: skip
     assert result.controller.group_names == tuple(names)
@@ -348,9 +351,22 @@ def test_rldp_groups_and_a_mismatched_warm_start_are_refused_by_name(tmp_path):
     three = build_controller("rldp", CTX, OPTIONS)  # three adapters
     path = tmp_path / "policy.pt"
     torch.save(three.state_dict(), path)
+    warm = {**OPTIONS, "warm_start": str(path)}
+    assert build_controller("rldp", CTX, warm).group_names == ("a", "b", "c")  # the same shape
     one = dataclasses.replace(CTX, group_names=("a",))
-    with pytest.raises(ConfigError, match="warm_start policy observes"):
-        build_controller("rldp", one, {**OPTIONS, "warm_start": str(path)})
+    others = dataclasses.replace(CTX, group_names=("x", "y", "z"))  # as many, other adapters
+    for ctx, options in [(one, warm), (others, warm), (CTX, {**warm, "norm_levels": [1.0]})]:
+        with pytest.raises(ConfigError, match="warm_start policy was trained for other"):
+            build_controller("rldp", ctx, options)
+    # a policy saved before the groups were recorded: its action and observation sizes decide
+    legacy = {
+        k: v for k, v in three.state_dict().items() if k not in ("group_names", "norm_levels")
+    }
+    torch.save(legacy, path)
+    assert build_controller("rldp", others, warm).n_groups == 3
+    for ctx, options in [(one, warm), (CTX, {**warm, "norm_levels": [1.0]})]:
+        with pytest.raises(ConfigError, match="warm_start policy was trained for other"):
+            build_controller("rldp", ctx, options)
 
 
 def test_a_greedy_policy_cannot_overspend(tiny_model, tiny_tokenizer, monkeypatch):

@@ -210,6 +210,7 @@ def attach_lora(model: torch.nn.Module, params: LoraParams, seed: int = 0) -> Pe
 
 
 _ADAPTER = re.compile(r"^(.*)\.lora_[AB]\.")
+_LAYER = re.compile(r"^(?:.*\.)?\d+\.")  # the path up to the layer's index: `layers.3.`
 _WRAPPERS = ("_module.", "base_model.model.")  # opacus' GradSampleModule, peft's PeftModel
 
 
@@ -227,13 +228,14 @@ GROUPINGS = ("flat", "per_adapter", "per_projection")
 
 def group_of(adapter: str, grouping: str) -> str:
     """The clipping group of an adapter (named as :func:`adapter_groups` names it): "all",
-    the adapter itself, or its projection (`q_proj`, `down_proj`, GPT-2's `c_attn`), the
-    same projection of every layer in one group."""
+    the adapter itself, or its projection, the adapter's path without the layer
+    (`self_attn.q_proj`, `mlp.down_proj`; GPT-2's `attn.c_proj` and `mlp.c_proj` stay two):
+    the same projection of every layer in one group."""
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, not '{grouping}'")
     if grouping == "flat":
         return "all"
-    return adapter.rsplit(".", 1)[-1] if grouping == "per_projection" else adapter
+    return _LAYER.sub("", adapter, count=1) if grouping == "per_projection" else adapter
 
 
 def adapter_groups(model: torch.nn.Module, grouping: str) -> tuple[list[str], list[list]]:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from privtune.privacy.action import Action, Scaling
 from privtune.privacy.mechanisms import Gaussian, Group, Mechanism
 
-Grouping = Literal["flat", "per_adapter"]
+Grouping = Literal["flat", "per_adapter", "per_projection"]
 
 __all__ = ["Action", "Controller", "ControllerContext", "Grouping", "Observation", "Scaling"]
 

@@ -433,17 +433,26 @@ class RLDP(Controller):
             "anchor_fallbacks": self.anchor_fallbacks,
             "policy_actions": self.policy_actions,
             "provenance": dict(self.warm_provenance),
+            "group_names": self.group_names,  # what a warm start must act on (its shape)
+            "norm_levels": self.norm_levels,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no mutate block
         """Warm start: an earlier run's policy, critic, statistics and transitions."""
-        theirs, ours = np.shape(state["obs_mean"]), self.obs_rms.mean.shape
-        if theirs != ours:
+        shape = (tuple(state.get("group_names", ())), tuple(state.get("norm_levels", ())))
+        if "group_names" not in state:  # saved before the groups were: its sizes must agree
+            actions = state["policy"]["actor.mu.weight"].shape[0]
+            same = actions == self.n_groups + 1 and np.shape(state["obs_mean"]) == np.shape(
+                self.obs_rms.mean
+            )
+        else:
+            same = shape == (self.group_names, self.norm_levels)
+        if not same:
             raise ValueError(
-                f"the warm_start policy observes {theirs[0] if theirs else 0} numbers, this "
-                f"run's {ours[0]} ({self.n_groups} threshold groups, {len(self.norm_levels)} "
-                "norm levels): train it with the same model, LoRA targets, groups and "
-                "norm_levels"
+                "the warm_start policy was trained for other threshold groups or norm levels "
+                f"({len(shape[0]) or 'unrecorded'} groups, levels {list(shape[1]) or 'unrecorded'}"
+                f"; this run: {self.n_groups} groups, levels {list(self.norm_levels)}): train "
+                "it with the same model, LoRA targets, groups and norm_levels"
             )
         self.sac.policy.load_state_dict(state["policy"])
         if "log_ent_coef" in state:
