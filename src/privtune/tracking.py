@@ -354,8 +354,8 @@ def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> i
     """Delete runs with this key that ended without finishing (a crashed attempt), so a retry
     does not leave a duplicate beside its own run; ``keep``: a run to resume instead. A run
     still RUNNING is left alone: its process may be alive on another machine sharing the store
-    (this machine's dead ones were closed as KILLED first, `close_dead_runs`). Returns how
-    many were deleted."""
+    (the dead ones were closed as KILLED first, `close_dead_runs`: this machine's by their
+    pid, another's by their silent heartbeats). Returns how many were deleted."""
     client = _client(root)
     stale = [
         r
@@ -486,18 +486,32 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                run = self.client.get_run(self.run_id)
-                if run.info.status == "KILLED" and _judged_dead(run.data.tags):
-                    self.client.update_run(self.run_id, status="RUNNING")
-                    self.client.delete_tag(self.run_id, ERROR_TAG)
-                self.client.set_tag(self.run_id, HEARTBEAT_TAG, _now())
+                self._beat()
             except Exception:  # noqa: BLE001 - a missed beat is not the run's failure
                 continue
 
+    def _beat(self) -> None:
+        """One beat; each write first checks that the run is still open here, so a beat that
+        was slow to answer does not reopen a run this process has just ended."""
+        run = self.client.get_run(self.run_id)
+        if run.info.status == "KILLED" and _judged_dead(run.data.tags):
+            if self._stop.is_set():
+                return
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.delete_tag(self.run_id, ERROR_TAG)
+        if not self._stop.is_set():
+            self.client.set_tag(self.run_id, HEARTBEAT_TAG, _now())
+
     def stop(self) -> None:
-        """No beat after this returns (unless one hangs on an unreachable store: it is left)."""
+        """No beat starts after this returns; one already writing to an unreachable store is
+        left to its own timeout after 30 s."""
         self._stop.set()
         self._thread.join(timeout=30)
+        try:  # judged dead while it was alive, then ended before its next beat: not dead
+            if _judged_dead(self.client.get_run(self.run_id).data.tags):
+                self.client.delete_tag(self.run_id, ERROR_TAG)
+        except Exception:  # noqa: BLE001 - the run's end is recorded next, whatever this does
+            pass
 
 
 NO_HEARTBEAT = "KilledProcess: no heartbeat"
@@ -565,6 +579,8 @@ def close_dead_runs(root: str | Path = ".", experiment: str = EXPERIMENT) -> lis
             why = _heartbeat_stopped(tags, now)
             if why is None:
                 continue
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
+            continue  # it ended meanwhile (MLflow has no compare-and-set: a narrower window)
         client.set_tag(run.info.run_id, ERROR_TAG, why)
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
