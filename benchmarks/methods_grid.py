@@ -95,7 +95,11 @@ def markdown(rows: list[dict]) -> str:
     for entry in dict.fromkeys(r["entry"] for r in rows):
         mine = {r["epsilon"]: r for r in rows if r["entry"] == entry}
         # one value when every ε gives the same (a task the runs do not move), else one per ε
-        accuracies = [fmt(r["medication_accuracy_mean"], ".3f") for r in mine.values()]
+        # in the columns' order ('-' where a point did not run)
+        accuracies = [
+            fmt(mine[e]["medication_accuracy_mean"], ".3f") if e in mine else "-"
+            for e in ([None] if None in mine else epsilons)
+        ]
         accuracy = accuracies[0] if len(set(accuracies)) == 1 else ", ".join(accuracies)
         if None in mine:  # non-private: one run per seed, no ε claimed
             r = mine[None]
@@ -117,7 +121,7 @@ def markdown(rows: list[dict]) -> str:
                 for e in epsilons
             ]
             spent = ", ".join(
-                fmt(mine[e]["max_epsilon_spent"], ".3f") for e in epsilons if e in mine
+                fmt(mine[e]["max_epsilon_spent"], ".3f") if e in mine else "-" for e in epsilons
             )
             cells = [*ppl, "; ".join(ratios) if entry != "dpsgd" else "1", spent, accuracy]
         lines.append(f"| {entry} | " + " | ".join(cells) + " |")

@@ -443,7 +443,7 @@ def test_the_methods_grid_pairs_each_method_with_dpsgd_by_seed(monkeypatch):
         run("auto_s", 1.0, 0, 190.0, 0.98), run("auto_s", 1.0, 1, 270.0, 1.0, 0.2),
         run("auto_s", 4.0, 0, 150.0, 3.9),  # seed 1 at ε 4 did not run
     ]  # fmt: skip
-    rows = {(r["entry"], r["epsilon"]): r for r in bench.summarise(runs, [1.0, 4.0], [0, 1])}
+    rows = {(r["entry"], r["epsilon"]): r for r in bench.summarise(runs, [4.0, 1.0], [0, 1])}
     assert rows[("nonprivate", None)]["test_perplexity_mean"] == 105.0
     assert "ppl_ratio_to_dpsgd_mean" not in rows[("nonprivate", None)]
     auto = rows[("auto_s", 1.0)]
@@ -458,5 +458,9 @@ def test_the_methods_grid_pairs_each_method_with_dpsgd_by_seed(monkeypatch):
     assert "| 105.0 ± 7.1 (no ε) |" in lines["nonprivate"]
     assert "| 1 | 1.000, 4.000 | 0.100 |" in lines["dpsgd"]
     assert "0.925 ± 0.035; 1.000 ± 0.000" in lines["auto_s"]
-    assert lines["auto_s"].endswith("| 1.000, 3.900 | 0.150, 0.100 |")  # one per ε
+    assert lines["auto_s"].endswith("| 1.000, 3.900 | 0.150, 0.100 |")  # one per ε, in order
+    del rows[("auto_s", 1.0)]  # a point that did not run: '-' in its place, the others kept
+    line = bench.markdown(list(rows.values())).splitlines()[-1]
+    assert line.startswith("| auto_s | - | 150.0 ± 0.0 |")
+    assert line.endswith("| -, 3.900 | -, 0.100 |")
     assert lines["nonprivate"].endswith("| - | 0.100 |")  # the same at every ε: once
