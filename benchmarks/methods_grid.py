@@ -81,10 +81,15 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def grid_epsilons(rows: list[dict]) -> list[float]:
+    """The grid's target ε, in order (the non-private rows claim none)."""
+    return sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
+
+
 def markdown(rows: list[dict]) -> str:
     """One line per method: test perplexity (mean ± sd over seeds) at each ε, its ratio to
     DP-SGD's (paired by seed), the largest ε any of its runs spent and medication accuracy."""
-    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
+    epsilons = grid_epsilons(rows)
     grid = ", ".join(fmt(e) for e in epsilons)
     lines = [
         "| method | "
@@ -147,7 +152,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(xscale="log", xlabel="target ε (spent ≤ target)",
            ylabel="test perplexity (mean ± sd over seeds)",
            title="Every method at equal (ε, δ), q and steps")  # fmt: skip
-    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
+    epsilons = grid_epsilons(rows)
     ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the grid's ε
     ax.legend(fontsize=7, ncol=2)

@@ -609,8 +609,8 @@ def start_run(
     with use_store(root) as mlflow:
         tags = {RUN_KEY_TAG: key} if key else {}
         tags |= _owner_tags() | {HEARTBEAT_TAG: _now(), HEARTBEAT_SECONDS_TAG: f"{interval:g}"}
+        client = mlflow.MlflowClient(mlflow.get_tracking_uri())  # this store's, for the beats too
         if run_id is not None:
-            client = mlflow.MlflowClient()
             if ERROR_TAG in client.get_run(run_id).data.tags:
                 client.delete_tag(run_id, ERROR_TAG)  # resumed: the interruption is over
             context = mlflow.start_run(run_id=run_id)
@@ -620,7 +620,6 @@ def start_run(
         run = context.__enter__()
         if run_id is not None:
             mlflow.set_tags(tags)
-        client = mlflow.MlflowClient(mlflow.get_tracking_uri())
         heartbeat = _Heartbeat(client, run.info.run_id, interval)
         try:
             yield RunTracker(mlflow, run)
