@@ -385,6 +385,43 @@ def test_utility_measured_on_other_test_data_is_not_compared():
     assert _gates(tags, champion)["utility"].passed
 
 
+def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
+    """After a retrain on changed data the gate compares the numbers promotion measured for
+    both models on the same records (registry/paired.py), only for this champion, data and
+    metric; a measurement that failed, or the option off, leaves them not comparable."""
+    from privtune.registry.paired import PAIRED_TAG, Paired
+
+    champion = Champion(40.0)
+    champion.tags["evaluated_on"] = "old"
+    measured = Paired("1", "new", "test_perplexity", 41.5, 41.0, records=90, excluded=14)
+    tags = SAFE | {"utility.test_perplexity": "30.0", "evaluated_on": "new"}
+    gate = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion)["utility"]
+    # 30 against 40 as registered would pass; side by side the challenger is 0.5 worse
+    assert not gate.passed and (gate.value, gate.threshold, gate.margin) == (41.5, 41.0, -0.5)
+    assert "side by side on the 90 test records" in gate.reason
+    assert "(14 it was trained on left out)" in gate.reason
+    tolerant = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion, utility_tolerance=0.5)
+    assert tolerant["utility"].passed and tolerant["utility"].margin == 0
+
+    for stale in (
+        Paired("2", "new", "test_perplexity", 1.0, 2.0),  # against another champion
+        Paired("1", "newer", "test_perplexity", 1.0, 2.0),  # of other test data
+        Paired("1", "new", "medication_accuracy", 1.0, 2.0),  # of another metric
+    ):
+        gate = _gates(tags | {PAIRED_TAG: stale.to_tag()}, champion)["utility"]
+        assert not gate.passed and gate.reason.startswith("not comparable")
+        assert "not measured side by side yet" in gate.reason
+    failed = Paired("1", "new", "test_perplexity", error="its train split is not cached")
+    gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion)["utility"]
+    assert not gate.passed and gate.margin is None
+    assert "measuring both side by side failed: its train split is not cached" in gate.reason
+    off = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion, reevaluate_champion=False)
+    assert not off["utility"].passed
+    assert "registry.gates.reevaluate_champion is off" in off["utility"].reason
+    unreadable = _gates(tags | {PAIRED_TAG: "{not json"}, champion)["utility"]
+    assert not unreadable.passed and "not measured side by side yet" in unreadable.reason
+
+
 @pytest.mark.parametrize(
     ("tag", "allowed", "passed"),
     [("true", False, True), ("false", False, False), (None, False, False), ("false", True, True)]

@@ -120,11 +120,11 @@ def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> 
 
     name, gates = params.registry.name, params.registry.gates
     if version is not None:
-        decision = promote(name, gates, root=root, version=version)
+        decision = promote(name, gates, root=root, version=version, params=params)
         result, decisions, why = decision.to_dict(), [decision], decision.reason()
         promoted, methods = decision.promoted, None
     else:
-        selection = promote_best(name, gates, root=root)
+        selection = promote_best(name, gates, root=root, params=params)
         result, decisions, why = selection.to_dict(), list(selection.decisions), selection.why
         promoted, methods = selection.chosen is not None, selection.methods
     if as_json:

@@ -285,6 +285,9 @@ class Gates(_Section):
     # Compare utility with a champion measured on other test data, tokenizer or task (the
     # versions' `evaluated_on` tags differ): false refuses as not comparable.
     utility_across_data: bool = False
+    # Where they differ, measure the challenger and the champion again, side by side, on the
+    # challenger's test records the champion was not trained on (registry/paired.py).
+    reevaluate_champion: bool = True
     # Promote a version whose noise was seeded from finetune.seed (finetune.secret_noise:
     # false): its guarantee holds only against someone who does not know the seed.
     allow_reproducible_noise: bool = False

@@ -139,6 +139,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes: the name DVC's cache gives it (read in blocks: splits grow)."""
+    digest = hashlib.md5()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def tree_sha256(path: str | Path, pattern: str = "*") -> str:
     """Content hash of a directory (relative names and bytes of the files matching `pattern`)."""
     path = Path(path)

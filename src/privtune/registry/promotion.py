@@ -18,10 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privtune.config import Gates
+from privtune.config import Gates, Params
 from privtune.errors import ModelError
 from privtune.registry.card import CARD_JSON, CARD_SCHEMA, card_from_tags, gate_report, verdict_line
 from privtune.registry.lock import registry_lock
+from privtune.registry.paired import other_data, pair_with_champion, read_paired
 from privtune.registry.register import (
     ATTACK_PREFIX,
     CHALLENGER,
@@ -206,23 +207,46 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
     if best is None:
         reason = f"champion v{champion.version} has no {key}: cannot compare"
         return GateResult("utility", False, value, None, None, reason)
-    mine, theirs = tags.get(EVALUATED_ON_TAG), dict(champion.tags).get(EVALUATED_ON_TAG)
-    if mine and theirs and mine != theirs and not gates.utility_across_data:
-        reason = (
-            f"not comparable: {gates.utility_metric} {value:.6g} and champion "
-            f"v{champion.version}'s {best:.6g} were measured on other test data, tokenizer or "
-            f"task ({EVALUATED_ON_TAG} {mine} vs {theirs}); review it, then set "
-            f"registry.gates.utility_across_data: true to compare them anyway"
+    where = ""
+    if other_data(gates, tags, champion):
+        paired = read_paired(tags)
+        mine = tags.get(EVALUATED_ON_TAG)
+        if not gates.reevaluate_champion:
+            why = " (registry.gates.reevaluate_champion is off)"
+            return _not_comparable(gates, value, best, champion, tags, why)
+        if paired is None or not paired.matches(str(champion.version), mine, gates.utility_metric):
+            why = "; not measured side by side yet: `privtune promote` measures both"
+            return _not_comparable(gates, value, best, champion, tags, why)
+        if paired.error is not None or paired.value is None or paired.champion_value is None:
+            why = f"; measuring both side by side failed: {paired.error}"
+            return _not_comparable(gates, value, best, champion, tags, why)
+        value, best = paired.value, paired.champion_value
+        where = (
+            f", both measured side by side on the {paired.records} test records of this "
+            f"version's split that v{champion.version} was not trained on ({paired.excluded} "
+            "it was trained on left out)"
         )
-        return GateResult("utility", False, value, best, None, reason)
     gain = value - best if gates.higher_is_better else best - value
     margin = gain + gates.utility_tolerance
     direction = "higher" if gates.higher_is_better else "lower"
     reason = (
-        f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g} "
+        f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g}{where} "
         f"({direction} is better; margin {margin:+.6g})"
     )
     return GateResult("utility", margin >= 0, value, best, margin, reason)
+
+
+def _not_comparable(
+    gates: Gates, value: float, best: float, champion: Any, tags: dict[str, str], why: str
+) -> GateResult:
+    mine, theirs = tags.get(EVALUATED_ON_TAG), dict(champion.tags).get(EVALUATED_ON_TAG)
+    reason = (
+        f"not comparable: {gates.utility_metric} {value:.6g} and champion "
+        f"v{champion.version}'s {best:.6g} were measured on other test data, tokenizer or "
+        f"task ({EVALUATED_ON_TAG} {mine} vs {theirs}){why}; review it, then set "
+        f"registry.gates.utility_across_data: true to compare them anyway"
+    )
+    return GateResult("utility", False, value, best, None, reason)
 
 
 def _noise(gates: Gates, tags: dict[str, str]) -> GateResult:
@@ -426,11 +450,34 @@ def _version_or_error(
         ) from None
 
 
+def _pair(
+    name: str, gates: Gates, root: str | Path, versions: list[str], params: Params | None
+) -> None:
+    """Measure side by side, before taking the lock (it can take minutes on a large model),
+    each candidate whose utility is not comparable with the champion's as registered; a
+    champion that changes meanwhile leaves the candidate not comparable, to be judged again."""
+    champion = alias_version(client(root), name, CHAMPION)
+    pair_with_champion(name, versions, champion, gates, Path(root), params)
+
+
+def _challenger(name: str, root: str | Path) -> list[str]:
+    challenger = alias_version(client(root), name, CHALLENGER)
+    return [str(challenger.version)] if challenger is not None else []
+
+
 def promote(
-    name: str, gates: Gates | None = None, *, root: str | Path = ".", version: str | None = None
+    name: str,
+    gates: Gates | None = None,
+    *,
+    root: str | Path = ".",
+    version: str | None = None,
+    params: Params | None = None,
 ) -> Decision:
     """Move `champion` to the challenger (or `version`) only if every gate holds; one promotion
-    at a time per store (registry/lock.py)."""
+    at a time per store (registry/lock.py). `params` (default: the project's params.yaml) says
+    how to evaluate, where the champion must be measured again (registry/paired.py)."""
+    gates = gates or Gates()
+    _pair(name, gates, root, [version] if version else _challenger(name, root), params)
     with registry_lock(root):
         return _promote(name, gates, root=root, version=version)
 
@@ -504,12 +551,20 @@ def _utility_value(gates: Gates, tags: dict[str, str]) -> float | None:
     return _number(tags, f"{UTILITY_PREFIX}{gates.utility_metric}")
 
 
-def promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".") -> Selection:
+def promote_best(
+    name: str,
+    gates: Gates | None = None,
+    *,
+    root: str | Path = ".",
+    params: Params | None = None,
+) -> Selection:
     """Promote the best eligible candidate: of the versions no promotion has judged yet (or
     the challenger, when every version was judged), those that pass every gate against the
     current champion, the one with the best utility. The others are judged too and refused
     (a candidate that passed its gates is refused as not chosen, naming the better one), so
     the champion history gains one entry, not one per candidate."""
+    gates = gates or Gates()
+    _pair(name, gates, root, pending_versions(name, root=root) or _challenger(name, root), params)
     with registry_lock(root):
         return _promote_best(name, gates, root=root)
 
