@@ -166,6 +166,39 @@ def test_a_run_of_another_machine_is_judged_by_its_heartbeats(tmp_path, monkeypa
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
 
 
+def test_a_run_of_a_machine_with_this_ones_name_is_judged_by_its_heartbeats(tmp_path, monkeypatch):
+    """Two machines (or host-network containers) with one host name: the other's process id
+    means nothing here, so a live run there is not closed for a pid that is free here; its
+    heartbeats decide. A run opened before the namespace tag is still judged by host name."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.start_run("first", root=tmp_path, key="k") as run:
+        mine = mlflow.MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run.run_id)
+    assert mine.data.tags[tracking.PID_NAMESPACE_TAG] == tracking.pid_namespace()
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    twin = {
+        tracking.HOST_TAG: socket.gethostname(),
+        tracking.PID_TAG: str(_dead_pid()),  # free here; alive, or not, over there
+        tracking.PID_NAMESPACE_TAG: "another-boot/pid:[1]",
+    }
+    limit = tracking.MISSED_HEARTBEATS * 60
+    alive = client.create_run(experiment, tags={**twin, **_beats(limit - 30)})
+    silent = client.create_run(experiment, tags={**twin, **_beats(limit + 30)})
+    here = {**twin, tracking.PID_NAMESPACE_TAG: tracking.pid_namespace()}
+    dead_here = client.create_run(experiment, tags={**here, **_beats(1)})
+    older = {k: v for k, v in twin.items() if k != tracking.PID_NAMESPACE_TAG}
+    dead_older = client.create_run(experiment, tags={**older, **_beats(1)})
+    closed = tracking.close_dead_runs(tmp_path)
+    assert sorted(closed) == sorted(r.info.run_id for r in (silent, dead_here, dead_older))
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    why = client.get_run(silent.info.run_id).data.tags[tracking.ERROR_TAG]
+    assert why.startswith(f"KilledProcess: no heartbeat from {socket.gethostname()} since ")
+    why = client.get_run(dead_here.info.run_id).data.tags[tracking.ERROR_TAG]
+    assert why.startswith(f"KilledProcess: process {twin[tracking.PID_TAG]} on ")
+
+
 def test_an_open_run_beats_and_reopens_itself_if_judged_dead(tmp_path, monkeypatch):
     """The beat advances while the run is open; a run another start closed as silent (the store
     was out of its reach) is RUNNING again at its next beat, and finishes as usual."""
@@ -210,6 +243,7 @@ _REMOTE_WORKER = """
 import socket, sys, time
 socket.gethostname = lambda: "worker-2"  # another machine sharing the store
 from privtune import tracking
+tracking.pid_namespace = lambda: "worker-2-boot/pid:[4026531836]"
 with tracking.start_run("remote", root=sys.argv[1], key="k") as run:
     print(run.run_id, flush=True)
     time.sleep(600)

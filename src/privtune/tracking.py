@@ -446,8 +446,36 @@ HEARTBEAT_SECONDS = 60.0
 MISSED_HEARTBEATS = 5  # beats a run may miss (a slow store, clocks apart) before it is dead
 
 
+# Where the run's pid names one process: the kernel's boot id and the pid namespace. Two
+# machines can share a host name (cloned VMs), and containers on one host's network share its
+# name but not its pids; a run whose tag differs is judged by its heartbeats instead.
+PID_NAMESPACE_TAG = "privtune.pid_namespace"
+
+
+def pid_namespace() -> str:
+    """This process's boot and pid namespace (Linux); elsewhere the host name, as before."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. pid:[4026531836]
+    except OSError:
+        return socket.gethostname()
+    return f"{boot}/{namespace}"
+
+
 def _owner_tags() -> dict[str, str]:
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    return {
+        PID_TAG: str(os.getpid()),
+        HOST_TAG: socket.gethostname(),
+        PID_NAMESPACE_TAG: pid_namespace(),
+    }
+
+
+def _pid_is_ours(tags: Mapping[str, str]) -> bool:
+    """Whether the run's process id can be looked up here (a run opened before the namespace
+    tag: when it was opened on a machine of this name)."""
+    if PID_NAMESPACE_TAG in tags:
+        return tags[PID_NAMESPACE_TAG] == pid_namespace()
+    return tags.get(HOST_TAG) == socket.gethostname()
 
 
 def heartbeat_seconds() -> float:
@@ -555,9 +583,10 @@ def error_summary(err: BaseException) -> str:
 
 def close_dead_runs(root: str | Path = ".", experiment: str = EXPERIMENT) -> list[str]:
     """Mark KILLED the runs left RUNNING by a process that no longer exists (kill -9, a power
-    cut, a lost machine), with why in ``privtune.error``; returns their ids. A run of this
-    machine is judged by its process id; one of another machine by its heartbeats (none for
-    MISSED_HEARTBEATS of its intervals)."""
+    cut, a lost machine), with why in ``privtune.error``; returns their ids. A run whose
+    process this machine can look up (same boot and pid namespace) is judged by its process
+    id; any other by its heartbeats (none for MISSED_HEARTBEATS of its intervals), even when
+    its machine has this one's name."""
     from privtune.io import pid_alive
 
     client = _client(root)
@@ -571,7 +600,7 @@ def close_dead_runs(root: str | Path = ".", experiment: str = EXPERIMENT) -> lis
     ):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) == host and pid.isdigit():
+        if _pid_is_ours(tags) and pid.isdigit():
             if pid_alive(int(pid)):
                 continue
             why = f"KilledProcess: process {pid} on {host} ended without closing the run"
