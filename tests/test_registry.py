@@ -416,6 +416,26 @@ def test_promote_best_chooses_the_most_useful_eligible_new_version(project, caps
     assert decision["promoted"] is False and "utility" in decision["failed"]
 
 
+def test_promote_best_compares_utility_only_on_the_newest_test_data(project):
+    """Versions of an older run never judged, beside those of a retrain on changed data: a
+    lower perplexity on the old test split is no evidence against the new ones, so the choice
+    is among the newest data's versions, and the old one is refused against the new champion."""
+    from privtune.registry import promote_best
+
+    name = "clinical-newest"
+    for entry, perplexity, on, seed in (("old", 20.0, "a", 1), ("new", 30.0, "b", 2)):
+        add_entry(project, entry, perplexity=perplexity, seed=seed)
+        evaluation = project / f"metrics/evaluate-{entry}.json"
+        io.write_json(evaluation, io.read_json(evaluation) | {"evaluated_on": on})
+        register(entry, name, project)
+    selection = promote_best(name, root=project, params=None)
+    assert selection.chosen == "2" and "(30) of the 2 eligible candidate(s)" in selection.why
+    assert "among the 1 measured on the newest test data (evaluated_on b;" in selection.why
+    refused = next(d for d in selection.decisions if d.version == "1")
+    assert not refused.promoted and [g.gate for g in refused.failed] == ["utility"]
+    assert "not comparable" in refused.reason()
+
+
 def test_gates_table_marks_each_failed_gate(project):
     from privtune.registry import Decision
     from privtune.registry.promotion import GateResult, gates_table

@@ -586,9 +586,13 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
     eligible = [
         v for v in candidates if all(g.passed for g in evaluate_gates(gates, tags[v], champion))
     ]
+    # Utilities compare only on one test set: eligible versions of older data (a run never
+    # judged before a retrain on change) give way to those of the newest eligible one's.
+    newest = tags[eligible[-1]].get(EVALUATED_ON_TAG) if eligible else None
+    pool = [v for v in eligible if tags[v].get(EVALUATED_ON_TAG) in (newest, None) or not newest]
     sign = -1.0 if gates.higher_is_better else 1.0
     # ties go to the older version (candidates are oldest first)
-    best = min(eligible, key=lambda v: sign * _utility_value(gates, tags[v])) if eligible else None
+    best = min(pool, key=lambda v: sign * _utility_value(gates, tags[v])) if pool else None
     decisions: list[Decision] = []
     if best is not None:
         decisions.append(_promote(name, gates, root=root, version=best))
@@ -620,6 +624,11 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
             f"v{best} has the {direction} {gates.utility_metric} ({value:.6g}) of the "
             f"{len(eligible)} eligible candidate(s) out of {len(candidates)}"
         )
+        if len(pool) < len(eligible):
+            why += (
+                f", among the {len(pool)} measured on the newest test data ({EVALUATED_ON_TAG} "
+                f"{newest}; the others' utility does not compare with theirs)"
+            )
     methods = {v: tags[v].get("method", "?") for v in candidates}
     return Selection(best, why, tuple(decisions), methods)
 
