@@ -17,7 +17,8 @@ The result, or the reason it could not be made, is written on the challenger's v
 from __future__ import annotations
 
 import json
-import logging
+import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from privtune.config import Gates, Params
 
 PAIRED_TAG = "paired_utility"
-
-log = logging.getLogger(__name__)
 
 
 class Unavailable(Exception):
@@ -125,20 +124,20 @@ def _cached(root: Path, md5: str, version: str) -> Path:
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
+    split = f"{version}: its train split (md5 {md5})"
     fetch = (
-        f"its train split (md5 {md5}) is neither {TRAIN_FILE} nor in the DVC cache: "
-        f"`dvc fetch --all-commits` from the remote, or check out the commit {version} was "
-        "trained at and `dvc pull`"
+        f"{split} is neither {TRAIN_FILE} nor in the DVC cache: `dvc fetch --all-commits` from "
+        f"the remote, or check out the commit {version} was trained at and `dvc pull`"
     )
     try:
         with Repo(str(root)) as repo:
             if not repo.cache.local.exists(md5):
-                raise Unavailable(f"{version}: {fetch}")
+                raise Unavailable(fetch)
             path = Path(repo.cache.local.oid_to_path(md5))
     except NotDvcRepoError:
-        raise Unavailable(f"{version}: {fetch} (this project is not a DVC repository)") from None
-    if io.file_md5(path) != md5:  # a corrupted cache entry
-        raise Unavailable(f"{version}: the DVC cache's copy of {fetch.split(' is ')[0]} differs")
+        raise Unavailable(f"{fetch} (this project is not a DVC repository)") from None
+    if io.file_md5(path) != md5:
+        raise Unavailable(f"{split} is corrupted in the DVC cache (md5 differs): fetch it again")
     return path
 
 
@@ -150,7 +149,10 @@ def _load(name: str, version: str, root: Path) -> tuple[Any, Any]:
     from privtune.tracking import use_store
 
     try:
-        with use_store(root) as mlflow:
+        with use_store(root) as mlflow, warnings.catch_warnings():
+            # our predict has an explicit signature; transformers' own deprecation inside peft
+            warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method")
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
     except (MlflowException, OSError, ValueError) as err:
         raise Unavailable(f"v{version} cannot be loaded from the registry ({err})") from None
@@ -184,11 +186,11 @@ def _measure(
     from privtune.evaluate import evaluate_model
     from privtune.modeling import resolve_device
     from privtune.stages.common import read_split, resolved_max_length
-    from privtune.stages.evaluate import _task_train, evaluated_on
+    from privtune.stages.evaluate import evaluated_on, task_train
 
     try:
         test = read_split(root, "test")
-        max_length, candidates = resolved_max_length(params, root), _task_train(params, root)
+        max_length, candidates = resolved_max_length(params, root), task_train(params, root)
     except PrivtuneError as err:
         raise Unavailable(f"this project's prepared data cannot be read ({err})") from None
     if params.evaluate.max_records:
@@ -217,7 +219,7 @@ def _measure(
     device = resolve_device(params.finetune.device, "finetune.device")
     values = []
     for which, (model, tokenizer) in ((f"v{version}", new), (f"v{champion.version}", old)):
-        log.info("measuring %s on %d test records", which, len(records))
+        print(f"measuring {which} on {len(records)} test records", file=sys.stderr)
         found = evaluate_model(
             model.to(device),
             tokenizer,
@@ -278,5 +280,10 @@ def pair_with_champion(
         except Unavailable as why:
             paired = Paired(*here, error=str(why))  # type: ignore[arg-type]
         else:
+            print(
+                f"v{version}: its utility and champion v{champion.version}'s come from other "
+                "test data; measuring both side by side on this project's test split",
+                file=sys.stderr,
+            )
             paired = measure(name, version, tags, champion, gates, found, root)
         mlflow_client.set_model_version_tag(name, version, PAIRED_TAG, paired.to_tag())

@@ -23,7 +23,7 @@ from privtune.stages.common import (
 )
 
 
-def _task_train(params: Params, root: Path) -> list[dict]:
+def task_train(params: Params, root: Path) -> list[dict]:
     """The train split where the task draws its candidates from it (cloze), else nothing."""
     return read_split(root, "train") if params.evaluate.task == "cloze" else []
 
@@ -71,7 +71,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     test = read_split(root, "test")
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]
-    max_length, candidates = resolved_max_length(params, root), _task_train(params, root)
+    max_length, candidates = resolved_max_length(params, root), task_train(params, root)
     metrics = evaluate_model(
         model,
         tokenizer,
