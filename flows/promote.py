@@ -11,9 +11,7 @@ Only transient failures are retried; a configuration or model error fails at onc
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,31 +23,16 @@ from tasks.stages import transient  # noqa: E402
 
 # What MLflow answers for a missing registered model, or a missing alias.
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
-# Prefect's global concurrency limit (one slot) that every promotion and rollback run of this
-# Prefect server holds: the lock for stores behind a tracking server, where privtune has none
-# of its own beside the store (privtune/registry/lock.py).
-REGISTRY_LIMIT = "privtune-registry"
 
 
-@contextlib.contextmanager
-def one_at_a_time() -> Iterator[None]:
-    """Hold the registry's slot (the limit is created on first use); a run killed while holding
-    it frees it when its lease (300 s, renewed while alive) runs out."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+def one_at_a_time():
+    """Hold the one slot of Prefect's global concurrency limit `privtune-registry` that every
+    promotion and rollback holds (privtune/registry/lock.py): the lock for stores behind a
+    tracking server, where privtune has none of its own beside the store; the promotion the
+    flow then calls sees it held and does not wait for itself."""
+    from privtune.registry.lock import prefect_slot
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1)
-                )
-    with concurrency(REGISTRY_LIMIT, occupy=1, strict=True):
-        yield
+    return prefect_slot()
 
 
 def _registry(root: str):

@@ -468,7 +468,8 @@ def test_promotions_through_prefect_take_turns(server, tmp_path, monkeypatch):
 
     from prefect.client.orchestration import get_client
 
-    from flows.promote import REGISTRY_LIMIT, one_at_a_time, promote
+    from flows.promote import one_at_a_time, promote
+    from privtune.registry.lock import REGISTRY_LIMIT
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_params(tmp_path / "params.yaml")
@@ -486,3 +487,54 @@ def test_promotions_through_prefect_take_turns(server, tmp_path, monkeypatch):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_the_cli_takes_turns_with_the_flows_behind_a_tracking_server(server, tmp_path, monkeypatch):
+    """Where the store is a tracking server and a Prefect server is configured, `privtune
+    promote`'s lock is the flows' slot: it waits while a flow promotes, gives up after its wait
+    naming the limit, and the flow's own promotion inside the slot does not wait for itself."""
+    import contextvars
+    import threading
+
+    from prefect import flow, task
+
+    from flows.promote import one_at_a_time
+    from privtune.errors import ServerError
+    from privtune.registry.lock import REGISTRY_LIMIT, registry_lock
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # never reached by the lock
+    got = []
+
+    def cli(wait):
+        try:
+            with registry_lock(tmp_path, wait=wait) as kind:
+                got.append(kind)
+        except ServerError as err:
+            got.append(err)
+
+    run = contextvars.copy_context().run  # this test's Prefect settings, in the thread too
+    with one_at_a_time():  # the nightly flow promotes
+        with registry_lock(tmp_path, wait=5) as kind:  # its own promotion: no deadlock
+            assert kind == "prefect"
+        refused = threading.Thread(target=run, args=(cli, 1.0))
+        refused.start()
+        refused.join(timeout=60)
+        assert isinstance(got[0], ServerError) and REGISTRY_LIMIT in str(got[0])
+        waiting = threading.Thread(target=run, args=(cli, 120.0))
+        waiting.start()
+        waiting.join(timeout=3)
+        assert waiting.is_alive() and len(got) == 1  # waits for the flow
+    waiting.join(timeout=120)
+    assert got[1] == "prefect"
+
+    @task
+    def decide() -> str:  # as flows/promote.py's tasks call the promotion
+        with registry_lock(tmp_path, wait=5) as kind:
+            return kind
+
+    @flow
+    def promote() -> str:
+        with one_at_a_time():
+            return decide()
+
+    assert promote() == "prefect"  # the task sees its flow's slot held: no waiting on itself

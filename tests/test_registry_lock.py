@@ -72,10 +72,18 @@ def test_the_sqlite_lock_sits_beside_the_store(sqlite_store):
 
 
 def test_a_server_store_has_no_lock_of_its_own(tmp_path, monkeypatch):
-    """Reached only through its API: the Prefect promote flow serialises those."""
+    """Reached only through its API: without a Prefect server to hold the flows' slot
+    (tests/test_deployments.py), nothing serialises it; with one that does not answer, the
+    promotion is a transient error naming it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    with registry_lock(tmp_path) as kind:
+    with temporary_settings(updates={PREFECT_API_URL: None}), registry_lock(tmp_path) as kind:
         assert kind == "none"
+    unreachable = temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"})
+    refused = pytest.raises(ServerError, match="http://127.0.0.1:9/api did not answer")
+    with unreachable, refused, registry_lock(tmp_path, wait=1):
+        pass
 
 
 @pytest.mark.parametrize("store", ["sqlite_store", "postgres_store"])

@@ -6,7 +6,9 @@ champion and leave the history and `previous` alias naming the wrong versions. M
 compare-and-set, so the lock lives beside the store: a file lock next to a sqlite store, a
 PostgreSQL advisory lock in a PostgreSQL store (both released by the OS or the server when the
 holder dies, `kill -9` included). An http(s) tracking server is reached only through its API;
-there the Prefect promote flow's global concurrency limit (flows/promote.py) serialises them.
+there the one slot of a Prefect global concurrency limit serialises them: the promote and
+rollback flows hold it, and so does the CLI wherever a Prefect server is configured
+(PREFECT_API_URL), so a reviewer's `privtune promote` waits for the nightly flow's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from privtune import tracking
@@ -22,6 +25,63 @@ from privtune.errors import ServerError
 # How long a promotion waits for another to finish before it gives up (a transient failure:
 # the CLI exits 6 and the Prefect task retries it).
 WAIT_SECONDS = 600.0
+# Prefect's global concurrency limit (one slot) of promotions through a tracking server.
+REGISTRY_LIMIT = "privtune-registry"
+# Set while this context holds the slot: the flow holds it around the promotion it calls, which
+# must not wait for itself.
+_SLOT_HELD: ContextVar[bool] = ContextVar("privtune_registry_slot_held", default=False)
+
+
+def _prefect_api() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+@contextlib.contextmanager
+def prefect_slot(wait: float | None = None) -> Iterator[None]:
+    """Hold the registry's slot of Prefect's server (the limit is created on first use); a
+    holder killed while holding it frees it when its lease (300 s, renewed while alive) runs
+    out. Already held in this context (the flow around its own promotion): nothing to take."""
+    if _SLOT_HELD.get():
+        yield
+        return
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    server = _prefect_api() or "the ephemeral Prefect server"
+    with contextlib.ExitStack() as stack:
+        try:
+            with get_client(sync_client=True) as client:
+                try:
+                    client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT)
+                except ObjectNotFound:
+                    with contextlib.suppress(ObjectAlreadyExists):  # another created it first
+                        client.create_global_concurrency_limit(
+                            GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1)
+                        )
+            stack.enter_context(
+                concurrency(REGISTRY_LIMIT, occupy=1, strict=True, timeout_seconds=wait)
+            )
+        except TimeoutError as err:
+            raise ServerError(
+                "registry", f"another promotion has held Prefect's {REGISTRY_LIMIT} for {wait:g} s",
+                "wait for it to finish (a dead holder's lease runs out), then retry",
+            ) from err  # fmt: skip
+        except httpx.TransportError as err:
+            raise ServerError(
+                "registry", f"{server} did not answer ({type(err).__name__}): its "
+                f"{REGISTRY_LIMIT} limit serialises promotions through a tracking server",
+                "start it, or unset PREFECT_API_URL where no flow promotes",
+            ) from err  # fmt: skip
+        token = _SLOT_HELD.set(True)
+        try:
+            yield
+        finally:
+            _SLOT_HELD.reset(token)
 
 
 def _key(uri: str) -> int:
@@ -32,8 +92,9 @@ def _key(uri: str) -> int:
 
 @contextlib.contextmanager
 def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterator[str]:
-    """Hold the store's promotion lock; yields what kind it is ("file", "postgresql", or
-    "none" for a store reached through a server's API)."""
+    """Hold the store's promotion lock; yields what kind it is ("file", "postgresql",
+    "prefect" for a store reached through a server's API where a Prefect server is configured,
+    else "none")."""
     uri = tracking.tracking_uri(root)
     if uri.startswith("sqlite:///"):
         from filelock import FileLock, Timeout
@@ -68,5 +129,8 @@ def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterato
                     connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
         finally:
             engine.dispose()
+    elif _SLOT_HELD.get() or _prefect_api() is not None:
+        with prefect_slot(wait):
+            yield "prefect"
     else:
         yield "none"
