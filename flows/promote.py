@@ -11,6 +11,7 @@ Only transient failures are retried; a configuration or model error fails at onc
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tasks.stages import transient  # noqa: E402
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
-def one_at_a_time():
+def one_at_a_time() -> contextlib.AbstractContextManager[None]:
     """Hold the one slot of Prefect's global concurrency limit `privtune-registry` that every
     promotion and rollback holds (privtune/registry/lock.py): the lock for stores behind a
     tracking server, where privtune has none of its own beside the store; the promotion the
@@ -132,6 +133,32 @@ def choose(root: str) -> list[dict]:
     return [decision.to_dict() for decision in selection.decisions]
 
 
+@task(
+    name="measure-side-by-side",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+def measure(root: str, version: str | None, pending: bool) -> None:
+    """Candidates measured on other test data than the champion's are measured again beside
+    it (privtune/registry/paired.py) before the registry's slot is taken: minutes on a large
+    model, which a reviewer's promotion need not wait for."""
+    from privtune.registry.promotion import pair_candidates
+
+    registry = _registry(root)
+    found = pair_candidates(registry.name, registry.gates, root=root, version=version, best=pending)
+    for candidate, paired in found.items():
+        if paired.error:
+            get_run_logger().warning("v%s: not comparable: %s", candidate, paired.error)
+        else:
+            get_run_logger().info(
+                "v%s: %s %.6g vs champion v%s %.6g on %d test records (%d it saw left out)",
+                candidate, paired.metric, paired.value, paired.champion, paired.champion_value,
+                paired.records, paired.excluded,
+            )  # fmt: skip
+
+
 @flow(name="privtune-promote", log_prints=True)
 def promote(root: str = ".", version: str | None = None, pending: bool = False) -> list[dict]:
     """Move `champion` through the gates: to `version`, or to the best eligible of the
@@ -140,6 +167,7 @@ def promote(root: str = ".", version: str | None = None, pending: bool = False) 
 
     disable_telemetry()
     root = str(Path(root).resolve())
+    measure(root, version, pending)
     with one_at_a_time():
         if version is not None:
             return [decide(root, version)]

@@ -456,8 +456,12 @@ def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeyp
     assert state.result() == [
         {"name": MODEL, "version": None, "promoted": False, "nothing_to_promote": True}
     ]
-    (attempt,) = _task_runs(state.state_details.flow_run_id)
-    assert attempt.run_count == 1
+    attempts = _task_runs(state.state_details.flow_run_id)
+    assert sorted(a.name.rsplit("-", 1)[0] for a in attempts) == [
+        "challenger",
+        "measure-side-by-side",
+    ]
+    assert all(a.run_count == 1 for a in attempts)  # nothing measured, nothing retried
 
 
 def test_promotions_through_prefect_take_turns(server, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """A retrain on changed data, promoted: the champion and the challenger are measured side by
-side on the challenger's test records the champion was not trained on (registry/paired.py),
-through a real sqlite registry and a real DVC cache."""
+side on the challenger's test records the champion neither trained nor validated on
+(registry/paired.py), through a real sqlite registry and a real DVC cache."""
 
 from __future__ import annotations
 
@@ -9,32 +9,58 @@ import shutil
 
 import pytest
 
+from privtune import io
 from privtune.cli import main
 from privtune.config import Gates, load_params
 from privtune.registry import CHAMPION, promote
 from privtune.registry.paired import PAIRED_TAG, TrainingSet, read_paired
-from privtune.registry.register import TRAIN_TAG, client
+from privtune.registry.register import client
 from privtune.stages.common import read_split
 from tests.conftest import edit_params
 
 NAME = "paired-notes"
+METHOD = "dpsgd"
+# Attack results that pass their gates: this test is about the utility gate (tests of the
+# attack stage are elsewhere), and only a version passing every other gate is measured.
+SAFE_ATTACK = {
+    "mia_auc_max": 0.52,
+    "mia_auc_ci_low_max": 0.44,
+    "mia_tpr_at_fpr_0.01_max": 0.01,
+    "mia_tpr_at_fpr_0.01_ci_low_max": 0.0,
+    "audit_epsilon_lower_bound": 0.0,
+}
 
 
 def _run(root, *stage: str) -> None:
     assert main(["--root", str(root), "--no-progress", *stage]) == 0, stage
 
 
-def _train_and_register(root) -> None:
-    for stage in ("finetune", "evaluate", "register"):
-        _run(root, stage, "nonprivate")
+def _train_and_register(root) -> str:
+    _run(root, "finetune", METHOD)
+    _run(root, "evaluate", METHOD)
+    io.write_json(root / f"metrics/attack-{METHOD}.json", SAFE_ATTACK)
+    _run(root, "register", METHOD)
+    found = client(root).search_model_versions(f"name = '{NAME}'")
+    return str(max(int(v.version) for v in found))
+
+
+def _notes(root, *splits: str) -> set[str]:
+    """The notes of these splits as generated, the canary lines the prepare stage planted in
+    some of them (canaries.json names them) taken out again."""
+    planted = [c["prefix"] for c in io.read_json(root / "data/prepared/canaries.json")["canaries"]]
+    return {
+        "\n".join(line for line in r["text"].splitlines() if not any(p in line for p in planted))
+        for split in splits
+        for r in read_split(root, split)
+    }
 
 
 @pytest.fixture
 def retrained(tiny_project, tmp_path, monkeypatch):
     """v1 trained and made champion; then 20 new notes arrive, the prepare stage reshuffles
-    (part of the new test split was v1's training data), and v2 is trained and registered on
-    it. The first split is in the DVC cache, where `dvc repro prepare` leaves it (`dvc add`
-    caches alike)."""
+    (part of the new test split was v1's training or validation data), and v2 is trained and
+    registered on it. The first splits are in the DVC cache, where `dvc repro prepare` leaves
+    them (`dvc add` caches alike)."""
     from dvc.repo import Repo
 
     root = tmp_path / "project"
@@ -45,21 +71,25 @@ def retrained(tiny_project, tmp_path, monkeypatch):
     Repo.init(str(root), no_scm=True)
     with Repo(str(root)) as repo:
         repo.add("data/prepared")
-    _train_and_register(root)
+    assert _train_and_register(root) == "1"
     client(root).set_registered_model_alias(NAME, CHAMPION, "1")
-    shutil.copytree(root / "models/nonprivate/adapter", tmp_path / "v1-adapter")
-    old_train = TrainingSet([r["text"] for r in read_split(root, "train")])
+    shutil.copytree(root / f"models/{METHOD}/adapter", tmp_path / "v1-adapter")
+    seen = _notes(root, "train", "valid")
     edit_params(root, prepare={"n_private": 140})  # new notes arrived
     _run(root, "prepare")
-    _train_and_register(root)
-    return root, old_train, tmp_path / "v1-adapter"
+    assert _train_and_register(root) == "2"
+    return root, seen, tmp_path / "v1-adapter"
 
 
 def _utility(decision):
     return next(g for g in decision.gates if g.gate == "utility")
 
 
-def test_a_retrained_challenger_is_compared_with_the_champion_on_records_neither_trained_on(
+def _paired(root, version: str):
+    return read_paired(dict(client(root).get_model_version(NAME, version).tags))
+
+
+def test_a_retrained_challenger_is_compared_with_the_champion_on_records_it_never_saw(
     retrained, monkeypatch
 ):
     from peft import PeftModel
@@ -68,21 +98,21 @@ def test_a_retrained_challenger_is_compared_with_the_champion_on_records_neither
     from privtune.modeling import load_pretrained
     from privtune.registry import paired
 
-    root, old_train, v1_adapter = retrained
+    root, seen, v1_adapter = retrained
     params = load_params(root / "params.yaml")
     registry = client(root)
     v1, v2 = (dict(registry.get_model_version(NAME, v).tags) for v in ("1", "2"))
-    assert v1["evaluated_on"] != v2["evaluated_on"] and v1[TRAIN_TAG] != v2[TRAIN_TAG]
+    assert v1["evaluated_on"] != v2["evaluated_on"]
 
     decision = promote(NAME, params.registry.gates, root=root, version="2")
-    measured = read_paired(dict(registry.get_model_version(NAME, "2").tags))
+    measured = _paired(root, "2")
     assert measured is not None and measured.error is None, measured
     test = read_split(root, "test")[: params.evaluate.max_records]
-    seen = [r for r in test if r["text"] in old_train]
-    unseen = [r for r in test if r["text"] not in old_train]
-    # v1 is scored only where it never trained: the reshuffle put some of its notes in test
-    assert (measured.excluded, measured.records) == (len(seen), len(unseen))
-    assert seen and unseen
+    unseen = [r for r in test if r["text"] not in seen]
+    # v1 is scored only on notes it never trained or validated on: the reshuffle put some of
+    # its notes in the new test split
+    assert (measured.excluded, measured.records) == (len(test) - len(unseen), len(unseen))
+    assert measured.excluded > 0 and unseen
     gate = _utility(decision)
     assert (gate.value, gate.threshold) == (measured.value, measured.champion_value)
     assert f"side by side on the {len(unseen)} test records" in gate.reason
@@ -98,27 +128,60 @@ def test_a_retrained_challenger_is_compared_with_the_champion_on_records_neither
     assert math.isclose(measured.champion_value, again, rel_tol=1e-6)
     assert not math.isclose(measured.champion_value, float(v1[f"utility.{metric}"]))
 
-    # a retried promotion reuses the measurement
+    # a promotion judged again against the same champion reuses the measurement
+    registry.set_registered_model_alias(NAME, CHAMPION, "1")
+
     def measured_twice(*args, **kwargs):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(paired, "_measure", measured_twice)
     assert _utility(promote(NAME, params.registry.gates, root=root, version="2")) == gate
+    assert _paired(root, "2") == measured
 
 
-def test_a_champion_whose_train_split_is_gone_is_not_compared(retrained):
-    """Without the champion's train split its training records cannot be kept out: the gate
-    stays not comparable and says how to get the split back."""
+def test_a_champion_whose_splits_are_gone_is_not_compared(retrained):
+    """Without the champion's splits what it saw cannot be kept out: the gate stays not
+    comparable and says how to get them back."""
     root, _, _ = retrained
     shutil.rmtree(root / ".dvc/cache")
     decision = promote(NAME, Gates(allow_reproducible_noise=True), root=root, version="2")
-    measured = read_paired(dict(client(root).get_model_version(NAME, "2").tags))
+    measured = _paired(root, "2")
     assert measured is not None and measured.value is None
-    assert "dvc fetch --all-commits" in measured.error
+    assert "v1's train split" in measured.error and "dvc fetch --all-commits" in measured.error
     gate = _utility(decision)
     assert not gate.passed and gate.reason.startswith("not comparable")
     assert "measuring both side by side failed" in gate.reason
-    assert PAIRED_TAG and not decision.promoted
+    assert not decision.promoted
+
+
+def test_a_library_error_while_measuring_refuses_without_its_message(retrained, monkeypatch):
+    """A library's message may quote a record: the tag names the error's class only."""
+    import privtune.evaluate
+
+    root, _, _ = retrained
+
+    def choke(*args, **kwargs):
+        raise RuntimeError("tokenizer choked on 'Patient: Jane Roe | MRN 1234-5678'")
+
+    monkeypatch.setattr(privtune.evaluate, "evaluate_model", choke)
+    decision = promote(NAME, Gates(allow_reproducible_noise=True), root=root, version="2")
+    tag = dict(client(root).get_model_version(NAME, "2").tags)[PAIRED_TAG]
+    assert "measuring failed: RuntimeError (message withheld" in tag and "Jane" not in tag
+    assert not _utility(decision).passed and "Jane" not in _utility(decision).reason
+
+
+def test_a_champion_with_fewer_positions_than_the_new_records_is_not_compared(retrained):
+    """A new base with a longer max_length: the old champion cannot read the new test records
+    whole, so scoring it on them would be unfair (or fail)."""
+    root, _, _ = retrained
+    edit_params(root, base={"max_length": 96})
+    _run(root, "base")
+    version = _train_and_register(root)
+    decision = promote(NAME, Gates(allow_reproducible_noise=True), root=root, version=version)
+    measured = _paired(root, version)
+    assert measured is not None and measured.value is None
+    assert "champion v1 attends to 64 positions, fewer than the 96 tokens" in measured.error
+    assert not _utility(decision).passed
 
 
 def test_a_note_the_champion_trained_on_with_a_canary_planted_in_it_counts_as_seen():
@@ -135,5 +198,5 @@ def test_a_note_the_champion_trained_on_with_a_canary_planted_in_it_counts_as_se
     assert changed  # the planted copies differ from the notes
     seen = TrainingSet([r["text"] for r in planted])
     assert all(n["text"] in seen for n in notes)
-    assert "Patient 9 admitted.\nPlan: rest." not in seen  # one line in common is not enough
-    assert "Patient 1 admitted." in seen and "" not in seen and None not in seen  # type: ignore
+    assert "Patient 1 admitted.\nPlan: tea." not in seen  # its first line alone is not enough
+    assert "Patient 1 admitted." in seen and "" not in seen and None not in seen

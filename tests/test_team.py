@@ -426,8 +426,8 @@ def test_both_workers_register_and_a_prefect_flow_promotes_through_the_servers(s
         assert version.tags["promotion.decision"] == expected
         assert "**Promotion gates**" in version.description  # the gate report
     # the model card travelled with the model, through the server
-    from privtune.registry.promotion import _version_card
+    from privtune.registry.card import version_card
 
-    card = _version_card(client, champion, servers.env["MLFLOW_TRACKING_URI"])
+    card = version_card(client, champion, servers.env["MLFLOW_TRACKING_URI"])
     assert card["model"]["finetune_run_id"] == champion.run_id
     assert ("privtune-promote", "COMPLETED") in _prefect_flow_runs(servers)

@@ -437,7 +437,7 @@ def use_store(root: str | Path = ".") -> Iterator[Any]:
 # -- interrupted runs --------------------------------------------------------------------------
 
 PID_TAG = "privtune.pid"  # the process that opened the run, and its machine: a later start
-HOST_TAG = "privtune.host"  # on the same machine closes it when that process is gone
+HOST_TAG = "privtune.host"  # in the same pid namespace closes it when that process is gone
 ERROR_TAG = "privtune.error"  # why a run did not finish: the error's class and our message
 HEARTBEAT_TAG = "privtune.heartbeat"  # the open run's last sign of life (UTC): a start on any
 HEARTBEAT_SECONDS_TAG = "privtune.heartbeat_seconds"  # machine judges a run of another by it

@@ -9,9 +9,13 @@ that open each version's description.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,6 +181,9 @@ def build_card(
             "source": data_card.get("source"),
             "split_records": data_card.get("counts"),
             "training_records": plan.get("n_records"),
+            # md5 of the train and valid splits (DVC's cache keys): a later promotion keeps
+            # what this model trained or validated on out of a side-by-side comparison
+            "split_md5": _split_md5(root),
             "audit_gradient_canaries": finetune.get("audit_canaries"),
         },
         "ledger": ledger_summary(model_dir / "ledger.json"),
@@ -193,6 +200,11 @@ def build_card(
             "utility": "judged at promotion, against the champion of that time",
         },
     }
+
+
+def _split_md5(root: Path) -> dict[str, str]:
+    splits = {name: root / PREPARED_DIR / f"{name}.jsonl" for name in ("train", "valid")}
+    return {name: io.file_md5(path) for name, path in splits.items() if path.is_file()}
 
 
 def card_from_tags(tags: Mapping[str, str]) -> dict[str, Any]:
@@ -468,3 +480,42 @@ def write_card(card: Mapping[str, Any], directory: Path) -> Path:
     io.write_json(directory / CARD_JSON, card)
     (directory / CARD_MD).write_text(card_markdown(card))
     return directory
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:  # pragma: no mutate block
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def version_card(
+    mlflow_client: Any,
+    version: Any,
+    uri: str,
+) -> dict[str, Any]:  # pragma: no mutate block
+    """The version's model card (JSON, at the root of its logged model's artifacts), or, for a
+    version registered before cards existed, the little its tags tell."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar
+    try:
+        location = mlflow_client.get_logged_model(model_id).artifact_location
+        with tempfile.TemporaryDirectory() as tmp, _environ(quiet):
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/{CARD_JSON}",
+                dst_path=tmp,
+                tracking_uri=uri,
+            )
+            return json.loads(Path(path).read_text())
+    except (MlflowException, OSError, ValueError):
+        return card_from_tags(dict(version.tags))

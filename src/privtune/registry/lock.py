@@ -71,7 +71,7 @@ def prefect_slot(wait: float | None = None) -> Iterator[None]:
                 "registry", f"another promotion has held Prefect's {REGISTRY_LIMIT} for {wait:g} s",
                 "wait for it to finish (a dead holder's lease runs out), then retry",
             ) from err  # fmt: skip
-        except httpx.TransportError as err:
+        except (httpx.TransportError, httpx.HTTPStatusError) as err:  # down, or refusing
             raise ServerError(
                 "registry", f"{server} did not answer ({type(err).__name__}): its "
                 f"{REGISTRY_LIMIT} limit serialises promotions through a tracking server",

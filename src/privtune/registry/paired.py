@@ -3,15 +3,16 @@
 After a retrain on changed data, a challenger's test perplexity and the champion's come from
 different test records, so the utility gate cannot compare the numbers they were registered
 with. Promotion then measures both models again, now and with the same code, on the
-challenger's test records that the champion was **not** trained on. The prepare stage
+challenger's test records that the champion neither trained nor validated on. The prepare stage
 reshuffles every record when the corpus changes, so part of the new test split is usually old
 training data; scoring the champion on its own training records would favour it.
 
-The champion's train split is found by its md5 (the tag `train_md5`, written at registration):
-in this project's `data/prepared/` when it is still the current one, otherwise in the DVC cache,
-where the prepare stage's output put it (DVC names cached files by the md5 of their bytes).
-The result, or the reason it could not be made, is written on the challenger's version
-(`paired_utility`, JSON) and the utility gate reads it from there.
+The champion's train and valid splits are found by their md5 (its model card's
+`data.split_md5`, written at registration): in this project's `data/prepared/` when they are
+still the current ones, otherwise in the DVC cache, where the prepare stage's output put them
+(DVC names cached files by the md5 of their bytes). The result, or the reason it could not be
+made, is written on the challenger's version (`paired_utility`, JSON) and the utility gate
+reads it from there.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privtune import io
-from privtune.registry.register import EVALUATED_ON_TAG, TRAIN_FILE, TRAIN_TAG, client
+from privtune.config import PREPARED_DIR
+from privtune.registry.register import EVALUATED_ON_TAG, client, tracking_uri
 
 if TYPE_CHECKING:
     from privtune.config import Gates, Params
 
 PAIRED_TAG = "paired_utility"
+SEEN_SPLITS = ("train", "valid")  # what a model trained on, and chose its steps by
 
 
 class Unavailable(Exception):
@@ -39,7 +42,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Paired:
     """Both models' utility on the same records: those of the challenger's test split that
-    the champion was not trained on (`excluded` of them were)."""
+    the champion neither trained nor validated on (`excluded` of them it did)."""
 
     champion: str  # the champion's version these numbers were measured against
     evaluated_on: str  # the challenger's evaluated_on: the test data, tokenizer and task
@@ -74,15 +77,10 @@ def other_data(gates: Gates, tags: dict[str, str], champion: Any | None) -> bool
     return bool(mine and theirs and mine != theirs)
 
 
-def needs_pairing(gates: Gates, tags: dict[str, str], champion: Any | None) -> bool:
-    """Whether the utility gate would refuse as not comparable unless both are measured."""
-    return gates.reevaluate_champion and other_data(gates, tags, champion)
-
-
 class TrainingSet:
-    """The champion's training records, asked whether it saw a text: the same text, or every
-    line of it in one record (the prepare stage plants a canary as an extra line of a train
-    record, so the planted copy of a note is not the note's text)."""
+    """The records a model saw, asked whether it saw a text: the same text, or every line of
+    it in one record (the prepare stage plants a canary as an extra line of a train record, so
+    the planted copy of a note is not the note's text)."""
 
     def __init__(self, texts: list[str]) -> None:
         self.texts = set(texts)
@@ -103,31 +101,20 @@ class TrainingSet:
         return any(self.lines[i].issuperset(lines) for i in self.by_line.get(lines[0], ()))
 
 
-def trained_on(root: Path, champion: Any) -> TrainingSet:
-    """The champion's train split, found by its md5."""
-    version = f"champion v{champion.version}"
-    md5 = dict(champion.tags).get(TRAIN_TAG)
-    if not md5:
-        raise Unavailable(
-            f"{version} was registered before versions recorded their train split "
-            f"({TRAIN_TAG}), so its training records cannot be kept out of the comparison"
-        )
-    path = root / TRAIN_FILE
-    if not (path.is_file() and io.file_md5(path) == md5):
-        path = _cached(root, md5, version)
-    return TrainingSet([r["text"] for r in io.read_jsonl(path)])
-
-
-def _cached(root: Path, md5: str, version: str) -> Path:
-    """The train split in the DVC cache (DVC's API finds the cache wherever it is configured:
-    a shared cache directory is common on a team)."""
-    from dvc.exceptions import NotDvcRepoError
+def _split_file(root: Path, split: str, md5: str, version: str) -> Path:
+    """A split of the champion's data: the project's own while it is unchanged, else the DVC
+    cache's copy (DVC's API finds the cache wherever it is configured: a team's shared one)."""
+    from dvc.exceptions import DvcException, NotDvcRepoError
     from dvc.repo import Repo
 
-    split = f"{version}: its train split (md5 {md5})"
+    path = root / PREPARED_DIR / f"{split}.jsonl"
+    if path.is_file() and io.file_md5(path) == md5:
+        return path
+    what = f"v{version}'s {split} split (md5 {md5})"
     fetch = (
-        f"{split} is neither {TRAIN_FILE} nor in the DVC cache: `dvc fetch --all-commits` from "
-        f"the remote, or check out the commit {version} was trained at and `dvc pull`"
+        f"{what} is neither {path.relative_to(root)} nor in the DVC cache: `dvc fetch "
+        f"--all-commits` from the remote, or check out the commit v{version} was trained at "
+        "and `dvc pull`"
     )
     try:
         with Repo(str(root)) as repo:
@@ -136,8 +123,10 @@ def _cached(root: Path, md5: str, version: str) -> Path:
             path = Path(repo.cache.local.oid_to_path(md5))
     except NotDvcRepoError:
         raise Unavailable(f"{fetch} (this project is not a DVC repository)") from None
+    except DvcException as err:
+        raise Unavailable(f"{fetch} (DVC: {type(err).__name__})") from None
     if io.file_md5(path) != md5:
-        raise Unavailable(f"{split} is corrupted in the DVC cache (md5 differs): fetch it again")
+        raise Unavailable(f"{what} is corrupted in the DVC cache (md5 differs): fetch it again")
     return path
 
 
@@ -155,46 +144,92 @@ def _load(name: str, version: str, root: Path) -> tuple[Any, Any]:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
     except (MlflowException, OSError, ValueError) as err:
-        raise Unavailable(f"v{version} cannot be loaded from the registry ({err})") from None
+        why = f"{type(err).__name__}: its artifacts"
+        raise Unavailable(f"v{version} cannot be loaded from the registry ({why})") from None
     return loaded.model, loaded.tokenizer
 
 
+class Champion:
+    """The champion, read once per promotion however many candidates it is measured against:
+    what it saw (from its card's split md5s) and its model, each when first needed."""
+
+    def __init__(self, name: str, version: Any, root: Path) -> None:
+        self.name, self.version, self.root = name, str(version.version), root
+        self._registered = version
+        self._seen: TrainingSet | Unavailable | None = None
+        self._model: tuple[Any, Any] | None = None
+
+    def seen(self) -> TrainingSet:
+        if self._seen is None:
+            try:
+                self._seen = self._read_seen()
+            except Unavailable as why:
+                self._seen = why
+        if isinstance(self._seen, Unavailable):
+            raise self._seen
+        return self._seen
+
+    def _read_seen(self) -> TrainingSet:
+        from privtune.registry.card import version_card
+
+        card = version_card(client(self.root), self._registered, tracking_uri(self.root))
+        md5s = card.get("data", {}).get("split_md5") or {}
+        if any(split not in md5s for split in SEEN_SPLITS):
+            raise Unavailable(
+                f"champion v{self.version} was registered before model cards recorded the md5 "
+                "of the splits it trained and validated on, so they cannot be kept out"
+            )
+        texts = []
+        for split in SEEN_SPLITS:
+            path = _split_file(self.root, split, md5s[split], self.version)
+            texts += [r["text"] for r in io.read_jsonl(path)]
+        return TrainingSet(texts)
+
+    def model(self) -> tuple[Any, Any]:
+        if self._model is None:
+            self._model = _load(self.name, self.version, self.root)
+        return self._model
+
+
 def measure(
-    name: str,
-    version: str,
-    tags: dict[str, str],
-    champion: Any,
-    gates: Gates,
-    params: Params,
-    root: Path,
+    name: str, version: str, tags: dict[str, str], champion: Champion, gates: Gates, params: Params
 ) -> Paired:
-    """Both models' utility on the challenger's test records the champion did not train on;
-    what went wrong, as `Paired.error`, when they cannot be measured alike."""
+    """Both models' utility on the challenger's test records the champion did not see; what
+    went wrong, as `Paired.error`, when they cannot be measured alike (a library's message is
+    withheld: it might quote a record)."""
+    from privtune.tracking import error_summary
+
     mine = tags.get(EVALUATED_ON_TAG, "")
-    paired = Paired(str(champion.version), mine, gates.utility_metric)
+    paired = Paired(champion.version, mine, gates.utility_metric)
     try:
-        found = _measure(name, version, mine, champion, gates.utility_metric, params, root)
+        found = _measure(name, version, mine, champion, gates.utility_metric, params)
     except Unavailable as why:
         return Paired(**(asdict(paired) | {"error": str(why)}))
+    except Exception as err:  # not comparable is the safe verdict
+        return Paired(**(asdict(paired) | {"error": f"measuring failed: {error_summary(err)}"}))
     return Paired(**(asdict(paired) | found))
 
 
 def _measure(
-    name: str, version: str, mine: str, champion: Any, metric: str, params: Params, root: Path
+    name: str, version: str, mine: str, champion: Champion, metric: str, params: Params
 ) -> dict[str, Any]:
-    from privtune.errors import PrivtuneError
     from privtune.evaluate import evaluate_model
-    from privtune.modeling import resolve_device
+    from privtune.modeling import position_limit, resolve_device
     from privtune.stages.common import read_split, resolved_max_length
     from privtune.stages.evaluate import evaluated_on, task_train
 
-    try:
-        test = read_split(root, "test")
-        max_length, candidates = resolved_max_length(params, root), task_train(params, root)
-    except PrivtuneError as err:
-        raise Unavailable(f"this project's prepared data cannot be read ({err})") from None
+    root = champion.root
+    test = read_split(root, "test")
+    max_length, candidates = resolved_max_length(params, root), task_train(params, root)
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]
+    seen = champion.seen()  # before any model is loaded: the cheap refusals first
+    records = [r for r in test if r["text"] not in seen]
+    if not records:
+        raise Unavailable(
+            f"every one of the {len(test)} test records was in champion v{champion.version}'s "
+            "train or valid split: nothing is left to compare them on"
+        )
     new = _load(name, version, root)
     here = evaluated_on(test, new[1], max_length, params, candidates)
     if here != mine:
@@ -203,18 +238,16 @@ def _measure(
             f"v{version} was evaluated on (evaluated_on {here} here, {mine} on v{version}): "
             "promote in the project that evaluated it"
         )
-    trained = trained_on(root, champion)
-    records = [r for r in test if r["text"] not in trained]
-    if not records:
-        raise Unavailable(
-            f"every one of the {len(test)} test records was in champion v{champion.version}'s "
-            "train split: nothing is left to compare them on"
-        )
-    old = _load(name, str(champion.version), root)
+    old = champion.model()
     if old[1].get_vocab() != new[1].get_vocab():
         raise Unavailable(
             f"champion v{champion.version} has another tokenizer: per-token numbers such as "
             "perplexity do not compare across tokenizers"
+        )
+    if position_limit(old[0]) < max_length:
+        raise Unavailable(
+            f"champion v{champion.version} attends to {position_limit(old[0])} positions, "
+            f"fewer than the {max_length} tokens per record v{version} was evaluated with"
         )
     device = resolve_device(params.finetune.device, "finetune.device")
     values = []
@@ -229,6 +262,7 @@ def _measure(
             task=params.evaluate,
             train_records=candidates,
         )
+        model.to("cpu")  # one model on the accelerator at a time
         if metric not in found:
             raise Unavailable(f"the evaluation measures no {metric} (registry.gates)")
         values.append(float(found[metric]))
@@ -257,22 +291,32 @@ def pair_with_champion(
     gates: Gates,
     root: Path,
     params: Params | None = None,
-) -> None:
+) -> dict[str, Paired]:
     """Measure each version whose utility the gate could not otherwise compare with the
-    champion's, and write the result on it; a measurement already there for this champion,
-    data and metric is kept (a retried promotion does not measure twice)."""
+    champion's, and which passes every other gate (a version refused anyway is not worth two
+    evaluations), and write the result on it; a measurement already there for this champion,
+    data and metric is kept (a retried promotion does not measure twice). Returns what was
+    measured now, by version."""
     from mlflow.exceptions import MlflowException
 
-    mlflow_client = client(root)
+    from privtune.registry.promotion import evaluate_gates
+
+    if champion is None or not gates.reevaluate_champion:
+        return {}
+    mlflow_client, measured = client(root), {}
+    held = Champion(name, champion, root)
     for version in versions:
         try:
             tags = dict(mlflow_client.get_model_version(name, version).tags)
         except MlflowException:  # no such version: the promotion itself says so
             continue
-        if not needs_pairing(gates, tags, champion):
+        if not other_data(gates, tags, champion):
+            continue
+        failed = [g for g in evaluate_gates(gates, tags, champion) if not g.passed]
+        if any(g.gate != "utility" for g in failed):
             continue
         done = read_paired(tags)
-        here = (str(champion.version), tags.get(EVALUATED_ON_TAG), gates.utility_metric)
+        here = (held.version, tags.get(EVALUATED_ON_TAG), gates.utility_metric)
         if done is not None and done.error is None and done.matches(*here):
             continue
         try:
@@ -281,9 +325,11 @@ def pair_with_champion(
             paired = Paired(*here, error=str(why))  # type: ignore[arg-type]
         else:
             print(
-                f"v{version}: its utility and champion v{champion.version}'s come from other "
+                f"v{version}: its utility and champion v{held.version}'s come from other "
                 "test data; measuring both side by side on this project's test split",
                 file=sys.stderr,
             )
-            paired = measure(name, version, tags, champion, gates, found, root)
+            paired = measure(name, version, tags, held, gates, found)
         mlflow_client.set_model_version_tag(name, version, PAIRED_TAG, paired.to_tag())
+        measured[version] = paired
+    return measured

@@ -7,12 +7,9 @@ registry itself is the audit trail; `rollback` walks a history kept on the regis
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Any
 
 from privtune.config import Gates, Params
 from privtune.errors import ModelError
-from privtune.registry.card import CARD_JSON, CARD_SCHEMA, card_from_tags, gate_report, verdict_line
+from privtune.registry.card import CARD_SCHEMA, gate_report, verdict_line, version_card
 from privtune.registry.lock import registry_lock
 from privtune.registry.paired import other_data, pair_with_champion, read_paired
 from privtune.registry.register import (
@@ -215,7 +212,10 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
             why = " (registry.gates.reevaluate_champion is off)"
             return _not_comparable(gates, value, best, champion, tags, why)
         if paired is None or not paired.matches(str(champion.version), mine, gates.utility_metric):
-            why = "; not measured side by side yet: `privtune promote` measures both"
+            why = (
+                "; not measured side by side: `privtune promote` measures both for a version "
+                "that passes every other gate"
+            )
             return _not_comparable(gates, value, best, champion, tags, why)
         if paired.error is not None or paired.value is None or paired.champion_value is None:
             why = f"; measuring both side by side failed: {paired.error}"
@@ -223,8 +223,8 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
         value, best = paired.value, paired.champion_value
         where = (
             f", both measured side by side on the {paired.records} test records of this "
-            f"version's split that v{champion.version} was not trained on ({paired.excluded} "
-            "it was trained on left out)"
+            f"version's split that v{champion.version} never saw ({paired.excluded} it trained "
+            "or validated on left out)"
         )
     gain = value - best if gates.higher_is_better else best - value
     margin = gain + gates.utility_tolerance
@@ -314,45 +314,6 @@ def _history(mlflow_client: Any, name: str) -> list[str]:
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:  # pragma: no mutate block
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _version_card(
-    mlflow_client: Any,
-    version: Any,
-    uri: str,
-) -> dict[str, Any]:  # pragma: no mutate block
-    """The version's model card (JSON, at the root of its logged model's artifacts), or, for a
-    version registered before cards existed, the little its tags tell."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
-    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar
-    try:
-        location = mlflow_client.get_logged_model(model_id).artifact_location
-        with tempfile.TemporaryDirectory() as tmp, _environ(quiet):
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{location.rstrip('/')}/{CARD_JSON}",
-                dst_path=tmp,
-                tracking_uri=uri,
-            )
-            return json.loads(Path(path).read_text())
-    except (MlflowException, OSError, ValueError):
-        return card_from_tags(dict(version.tags))
-
-
 def _record(
     mlflow_client: Any,
     decision: Decision,
@@ -377,7 +338,7 @@ def _record(
     for key in current.tags:  # per-gate tags of earlier releases: the table replaces them
         if key.startswith("gate."):
             mlflow_client.delete_model_version_tag(name, version, key)
-    card = _version_card(mlflow_client, current, uri)
+    card = version_card(mlflow_client, current, uri)
     parts = [verdict_line(card, gates, decision.headline()), gate_report(decision, now)]
     if card.get("schema") == CARD_SCHEMA:
         parts.append(card_section(card))
@@ -450,14 +411,29 @@ def _version_or_error(
         ) from None
 
 
-def _pair(
-    name: str, gates: Gates, root: str | Path, versions: list[str], params: Params | None
-) -> None:
-    """Measure side by side, before taking the lock (it can take minutes on a large model),
-    each candidate whose utility is not comparable with the champion's as registered; a
-    champion that changes meanwhile leaves the candidate not comparable, to be judged again."""
+def pair_candidates(
+    name: str,
+    gates: Gates | None = None,
+    *,
+    root: str | Path = ".",
+    version: str | None = None,
+    best: bool = False,
+    params: Params | None = None,
+) -> dict[str, Any]:
+    """Measure side by side (registry/paired.py) the candidates `promote` (`version`, else the
+    challenger) or `promote_best` (``best``: the versions not judged yet) will judge, whose
+    utility is not comparable with the champion's as registered. It runs before the registry
+    lock (it can take minutes on a large model); a champion that changes meanwhile leaves the
+    candidate not comparable, and `privtune promote --version N` judges it again."""
+    gates = gates or Gates()
+    if version is not None:
+        versions = [version]
+    elif best:
+        versions = pending_versions(name, root=root) or _challenger(name, root)
+    else:
+        versions = _challenger(name, root)
     champion = alias_version(client(root), name, CHAMPION)
-    pair_with_champion(name, versions, champion, gates, Path(root), params)
+    return pair_with_champion(name, versions, champion, gates, Path(root), params)
 
 
 def _challenger(name: str, root: str | Path) -> list[str]:
@@ -477,7 +453,7 @@ def promote(
     at a time per store (registry/lock.py). `params` (default: the project's params.yaml) says
     how to evaluate, where the champion must be measured again (registry/paired.py)."""
     gates = gates or Gates()
-    _pair(name, gates, root, [version] if version else _challenger(name, root), params)
+    pair_candidates(name, gates, root=root, version=version, params=params)
     with registry_lock(root):
         return _promote(name, gates, root=root, version=version)
 
@@ -564,7 +540,7 @@ def promote_best(
     (a candidate that passed its gates is refused as not chosen, naming the better one), so
     the champion history gains one entry, not one per candidate."""
     gates = gates or Gates()
-    _pair(name, gates, root, pending_versions(name, root=root) or _challenger(name, root), params)
+    pair_candidates(name, gates, root=root, best=True, params=params)
     with registry_lock(root):
         return _promote_best(name, gates, root=root)
 

@@ -36,8 +36,6 @@ UTILITY_PREFIX = "utility."
 EVALUATED_ON_TAG = "evaluated_on"
 # "true" when the run drew its sampler and noise seeds from a secret (finetune.secret_noise)
 NOISE_TAG = "secret_noise"
-TRAIN_TAG = "train_md5"  # md5 of the train split: DVC's cache key for it (registry/paired.py)
-TRAIN_FILE = PREPARED_DIR / "train.jsonl"
 # The headline tags of a version (about a dozen; the details are in its model card).
 PRIVACY_FIELDS = ("epsilon", "target_epsilon", "delta", "accountant")
 # The attack numbers the gates read: the best MIA AUC and TPR at 1 % FPR with their best lower
@@ -147,8 +145,6 @@ def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> di
     evaluated = root / METRICS_DIR / f"evaluate-{entry}.json"
     if evaluated.is_file() and "evaluated_on" in (on := io.read_json(evaluated)):
         tags[EVALUATED_ON_TAG] = on["evaluated_on"]  # what the utility numbers were measured on
-    if (root / TRAIN_FILE).is_file():  # what it was trained on, for a later side-by-side
-        tags[TRAIN_TAG] = io.file_md5(root / TRAIN_FILE)
     card = root / PREPARED_DIR / "data_card.json"
     if card.is_file():
         tags["data_sha256"] = io.read_json(card)["content_sha256"]
