@@ -383,6 +383,10 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         f"- Records per split: {_pairs(data['split_records'])}; records in training: "
         f"{data['training_records']} (with {data['audit_gradient_canaries']} white-box audit "
         "gradient canaries, each included with probability ½).",
+    ]
+    if data.get("split_md5"):  # cards written before they were recorded have none
+        lines.append(f"- Splits it saw, md5 (DVC's cache keys): {_pairs(data['split_md5'])}.")
+    lines += [
         "",
         "## Ledger",
         "",
