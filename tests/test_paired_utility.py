@@ -139,6 +139,24 @@ def test_a_retrained_challenger_is_compared_with_the_champion_on_records_it_neve
     assert _paired(root, "2") == measured
 
 
+def test_the_champion_is_scored_once_for_a_runs_candidates(retrained, capsys):
+    """`privtune promote` after a run: every new version is measured beside the champion on
+    the same records, and the champion's score is computed once for all of them."""
+    from privtune.registry import promote_best
+
+    root, _, _ = retrained
+    edit_params(root, finetune={"seed": 1})  # another fine-tuning on the same data
+    assert _train_and_register(root) == "3"
+    capsys.readouterr()
+    promote_best(NAME, load_params(root / "params.yaml").registry.gates, root=root)
+    err = capsys.readouterr().err
+    assert err.count("measuring champion v1 on") == 1
+    assert err.count("measuring v2 on") == 1 and err.count("measuring v3 on") == 1
+    two, three = _paired(root, "2"), _paired(root, "3")
+    assert two.champion_value == three.champion_value and two.records == three.records
+    assert two.value != three.value
+
+
 def test_a_champion_whose_splits_are_gone_is_not_compared(retrained):
     """Without the champion's splits what it saw cannot be kept out: the gate stays not
     comparable and says how to get them back."""

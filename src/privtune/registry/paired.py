@@ -158,6 +158,7 @@ class Champion:
         self._registered = version
         self._seen: TrainingSet | Unavailable | None = None
         self._model: tuple[Any, Any] | None = None
+        self.scores: dict[tuple[str, str], float] = {}  # (evaluated_on, metric) -> its score
 
     def seen(self) -> TrainingSet:
         if self._seen is None:
@@ -250,8 +251,8 @@ def _measure(
             f"fewer than the {max_length} tokens per record v{version} was evaluated with"
         )
     device = resolve_device(params.finetune.device, "finetune.device")
-    values = []
-    for which, (model, tokenizer) in ((f"v{version}", new), (f"v{champion.version}", old)):
+
+    def score(which: str, model: Any, tokenizer: Any) -> float:
         print(f"measuring {which} on {len(records)} test records", file=sys.stderr)
         found = evaluate_model(
             model.to(device),
@@ -265,10 +266,16 @@ def _measure(
         model.to("cpu")  # one model on the accelerator at a time
         if metric not in found:
             raise Unavailable(f"the evaluation measures no {metric} (registry.gates)")
-        values.append(float(found[metric]))
+        return float(found[metric])
+
+    value = score(f"v{version}", *new)
+    # the candidates of one run share their test data: the champion is scored once for them
+    key = (mine, metric)
+    if key not in champion.scores:
+        champion.scores[key] = score(f"champion v{champion.version}", *old)
     return {
-        "value": values[0],
-        "champion_value": values[1],
+        "value": value,
+        "champion_value": champion.scores[key],
         "records": len(records),
         "excluded": len(test) - len(records),
     }
