@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,15 @@ WORLD = 2
 
 
 def _join(rank: int, port: int) -> None:
+    # A bounded wait: gloo's default is 30 min, and a connection between the ranks that never
+    # completes (seen once here, both ranks inside ProcessGroupGloo's constructor on a loaded
+    # machine) would hold CI that long instead of failing this test.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
     )
 
 
