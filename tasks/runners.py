@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.config import RunnerParams
+from privtune.io import environ
 
 PROJECT_CODE = Path(__file__).resolve().parents[1]  # where `tasks` and `flows` import from
 # Thread knobs of the numeric libraries a stage's command reads when it starts (torch reads
@@ -105,13 +106,5 @@ def thread_limit(count: int | None) -> Iterator[None]:
     if count is None:
         yield
         return
-    before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    os.environ.update({name: str(count) for name in THREAD_VARIABLES})
-    try:
+    with environ({name: str(count) for name in THREAD_VARIABLES}):
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -78,13 +78,13 @@ def _permanent_errors(target: str) -> Iterator[None]:
     the command writes it to the file named by $PRIVTUNE_ERROR_FILE (privtune.cli), which the
     commands DVC starts inherit from this process."""
     from privtune.cli import ERROR_FILE_ENV
+    from privtune.io import environ
 
     with tempfile.TemporaryDirectory(prefix="privtune-stage-") as tmp:
         report = Path(tmp) / "error.json"
-        previous = os.environ.get(ERROR_FILE_ENV)
-        os.environ[ERROR_FILE_ENV] = str(report)
         try:
-            yield
+            with environ({ERROR_FILE_ENV: str(report)}):
+                yield
         except Exception as exc:
             if report.is_file():
                 found = json.loads(report.read_text())
@@ -92,11 +92,6 @@ def _permanent_errors(target: str) -> Iterator[None]:
                     target, found["exit_code"], found["error"], found["message"]
                 ) from exc
             raise
-        finally:
-            if previous is None:
-                os.environ.pop(ERROR_FILE_ENV, None)
-            else:
-                os.environ[ERROR_FILE_ENV] = previous
 
 
 def _cli_on_path() -> None:

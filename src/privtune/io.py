@@ -139,6 +139,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:  # pragma: no mutate block
+    """These environment variables set for the block (and for the processes it starts), each
+    back as it was after; other variables set inside are left alone."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def file_md5(path: str | Path) -> str:
     """md5 of a file's bytes: the name DVC's cache gives it (read in blocks: splits grow)."""
     digest = hashlib.md5()

@@ -9,13 +9,11 @@ that open each version's description.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -486,20 +484,6 @@ def write_card(card: Mapping[str, Any], directory: Path) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:  # pragma: no mutate block
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def version_card(
     mlflow_client: Any,
     version: Any,
@@ -514,7 +498,7 @@ def version_card(
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar
     try:
         location = mlflow_client.get_logged_model(model_id).artifact_location
-        with tempfile.TemporaryDirectory() as tmp, _environ(quiet):
+        with tempfile.TemporaryDirectory() as tmp, io.environ(quiet):
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{location.rstrip('/')}/{CARD_JSON}",
                 dst_path=tmp,

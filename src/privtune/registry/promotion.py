@@ -428,10 +428,8 @@ def pair_candidates(
     gates = gates or Gates()
     if version is not None:
         versions = [version]
-    elif best:
-        versions = pending_versions(name, root=root) or _challenger(name, root)
     else:
-        versions = _challenger(name, root)
+        versions = _candidates(name, root) if best else _challenger(name, root)
     champion = alias_version(client(root), name, CHAMPION)
     return pair_with_champion(name, versions, champion, gates, Path(root), params)
 
@@ -439,6 +437,11 @@ def pair_candidates(
 def _challenger(name: str, root: str | Path) -> list[str]:
     challenger = alias_version(client(root), name, CHALLENGER)
     return [str(challenger.version)] if challenger is not None else []
+
+
+def _candidates(name: str, root: str | Path) -> list[str]:
+    """What `promote_best` judges: the versions not judged yet, else the challenger."""
+    return pending_versions(name, root=root) or _challenger(name, root)
 
 
 def promote(
@@ -548,14 +551,11 @@ def promote_best(
 def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".") -> Selection:
     gates = gates or Gates()
     mlflow_client = client(root)
-    candidates = pending_versions(name, root=root)
+    candidates = _candidates(name, root)
     if not candidates:
-        challenger = alias_version(mlflow_client, name, CHALLENGER)
-        if challenger is None:
-            raise ModelError(
-                f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
-            )
-        candidates = [str(challenger.version)]
+        raise ModelError(
+            f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
+        )
     champion = alias_version(mlflow_client, name, CHAMPION)
     candidates = [v for v in candidates if champion is None or v != str(champion.version)]
     tags = {v: dict(mlflow_client.get_model_version(name, v).tags) for v in candidates}
