@@ -110,3 +110,27 @@ def test_evaluated_on_changes_with_what_the_numbers_were_measured_on():
         evaluated_on(test, words, 64, params, candidates=[{"text": "a train note"}]),  # cloze
     ]
     assert same not in others and len(set(others)) == len(others)
+
+
+def test_per_record_parts_are_each_records_own_loss_and_make_the_perplexity(
+    tiny_model, tiny_tokenizer
+):
+    """The promotion's paired comparison resamples these parts: each must be that record's
+    summed token NLL (transformers' own loss times the tokens it averages over), and together
+    they must give the reported perplexity."""
+    from privtune.evaluate import evaluate_scored
+
+    texts = synthetic_texts(7)
+    records = [{"text": t} for t in texts]
+    metrics, scores = evaluate_scored(tiny_model, tiny_tokenizer, records, 48, batch_size=3)
+    parts = scores["test_perplexity"]
+    assert len(parts) == 7 and metrics["test_perplexity"] == parts.value()
+    data = encode_records(texts, tiny_tokenizer, 48)
+    with torch.no_grad():
+        for i in range(7):
+            batch = data.batch(torch.tensor([i]))
+            own = tiny_model(**batch).loss  # mean over the record's scored tokens
+            tokens = int((batch["labels"][0, 1:] != -100).sum())
+            assert parts.denominators[i] == tokens
+            assert parts.numerators[i] == pytest.approx(float(own) * tokens, rel=1e-5)
+    assert set(scores) == {"test_perplexity"}  # no task on these records: no accuracies

@@ -4,6 +4,7 @@ side on the challenger's test records the champion neither trained nor validated
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -148,13 +149,22 @@ def test_the_champion_is_scored_once_for_a_runs_candidates(retrained, capsys):
     edit_params(root, finetune={"seed": 1})  # another fine-tuning on the same data
     assert _train_and_register(root) == "3"
     capsys.readouterr()
-    promote_best(NAME, load_params(root / "params.yaml").registry.gates, root=root)
+    selection = promote_best(NAME, load_params(root / "params.yaml").registry.gates, root=root)
     err = capsys.readouterr().err
     assert err.count("measuring champion v1 on") == 1
     assert err.count("measuring v2 on") == 1 and err.count("measuring v3 on") == 1
-    two, three = _paired(root, "2"), _paired(root, "3")
-    assert two.champion_value == three.champion_value and two.records == three.records
-    assert two.value != three.value
+    assert selection.chosen in ("2", "3")
+    # the one not chosen is then judged against the new champion, by the per-record scores
+    # both were registered with (the same test data: nothing is measured under the lock)
+    chosen, other = (
+        _paired(root, selection.chosen),
+        _paired(root, "3" if selection.chosen == "2" else "2"),
+    )
+    assert chosen.champion == "1" and chosen.measured and chosen.excluded > 0
+    assert other.champion == selection.chosen and not other.measured
+    assert (other.records, other.excluded) == (chosen.records + chosen.excluded, 0)
+    registered = client(root).get_model_version(NAME, selection.chosen).tags
+    assert other.champion_value == pytest.approx(float(registered["utility.test_perplexity"]))
 
 
 def test_a_champion_whose_splits_are_gone_is_not_compared(retrained):
@@ -168,7 +178,7 @@ def test_a_champion_whose_splits_are_gone_is_not_compared(retrained):
     assert "v1's train split" in measured.error and "dvc fetch --all-commits" in measured.error
     gate = _utility(decision)
     assert not gate.passed and gate.reason.startswith("not comparable")
-    assert "measuring both side by side failed" in gate.reason
+    assert "comparing both on the same records failed" in gate.reason
     assert not decision.promoted
 
 
@@ -181,7 +191,7 @@ def test_a_library_error_while_measuring_refuses_without_its_message(retrained, 
     def choke(*args, **kwargs):
         raise RuntimeError("tokenizer choked on 'Patient: Jane Roe | MRN 1234-5678'")
 
-    monkeypatch.setattr(privtune.evaluate, "evaluate_model", choke)
+    monkeypatch.setattr(privtune.evaluate, "evaluate_scored", choke)
     decision = promote(NAME, Gates(allow_reproducible_noise=True), root=root, version="2")
     tag = dict(client(root).get_model_version(NAME, "2").tags)[PAIRED_TAG]
     assert "measuring failed: RuntimeError (message withheld" in tag and "Jane" not in tag
@@ -218,3 +228,87 @@ def test_a_note_the_champion_trained_on_with_a_canary_planted_in_it_counts_as_se
     assert all(n["text"] in seen for n in notes)
     assert "Patient 1 admitted.\nPlan: tea." not in seen  # its first line alone is not enough
     assert "Patient 1 admitted." in seen and "" not in seen and None not in seen
+
+
+@pytest.fixture
+def rerun(tiny_project, tmp_path, monkeypatch):
+    """v1 trained and made champion, then v2 fine-tuned again on the same data (another
+    seed): the two versions' registered evaluations are of the same test records."""
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project, root)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    edit_params(root, evaluate={"max_records": 24}, registry={"name": NAME})
+    assert _train_and_register(root) == "1"
+    client(root).set_registered_model_alias(NAME, CHAMPION, "1")
+    edit_params(root, finetune={"seed": 3})
+    assert _train_and_register(root) == "2"
+    return root
+
+
+def _registered_scores(root, version: str) -> dict:
+    from privtune.registry.paired import registered_scores
+    from privtune.registry.register import tracking_uri
+
+    mlflow_client = client(root)
+    found = mlflow_client.get_model_version(NAME, version)
+    return registered_scores(mlflow_client, found, tracking_uri(root))
+
+
+def test_on_the_same_data_the_gate_reads_the_interval_of_the_registered_scores(rerun, capsys):
+    """Unchanged data: nothing is measured again; the per-record scores each version was
+    registered with are resampled in pairs and the gate decides on the interval's end."""
+    from privtune.record_scores import from_json
+
+    root = rerun
+    gates = load_params(root / "params.yaml").registry.gates
+    decision = promote(NAME, gates, root=root, version="2")
+    assert "measuring" not in capsys.readouterr().err  # no model was loaded
+    compared = _paired(root, "2")
+    assert compared.error is None and not compared.measured
+    test = len(read_split(root, "test"))
+    assert (compared.records, compared.excluded, compared.confidence) == (test, 0, 0.95)
+    assert compared.low <= compared.value - compared.champion_value <= compared.high
+    for version, value in (("2", compared.value), ("1", compared.champion_value)):
+        tags = client(root).get_model_version(NAME, version).tags
+        scores = _registered_scores(root, version)
+        assert scores["evaluated_on"] == tags["evaluated_on"]
+        parts = from_json(scores["scores"])
+        # the parts are those of the evaluation the version was registered with
+        assert parts["test_perplexity"].value() == pytest.approx(
+            float(tags["utility.test_perplexity"]), rel=1e-9
+        )
+        assert value == pytest.approx(float(tags["utility.test_perplexity"]), rel=1e-9)
+        texts = [r["text"] for r in read_split(root, "test")]
+        logged = json.dumps(scores)
+        assert not any(line in logged for t in texts for line in t.splitlines() if len(line) > 8)
+        accuracy = parts["medication_accuracy"]  # one 0/1 per note of the task
+        assert accuracy.value() == pytest.approx(float(tags["utility.medication_accuracy"]))
+    assert decision.promoted is (compared.high < 0)  # lower perplexity beyond the noise
+    gate = _utility(decision)
+    assert gate.margin == pytest.approx(-compared.high)
+    assert (
+        "95% interval" in gate.reason and f"over {test} records resampled in pairs" in gate.reason
+    )
+
+
+def test_a_champion_registered_without_scores_is_measured_again(rerun, capsys):
+    """A champion from before versions carried per-record scores: both are measured side by
+    side on the test split (all of it: the champion's own test records) instead."""
+    root = rerun
+    mlflow_client = client(root)
+    champion = mlflow_client.get_model_version(NAME, "1")
+    model_id = str(champion.source).removeprefix("models:/")
+    location = mlflow_client.get_logged_model(model_id).artifact_location
+    shutil.rmtree(location.removeprefix("file://") + "/evaluation")
+    assert _registered_scores(root, "1") == {}
+    promote(NAME, load_params(root / "params.yaml").registry.gates, root=root, version="2")
+    err = capsys.readouterr().err
+    test = len(read_split(root, "test"))
+    assert f"measuring champion v1 on {test} test records" in err
+    compared = _paired(root, "2")
+    assert compared.measured and (compared.records, compared.excluded) == (test, 0)
+    assert compared.champion_value == pytest.approx(
+        float(champion.tags["utility.test_perplexity"]), rel=1e-6
+    )
+    assert compared.low is not None and compared.low <= compared.high

@@ -140,6 +140,11 @@ def registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Registry:
         raise OSError(f"{artifact_uri} is not stored")  # the card then comes from the tags
 
     fake.card_uris = []
+    # the utility gate on the two numbers: these versions have no per-record scores to pair
+    # (the interval is tested with real ones in test_paired_utility.py)
+    monkeypatch.setattr(
+        promotion, "Gates", lambda **kw: Gates(**({"utility_confidence": None} | kw))
+    )
     monkeypatch.setattr(promotion, "client", client)
     monkeypatch.setattr(promotion, "tracking_uri", lambda root: f"sqlite:///{root}/mlflow.db")
     monkeypatch.setattr("mlflow.artifacts.download_artifacts", download_artifacts)
@@ -231,7 +236,8 @@ def test_promote_flow_decision_is_idempotent_under_retry(
     register = importlib.import_module("privtune.registry.register")
     monkeypatch.setattr(register, "client", lambda root=".": registry)
     monkeypatch.setattr(flow, "get_run_logger", lambda: logging.getLogger("test"))
-    (tmp_path / "params.yaml").write_text("registry:\n  name: m\n")
+    gates = "  gates:\n    utility_confidence: null\n"  # the two numbers (see the fixture)
+    (tmp_path / "params.yaml").write_text("registry:\n  name: m\n" + gates)
     root = str(tmp_path)
     v1 = registry.add(40.0)
     promotion.promote("m")
@@ -252,7 +258,7 @@ def test_promote_best_picks_the_best_eligible_in_the_gates_direction(
     """Lower is better: the least value wins; higher is better: the greatest. A version that
     fails a gate is never chosen however good its utility, and ties go to the older one."""
     metric = "medication_accuracy" if higher_is_better else "test_perplexity"
-    gates = Gates(utility_metric=metric, higher_is_better=higher_is_better)
+    gates = Gates(utility_metric=metric, higher_is_better=higher_is_better, utility_confidence=None)
     values = {"a": 0.30, "b": 0.50, "c": 0.50, "d": 0.90, "e": 0.10}
     versions = {}
     for key, value in values.items():
@@ -340,7 +346,7 @@ def test_promote_best_promotes_under_its_own_gates_and_never_rejudges_the_champi
     epsilon limit than the default 8: the defaults would refuse it); a passing candidate not
     chosen is refused by a failed `best_candidate` gate; a challenger alias pointing at the
     champion is no candidate."""
-    gates = Gates(max_epsilon=10.0)
+    gates = Gates(max_epsilon=10.0, utility_confidence=None)
     v1 = registry.add(40.0, epsilon="9.0")
     v2 = registry.add(40.0, epsilon="9.0")  # a tie goes to the older
     selection = promotion.promote_best("m", gates)

@@ -38,6 +38,9 @@ class Champion:
         self.tags = {f"utility.{metric}": repr(value)}
 
 
+POINT = {"utility_confidence": None}  # gates judging the two numbers alone, without an interval
+
+
 def _utility(gates: Gates, challenger: float, champion: float) -> bool:
     tags = SAFE | {f"utility.{gates.utility_metric}": repr(challenger)}
     results = {
@@ -61,6 +64,7 @@ def test_utility_gate_matches_the_rule_with_tolerance_and_direction(
         utility_metric="medication_accuracy" if higher_is_better else "test_perplexity",
         higher_is_better=higher_is_better,
         utility_tolerance=tolerance,
+        utility_confidence=None,  # the two numbers alone
     )
     if higher_is_better:
         expected = challenger >= champion - tolerance
@@ -90,6 +94,7 @@ def test_utility_gate_boundaries(higher_is_better, challenger, champion, toleran
         utility_metric="medication_accuracy" if higher_is_better else "test_perplexity",
         higher_is_better=higher_is_better,
         utility_tolerance=tolerance,
+        utility_confidence=None,  # the two numbers alone
     )
     assert _utility(gates, challenger, champion) is passed
 
@@ -99,15 +104,15 @@ def test_utility_gate_boundaries(higher_is_better, challenger, champion, toleran
     ("challenger", "champion"), [(math.nan, 40.0), (40.0, math.nan), (math.nan, math.nan)]
 )
 def test_utility_gate_refuses_nan(higher_is_better, challenger, champion):
-    gates = Gates(higher_is_better=higher_is_better, utility_tolerance=1.0)
+    gates = Gates(higher_is_better=higher_is_better, utility_tolerance=1.0, utility_confidence=None)
     assert _utility(gates, challenger, champion) is False
 
 
 def test_utility_gate_on_infinities():
-    lower = Gates()  # perplexity: lower is better
+    lower = Gates(utility_confidence=None)  # perplexity: lower is better
     assert _utility(lower, math.inf, 40.0) is False  # a diverged model never wins
     assert _utility(lower, 40.0, math.inf) is True
-    higher = Gates(utility_metric="medication_accuracy", higher_is_better=True)
+    higher = Gates(utility_metric="medication_accuracy", higher_is_better=True, **POINT)
     assert _utility(higher, -math.inf, 0.5) is False
     assert _utility(higher, math.inf, 0.5) is True
 
@@ -357,6 +362,7 @@ def test_utility_margin_is_the_gain_plus_the_tolerance(higher_is_better):
         utility_metric=metric,
         higher_is_better=higher_is_better,
         utility_tolerance=0.125,
+        **POINT,
     )["utility"]
     # higher is better: 0.5 - 0.75 + 0.125 < 0, refused; lower: 0.75 - 0.5 + 0.125, passed
     assert gate.margin == (-0.125 if higher_is_better else 0.375)
@@ -378,11 +384,11 @@ def test_utility_measured_on_other_test_data_is_not_compared():
     assert "registry.gates.utility_across_data: true" in gate.reason
     # a reviewer's decision to compare anyway; the same data, or a champion from before the
     # tag (unknown), is compared as always
-    assert _gates(tags, champion, utility_across_data=True)["utility"].passed
+    assert _gates(tags, champion, utility_across_data=True, **POINT)["utility"].passed
     champion.tags["evaluated_on"] = "new"
-    assert _gates(tags, champion)["utility"].passed
+    assert _gates(tags, champion, **POINT)["utility"].passed
     del champion.tags["evaluated_on"]
-    assert _gates(tags, champion)["utility"].passed
+    assert _gates(tags, champion, **POINT)["utility"].passed
 
 
 def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
@@ -395,12 +401,14 @@ def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
     champion.tags["evaluated_on"] = "old"
     measured = Paired("1", "new", "test_perplexity", 41.5, 41.0, records=90, excluded=14)
     tags = SAFE | {"utility.test_perplexity": "30.0", "evaluated_on": "new"}
-    gate = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion)["utility"]
+    gate = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion, **POINT)["utility"]
     # 30 against 40 as registered would pass; side by side the challenger is 0.5 worse
     assert not gate.passed and (gate.value, gate.threshold, gate.margin) == (41.5, 41.0, -0.5)
     assert "side by side on the 90 test records" in gate.reason
     assert "(14 it trained or validated on left out)" in gate.reason
-    tolerant = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion, utility_tolerance=0.5)
+    tolerant = _gates(
+        tags | {PAIRED_TAG: measured.to_tag()}, champion, utility_tolerance=0.5, **POINT
+    )
     assert tolerant["utility"].passed and tolerant["utility"].margin == 0
 
     for stale in (
@@ -408,18 +416,20 @@ def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
         Paired("1", "newer", "test_perplexity", 1.0, 2.0),  # of other test data
         Paired("1", "new", "medication_accuracy", 1.0, 2.0),  # of another metric
     ):
-        gate = _gates(tags | {PAIRED_TAG: stale.to_tag()}, champion)["utility"]
+        gate = _gates(tags | {PAIRED_TAG: stale.to_tag()}, champion, **POINT)["utility"]
         assert not gate.passed and gate.reason.startswith("not comparable")
-        assert "not measured side by side" in gate.reason
+        assert "not compared on the same records" in gate.reason
     failed = Paired("1", "new", "test_perplexity", error="its train split is not cached")
-    gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion)["utility"]
+    gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion, **POINT)["utility"]
     assert not gate.passed and gate.margin is None
-    assert "measuring both side by side failed: its train split is not cached" in gate.reason
-    off = _gates(tags | {PAIRED_TAG: measured.to_tag()}, champion, reevaluate_champion=False)
+    assert "comparing both on the same records failed: its train split is not cached" in gate.reason
+    off = _gates(
+        tags | {PAIRED_TAG: measured.to_tag()}, champion, reevaluate_champion=False, **POINT
+    )
     assert not off["utility"].passed
     assert "registry.gates.reevaluate_champion is off" in off["utility"].reason
-    unreadable = _gates(tags | {PAIRED_TAG: "{not json"}, champion)["utility"]
-    assert not unreadable.passed and "not measured side by side" in unreadable.reason
+    unreadable = _gates(tags | {PAIRED_TAG: "{not json"}, champion, **POINT)["utility"]
+    assert not unreadable.passed and "not compared on the same records" in unreadable.reason
 
 
 @pytest.mark.parametrize(
@@ -444,3 +454,74 @@ def test_a_non_private_model_has_no_noise_gate_to_fail():
     tags = {k: v for k, v in SAFE.items() if k != "secret_noise"} | {"epsilon": "inf"}
     results = {g.gate: g for g in evaluate_gates(Gates(), tags, None)}
     assert results["noise"].passed and not results["epsilon"].passed
+
+
+@pytest.mark.parametrize(
+    ("higher_is_better", "low", "high", "tolerance", "passed", "verdict"),
+    [
+        (False, -3.0, -0.5, 0.0, True, "better beyond the noise"),  # perplexity down for sure
+        (False, -3.0, 0.5, 0.0, False, "not better beyond the noise"),  # within the noise
+        (False, -3.0, 0.5, 0.5, True, "no worse than the tolerance allows"),  # non-inferior
+        (False, 0.25, 2.0, 0.0, False, "worse beyond the noise"),
+        (True, 0.01, 0.2, 0.0, True, "better beyond the noise"),  # accuracy up for sure
+        (True, -0.05, 0.2, 0.0, False, "not better beyond the noise"),
+        (True, -0.05, 0.2, 0.05, True, "no worse than the tolerance allows"),
+    ],
+)
+def test_utility_gate_reads_the_unfavourable_end_of_the_paired_interval(
+    higher_is_better, low, high, tolerance, passed, verdict
+):
+    """With `utility_confidence` the gate judges the difference by its paired-bootstrap
+    interval: promoted only when even its unfavourable end clears the tolerance."""
+    from privtune.registry.paired import PAIRED_TAG, Paired
+
+    metric = "medication_accuracy" if higher_is_better else "test_perplexity"
+    champion = Champion(0.5 if higher_is_better else 40.0, metric)
+    champion.tags["evaluated_on"] = "same"
+    value = 0.6 if higher_is_better else 38.5
+    compared = Paired(
+        "1",
+        "same",
+        metric,
+        value,
+        0.5 if higher_is_better else 40.0,
+        records=80,
+        confidence=0.95,
+        low=low,
+        high=high,
+        measured=False,
+    )
+    tags = SAFE | {f"utility.{metric}": repr(value), "evaluated_on": "same"}
+    gates = {"utility_metric": metric, "higher_is_better": higher_is_better}
+    gate = _gates(
+        tags | {PAIRED_TAG: compared.to_tag()}, champion, utility_tolerance=tolerance, **gates
+    )["utility"]
+    assert gate.passed is passed and verdict in gate.reason
+    worst = low if higher_is_better else -high
+    assert gate.margin == pytest.approx(worst + tolerance)
+    assert f"95% interval [{low:+.4g}, {high:+.4g}] over 80 records" in gate.reason
+    assert "side by side" not in gate.reason  # read from the registered scores, not measured
+    # the same comparison judged without an interval: the two numbers alone pass
+    assert _gates(tags, champion, **gates, **POINT)["utility"].passed
+
+
+def test_utility_gate_without_a_paired_comparison_at_its_confidence_refuses():
+    """No interval for this champion, data, metric and confidence (not compared yet, an older
+    comparison at another confidence, or it failed): refused, naming the way out."""
+    from privtune.registry.paired import PAIRED_TAG, Paired
+
+    champion = Champion(40.0)
+    champion.tags["evaluated_on"] = "same"
+    tags = SAFE | {"utility.test_perplexity": "30.0", "evaluated_on": "same"}
+    for tag in (
+        {},
+        {PAIRED_TAG: Paired("1", "same", "test_perplexity", 30.0, 40.0, confidence=0.9).to_tag()},
+        {PAIRED_TAG: Paired("1", "same", "test_perplexity", 30.0, 40.0).to_tag()},
+    ):
+        gate = _gates(tags | tag, champion)["utility"]
+        assert not gate.passed and gate.margin is None
+        assert "no interval of the difference; not compared on the same records" in gate.reason
+        assert "utility_confidence: null" in gate.reason
+    failed = Paired("1", "same", "test_perplexity", error="v1 has no scores", confidence=0.95)
+    gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion)["utility"]
+    assert not gate.passed and "comparing both on the same records failed: v1 has" in gate.reason

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from privtune import io
 from privtune.config import BaseParams, LoraParams
 from privtune.errors import ModelError
+from privtune.record_scores import RecordScores
 from privtune.registry import (
     CHALLENGER,
     CHAMPION,
@@ -109,9 +110,13 @@ def add_entry(
     if audit is not None:
         attack["audit_epsilon_lower_bound"] = audit
     io.write_json(root / f"metrics/attack-{entry}.json", attack)
-    evaluation = {"method": "dpsgd", "medication_accuracy": 0.3}
+    evaluation = {"method": "dpsgd", "medication_accuracy": 0.3, "evaluated_on": "test-split-1"}
     if perplexity is not None:
         evaluation["test_perplexity"] = perplexity
+        # 20 records alike: the paired interval is the difference itself
+        parts = RecordScores((math.log(perplexity) * 10,) * 20, (10.0,) * 20, exponentiate=True)
+        scores = {"evaluated_on": "test-split-1", "scores": {"test_perplexity": parts.to_dict()}}
+        io.write_json(root / f"metrics/record-scores-{entry}.json", scores)
     io.write_json(root / f"metrics/evaluate-{entry}.json", evaluation)
     return run_id
 
@@ -169,7 +174,7 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     mv = mlflow_client.get_model_version("clinical-tags", version.version)
     tags = mv.tags
     # About a dozen headline tags: the gates' inputs, the contract, data and code.
-    assert len(tags) <= 16, sorted(tags)
+    assert len(tags) <= 17, sorted(tags)
     assert float(tags["epsilon"]) == 4.0 and float(tags["delta"]) == 1e-5
     assert tags["accountant"] == "prv" and tags["method"] == "dpsgd"
     assert float(tags["attack.mia_auc_max"]) == 0.52
@@ -332,7 +337,9 @@ def test_promotion_gates_history_and_rollback(project):
     assert description.count("**Promotion gates**, judged") == 1
     assert description.count("**REFUSED**") == 1
     assert "| utility | **FAIL** | 60 | 50 | -10 |" in description
-    assert len(mlflow_client.get_model_version(name, "2").tags) <= 20
+    assert (
+        len(mlflow_client.get_model_version(name, "2").tags) <= 22
+    )  # headline, verdict and the paired comparison
     model = mlflow_client.get_registered_model(name)
     assert model.description.startswith("**Champion: v1 (dpsgd)**")
     assert "all 7 gates hold" in model.description and model.tags["champion"] == "v1"
@@ -555,7 +562,7 @@ def test_promoted_exactly_when_every_margin_is_non_negative(
         "attack.audit_epsilon_lower_bound": repr(audit),
         "utility.test_perplexity": repr(challenger),
     }
-    gates = Gates()
+    gates = Gates(utility_confidence=None)  # the two numbers: no per-record scores here
     results = evaluate_gates(gates, tags, Champion())
     for g in results:  # the noise gate has no margin: it reads whether the seeds were secret
         assert g.passed == (g.margin >= 0) if g.gate != "noise" else g.passed

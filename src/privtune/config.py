@@ -272,7 +272,8 @@ class Gates(_Section):
     0.05: an attacker barely better than a coin (0.5) and at most 5x the chance rate (0.01) at
     low FPR, judged on the attack's lower confidence bound (attack.confidence). The audit
     gate has no threshold: its lower bound must not exceed the claimed (spent) epsilon. Utility:
-    test perplexity (lower is better) no worse than the champion's, with no tolerance.
+    test perplexity (lower is better) better than the champion's beyond the noise of a test
+    split (the 95% paired-bootstrap interval over its records), with no tolerance.
     """
 
     max_epsilon: float = Field(default=8.0, gt=0)
@@ -282,6 +283,10 @@ class Gates(_Section):
     utility_metric: str = "test_perplexity"
     higher_is_better: bool = False
     utility_tolerance: float = Field(default=0.0, ge=0)  # allowed loss vs the champion
+    # Judge the utility difference by its paired-bootstrap interval over test records at this
+    # confidence (its unfavourable end must clear the tolerance); null: by the two numbers.
+    utility_confidence: float | None = Field(default=0.95, gt=0, lt=1)
+    utility_resamples: int = Field(default=2000, ge=100)  # bootstrap resamples of that interval
     # Compare utility with a champion measured on other test data, tokenizer or task (the
     # versions' `evaluated_on` tags differ): false refuses as not comparable.
     utility_across_data: bool = False

@@ -22,6 +22,10 @@ import torch
 
 from privtune.config import ClozeParams, EvaluateParams
 from privtune.errors import ConfigError, DataError
+from privtune.record_scores import RecordScores
+
+# metrics, and the per-record parts of those a promotion may compare
+Evaluation = tuple[dict[str, Any], dict[str, RecordScores]]
 
 
 @dataclass(frozen=True)
@@ -63,28 +67,42 @@ def cloze_candidates(train: Sequence[dict], params: ClozeParams) -> list[str]:
     return [answer for answer, _ in answers.most_common(params.candidates)]
 
 
-def cloze_accuracy(
+def cloze_outcomes(
     model: torch.nn.Module,
     tokenizer,
     items: Sequence[ClozeItem],
     candidates: Sequence[str],
-) -> dict[str, float]:
-    """Top-1 accuracy of the model's choice among the candidates, with two baselines: chance
-    (a uniform pick: coverage / candidates) and the majority answer of the train split."""
+) -> list[bool]:
+    """Per item: whether the model's top-scored candidate is the note's answer."""
     from privtune.evaluate import continuation_logprobs, encode_continuations, split_prompt
 
     tails: dict[str, list[list[int]]] = {}  # candidate ids per gap (a space, a newline, ...)
-    correct = 0
+    outcomes = []
     for item in items:
         gap = split_prompt(item.prompt)[1]
         if gap not in tails:
             tails[gap] = encode_continuations(tokenizer, gap, candidates)
         scores = continuation_logprobs(model, tokenizer, item.prompt, candidates, tails[gap])
-        correct += candidates[int(scores.argmax())] == item.answer
+        outcomes.append(candidates[int(scores.argmax())] == item.answer)
+    return outcomes
+
+
+def cloze_accuracy(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[ClozeItem],
+    candidates: Sequence[str],
+    outcomes: Sequence[bool] | None = None,
+) -> dict[str, float]:
+    """Top-1 accuracy of the model's choice among the candidates, with two baselines: chance
+    (a uniform pick: coverage / candidates) and the majority answer of the train split.
+    ``outcomes``: :func:`cloze_outcomes`, when already scored."""
+    if outcomes is None:
+        outcomes = cloze_outcomes(model, tokenizer, items, candidates)
     n = len(items)
     covered = sum(item.answer in candidates for item in items)
     return {
-        "cloze_accuracy": correct / n,
+        "cloze_accuracy": sum(outcomes) / n,
         "cloze_chance": covered / (n * len(candidates)),
         "cloze_majority": sum(item.answer == candidates[0] for item in items) / n,
         "cloze_coverage": covered / n,
@@ -109,13 +127,18 @@ def _cloze_task(
     return items, candidates
 
 
-def _cloze(model, tokenizer, test: Sequence[dict], train: Sequence[dict], params: ClozeParams):
-    metrics = cloze_accuracy(model, tokenizer, *_cloze_task(test, train, params))
+def _cloze(
+    model, tokenizer, test: Sequence[dict], train: Sequence[dict], params: ClozeParams
+) -> Evaluation:
+    items, candidates = _cloze_task(test, train, params)
+    outcomes = cloze_outcomes(model, tokenizer, items, candidates)
+    metrics = cloze_accuracy(model, tokenizer, items, candidates, outcomes)
+    right = RecordScores.counts(outcomes)
     return metrics | {
         "downstream_accuracy": metrics["cloze_accuracy"],
         "downstream_chance": metrics["cloze_chance"],
         "downstream_records": metrics["cloze_records"],
-    }
+    }, {"cloze_accuracy": right, "downstream_accuracy": right}
 
 
 def _medication_task(test: Sequence[dict], strict: bool) -> list[dict]:
@@ -134,19 +157,27 @@ def _medication_task(test: Sequence[dict], strict: bool) -> list[dict]:
     return task
 
 
-def _medication(model, tokenizer, test: Sequence[dict], strict: bool) -> dict[str, float]:
+def _medication(model, tokenizer, test: Sequence[dict], strict: bool) -> Evaluation:
     from privtune.data.generator import ALL_MEDICATION_NAMES, CONDITIONS
-    from privtune.evaluate import medication_accuracy
+    from privtune.evaluate import medication_choices, medication_outcomes, medication_summary
 
     allowed = {c.icd10: c.medications for c in CONDITIONS}
     task = _medication_task(test, strict)
     if not task:
-        return {}
-    metrics = medication_accuracy(model, tokenizer, task, ALL_MEDICATION_NAMES, allowed)
+        return {}, {}
+    choices = medication_choices(model, tokenizer, task, ALL_MEDICATION_NAMES)
+    metrics = medication_summary(task, choices, ALL_MEDICATION_NAMES, allowed)
+    consistent, exact = (
+        RecordScores.counts(o) for o in medication_outcomes(task, choices, allowed)
+    )
     return metrics | {
         "downstream_accuracy": metrics["medication_accuracy"],
         "downstream_chance": metrics["medication_chance"],
         "downstream_records": float(len(task)),
+    }, {
+        "medication_accuracy": consistent,
+        "medication_exact_match": exact,
+        "downstream_accuracy": consistent,
     }
 
 
@@ -158,6 +189,29 @@ def check_task(test: Sequence[dict], train: Sequence[dict], params: EvaluatePara
         _cloze_task(test, train, params.cloze)
 
 
+def downstream_evaluation(
+    model: torch.nn.Module,
+    tokenizer,
+    test: Sequence[dict],
+    train: Sequence[dict] = (),
+    params: EvaluateParams | None = None,
+) -> Evaluation:
+    """The declared task's metrics (`downstream_task` names it; None when none is declared)
+    and the per-record parts of its accuracies (record_scores).
+
+    Without ``params`` (benchmarks, older callers) the medication task runs where the records
+    carry its fields and is skipped elsewhere; a declared task that cannot run is an error."""
+    if params is None:
+        return _medication(model, tokenizer, test, strict=False)
+    if params.task is None:
+        return {"downstream_task": None}, {}
+    if params.task == "medication":
+        metrics, scores = _medication(model, tokenizer, test, True)
+        return {"downstream_task": "medication", **metrics}, scores
+    metrics, scores = _cloze(model, tokenizer, test, train, params.cloze)
+    return {"downstream_task": "cloze", **metrics}, scores
+
+
 def downstream_metrics(
     model: torch.nn.Module,
     tokenizer,
@@ -165,14 +219,5 @@ def downstream_metrics(
     train: Sequence[dict] = (),
     params: EvaluateParams | None = None,
 ) -> dict[str, Any]:
-    """The declared task's metrics (`downstream_task` names it; None when none is declared).
-
-    Without ``params`` (benchmarks, older callers) the medication task runs where the records
-    carry its fields and is skipped elsewhere; a declared task that cannot run is an error."""
-    if params is None:
-        return _medication(model, tokenizer, test, strict=False)
-    if params.task is None:
-        return {"downstream_task": None}
-    if params.task == "medication":
-        return {"downstream_task": "medication", **_medication(model, tokenizer, test, True)}
-    return {"downstream_task": "cloze", **_cloze(model, tokenizer, test, train, params.cloze)}
+    """:func:`downstream_evaluation`'s metrics alone."""
+    return downstream_evaluation(model, tokenizer, test, train, params)[0]

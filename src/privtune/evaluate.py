@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from privtune.data.tokenization import EncodedRecords, bos_id, encode_records
-from privtune.losses import mean_token_loss
+from privtune.losses import mean_token_loss, record_token_nll
+from privtune.record_scores import RecordScores
 
 if TYPE_CHECKING:
     from privtune.config import EvaluateParams
@@ -125,6 +126,27 @@ def continuation_logprobs_uncached(
     return torch.stack(scores).cpu()
 
 
+def medication_choices(
+    model: torch.nn.Module, tokenizer, records: Sequence[dict], candidates: Sequence[str]
+) -> list[str]:
+    """The drug the model scores highest after each record's prompt."""
+    choices = []
+    for record in records:
+        scores = continuation_logprobs(model, tokenizer, record["med_prompt"], candidates)
+        choices.append(candidates[int(scores.argmax())])
+    return choices
+
+
+def medication_outcomes(
+    records: Sequence[dict], choices: Sequence[str], allowed: dict[str, Sequence[str]]
+) -> tuple[list[bool], list[bool]]:
+    """Per record: whether the choice is consistent with the diagnosis, and whether it is the
+    drug the note named."""
+    consistent = [c in allowed[r["icd10"]] for r, c in zip(records, choices, strict=True)]
+    exact = [c == r["medication"] for r, c in zip(records, choices, strict=True)]
+    return consistent, exact
+
+
 def medication_accuracy(
     model: torch.nn.Module,
     tokenizer,
@@ -133,19 +155,47 @@ def medication_accuracy(
     allowed: dict[str, Sequence[str]],
 ) -> dict[str, float]:
     """Top-1 accuracy (consistent with the diagnosis) and exact match of the drug choice."""
-    consistent = exact = 0
-    for record in records:
-        scores = continuation_logprobs(model, tokenizer, record["med_prompt"], candidates)
-        choice = candidates[int(scores.argmax())]
-        consistent += choice in allowed[record["icd10"]]
-        exact += choice == record["medication"]
+    choices = medication_choices(model, tokenizer, records, candidates)
+    return medication_summary(records, choices, candidates, allowed)
+
+
+def medication_summary(
+    records: Sequence[dict],
+    choices: Sequence[str],
+    candidates: Sequence[str],
+    allowed: dict[str, Sequence[str]],
+) -> dict[str, float]:
+    consistent, exact = medication_outcomes(records, choices, allowed)
     n = max(len(records), 1)
     chance = sum(len(allowed[r["icd10"]]) for r in records) / (n * len(candidates))
     return {
-        "medication_accuracy": consistent / n,
-        "medication_exact_match": exact / n,
+        "medication_accuracy": sum(consistent) / n,
+        "medication_exact_match": sum(exact) / n,
         "medication_chance": chance,
     }
+
+
+def evaluate_scored(
+    model: torch.nn.Module,
+    tokenizer,
+    test_records: Sequence[dict],
+    max_length: int,
+    batch_size: int = 32,
+    task: EvaluateParams | None = None,
+    train_records: Sequence[dict] = (),
+) -> tuple[dict[str, Any], dict[str, RecordScores]]:
+    """:func:`evaluate_model`'s metrics and, for each metric a promotion may compare, its
+    per-record parts (record_scores: what a paired comparison of two models resamples)."""
+    from privtune.downstream import downstream_evaluation
+
+    model.eval()
+    data = encode_records([r["text"] for r in test_records], tokenizer, max_length)
+    sums, counts = record_token_nll(model, data, batch_size)
+    perplexity_scores = RecordScores(tuple(sums), tuple(map(float, counts)), exponentiate=True)
+    metrics: dict[str, Any] = {"test_perplexity": perplexity_scores.value()}
+    scores = {"test_perplexity": perplexity_scores}
+    found, task_scores = downstream_evaluation(model, tokenizer, test_records, train_records, task)
+    return metrics | found, scores | task_scores
 
 
 def evaluate_model(
@@ -159,9 +209,6 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Test perplexity and the downstream task (``task``: the `evaluate` params; None = the
     medication task where the records carry its fields) of one model on the test split."""
-    from privtune.downstream import downstream_metrics
-
-    model.eval()
-    data = encode_records([r["text"] for r in test_records], tokenizer, max_length)
-    metrics: dict[str, Any] = {"test_perplexity": perplexity(model, data, batch_size)}
-    return metrics | downstream_metrics(model, tokenizer, test_records, train_records, task)
+    return evaluate_scored(
+        model, tokenizer, test_records, max_length, batch_size, task, train_records
+    )[0]

@@ -106,9 +106,9 @@ def atomic_file(target: str | Path, mode: str = "w", encoding: str | None = None
     os.replace(tmp, target)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     with atomic_file(path) as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True)
+        json.dump(obj, handle, indent=indent, sort_keys=True)
         handle.write("\n")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -69,15 +70,25 @@ def per_sample_loss(
 
 
 @torch.no_grad()
-def mean_token_loss(model: torch.nn.Module, data, batch_size: int = 32) -> float:
-    """Token-level mean NLL over EncodedRecords (its exp is the perplexity)."""
+def record_token_nll(
+    model: torch.nn.Module, data, batch_size: int = 32
+) -> tuple[list[float], list[int]]:
+    """Each record's summed token NLL and the number of tokens it scores (over EncodedRecords):
+    the parts of the test perplexity that a paired comparison resamples."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for start in range(0, len(data), batch_size):
         batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"])
         nll, mask = token_nll(logits, batch["labels"])
-        total += float(nll.sum())
-        count += int(mask.sum())
-    return total / max(count, 1)
+        sums += nll.double().sum(1).tolist()
+        counts += mask.sum(1).tolist()
+    return sums, counts
+
+
+def mean_token_loss(model: torch.nn.Module, data, batch_size: int = 32) -> float:
+    """Token-level mean NLL over EncodedRecords (its exp is the perplexity)."""
+    sums, counts = record_token_nll(model, data, batch_size)
+    return math.fsum(sums) / max(sum(counts), 1)

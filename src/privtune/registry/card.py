@@ -491,6 +491,12 @@ def version_card(
 ) -> dict[str, Any]:  # pragma: no mutate block
     """The version's model card (JSON, at the root of its logged model's artifacts), or, for a
     version registered before cards existed, the little its tags tell."""
+    card = version_json(mlflow_client, version, uri, CARD_JSON)
+    return card if isinstance(card, dict) else card_from_tags(dict(version.tags))
+
+
+def version_json(mlflow_client: Any, version: Any, uri: str, path: str) -> Any | None:
+    """A JSON artifact of the version's logged model (None when it has none: an older one)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -499,11 +505,11 @@ def version_card(
     try:
         location = mlflow_client.get_logged_model(model_id).artifact_location
         with tempfile.TemporaryDirectory() as tmp, io.environ(quiet):
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{location.rstrip('/')}/{CARD_JSON}",
+            found = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/{path}",
                 dst_path=tmp,
                 tracking_uri=uri,
             )
-            return json.loads(Path(path).read_text())
+            return json.loads(Path(found).read_text())
     except (MlflowException, OSError, ValueError):
-        return card_from_tags(dict(version.tags))
+        return None

@@ -13,6 +13,13 @@ still the current ones, otherwise in the DVC cache, where the prepare stage's ou
 (DVC names cached files by the md5 of their bytes). The result, or the reason it could not be
 made, is written on the challenger's version (`paired_utility`, JSON) and the utility gate
 reads it from there.
+
+Both models' numbers then come from the same records, so the gate can also say how sure the
+difference is: each record's parts of the metric (record_scores) are resampled, the same
+records for both models, and the gate reads the bootstrap interval (`utility_confidence`). On
+unchanged data the two versions' registered evaluations already are of the same records: the
+per-record scores logged with each version are compared without measuring again (a champion
+registered before versions carried them is measured again instead).
 """
 
 from __future__ import annotations
@@ -20,12 +27,20 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privtune import io
 from privtune.config import PREPARED_DIR
+from privtune.record_scores import (
+    ARTIFACT,
+    NotPaired,
+    RecordScores,
+    from_json,
+    paired_difference,
+    seed_of,
+)
 from privtune.registry.register import EVALUATED_ON_TAG, client, tracking_uri
 
 if TYPE_CHECKING:
@@ -52,9 +67,16 @@ class Paired:
     records: int = 0
     excluded: int = 0
     error: str | None = None  # set instead of the numbers when they could not be measured
+    confidence: float | None = None  # of the interval of value - champion_value (None: none)
+    low: float | None = None
+    high: float | None = None
+    measured: bool = True  # false: read from the two versions' registered per-record scores
 
-    def matches(self, champion: str, evaluated_on: str | None, metric: str) -> bool:
-        return (self.champion, self.evaluated_on, self.metric) == (champion, evaluated_on, metric)
+    def matches(
+        self, champion: str, evaluated_on: str | None, metric: str, confidence: float | None
+    ) -> bool:
+        here = (self.champion, self.evaluated_on, self.metric, self.confidence)
+        return here == (champion, evaluated_on, metric, confidence)
 
     def to_tag(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -99,6 +121,24 @@ class TrainingSet:
         if not lines:
             return False
         return any(self.lines[i].issuperset(lines) for i in self.by_line.get(lines[0], ()))
+
+
+def registered_scores(mlflow_client: Any, version: Any, uri: str) -> dict[str, Any]:
+    """A version's registered per-record scores ({"evaluated_on", "scores"}; {} if none)."""
+    from privtune.registry.card import version_json
+
+    found = version_json(mlflow_client, version, uri, ARTIFACT)
+    return found if isinstance(found, dict) and "scores" in found else {}
+
+
+def _from_registered(scores: dict[str, Any], evaluated_on: str, metric: str) -> RecordScores | None:
+    """The metric's per-record parts from registered scores of this evaluated_on (else None)."""
+    if scores.get("evaluated_on") != evaluated_on:
+        return None
+    try:
+        return from_json(scores["scores"]).get(metric)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _split_file(root: Path, split: str, md5: str, version: str) -> Path:
@@ -155,10 +195,20 @@ class Champion:
 
     def __init__(self, name: str, version: Any, root: Path) -> None:
         self.name, self.version, self.root = name, str(version.version), root
-        self._registered = version
+        self.registered = version
         self._seen: TrainingSet | Unavailable | None = None
         self._model: tuple[Any, Any] | None = None
-        self.scores: dict[tuple[str, str], float] = {}  # (evaluated_on, metric) -> its score
+        self._registered_scores: dict[str, Any] | None = None
+        # (evaluated_on, metric) -> its value and per-record parts, measured now
+        self.scores: dict[tuple[str, str], tuple[float, RecordScores | None]] = {}
+
+    def registered_scores(self) -> dict[str, Any]:
+        """The per-record scores registered with it ({} for a version registered before)."""
+        if self._registered_scores is None:
+            uri = tracking_uri(self.root)
+            found = registered_scores(client(self.root), self.registered, uri)
+            self._registered_scores = found
+        return self._registered_scores
 
     def seen(self) -> TrainingSet:
         if self._seen is None:
@@ -173,7 +223,7 @@ class Champion:
     def _read_seen(self) -> TrainingSet:
         from privtune.registry.card import version_card
 
-        card = version_card(client(self.root), self._registered, tracking_uri(self.root))
+        card = version_card(client(self.root), self.registered, tracking_uri(self.root))
         md5s = card.get("data", {}).get("split_md5") or {}
         if any(split not in md5s for split in SEEN_SPLITS):
             raise Unavailable(
@@ -193,33 +243,103 @@ class Champion:
 
 
 def measure(
-    name: str, version: str, tags: dict[str, str], champion: Champion, gates: Gates, params: Params
-) -> Paired:
-    """Both models' utility on the challenger's test records the champion did not see; what
-    went wrong, as `Paired.error`, when they cannot be measured alike (a library's message is
-    withheld: it might quote a record)."""
+    name: str,
+    version: Any,
+    tags: dict[str, str],
+    champion: Champion,
+    gates: Gates,
+    params: Params | None,
+    *,
+    measuring: bool = True,
+) -> Paired | None:
+    """Both models' utility on the same records, with the interval of their difference where
+    the gates ask for one: from the two versions' registered per-record scores when they were
+    evaluated on the same data, else measured now on the challenger's test records the
+    champion did not see (None where that is needed and not ``measuring``). What went wrong,
+    as `Paired.error`, when they cannot be compared (a library's message is withheld: it
+    might quote a record)."""
     from privtune.tracking import error_summary
 
     mine = tags.get(EVALUATED_ON_TAG, "")
-    paired = Paired(champion.version, mine, gates.utility_metric)
+    number = str(version.version)
+    paired = Paired(
+        champion.version, mine, gates.utility_metric, confidence=gates.utility_confidence
+    )
     try:
-        found = _measure(name, version, mine, champion, gates.utility_metric, params)
+        found = _registered(version, mine, champion, gates)
+        if found is None:
+            if not measuring:
+                return None
+            if params is None:
+                params = _params(champion.root)
+            found = _measure(name, number, mine, champion, gates, params)
     except Unavailable as why:
-        return Paired(**(asdict(paired) | {"error": str(why)}))
+        return replace(paired, error=str(why))
     except Exception as err:  # not comparable is the safe verdict
-        return Paired(**(asdict(paired) | {"error": f"measuring failed: {error_summary(err)}"}))
-    return Paired(**(asdict(paired) | found))
+        return replace(paired, error=f"measuring failed: {error_summary(err)}")
+    return replace(paired, **found)
+
+
+def _interval(
+    found: dict[str, Any],
+    mine: RecordScores | None,
+    theirs: RecordScores | None,
+    gates: Gates,
+    seed: int,
+) -> dict[str, Any]:
+    """`found` with the paired-bootstrap interval of the difference, if the gates want one."""
+    if gates.utility_confidence is None:
+        return found
+    if mine is None or theirs is None:
+        raise Unavailable(
+            f"no per-record parts of {gates.utility_metric} to resample (record_scores keeps "
+            "test_perplexity and the task's accuracies)"
+        )
+    try:
+        diff = paired_difference(
+            mine,
+            theirs,
+            confidence=gates.utility_confidence,
+            resamples=gates.utility_resamples,
+            seed=seed,
+        )
+    except NotPaired as why:
+        raise Unavailable(f"the two models' scores cannot be paired: {why}") from None
+    return found | {"low": diff.low, "high": diff.high}
+
+
+def _registered(version: Any, mine: str, champion: Champion, gates: Gates) -> dict[str, Any] | None:
+    """The comparison from the per-record scores both versions were registered with, when
+    both were evaluated on the same data (None: measure them)."""
+    theirs_on = dict(champion.registered.tags).get(EVALUATED_ON_TAG)
+    if gates.utility_confidence is None or not mine or mine != theirs_on:
+        return None
+    metric = gates.utility_metric
+    uri = tracking_uri(champion.root)
+    own = _from_registered(registered_scores(client(champion.root), version, uri), mine, metric)
+    held = _from_registered(champion.registered_scores(), mine, metric)
+    if own is None or held is None or len(own) != len(held):
+        return None  # one of them was registered before versions carried them
+    found = {
+        "value": own.value(),
+        "champion_value": held.value(),
+        "records": len(own),
+        "excluded": 0,
+        "measured": False,
+    }
+    seed = seed_of(str(version.version), champion.version, mine, metric)
+    return _interval(found, own, held, gates, seed)
 
 
 def _measure(
-    name: str, version: str, mine: str, champion: Champion, metric: str, params: Params
+    name: str, version: str, mine: str, champion: Champion, gates: Gates, params: Params
 ) -> dict[str, Any]:
-    from privtune.evaluate import evaluate_model
+    from privtune.evaluate import evaluate_scored
     from privtune.modeling import position_limit, resolve_device
     from privtune.stages.common import read_split, resolved_max_length
     from privtune.stages.evaluate import evaluated_on, task_train
 
-    root = champion.root
+    root, metric = champion.root, gates.utility_metric
     test = read_split(root, "test")
     max_length, candidates = resolved_max_length(params, root), task_train(params, root)
     if params.evaluate.max_records:
@@ -252,9 +372,9 @@ def _measure(
         )
     device = resolve_device(params.finetune.device, "finetune.device")
 
-    def score(which: str, model: Any, tokenizer: Any) -> float:
+    def score(which: str, model: Any, tokenizer: Any) -> tuple[float, RecordScores | None]:
         print(f"measuring {which} on {len(records)} test records", file=sys.stderr)
-        found = evaluate_model(
+        found, parts = evaluate_scored(
             model.to(device),
             tokenizer,
             records,
@@ -266,19 +386,21 @@ def _measure(
         model.to("cpu")  # one model on the accelerator at a time
         if metric not in found:
             raise Unavailable(f"the evaluation measures no {metric} (registry.gates)")
-        return float(found[metric])
+        return float(found[metric]), parts.get(metric)
 
-    value = score(f"v{version}", *new)
+    value, own = score(f"v{version}", *new)
     # the candidates of one run share their test data: the champion is scored once for them
     key = (mine, metric)
     if key not in champion.scores:
         champion.scores[key] = score(f"champion v{champion.version}", *old)
-    return {
+    champion_value, held = champion.scores[key]
+    found = {
         "value": value,
-        "champion_value": champion.scores[key],
+        "champion_value": champion_value,
         "records": len(records),
         "excluded": len(test) - len(records),
     }
+    return _interval(found, own, held, gates, seed_of(version, champion.version, mine, metric))
 
 
 def _params(root: Path) -> Params:
@@ -298,45 +420,64 @@ def pair_with_champion(
     gates: Gates,
     root: Path,
     params: Params | None = None,
+    *,
+    measuring: bool = True,
 ) -> dict[str, Paired]:
-    """Measure each version whose utility the gate could not otherwise compare with the
-    champion's, and which passes every other gate (a version refused anyway is not worth two
-    evaluations), and write the result on it; a measurement already there for this champion,
-    data and metric is kept (a retried promotion does not measure twice). Returns what was
-    measured now, by version."""
+    """Compare with the champion, on the same records, each version whose utility the gate
+    cannot judge from the two registered numbers (other test data; or any, where it wants the
+    interval of the difference), and write the result on it. Registered per-record scores are
+    compared for every version; the two models are measured again (``measuring``) only for a
+    version that passes every other gate (one refused anyway is not worth two evaluations). A
+    comparison already there for this champion, data, metric and confidence is kept (a
+    retried promotion does not measure twice). Returns what was compared now, by version."""
     from mlflow.exceptions import MlflowException
 
     from privtune.registry.promotion import evaluate_gates
 
-    if champion is None or not gates.reevaluate_champion:
+    if champion is None:
         return {}
     mlflow_client, measured = client(root), {}
     held = Champion(name, champion, root)
-    for version in versions:
+    for number in versions:
         try:
-            tags = dict(mlflow_client.get_model_version(name, version).tags)
+            version = mlflow_client.get_model_version(name, number)
         except MlflowException:  # no such version: the promotion itself says so
             continue
-        if not other_data(gates, tags, champion):
+        tags = dict(version.tags)
+        if not needs_pairing(gates, tags, champion):
             continue
         failed = [g for g in evaluate_gates(gates, tags, champion) if not g.passed]
-        if any(g.gate != "utility" for g in failed):
-            continue
+        refused = any(g.gate != "utility" for g in failed)
         done = read_paired(tags)
         here = (held.version, tags.get(EVALUATED_ON_TAG), gates.utility_metric)
-        if done is not None and done.error is None and done.matches(*here):
+        if (
+            done is not None
+            and done.error is None
+            and done.matches(*here, gates.utility_confidence)
+        ):
             continue
-        try:
-            found = params or _params(root)
-        except Unavailable as why:
-            paired = Paired(*here, error=str(why))  # type: ignore[arg-type]
-        else:
+        if other_data(gates, tags, champion) and measuring and not refused:
             print(
-                f"v{version}: its utility and champion v{held.version}'s come from other "
+                f"v{number}: its utility and champion v{held.version}'s come from other "
                 "test data; measuring both side by side on this project's test split",
                 file=sys.stderr,
             )
-            paired = measure(name, version, tags, held, gates, found)
-        mlflow_client.set_model_version_tag(name, version, PAIRED_TAG, paired.to_tag())
-        measured[version] = paired
+        paired = measure(
+            name, version, tags, held, gates, params, measuring=measuring and not refused
+        )
+        if paired is None:
+            continue
+        mlflow_client.set_model_version_tag(name, number, PAIRED_TAG, paired.to_tag())
+        measured[number] = paired
     return measured
+
+
+def needs_pairing(gates: Gates, tags: dict[str, str], champion: Any | None) -> bool:
+    """Whether the utility gate reads a paired comparison for this version: its numbers and
+    the champion's come from other data (and may be measured again), or the gate judges the
+    difference by its interval."""
+    if champion is None:
+        return False
+    if other_data(gates, tags, champion):
+        return gates.reevaluate_champion
+    return gates.utility_confidence is not None

@@ -19,7 +19,7 @@ from privtune.config import Gates, Params
 from privtune.errors import ModelError
 from privtune.registry.card import CARD_SCHEMA, gate_report, verdict_line, version_card
 from privtune.registry.lock import registry_lock
-from privtune.registry.paired import other_data, pair_with_champion, read_paired
+from privtune.registry.paired import needs_pairing, other_data, pair_with_champion, read_paired
 from privtune.registry.register import (
     ATTACK_PREFIX,
     CHALLENGER,
@@ -204,42 +204,65 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
     if best is None:
         reason = f"champion v{champion.version} has no {key}: cannot compare"
         return GateResult("utility", False, value, None, None, reason)
-    where = ""
-    if other_data(gates, tags, champion):
+    where, paired = "", None
+    mine = tags.get(EVALUATED_ON_TAG)
+    if needs_pairing(gates, tags, champion):
         paired = read_paired(tags)
-        mine = tags.get(EVALUATED_ON_TAG)
-        if not gates.reevaluate_champion:
-            why = " (registry.gates.reevaluate_champion is off)"
-            return _not_comparable(gates, value, best, champion, tags, why)
-        if paired is None or not paired.matches(str(champion.version), mine, gates.utility_metric):
+        versions = (str(champion.version), mine, gates.utility_metric, gates.utility_confidence)
+        if paired is None or not paired.matches(*versions):
             why = (
-                "; not measured side by side: `privtune promote` measures both for a version "
-                "that passes every other gate"
+                "; not compared on the same records: `privtune promote` compares both for a "
+                "version that passes every other gate"
             )
-            return _not_comparable(gates, value, best, champion, tags, why)
+            return _unjudged(gates, value, best, champion, tags, why)
         if paired.error is not None or paired.value is None or paired.champion_value is None:
-            why = f"; measuring both side by side failed: {paired.error}"
-            return _not_comparable(gates, value, best, champion, tags, why)
+            why = f"; comparing both on the same records failed: {paired.error}"
+            return _unjudged(gates, value, best, champion, tags, why)
         value, best = paired.value, paired.champion_value
-        where = (
-            f", both measured side by side on the {paired.records} test records of this "
-            f"version's split that v{champion.version} never saw ({paired.excluded} it trained "
-            "or validated on left out)"
-        )
-    gain = value - best if gates.higher_is_better else best - value
-    margin = gain + gates.utility_tolerance
+        if paired.measured:
+            where = (
+                f", both measured side by side on the {paired.records} test records of this "
+                f"version's split that v{champion.version} never saw ({paired.excluded} it "
+                "trained or validated on left out)"
+            )
+    elif other_data(gates, tags, champion):
+        why = " (registry.gates.reevaluate_champion is off)"
+        return _unjudged(gates, value, best, champion, tags, why)
+    sign = 1.0 if gates.higher_is_better else -1.0
     direction = "higher" if gates.higher_is_better else "lower"
+    head = f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g}{where}"
+    if paired is None or paired.low is None or paired.high is None:
+        margin = sign * (value - best) + gates.utility_tolerance
+        reason = f"{head} ({direction} is better; margin {margin:+.6g})"
+        return GateResult("utility", margin >= 0, value, best, margin, reason)
+    # the interval's unfavourable end: a one-sided test at (1 + confidence) / 2
+    worst = min(sign * paired.low, sign * paired.high)
+    margin = worst + gates.utility_tolerance
+    verdict = "better beyond the noise" if worst > 0 else "not better beyond the noise"
+    if max(sign * paired.low, sign * paired.high) < 0:
+        verdict = "worse beyond the noise"
+    if margin >= 0 and worst <= 0:
+        verdict = "no worse than the tolerance allows"
     reason = (
-        f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g}{where} "
-        f"({direction} is better; margin {margin:+.6g})"
+        f"{head} ({direction} is better): difference {value - best:+.4g}, "
+        f"{paired.confidence:.0%} interval [{paired.low:+.4g}, {paired.high:+.4g}] over "
+        f"{paired.records} records resampled in pairs: {verdict} (margin {margin:+.4g})"
     )
     return GateResult("utility", margin >= 0, value, best, margin, reason)
 
 
-def _not_comparable(
+def _unjudged(
     gates: Gates, value: float, best: float, champion: Any, tags: dict[str, str], why: str
 ) -> GateResult:
+    """The utility gate's refusal when the two numbers cannot be judged as they stand."""
     mine, theirs = tags.get(EVALUATED_ON_TAG), dict(champion.tags).get(EVALUATED_ON_TAG)
+    if not other_data(gates, tags, champion):
+        reason = (
+            f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g}: "
+            f"no interval of the difference{why}; or set registry.gates.utility_confidence: "
+            "null to judge the two numbers alone"
+        )
+        return GateResult("utility", False, value, best, None, reason)
     reason = (
         f"not comparable: {gates.utility_metric} {value:.6g} and champion "
         f"v{champion.version}'s {best:.6g} were measured on other test data, tokenizer or "
@@ -420,9 +443,10 @@ def pair_candidates(
     best: bool = False,
     params: Params | None = None,
 ) -> dict[str, Any]:
-    """Measure side by side (registry/paired.py) the candidates `promote` (`version`, else the
-    challenger) or `promote_best` (``best``: the versions not judged yet) will judge, whose
-    utility is not comparable with the champion's as registered. It runs before the registry
+    """Compare with the champion on the same records (registry/paired.py) the candidates
+    `promote` (`version`, else the challenger) or `promote_best` (``best``: the versions not
+    judged yet) will judge: by their registered per-record scores, or measured side by side
+    where their test data differ or those scores are missing. It runs before the registry
     lock (it can take minutes on a large model); a champion that changes meanwhile leaves the
     candidate not comparable, and `privtune promote --version N` judges it again."""
     gates = gates or Gates()
@@ -573,6 +597,13 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
     if best is not None:
         decisions.append(_promote(name, gates, root=root, version=best))
         champion = alias_version(mlflow_client, name, CHAMPION)
+        # the others are judged against the new champion: compared by their registered
+        # per-record scores (no model is measured while the registry is held)
+        others = [v for v in candidates if v != best]
+        for version in pair_with_champion(
+            name, others, champion, gates, Path(root), measuring=False
+        ):
+            tags[version] = dict(mlflow_client.get_model_version(name, version).tags)
     for version in candidates:
         if version == best:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +24,9 @@ import yaml
 from privtune import io, tracking
 from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, Gates
 from privtune.errors import ModelError
+from privtune.record_scores import ARTIFACT as RECORD_SCORES
 from privtune.registry.card import CARD_ARTIFACT
+from privtune.stages.evaluate import record_scores_path
 
 KEY_TAG = "privtune.version_key"
 # On a logged model once its card, metrics and run link are all in place: a retry reuses only
@@ -306,6 +309,13 @@ def _logged_model(
         model_id=model.model_id,
     )
     mlflow_client.log_model_artifacts(model.model_id, str(card_dir))
+    scores = root / record_scores_path(entry)
+    if scores.is_file():  # what a promotion resamples to compare it with a champion
+        with tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / Path(RECORD_SCORES).name
+            shutil.copyfile(scores, named)
+            folder = str(Path(RECORD_SCORES).parent)
+            mlflow_client.log_model_artifact(model.model_id, str(named), folder)
     mlflow_client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     _attach_results(root, entry, run, model.model_id, step)
     mlflow_client.set_logged_model_tags(model.model_id, {COMPLETE_TAG: "true"})

@@ -53,8 +53,9 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     """Utility of the fine-tuned model on the private test split (metrics/evaluate-<name>)."""
     from peft import PeftModel
 
-    from privtune.evaluate import evaluate_model
+    from privtune.evaluate import evaluate_scored
     from privtune.modeling import resolve_device
+    from privtune.record_scores import to_json
 
     params.method(name)
     model_dir = root / MODELS_DIR / name
@@ -72,7 +73,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     if params.evaluate.max_records:
         test = test[: params.evaluate.max_records]
     max_length, candidates = resolved_max_length(params, root), task_train(params, root)
-    metrics = evaluate_model(
+    metrics, scores = evaluate_scored(
         model,
         tokenizer,
         test,
@@ -85,5 +86,13 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     metrics["method"] = info["method"]
     if "epsilon" in info["metrics"]:
         metrics["epsilon"] = info["metrics"]["epsilon"]
+    # what a promotion resamples to compare two versions on these records (numbers, no text)
+    per_record = {"evaluated_on": metrics["evaluated_on"], "scores": to_json(scores)}
+    io.write_json(root / record_scores_path(name), per_record, indent=None)
     io.write_json(root / METRICS_DIR / f"evaluate-{name}.json", metrics)
     return metrics
+
+
+def record_scores_path(name: str) -> Path:
+    """Per-record parts of a method's utility metrics (record_scores), beside its metrics."""
+    return METRICS_DIR / f"record-scores-{name}.json"
