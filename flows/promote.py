@@ -134,29 +134,37 @@ def choose(root: str) -> list[dict]:
 
 
 @task(
-    name="measure-side-by-side",
+    name="compare-with-champion",
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=transient,
     cache_policy=NO_CACHE,
 )
 def measure(root: str, version: str | None, pending: bool) -> None:
-    """Candidates measured on other test data than the champion's are measured again beside
-    it (privtune/registry/paired.py) before the registry's slot is taken: minutes on a large
-    model, which a reviewer's promotion need not wait for."""
+    """Candidates compared with the champion on the same records (privtune/registry/paired.py)
+    before the registry's slot is taken: their registered per-record scores, or, on other test
+    data, both measured again (minutes on a large model, which a reviewer's promotion need not
+    wait for)."""
     from privtune.registry.promotion import pair_candidates
 
     registry = _registry(root)
     found = pair_candidates(registry.name, registry.gates, root=root, version=version, best=pending)
     for candidate, paired in found.items():
         if paired.error:
-            get_run_logger().warning("v%s: not comparable: %s", candidate, paired.error)
-        else:
-            get_run_logger().info(
-                "v%s: %s %.6g vs champion v%s %.6g on %d test records (%d it saw left out)",
-                candidate, paired.metric, paired.value, paired.champion, paired.champion_value,
-                paired.records, paired.excluded,
-            )  # fmt: skip
+            get_run_logger().warning("v%s: not compared: %s", candidate, paired.error)
+            continue
+        interval = (
+            f", {paired.confidence:.0%} interval of the difference [{paired.low:+.4g}, "
+            f"{paired.high:+.4g}]"
+            if paired.low is not None and paired.high is not None and paired.confidence
+            else ""
+        )
+        get_run_logger().info(
+            "v%s: %s %.6g vs champion v%s %.6g on %d test records (%d it saw left out; %s)%s",
+            candidate, paired.metric, paired.value, paired.champion, paired.champion_value,
+            paired.records, paired.excluded,
+            "measured side by side" if paired.measured else "registered scores", interval,
+        )  # fmt: skip
 
 
 @flow(name="privtune-promote", log_prints=True)

@@ -459,7 +459,7 @@ def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeyp
     attempts = _task_runs(state.state_details.flow_run_id)
     assert sorted(a.name.rsplit("-", 1)[0] for a in attempts) == [
         "challenger",
-        "measure-side-by-side",
+        "compare-with-champion",
     ]
     assert all(a.run_count == 1 for a in attempts)  # nothing measured, nothing retried
 
