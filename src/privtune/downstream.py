@@ -211,13 +211,3 @@ def downstream_evaluation(
     metrics, scores = _cloze(model, tokenizer, test, train, params.cloze)
     return {"downstream_task": "cloze", **metrics}, scores
 
-
-def downstream_metrics(
-    model: torch.nn.Module,
-    tokenizer,
-    test: Sequence[dict],
-    train: Sequence[dict] = (),
-    params: EvaluateParams | None = None,
-) -> dict[str, Any]:
-    """:func:`downstream_evaluation`'s metrics alone."""
-    return downstream_evaluation(model, tokenizer, test, train, params)[0]
