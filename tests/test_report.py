@@ -66,3 +66,54 @@ def test_table_has_a_row_per_method_and_a_column_per_number():
     rows = {"a": {"finetune": {}, "evaluate": {"test_perplexity": 3.0}, "attack": {}}}
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
+
+
+def _record_scores(root, name: str, nll: list[float], evaluated_on: str = "split-1") -> None:
+    parts = {"numerators": [n * 10 for n in nll], "denominators": [10.0] * len(nll)}
+    io.write_json(
+        root / f"metrics/record-scores-{name}.json",
+        {
+            "evaluated_on": evaluated_on,
+            "scores": {"test_perplexity": parts | {"exponentiate": True}},
+        },
+    )
+
+
+def test_methods_are_compared_with_dpsgd_note_by_note(project):
+    """A method better than DP-SGD on every test note by a little is lower beyond the noise;
+    one that is better on some notes and worse on others is within it; one scored on other
+    notes is not paired at all."""
+    import math
+
+    notes = [4.0 + 0.5 * (i % 7) for i in range(60)]  # notes of unequal difficulty
+    _record_scores(project, "dpsgd", notes)
+    _record_scores(project, "nonprivate", [n - 0.02 for n in notes])
+    _record_scores(project, "rldp", [n + (0.3 if i % 2 else -0.3) for i, n in enumerate(notes)])
+    _record_scores(project, "lmo", notes, evaluated_on="split-2")
+    params = Params.model_validate(
+        {"methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}, "rldp": {}, "lmo": {"clip": 1.0}}}
+    )
+    report(params, project)
+    text = (project / REPORT_DIR / "report.md").read_text()
+    saved = io.read_json(project / REPORT_DIR / "report.json")
+    assert set(k for k in saved if "vs_dpsgd" in saved[k]) == {"nonprivate", "rldp"}
+    reference = math.exp(sum(notes) / len(notes))
+    lower = saved["nonprivate"]["vs_dpsgd"]
+    assert lower["difference"] == pytest.approx(math.exp(sum(notes) / 60 - 0.02) - reference)
+    assert lower["high"] < 0 and lower["records"] == 60
+    line = next(x for x in text.splitlines() if x.startswith("| nonprivate | -"))
+    assert line.endswith("| lower beyond the noise |") and "over 60 notes" in line
+    mixed = saved["rldp"]["vs_dpsgd"]
+    assert mixed["low"] < 0 < mixed["high"]
+    assert "| within the noise |" in next(
+        x for x in text.splitlines() if x.startswith("| rldp | +")
+    )
+    assert not any(
+        x.startswith("| lmo | +") or x.startswith("| lmo | -") for x in text.splitlines()
+    )
+
+
+def test_without_per_record_scores_the_report_has_no_paired_section(project):
+    params = Params.model_validate({"methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}}})
+    report(params, project)
+    assert "note by note" not in (project / REPORT_DIR / "report.md").read_text()

@@ -210,4 +210,3 @@ def downstream_evaluation(
         return {"downstream_task": "medication", **metrics}, scores
     metrics, scores = _cloze(model, tokenizer, test, train, params.cloze)
     return {"downstream_task": "cloze", **metrics}, scores
-

@@ -17,11 +17,19 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ARTIFACT = "evaluation/record_scores.json"  # on a fine-tuning run and its logged model
+from privtune.config import METRICS_DIR
+
+ARTIFACT = "evaluation/record_scores.json"  # in a registered version's logged model
+
+
+def record_scores_path(name: str) -> Path:
+    """Per-record parts of a method's utility metrics, beside its metrics (evaluate stage)."""
+    return METRICS_DIR / f"record-scores-{name}.json"
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from privtune import io, tracking
 from privtune.config import BASE_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, Gates
 from privtune.errors import ModelError
 from privtune.record_scores import ARTIFACT as RECORD_SCORES
+from privtune.record_scores import record_scores_path
 from privtune.registry.card import CARD_ARTIFACT
-from privtune.stages.evaluate import record_scores_path
 
 KEY_TAG = "privtune.version_key"
 # On a logged model once its card, metrics and run link are all in place: a retry reuses only

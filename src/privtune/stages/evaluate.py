@@ -55,7 +55,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
 
     from privtune.evaluate import evaluate_scored
     from privtune.modeling import resolve_device
-    from privtune.record_scores import to_json
+    from privtune.record_scores import record_scores_path, to_json
 
     params.method(name)
     model_dir = root / MODELS_DIR / name
@@ -91,8 +91,3 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     io.write_json(root / record_scores_path(name), per_record, indent=None)
     io.write_json(root / METRICS_DIR / f"evaluate-{name}.json", metrics)
     return metrics
-
-
-def record_scores_path(name: str) -> Path:
-    """Per-record parts of a method's utility metrics (record_scores), beside its metrics."""
-    return METRICS_DIR / f"record-scores-{name}.json"
