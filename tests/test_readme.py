@@ -430,3 +430,23 @@ def test_rldp_ablation_table_is_the_committed_benchmark_and_what_the_section_cla
             if r["method"] == method and r["epsilon"] == 4.0 and r["seed"] in ours
         }
         assert ours == pytest.approx(theirs, abs=0.005)
+
+
+def _paired_table(report: str) -> str:
+    start = report.index("| method | test perplexity vs dpsgd")
+    return report[start:].split("\n\n")[0].strip()
+
+
+def test_default_paired_table_is_the_committed_report(tmp_path):
+    """The note-by-note comparison with DP-SGD is the committed report's (or this checkout's
+    own after a rerun README was updated for)."""
+    tables = set()
+    committed = _committed(["reports/report.md"], tmp_path)
+    for root in (ROOT, committed):
+        path = None if root is None else root / "reports/report.md"
+        if path is not None and path.is_file() and "test perplexity vs dpsgd" in path.read_text():
+            tables.add(_paired_table(path.read_text()))
+    assert _block("results:default-paired") in tables, (
+        "README's paired table differs from reports/report.md: rerun `privtune report` and "
+        "paste its paired table between the results markers"
+    )
