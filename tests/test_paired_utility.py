@@ -312,3 +312,59 @@ def test_a_champion_registered_without_scores_is_measured_again(rerun, capsys):
         float(champion.tags["utility.test_perplexity"]), rel=1e-6
     )
     assert compared.low is not None and compared.low <= compared.high
+
+
+def test_a_champion_that_moves_before_the_lock_is_compared_again_under_it(rerun):
+    """Another promotion moved `champion` between the comparison (before the lock) and the
+    decision: the candidate is compared again, against the champion of now, from the
+    registered scores (nothing measured while the registry is held)."""
+    from privtune.registry.promotion import _promote, pair_candidates
+
+    root = rerun
+    gates = load_params(root / "params.yaml").registry.gates
+    pair_candidates(NAME, gates, root=root, version="2")
+    assert _paired(root, "2").champion == "1"
+    edit_params(root, finetune={"seed": 5})
+    newer = _train_and_register(root)
+    client(root).set_registered_model_alias(NAME, CHAMPION, newer)  # the other promotion
+    decision = _promote(NAME, gates, root=root, version="2")
+    assert decision.champion_before == newer
+    compared = _paired(root, "2")
+    assert compared.champion == newer and not compared.measured and compared.error is None
+    assert f"vs champion v{newer}" in _utility(decision).reason
+    assert "interval" in _utility(decision).reason
+
+
+def test_scores_of_another_evaluation_are_not_registered(rerun):
+    """Per-record scores are DVC-cached and git-ignored: left over from another evaluation
+    they must not stand for this one (the gate would judge another model's numbers)."""
+    root = rerun
+    edit_params(root, finetune={"seed": 7})
+    _run(root, "finetune", METHOD)
+    _run(root, "evaluate", METHOD)
+    path = root / f"metrics/record-scores-{METHOD}.json"
+    left = io.read_json(path)
+    parts = left["scores"]["test_perplexity"]
+    parts["numerators"] = [n * 1.1 for n in parts["numerators"]]  # another model's losses
+    io.write_json(path, left)
+    io.write_json(root / f"metrics/attack-{METHOD}.json", SAFE_ATTACK)
+    with pytest.warns(UserWarning, match="is not the per-record scores of"):
+        _run(root, "register", METHOD)
+    assert _registered_scores(root, "3") == {}
+    assert _registered_scores(root, "2") != {}
+
+
+def test_without_registered_scores_and_reevaluation_off_nothing_is_measured(rerun, capsys):
+    root = rerun
+    mlflow_client = client(root)
+    champion = mlflow_client.get_model_version(NAME, "1")
+    model_id = str(champion.source).removeprefix("models:/")
+    location = mlflow_client.get_logged_model(model_id).artifact_location
+    shutil.rmtree(location.removeprefix("file://") + "/evaluation")
+    gates = load_params(root / "params.yaml").registry.gates.model_copy(
+        update={"reevaluate_champion": False}
+    )
+    decision = promote(NAME, gates, root=root, version="2")
+    assert "measuring" not in capsys.readouterr().err
+    assert "reevaluate_champion is off" in _paired(root, "2").error
+    assert not decision.promoted and "reevaluate_champion is off" in _utility(decision).reason

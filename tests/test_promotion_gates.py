@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -384,10 +385,12 @@ def test_utility_measured_on_other_test_data_is_not_compared():
     assert "registry.gates.utility_across_data: true" in gate.reason
     # a reviewer's decision to compare anyway; the same data, or a champion from before the
     # tag (unknown), is compared as always
-    assert _gates(tags, champion, utility_across_data=True, **POINT)["utility"].passed
-    champion.tags["evaluated_on"] = "new"
-    assert _gates(tags, champion, **POINT)["utility"].passed
+    assert _gates(tags, champion, utility_across_data=True)["utility"].passed
     del champion.tags["evaluated_on"]
+    assert _gates(tags, champion)["utility"].passed
+    # the same data: judged on the interval, which this version does not have yet
+    champion.tags["evaluated_on"] = "new"
+    assert not _gates(tags, champion)["utility"].passed
     assert _gates(tags, champion, **POINT)["utility"].passed
 
 
@@ -490,6 +493,7 @@ def test_utility_gate_reads_the_unfavourable_end_of_the_paired_interval(
         low=low,
         high=high,
         measured=False,
+        resamples=2000,
     )
     tags = SAFE | {f"utility.{metric}": repr(value), "evaluated_on": "same"}
     gates = {"utility_metric": metric, "higher_is_better": higher_is_better}
@@ -513,15 +517,20 @@ def test_utility_gate_without_a_paired_comparison_at_its_confidence_refuses():
     champion = Champion(40.0)
     champion.tags["evaluated_on"] = "same"
     tags = SAFE | {"utility.test_perplexity": "30.0", "evaluated_on": "same"}
-    for tag in (
-        {},
-        {PAIRED_TAG: Paired("1", "same", "test_perplexity", 30.0, 40.0, confidence=0.9).to_tag()},
-        {PAIRED_TAG: Paired("1", "same", "test_perplexity", 30.0, 40.0).to_tag()},
-    ):
+    compared = Paired("1", "same", "test_perplexity", 30.0, 40.0, confidence=0.95, low=-11.0)
+    compared = replace(compared, high=-9.0, resamples=2000)
+    assert _gates(tags | {PAIRED_TAG: compared.to_tag()}, champion)["utility"].passed
+    stale = (
+        replace(compared, confidence=0.9),  # asked at another confidence
+        replace(compared, confidence=None, low=None, high=None, resamples=None),  # none
+        replace(compared, resamples=500),  # another number of resamples
+        replace(compared, champion="2"),  # against another champion
+    )
+    for tag in ({}, *({PAIRED_TAG: p.to_tag()} for p in stale)):
         gate = _gates(tags | tag, champion)["utility"]
         assert not gate.passed and gate.margin is None
         assert "no interval of the difference; not compared on the same records" in gate.reason
         assert "utility_confidence: null" in gate.reason
-    failed = Paired("1", "same", "test_perplexity", error="v1 has no scores", confidence=0.95)
+    failed = replace(compared, value=None, champion_value=None, error="v1 has no scores")
     gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion)["utility"]
     assert not gate.passed and "comparing both on the same records failed: v1 has" in gate.reason

@@ -152,6 +152,7 @@ def paired_difference(
             confidence_level=confidence,
             method="percentile",
             vectorized=True,
+            batch=max(1, min(resamples, 4_000_000 // len(challenger))),  # bounded memory
             rng=np.random.default_rng(seed),
         )
         low, high = (float(result.confidence_interval.low), float(result.confidence_interval.high))

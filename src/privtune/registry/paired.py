@@ -71,12 +71,14 @@ class Paired:
     low: float | None = None
     high: float | None = None
     measured: bool = True  # false: read from the two versions' registered per-record scores
+    resamples: int | None = None  # of the interval
 
-    def matches(
-        self, champion: str, evaluated_on: str | None, metric: str, confidence: float | None
-    ) -> bool:
-        here = (self.champion, self.evaluated_on, self.metric, self.confidence)
-        return here == (champion, evaluated_on, metric, confidence)
+    def matches(self, champion: str, evaluated_on: str | None, gates: Gates) -> bool:
+        """Whether this is the comparison the gates ask for, against this champion and data."""
+        resamples = gates.utility_resamples if gates.utility_confidence is not None else None
+        here = (self.champion, self.evaluated_on, self.metric, self.confidence, self.resamples)
+        asked = (gates.utility_metric, gates.utility_confidence, resamples)
+        return here == (champion, evaluated_on, *asked)
 
     def to_tag(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -262,14 +264,22 @@ def measure(
 
     mine = tags.get(EVALUATED_ON_TAG, "")
     number = str(version.version)
+    confidence = gates.utility_confidence
+    resamples = gates.utility_resamples if confidence is not None else None
     paired = Paired(
-        champion.version, mine, gates.utility_metric, confidence=gates.utility_confidence
+        champion.version, mine, gates.utility_metric, confidence=confidence, resamples=resamples
     )
     try:
         found = _registered(version, mine, champion, gates)
         if found is None:
             if not measuring:
                 return None
+            if not gates.reevaluate_champion:
+                raise Unavailable(
+                    "per-record scores are not registered with both versions (one was "
+                    "registered before versions carried them) and registry.gates."
+                    "reevaluate_champion is off: the two models are not measured again"
+                )
             if params is None:
                 params = _params(champion.root)
             found = _measure(name, number, mine, champion, gates, params)
@@ -449,12 +459,8 @@ def pair_with_champion(
         failed = [g for g in evaluate_gates(gates, tags, champion) if not g.passed]
         refused = any(g.gate != "utility" for g in failed)
         done = read_paired(tags)
-        here = (held.version, tags.get(EVALUATED_ON_TAG), gates.utility_metric)
-        if (
-            done is not None
-            and done.error is None
-            and done.matches(*here, gates.utility_confidence)
-        ):
+        current = done is not None and done.matches(held.version, tags.get(EVALUATED_ON_TAG), gates)
+        if current and done.error is None:
             continue
         if other_data(gates, tags, champion) and measuring and not refused:
             print(
@@ -467,17 +473,24 @@ def pair_with_champion(
         )
         if paired is None:
             continue
-        mlflow_client.set_model_version_tag(name, number, PAIRED_TAG, paired.to_tag())
+        try:
+            mlflow_client.set_model_version_tag(name, number, PAIRED_TAG, paired.to_tag())
+        except MlflowException:  # the gate then refuses it as not compared, with that reason
+            continue
         measured[number] = paired
     return measured
 
 
 def needs_pairing(gates: Gates, tags: dict[str, str], champion: Any | None) -> bool:
     """Whether the utility gate reads a paired comparison for this version: its numbers and
-    the champion's come from other data (and may be measured again), or the gate judges the
-    difference by its interval."""
+    the champion's come from other data (and may be measured again, unless a reviewer set
+    `utility_across_data`), or the gate judges the difference by its interval. A version or
+    champion from before `evaluated_on` existed is judged on the two numbers, as then."""
     if champion is None:
         return False
-    if other_data(gates, tags, champion):
-        return gates.reevaluate_champion
+    mine, theirs = tags.get(EVALUATED_ON_TAG), dict(champion.tags).get(EVALUATED_ON_TAG)
+    if not mine or not theirs:
+        return False
+    if mine != theirs:
+        return gates.reevaluate_champion and not gates.utility_across_data
     return gates.utility_confidence is not None

@@ -19,7 +19,13 @@ from privtune.config import Gates, Params
 from privtune.errors import ModelError
 from privtune.registry.card import CARD_SCHEMA, gate_report, verdict_line, version_card
 from privtune.registry.lock import registry_lock
-from privtune.registry.paired import needs_pairing, other_data, pair_with_champion, read_paired
+from privtune.registry.paired import (
+    PAIRED_TAG,
+    needs_pairing,
+    other_data,
+    pair_with_champion,
+    read_paired,
+)
 from privtune.registry.register import (
     ATTACK_PREFIX,
     CHALLENGER,
@@ -208,8 +214,7 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
     mine = tags.get(EVALUATED_ON_TAG)
     if needs_pairing(gates, tags, champion):
         paired = read_paired(tags)
-        versions = (str(champion.version), mine, gates.utility_metric, gates.utility_confidence)
-        if paired is None or not paired.matches(*versions):
+        if paired is None or not paired.matches(str(champion.version), mine, gates):
             why = (
                 "; not compared on the same records: `privtune promote` compares both for a "
                 "version that passes every other gate"
@@ -235,6 +240,9 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
         margin = sign * (value - best) + gates.utility_tolerance
         reason = f"{head} ({direction} is better; margin {margin:+.6g})"
         return GateResult("utility", margin >= 0, value, best, margin, reason)
+    if math.isnan(paired.low) or math.isnan(paired.high):
+        reason = f"{head}: the interval of the difference is not a number; cannot judge"
+        return GateResult("utility", False, value, best, None, reason)
     # the interval's unfavourable end: a one-sided test at (1 + confidence) / 2
     worst = min(sign * paired.low, sign * paired.high)
     margin = worst + gates.utility_tolerance
@@ -458,6 +466,21 @@ def pair_candidates(
     return pair_with_champion(name, versions, champion, gates, Path(root), params)
 
 
+def _compared(
+    name: str, versions: list[str], champion: Any | None, gates: Gates, root: str | Path
+) -> dict[str, dict[str, str]]:
+    """The versions' tags, with their comparison against the champion of now, under the
+    lock: `pair_candidates` ran before it, and the champion may have moved since (another
+    promotion); their registered per-record scores are compared again in milliseconds, but no
+    model is measured while the registry is held."""
+    mlflow_client = client(root)
+    tags = {v: dict(mlflow_client.get_model_version(name, v).tags) for v in versions}
+    fresh = pair_with_champion(name, versions, champion, gates, Path(root), measuring=False)
+    for version, paired in fresh.items():
+        tags[version][PAIRED_TAG] = paired.to_tag()
+    return tags
+
+
 def _challenger(name: str, root: str | Path) -> list[str]:
     challenger = alias_version(client(root), name, CHALLENGER)
     return [str(challenger.version)] if challenger is not None else []
@@ -504,7 +527,8 @@ def _promote(
         raise ModelError(
             f"{name} v{candidate.version}", "already the champion", "register a new challenger"
         )
-    results = evaluate_gates(gates, dict(candidate.tags), champion)
+    tags = _compared(name, [str(candidate.version)], champion, gates, root)
+    results = evaluate_gates(gates, tags[str(candidate.version)], champion)
     promoted = all(g.passed for g in results)
     decision = Decision(
         name,
@@ -582,7 +606,7 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
         )
     champion = alias_version(mlflow_client, name, CHAMPION)
     candidates = [v for v in candidates if champion is None or v != str(champion.version)]
-    tags = {v: dict(mlflow_client.get_model_version(name, v).tags) for v in candidates}
+    tags = _compared(name, candidates, champion, gates, root)
     eligible = [
         v for v in candidates if all(g.passed for g in evaluate_gates(gates, tags[v], champion))
     ]
@@ -597,13 +621,8 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
     if best is not None:
         decisions.append(_promote(name, gates, root=root, version=best))
         champion = alias_version(mlflow_client, name, CHAMPION)
-        # the others are judged against the new champion: compared by their registered
-        # per-record scores (no model is measured while the registry is held)
-        others = [v for v in candidates if v != best]
-        for version in pair_with_champion(
-            name, others, champion, gates, Path(root), measuring=False
-        ):
-            tags[version] = dict(mlflow_client.get_model_version(name, version).tags)
+        # the others are judged against the new champion
+        tags |= _compared(name, [v for v in candidates if v != best], champion, gates, root)
     for version in candidates:
         if version == best:
             continue

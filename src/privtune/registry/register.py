@@ -14,6 +14,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,8 +310,8 @@ def _logged_model(
         model_id=model.model_id,
     )
     mlflow_client.log_model_artifacts(model.model_id, str(card_dir))
-    scores = root / record_scores_path(entry)
-    if scores.is_file():  # what a promotion resamples to compare it with a champion
+    scores = _matching_scores(root, entry)
+    if scores is not None:  # what a promotion resamples to compare it with a champion
         with tempfile.TemporaryDirectory() as tmp:
             named = Path(tmp) / Path(RECORD_SCORES).name
             shutil.copyfile(scores, named)
@@ -320,6 +321,37 @@ def _logged_model(
     _attach_results(root, entry, run, model.model_id, step)
     mlflow_client.set_logged_model_tags(model.model_id, {COMPLETE_TAG: "true"})
     return f"models:/{model.model_id}", model.model_id
+
+
+def _matching_scores(root: Path, entry: str) -> Path | None:
+    """The method's per-record scores, if they are those of the evaluation being registered
+    (DVC caches them and git ignores them: after a `git checkout` without `dvc checkout` they
+    can be another model's); else None, and the promotion measures the two models again."""
+    from privtune.record_scores import from_json
+
+    path = root / record_scores_path(entry)
+    evaluated = root / METRICS_DIR / f"evaluate-{entry}.json"
+    if not path.is_file() or not evaluated.is_file():
+        return None
+    try:
+        found, metrics = io.read_json(path), io.read_json(evaluated)
+        parts = from_json(found["scores"])
+    except (OSError, ValueError, KeyError, TypeError):
+        parts, found, metrics = {}, {}, {}
+    on = metrics.get("evaluated_on")
+    same = on is not None and found.get("evaluated_on") == on
+    same = same and all(
+        metric in metrics and math.isclose(p.value(), float(metrics[metric]), rel_tol=1e-9)
+        for metric, p in parts.items()
+    )
+    if not parts or not same:
+        warnings.warn(
+            f"{path} is not the per-record scores of {evaluated} (rerun `dvc repro "
+            f"evaluate@{entry}` or `dvc checkout`): the version is registered without them",
+            stacklevel=2,
+        )
+        return None
+    return path
 
 
 def _attach_results(root: Path, entry: str, run: Any, model_id: str, step: int) -> None:

@@ -109,11 +109,12 @@ def paired_against_reference(
 
     def scores(name: str) -> tuple[str, Any] | None:
         path = root / record_scores_path(name)
-        if not path.is_file():
+        try:
+            found = io.read_json(path)
+            parts = found["scores"][PAIRED_METRIC]
+            return found["evaluated_on"], RecordScores.from_dict(parts)
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: left out
             return None
-        found = io.read_json(path)
-        parts = found.get("scores", {}).get(PAIRED_METRIC)
-        return (found.get("evaluated_on"), RecordScores.from_dict(parts)) if parts else None
 
     reference = scores(REFERENCE) if REFERENCE in params.methods else None
     if reference is None:
@@ -146,7 +147,11 @@ def paired_against_reference(
 
 def paired_table(compared: dict[str, dict[str, float]]) -> str:
     """The comparison with the reference as markdown: difference, interval, verdict."""
-    header = f"| method | test perplexity vs {REFERENCE} | ratio | 95% interval (paired) | |"
+    confidence = next(iter(compared.values()))["confidence"] if compared else 0.95
+    header = (
+        f"| method | test perplexity vs {REFERENCE} | ratio | {confidence:.0%} interval "
+        "(paired) | |"
+    )
     lines = [header, "|---|---|---|---|---|"]
     for name, c in compared.items():
         verdict = (
