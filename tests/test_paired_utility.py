@@ -292,15 +292,22 @@ def test_on_the_same_data_the_gate_reads_the_interval_of_the_registered_scores(r
     )
 
 
+def _without_scores(root, version: str):
+    """The version as registered before versions carried per-record scores (they are
+    removed from its logged model's artifacts)."""
+    mlflow_client = client(root)
+    found = mlflow_client.get_model_version(NAME, version)
+    model_id = str(found.source).removeprefix("models:/")
+    location = mlflow_client.get_logged_model(model_id).artifact_location
+    shutil.rmtree(location.removeprefix("file://") + "/evaluation")
+    return found
+
+
 def test_a_champion_registered_without_scores_is_measured_again(rerun, capsys):
     """A champion from before versions carried per-record scores: both are measured side by
     side on the test split (all of it: the champion's own test records) instead."""
     root = rerun
-    mlflow_client = client(root)
-    champion = mlflow_client.get_model_version(NAME, "1")
-    model_id = str(champion.source).removeprefix("models:/")
-    location = mlflow_client.get_logged_model(model_id).artifact_location
-    shutil.rmtree(location.removeprefix("file://") + "/evaluation")
+    champion = _without_scores(root, "1")
     assert _registered_scores(root, "1") == {}
     promote(NAME, load_params(root / "params.yaml").registry.gates, root=root, version="2")
     err = capsys.readouterr().err
@@ -356,11 +363,7 @@ def test_scores_of_another_evaluation_are_not_registered(rerun):
 
 def test_without_registered_scores_and_reevaluation_off_nothing_is_measured(rerun, capsys):
     root = rerun
-    mlflow_client = client(root)
-    champion = mlflow_client.get_model_version(NAME, "1")
-    model_id = str(champion.source).removeprefix("models:/")
-    location = mlflow_client.get_logged_model(model_id).artifact_location
-    shutil.rmtree(location.removeprefix("file://") + "/evaluation")
+    _without_scores(root, "1")
     gates = load_params(root / "params.yaml").registry.gates.model_copy(
         update={"reevaluate_champion": False}
     )
