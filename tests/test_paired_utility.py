@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -285,6 +286,12 @@ def test_on_the_same_data_the_gate_reads_the_interval_of_the_registered_scores(r
         accuracy = parts["medication_accuracy"]  # one 0/1 per note of the task
         assert accuracy.value() == pytest.approx(float(tags["utility.medication_accuracy"]))
     assert decision.promoted is (compared.high < 0)  # lower perplexity beyond the noise
+    # the comparison as a figure in v2's logged model, for the reviewer
+    v2 = client(root).get_model_version(NAME, "2")
+    location = client(root).get_logged_model(str(v2.source).removeprefix("models:/"))
+    figure = Path(location.artifact_location.removeprefix("file://"))
+    figure = figure / "promotion/test_perplexity-vs-champion-v1.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
     gate = _utility(decision)
     assert gate.margin == pytest.approx(-compared.high)
     assert (

@@ -65,6 +65,9 @@ def test_pairing_sees_a_consistent_gain_that_unpaired_numbers_would_call_noise()
     better = _perplexity([d - 0.01 for d in difficulty], tokens)
     diff = paired_difference(better, champion, seed=1)
     assert diff.high < 0 and diff.records == 100  # lower perplexity, beyond the noise
+    assert len(diff.distribution) == 2000  # the resampled differences it was read from
+    inside = np.mean([diff.low <= d <= diff.high for d in diff.distribution])
+    assert 0.94 <= inside <= 0.96
     noisy = _perplexity([d + rng.normal(0, 0.3) for d in difficulty], tokens)
     wide = paired_difference(noisy, champion, seed=1)
     assert wide.low < 0 < wide.high  # a shuffle of errors: no verdict

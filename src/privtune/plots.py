@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from privtune.record_scores import Difference, RecordScores
 
 
 def plot_training(history: Sequence[dict[str, float]], target_epsilon: float, path: Path) -> Path:
@@ -47,6 +51,51 @@ def plot_training(history: Sequence[dict[str, float]], target_epsilon: float, pa
             ax_sched.legend(fontsize=6, loc="upper left")
     else:
         ax_sched.text(0.5, 0.5, "no clipping or noise", ha="center", va="center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_paired(
+    challenger: RecordScores,
+    champion: RecordScores,
+    difference: Difference,
+    labels: tuple[str, str],
+    metric: str,
+    path: Path,
+) -> Path:
+    """A promotion's utility comparison: each test note's score under both models (the
+    diagonal: no difference) and the bootstrap distribution of the difference, with its
+    interval and zero, so a reviewer sees how the gate's interval came about."""
+    import numpy as np
+
+    fig, (ax_notes, ax_boot) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mine = np.asarray(challenger.numerators) / np.maximum(challenger.denominators, 1e-300)
+    theirs = np.asarray(champion.numerators) / np.maximum(champion.denominators, 1e-300)
+    unit = "NLL per token" if challenger.exponentiate else "right (1) or wrong (0)"
+    ax_notes.scatter(theirs, mine, s=12, alpha=0.6)
+    low, high = float(min(mine.min(), theirs.min())), float(max(mine.max(), theirs.max()))
+    ax_notes.plot([low, high], [low, high], color="black", linewidth=1, label="no difference")
+    ax_notes.set(
+        xlabel=f"{labels[1]}: {unit}",
+        ylabel=f"{labels[0]}: {unit}",
+        title=f"Each of the {len(challenger)} test notes",
+    )
+    ax_notes.legend(loc="upper left")
+    ax_boot.hist(difference.distribution, bins=40, color="tab:blue", alpha=0.7)
+    for bound in (difference.low, difference.high):
+        ax_boot.axvline(bound, color="tab:red", linestyle="--")
+    ax_boot.axvline(0.0, color="black", linewidth=1)
+    ax_boot.set(
+        xlabel=f"{metric}: {labels[0]} − {labels[1]}",
+        ylabel="resamples",
+        title=(
+            f"{difference.difference:+.4g}, {difference.confidence:.0%} interval "
+            f"[{difference.low:+.4g}, {difference.high:+.4g}] (dashed)"
+        ),
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ class Difference:
     high: float
     confidence: float
     records: int
+    # the resampled differences the interval was read from (for a plot)
+    distribution: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
 
 class NotPaired(ValueError):
@@ -143,6 +145,7 @@ def paired_difference(
     difference = float(statistic(*data))
     if all(np.array_equal(data[i], data[i + 2]) for i in (0, 1)):
         low = high = difference  # one model twice: every resample agrees (scipy warns on it)
+        distribution: tuple[float, ...] = (difference,)
     else:
         result = stats.bootstrap(
             data,
@@ -156,4 +159,5 @@ def paired_difference(
             rng=np.random.default_rng(seed),
         )
         low, high = (float(result.confidence_interval.low), float(result.confidence_interval.high))
-    return Difference(difference, low, high, confidence, len(challenger))
+        distribution = tuple(float(x) for x in result.bootstrap_distribution)
+    return Difference(difference, low, high, confidence, len(challenger), distribution)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from privtune import io
 from privtune.config import PREPARED_DIR
 from privtune.record_scores import (
     ARTIFACT,
+    Difference,
     NotPaired,
     RecordScores,
     from_json,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from privtune.config import Gates, Params
 
 PAIRED_TAG = "paired_utility"
+PLOT_DIR = "promotion"  # in a version's logged model: its comparison with the champion
 SEEN_SPLITS = ("train", "valid")  # what a model trained on, and chose its steps by
 
 
@@ -203,6 +206,8 @@ class Champion:
         self._registered_scores: dict[str, Any] | None = None
         # (evaluated_on, metric) -> its value and per-record parts, measured now
         self.scores: dict[tuple[str, str], tuple[float, RecordScores | None]] = {}
+        # version -> (its parts, the champion's, their difference): what was compared now
+        self.compared: dict[str, tuple[RecordScores, RecordScores, Difference]] = {}
 
     def registered_scores(self) -> dict[str, Any]:
         """The per-record scores registered with it ({} for a version registered before)."""
@@ -296,6 +301,8 @@ def _interval(
     theirs: RecordScores | None,
     gates: Gates,
     seed: int,
+    champion: Champion,
+    version: str,
 ) -> dict[str, Any]:
     """`found` with the paired-bootstrap interval of the difference, if the gates want one."""
     if gates.utility_confidence is None:
@@ -315,6 +322,7 @@ def _interval(
         )
     except NotPaired as why:
         raise Unavailable(f"the two models' scores cannot be paired: {why}") from None
+    champion.compared[version] = (mine, theirs, diff)  # for the plot
     return found | {"low": diff.low, "high": diff.high}
 
 
@@ -338,7 +346,7 @@ def _registered(version: Any, mine: str, champion: Champion, gates: Gates) -> di
         "measured": False,
     }
     seed = seed_of(str(version.version), champion.version, mine, metric)
-    return _interval(found, own, held, gates, seed)
+    return _interval(found, own, held, gates, seed, champion, str(version.version))
 
 
 def _measure(
@@ -410,7 +418,8 @@ def _measure(
         "records": len(records),
         "excluded": len(test) - len(records),
     }
-    return _interval(found, own, held, gates, seed_of(version, champion.version, mine, metric))
+    seed = seed_of(version, champion.version, mine, metric)
+    return _interval(found, own, held, gates, seed, champion, version)
 
 
 def _params(root: Path) -> Params:
@@ -478,7 +487,37 @@ def pair_with_champion(
         except MlflowException:  # the gate then refuses it as not compared, with that reason
             continue
         measured[number] = paired
+        if number in held.compared:
+            _log_plot(mlflow_client, version, held, gates.utility_metric, *held.compared[number])
     return measured
+
+
+def _log_plot(
+    mlflow_client: Any,
+    version: Any,
+    champion: Champion,
+    metric: str,
+    mine: RecordScores,
+    theirs: RecordScores,
+    diff: Difference,
+) -> None:
+    """The comparison as a figure in the version's logged model (`promotion/`), beside its
+    card: what a reviewer opens from the version's page. A figure that cannot be logged is
+    not worth a refused promotion: the gate's numbers are in the tag."""
+    from mlflow.exceptions import MlflowException
+
+    from privtune.plots import plot_paired
+
+    model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+    labels = (f"v{version.version}", f"champion v{champion.version}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{metric}-vs-champion-v{champion.version}.png"
+        try:
+            plot_paired(mine, theirs, diff, labels, metric, path)
+            mlflow_client.log_model_artifact(model_id, str(path), PLOT_DIR)
+        except (MlflowException, OSError, ValueError) as err:
+            why = type(err).__name__
+            print(f"v{version.version}: comparison plot not logged ({why})", file=sys.stderr)
 
 
 def needs_pairing(gates: Gates, tags: dict[str, str], champion: Any | None) -> bool:
