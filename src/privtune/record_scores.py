@@ -80,6 +80,29 @@ def from_json(data: dict[str, Any]) -> dict[str, RecordScores]:
     return {metric: RecordScores.from_dict(s) for metric, s in data.items()}
 
 
+def write_scores(path: Path, evaluated_on: str, scores: dict[str, RecordScores]) -> None:
+    """The evaluate stage's file (and a version's artifact): what the scores were measured on
+    and each metric's parts, compact (one number per record and part)."""
+    from privtune import io
+
+    io.write_json(path, {"evaluated_on": evaluated_on, "scores": to_json(scores)}, indent=None)
+
+
+def parse_scores(data: Any) -> tuple[str, dict[str, RecordScores]]:
+    """(evaluated_on, parts by metric) of such a file's content; ValueError when malformed."""
+    try:
+        return str(data["evaluated_on"]), from_json(data["scores"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"not per-record scores ({type(err).__name__})") from None
+
+
+def read_scores(path: Path) -> tuple[str, dict[str, RecordScores]]:
+    """:func:`parse_scores` of a file; OSError when it is not there, ValueError when unreadable."""
+    from privtune import io
+
+    return parse_scores(io.read_json(path))
+
+
 @dataclass(frozen=True)
 class Difference:
     """The challenger's metric minus the champion's on the same records, with the paired

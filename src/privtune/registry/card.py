@@ -495,12 +495,17 @@ def version_card(
     return card if isinstance(card, dict) else card_from_tags(dict(version.tags))
 
 
+def logged_model_id(version: Any) -> str:
+    """The logged model a registered version was made from (its `models:/<id>` source)."""
+    return getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+
+
 def version_json(mlflow_client: Any, version: Any, uri: str, path: str) -> Any | None:
     """A JSON artifact of the version's logged model (None when it has none: an older one)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+    model_id = logged_model_id(version)
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file: no progress bar
     try:
         location = mlflow_client.get_logged_model(model_id).artifact_location

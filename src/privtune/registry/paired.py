@@ -39,8 +39,8 @@ from privtune.record_scores import (
     Difference,
     NotPaired,
     RecordScores,
-    from_json,
     paired_difference,
+    parse_scores,
     seed_of,
 )
 from privtune.registry.register import EVALUATED_ON_TAG, client, tracking_uri
@@ -138,12 +138,11 @@ def registered_scores(mlflow_client: Any, version: Any, uri: str) -> dict[str, A
 
 def _from_registered(scores: dict[str, Any], evaluated_on: str, metric: str) -> RecordScores | None:
     """The metric's per-record parts from registered scores of this evaluated_on (else None)."""
-    if scores.get("evaluated_on") != evaluated_on:
-        return None
     try:
-        return from_json(scores["scores"]).get(metric)
-    except (KeyError, TypeError, ValueError):
+        on, parts = parse_scores(scores)
+    except ValueError:  # none registered (an older version), or unreadable
         return None
+    return parts.get(metric) if on == evaluated_on else None
 
 
 def _split_file(root: Path, split: str, md5: str, version: str) -> Path:
@@ -507,8 +506,9 @@ def _log_plot(
     from mlflow.exceptions import MlflowException
 
     from privtune.plots import plot_paired
+    from privtune.registry.card import logged_model_id
 
-    model_id = getattr(version, "model_id", None) or str(version.source).removeprefix("models:/")
+    model_id = logged_model_id(version)
     labels = (f"v{version.version}", f"champion v{champion.version}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{metric}-vs-champion-v{champion.version}.png"

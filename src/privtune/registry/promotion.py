@@ -455,8 +455,9 @@ def pair_candidates(
     `promote` (`version`, else the challenger) or `promote_best` (``best``: the versions not
     judged yet) will judge: by their registered per-record scores, or measured side by side
     where their test data differ or those scores are missing. It runs before the registry
-    lock (it can take minutes on a large model); a champion that changes meanwhile leaves the
-    candidate not comparable, and `privtune promote --version N` judges it again."""
+    lock (it can take minutes on a large model); a champion that changes meanwhile is compared
+    again under the lock from the registered scores (`_compared`), and a candidate that needs
+    measuring against it is left not comparable until `privtune promote --version N`."""
     gates = gates or Gates()
     if version is not None:
         versions = [version]

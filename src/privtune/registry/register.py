@@ -327,19 +327,18 @@ def _matching_scores(root: Path, entry: str) -> Path | None:
     """The method's per-record scores, if they are those of the evaluation being registered
     (DVC caches them and git ignores them: after a `git checkout` without `dvc checkout` they
     can be another model's); else None, and the promotion measures the two models again."""
-    from privtune.record_scores import from_json
+    from privtune.record_scores import read_scores
 
     path = root / record_scores_path(entry)
     evaluated = root / METRICS_DIR / f"evaluate-{entry}.json"
     if not path.is_file() or not evaluated.is_file():
         return None
     try:
-        found, metrics = io.read_json(path), io.read_json(evaluated)
-        parts = from_json(found["scores"])
-    except (OSError, ValueError, KeyError, TypeError):
-        parts, found, metrics = {}, {}, {}
+        (found_on, parts), metrics = read_scores(path), io.read_json(evaluated)
+    except (OSError, ValueError):
+        found_on, parts, metrics = None, {}, {}
     on = metrics.get("evaluated_on")
-    same = on is not None and found.get("evaluated_on") == on
+    same = on is not None and found_on == on
     same = same and all(
         metric in metrics and math.isclose(p.value(), float(metrics[metric]), rel_tol=1e-9)
         for metric, p in parts.items()

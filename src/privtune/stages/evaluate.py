@@ -55,7 +55,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
 
     from privtune.evaluate import evaluate_scored
     from privtune.modeling import resolve_device
-    from privtune.record_scores import record_scores_path, to_json
+    from privtune.record_scores import record_scores_path, write_scores
 
     params.method(name)
     model_dir = root / MODELS_DIR / name
@@ -87,7 +87,6 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     if "epsilon" in info["metrics"]:
         metrics["epsilon"] = info["metrics"]["epsilon"]
     # what a promotion resamples to compare two versions on these records (numbers, no text)
-    per_record = {"evaluated_on": metrics["evaluated_on"], "scores": to_json(scores)}
-    io.write_json(root / record_scores_path(name), per_record, indent=None)
+    write_scores(root / record_scores_path(name), metrics["evaluated_on"], scores)
     io.write_json(root / METRICS_DIR / f"evaluate-{name}.json", metrics)
     return metrics

@@ -101,19 +101,17 @@ def paired_against_reference(
     per-record scores (not evaluated yet, or before they existed) are left out."""
     from privtune.record_scores import (
         NotPaired,
-        RecordScores,
         paired_difference,
+        read_scores,
         record_scores_path,
         seed_of,
     )
 
     def scores(name: str) -> tuple[str, Any] | None:
-        path = root / record_scores_path(name)
         try:
-            found = io.read_json(path)
-            parts = found["scores"][PAIRED_METRIC]
-            return found["evaluated_on"], RecordScores.from_dict(parts)
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: left out
+            on, parts = read_scores(root / record_scores_path(name))
+            return on, parts[PAIRED_METRIC]
+        except (OSError, ValueError, KeyError):  # none yet, or unreadable: left out
             return None
 
     reference = scores(REFERENCE) if REFERENCE in params.methods else None
