@@ -18,7 +18,7 @@ from typing import Any
 from privtune import io
 from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
 from privtune.data.tokenization import EncodedRecords, encode_records
-from privtune.evaluate import evaluate_model
+from privtune.evaluate import evaluate_scored
 from privtune.modeling import adapter_groups, attach_lora, load_pretrained
 from privtune.stages.common import resolved_max_length
 from privtune.train import TrainResult, train
@@ -97,6 +97,8 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every utility benchmark takes: where the project is, its size, the output."""
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")
     parser.add_argument("--quick", action="store_true", help="reduced size (common.QUICK)")
+    parser.add_argument("--profile", help="a profile's project instead (profiles.yaml), e.g. "
+                        "smollm2-cpu: built under profiles/<name>/ up to its base")  # fmt: skip
     parser.add_argument("--epochs", type=float, help="passes over the data (finetune.epochs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
@@ -109,10 +111,16 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_project(args: argparse.Namespace) -> tuple[Params, Path, Data]:
     """(params, project root, encoded data) for the parsed options; the output folder exists."""
-    params = load_params(args.root / "params.yaml")
-    if args.quick:
-        params = quick_params(params)
-    root = ensure_project(params, args.root, args.quick)
+    if getattr(args, "profile", None):
+        if args.quick:
+            raise SystemExit("--quick and --profile are two project sizes: give one")
+        root = build_profile_project(args.root.resolve(), args.profile)
+        params = load_params(root / "params.yaml")
+    else:
+        params = load_params(args.root / "params.yaml")
+        if args.quick:
+            params = quick_params(params)
+        root = ensure_project(params, args.root, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     return params, root, load_data(params, root)
 
@@ -133,7 +141,7 @@ def load_data(params: Params, root: Path) -> Data:
     return Data(
         encode_records([r["text"] for r in split["train"]], tokenizer, length),
         encode_records([r["text"] for r in split["valid"]], tokenizer, length),
-        split["test"],
+        split["test"][: params.evaluate.max_records],  # the test notes the evaluate stage scores
     )
 
 
@@ -176,7 +184,7 @@ def run_method(
     cpu = time.process_time() - cpu
     task = None if downstream else params.evaluate.model_copy(update={"task": None})
     length = resolved_max_length(params, root)
-    metrics = evaluate_model(model, tokenizer, data.test_records, length, task=task)
+    metrics, scores = evaluate_scored(model, tokenizer, data.test_records, length, task=task)
     curve = [(r["step"], r["valid_loss"]) for r in result.history if "valid_loss" in r]
     row = {
         "method": method,
@@ -204,6 +212,9 @@ def run_method(
         "curve": curve,
         "controller_metrics": result.controller.metrics() if result.controller else {},
         **metrics,
+        # each test note's summed NLL and tokens (numbers only): a paired comparison of two
+        # runs over the same notes (record_scores.paired_difference)
+        "record_scores": {"test_perplexity": scores["test_perplexity"].to_dict()},
     }
     return row, result
 

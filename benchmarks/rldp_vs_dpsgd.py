@@ -100,9 +100,33 @@ def summarise(runs: list[dict], epsilons, seeds) -> list[dict]:
                     for _, r in pairs
                 ),
                 "max_epsilon_spent": max(x["epsilon_spent"] for pair in pairs for x in pair),
+                "paired": [
+                    paired(d, r) for d, r in pairs if "record_scores" in d and "record_scores" in r
+                ],
             }
         )
     return rows
+
+
+def paired(dpsgd: dict, rldp: dict) -> dict:
+    """RLDP's test perplexity minus DP-SGD's at one seed, with the 95 % paired-bootstrap
+    interval over the test notes both were scored on: how much of a seed's gap is which notes
+    the test split holds. The spread across seeds is the training's own randomness."""
+    from privtune.record_scores import RecordScores, paired_difference, seed_of
+
+    mine, theirs = (
+        RecordScores.from_dict(run["record_scores"]["test_perplexity"]) for run in (rldp, dpsgd)
+    )
+    diff = paired_difference(mine, theirs, seed=seed_of("rldp", "dpsgd", str(rldp["seed"])))
+    return {
+        "seed": rldp["seed"],
+        "dpsgd_ppl": dpsgd["test_perplexity"],
+        "rldp_ppl": rldp["test_perplexity"],
+        "difference": diff.difference,
+        "low": diff.low,
+        "high": diff.high,
+        "records": diff.records,
+    }
 
 
 def plot(runs, rows, path: Path) -> None:
@@ -205,6 +229,7 @@ def main() -> None:
     rows = summarise(runs, args.epsilons, args.seeds)
     result = {
         "quick": args.quick,
+        "profile": args.profile,
         "epochs": args.epochs,
         "rldp": rldp,
         "summary": {f"{row['epsilon']:g}": row["ppl_ratio_mean"] for row in rows},
@@ -293,6 +318,20 @@ def markdown(rows: list[dict]) -> str:
             f"{100 * r.get('rldp_decision_cpu_share', math.nan):.1f} % | "
             f"{r['max_epsilon_spent']:.3f} |"
         )
+    seeds = [(r["epsilon"], p) for r in rows for p in r.get("paired", [])]
+    if seeds:  # runs from before the per-note scores have none
+        lines += [
+            "",
+            "| ε | seed | DP-SGD ppl | RLDP ppl | RLDP − DP-SGD [95 % paired interval over "
+            "the test notes] |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {eps:g} | {p['seed']} | {p['dpsgd_ppl']:.2f} | {p['rldp_ppl']:.2f} | "
+                f"{p['difference']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] "
+                f"({p['records']} notes) |"
+                for eps, p in seeds
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

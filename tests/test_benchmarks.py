@@ -464,3 +464,42 @@ def test_the_methods_grid_pairs_each_method_with_dpsgd_by_seed(monkeypatch):
     assert line.startswith("| auto_s | - | 150.0 ± 0.0 |")
     assert line.endswith("| -, 3.900 | -, 0.100 |")
     assert lines["nonprivate"].endswith("| - | 0.100 |")  # the same at every ε: once
+
+
+def _rldp_pair(seed: int, nll: tuple[list[float], list[float]], tokens: list[float]) -> list:
+    """DP-SGD's and RLDP's run at one seed, each with its test notes' summed NLL and tokens."""
+    runs = []
+    for method, sums in zip(("dpsgd", "rldp"), nll, strict=True):
+        ppl = math.exp(sum(sums) / sum(tokens))
+        runs.append({
+            "method": method, "epsilon": 8.0, "seed": seed, "test_perplexity": ppl,
+            "medication_accuracy": 0.1, "curve": [(1, 3.0)], "steps": 1, "epsilon_spent": 8.0,
+            "loop_seconds_per_step": 1.0, "seconds_per_step": 1.0, "cpu_seconds_per_step": 1.0,
+            "record_scores": {"test_perplexity": {
+                "numerators": sums, "denominators": tokens, "exponentiate": True}},
+        })  # fmt: skip
+    return runs
+
+
+def test_rldp_against_dpsgd_pairs_each_seeds_runs_over_the_same_test_notes(monkeypatch):
+    """Per seed, RLDP minus DP-SGD with its paired interval over the notes: a gap every note
+    shares is beyond the notes' noise; older runs without per-note scores still summarise."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("rldp_vs_dpsgd")
+    tokens = [100.0, 80.0, 120.0, 90.0, 110.0, 100.0]
+    dpsgd = [300.0, 250.0, 380.0, 270.0, 330.0, 310.0]
+    better = [s - 0.2 * t for s, t in zip(dpsgd, tokens, strict=True)]  # lower NLL on every note
+    mixed = [s + (30.0 if i % 2 else -30.0) for i, s in enumerate(dpsgd)]  # up, down, up...
+    runs = _rldp_pair(0, (dpsgd, better), tokens) + _rldp_pair(1, (dpsgd, mixed), tokens)
+    (row,) = bench.summarise(runs, [8.0], [0, 1])
+    first, second = row["paired"]
+    assert first["seed"] == 0 and first["records"] == 6
+    assert math.isclose(first["difference"], first["rldp_ppl"] - first["dpsgd_ppl"])
+    assert first["low"] <= first["difference"] <= first["high"] < 0  # better beyond the noise
+    assert second["low"] < 0 < second["high"]  # the notes disagree: not a difference
+    table = bench.markdown([row])
+    assert "| 8 | 0 |" in table and "(6 notes)" in table and f"{first['high']:+.2f}]" in table
+    for run in runs:
+        del run["record_scores"]
+    (older,) = bench.summarise(runs, [8.0], [0, 1])
+    assert older["paired"] == [] and "paired interval" not in bench.markdown([older])
