@@ -197,6 +197,55 @@ def test_a_library_error_while_measuring_refuses_without_its_message(retrained, 
     tag = dict(client(root).get_model_version(NAME, "2").tags)[PAIRED_TAG]
     assert "measuring failed: RuntimeError (message withheld" in tag and "Jane" not in tag
     assert not _utility(decision).passed and "Jane" not in _utility(decision).reason
+    description = client(root).get_model_version(NAME, "2").description
+    assert "Jane" not in description
+
+
+def test_a_measurement_that_failed_is_judged_again_by_the_next_promotion(retrained, monkeypatch):
+    """Measuring raised (out of memory, a store that did not answer): the version stays
+    waiting, so the nightly `privtune promote` judges it again with the new versions; after
+    three failures in a row it is refused for good, and `--version N` still tries."""
+    import privtune.evaluate
+    from privtune.registry import pending_versions, promote_best
+
+    root, _, _ = retrained
+    gates = Gates(allow_reproducible_noise=True)
+    scored = privtune.evaluate.evaluate_scored
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    def tags() -> dict[str, str]:
+        return dict(client(root).get_model_version(NAME, "2").tags)
+
+    monkeypatch.setattr(privtune.evaluate, "evaluate_scored", out_of_memory)
+    (decision,) = promote_best(NAME, gates, root=root).decisions
+    assert decision.unmeasured and not decision.promoted
+    assert "NOT MEASURED" in decision.summary() and "judges it again" in decision.summary()
+    assert (tags()["promotion.decision"], tags()["promotion.attempts"]) == ("unjudged", "1")
+    assert "2" in pending_versions(NAME, root=root)
+    assert (
+        "NOT JUDGED YET** (attempt 1 of 3" in client(root).get_model_version(NAME, "2").description
+    )
+    assert "1 is not yet judged" in client(root).get_registered_model(NAME).description
+
+    # the next run measures again, and the gate judges v2 on its merits
+    monkeypatch.setattr(privtune.evaluate, "evaluate_scored", scored)
+    (decision,) = promote_best(NAME, gates, root=root).decisions
+    assert not decision.unmeasured and _paired(root, "2").error is None
+    assert tags()["promotion.decision"] in ("promoted", "refused")
+    assert tags()["promotion.attempts"] == "0" and "2" not in pending_versions(NAME, root=root)
+
+    # three failures in a row: refused, no longer waiting
+    client(root).set_registered_model_alias(NAME, CHAMPION, "1")
+    client(root).set_model_version_tag(NAME, "2", PAIRED_TAG, "{}")  # measure again
+    monkeypatch.setattr(privtune.evaluate, "evaluate_scored", out_of_memory)
+    for attempt in (1, 2, 3):
+        decision = promote(NAME, gates, root=root, version="2")
+        assert decision.unmeasured and tags()["promotion.attempts"] == str(attempt)
+    assert tags()["promotion.decision"] == "refused"
+    assert "2" not in pending_versions(NAME, root=root)
+    assert "measuring failed 3 times" in client(root).get_model_version(NAME, "2").description
 
 
 def test_a_champion_with_fewer_positions_than_the_new_records_is_not_compared(retrained):

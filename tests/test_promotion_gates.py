@@ -399,6 +399,7 @@ def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
     both models on the same records (registry/paired.py), only for this champion, data and
     metric; a measurement that failed, or the option off, leaves them not comparable."""
     from privtune.registry.paired import PAIRED_TAG, Paired
+    from privtune.registry.promotion import UNMEASURED
 
     champion = Champion(40.0)
     champion.tags["evaluated_on"] = "old"
@@ -426,6 +427,10 @@ def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
     gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion, **POINT)["utility"]
     assert not gate.passed and gate.margin is None
     assert "comparing both on the same records failed: its train split is not cached" in gate.reason
+    assert gate.evidence is None  # as things stand it cannot be compared: refused for good
+    raised = replace(failed, error="measuring failed: MemoryError", transient=True)
+    gate = _gates(tags | {PAIRED_TAG: raised.to_tag()}, champion, **POINT)["utility"]
+    assert not gate.passed and gate.evidence == UNMEASURED  # judged again by the next run
     off = _gates(
         tags | {PAIRED_TAG: measured.to_tag()}, champion, reevaluate_champion=False, **POINT
     )

@@ -75,6 +75,9 @@ class Paired:
     high: float | None = None
     measured: bool = True  # false: read from the two versions' registered per-record scores
     resamples: int | None = None  # of the interval
+    # the measurement raised (out of memory, a store that did not answer): it may not happen
+    # again, so the version is left to judge again rather than refused for good
+    transient: bool = False
 
     def matches(self, champion: str, evaluated_on: str | None, gates: Gates) -> bool:
         """Whether this is the comparison the gates ask for, against this champion and data."""
@@ -290,7 +293,7 @@ def measure(
     except Unavailable as why:
         return replace(paired, error=str(why))
     except Exception as err:  # not comparable is the safe verdict
-        return replace(paired, error=f"measuring failed: {error_summary(err)}")
+        return replace(paired, error=f"measuring failed: {error_summary(err)}", transient=True)
     return replace(paired, **found)
 
 

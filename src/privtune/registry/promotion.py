@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,11 @@ MODEL_POLICY = (
 
 
 INSUFFICIENT = "insufficient evidence"  # an attack gate with nothing to decide on: refused
+# The utility gate when measuring the two models raised: refused this time, judged again by
+# the next promotion (a scheduled run's included), up to MAX_ATTEMPTS, then refused for good.
+UNMEASURED = "measurement failed"
+MAX_ATTEMPTS = 3
+UNJUDGED = "unjudged"  # promotion.decision while a failed measurement is to be tried again
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,16 @@ class Decision:
     def failed(self) -> list[GateResult]:
         return [g for g in self.gates if not g.passed]
 
+    @property
+    def unmeasured(self) -> bool:
+        """Refused only because measuring the utility raised: worth judging again."""
+        failed = self.failed
+        return bool(failed) and all(g.evidence == UNMEASURED for g in failed)
+
     def summary(self) -> str:  # pragma: no mutate block
         verdict = "PROMOTED to champion" if self.promoted else "REFUSED"
+        if self.unmeasured:
+            verdict += " for now (measuring failed; the next promotion judges it again)"
         lines = [
             f"{self.name} v{self.version}: {verdict} (champion before: "
             f"{'v' + self.champion_before if self.champion_before else 'none'})"
@@ -117,6 +130,8 @@ class Decision:
 def _verdict(gate: GateResult) -> str:  # pragma: no mutate block
     if gate.evidence == INSUFFICIENT:
         return "NO EVIDENCE"
+    if gate.evidence == UNMEASURED:
+        return "NOT MEASURED"
     return "pass" if gate.passed else "FAIL"
 
 
@@ -222,7 +237,8 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
             return _unjudged(gates, value, best, champion, tags, why)
         if paired.error is not None or paired.value is None or paired.champion_value is None:
             why = f"; comparing both on the same records failed: {paired.error}"
-            return _unjudged(gates, value, best, champion, tags, why)
+            found = _unjudged(gates, value, best, champion, tags, why)
+            return replace(found, evidence=UNMEASURED) if paired.transient else found
         value, best = paired.value, paired.champion_value
         if paired.measured:
             where = (
@@ -357,11 +373,25 @@ def _record(
 
     name, version = decision.name, decision.version
     now = datetime.now(UTC).isoformat(timespec="seconds")
+    current = mlflow_client.get_model_version(name, version)
+    attempts = _attempts(dict(current.tags)) + 1 if decision.unmeasured else 0
+    again = 0 < attempts < MAX_ATTEMPTS
+    verdict = "promoted" if decision.promoted else UNJUDGED if again else "refused"
+    headline = decision.headline()
+    if again:
+        headline = (
+            f"**NOT JUDGED YET** (attempt {attempts} of {MAX_ATTEMPTS}; the next `privtune "
+            f"promote` judges it again): {decision.reason()}"
+        )
+    elif attempts:
+        headline += f" (measuring failed {attempts} times; `privtune promote --version "
+        headline += f"{version}` tries again)"
     tags = {
-        "promotion.decision": "promoted" if decision.promoted else "refused",
+        "promotion.decision": verdict,
         "promotion.reason": decision.reason()[:MAX_TAG_TEXT],
         "promotion.failed": ",".join(g.gate for g in decision.failed) or "none",
         "promotion.time": now,
+        "promotion.attempts": str(attempts),
     }
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
@@ -370,7 +400,7 @@ def _record(
         if key.startswith("gate."):
             mlflow_client.delete_model_version_tag(name, version, key)
     card = version_card(mlflow_client, current, uri)
-    parts = [verdict_line(card, gates, decision.headline()), gate_report(decision, now)]
+    parts = [verdict_line(card, gates, headline), gate_report(decision, now)]
     if card.get("schema") == CARD_SCHEMA:
         parts.append(card_section(card))
     mlflow_client.update_model_version(name, version, description="\n\n".join(parts))
@@ -384,7 +414,12 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:  # pragma:
     )
     champion = alias_version(mlflow_client, name, CHAMPION)
     refused = [v for v in versions if v.tags.get("promotion.decision") == "refused"]
-    waiting = [v for v in versions if "promotion.decision" not in v.tags]
+    # (a champion set by hand, never judged, is not waiting)
+    waiting = [
+        v
+        for v in versions
+        if _waiting(dict(v.tags)) and (champion is None or v.version != champion.version)
+    ]
     if champion is not None:
         tags = dict(champion.tags)
         why = tags.get("promotion.reason", "promoted before reasons were recorded")
@@ -695,7 +730,20 @@ def gates_table(
 def pending_versions(name: str, *, root: str | Path = ".") -> list[str]:
     """Versions of `name` no promotion has judged yet (oldest first): a run's new challengers."""
     found = client(root).search_model_versions(f"name = '{name}'")
-    return sorted((str(v.version) for v in found if "promotion.decision" not in v.tags), key=int)
+    return sorted((str(v.version) for v in found if _waiting(dict(v.tags))), key=int)
+
+
+def _waiting(tags: dict[str, str]) -> bool:
+    """Not judged yet: never, or only refused because measuring its utility failed."""
+    return tags.get("promotion.decision", UNJUDGED) == UNJUDGED
+
+
+def _attempts(tags: dict[str, str]) -> int:
+    """Promotions whose measurement failed on this version, in a row."""
+    try:
+        return int(tags.get("promotion.attempts", "0"))
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)
