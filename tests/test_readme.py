@@ -188,6 +188,30 @@ def test_rldp_table_is_the_committed_benchmark_and_every_run_kept_its_budget():
         assert run["epsilon_spent"] <= run["epsilon"] * (1 + 1e-9)
 
 
+def test_smollm2_seeds_table_is_the_committed_benchmark_and_what_the_section_claims():
+    """RLDP against DP-SGD on SmolLM2 at three seeds: the table is the benchmark's, every run
+    kept its budget, and the claims hold: lower on every seed, each seed's paired interval
+    over the test notes below zero, and the policy never acted (the anchor's gain)."""
+    results = ROOT / "benchmarks" / "results" / "smollm2-cpu-seeds"
+    table = (results / "rldp_vs_dpsgd.md").read_text().strip()
+    assert _block("results:smollm2-seeds") == table, (
+        "README's SmolLM2 seeds table differs from benchmarks/results/smollm2-cpu-seeds/"
+    )
+    bench = json.loads((results / "rldp_vs_dpsgd.json").read_text())
+    assert bench["profile"] == "smollm2-cpu" and bench["rldp"]["groups"] == "flat"
+    runs = bench["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
+        (m, s) for m in ("dpsgd", "rldp") for s in (0, 1, 2)
+    )
+    assert all(r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9) for r in runs)
+    (row,) = bench["rows"]
+    assert len(row["paired"]) == 3
+    for seed in row["paired"]:
+        assert seed["low"] <= seed["difference"] <= seed["high"] < 0
+    rldp = [r["controller_metrics"] for r in runs if r["method"] == "rldp"]
+    assert [m["rldp/policy_actions"] for m in rldp] == [0, 0, 0]
+
+
 def test_lmo_table_is_the_committed_benchmark_and_what_the_section_claims():
     results = ROOT / "benchmarks" / "results"
     table = (results / "lmo_vs_gaussian.md").read_text().split("\n", 2)[2].strip()

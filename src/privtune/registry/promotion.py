@@ -60,6 +60,7 @@ INSUFFICIENT = "insufficient evidence"  # an attack gate with nothing to decide 
 UNMEASURED = "measurement failed"
 MAX_ATTEMPTS = 3
 UNJUDGED = "unjudged"  # promotion.decision while a failed measurement is to be tried again
+ATTEMPTS_TAG = "promotion.attempts"  # failed measurements in a row (absent: none)
 
 
 @dataclass(frozen=True)
@@ -391,13 +392,14 @@ def _record(
         "promotion.reason": decision.reason()[:MAX_TAG_TEXT],
         "promotion.failed": ",".join(g.gate for g in decision.failed) or "none",
         "promotion.time": now,
-        "promotion.attempts": str(attempts),
     }
+    if attempts:  # only while measurements fail: a version carries about a dozen tags
+        tags[ATTEMPTS_TAG] = str(attempts)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
     current = mlflow_client.get_model_version(name, version)
     for key in current.tags:  # per-gate tags of earlier releases: the table replaces them
-        if key.startswith("gate."):
+        if key.startswith("gate.") or (key == ATTEMPTS_TAG and not attempts):
             mlflow_client.delete_model_version_tag(name, version, key)
     card = version_card(mlflow_client, current, uri)
     parts = [verdict_line(card, gates, headline), gate_report(decision, now)]
@@ -741,7 +743,7 @@ def _waiting(tags: dict[str, str]) -> bool:
 def _attempts(tags: dict[str, str]) -> int:
     """Promotions whose measurement failed on this version, in a row."""
     try:
-        return int(tags.get("promotion.attempts", "0"))
+        return int(tags.get(ATTEMPTS_TAG, "0"))
     except ValueError:
         return 0
 
