@@ -431,6 +431,8 @@ def test_utility_on_other_data_is_compared_on_the_side_by_side_measurement():
     raised = replace(failed, error="measuring failed: MemoryError", transient=True)
     gate = _gates(tags | {PAIRED_TAG: raised.to_tag()}, champion, **POINT)["utility"]
     assert not gate.passed and gate.evidence == UNMEASURED  # judged again by the next run
+    assert "failed (measuring failed: MemoryError); the next `privtune promote`" in gate.reason
+    assert "utility_across_data" not in gate.reason  # not the data's fault
     off = _gates(
         tags | {PAIRED_TAG: measured.to_tag()}, champion, reevaluate_champion=False, **POINT
     )

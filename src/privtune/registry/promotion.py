@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -236,10 +236,16 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
                 "version that passes every other gate"
             )
             return _unjudged(gates, value, best, champion, tags, why)
+        if paired.transient:  # not the data's fault: say so, not how to compare across data
+            reason = (
+                f"{gates.utility_metric} {value:.6g} vs champion v{champion.version} {best:.6g}: "
+                f"comparing both on the same records failed ({paired.error}); the next "
+                "`privtune promote` measures them again"
+            )
+            return GateResult("utility", False, value, best, None, reason, UNMEASURED)
         if paired.error is not None or paired.value is None or paired.champion_value is None:
             why = f"; comparing both on the same records failed: {paired.error}"
-            found = _unjudged(gates, value, best, champion, tags, why)
-            return replace(found, evidence=UNMEASURED) if paired.transient else found
+            return _unjudged(gates, value, best, champion, tags, why)
         value, best = paired.value, paired.champion_value
         if paired.measured:
             where = (
