@@ -736,7 +736,8 @@ def gates_table(
 
 
 def pending_versions(name: str, *, root: str | Path = ".") -> list[str]:
-    """Versions of `name` no promotion has judged yet (oldest first): a run's new challengers."""
+    """Versions of `name` no promotion has judged yet (oldest first): a run's new challengers,
+    and versions whose last promotion could not measure their utility (to judge again)."""
     found = client(root).search_model_versions(f"name = '{name}'")
     return sorted((str(v.version) for v in found if _waiting(dict(v.tags))), key=int)
 
