@@ -111,7 +111,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_project(args: argparse.Namespace) -> tuple[Params, Path, Data]:
     """(params, project root, encoded data) for the parsed options; the output folder exists."""
-    if getattr(args, "profile", None):
+    if args.profile:
         if args.quick:
             raise SystemExit("--quick and --profile are two project sizes: give one")
         root = build_profile_project(args.root.resolve(), args.profile)

@@ -403,7 +403,6 @@ def _record(
         tags[ATTEMPTS_TAG] = str(attempts)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
-    current = mlflow_client.get_model_version(name, version)
     for key in current.tags:  # per-gate tags of earlier releases: the table replaces them
         if key.startswith("gate.") or (key == ATTEMPTS_TAG and not attempts):
             mlflow_client.delete_model_version_tag(name, version, key)
