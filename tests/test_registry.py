@@ -363,6 +363,28 @@ def test_promotion_gates_history_and_rollback(project):
         rollback("clinical-nobody", root=project)
 
 
+def test_a_champion_set_by_hand_is_described_as_set_by_hand(project):
+    """An alias set in MLflow's UI names no gate's reason: the registered model says it was set
+    by hand (even over a version the gates refused) and how to have it judged."""
+    name = "clinical-by-hand"
+    mlflow_client = client(project)
+    add_entry(project, "byhand", perplexity=50.0, seed=7)
+    register("byhand", name, project)
+    add_entry(project, "byhand-worse", perplexity=60.0, seed=8)
+    register("byhand-worse", name, project)
+    assert promote(name, root=project, version="1").promoted
+    assert not promote(name, root=project, version="2").promoted
+    mlflow_client.set_registered_model_alias(name, CHAMPION, "2")  # a reviewer overrides them
+    add_entry(project, "byhand-third", perplexity=55.0, seed=9)
+    register("byhand-third", name, project)  # any registry write describes the model again
+    model = mlflow_client.get_registered_model(name)
+    head = model.description.splitlines()[0]
+    assert head.startswith("**Champion: v2 (dpsgd)**, set by hand, not judged by the gates")
+    assert "`privtune promote --version 2` judges it" in head and "60 vs" not in head
+    assert "1 is not yet judged" in head  # v3 (v2 is champion, however it got there)
+    assert model.tags["champion.why"] == "v2: set by hand, not judged by the gates"
+
+
 def test_a_promotion_cut_short_is_judged_again_and_enters_the_history_once(project, monkeypatch):
     """A lost connection between the registry writes of a promotion (Prefect then retries):
     the version must not be left "promoted" without being champion, nor enter the champion

@@ -429,10 +429,15 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:  # pragma:
     ]
     if champion is not None:
         tags = dict(champion.tags)
-        why = tags.get("promotion.reason", "promoted before reasons were recorded")
+        if tags.get("promotion.decision") == "promoted":
+            why = tags.get("promotion.reason", "")
+            how = f"promoted {tags.get('promotion.time', '')}: {why}"
+        else:  # the alias was set by hand (MLflow's UI, the client): no gate judged it
+            why = "set by hand, not judged by the gates"
+            how = f"{why} (`privtune promote --version {champion.version}` judges it)"
         head = (
-            f"**Champion: v{champion.version} ({tags.get('method', '?')})**, promoted "
-            f"{tags.get('promotion.time', '')}: {why}. Of the {len(versions)} versions, "
+            f"**Champion: v{champion.version} ({tags.get('method', '?')})**, {how}. "
+            f"Of the {len(versions)} versions, "
             f"{len(refused)} {'was' if len(refused) == 1 else 'were'} refused and "
             f"{len(waiting)} {'is' if len(waiting) == 1 else 'are'} not yet judged."
         )
