@@ -112,21 +112,25 @@ def paired(dpsgd: dict, rldp: dict) -> dict:
     """RLDP's test perplexity minus DP-SGD's at one seed, with the 95 % paired-bootstrap
     interval over the test notes both were scored on: how much of a seed's gap is which notes
     the test split holds. The spread across seeds is the training's own randomness."""
-    from privtune.record_scores import RecordScores, paired_difference, seed_of
-
-    mine, theirs = (
-        RecordScores.from_dict(run["record_scores"]["test_perplexity"]) for run in (rldp, dpsgd)
-    )
-    diff = paired_difference(mine, theirs, seed=seed_of("rldp", "dpsgd", str(rldp["seed"])))
     return {
         "seed": rldp["seed"],
         "dpsgd_ppl": dpsgd["test_perplexity"],
         "rldp_ppl": rldp["test_perplexity"],
-        "difference": diff.difference,
-        "low": diff.low,
-        "high": diff.high,
-        "records": diff.records,
+        **difference(rldp, dpsgd, "rldp", "dpsgd"),
     }
+
+
+def difference(run: dict, reference: dict, *names: str) -> dict:
+    """``run``'s test perplexity minus ``reference``'s, paired over the test notes both were
+    scored on (95 % bootstrap interval; ``names`` seed the bootstrap)."""
+    from privtune.record_scores import RecordScores, paired_difference, seed_of
+
+    mine, theirs = (
+        RecordScores.from_dict(r["record_scores"]["test_perplexity"]) for r in (run, reference)
+    )
+    diff = paired_difference(mine, theirs, seed=seed_of(*names, str(run["seed"])))
+    return {"difference": diff.difference, "low": diff.low, "high": diff.high,
+            "records": diff.records}  # fmt: skip
 
 
 def plot(runs, rows, path: Path) -> None:
@@ -295,7 +299,43 @@ def ablation_markdown(runs: list[dict], epsilons, seeds) -> str:
                 f"{acted:.0f} / {fell:.0f} | {statistics.mean(times):.3f} |"
             )
     del seeds
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + policy_effect(runs, epsilons)) + "\n"
+
+
+def policy_effect(runs: list[dict], epsilons) -> list[str]:
+    """Per seed, each variant with a policy minus the anchor alone: the two share the seed's
+    sampler and noise draws until the policy first acts, so the paired difference is the
+    policy's doing (plus the noise it then draws differently), beside the test notes' noise."""
+    anchor_label = ABLATION["anchor"][0]
+    lines = []
+    for eps in epsilons:
+        anchors = {
+            r["seed"]: r
+            for r in runs
+            if r["variant"] == anchor_label and r["epsilon"] == eps and "record_scores" in r
+        }
+        for r in runs:
+            if not (r["variant"].startswith("anchor +") and r["epsilon"] == eps):
+                continue
+            if r["seed"] not in anchors or "record_scores" not in r:
+                continue  # runs from before the per-note scores have none
+            d = difference(r, anchors[r["seed"]], r["variant"], "anchor")
+            acted = (r.get("controller_metrics") or {}).get("rldp/policy_actions", 0)
+            lines.append(
+                f"| {eps:g} | {r['variant']} | {r['seed']} | {acted:.0f} | "
+                f"{r['test_perplexity']:.2f} | {anchors[r['seed']]['test_perplexity']:.2f} | "
+                f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
+                f"({d['records']} notes) |"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        "| ε | variant | seed | policy actions | test ppl | anchor alone | variant − anchor "
+        "alone [95 % paired interval over the test notes] |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def markdown(rows: list[dict]) -> str:

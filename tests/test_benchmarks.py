@@ -503,3 +503,31 @@ def test_rldp_against_dpsgd_pairs_each_seeds_runs_over_the_same_test_notes(monke
         del run["record_scores"]
     (older,) = bench.summarise(runs, [8.0], [0, 1])
     assert older["paired"] == [] and "paired interval" not in bench.markdown([older])
+
+
+def test_the_ablation_pairs_each_policy_variant_with_the_anchor_alone_at_its_seed(monkeypatch):
+    """The policy's own effect: each variant with a policy minus the anchor alone at the same
+    seed, paired over the notes; the anchor's own row, DP-SGD and older runs get none."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("rldp_vs_dpsgd")
+    tokens = [100.0, 80.0, 120.0, 90.0]
+    base = [300.0, 250.0, 380.0, 270.0]
+    worse = [s + 0.1 * t for s, t in zip(base, tokens, strict=True)]  # higher on every note
+    runs = []
+    for key, sums in (("anchor", base), ("full", worse)):
+        (run,) = [r for r in _rldp_pair(3, (base, sums), tokens) if r["method"] == "rldp"]
+        run["controller_metrics"] = {"rldp/policy_actions": 7.0 if key == "full" else 0.0}
+        runs.append({**run, "variant": bench.ABLATION[key][0]})
+    (dpsgd, _) = _rldp_pair(3, (base, base), tokens)
+    runs.insert(0, {**dpsgd, "variant": "DP-SGD"})
+    table = bench.ablation_markdown(runs, [8.0], [3])
+    lines = [line for line in table.splitlines() if line.startswith("| 8 | anchor + policy")]
+    effect = lines[-1]  # the summary row first, then the paired one
+    assert len(lines) == 2 and "| 3 | 7 |" in effect and "(4 notes) |" in effect
+    low, high = (float(x) for x in effect.split("[")[1].split("]")[0].split(", "))
+    assert 0 < low <= high  # worse than the anchor on every note: beyond the notes' noise
+    assert not any(line.startswith("| 8 | anchor alone (per-adapter AUTO-S, paced noise) | 3 |")
+                   for line in table.splitlines())  # fmt: skip
+    for run in runs:
+        del run["record_scores"]
+    assert "paired interval" not in bench.ablation_markdown(runs, [8.0], [3])
