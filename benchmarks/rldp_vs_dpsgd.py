@@ -43,6 +43,10 @@ ABLATION = {
         "anchor alone on one group (flat AUTO-S, paced noise)",
         {"policy": False, "groups": "flat"},
     ),
+    "clip_anchor": (
+        "anchor alone, per-adapter clipping (paced noise)",
+        {"policy": False, "anchor": "clip"},
+    ),
     "thresholds": ("anchor + policy on thresholds only", {"noise_bounds": [1.0, 1.0]}),
     "noise": ("anchor + policy on noise only", {"clip_bounds": [1.0, 1.0]}),
     "full": ("anchor + policy (RLDP)", {}),

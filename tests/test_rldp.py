@@ -158,11 +158,15 @@ def test_exploration_shrinks_as_the_critic_learns():
 
 
 def test_without_the_policy_the_anchor_always_acts():
-    """policy: false is the ablation's 'anchor alone': the same action at every decision."""
+    """policy: false is the ablation's 'anchor alone': the same action at every decision,
+    and no DP norm histogram (nothing would read it; it would take gradient noise budget)."""
     controller = build_controller("rldp", CTX, {**OPTIONS, "policy": False})
     actions = _drive(controller, 12)
     for action in actions[1:]:
         _assert_same_action(action, actions[0])
+    assert all(a.count_noise is None and not a.count_levels for a in actions)
+    with_policy = build_controller("rldp", CTX, OPTIONS).act(None)
+    assert with_policy.count_noise is not None and with_policy.count_levels
     assert controller.sac._n_updates > 0  # it still learns (and can be saved for warm starts)
     assert controller.policy_actions == 0
 

@@ -134,6 +134,10 @@ class RLDP(Controller):
         levels = tuple(float(level) for level in norm_levels)
         if any(not level > 0 for level in levels) or not norm_noise > 0:
             raise ValueError("norm_levels must be > 0 and norm_noise > 0 (or norm_levels: [])")
+        if not policy:
+            # Nothing acts on the histogram: releasing it would only take gradient noise budget
+            # (8.8 % more gradient noise at epsilon 1 on the default model, 283 steps).
+            levels = ()
         if levels and not ctx.expected_batch_size:
             raise ValueError("the DP norm histogram needs the expected batch size")
         self.norm_levels = levels
