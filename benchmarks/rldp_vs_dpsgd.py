@@ -307,9 +307,10 @@ def ablation_markdown(runs: list[dict], epsilons, seeds) -> str:
 
 
 def policy_effect(runs: list[dict], epsilons) -> list[str]:
-    """Per seed, each variant with a policy minus the anchor alone: the two share the seed's
-    sampler and noise draws until the policy first acts, so the paired difference is the
-    policy's doing (plus the noise it then draws differently), beside the test notes' noise."""
+    """Per seed, each variant with a policy minus the anchor alone, beside the test notes'
+    noise: the policy's doing, the cost of the DP norm histogram it reads included (the anchor
+    alone releases none; runs before afa5980 paid for it in both, sharing every draw until the
+    policy first acted)."""
     anchor_label = ABLATION["anchor"][0]
     lines = []
     for eps in epsilons:
