@@ -456,6 +456,15 @@ def test_rldp_ablation_table_is_the_committed_benchmark_and_what_the_section_cla
         assert ours == pytest.approx(theirs, abs=0.005)
 
 
+def _perplexity_by_seed(runs: list[dict], eps: float, prefix: str) -> dict[int, float]:
+    """Test perplexity per seed of the benchmark's runs at eps whose variant starts so."""
+    return {
+        r["seed"]: r["test_perplexity"]
+        for r in runs
+        if r["epsilon"] == eps and r["variant"].startswith(prefix)
+    }
+
+
 def test_rldp_long_runs_are_the_committed_benchmark_and_what_the_section_claims():
     results = ROOT / "benchmarks" / "results" / "rldp-long"
     table = (results / "rldp_ablation.md").read_text().strip()
@@ -468,11 +477,7 @@ def test_rldp_long_runs_are_the_committed_benchmark_and_what_the_section_claims(
     assert all(r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9) for r in runs)
 
     def by_seed(eps: float, prefix: str) -> dict[int, float]:
-        mine = {
-            r["seed"]: r["test_perplexity"]
-            for r in runs
-            if r["epsilon"] == eps and r["variant"].startswith(prefix)
-        }
+        mine = _perplexity_by_seed(runs, eps, prefix)
         assert sorted(mine) == [0, 1, 2], (eps, prefix)
         return mine
 
@@ -507,25 +512,18 @@ def test_rldp_anchor_without_the_histogram_is_the_committed_rerun_and_what_it_cl
     assert _block("results:rldp-long-no-histogram") == table
     runs = json.loads((results / "rldp-long-no-histogram" / "rldp_ablation.json").read_text())
     earlier = json.loads((results / "rldp-long" / "rldp_ablation.json").read_text())["runs"]
-
-    def by_seed(runs: list[dict], variant: str) -> dict[int, float]:
-        return {
-            r["seed"]: r["test_perplexity"]
-            for r in runs
-            if r["epsilon"] == 1.0 and r["variant"].startswith(variant)
-        }
-
-    now = by_seed(runs["runs"], "anchor alone (per-adapter")
-    dpsgd = by_seed(runs["runs"], "DP-SGD")
-    assert sorted(now) == [0, 1, 2] and dpsgd == by_seed(earlier, "DP-SGD")  # reused, same runs
+    now = _perplexity_by_seed(runs["runs"], 1.0, "anchor alone (per-adapter")
+    dpsgd = _perplexity_by_seed(runs["runs"], 1.0, "DP-SGD")
+    reused = _perplexity_by_seed(earlier, 1.0, "DP-SGD")
+    assert sorted(now) == [0, 1, 2] and dpsgd == reused  # reused, same runs
     assert all(r["epsilon_spent"] <= 1.0 + 1e-9 for r in runs["runs"])
     # every seed better than DP-SGD (0.964 on average); the histogram cost 4.7 %; RLDP ends
     # 5.4 % above the anchor alone
     assert all(now[s] < dpsgd[s] for s in now)
     assert 0.96 < sum(now[s] / dpsgd[s] for s in now) / 3 < 0.97
-    paid = by_seed(earlier, "anchor alone (per-adapter")
+    paid = _perplexity_by_seed(earlier, 1.0, "anchor alone (per-adapter")
     assert 1.04 < sum(paid[s] / now[s] for s in now) / 3 < 1.05
-    rldp = by_seed(earlier, "anchor + policy (RLDP)")
+    rldp = _perplexity_by_seed(earlier, 1.0, "anchor + policy (RLDP)")
     assert 1.05 < sum(rldp[s] / now[s] for s in now) / 3 < 1.06
 
 

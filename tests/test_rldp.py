@@ -167,7 +167,7 @@ def test_without_the_policy_the_anchor_always_acts():
     assert all(a.count_noise is None and not a.count_levels for a in actions)
     with_policy = build_controller("rldp", CTX, OPTIONS).act(None)
     assert with_policy.count_noise is not None and with_policy.count_levels
-    assert controller.sac._n_updates > 0  # it still learns (and can be saved for warm starts)
+    assert controller.sac._n_updates > 0  # it still learns (a warm start needs equal norm_levels)
     assert controller.policy_actions == 0
 
 
