@@ -20,6 +20,7 @@ from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
 from privtune.data.tokenization import EncodedRecords, encode_records
 from privtune.evaluate import evaluate_scored
 from privtune.modeling import adapter_groups, attach_lora, load_pretrained
+from privtune.options import METHOD_OPTIONS
 from privtune.stages.common import resolved_max_length
 from privtune.train import TrainResult, train
 
@@ -145,6 +146,12 @@ def load_data(params: Params, root: Path) -> Data:
     )
 
 
+def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a run actually used, defaults filled in: what --reuse must compare, since a
+    changed default changes a run whose options, as written, did not."""
+    return METHOD_OPTIONS[method].model_validate(options).model_dump(mode="json")
+
+
 def run_method(
     params: Params,
     root: Path,
@@ -190,6 +197,7 @@ def run_method(
         "method": method,
         "entry": entry or method,
         "options": options,
+        "resolved_options": resolved_options(method, options),
         "epsilon": epsilon,
         "seed": seed,
         "epochs": epochs,

@@ -534,3 +534,23 @@ def test_the_ablation_pairs_each_policy_variant_with_the_anchor_alone_at_its_see
     for run in runs:
         del run["record_scores"]
     assert "paired interval" not in bench.ablation_markdown(runs, [8.0], [3])
+
+
+def test_reuse_takes_only_runs_whose_options_resolve_to_the_same(monkeypatch):
+    """--reuse compares options with their defaults filled in: a run made under an earlier
+    default (the DP norm histogram on) is not taken for today's run of the same written
+    options, and a run that recorded no resolved options is never taken."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("rldp_vs_dpsgd")
+    options = {"rl_interval": 5}
+    today = bench.resolved_options("rldp", options)
+    assert today["norm_levels"] == [] and today["rl_interval"] == 5
+    run = {"method": "rldp", "options": options, "epsilon": 4.0, "seed": 1, "epochs": 10.0}
+    before = {**run, "resolved_options": {**today, "norm_levels": [0.5, 1.0, 2.0]}}
+    now = {**run, "resolved_options": today}
+    assert bench._reusable([run, before], "rldp", options, 4.0, 1, 10.0) is None
+    assert bench._reusable([run, before, now], "rldp", options, 4.0, 1, 10.0) is now
+    assert bench._reusable([now], "rldp", options, 4.0, 2, 10.0) is None  # another seed
+    assert bench._reusable([now], "rldp", options, 4.0, 1, 3.0) is None  # another length
+    histogram = {"rl_interval": 5, "norm_levels": [0.5, 1.0, 2.0]}
+    assert bench._reusable([before], "rldp", histogram, 4.0, 1, 10.0) is before
