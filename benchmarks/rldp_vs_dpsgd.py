@@ -7,11 +7,13 @@ wall-clock ratio of an RLDP step to a DP-SGD step. Needs `dvc repro base` first 
 The JSON's ``summary`` maps each epsilon to the mean RLDP / DP-SGD test-perplexity ratio.
 
 ``--ablation`` runs RLDP's variants instead (ABLATION: the anchor alone, the policy on one
-dimension, the full policy) beside DP-SGD, so a gain can be traced to the anchor or the policy
-(test perplexity only: the downstream task is skipped), with ``--baselines`` static methods
+dimension, the full policy, the policy with the DP norm histogram) beside DP-SGD, so a gain
+can be traced to the anchor or the policy (test perplexity only: the downstream task is
+skipped), with ``--baselines`` static methods
 beside them and ``--public-episodes N`` RLDP warm-started from a policy trained on public data;
-``--reuse`` takes DP-SGD's and the default RLDP's runs of the same (epsilon, seed, options) from
-an earlier benchmark's JSON instead of running them again (the runs are seeded).
+``--reuse`` takes runs of the same method, options (defaults filled in: ``resolved_options``,
+recorded by runs since the DP norm histogram became opt-in), epsilon, seed and length from an
+earlier benchmark's JSON instead of running them again (the runs are seeded).
 
     python benchmarks/rldp_vs_dpsgd.py [--epsilons 1 4 8] [--seeds 0 1 2] [--quick]
     python benchmarks/rldp_vs_dpsgd.py --ablation --epsilons 4 --seeds 0 1 \
@@ -33,7 +35,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_grid_arguments, add_project_arguments, open_project, run_method  # noqa: E402
+from common import (  # noqa: E402
+    add_grid_arguments,
+    add_project_arguments,
+    open_project,
+    resolved_options,
+    run_method,
+)
 from privtune import io  # noqa: E402
 
 # key -> (label, RLDP options over the defaults, methods.rldp): where a gain comes from.
@@ -50,6 +58,12 @@ ABLATION = {
     "thresholds": ("anchor + policy on thresholds only", {"noise_bounds": [1.0, 1.0]}),
     "noise": ("anchor + policy on noise only", {"clip_bounds": [1.0, 1.0]}),
     "full": ("anchor + policy (RLDP)", {}),
+    # the policy also observing the DP norm histogram of per-sample gradient norms (RLDP's
+    # default before it cost more than it returned: README, "Longer runs")
+    "histogram": (
+        "anchor + policy with the DP norm histogram",
+        {"norm_levels": [0.5, 1.0, 2.0]},
+    ),
 }
 
 
@@ -268,10 +282,13 @@ def public_policy(params, root: Path, data, rldp: dict, args: argparse.Namespace
 def _reusable(
     earlier: list[dict], method: str, options: dict, eps: float, seed: int, epochs: float | None
 ) -> dict | None:
-    """An earlier run of exactly this method, options, epsilon, seed and length, if any."""
+    """An earlier run of exactly this method, options (defaults filled in), epsilon, seed and
+    length, if any. Runs that did not record their resolved options are never reused: a
+    default that changed since would go unnoticed."""
+    resolved = resolved_options(method, options)
     for run in earlier:
-        same = (run["method"], run["options"], run["epsilon"], run["seed"])
-        if same == (method, options, eps, seed) and run.get("epochs") == epochs:
+        same = (run["method"], run.get("resolved_options"), run["epsilon"], run["seed"])
+        if same == (method, resolved, eps, seed) and run.get("epochs") == epochs:
             return run
     return None
 

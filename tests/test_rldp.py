@@ -26,6 +26,7 @@ CTX = ControllerContext(
     expected_batch_size=10.0,
 )
 OPTIONS = {"rl_interval": 2, "warmup_intervals": 1, "sac_batch_size": 2, "sac_updates": 2}
+HISTOGRAM = {**OPTIONS, "norm_levels": [0.5, 1.0, 2.0]}  # the policy also sees gradient norms
 
 
 def _obs(step, valid=5.0, eps=0.5, **changes):
@@ -87,10 +88,13 @@ def test_random_residuals_stay_within_their_bounds():
     assert controller.reserve_noise() == pytest.approx(1.1)  # the upper bound, for the guard
 
 
-def test_the_anchor_acts_until_the_critic_has_learned_then_the_policy_learns():
+@pytest.mark.parametrize("levels", [(), (0.5, 1.0, 2.0)], ids=["default", "histogram"])
+def test_the_anchor_acts_until_the_critic_has_learned_then_the_policy_learns(levels):
     """No random warm-up: before its first update the critic knows nothing, so the anchor
-    acts; afterwards the policy's residuals (within bounds) appear and SAC keeps learning."""
-    controller = build_controller("rldp", CTX, {**OPTIONS, "warmup_intervals": 0})
+    acts; afterwards the policy's residuals (within bounds) appear and SAC keeps learning.
+    By default it does so without the DP norm histogram (nothing released, nothing paid)."""
+    extra = {"norm_levels": list(levels)} if levels else {}
+    controller = build_controller("rldp", CTX, {**OPTIONS, "warmup_intervals": 0, **extra})
     actions = _drive(controller, 12)
     anchor = actions[0]
     assert controller.sac.replay_buffer.size() == 10
@@ -104,8 +108,12 @@ def test_the_anchor_acts_until_the_critic_has_learned_then_the_policy_learns():
     assert controller.policy_actions > 0
     assert math.isfinite(controller.metrics()["rldp/reward"])
     assert math.isfinite(controller.metrics()["rldp/advantage"])
-    # every action asks the mechanism for the DP norm histogram, at sigma_b = B / 4
-    assert all(a.count_levels == (0.5, 1.0, 2.0) for a in actions)
+    assert all(a.count_levels == levels for a in actions)
+    if not levels:
+        assert all(a.count_noise is None for a in actions)
+        assert not any(key.startswith("rldp/obs/unclipped_dp") for key in controller.metrics())
+        return
+    # with levels every action asks the mechanism for the DP norm histogram, at sigma_b = B / 4
     assert all(a.count_noise == pytest.approx(2.5) for a in actions)
     assert controller.metrics()["rldp/obs/unclipped_dp/a"] == pytest.approx(0.5)
 
@@ -165,7 +173,7 @@ def test_without_the_policy_the_anchor_always_acts():
     for action in actions[1:]:
         _assert_same_action(action, actions[0])
     assert all(a.count_noise is None and not a.count_levels for a in actions)
-    with_policy = build_controller("rldp", CTX, OPTIONS).act(None)
+    with_policy = build_controller("rldp", CTX, HISTOGRAM).act(None)
     assert with_policy.count_noise is not None and with_policy.count_levels
     assert controller.sac._n_updates > 0  # it still learns (a warm start needs equal norm_levels)
     assert controller.policy_actions == 0
@@ -189,7 +197,7 @@ def test_features_ignore_private_training_statistics():
 
 
 def test_features_read_the_dp_norm_histogram_and_need_it():
-    controller = build_controller("rldp", CTX, OPTIONS)
+    controller = build_controller("rldp", CTX, HISTOGRAM)
     _drive(controller, 4)
     plain = controller._features(_obs(10))
     shifted = controller._features(_obs(10, norm_histogram_dp=((0.0, 0.1, 0.4),) * 3))
@@ -198,8 +206,9 @@ def test_features_read_the_dp_norm_histogram_and_need_it():
     assert noisy[6:15].min() >= 0.0 and noisy[6:15].max() <= 1.0  # noisy fractions: clipped
     with pytest.raises(ValueError, match="histogram"):
         controller._features(_obs(10, norm_histogram_dp=None))
-    blind = build_controller("rldp", CTX, {**OPTIONS, "norm_levels": []})
+    blind = build_controller("rldp", CTX, OPTIONS)  # the default: no histogram
     assert blind.act(None).count_noise is None  # no release, no cost
+    assert len(blind._features(_obs(10, norm_histogram_dp=None))) == len(plain) - 9
 
 
 def test_nan_observation_and_failed_update_fall_back_to_the_anchor(monkeypatch):
@@ -298,7 +307,7 @@ def test_rldp_in_the_training_loop_stays_within_budget(tiny_model, tiny_tokenize
         valid_data,
         PARAMS,
         "rldp",
-        dict(OPTIONS, valid_records=3),
+        dict(HISTOGRAM, valid_records=3),
         on_log=lambda metrics, step: logged.append(metrics),
         show_progress=False,
     )

@@ -3,11 +3,12 @@ online during the fine-tuning run, sets per-adapter clipping thresholds and the 
 multiplier every ``rl_interval`` steps.
 
 Soundness: the policy sees only (a) the loss on held-out validation records, (b) public
-quantities (epsilon spent, progress, its own past actions), (c) a differentially private
-histogram of each adapter's per-sample gradient norms: every step the mechanism releases, per
-adapter k and level l, the noisy fraction of samples with norm <= l * C_k (levels 0.5, 1, 2:
-the clip fraction, and where the norms lie around the threshold), and the ledger charges it
-(mechanisms.py). It never reads the raw norms or the training loss of the protected records:
+quantities (epsilon spent, progress, its own past actions), (c) only with ``norm_levels``
+set (off by default: over 283 steps it cost more gradient noise than the policy made up for,
+README "Longer runs"), a differentially private histogram of each adapter's per-sample
+gradient norms: every step the mechanism releases, per adapter k and level l, the noisy
+fraction of samples with norm <= l * C_k (levels 0.5, 1, 2: the clip fraction, and where the
+norms lie around the threshold), and the ledger charges it (mechanisms.py). It never reads the raw norms or the training loss of the protected records:
 actions chosen from those would leak information no ledger accounts for. Every action still
 goes through the budget guard, so no policy (random, failing or learned) can end a run above
 the target epsilon.
@@ -105,7 +106,7 @@ class RLDP(Controller):
         noise_bounds: tuple[float, float] = (0.9, 1.1),
         clip: float = 1.0,
         groups: str = "adapter",
-        norm_levels: tuple[float, ...] = (0.5, 1.0, 2.0),
+        norm_levels: tuple[float, ...] = (),
         norm_noise: float = 0.25,
         valid_records: int = 8,
         warm_start: str | None = None,
