@@ -10,9 +10,8 @@ gradient norms: every step the mechanism releases, per adapter k and level l, th
 fraction of samples with norm <= l * C_k (levels 0.5, 1, 2: the clip fraction, and where the
 norms lie around the threshold), and the ledger charges it (mechanisms.py). It never reads
 the raw norms or the training loss of the protected records: actions chosen from those would
-leak information no ledger accounts for. Every action still
-goes through the budget guard, so no policy (random, failing or learned) can end a run above
-the target epsilon.
+leak information no ledger accounts for. Every action still goes through the budget guard, so
+no policy (random, failing or learned) can end a run above the target epsilon.
 
 Reward of an interval: validation-loss improvement divided by the interval's pace of privacy
 spending relative to a uniform schedule, r = dU / max(pace, 0.05) with
