@@ -559,6 +559,35 @@ def test_rldp_policy_without_the_histogram_is_the_committed_rerun_and_what_it_cl
     assert 0.97 < sum(one[s] / dpsgd[s] for s in one) / 3 < 0.975  # 0.971 at epsilon 1
 
 
+def test_rldp_policy_dimensions_without_the_histogram_are_the_committed_runs():
+    """Each of the policy's dimensions alone, without the histogram, at epsilon 4: neither
+    beats the anchor alone on average, the thresholds cost more than the noise, and together
+    they cost about the sum; the reused runs are the histogram table's own."""
+    results = ROOT / "benchmarks" / "results"
+    table = (results / "rldp-long-dimensions" / "rldp_ablation.md").read_text().strip()
+    assert _block("results:rldp-long-dimensions") == table
+    runs = json.loads((results / "rldp-long-dimensions" / "rldp_ablation.json").read_text())
+    runs = runs["runs"]
+    earlier = json.loads((results / "rldp-long-histogram" / "rldp_ablation.json").read_text())
+    assert all(r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9) for r in runs)
+    assert all(r["resolved_options"]["norm_levels"] == [] for r in runs if r["method"] == "rldp")
+
+    def cost(prefix: str) -> float:
+        mine = _perplexity_by_seed(runs, 4.0, prefix)
+        anchor = _perplexity_by_seed(runs, 4.0, "anchor alone (per-adapter")
+        assert sorted(mine) == sorted(anchor) == [0, 1, 2], prefix
+        return sum(mine[s] - anchor[s] for s in mine) / 3
+
+    for prefix in ("DP-SGD", "anchor alone (per-adapter", "anchor + policy (RLDP)"):
+        assert _perplexity_by_seed(runs, 4.0, prefix) == _perplexity_by_seed(
+            earlier["runs"], 4.0, prefix
+        )
+    noise, thresholds = cost("anchor + policy on noise only"), cost("anchor + policy on thres")
+    both = cost("anchor + policy (RLDP)")
+    assert 0 < noise < thresholds < both
+    assert abs(both - (noise + thresholds)) < 0.1  # about the sum of the two
+
+
 def _paired_table(report: str) -> str:
     start = report.index("| method | test perplexity vs dpsgd")
     return report[start:].split("\n\n")[0].strip()
