@@ -586,6 +586,15 @@ def test_rldp_policy_dimensions_without_the_histogram_are_the_committed_runs():
     both = cost("anchor + policy (RLDP)")
     assert 0 < noise < thresholds < both
     assert abs(both - (noise + thresholds)) < 0.1  # about the sum of the two
+    # a less noisy reward (32 validation records, not 8) ends within 0.1 of each seed's run
+    valid32 = json.loads((results / "rldp-long-valid32" / "rldp_ablation.json").read_text())
+    rldp = [r for r in valid32["runs"] if r["method"] == "rldp"]
+    assert len(rldp) == 3 and all(r["resolved_options"]["valid_records"] == 32 for r in rldp)
+    wider = _perplexity_by_seed(valid32["runs"], 4.0, "anchor + policy (RLDP)")
+    default = _perplexity_by_seed(runs, 4.0, "anchor + policy (RLDP)")
+    assert sorted(wider) == [0, 1, 2] and all(abs(wider[s] - default[s]) < 0.1 for s in wider)
+    for seed, value in wider.items():
+        assert f"{value:.2f}" in README, seed
 
 
 def _paired_table(report: str) -> str:
