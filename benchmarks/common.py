@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params
+from privtune.config import BASE_DIR, PREPARED_DIR, Params, load_params, method_options
 from privtune.data.tokenization import EncodedRecords, encode_records
 from privtune.evaluate import evaluate_scored
 from privtune.modeling import adapter_groups, attach_lora, load_pretrained
-from privtune.options import METHOD_OPTIONS
 from privtune.stages.common import resolved_max_length
 from privtune.train import TrainResult, train
 
@@ -149,7 +148,7 @@ def load_data(params: Params, root: Path) -> Data:
 def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options a run actually used, defaults filled in: what --reuse must compare, since a
     changed default changes a run whose options, as written, did not."""
-    return METHOD_OPTIONS[method].model_validate(options).model_dump(mode="json")
+    return method_options(method, options, method).model_dump(mode="json")
 
 
 def run_method(

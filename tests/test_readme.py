@@ -448,14 +448,13 @@ def test_rldp_ablation_table_is_the_committed_benchmark_and_what_the_section_cla
     # not since the main table's rerun without the DP norm histogram (README says so)
     main = json.loads((results / "rldp_vs_dpsgd.json").read_text())["runs"]
     assert "when RLDP's policy still read the DP norm histogram" in README
-    for method, variant in (("dpsgd", "DP-SGD"),):
-        ours = {r["seed"]: r["test_perplexity"] for r in runs if r["variant"] == variant}
-        theirs = {
-            r["seed"]: r["test_perplexity"]
-            for r in main
-            if r["method"] == method and r["epsilon"] == 4.0 and r["seed"] in ours
-        }
-        assert ours == pytest.approx(theirs, abs=0.005)
+    ours = {r["seed"]: r["test_perplexity"] for r in runs if r["variant"] == "DP-SGD"}
+    theirs = {
+        r["seed"]: r["test_perplexity"]
+        for r in main
+        if r["method"] == "dpsgd" and r["epsilon"] == 4.0 and r["seed"] in ours
+    }
+    assert ours == pytest.approx(theirs, abs=0.005)
 
 
 def _perplexity_by_seed(runs: list[dict], eps: float, prefix: str) -> dict[int, float]:

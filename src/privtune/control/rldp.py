@@ -35,6 +35,7 @@ import torch
 
 from privtune.control.base import Action, Controller, ControllerContext, Observation
 from privtune.modeling import group_of
+from privtune.privacy.mechanisms import count_dims, quarter_share_count_std
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +243,14 @@ class RLDP(Controller):
         )
 
     def _histogram_noise(self, noise: float) -> float | None:
-        """sigma_b of the histogram's counts: ``norm_noise`` of the batch, raised where the D
-        counts would take more than a quarter of the step's privacy at z (their share of
-        1/z^2 is D z^2 / (2 sigma_b)^2, a quarter at sigma_b = z sqrt(D)). Without it SmolLM2's
-        630 counts (210 adapters x 3 levels) took 79 % and left the gradient 2.2x the noise."""
+        """sigma_b of the histogram's counts: ``norm_noise`` of the batch, raised where the
+        counts would take more than a quarter of the step's privacy at z (the mechanism raises
+        it only where they would take it all). Without it SmolLM2's 630 counts (210 adapters x
+        3 levels) took 79 % and left the gradient 2.2x the noise."""
         if self.count_noise is None:
             return None
-        return max(self.count_noise, noise * math.sqrt(self.n_groups * len(self.norm_levels)))
+        dims = count_dims(self.n_groups, self.norm_levels)
+        return max(self.count_noise, quarter_share_count_std(noise, dims))
 
     def budget_noise(self) -> float:
         """The constant z that would spend what is left of the budget over the steps left.

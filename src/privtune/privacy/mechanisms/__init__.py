@@ -9,6 +9,7 @@ from privtune.privacy.mechanisms.gaussian import (
     effective_noise_multiplier,
     gradient_noise_multiplier,
     per_sample_factors,
+    quarter_share_count_std,
     uniform_noise_stds,
 )
 from privtune.privacy.mechanisms.lmo import LMO
@@ -29,5 +30,6 @@ __all__ = [
     "effective_noise_multiplier",
     "gradient_noise_multiplier",
     "per_sample_factors",
+    "quarter_share_count_std",
     "uniform_noise_stds",
 ]

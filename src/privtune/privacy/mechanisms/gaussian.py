@@ -78,6 +78,12 @@ def count_dims(n_groups: int, count_levels: Sequence[float]) -> int:
     return n_groups * len(count_levels) if count_levels else 1
 
 
+def quarter_share_count_std(z: float, dims: int) -> float:
+    """sigma_b at which ``dims`` counts take a quarter of a step's privacy at multiplier z:
+    their share of 1/z^2 is D z^2 / (2 sigma_b)^2, a quarter at sigma_b = z sqrt(D)."""
+    return z * math.sqrt(dims)
+
+
 def uniform_noise_stds(clips: Sequence[float], noise_multiplier: float) -> tuple[float, ...]:
     """Same noise std on every group, s = z * ||C||_2, so the step's effective z is exactly z."""
     scale = noise_multiplier * math.sqrt(sum(c * c for c in clips))
@@ -110,8 +116,8 @@ def admit_gaussian(
         dims = count_dims(n_groups, action.count_levels)
         # The counts must leave room for gradient noise, z sqrt(D) < 2 sigma_b; should the
         # admitted z reach that, sigma_b is raised to z sqrt(D) (counts take a quarter of it).
-        if not 2 * count_std > noise * math.sqrt(dims) * (1 + 1e-6):
-            count_std = noise * math.sqrt(dims)
+        if not 2 * count_std > quarter_share_count_std(noise, dims) * (1 + 1e-6):
+            count_std = quarter_share_count_std(noise, dims)
         grad_noise = gradient_noise_multiplier(noise, count_std, dims)
     if action.noise_stds is None:
         # A hair more noise than z needs, so recombining the stds into z never rounds below it.
