@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from privtune.stages.common import resolved_max_length
 from privtune.train import TrainResult, train
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+# what a run's numbers depend on besides its options: the library and these benchmark helpers
+SOURCE_PATHS = ("src", "benchmarks/common.py")
 # --quick: the pipeline at a size that runs in minutes on a busy 2-core machine.
 QUICK = {
     "prepare": {"n_private": 480, "n_public": 600},
@@ -145,6 +149,32 @@ def load_data(params: Params, root: Path) -> Data:
     )
 
 
+def source_version(repo: Path = REPO) -> dict[str, Any]:
+    """The code a run ran: the commit, git's hashes of SOURCE_PATHS at it, and whether they had
+    uncommitted changes. --reuse compares the hashes, so a behaviour change that kept every
+    option (the DP norm histogram's cap did) is not taken for today's code; a dirty tree's runs
+    are never reused. Git, not a hash of our own: it already hashes exactly the tracked files."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    paths = {path: git("rev-parse", f"HEAD:{path}") or None for path in SOURCE_PATHS}
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "paths": paths,
+        "dirty": bool(git("status", "--porcelain", "--", *SOURCE_PATHS)),
+    }
+
+
+def same_source(run: dict[str, Any], today: dict[str, Any]) -> bool:
+    """Whether an earlier run ran today's code: the same committed hashes, neither dirty."""
+    earlier = run.get("source")
+    if not earlier or earlier.get("dirty") or today.get("dirty"):
+        return False
+    return None not in today["paths"].values() and earlier.get("paths") == today["paths"]
+
+
 def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options a run actually used, defaults filled in: what --reuse must compare, since a
     changed default changes a run whose options, as written, did not."""
@@ -197,6 +227,7 @@ def run_method(
         "entry": entry or method,
         "options": options,
         "resolved_options": resolved_options(method, options),
+        "source": source_version(),
         "epsilon": epsilon,
         "seed": seed,
         "epochs": epochs,

@@ -13,7 +13,10 @@ skipped), with ``--baselines`` static methods beside them and ``--public-episode
 warm-started from a policy trained on public data;
 ``--reuse`` takes runs of the same method, options (defaults filled in: ``resolved_options``,
 recorded by runs since the DP norm histogram became opt-in), epsilon, seed and length from an
-earlier benchmark's JSON instead of running them again (the runs are seeded).
+earlier benchmark's JSON instead of running them again (the runs are seeded), if they ran
+today's code (``source``: git's hashes of src/ and benchmarks/common.py, clean);
+``--reuse-any-source`` also takes runs of other or unrecorded code, and marks them
+(``reused_source``) and says so.
 
     python benchmarks/rldp_vs_dpsgd.py [--epsilons 1 4 8] [--seeds 0 1 2] [--quick]
     python benchmarks/rldp_vs_dpsgd.py --ablation --epsilons 4 --seeds 0 1 \
@@ -41,6 +44,8 @@ from common import (  # noqa: E402
     open_project,
     resolved_options,
     run_method,
+    same_source,
+    source_version,
 )
 from privtune import io  # noqa: E402
 
@@ -191,7 +196,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(ABLATION), default=list(ABLATION),
                         help="with --ablation: which variants")  # fmt: skip
     parser.add_argument("--reuse", type=Path, default=None,
-                        help="an earlier JSON whose matching runs are reused")  # fmt: skip
+                        help="an earlier JSON whose matching runs (same options, same code) "
+                        "are reused")  # fmt: skip
+    parser.add_argument("--reuse-any-source", action="store_true",
+                        help="with --reuse: also runs of other code (marked)")  # fmt: skip
     parser.add_argument("--baselines", nargs="+", default=[],
                         help="with --ablation: static methods of params.yaml run beside "
                         "(e.g. auto_s per_adapter: the anchor's two halves)")  # fmt: skip
@@ -220,12 +228,20 @@ def main() -> None:
         variants["RLDP"] = ("rldp", rldp)
     earlier = io.read_json(args.reuse) if args.reuse else []
     earlier = earlier["runs"] if isinstance(earlier, dict) else earlier  # a JSON or its _runs
+    source = source_version()
     runs = []
     for eps in args.epsilons:
         for seed in args.seeds:
             # interleaved, so the methods of a pair see the same machine load
             for label, (method, options) in variants.items():
-                run = _reusable(earlier, method, options, eps, seed, args.epochs)
+                run = _reusable(
+                    earlier, method, options, eps, seed, args.epochs,
+                    source=None if args.reuse_any_source else source,
+                )  # fmt: skip
+                if run is not None and not same_source(run, source):
+                    run = {**run, "reused_source": run.get("source")}  # None: not recorded
+                    commit = (run["reused_source"] or {}).get("commit") or "unrecorded"
+                    print(f"{label[:24]:>24} eps={eps:<4} seed={seed} reused: code {commit}")
                 if run is None and args.reuse_only:
                     continue
                 if run is None:
@@ -280,15 +296,24 @@ def public_policy(params, root: Path, data, rldp: dict, args: argparse.Namespace
 
 
 def _reusable(
-    earlier: list[dict], method: str, options: dict, eps: float, seed: int, epochs: float | None
+    earlier: list[dict],
+    method: str,
+    options: dict,
+    eps: float,
+    seed: int,
+    epochs: float | None,
+    *,
+    source: dict | None,
 ) -> dict | None:
     """An earlier run of exactly this method, options (defaults filled in), epsilon, seed and
-    length, if any. Runs that did not record their resolved options are never reused: a
-    default that changed since would go unnoticed."""
+    length, and, unless ``source`` is None, of the same code (common.same_source), if any.
+    Runs that did not record their resolved options are never reused: a default that changed
+    since would go unnoticed."""
     resolved = resolved_options(method, options)
     for run in earlier:
         same = (run["method"], run.get("resolved_options"), run["epsilon"], run["seed"])
-        if same == (method, resolved, eps, seed) and run.get("epochs") == epochs:
+        same_code = source is None or same_source(run, source)
+        if same == (method, resolved, eps, seed) and run.get("epochs") == epochs and same_code:
             return run
     return None
 

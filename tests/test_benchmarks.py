@@ -3,9 +3,11 @@ loop's sampler moved into Trainer.batches)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -548,9 +550,59 @@ def test_reuse_takes_only_runs_whose_options_resolve_to_the_same(monkeypatch):
     run = {"method": "rldp", "options": options, "epsilon": 4.0, "seed": 1, "epochs": 10.0}
     before = {**run, "resolved_options": {**today, "norm_levels": [0.5, 1.0, 2.0]}}
     now = {**run, "resolved_options": today}
-    assert bench._reusable([run, before], "rldp", options, 4.0, 1, 10.0) is None
-    assert bench._reusable([run, before, now], "rldp", options, 4.0, 1, 10.0) is now
-    assert bench._reusable([now], "rldp", options, 4.0, 2, 10.0) is None  # another seed
-    assert bench._reusable([now], "rldp", options, 4.0, 1, 3.0) is None  # another length
+    reusable = functools.partial(bench._reusable, source=None)
+    assert reusable([run, before], "rldp", options, 4.0, 1, 10.0) is None
+    assert reusable([run, before, now], "rldp", options, 4.0, 1, 10.0) is now
+    assert reusable([now], "rldp", options, 4.0, 2, 10.0) is None  # another seed
+    assert reusable([now], "rldp", options, 4.0, 1, 3.0) is None  # another length
     histogram = {"rl_interval": 5, "norm_levels": [0.5, 1.0, 2.0]}
-    assert bench._reusable([before], "rldp", histogram, 4.0, 1, 10.0) is before
+    assert reusable([before], "rldp", histogram, 4.0, 1, 10.0) is before
+
+
+def test_reuse_takes_only_runs_of_the_same_committed_code(monkeypatch, tmp_path):
+    """A run records git's hashes of src/ and benchmarks/common.py; --reuse takes it only while
+    they are today's and neither tree had uncommitted changes (a changed behaviour keeps every
+    option: only the code tells)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("rldp_vs_dpsgd")
+    common = sys.modules["common"]
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "benchmarks").mkdir()
+    (repo / "src" / "mechanism.py").write_text("NOISE = 1.0\n")
+    (repo / "benchmarks" / "common.py").write_text("# helpers\n")
+    (repo / "README.md").write_text("words\n")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                       check=True, capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    first = common.source_version(repo)
+    assert not first["dirty"] and set(first["paths"]) == {"src", "benchmarks/common.py"}
+    assert all(first["paths"].values())
+    (repo / "README.md").write_text("other words\n")  # not code: the same source
+    git("commit", "-qam", "docs")
+    docs = common.source_version(repo)
+    assert docs["commit"] != first["commit"] and docs["paths"] == first["paths"]
+    assert common.same_source({"source": first}, docs)
+    (repo / "src" / "mechanism.py").write_text("NOISE = 2.0\n")
+    dirty = common.source_version(repo)
+    assert dirty["dirty"] and not common.same_source({"source": first}, dirty)
+    git("commit", "-qam", "behaviour")
+    changed = common.source_version(repo)
+    assert not changed["dirty"] and changed["paths"]["src"] != first["paths"]["src"]
+    assert not common.same_source({"source": first}, changed)
+    assert not common.same_source({"source": dirty}, dirty)  # a dirty run: never reused
+    assert not common.same_source({}, changed)  # unrecorded: never reused
+
+    options = {"rl_interval": 5}
+    run = {"method": "rldp", "options": options, "epsilon": 4.0, "seed": 1, "epochs": 10.0,
+           "resolved_options": bench.resolved_options("rldp", options)}  # fmt: skip
+    old, new = {**run, "source": first}, {**run, "source": changed}
+    assert bench._reusable([old], "rldp", options, 4.0, 1, 10.0, source=changed) is None
+    assert bench._reusable([old, new], "rldp", options, 4.0, 1, 10.0, source=changed) is new
+    # --reuse-any-source: any code, and the caller marks the run
+    assert bench._reusable([old], "rldp", options, 4.0, 1, 10.0, source=None) is old
