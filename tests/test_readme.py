@@ -614,3 +614,31 @@ def test_default_paired_table_is_the_committed_report(tmp_path):
         "README's paired table differs from reports/report.md: rerun `privtune report` and "
         "paste its paired table between the results markers"
     )
+
+
+def _section(heading: str) -> str:
+    """README's text from ``heading`` to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    start = README.index(f"\n{heading}\n")
+    ends = [README.find(f"\n{'#' * n} ", start + 1) for n in range(1, len(level) + 1)]
+    return README[start : min((e for e in ends if e != -1), default=len(README))]
+
+
+def test_every_params_key_is_documented_in_the_configuration_tables():
+    """A key a user can set in params.yaml is in README's configuration table (or, for the
+    promotion gates, the gates table): the table is where they look it up, and it had drifted."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    table = _section("## Configuration (`params.yaml`)")
+    gates = _section("## Model registry and promotion")
+    missing = []
+    for section, values in params.items():
+        if section == "methods":  # entries of the user's choosing; options: options.py
+            continue
+        for key, value in values.items():
+            if section == "registry" and key == "gates":
+                missing += [f"gates.{g}" for g in value if f"`{g}`" not in gates]
+            elif not re.search(rf"`({section}\.)?{key}`", table):
+                missing.append(f"{section}.{key}")
+    assert not missing, f"params.yaml keys README's tables leave out: {missing}"
