@@ -72,3 +72,48 @@ def test_every_shard_of_a_sharded_checkpoint_is_checked(tiny_model, tmp_path):
     shards[-1].unlink()
     with pytest.raises(ModelError, match=rf"lacks the shard {shards[-1].name}"):
         load_pretrained(tmp_path / "m")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_not_started_at_random(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    """transformers loads what matches and initialises the rest at random (a warning only): a
+    model saved under other tensor names, or with other shapes, would train from noise."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    renamed = {f"backbone.{name}": value for name, value in tensors.items()}
+    save_file(renamed, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"base\.source.*lack \d+ of the model's tensors") as err:
+        load_pretrained(tmp_path / "m")
+    assert "transformer.h.0" in str(err.value) and "Fix:" in str(err.value)
+    one_short = dict(tensors)
+    del one_short["transformer.h.0.attn.c_attn.bias"]
+    save_file(one_short, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"lack 1 of the model's tensors \(transformer.h.0.attn"):
+        load_pretrained(tmp_path / "m")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    load_pretrained(tmp_path / "m")  # the same files, whole: loads
+    config = tmp_path / "m" / "config.json"
+    config.write_text(config.read_text().replace('"n_embd": 32', '"n_embd": 16'))
+    with pytest.raises(ModelError, match="do not have the shapes config.json gives"):
+        load_pretrained(tmp_path / "m")
+
+
+def test_a_tokenizer_missing_or_too_large_for_the_model_is_refused(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    """Without tokenizer files AutoTokenizer still returns one, which encodes nothing; a
+    tokenizer of another model indexes past the embeddings. Both fail late without this."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelError, match="turns text into no tokens") as err:
+        load_pretrained(tmp_path / "m")
+    assert "tokenizer.save_pretrained" in str(err.value)
+    tiny_tokenizer.add_tokens([f"extra{k}" for k in range(5)])
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    rows = tiny_model.get_input_embeddings().num_embeddings
+    with pytest.raises(ModelError, match=f"{len(tiny_tokenizer)} tokens.*{rows} rows"):
+        load_pretrained(tmp_path / "m")

@@ -131,21 +131,61 @@ def check_model_dir(path: Path, field: str) -> None:
 
 
 def load_pretrained(path: str | Path, field: str = "base.source"):
-    """Load any local causal LM and its tokenizer; never reaches for a model hub."""
+    """Load any local causal LM and its tokenizer; never reaches for a model hub.
+
+    transformers loads what it can and initialises the rest at random, with a warning: weights
+    saved under other names, or a tokenizer missing from the directory, would give a random
+    model or empty encodings that fail (or train) later. Both are refused here instead."""
     path = Path(path)
     check_model_dir(path, field)
+    fix = "save both with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
+        problem = f"cannot load a causal LM and tokenizer from '{path}' ({type(err).__name__})"
+        raise ModelError(field, problem, fix) from None
+    except RuntimeError as err:
+        if "mismatch" not in str(err):
+            raise
         raise ModelError(
-            field,
-            f"cannot load a causal LM and tokenizer from '{path}' ({type(err).__name__})",
-            "save both with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)",
+            field, f"the weights in '{path}' do not have the shapes config.json gives", fix
         ) from None
+    check_loaded(model, tokenizer, info, path, field)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_loaded(model, tokenizer, info: dict, path: Path, field: str) -> None:
+    """The loaded model has every weight from the files, and the tokenizer fits it."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ModelError(
+            field,
+            f"the weights in '{path}' lack {len(missing)} of the model's tensors ({shown}): "
+            "they would start at random",
+            "save the model with model.save_pretrained(dir) from the same architecture as its "
+            "config.json (weights saved under other names do not load)",
+        )
+    if not tokenizer("The patient was seen today.")["input_ids"]:
+        raise ModelError(
+            field,
+            f"the tokenizer loaded from '{path}' turns text into no tokens (no tokenizer files?)",
+            "save the model's tokenizer into the directory: tokenizer.save_pretrained(dir)",
+        )
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(
+            field,
+            f"the tokenizer in '{path}' has {len(tokenizer):,} tokens, the model's embeddings "
+            f"{rows:,} rows",
+            "save the tokenizer the model was trained with, or grow the embeddings first "
+            "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained)",
+        )
 
 
 def position_limit(model: torch.nn.Module) -> int:
