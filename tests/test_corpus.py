@@ -121,10 +121,29 @@ def test_prepare_holds_out_an_attack_split_of_attack_members(tmp_path):
 
 
 def test_too_few_records_for_the_members_is_an_error_before_training(tmp_path):
+    """The fix names the most members the records afford, and that many then prepare: the
+    attack split comes out of the records before train, so fewer members leave more train."""
     from privtune.stages.prepare import prepare
 
     with pytest.raises(ConfigError, match=r"attack\.members.*lower attack\.members to at most"):
         prepare(_prepare_params(_csv(tmp_path / "notes.csv", 40), 18), tmp_path)
+    assert not (tmp_path / "data/prepared").exists()
+    with pytest.raises(ConfigError, match=r"at most (\d+)") as err:
+        prepare(_prepare_params(_csv(tmp_path / "notes.csv", 80), 39), tmp_path)
+    most = int(re.search(r"at most (\d+)", str(err.value)).group(1))
+    card = prepare(_prepare_params(_csv(tmp_path / "notes.csv", 80), most), tmp_path)
+    assert card["counts"]["attack"] == most
+    with pytest.raises(ConfigError, match="at most"):
+        prepare(_prepare_params(_csv(tmp_path / "notes.csv", 80), most + 1), tmp_path)
+
+
+def test_records_too_few_for_the_least_members_say_to_add_records(tmp_path):
+    from privtune.stages.prepare import prepare
+
+    with pytest.raises(
+        (ConfigError, DataError), match=r"provide more records: 20 afford 8 members"
+    ):
+        prepare(_prepare_params(_csv(tmp_path / "notes.csv", 20), 10), tmp_path)
     assert not (tmp_path / "data/prepared").exists()
 
 
@@ -232,6 +251,18 @@ def test_the_default_delta_never_exceeds_the_registry_gate():
     assert default_delta(522, max_delta=1e-4) == 1e-4
     assert make_plan(522, finetune, private=False, max_delta=1e-4).delta == 1e-4
     assert make_plan(20_000, finetune, private=False, max_delta=1e-4).delta == 5e-6
+
+
+@pytest.mark.parametrize("n", [258, 522, 20_000])
+def test_the_delta_an_error_suggests_is_accepted(n):
+    """Following the below-1/N error's example must not walk into the gate's refusal (it
+    suggested 1/(10 N) = 4e-4 for N = 258, above the gate's 1e-4)."""
+    finetune = parse_params({"finetune": {"delta": 0.5 / n * 3}}).finetune
+    with pytest.raises(ConfigError, match=r"below 1/N") as err:
+        make_plan(n, finetune, private=False, max_delta=1e-4)
+    suggested = float(re.search(r"\(e\.g\. ([0-9.e-]+),", str(err.value)).group(1))
+    followed = finetune.model_copy(update={"delta": suggested})
+    assert make_plan(n, followed, private=False, max_delta=1e-4).delta == suggested
 
 
 def test_a_delta_the_gate_would_refuse_is_refused_before_training():

@@ -132,3 +132,67 @@ def test_csv_field_over_the_csv_modules_limit_is_named(tmp_path):
     with pytest.raises(DataError, match=r"record 1 \(line 2\) has a field over the limit"):
         load_records(path)
     assert len(load_records(path, max_chars=300_000)[0]["text"]) == 200_000
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        'id,text\n1,"a note\n2,"the next note"\n3,"a third"\n',  # the quote runs on
+        'id,text\n1,"a note" and more\n2,"the next note"\n',  # text after a closing quote
+        'id,text\n1,"secret text\n',  # never closed
+    ],
+)
+def test_a_csv_with_a_stray_quote_is_refused_not_merged_into_one_record(tmp_path, content):
+    """Python's csv reads a stray quote as a field that runs on through the next lines: notes
+    silently merged into one. strict mode makes it an error naming the record."""
+    path = tmp_path / "notes.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"not valid CSV at record \d") as err:
+        load_records(path)
+    assert "secret text" not in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_a_json_array_file_loads_and_a_bad_one_names_the_element(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text(json.dumps(ROWS, indent=1))
+    assert [r["text"] for r in load_records(path)] == ["first note", "second note"]
+    path.write_text(json.dumps([ROWS[0], "secret text"]))
+    with pytest.raises(DataError, match="element 2 of the array is not a JSON object") as err:
+        load_records(path)
+    assert "secret text" not in str(err.value)
+    path.write_text('[{"text": "secret text"},')
+    with pytest.raises(DataError, match=r"line 1 is not valid JSON \(Expecting value at col"):
+        load_records(path)
+    lines = tmp_path / "lines.json"  # a .json of JSON lines still reads as JSONL
+    lines.write_text("\n".join(json.dumps(r) for r in ROWS))
+    assert len(load_records(lines)) == 2
+
+
+def test_json_errors_say_where_once(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"text": "secret\ttext"}\n')  # a raw tab: an invalid control character
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert "Invalid control character at column" in str(err.value)
+    assert "at at" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_an_empty_id_is_named_as_empty_not_as_a_repeat(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    rows = [{"id": "a", "text": "one"}, {"id": None, "text": "two"}, {"id": " ", "text": "3"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"record 2 has an empty `id`") as err:
+        load_records(path, id_column="id")
+    assert "prepare.id_column" in str(err.value)
+
+
+def test_a_datasetdict_without_train_split_names_its_splits(tmp_path):
+    both = datasets.DatasetDict(
+        {"validation": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS)}
+    )
+    both.save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(DataError, match=r"splits \['test', 'validation'\] without a `train`"):
+        load_records(tmp_path / "both")
+    one = datasets.DatasetDict({"notes": datasets.Dataset.from_list(ROWS)})
+    one.save_to_disk(str(tmp_path / "one"))
+    assert len(load_records(tmp_path / "one")) == 2  # a single split is the corpus

@@ -1,5 +1,6 @@
-"""Load a user's own corpus: JSONL, CSV, or a `datasets` directory, with a text column
-(`prepare.text_column`, default `text`) and optionally an id column (`prepare.id_column`).
+"""Load a user's own corpus: JSONL (or a .json array), CSV, or a `datasets` directory, with a
+text column (`prepare.text_column`, default `text`) and optionally an id column
+(`prepare.id_column`).
 
 Records come back as ``{"text": ...}`` (plus ``"id"``): the other columns stay behind, since the
 prepared splits need only the text and every copied field is more private data to carry.
@@ -69,6 +70,18 @@ def _not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
     )
 
 
+def _read_utf8(path: Path) -> str:
+    """The whole file as text, without a byte-order mark (Excel's "CSV UTF-8" starts with one,
+    which would prefix the first column's name)."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = bom + err.start
+        raise _not_utf8(path, data.count(b"\n", 0, at) + 1, at, data[at]) from None
+
+
 def _too_long(source: str, where: str, length: int | None, limit: int) -> DataError:
     size = f"{length:,} characters" if length is not None else "a field over the limit"
     return DataError(
@@ -105,7 +118,14 @@ def _check_rows(
             raise _too_long(source, f"record {index + 1}", len(text), max_chars)
         record = {"text": text}
         if id_column is not None:
-            record["id"] = str(row[id_column])
+            value = row[id_column]
+            if value is None or not str(value).strip():
+                raise DataError(
+                    source,
+                    f"record {index + 1} has an empty `{id_column}`",
+                    f"give every record an id in `{id_column}`, or set prepare.id_column to null",
+                )
+            record["id"] = str(value)
             if record["id"] in seen:  # the value itself may identify a patient: not shown
                 raise DataError(
                     source,
@@ -115,6 +135,37 @@ def _check_rows(
             seen.add(record["id"])
         out.append(record)
     return out
+
+
+def _json_error(err: json.JSONDecodeError, where: str) -> str:
+    """json's message and position, never the text around it (it may be a record)."""
+    return f"{where} is not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+
+
+def _starts_with_array(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+    return head.startswith(b"[")
+
+
+def load_json_array(
+    path: Path,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
+) -> list[dict]:
+    """A .json file holding one array of objects (what json.dump of a list of records writes)."""
+    text = _read_utf8(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        problem = _json_error(err, f"line {err.lineno}")
+        raise DataError(str(path), problem, "write one JSON array of objects") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            problem = f"element {index + 1} of the array is not a JSON object"
+            raise DataError(str(path), problem, "make each element an object: {...}")
+    return _check_rows(rows, str(path), text_column, id_column, max_chars)
 
 
 def load_jsonl(
@@ -139,11 +190,8 @@ def load_jsonl(
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(
-                    str(path),
-                    f"line {number} is not valid JSON ({err.msg} at column {err.colno})",
-                    "write one JSON object per line",
-                ) from None
+                problem = _json_error(err, f"line {number}")
+                raise DataError(str(path), problem, "write one JSON object per line") from None
             if not isinstance(row, dict):
                 raise DataError(str(path), f"line {number} is not a JSON object", "use {...}")
             rows.append(row)
@@ -166,17 +214,10 @@ def load_csv(
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
-    data = path.read_bytes()
-    # Excel's "CSV UTF-8" starts with a byte-order mark, which would prefix the first column
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[bom:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = bom + err.start
-        line = data.count(b"\n", 0, at) + 1
-        raise _not_utf8(path, line, at, data[at]) from None
+    text = _read_utf8(path)
     with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
-        reader = csv.DictReader(handle)
+        # strict: a stray quote is an error, not a field running on through the next notes
+        reader = csv.DictReader(handle, strict=True)
         rows: list[dict] = []
         try:
             rows.extend(dict(row) for row in reader)
@@ -214,8 +255,14 @@ def load_datasets_dir(
             "point prepare.source at a .jsonl/.csv file or a save_to_disk directory",
         ) from None
     if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else next(iter(ds))
-        ds = ds[split]
+        if "train" not in ds and len(ds) != 1:
+            raise DataError(
+                str(path),
+                f"a DatasetDict of the splits {sorted(ds)} without a `train` split",
+                "save the split that holds your corpus on its own (ds[name].save_to_disk(dir)) "
+                "or name it train: prepare makes its own train/valid/test split",
+            )
+        ds = ds["train" if "train" in ds else next(iter(ds))]
     _require_columns(str(path), list(ds.column_names), text_column, id_column)
     return _check_rows([dict(row) for row in ds], str(path), text_column, id_column, max_chars)
 
@@ -241,6 +288,8 @@ def load_records(
     try:
         if path.is_dir():
             return load_datasets_dir(path, *columns)
+        if suffix == ".json" and _starts_with_array(path):
+            return load_json_array(path, *columns)
         if suffix in {".jsonl", ".json"}:
             return load_jsonl(path, *columns)
         if suffix == ".csv":

@@ -64,7 +64,8 @@ def make_plan(
         raise ConfigError(
             "finetune.delta",
             f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
-            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. {1.0 / (10 * n_records):.1g})",
+            f"set finetune.delta below {1.0 / n_records:.3g} (e.g. "
+            f"{default_delta(n_records, max_delta):.1g}, or null for that default)",
         )
     if max_delta is not None and delta > max_delta:
         raise ConfigError(

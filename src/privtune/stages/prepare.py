@@ -19,21 +19,49 @@ from privtune.errors import ConfigError, DataError
 SPLITS = ("public", "train", "valid", "test", "attack")
 
 
+def _split_sizes(n_records: int, members: int, params: Params) -> tuple[int, int, int]:
+    """(valid, test, train) sizes left by an attack split of ``members`` records."""
+    rest = n_records - members
+    n_valid = max(1, round(params.prepare.valid_fraction * rest))
+    n_test = max(1, round(params.prepare.test_fraction * rest))
+    return n_valid, n_test, rest - n_valid - n_test
+
+
+def _most_members(n_records: int, planted: int, params: Params) -> int:
+    """The largest attack.members these records afford: the attack split comes out of the
+    records before train, so each member more is a training record less (0: none fits)."""
+    for members in range(n_records // 2, 0, -1):
+        train = _split_sizes(n_records, members, params)[2]
+        if train >= 2 and train - planted >= members:
+            return members
+    return 0
+
+
+def _fewer_members_fix(n_records: int, planted: int, params: Params) -> str:
+    most = _most_members(n_records, planted, params)
+    least = next(m.ge for m in type(params.attack).model_fields["members"].metadata)
+    if most >= least:
+        return f"lower attack.members to at most {most} (these {n_records} records' most)"
+    return (
+        f"provide more records: {n_records} afford {most} members at most, under "
+        f"attack.members' minimum of {least}"
+    )
+
+
 def _split(records: list[dict], params: Params) -> dict[str, list[dict]]:
     """attack (attack.members records), then valid / test / train of the rest."""
     p, n_attack = params.prepare, params.attack.members
     rows = list(records)
     random.Random(p.seed).shuffle(rows)
     attack, rows = rows[:n_attack], rows[n_attack:]
-    n_valid = max(1, round(p.valid_fraction * len(rows)))
-    n_test = max(1, round(p.test_fraction * len(rows)))
-    if len(rows) - n_valid - n_test < 2:
+    n_valid, n_test, n_train = _split_sizes(len(records), n_attack, params)
+    if n_train < 2:
         raise DataError(
             "prepare.source",
             f"only {len(records)} records: too few for an attack split of attack.members = "
             f"{n_attack} and train/valid/test splits",
-            "provide more records, or lower attack.members or prepare.valid_fraction / "
-            "prepare.test_fraction",
+            _fewer_members_fix(len(records), 0, params)
+            + ", or lower prepare.valid_fraction / prepare.test_fraction",
         )
     return {
         "train": rows[n_valid + n_test :],
@@ -48,7 +76,7 @@ def is_generator(source: str) -> bool:
     return Path(source).as_posix().removeprefix("./") == GENERATOR_SOURCE
 
 
-def _members_available(train: list[dict], planted: int, params: Params) -> None:
+def _members_available(train: list[dict], planted: int, n_records: int, params: Params) -> None:
     """The membership attack needs attack.members canary-free training records: say so here,
     before any training, rather than attacking with fewer."""
     clean = len(train) - planted
@@ -57,7 +85,7 @@ def _members_available(train: list[dict], planted: int, params: Params) -> None:
             "attack.members",
             f"{params.attack.members} members wanted but the train split has {clean} records "
             f"without a canary ({len(train)} records, {planted} with one)",
-            f"lower attack.members to at most {clean}, or provide more records",
+            _fewer_members_fix(n_records, planted, params),
         )
 
 
@@ -121,7 +149,7 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             f"planting needs {needed} training records but the train split has {len(train)}",
             "lower prepare.canaries.per_repetition or the repetitions, or add records",
         )
-    _members_available(train, needed, params)
+    _members_available(train, needed, len(records), params)
     train = insert_canaries(train, canaries, seed=p.seed)
     audit = []
     if p.canaries.audit:
