@@ -82,6 +82,23 @@ def test_build_controller_names_the_entry_of_a_bad_option():
         build_controller("nosuch", ctx, {}, "nosuch")
 
 
+def test_a_controllers_own_check_names_the_option_it_failed():
+    """Options typed alone can still disagree with the run (one weight per adapter): the
+    controller's check names the dotted option, not just the entry."""
+    ctx = ControllerContext(("q", "v"), 0.1, 10, 1.0, 1e-5, 1.0)
+    with pytest.raises(ConfigError, match=r"methods\.mine\.weights: weights must be 2") as err:
+        build_controller("per_adapter", ctx, {"weights": [1.0, 2.0, 3.0]}, "mine")
+    assert "correct `methods.mine.weights` in params.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match=r"methods\.law\.params: params needs exactly"):
+        build_controller("lmo", ctx, {"params": {"a1": 1.0}}, "law")
+
+
+def test_a_validators_message_comes_without_pydantics_prefix():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"prepare": {"canaries": {"identifier": "MRN 12"}}})
+    assert "Value error" not in str(err.value) and "random characters" in str(err.value)
+
+
 def test_params_file_and_code_defaults_are_one_set():
     """A section left out of params.yaml means what the shipped file says (no second set)."""
     shipped = load_params(ROOT / "params.yaml").model_dump()

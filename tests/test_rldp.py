@@ -385,6 +385,9 @@ def test_rldp_with_fewer_threshold_groups_in_the_loop(tiny_model, tiny_tokenizer
     assert 0.97 * PARAMS.epsilon <= result.epsilon <= PARAMS.epsilon
 
 
+MISMATCHED = r"methods\.rldp\.warm_start: warm_start holds a policy trained for other groups"
+
+
 def test_rldp_groups_and_a_mismatched_warm_start_are_refused_by_name(tmp_path):
     from privtune.errors import ConfigError
 
@@ -398,7 +401,7 @@ def test_rldp_groups_and_a_mismatched_warm_start_are_refused_by_name(tmp_path):
     one = dataclasses.replace(CTX, group_names=("a",))
     others = dataclasses.replace(CTX, group_names=("x", "y", "z"))  # as many, other adapters
     for ctx, options in [(one, warm), (others, warm), (CTX, {**warm, "norm_levels": [1.0]})]:
-        with pytest.raises(ConfigError, match="warm_start policy was trained for other"):
+        with pytest.raises(ConfigError, match=MISMATCHED):
             build_controller("rldp", ctx, options)
     # a policy saved before the groups were recorded: its action and observation sizes decide
     legacy = {
@@ -407,8 +410,26 @@ def test_rldp_groups_and_a_mismatched_warm_start_are_refused_by_name(tmp_path):
     torch.save(legacy, path)
     assert build_controller("rldp", others, warm).n_groups == 3
     for ctx, options in [(one, warm), (CTX, {**warm, "norm_levels": [1.0]})]:
-        with pytest.raises(ConfigError, match="warm_start policy was trained for other"):
+        with pytest.raises(ConfigError, match=MISMATCHED):
             build_controller("rldp", ctx, options)
+
+
+def test_a_warm_start_that_is_no_saved_policy_is_a_config_error_naming_it(tmp_path):
+    """A missing or foreign file is the user's option gone wrong: exit 2 naming it, not a
+    traceback (torch.load's own FileNotFoundError or unpickling error)."""
+    from privtune.errors import ConfigError
+
+    for path, problem in [
+        (tmp_path / "absent.pt", "is not a file"),
+        (tmp_path / "notes.txt", r"is not a controller\.pt .* \(UnpicklingError\)"),
+        (tmp_path / "other.pt", "holds no RLDP policy"),
+    ]:
+        if path.name == "notes.txt":
+            path.write_text("not a pickle")
+        if path.name == "other.pt":
+            torch.save({"weights": torch.zeros(2)}, path)
+        with pytest.raises(ConfigError, match=rf"methods\.mine\.warm_start: .*{problem}"):
+            build_controller("rldp", CTX, {**OPTIONS, "warm_start": str(path)}, "mine")
 
 
 def test_a_greedy_policy_cannot_overspend(tiny_model, tiny_tokenizer, monkeypatch):

@@ -440,7 +440,8 @@ def _format_validation_error(
     first = err.errors()[0]
     field = prefix + ".".join(str(part) for part in first["loc"])
     value = first.get("input")
-    problem = f"{first['msg']} (got {value!r})" if not isinstance(value, dict) else first["msg"]
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's wrapping of our checks
+    problem = f"{message} (got {value!r})" if not isinstance(value, dict) else message
     if first["type"] == "extra_forbidden":
         problem = "unknown parameter"
         fix = f"remove or rename `{field}` in {path} (see the documented keys in README.md)"

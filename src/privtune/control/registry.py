@@ -78,4 +78,8 @@ def build_controller(
     try:
         return cls(ctx, **typed.model_dump())
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"methods.{entry or method}", str(err), "correct the option") from None
+        # the controllers' checks begin with the option's name ("weights must be ...")
+        message = str(err)
+        option = next((name for name in type(typed).model_fields if message.startswith(name)), "")
+        field = f"methods.{entry or method}" + (f".{option}" if option else "")
+        raise ConfigError(field, message, f"correct `{field}` in params.yaml") from None

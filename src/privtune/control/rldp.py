@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -48,6 +49,20 @@ N_FEATURES = 6  # valid loss, its change, eps spent/target, progress, pace, budg
 
 def _sha256(path: str) -> str:  # pragma: no mutate block
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _read_policy(path: str) -> dict[str, Any]:  # pragma: no mutate block
+    """A saved policy's state; the errors begin with the option's name (the registry names it)."""
+    saved = "a controller.pt of an RLDP run, or models/rldp-public/policy.pt"
+    if not Path(path).is_file():
+        raise ValueError(f"warm_start '{path}' is not a file ({saved})")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as err:  # pickle, zip or torch errors: all mean "not a saved policy"
+        raise ValueError(f"warm_start '{path}' is not {saved} ({type(err).__name__})") from None
+    if not isinstance(state, dict) or "policy" not in state:
+        raise ValueError(f"warm_start '{path}' holds no RLDP policy ({saved})")
+    return state
 
 
 def _step_cost(z: float) -> float:
@@ -213,7 +228,7 @@ class RLDP(Controller):
         self.warm_start = warm_start
         self.warm_provenance: dict[str, Any] = {}
         if warm_start:
-            self.load_state_dict(torch.load(warm_start, weights_only=False))
+            self.load_state_dict(_read_policy(warm_start))
             self.warm_provenance["sha256"] = _sha256(warm_start)
 
     # -- action mapping ------------------------------------------------------------------
@@ -466,7 +481,7 @@ class RLDP(Controller):
             same = shape == (self.group_names, self.norm_levels)
         if not same:
             raise ValueError(
-                "the warm_start policy was trained for other threshold groups or norm levels "
+                "warm_start holds a policy trained for other groups or norm levels "
                 f"({len(shape[0]) or 'unrecorded'} groups, levels {list(shape[1]) or 'unrecorded'}"
                 f"; this run: {self.n_groups} groups, levels {list(self.norm_levels)}): train "
                 "it with the same model, LoRA targets, groups and norm_levels"
