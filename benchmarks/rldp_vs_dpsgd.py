@@ -63,6 +63,10 @@ ABLATION = {
     "thresholds": ("anchor + policy on thresholds only", {"noise_bounds": [1.0, 1.0]}),
     "noise": ("anchor + policy on noise only", {"clip_bounds": [1.0, 1.0]}),
     "full": ("anchor + policy (RLDP)", {}),
+    # fewer decisions: each interval's own noise moves the validation loss less against the
+    # action's effect, and the policy has fewer chances to leave the anchor
+    "interval10": ("anchor + policy deciding every 10 steps", {"rl_interval": 10}),
+    "interval20": ("anchor + policy deciding every 20 steps", {"rl_interval": 20}),
     # the policy also observing the DP norm histogram of per-sample gradient norms (RLDP's
     # default before it cost more than it returned: README, "Longer runs")
     "histogram": (

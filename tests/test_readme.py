@@ -596,6 +596,37 @@ def test_rldp_policy_dimensions_without_the_histogram_are_the_committed_runs():
         assert f"{value:.2f}" in README, seed
 
 
+def test_rldp_decision_interval_runs_are_the_committed_runs():
+    """The longer the interval, the fewer actions and the smaller the policy's cost against the
+    anchor alone; at 20 steps about level. The reused runs are the histogram table's own."""
+    results = ROOT / "benchmarks" / "results"
+    table = (results / "rldp-long-interval" / "rldp_ablation.md").read_text().strip()
+    assert _block("results:rldp-long-interval") == table
+    runs = json.loads((results / "rldp-long-interval" / "rldp_ablation.json").read_text())["runs"]
+    earlier = json.loads((results / "rldp-long-histogram" / "rldp_ablation.json").read_text())
+    assert all(r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9) for r in runs)
+    anchor = _perplexity_by_seed(runs, 4.0, "anchor alone (per-adapter")
+    for prefix in ("DP-SGD", "anchor alone (per-adapter", "anchor + policy (RLDP)"):
+        assert _perplexity_by_seed(runs, 4.0, prefix) == _perplexity_by_seed(
+            earlier["runs"], 4.0, prefix
+        )
+    costs, actions = [], []
+    for prefix, interval in [
+        ("anchor + policy (RLDP)", 5),
+        ("anchor + policy deciding every 10", 10),
+        ("anchor + policy deciding every 20", 20),
+    ]:
+        mine = [r for r in runs if r["variant"].startswith(prefix)]
+        assert len(mine) == 3 and {r["resolved_options"]["rl_interval"] for r in mine} == {interval}
+        assert all(r["resolved_options"]["norm_levels"] == [] for r in mine)
+        by_seed = _perplexity_by_seed(runs, 4.0, prefix)
+        costs.append(sum(by_seed[s] - anchor[s] for s in by_seed) / 3)
+        actions.append(sum(r["controller_metrics"]["rldp/policy_actions"] for r in mine))
+    assert costs[0] > costs[1] > costs[2] and abs(costs[2]) < 0.2  # level at 20 steps
+    assert actions[0] > actions[1] > actions[2]
+    assert [f"+{c:.2f}" in README for c in costs] == [True, True, True]
+
+
 def _paired_table(report: str) -> str:
     start = report.index("| method | test perplexity vs dpsgd")
     return report[start:].split("\n\n")[0].strip()
