@@ -7,7 +7,8 @@ wall-clock ratio of an RLDP step to a DP-SGD step. Needs `dvc repro base` first 
 The JSON's ``summary`` maps each epsilon to the mean RLDP / DP-SGD test-perplexity ratio.
 
 ``--ablation`` runs RLDP's variants instead (ABLATION: the anchor alone, the policy on one
-dimension, the full policy, the policy with the DP norm histogram) beside DP-SGD, so a gain
+dimension, the full policy, deciding every 10 or 20 steps, the policy with the DP norm
+histogram) beside DP-SGD, so a gain
 can be traced to the anchor or the policy (test perplexity only: the downstream task is
 skipped), with ``--baselines`` static methods beside them and ``--public-episodes N`` RLDP
 warm-started from a policy trained on public data;
