@@ -134,8 +134,9 @@ def last_heartbeat(client: Any, run: Any) -> datetime | None:
 
 
 def stopped(beat: datetime | None, interval: float | None, now: datetime) -> bool:
-    """A running run is dead when it has sent heartbeats and missed the last few. One that never
-    sent any is not judged: its deployment may not send them, or the events may lag."""
+    """A running run is dead when nothing was heard of it (its last heartbeat, or its start if
+    it sent none) for the last few intervals. A deployment that sends no heartbeats is not
+    judged; the few intervals leave room for events that lag."""
     if beat is None or interval is None:
         return False
     return now - beat > timedelta(seconds=MISSED_HEARTBEATS * interval + POLL_SECONDS)
@@ -148,11 +149,14 @@ def crash_if_dead(client: Any, run: Any, interval: float | None) -> str | None:
     if interval is None or run.state is None or not run.state.is_running():
         return None
     beat = last_heartbeat(client, run)
-    if not stopped(beat, interval, datetime.now(UTC)):
+    # killed before its first heartbeat (its worker lost while starting): judged from its start
+    since = beat or run.start_time
+    if not stopped(since, interval, datetime.now(UTC)):
         return None
+    what = f"{since:%Y-%m-%d %H:%M:%S} UTC" if beat else f"it started at {since:%H:%M:%S} UTC"
     why = (
-        f"flow run {run.id} sent no heartbeat since {beat:%Y-%m-%d %H:%M:%S} UTC (every "
-        f"{interval:g} s expected): its worker or machine is gone"
+        f"flow run {run.id} sent no heartbeat since {what} (every {interval:g} s expected): "
+        "its worker or machine is gone"
     )
     client.set_flow_run_state(run.id, Crashed(message=why), force=True)
     return why

@@ -256,6 +256,13 @@ def test_a_running_run_whose_heartbeats_stopped_is_crashed_and_passed_over(monke
     # no heartbeat ever, or a deployment that does not send them: not judged
     client = _Beating({"k": _run("r1", Running())}, {})
     assert usable(client, beating)[1].id == "r1"
+    # none ever, but started 100 s ago: killed before its first beat, judged from its start
+    started = SimpleNamespace(**{**vars(_run("r1", Running())), "start_time": now})
+    client = _Beating({"k": started}, {})
+    assert usable(client, beating)[1].id == "r1" and not client.crashed  # just started
+    started.start_time = now - timedelta(seconds=100)
+    assert usable(client, beating) == ("k:after-r1", None)
+    assert "sent no heartbeat since it started at" in client.crashed["r1"]
     client = _Beating({"k": _run("r1", Running())}, {"r1": now - timedelta(hours=5)})
     assert usable(client, silent)[1].id == "r1" and not client.crashed
 
