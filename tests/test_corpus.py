@@ -137,6 +137,16 @@ def test_too_few_records_for_the_members_is_an_error_before_training(tmp_path):
         prepare(_prepare_params(_csv(tmp_path / "notes.csv", 80), most + 1), tmp_path)
 
 
+@pytest.mark.parametrize("repetitions, per", [((1, 4, 16), 2), ((1,), 1), ((2, 8), 3)])
+def test_the_members_fix_counts_the_canaries_prepare_plants(repetitions, per):
+    from privtune.stages.prepare import _planted
+
+    params = parse_params({"prepare": {"canaries": {"repetitions": list(repetitions),
+                                                    "per_repetition": per}}})  # fmt: skip
+    canaries = make_canaries(repetitions, per, 3, seed=0)
+    assert _planted(params) == sum(c.repetitions for c in canaries)
+
+
 def test_records_too_few_for_the_least_members_say_to_add_records(tmp_path):
     from privtune.stages.prepare import prepare
 

@@ -37,8 +37,14 @@ def _most_members(n_records: int, planted: int, params: Params) -> int:
     return 0
 
 
-def _fewer_members_fix(n_records: int, planted: int, params: Params) -> str:
-    most = _most_members(n_records, planted, params)
+def _planted(params: Params) -> int:
+    """Training records that will carry a canary (each canary once per repetition)."""
+    c = params.prepare.canaries
+    return c.per_repetition * sum(c.repetitions)
+
+
+def _fewer_members_fix(n_records: int, params: Params) -> str:
+    most = _most_members(n_records, _planted(params), params)
     least = next(m.ge for m in type(params.attack).model_fields["members"].metadata)
     if most >= least:
         return f"lower attack.members to at most {most} (these {n_records} records' most)"
@@ -60,7 +66,7 @@ def _split(records: list[dict], params: Params) -> dict[str, list[dict]]:
             "prepare.source",
             f"only {len(records)} records: too few for an attack split of attack.members = "
             f"{n_attack} and train/valid/test splits",
-            _fewer_members_fix(len(records), 0, params)
+            _fewer_members_fix(len(records), params)
             + ", or lower prepare.valid_fraction / prepare.test_fraction",
         )
     return {
@@ -85,7 +91,7 @@ def _members_available(train: list[dict], planted: int, n_records: int, params: 
             "attack.members",
             f"{params.attack.members} members wanted but the train split has {clean} records "
             f"without a canary ({len(train)} records, {planted} with one)",
-            _fewer_members_fix(n_records, planted, params),
+            _fewer_members_fix(n_records, params),
         )
 
 
