@@ -197,7 +197,7 @@ def test_plan_boundaries() -> None:
         make_plan(1000, _finetune(delta=1e-3), private=False)
     assert str(err.value) == (
         "finetune.delta: 0.001 is not below 1/N = 0.001 for N = 1000 records. "
-        "Fix: set finetune.delta below 0.001 (e.g. 0.0001)"
+        "Fix: set finetune.delta below 0.001 (e.g. 0.0001, or null for that default)"
     )
     assert make_plan(1000, _finetune(delta=0.999e-3), private=False).delta == 0.999e-3
     # the registry's delta gate: equality is allowed, above it is refused
