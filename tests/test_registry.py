@@ -208,6 +208,8 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert card["utility"]["test_perplexity"] == 42.0
     assert card["model"]["dvc.outs_md5"] == "bb.dir" and len(card["model"]["dvc.deps_md5"]) == 32
     assert card["model"]["finetune_run_id"] == run_id
+    assert card["model"]["base_sha256"] == io.tree_sha256(project / "models/base")
+    assert f"- base_sha256: `{card['model']['base_sha256']}`" in text
     assert card["contract"]["secret_noise"] is True
     assert "Sampler and noise seeded from OS entropy, kept secret." in text
     assert {g["gate"] for g in card["gates"]["at_registration"]} == {
@@ -232,6 +234,27 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     on_model = {m.key: m.value for m in logged.metrics}
     assert on_model["test_perplexity"] == 42.0 and on_model["loss"] == 3.0
     assert len(mlflow_client.get_metric_history(run_id, "loss")) == 1  # copied, not duplicated
+    # the logged model knows its version (MLflow's UI: "Registered", not a Register button)
+    linked = json.loads(logged.tags["mlflow.modelVersions"])
+    assert linked == [{"name": "clinical-tags", "version": str(version.version)}]
+
+
+def test_the_card_says_when_training_never_saw_most_canaries(project):
+    """Canaries past base.max_length were never trained on: exposure near the floor then says
+    nothing about memorisation, and the card must say so, not only the attack stage's log."""
+    short = {"canary_occurrences_planted": 42.0, "canary_occurrences_trained": 13.0}
+    add_entry(project, "clipped", attack={**SAFE_ATTACK, **short}, seed=14)
+    version = register("clipped", "clinical-clipped", project)
+    card, text = _card(project, "clinical-clipped", version.version)
+    canaries = card["attacks"]["canaries"]
+    assert (canaries["occurrences_planted"], canaries["occurrences_trained"]) == (42.0, 13.0)
+    assert "Training saw only 13 of the 42 planted canary occurrences" in text
+    add_entry(project, "whole", attack={**SAFE_ATTACK, **short, "canary_occurrences_trained": 42.0},
+              seed=15)  # fmt: skip
+    _, whole = _card(
+        project, "clinical-clipped", register("whole", "clinical-clipped", project).version
+    )
+    assert "Training saw only" not in whole
 
 
 def test_registering_twice_reuses_the_version(project, tmp_path):
@@ -293,6 +316,9 @@ def test_a_registration_cut_short_is_finished_by_its_retry(project, monkeypatch)
     assert str(mlflow_client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
     assert "not yet judged" in mlflow_client.get_model_version(name, "2").description
     assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 2
+    source = mlflow_client.get_model_version(name, "2").source.removeprefix("models:/")
+    linked = mlflow_client.get_logged_model(source).tags["mlflow.modelVersions"]
+    assert json.loads(linked) == [{"name": name, "version": "2"}]  # linked once, by either try
 
 
 def test_model_from_another_store_is_a_clear_error(project):
@@ -545,8 +571,10 @@ def test_non_private_model_has_infinite_epsilon_and_is_refused(project):
     card, _ = _card(project, "clinical-open", version.version)
     assert card["contract"]["private"] is False and card["contract"]["epsilon"] is None
     assert card["ledger"] is None
-    failed = {g.gate for g in promote("clinical-open", root=project).failed}
-    assert {"epsilon", "delta"} <= failed
+    decision = promote("clinical-open", root=project)
+    assert {"epsilon", "delta"} <= {g.gate for g in decision.failed}
+    delta = next(g for g in decision.failed if g.gate == "delta")
+    assert delta.reason.startswith("not private") and "missing" not in delta.reason
     mv = client(project).get_model_version("clinical-open", version.version)
     assert "ε ∞ (not private)" in mv.description.splitlines()[0]
     model = client(project).get_registered_model("clinical-open")

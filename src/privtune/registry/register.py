@@ -162,10 +162,15 @@ def provenance(root: str | Path, entry: str) -> dict[str, str]:
     """Where the model came from (for its card): run, adapter and base, code, DVC stage."""
     root = Path(root)
     info = _model_info(root, entry)
+    base = root / BASE_DIR
+    built = io.read_json(base / "privtune.json") if (base / "privtune.json").is_file() else {}
     return {
         "finetune_run_id": info["run_id"],
         "adapter_sha256": io.tree_sha256(root / MODELS_DIR / entry / "adapter"),
         "base": str(info.get("base", BASE_DIR)),
+        # which base, not only where: its files' hash and what the base stage made it from
+        "base_sha256": io.tree_sha256(base),
+        "base_source": str(built.get("source", "unrecorded")),
         "git_commit": tracking.git_commit(root),
         **_dvc_stage(root, entry),
     }
@@ -233,6 +238,11 @@ def register(
         )
     else:  # an earlier attempt created it and stopped before its description and alias
         version = existing
+    # the version's source is models:/<id> (the returned entity may not carry model_id)
+    source = str(version.source or "")
+    from_source = source.removeprefix("models:/") if source.startswith("models:/") else None
+    model_id = getattr(version, "model_id", None) or from_source
+    _link_logged_model(mlflow_client, model_id, name, version.version)
     pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
     description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
     mlflow_client.update_model_version(name, version.version, description=description)
@@ -240,6 +250,22 @@ def register(
     # its tags (champion, champion.why) race like the alias when two workers register at once
     retry_unique(lambda: describe_registered_model(mlflow_client, name))
     return RegisteredVersion(name, str(version.version), run_id, created=existing is None)
+
+
+def _link_logged_model(mlflow_client, model_id: str | None, name: str, version: str) -> None:
+    """Tag the logged model with the version made of it, as mlflow.register_model does (we
+    call create_model_version for its tags): else MLflow's UI calls the champion's logged
+    model "Not registered" and offers to register it again, without its verdict."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if not model_id:
+        return
+    model = mlflow_client.get_logged_model(model_id)
+    linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": str(version)}
+    if entry not in [{"name": e["name"], "version": str(e["version"])} for e in linked]:
+        value = json.dumps([*linked, entry])
+        mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: value})
 
 
 def card_section(card: dict[str, Any]) -> str:
