@@ -103,6 +103,9 @@ def _canaries(attack: Mapping[str, float], data_card: Mapping[str, Any]) -> dict
         "planted": planted.get("planted"),
         "repetitions": planted.get("repetitions"),
         "held_out": planted.get("held_out"),
+        # occurrences within base.max_length: those past it were never trained on
+        "occurrences_planted": _finite(attack.get("canary_occurrences_planted")),
+        "occurrences_trained": _finite(attack.get("canary_occurrences_trained")),
         "exposure_bits": exposure,
         "extraction_rate": extraction,
     }
@@ -429,6 +432,16 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         f"{canaries['held_out']} held out. Exposure in bits (≈1.44 for a model that knows "
         "nothing) and the rate of exact extraction:",
         "",
+    ]
+    planted, trained = canaries.get("occurrences_planted"), canaries.get("occurrences_trained")
+    if planted is not None and trained is not None and trained < planted:
+        lines += [
+            f"**Training saw only {trained:.0f} of the {planted:.0f} planted canary "
+            "occurrences** (the others lie past `base.max_length` tokens): the exposure and "
+            "extraction below understate what a model would memorise of them.",
+            "",
+        ]
+    lines += [
         "| canaries | exposure mean | exposure max | extraction greedy | extraction sampled |",
         "|---|---|---|---|---|",
     ]
