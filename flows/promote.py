@@ -67,6 +67,26 @@ def challenger(root: str) -> str | None:
     return str(found.version)
 
 
+def _report(name: str, decisions: list, methods: dict | None, promoted: bool, why: str) -> None:
+    """The outcome where a scheduled run's reader looks: the gate table and the verdict in the
+    flow's log (what `privtune promote` prints), and as the run's `promotion` artifact."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    from privtune.registry.promotion import gates_table
+
+    table = gates_table(decisions, methods)
+    verdict = f"{name}: {'promoted' if promoted else 'nothing promoted'}: {why}"
+    reasons = "\n".join(decision.summary() for decision in decisions)
+    get_run_logger().info("%s\n%s\n(`!` marks a failed gate)\n%s", verdict, table, reasons)
+    if FlowRunContext.get() or TaskRunContext.get():  # an artifact belongs to a run
+        create_markdown_artifact(
+            markdown=f"**{verdict}**\n\n```text\n{table}\n```\n\n`!` marks a failed gate.",
+            key="promotion",
+            description=f"the gates of {name}'s candidates and the verdict",
+        )
+
+
 def _nothing_to_promote(name: str) -> dict:
     return {"name": name, "version": None, "promoted": False, "nothing_to_promote": True}
 
@@ -104,7 +124,7 @@ def decide(root: str, version: str | None) -> dict:
     if champion is not None and str(champion.version) == str(version):
         return {"name": registry.name, "version": str(version), "promoted": True}
     decision = promote(registry.name, registry.gates, root=root, version=version)
-    get_run_logger().info("%s", decision.summary())
+    _report(registry.name, [decision], None, decision.promoted, decision.reason())
     return decision.to_dict()
 
 
@@ -129,7 +149,8 @@ def choose(root: str) -> list[dict]:
         get_run_logger().info("nothing to promote: no new version of %s", registry.name)
         return [_nothing_to_promote(registry.name)]
     selection = promote_best(registry.name, registry.gates, root=root)
-    get_run_logger().info("%s", selection.why)
+    promoted = selection.chosen is not None
+    _report(registry.name, list(selection.decisions), selection.methods, promoted, selection.why)
     return [decision.to_dict() for decision in selection.decisions]
 
 

@@ -209,6 +209,10 @@ def test_nightly_retrains_when_a_parameter_changed_and_reuses_when_not(deployed)
     assert (project / "metrics/attack-dpsgd.json").is_file()
     assert not (deployer / "metrics").exists()  # the workers ran in their own checkout
     assert not (project / "reports/report.md").exists()  # a subset of the methods: no report
+    # the promotion's outcome is on the run, not only in the registry: its gate table
+    (promotion,) = _artifacts("promotion")
+    assert "privtune" in promotion.data and "marks a failed gate" in promotion.data
+    assert "version  method" in promotion.data and "PROMOTED" in promotion.data
 
     # A changed fine-tuning parameter: a second fine-tuning, a new MLflow run and version.
     write_params(project / "params.yaml", finetune={**PIPELINE["finetune"], "lr": 0.02})
@@ -407,6 +411,15 @@ def test_a_killed_worker_fails_the_dispatch_at_once_and_the_next_passes_it_over(
             client, doomed, dead.idempotency_key, str(project), "finetune@dpsgd", True
         )
     assert (key, earlier) == (f"{dead.idempotency_key}:after-{dead.id}", None)
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        return client.read_artifacts(artifact_filter=found)
 
 
 def _gpu_deployment_id() -> str:

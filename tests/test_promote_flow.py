@@ -229,13 +229,14 @@ def test_promote_flow_decision_is_idempotent_under_retry(
     promotion that consumed the challenger alias) reports the promotion, not "nothing to
     promote", and promotes nothing twice."""
     import importlib
-    import logging
 
     from flows import promote as flow
 
+    logged: list[str] = []
+    logger = SimpleNamespace(info=lambda message, *args: logged.append(message % args))
     register = importlib.import_module("privtune.registry.register")
     monkeypatch.setattr(register, "client", lambda root=".": registry)
-    monkeypatch.setattr(flow, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(flow, "get_run_logger", lambda: logger)
     gates = "  gates:\n    utility_confidence: null\n"  # the two numbers (see the fixture)
     (tmp_path / "params.yaml").write_text("registry:\n  name: m\n" + gates)
     root = str(tmp_path)
@@ -245,6 +246,10 @@ def test_promote_flow_decision_is_idempotent_under_retry(
     assert flow.challenger.fn(root) == v2
     first = flow.decide.fn(root, v2)
     assert first["promoted"] is True and first["version"] == v2
+    # the flow's log says what happened, as `privtune promote` prints it: verdict, gate table
+    (report,) = logged
+    assert report.startswith("m: promoted: all 7 gates hold")
+    assert "version  method" in report and f"m v{v2}: PROMOTED to champion" in report
     retried = flow.decide.fn(root, v2)
     assert retried == {"name": "m", "version": v2, "promoted": True}
     assert registry.history() == [v1, v2]  # promoted once

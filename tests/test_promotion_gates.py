@@ -342,6 +342,7 @@ def test_utility_gate_against_no_champion_or_one_without_the_metric():
     tags = SAFE | {"utility.test_perplexity": "40.0"}
     first = _gates(tags)["utility"]
     assert first.passed and first.threshold is None and "no champion yet" in first.reason
+    assert first.reason.startswith("test_perplexity ")  # the number says what it measures
     assert first.value == 40.0  # the challenger's value is on record even with nothing to beat
     missing = _gates(SAFE)["utility"]
     assert not missing.passed and missing.reason == (

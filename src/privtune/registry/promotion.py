@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -219,9 +219,8 @@ def _utility(gates: Gates, tags: dict[str, str], champion: Any | None) -> GateRe
     if value is None:
         return GateResult("utility", False, None, None, None, f"{key} missing: cannot check")
     if champion is None:
-        return GateResult(
-            "utility", True, value, None, None, f"{value:.6g}; no champion yet, nothing to beat"
-        )
+        reason = f"{gates.utility_metric} {value:.6g}; no champion yet, nothing to beat"
+        return GateResult("utility", True, value, None, None, reason)
     best = _number(dict(champion.tags), key)
     if best is None:
         reason = f"champion v{champion.version} has no {key}: cannot compare"
@@ -334,9 +333,13 @@ def evaluate_gates(gates: Gates, tags: dict[str, str], champion: Any | None) -> 
     """Each gate on a version's tags; a missing metric fails its gate, never passes."""
     epsilon = _number(tags, "epsilon")
     audit = _number(tags, f"{ATTACK_PREFIX}audit_epsilon_lower_bound")
+    delta = _at_most("delta", _number(tags, "delta"), gates.max_delta, "delta")
+    if delta.value is None and epsilon is not None and math.isinf(epsilon):
+        # a non-private model has no delta to miss: say what it is
+        delta = replace(delta, reason="not private: trained without an (epsilon, delta) bound")
     return [
         _at_most("epsilon", epsilon, gates.max_epsilon, "spent epsilon"),
-        _at_most("delta", _number(tags, "delta"), gates.max_delta, "delta"),
+        delta,
         _noise(gates, tags),
         *_attack_gates(gates, tags),
         _at_most(
