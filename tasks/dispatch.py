@@ -32,6 +32,7 @@ MISSED_HEARTBEATS = 3
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 MIN_HEARTBEAT_SECONDS = 30.0
 POLL_SECONDS = 5.0
+WAIT_LOG_SECONDS = 60.0  # how often a dispatch waiting on its fine-tuning says so
 
 
 class DispatchError(RuntimeError):
@@ -229,13 +230,30 @@ def _logger() -> Any:
         return logging.getLogger("privtune.dispatch")
 
 
-def _wait(client: Any, run: Any, timeout: float | None, interval: float | None) -> Any:
-    """The flow run once it is final, its heartbeats stopped, or ``timeout`` passed."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _wait(
+    client: Any,
+    run: Any,
+    timeout: float | None,
+    interval: float | None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> Any:
+    """The flow run once it is final, its heartbeats stopped, or ``timeout`` passed; says
+    every WAIT_LOG_SECONDS that it is still waiting, and on what (a GPU fine-tuning can take
+    hours, and the pipeline's log would otherwise be silent all along)."""
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+    said = start
     while True:
         run = client.read_flow_run(run.id)
         if run.state is not None and run.state.is_final():
             return run
+        if logger is not None and time.monotonic() - said >= WAIT_LOG_SECONDS:
+            said = time.monotonic()
+            logger.info(
+                "waiting for flow run %s: %s, %.0f s so far%s", run.name,
+                run.state.name if run.state else "unknown", said - start,
+                "" if timeout is None else f" (timeout {timeout:g} s)",
+            )  # fmt: skip
         why = crash_if_dead(client, run, interval)
         if why:
             raise RemoteRunFailed(
@@ -302,8 +320,13 @@ def finetune(
         idempotency_key=key,
         timeout=0,  # waited for below, watching its heartbeats
     )
+    reused = earlier is not None and str(earlier.id) == str(run.id)
+    logger.info(
+        "fine-tuning %s: %s flow run %s (%s) on pool '%s'; waiting for it", method,
+        "reusing" if reused else "started", run.name, run.id, pool,
+    )  # fmt: skip
     with get_client(sync_client=True) as client:
-        run = _wait(client, run, timeout, heartbeat_seconds(found))
+        run = _wait(client, run, timeout, heartbeat_seconds(found), logger)
     state = run.state
     if state is None or not state.is_final():
         raise DispatchTimeout(
@@ -331,6 +354,6 @@ def finetune(
                 f"with PRIVTUNE_ROOT={root}, or run the pipeline with share"
             )
         )
-    how = "reused" if earlier is not None and str(earlier.id) == str(run.id) else "new"
-    logger.info("fine-tuning %s: %s flow run %s (key %s)", method, how, run.id, key)
+    how = "reused" if reused else "new"
+    logger.info("fine-tuning %s: %s flow run %s done (key %s)", method, how, run.id, key)
     return Dispatched(how, str(run.id), key)

@@ -267,6 +267,29 @@ def test_a_running_run_whose_heartbeats_stopped_is_crashed_and_passed_over(monke
     assert usable(client, silent)[1].id == "r1" and not client.crashed
 
 
+def test_a_dispatch_waiting_on_its_fine_tuning_says_so_until_it_ends(monkeypatch):
+    """A GPU fine-tuning takes up to its timeout: the pipeline's log says what it waits on."""
+    from prefect.states import Completed, Running
+
+    from tasks import dispatch
+
+    monkeypatch.setattr(dispatch, "POLL_SECONDS", 0.0)
+    monkeypatch.setattr(dispatch, "WAIT_LOG_SECONDS", 0.0)
+    states = [Running(), Running(), Completed()]
+
+    class _Client:
+        def read_flow_run(self, run_id):
+            return SimpleNamespace(id=run_id, name="finetune-dpsgd", state=states.pop(0))
+
+    said: list[str] = []
+    logger = SimpleNamespace(info=lambda message, *args: said.append(message % args))
+    run = SimpleNamespace(id="r1", name="finetune-dpsgd", state=None)
+    done = dispatch._wait(_Client(), run, 7200, None, logger)
+    assert done.state.is_completed()
+    assert len(said) == 2 and all("waiting for flow run finetune-dpsgd: Running" in m for m in said)
+    assert "(timeout 7200 s)" in said[0]
+
+
 def test_heartbeat_interval_is_read_from_the_deployment():
     from tasks.dispatch import heartbeat_seconds
 
