@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -210,7 +211,17 @@ def pages(ui: Ui, name: str, version: str | None) -> dict[str, Page]:
     experiment = ui.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     experiment_id = experiment["experiment_id"]
     if version is None:
-        model = ui.get("registered-models/get", name=name)["registered_model"]
+        try:
+            model = ui.get("registered-models/get", name=name)["registered_model"]
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+            found = ui.get("registered-models/search").get("registered_models", [])
+            known = ", ".join(sorted(m["name"] for m in found)) or "none"
+            raise SystemExit(
+                f"no registered model '{name}' in this store (it has: {known}); a profile's run "
+                f"registers '{name}-<profile>': pass --name"
+            ) from None
         aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
         version = aliases.get("champion") or aliases.get("challenger")
         if version is None:
