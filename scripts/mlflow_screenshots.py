@@ -132,6 +132,8 @@ class Browser:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # its singleton socket directory (org.chromium.Chromium.*) goes with the profile
+            env={**os.environ, "TMPDIR": self._profile.name},
         )
         assert self.process.stderr is not None
         for line in self.process.stderr:

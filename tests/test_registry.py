@@ -263,6 +263,13 @@ def test_registering_twice_reuses_the_version(project, tmp_path):
     second = register("twice", "clinical-twice", project)
     assert (first.version, first.created) == ("1", True)
     assert (second.version, second.created) == ("1", False)
+    # a version registered before its logged model was linked is linked by the next attempt
+    mlflow_client = client(project)
+    source = mlflow_client.get_model_version("clinical-twice", "1").source.removeprefix("models:/")
+    mlflow_client.delete_logged_model_tag(source, "mlflow.modelVersions")
+    register("twice", "clinical-twice", project)
+    linked = mlflow_client.get_logged_model(source).tags["mlflow.modelVersions"]
+    assert json.loads(linked) == [{"name": "clinical-twice", "version": "1"}]
     assert len(client(project).search_model_versions("name = 'clinical-twice'")) == 1
     # A retry after a crash between logging and registering reuses the logged pyfunc.
     add_entry(project, "retry", seed=10)

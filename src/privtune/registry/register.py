@@ -208,6 +208,7 @@ def register(
     mlflow_client = client(root)
     existing = find_version(name, tags[KEY_TAG], root)
     if existing is not None and existing.description:
+        _link_version(mlflow_client, name, existing)  # registered before the link was made
         return RegisteredVersion(name, str(existing.version), run_id, created=False)
 
     if not (root / BASE_DIR).is_dir():
@@ -238,11 +239,7 @@ def register(
         )
     else:  # an earlier attempt created it and stopped before its description and alias
         version = existing
-    # the version's source is models:/<id> (the returned entity may not carry model_id)
-    source = str(version.source or "")
-    from_source = source.removeprefix("models:/") if source.startswith("models:/") else None
-    model_id = getattr(version, "model_id", None) or from_source
-    _link_logged_model(mlflow_client, model_id, name, version.version)
+    _link_version(mlflow_client, name, version)
     pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
     description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
     mlflow_client.update_model_version(name, version.version, description=description)
@@ -252,17 +249,21 @@ def register(
     return RegisteredVersion(name, str(version.version), run_id, created=existing is None)
 
 
-def _link_logged_model(mlflow_client, model_id: str | None, name: str, version: str) -> None:
+def _link_version(mlflow_client, name: str, version: Any) -> None:
     """Tag the logged model with the version made of it, as mlflow.register_model does (we
     call create_model_version for its tags): else MLflow's UI calls the champion's logged
     model "Not registered" and offers to register it again, without its verdict."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+    # the version's source is models:/<id> (the returned entity may not carry model_id)
+    source = str(version.source or "")
+    from_source = source.removeprefix("models:/") if source.startswith("models:/") else None
+    model_id = getattr(version, "model_id", None) or from_source
     if not model_id:
         return
     model = mlflow_client.get_logged_model(model_id)
     linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-    entry = {"name": name, "version": str(version)}
+    entry = {"name": name, "version": str(version.version)}
     if entry not in [{"name": e["name"], "version": str(e["version"])} for e in linked]:
         value = json.dumps([*linked, entry])
         mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: value})
