@@ -239,6 +239,21 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert linked == [{"name": "clinical-tags", "version": str(version.version)}]
 
 
+def test_the_logged_model_shows_each_metric_once_with_its_last_value(project):
+    """A run may log a metric twice at its last step (a curve's last point, then the final
+    figure): the model shows it once, the later value."""
+    import time
+
+    run_id = add_entry(project, "twice-logged", seed=16)
+    time.sleep(0.01)
+    client(project).log_metric(run_id, "loss", 2.5, step=29)
+    version = register("twice-logged", "clinical-once", project)
+    mv = client(project).get_model_version("clinical-once", version.version)
+    logged = client(project).get_logged_model(mv.source.removeprefix("models:/"))
+    losses = [m.value for m in logged.metrics if m.key == "loss"]
+    assert losses == [2.5]
+
+
 def test_the_card_says_when_training_never_saw_most_canaries(project):
     """Canaries past base.max_length were never trained on: exposure near the floor then says
     nothing about memorisation, and the card must say so, not only the attack stage's log."""

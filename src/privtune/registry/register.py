@@ -396,11 +396,15 @@ def _attach_results(root: Path, entry: str, run: Any, model_id: str, step: int) 
             entry, str(metrics.get("method")), metrics.get("target_epsilon")
         )
         mlflow_client.set_tag(run_id, tracking.NOTE_TAG, note)
+    # the last value of each metric at that step (the run may log one twice there: a curve's
+    # last point and the final figure), so the model shows each metric once
+    last = {}
+    for key in run.data.metrics:
+        points = [m for m in mlflow_client.get_metric_history(run_id, key) if m.step == step]
+        if points:
+            last[key] = max(points, key=lambda m: m.timestamp)
     at_step = [
-        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
-        for key in run.data.metrics
-        for m in mlflow_client.get_metric_history(run_id, key)
-        if m.step == step
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in last.values()
     ]
     if at_step:  # same timestamps: the run's own points are not duplicated
         mlflow_client.log_batch(run_id, metrics=at_step)
