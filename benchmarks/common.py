@@ -203,6 +203,7 @@ def run_method(
     downstream task (scoring every drug of the formulary costs about as much as the training
     run at this size) where only perplexity is compared.
     """
+    source = source_version()  # the code as the run starts; checked again as it ends
     model, tokenizer = load_pretrained(root / BASE_DIR, field=str(root / BASE_DIR))
     update = {"epsilon": epsilon, "seed": seed, "eval_every": eval_every, "audit_canaries": 0}
     update["secret_noise"] = False  # paired: at one seed every method gets the same batches, noise
@@ -227,7 +228,8 @@ def run_method(
         "entry": entry or method,
         "options": options,
         "resolved_options": resolved_options(method, options),
-        "source": source_version(),
+        # a commit during the run leaves it of neither version: never reused
+        "source": source if source_version() == source else {**source, "dirty": True},
         "epsilon": epsilon,
         "seed": seed,
         "epochs": epochs,

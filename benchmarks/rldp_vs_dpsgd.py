@@ -241,7 +241,7 @@ def main() -> None:
             for label, (method, options) in variants.items():
                 run = _reusable(
                     earlier, method, options, eps, seed, args.epochs,
-                    source=None if args.reuse_any_source else source,
+                    source=source, any_source=args.reuse_any_source,
                 )  # fmt: skip
                 if run is not None and not same_source(run, source):
                     run = {**run, "reused_source": run.get("source")}  # None: not recorded
@@ -308,19 +308,23 @@ def _reusable(
     seed: int,
     epochs: float | None,
     *,
-    source: dict | None,
+    source: dict,
+    any_source: bool = False,
 ) -> dict | None:
     """An earlier run of exactly this method, options (defaults filled in), epsilon, seed and
-    length, and, unless ``source`` is None, of the same code (common.same_source), if any.
-    Runs that did not record their resolved options are never reused: a default that changed
-    since would go unnoticed."""
+    length, of today's code (``source``: common.same_source); with ``any_source`` one of other
+    code where none of today's is there. Runs that did not record their resolved options are
+    never reused: a default that changed since would go unnoticed."""
     resolved = resolved_options(method, options)
-    for run in earlier:
-        same = (run["method"], run.get("resolved_options"), run["epsilon"], run["seed"])
-        same_code = source is None or same_source(run, source)
-        if same == (method, resolved, eps, seed) and run.get("epochs") == epochs and same_code:
-            return run
-    return None
+    found = [
+        run
+        for run in earlier
+        if (run["method"], run.get("resolved_options"), run["epsilon"], run["seed"])
+        == (method, resolved, eps, seed)
+        and run.get("epochs") == epochs
+    ]
+    today = [run for run in found if same_source(run, source)]
+    return (today or (found if any_source else []) or [None])[0]
 
 
 def ablation_markdown(runs: list[dict], epsilons, seeds) -> str:

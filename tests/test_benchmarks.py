@@ -550,7 +550,7 @@ def test_reuse_takes_only_runs_whose_options_resolve_to_the_same(monkeypatch):
     run = {"method": "rldp", "options": options, "epsilon": 4.0, "seed": 1, "epochs": 10.0}
     before = {**run, "resolved_options": {**today, "norm_levels": [0.5, 1.0, 2.0]}}
     now = {**run, "resolved_options": today}
-    reusable = functools.partial(bench._reusable, source=None)
+    reusable = functools.partial(bench._reusable, source={}, any_source=True)
     assert reusable([run, before], "rldp", options, 4.0, 1, 10.0) is None
     assert reusable([run, before, now], "rldp", options, 4.0, 1, 10.0) is now
     assert reusable([now], "rldp", options, 4.0, 2, 10.0) is None  # another seed
@@ -605,4 +605,12 @@ def test_reuse_takes_only_runs_of_the_same_committed_code(monkeypatch, tmp_path)
     assert bench._reusable([old], "rldp", options, 4.0, 1, 10.0, source=changed) is None
     assert bench._reusable([old, new], "rldp", options, 4.0, 1, 10.0, source=changed) is new
     # --reuse-any-source: any code, and the caller marks the run
-    assert bench._reusable([old], "rldp", options, 4.0, 1, 10.0, source=None) is old
+    assert (
+        bench._reusable([old], "rldp", options, 4.0, 1, 10.0, source=changed, any_source=True)
+        is old
+    )
+    # ... but today's code first, wherever it is in the file
+    assert (
+        bench._reusable([old, new], "rldp", options, 4.0, 1, 10.0, source=changed, any_source=True)
+        is new
+    )
