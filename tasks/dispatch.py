@@ -32,6 +32,7 @@ MISSED_HEARTBEATS = 3
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 MIN_HEARTBEAT_SECONDS = 30.0
 POLL_SECONDS = 5.0
+STARTUP_GRACE_SECONDS = 60.0  # before a run that never beat is judged from its start
 WAIT_LOG_SECONDS = 60.0  # how often a dispatch waiting on its fine-tuning says so
 
 
@@ -104,8 +105,9 @@ def pool_problem(client: Any, pool: str) -> str | None:
 
 
 def heartbeat_seconds(deployment: Any) -> float | None:
-    """How often the deployment's flow runs send heartbeats (None: they are not asked to)."""
-    env = (deployment.job_variables or {}).get("env") or {}
+    """How often the deployment's flow runs send heartbeats (None: they are not asked to); of
+    a flow run, how often it was asked to (its own job variables)."""
+    env = (getattr(deployment, "job_variables", None) or {}).get("env") or {}
     try:
         value = float(env.get(HEARTBEAT_ENV) or 0)
     except (TypeError, ValueError):
@@ -150,11 +152,17 @@ def crash_if_dead(client: Any, run: Any, interval: float | None) -> str | None:
     if interval is None or run.state is None or not run.state.is_running():
         return None
     beat = last_heartbeat(client, run)
-    # killed before its first heartbeat (its worker lost while starting): judged from its start
-    since = beat or run.start_time
+    since = beat
+    if beat is None and heartbeat_seconds(run) is not None and run.start_time is not None:
+        # killed before its first beat (a run sends one as it starts): judged from its start,
+        # with a grace for late events; only a run that was itself asked to beat (one created
+        # before its deployment sent heartbeats is not)
+        since = run.start_time + timedelta(seconds=STARTUP_GRACE_SECONDS)
     if not stopped(since, interval, datetime.now(UTC)):
         return None
-    what = f"{since:%Y-%m-%d %H:%M:%S} UTC" if beat else f"it started at {since:%H:%M:%S} UTC"
+    what = (
+        f"{beat:%Y-%m-%d %H:%M:%S} UTC" if beat else f"it started at {run.start_time:%H:%M:%S} UTC"
+    )
     why = (
         f"flow run {run.id} sent no heartbeat since {what} (every {interval:g} s expected): "
         "its worker or machine is gone"

@@ -256,13 +256,20 @@ def test_a_running_run_whose_heartbeats_stopped_is_crashed_and_passed_over(monke
     # no heartbeat ever, or a deployment that does not send them: not judged
     client = _Beating({"k": _run("r1", Running())}, {})
     assert usable(client, beating)[1].id == "r1"
-    # none ever, but started 100 s ago: killed before its first beat, judged from its start
-    started = SimpleNamespace(**{**vars(_run("r1", Running())), "start_time": now})
+    # none ever, but started long ago and asked to beat: killed before its first beat
+    asked = {"env": {dispatch.HEARTBEAT_ENV: "30"}}
+    started = SimpleNamespace(**vars(_run("r1", Running())), job_variables=asked)
+    started.start_time = now - timedelta(seconds=100)  # within the grace for late events
     client = _Beating({"k": started}, {})
-    assert usable(client, beating)[1].id == "r1" and not client.crashed  # just started
-    started.start_time = now - timedelta(seconds=100)
+    assert usable(client, beating)[1].id == "r1" and not client.crashed
+    started.start_time = now - timedelta(seconds=160)
     assert usable(client, beating) == ("k:after-r1", None)
     assert "sent no heartbeat since it started at" in client.crashed["r1"]
+    # a run created before its deployment asked for heartbeats is not judged by them
+    unasked = SimpleNamespace(**vars(_run("r2", Running())), job_variables={})
+    unasked.start_time = now - timedelta(hours=2)
+    client = _Beating({"k": unasked}, {})
+    assert usable(client, beating)[1].id == "r2" and not client.crashed
     client = _Beating({"k": _run("r1", Running())}, {"r1": now - timedelta(hours=5)})
     assert usable(client, silent)[1].id == "r1" and not client.crashed
 
