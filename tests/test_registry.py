@@ -159,7 +159,10 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     lock = {
         "stages": {
             "finetune@tagged": {
-                "deps": [{"path": "data/prepared", "md5": "aa.dir"}],
+                "deps": [
+                    {"path": "data/prepared", "md5": "aa.dir"},
+                    {"path": "models/base", "md5": "cc.dir"},
+                ],
                 "outs": [{"path": "models/tagged", "md5": "bb.dir"}],
             }
         }
@@ -208,8 +211,9 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert card["utility"]["test_perplexity"] == 42.0
     assert card["model"]["dvc.outs_md5"] == "bb.dir" and len(card["model"]["dvc.deps_md5"]) == 32
     assert card["model"]["finetune_run_id"] == run_id
-    assert card["model"]["base_sha256"] == io.tree_sha256(project / "models/base")
-    assert f"- base_sha256: `{card['model']['base_sha256']}`" in text
+    # which base, by the md5 DVC locked for the stage: the one training read
+    assert card["model"]["dvc.base_md5"] == "cc.dir" and "- dvc.base_md5: `cc.dir`" in text
+    assert card["model"]["base_source"] == "unrecorded"  # this base has no privtune.json
     assert card["contract"]["secret_noise"] is True
     assert "Sampler and noise seeded from OS entropy, kept secret." in text
     assert {g["gate"] for g in card["gates"]["at_registration"]} == {
@@ -285,6 +289,9 @@ def test_registering_twice_reuses_the_version(project, tmp_path):
     register("twice", "clinical-twice", project)
     linked = mlflow_client.get_logged_model(source).tags["mlflow.modelVersions"]
     assert json.loads(linked) == [{"name": "clinical-twice", "version": "1"}]
+    mlflow_client.delete_logged_model(source)  # gone since: a warning, not a failed nightly run
+    with pytest.warns(UserWarning, match="is gone"):
+        assert register("twice", "clinical-twice", project).version == "1"
     assert len(client(project).search_model_versions("name = 'clinical-twice'")) == 1
     # A retry after a crash between logging and registering reuses the logged pyfunc.
     add_entry(project, "retry", seed=10)

@@ -28,6 +28,7 @@ from privtune.errors import ModelError
 from privtune.record_scores import ARTIFACT as RECORD_SCORES
 from privtune.record_scores import record_scores_path
 from privtune.registry.card import CARD_ARTIFACT
+from privtune.stages.common import BASE_INFO
 
 KEY_TAG = "privtune.version_key"
 # On a logged model once its card, metrics and run link are all in place: a retry reuses only
@@ -84,7 +85,8 @@ def _tag(value: Any) -> str:
 def _dvc_stage(root: Path, entry: str) -> dict[str, str]:
     """The finetune@<entry> stage in dvc.lock: `dvc.outs_md5` is DVC's md5 of the model
     directory it cached (`dvc checkout` restores exactly it); `dvc.deps_md5` hashes the stage's
-    input md5s (data, base model, code), i.e. what produced it. Empty when not locked."""
+    input md5s (data, base model, code), i.e. what produced it, and `dvc.base_md5` is the base
+    model's among them. Empty when not locked."""
     lock = root / "dvc.lock"
     if not lock.is_file():
         return {}
@@ -95,6 +97,9 @@ def _dvc_stage(root: Path, entry: str) -> dict[str, str]:
     outs = {o["path"]: o.get("md5") for o in stage.get("outs", [])}
     if outs.get(str(MODELS_DIR / entry)):
         tags["dvc.outs_md5"] = outs[str(MODELS_DIR / entry)]
+    base = next((d.get("md5") for d in stage.get("deps", []) if d["path"] == str(BASE_DIR)), None)
+    if base:  # the base model the fine-tuning trained on, by DVC's md5 of its directory
+        tags["dvc.base_md5"] = base
     deps = sorted(f"{d['path']}:{d.get('md5')}" for d in stage.get("deps", []))
     if deps:
         tags["dvc.deps_md5"] = hashlib.md5("\n".join(deps).encode()).hexdigest()
@@ -162,15 +167,13 @@ def provenance(root: str | Path, entry: str) -> dict[str, str]:
     """Where the model came from (for its card): run, adapter and base, code, DVC stage."""
     root = Path(root)
     info = _model_info(root, entry)
-    base = root / BASE_DIR
-    built = io.read_json(base / "privtune.json") if (base / "privtune.json").is_file() else {}
+    built = root / BASE_DIR / BASE_INFO
     return {
         "finetune_run_id": info["run_id"],
         "adapter_sha256": io.tree_sha256(root / MODELS_DIR / entry / "adapter"),
         "base": str(info.get("base", BASE_DIR)),
-        # which base, not only where: its files' hash and what the base stage made it from
-        "base_sha256": io.tree_sha256(base),
-        "base_source": str(built.get("source", "unrecorded")),
+        # what the base stage made it from (its files' md5: dvc.base_md5, from dvc.lock)
+        "base_source": str(io.read_json(built).get("source")) if built.is_file() else "unrecorded",
         "git_commit": tracking.git_commit(root),
         **_dvc_stage(root, entry),
     }
@@ -253,6 +256,7 @@ def _link_version(mlflow_client, name: str, version: Any) -> None:
     """Tag the logged model with the version made of it, as mlflow.register_model does (we
     call create_model_version for its tags): else MLflow's UI calls the champion's logged
     model "Not registered" and offers to register it again, without its verdict."""
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     # the version's source is models:/<id> (the returned entity may not carry model_id)
@@ -261,7 +265,13 @@ def _link_version(mlflow_client, name: str, version: Any) -> None:
     model_id = getattr(version, "model_id", None) or from_source
     if not model_id:
         return
-    model = mlflow_client.get_logged_model(model_id)
+    try:
+        model = mlflow_client.get_logged_model(model_id)
+    except MlflowException as err:  # deleted since: nothing to link (mlflow.register_model too)
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        warnings.warn(f"logged model {model_id} of {name} v{version.version} is gone", stacklevel=2)
+        return
     linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
     entry = {"name": name, "version": str(version.version)}
     if entry not in [{"name": e["name"], "version": str(e["version"])} for e in linked]:
