@@ -1,5 +1,6 @@
 """params.yaml validation: impossible values give errors naming the field and the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,7 @@ def test_build_controller_names_the_entry_of_a_bad_option():
         build_controller("nosuch", ctx, {}, "nosuch")
 
 
-def test_a_controllers_own_check_names_the_option_it_failed():
+def test_a_controllers_own_check_names_the_option_it_failed(monkeypatch):
     """Options typed alone can still disagree with the run (one weight per adapter): the
     controller's check names the dotted option, not just the entry."""
     ctx = ControllerContext(("q", "v"), 0.1, 10, 1.0, 1e-5, 1.0)
@@ -91,6 +92,21 @@ def test_a_controllers_own_check_names_the_option_it_failed():
     assert "correct `methods.mine.weights` in params.yaml" in str(err.value)
     with pytest.raises(ConfigError, match=r"methods\.law\.params: params needs exactly"):
         build_controller("lmo", ctx, {"params": {"a1": 1.0}}, "law")
+    # a check over several options names none of them (and a prefix is not a name)
+    from privtune.control.registry import CONTROLLERS
+
+    class Picky(CONTROLLERS["quantile"]):
+        def __init__(self, ctx, **options):
+            raise ValueError("clip_lr, clip and target_quantile must agree")
+
+    class Lr(CONTROLLERS["quantile"]):
+        def __init__(self, ctx, **options):
+            raise ValueError("clip_lr must be > 0")
+
+    for cls, field in [(Picky, "methods.q: "), (Lr, "methods.q.clip_lr: ")]:
+        monkeypatch.setitem(CONTROLLERS, "quantile", cls)
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            build_controller("quantile", ctx, {}, "q")
 
 
 def test_a_validators_message_comes_without_pydantics_prefix():

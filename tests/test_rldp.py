@@ -419,10 +419,14 @@ def test_a_warm_start_that_is_no_saved_policy_is_a_config_error_naming_it(tmp_pa
     traceback (torch.load's own FileNotFoundError or unpickling error)."""
     from privtune.errors import ConfigError
 
+    other_sizes = build_controller("rldp", CTX, OPTIONS).state_dict()
+    other_sizes["policy"] = {k: v[..., :1] for k, v in other_sizes["policy"].items()}
+    torch.save(other_sizes, tmp_path / "sizes.pt")
     for path, problem in [
         (tmp_path / "absent.pt", "is not a file"),
         (tmp_path / "notes.txt", r"is not a controller\.pt .* \(UnpicklingError\)"),
         (tmp_path / "other.pt", "holds no RLDP policy"),
+        (tmp_path / "sizes.pt", "holds a policy of other network sizes"),
     ]:
         if path.name == "notes.txt":
             path.write_text("not a pickle")

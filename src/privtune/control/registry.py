@@ -7,6 +7,7 @@ only control.base, so there is no import cycle and no lazy import to break one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -78,8 +79,10 @@ def build_controller(
     try:
         return cls(ctx, **typed.model_dump())
     except (TypeError, ValueError) as err:
-        # the controllers' checks begin with the option's name ("weights must be ...")
+        # the controllers' checks begin with the option's name ("weights must be ..."); one
+        # naming several ("gamma, explore_decay and reward_scale must be") names none
         message = str(err)
-        option = next((name for name in type(typed).model_fields if message.startswith(name)), "")
+        first = re.match(r"(\w+)( '[^']*')? (must|needs|holds|is) ", message)
+        option = first[1] if first and first[1] in type(typed).model_fields else ""
         field = f"methods.{entry or method}" + (f".{option}" if option else "")
         raise ConfigError(field, message, f"correct `{field}` in params.yaml") from None

@@ -60,7 +60,8 @@ def _read_policy(path: str) -> dict[str, Any]:  # pragma: no mutate block
         state = torch.load(path, weights_only=False)
     except Exception as err:  # pickle, zip or torch errors: all mean "not a saved policy"
         raise ValueError(f"warm_start '{path}' is not {saved} ({type(err).__name__})") from None
-    if not isinstance(state, dict) or "policy" not in state:
+    needed = {"policy", "obs_mean", "obs_var", "obs_count"}
+    if not isinstance(state, dict) or not needed <= set(state):
         raise ValueError(f"warm_start '{path}' holds no RLDP policy ({saved})")
     return state
 
@@ -486,7 +487,12 @@ class RLDP(Controller):
                 f"; this run: {self.n_groups} groups, levels {list(self.norm_levels)}): train "
                 "it with the same model, LoRA targets, groups and norm_levels"
             )
-        self.sac.policy.load_state_dict(state["policy"])
+        try:
+            self.sac.policy.load_state_dict(state["policy"])
+        except RuntimeError as err:  # other layer sizes: a policy of another SAC setup
+            first = str(err).strip().splitlines()[0]
+            problem = f"warm_start holds a policy of other network sizes ({first})"
+            raise ValueError(problem) from None
         if "log_ent_coef" in state:
             with torch.no_grad():
                 self.sac.log_ent_coef.copy_(state["log_ent_coef"])
