@@ -81,7 +81,8 @@ def _report(name: str, decisions: list, methods: dict | None, promoted: bool, wh
     get_run_logger().info("%s\n%s\n(`!` marks a failed gate)\n%s", verdict, table, reasons)
     if FlowRunContext.get() or TaskRunContext.get():  # an artifact belongs to a run
         create_markdown_artifact(
-            markdown=f"**{verdict}**\n\n```text\n{table}\n```\n\n`!` marks a failed gate.",
+            markdown=f"**{verdict}**\n\n```text\n{table}\n```\n\n`!` marks a failed gate."
+            f"\n\n```text\n{reasons}\n```",
             key="promotion",
             description=f"the gates of {name}'s candidates and the verdict",
         )

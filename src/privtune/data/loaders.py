@@ -228,7 +228,8 @@ def load_csv(
                 raise _too_long(str(path), where, None, max_chars) from None
             raise DataError(
                 str(path),
-                f"not valid CSV at {where} ({type(err).__name__})",
+                # csv's messages name the rule broken, never a field's text
+                f"not valid CSV at {where} ({err})",
                 "write RFC 4180 CSV: a header naming the columns, quoted fields",
             ) from None
         if reader.fieldnames is None:

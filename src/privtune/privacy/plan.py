@@ -39,6 +39,13 @@ def default_delta(n_records: int, max_delta: float | None = None) -> float:
     return delta if max_delta is None else min(delta, max_delta)
 
 
+def _round_down(x: float, digits: int = 3) -> float:
+    """``x`` cut (not rounded) to ``digits`` significant digits: a suggested delta printed
+    rounded up could pass the gate it is meant to stay under."""
+    scale = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.floor(x / scale * (1 + 1e-12)) * scale
+
+
 def make_plan(
     n_records: int, params: FinetuneParams, private: bool, max_delta: float | None = None
 ) -> TrainingPlan:
@@ -65,7 +72,7 @@ def make_plan(
             "finetune.delta",
             f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
             f"set finetune.delta below {1.0 / n_records:.3g} (e.g. "
-            f"{default_delta(n_records, max_delta):.1g}, or null for that default)",
+            f"{_round_down(default_delta(n_records, max_delta)):.3g}, or null for that default)",
         )
     if max_delta is not None and delta > max_delta:
         raise ConfigError(

@@ -46,11 +46,14 @@ def _planted(params: Params) -> int:
 def _fewer_members_fix(n_records: int, params: Params) -> str:
     most = _most_members(n_records, _planted(params), params)
     least = next(m.ge for m in type(params.attack).model_fields["members"].metadata)
+    canaries = f"or plant fewer canaries (prepare.canaries: {_planted(params)} records carry one)"
     if most >= least:
-        return f"lower attack.members to at most {most} (these {n_records} records' most)"
+        return (
+            f"lower attack.members to at most {most} (these {n_records} records' most), {canaries}"
+        )
     return (
         f"provide more records: {n_records} afford {most} members at most, under "
-        f"attack.members' minimum of {least}"
+        f"attack.members' minimum of {least}; {canaries}"
     )
 
 
