@@ -627,6 +627,29 @@ def test_rldp_decision_interval_runs_are_the_committed_runs():
     assert [f"+{c:.2f}" in README for c in costs] == [True, True, True]
 
 
+def test_rldp_at_twice_the_length_is_the_committed_runs():
+    """563 steps at epsilon 4: every method worse than at 283 steps, the anchor still ahead of
+    DP-SGD in every seed, the policy above the anchor on average and acting more."""
+    results = ROOT / "benchmarks" / "results"
+    table = (results / "rldp-long-566" / "rldp_ablation.md").read_text().strip()
+    assert _block("results:rldp-long-566") == table
+    runs = json.loads((results / "rldp-long-566" / "rldp_ablation.json").read_text())["runs"]
+    shorter = json.loads((results / "rldp-long-interval" / "rldp_ablation.json").read_text())
+    assert {r["steps"] for r in runs} == {563} and {r["epochs"] for r in runs} == {20.0}
+    assert all(r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9) for r in runs)
+    prefixes = ("DP-SGD", "anchor alone", "anchor + policy (RLDP)")  # one variant each
+    by = {p: _perplexity_by_seed(runs, 4.0, p) for p in prefixes}
+    short = {p: _perplexity_by_seed(shorter["runs"], 4.0, p) for p in by}
+    for prefix, values in by.items():
+        assert sorted(values) == [0, 1, 2]
+        assert all(values[s] > short[prefix][s] for s in values), prefix  # longer is worse
+    assert all(by["anchor alone"][s] < by["DP-SGD"][s] for s in (0, 1, 2))
+    cost = sum(by["anchor + policy (RLDP)"][s] - by["anchor alone"][s] for s in (0, 1, 2)) / 3
+    assert f"+{cost:.2f} on average" in README and cost > 1.04
+    policy = [r for r in runs if r["variant"] == "anchor + policy (RLDP)"]
+    assert sum(r["controller_metrics"]["rldp/policy_actions"] for r in policy) == 239
+
+
 def _paired_table(report: str) -> str:
     start = report.index("| method | test perplexity vs dpsgd")
     return report[start:].split("\n\n")[0].strip()
