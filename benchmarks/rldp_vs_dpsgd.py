@@ -8,10 +8,9 @@ The JSON's ``summary`` maps each epsilon to the mean RLDP / DP-SGD test-perplexi
 
 ``--ablation`` runs RLDP's variants instead (ABLATION: the anchor alone, the policy on one
 dimension, the full policy, deciding every 10 or 20 steps, the policy with the DP norm
-histogram) beside DP-SGD, so a gain
-can be traced to the anchor or the policy (test perplexity only: the downstream task is
-skipped), with ``--baselines`` static methods beside them and ``--public-episodes N`` RLDP
-warm-started from a policy trained on public data;
+histogram) beside DP-SGD, so a gain can be traced to the anchor or the policy (test
+perplexity only: the downstream task is skipped), with ``--baselines`` static methods beside
+them and ``--public-episodes N`` RLDP warm-started from a policy trained on public data;
 ``--reuse`` takes runs of the same method, options (defaults filled in: ``resolved_options``,
 recorded by runs since the DP norm histogram became opt-in), epsilon, seed and length from an
 earlier benchmark's JSON instead of running them again (the runs are seeded), if they ran

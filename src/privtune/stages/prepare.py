@@ -44,9 +44,10 @@ def _planted(params: Params) -> int:
 
 
 def _fewer_members_fix(n_records: int, params: Params) -> str:
-    most = _most_members(n_records, _planted(params), params)
+    planted = _planted(params)
+    most = _most_members(n_records, planted, params)
     least = next(m.ge for m in type(params.attack).model_fields["members"].metadata)
-    canaries = f"or plant fewer canaries (prepare.canaries: {_planted(params)} records carry one)"
+    canaries = f"or plant fewer canaries (prepare.canaries: {planted} records carry one)"
     if most >= least:
         return (
             f"lower attack.members to at most {most} (these {n_records} records' most), {canaries}"
