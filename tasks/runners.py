@@ -19,11 +19,9 @@ from typing import Any
 
 from privtune.config import RunnerParams
 from privtune.io import environ
+from privtune.lanes import THREAD_VARIABLES  # each run gets the CPUs it reserved
 
 PROJECT_CODE = Path(__file__).resolve().parents[1]  # where `tasks` and `flows` import from
-# Thread knobs of the numeric libraries a stage's command reads when it starts (torch reads
-# OMP_NUM_THREADS): each run gets the CPUs it reserved, not the whole node each.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # A local Ray's shared-memory object store: tasks pass only names and short lists.
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 

@@ -7,9 +7,10 @@ profile (`make demo-smollm2`, `python -m privtune.profiles run quick`, or the Pr
 `profile` / `overrides` parameters) builds in profiles/<name>/ under the checkout: the same
 dvc.yaml and code, params.yaml with the overlay, its own outputs, dvc.lock and MLflow store, and
 it registers its models as `<registry.name>-<name>`, so none of them can become the default
-model's champion. `dvc repro` there reruns only what changed, like in the checkout.
+model's champion. `dvc repro` there reruns only what changed, like in the checkout. With
+`--lanes N`, N methods' stages run at once (privtune/lanes.py: the same outputs and dvc.lock).
 
-    python -m privtune.profiles run smollm2 [--cpu-profile smollm2-cpu]
+    python -m privtune.profiles run smollm2 [--cpu-profile smollm2-cpu] [--lanes 3]
     python -m privtune.profiles show quick        # the merged params.yaml, validated
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -150,13 +150,11 @@ def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | N
 
 def repro(target: Path, *stages: str) -> int:
     """`dvc repro [stages]` in a profile's project, with its own copy of the code importable;
-    returns DVC's exit code. DVC and the stages' `privtune` CLI are this interpreter's scripts,
-    whether or not its environment is activated."""
-    scripts = Path(sys.executable).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
-    env["PATH"] = os.pathsep.join([str(scripts), env.get("PATH", "")])
-    dvc = scripts / "dvc" if (scripts / "dvc").is_file() else "dvc"
-    return subprocess.run([str(dvc), "repro", *stages], cwd=target, env=env).returncode
+    returns DVC's exit code."""
+    from privtune.lanes import dvc_env
+
+    dvc, env = dvc_env(target)
+    return subprocess.run([dvc, "repro", *stages], cwd=target, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,13 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["run", "show"])
     parser.add_argument("profile", help="a profile of profiles.yaml")
     parser.add_argument("--cpu-profile", help="the profile to run instead without CUDA")
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=1,
+        help="methods whose stages run at once (1: one stage after another, as `dvc repro`); "
+        "a profile replaced by --cpu-profile runs one after another",
+    )
     parser.add_argument("--root", type=Path, default=Path("."))
     args = parser.parse_args(argv)
-    name = args.profile
+    if args.lanes < 1:
+        parser.error("--lanes must be at least 1")
+    name, lanes = args.profile, args.lanes
     if args.cpu_profile:
         import torch
 
-        name = name if torch.cuda.is_available() else args.cpu_profile
+        if not torch.cuda.is_available():
+            name, lanes = args.cpu_profile, 1
     try:
         if args.action == "show":
             run, params = resolve(args.root, name, None)
@@ -182,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"profile {name}: building in {target}", file=sys.stderr)
-    return repro(target)
+    if lanes == 1:
+        return repro(target)
+    from privtune.lanes import run
+
+    return run(target, lanes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""A profile's pipeline with several methods at once, for a GPU that one method leaves idle.
+
+`dvc repro` runs one stage after another. On one GPU, SmolLM2's fine-tuning, evaluation and
+attacks each use a fraction of it (README, "Time on one GPU": three methods at once took 260 s
+where one after another is estimated at about 770 s). `run` keeps DVC's bookkeeping and runs
+the same stages in lanes: `dvc repro prepare base`, then each method's finetune, evaluate and
+attack in order, `lanes` methods at a time, then `dvc repro` for the rest (register, report).
+DVC holds its repository lock only while it checks a stage and writes dvc.lock, not while the
+stage's command runs (dvc/stage/run.py, `unlocked_repo`), and `--wait-for-lock` makes the
+lanes take turns at it, so the outputs and dvc.lock are those `dvc repro` leaves; the Prefect
+pipeline's Ray fan-out relies on the same.
+
+A lane stage's output goes to logs/<stage>.log in the project (progress bars of several stages
+would interleave); this process shows one bar of stages with its ETA, a line per stage ended
+and writes logs/lanes.json (each stage's start, seconds and result). A stage that fails stops
+its method's lane; the other lanes go on, and register and report are not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from privtune.cli import ERROR_FILE_ENV
+
+METHOD_STAGES = ("finetune", "evaluate", "attack")
+LOGS_DIR = "logs"
+TIMES_FILE = "lanes.json"
+# Thread knobs of the numeric libraries a stage's command reads when it starts (torch reads
+# OMP_NUM_THREADS): runs at once share the machine's CPUs instead of each taking all of them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+OUT_OF_MEMORY = "out of memory"  # torch's CUDA (and CPU allocator) message
+
+
+def dvc_env(target: Path) -> tuple[str, dict[str, str]]:
+    """DVC's executable and the environment its stages need: the project's own copy of the
+    code importable, and this interpreter's scripts (dvc, the stages' `privtune` CLI) on PATH
+    whether or not its environment is activated."""
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target / "src"), *sys.path])}
+    env["PATH"] = os.pathsep.join([str(scripts), env.get("PATH", "")])
+    dvc = scripts / "dvc" if (scripts / "dvc").is_file() else "dvc"
+    return str(dvc), env
+
+
+def lane_env(env: dict[str, str], lanes: int) -> dict[str, str]:
+    """``env`` for a stage that runs beside ``lanes - 1`` others: a share of the CPUs each
+    (unless the caller set the thread counts) and no library progress bars in its log."""
+    share = str(max(1, (os.cpu_count() or 1) // lanes))
+    threads = {name: share for name in THREAD_VARIABLES if name not in env}
+    return {**env, **threads, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+class Lanes:
+    """The stages of one run: started, ended, and the bar and lines that show them."""
+
+    def __init__(self, target: Path, lanes: int, methods: list[str]) -> None:
+        from privtune.progress import progress_bar
+
+        self.target, self.lanes, self.methods = target, lanes, methods
+        self.dvc, env = dvc_env(target)
+        self.env = lane_env(env, lanes)
+        self.logs = target / LOGS_DIR
+        self.logs.mkdir(exist_ok=True)
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+        self.progress = progress_bar(sys.stderr.isatty())
+        self.bar = self.progress.add_task(
+            f"{len(methods)} methods, {lanes} at once",
+            total=len(methods) * len(METHOD_STAGES),
+            status="",
+        )
+
+    def stage(self, name: str) -> bool:
+        """`dvc repro --single-item <name>`, its output in logs/<name>.log; True when it ran
+        or was up to date (DVC's own message says which)."""
+        log = self.logs / f"{name}.log"
+        began = time.monotonic() - self.start
+        with tempfile.TemporaryDirectory(prefix="privtune-lane-") as tmp, log.open("w") as out:
+            report = Path(tmp) / "error.json"
+            code = subprocess.run(
+                [self.dvc, "--wait-for-lock", "repro", "--single-item", name],
+                cwd=self.target,
+                env={**self.env, ERROR_FILE_ENV: str(report)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            ).returncode
+            # the CLI's own message for its exit codes 2-4 (it names fields, never records)
+            message = json.loads(report.read_text())["message"] if report.is_file() else None
+        seconds = time.monotonic() - self.start - began
+        output = log.read_text(errors="replace")  # searched, never shown: the log is the file
+        if code and message is None and OUT_OF_MEMORY in output:
+            message = f"out of memory with {self.lanes} lanes: run fewer (--lanes)"
+        status = "failed" if code else "ok"
+        if not code and f"Stage '{name}' didn't change, skipping" in output:
+            status = "up to date"
+        record = {
+            "stage": name,
+            "status": status,
+            "exit_code": code,
+            "started_s": round(began, 1),
+            "seconds": round(seconds, 1),
+            "log": str(log.relative_to(self.target)),
+        }
+        if message:
+            record["message"] = message
+        self.ended(record)
+        return code == 0
+
+    def ended(self, record: dict) -> None:
+        with self.lock:
+            self.records.append(record)
+            self.progress.advance(self.bar)
+        took = f" in {record['seconds']:.0f} s" if "seconds" in record else ""
+        line = f"{record['stage']}: {record['status']}{took}"
+        if record["status"] == "failed":
+            line += f" ({record.get('message') or 'exit ' + str(record['exit_code'])}; "
+            line += f"{record['log']})"
+        # whole lines, as written: a message may hold brackets (not rich markup) or be long
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def lane(self, method: str) -> None:
+        """finetune, evaluate, attack of one method: each needs the one before."""
+        for index, stage in enumerate(METHOD_STAGES):
+            if not self.stage(f"{stage}@{method}"):
+                for later in METHOD_STAGES[index + 1 :]:
+                    self.ended({"stage": f"{later}@{method}", "status": "not run"})
+                return
+
+    def run(self) -> list[dict]:
+        """Every method's lane, ``lanes`` at once; the stages' records, in the order they
+        ended (also written to logs/lanes.json)."""
+        with self.progress, ThreadPoolExecutor(max_workers=self.lanes) as pool:
+            list(pool.map(self.lane, self.methods))
+        summary = {
+            "lanes": self.lanes,
+            "methods": self.methods,
+            "wall_seconds": round(time.monotonic() - self.start, 1),
+            "stages": self.records,
+        }
+        (self.logs / TIMES_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return self.records
+
+
+def run(target: Path, lanes: int) -> int:
+    """The profile project's pipeline with ``lanes`` methods at once; DVC's exit code, or 1
+    when a method's stage failed (register and report then wait for a rerun)."""
+    from privtune.config import load_params
+    from privtune.tracking import ensure_experiment
+
+    dvc, env = dvc_env(target)
+    code = subprocess.run([dvc, "repro", "prepare", "base"], cwd=target, env=env).returncode
+    if code:
+        return code
+    ensure_experiment(target)  # created once here, not raced for by the lanes
+    methods = list(load_params(target / "params.yaml").methods)
+    lanes = Lanes(target, min(lanes, len(methods)), methods)
+    records = lanes.run()
+    failed = [r["stage"] for r in records if r["status"] == "failed"]
+    if failed:
+        print(
+            f"failed: {', '.join(failed)} (their logs in {lanes.logs}); register and report "
+            "not run: rerun the same command (stages done are not redone)",
+            file=sys.stderr,
+        )
+        return 1
+    return subprocess.run([dvc, "repro"], cwd=target, env=env).returncode

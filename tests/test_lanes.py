@@ -1,0 +1,115 @@
+"""`python -m privtune.profiles run <profile> --lanes N`: the methods' stages at once, with
+the outputs and dvc.lock that `dvc repro` leaves, and a failed method stopping only its lane."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from privtune import lanes, profiles
+from tests.conftest import FAST_BASE, write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A checkout with the tiny params and one profile, `pair`: nonprivate and dpsgd."""
+    from dvc.repo import Repo
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(tmp_path / "params.yaml", **FAST_BASE)
+    pair = {"finetune": {"epochs": 0.5}}
+    (tmp_path / "profiles.yaml").write_text(yaml.safe_dump({"pair": pair}))
+    Repo.init(str(tmp_path), no_scm=True).close()
+    return tmp_path
+
+
+def _times(target: Path) -> dict[str, dict]:
+    found = json.loads((target / "logs" / lanes.TIMES_FILE).read_text())
+    return {record["stage"]: record for record in found["stages"]}
+
+
+@pytest.mark.slow
+def test_lanes_run_methods_at_once_and_leave_what_dvc_repro_leaves(checkout, capsys):
+    from dvc.repo import Repo
+
+    assert profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "2"]) == 0
+    target = checkout / "profiles" / "pair"
+    times = _times(target)
+    assert sorted(times) == sorted(
+        f"{stage}@{method}" for stage in lanes.METHOD_STAGES for method in ("nonprivate", "dpsgd")
+    )
+    assert all(record["status"] == "ok" for record in times.values())
+    # the two fine-tunings overlapped: each began before the other ended
+    one, other = times["finetune@nonprivate"], times["finetune@dpsgd"]
+    assert one["started_s"] < other["started_s"] + other["seconds"]
+    assert other["started_s"] < one["started_s"] + one["seconds"]
+    # each stage's output is in its own log, DVC's and the stage's
+    assert "Running stage 'finetune@dpsgd'" in (target / times["finetune@dpsgd"]["log"]).read_text()
+    # register and report ran after the lanes, and DVC finds nothing left to do
+    assert (target / "reports" / "report.md").is_file()
+    with Repo(str(target)) as repo:
+        assert repo.status() == {}
+    printed = capsys.readouterr().out
+    assert "attack@dpsgd: ok in" in printed
+    # the same command again: every stage is up to date, and says so
+    assert profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "2"]) == 0
+    assert {record["status"] for record in _times(target).values()} == {"up to date"}
+    assert "finetune@dpsgd: up to date in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_failed_stage_stops_its_lane_only_and_names_the_field(checkout, capsys):
+    broken = {"method": "rldp", "warm_start": "missing-policy.pt"}
+    (checkout / "profiles.yaml").write_text(
+        yaml.safe_dump({"broken": {"methods": {"nonprivate": {}, "warm": broken}}})
+    )
+    assert profiles.main(["run", "broken", "--root", str(checkout), "--lanes", "2"]) == 1
+    target = checkout / "profiles" / "broken"
+    times = _times(target)
+    assert times["finetune@warm"]["status"] == "failed"
+    assert "methods.warm.warm_start" in times["finetune@warm"]["message"]
+    assert times["evaluate@warm"]["status"] == times["attack@warm"]["status"] == "not run"
+    assert all(times[f"{s}@nonprivate"]["status"] == "ok" for s in lanes.METHOD_STAGES)
+    assert not (target / "reports" / "report.md").exists()  # register and report wait
+    captured = capsys.readouterr()
+    assert "finetune@warm: failed in " in captured.out
+    assert "s (methods.warm.warm_start: warm_start 'missing-policy.pt' is not" in captured.out
+    assert "failed: finetune@warm" in captured.err and "rerun the same command" in captured.err
+
+
+def test_lanes_share_the_cpus_unless_the_caller_set_the_threads(monkeypatch):
+    monkeypatch.setattr(lanes.os, "cpu_count", lambda: 16)
+    env = lanes.lane_env({"PATH": "/bin"}, 3)
+    assert {env[name] for name in lanes.THREAD_VARIABLES} == {"5"}
+    assert lanes.lane_env({"OMP_NUM_THREADS": "2"}, 3)["OMP_NUM_THREADS"] == "2"
+    assert lanes.lane_env({}, 32)["OMP_NUM_THREADS"] == "1"  # never zero
+
+
+def test_lanes_must_be_positive(checkout, capsys):
+    with pytest.raises(SystemExit) as done:
+        profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "0"])
+    assert done.value.code == 2
+    assert "--lanes must be at least 1" in capsys.readouterr().err
+    assert not (checkout / "profiles").exists()  # refused before anything was built
+
+
+def test_a_cpu_profile_stands_in_and_runs_one_stage_after_another(checkout, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(profiles, "repro", lambda target, *stages: calls.append(target) or 0)
+    monkeypatch.setattr(lanes, "run", lambda *args: pytest.fail("lanes on the CPU profile"))
+    (checkout / "profiles.yaml").write_text(
+        yaml.safe_dump({"gpu": {"finetune": {"epochs": 2.0}}, "cpu": {"extends": "gpu"}})
+    )
+    argv = ["run", "gpu", "--cpu-profile", "cpu", "--root", str(checkout), "--lanes", "3"]
+    assert profiles.main(argv) == 0
+    assert calls == [checkout.resolve() / "profiles" / "cpu"]
