@@ -113,3 +113,32 @@ def test_a_cpu_profile_stands_in_and_runs_one_stage_after_another(checkout, monk
     argv = ["run", "gpu", "--cpu-profile", "cpu", "--root", str(checkout), "--lanes", "3"]
     assert profiles.main(argv) == 0
     assert calls == [checkout.resolve() / "profiles" / "cpu"]
+
+
+def test_ctrl_c_lets_the_running_stage_end_and_starts_no_other(tmp_path, monkeypatch):
+    """SIGINT reaches the main thread while it waits for the lanes: the stage running ends,
+    no stage starts after it, and lanes.json says the run was interrupted."""
+    import os
+    import signal
+    import time
+
+    started = []
+
+    def stage(self, name):
+        started.append(name)
+        if len(started) == 1:
+            time.sleep(0.2)  # the main thread waits for the lanes
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first stage runs
+            time.sleep(0.5)
+        self.ended({"stage": name, "status": "ok", "seconds": 0.0})
+        return True
+
+    monkeypatch.setattr(lanes.Lanes, "stage", stage)
+    run = lanes.Lanes(tmp_path, 1, ["a", "b", "c"])
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    assert started == ["finetune@a"]
+    found = json.loads((tmp_path / "logs" / lanes.TIMES_FILE).read_text())
+    assert found["interrupted"] is True
+    statuses = {record["stage"]: record["status"] for record in found["stages"]}
+    assert statuses == {"finetune@a": "ok", "evaluate@a": "not run", "attack@a": "not run"}

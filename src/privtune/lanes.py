@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from privtune.cli import ERROR_FILE_ENV
@@ -71,6 +71,7 @@ class Lanes:
         self.logs.mkdir(exist_ok=True)
         self.records: list[dict] = []
         self.lock = threading.Lock()
+        self.stopping = threading.Event()  # set by Ctrl-C: no stage starts after it
         self.start = time.monotonic()
         self.progress = progress_bar(sys.stderr.isatty())
         self.bar = self.progress.add_task(
@@ -130,23 +131,44 @@ class Lanes:
     def lane(self, method: str) -> None:
         """finetune, evaluate, attack of one method: each needs the one before."""
         for index, stage in enumerate(METHOD_STAGES):
-            if not self.stage(f"{stage}@{method}"):
-                for later in METHOD_STAGES[index + 1 :]:
-                    self.ended({"stage": f"{later}@{method}", "status": "not run"})
-                return
+            if self.stopping.is_set():  # interrupted: this stage and the rest
+                left = METHOD_STAGES[index:]
+            elif not self.stage(f"{stage}@{method}"):  # failed: the stages that need it
+                left = METHOD_STAGES[index + 1 :]
+            else:
+                continue
+            for later in left:
+                self.ended({"stage": f"{later}@{method}", "status": "not run"})
+            return
 
     def run(self) -> list[dict]:
         """Every method's lane, ``lanes`` at once; the stages' records, in the order they
-        ended (also written to logs/lanes.json)."""
-        with self.progress, ThreadPoolExecutor(max_workers=self.lanes) as pool:
-            list(pool.map(self.lane, self.methods))
-        summary = {
-            "lanes": self.lanes,
-            "methods": self.methods,
-            "wall_seconds": round(time.monotonic() - self.start, 1),
-            "stages": self.records,
-        }
-        (self.logs / TIMES_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        ended (also written to logs/lanes.json). On Ctrl-C the stages running end (a terminal
+        interrupts them too) and no other starts; KeyboardInterrupt is raised after."""
+        pool = ThreadPoolExecutor(max_workers=self.lanes)
+        futures: list[Future] = []
+        try:
+            with self.progress:
+                for method in self.methods:
+                    futures.append(pool.submit(self.lane, method))
+                for future in futures:
+                    future.result()
+        except KeyboardInterrupt:
+            self.stopping.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            # the lanes that started end their stage (shutdown may not join a thread that a
+            # Ctrl-C caught starting); a cancelled future never counts as done for wait()
+            wait([future for future in futures if not future.cancelled()])
+            summary = {
+                "lanes": self.lanes,
+                "methods": self.methods,
+                "interrupted": self.stopping.is_set(),
+                "wall_seconds": round(time.monotonic() - self.start, 1),
+                "stages": self.records,
+            }
+            (self.logs / TIMES_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return self.records
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from privtune.cli import EXIT_INTERRUPTED
 from privtune.config import load_params, parse_params
 from privtune.errors import ConfigError
 
@@ -190,11 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"profile {name}: building in {target}", file=sys.stderr)
-    if lanes == 1:
-        return repro(target)
-    from privtune.lanes import run
+    try:
+        if lanes == 1:
+            return repro(target)
+        from privtune.lanes import run
 
-    return run(target, lanes)
+        return run(target, lanes)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: rerun the same command to go on (what is done is not redone)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
