@@ -35,8 +35,8 @@ install-smollm2: install
 
 # The pipeline on SmolLM2 (profiles.yaml: smollm2, all nine methods, on a GPU; without CUDA the
 # reduced smollm2-cpu), built in profiles/<name>/: the default pipeline's outputs stay as they are.
-# On the GPU, SMOLLM2_LANES methods at once (a SmolLM2 DP step peaks at 21 GB: 3 fit an 80 GB GPU;
-# `make demo-smollm2 SMOLLM2_LANES=1` runs one stage after another); the CPU run is in turn.
+# On the GPU, SMOLLM2_LANES methods at once (a SmolLM2 DP step peaks at 21 GB: 3 fit an 80 GB GPU,
+# 2 a 48 GB one; SMOLLM2_LANES=1 runs one stage after another); without CUDA, one after another.
 SMOLLM2_LANES ?= 3
 demo-smollm2: install
 	$(BIN)/python -m privtune.profiles run smollm2 --cpu-profile smollm2-cpu --lanes $(SMOLLM2_LANES)

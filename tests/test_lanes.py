@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -58,9 +59,13 @@ def test_lanes_run_methods_at_once_and_leave_what_dvc_repro_leaves(checkout, cap
         assert repo.status() == {}
     printed = capsys.readouterr().out
     assert "attack@dpsgd: ok in" in printed
-    # the same command again: every stage is up to date, and says so
+    # the same command again: every stage is up to date, and says so; the logs and times of
+    # the run that did the work are kept
     assert profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "2"]) == 0
-    assert {record["status"] for record in _times(target).values()} == {"up to date"}
+    again = _times(target)
+    assert {record["status"] for record in again.values()} == {"up to date"}
+    assert again["finetune@dpsgd"]["ran"]["seconds"] == other["seconds"]
+    assert "Running stage 'finetune@dpsgd'" in (target / times["finetune@dpsgd"]["log"]).read_text()
     assert "finetune@dpsgd: up to date in" in capsys.readouterr().out
 
 
@@ -85,7 +90,7 @@ def test_a_failed_stage_stops_its_lane_only_and_names_the_field(checkout, capsys
 
 
 def test_lanes_share_the_cpus_unless_the_caller_set_the_threads(monkeypatch):
-    monkeypatch.setattr(lanes.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(lanes.os, "sched_getaffinity", lambda pid: set(range(16)))
     env = lanes.lane_env({"PATH": "/bin"}, 3)
     assert {env[name] for name in lanes.THREAD_VARIABLES} == {"5"}
     assert lanes.lane_env({"OMP_NUM_THREADS": "2"}, 3)["OMP_NUM_THREADS"] == "2"
@@ -141,4 +146,83 @@ def test_ctrl_c_lets_the_running_stage_end_and_starts_no_other(tmp_path, monkeyp
     found = json.loads((tmp_path / "logs" / lanes.TIMES_FILE).read_text())
     assert found["interrupted"] is True
     statuses = {record["stage"]: record["status"] for record in found["stages"]}
-    assert statuses == {"finetune@a": "ok", "evaluate@a": "not run", "attack@a": "not run"}
+    assert statuses.pop("finetune@a") == "ok"
+    expected = {f"{s}@{m}": "not run" for s in lanes.METHOD_STAGES for m in "abc"}
+    assert statuses == {k: v for k, v in expected.items() if k != "finetune@a"}
+    assert len(found["stages"]) == 9  # b's and c's lanes never started, and say so
+
+
+def _fake_dvc(tmp_path: Path, output: str, code: int) -> str:
+    """A `dvc` that prints ``output`` and exits with ``code``, as DVC reports a stage."""
+    script = tmp_path / "dvc"
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {code}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_stage_is_told_by_what_dvc_and_the_stage_said(tmp_path):
+    run = lanes.Lanes(tmp_path, 2, ["a"])
+    log = tmp_path / "logs" / "finetune@a.log"
+    log.write_text("Running stage 'finetune@a': the run that did the work")
+    run.dvc = _fake_dvc(tmp_path, "Stage 'finetune@a' didn't change, skipping", 0)
+    assert run.stage("finetune@a")
+    assert run.records[-1]["status"] == "up to date"
+    assert "did the work" in log.read_text()  # kept, not replaced by the skip
+    failed = "ERROR: failed to reproduce 'evaluate@a': failed to run: privtune evaluate a"
+    run.dvc = _fake_dvc(tmp_path, f"{failed}, exited with 130", 255)
+    assert not run.stage("evaluate@a")
+    assert run.records[-1]["status"] == "interrupted" and run.records[-1]["exit_code"] == 130
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    run.dvc = _fake_dvc(tmp_path, f"{oom}\n{failed}, exited with 5", 255)
+    assert not run.stage("attack@a")
+    record = run.records[-1]
+    assert record["status"] == "failed" and record["exit_code"] == 5
+    assert "out of memory with 2 lanes: run fewer" in record["message"]
+    assert "OutOfMemoryError" in (tmp_path / record["log"]).read_text()
+
+
+def test_a_lane_that_crashes_stops_the_others_and_is_recorded(tmp_path, monkeypatch):
+    def stage(self, name):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lanes.Lanes, "stage", stage)
+    run = lanes.Lanes(tmp_path, 1, ["a", "b"])
+    with pytest.raises(OSError, match="disk full"):
+        run.run()
+    found = json.loads((tmp_path / "logs" / lanes.TIMES_FILE).read_text())
+    assert found["interrupted"] is True
+    assert {record["status"] for record in found["stages"]} == {"not run"}
+    assert len(found["stages"]) == 6  # b's lane never started, and says so
+
+
+def _pretend_dvc_ran(monkeypatch) -> list[list[str]]:
+    """lanes' subprocess calls recorded and answered 0 (prepare and base 'built')."""
+    import subprocess
+
+    calls = []
+
+    def fake(command, **kwargs):
+        calls.append(command[1:])
+        return subprocess.CompletedProcess(command, 0)
+
+    # lanes' own name for the module, not the module: other libraries keep the real one
+    monkeypatch.setattr(lanes, "subprocess", SimpleNamespace(run=fake))
+    return calls
+
+
+def test_a_tracking_server_that_does_not_answer_is_named_not_a_traceback(
+    checkout, monkeypatch, capsys
+):
+    _pretend_dvc_ran(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "2"]) == 6
+    err = capsys.readouterr().err
+    assert err.count("unavailable: MLFLOW_TRACKING_URI") == 1 and "Traceback" not in err
+
+
+def test_a_profile_without_methods_runs_dvc_repro_without_lanes(checkout, monkeypatch):
+    calls = _pretend_dvc_ran(monkeypatch)
+    (checkout / "profiles.yaml").write_text(yaml.safe_dump({"none": {"methods": {}}}))
+    assert profiles.main(["run", "none", "--root", str(checkout), "--lanes", "3"]) == 0
+    assert calls == [["repro", "prepare", "base"], ["repro"]]
+    assert not (checkout / "profiles" / "none" / "logs").exists()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,8 +29,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-
-from privtune.cli import ERROR_FILE_ENV
 
 METHOD_STAGES = ("finetune", "evaluate", "attack")
 LOGS_DIR = "logs"
@@ -53,7 +53,7 @@ def dvc_env(target: Path) -> tuple[str, dict[str, str]]:
 def lane_env(env: dict[str, str], lanes: int) -> dict[str, str]:
     """``env`` for a stage that runs beside ``lanes - 1`` others: a share of the CPUs each
     (unless the caller set the thread counts) and no library progress bars in its log."""
-    share = str(max(1, (os.cpu_count() or 1) // lanes))
+    share = str(max(1, len(os.sched_getaffinity(0)) // max(1, lanes)))  # this process's CPUs
     threads = {name: share for name in THREAD_VARIABLES if name not in env}
     return {**env, **threads, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -64,55 +64,70 @@ class Lanes:
     def __init__(self, target: Path, lanes: int, methods: list[str]) -> None:
         from privtune.progress import progress_bar
 
-        self.target, self.lanes, self.methods = target, lanes, methods
+        self.target, self.lanes, self.methods = target, max(1, lanes), methods
         self.dvc, env = dvc_env(target)
-        self.env = lane_env(env, lanes)
+        self.env = lane_env(env, self.lanes)
         self.logs = target / LOGS_DIR
         self.logs.mkdir(exist_ok=True)
+        self.before = _ran_before(self.logs / TIMES_FILE)
         self.records: list[dict] = []
         self.lock = threading.Lock()
-        self.stopping = threading.Event()  # set by Ctrl-C: no stage starts after it
+        self.stopping = threading.Event()  # set by Ctrl-C (or a lane's crash): nothing starts
         self.start = time.monotonic()
-        self.progress = progress_bar(sys.stderr.isatty())
+        self.progress = progress_bar(sys.stdout.isatty())  # its console is stdout's
         self.bar = self.progress.add_task(
-            f"{len(methods)} methods, {lanes} at once",
+            f"{len(methods)} methods, {self.lanes} at once",
             total=len(methods) * len(METHOD_STAGES),
             status="",
         )
 
     def stage(self, name: str) -> bool:
         """`dvc repro --single-item <name>`, its output in logs/<name>.log; True when it ran
-        or was up to date (DVC's own message says which)."""
+        or was up to date (DVC's own message says which; the log of the run that did the work
+        is then kept)."""
+        from privtune.cli import ERROR_FILE_ENV, EXIT_INTERRUPTED
+
         log = self.logs / f"{name}.log"
         began = time.monotonic() - self.start
-        with tempfile.TemporaryDirectory(prefix="privtune-lane-") as tmp, log.open("w") as out:
-            report = Path(tmp) / "error.json"
-            code = subprocess.run(
-                [self.dvc, "--wait-for-lock", "repro", "--single-item", name],
-                cwd=self.target,
-                env={**self.env, ERROR_FILE_ENV: str(report)},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            ).returncode
-            # the CLI's own message for its exit codes 2-4 (it names fields, never records)
-            message = json.loads(report.read_text())["message"] if report.is_file() else None
+        with tempfile.TemporaryDirectory(prefix="privtune-lane-") as tmp:
+            report, output = Path(tmp) / "error.json", Path(tmp) / "output.log"
+            with output.open("w") as out:
+                code = subprocess.run(
+                    [self.dvc, "--wait-for-lock", "repro", "--single-item", name],
+                    cwd=self.target,
+                    env={**self.env, ERROR_FILE_ENV: str(report)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                ).returncode
+            message = _cli_message(report)
+            text = output.read_text(errors="replace")  # searched, never shown: it is the log
+            skipped = not code and f"Stage '{name}' didn't change, skipping" in text
+            if not (skipped and log.is_file()):
+                shutil.move(output, log)
         seconds = time.monotonic() - self.start - began
-        output = log.read_text(errors="replace")  # searched, never shown: the log is the file
-        if code and message is None and OUT_OF_MEMORY in output:
-            message = f"out of memory with {self.lanes} lanes: run fewer (--lanes)"
-        status = "failed" if code else "ok"
-        if not code and f"Stage '{name}' didn't change, skipping" in output:
-            status = "up to date"
+        found = re.findall(r"exited with (-?\d+)", text)  # the stage's own code (DVC's is 255)
+        stage_code = int(found[-1]) if found else None
+        if code and (stage_code == EXIT_INTERRUPTED or self.stopping.is_set()):
+            status = "interrupted"
+        else:
+            status = "failed" if code else "up to date" if skipped else "ok"
+        if status == "failed" and message is None and OUT_OF_MEMORY in text:
+            message = (
+                f"out of memory with {self.lanes} lanes: run fewer (--lanes; "
+                "make demo-smollm2 SMOLLM2_LANES=...)"
+            )
         record = {
             "stage": name,
             "status": status,
-            "exit_code": code,
+            "exit_code": stage_code if code and stage_code is not None else code,
             "started_s": round(began, 1),
             "seconds": round(seconds, 1),
             "log": str(log.relative_to(self.target)),
         }
         if message:
             record["message"] = message
+        if skipped and name in self.before:
+            record["ran"] = self.before[name]  # when and how long the run that did it took
         self.ended(record)
         return code == 0
 
@@ -153,7 +168,7 @@ class Lanes:
                     futures.append(pool.submit(self.lane, method))
                 for future in futures:
                     future.result()
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or a lane's own crash: the others start nothing more
             self.stopping.set()
             raise
         finally:
@@ -161,6 +176,11 @@ class Lanes:
             # the lanes that started end their stage (shutdown may not join a thread that a
             # Ctrl-C caught starting); a cancelled future never counts as done for wait()
             wait([future for future in futures if not future.cancelled()])
+            seen = {record["stage"] for record in self.records}
+            for method in self.methods:  # lanes cancelled before they started
+                for stage in METHOD_STAGES:
+                    if f"{stage}@{method}" not in seen:
+                        self.records.append({"stage": f"{stage}@{method}", "status": "not run"})
             summary = {
                 "lanes": self.lanes,
                 "methods": self.methods,
@@ -170,6 +190,30 @@ class Lanes:
             }
             (self.logs / TIMES_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return self.records
+
+
+def _cli_message(report: Path) -> str | None:
+    """The CLI's own message for its exit codes 2-4 (it names fields, never records); None
+    when it wrote none or the file is cut short."""
+    try:
+        return str(json.loads(report.read_text())["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _ran_before(times: Path) -> dict[str, dict]:
+    """From the last run's lanes.json, each stage's record of the run that did the work."""
+    try:
+        stages = json.loads(times.read_text())["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    ran = {}
+    for record in stages if isinstance(stages, list) else []:
+        if isinstance(record, dict) and record.get("status") == "ok":
+            ran[record["stage"]] = {k: record.get(k) for k in ("started_s", "seconds")}
+        elif isinstance(record, dict) and isinstance(record.get("ran"), dict):
+            ran[record["stage"]] = record["ran"]
+    return ran
 
 
 def run(target: Path, lanes: int) -> int:
@@ -182,16 +226,17 @@ def run(target: Path, lanes: int) -> int:
     code = subprocess.run([dvc, "repro", "prepare", "base"], cwd=target, env=env).returncode
     if code:
         return code
-    ensure_experiment(target)  # created once here, not raced for by the lanes
     methods = list(load_params(target / "params.yaml").methods)
-    lanes = Lanes(target, min(lanes, len(methods)), methods)
-    records = lanes.run()
-    failed = [r["stage"] for r in records if r["status"] == "failed"]
-    if failed:
-        print(
-            f"failed: {', '.join(failed)} (their logs in {lanes.logs}); register and report "
-            "not run: rerun the same command (stages done are not redone)",
-            file=sys.stderr,
-        )
-        return 1
+    if methods:
+        ensure_experiment(target)  # created once here, not raced for by the lanes
+        records = Lanes(target, min(lanes, len(methods)), methods).run()
+        failed = [r["stage"] for r in records if r["status"] == "failed"]
+        if failed:
+            print(
+                f"failed: {', '.join(failed)} (their logs in {target / LOGS_DIR}); register "
+                "and report not run: fix what the message says, then rerun the same command "
+                "(stages done are not redone)",
+                file=sys.stderr,
+            )
+            return 1
     return subprocess.run([dvc, "repro"], cwd=target, env=env).returncode

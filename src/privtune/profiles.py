@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from privtune.cli import EXIT_INTERRUPTED
+from privtune.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNAVAILABLE
 from privtune.config import load_params, parse_params
-from privtune.errors import ConfigError
+from privtune.errors import ConfigError, PrivtuneError, ServerError
 
 PROFILES_FILE = "profiles.yaml"
 PROFILES_DIR = Path("profiles")
@@ -197,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         from privtune.lanes import run
 
         return run(target, lanes)
+    except ServerError as err:  # the MLflow server the lanes' experiment is made on
+        print(f"unavailable: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except PrivtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
             "interrupted: rerun the same command to go on (what is done is not redone)",
