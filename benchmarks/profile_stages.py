@@ -1,15 +1,15 @@
 """A profile's pipeline stage by stage, each stage timed: what one GPU needs for a profile.
 
-`make demo-smollm2` runs a profile through `dvc repro` (one stage after another). This runs
-the same stage commands (`privtune prepare`, `base`, then `finetune`, `evaluate` and `attack`
-of each method) without DVC, for a machine that has the stages' libraries but not DVC (the
-device tool's GPU machines, scripts/device_check.sh): `prepare` and `base` first, then each
-method's three stages in order, methods spread over `--lanes` lanes. With one lane the total is
-the sequential run's wall time; with more, each stage's time is measured while others share
-the GPU, so their sum likely overstates the sequential run's (an estimate, not a
-measurement). A stage not started by `--deadline` seconds is skipped (the JSON says which),
-one still running at `--hard-deadline` is stopped. Writes <out>/stage_times.json and
-<out>/summary.md.
+`make demo-smollm2` runs a profile through DVC (on a GPU three methods at once:
+privtune/lanes.py, the same lanes as here). This runs the same stage commands (`privtune
+prepare`, `base`, then `finetune`, `evaluate` and `attack` of each method) without DVC, for a
+machine that has the stages' libraries but not DVC (the device tool's GPU machines,
+scripts/device_check.sh): `prepare` and `base` first, then each method's three stages in
+order, methods spread over `--lanes` lanes. With one lane the total is the sequential run's
+wall time; with more, each stage's time is measured while others share the GPU, so their sum
+likely overstates the sequential run's (an estimate, not a measurement). A stage not started
+by `--deadline` seconds is skipped (the JSON says which), one still running at
+`--hard-deadline` is stopped. Writes <out>/stage_times.json and <out>/summary.md.
 
     python benchmarks/profile_stages.py smollm2 --out /tmp/smollm2 [--lanes 3]
         [--set finetune.epochs=1.0] [--deadline 600] [--methods nonprivate dpsgd]
