@@ -179,6 +179,7 @@ def test_a_stage_is_told_by_what_dvc_and_the_stage_said(tmp_path):
     assert record["status"] == "failed" and record["exit_code"] == 5
     assert "out of memory with 2 lanes: run fewer" in record["message"]
     assert "OutOfMemoryError" in (tmp_path / record["log"]).read_text()
+    assert run.running == []  # each stage left the bar's list of those running as it ended
 
 
 def test_a_lane_that_crashes_stops_the_others_and_is_recorded(tmp_path, monkeypatch):

@@ -71,6 +71,7 @@ class Lanes:
         self.logs.mkdir(exist_ok=True)
         self.before = _ran_before(self.logs / TIMES_FILE)
         self.records: list[dict] = []
+        self.running: list[str] = []  # the stages running now, shown beside the bar
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set by Ctrl-C (or a lane's crash): nothing starts
         self.start = time.monotonic()
@@ -89,6 +90,7 @@ class Lanes:
 
         log = self.logs / f"{name}.log"
         began = time.monotonic() - self.start
+        self.show(started=name)
         with tempfile.TemporaryDirectory(prefix="privtune-lane-") as tmp:
             report, output = Path(tmp) / "error.json", Path(tmp) / "output.log"
             with output.open("w") as out:
@@ -131,7 +133,16 @@ class Lanes:
         self.ended(record)
         return code == 0
 
+    def show(self, started: str | None = None, ended: str | None = None) -> None:
+        with self.lock:
+            if started:
+                self.running.append(started)
+            if ended in self.running:
+                self.running.remove(ended)
+            self.progress.update(self.bar, status=", ".join(self.running))
+
     def ended(self, record: dict) -> None:
+        self.show(ended=record["stage"])
         with self.lock:
             self.records.append(record)
             self.progress.advance(self.bar)
