@@ -140,8 +140,14 @@ def test_ctrl_c_lets_the_running_stage_end_and_starts_no_other(tmp_path, monkeyp
 
     monkeypatch.setattr(lanes.Lanes, "stage", stage)
     run = lanes.Lanes(tmp_path, 1, ["a", "b", "c"])
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
+    # Python's own handler, as `python -m privtune.profiles` has it (a library an earlier
+    # test started, Ray or a server, may have installed another in this process)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.run()
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert started == ["finetune@a"]
     found = json.loads((tmp_path / "logs" / lanes.TIMES_FILE).read_text())
     assert found["interrupted"] is True
