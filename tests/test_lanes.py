@@ -233,3 +233,15 @@ def test_a_profile_without_methods_runs_dvc_repro_without_lanes(checkout, monkey
     assert profiles.main(["run", "none", "--root", str(checkout), "--lanes", "3"]) == 0
     assert calls == [["repro", "prepare", "base"], ["repro"]]
     assert not (checkout / "profiles" / "none" / "logs").exists()
+
+
+def test_a_stage_interrupted_alone_keeps_register_and_report_waiting(checkout, monkeypatch, capsys):
+    """A stage stopped by a signal of its own (exit 130) while this process was not: the
+    final `dvc repro` would redo it one stage after another, so it is not run."""
+    calls = _pretend_dvc_ran(monkeypatch)
+    done = [{"stage": f"{s}@nonprivate", "status": "ok"} for s in lanes.METHOD_STAGES]
+    cut = [{"stage": "finetune@dpsgd", "status": "interrupted"}]
+    monkeypatch.setattr(lanes.Lanes, "run", lambda self: done + cut)
+    assert profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "2"]) == 1
+    assert calls == [["repro", "prepare", "base"]]
+    assert "failed: finetune@dpsgd" in capsys.readouterr().err

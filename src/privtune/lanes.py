@@ -241,7 +241,7 @@ def run(target: Path, lanes: int) -> int:
     if methods:
         ensure_experiment(target)  # created once here, not raced for by the lanes
         records = Lanes(target, min(lanes, len(methods)), methods).run()
-        failed = [r["stage"] for r in records if r["status"] == "failed"]
+        failed = [r["stage"] for r in records if r["status"] in ("failed", "interrupted")]
         if failed:
             print(
                 f"failed: {', '.join(failed)} (their logs in {target / LOGS_DIR}); register "
