@@ -129,7 +129,7 @@ def test_ctrl_c_lets_the_running_stage_end_and_starts_no_other(tmp_path, monkeyp
 
     started = []
 
-    def stage(self, name):
+    def stage(self, name, gpu=None):
         started.append(name)
         if len(started) == 1:
             time.sleep(0.2)  # the main thread waits for the lanes
@@ -189,7 +189,7 @@ def test_a_stage_is_told_by_what_dvc_and_the_stage_said(tmp_path):
 
 
 def test_a_lane_that_crashes_stops_the_others_and_is_recorded(tmp_path, monkeypatch):
-    def stage(self, name):
+    def stage(self, name, gpu=None):
         raise OSError("disk full")
 
     monkeypatch.setattr(lanes.Lanes, "stage", stage)
@@ -245,3 +245,37 @@ def test_a_stage_interrupted_alone_keeps_register_and_report_waiting(checkout, m
     assert profiles.main(["run", "pair", "--root", str(checkout), "--lanes", "2"]) == 1
     assert calls == [["repro", "prepare", "base"]]
     assert "failed: finetune@dpsgd" in capsys.readouterr().err
+
+
+def test_lanes_share_several_gpus_out_one_gpu_to_a_method(tmp_path):
+    """Three lanes over GPUs 0 and 1: each method's stages see one GPU, the two first
+    methods at once on different ones (a stage's command prints what it was given)."""
+    script = tmp_path / "dvc"
+    script.write_text('#!/bin/sh\necho "gpu=$CUDA_VISIBLE_DEVICES"; sleep 0.3\n')
+    script.chmod(0o755)
+    run = lanes.Lanes(tmp_path, 3, ["a", "b", "c"], gpus=["0", "1"])
+    run.dvc = str(script)
+    records = {record["stage"]: record for record in run.run()}
+    for method in "abc":
+        seen = {records[f"{s}@{method}"]["gpu"] for s in lanes.METHOD_STAGES}
+        assert len(seen) == 1  # one GPU for the method's three stages
+        log = (tmp_path / records[f"attack@{method}"]["log"]).read_text()
+        assert f"gpu={seen.pop()}" in log
+    assert records["finetune@a"]["gpu"] != records["finetune@b"]["gpu"]
+    assert run.gpu_load == {"0": 0, "1": 0}  # every lane gave its GPU back
+    # one GPU (or none): the lanes see what this process sees, unchanged
+    single = lanes.Lanes(tmp_path, 2, ["a"], gpus=["0"])
+    assert single.gpu_load == {}
+
+
+def test_visible_gpus_keep_the_list_this_process_was_given(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert lanes.visible_gpus() == ["2", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert lanes.visible_gpus() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert lanes.visible_gpus() == []

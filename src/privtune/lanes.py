@@ -36,7 +36,18 @@ TIMES_FILE = "lanes.json"
 # Thread knobs of the numeric libraries a stage's command reads when it starts (torch reads
 # OMP_NUM_THREADS): runs at once share the machine's CPUs instead of each taking all of them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+CUDA_DEVICES = "CUDA_VISIBLE_DEVICES"
 OUT_OF_MEMORY = "out of memory"  # torch's CUDA (and CPU allocator) message
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, as CUDA_VISIBLE_DEVICES would name them to a child (its
+    own list when set, so a child never sees a GPU this process was not given)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get(CUDA_DEVICES, "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
 
 
 def dvc_env(target: Path) -> tuple[str, dict[str, str]]:
@@ -61,7 +72,11 @@ def lane_env(env: dict[str, str], lanes: int) -> dict[str, str]:
 class Lanes:
     """The stages of one run: started, ended, and the bar and lines that show them."""
 
-    def __init__(self, target: Path, lanes: int, methods: list[str]) -> None:
+    def __init__(
+        self, target: Path, lanes: int, methods: list[str], gpus: list[str] | None = None
+    ) -> None:
+        """``gpus``: the GPUs to share the lanes out over (default: those this process sees,
+        when more than one; with one or none, every lane sees what this process sees)."""
         from privtune.progress import progress_bar
 
         self.target, self.lanes, self.methods = target, max(1, lanes), methods
@@ -72,6 +87,8 @@ class Lanes:
         self.before = _ran_before(self.logs / TIMES_FILE)
         self.records: list[dict] = []
         self.running: list[str] = []  # the stages running now, shown beside the bar
+        gpus = visible_gpus() if gpus is None else gpus
+        self.gpu_load = dict.fromkeys(gpus, 0) if len(gpus) > 1 else {}  # lanes on each GPU
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set by Ctrl-C (or a lane's crash): nothing starts
         self.start = time.monotonic()
@@ -82,10 +99,10 @@ class Lanes:
             status="",
         )
 
-    def stage(self, name: str) -> bool:
+    def stage(self, name: str, gpu: str | None = None) -> bool:
         """`dvc repro --single-item <name>`, its output in logs/<name>.log; True when it ran
         or was up to date (DVC's own message says which; the log of the run that did the work
-        is then kept)."""
+        is then kept). ``gpu``: the one GPU its command sees (CUDA_VISIBLE_DEVICES)."""
         from privtune.cli import ERROR_FILE_ENV, EXIT_INTERRUPTED
 
         log = self.logs / f"{name}.log"
@@ -97,7 +114,11 @@ class Lanes:
                 code = subprocess.run(
                     [self.dvc, "--wait-for-lock", "repro", "--single-item", name],
                     cwd=self.target,
-                    env={**self.env, ERROR_FILE_ENV: str(report)},
+                    env={
+                        **self.env,
+                        ERROR_FILE_ENV: str(report),
+                        **({CUDA_DEVICES: gpu} if gpu is not None else {}),
+                    },
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 ).returncode
@@ -128,6 +149,8 @@ class Lanes:
         }
         if message:
             record["message"] = message
+        if gpu is not None:
+            record["gpu"] = gpu
         if skipped and name in self.before:
             record["ran"] = self.before[name]  # when and how long the run that did it took
         self.ended(record)
@@ -155,17 +178,32 @@ class Lanes:
         self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def lane(self, method: str) -> None:
-        """finetune, evaluate, attack of one method: each needs the one before."""
-        for index, stage in enumerate(METHOD_STAGES):
-            if self.stopping.is_set():  # interrupted: this stage and the rest
-                left = METHOD_STAGES[index:]
-            elif not self.stage(f"{stage}@{method}"):  # failed: the stages that need it
-                left = METHOD_STAGES[index + 1 :]
-            else:
-                continue
-            for later in left:
-                self.ended({"stage": f"{later}@{method}", "status": "not run"})
-            return
+        """finetune, evaluate, attack of one method, on the GPU with the fewest lanes (when
+        there are several): each stage needs the one before."""
+        gpu = self._take_gpu()
+        try:
+            for index, stage in enumerate(METHOD_STAGES):
+                if self.stopping.is_set():  # interrupted: this stage and the rest
+                    left = METHOD_STAGES[index:]
+                elif not self.stage(f"{stage}@{method}", gpu):  # failed: the stages after it
+                    left = METHOD_STAGES[index + 1 :]
+                else:
+                    continue
+                for later in left:
+                    self.ended({"stage": f"{later}@{method}", "status": "not run"})
+                return
+        finally:
+            if gpu is not None:
+                with self.lock:
+                    self.gpu_load[gpu] -= 1
+
+    def _take_gpu(self) -> str | None:
+        with self.lock:
+            if not self.gpu_load:
+                return None
+            gpu = min(self.gpu_load, key=self.gpu_load.__getitem__)  # the first of the least
+            self.gpu_load[gpu] += 1
+            return gpu
 
     def run(self) -> list[dict]:
         """Every method's lane, ``lanes`` at once; the stages' records, in the order they
