@@ -35,9 +35,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's privtune, as the stages it starts run
 
+from privtune.lanes import METHOD_STAGES  # noqa: E402
 from privtune.profiles import run_params  # noqa: E402
 
-METHOD_STAGES = ("finetune", "evaluate", "attack")
 SUMMARY_TIMEOUT = 300  # seconds
 
 

@@ -22,6 +22,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from privtune.lanes import METHOD_STAGES
+
 # The CLI's exit codes that a retry cannot change (privtune.cli): 2 configuration, data or
 # model error, 3 budget guard, 4 privacy audit violation (retrying it would re-roll the audit).
 PERMANENT_EXIT_CODES = {2: "configuration, data or model error", 3: "budget guard", 4: "audit"}
@@ -225,7 +227,7 @@ def experiment(name: str, overrides: list[str], root: str = ".") -> str:
 
 
 # The per-method stages of the pipeline, in order (what `method_stages` runs for one method).
-METHOD_STEPS = ("finetune", "evaluate", "attack")
+METHOD_STEPS = METHOD_STAGES
 
 
 @task(name="method", task_run_name="method-{method}", cache_policy=NO_CACHE)

@@ -30,7 +30,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-METHOD_STAGES = ("finetune", "evaluate", "attack")
+METHOD_STAGES = ("finetune", "evaluate", "attack")  # a method's stages in dvc.yaml, in order
 LOGS_DIR = "logs"
 TIMES_FILE = "lanes.json"
 # Thread knobs of the numeric libraries a stage's command reads when it starts (torch reads
