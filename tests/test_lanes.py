@@ -203,7 +203,7 @@ def test_a_lane_that_crashes_stops_the_others_and_is_recorded(tmp_path, monkeypa
 
 
 def _pretend_dvc_ran(monkeypatch) -> list[list[str]]:
-    """lanes' subprocess calls recorded and answered 0 (prepare and base 'built')."""
+    """The profile run's `dvc` calls recorded and answered 0 (prepare and base 'built')."""
     import subprocess
 
     calls = []
@@ -212,8 +212,9 @@ def _pretend_dvc_ran(monkeypatch) -> list[list[str]]:
         calls.append(command[1:])
         return subprocess.CompletedProcess(command, 0)
 
-    # lanes' own name for the module, not the module: other libraries keep the real one
-    monkeypatch.setattr(lanes, "subprocess", SimpleNamespace(run=fake))
+    # the modules' own names for it, not the module: other libraries keep the real one
+    for module in (lanes, profiles):
+        monkeypatch.setattr(module, "subprocess", SimpleNamespace(run=fake))
     return calls
 
 

@@ -269,10 +269,10 @@ def run(target: Path, lanes: int) -> int:
     """The profile project's pipeline with ``lanes`` methods at once; DVC's exit code, or 1
     when a method's stage failed (register and report then wait for a rerun)."""
     from privtune.config import load_params
+    from privtune.profiles import repro
     from privtune.tracking import ensure_experiment
 
-    dvc, env = dvc_env(target)
-    code = subprocess.run([dvc, "repro", "prepare", "base"], cwd=target, env=env).returncode
+    code = repro(target, "prepare", "base")
     if code:
         return code
     methods = list(load_params(target / "params.yaml").methods)
@@ -288,4 +288,4 @@ def run(target: Path, lanes: int) -> int:
                 file=sys.stderr,
             )
             return 1
-    return subprocess.run([dvc, "repro"], cwd=target, env=env).returncode
+    return repro(target)
