@@ -54,7 +54,8 @@ def test_a_csv_without_a_header_row_is_refused_without_echoing_its_first_record(
     path.write_text("Patient John Doe, 45, HIV positive\nPatient Jane Roe, 51, diabetic\n")
     with pytest.raises(DataError) as err:
         load_records(path)
-    message = str(err.value)
+    # the file's own path is named by design; pytest numbers it (pytest-45/ held "45")
+    message = str(err.value).replace(str(path), "<path>")
     assert "no `text` column in the header row (3 columns" in message
     assert "add one naming the columns" in message
     for cell in ("John Doe", "45", "HIV", "Jane"):
