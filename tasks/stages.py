@@ -11,7 +11,6 @@ privacy audit fails at once with its message.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -79,7 +78,7 @@ def _permanent_errors(target: str) -> Iterator[None]:
     """Turn a stage command's exit 2-4 into `PermanentStageError` with the CLI's message:
     the command writes it to the file named by $PRIVTUNE_ERROR_FILE (privtune.cli), which the
     commands DVC starts inherit from this process."""
-    from privtune.cli import ERROR_FILE_ENV
+    from privtune.cli import ERROR_FILE_ENV, read_error_file
     from privtune.io import environ
 
     with tempfile.TemporaryDirectory(prefix="privtune-stage-") as tmp:
@@ -88,8 +87,8 @@ def _permanent_errors(target: str) -> Iterator[None]:
             with environ({ERROR_FILE_ENV: str(report)}):
                 yield
         except Exception as exc:
-            if report.is_file():
-                found = json.loads(report.read_text())
+            found = read_error_file(report)
+            if found is not None:
                 raise PermanentStageError(
                     target, found["exit_code"], found["error"], found["message"]
                 ) from exc

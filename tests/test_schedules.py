@@ -4,6 +4,7 @@ through the CLI's error file), a worker finds its own checkout and tracking stor
 and a profile builds in a project of its own."""
 
 import json
+import os
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,6 +112,20 @@ def test_a_stage_commands_exit_2_becomes_a_permanent_error_with_its_message(tmp_
     # any other failure passes through unchanged (and is retried)
     with pytest.raises(RuntimeError, match="lock busy"), _permanent_errors("prepare"):
         raise RuntimeError("lock busy")
+
+
+def test_an_error_file_cut_short_leaves_the_stages_own_failure(tmp_path):
+    """A command killed while writing its report (or one that wrote something else) left a
+    file that is not a report: the stage's failure passes through, retried like any other,
+    instead of a JSONDecodeError from the reader."""
+    from privtune.cli import ERROR_FILE_ENV, read_error_file
+
+    for text in ('{"exit_code": 2, "error": "ConfigE', '{"exit_code": 2}', "[]", ""):
+        failed = pytest.raises(RuntimeError, match="stage command failed")
+        with failed, _permanent_errors("prepare"):
+            Path(os.environ[ERROR_FILE_ENV]).write_text(text)
+            raise RuntimeError("stage command failed")
+        assert read_error_file(tmp_path / "none.json") is None
 
 
 def test_a_worker_finds_its_checkout_and_store_at_run_time(tmp_path):

@@ -24,7 +24,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from privtune.errors import (
     AuditViolation,
@@ -33,6 +33,7 @@ from privtune.errors import (
     PrivtuneError,
     ServerError,
 )
+from privtune.io import atomic_file
 from privtune.tracking import disable_telemetry, isolated_store
 
 if TYPE_CHECKING:
@@ -143,8 +144,20 @@ def _fail(code: int, label: str, err: Exception) -> int:
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         report = {"exit_code": code, "error": type(err).__name__, "message": str(err)}
-        Path(path).write_text(json.dumps(report))
+        with atomic_file(path) as handle:  # a reader never sees half a report
+            json.dump(report, handle)
     return code
+
+
+def read_error_file(path: str | Path) -> dict[str, Any] | None:
+    """What a failed command left at $PRIVTUNE_ERROR_FILE (``exit_code``, ``error``,
+    ``message``: fields, never records); None when it left nothing readable."""
+    try:
+        report = json.loads(Path(path).read_text())
+        fields = {"exit_code": int(report["exit_code"]), "error": str(report["error"])}
+        return fields | {"message": str(report["message"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

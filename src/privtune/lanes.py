@@ -103,7 +103,7 @@ class Lanes:
         """`dvc repro --single-item <name>`, its output in logs/<name>.log; True when it ran
         or was up to date (DVC's own message says which; the log of the run that did the work
         is then kept). ``gpu``: the one GPU its command sees (CUDA_VISIBLE_DEVICES)."""
-        from privtune.cli import ERROR_FILE_ENV, EXIT_INTERRUPTED
+        from privtune.cli import ERROR_FILE_ENV, EXIT_INTERRUPTED, read_error_file
 
         log = self.logs / f"{name}.log"
         began = time.monotonic() - self.start
@@ -122,7 +122,8 @@ class Lanes:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 ).returncode
-            message = _cli_message(report)
+            found = read_error_file(report)  # the CLI's message for exits 2-4
+            message = None if found is None else found["message"]
             text = output.read_text(errors="replace")  # searched, never shown: it is the log
             skipped = not code and f"Stage '{name}' didn't change, skipping" in text
             if not (skipped and log.is_file()):
@@ -239,15 +240,6 @@ class Lanes:
             }
             (self.logs / TIMES_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return self.records
-
-
-def _cli_message(report: Path) -> str | None:
-    """The CLI's own message for its exit codes 2-4 (it names fields, never records); None
-    when it wrote none or the file is cut short."""
-    try:
-        return str(json.loads(report.read_text())["message"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _ran_before(times: Path) -> dict[str, dict]:
