@@ -120,7 +120,11 @@ def reproduce(
     """
     from dvc.repo import Repo
 
+    from privtune.stages import preflight
+
     _cli_on_path()
+    # What the command would refuse, before DVC removes the stage's outputs to run it
+    preflight.check(root, target)
     # DVC resolves stage paths against the working directory: run from the repo root.
     with (
         _permanent_errors(target),

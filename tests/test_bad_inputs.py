@@ -290,6 +290,12 @@ CASES = [
         params(finetune={"batch_size": 10000}),
     ),
     Case(
+        "epsilon-out-of-reach",  # RDP certifies nothing this small: opacus' ValueError, exit 5
+        FT,
+        ("finetune.epsilon", "rdp accountant cannot certify", "finetune.accountant: pld"),
+        params(finetune={"epsilon": 0.01, "accountant": "rdp"}),
+    ),
+    Case(
         "delta-above-one-over-n",
         FT,
         ("finetune.delta", "below 1/N"),

@@ -419,6 +419,25 @@ def test_n_counts_the_audits_in_canaries_as_records() -> None:
     assert planned_records(0, params) == in_canaries  # nothing but canaries: still counted
 
 
+def test_an_epsilon_below_rdps_floor_is_calibrated_by_pld_or_refused_naming_the_accountant(
+    tmp_path, monkeypatch
+) -> None:
+    """RDP's conversion has a floor (about 0.066 at 41 steps, q 0.031, delta 9.7e-5): below it
+    opacus gave up ("The privacy budget is too low.") and the finetune stage crashed (exit 5).
+    PLD certifies such an epsilon with enough noise, still the least that does; the RDP
+    accountant says it cannot, and past MAX_NOISE nothing does."""
+    monkeypatch.setenv("PRIVTUNE_CACHE_DIR", str(tmp_path))
+    q, steps, delta, target = 0.031, 41, 9.7e-5, 0.05
+    z = accountant.calibrate_noise(target, delta, q, steps, "pld")
+    assert accountant.epsilon([(z, q, steps)], delta, "pld") <= target
+    assert accountant.epsilon([(z / 1.002, q, steps)], delta, "pld") > target
+    with pytest.raises(accountant.InfeasibleBudget, match="rdp accountant cannot certify"):
+        accountant.calibrate_noise(target, delta, q, steps, "rdp")
+    monkeypatch.setattr(accountant, "MAX_NOISE", 100.0)
+    with pytest.raises(accountant.InfeasibleBudget, match="pld accountant cannot certify"):
+        accountant.calibrate_noise(1e-4, delta, q, steps, "pld")
+
+
 def test_pld_calibration_is_the_least_noise_that_keeps_the_target(monkeypatch) -> None:
     """The bisection's z spends at most the target under PLD (checked against dp-accounting's
     own composition), a hair less noise (0.2 %, twice its tolerance) overspends, and RDP, looser,

@@ -103,9 +103,18 @@ class Lanes:
         """`dvc repro --single-item <name>`, its output in logs/<name>.log; True when it ran
         or was up to date (DVC's own message says which; the log of the run that did the work
         is then kept). ``gpu``: the one GPU its command sees (CUDA_VISIBLE_DEVICES)."""
-        from privtune.cli import ERROR_FILE_ENV, EXIT_INTERRUPTED, read_error_file
+        from privtune.cli import ERROR_FILE_ENV, EXIT_BAD_INPUT, EXIT_INTERRUPTED, read_error_file
+        from privtune.errors import PrivtuneError
+        from privtune.stages import preflight
 
         log = self.logs / f"{name}.log"
+        try:  # what the stage would refuse, before DVC removes its outputs to run it
+            preflight.check(self.target, name)
+        except PrivtuneError as err:
+            log.write_text(f"error: {err}\n")  # the CLI's own line: fields, never records
+            record = {"stage": name, "status": "failed", "exit_code": EXIT_BAD_INPUT}
+            self.ended(record | {"message": str(err), "log": str(log.relative_to(self.target))})
+            return False
         began = time.monotonic() - self.start
         self.show(started=name)
         with tempfile.TemporaryDirectory(prefix="privtune-lane-") as tmp:

@@ -268,14 +268,8 @@ def load_datasets_dir(
     return _check_rows([dict(row) for row in ds], str(path), text_column, id_column, max_chars)
 
 
-def load_records(
-    source: str | Path,
-    text_column: str = TEXT_COLUMN,
-    id_column: str | None = None,
-    max_chars: int = MAX_RECORD_CHARS,
-) -> list[dict]:
-    """Records of a JSONL/CSV file or a datasets directory as ``{"text"[, "id"]}`` dicts, each
-    text at most ``max_chars`` characters (prepare.max_record_chars)."""
+def existing_source(source: str | Path) -> Path:
+    """``source`` (prepare.source's corpus) when it exists; else the error naming the field."""
     path = Path(source)
     if not path.exists():
         raise DataError(
@@ -284,6 +278,18 @@ def load_records(
             "set prepare.source to an existing .jsonl/.csv file or dataset directory (or to "
             "src/privtune/data/generator.py for the generated notes)",
         )
+    return path
+
+
+def load_records(
+    source: str | Path,
+    text_column: str = TEXT_COLUMN,
+    id_column: str | None = None,
+    max_chars: int = MAX_RECORD_CHARS,
+) -> list[dict]:
+    """Records of a JSONL/CSV file or a datasets directory as ``{"text"[, "id"]}`` dicts, each
+    text at most ``max_chars`` characters (prepare.max_record_chars)."""
+    path = existing_source(source)
     columns = (text_column, id_column, max_chars)
     suffix = path.suffix.lower()
     try:

@@ -111,10 +111,29 @@ def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "pld") 
     return float(rdp.get_epsilon(delta))
 
 
+# The largest noise multiplier a calibration tries (opacus' own limit): a target that needs more
+# cannot be certified, and a model trained at it would learn nothing.
+MAX_NOISE = 1e6
+
+
+class InfeasibleBudget(ValueError):
+    """No noise multiplier up to MAX_NOISE lets the accountant certify the target epsilon."""
+
+    def __init__(self, target: float, delta: float, q: float, steps: int, accountant: str):
+        self.target, self.delta, self.q, self.steps, self.accountant = (
+            target, delta, q, steps, accountant,
+        )  # fmt: skip
+        super().__init__(
+            f"the {accountant} accountant cannot certify epsilon {target:g} for {steps} steps "
+            f"at q = {q:.3g} and delta = {delta:.3g} at any noise multiplier up to {MAX_NOISE:g}"
+        )
+
+
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "pld"
 ) -> float:
-    """Smallest noise multiplier whose `steps` steps spend at most the target epsilon.
+    """Smallest noise multiplier whose `steps` steps spend at most the target epsilon
+    (``InfeasibleBudget`` when none up to MAX_NOISE does).
 
     Results are cached on disk (every private method of a pipeline run asks the same question,
     seconds each); a cached value is used only after checking that it spends at most the
@@ -166,16 +185,21 @@ def _calibrate(
         return _calibrate_by_bisection(target_epsilon, delta, sample_rate, steps, accountant)
     with warnings.catch_warnings():
         # opacus' search starts at z = 10, where RDP's best order is its largest, and warns of
-        # a loose bound there; the z it returns is re-checked below at every order
-        warnings.filterwarnings("ignore", "Optimal order is the largest alpha", UserWarning)
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
-        )
+        # a loose bound there (of the smallest, doubling z past a target it cannot reach); the
+        # z it returns is re-checked below at every order
+        loose = "Optimal order is the (largest|smallest) alpha"
+        warnings.filterwarnings("ignore", loose, UserWarning)
+        try:
+            sigma = get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
+        except ValueError as err:  # "The privacy budget is too low.": past opacus' MAX_SIGMA
+            raise InfeasibleBudget(target_epsilon, delta, sample_rate, steps, accountant) from err
     # opacus stops its bisection within tolerance on the safe side; re-check to be certain.
     while epsilon([(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:
         sigma *= 1.001
@@ -186,8 +210,17 @@ def _calibrate_by_bisection(
     target: float, delta: float, q: float, steps: int, accountant: str, rtol: float = 1e-3
 ) -> float:
     """Geometric bisection on z (epsilon falls as z grows), bracketed by RDP's calibration:
-    RDP is looser, so its z spends at most the target here too."""
-    high = _calibrate(target, delta, q, steps, "rdp")
+    RDP is looser, so its z spends at most the target here too. Where RDP certifies nothing
+    (its conversion has a floor: about 0.07 at 41 steps, delta 1e-4), doubling from z = 10
+    brackets it instead."""
+    try:
+        high = _calibrate(target, delta, q, steps, "rdp")
+    except InfeasibleBudget:
+        high = 10.0
+        while epsilon([(high, q, steps)], delta, accountant) > target:
+            high *= 2
+            if high > MAX_NOISE:
+                raise InfeasibleBudget(target, delta, q, steps, accountant) from None
     low = high / 2
     while epsilon([(low, q, steps)], delta, accountant) <= target:
         high, low = low, low / 2

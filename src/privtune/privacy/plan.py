@@ -82,9 +82,17 @@ def make_plan(
             f"set finetune.delta to at most {max_delta:g} (or null: 1/(10 N) capped by the "
             "gate), or raise registry.gates.max_delta if your privacy officer agrees",
         )
-    noise = (
-        accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)
-        if private
-        else 0.0
-    )
+    try:
+        noise = (
+            accountant.calibrate_noise(params.epsilon, delta, q, steps, params.accountant)
+            if private
+            else 0.0
+        )
+    except accountant.InfeasibleBudget as err:
+        other = "" if params.accountant == "pld" else ", or finetune.accountant: pld (tighter)"
+        raise ConfigError(
+            "finetune.epsilon",
+            f"{params.epsilon:g} is out of reach: {err}",
+            f"raise finetune.epsilon (private fine-tuning typically uses 1 to 8){other}",
+        ) from None
     return TrainingPlan(n_records, q, steps, delta, noise)

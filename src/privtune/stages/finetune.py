@@ -20,6 +20,7 @@ from privtune.stages.common import data_hash, load_base, read_split, resolved_ma
 
 if TYPE_CHECKING:
     from privtune.privacy.distributed import Replica
+    from privtune.privacy.plan import TrainingPlan
 
 
 def run_key(params: Params, name: str, root: Path) -> str:
@@ -95,6 +96,24 @@ def finetune(
         return _finetune(params, name, root, show_progress, replica)
 
 
+def finetune_plan(
+    params: Params, name: str, root: Path, n_texts: int | None = None
+) -> TrainingPlan:
+    """N, q, steps, delta and the calibrated noise of entry ``name``, validated (batch size,
+    delta below 1/N and the registry's delta gate, an epsilon some noise can certify) before
+    anything is written. N counts the audit's gradient canaries; ``n_texts``: the train
+    split's size when the caller has read it."""
+    from privtune.control.registry import controller_class
+    from privtune.privacy.plan import make_plan, planned_records
+
+    method, _ = params.method(name)
+    private = controller_class(method, name).private
+    f = params.finetune
+    n_texts = len(read_split(root, "train")) if n_texts is None else n_texts
+    gate = params.registry.gates.max_delta
+    return make_plan(planned_records(n_texts, f), f, private, max_delta=gate)
+
+
 def _finetune(
     params: Params, name: str, root: Path, show_progress: bool, replica: Replica
 ) -> dict[str, Any]:
@@ -105,7 +124,6 @@ def _finetune(
     from privtune.modeling import attach_lora
     from privtune.plots import plot_training
     from privtune.privacy.gradient_canaries import AUDIT_FILE
-    from privtune.privacy.plan import make_plan, planned_records
     from privtune.train import Checkpointing, Trainer, train
 
     method, options = params.method(name)
@@ -120,10 +138,7 @@ def _finetune(
         [r["text"] for r in read_split(root, "valid")], tokenizer, max_length
     )
     model = attach_lora(model, f.lora, seed=f.seed)
-    # Validates delta (below 1/N and the registry's delta gate) before anything is written;
-    # N counts the audit's gradient canaries.
-    gate = params.registry.gates.max_delta
-    plan = make_plan(planned_records(len(train_data), f), f, private, max_delta=gate)
+    plan = finetune_plan(params, name, root, n_texts=len(train_data))
     # The whole run is built (device, controller and every option, engine) before an MLflow
     # run is opened or a file written: a bad input leaves nothing behind.
     trainer = Trainer(model, train_data, valid_data, f, method, options, entry=name, plan=plan)

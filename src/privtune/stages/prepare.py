@@ -86,6 +86,17 @@ def is_generator(source: str) -> bool:
     return Path(source).as_posix().removeprefix("./") == GENERATOR_SOURCE
 
 
+def source_path(params: Params, root: Path) -> Path | None:
+    """The user's corpus (prepare.source, relative to the project), None for the generated
+    notes; a path that does not exist is the error naming prepare.source."""
+    from privtune.data.loaders import existing_source
+
+    if is_generator(params.prepare.source):
+        return None
+    source = Path(params.prepare.source)
+    return existing_source(source if source.is_absolute() else root / source)
+
+
 def _members_available(train: list[dict], planted: int, n_records: int, params: Params) -> None:
     """The membership attack needs attack.members canary-free training records: say so here,
     before any training, rather than attacking with fewer."""
@@ -126,16 +137,11 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     from privtune.data.loaders import load_records
 
     p = params.prepare
-    if is_generator(p.source):
+    source = source_path(params, root)
+    if source is None:
         records = generate_private_notes(p.n_private, p.seed)
     else:
-        source = Path(p.source)
-        records = load_records(
-            source if source.is_absolute() else root / source,
-            p.text_column,
-            p.id_column,
-            p.max_record_chars,
-        )
+        records = load_records(source, p.text_column, p.id_column, p.max_record_chars)
     records, duplicates = _without_duplicates(records)
     if duplicates:
         print(
