@@ -55,5 +55,16 @@ def finetune(
     return ran
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python flows/finetune.py [METHOD] [--force]`: one fine-tuning, run here."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="`dvc repro finetune@<method>` as a flow.")
+    parser.add_argument("method", nargs="?", default="dpsgd", help="a key of params.yaml methods")
+    parser.add_argument("--force", action="store_true", help="rerun even if up to date")
+    args = parser.parse_args(argv)
+    finetune(args.method, force=args.force)
+
+
 if __name__ == "__main__":
-    finetune(sys.argv[1] if len(sys.argv) > 1 else "dpsgd")
+    main()

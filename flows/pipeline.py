@@ -167,5 +167,22 @@ def pipeline(
     return metrics
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python flows/pipeline.py [--methods ...] [--profile P] [--force] [--promote]`: one run
+    here (an ephemeral Prefect server unless PREFECT_API_URL names one)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Every stage through DVC as Prefect tasks: prepare, base, per method "
+        "finetune, evaluate, attack, then register and report."
+    )
+    parser.add_argument("--methods", nargs="+", help="a subset of params.yaml's methods")
+    parser.add_argument("--profile", help="a profile of profiles.yaml (built in profiles/<name>/)")
+    parser.add_argument("--force", action="store_true", help="rerun stages DVC finds up to date")
+    parser.add_argument("--promote", action="store_true", help="end by judging the new versions")
+    args = parser.parse_args(argv)
+    pipeline(methods=args.methods, profile=args.profile, force=args.force, promote=args.promote)
+
+
 if __name__ == "__main__":
-    pipeline()
+    main()

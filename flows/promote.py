@@ -229,5 +229,21 @@ def rollback(root: str = ".") -> dict:
     return asdict(done)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python flows/promote.py [--version V | --pending]` or `python flows/promote.py
+    rollback`: the flows, run here."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Move `champion` through the gates, or back.")
+    parser.add_argument("action", nargs="?", choices=["promote", "rollback"], default="promote")
+    parser.add_argument("--version", help="judge this version only")
+    parser.add_argument("--pending", action="store_true", help="every version not judged yet")
+    args = parser.parse_args(argv)
+    if args.action == "rollback":
+        rollback()
+    else:
+        promote(version=args.version, pending=args.pending)
+
+
 if __name__ == "__main__":
-    rollback() if sys.argv[1:] == ["rollback"] else promote()
+    main()

@@ -130,5 +130,18 @@ def sweep(
     return names
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python flows/sweep.py [--epsilons ...] [--seeds ...]`: the sweep, run here."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Every method of params.yaml at every (epsilon, seed), as DVC experiments."
+    )
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = parser.parse_args(argv)
+    sweep(epsilons=args.epsilons, seeds=args.seeds)
+
+
 if __name__ == "__main__":
-    sweep()
+    main()

@@ -68,3 +68,40 @@ def test_a_lane_refuses_before_dvc_and_names_the_field(project, tmp_path):
     assert record["message"].startswith("finetune.epsilon: 0.01 is out of reach")
     assert "error: finetune.epsilon" in (project / record["log"]).read_text()
     assert not called.exists() and run.running == []
+
+
+def test_privtune_check_prints_the_plan_and_refuses_what_the_stages_would(project, capsys):
+    from privtune.cli import main
+
+    before = _files(project)
+    assert main(["--root", str(project), "check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("prepare: train ") and out[0].endswith(" records")
+    assert any(line.startswith("finetune@dpsgd: N ") and "noise multiplier" in line for line in out)
+    assert any(line.startswith("finetune@nonprivate: N ") and "not private" in line for line in out)
+    # a corpus with a malformed line: refused by name and line, data/prepared untouched
+    (project / "inputs").mkdir()
+    (project / "inputs" / "notes.jsonl").write_text('{"text": "one note"}\n{"text": \n')
+    edit_params(project, prepare={"source": "inputs/notes.jsonl"})
+    assert main(["--root", str(project), "check"]) == 2
+    assert "line 2 is not valid JSON" in capsys.readouterr().err
+    edit_params(project, prepare={"source": "src/privtune/data/generator.py"}, finetune=TOO_SMALL)
+    assert main(["--root", str(project), "check"]) == 2
+    assert "finetune.epsilon: 0.01 is out of reach" in capsys.readouterr().err
+    changed = {k for k, v in _files(project).items() if before.get(k) != v}
+    assert changed == {"params.yaml", "inputs/notes.jsonl"}
+
+
+def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_to_get_it_back(
+    project, capsys, monkeypatch
+):
+    from privtune.cli import main
+
+    edit_params(project, finetune=TOO_SMALL)
+    assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
+    assert "dvc checkout" not in capsys.readouterr().err  # run by hand: DVC removed nothing
+    monkeypatch.setenv("DVC_STAGE", "finetune@dpsgd")  # what `dvc repro` sets
+    assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
+    err = capsys.readouterr().err
+    assert "removed finetune@dpsgd's previous outputs" in err
+    assert "`dvc checkout finetune@dpsgd`" in err and "`privtune check`" in err

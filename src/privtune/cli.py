@@ -1,7 +1,7 @@
 """Command line for the pipeline's stages (dvc.yaml calls these).
 
 privtune prepare | base | finetune NAME | evaluate NAME | attack NAME | register [NAME ...]
-privtune report | promote [--version V] | rollback                        [--params params.yaml]
+privtune report | promote [--version V] | rollback | check                [--params params.yaml]
 
 Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input (parameters, data, model files,
 command-line arguments), 3 budget guard, 4 audit violation, 5 unexpected error (a bug: the
@@ -54,6 +54,7 @@ SECTIONS = {
     "register": ("methods", "attack", "registry"),
     "report": ("finetune", "methods"),
     "summary": ("methods",),
+    "check": ("prepare", "attack", "finetune", "methods"),
     "promote": ("registry",),
     "rollback": ("registry",),
 }
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
     sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
     sub.add_parser("report", help="every method side by side: reports/report.md and plots")
+    sub.add_parser(
+        "check",
+        help="what prepare and finetune would refuse, before `dvc repro` removes their "
+        "outputs: the corpus, the splits, every method's plan (nothing written)",
+    )
     cmd = sub.add_parser("summary", help="print the compact table of every method's results")
     cmd.add_argument("--markdown", action="store_true", help="as a markdown table (README)")
     for stage in ("finetune", "evaluate", "attack"):
@@ -141,6 +147,15 @@ def _fail(code: int, label: str, err: Exception) -> int:
     """Print the error; leave it for the scheduler too when it asked (exit codes 2-4 are
     deterministic: a retry would fail the same way, or worse, retry an audit until it passes)."""
     print(f"{label}: {err}", file=sys.stderr)
+    stage = os.environ.get("DVC_STAGE")  # set by `dvc repro` for the stage's command
+    if stage:
+        print(
+            f"(`dvc repro` removed {stage}'s previous outputs before running it: once fixed, "
+            f"`dvc repro` rebuilds them, or `dvc checkout {stage}` and `git checkout` of its "
+            "metrics and plots files put the last ones back; `privtune check` finds bad input "
+            "before `dvc repro`)",
+            file=sys.stderr,
+        )
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         report = {"exit_code": code, "error": type(err).__name__, "message": str(err)}
@@ -249,6 +264,11 @@ def _run(args: argparse.Namespace) -> int:
         from privtune.stages.report import report
 
         result = report(params, root)
+    elif args.stage == "check":
+        from privtune.stages.preflight import check_all
+
+        print("\n".join(check_all(root)))
+        return EXIT_OK
     elif args.stage == "summary":
         from privtune.stages.report import summary_table
 

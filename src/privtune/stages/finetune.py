@@ -150,6 +150,11 @@ def _finetune(
     # outputs, which `dvc repro` removes before rerunning the stage), in the same MLflow run.
     checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
     resumed = load_checkpoint(checkpoint_path, key)
+    if resumed is not None and replica.is_main:  # said here: the MLflow tag comes at the end
+        print(
+            f"finetune {name}: resuming at step {resumed['steps_taken']} of {plan.steps} from "
+            f"{CHECKPOINTS_DIR}/{name}.pt (an attempt with the same inputs was stopped there)"
+        )
     checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
     common = {"entry": name, "plan": plan, "checkpoint": checkpointing, "trainer": trainer}
     reused: dict[str, Any] | None = None

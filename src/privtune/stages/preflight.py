@@ -4,8 +4,10 @@ DVC removes a stage's outputs before it starts the stage's command, so an error 
 then finds (an epsilon no noise can certify, a corpus path that does not exist) would leave
 the last good outputs gone, and under Prefect the error would arrive as DVC's bare "failed to
 reproduce". The scheduler's tasks (tasks/stages.py) and the lanes (privtune/lanes.py) call
-`check` first. It needs no model: the corpus' path, and the fine-tuning plan (N, q, steps,
-delta, calibrated noise; the calibration is cached on disk, so the stage does not pay twice).
+`check` first; `privtune check` runs `check_all`, before a `dvc repro` by hand. It needs no
+model: prepare's splits built in memory (the corpus read and checked, split sizes, room for
+the canaries and members), and the fine-tuning plan (N, q, steps, delta, calibrated noise;
+the calibration is cached on disk, so the stage does not pay twice).
 """
 
 from __future__ import annotations
@@ -23,10 +25,37 @@ def check(root: str | Path, target: str) -> None:
     root = Path(root)
     stage, _, name = target.partition("@")
     if stage == "prepare":
-        from privtune.stages.prepare import source_path
+        from privtune.stages.prepare import build
 
-        source_path(load_params(root / "params.yaml"), root)
+        build(load_params(root / "params.yaml"), root)  # the corpus read whole, nothing written
     elif stage == "finetune" and (root / PREPARED_DIR / "train.jsonl").is_file():
         from privtune.stages.finetune import finetune_plan
 
         finetune_plan(load_params(root / "params.yaml"), name, root)
+
+
+def check_all(root: str | Path) -> list[str]:
+    """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
+    splits (not from data/prepared, which may be an older corpus's); one line each, counts
+    and the plan only (never a record)."""
+    from privtune.control.registry import controller_class
+    from privtune.stages.finetune import finetune_plan
+    from privtune.stages.prepare import build
+
+    root = Path(root)
+    params = load_params(root / "params.yaml")
+    splits = build(params, root).splits
+    counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
+    lines = [f"prepare: {counts} records"]
+    for name in params.methods:
+        plan = finetune_plan(params, name, root, n_texts=len(splits["train"]))
+        line = f"finetune@{name}: N {plan.n_records}, q {plan.sample_rate:.3g}, {plan.steps} steps"
+        if controller_class(params.method(name)[0], name).private:
+            line += (
+                f", delta {plan.delta:.2g}, noise multiplier {plan.calibrated_noise:.3g} for "
+                f"epsilon {params.finetune.epsilon:g} ({params.finetune.accountant})"
+            )
+        else:
+            line += ", not private"
+        lines.append(line)
+    return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,26 @@ def _without_duplicates(records: list[dict]) -> tuple[list[dict], int]:
     return kept, len(records) - len(kept)
 
 
-def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """Private train/valid/test splits with canaries planted, a public split, a data card."""
+@dataclass(frozen=True)
+class Prepared:
+    """What the prepare stage writes, built and checked in memory first."""
+
+    splits: dict[str, list[dict]]  # SPLITS' records, canaries planted in train
+    canaries: list  # the exposure canaries (planted and held out)
+    audit: list  # the white-box audit's canaries
+    records_with_canary: int
+    duplicates: int  # records left out as exact repeats of an earlier one
+
+
+def build(params: Params, root: Path = Path(".")) -> Prepared:
+    """Every split, from the corpus (or the generator), with every check prepare makes
+    (readable records, split sizes, room for the canaries and the attack's members) and
+    nothing written: the stage writes it, and `privtune check` runs it alone."""
     from privtune.data.canaries import (
         audit_records,
         insert_canaries,
         make_audit_canaries,
         make_canaries,
-        save_canaries,
     )
     from privtune.data.generator import generate_private_notes, generate_public_corpus
     from privtune.data.loaders import load_records
@@ -143,12 +156,6 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     else:
         records = load_records(source, p.text_column, p.id_column, p.max_record_chars)
     records, duplicates = _without_duplicates(records)
-    if duplicates:
-        print(
-            f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
-            "left out (a copy in train and another among the attack's non-members or the test "
-            "notes would make the attacks and the perplexity wrong)"
-        )
     splits = _split(records, params)
     train = splits["train"]
     canaries = make_canaries(
@@ -177,7 +184,25 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         train = train + [{**r, "kind": "audit_canary"} for r in audit_records(audit)]
     public = [{"text": t} for t in generate_public_corpus(p.n_public, p.seed + 1)]
     written = {**splits, "train": train, "public": public}
+    return Prepared(written, canaries, audit, needed, duplicates)
 
+
+def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """Private train/valid/test splits with canaries planted, a public split, a data card."""
+    from privtune.data.canaries import save_canaries
+
+    p = params.prepare
+    built = build(params, root)
+    written, canaries, audit, duplicates = (
+        built.splits, built.canaries, built.audit, built.duplicates,
+    )  # fmt: skip
+    train, public = written["train"], written["public"]
+    if duplicates:
+        print(
+            f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
+            "left out (a copy in train and another among the attack's non-members or the test "
+            "notes would make the attacks and the perplexity wrong)"
+        )
     with io.atomic_dir(root / PREPARED_DIR) as out:
         for name in SPLITS:
             io.write_jsonl(out / f"{name}.jsonl", written[name])
@@ -194,7 +219,7 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 "planted": sum(c.repetitions > 0 for c in canaries),
                 "held_out": sum(c.repetitions == 0 for c in canaries),
                 "repetitions": sorted({c.repetitions for c in canaries if c.repetitions}),
-                "records_with_canary": needed,
+                "records_with_canary": built.records_with_canary,
                 "audit": len(audit),
                 "audit_included": sum(c.repetitions for c in audit),
             },

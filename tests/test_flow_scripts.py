@@ -1,0 +1,43 @@
+"""`python flows/<name>.py --help` prints its usage: it ran the whole flow (the pipeline, the
+81-run sweep, a promotion) whatever its arguments."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("module", "flow"),
+    [
+        ("flows.pipeline", "pipeline"),
+        ("flows.sweep", "sweep"),
+        ("flows.promote", "promote"),
+        ("flows.finetune", "finetune"),
+    ],
+)
+def test_help_and_unknown_arguments_run_no_flow(module, flow, monkeypatch, capsys):
+    script = importlib.import_module(module)
+    monkeypatch.setattr(script, flow, lambda *a, **k: pytest.fail(f"{flow} ran"))
+    with pytest.raises(SystemExit) as done:
+        script.main(["--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        script.main(["--no-such-option"])
+    assert done.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_the_arguments_reach_the_flows(monkeypatch):
+    import flows.pipeline
+    import flows.promote
+
+    seen = {}
+    monkeypatch.setattr(flows.pipeline, "pipeline", lambda **kw: seen.update(kw))
+    flows.pipeline.main(["--methods", "dpsgd", "rldp", "--profile", "quick"])
+    assert seen == {
+        "methods": ["dpsgd", "rldp"], "profile": "quick", "force": False, "promote": False,
+    }  # fmt: skip
+    monkeypatch.setattr(flows.promote, "rollback", lambda: seen.update(rolled=True))
+    flows.promote.main(["rollback"])
+    assert seen["rolled"]
