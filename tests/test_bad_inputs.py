@@ -138,6 +138,18 @@ CASES = [
     Case("lora-r-zero", FT, ("finetune.lora.r",), params(finetune={"lora": {"r": 0}})),
     Case("lora-unknown-key", FT, ("finetune.lora.rank",), params(finetune={"lora": {"rank": 4}})),
     Case("typo-section", FT, ("finetuning",), params(finetuning={"epsilon": 1})),
+    Case(
+        "typo-key",
+        FT,
+        ("finetune.epsilonn", "did you mean `finetune.epsilon`?"),
+        params(finetune={"epsilonn": 1}),
+    ),
+    Case(
+        "typo-option",
+        FT,
+        ("did you mean `methods.dpsgd.clip`?",),
+        params(methods={"dpsgd": {"clipp": 1.0}}),
+    ),
     Case("finetune-section-missing", FT, ("finetune", "section missing"), params(("finetune",))),
     Case("methods-section-missing", FT, ("methods", "section missing"), params(("methods",))),
     Case("prepare-section-missing", ("prepare",), ("prepare", "missing"), params(("prepare",))),

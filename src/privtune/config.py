@@ -9,6 +9,7 @@ method (privtune.options) and checked here too, before any stage writes anything
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Sequence
@@ -434,6 +435,18 @@ class Params(_Section):
         return entry.method or name, options
 
 
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys a params section at ``loc`` takes (for a "did you mean"); [] when ``loc``
+    is not a nested section of ``model``."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        nested = getattr(field, "annotation", None)
+        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
 def _format_validation_error(
     path: Path, err: ValidationError, prefix: str = "", allowed: list[str] | None = None
 ) -> ConfigError:
@@ -444,9 +457,14 @@ def _format_validation_error(
     problem = f"{message} (got {value!r})" if not isinstance(value, dict) else message
     if first["type"] == "extra_forbidden":
         problem = "unknown parameter"
-        fix = f"remove or rename `{field}` in {path} (see the documented keys in README.md)"
+        known = allowed if allowed is not None else _field_names(Params, first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+        parent = field.rpartition(".")[0]
+        guess = f"did you mean `{parent + '.' if parent else ''}{close[0]}`? " if close else ""
+        where = f"{guess}remove or rename `{field}` in {path}"
+        fix = f"{where} (see the documented keys in README.md)"
         if allowed is not None:
-            fix = f"remove or rename `{field}` in {path}; options: {', '.join(allowed) or 'none'}"
+            fix = f"{where}; options: {', '.join(allowed) or 'none'}"
     else:
         fix = f"correct `{field}` in {path}"
     return ConfigError(field, problem, fix)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -247,6 +249,29 @@ def attach_lora(model: torch.nn.Module, params: LoraParams, seed: int = 0) -> Pe
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
         torch.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path) -> PeftModel:
+    """``model`` with the LoRA adapter saved at ``path`` (peft's own loader)."""
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        return PeftModel.from_pretrained(model, path)
+
+
+@contextlib.contextmanager
+def quiet_padding_warning() -> Iterator[None]:
+    """generate() hands its first forward pass no attention mask when the one given is all
+    ones, and that pass then warns that input_ids hold the pad token: wherever pad = bos (GPT-2's
+    tokenizers, and ours), once per process. Nothing is padded there: silence it for the call."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 _ADAPTER = re.compile(r"^(.*)\.lora_[AB]\.")

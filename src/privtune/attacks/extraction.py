@@ -14,6 +14,7 @@ import torch
 from privtune.attacks.scoring import model_max_length
 from privtune.data.canaries import Canary
 from privtune.data.tokenization import bos_id, ensure_pad_token
+from privtune.modeling import quiet_padding_warning
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,16 @@ def _generate(model, tokenizer, canary: Canary, samples: int, sample: bool) -> l
     options = {"do_sample": False, "num_beams": 1}
     if sample:
         options = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        num_return_sequences=samples,
-        pad_token_id=tokenizer.pad_token_id,
-        **options,
-    )
+    with quiet_padding_warning():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            num_return_sequences=samples,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
+        )
     return tokenizer.batch_decode(out[:, len(prompt) :], skip_special_tokens=True)
 
 

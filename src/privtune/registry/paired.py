@@ -186,9 +186,8 @@ def _load(name: str, version: str, root: Path) -> tuple[Any, Any]:
 
     try:
         with use_store(root) as mlflow, warnings.catch_warnings():
-            # our predict has an explicit signature; transformers' own deprecation inside peft
+            # our predict has an explicit signature
             warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method")
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
     except (MlflowException, OSError, ValueError) as err:
         why = f"{type(err).__name__}: its artifacts"

@@ -66,15 +66,16 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
     """A causal LM with a LoRA adapter, both stored as the model's artifacts."""
 
     def load_context(self, context: Any) -> None:
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from privtune.modeling import load_adapter
 
         base = context.artifacts["base"]
         self.tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
-        self.model = PeftModel.from_pretrained(model, context.artifacts["adapter"]).eval()
+        self.model = load_adapter(model, context.artifacts["adapter"]).eval()
         # The privacy model card travels with the weights: `unwrap_python_model().model_card`.
         card = context.artifacts.get("model_card")
         card_file = Path(card) / "model_card.json" if card else None
@@ -87,7 +88,7 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from privtune.data.tokenization import bos_id
-        from privtune.modeling import position_limit
+        from privtune.modeling import position_limit, quiet_padding_warning
 
         params = params or {}
         max_new = int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
@@ -102,7 +103,7 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
             tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([[bos_id(self.tokenizer)] + tokens])
             ids = ids[:, -max(1, limit - max_new) :]
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), quiet_padding_warning():
                 torch.manual_seed(seed)
                 generated = self.model.generate(
                     input_ids=ids,

@@ -8,6 +8,7 @@ its privacy model card (registry/card.py) holds the details.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,26 @@ def card_section(card: dict[str, Any]) -> str:
     )
 
 
+@contextlib.contextmanager
+def _quiet_log_model() -> Iterator[None]:
+    """MLflow's advice that does not apply here, said for every version it logs: type hints
+    on `predict` (its signature is given), an input example (it would be a record), and
+    CloudPickle (GenerationModel is privtune's own class, pickled by reference); and its bars
+    for copying the local artifacts into the store, a fraction of a second each."""
+    import logging
+
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    with warnings.catch_warnings(), io.environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method")
+        warnings.filterwarnings("ignore", ".*An input example was not provided")
+        pyfunc_log.setLevel(logging.ERROR)  # "Passing a Python object as `python_model`"
+        try:
+            yield
+        finally:
+            pyfunc_log.setLevel(level)
+
+
 def _logged_model(
     root: Path, entry: str, run_id: str, key: str, card_dir: Path, step: int
 ) -> tuple[str, str]:
@@ -334,18 +355,19 @@ def _logged_model(
         tags={KEY_TAG: key},
         params=dict(run.data.params),
     )
-    mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=GenerationModel(),
-        artifacts={
-            "base": str(root / BASE_DIR),
-            "adapter": str(root / MODELS_DIR / entry / "adapter"),
-            CARD_ARTIFACT: str(card_dir),
-        },
-        signature=signature(),
-        pip_requirements=pip_requirements(),
-        model_id=model.model_id,
-    )
+    with _quiet_log_model():
+        mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=GenerationModel(),
+            artifacts={
+                "base": str(root / BASE_DIR),
+                "adapter": str(root / MODELS_DIR / entry / "adapter"),
+                CARD_ARTIFACT: str(card_dir),
+            },
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+            model_id=model.model_id,
+        )
     mlflow_client.log_model_artifacts(model.model_id, str(card_dir))
     scores = _matching_scores(root, entry)
     if scores is not None:  # what a promotion resamples to compare it with a champion

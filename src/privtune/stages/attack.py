@@ -85,11 +85,9 @@ def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) ->
 
 def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
     """Attack the model of `methods.<name>`; fail loudly if the audit beats the claim."""
-    from peft import PeftModel
-
     from privtune.attacks.run import AttackConfig, run_attacks
     from privtune.data.canaries import load_canaries
-    from privtune.modeling import resolve_device
+    from privtune.modeling import load_adapter, resolve_device
     from privtune.privacy.gradient_canaries import AUDIT_FILE, GradientCanaries
 
     params.method(name)
@@ -105,7 +103,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)
     # Merged weights compute the same function at half the cost of separate LoRA matmuls.
-    model = PeftModel.from_pretrained(model, model_dir / "adapter").merge_and_unload()
+    model = load_adapter(model, model_dir / "adapter").merge_and_unload()
     model = model.to(device).eval()
     # The base model saw only public text: a legitimate reference for calibrated scores.
     reference = load_base(root)[0].to(device).eval() if a.reference else None

@@ -51,10 +51,8 @@ def evaluated_on(
 
 def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any]:
     """Utility of the fine-tuned model on the private test split (metrics/evaluate-<name>)."""
-    from peft import PeftModel
-
     from privtune.evaluate import evaluate_scored
-    from privtune.modeling import resolve_device
+    from privtune.modeling import load_adapter, resolve_device
     from privtune.record_scores import record_scores_path, write_scores
 
     params.method(name)
@@ -67,7 +65,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
     info = read_input(model_dir / "finetune.json", io.read_json, again, ModelError)
     model, tokenizer = load_base(root)
-    model = PeftModel.from_pretrained(model, model_dir / "adapter")
+    model = load_adapter(model, model_dir / "adapter")
     model.to(resolve_device(params.finetune.device, "finetune.device"))
     test = read_split(root, "test")
     if params.evaluate.max_records:

@@ -178,7 +178,7 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 # The compact view `make demo` ends with: one line per method, what a reader compares first.
 SUMMARY: tuple[tuple[str, str, str, str], ...] = (
     ("test ppl", "evaluate", "test_perplexity", "{:.1f}"),
-    ("downstream acc", "evaluate", DOWNSTREAM, "{:.3f}"),
+    ("downstream acc (chance)", "evaluate", DOWNSTREAM, "{:.3f}"),
     ("ε spent", "finetune", "epsilon", "{:.2f}"),
     ("MIA AUC", "attack", "mia_auc_max", "{:.3f}"),
     ("TPR@1%FPR", "attack", "mia_tpr_at_fpr_0.01_max", "{:.3f}"),
