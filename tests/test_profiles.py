@@ -64,3 +64,17 @@ def test_extends_applies_the_base_profile_first(tmp_path):
         overlay(tmp_path, "loop")
     with pytest.raises(ConfigError, match="no such profile.*big"):
         overlay(tmp_path, "huge")
+
+
+def test_list_says_each_profile_in_a_line(capsys):
+    from privtune.profiles import main
+
+    assert main(["list", "--root", str(ROOT)]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(lines) == set(yaml.safe_load((ROOT / "profiles.yaml").read_text()))
+    assert lines["smollm2-cpu"].startswith("extends smollm2; changes ")
+    assert lines["smollm2-cpu"].endswith("methods nonprivate, dpsgd, rldp")
+    with pytest.raises(SystemExit):
+        main(["list", "quick"])  # list takes no profile
+    assert main(["show", "nosuch", "--root", str(ROOT)]) == 2
+    assert "`python -m privtune.profiles list`" in capsys.readouterr().err

@@ -10,6 +10,7 @@ it registers its models as `<registry.name>-<name>`, so none of them can become 
 model's champion. `dvc repro` there reruns only what changed, like in the checkout. With
 `--lanes N`, N methods' stages run at once (privtune/lanes.py: the same outputs and dvc.lock).
 
+    python -m privtune.profiles list              # the profiles, one line each
     python -m privtune.profiles run smollm2 [--cpu-profile smollm2-cpu] [--lanes 3]
     python -m privtune.profiles show quick        # the merged params.yaml, validated
 """
@@ -77,7 +78,8 @@ def overlay(root: Path, name: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{PROFILES_FILE}: {name}",
                 "no such profile",
-                f"use one of {sorted(profiles) or 'none (add one)'} or pass `overrides`",
+                f"use one of {sorted(profiles) or 'none (add one)'} (`python -m "
+                "privtune.profiles list`), or add it to profiles.yaml",
             )
         if name in chain:
             raise ConfigError(f"{PROFILES_FILE}: {name}", "extends itself", "break the cycle")
@@ -88,6 +90,18 @@ def overlay(root: Path, name: str) -> dict[str, Any]:
         body = {k: v for k, v in profiles[step].items() if k != "extends"}
         result = merged(body, result)
     return result
+
+
+def listing(root: str | Path) -> list[str]:
+    """One line a profile: what it extends, the sections it changes and its methods."""
+    lines = []
+    for name, raw in known(Path(root)).items():
+        _, params = resolve(root, name, None)
+        changes = ", ".join(key for key in raw if key != "extends") or "nothing"
+        parent = f"extends {raw['extends']}; " if raw.get("extends") else ""
+        methods = ", ".join(params.get("methods") or {})
+        lines.append(f"{name}: {parent}changes {changes}; methods {methods}")
+    return lines
 
 
 def resolve(
@@ -159,9 +173,13 @@ def repro(target: Path, *stages: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privtune.profiles", description=__doc__)
-    parser.add_argument("action", choices=["run", "show"])
-    parser.add_argument("profile", help="a profile of profiles.yaml")
+    parser = argparse.ArgumentParser(
+        prog="python -m privtune.profiles",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", choices=["run", "show", "list"])
+    parser.add_argument("profile", nargs="?", help="a profile of profiles.yaml (not for list)")
     parser.add_argument("--cpu-profile", help="the profile to run instead without CUDA")
     parser.add_argument(
         "--lanes",
@@ -174,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lanes < 1:
         parser.error("--lanes must be at least 1")
+    if (args.action == "list") != (args.profile is None):
+        parser.error("list takes no profile; run and show take one")
+    if args.action == "list":
+        try:
+            print("\n".join(listing(args.root)))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     name, lanes = args.profile, args.lanes
     if args.cpu_profile:
         import torch
