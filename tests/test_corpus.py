@@ -321,3 +321,22 @@ def test_the_report_says_when_no_downstream_task_was_declared():
     assert f"| {NO_TASK} |" in lines[2]
     assert "| 0.420 (0.10) |" in lines[3] and "| 100 / 100 |" in lines[3]
     assert "| n/r |" in lines[3]  # recorded as not measurable, not a dash
+
+
+def test_a_small_corpus_hears_that_audit_canaries_crowd_its_batches(tmp_path, capsys):
+    """60 notes against the default 128 text audit canaries (about 64 IN): most of the train
+    split would be canaries, silently. prepare says so, naming the option; not with 0."""
+    from privtune.stages.prepare import prepare
+
+    params = _prepare_params(_csv(tmp_path / "notes.csv", 60), 12)
+    crowded = params.model_copy(
+        update={
+            "prepare": params.prepare.model_copy(
+                update={"canaries": params.prepare.canaries.model_copy(update={"audit": 128})}
+            )
+        }
+    )
+    prepare(crowded, tmp_path)
+    assert "lower prepare.canaries.audit" in capsys.readouterr().out
+    prepare(params, tmp_path)  # audit 0
+    assert "prepare.canaries.audit" not in capsys.readouterr().out

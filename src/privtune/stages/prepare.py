@@ -203,6 +203,13 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             "left out (a copy in train and another among the attack's non-members or the test "
             "notes would make the attacks and the perplexity wrong)"
         )
+    audit_share = sum(r.get("kind") == "audit_canary" for r in train) / max(len(train), 1)
+    if audit_share > 0.25:  # the audit's records would crowd the user's own out of each batch
+        print(
+            f"prepare: the white-box audit's canary records are {audit_share:.0%} of the train "
+            "split: with a corpus this small, lower prepare.canaries.audit (0: no text audit) "
+            "so that most of each batch is your records"
+        )
     with io.atomic_dir(root / PREPARED_DIR) as out:
         for name in SPLITS:
             io.write_jsonl(out / f"{name}.jsonl", written[name])
