@@ -189,7 +189,7 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
 
     # The description opens with the one-line verdict, counts included.
     first, rest = mv.description.split("\n", 1)
-    assert first.startswith("**tagged** (dpsgd) · ε 4.000 / 4 (PRV) · δ 1e-05")
+    assert first.startswith("tagged (dpsgd) · ε 4.000 / 4 (PRV) · δ 1e-05")
     assert "test perplexity 42" in first and "MIA AUC 0.52" in first
     assert "83 members vs 83 non-members" in first and "audit ε ≥ 0.500" in first
     assert "not yet judged" in first and "Privacy model card" in rest
@@ -235,6 +235,7 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert [(m.step, m.value) for m in history] == [(29, 42.0)]
     assert run.data.metrics["attack.mia_auc_max"] == 0.52
     logged = mlflow_client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.name == "tagged"  # the version's "Source model" in MLflow's UI: the method
     on_model = {m.key: m.value for m in logged.metrics}
     assert on_model["test_perplexity"] == 42.0 and on_model["loss"] == 3.0
     assert len(mlflow_client.get_metric_history(run_id, "loss")) == 1  # copied, not duplicated
@@ -388,9 +389,9 @@ def test_promotion_gates_history_and_rollback(project):
     assert not promote(name, root=project, version="2").promoted
     description = mlflow_client.get_model_version(name, "2").description
     first = description.splitlines()[0]
-    assert first.startswith("**worse** (dpsgd)") and "**REFUSED**: utility: " in first
+    assert first.startswith("worse (dpsgd)") and "REFUSED: utility: " in first
     assert description.count("**Promotion gates**, judged") == 1
-    assert description.count("**REFUSED**") == 1
+    assert description.count("REFUSED") == 1
     assert "| utility | **FAIL** | 60 | 50 | -10 |" in description
     assert (
         len(mlflow_client.get_model_version(name, "2").tags) <= 22

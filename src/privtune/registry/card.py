@@ -299,10 +299,11 @@ def _utility_text(card: Mapping[str, Any], gates: Gates) -> str:
 
 def verdict_line(card: Mapping[str, Any], gates: Gates, decision: str) -> str:
     """One line: method, ε spent / target, δ, utility, best MIA with its counts, audit bound,
-    and the promotion decision with its reason (``decision``, already worded)."""
+    and the promotion decision with its reason (``decision``, already worded). Plain text:
+    MLflow's list of versions shows a description's first line unrendered."""
     c = card["contract"]
     parts = [
-        f"**{card['model']['entry']}** ({card['model']['method']})",
+        f"{card['model']['entry']} ({card['model']['method']})",
         _epsilon(card),
         f"δ {_g(c['delta'], '{:.2g}')}",
         _utility_text(card, gates),

@@ -118,7 +118,7 @@ class Decision:
 
     def headline(self) -> str:  # pragma: no mutate block
         """The decision as the verdict line ends with it."""
-        verdict = "**PROMOTED** to champion" if self.promoted else "**REFUSED**"
+        verdict = "PROMOTED to champion" if self.promoted else "REFUSED"
         return f"{verdict}: {self.reason()}"
 
     def to_dict(self) -> dict[str, Any]:  # pragma: no mutate block
@@ -390,7 +390,7 @@ def _record(
     headline = decision.headline()
     if again:
         headline = (
-            f"**NOT JUDGED YET** (attempt {attempts} of {MAX_ATTEMPTS}; the next `privtune "
+            f"NOT JUDGED YET (attempt {attempts} of {MAX_ATTEMPTS}; the next `privtune "
             f"promote` judges it again): {decision.reason()}"
         )
     elif attempts:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -54,7 +55,12 @@ ATTACK_FIELDS = (
     "audit_epsilon_lower_bound",
 )
 UTILITY_FIELDS = ("test_perplexity", "medication_accuracy")
-MODEL_NAME = "generator"  # the pyfunc's name in the run and among logged models
+
+
+def model_name(entry: str) -> str:
+    """The pyfunc's name in its run and among logged models (the version's "Source model" in
+    MLflow's UI): the method entry, without the characters MLflow refuses there."""
+    return re.sub(r"[/:.%\"']", "-", entry)
 
 
 @dataclass(frozen=True)
@@ -350,14 +356,14 @@ def _logged_model(
 
     model = mlflow_client.create_logged_model(
         experiment,
-        name=MODEL_NAME,
+        name=model_name(entry),
         source_run_id=run_id,
         tags={KEY_TAG: key},
         params=dict(run.data.params),
     )
     with _quiet_log_model():
         mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
+            name=model_name(entry),
             python_model=GenerationModel(),
             artifacts={
                 "base": str(root / BASE_DIR),
