@@ -162,9 +162,22 @@ def pipeline(
 
     with contextlib.chdir(root), Repo(".") as repo:
         shown = repo.metrics.show()[""]["data"]
-    metrics = {path: entry.get("data", {}) for path, entry in shown.items()}
+    metrics = metrics_of(shown, methods, every_method)
     logger.info("metrics files: %s", ", ".join(sorted(metrics)))
     return metrics
+
+
+def metrics_of(
+    shown: dict[str, dict], methods: list[str], every_method: list[str]
+) -> dict[str, dict]:
+    """`dvc metrics show`'s files for this run: a run over some methods returns theirs (and
+    the shared stages'), not the other methods' older files beside them."""
+    others = tuple(f"-{m}.json" for m in every_method if m not in methods)
+    return {
+        path: entry.get("data", {})
+        for path, entry in shown.items()
+        if not path.endswith(others)
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

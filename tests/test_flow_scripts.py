@@ -41,3 +41,18 @@ def test_the_arguments_reach_the_flows(monkeypatch):
     monkeypatch.setattr(flows.promote, "rollback", lambda: seen.update(rolled=True))
     flows.promote.main(["rollback"])
     assert seen["rolled"]
+
+
+def test_a_run_over_some_methods_returns_their_metrics_not_the_others():
+    from flows.pipeline import metrics_of
+
+    shown = {
+        f"metrics/{stage}-{m}.json": {"data": {"m": m}}
+        for stage in ("finetune", "attack")
+        for m in ("dpsgd", "rldp", "nonprivate")
+    } | {"metrics/base.json": {"data": {"base": 1}}}
+    every = ["nonprivate", "dpsgd", "rldp"]
+    assert sorted(metrics_of(shown, ["dpsgd"], every)) == [
+        "metrics/attack-dpsgd.json", "metrics/base.json", "metrics/finetune-dpsgd.json",
+    ]  # fmt: skip
+    assert metrics_of(shown, every, every) == {k: v["data"] for k, v in shown.items()}
