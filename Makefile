@@ -122,5 +122,7 @@ ui: install
 	@echo "Registered model:    http://127.0.0.1:5000/#/models/privtune-clinical-notes"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# The built outputs go; the committed metrics, plots and report come back as committed
 clean:
-	rm -rf data/prepared models metrics plots reports mlflow.db mlruns profiles
+	rm -rf data/prepared models mlflow.db mlruns profiles .privtune/checkpoints
+	git checkout -- metrics plots reports 2>/dev/null || rm -rf metrics plots reports
