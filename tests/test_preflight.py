@@ -92,16 +92,16 @@ def test_privtune_check_prints_the_plan_and_refuses_what_the_stages_would(projec
     assert changed == {"params.yaml", "inputs/notes.jsonl"}
 
 
-def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_to_get_it_back(
+def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_it_comes_back(
     project, capsys, monkeypatch
 ):
     from privtune.cli import main
 
     edit_params(project, finetune=TOO_SMALL)
     assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
-    assert "dvc checkout" not in capsys.readouterr().err  # run by hand: DVC removed nothing
+    assert "run cache" not in capsys.readouterr().err  # run by hand: DVC removed nothing
     monkeypatch.setenv("DVC_STAGE", "finetune@dpsgd")  # what `dvc repro` sets
     assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
     err = capsys.readouterr().err
     assert "removed finetune@dpsgd's previous outputs" in err
-    assert "`dvc checkout finetune@dpsgd`" in err and "`privtune check`" in err
+    assert "DVC's run cache" in err and "`privtune check`" in err

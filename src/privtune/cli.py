@@ -150,10 +150,9 @@ def _fail(code: int, label: str, err: Exception) -> int:
     stage = os.environ.get("DVC_STAGE")  # set by `dvc repro` for the stage's command
     if stage:
         print(
-            f"(`dvc repro` removed {stage}'s previous outputs before running it: once fixed, "
-            f"`dvc repro` rebuilds them, or `dvc checkout {stage}` and `git checkout` of its "
-            "metrics and plots files put the last ones back; `privtune check` finds bad input "
-            "before `dvc repro`)",
+            f"(`dvc repro` removed {stage}'s previous outputs before running it: once the "
+            "input is fixed, `dvc repro` brings them back, from DVC's run cache in seconds when "
+            "it is as it was then; `privtune check` finds such errors before `dvc repro`)",
             file=sys.stderr,
         )
     path = os.environ.get(ERROR_FILE_ENV)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,9 +184,7 @@ def _load(name: str, version: str, root: Path) -> tuple[Any, Any]:
     from privtune.tracking import use_store
 
     try:
-        with use_store(root) as mlflow, warnings.catch_warnings():
-            # our predict has an explicit signature
-            warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method")
+        with use_store(root) as mlflow:
             loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
     except (MlflowException, OSError, ValueError) as err:
         why = f"{type(err).__name__}: its artifacts"

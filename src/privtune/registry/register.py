@@ -303,16 +303,15 @@ def card_section(card: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def _quiet_log_model() -> Iterator[None]:
-    """MLflow's advice that does not apply here, said for every version it logs: type hints
-    on `predict` (its signature is given), an input example (it would be a record), and
-    CloudPickle (GenerationModel is privtune's own class, pickled by reference); and its bars
-    for copying the local artifacts into the store, a fraction of a second each."""
+    """MLflow's advice that does not apply here, said for every version it logs: an input
+    example (it would be a record) and CloudPickle (GenerationModel is privtune's own class,
+    pickled by reference); and its bars for copying the local artifacts into the store, a
+    fraction of a second each."""
     import logging
 
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     with warnings.catch_warnings(), io.environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-        warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method")
         warnings.filterwarnings("ignore", ".*An input example was not provided")
         pyfunc_log.setLevel(logging.ERROR)  # "Passing a Python object as `python_model`"
         try:

@@ -129,16 +129,15 @@ def _finetune(
     method, options = params.method(name)
     private = controller_class(method, name).private  # fail fast on an unknown method
     f = params.finetune
+    train_records = read_split(root, "train")
+    plan = finetune_plan(params, name, root, n_texts=len(train_records))  # before the model
     model, tokenizer = load_base(root)
     max_length = resolved_max_length(params, root)
-    train_data = encode_records(
-        [r["text"] for r in read_split(root, "train")], tokenizer, max_length
-    )
+    train_data = encode_records([r["text"] for r in train_records], tokenizer, max_length)
     valid_data = encode_records(
         [r["text"] for r in read_split(root, "valid")], tokenizer, max_length
     )
     model = attach_lora(model, f.lora, seed=f.seed)
-    plan = finetune_plan(params, name, root, n_texts=len(train_data))
     # The whole run is built (device, controller and every option, engine) before an MLflow
     # run is opened or a file written: a bad input leaves nothing behind.
     trainer = Trainer(model, train_data, valid_data, f, method, options, entry=name, plan=plan)
