@@ -174,9 +174,7 @@ def metrics_of(
     the shared stages'), not the other methods' older files beside them."""
     others = tuple(f"-{m}.json" for m in every_method if m not in methods)
     return {
-        path: entry.get("data", {})
-        for path, entry in shown.items()
-        if not path.endswith(others)
+        path: entry.get("data", {}) for path, entry in shown.items() if not path.endswith(others)
     }
 
 

@@ -137,8 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Every method of params.yaml at every (epsilon, seed), as DVC experiments."
     )
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0], help="target epsilons"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="finetune.seed of each point"
+    )
     args = parser.parse_args(argv)
     sweep(epsilons=args.epsilons, seeds=args.seeds)
 
