@@ -90,6 +90,12 @@ def test_privtune_check_prints_the_plan_and_refuses_what_the_stages_would(projec
     assert "finetune.epsilon: 0.01 is out of reach" in capsys.readouterr().err
     changed = {k for k, v in _files(project).items() if before.get(k) != v}
     assert changed == {"params.yaml", "inputs/notes.jsonl"}
+    # --params, as for every command: that file's parameters, not the project's
+    other = project / "other.yaml"
+    other.write_text((project / "params.yaml").read_text())
+    edit_params(project, finetune={"epsilon": 8.0})
+    assert main(["--root", str(project), "--params", str(other), "check"]) == 2
+    assert "finetune.epsilon: 0.01 is out of reach" in capsys.readouterr().err
 
 
 def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_it_comes_back(

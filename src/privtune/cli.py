@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.stage == "check":
         from privtune.stages.preflight import check_all
 
-        print("\n".join(check_all(root)))
+        print("\n".join(check_all(params, root)))
         return EXIT_OK
     elif args.stage == "summary":
         from privtune.stages.report import summary_table

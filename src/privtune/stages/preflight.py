@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privtune.config import PREPARED_DIR, load_params
+from privtune.config import PREPARED_DIR, Params, load_params
 
 
 def check(root: str | Path, target: str) -> None:
@@ -34,7 +34,7 @@ def check(root: str | Path, target: str) -> None:
         finetune_plan(load_params(root / "params.yaml"), name, root)
 
 
-def check_all(root: str | Path) -> list[str]:
+def check_all(params: Params, root: str | Path) -> list[str]:
     """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
     splits (not from data/prepared, which may be an older corpus's); one line each, counts
     and the plan only (never a record)."""
@@ -43,7 +43,6 @@ def check_all(root: str | Path) -> list[str]:
     from privtune.stages.prepare import build
 
     root = Path(root)
-    params = load_params(root / "params.yaml")
     splits = build(params, root).splits
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     lines = [f"prepare: {counts} records"]
