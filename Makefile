@@ -122,7 +122,10 @@ ui: install
 	@echo "Registered model:    http://127.0.0.1:5000/#/models/privtune-clinical-notes"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-# The built outputs go; the committed metrics, plots and report come back as committed
+# The built outputs go; the committed metrics, plots and report come back as committed (a
+# copy outside git, or a git that fails, keeps them and says so)
 clean:
 	rm -rf data/prepared models mlflow.db mlruns profiles .privtune/checkpoints
-	git checkout -- metrics plots reports 2>/dev/null || rm -rf metrics plots reports
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git checkout -- models metrics plots reports && git clean -fdxq -- metrics plots reports; \
+	else echo "not a git checkout: metrics/, plots/ and reports/ left as they are"; fi

@@ -171,10 +171,20 @@ def metrics_of(
     shown: dict[str, dict], methods: list[str], every_method: list[str]
 ) -> dict[str, dict]:
     """`dvc metrics show`'s files for this run: a run over some methods returns theirs (and
-    the shared stages'), not the other methods' older files beside them."""
-    others = tuple(f"-{m}.json" for m in every_method if m not in methods)
+    the shared stages'), not the other methods' older files beside them (by exact name: a
+    method's name may end with another's)."""
+    from privtune.lanes import METHOD_STAGES
+
+    others = {
+        f"{stage}-{m}.json"
+        for stage in (*METHOD_STAGES, "register")
+        for m in every_method
+        if m not in methods
+    }
     return {
-        path: entry.get("data", {}) for path, entry in shown.items() if not path.endswith(others)
+        path: entry.get("data", {})
+        for path, entry in shown.items()
+        if Path(path).name not in others
     }
 
 

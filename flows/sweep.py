@@ -137,14 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Every method of params.yaml at every (epsilon, seed), as DVC experiments."
     )
-    parser.add_argument(
-        "--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0], help="target epsilons"
-    )
-    parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="finetune.seed of each point"
-    )
+    parser.add_argument("--epsilons", nargs="+", type=float, help="target epsilons (1 4 8)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="finetune.seed of each point (0 1 2)")
     args = parser.parse_args(argv)
-    sweep(epsilons=args.epsilons, seeds=args.seeds)
+    given = {"epsilons": args.epsilons, "seeds": args.seeds}
+    sweep(**{name: value for name, value in given.items() if value is not None})  # else its own
 
 
 if __name__ == "__main__":

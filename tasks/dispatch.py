@@ -302,6 +302,7 @@ def finetune(
 
     logger = _logger()
     target = f"finetune@{method}"
+    stages.check_before(root, target, force)  # before a worker is taken and DVC runs there
     with get_client(sync_client=True) as client:
         found = client.read_deployment_by_name(deployment)
         pool = found.work_pool_name

@@ -103,6 +103,32 @@ def _cli_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+def check_before(root: str, target: str, force: bool = False) -> None:
+    """What the stage's command would refuse (privtune.stages.preflight), before DVC removes
+    its outputs to run it: `PermanentStageError` with the stage's own message. Not for a
+    stage DVC will skip (prepare's check reads the whole corpus)."""
+    from privtune.errors import PrivtuneError
+    from privtune.stages import preflight
+
+    checked = target.partition("@")[0] in preflight.STAGES
+    if checked and (force or not _stage_is_current(root, target)):
+        try:
+            preflight.check(root, target)
+        except PrivtuneError as err:
+            raise PermanentStageError(target, 2, type(err).__name__, str(err)) from err
+
+
+def _stage_is_current(root: str, target: str) -> bool:
+    """DVC's own answer (its dependencies and parameters match dvc.lock); False when DVC
+    cannot say (a stage it does not know, a locked repository): then the check runs."""
+    from tasks.dispatch import stage_is_current
+
+    try:
+        return stage_is_current(root, target)
+    except Exception:  # noqa: BLE001 (the reproduce below meets and reports the same problem)
+        return False
+
+
 def reproduce(
     root: str, target: str, force: bool = False, wait_for_lock: bool = False
 ) -> list[str]:
@@ -120,11 +146,8 @@ def reproduce(
     """
     from dvc.repo import Repo
 
-    from privtune.stages import preflight
-
     _cli_on_path()
-    # What the command would refuse, before DVC removes the stage's outputs to run it
-    preflight.check(root, target)
+    check_before(root, target, force)
     # DVC resolves stage paths against the working directory: run from the repo root.
     with (
         _permanent_errors(target),

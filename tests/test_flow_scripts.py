@@ -56,3 +56,8 @@ def test_a_run_over_some_methods_returns_their_metrics_not_the_others():
         "metrics/attack-dpsgd.json", "metrics/base.json", "metrics/finetune-dpsgd.json",
     ]  # fmt: skip
     assert metrics_of(shown, every, every) == {k: v["data"] for k, v in shown.items()}
+    # a method whose name ends with another's keeps its own files
+    shown = {"metrics/finetune-lmo-dpsgd.json": {"data": {}}, "metrics/finetune-dpsgd.json": {}}
+    assert list(metrics_of(shown, ["lmo-dpsgd"], ["lmo-dpsgd", "dpsgd"])) == [
+        "metrics/finetune-lmo-dpsgd.json"
+    ]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from privtune import lanes
-from privtune.errors import ConfigError, DataError
-from tasks.stages import is_permanent, reproduce
+from privtune.errors import ConfigError
+from tasks.stages import PermanentStageError, is_permanent, reproduce
 from tests.conftest import edit_params
 
 TOO_SMALL = {"epsilon": 0.01, "accountant": "rdp"}  # below what RDP certifies here, any noise
@@ -29,16 +29,19 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_the_scheduler_refuses_before_dvc_and_keeps_the_outputs(project):
-    """tasks.stages.reproduce raises the stage's own error, naming the field, before DVC
-    (this project is no DVC repository: reaching DVC would be NotDvcRepoError), and the
-    task does not retry it."""
+    """tasks.stages.reproduce raises the stage's own error, naming the stage and the field,
+    before DVC (this project is no DVC repository: reaching DVC would be NotDvcRepoError),
+    and the task does not retry it."""
     edit_params(project, finetune=TOO_SMALL)
     before = _files(project)
-    with pytest.raises(ConfigError, match="finetune.epsilon: 0.01 is out of reach") as raised:
+    refused = pytest.raises(PermanentStageError, match="finetune.epsilon: 0.01 is out of reach")
+    with refused as raised:
         reproduce(str(project), "finetune@dpsgd")
+    assert raised.value.target == "finetune@dpsgd" and raised.value.exit_code == 2
+    assert raised.value.error == "ConfigError" and isinstance(raised.value.__cause__, ConfigError)
     assert "finetune.accountant: pld" in str(raised.value) and is_permanent(raised.value)
     edit_params(project, prepare={"source": "inputs/notes.jsonl"})
-    with pytest.raises(DataError, match="prepare.source: '.*inputs/notes.jsonl' does not exist"):
+    with pytest.raises(PermanentStageError, match="prepare.source: '.*notes.jsonl' does not ex"):
         reproduce(str(project), "prepare")
     assert _files(project).keys() - {"params.yaml"} == before.keys() - {"params.yaml"}
     assert all(_files(project)[k] == v for k, v in before.items() if k != "params.yaml")
@@ -111,3 +114,6 @@ def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_it_comes_back(
     err = capsys.readouterr().err
     assert "removed finetune@dpsgd's previous outputs" in err
     assert "DVC's run cache" in err and "`privtune check`" in err
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)  # `dvc exp run`: built apart
+    assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
+    assert "run cache" not in capsys.readouterr().err

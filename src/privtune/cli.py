@@ -148,11 +148,13 @@ def _fail(code: int, label: str, err: Exception) -> int:
     deterministic: a retry would fail the same way, or worse, retry an audit until it passes)."""
     print(f"{label}: {err}", file=sys.stderr)
     stage = os.environ.get("DVC_STAGE")  # set by `dvc repro` for the stage's command
-    if stage:
+    if stage and "DVC_EXP_BASELINE_REV" not in os.environ:  # an experiment builds apart
+        checked = code == EXIT_BAD_INPUT and stage.partition("@")[0] in ("prepare", "finetune")
         print(
             f"(`dvc repro` removed {stage}'s previous outputs before running it: once the "
             "input is fixed, `dvc repro` brings them back, from DVC's run cache in seconds when "
-            "it is as it was then; `privtune check` finds such errors before `dvc repro`)",
+            "it is as it was then"
+            + ("; `privtune check` finds such errors before `dvc repro`)" if checked else ")"),
             file=sys.stderr,
         )
     path = os.environ.get(ERROR_FILE_ENV)

@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"profile {name}: building in {target}", file=sys.stderr)
     try:
+        from privtune.stages.preflight import check_project
+
+        check_project(target)  # before DVC removes any stage's outputs to run it
         if lanes == 1:
             return repro(target)
         from privtune.lanes import run

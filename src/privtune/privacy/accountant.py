@@ -198,7 +198,9 @@ def _calibrate(
                 accountant=accountant,
                 epsilon_tolerance=0.005,
             )
-        except ValueError as err:  # "The privacy budget is too low.": past opacus' MAX_SIGMA
+        except ValueError as err:
+            if "budget is too low" not in str(err):  # past opacus' own MAX_SIGMA
+                raise
             raise InfeasibleBudget(target_epsilon, delta, sample_rate, steps, accountant) from err
     # opacus stops its bisection within tolerance on the safe side; re-check to be certain.
     while epsilon([(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:

@@ -3,8 +3,10 @@
 DVC removes a stage's outputs before it starts the stage's command, so an error the command
 then finds (an epsilon no noise can certify, a corpus path that does not exist) would leave
 the last good outputs gone, and under Prefect the error would arrive as DVC's bare "failed to
-reproduce". The scheduler's tasks (tasks/stages.py) and the lanes (privtune/lanes.py) call
-`check` first; `privtune check` runs `check_all`, before a `dvc repro` by hand. It needs no
+reproduce". The scheduler's tasks (tasks/stages.py, for a stage DVC will run), the
+fine-tuning dispatcher and the lanes (privtune/lanes.py) call `check` first, a profile's run
+(`python -m privtune.profiles run`) `check_project`; `privtune check` runs `check_all`, before
+a `dvc repro` by hand. It needs no
 model: prepare's splits built in memory (the corpus read and checked, split sizes, room for
 the canaries and members), and the fine-tuning plan (N, q, steps, delta, calibrated noise;
 the calibration is cached on disk, so the stage does not pay twice).
@@ -16,22 +18,45 @@ from pathlib import Path
 
 from privtune.config import PREPARED_DIR, Params, load_params
 
+STAGES = ("prepare", "finetune")  # the stages `check` has anything to say about
+
 
 def check(root: str | Path, target: str) -> None:
     """Raise the stage's own error (a PrivtuneError naming the field and the fix) for what
     it would refuse; ``target`` is a DVC stage name (``prepare``, ``finetune@dpsgd``).
-    Stages other than prepare and finetune, and a finetune whose data is not prepared yet
-    (DVC then says so), are left to the stage itself."""
+    Stages other than prepare and finetune, a finetune whose data is not prepared yet (DVC
+    then says so), and any other failure here (a bug, an unreadable file) are left to the
+    stage itself: it makes the same checks and reports them as its own."""
+    from privtune.errors import PrivtuneError
+
     root = Path(root)
     stage, _, name = target.partition("@")
-    if stage == "prepare":
-        from privtune.stages.prepare import build
+    try:
+        if stage == "prepare":
+            from privtune.stages.prepare import build
 
-        build(load_params(root / "params.yaml"), root)  # the corpus read whole, nothing written
-    elif stage == "finetune" and (root / PREPARED_DIR / "train.jsonl").is_file():
-        from privtune.stages.finetune import finetune_plan
+            build(load_params(root / "params.yaml"), root)  # the corpus read, nothing written
+        elif stage == "finetune" and (root / PREPARED_DIR / "train.jsonl").is_file():
+            from privtune.stages.finetune import finetune_plan
 
-        finetune_plan(load_params(root / "params.yaml"), name, root)
+            finetune_plan(load_params(root / "params.yaml"), name, root)
+    except PrivtuneError:
+        raise
+    except Exception:  # noqa: BLE001 (advisory: the stage reports it with its traceback)
+        return
+
+
+def check_project(root: str | Path) -> None:
+    """`check_all` before a whole `dvc repro` of the project at ``root`` (a profile's run):
+    privtune's own errors raised, anything else left to the stages, as in `check`."""
+    from privtune.errors import PrivtuneError
+
+    try:
+        check_all(load_params(Path(root) / "params.yaml"), root)
+    except PrivtuneError:
+        raise
+    except Exception:  # noqa: BLE001 (advisory: the stage reports it with its traceback)
+        return
 
 
 def check_all(params: Params, root: str | Path) -> list[str]:

@@ -156,6 +156,12 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
     else:
         records = load_records(source, p.text_column, p.id_column, p.max_record_chars)
     records, duplicates = _without_duplicates(records)
+    if duplicates:  # said before the split's checks: it may be why the corpus came up short
+        print(
+            f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
+            "left out (a copy in train and another among the attack's non-members or the test "
+            "notes would make the attacks and the perplexity wrong)"
+        )
     splits = _split(records, params)
     train = splits["train"]
     canaries = make_canaries(
@@ -197,12 +203,6 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         built.splits, built.canaries, built.audit, built.duplicates,
     )  # fmt: skip
     train, public = written["train"], written["public"]
-    if duplicates:
-        print(
-            f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
-            "left out (a copy in train and another among the attack's non-members or the test "
-            "notes would make the attacks and the perplexity wrong)"
-        )
     audit_share = sum(r.get("kind") == "audit_canary" for r in train) / max(len(train), 1)
     if audit_share > 0.25:  # the audit's records would crowd the user's own out of each batch
         print(
