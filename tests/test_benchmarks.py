@@ -266,7 +266,7 @@ def test_profile_stages_skips_after_the_deadline_and_stops_at_the_hard_one(tmp_p
     bench.method_chain(out, clock, "dpsgd")  # nothing prepared: finetune fails, the rest waits
     [record] = clock.records
     assert record["stage"] == "finetune dpsgd" and record["status"].startswith("failed (exit 2")
-    assert "base model missing" in (out / "logs" / "finetune-dpsgd.log").read_text()
+    assert "missing prepared split" in (out / "logs" / "finetune-dpsgd.log").read_text()
 
 
 def _fake_stages(monkeypatch, bench, failing: set[tuple[str, str | None]]) -> list:
