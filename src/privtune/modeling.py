@@ -244,18 +244,23 @@ def attach_lora(model: torch.nn.Module, params: LoraParams, seed: int = 0) -> Pe
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning)
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+    with torch.random.fork_rng(devices=[]), _peft_quietly():
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
 
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning each
+    time it wraps a model): not ours to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        yield
+
+
 def load_adapter(model: torch.nn.Module, path: str | Path) -> PeftModel:
     """``model`` with the LoRA adapter saved at ``path`` (peft's own loader)."""
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning)
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+    with _peft_quietly():
         return PeftModel.from_pretrained(model, path)
 
 
