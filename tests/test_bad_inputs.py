@@ -308,6 +308,12 @@ CASES = [
         params(finetune={"epsilon": 0.01, "accountant": "rdp"}),
     ),
     Case(
+        "lmo-epsilon-out-of-reach",  # no law of the paper's grid: found before the model loads
+        ("finetune", "lmo"),
+        ("finetune.epsilon", "no LMO-DP candidate", "grid: extended"),
+        params(finetune={"epsilon": 0.3}, methods={"lmo": {"grid": "paper"}}),
+    ),
+    Case(
         "delta-above-one-over-n",
         FT,
         ("finetune.delta", "below 1/N"),

@@ -117,3 +117,23 @@ def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_it_comes_back(
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)  # `dvc exp run`: built apart
     assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
     assert "run cache" not in capsys.readouterr().err
+
+
+def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project, capsys):
+    """The LMO-DP law's search needs only the plan: an epsilon no candidate of the grid
+    reaches is refused by the preflight and by the stage before it loads the base model
+    (the base is removed here: reaching it would be a model error instead)."""
+    from privtune.cli import main
+    from privtune.stages import preflight
+
+    edit_params(project, finetune={"epsilon": 0.3}, methods={"lmo": {"grid": "paper"}, "dpsgd": {}})
+    refused = "finetune.epsilon: no LMO-DP candidate in grid paper-v1 reaches epsilon <= 0.3"
+    with pytest.raises(ConfigError, match=refused):
+        preflight.check(project, "finetune@lmo")
+    preflight.check(project, "finetune@dpsgd")  # DP-SGD's Gaussian noise certifies 0.3
+    shutil.rmtree(project / "models" / "base")
+    assert main(["--root", str(project), "--no-progress", "finetune", "lmo"]) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "grid: extended" in err and "models/base" not in err
+    edit_params(project, methods={"lmo": {"grid": "extended"}})  # reaches lower epsilons
+    preflight.check(project, "finetune@lmo")

@@ -112,6 +112,24 @@ def generator_states(params: FinetuneParams, replica: Replica) -> tuple[torch.Te
     return replica.broadcast((secret_state(), secret_state()))
 
 
+def plan_context(
+    plan: TrainingPlan, params: FinetuneParams, group_names: tuple[str, ...] = ()
+) -> ControllerContext:
+    """What a controller knows before training: the plan, the target and the adapters'
+    group names (none for `Controller.check_plan`, before the model is loaded)."""
+    return ControllerContext(
+        group_names=group_names,
+        sample_rate=plan.sample_rate,
+        total_steps=plan.steps,
+        target_epsilon=params.epsilon,
+        delta=plan.delta,
+        calibrated_noise=plan.calibrated_noise,
+        seed=params.seed,
+        expected_batch_size=plan.expected_batch_size,
+        accountant=params.accountant,
+    )
+
+
 class Trainer:
     """One fine-tuning run: its plan, controller, privacy engine, optimizer and sampler.
 
@@ -145,17 +163,7 @@ class Trainer:
                 f"the plan is for {plan.n_records} records, the data and audit canaries make "
                 f"{n_records}: compute it with planned_records()"
             )
-        ctx = ControllerContext(
-            group_names=tuple(adapter_groups(model, "per_adapter")[0]),
-            sample_rate=plan.sample_rate,
-            total_steps=plan.steps,
-            target_epsilon=params.epsilon,
-            delta=plan.delta,
-            calibrated_noise=plan.calibrated_noise,
-            seed=params.seed,
-            expected_batch_size=plan.expected_batch_size,
-            accountant=params.accountant,
-        )
+        ctx = plan_context(plan, params, tuple(adapter_groups(model, "per_adapter")[0]))
         self.controller = build_controller(method, ctx, options or {}, entry)
         group_names, groups = adapter_groups(model, self.controller.grouping)
         model.to(self.device)

@@ -86,6 +86,13 @@ class Controller(ABC):
         self.ctx = ctx
         self.interval = ctx.total_steps
 
+    @classmethod
+    def check_plan(cls, ctx: ControllerContext, **options: Any) -> None:
+        """Raise what this controller would refuse about the plan alone, before a model is
+        loaded (the stages' preflight, `privtune check`). ``ctx.group_names`` is empty there:
+        most controllers need the model's groups and have nothing to check."""
+        del ctx, options
+
     def make_mechanism(
         self, groups: Sequence[Group], group_names: Sequence[str], seed: int
     ) -> Mechanism:

@@ -106,6 +106,12 @@ class LMODP(Controller):
         self.lmo_params = law
         self.noise_std = noise_std(law, self.clip)  # per coordinate, for logs
 
+    @classmethod
+    def check_plan(cls, ctx: ControllerContext, **options: Any) -> None:
+        """The law's search and calibration need only the plan: an epsilon no candidate
+        reaches, or a given law above the target, is found before the model loads."""
+        cls(ctx, **options)
+
     def _epsilon(self, law: LMOParams) -> float:
         c = self.ctx
         return lmo_accounting.epsilon(law, c.sample_rate, c.total_steps, c.delta)

@@ -75,9 +75,28 @@ def build_controller(
 ) -> Controller:
     """Instantiate a controller from its typed options; errors name the field."""
     cls = controller_class(method, entry)
+    return _naming_the_option(cls, method, options, entry, lambda **typed: cls(ctx, **typed))
+
+
+def check_controller(
+    method: str, ctx: ControllerContext, options: dict[str, Any], entry: str | None = None
+) -> None:
+    """What the controller would refuse about the plan alone (`Controller.check_plan`),
+    before a model is loaded; errors name the field, as `build_controller`'s do."""
+    cls = controller_class(method, entry)
+    _naming_the_option(cls, method, options, entry, lambda **typed: cls.check_plan(ctx, **typed))
+
+
+def _naming_the_option(
+    cls: type[Controller],
+    method: str,
+    options: dict[str, Any],
+    entry: str | None,
+    call: Callable[..., Any],
+) -> Any:
     typed = method_options(method, options, entry or method)
     try:
-        return cls(ctx, **typed.model_dump())
+        return call(**typed.model_dump())
     except (TypeError, ValueError) as err:
         # the controllers' checks begin with the option's name ("weights must be ..."); one
         # naming several ("gamma, explore_decay and reward_scale must be") names none

@@ -141,6 +141,11 @@ def _cache_key(target: float, delta: float, q: float, steps: int, grid: LMOGrid,
     return f"eps={target!r}|delta={delta!r}|q={q!r}|steps={steps}|grid={grid.version}|{extra}"
 
 
+# This process's searches by key, when no cache file is given: the finetune stage checks its
+# plan (the law's search) before it loads the model, and the loop's controller searches again.
+_SEARCHED: dict[str, dict[str, Any]] = {}
+
+
 def search(
     target_epsilon: float,
     sample_rate: float,
@@ -163,9 +168,9 @@ def search(
         raise ConfigError("finetune.epsilon", "must be > 0", "set a positive target")
     key = _cache_key(target_epsilon, delta, sample_rate, steps, grid, objective=objective,
                      gamma=gamma, max_order=max_order)  # fmt: skip
-    cache: dict[str, Any] = {}
-    if cache_path is not None and Path(cache_path).exists():
-        cache = read_json(cache_path)
+    cache: dict[str, Any] = _SEARCHED  # without a cache file, this process's searches
+    if cache_path is not None:
+        cache = read_json(cache_path) if Path(cache_path).exists() else {}
     if key not in cache:
         cache[key] = _search_uncached(
             target_epsilon, sample_rate, steps, delta, objective, gamma, grid, max_order
@@ -174,11 +179,16 @@ def search(
             write_json(cache_path, cache)
     entry = cache[key]
     if entry.get("best_epsilon") is not None:
+        # the extended grid reaches lower epsilons than the paper's
+        finer = ", or search the extended grid (the method's option grid: extended)"
+        if grid.version != PAPER_GRID.version:
+            finer = ""
         raise ConfigError(
             "finetune.epsilon",
             f"no LMO-DP candidate in grid {grid.version} reaches epsilon <= {target_epsilon} "
             f"over {steps} steps at q={sample_rate:.4g} (best: {entry['best_epsilon']:.4g})",
-            "raise the target, plan fewer steps or a lower sample rate, or search a finer grid",
+            "raise finetune.epsilon, plan fewer steps (finetune.epochs) or a lower sample rate "
+            "(finetune.batch_size)" + finer,
         )
     return LMOSearchResult.from_dict(entry)
 

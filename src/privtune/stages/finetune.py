@@ -100,18 +100,22 @@ def finetune_plan(
     params: Params, name: str, root: Path, n_texts: int | None = None
 ) -> TrainingPlan:
     """N, q, steps, delta and the calibrated noise of entry ``name``, validated (batch size,
-    delta below 1/N and the registry's delta gate, an epsilon some noise can certify) before
-    anything is written. N counts the audit's gradient canaries; ``n_texts``: the train
-    split's size when the caller has read it."""
-    from privtune.control.registry import controller_class
+    delta below 1/N and the registry's delta gate, an epsilon some noise can certify, what
+    the method's controller would refuse about the plan, such as an LMO-DP law no candidate
+    fits) before anything is written. N counts the audit's gradient canaries; ``n_texts``:
+    the train split's size when the caller has read it."""
+    from privtune.control.registry import check_controller, controller_class
     from privtune.privacy.plan import make_plan, planned_records
+    from privtune.train import plan_context
 
-    method, _ = params.method(name)
+    method, options = params.method(name)
     private = controller_class(method, name).private
     f = params.finetune
     n_texts = len(read_split(root, "train")) if n_texts is None else n_texts
     gate = params.registry.gates.max_delta
-    return make_plan(planned_records(n_texts, f), f, private, max_delta=gate)
+    plan = make_plan(planned_records(n_texts, f), f, private, max_delta=gate)
+    check_controller(method, plan_context(plan, f), options, name)
+    return plan
 
 
 def _finetune(
