@@ -107,10 +107,15 @@ class LMODP(Controller):
         self.noise_std = noise_std(law, self.clip)  # per coordinate, for logs
 
     @classmethod
-    def check_plan(cls, ctx: ControllerContext, **options: Any) -> None:
+    def check_plan(cls, ctx: ControllerContext, **options: Any) -> str:
         """The law's search and calibration need only the plan: an epsilon no candidate
         reaches, or a given law above the target, is found before the model loads."""
-        cls(ctx, **options)
+        lmo = cls(ctx, **options)
+        return (
+            f"LMO-DP law with noise std {lmo.noise_std:.3g} per coordinate (L1 clip "
+            f"{lmo.clip:g}), spending epsilon {lmo.planned_epsilon:.4g} of "
+            f"{ctx.target_epsilon:g} ({cls.mechanism.accounting})"
+        )
 
     def _epsilon(self, law: LMOParams) -> float:
         c = self.ctx

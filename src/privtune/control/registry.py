@@ -80,11 +80,13 @@ def build_controller(
 
 def check_controller(
     method: str, ctx: ControllerContext, options: dict[str, Any], entry: str | None = None
-) -> None:
+) -> str | None:
     """What the controller would refuse about the plan alone (`Controller.check_plan`),
     before a model is loaded; errors name the field, as `build_controller`'s do."""
     cls = controller_class(method, entry)
-    _naming_the_option(cls, method, options, entry, lambda **typed: cls.check_plan(ctx, **typed))
+    return _naming_the_option(
+        cls, method, options, entry, lambda **typed: cls.check_plan(ctx, **typed)
+    )
 
 
 def _naming_the_option(

@@ -63,23 +63,27 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
     splits (not from data/prepared, which may be an older corpus's); one line each, counts
     and the plan only (never a record)."""
-    from privtune.control.registry import controller_class
+    from privtune.control.registry import check_controller, controller_class
     from privtune.stages.finetune import finetune_plan
     from privtune.stages.prepare import build
+    from privtune.train import plan_context
 
     root = Path(root)
+    f = params.finetune
     splits = build(params, root).splits
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     lines = [f"prepare: {counts} records"]
     for name in params.methods:
+        method, options = params.method(name)
         plan = finetune_plan(params, name, root, n_texts=len(splits["train"]))
         line = f"finetune@{name}: N {plan.n_records}, q {plan.sample_rate:.3g}, {plan.steps} steps"
-        if controller_class(params.method(name)[0], name).private:
-            line += (
-                f", delta {plan.delta:.2g}, noise multiplier {plan.calibrated_noise:.3g} for "
-                f"epsilon {params.finetune.epsilon:g} ({params.finetune.accountant})"
-            )
-        else:
-            line += ", not private"
-        lines.append(line)
+        if not controller_class(method, name).private:
+            lines.append(line + ", not private")
+            continue
+        # the controller's own account of its noise (an LMO-DP law), else the Gaussian's
+        noise = check_controller(method, plan_context(plan, f), options, name) or (
+            f"noise multiplier {plan.calibrated_noise:.3g} for epsilon {f.epsilon:g} "
+            f"({f.accountant})"
+        )
+        lines.append(f"{line}, delta {plan.delta:.2g}, {noise}")
     return lines
