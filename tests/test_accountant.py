@@ -6,7 +6,7 @@ import math
 import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from privtune.privacy import accountant
@@ -105,13 +105,19 @@ def test_calibration_cache_is_used_only_when_it_is_safe(tmp_path, monkeypatch):
 
 
 @settings(max_examples=15, deadline=None)
+@example(z=0.3, q=0.6219246497809273, steps=50)  # where the two differ most (7e-9 at 1e-9)
 @given(
     z=st.floats(0.3, 5.0),
     q=st.floats(1e-3, 0.9),
     steps=st.integers(1, 50),
 )
 def test_fast_step_pld_is_dp_accountings_own(z, q, steps):
-    """The vectorised step PLD is the library's, to rounding: same epsilons, same deltas."""
+    """The vectorised step PLD is the library's, to rounding: same epsilons, same deltas.
+
+    "To rounding" is 1e-7 relative, not machine precision: the two delta curves agree to
+    1e-15, but connect-the-dots masses are second differences of that curve on a 1e-4 grid,
+    which scales its rounding by about 1e8 (at z 0.3, q 0.62 the epsilons at delta 1e-9
+    differ by 3e-9, either way)."""
     from dp_accounting.pld import privacy_loss_distribution as pld
 
     from privtune.privacy.pld_gaussian import gaussian_step_pld
@@ -125,13 +131,13 @@ def test_fast_step_pld_is_dp_accountings_own(z, q, steps):
     fast = gaussian_step_pld(z, q, accountant.PLD_INTERVAL).self_compose(steps)
     for delta in (1e-3, 1e-5, 1e-9):
         assert fast.get_epsilon_for_delta(delta) == pytest.approx(
-            library.get_epsilon_for_delta(delta), rel=1e-12
+            library.get_epsilon_for_delta(delta), rel=1e-7
         )
     epsilons = [0.05, 0.5, 2.0, 8.0]
     fast_deltas = fast.get_delta_for_epsilon(epsilons)
     library_deltas = library.get_delta_for_epsilon(epsilons)
     for a, b in zip(fast_deltas, library_deltas, strict=True):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-300)
+        assert a == pytest.approx(b, rel=1e-7, abs=1e-300)
 
 
 @pytest.mark.parametrize("method", ["pld", "rdp"])
