@@ -202,7 +202,7 @@ CASES = [
     Case(
         "dpsgd-unknown-option",
         FT,
-        ("methods.dpsgd.clipp", "options: clip"),
+        ("methods.dpsgd.clipp", "options: method, clip"),
         params(methods={"dpsgd": {"clipp": 1.0}}),
     ),
     Case(

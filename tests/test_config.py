@@ -61,7 +61,7 @@ def test_unknown_method_and_bad_options_are_refused_when_params_load():
     the dotted option, the value and the allowed range."""
     with pytest.raises(ConfigError, match=r"methods\.fancy.*unknown method 'fancy'.*dpsgd"):
         parse_params({"methods": {"fancy": {}}})
-    with pytest.raises(ConfigError, match=r"methods\.dpsgd\.clipp.*unknown.*options: clip"):
+    with pytest.raises(ConfigError, match=r"methods\.dpsgd\.clipp.*unknown.*options: method, clip"):
         parse_params({"methods": {"dpsgd": {"clipp": 1.0}}})
     with pytest.raises(ConfigError, match=r"methods\.rldp\.rl_interval.*greater than or equal"):
         parse_params({"methods": {"rldp": {"rl_interval": 0}}})
@@ -73,6 +73,26 @@ def test_unknown_method_and_bad_options_are_refused_when_params_load():
         parse_params({"methods": {"decay": {"schedule": "cosine"}}})
     with pytest.raises(ConfigError, match=r"methods\.missing"):
         parse_params({}).method("missing")
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"fast": {"methdo": "dpsgd"}}, "methods.fast.methdo: unknown parameter. Fix: did you "
+         "mean `methods.fast.method`? It names the method: one of auto_s, decay, dpsgd"),
+        ({"fast": {"method": "dpsg"}}, "methods.fast.method: unknown method 'dpsg'. Fix: did "
+         "you mean `dpsgd`? set it to a method; one of: auto_s"),
+        ({"dpsdg": {}}, "methods.dpsdg: unknown method 'dpsdg'. Fix: did you mean `dpsgd`? "
+         "name the entry after a method or set its `method:`"),
+        ({"dpsgd": {"methdo": "rldp"}}, "did you mean `methods.dpsgd.method`?"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_method_or_method_key_is_named_with_the_likely_fix(entry, says):
+    """An entry takes its method from its name or its `method:` key: a typo in either is
+    named as what it is (not as an unknown method 'fast'), with the closest spelling."""
+    with pytest.raises(ConfigError) as refused:
+        parse_params({"methods": entry})
+    assert says in str(refused.value)
 
 
 def test_build_controller_names_the_entry_of_a_bad_option():

@@ -483,17 +483,29 @@ def parse_params(raw: dict[str, Any], path: Path = Path("params.yaml")) -> Param
 def method_options(
     method: str, options: dict[str, Any], entry: str, path: Path = Path("params.yaml")
 ) -> Any:
-    """The typed options of ``methods.<entry>``; errors name the option, value and range."""
+    """The typed options of ``methods.<entry>``; errors name the option, value and range.
+    An entry named after no method takes it from its `method:` key, so a typo of that key
+    is named as such rather than as an unknown method."""
+    known = ", ".join(sorted(METHOD_OPTIONS))
     if method not in METHOD_OPTIONS:
-        raise ConfigError(
-            f"methods.{entry}",
-            f"unknown method '{method}'",
-            f"choose one of: {', '.join(sorted(METHOD_OPTIONS))}",
-        )
+        typo = difflib.get_close_matches("method", [str(key) for key in options], n=1)
+        if method == entry and typo:
+            raise ConfigError(
+                f"methods.{entry}.{typo[0]}",
+                "unknown parameter",
+                f"did you mean `methods.{entry}.method`? It names the method: one of {known}",
+            )
+        close = difflib.get_close_matches(method, list(METHOD_OPTIONS), n=1)
+        guess = f"did you mean `{close[0]}`? " if close else ""
+        if method == entry:  # the entry's name is its method
+            field, fix = f"methods.{entry}", "name the entry after a method or set its `method:`"
+        else:
+            field, fix = f"methods.{entry}.method", "set it to a method"
+        raise ConfigError(field, f"unknown method '{method}'", f"{guess}{fix}; one of: {known}")
     try:
         return METHOD_OPTIONS[method].model_validate(options)
     except ValidationError as err:
-        allowed = list(METHOD_OPTIONS[method].model_fields)
+        allowed = ["method", *METHOD_OPTIONS[method].model_fields]  # `method:` names the law
         raise _format_validation_error(path, err, f"methods.{entry}.", allowed) from None
 
 
