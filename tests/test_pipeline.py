@@ -186,6 +186,9 @@ def test_mlflow_tracks_runs_without_raw_records(built):
     dpsgd = by_name["dpsgd"]
     assert dpsgd.data.params["method"] == "dpsgd"
     assert float(dpsgd.data.params["noise_multiplier"]) > 0
+    assert dpsgd.data.params["private"] == "True" and "delta" in dpsgd.data.params
+    nonprivate = by_name["nonprivate"].data.params  # no delta or noise to show in the UI
+    assert nonprivate["private"] == "False" and not {"delta", "noise_multiplier"} & set(nonprivate)
     assert len(dpsgd.data.params["data_sha256"]) == 64
     assert {"epsilon", "loss", "test_perplexity", "medication_accuracy"} <= set(dpsgd.data.metrics)
     history = mlflow.MlflowClient().get_metric_history(dpsgd.info.run_id, "epsilon")

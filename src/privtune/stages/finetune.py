@@ -204,8 +204,13 @@ def _finetune(
                     "n_records_with_audit_canaries": plan.n_records,
                     "sample_rate": plan.sample_rate,
                     "steps": plan.steps,
-                    "delta": plan.delta,
-                    "noise_multiplier": plan.calibrated_noise,
+                    "private": private,
+                    # a non-private run has no delta and no noise (MLflow's UI showed them)
+                    **(
+                        {"delta": plan.delta, "noise_multiplier": plan.calibrated_noise}
+                        if private
+                        else {}
+                    ),
                 }
             )
         result = train(
