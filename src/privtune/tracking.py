@@ -153,6 +153,7 @@ SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 HEADLINE_VIEW = "privtune-headline"
 HEADLINE_COLUMNS = (
     "params.`method`",
+    "params.`private`",
     "metrics.`epsilon`",
     "metrics.`target_epsilon`",
     "params.`delta`",
@@ -207,7 +208,7 @@ EXPERIMENT_NOTE = f"""\
 `params.yaml: methods` (run name = entry, e.g. `dpsgd`), all at the same target (ε, δ), plus a \
 `report` run with every method side by side.
 
-Headline columns: open **Views → privacy headline** (method, ε spent and target, δ, test \
+Headline columns: open **Views → privacy headline** (method, private, ε spent and target, δ, test \
 perplexity, best membership-inference AUC and TPR at 1 % FPR, audit lower bound). The verdict \
 on each model (promoted or refused, and why) is on its version of the registered model.
 
