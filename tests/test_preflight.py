@@ -81,7 +81,10 @@ def test_privtune_check_prints_the_plan_and_refuses_what_the_stages_would(projec
     assert main(["--root", str(project), "check"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("prepare: train ") and out[0].endswith(" records")
-    assert any(line.startswith("finetune@dpsgd: N ") and "noise multiplier" in line for line in out)
+    assert any(
+        line.startswith("finetune@dpsgd (clip 1.0): N ") and "noise multiplier" in line
+        for line in out
+    )
     assert any(line.startswith("finetune@nonprivate: N ") and "not private" in line for line in out)
     # a corpus with a malformed line: refused by name and line, data/prepared untouched
     (project / "inputs").mkdir()
@@ -138,10 +141,19 @@ def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project,
     assert refused in err and "grid: extended" in err and "models/base" not in err
     # within the grid's reach: privtune check names the law it found and what it spends, not
     # a Gaussian multiplier LMO-DP does not use (the extended grid reaches lower, in 20 s)
-    edit_params(project, finetune={"epsilon": 1.0}, methods={"lmo": {"grid": "paper"}})
+    edit_params(project, finetune={"epsilon": 1.0}, methods={"lmo": {"grid": "paper"}, "decay": {}})
     assert main(["--root", str(project), "check"]) == 0
-    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("finetune@lmo")]
+    out = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in out if x.startswith("finetune@lmo")]
     spent = re.search(
         r"LMO-DP law with noise std \S+ .*, spending epsilon (\S+) of 1 \(rdp\)$", line
     )
     assert spent and 0.9 < float(spent[1]) <= 1.0 and "noise multiplier" not in line, line
+    # a decaying schedule: its phases' multipliers, not the constant one
+    (line,) = [x for x in out if x.startswith("finetune@decay")]
+    phases = re.search(
+        r"noise multiplier ((?:\S+ → )+\S+) over (\d) phases, spending epsilon", line
+    )
+    assert phases, line
+    noises = [float(z) for z in phases[1].split(" → ")]
+    assert len(noises) == int(phases[2]) > 1 and noises == sorted(noises, reverse=True)

@@ -87,11 +87,16 @@ class Controller(ABC):
         self.interval = ctx.total_steps
 
     @classmethod
-    def check_plan(cls, ctx: ControllerContext, **options: Any) -> str | None:
+    def check_plan(cls, ctx: ControllerContext, **options: Any) -> None:
         """Raise what this controller would refuse about the plan alone, before a model is
-        loaded (the stages' preflight, `privtune check`); returns what `privtune check` says of
-        the noise when it is not the plan's Gaussian multiplier. ``ctx.group_names`` is empty
-        there: most controllers need the model's groups and have nothing to check."""
+        loaded (the stages' preflight, `privtune check`). ``ctx.group_names`` is empty there:
+        most controllers need the model's groups and have nothing to check."""
+        del ctx, options
+
+    @classmethod
+    def describe_plan(cls, ctx: ControllerContext, **options: Any) -> str | None:
+        """The planned noise in words, for `privtune check`, where it is not the plan's
+        constant Gaussian multiplier (None: it is)."""
         del ctx, options
         return None
 

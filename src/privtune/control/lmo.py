@@ -107,13 +107,17 @@ class LMODP(Controller):
         self.noise_std = noise_std(law, self.clip)  # per coordinate, for logs
 
     @classmethod
-    def check_plan(cls, ctx: ControllerContext, **options: Any) -> str:
+    def check_plan(cls, ctx: ControllerContext, **options: Any) -> None:
         """The law's search and calibration need only the plan: an epsilon no candidate
         reaches, or a given law above the target, is found before the model loads."""
-        lmo = cls(ctx, **options)
+        cls(ctx, **options)
+
+    @classmethod
+    def describe_plan(cls, ctx: ControllerContext, **options: Any) -> str:
+        lmo = cls(ctx, **options)  # the search is kept per process: not searched again
         return (
             f"LMO-DP law with noise std {lmo.noise_std:.3g} per coordinate (L1 clip "
-            f"{lmo.clip:g}), spending epsilon {lmo.planned_epsilon:.4g} of "
+            f"{lmo.clip:g}), spending epsilon {lmo.planned_epsilon:.5g} of "
             f"{ctx.target_epsilon:g} ({cls.mechanism.accounting})"
         )
 

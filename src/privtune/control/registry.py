@@ -80,12 +80,20 @@ def build_controller(
 
 def check_controller(
     method: str, ctx: ControllerContext, options: dict[str, Any], entry: str | None = None
-) -> str | None:
+) -> None:
     """What the controller would refuse about the plan alone (`Controller.check_plan`),
     before a model is loaded; errors name the field, as `build_controller`'s do."""
     cls = controller_class(method, entry)
+    _naming_the_option(cls, method, options, entry, lambda **typed: cls.check_plan(ctx, **typed))
+
+
+def describe_controller(
+    method: str, ctx: ControllerContext, options: dict[str, Any], entry: str | None = None
+) -> str | None:
+    """The planned noise in words (`Controller.describe_plan`), for `privtune check`."""
+    cls = controller_class(method, entry)
     return _naming_the_option(
-        cls, method, options, entry, lambda **typed: cls.check_plan(ctx, **typed)
+        cls, method, options, entry, lambda **typed: cls.describe_plan(ctx, **typed)
     )
 
 

@@ -16,7 +16,7 @@ safe side), so the guard's projection equals the plan and it never needs to rais
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.optimize import brentq
@@ -63,6 +63,15 @@ class DecayingNoise(Controller):
         self.planned_epsilon = self._epsilon(self._segments(self.noises))
         self._phase = 0
         self._reserves: dict[int, float] = {}
+
+    @classmethod
+    def describe_plan(cls, ctx: ControllerContext, **options: Any) -> str:
+        decay = cls(ctx, **options)  # its calibration: about a second
+        noises = " → ".join(f"{z:.3g}" for z in decay.noises)
+        return (
+            f"noise multiplier {noises} over {len(decay.noises)} phases, spending epsilon "
+            f"{decay.planned_epsilon:.5g} of {ctx.target_epsilon:g} ({ctx.accountant})"
+        )
 
     # -- accounting of the planned schedule ------------------------------------------------
     def _epsilon(self, segments: list[Segment]) -> float:

@@ -63,7 +63,7 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
     splits (not from data/prepared, which may be an older corpus's); one line each, counts
     and the plan only (never a record)."""
-    from privtune.control.registry import check_controller, controller_class
+    from privtune.control.registry import controller_class, describe_controller
     from privtune.stages.finetune import finetune_plan
     from privtune.stages.prepare import build
     from privtune.train import plan_context
@@ -76,12 +76,17 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     for name in params.methods:
         method, options = params.method(name)
         plan = finetune_plan(params, name, root, n_texts=len(splits["train"]))
-        line = f"finetune@{name}: N {plan.n_records}, q {plan.sample_rate:.3g}, {plan.steps} steps"
+        # what the entry resolved to: its method (when not its name) and options, validated
+        given = [method] * (method != name) + [f"{k} {v}" for k, v in sorted(options.items())]
+        what = f" ({', '.join(given)})" if given else ""
+        line = f"finetune@{name}{what}: N {plan.n_records}, q {plan.sample_rate:.3g}, "
+        line += f"{plan.steps} steps"
         if not controller_class(method, name).private:
             lines.append(line + ", not private")
             continue
-        # the controller's own account of its noise (an LMO-DP law), else the Gaussian's
-        noise = check_controller(method, plan_context(plan, f), options, name) or (
+        # the controller's own account of its noise (an LMO-DP law, a decaying schedule), else
+        # the constant Gaussian multiplier of the plan
+        noise = describe_controller(method, plan_context(plan, f), options, name) or (
             f"noise multiplier {plan.calibrated_noise:.3g} for epsilon {f.epsilon:g} "
             f"({f.accountant})"
         )
