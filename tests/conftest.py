@@ -213,6 +213,16 @@ def _calibration_cache_per_mutant(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _lmo_searches_per_test():
+    """Each test starts without the LMO-DP law searches a process keeps (lmo_search's
+    _SEARCHED), as each stage's process does."""
+    yield
+    searches = sys.modules.get("privtune.privacy.lmo_search")
+    if searches is not None:
+        searches._SEARCHED.clear()
+
+
+@pytest.fixture(autouse=True)
 def _mlflow_store_per_test():
     """Each test starts with no MLflow tracking URI set in-process, and leaves none behind:
     a URI one test set would otherwise send the next test's clients to its store."""

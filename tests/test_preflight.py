@@ -139,6 +139,12 @@ def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project,
     assert main(["--root", str(project), "--no-progress", "finetune", "lmo"]) == 2
     err = capsys.readouterr().err
     assert refused in err and "grid: extended" in err and "models/base" not in err
+    # privtune check names the entry (finetune.epsilon is every entry's), and reads the
+    # method's search cache without writing it: it writes nothing
+    edit_params(project, methods={"lmo": {"cache": "lmo-searches.json"}})
+    assert main(["--root", str(project), "check"]) == 2
+    assert f"{refused} over " in (err := capsys.readouterr().err) and "(finetune@lmo)" in err
+    assert not (project / "lmo-searches.json").exists()
     # within the grid's reach: privtune check names the law it found and what it spends, not
     # a Gaussian multiplier LMO-DP does not use (the extended grid reaches lower, in 20 s)
     edit_params(project, finetune={"epsilon": 1.0}, methods={"lmo": {"grid": "paper"}, "decay": {}})

@@ -46,7 +46,8 @@ class LMODP(Controller):
     authors' 40,824 points, about a second; "extended": smaller Gamma/Exponential weights,
     about 20 s, reaches lower epsilons) for the least noise (``objective`` "std") or the most
     usefulness P(|n| <= 0.9 C) ("usefulness") whose sound epsilon over the plan is within
-    the target, then calibrated (default). ``cache``: a JSON file caching searches per plan.
+    the target, then calibrated (default). ``cache``: a JSON file caching searches per plan
+    (``write_cache`` false: read only).
     """
 
     name = "lmo"
@@ -61,6 +62,7 @@ class LMODP(Controller):
         objective: Literal["std", "usefulness"] = "std",
         calibrate: bool | None = None,
         cache: str | None = None,
+        write_cache: bool = True,
     ) -> None:
         super().__init__(ctx)
         if not (isinstance(clip, int | float) and math.isfinite(clip) and clip > 0):
@@ -78,6 +80,7 @@ class LMODP(Controller):
                 objective=objective,
                 grid=GRIDS[grid],
                 cache_path=cache,
+                write_cache=write_cache,
             )
             law = self.search_result.params
         else:
@@ -109,12 +112,13 @@ class LMODP(Controller):
     @classmethod
     def check_plan(cls, ctx: ControllerContext, **options: Any) -> None:
         """The law's search and calibration need only the plan: an epsilon no candidate
-        reaches, or a given law above the target, is found before the model loads."""
-        cls(ctx, **options)
+        reaches, or a given law above the target, is found before the model loads (the
+        ``cache`` file read, not written: `privtune check` writes nothing)."""
+        cls(ctx, **options, write_cache=False)
 
     @classmethod
     def describe_plan(cls, ctx: ControllerContext, **options: Any) -> str:
-        lmo = cls(ctx, **options)  # the search is kept per process: not searched again
+        lmo = cls(ctx, **options, write_cache=False)  # kept per process: not searched again
         return (
             f"LMO-DP law with noise std {lmo.noise_std:.3g} per coordinate (L1 clip "
             f"{lmo.clip:g}), spending epsilon {lmo.planned_epsilon:.5g} of "

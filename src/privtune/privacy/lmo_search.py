@@ -157,10 +157,13 @@ def search(
     grid: LMOGrid = PAPER_GRID,
     max_order: int = MAX_ORDER,
     cache_path: str | Path | None = None,
+    write_cache: bool = True,
 ) -> LMOSearchResult:
     """Best grid candidate whose sound epsilon over the plan is <= target_epsilon.
 
-    Raises ConfigError (field finetune.epsilon) when no candidate qualifies.
+    Raises ConfigError (field finetune.epsilon) when no candidate qualifies. ``write_cache``
+    false: the cache file is read, not written (`privtune check` writes nothing); a search it
+    lacks is kept in this process only.
     """
     if objective not in ("usefulness", "std"):
         raise ValueError(f"objective must be 'usefulness' or 'std', got {objective!r}")
@@ -168,19 +171,23 @@ def search(
         raise ConfigError("finetune.epsilon", "must be > 0", "set a positive target")
     key = _cache_key(target_epsilon, delta, sample_rate, steps, grid, objective=objective,
                      gamma=gamma, max_order=max_order)  # fmt: skip
-    cache: dict[str, Any] = _SEARCHED  # without a cache file, this process's searches
-    if cache_path is not None:
-        cache = read_json(cache_path) if Path(cache_path).exists() else {}
-    if key not in cache:
-        cache[key] = _search_uncached(
+    stored = read_json(cache_path) if cache_path and Path(cache_path).exists() else {}
+    if key in stored:
+        entry = stored[key]
+    elif cache_path is not None and write_cache:  # the file is the cache
+        entry = stored[key] = _search_uncached(
             target_epsilon, sample_rate, steps, delta, objective, gamma, grid, max_order
         )
-        if cache_path is not None:
-            write_json(cache_path, cache)
-    entry = cache[key]
+        write_json(cache_path, stored)
+    else:  # this process's searches
+        if key not in _SEARCHED:
+            _SEARCHED[key] = _search_uncached(
+                target_epsilon, sample_rate, steps, delta, objective, gamma, grid, max_order
+            )
+        entry = _SEARCHED[key]
     if entry.get("best_epsilon") is not None:
-        # the extended grid reaches lower epsilons than the paper's
-        finer = ", or search the extended grid (the method's option grid: extended)"
+        # the extended grid reaches lower epsilons than the paper's, not every one
+        finer = ", or try the entry's `grid: extended` (lower epsilons, about 20 s a search)"
         if grid.version != PAPER_GRID.version:
             finer = ""
         raise ConfigError(

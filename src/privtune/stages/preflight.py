@@ -6,10 +6,12 @@ the last good outputs gone, and under Prefect the error would arrive as DVC's ba
 reproduce". The scheduler's tasks (tasks/stages.py, for a stage DVC will run), the
 fine-tuning dispatcher and the lanes (privtune/lanes.py) call `check` first, a profile's run
 (`python -m privtune.profiles run`) `check_project`; `privtune check` runs `check_all`, before
-a `dvc repro` by hand. It needs no
-model: prepare's splits built in memory (the corpus read and checked, split sizes, room for
-the canaries and members), and the fine-tuning plan (N, q, steps, delta, calibrated noise;
-the calibration is cached on disk, so the stage does not pay twice).
+a `dvc repro` by hand. It needs no model: prepare's splits built in memory (the corpus read
+and checked, split sizes, room for the canaries and members), and the fine-tuning plan (N, q,
+steps, delta, calibrated noise; the Gaussian calibration is cached on disk, so the stage does
+not pay twice) with what the method's controller refuses about it (an LMO-DP law no grid
+candidate fits: its search, about a second on the paper grid, is paid again by the stage
+unless the method's `cache` file holds it).
 """
 
 from __future__ import annotations
@@ -63,32 +65,40 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
     splits (not from data/prepared, which may be an older corpus's); one line each, counts
     and the plan only (never a record)."""
-    from privtune.control.registry import controller_class, describe_controller
-    from privtune.stages.finetune import finetune_plan
+    from privtune.errors import PrivtuneError
     from privtune.stages.prepare import build
-    from privtune.train import plan_context
 
     root = Path(root)
-    f = params.finetune
     splits = build(params, root).splits
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     lines = [f"prepare: {counts} records"]
     for name in params.methods:
-        method, options = params.method(name)
-        plan = finetune_plan(params, name, root, n_texts=len(splits["train"]))
-        # what the entry resolved to: its method (when not its name) and options, validated
-        given = [method] * (method != name) + [f"{k} {v}" for k, v in sorted(options.items())]
-        what = f" ({', '.join(given)})" if given else ""
-        line = f"finetune@{name}{what}: N {plan.n_records}, q {plan.sample_rate:.3g}, "
-        line += f"{plan.steps} steps"
-        if not controller_class(method, name).private:
-            lines.append(line + ", not private")
-            continue
-        # the controller's own account of its noise (an LMO-DP law, a decaying schedule), else
-        # the constant Gaussian multiplier of the plan
-        noise = describe_controller(method, plan_context(plan, f), options, name) or (
-            f"noise multiplier {plan.calibrated_noise:.3g} for epsilon {f.epsilon:g} "
-            f"({f.accountant})"
-        )
-        lines.append(f"{line}, delta {plan.delta:.2g}, {noise}")
+        try:
+            lines.append(_entry_line(params, name, root, len(splits["train"])))
+        except PrivtuneError as err:  # which entry: its field may be shared (finetune.epsilon)
+            raise type(err)(err.field, f"{err.problem} (finetune@{name})", err.fix) from None
     return lines
+
+
+def _entry_line(params: Params, name: str, root: Path, n_texts: int) -> str:
+    """One entry's line of `privtune check`: its plan (checked) and the noise it will add."""
+    from privtune.control.registry import controller_class, describe_controller
+    from privtune.stages.finetune import finetune_plan
+    from privtune.train import plan_context
+
+    f = params.finetune
+    method, options = params.method(name)
+    plan = finetune_plan(params, name, root, n_texts=n_texts)
+    # what the entry resolved to: its method (when not its name) and options, validated
+    given = [method] * (method != name) + [f"{k} {v}" for k, v in sorted(options.items())]
+    what = f" ({', '.join(given)})" if given else ""
+    line = f"finetune@{name}{what}: N {plan.n_records}, q {plan.sample_rate:.3g}, "
+    line += f"{plan.steps} steps"
+    if not controller_class(method, name).private:
+        return line + ", not private"
+    # the controller's own account of its noise (an LMO-DP law, a decaying schedule), else
+    # the constant Gaussian multiplier of the plan
+    noise = describe_controller(method, plan_context(plan, f), options, name) or (
+        f"noise multiplier {plan.calibrated_noise:.3g} for epsilon {f.epsilon:g} ({f.accountant})"
+    )
+    return f"{line}, delta {plan.delta:.2g}, {noise}"
