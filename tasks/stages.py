@@ -11,6 +11,7 @@ privacy audit fails at once with its message.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -62,6 +63,44 @@ def is_permanent(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__
     return False
+
+
+def is_bad_input(exc: BaseException | None) -> bool:
+    """True for a failure that is the user's input (exit 2: a field and its fix in the
+    message), not a budget refusal, an audit violation or a bug."""
+    from privtune.errors import PrivtuneError, ServerError
+
+    while exc is not None:
+        if isinstance(exc, PermanentStageError):
+            return exc.exit_code == 2
+        if isinstance(exc, PrivtuneError):
+            return not isinstance(exc, ServerError)
+        exc = exc.__cause__
+    return False
+
+
+class InputErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback, three times for a flow run
+    on a worker (the task, the flow, the engine). Bad input names its field and fix in the
+    message, so that is what is kept, as on the command line; every other failure keeps its
+    traceback."""
+
+    LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.exc_info, tuple) and is_bad_input(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        for name in cls.LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls())
+
+
+InputErrorsWithoutTraceback.install()  # for the flows that import these tasks
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:

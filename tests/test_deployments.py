@@ -422,6 +422,17 @@ def _artifacts(key: str) -> list:
         return client.read_artifacts(artifact_filter=found)
 
 
+def _logs(flow_run_id) -> list[str]:
+    """The messages of a flow run's logs (its tasks' included), as the server holds them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    _drain()
+    with get_client(sync_client=True) as client:
+        found = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        return [log.message for log in client.read_logs(log_filter=found)]
+
+
 def _gpu_deployment_id() -> str:
     from prefect.client.orchestration import get_client
 
@@ -456,6 +467,9 @@ def test_a_configuration_error_fails_at_once_without_retries(server, tmp_path):
     assert "prepare.n_private" in state.message and "not retried" in state.message
     (attempt,) = _task_runs(state.state_details.flow_run_id)
     assert attempt.run_count == 1 and attempt.state.is_failed()
+    # what the run's logs show: the field and the fix, without Prefect's tracebacks
+    told = [m for m in _logs(state.state_details.flow_run_id) if "prepare.n_private" in m]
+    assert told and not [m for m in told if "Traceback" in m], told
 
 
 def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeypatch):

@@ -326,3 +326,39 @@ def test_heartbeat_interval_is_read_from_the_deployment():
     for deployment in shipped["deployments"]:  # every worker's flow runs send them
         env = deployment["work_pool"]["job_variables"]["env"]
         assert float(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30
+
+
+def test_prefect_logs_bad_input_without_a_traceback_and_the_rest_with_it():
+    """Prefect logs a failed run's exception with its traceback on the task, flow and engine
+    loggers; bad input keeps only its message (the field and the fix), a budget refusal, a
+    server that does not answer and a bug keep their tracebacks."""
+    import logging
+
+    from privtune.errors import ConfigError, ServerError
+    from tasks.stages import InputErrorsWithoutTraceback, PermanentStageError
+
+    failures = {
+        PermanentStageError("prepare", 2, "DataError", "prepare.source: ..."): False,
+        ConfigError("finetune.epsilon", "must be > 0", "set it"): False,
+        PermanentStageError("finetune@dpsgd", 3, "BudgetExhausted", "refused"): True,
+        ServerError("MLFLOW_TRACKING_URI", "no answer", "start it"): True,
+        RuntimeError("a bug"): True,
+    }
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    for name in InputErrorsWithoutTraceback.LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            for failure in failures:
+                try:
+                    raise failure
+                except Exception:
+                    logger.error("Task run failed with exception: %r", failure, exc_info=True)
+        finally:
+            logger.removeHandler(handler)
+    assert len(records) == len(failures) * 3
+    for record in records:
+        failure = next(f for f in failures if repr(f) in record.getMessage())
+        assert (record.exc_info is not None) == failures[failure], record.getMessage()
