@@ -147,7 +147,9 @@ def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project,
     assert not (project / "lmo-searches.json").exists()
     # within the grid's reach: privtune check names the law it found and what it spends, not
     # a Gaussian multiplier LMO-DP does not use (the extended grid reaches lower, in 20 s)
-    edit_params(project, finetune={"epsilon": 1.0}, methods={"lmo": {"grid": "paper"}, "decay": {}})
+    entries = {"lmo": {"grid": "paper"}, "decay": {}, "rldp": {"rl_interval": 3}}
+    entries["anchor"] = {"method": "rldp", "policy": False}
+    edit_params(project, finetune={"epsilon": 1.0}, methods=entries)
     assert main(["--root", str(project), "check"]) == 0
     out = capsys.readouterr().out.splitlines()
     (line,) = [x for x in out if x.startswith("finetune@lmo")]
@@ -163,3 +165,8 @@ def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project,
     assert phases, line
     noises = [float(z) for z in phases[1].split(" → ")]
     assert len(noises) == int(phases[2]) > 1 and noises == sorted(noises, reverse=True)
+    # RLDP: the policy's range around the budget-paced noise, or the anchor alone
+    (line,) = [x for x in out if x.startswith("finetune@rldp (rl_interval 3)")]
+    assert "0.9-1.1 x the budget-paced noise multiplier" in line and "every 3 steps" in line
+    (line,) = [x for x in out if x.startswith("finetune@anchor (rldp, policy False)")]
+    assert line.endswith("at an even pace), the anchor alone (policy: false)"), line

@@ -103,6 +103,18 @@ class RLDP(Controller):
     grouping = "per_adapter"
     needs_validation: ClassVar[bool] = True
 
+    @classmethod
+    def describe_plan(cls, ctx: ControllerContext, **options: Any) -> str:
+        paced = f"the budget-paced noise multiplier ({ctx.calibrated_noise:.3g} at an even pace)"
+        if not options.get("policy", True):
+            return f"{paced}, the anchor alone (policy: false)"
+        low, high = options.get("noise_bounds", (0.9, 1.1))
+        return (
+            f"{low:g}-{high:g} x {paced}, set by its policy every "
+            f"{options.get('rl_interval', 5)} steps; the guard holds epsilon "
+            f"{ctx.target_epsilon:g} ({ctx.accountant})"
+        )
+
     def __init__(
         self,
         ctx: ControllerContext,
