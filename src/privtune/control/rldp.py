@@ -105,14 +105,15 @@ class RLDP(Controller):
 
     @classmethod
     def describe_plan(cls, ctx: ControllerContext, **options: Any) -> str:
+        """``options``: every typed option, as the registry passes them (their defaults are
+        RLDPOptions', not repeated here)."""
         paced = f"the budget-paced noise multiplier ({ctx.calibrated_noise:.3g} at an even pace)"
-        if not options.get("policy", True):
+        if not options["policy"]:
             return f"{paced}, the anchor alone (policy: false)"
-        low, high = options.get("noise_bounds", (0.9, 1.1))
+        low, high = options["noise_bounds"]
         return (
-            f"{low:g}-{high:g} x {paced}, set by its policy every "
-            f"{options.get('rl_interval', 5)} steps; the guard holds epsilon "
-            f"{ctx.target_epsilon:g} ({ctx.accountant})"
+            f"{low:g}-{high:g} x {paced}, set by its policy every {options['rl_interval']} "
+            f"steps; the guard holds epsilon {ctx.target_epsilon:g} ({ctx.accountant})"
         )
 
     def __init__(
