@@ -82,7 +82,7 @@ bench: install
 	$(BIN)/python benchmarks/step_overhead.py --smollm2
 
 # What a GPU machine without internet needs beside its own torch: the wheels (.whl/) and
-# SmolLM2's GGUF in two parts (.gpu-carry/). scripts/device_check.sh runs make bench's GPU rows,
+# SmolLM2's GGUF in three parts (.gpu-carry/). scripts/device_check.sh runs make bench's GPU rows,
 # the smollm2 profile stage by stage and the CUDA tests there; README, "GPU checks".
 device-wheels: install
 	PYTHON=$(BIN)/python scripts/device_wheels.sh

@@ -597,9 +597,11 @@ def test_non_private_model_has_infinite_epsilon_and_is_refused(project):
     add_entry(project, "open", epsilon=None, seed=9)
     tags = version_tags(project, "open")
     assert math.isinf(float(tags["epsilon"])) and "delta" not in tags
+    assert "secret_noise" not in tags  # finetune.secret_noise was on, but no noise was drawn
     version = register("open", "clinical-open", project)
     card, _ = _card(project, "clinical-open", version.version)
     assert card["contract"]["private"] is False and card["contract"]["epsilon"] is None
+    assert card["contract"]["secret_noise"] is None
     assert card["ledger"] is None
     decision = promote("clinical-open", root=project)
     assert {"epsilon", "delta"} <= {g.gate for g in decision.failed}

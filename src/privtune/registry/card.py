@@ -174,8 +174,8 @@ def build_card(
             "steps": metrics.get("steps"),
             "planned_steps": plan.get("steps"),
             "stopped_by_guard": metrics.get("stopped_by_guard"),
-            # null: trained before secret seeds existed, i.e. seeded from finetune.seed
-            "secret_noise": finetune.get("secret_noise"),
+            # null: not private (no noise), or trained before secret seeds existed (seeded)
+            "secret_noise": finetune.get("secret_noise") if private else None,
         },
         "data": {
             "content_sha256": data_card.get("content_sha256"),

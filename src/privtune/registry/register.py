@@ -151,8 +151,9 @@ def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> di
     tags |= {field: metrics[field] for field in PRIVACY_FIELDS if field in metrics}
     if not private:
         tags["epsilon"] = math.inf
-    if "secret_noise" in (finetune := info.get("finetune", {})):
-        tags[NOISE_TAG] = str(bool(finetune["secret_noise"])).lower()  # absent: seeded runs
+    if private and "secret_noise" in (finetune := info.get("finetune", {})):
+        # absent: a seeded run from before the option, or a non-private one (no noise drawn)
+        tags[NOISE_TAG] = str(bool(finetune["secret_noise"])).lower()
     attack = io.read_numbers(root / METRICS_DIR / f"attack-{entry}.json")
     tags |= {f"{ATTACK_PREFIX}{k}": attack[k] for k in ATTACK_FIELDS if k in attack}
     evaluation = io.read_numbers(root / METRICS_DIR / f"evaluate-{entry}.json")
