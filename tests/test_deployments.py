@@ -201,6 +201,7 @@ def test_nightly_retrains_when_a_parameter_changed_and_reuses_when_not(deployed)
     project, deployer, _ = deployed
     first = _run_nightly(methods=["dpsgd"])
     assert first.state.is_completed(), first.state
+    assert "privtune" in first.tags and "auto-scheduled" not in first.tags  # run by hand
     assert [r.state.type.value for r in _finetune_runs()] == ["COMPLETED"]
     # keyed per deployment too (Prefect's keys are unique per flow, not per deployment)
     assert _finetune_runs()[0].idempotency_key.endswith("@privtune-finetune/gpu-finetune")

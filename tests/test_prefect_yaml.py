@@ -22,3 +22,5 @@ def test_deployments_parse_and_point_at_flows():
     nightly = next(d for d in model.deployments if d.name == "nightly-pipeline")
     assert nightly.schedules[0].cron == "0 2 * * *"
     assert nightly.work_pool.name == "privtune-cpu"
+    # a deployment's tags go on every run, a manual one too: none may claim a schedule
+    assert not [t for d in model.deployments for t in d.tags or () if "schedul" in t]
