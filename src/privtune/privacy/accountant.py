@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
 from privtune.privacy.ledger import LMOSegment, PrivacyLedger
-from privtune.privacy.lmo_accounting import MAX_ORDER, orders_up_to, segment_rdp
+from privtune.privacy.lmo_accounting import MAX_ORDER, orders_up_to, rdp_epsilon, segment_rdp
 from privtune.privacy.lmo_mechanism import LMOParams
 from privtune.privacy.pld_gaussian import gaussian_step_pld
 
@@ -257,12 +257,7 @@ def composed_epsilon(
         if z <= 0:
             return math.inf
         total += compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders)
-    if not np.isfinite(total).any():
-        return math.inf
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # opacus warns when the best order is an end point
-        eps, _ = get_privacy_spent(orders=orders, rdp=total, delta=delta)
-    return max(float(eps), 0.0)
+    return rdp_epsilon(total, orders, delta)
 
 
 def compose(segments: Sequence[tuple], delta: float, accountant: str = "pld") -> float:

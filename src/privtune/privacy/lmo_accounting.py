@@ -168,8 +168,12 @@ def epsilon(
 ) -> float:
     """Sound epsilon of `steps` Poisson-subsampled LMO-DP steps on L1-clipped sums (inf if none)."""
     _check_plan(sample_rate, steps, delta)
-    orders = orders_up_to(max_order)
     total = segment_rdp(params, sample_rate, steps, max_order)
+    return rdp_epsilon(total, orders_up_to(max_order), delta)
+
+
+def rdp_epsilon(total: np.ndarray, orders: np.ndarray, delta: float) -> float:
+    """Epsilon at ``delta`` of a composed RDP curve over ``orders`` (inf where every order is)."""
     if not np.isfinite(total).any():
         return math.inf
     with warnings.catch_warnings():

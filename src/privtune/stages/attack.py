@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
-from privtune.errors import AuditViolation, DataError, ModelError
+from privtune.config import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
+from privtune.errors import AuditViolation, DataError
 from privtune.stages.common import (
     PREPARE_AGAIN,
-    check_adapter,
+    fine_tuned_dir,
     load_base,
     read_input,
     read_split,
@@ -92,13 +92,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
 
     params.method(name)
     a = params.attack
-    model_dir = root / MODELS_DIR / name
-    if not (model_dir / "finetune.json").is_file():
-        raise ModelError(
-            str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
-        )
-    check_adapter(model_dir, name)
-    again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
+    model_dir, again = fine_tuned_dir(root, name)
     info, delta = read_input(model_dir / "finetune.json", _finetune_info, again)
     device = resolve_device(params.finetune.device, "finetune.device")
     model, tokenizer = load_base(root)

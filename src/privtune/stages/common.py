@@ -67,16 +67,24 @@ def _content_sha256(card: Path) -> str:
     return str(io.read_json(card)["content_sha256"])
 
 
-def check_adapter(model_dir: Path, name: str) -> None:
-    """The fine-tuned adapter's weights are complete (a copy cut short is named, not loaded)."""
+def fine_tuned_dir(root: Path, name: str) -> tuple[Path, str]:
+    """``models/<name>`` of a finished fine-tuning whose adapter weights are complete (a copy
+    cut short is named, not loaded), and the fix to name should a file in it be unreadable."""
     from privtune.modeling import check_weights
 
+    model_dir = root / MODELS_DIR / name
+    if not (model_dir / "finetune.json").is_file():
+        raise ModelError(
+            str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
+        )
     weights = model_dir / "adapter" / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelError(
             str(model_dir), "adapter weights missing", f"run `dvc repro finetune@{name}` again"
         )
     check_weights(weights, str(model_dir))
+    again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
+    return model_dir, again
 
 
 def load_base(root: Path):

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import METRICS_DIR, MODELS_DIR, Params
+from privtune.config import METRICS_DIR, Params
 from privtune.errors import ModelError
 from privtune.stages.common import (
-    check_adapter,
+    fine_tuned_dir,
     load_base,
     read_input,
     read_split,
@@ -56,13 +56,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     from privtune.record_scores import record_scores_path, write_scores
 
     params.method(name)
-    model_dir = root / MODELS_DIR / name
-    if not (model_dir / "finetune.json").is_file():
-        raise ModelError(
-            str(model_dir), "fine-tuned model missing", f"run `dvc repro finetune@{name}` first"
-        )
-    check_adapter(model_dir, name)
-    again = f"rebuild it: `dvc repro finetune@{name}` (or `dvc checkout` the tracked version)"
+    model_dir, again = fine_tuned_dir(root, name)
     info = read_input(model_dir / "finetune.json", io.read_json, again, ModelError)
     model, tokenizer = load_base(root)
     model = load_adapter(model, model_dir / "adapter")
