@@ -260,8 +260,10 @@ def pages(ui: Ui, name: str, version: str | None) -> dict[str, Page]:
         ),
         "mlflow-runs-headline.png": (
             headline_url(experiment_id, ui.base),
-            (1700, 620),
-            f"{text}('attack.audit_epsilon_lower_bound') && {text}('dpsgd')",
+            (1920, 620),  # the headline columns are wide enough for full-precision values
+            # the grid's rows come a few seconds after its header, once the view's widths apply
+            f"{text}('attack.audit_epsilon_lower_bound') && {text}('dpsgd') && "
+            "document.querySelectorAll('.ag-row').length > 0",
         ),
     }
 

@@ -69,8 +69,19 @@ def test_experiment_is_described_typed_and_has_the_headline_view(store):
     # The envelope MLflow 3.17's UI parses (name, numeric createdAt, state as a JSON string).
     envelope = json.loads(tags["mlflow.sharedViewState.privtune-headline"])
     assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
-    columns = json.loads(envelope["state"])["selectedColumns"]
+    state = json.loads(envelope["state"])
+    columns = state["selectedColumns"]
     assert "metrics.`epsilon`" in columns and "params.`method`" in columns
+    # the fine-tuning runs only (the report run has no headline numbers), the audit's bound
+    # beside the epsilon it must not pass; widths apply along the order (MLflow 3.17's UI)
+    assert state["searchFilter"] == "tags.stage = 'finetune'"
+    assert state["columnOrder"] == columns
+    at = columns.index("metrics.`epsilon`")
+    assert columns[at + 1] == "metrics.`attack.audit_epsilon_lower_bound`"
+    for column in columns:  # wide enough for the name, and a metric's 17 significant digits
+        name = column.split("`")[1]
+        assert state["columnWidths"][column] >= 7 * len(name) + 28
+        assert column.startswith("params.") or state["columnWidths"][column] >= 140
     assert all(c.split(".", 1)[0] in {"metrics", "params"} for c in columns)
     assert all(c.count("`") == 2 for c in columns)
     # Describing again changes nothing (the view keeps its creation time).

@@ -151,16 +151,16 @@ EXPERIMENT_KIND = "custom_model_development"
 # has no per-experiment default columns, so the headline columns are chosen here.
 SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 HEADLINE_VIEW = "privtune-headline"
-HEADLINE_COLUMNS = (
+HEADLINE_COLUMNS = (  # in this order: the audit's lower bound beside the epsilon it must not pass
     "params.`method`",
     "params.`private`",
     "metrics.`epsilon`",
+    "metrics.`attack.audit_epsilon_lower_bound`",
     "metrics.`target_epsilon`",
     "params.`delta`",
     "metrics.`test_perplexity`",
     "metrics.`attack.mia_auc_max`",
     "metrics.`attack.mia_tpr_at_fpr_0.01_max`",
-    "metrics.`attack.audit_epsilon_lower_bound`",
 )
 
 # Final values of a fine-tuning run, by the name MLflow shows (finetune.json keeps its own
@@ -235,9 +235,25 @@ def finetune_note(name: str, method: str, target_epsilon: float | None) -> str:
     return f"Fine-tuning of entry `{name}` (method `{method}`) {contract}.\n\n{METRIC_GLOSSARY}"
 
 
+# The view shows the fine-tuning runs only (the report run has none of these numbers).
+HEADLINE_FILTER = "tags.stage = 'finetune'"
+
+
 def headline_view_state() -> dict[str, Any]:
-    """The runs-table state MLflow's UI restores for the headline view (columns only)."""
-    return {"selectedColumns": list(HEADLINE_COLUMNS)}
+    """The runs-table state MLflow's UI restores for the headline view: the fine-tuning runs,
+    the headline columns, each wide enough for its name and a full-precision value (MLflow's
+    100 px cut both to "0.5694222..." and "attack.mia_auc_")."""
+    widths = {  # pixels: about 7 a character of the name, 140 for a metric's 17 digits
+        column: max(110 if column.startswith("params.") else 140, 7 * len(name) + 28)
+        for column in HEADLINE_COLUMNS
+        for name in [column.split("`")[1]]
+    }
+    return {
+        "selectedColumns": list(HEADLINE_COLUMNS),
+        "columnOrder": list(HEADLINE_COLUMNS),  # the UI applies widths along an order
+        "columnWidths": widths,
+        "searchFilter": HEADLINE_FILTER,
+    }
 
 
 def describe_experiment(client: Any, experiment_id: str) -> None:
