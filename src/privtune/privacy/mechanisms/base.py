@@ -120,54 +120,61 @@ class PerSampleClipping(Mechanism):
     batch's norms live here until ``release`` uses them.
     """
 
+    # The norm a sample's group gradient is bounded in: 2 (L2) or 1 (L1, LMO-DP).
+    norm_ord: ClassVar[float] = 2.0
+
     def __init__(self, groups: Sequence[Group], group_names: Sequence[str], seed: int) -> None:
         super().__init__(groups, group_names, seed)
-        self._sums: list[torch.Tensor | None] = [None] * len(self.parameters)
+        self._widths = [sum(p.numel() for p in group) for group in self.groups]
+        # The running sum of the clipped per-sample gradients, all parameters side by side in
+        # float32 (released into p.grad), and each micro-batch's norms.
+        self._sum: torch.Tensor | None = None
         self._norms: list[torch.Tensor] = []
 
-    def group_norm(self, grad_sample: torch.Tensor) -> torch.Tensor:
-        """(B,) squared L2 norm of one parameter's per-sample gradients (summed per group)."""
-        return grad_sample.flatten(1).pow(2).sum(1)
+    def side_by_side(self, extra_rows: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T) float32: each sample's gradient over every parameter, the groups' columns in
+        order, with ``extra_rows`` (the audit's canaries) as further samples. One matrix makes
+        the clipping a few operations a group instead of a few a parameter: launching those is
+        most of its cost on a GPU (SmolLM2's LoRA has 420 matrices)."""
+        params = self.parameters
+        captured = [getattr(p, "grad_sample", None) for p in params]
+        missing = next((p for p, g in zip(params, captured, strict=True) if g is None), None)
+        if missing is not None and not (extra_rows and all(g is None for g in captured)):
+            raise RuntimeError(
+                f"no per-sample gradient for a trainable parameter of shape "
+                f"{tuple(missing.shape)}: opacus did not capture it (is the LoRA module supported "
+                "and in training mode?); without it the adapter would silently not learn"
+            )
+        blocks = []
+        if missing is None:
+            blocks.append(torch.cat([g.float().flatten(1) for g in captured], dim=1))
+        if extra_rows:
+            device = blocks[0].device if blocks else params[0].device
+            rows = torch.cat([r.float().flatten(1) for r in extra_rows], dim=1)
+            blocks.append(rows.to(device))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
-    def finish_norm(self, summed: torch.Tensor) -> torch.Tensor:
-        return summed.sqrt()
-
-    def per_sample_norms(self) -> torch.Tensor:
+    def per_sample_norms(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, K) norm of each sample's gradient restricted to each group, in float32."""
-        columns = []
-        for group in self.groups:
-            parts = [self.group_norm(p.grad_sample.float()) for p in group]
-            columns.append(self.finish_norm(torch.stack(parts, dim=1).sum(1)))
-        return torch.stack(columns, dim=1)
+        columns = rows.split(self._widths, dim=1)
+        norms = [torch.linalg.vector_norm(c, ord=self.norm_ord, dim=1) for c in columns]
+        return torch.stack(norms, dim=1)
 
     @abstractmethod
     def factors(self, norms: torch.Tensor, spec: StepSpec) -> torch.Tensor:
         """(B, K) factors bounding each sample's group k by its threshold."""
 
     def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
-        params = self.parameters
-        for p, rows in zip(params, extra_rows or [None] * len(params), strict=True):
-            if rows is not None:
-                current = getattr(p, "grad_sample", None)
-                p.grad_sample = (
-                    rows if current is None else torch.cat([current, rows.to(current.dtype)])
-                )
-            if getattr(p, "grad_sample", None) is None:
-                raise RuntimeError(
-                    f"no per-sample gradient for a trainable parameter of shape {tuple(p.shape)}: "
-                    "opacus did not capture it (is the LoRA module supported and in training "
-                    "mode?); without it the adapter would silently not learn"
-                )
-        norms = self.per_sample_norms()
-        factors = self.factors(norms, spec)  # (B, K)
-        i = 0
-        for k, group in enumerate(self.groups):
-            for p in group:
-                clipped = torch.einsum("i,i...->...", factors[:, k], p.grad_sample.float())
-                clipped = clipped.to(p.dtype)
-                self._sums[i] = clipped if self._sums[i] is None else self._sums[i] + clipped
-                p.grad_sample = None
-                i += 1
+        rows = self.side_by_side(extra_rows)
+        norms = self.per_sample_norms(rows)
+        factors = self.factors(norms, spec).float()  # (B, K)
+        # sum_i factor_ik * g_ik: one matrix-vector product a group
+        columns = rows.split(self._widths, dim=1)
+        parts = [factors[:, k] @ c for k, c in enumerate(columns)]
+        clipped = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self._sum = clipped if self._sum is None else self._sum.add_(clipped)
+        for p in self.parameters:
+            p.grad_sample = None
         self._norms.append(norms.detach())
 
     def take_sum(self, thresholds: Sequence[float]) -> tuple[torch.Tensor, float]:
@@ -175,8 +182,10 @@ class PerSampleClipping(Mechanism):
         norms (on CPU) and the fraction of per-group norms above their threshold. In a
         distributed run, the sum and the norms are every replica's together."""
         if self._norms:
-            for p, summed in zip(self.parameters, self._sums, strict=True):
-                p.grad = summed
+            params = self.parameters
+            parts = self._sum.split([p.numel() for p in params])
+            for p, part in zip(params, parts, strict=True):
+                p.grad = part.view_as(p).to(p.dtype)
             norms = torch.cat(self._norms)
         else:  # a Poisson batch can be empty: the step is then noise alone (still accounted)
             for p in self.parameters:
@@ -192,7 +201,7 @@ class PerSampleClipping(Mechanism):
             clipped = (norms > limits).float().mean().item()
         else:
             clipped = 0.0
-        self._sums = [None] * len(self._sums)
+        self._sum = None
         self._norms = []
         return norms, clipped
 

@@ -36,6 +36,7 @@ class LMO(PerSampleClipping):
 
     name = "lmo"
     accounting = "rdp"
+    norm_ord = 1.0  # L1: the mechanism's sensitivity is in L1
 
     def __init__(
         self, groups: Sequence[Group], group_names: Sequence[str], seed: int, *, law: LMOParams
@@ -44,12 +45,6 @@ class LMO(PerSampleClipping):
         super().__init__([flat], ["all"], seed)
         self.law = law  # the controller's law at noise level 1
         self._stds: dict[LMOParams, float] = {}
-
-    def group_norm(self, grad_sample: torch.Tensor) -> torch.Tensor:
-        return grad_sample.flatten(1).abs().sum(1)
-
-    def finish_norm(self, summed: torch.Tensor) -> torch.Tensor:
-        return summed
 
     def admit(self, action: Action, noise: float) -> LMOSpec:
         (clip,) = action.clip_thresholds
