@@ -46,6 +46,19 @@ METHODS = {"dp": "dpsgd", "nonprivate": "nonprivate"}
 SMOLLM2_LENGTH = 128  # tokens per record of the SmolLM2 rows (the CPU profile's notes: ~340)
 SMOLLM2_CONFIG = Path(__file__).parent / "smollm2-135m.json"  # the architecture, from the GGUF
 SMOLLM2_WEIGHTS = {"smollm2": "pretrained", "smollm2-random": "random (its architecture)"}
+# SmolLM2's structure (30 layers, seven projections: 420 LoRA matrices) at a width of 18 and a
+# vocabulary of 512: the tensors are so small that a step costs what is done per tensor
+# (opacus' hooks, the clipping, the optimizer), the part of a DP step a GPU does not hide.
+SMOLLM2_SHAPE = "smollm2-shape"
+SHAPE_OVERRIDES = {
+    "hidden_size": 18,
+    "intermediate_size": 48,
+    "num_attention_heads": 3,
+    "num_key_value_heads": 1,
+    "head_dim": 6,
+    "vocab_size": 512,
+}
+SHAPE_LENGTH = 16
 
 
 def smollm2_dir() -> Path:
@@ -61,11 +74,13 @@ def smollm2_dir() -> Path:
     return directory
 
 
-def smollm2_architecture() -> torch.nn.Module:
-    """SmolLM2-135M's architecture with random weights (no package, no file but its config)."""
+def smollm2_architecture(**overrides) -> torch.nn.Module:
+    """SmolLM2-135M's architecture with random weights (no package, no file but its config),
+    with ``overrides`` of its config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig.from_dict(json.loads(SMOLLM2_CONFIG.read_text())))
+    config = json.loads(SMOLLM2_CONFIG.read_text()) | overrides
+    return LlamaForCausalLM(LlamaConfig.from_dict(config))
 
 
 def make_model(
@@ -74,6 +89,9 @@ def make_model(
     """(model with LoRA, vocabulary size, tokens per record) of a benchmark configuration;
     `length` is the SmolLM2 rows' tokens per record."""
     torch.manual_seed(0)
+    if config == SMOLLM2_SHAPE:
+        model = smollm2_architecture(**SHAPE_OVERRIDES)
+        return attach_lora(model, lora), model.config.vocab_size, SHAPE_LENGTH
     if config not in SMOLLM2_WEIGHTS:
         return (
             attach_lora(build_gpt2(base, base.vocab_size, 0, 0), lora),
@@ -234,7 +252,12 @@ def measure(
     result = {"config": config, "device": str(device), "batch": batch}
     if device.type == "cuda":
         result["gpu"] = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    if config in SMOLLM2_WEIGHTS:
+    if config == SMOLLM2_SHAPE:
+        length = SHAPE_LENGTH
+        result |= {"seq_len": length, "model": "SmolLM2-135M's structure (30 layers) at width 18"}
+        result["lora_targets"] = "auto (all seven projections, 210 adapters)"
+        result["weights"] = "random, vocabulary 512"
+    elif config in SMOLLM2_WEIGHTS:
         result |= {"seq_len": length, "model": "SmolLM2-135M (Llama, 30 x 576)"}
         result["lora_targets"] = "auto (all seven projections, 210 adapters)"
         result["weights"] = SMOLLM2_WEIGHTS[config]
@@ -306,6 +329,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     runs = [measure("default", device, args.batch, args.steps)]
+    runs.append(measure(SMOLLM2_SHAPE, device, args.batch, args.steps))
     if cuda or args.gpt2_small:
         runs.append(measure("gpt2-small", device, 8 if not cuda else args.batch, args.steps))
     if cuda or args.smollm2:
@@ -314,9 +338,12 @@ def main() -> None:
         runs.append(measure(smollm2, device, args.smollm2_batch, steps, args.smollm2_length))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "step_overhead.json"
-    if out.is_file():  # rows of other devices measured elsewhere (a GPU) are kept
+    if out.is_file():  # rows of other devices (a GPU's) or configurations not run now are kept
+        measured = {(r["device"], r["config"]) for r in runs}
         kept = [
-            r for r in json.loads(out.read_text()).get("runs", []) if r["device"] != str(device)
+            r
+            for r in json.loads(out.read_text()).get("runs", [])
+            if (r["device"], r["config"]) not in measured
         ]
         runs = kept + runs
     out.write_text(json.dumps({"runs": runs, "target_time_ratio": 1.2}, indent=2) + "\n")

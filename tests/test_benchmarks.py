@@ -34,6 +34,20 @@ def test_step_overhead_times_both_kinds_of_step_side_by_side(monkeypatch):
     assert math.isclose(result["time_ratio"], result["dp_step_s"] / result["nonprivate_step_s"])
 
 
+def test_the_smollm2_shape_row_has_smollm2s_adapters_at_a_tiny_width(monkeypatch):
+    """The launch-bound row: SmolLM2's 30 layers x seven projections (210 adapters, 420 LoRA
+    matrices) with tensors too small to cost anything but what is done per tensor."""
+    monkeypatch.chdir(ROOT)
+    bench = _load("step_overhead")
+    params = bench.load_params()
+    model, vocab, length = bench.make_model(bench.SMOLLM2_SHAPE, params.base, params.finetune.lora)
+    assert (vocab, length, model.config.hidden_size) == (512, 16, 18)
+    adapters = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+    assert len(adapters) == 210 and sum(p.numel() for p in model.parameters()) < 2_000_000
+    result = bench.time_side_by_side(bench.SMOLLM2_SHAPE, params.base, torch.device("cpu"), 4, 1)
+    assert result["dp_step_s"] > 0 and result["nonprivate_step_s"] > 0
+
+
 def test_every_benchmark_imports_against_the_current_package(monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
