@@ -148,6 +148,7 @@ def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):
 
     refused = cli("promote", "--version", str(nonprivate))  # epsilon is infinite
     assert refused.returncode == 1 and "inf!" in refused.stdout, refused.stdout
+    assert re.search(rf"^v{nonprivate}\s+nonprivate\s", refused.stdout, re.M)  # its method
     judged = cli("promote", "--json", "--version", str(version))
     decision = json.loads(judged.stdout)
     assert judged.returncode == (0 if decision["promoted"] else 1)
@@ -156,6 +157,21 @@ def test_registered_pipeline_model_generates_and_goes_through_the_gates(built):
     assert tags["promotion.decision"] == ("promoted" if decision["promoted"] else "refused")
     no_history = cli("rollback")
     assert no_history.returncode == 2 and "no previous champion" in no_history.stderr
+    if decision["promoted"]:  # every version judged, the challenger promoted: an outcome
+        again = cli("promote", "--json")
+        assert again.returncode == 1 and not again.stderr, again.stderr
+        idle = json.loads(again.stdout)
+        assert idle["chosen"] is None and f"champion v{version}" in idle["why"]
+        assert "nothing new to judge" in cli("promote").stdout
+
+    # A reader that stops reading (`| head`) is not a bug: no traceback, the shell's 141.
+    cmd = [str(Path(sys.executable).parent / "privtune"), "summary"]
+    piped = subprocess.Popen(
+        cmd, cwd=project, env=_env(project), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    piped.stdout.close()  # closed before the command writes: its first write fails
+    assert piped.wait(timeout=120) == 141
+    assert b"Traceback" not in piped.stderr.read()
 
 
 def test_second_repro_does_nothing_and_params_rerun_only_dependents(built, tmp_path):

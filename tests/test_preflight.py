@@ -170,3 +170,25 @@ def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project,
     assert "0.9-1.1 x the budget-paced noise multiplier" in line and "every 3 steps" in line
     (line,) = [x for x in out if x.startswith("finetune@anchor (rldp, policy False)")]
     assert line.endswith("at an even pace), the anchor alone (policy: false)"), line
+
+
+def test_check_warns_when_the_attack_cannot_measure_a_promotion_gate(project, capsys):
+    """Fewer than 100 non-members cannot resolve a 1 % FPR: every model would train, then be
+    refused by `privtune promote` as insufficient evidence. check says so first, with the
+    corpus size that fixes it, and that size is exactly enough."""
+    from privtune.cli import main
+
+    assert main(["--root", str(project), "check"]) == 0  # the tiny project: 10 members
+    warning = next(line for line in capsys.readouterr().out.splitlines() if "warning" in line)
+    assert "attack.members 10" in warning and "mia_tpr_at_fpr_0.01" in warning
+    need = int(re.search(r"needs at least (\d+) records", warning).group(1))
+    (project / "inputs").mkdir()
+    notes = project / "inputs" / "notes.jsonl"
+    edit_params(project, prepare={"source": "inputs/notes.jsonl"}, attack={"members": 100})
+    for n, code in ((need, 0), (need - 1, 2)):
+        lines = (f'{{"text": "Note {i}: stable, discharged."}}\n' for i in range(n))
+        notes.write_text("".join(lines))
+        assert main(["--root", str(project), "check"]) == code
+        captured = capsys.readouterr()
+        assert "warning" not in captured.out
+        assert code == 0 or "attack.members" in captured.err

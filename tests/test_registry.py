@@ -28,7 +28,7 @@ from privtune.registry import (
     rollback,
     version_tags,
 )
-from privtune.registry.promotion import HISTORY_TAG, PREVIOUS, alias_version
+from privtune.registry.promotion import HISTORY_TAG, PREVIOUS, alias_version, nothing_to_promote
 from privtune.registry.register import KEY_TAG, _logged_model, client
 from tests.conftest import write_params
 
@@ -408,6 +408,10 @@ def test_promotion_gates_history_and_rollback(project):
     assert json.loads(mlflow_client.get_registered_model(name).tags[HISTORY_TAG]) == ["1", "3"]
     with pytest.raises(ModelError, match="no challenger"):
         promote(name, root=project)
+    # every version judged, the challenger promoted: `privtune promote` reports it, no error
+    idle = nothing_to_promote(name, root=project)
+    assert idle.startswith("nothing new to judge: all 3 versions") and "champion v3" in idle
+    assert nothing_to_promote("clinical-nobody", root=project) is None  # nothing registered
 
     back = rollback(name, root=project)
     assert (back.from_version, back.to_version) == ("3", "1") and back.warning is None

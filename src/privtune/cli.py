@@ -43,6 +43,7 @@ ERROR_FILE_ENV = "PRIVTUNE_ERROR_FILE"
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_AUDIT, EXIT_UNEXPECTED = 0, 1, 2, 3, 4, 5
 EXIT_UNAVAILABLE = 6  # a server (MLflow tracking) does not answer: a retry may pass
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+EXIT_BROKEN_PIPE = 141  # the shell's convention for SIGPIPE: the reader closed the pipe
 
 # The params.yaml sections each command reads: one missing from the file is an error.
 SECTIONS = {
@@ -123,13 +124,18 @@ def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> 
     """One version, or the best eligible of the versions not judged yet: a table of the gates
     (or JSON), exit 0 when a version was promoted, 1 when the gates refused."""
     from privtune.registry import promote, promote_best
-    from privtune.registry.promotion import gates_table
+    from privtune.registry.promotion import gates_table, nothing_to_promote, version_method
 
     name, gates = params.registry.name, params.registry.gates
+    idle = None if version is not None else nothing_to_promote(name, root=root)
+    if idle is not None:  # as the Prefect flow has it: a result (none promoted), not an error
+        print(json.dumps({"chosen": None, "why": idle, "decisions": []}) if as_json else idle)
+        return EXIT_REFUSED
     if version is not None:
         decision = promote(name, gates, root=root, version=version, params=params)
         result, decisions, why = decision.to_dict(), [decision], decision.reason()
-        promoted, methods = decision.promoted, None
+        promoted = decision.promoted
+        methods = {decision.version: version_method(name, decision.version, root=root)}
     else:
         selection = promote_best(name, gates, root=root, params=params)
         result, decisions, why = selection.to_dict(), list(selection.decisions), selection.why
@@ -199,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted: rerun the same command to resume or redo it", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader stopped (`| head`): what was done stays done
+            # Python's recipe: stdout to devnull, or its flush at exit raises again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         except Exception as err:  # a bug, not the input: the traceback is what to report
             traceback.print_exc()
             print(

@@ -48,7 +48,9 @@ MODEL_POLICY = (
     "membership-inference AUC and TPR at 1 % FPR within theirs by the lower bound of their "
     "confidence interval (a value above a gate within sampling noise passes, marked "
     "inconclusive), the audit's lower bound on ε "
-    "at or below the claimed ε, and utility no worse than the champion's. Each version's "
+    "at or below the claimed ε, and utility better than the champion's beyond the noise of "
+    "the test split (the unfavourable end of the paired-bootstrap interval of the difference, "
+    "plus `utility_tolerance`, at least 0). Each version's "
     "description opens with its verdict; its privacy model card (`model_card.md`) ships with "
     "the model. `privtune rollback` restores the previous champion."
 )
@@ -540,6 +542,27 @@ def _challenger(name: str, root: str | Path) -> list[str]:
 def _candidates(name: str, root: str | Path) -> list[str]:
     """What `promote_best` judges: the versions not judged yet, else the challenger."""
     return pending_versions(name, root=root) or _challenger(name, root)
+
+
+def version_method(name: str, version: str, *, root: str | Path = ".") -> str:
+    """The method a version was trained with (its tag), for the gates table."""
+    return dict(client(root).get_model_version(name, version).tags).get("method", "?")
+
+
+def nothing_to_promote(name: str, *, root: str | Path = ".") -> str | None:
+    """Why `promote_best` has nothing to judge although versions are registered (every one was
+    judged, and the challenger was promoted): an outcome, not an error. None when it has
+    candidates, or when nothing is registered (its error then says to register one)."""
+    found = client(root).search_model_versions(f"name = '{name}'")
+    if not found or _candidates(name, root):
+        return None
+    champion = alias_version(client(root), name, CHAMPION)
+    held = f"champion v{champion.version}" if champion is not None else "no champion"
+    return (
+        f"nothing new to judge: all {len(found)} versions of {name} were judged ({held}); "
+        "a new model is judged once registered (`dvc repro` after a change), and "
+        "`privtune promote --version N` judges one again"
+    )
 
 
 def promote(

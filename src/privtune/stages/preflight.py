@@ -16,6 +16,7 @@ unless the method's `cache` file holds it).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from privtune.config import PREPARED_DIR, Params, load_params
@@ -72,12 +73,33 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     splits = build(params, root).splits
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     lines = [f"prepare: {counts} records"]
+    if warning := _attack_power_warning(params, sum(len(rows) for rows in splits.values())):
+        lines.append(warning)
     for name in params.methods:
         try:
             lines.append(_entry_line(params, name, root, len(splits["train"])))
         except PrivtuneError as err:  # which entry: its field may be shared (finetune.epsilon)
             raise type(err)(err.field, f"{err.problem} (finetune@{name})", err.fix) from None
     return lines
+
+
+def _attack_power_warning(params: Params, n_records: int) -> str | None:
+    """A warning when the attack split cannot measure the TPR at 1 % FPR that a promotion
+    gate reads: every model would run to the end and be refused as insufficient evidence."""
+    from privtune.attacks.roc import resolvable
+    from privtune.stages.prepare import records_for_members
+
+    fpr, members = 0.01, params.attack.members
+    if resolvable(fpr, members):
+        return None
+    need = math.ceil(1 / fpr - 1e-9)
+    return (
+        f"warning: attack.members {members} (as many non-members) cannot measure the TPR at "
+        f"{fpr:.0%} FPR, which needs {need} non-members: `privtune promote` will refuse every "
+        f"version on gate mia_tpr_at_fpr_0.01 (insufficient evidence). Fix: attack.members "
+        f"{need}, which needs at least {records_for_members(need, params)} records (these are "
+        f"{n_records})"
+    )
 
 
 def _entry_line(params: Params, name: str, root: Path, n_texts: int) -> str:

@@ -38,6 +38,17 @@ def _most_members(n_records: int, planted: int, params: Params) -> int:
     return 0
 
 
+def records_for_members(members: int, params: Params) -> int:
+    """The fewest records whose splits afford ``members`` attack members (and as many
+    non-members) with the canaries planted: the inverse of _most_members."""
+    planted, n = _planted(params), 2 * members
+    while True:
+        train = _split_sizes(n, members, params)[2]
+        if train >= 2 and train - planted >= members:
+            return n
+        n += 1
+
+
 def _planted(params: Params) -> int:
     """Training records that will carry a canary (each canary once per repetition)."""
     c = params.prepare.canaries
