@@ -122,10 +122,11 @@ lint: install
 
 # MLflow 3 opens experiments in its GenAI view: the printed link opens the model-training view
 # with the headline columns (a saved view the pipeline puts on the experiment).
+UI_PORT ?= 5000
 ui: install
-	@echo "Runs, headline view: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=privtune-headline"
-	@echo "Registered model:    http://127.0.0.1:5000/#/models/privtune-clinical-notes"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@echo "Runs, headline view: http://127.0.0.1:$(UI_PORT)/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=privtune-headline"
+	@echo "Registered model:    http://127.0.0.1:$(UI_PORT)/#/models/privtune-clinical-notes"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # The built outputs go; the committed metrics, plots and report come back as committed (a
 # copy outside git, or a git that fails, keeps them and says so)

@@ -200,7 +200,8 @@ def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry)
     with pytest.raises(ModelError) as err:
         promotion.rollback("m")
     assert str(err.value) == (
-        "m privtune.champion_history: no previous champion to roll back to. Fix: promote a model"
+        "m privtune.champion_history: no previous champion to roll back to (none yet). Fix: a "
+        "rollback needs two promotions: promote another version first"
     )
     with pytest.raises(ModelError) as err:
         promotion.rollback("nope")  # MLflow knows no such registered model

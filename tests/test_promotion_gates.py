@@ -239,7 +239,7 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     assert back.name == "m"
     rolled_back = datetime.fromisoformat(fake.versions["3"].tags["promotion.rolled_back"])
     assert rolled_back.utcoffset() == timedelta(0)  # UTC, as every promotion time is
-    with pytest.raises(promotion.ModelError, match="no previous champion"):
+    with pytest.raises(promotion.ModelError, match=r"no previous champion .*\(v1 is the only"):
         promotion.rollback("m")
     assert set(roots) == {"."}  # the current directory's store unless told
     fake = FakeRegistry(["1", "2"], ["1", "2"])

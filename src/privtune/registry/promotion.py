@@ -805,8 +805,11 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     mlflow_client = client(root)
     history = _history(mlflow_client, name)
     if len(history) < 2:
+        held = f"v{history[-1]} is the only champion there has been" if history else "none yet"
         raise ModelError(
-            f"{name} {HISTORY_TAG}", "no previous champion to roll back to", "promote a model"
+            f"{name} {HISTORY_TAG}",
+            f"no previous champion to roll back to ({held})",
+            "a rollback needs two promotions: promote another version first",
         )
     demoted, restored = history[-1], history[-2]
     history = history[:-1]
