@@ -184,7 +184,12 @@ def test_check_warns_when_the_attack_cannot_measure_a_promotion_gate(project, ca
     need = int(re.search(r"needs at least (\d+) records", warning).group(1))
     (project / "inputs").mkdir()
     notes = project / "inputs" / "notes.jsonl"
-    edit_params(project, prepare={"source": "inputs/notes.jsonl"}, attack={"members": 100})
+    edit_params(
+        project,
+        prepare={"source": "inputs/notes.jsonl"},
+        attack={"members": 100},
+        evaluate={"task": None},  # these notes have no downstream task
+    )
     for n, code in ((need, 0), (need - 1, 2)):
         lines = (f'{{"text": "Note {i}: stable, discharged."}}\n' for i in range(n))
         notes.write_text("".join(lines))
@@ -192,3 +197,23 @@ def test_check_warns_when_the_attack_cannot_measure_a_promotion_gate(project, ca
         captured = capsys.readouterr()
         assert "warning" not in captured.out
         assert code == 0 or "attack.members" in captured.err
+
+
+def test_check_tries_the_cloze_pattern_on_the_corpus(project, capsys):
+    """A downstream pattern that marks no answer in the notes is refused by check, as the base
+    stage would (it passed check and failed at `dvc repro base`); one that does passes."""
+    from privtune.cli import main
+
+    edit_params(project, evaluate={"task": "cloze", "cloze": {"pattern": "ICD10 ([A-Z]+)"}})
+    assert main(["--root", str(project), "check"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate.cloze.pattern" in err and "marks an answer in 0 test note(s)" in err
+    # the scheduler's check of the base stage, before DVC removes the base model to run it
+    from privtune.errors import DataError
+    from privtune.stages import preflight
+
+    assert (project / "data/prepared/test.jsonl").is_file()
+    with pytest.raises(DataError, match="evaluate.cloze.pattern"):
+        preflight.check(project, "base")
+    edit_params(project, evaluate={"task": "cloze", "cloze": {"pattern": r"(\d+) mg"}})
+    assert main(["--root", str(project), "check"]) == 0

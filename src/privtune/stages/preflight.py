@@ -7,11 +7,12 @@ reproduce". The scheduler's tasks (tasks/stages.py, for a stage DVC will run), t
 fine-tuning dispatcher and the lanes (privtune/lanes.py) call `check` first, a profile's run
 (`python -m privtune.profiles run`) `check_project`; `privtune check` runs `check_all`, before
 a `dvc repro` by hand. It needs no model: prepare's splits built in memory (the corpus read
-and checked, split sizes, room for the canaries and members), and the fine-tuning plan (N, q,
-steps, delta, calibrated noise; the Gaussian calibration is cached on disk, so the stage does
-not pay twice) with what the method's controller refuses about it (an LMO-DP law no grid
-candidate fits: its search, about a second on the paper grid, is paid again by the stage
-unless the method's `cache` file holds it).
+and checked, split sizes, room for the canaries and members), the downstream task the base
+stage checks first (`evaluate.task`: a cloze pattern must mark answers), and the fine-tuning
+plan (N, q, steps, delta, calibrated noise; the Gaussian calibration is cached on disk, so the
+stage does not pay twice) with what the method's controller refuses about it (an LMO-DP law
+no grid candidate fits: its search, about a second on the paper grid, is paid again by the
+stage unless the method's `cache` file holds it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from privtune.config import PREPARED_DIR, Params, load_params
 
-STAGES = ("prepare", "finetune")  # the stages `check` has anything to say about
+STAGES = ("prepare", "base", "finetune")  # the stages `check` has anything to say about
 
 
 def check(root: str | Path, target: str) -> None:
@@ -39,6 +40,13 @@ def check(root: str | Path, target: str) -> None:
             from privtune.stages.prepare import build
 
             build(load_params(root / "params.yaml"), root)  # the corpus read, nothing written
+        elif stage == "base" and (root / PREPARED_DIR / "test.jsonl").is_file():
+            from privtune.downstream import check_task
+            from privtune.stages.common import read_split
+
+            params = load_params(root / "params.yaml")
+            test = read_split(root, "test")[: params.evaluate.max_records]
+            check_task(test, read_split(root, "train"), params.evaluate)  # its first check
         elif stage == "finetune" and (root / PREPARED_DIR / "train.jsonl").is_file():
             from privtune.stages.finetune import finetune_plan
 
@@ -66,6 +74,7 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
     splits (not from data/prepared, which may be an older corpus's); one line each, counts
     and the plan only (never a record)."""
+    from privtune.downstream import check_task
     from privtune.errors import PrivtuneError
     from privtune.stages.prepare import build
 
@@ -73,6 +82,8 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     splits = build(params, root).splits
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     lines = [f"prepare: {counts} records"]
+    # the downstream task the base stage checks first (a cloze pattern that marks no answer)
+    check_task(splits["test"][: params.evaluate.max_records], splits["train"], params.evaluate)
     if warning := _attack_power_warning(params, sum(len(rows) for rows in splits.values())):
         lines.append(warning)
     for name in params.methods:
