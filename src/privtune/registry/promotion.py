@@ -57,6 +57,7 @@ MODEL_POLICY = (
 
 
 INSUFFICIENT = "insufficient evidence"  # an attack gate with nothing to decide on: refused
+INCONCLUSIVE = "inconclusive"  # an attack gate above its threshold within sampling noise: passes
 # The utility gate when measuring the two models raised: refused this time, judged again by
 # the next promotion (a scheduled run's included), up to MAX_ATTEMPTS, then refused for good.
 UNMEASURED = "measurement failed"
@@ -179,7 +180,7 @@ def _bounded(
             f"{interval} <= {threshold:.6g}: above the threshold only within sampling noise "
             f"(inconclusive; more members would tell)"
         )
-        return GateResult(gate, True, value, threshold, margin, reason, "inconclusive")
+        return GateResult(gate, True, value, threshold, margin, reason, INCONCLUSIVE)
     reason = f"{interval}; value <= {threshold:.6g} (margin {margin:+.6g})"
     return GateResult(gate, True, value, threshold, margin, reason, "within")
 
@@ -753,8 +754,10 @@ def gates_table(
             else:
                 value = "–" if g.value is None else f"{g.value:.4g}"
                 value = (g.evidence or value) if gate == "noise" else value  # secret, seeded
-                mark = "?" if g.evidence == INSUFFICIENT else "!"
-                cells.append(value if g.passed else f"{value}{mark}")
+                if g.passed:  # `~`: above the gate, within its sampling noise (passes)
+                    cells.append(f"{value}~" if g.evidence == INCONCLUSIVE else value)
+                else:
+                    cells.append(f"{value}{'?' if g.evidence == INSUFFICIENT else '!'}")
         not_chosen = "best_candidate" in by_gate
         cells.append("PROMOTED" if d.promoted else "not chosen" if not_chosen else "refused")
         rows.append(cells)
@@ -762,6 +765,11 @@ def gates_table(
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if any(g.evidence == INSUFFICIENT for d in decisions for g in d.gates):
         lines.append(f"(`?`: {INSUFFICIENT} to decide the gate, so it is refused; --json says why)")
+    if any(g.evidence == INCONCLUSIVE for d in decisions for g in d.gates):
+        lines.append(
+            f"(`~`: {INCONCLUSIVE}: above the gate, but its lower confidence bound is not, so it "
+            "passes; more members would tell)"
+        )
     return "\n".join(lines)
 
 
