@@ -103,3 +103,26 @@ def test_attached_metrics_leave_a_finished_run_closed(store):
     assert (after.info.status, after.info.end_time) == (before.status, before.end_time)
     assert after.data.metrics["test_perplexity"] == 40.0 and "bad" not in after.data.metrics
     assert client.get_metric_history(run.run_id, "test_perplexity")[0].step == 3
+
+
+def test_git_modified_names_uncommitted_changes_but_not_the_pipelines_outputs(tmp_path):
+    """Beside git_commit (a run's param, the card's provenance): whether that commit is all
+    that trained the model. The pipeline's own tracked outputs do not count."""
+    import subprocess
+
+    assert tracking.git_modified(tmp_path) == "unknown"  # not a git checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "metrics").mkdir()
+    for name in ("params.yaml", "dvc.lock", "metrics/finetune-dpsgd.json", "train.py"):
+        (tmp_path / name).write_text("v1\n")
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    assert tracking.git_modified(tmp_path) == "none"
+    (tmp_path / "dvc.lock").write_text("v2\n")  # what `dvc repro` rewrites
+    (tmp_path / "metrics/finetune-dpsgd.json").write_text("v2\n")
+    (tmp_path / "notes.jsonl").write_text("untracked\n")
+    assert tracking.git_modified(tmp_path) == "none"
+    (tmp_path / "params.yaml").write_text("v2\n")
+    (tmp_path / "train.py").write_text("v2\n")
+    assert tracking.git_modified(tmp_path) == "params.yaml, train.py"

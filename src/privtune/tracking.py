@@ -306,6 +306,25 @@ def git_commit(root: str | Path = ".") -> str:
         return "unknown"
 
 
+# What the pipeline itself rewrites in git (its tracked outputs): not a change to what trained.
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")
+
+
+def git_modified(root: str | Path = ".") -> str:
+    """The tracked files changed since `git_commit` (uncommitted params, code), the pipeline's
+    own outputs left out: "none" for a clean checkout, "unknown" outside git. Beside the commit
+    it says whether that commit is all that trained the model (names only, never contents)."""
+    excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
+    cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded]
+    try:
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    files = sorted(line[3:].strip() for line in out.splitlines() if line.strip())
+    shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+    return shown or "none"
+
+
 class RunTracker:
     """A live MLflow run: params, step metrics, final metrics and artifacts."""
 

@@ -183,6 +183,7 @@ def provenance(root: str | Path, entry: str) -> dict[str, str]:
         # what the base stage made it from (its files' md5: dvc.base_md5, from dvc.lock)
         "base_source": str(io.read_json(built).get("source")) if built.is_file() else "unrecorded",
         "git_commit": tracking.git_commit(root),
+        "git_modified": tracking.git_modified(root),  # "none": the commit alone, as registered
         **_dvc_stage(root, entry),
     }
 

@@ -200,6 +200,7 @@ def _finetune(
                     "base": params.base.model_dump(),
                     "data_sha256": data_hash(root),
                     "git_commit": tracking.git_commit(root),
+                    "git_modified": tracking.git_modified(root),
                     "n_train_records": len(train_data),
                     "n_records_with_audit_canaries": plan.n_records,
                     "sample_rate": plan.sample_rate,
