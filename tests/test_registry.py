@@ -542,12 +542,12 @@ def test_gates_table_marks_each_failed_gate(project):
     header, row = table.splitlines()
     assert header.split()[4] == "noise" and row.split()[4] == "seeded!"
     assert header.split()[:3] == ["version", "method", "epsilon"]
-    assert row.split()[:3] == ["v7", "dpsgd", "9.5!"] and row.split()[-1] == "refused"
+    assert row.split()[:3] == ["v7", "dpsgd", "9.500!"] and row.split()[-1] == "refused"
     # above the gate within sampling noise: passes, marked `~` and explained under the table
     noisy = GateResult("mia_auc", True, 0.62, 0.6, 0.05, "within noise", "inconclusive")
     table = gates_table([Decision("m", "8", True, None, (noisy,))], {"8": "lmo"})
     header, row, note = table.splitlines()
-    assert row.index("0.62~ ") == header.index("mia_auc ")  # in its gate's column
+    assert row.index("0.6200~ ") == header.index("mia_auc ")  # in its gate's column
     assert note.startswith("(`~`: inconclusive")
 
 

@@ -735,6 +735,15 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
 
 
 GATE_COLUMNS = ("epsilon", "delta", "noise", "mia_auc", "mia_tpr_at_fpr_0.01", "audit", "utility")
+# One precision a column, so a column's values line up and compare (ε 7.990, 7.975, 8.000;
+# `.4g` gave 7.99, 7.975 and 8); --json has the full values.
+GATE_FORMATS = {
+    "epsilon": "{:.3f}",
+    "delta": "{:.2e}",
+    "mia_auc": "{:.4f}",
+    "mia_tpr_at_fpr_0.01": "{:.4f}",
+    "audit": "{:.3f}",
+}
 
 
 def gates_table(
@@ -752,7 +761,8 @@ def gates_table(
             if g is None:
                 cells.append("")
             else:
-                value = "–" if g.value is None else f"{g.value:.4g}"
+                shown = GATE_FORMATS.get(gate, "{:.4g}")
+                value = "–" if g.value is None else shown.format(g.value)
                 value = (g.evidence or value) if gate == "noise" else value  # secret, seeded
                 if g.passed:  # `~`: above the gate, within its sampling noise (passes)
                     cells.append(f"{value}~" if g.evidence == INCONCLUSIVE else value)
