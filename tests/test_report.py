@@ -117,3 +117,18 @@ def test_without_per_record_scores_the_report_has_no_paired_section(project):
     params = Params.model_validate({"methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}}})
     report(params, project)
     assert "note by note" not in (project / REPORT_DIR / "report.md").read_text()
+
+
+def test_the_summary_says_what_a_note_of_downstream_accuracy_is(project):
+    """`privtune summary` on a small test split: a note's share and the standard error under
+    the table (13 notes: accuracy moves by 0.077 a note), not in the markdown README carries."""
+    from privtune.stages.report import summary_table
+
+    params = Params.model_validate({"methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}}})
+    for name in ("nonprivate", "dpsgd"):
+        path = project / f"metrics/evaluate-{name}.json"
+        io.write_json(path, io.read_json(path) | {"downstream_records": 13.0})
+    last = summary_table(params, project).splitlines()[-1]
+    assert last.startswith("(downstream accuracy on 13 test notes: one note is 0.077")
+    assert "standard error up to 0.139" in last
+    assert "test notes" not in summary_table(params, project, markdown=True)
