@@ -468,3 +468,18 @@ def test_factors_and_noise_are_made_on_the_device_of_the_norms_and_parameters():
     mech.add_noise(spec.stds)
     assert (a.grad.device.type, a.grad.shape, a.grad.dtype) == ("meta", (2,), torch.float32)
     assert (b.grad.device.type, b.grad.shape, b.grad.dtype) == ("meta", (3,), torch.bfloat16)
+
+
+def test_canary_rows_must_match_the_parameters_one_for_one():
+    """Extra rows (the audit's gradient canaries) in another order or number would land on
+    other coordinates: clipped and noised as a sample, but auditing the wrong thing."""
+    a = torch.nn.Parameter(torch.zeros(2, 3))
+    b = torch.nn.Parameter(torch.zeros(4))
+    a.grad_sample, b.grad_sample = torch.ones(2, 2, 3), torch.ones(2, 4)
+    mech = Gaussian([[a], [b]], ["a", "b"], seed=0)
+    spec = mech.admit(Action((1.0, 1.0), 0.8), 0.8)
+    for rows in ([torch.ones(1, 4), torch.ones(1, 2, 3)], [torch.ones(1, 10)]):
+        with pytest.raises(ValueError, match="one \\(rows, \\*p.shape\\) tensor per parameter"):
+            mech.accumulate(spec, rows)
+    mech.accumulate(spec, [torch.ones(1, 2, 3), torch.ones(1, 4)])  # in order: a third sample
+    assert a.grad_sample is None and mech.release(spec, 3.0, 3).norms.shape == (3, 2)

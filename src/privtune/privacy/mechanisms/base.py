@@ -145,9 +145,20 @@ class PerSampleClipping(Mechanism):
                 f"{tuple(missing.shape)}: opacus did not capture it (is the LoRA module supported "
                 "and in training mode?); without it the adapter would silently not learn"
             )
+        if extra_rows and (
+            len(extra_rows) != len(params)
+            or any(r.shape[1:] != p.shape for r, p in zip(extra_rows, params, strict=False))
+        ):  # a canary on the wrong coordinates would be clipped, noised and audited wrongly
+            shapes = [tuple(r.shape[1:]) for r in extra_rows][:4]
+            raise ValueError(
+                f"extra_rows must hold one (rows, *p.shape) tensor per parameter, in order: got "
+                f"{len(extra_rows)} for {len(params)} parameters (first shapes {shapes})"
+            )
         blocks = []
         if missing is None:
             blocks.append(torch.cat([g.float().flatten(1) for g in captured], dim=1))
+            for p in params:  # the matrix holds them now: not two copies at the peak
+                p.grad_sample = None
         if extra_rows:
             device = blocks[0].device if blocks else params[0].device
             rows = torch.cat([r.float().flatten(1) for r in extra_rows], dim=1)
