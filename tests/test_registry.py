@@ -189,7 +189,7 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
 
     # The description opens with the one-line verdict, counts included.
     first, rest = mv.description.split("\n", 1)
-    assert first.startswith("tagged (dpsgd) · ε 4.000 / 4 (PRV) · δ 1e-05")
+    assert first.startswith("tagged (dpsgd) · ε 4.0000 / 4 (PRV) · δ 1e-05")
     assert "test perplexity 42" in first and "MIA AUC 0.52" in first
     assert "83 members vs 83 non-members" in first and "audit ε ≥ 0.500" in first
     assert "not yet judged" in first and "Privacy model card" in rest

@@ -260,7 +260,9 @@ def _epsilon(card: Mapping[str, Any]) -> str:
     if not c["private"]:
         return "ε ∞ (not private)"
     accountant = f" ({c['accountant'].upper()})" if c.get("accountant") else ""
-    return f"ε {_g(c['epsilon'], '{:.3f}')} / {_g(c['target_epsilon'], '{:g}')}{accountant}"
+    # as the card's contract prints them (ε to 4 decimals: 7.9999 read 8.000 at 3; δ to 3
+    # significant digits)
+    return f"ε {_g(c['epsilon'], '{:.4f}')} / {_g(c['target_epsilon'], '{:g}')}{accountant}"
 
 
 def _membership_text(card: Mapping[str, Any]) -> str:
@@ -305,7 +307,7 @@ def verdict_line(card: Mapping[str, Any], gates: Gates, decision: str) -> str:
     parts = [
         f"{card['model']['entry']} ({card['model']['method']})",
         _epsilon(card),
-        f"δ {_g(c['delta'], '{:.2g}')}",
+        f"δ {_g(c['delta'], '{:.3g}')}",
         _utility_text(card, gates),
         _membership_text(card),
         _audit_text(card),
