@@ -48,8 +48,12 @@ def _chromium() -> str:
     raise SystemExit("no Chromium found: apt-get install chromium, or set CHROMIUM=/path")
 
 
+API = "api/2.0/mlflow"  # the REST API's routes; other routes (an artifact's) are the UI's
+
+
 class Ui:
-    """`mlflow ui` on a free local port; `get`/`post` speak its REST API."""
+    """`mlflow ui` on a free local port over a project's store; `get`/`post` a route of it
+    (tests/test_pipeline.py reads the store through it as a browser would)."""
 
     def __init__(self, project: Path, log: Path) -> None:
         port = _free_port()
@@ -76,14 +80,14 @@ class Ui:
                     raise SystemExit(f"mlflow ui did not start; see {log}") from None
                 time.sleep(0.5)
 
-    def get(self, path: str, **query: str) -> Any:
-        url = f"{self.base}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+    def get(self, route: str, **query: str) -> Any:
+        url = f"{self.base}/{route}?{urllib.parse.urlencode(query)}"
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, route: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
-            f"{self.base}/api/2.0/mlflow/{path}",
+            f"{self.base}/{route}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
@@ -210,15 +214,15 @@ Page = tuple[str, tuple[int, int], str]  # url, window size, JavaScript "ready" 
 def pages(ui: Ui, name: str, version: str | None) -> dict[str, Page]:
     """The URLs to shoot, found through the REST API: the version (the champion unless given),
     the epsilon chart of every private fine-tuning run, the headline runs table."""
-    experiment = ui.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    experiment = ui.get(f"{API}/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     experiment_id = experiment["experiment_id"]
     if version is None:
         try:
-            model = ui.get("registered-models/get", name=name)["registered_model"]
+            model = ui.get(f"{API}/registered-models/get", name=name)["registered_model"]
         except urllib.error.HTTPError as err:
             if err.code != 404:
                 raise
-            found = ui.get("registered-models/search").get("registered_models", [])
+            found = ui.get(f"{API}/registered-models/search").get("registered_models", [])
             known = ", ".join(sorted(m["name"] for m in found)) or "none"
             raise SystemExit(
                 f"no registered model '{name}' in this store (it has: {known}); a profile's run "
@@ -227,10 +231,11 @@ def pages(ui: Ui, name: str, version: str | None) -> dict[str, Page]:
         aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
         version = aliases.get("champion") or aliases.get("challenger")
         if version is None:
-            found = ui.get("model-versions/search", filter=f"name='{name}'")["model_versions"]
+            found = ui.get(f"{API}/model-versions/search", filter=f"name='{name}'")
+            found = found["model_versions"]
             version = max(found, key=lambda v: int(v["version"]))["version"]
     runs = ui.post(
-        "runs/search",
+        f"{API}/runs/search",
         {"experiment_ids": [experiment_id], "filter": "tags.stage = 'finetune'"},
     )["runs"]
     private = sorted(

@@ -10,11 +10,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, write_params
+from tests.conftest import write_params
 from tests.leaks import find_leaks, private_probes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,73 +252,17 @@ def test_default_dvc_remote_push_and_pull(built):
     assert adapter.read_text() == expected
 
 
-class _Server:
-    """`mlflow server` on 127.0.0.1 over the project's store, read as a browser would."""
+def _ui(project: Path):
+    """scripts/mlflow_screenshots.py's `mlflow ui` over the project's store (its REST API and
+    the UI's own routes, read as a browser would)."""
+    import importlib.util
 
-    def __init__(self, project: Path) -> None:
-        import time
-        import urllib.request
-
-        self.base = f"http://127.0.0.1:{free_port()}"
-        port = self.base.rsplit(":", 1)[1]
-        self.log = open(project / "mlflow-server.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{project}/mlflow.db",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                port,
-                "--workers",
-                "1",
-            ],
-            cwd=project,
-            env=_env(project),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.base}/health", timeout=2):
-                    return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    log = (project / "mlflow-server.log").read_text()[-3000:]
-                    raise AssertionError(f"mlflow server did not start:\n{log}") from None
-                time.sleep(0.5)
-
-    def get(self, route: str, **query: str) -> Any:
-        import urllib.parse
-        import urllib.request
-
-        url = f"{self.base}/{route}?{urllib.parse.urlencode(query)}"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return json.loads(response.read())
-
-    def post(self, route: str, body: dict) -> Any:
-        import urllib.request
-
-        request = urllib.request.Request(
-            f"{self.base}/{route}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_screenshots", ROOT / "scripts" / "mlflow_screenshots.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Ui(project, project / "mlflow-server.log")
 
 
 VERDICT = re.compile(r"^\w+ \(\w+\) · ε .* · δ .* · MIA AUC .* · (audit|no audit)")
@@ -344,7 +287,7 @@ def test_reviewer_reads_the_store_through_the_rest_api(built):
             )
             expected = {1} if entry == "nonprivate" else {0, 1, 2}  # 2: already the champion
             assert judged.returncode in expected, judged.stderr
-    server = _Server(project)
+    server = _ui(project)
     try:
         experiment = server.get(
             "api/2.0/mlflow/experiments/get-by-name", experiment_name="privtune"
