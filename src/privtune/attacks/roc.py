@@ -44,9 +44,14 @@ def resolvable(fpr: float, non_members: int) -> bool:
     return non_members * fpr >= 1 - 1e-9
 
 
+def non_members_needed(fpr: float) -> int:
+    """The fewest non-members that can measure a false-positive rate of ``fpr``: 1/fpr."""
+    return math.ceil(1 / fpr - 1e-9)
+
+
 def unresolved_reason(fpr: float, non_members: int) -> str:
     """Why a TPR at ``fpr`` is null, and the fix."""
-    need = math.ceil(1 / fpr - 1e-9)
+    need = non_members_needed(fpr)
     return (
         f"TPR at {fpr:g} FPR needs at least {need} non-members, the attack had {non_members}: "
         f"raise attack.members to {need} (and the corpus with it) to measure it"

@@ -174,17 +174,15 @@ def search(
     stored = read_json(cache_path) if cache_path and Path(cache_path).exists() else {}
     if key in stored:
         entry = stored[key]
-    elif cache_path is not None and write_cache:  # the file is the cache
-        entry = stored[key] = _search_uncached(
-            target_epsilon, sample_rate, steps, delta, objective, gamma, grid, max_order
-        )
-        write_json(cache_path, stored)
-    else:  # this process's searches
+    else:  # this process's searches, kept in the cache file too when it may be written
         if key not in _SEARCHED:
             _SEARCHED[key] = _search_uncached(
                 target_epsilon, sample_rate, steps, delta, objective, gamma, grid, max_order
             )
         entry = _SEARCHED[key]
+        if cache_path is not None and write_cache:
+            stored[key] = entry
+            write_json(cache_path, stored)
     if entry.get("best_epsilon") is not None:
         # the extended grid reaches lower epsilons than the paper's, not every one
         finer = ", or try the entry's `grid: extended` (lower epsilons, about 20 s a search)"

@@ -554,10 +554,11 @@ def nothing_to_promote(name: str, *, root: str | Path = ".") -> str | None:
     """Why `promote_best` has nothing to judge although versions are registered (every one was
     judged, and the challenger was promoted): an outcome, not an error. None when it has
     candidates, or when nothing is registered (its error then says to register one)."""
-    found = client(root).search_model_versions(f"name = '{name}'")
+    mlflow_client = client(root)
+    found = mlflow_client.search_model_versions(f"name = '{name}'")
     if not found or _candidates(name, root):
         return None
-    champion = alias_version(client(root), name, CHAMPION)
+    champion = alias_version(mlflow_client, name, CHAMPION)
     held = f"champion v{champion.version}" if champion is not None else "no champion"
     return (
         f"nothing new to judge: all {len(found)} versions of {name} were judged ({held}); "

@@ -17,7 +17,6 @@ stage unless the method's `cache` file holds it).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from privtune.config import PREPARED_DIR, Params, load_params
@@ -97,13 +96,13 @@ def check_all(params: Params, root: str | Path) -> list[str]:
 def _attack_power_warning(params: Params, n_records: int) -> str | None:
     """A warning when the attack split cannot measure the TPR at 1 % FPR that a promotion
     gate reads: every model would run to the end and be refused as insufficient evidence."""
-    from privtune.attacks.roc import resolvable
+    from privtune.attacks.roc import non_members_needed, resolvable
     from privtune.stages.prepare import records_for_members
 
     fpr, members = 0.01, params.attack.members
     if resolvable(fpr, members):
         return None
-    need = math.ceil(1 / fpr - 1e-9)
+    need = non_members_needed(fpr)
     return (
         f"warning: attack.members {members} (as many non-members) cannot measure the TPR at "
         f"{fpr:.0%} FPR, which needs {need} non-members: `privtune promote` will refuse every "

@@ -28,12 +28,18 @@ def _split_sizes(n_records: int, members: int, params: Params) -> tuple[int, int
     return n_valid, n_test, rest - n_valid - n_test
 
 
+def _affords(n_records: int, members: int, planted: int, params: Params) -> bool:
+    """Whether ``n_records`` split with ``members`` attack members leave a train split that
+    holds the planted canaries' records and as many records as there are members."""
+    train = _split_sizes(n_records, members, params)[2]
+    return train >= 2 and train - planted >= members
+
+
 def _most_members(n_records: int, planted: int, params: Params) -> int:
     """The largest attack.members these records afford: the attack split comes out of the
     records before train, so each member more is a training record less (0: none fits)."""
     for members in range(n_records // 2, 0, -1):
-        train = _split_sizes(n_records, members, params)[2]
-        if train >= 2 and train - planted >= members:
+        if _affords(n_records, members, planted, params):
             return members
     return 0
 
@@ -42,11 +48,9 @@ def records_for_members(members: int, params: Params) -> int:
     """The fewest records whose splits afford ``members`` attack members (and as many
     non-members) with the canaries planted: the inverse of _most_members."""
     planted, n = _planted(params), 2 * members
-    while True:
-        train = _split_sizes(n, members, params)[2]
-        if train >= 2 and train - planted >= members:
-            return n
+    while not _affords(n, members, planted, params):
         n += 1
+    return n
 
 
 def _planted(params: Params) -> int:

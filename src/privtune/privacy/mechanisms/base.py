@@ -165,9 +165,9 @@ class PerSampleClipping(Mechanism):
             blocks.append(rows.to(device))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
-    def per_sample_norms(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, K) norm of each sample's gradient restricted to each group, in float32."""
-        columns = rows.split(self._widths, dim=1)
+    def per_sample_norms(self, columns: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, K) norm of each sample's gradient restricted to each group (``columns``: the
+        side-by-side matrix split by group), in float32."""
         norms = [torch.linalg.vector_norm(c, ord=self.norm_ord, dim=1) for c in columns]
         return torch.stack(norms, dim=1)
 
@@ -176,16 +176,13 @@ class PerSampleClipping(Mechanism):
         """(B, K) factors bounding each sample's group k by its threshold."""
 
     def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
-        rows = self.side_by_side(extra_rows)
-        norms = self.per_sample_norms(rows)
+        columns = self.side_by_side(extra_rows).split(self._widths, dim=1)  # group by group
+        norms = self.per_sample_norms(columns)
         factors = self.factors(norms, spec).float()  # (B, K)
         # sum_i factor_ik * g_ik: one matrix-vector product a group
-        columns = rows.split(self._widths, dim=1)
         parts = [factors[:, k] @ c for k, c in enumerate(columns)]
         clipped = parts[0] if len(parts) == 1 else torch.cat(parts)
         self._sum = clipped if self._sum is None else self._sum.add_(clipped)
-        for p in self.parameters:
-            p.grad_sample = None
         self._norms.append(norms.detach())
 
     def take_sum(self, thresholds: Sequence[float]) -> tuple[torch.Tensor, float]:
