@@ -214,6 +214,10 @@ class FinetuneParams(_Section):
     # bf16 autocast of the forward/backward (per-sample norms, clipping and noise stay float32);
     # auto = bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Who computes the per-sample gradients a private step clips: auto = privtune's LoRA hooks
+    # (privacy/lora_grad_sample.py: fewer operations a matrix) when every trainable parameter
+    # is a plain LoRA matrix, else opacus; opacus = opacus' GradSampleModule always.
+    grad_sampler: Literal["auto", "opacus"] = "auto"
     # Save the whole run every this many steps (0 = never); a killed run resumes from it.
     checkpoint_every: int = Field(default=20, ge=0)
     # White-box one-run audit (privacy.gradient_canaries): Dirac gradient canaries, each a

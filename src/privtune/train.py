@@ -198,7 +198,7 @@ class Trainer:
             accountant=params.accountant,
             replica=self.replica,
         )
-        self.forward = self.engine.wrap(model)  # opacus' per-sample hooks when needed
+        self.forward = self.engine.wrap(model, params.grad_sampler)  # per-sample hooks if needed
         if self.injector is not None:
             self.engine.attach_release_hook(self.injector.observe)  # reads what was released
         self.observer = Observer(len(groups), plan.steps)

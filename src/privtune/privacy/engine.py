@@ -31,6 +31,7 @@ from privtune.privacy.action import Action
 from privtune.privacy.distributed import Replica
 from privtune.privacy.guard import BudgetGuard
 from privtune.privacy.ledger import PrivacyLedger
+from privtune.privacy.lora_grad_sample import LoraGradSample, covers
 from privtune.privacy.mechanisms import Mechanism, StepSpec, StepStats
 from privtune.privacy.plan import TrainingPlan
 
@@ -79,17 +80,22 @@ class PrivacyEngine:
         self._spec: StepSpec | None = None
         self._admitted: tuple[Action, float] | None = None  # (proposal, noise): to resume
         self._release_hooks: list[Callable[[], None]] = []
+        self._lora_hooks: LoraGradSample | None = None
 
     @property
     def private(self) -> bool:
         return self.mechanism.private
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to run forward passes through: with opacus' per-sample gradient hooks
-        when the mechanism clips per sample."""
-        if self.mechanism.per_sample:
-            return GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        return model
+    def wrap(self, model: torch.nn.Module, grad_sampler: str = "auto") -> torch.nn.Module:
+        """The module to run forward passes through, with per-sample gradient hooks when the
+        mechanism clips per sample: privtune's LoRA hooks where they cover every clipped
+        parameter (``grad_sampler`` auto), else opacus' GradSampleModule."""
+        if not self.mechanism.per_sample:
+            return model
+        if grad_sampler == "auto" and covers(model, self.mechanism.parameters):
+            self._lora_hooks = LoraGradSample(model)
+            return model
+        return GradSampleModule(model, batch_first=True, loss_reduction="sum")
 
     def attach_release_hook(self, hook: Callable[[], None]) -> None:
         """Called after every release, while ``p.grad`` holds the released (noisy) gradient."""
@@ -140,9 +146,11 @@ class PrivacyEngine:
         return {} if self.guard is None else {"epsilon": self.spent(), **stats.metrics}
 
     def finish(self, model: torch.nn.Module | None = None) -> PrivacySpent | None:
-        """Final epsilon (None when non-private); detaches opacus' hooks from ``model``."""
+        """Final epsilon (None when non-private); detaches the per-sample hooks from ``model``."""
         if isinstance(model, GradSampleModule):
             model.to_standard_module()
+        if self._lora_hooks is not None:
+            self._lora_hooks.remove()
         if self.ledger is None:
             return None
         delta = self.plan.delta

@@ -142,8 +142,8 @@ class PerSampleClipping(Mechanism):
         if missing is not None and not (extra_rows and all(g is None for g in captured)):
             raise RuntimeError(
                 f"no per-sample gradient for a trainable parameter of shape "
-                f"{tuple(missing.shape)}: opacus did not capture it (is the LoRA module supported "
-                "and in training mode?); without it the adapter would silently not learn"
+                f"{tuple(missing.shape)}: the per-sample hooks did not capture it (is the module "
+                "supported and in training mode?); without it the adapter would silently not learn"
             )
         if extra_rows and (
             len(extra_rows) != len(params)
