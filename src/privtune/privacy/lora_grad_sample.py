@@ -1,4 +1,4 @@
-"""Per-sample gradients of LoRA adapters from three hooks an adapter.
+"""Per-sample gradients of LoRA adapters from plain forward and gradient hooks.
 
 An adapter computes ``y = B(A(x))``. For sample ``n``, with ``h = A(x)`` and ``g = dL/dy``,
 ``dL/dB_n = g_n^T h_n`` and ``dL/dA_n = (g_n B)^T x_n`` (summed over the sample's tokens): what
