@@ -4,9 +4,10 @@ Each step is ``Trainer.step`` of privtune.train, the one the pipeline runs: Pois
 the loop's sampler (audit gradient canaries included), per-sample gradients, the privacy
 engine's release (clipping, noise, ledger record and guard check) and the optimizer. Both kinds
 run side by side in one process (interleaved, the same Poisson batches: both samplers share the
-seed) so the machine's noise hits both alike; peak memory is measured for each in its own
-subprocess. On a GPU, the same is measured on a GPT-2-small-sized model. Writes
-benchmarks/results/step_overhead.json.
+seed) so the machine's noise hits both alike, with a third beside them: the DP step with
+opacus' hooks computing the per-sample gradients instead of privtune's LoRA hooks; peak memory
+is measured for each in its own subprocess. On a GPU, the same is measured on a
+GPT-2-small-sized model. Writes benchmarks/results/step_overhead.json.
 
     make bench            # or: python benchmarks/step_overhead.py [--steps 30] [--gpt2-small]
 
@@ -41,6 +42,9 @@ GPT2_SMALL = BaseParams(n_layer=12, n_head=12, n_embd=768, max_length=256, vocab
 RESULTS = Path(__file__).parent / "results"
 RECORDS = 1000  # synthetic corpus size: q = batch / (N + IN audit canaries)
 METHODS = {"dp": "dpsgd", "nonprivate": "nonprivate"}
+# The DP step again with opacus' GradSampleModule computing the per-sample gradients instead of
+# privtune's LoRA hooks (finetune.grad_sampler), timed beside the other two: what they save.
+OPACUS = {"grad_sampler": "opacus"}
 
 
 SMOLLM2_LENGTH = 128  # tokens per record of the SmolLM2 rows (the CPU profile's notes: ~340)
@@ -154,6 +158,7 @@ def time_side_by_side(
     steppers = {
         kind: Stepper(kind, config, base, device, batch, steps + 3, length) for kind in METHODS
     }
+    steppers["dp_opacus"] = Stepper("dp", config, base, device, batch, steps + 3, length, OPACUS)
     for stepper in steppers.values():  # warm-up
         for _ in range(2):
             stepper.step()
@@ -166,7 +171,14 @@ def time_side_by_side(
             stepper.sync()
             times[name].append(time.perf_counter() - start)
     dp, plain = statistics.median(times["dp"]), statistics.median(times["nonprivate"])
-    return {"dp_step_s": dp, "nonprivate_step_s": plain, "time_ratio": dp / plain}
+    opacus = statistics.median(times["dp_opacus"])
+    return {
+        "dp_step_s": dp,
+        "nonprivate_step_s": plain,
+        "time_ratio": dp / plain,
+        "dp_opacus_step_s": opacus,
+        "opacus_time_ratio": opacus / plain,
+    }
 
 
 def _rss() -> int:
@@ -359,6 +371,11 @@ def main() -> None:
             f"{run['config']:>10} on {run['device']}: DP/non-private step time "
             f"{run['time_ratio']:.3f} (target <= 1.2), peak memory {run['memory_ratio']:.3f} "
             f"[{run['dp_step_s'] * 1e3:.1f} ms vs {run['nonprivate_step_s'] * 1e3:.1f} ms]"
+            + (
+                f"; with opacus' hooks {run['opacus_time_ratio']:.3f}"
+                if "opacus_time_ratio" in run
+                else ""
+            )
         )
     print(f"written to {out}")
 

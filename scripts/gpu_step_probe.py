@@ -3,12 +3,13 @@
 On an H200 the DP step took 134 ms (default model) to 389 ms (SmolLM2) longer than the
 non-private one, while on the CPU, with tiny inputs, the difference is 1 ms (README, step
 cost). This prints, on the default model: (1) A/B medians of the step with one thing changed
-each (a fixed batch size, many warm-up steps, fp32, no audit canaries, a short GIL switch
-interval), (2) each phase of Trainer.step timed between synchronisations, (3) the step's
-synchronising calls by file:line, (4) torch.profiler tables of three DP steps. Reading it: if
-a fixed batch size or long warm-up removes the extra time, new Poisson batch shapes cost it;
-if fp32 does, bf16 kernels; if the phases and the synchronising calls add up to it, CPU/GPU
-turn-taking. scripts/device_check.sh runs it.
+each (a fixed batch size, many warm-up steps, fp32, no audit canaries, opacus' per-sample
+hooks instead of privtune's LoRA hooks, a short GIL switch interval), (2) each phase of
+Trainer.step timed between synchronisations, (3) the step's synchronising calls by file:line,
+(4) torch.profiler tables of three DP steps. Reading it: if a fixed batch size or long warm-up
+removes the extra time, new Poisson batch shapes cost it; if fp32 does, bf16 kernels; if the
+phases and the synchronising calls add up to it, CPU/GPU turn-taking.
+scripts/device_check.sh runs it.
 
     python scripts/gpu_step_probe.py                       # a GPU: default model, 32 x 384
     python scripts/gpu_step_probe.py --device cpu --batch 4 --length 16 --steps 3  # smoke test
@@ -105,6 +106,7 @@ def variants() -> None:
     run("dp", warm=40, label="dp, 40 warm-up steps")  # the same: every B already seen
     run("dp", label="dp, precision fp32", precision="fp32")  # bf16 autocast kernels?
     run("dp", label="dp, no audit canaries", audit_canaries=0)
+    run("dp", label="dp, opacus' per-sample hooks", grad_sampler="opacus")  # what ours save
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     run("dp", label="dp, GIL switch interval 10 us")  # the autograd thread waiting on the GIL?
@@ -133,7 +135,7 @@ def phases() -> None:
         mechanism = trainer.engine.mechanism
         forward, backward = T.next_token_logits, torch.Tensor.backward
         T.next_token_logits = timed(forward, "forward")
-        torch.Tensor.backward = timed(backward, "backward (+opacus hooks)")
+        torch.Tensor.backward = timed(backward, "backward (+per-sample hooks)")
         if trainer.injector is not None:
             trainer.injector.rows = timed(trainer.injector.rows, "canary rows (CPU->GPU)")
         mechanism.accumulate = timed(mechanism.accumulate, "accumulate (norms+clip)")

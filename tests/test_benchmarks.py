@@ -32,6 +32,17 @@ def test_step_overhead_times_both_kinds_of_step_side_by_side(monkeypatch):
     result = bench.time_side_by_side("default", params.base, torch.device("cpu"), 4, 2)
     assert result["dp_step_s"] > 0 and result["nonprivate_step_s"] > 0
     assert math.isclose(result["time_ratio"], result["dp_step_s"] / result["nonprivate_step_s"])
+    assert math.isclose(
+        result["opacus_time_ratio"], result["dp_opacus_step_s"] / result["nonprivate_step_s"]
+    )
+    # the third step differs from the first in who computes the per-sample gradients alone
+    from opacus import GradSampleModule
+
+    cpu = torch.device("cpu")
+    ours = bench.Stepper("dp", "default", params.base, cpu, 4, 1).trainer
+    theirs = bench.Stepper("dp", "default", params.base, cpu, 4, 1, overrides=bench.OPACUS).trainer
+    assert ours.forward is ours.model and ours.engine._lora_hooks is not None
+    assert isinstance(theirs.forward, GradSampleModule) and theirs.engine._lora_hooks is None
 
 
 def test_the_smollm2_shape_row_has_smollm2s_adapters_at_a_tiny_width(monkeypatch):

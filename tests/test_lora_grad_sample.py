@@ -94,6 +94,15 @@ def test_evaluation_keeps_nothing_and_removal_detaches(tiny_tokenizer):
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
+def test_a_model_takes_one_set_of_hooks_until_they_are_removed(tiny_tokenizer):
+    model = _lora_model("gpt2", tiny_tokenizer)
+    hooks = LoraGradSample(model)
+    with pytest.raises(ValueError, match="already on this model"):
+        LoraGradSample(model)
+    hooks.remove()
+    LoraGradSample(model).remove()
+
+
 def test_two_backward_passes_unclipped_fail_rather_than_mix_samples(tiny_tokenizer):
     model = _lora_model("gpt2", tiny_tokenizer)
     batch = encode_records(synthetic_texts(2), tiny_tokenizer, 32).batch(torch.arange(2))

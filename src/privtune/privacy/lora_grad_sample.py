@@ -25,6 +25,8 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+_HOOKED = "_privtune_lora_grad_sample"  # set on a model while hooks are on it
+
 
 def _adapters(model: nn.Module) -> Iterator[tuple[nn.Linear, nn.Linear]]:
     """(A, B) of every active plain LoRA adapter on a linear layer of ``model``."""
@@ -52,6 +54,13 @@ class LoraGradSample:
     backward pass of a batch of N samples (batch first, the loss a sum over samples)."""
 
     def __init__(self, model: nn.Module) -> None:
+        if getattr(model, _HOOKED, False):  # each backward would capture twice (as opacus)
+            raise ValueError(
+                "per-sample gradient hooks are already on this model: finish the run that put "
+                "them there (PrivacyEngine.finish) before another wraps it"
+            )
+        setattr(model, _HOOKED, True)
+        self._model = model
         self._inputs: dict[nn.Module, torch.Tensor] = {}  # A -> x, from A's call to B's
         self._handles = []
         for a, b in _adapters(model):
@@ -64,6 +73,8 @@ class LoraGradSample:
             handle.remove()
         self._handles.clear()
         self._inputs.clear()
+        if getattr(self._model, _HOOKED, False):
+            delattr(self._model, _HOOKED)
 
     def _keep_input(self, a: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
         if a.training and torch.is_grad_enabled():  # as opacus: nothing kept for evaluation
