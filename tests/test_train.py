@@ -120,6 +120,57 @@ def test_guard_holds_against_a_greedy_controller(tiny_model, tiny_tokenizer, gre
 
 
 @pytest.fixture
+def watching_controllers():
+    """A private and a non-private controller that keep every observation they are given."""
+    from privtune.privacy.mechanisms.none import NoNoise
+
+    seen: dict[str, list] = {"test-watch-dp": [], "test-watch-open": []}
+
+    class Watch(Controller):
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.interval = 2
+
+        def act(self, observation):
+            if observation is not None:
+                seen[self.name].append(observation)
+            return Action(clip_thresholds=(1.0,), noise_multiplier=self.ctx.calibrated_noise)
+
+    register_controller("test-watch-dp", force=True)(type("WatchDP", (Watch,), {}))
+    register_controller("test-watch-open", force=True)(
+        type("WatchOpen", (Watch,), {"mechanism": NoNoise})
+    )
+    yield seen
+    for name in seen:
+        CONTROLLERS.pop(name)
+
+
+def test_a_private_controller_sees_nothing_computed_from_records_without_noise(
+    tiny_model, tiny_tokenizer, watching_controllers
+):
+    """The training loss, clipped fraction and norm statistics are the records' own, without
+    noise: an action that depended on them would leak outside epsilon, so the loop gives a
+    private method's controller None there (the validation loss, epsilon and DP releases
+    stay); a non-private one sees them."""
+    import copy
+
+    from privtune.control.base import RAW_FIELDS
+
+    train_data, valid_data = _data(tiny_tokenizer)
+    for name in watching_controllers:
+        model = attach_lora(copy.deepcopy(tiny_model), PARAMS.lora)
+        train(model, train_data, valid_data, PARAMS, name, show_progress=False)
+    private, public = watching_controllers["test-watch-dp"], watching_controllers["test-watch-open"]
+    assert len(private) == len(public) == 4  # decisions at steps 2, 4, 6, 8 (step 0: None)
+    for obs in private:
+        assert all(getattr(obs, f) is None for f in RAW_FIELDS)
+        assert obs.epsilon_spent > 0 and obs.valid_loss is not None and obs.step > 0
+    for obs in public:
+        assert all(getattr(obs, f) is not None for f in RAW_FIELDS)
+        assert math.isfinite(obs.train_loss) and len(obs.norm_quantiles) == 1
+
+
+@pytest.fixture
 def per_adapter_controller():
     @register_controller("test-per-adapter", force=True)
     class PerAdapter(Controller):

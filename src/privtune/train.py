@@ -239,6 +239,8 @@ class Trainer:
                 epsilon_target=self.params.epsilon,
             )
         c = self.controller
+        if observation is not None and c.private:
+            observation = observation.dp_only()  # nothing computed from records without noise
         proposal = self.replica.broadcast(c.act(observation))
         self.action = self.engine.decide(proposal, steps=c.interval, reserve=c.reserve_noise())
         self.next_decision = step + max(1, c.interval)

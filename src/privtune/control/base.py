@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from privtune.privacy.action import Action, Scaling
@@ -35,30 +35,48 @@ class ControllerContext:
     accountant: str = "pld"  # the accountant the budget guard uses
 
 
+# The fields an Observation computes from the training records without noise.
+RAW_FIELDS = (
+    "train_loss",
+    "loss_trend",
+    "clipped_fraction",
+    "norm_quantiles",
+    "norm_mean",
+    "norm_std",
+)
+
+
 @dataclass(frozen=True)
 class Observation:
     """Learning-dynamics statistics over the last interval."""
 
     step: int
     total_steps: int
-    train_loss: float
-    loss_trend: float  # mean loss of this interval minus the previous interval's
+    # RAW_FIELDS, from train_loss to norm_std: computed from the protected records WITHOUT
+    # noise, so the loop withholds them (None) from a private method's controller, whose
+    # action must depend on the records only through the ledger's releases (dp_only()).
+    train_loss: float | None
+    loss_trend: float | None  # mean loss of this interval minus the previous interval's
     valid_loss: float | None
     epsilon_spent: float
     epsilon_target: float
-    clipped_fraction: float
-    norm_quantiles: tuple[tuple[float, ...], ...]  # per group: (q10, q25, q50, q75, q90)
-    norm_mean: tuple[float, ...]
-    norm_std: tuple[float, ...]
+    clipped_fraction: float | None
+    norm_quantiles: tuple[tuple[float, ...], ...] | None  # per group: (q10, q25, q50, q75, q90)
+    norm_mean: tuple[float, ...] | None
+    norm_std: tuple[float, ...] | None
     action: Action
     extra: dict[str, float] = field(default_factory=dict)
     # Mean over the interval of the DP-released unclipped fraction (None when not released).
-    # Everything above from train_loss to norm_std is computed from the protected records
-    # WITHOUT noise: a private controller must not set thresholds or noise from it.
     unclipped_fraction_dp: float | None = None
     # Mean over the interval of the DP-released norm histogram: per group, per level of the
     # action's count_levels, the fraction of samples with norm <= level * C_k (None: not released)
     norm_histogram_dp: tuple[tuple[float, ...], ...] | None = None
+
+    def dp_only(self) -> Observation:
+        """This observation without RAW_FIELDS: what a private controller is given. The
+        validation loss stays (held-out records, not the training set), as do epsilon and
+        the DP releases."""
+        return replace(self, **dict.fromkeys(RAW_FIELDS))
 
 
 class Controller(ABC):
