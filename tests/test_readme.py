@@ -162,6 +162,9 @@ def test_step_overhead_rows_are_the_committed_benchmark():
     for run in runs:
         ratio = f"{run['time_ratio']:.2f}"
         assert ratio in block, f"{run['config']} on {run['device']}: ratio {ratio} not in README"
+        if "opacus_time_ratio" in run:  # the DP step with opacus' hooks, timed beside
+            opacus = f"{run['opacus_time_ratio']:.2f} ({run['dp_opacus_step_s'] * 1e3:.1f} ms)"
+            assert opacus in block, f"{run['config']} on {run['device']}: {opacus} not in README"
 
 
 def test_smollm2_attacks_table_is_the_committed_run_and_shows_power():
