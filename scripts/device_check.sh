@@ -44,7 +44,7 @@ nproc | tee -a "$OUT/gpu.txt"
 
 if [[ " $PARTS " == *" steps "* ]]; then
   timeout 120 python3 scripts/gpu_step_probe.py 2>&1 | tee "$OUT/gpu_step_probe.log" || status=1
-  if timeout 180 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random --profile \
+  if timeout 240 python3 benchmarks/step_overhead.py --steps 10 --smollm2-weights random --profile \
       --smollm2-batch 32 --smollm2-length 340 2>&1 | tee "$OUT/step_overhead.log"; then
     cp benchmarks/results/step_overhead.json benchmarks/results/step_profile.txt "$OUT/" || status=1
   else
