@@ -45,6 +45,10 @@ def _lora_model(kind: str, tokenizer, dropout: float = 0.0) -> torch.nn.Module:
     return model
 
 
+def _hook(model: torch.nn.Module) -> LoraGradSample:
+    return LoraGradSample(model, [p for p in model.parameters() if p.requires_grad])
+
+
 def _grad_samples(forward, model, batch) -> dict[str, torch.Tensor]:
     """Each trainable parameter's per-sample gradients of one summed-loss backward pass."""
     torch.manual_seed(7)  # the same dropout masks for every run
@@ -53,7 +57,7 @@ def _grad_samples(forward, model, batch) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            out[name] = p.grad_sample
+            out[name] = getattr(p, "grad_sample", None)
             p.grad_sample, p.grad = None, None
     return out
 
@@ -66,7 +70,7 @@ def test_per_sample_gradients_are_opacus_ones(kind, dropout, tiny_tokenizer):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert covers(model, trainable)
 
-    hooks = LoraGradSample(model)
+    hooks = _hook(model)
     ours = _grad_samples(model, model, batch)
     hooks.remove()
     theirs = _grad_samples(
@@ -83,7 +87,7 @@ def test_per_sample_gradients_are_opacus_ones(kind, dropout, tiny_tokenizer):
 def test_evaluation_keeps_nothing_and_removal_detaches(tiny_tokenizer):
     model = _lora_model("llama", tiny_tokenizer)
     batch = encode_records(synthetic_texts(3), tiny_tokenizer, 32).batch(torch.arange(3))
-    hooks = LoraGradSample(model)
+    hooks = _hook(model)
     with torch.no_grad():  # evaluation: no activation kept for a backward that never comes
         model(input_ids=batch["input_ids"])
     assert not hooks._inputs
@@ -96,17 +100,17 @@ def test_evaluation_keeps_nothing_and_removal_detaches(tiny_tokenizer):
 
 def test_a_model_takes_one_set_of_hooks_until_they_are_removed(tiny_tokenizer):
     model = _lora_model("gpt2", tiny_tokenizer)
-    hooks = LoraGradSample(model)
+    hooks = _hook(model)
     with pytest.raises(ValueError, match="already on this model"):
-        LoraGradSample(model)
+        _hook(model)
     hooks.remove()
-    LoraGradSample(model).remove()
+    _hook(model).remove()
 
 
 def test_two_backward_passes_unclipped_fail_rather_than_mix_samples(tiny_tokenizer):
     model = _lora_model("gpt2", tiny_tokenizer)
     batch = encode_records(synthetic_texts(2), tiny_tokenizer, 32).batch(torch.arange(2))
-    LoraGradSample(model)
+    _hook(model)
     for attempt in range(2):
         logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"])
         loss = per_sample_loss(logits, batch["labels"]).sum()
@@ -124,6 +128,94 @@ def test_anything_else_trainable_is_left_to_opacus(tiny_tokenizer):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert not covers(model, trainable)
     assert not covers(model, [])
+
+
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
+def test_an_adapter_with_one_matrix_frozen_is_left_to_opacus(frozen, tiny_tokenizer):
+    """With A frozen, h needs no gradient and B would go uncaptured; with B frozen, its
+    per-sample gradients would pile up on a parameter nobody clips: opacus handles both."""
+    from privtune.privacy.engine import PrivacyEngine
+
+    model = _lora_model("gpt2", tiny_tokenizer)
+    name = next(n for n, _ in model.named_parameters() if frozen in n)
+    dict(model.named_parameters())[name].requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert not covers(model, trainable)
+    engine = PrivacyEngine.__new__(PrivacyEngine)  # wrap() reads the mechanism alone
+    engine.mechanism = type("M", (), {"per_sample": True, "parameters": trainable})()
+    engine._lora_hooks = None
+    assert isinstance(engine.wrap(model), GradSampleModule)
+
+
+def test_an_input_left_by_an_interrupted_forward_is_never_used(tiny_tokenizer):
+    """An exception between an adapter's A and B leaves A's input behind; a later pass whose
+    A keeps none (evaluation mode, gradients on) must not pair it with its own B."""
+    model = _lora_model("llama", tiny_tokenizer)
+    batch = encode_records(synthetic_texts(3), tiny_tokenizer, 32).batch(torch.arange(3))
+    hooks = _hook(model)
+    b = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
+
+    def fail(*_):
+        raise KeyboardInterrupt
+
+    handle = b.register_forward_pre_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        model(input_ids=batch["input_ids"])
+    handle.remove()
+    assert hooks._inputs  # what the interrupted pass left
+    for name, module in model.named_modules():
+        if "lora_A" in name:
+            module.eval()
+    captured = _grad_samples(model, model, batch)  # B's hook must not take the stale input
+    assert set(captured.values()) == {None}
+
+
+def test_a_row_per_token_instead_of_per_record_is_refused():
+    """A module fed (N*T, d) gives per-sample gradients of N*T rows: each would be clipped
+    alone, so one record could move the sum by T thresholds. The loop says how many records
+    a micro-batch holds, and the clipping refuses any other count."""
+    from peft import LoraConfig, get_peft_model
+
+    from privtune.privacy.action import Action
+    from privtune.privacy.mechanisms import Gaussian
+
+    class Flattening(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x.reshape(-1, 4)).reshape(x.shape)
+
+    model = get_peft_model(Flattening(), LoraConfig(r=2, target_modules=["proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert covers(model, trainable)
+    _hook(model)
+    (model(torch.randn(3, 5, 4)) ** 2).sum().backward()  # 3 records of 5 tokens
+    mech = Gaussian([trainable], ["all"], seed=0)
+    spec = mech.admit(Action((1.0,), 1.0), 1.0)
+    with pytest.raises(RuntimeError, match=r"\[15\] rows for a micro-batch of 3 records"):
+        mech.accumulate(spec, records=3)
+
+
+def test_records_without_per_sample_gradients_are_refused_even_beside_canaries(tiny_tokenizer):
+    """LoRA modules in evaluation mode capture nothing; the audit's canaries rode with the
+    records, and the step would have released the canaries alone as if the batch were there
+    (opacus failed here; the hooks must too)."""
+    from privtune.train import Trainer
+
+    base = tiny_llama(len(tiny_tokenizer), tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id)
+    model = attach_lora(base, LoraParams(r=4), seed=0)
+    data = encode_records(synthetic_texts(64, seed=1), tiny_tokenizer, 32)
+    params = FinetuneParams(
+        secret_noise=False, batch_size=16, epochs=0.5, delta=1e-3, audit_canaries=16
+    )
+    trainer = Trainer(model, data, data.slice(0, 8), params, "dpsgd", {})
+    trainer.decide(0, float("nan"))
+    model.eval()
+    step, indices = next(trainer.batches())
+    with pytest.raises(RuntimeError, match="no per-sample gradient"):
+        trainer.step(step, indices)
 
 
 def _train(model, tokenizer, grad_sampler: str, method: str = "dpsgd", **update):

@@ -277,9 +277,9 @@ class Trainer:
                 per_record.sum().backward()
             losses.append(per_record.detach())
             # audit canaries are records too: clipped with the last micro-batch
-            self.engine.accumulate(rows if i == len(chunks) - 1 else None)
+            self.engine.accumulate(rows if i == len(chunks) - 1 else None, records=len(chunk))
         if not chunks and rows is not None:
-            self.engine.accumulate(rows)
+            self.engine.accumulate(rows, records=0)
         stats = self.engine.step(step, len(index))
         if stats is None:
             return None

@@ -93,7 +93,7 @@ class PrivacyEngine:
         if not self.mechanism.per_sample:
             return model
         if grad_sampler == "auto" and covers(model, self.mechanism.parameters):
-            self._lora_hooks = LoraGradSample(model)
+            self._lora_hooks = LoraGradSample(model, self.mechanism.parameters)
             return model
         return GradSampleModule(model, batch_first=True, loss_reduction="sum")
 
@@ -118,8 +118,11 @@ class PrivacyEngine:
         self._admitted = (proposal, noise)
         return self._spec.action
 
-    def accumulate(self, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
-        self.mechanism.accumulate(self._current(), extra_rows)
+    def accumulate(
+        self, extra_rows: Sequence[torch.Tensor] | None = None, records: int | None = None
+    ) -> None:
+        """Fold one micro-batch of ``records`` records (0: the audit's canaries alone) in."""
+        self.mechanism.accumulate(self._current(), extra_rows, records)
 
     def step(self, step: int, batch_size: int) -> StepStats | None:
         """Release one logical batch of ``batch_size`` records (None: an empty non-private

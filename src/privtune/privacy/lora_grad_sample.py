@@ -41,19 +41,29 @@ def _adapters(model: nn.Module) -> Iterator[tuple[nn.Linear, nn.Linear]]:
                 yield a, b
 
 
+def _trainable_adapters(
+    model: nn.Module, parameters: Iterable[torch.Tensor]
+) -> list[tuple[nn.Linear, nn.Linear]]:
+    """The adapters of ``model`` whose A and B are both among ``parameters``."""
+    ids = {id(p) for p in parameters}
+    return [(a, b) for a, b in _adapters(model) if {id(a.weight), id(b.weight)} <= ids]
+
+
 def covers(model: nn.Module, parameters: Iterable[torch.Tensor]) -> bool:
     """Whether every one of ``parameters`` (the trainable ones) is a matrix of a plain LoRA
-    adapter of ``model``, so that :class:`LoraGradSample` captures all of them."""
-    matrices = {id(m.weight) for pair in _adapters(model) for m in pair}
+    adapter of ``model`` whose other matrix is among them too, so that :class:`LoraGradSample`
+    captures all of them (an adapter with one matrix frozen is left to opacus)."""
     parameters = list(parameters)
-    return bool(parameters) and all(id(p) in matrices for p in parameters)
+    hooked = {id(m.weight) for pair in _trainable_adapters(model, parameters) for m in pair}
+    return bool(parameters) and all(id(p) in hooked for p in parameters)
 
 
 class LoraGradSample:
-    """Hooks on ``model``'s LoRA adapters that set ``p.grad_sample`` (N, *p.shape) on each
-    backward pass of a batch of N samples (batch first, the loss a sum over samples)."""
+    """Hooks on ``model``'s LoRA adapters whose matrices are among ``parameters`` that set
+    ``p.grad_sample`` (N, *p.shape) on each backward pass of a batch of N samples (batch
+    first, the loss a sum over samples)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, parameters: Iterable[torch.Tensor]) -> None:
         if getattr(model, _HOOKED, False):  # each backward would capture twice (as opacus)
             raise ValueError(
                 "per-sample gradient hooks are already on this model: finish the run that put "
@@ -61,9 +71,10 @@ class LoraGradSample:
             )
         setattr(model, _HOOKED, True)
         self._model = model
-        self._inputs: dict[nn.Module, torch.Tensor] = {}  # A -> x, from A's call to B's
+        # A -> (x, h): its input and output, from A's call to B's
+        self._inputs: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = []
-        for a, b in _adapters(model):
+        for a, b in _trainable_adapters(model, parameters):
             self._handles.append(a.register_forward_hook(self._keep_input))
             self._handles.append(b.register_forward_hook(partial(self._on_output, a)))
 
@@ -76,15 +87,17 @@ class LoraGradSample:
         if getattr(self._model, _HOOKED, False):
             delattr(self._model, _HOOKED)
 
-    def _keep_input(self, a: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
+    def _keep_input(self, a: nn.Module, inputs: tuple[torch.Tensor, ...], h: torch.Tensor) -> None:
         if a.training and torch.is_grad_enabled():  # as opacus: nothing kept for evaluation
-            self._inputs[a] = inputs[0].detach()
+            self._inputs[a] = (inputs[0].detach(), h)
 
     def _on_output(
         self, a: nn.Linear, b: nn.Linear, inputs: tuple[torch.Tensor, ...], y: torch.Tensor
     ) -> None:
-        x, h = self._inputs.pop(a, None), inputs[0]
-        if x is not None and y.requires_grad and h.requires_grad:
+        x, h_of_a = self._inputs.pop(a, (None, None))
+        h = inputs[0]
+        # A's input of this very call (not one an exception left behind): B takes A's output
+        if x is not None and h is h_of_a and y.requires_grad and h.requires_grad:
             y.register_hook(partial(_per_sample, b.weight, h.detach()))  # dL/dy: B's
             h.register_hook(partial(_per_sample, a.weight, x))  # dL/dh: A's
 

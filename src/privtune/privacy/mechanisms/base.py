@@ -84,9 +84,16 @@ class Mechanism(ABC):
         """The step for an interval whose noise knob the guard admitted at ``noise``."""
 
     @abstractmethod
-    def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
+    def accumulate(
+        self,
+        spec: StepSpec,
+        extra_rows: Sequence[torch.Tensor] | None = None,
+        records: int | None = None,
+    ) -> None:
         """Fold one micro-batch into the running sum; ``extra_rows`` are per-parameter
-        per-sample gradients of records that have no forward pass (the audit's canaries)."""
+        per-sample gradients of records that have no forward pass (the audit's canaries);
+        ``records``: the micro-batch's records that had one (the loop always says; None, in
+        unit tests of a mechanism, takes whatever was captured)."""
 
     @abstractmethod
     def release(self, spec: StepSpec, expected_batch_size: float, batch_size: int) -> StepStats:
@@ -131,7 +138,9 @@ class PerSampleClipping(Mechanism):
         self._sum: torch.Tensor | None = None
         self._norms: list[torch.Tensor] = []
 
-    def side_by_side(self, extra_rows: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def side_by_side(
+        self, extra_rows: Sequence[torch.Tensor] | None = None, records: int | None = None
+    ) -> torch.Tensor:
         """(B, T) float32: each sample's gradient over every parameter, the groups' columns in
         order, with ``extra_rows`` (the audit's canaries) as further samples. One matrix makes
         the clipping a few operations a group instead of a few a parameter: launching those is
@@ -139,11 +148,21 @@ class PerSampleClipping(Mechanism):
         params = self.parameters
         captured = [getattr(p, "grad_sample", None) for p in params]
         missing = next((p for p, g in zip(params, captured, strict=True) if g is None), None)
-        if missing is not None and not (extra_rows and all(g is None for g in captured)):
+        canaries_only = bool(extra_rows) and all(g is None for g in captured)
+        if missing is not None and (records or not canaries_only):
             raise RuntimeError(
                 f"no per-sample gradient for a trainable parameter of shape "
                 f"{tuple(missing.shape)}: the per-sample hooks did not capture it (is the module "
                 "supported and in training mode?); without it the adapter would silently not learn"
+            )
+        rows = {g.shape[0] for g in captured if g is not None}
+        if records is not None and missing is None and rows != {records}:
+            # a row per token (a module fed (T, N, d) or (N*T, d)) would be clipped alone:
+            # one record's gradient could reach T times the threshold the ledger accounts
+            raise RuntimeError(
+                f"per-sample gradients of {sorted(rows)} rows for a micro-batch of {records} "
+                "records: a trainable module does not see its input batch first, so clipping "
+                "would not bound each record; use a model whose adapted layers take (batch, ...)"
             )
         if extra_rows and (
             len(extra_rows) != len(params)
@@ -175,8 +194,13 @@ class PerSampleClipping(Mechanism):
     def factors(self, norms: torch.Tensor, spec: StepSpec) -> torch.Tensor:
         """(B, K) factors bounding each sample's group k by its threshold."""
 
-    def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
-        columns = self.side_by_side(extra_rows).split(self._widths, dim=1)  # group by group
+    def accumulate(
+        self,
+        spec: StepSpec,
+        extra_rows: Sequence[torch.Tensor] | None = None,
+        records: int | None = None,
+    ) -> None:
+        columns = self.side_by_side(extra_rows, records).split(self._widths, dim=1)  # by group
         norms = self.per_sample_norms(columns)
         factors = self.factors(norms, spec).float()  # (B, K)
         # sum_i factor_ik * g_ik: one matrix-vector product a group

@@ -22,8 +22,14 @@ class NoNoise(Mechanism):
     def admit(self, action: Action, noise: float) -> StepSpec:
         return StepSpec(action, 0.0)
 
-    def accumulate(self, spec: StepSpec, extra_rows: Sequence[torch.Tensor] | None = None) -> None:
+    def accumulate(
+        self,
+        spec: StepSpec,
+        extra_rows: Sequence[torch.Tensor] | None = None,
+        records: int | None = None,
+    ) -> None:
         """Autograd has summed the records' gradients into ``p.grad``; add the extra rows."""
+        del records  # no per-sample view to check
         if extra_rows is None:
             return
         for p, rows in zip(self.parameters, extra_rows, strict=True):
