@@ -308,6 +308,12 @@ CASES = [
         params(finetune={"epsilon": 0.01, "accountant": "rdp"}),
     ),
     Case(
+        "epsilon-beyond-the-guard",  # PLD certifies it, at z ~ 3e3: the guard admits no step
+        FT,
+        ("finetune.epsilon", "above the 1000 the budget guard admits", "raise finetune.epsilon"),
+        params(finetune={"epsilon": 0.0001}),
+    ),
+    Case(
         "lmo-epsilon-out-of-reach",  # no law of the paper's grid: found before the model loads
         ("finetune", "lmo"),
         ("finetune.epsilon", "no LMO-DP candidate", "grid: extended"),

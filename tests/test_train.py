@@ -255,3 +255,20 @@ def test_bf16_autocast_trains_the_adapter_and_leaves_the_ledger_alone(tiny_model
                 assert torch.equal(p, frozen[n]), n
         assert math.isfinite(result.valid_loss)
     assert ledgers[0] == ledgers[1]
+
+
+def test_a_guard_that_admits_no_first_step_fails_the_run_instead_of_a_model_of_none(
+    tiny_model, tiny_tokenizer
+):
+    """The plan refuses an epsilon whose noise the guard would not admit (test_bad_inputs);
+    if the two ever disagree, the run fails (exit 3) rather than save and register an
+    adapter trained for no step as if the guard had stopped it late."""
+    from privtune.errors import BudgetExhausted
+    from privtune.privacy.plan import TrainingPlan
+
+    train_data, valid_data = _data(tiny_tokenizer)
+    model = attach_lora(tiny_model, PARAMS.lora)
+    plan = TrainingPlan(len(train_data), 16 / len(train_data), 10, 1e-3, calibrated_noise=2e3)
+    tiny = PARAMS.model_copy(update={"epsilon": 1e-3, "accountant": "rdp"})
+    with pytest.raises(BudgetExhausted, match="cannot keep the run within"):
+        train(model, train_data, valid_data, tiny, "dpsgd", {}, plan=plan, show_progress=False)

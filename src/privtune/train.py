@@ -473,6 +473,8 @@ def train(
                 try:
                     trainer.decide(step, validation.last)
                 except BudgetExhausted:
+                    if result.steps_taken == 0:  # the plan fits the guard: never a model of
+                        raise  # no step (exit 3: the two disagree, a bug)
                     result.stopped_by_guard = True
                     break
                 finally:

@@ -43,6 +43,11 @@ class Admission:
     raised: bool  # True when the guard had to raise the requested noise
 
 
+# The largest noise multiplier the guard admits: at z = 1000 a step's noise is a thousand
+# clipping thresholds, and an adapter learns nothing (the plan refuses an epsilon needing more).
+MAX_NOISE = 1e3
+
+
 class BudgetGuard:
     def __init__(
         self,
@@ -54,7 +59,7 @@ class BudgetGuard:
         total_steps: int,
         reserve_noise: float,
         accountant: str = "pld",
-        max_noise: float = 1e3,
+        max_noise: float = MAX_NOISE,
         rtol: float = 1e-3,
         segment: SegmentFn = gaussian_segment,
     ) -> None:

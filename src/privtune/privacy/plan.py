@@ -10,6 +10,7 @@ from privtune.config import FinetuneParams
 from privtune.errors import ConfigError
 from privtune.privacy import accountant
 from privtune.privacy.gradient_canaries import included_count
+from privtune.privacy.guard import MAX_NOISE
 
 
 @dataclass(frozen=True)
@@ -95,4 +96,13 @@ def make_plan(
             f"{params.epsilon:g} is out of reach: {err}",
             f"raise finetune.epsilon (private fine-tuning typically uses 1 to 8){other}",
         ) from None
+    if noise > MAX_NOISE:  # the guard would admit no step: a model trained for none
+        raise ConfigError(
+            "finetune.epsilon",
+            f"{params.epsilon:g} needs noise multiplier {noise:.3g} over {steps} steps at "
+            f"q = {q:.3g}, above the {MAX_NOISE:g} the budget guard admits: each step's noise "
+            "would bury the gradient, and the run would stop before its first step",
+            "raise finetune.epsilon (private fine-tuning typically uses 1 to 8), or lower "
+            "finetune.epochs",
+        )
     return TrainingPlan(n_records, q, steps, delta, noise)
