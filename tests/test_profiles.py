@@ -78,3 +78,38 @@ def test_list_says_each_profile_in_a_line(capsys):
         main(["list", "quick"])  # list takes no profile
     assert main(["show", "nosuch", "--root", str(ROOT)]) == 2
     assert "`python -m privtune.profiles list`" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_profile_run_mean_the_checkout(tmp_path):
+    """A corpus, a local base model or a policy named relative to the checkout (in
+    params.yaml, profiles.yaml or a run's overrides) is found from profiles/<name>/, where
+    the stages run (walkthrough finding: `prepare.source: corpus/notes.jsonl` was looked for
+    under profiles/<name>/corpus/); the generator's module is copied there and stays."""
+    import shutil
+
+    from privtune.config import load_params
+    from privtune.profiles import project
+
+    for name in ("params.yaml", "dvc.yaml", "profiles.yaml"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    (tmp_path / "src" / "privtune").mkdir(parents=True)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.jsonl").write_text('{"text": "a note"}\n')
+    overrides = {
+        "prepare.source": "corpus/notes.jsonl",
+        "base.source": "models/mine",
+        "methods.rldp.warm_start": "policies/rldp.pt",
+    }
+    target = project(tmp_path, None, overrides)
+    params = load_params(target / "params.yaml")
+    assert (target / params.prepare.source).resolve() == tmp_path / "corpus" / "notes.jsonl"
+    assert (target / params.base.source).resolve() == tmp_path / "models" / "mine"
+    warm_start = params.methods["rldp"].warm_start
+    assert (target / warm_start).resolve() == tmp_path / "policies" / "rldp.pt"
+
+    defaults = load_params(project(tmp_path, "quick", None) / "params.yaml")
+    assert defaults.prepare.source == "src/privtune/data/generator.py"  # copied with the code
+    assert defaults.base.source == "build"
+    absolute = {"prepare.source": str(tmp_path / "corpus" / "notes.jsonl")}
+    moved = load_params(project(tmp_path, None, absolute) / "params.yaml")
+    assert moved.prepare.source == absolute["prepare.source"]

@@ -18,8 +18,10 @@ model's champion. `dvc repro` there reruns only what changed, like in the checko
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from typing import Any
 import yaml
 
 from privtune.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNAVAILABLE
-from privtune.config import load_params, parse_params
+from privtune.config import SOURCE_BUILD, load_params, parse_params
 from privtune.errors import ConfigError, PrivtuneError, ServerError
 
 PROFILES_FILE = "profiles.yaml"
@@ -135,6 +137,30 @@ def run_params(
     return name, params
 
 
+def from_checkout(params: dict[str, Any], root: Path, target: Path) -> dict[str, Any]:
+    """``params`` with the relative paths a user wrote, which mean the checkout, made relative
+    to ``target`` (profiles/<name>/), where the stages run: a corpus (prepare.source), a local
+    base model (base.source) and a policy to warm-start from (methods.<entry>.warm_start).
+    The generator's module stays as written: the code is copied into the profile."""
+    from privtune.sources import PACKAGED
+
+    def moved(path: str) -> str:
+        if Path(path).is_absolute() or Path(path).parts[:1] == ("src",):
+            return path
+        return os.path.relpath(root / path, target)
+
+    params = copy.deepcopy(params)
+    prepare, base = params.get("prepare") or {}, params.get("base") or {}
+    if isinstance(prepare.get("source"), str):
+        prepare["source"] = moved(prepare["source"])
+    if isinstance(base.get("source"), str) and base["source"] not in (SOURCE_BUILD, *PACKAGED):
+        base["source"] = moved(base["source"])
+    for options in (params.get("methods") or {}).values():
+        if isinstance(options, dict) and isinstance(options.get("warm_start"), str):
+            options["warm_start"] = moved(options["warm_start"])
+    return params
+
+
 def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | None) -> Path:
     """profiles/<name>/ under ``root``, created or brought up to date: dvc.yaml and the code
     copied from the checkout (the stages' dependencies), params.yaml of the profile, checked
@@ -145,6 +171,7 @@ def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | N
     name, params = run_params(root, profile, overrides)
     target = root / PROFILES_DIR / name
     target.mkdir(parents=True, exist_ok=True)
+    params = from_checkout(params, root, target)
     params_file = target / "params.yaml"
     text = yaml.safe_dump(params, sort_keys=False)
     if not params_file.is_file() or params_file.read_text() != text:
