@@ -244,10 +244,13 @@ def _wait(
     timeout: float | None,
     interval: float | None,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
+    pool: str | None = None,
 ) -> Any:
     """The flow run once it is final, its heartbeats stopped, or ``timeout`` passed; says
     every WAIT_LOG_SECONDS that it is still waiting, and on what (a GPU fine-tuning can take
-    hours, and the pipeline's log would otherwise be silent all along)."""
+    hours, and the pipeline's log would otherwise be silent all along). While the run waits
+    for a worker of ``pool`` (scheduled, late or pending), a pool left with no live worker
+    fails the wait (NoLiveWorker) instead of waiting out ``timeout``."""
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     said = start
@@ -262,6 +265,14 @@ def _wait(
                 run.state.name if run.state else "unknown", said - start,
                 "" if timeout is None else f" (timeout {timeout:g} s)",
             )  # fmt: skip
+        queued = run.state is not None and (run.state.is_scheduled() or run.state.is_pending())
+        problem = pool_problem(client, pool) if pool is not None and queued else None
+        if problem:  # the run stays queued: the next pipeline run with these inputs reuses it
+            raise NoLiveWorker(
+                f"fine-tuning {run.name} (flow run {run.id}) is {run.state.name} on pool "
+                f"'{pool}', and {problem}; the run stays queued for a worker, and the next "
+                "pipeline run with the same inputs waits on it again"
+            )
         why = crash_if_dead(client, run, interval)
         if why:
             raise RemoteRunFailed(
@@ -335,7 +346,7 @@ def finetune(
         "reusing" if reused else "started", run.name, run.id, pool,
     )  # fmt: skip
     with get_client(sync_client=True) as client:
-        run = _wait(client, run, timeout, heartbeat_seconds(found), logger)
+        run = _wait(client, run, timeout, heartbeat_seconds(found), logger, pool)
     state = run.state
     if state is None or not state.is_final():
         raise DispatchTimeout(

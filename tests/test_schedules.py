@@ -312,6 +312,47 @@ def test_a_dispatch_waiting_on_its_fine_tuning_says_so_until_it_ends(monkeypatch
     assert "(timeout 7200 s)" in said[0]
 
 
+def test_a_fine_tuning_queued_on_a_pool_whose_workers_are_gone_fails_the_wait(monkeypatch):
+    """A run Late on a pool with no live worker would wait out the whole timeout (two hours
+    by default; walkthrough finding): the wait fails naming the pool, the run stays queued."""
+    from datetime import UTC, datetime
+
+    from prefect.client.schemas.objects import WorkerStatus
+    from prefect.states import Completed, Late, Pending
+
+    from tasks import dispatch
+
+    monkeypatch.setattr(dispatch, "POLL_SECONDS", 0.0)
+    worker = SimpleNamespace(
+        status=WorkerStatus.ONLINE,
+        last_heartbeat_time=datetime.now(UTC),
+        heartbeat_interval_seconds=30,
+    )
+
+    class _Client:
+        def __init__(self, states, workers):
+            self.states, self.workers = states, workers
+
+        def read_flow_run(self, run_id):
+            return SimpleNamespace(id=run_id, name="finetune-dpsgd", state=self.states.pop(0))
+
+        def read_work_pool(self, pool):
+            return SimpleNamespace(is_paused=False)
+
+        def read_workers_for_work_pool(self, pool):
+            return self.workers
+
+    run = SimpleNamespace(id="r1", name="finetune-dpsgd", state=None)
+    with pytest.raises(dispatch.NoLiveWorker) as gone:
+        dispatch._wait(_Client([Late(), Late()], []), run, 7200, None, None, "privtune-gpu")
+    message = str(gone.value)
+    assert "finetune-dpsgd (flow run r1) is Late on pool 'privtune-gpu'" in message
+    assert "prefect worker start --pool privtune-gpu" in message and "stays queued" in message
+    # a live worker (busy, or about to pick the run up): the wait goes on
+    client = _Client([Late(), Pending(), Completed()], [worker])
+    assert dispatch._wait(client, run, 7200, None, None, "privtune-gpu").state.is_completed()
+
+
 def test_heartbeat_interval_is_read_from_the_deployment():
     from tasks.dispatch import heartbeat_seconds
 
