@@ -202,7 +202,9 @@ _STAGE: dict[str, Any] = {"retry_condition_fn": transient, "cache_policy": NO_CA
 
 def _run(root: str, target: str, force: bool, wait_for_lock: bool = False) -> list[str]:
     ran = reproduce(root, target, force, wait_for_lock)
-    get_run_logger().info("%s: %s", target, "ran" if ran else "up to date, skipped")
+    # DVC returns a stage restored from its run cache as run (its line above says "cached")
+    done = "ran (or was restored from DVC's run cache)" if ran else "up to date, skipped"
+    get_run_logger().info("%s: %s", target, done)
     return ran
 
 

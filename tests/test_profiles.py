@@ -113,3 +113,14 @@ def test_relative_paths_in_a_profile_run_mean_the_checkout(tmp_path):
     absolute = {"prepare.source": str(tmp_path / "corpus" / "notes.jsonl")}
     moved = load_params(project(tmp_path, None, absolute) / "params.yaml")
     assert moved.prepare.source == absolute["prepare.source"]
+
+
+def test_a_bad_override_is_named_where_it_came_from():
+    """The fix said `correct finetune.epsilon in profiles.yaml: quick` for a value the run's
+    overrides set (walkthrough finding)."""
+    from privtune.profiles import run_params
+
+    for profile, where in (("quick", "profiles.yaml: quick"), (None, "params.yaml")):
+        with pytest.raises(ConfigError) as bad:
+            run_params(ROOT, profile, {"finetune.epsilon": 0})
+        assert f"in {where} or the run's overrides (finetune.epsilon)" in str(bad.value)

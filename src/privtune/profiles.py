@@ -130,7 +130,10 @@ def run_params(
     """resolve(), checked against the schema (a bad key fails here, named), its models
     registered as `<registry.name>-<project name>` unless the overrides name them."""
     name, params = resolve(root, profile, overrides)
-    parse_params(params, Path(f"{PROFILES_FILE}: {name}"))
+    where = f"{PROFILES_FILE}: {profile}" if profile else "params.yaml"
+    if overrides:  # an error's fix names where the value may have come from
+        where += f" or the run's overrides ({', '.join(overrides)})"
+    parse_params(params, Path(where))
     registry = params.setdefault("registry", {})
     if not any(key.startswith("registry.name") for key in overrides or {}):
         registry["name"] = f"{registry.get('name', 'privtune-clinical-notes')}-{name}"
