@@ -2,9 +2,11 @@
 
     python tests/pause_cli.py MARKER POINT -- <privtune arguments>
 
-POINT is `checkpoint` (right after the first checkpoint is saved: mid-training) or
-`write:<name>` (inside io.atomic_dir for the output <name>, e.g. `write:dpsgd`, once its files
-are in the temporary folder and before it replaces the output: mid-write). At that point the
+POINT is `checkpoint` (right after the first checkpoint is saved: mid-training), `log:<step>`
+(right after the metrics of that step went to MLflow: mid-training, past a checkpoint when
+steps were logged after it) or `write:<name>` (inside io.atomic_dir for the output <name>,
+e.g. `write:dpsgd`, once its files are in the temporary folder and before it replaces the
+output: mid-write). At that point the
 process touches MARKER and sleeps; the test waits for MARKER and kills the process by PID. A
 race-free kill: without the pause, a small run can finish before the signal lands.
 """
@@ -37,6 +39,17 @@ def pause_at(point: str, marker: Path) -> None:
             _pause(marker)
 
         callbacks.save_checkpoint = save_then_pause
+    elif point.startswith("log:"):
+        import privtune.tracking as tracking
+
+        at, log = int(point.removeprefix("log:")), tracking.RunTracker.log_metrics
+
+        def log_then_pause(self, metrics, step=None) -> None:
+            log(self, metrics, step)
+            if step == at and "loss" in metrics:
+                _pause(marker)
+
+        tracking.RunTracker.log_metrics = log_then_pause
     elif point.startswith("write:"):
         import privtune.io as io
 
@@ -51,7 +64,7 @@ def pause_at(point: str, marker: Path) -> None:
 
         io.atomic_dir = atomic_dir_then_pause
     else:
-        raise SystemExit(f"unknown pause point {point!r}: checkpoint or write:<name>")
+        raise SystemExit(f"unknown pause point {point!r}: checkpoint, log:<step> or write:<name>")
 
 
 def main(argv: list[str]) -> int:

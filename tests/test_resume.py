@@ -118,7 +118,9 @@ def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
 
     project = tmp_path / "project"
     project.mkdir()
-    write_params(project / "params.yaml", finetune={"epochs": 3.0, "checkpoint_every": 2})
+    write_params(
+        project / "params.yaml", finetune={"epochs": 3.0, "checkpoint_every": 2, "log_every": 1}
+    )
     assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
     assert main(["--root", str(project), "--no-progress", "base"]) == 0
     reference = tmp_path / "reference"
@@ -129,13 +131,12 @@ def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
     # the project's own store, whatever an earlier test left in the environment
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    # The real CLI, paused once its first checkpoint is on disk (tests/pause_cli.py): the
-    # kill lands after a checkpoint however fast the machine is.
+    # The real CLI, paused once step 3's metrics are in MLflow (tests/pause_cli.py), after the
+    # checkpoint of steps 0-1: the kill lands past a checkpoint however fast the machine is,
+    # and the resumed run replays steps 2 and 3, which the killed one logged.
     saved = tmp_path / "checkpoint-saved"
     pause = [sys.executable, str(Path(__file__).with_name("pause_cli.py")), str(saved)]
-    process = subprocess.Popen(
-        [*pause, "checkpoint", "--", *command[3:], "finetune", "dpsgd"], env=env
-    )
+    process = subprocess.Popen([*pause, "log:3", "--", *command[3:], "finetune", "dpsgd"], env=env)
     checkpoint = project / ".privtune" / "checkpoints" / "dpsgd.pt"
     deadline = time.time() + 300
     while not saved.exists() and process.poll() is None and time.time() < deadline:
@@ -151,5 +152,11 @@ def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
     assert _digest(project, "dpsgd") == _digest(reference, "dpsgd")
     runs = _mlflow_runs(project)
     assert len(runs) == 1 and runs[0].info.run_id == killed[0].info.run_id
-    assert runs[0].info.status == "FINISHED" and int(runs[0].data.tags["resumed_at_step"]) >= 2
+    assert runs[0].info.status == "FINISHED" and int(runs[0].data.tags["resumed_at_step"]) == 2
+    # each step's metrics once: the replayed steps 2 and 3 are not logged twice
+    import mlflow
+
+    store = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    steps = [m.step for m in store.get_metric_history(runs[0].info.run_id, "loss")]
+    assert sorted(steps) == list(range(max(steps) + 1)) and 3 in steps
     assert not checkpoint.exists()  # done: nothing left to resume

@@ -345,6 +345,12 @@ class RunTracker:
         if finite:
             self._mlflow.log_metrics(finite, step=step)
 
+    def last_step(self, key: str = "loss") -> int:
+        """The last step ``key`` was logged at in this run (-1: none): a run resumed from its
+        checkpoint replays the steps after it, which the killed attempt may have logged."""
+        history = self._mlflow.MlflowClient().get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=-1)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 

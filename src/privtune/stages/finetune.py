@@ -214,6 +214,12 @@ def _finetune(
                     ),
                 }
             )
+        logged = run.last_step() if resumed_run is not None else -1
+
+        def on_log(metrics: dict[str, float], step: int) -> None:
+            if step > logged:  # not a replayed step the killed attempt logged already
+                run.log_metrics(metrics, step)
+
         result = train(
             model,
             train_data,
@@ -221,7 +227,7 @@ def _finetune(
             f,
             method,
             options,
-            on_log=run.log_metrics,
+            on_log=on_log,
             show_progress=show_progress,
             **common,
         )
