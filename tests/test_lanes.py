@@ -85,7 +85,9 @@ def test_a_failed_stage_stops_its_lane_only_and_names_the_field(checkout, capsys
     assert not (target / "reports" / "report.md").exists()  # register and report wait
     captured = capsys.readouterr()
     assert "finetune@warm: failed in " in captured.out
-    assert "s (methods.warm.warm_start: warm_start 'missing-policy.pt' is not" in captured.out
+    # the path the user wrote, in the checkout (profiles.from_checkout)
+    missing = checkout.resolve() / "missing-policy.pt"
+    assert f"s (methods.warm.warm_start: warm_start '{missing}' is not" in captured.out
     assert "failed: finetune@warm" in captured.err and "rerun the same command" in captured.err
 
 

@@ -84,7 +84,8 @@ def test_relative_paths_in_a_profile_run_mean_the_checkout(tmp_path):
     """A corpus, a local base model or a policy named relative to the checkout (in
     params.yaml, profiles.yaml or a run's overrides) is found from profiles/<name>/, where
     the stages run (walkthrough finding: `prepare.source: corpus/notes.jsonl` was looked for
-    under profiles/<name>/corpus/); the generator's module is copied there and stays."""
+    under profiles/<name>/corpus/): written as the checkout's absolute path, so an error names
+    the file the user meant; the generator's module is copied there and stays."""
     import shutil
 
     from privtune.config import load_params
@@ -102,6 +103,7 @@ def test_relative_paths_in_a_profile_run_mean_the_checkout(tmp_path):
     }
     target = project(tmp_path, None, overrides)
     params = load_params(target / "params.yaml")
+    assert params.prepare.source == str(tmp_path.resolve() / "corpus" / "notes.jsonl")
     assert (target / params.prepare.source).resolve() == tmp_path / "corpus" / "notes.jsonl"
     assert (target / params.base.source).resolve() == tmp_path / "models" / "mine"
     warm_start = params.methods["rldp"].warm_start

@@ -21,7 +21,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -141,16 +140,20 @@ def run_params(
 
 
 def from_checkout(params: dict[str, Any], root: Path, target: Path) -> dict[str, Any]:
-    """``params`` with the relative paths a user wrote, which mean the checkout, made relative
-    to ``target`` (profiles/<name>/), where the stages run: a corpus (prepare.source), a local
-    base model (base.source) and a policy to warm-start from (methods.<entry>.warm_start).
-    The generator's module stays as written: the code is copied into the profile."""
+    """``params`` with the relative paths a user wrote, which mean the checkout, made absolute
+    for ``target`` (profiles/<name>/, where the stages run; rewritten at every run, so a moved
+    checkout is followed, and an error names the file the user meant): a corpus
+    (prepare.source), a local base model (base.source) and a policy to warm-start from
+    (methods.<entry>.warm_start). The generator's module stays as written: the code is copied
+    into the profile."""
     from privtune.sources import PACKAGED
+
+    del target  # the paths name the checkout's files wherever the profile's folder is
 
     def moved(path: str) -> str:
         if Path(path).is_absolute() or Path(path).parts[:1] == ("src",):
             return path
-        return os.path.relpath(root / path, target)
+        return str(root / path)
 
     params = copy.deepcopy(params)
     prepare, base = params.get("prepare") or {}, params.get("base") or {}
