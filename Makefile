@@ -56,7 +56,7 @@ demo: install
 # The whole suite, end-to-end tests included (what CI runs), in TEST_WORKERS processes
 # (pytest-xdist; 0: in this one). One test file per process (--dist loadfile): a file's
 # module-scoped project or servers are built once, and tests sharing a store take turns.
-# Two processes on 2 cores: 17-19 min against 26 one after the other (measured 2026-12-06).
+# Two processes on 2 cores: 17-24 min against 26 one after the other (measured 2026-12-06).
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 test: install
