@@ -139,16 +139,14 @@ def run_params(
     return name, params
 
 
-def from_checkout(params: dict[str, Any], root: Path, target: Path) -> dict[str, Any]:
-    """``params`` with the relative paths a user wrote, which mean the checkout, made absolute
-    for ``target`` (profiles/<name>/, where the stages run; rewritten at every run, so a moved
+def from_checkout(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``params`` with the relative paths a user wrote, which mean the checkout ``root``, made
+    absolute for profiles/<name>/, where the stages run (rewritten at every run, so a moved
     checkout is followed, and an error names the file the user meant): a corpus
     (prepare.source), a local base model (base.source) and a policy to warm-start from
     (methods.<entry>.warm_start). The generator's module stays as written: the code is copied
     into the profile."""
     from privtune.sources import PACKAGED
-
-    del target  # the paths name the checkout's files wherever the profile's folder is
 
     def moved(path: str) -> str:
         if Path(path).is_absolute() or Path(path).parts[:1] == ("src",):
@@ -177,7 +175,7 @@ def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | N
     name, params = run_params(root, profile, overrides)
     target = root / PROFILES_DIR / name
     target.mkdir(parents=True, exist_ok=True)
-    params = from_checkout(params, root, target)
+    params = from_checkout(params, root)
     params_file = target / "params.yaml"
     text = yaml.safe_dump(params, sort_keys=False)
     if not params_file.is_file() or params_file.read_text() != text:
