@@ -92,7 +92,8 @@ class Lanes:
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set by Ctrl-C (or a lane's crash): nothing starts
         self.start = time.monotonic()
-        self.progress = progress_bar(sys.stdout.isatty())  # its console is stdout's
+        # its console is stdout's: the stage lines are the command's output
+        self.progress = progress_bar(sys.stdout.isatty(), stderr=False)
         self.bar = self.progress.add_task(
             f"{len(methods)} methods, {self.lanes} at once",
             total=len(methods) * len(METHOD_STAGES),

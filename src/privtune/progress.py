@@ -1,15 +1,81 @@
-"""The progress bar of long loops (counts and losses only, never record text)."""
+"""The progress bar of long loops (counts and losses only, never record text).
+
+On a terminal it is rich's live bar. Where no terminal shows one (a Prefect worker's log,
+`dvc repro` piped to a file, a lane's log) rich draws the bar once, at the end; there the same
+bar also prints a plain line at every tenth of a task, so a log says how far a long stage is
+and when it should end. Both go to stderr: stdout stays the commands' results (JSON).
+"""
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from datetime import timedelta
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+LINES = 10  # plain lines a task prints where no terminal shows the bar
 
 
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
-        TimeRemainingColumn(),
+def progress_bar(enabled: bool, *columns: ProgressColumn | str, stderr: bool = True) -> Progress:
+    """The bar of a long loop; ``columns`` replace the default ones (description, bar,
+    done/total with the task's `status` field, time remaining). ``stderr``: False for a bar
+    whose console prints the command's own result lines (the lanes' stage lines)."""
+    return LoggedProgress(
+        *(
+            columns
+            or (
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
+                TimeRemainingColumn(),
+            )
+        ),
+        console=Console(stderr=stderr),
         disable=not enabled,
     )
+
+
+class LoggedProgress(Progress):
+    """rich's Progress that also prints a line at each tenth of a task where the console is
+    not a terminal (rich's own bar shows nothing there until the end)."""
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        task = self._task(task_id)
+        before = task.completed if task else 0.0
+        super().advance(task_id, advance)
+        if self.disable or self.console.is_terminal or task is None or not task.total:
+            return
+        if _tenth(task.completed, task.total) > _tenth(before, task.total):
+            self.console.print(progress_line(task), markup=False, highlight=False, soft_wrap=True)
+
+    def _task(self, task_id: TaskID) -> Task | None:
+        return next((task for task in self.tasks if task.id == task_id), None)
+
+
+def _tenth(completed: float, total: float) -> int:
+    return int(LINES * min(completed, total) // total)
+
+
+def progress_line(task: Task) -> str:
+    """`finetune dpsgd: 12/41 (29%), 0:01:05 elapsed, about 0:02:38 left, loss 3.412`."""
+    total = task.total or 0
+    line = f"{task.description}: {task.completed:g}/{total:g} ({task.percentage:.0f}%)"
+    if task.elapsed is not None:
+        line += f", {_clock(task.elapsed)} elapsed"
+    remaining = task.time_remaining
+    if task.completed < total and remaining is not None:
+        line += f", about {_clock(remaining)} left"
+    status = task.fields.get("status")
+    return f"{line}, {status}" if status else line
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))

@@ -29,6 +29,7 @@ from privtune.attacks.scoring import SCORE_NAMES, membership_scores
 from privtune.data.canaries import Canary
 from privtune.errors import ConfigError
 from privtune.privacy.gradient_canaries import GradientCanaries
+from privtune.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,13 @@ def summarize(
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(
+    return progress_bar(
+        enabled,
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=not enabled,
     )
 
 
