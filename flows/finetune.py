@@ -41,7 +41,8 @@ def finetune(
     disable_telemetry()
     root = str(Path(root).resolve())
     if profile or overrides:
-        root = str(profiles.project(root, profile, overrides))
+        # the pipeline checked the whole project; the stage checks its own plan
+        root = str(profiles.project(root, profile, overrides, check=False))
     target = f"finetune@{method}"
     if share:  # the data and base model were built on another machine
         if lock:

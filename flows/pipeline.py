@@ -117,10 +117,16 @@ def pipeline(
             raise ConfigError(
                 "share", "a profile run has no DVC remote of its own", "run it without `share`"
             )
-        root = str(profiles.project(root, profile, overrides))
+        # checked whole (these methods) before any stage: a bad value fails here, not after
+        # prepare and base, and is not left in the profile's params.yaml
+        root = str(profiles.project(root, profile, overrides, methods=methods))
         logger.info("profile %s: building in %s", profile or "overrides", root)
         # the fine-tuning worker builds the same profile project in its own checkout
         run_parameters = {"profile": profile, "overrides": overrides}
+    else:
+        from privtune.stages.preflight import check_project
+
+        check_project(root, methods)  # what any stage would refuse, before the first runs
     every_method = method_names(root)
     methods = methods or every_method
     stages.prepare(root, force)

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from privtune.tracking import EXPERIMENT, TELEMETRY_OFF, headline_url  # noqa: E402
+from privtune.tracking import TELEMETRY_OFF, headline_url, project_experiment  # noqa: E402
 
 REGISTERED_MODEL = "privtune-clinical-notes"
 
@@ -211,10 +211,12 @@ class Browser:
 Page = tuple[str, tuple[int, int], str]  # url, window size, JavaScript "ready" condition
 
 
-def pages(ui: Ui, name: str, version: str | None) -> dict[str, Page]:
+def pages(ui: Ui, name: str, version: str | None, experiment_name: str) -> dict[str, Page]:
     """The URLs to shoot, found through the REST API: the version (the champion unless given),
     the epsilon chart of every private fine-tuning run, the headline runs table."""
-    experiment = ui.get(f"{API}/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    experiment = ui.get(f"{API}/experiments/get-by-name", experiment_name=experiment_name)[
+        "experiment"
+    ]
     experiment_id = experiment["experiment_id"]
     if version is None:
         try:
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     browser = None
     try:
         browser = Browser()
-        for file, (url, size, ready) in pages(ui, args.name, args.version).items():
+        shots = pages(ui, args.name, args.version, project_experiment(project))
+        for file, (url, size, ready) in shots.items():
             if args.pages and file.removeprefix("mlflow-").removesuffix(".png") not in args.pages:
                 continue
             browser.screenshot(url, args.out / file, size, ready)

@@ -473,6 +473,27 @@ def test_a_configuration_error_fails_at_once_without_retries(server, tmp_path):
     assert told and not [m for m in told if "Traceback" in m], told
 
 
+def test_the_pipeline_refuses_a_bad_plan_before_its_first_stage(server, tmp_path):
+    """A value only a method's plan refuses (an epsilon whose noise the guard would not admit)
+    fails the pipeline flow before `prepare` runs, in the checkout and as a run's overrides
+    (it failed at `finetune@dpsgd`, after prepare and base: walkthrough finding); the
+    overrides' project is not left behind."""
+    sys.path.insert(0, str(ROOT))
+    from flows.pipeline import pipeline
+
+    project = make_project(tmp_path)
+    write_params(project / "params.yaml", finetune={"epsilon": 1e-4})
+    state = pipeline(root=str(project), return_state=True)
+    assert state.is_failed() and "finetune.epsilon" in state.message
+    assert not (project / "data" / "prepared").exists()
+    write_params(project / "params.yaml")
+    overrides = {"finetune.epsilon": 1e-4}
+    state = pipeline(root=str(project), overrides=overrides, return_state=True)
+    assert state.is_failed() and "finetune.epsilon" in state.message
+    assert not (project / "profiles").exists() or not any((project / "profiles").iterdir())
+    assert not (project / "data" / "prepared").exists()
+
+
 def test_nothing_to_promote_completes_with_that_result(server, tmp_path, monkeypatch):
     from flows.promote import promote
 

@@ -163,6 +163,7 @@ def test_a_profile_builds_in_a_project_of_its_own(checkout):
     assert params["finetune"]["lr"] == 0.02 and params["finetune"]["lora"]["r"] == 4
     assert params["finetune"]["lora"]["alpha"] == 16  # untouched keys keep their value
     assert params["registry"]["name"] == "privtune-clinical-notes-quick"
+    assert params["tracking"]["experiment"] == "privtune-quick"  # runs never mix either
     assert (checkout / "params.yaml").read_text() == before
     with Repo(str(quick)) as repo:
         assert "finetune@dpsgd" in {s.name for s in repo.index.stages}
@@ -171,6 +172,33 @@ def test_a_profile_builds_in_a_project_of_its_own(checkout):
     # overrides alone: a project named by their content
     custom = profiles.project(checkout, None, {"finetune.epochs": 0.5})
     assert custom.parent == checkout / "profiles" and custom.name.startswith("overrides-")
+
+
+def test_what_the_preflight_refuses_leaves_a_profile_as_it_was(checkout):
+    """A value only the preflight refuses (an epsilon whose noise the guard would not admit:
+    a ConfigError of the plan, not of the schema) fails before any stage, and is not left in
+    the profile's params.yaml for the next `dvc repro` there (walkthrough finding); a new
+    project it refused is not left behind at all."""
+    from privtune.errors import PrivtuneError
+
+    quick = profiles.project(checkout, "quick", None)
+    good = (quick / "params.yaml").read_text()
+    with pytest.raises(PrivtuneError, match=r"finetune\.epsilon"):
+        profiles.project(checkout, "quick", {"finetune.epsilon": 1e-4})
+    assert (quick / "params.yaml").read_text() == good
+    before = sorted(p.name for p in (checkout / "profiles").iterdir())
+    with pytest.raises(PrivtuneError, match=r"finetune\.epsilon"):
+        profiles.project(checkout, None, {"finetune.epsilon": 1e-4})
+    assert sorted(p.name for p in (checkout / "profiles").iterdir()) == before
+    # only these methods' plans: a run of nonprivate alone takes it (no noise to calibrate)
+    alone = profiles.project(checkout, "quick", {"finetune.epsilon": 1e-4}, methods=["nonprivate"])
+    assert yaml.safe_load((alone / "params.yaml").read_text())["finetune"]["epsilon"] == 1e-4
+    # the tracking and registry names an override gives are kept
+    named = profiles.project(
+        checkout, "quick", {"tracking.experiment": "mine", "registry.name": "ours"}, check=False
+    )
+    params = yaml.safe_load((named / "params.yaml").read_text())
+    assert (params["tracking"]["experiment"], params["registry"]["name"]) == ("mine", "ours")
 
 
 def test_an_unknown_profile_or_key_fails_naming_it(checkout):

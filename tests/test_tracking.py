@@ -126,3 +126,27 @@ def test_git_modified_names_uncommitted_changes_but_not_the_pipelines_outputs(tm
     (tmp_path / "params.yaml").write_text("v2\n")
     (tmp_path / "train.py").write_text("v2\n")
     assert tracking.git_modified(tmp_path) == "params.yaml, train.py"
+
+
+def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path, capsys):
+    """`tracking.experiment` names where a project's runs go (a profile's project gets
+    `privtune-<profile>`): the fine-tuning is tracked there, and a rerun with the same inputs
+    finds it there and reuses it instead of training (and spending the budget) again."""
+    import shutil
+
+    import mlflow
+
+    from privtune.cli import main
+    from tests.conftest import edit_params
+
+    root = tmp_path / "p"
+    shutil.copytree(tiny_project, root)
+    edit_params(root, tracking={"experiment": "cardiology-notes"})
+    for _ in range(2):
+        assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
+    capsys.readouterr()
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert client.get_experiment_by_name(tracking.EXPERIMENT) is None
+    experiment = client.get_experiment_by_name("cardiology-notes")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.data.tags["entry"] for run in runs] == ["dpsgd"]

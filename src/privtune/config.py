@@ -312,6 +312,14 @@ class RegistryParams(_Section):
     gates: Gates = Gates()
 
 
+class TrackingParams(_Section):
+    """Where the runs go in MLflow (no stage reads it: dvc.yaml tracks no `tracking` key)."""
+
+    # The MLflow experiment of this project's runs. A profile run (privtune/profiles.py) gets
+    # `<experiment>-<profile>`, so on a team server its runs never mix with the default's.
+    experiment: str = Field(default="privtune", min_length=1, description="MLflow experiment")
+
+
 class ClozeParams(_Section):
     """A downstream task for any notes: fill in the span a pattern marks in each test note."""
 
@@ -423,6 +431,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     attack: AttackParams = AttackParams()
     registry: RegistryParams = RegistryParams()
+    tracking: TrackingParams = TrackingParams()
     runner: RunnerParams = RunnerParams()
 
     def method(self, name: str) -> tuple[str, dict[str, Any]]:

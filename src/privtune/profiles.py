@@ -5,10 +5,12 @@ A profile is an overlay of params.yaml (the same sections, only what differs; it
 when given, replaces the list of methods) and may `extends` another profile. A run with a
 profile (`make demo-smollm2`, `python -m privtune.profiles run quick`, or the Prefect pipeline's
 `profile` / `overrides` parameters) builds in profiles/<name>/ under the checkout: the same
-dvc.yaml and code, params.yaml with the overlay, its own outputs, dvc.lock and MLflow store, and
-it registers its models as `<registry.name>-<name>`, so none of them can become the default
-model's champion. `dvc repro` there reruns only what changed, like in the checkout. With
-`--lanes N`, N methods' stages run at once (privtune/lanes.py: the same outputs and dvc.lock).
+dvc.yaml and code, params.yaml with the overlay, its own outputs, dvc.lock and MLflow store; it
+registers its models as `<registry.name>-<name>`, so none of them can become the default
+model's champion, and its runs go to the MLflow experiment `<tracking.experiment>-<name>`, so
+on a team's server they never mix with the default pipeline's. `dvc repro` there reruns only
+what changed, like in the checkout. With `--lanes N`, N methods' stages run at once
+(privtune/lanes.py: the same outputs and dvc.lock).
 
     python -m privtune.profiles list              # the profiles, one line each
     python -m privtune.profiles run smollm2 [--cpu-profile smollm2-cpu] [--lanes 3]
@@ -127,15 +129,20 @@ def run_params(
     root: str | Path, profile: str | None, overrides: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any]]:
     """resolve(), checked against the schema (a bad key fails here, named), its models
-    registered as `<registry.name>-<project name>` unless the overrides name them."""
+    registered as `<registry.name>-<project name>` and its runs tracked in the MLflow
+    experiment `<tracking.experiment>-<project name>`, unless the overrides name them."""
     name, params = resolve(root, profile, overrides)
     where = f"{PROFILES_FILE}: {profile}" if profile else "params.yaml"
     if overrides:  # an error's fix names where the value may have come from
         where += f" or the run's overrides ({', '.join(overrides)})"
-    parse_params(params, Path(where))
-    registry = params.setdefault("registry", {})
-    if not any(key.startswith("registry.name") for key in overrides or {}):
-        registry["name"] = f"{registry.get('name', 'privtune-clinical-notes')}-{name}"
+    defaults = parse_params(params, Path(where))
+    for dotted, value in (
+        ("registry.name", defaults.registry.name),
+        ("tracking.experiment", defaults.tracking.experiment),
+    ):
+        if not any(key.startswith(dotted) for key in overrides or {}):
+            section, key = dotted.split(".")
+            params.setdefault(section, {})[key] = f"{value}-{name}"
     return name, params
 
 
@@ -165,32 +172,56 @@ def from_checkout(params: dict[str, Any], root: Path) -> dict[str, Any]:
     return params
 
 
-def project(root: str | Path, profile: str | None, overrides: dict[str, Any] | None) -> Path:
+def project(
+    root: str | Path,
+    profile: str | None,
+    overrides: dict[str, Any] | None,
+    *,
+    check: bool = True,
+    methods: list[str] | None = None,
+) -> Path:
     """profiles/<name>/ under ``root``, created or brought up to date: dvc.yaml and the code
     copied from the checkout (the stages' dependencies), params.yaml of the profile, checked
-    against the schema before anything runs."""
+    against the schema and (``check``) by the preflight, for ``methods`` (default: all), before
+    anything runs. What the preflight refuses leaves the project as it was (a new one is
+    removed, an existing one keeps its params.yaml): a bad value never stays behind for the
+    next `dvc repro` there."""
     from dvc.repo import Repo
 
     root = Path(root).resolve()
     name, params = run_params(root, profile, overrides)
     target = root / PROFILES_DIR / name
-    target.mkdir(parents=True, exist_ok=True)
-    params = from_checkout(params, root)
+    created = not target.exists()
     params_file = target / "params.yaml"
-    text = yaml.safe_dump(params, sort_keys=False)
-    if not params_file.is_file() or params_file.read_text() != text:
-        params_file.write_text(text)
-    load_params(params_file)
-    shutil.copy2(root / "dvc.yaml", target / "dvc.yaml")
-    shutil.rmtree(target / "src", ignore_errors=True)
-    shutil.copytree(
-        root / "src", target / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
-    if not (target / ".dvc").is_dir():  # its own DVC project; the checkout's DVC skips it
-        Repo.init(str(target), no_scm=True).close()
-        with Repo(str(target)) as repo, repo.config.edit() as config:
-            config["core"]["analytics"] = False
-            config["core"]["check_update"] = False
+    previous = params_file.read_text() if params_file.is_file() else None
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(from_checkout(params, root), sort_keys=False)
+        if previous != text:
+            params_file.write_text(text)
+        load_params(params_file)
+        shutil.copy2(root / "dvc.yaml", target / "dvc.yaml")
+        shutil.rmtree(target / "src", ignore_errors=True)
+        shutil.copytree(
+            root / "src", target / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+        if not (target / ".dvc").is_dir():  # its own DVC project; the checkout's DVC skips it
+            Repo.init(str(target), no_scm=True).close()
+            with Repo(str(target)) as repo, repo.config.edit() as config:
+                config["core"]["analytics"] = False
+                config["core"]["check_update"] = False
+        if check:
+            from privtune.stages.preflight import check_project
+
+            check_project(target, methods)  # before DVC removes any stage's outputs
+    except BaseException:
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        elif previous is None:
+            params_file.unlink(missing_ok=True)
+        elif params_file.read_text() != previous:
+            params_file.write_text(previous)
+        raise
     return target
 
 
@@ -248,11 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ServerError as err:
+        print(f"unavailable: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except PrivtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"profile {name}: building in {target}", file=sys.stderr)
     try:
-        from privtune.stages.preflight import check_project
-
-        check_project(target)  # before DVC removes any stage's outputs to run it
         if lanes == 1:
             return repro(target)
         from privtune.lanes import run

@@ -107,12 +107,21 @@ def _create_sqlite_store(uri: str, wait: float = 600.0) -> None:
     _OPENED.add(uri)
 
 
+def project_experiment(root: str | Path = ".") -> str:
+    """The MLflow experiment of the project at ``root``: its params.yaml's
+    `tracking.experiment` (a profile's project: `<experiment>-<profile>`)."""
+    from privtune.config import load_params
+
+    path = Path(root) / "params.yaml"
+    return load_params(path).tracking.experiment if path.is_file() else EXPERIMENT
+
+
 def ensure_experiment(root: str | Path = ".", name: str | None = None) -> str:
     """Create the project's store and experiment now, if missing: before runs start at once
     (the store's creation takes turns, `checked_uri`; the experiment is then made once here
     instead of raced for)."""
     with use_store(root) as mlflow:
-        return _experiment_id(mlflow, Path(root), name or EXPERIMENT)
+        return _experiment_id(mlflow, Path(root), name or project_experiment(root))
 
 
 def _experiment_id(mlflow: Any, root: Path, name: str) -> str:
@@ -386,13 +395,15 @@ def _runs_with_key(root: str | Path, key: str, experiment: str = EXPERIMENT) -> 
     )
 
 
-def finished_run(root: str | Path, key: str) -> Any | None:
-    """The latest FINISHED run with this key (same stage and inputs), if any."""
-    runs = [r for r in _runs_with_key(root, key) if r.info.status == "FINISHED"]
+def finished_run(root: str | Path, key: str, experiment: str = EXPERIMENT) -> Any | None:
+    """The latest FINISHED run with this key (same stage and inputs) in ``experiment``."""
+    runs = [r for r in _runs_with_key(root, key, experiment) if r.info.status == "FINISHED"]
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
-def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> int:
+def discard_unfinished(
+    root: str | Path, key: str, keep: str | None = None, experiment: str = EXPERIMENT
+) -> int:
     """Delete runs with this key that ended without finishing (a crashed attempt), so a retry
     does not leave a duplicate beside its own run; ``keep``: a run to resume instead. A run
     still RUNNING is left alone: its process may be alive on another machine sharing the store
@@ -401,7 +412,7 @@ def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> i
     client = _client(root)
     stale = [
         r
-        for r in _runs_with_key(root, key)
+        for r in _runs_with_key(root, key, experiment)
         if r.info.status not in ("FINISHED", "RUNNING") and r.info.run_id != keep
     ]
     for run in stale:

@@ -161,9 +161,12 @@ def _finetune(
     checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
     common = {"entry": name, "plan": plan, "checkpoint": checkpointing, "trainer": trainer}
     reused: dict[str, Any] | None = None
+    experiment = params.tracking.experiment
     if replica.is_main:
-        tracking.close_dead_runs(root)  # runs a killed attempt left RUNNING: KILLED, with why
-        previous = tracking.finished_run(root, key)
+        tracking.close_dead_runs(
+            root, experiment
+        )  # runs a killed attempt left RUNNING: KILLED, with why
+        previous = tracking.finished_run(root, key, experiment)
         if previous is not None:
             reused = _reuse(root, name, previous) or None
     # Every rank learns whether rank 0 reuses a finished run: a rank that trained alone would
@@ -174,9 +177,11 @@ def _finetune(
         train(model, train_data, valid_data, f, method, options, show_progress=False, **common)
         return {}
     resumed_run = resumed.get("mlflow_run_id") if resumed else None
-    tracking.discard_unfinished(root, key, keep=resumed_run)
+    tracking.discard_unfinished(root, key, keep=resumed_run, experiment=experiment)
 
-    with tracking.start_run(run_name=name, root=root, key=key, run_id=resumed_run) as run:
+    with tracking.start_run(
+        run_name=name, root=root, key=key, run_id=resumed_run, experiment=experiment
+    ) as run:
         checkpointing.extra["mlflow_run_id"] = run.run_id
         run.set_tags(
             {

@@ -56,23 +56,24 @@ def check(root: str | Path, target: str) -> None:
         return
 
 
-def check_project(root: str | Path) -> None:
-    """`check_all` before a whole `dvc repro` of the project at ``root`` (a profile's run):
-    privtune's own errors raised, anything else left to the stages, as in `check`."""
+def check_project(root: str | Path, methods: list[str] | None = None) -> None:
+    """`check_all` before a whole `dvc repro` of the project at ``root`` (a profile's run, the
+    pipeline flow), for ``methods`` (default: all): privtune's own errors raised, anything
+    else left to the stages, as in `check`."""
     from privtune.errors import PrivtuneError
 
     try:
-        check_all(load_params(Path(root) / "params.yaml"), root)
+        check_all(load_params(Path(root) / "params.yaml"), root, methods)
     except PrivtuneError:
         raise
     except Exception:  # noqa: BLE001 (advisory: the stage reports it with its traceback)
         return
 
 
-def check_all(params: Params, root: str | Path) -> list[str]:
-    """`privtune check`: prepare's splits, then every method's fine-tuning plan from those
-    splits (not from data/prepared, which may be an older corpus's); one line each, counts
-    and the plan only (never a record)."""
+def check_all(params: Params, root: str | Path, methods: list[str] | None = None) -> list[str]:
+    """`privtune check`: prepare's splits, then every method's (or those of ``methods``)
+    fine-tuning plan from those splits (not from data/prepared, which may be an older
+    corpus's); one line each, counts and the plan only (never a record)."""
     from privtune.downstream import check_task
     from privtune.errors import PrivtuneError
     from privtune.stages.prepare import build
@@ -85,7 +86,7 @@ def check_all(params: Params, root: str | Path) -> list[str]:
     check_task(splits["test"][: params.evaluate.max_records], splits["train"], params.evaluate)
     if warning := _attack_power_warning(params, sum(len(rows) for rows in splits.values())):
         lines.append(warning)
-    for name in params.methods:
+    for name in params.methods if methods is None else methods:
         try:
             lines.append(_entry_line(params, name, root, len(splits["train"])))
         except PrivtuneError as err:  # which entry: its field may be shared (finetune.epsilon)
