@@ -76,11 +76,11 @@ def test_injected_rows_are_dirac_gradients_on_their_coordinates():
     injector = CanaryInjector(canaries, params)
     for p in params:
         p.grad_sample = torch.ones(2, *p.shape)  # two real records
-    rows = injector.rows(np.array([1, 0]))
-    flat = torch.cat([r.flatten(1) for r in rows], dim=1)  # (2, 17): one row per canary
+    rows = injector.rows(np.array([1, 0]))  # (2, 17): one row per canary
     expected = torch.zeros(2, 17)
     expected[0, 13], expected[1, 2] = -7.0, 7.0
-    torch.testing.assert_close(flat, expected)
+    torch.testing.assert_close(rows, expected)
+    assert injector.rows(np.array([], dtype=np.int64)).shape == (0, 17)
     # the mechanism takes them as extra records after the two real ones
     mech = mechanisms.Gaussian([params], ["all"], seed=0)
     spec = mech.admit(Action((100.0,), 1e-12), 1e-12)
@@ -126,8 +126,8 @@ def test_audit_catches_noise_cut_behind_the_ledgers_back(tiny_model, tiny_tokeni
     """A bug that adds 100x less noise than the ledger records must fail the audit."""
     add_noise = mechanisms.Gaussian.add_noise
 
-    def too_little(self, stds):
-        add_noise(self, [s / 100 for s in stds])
+    def too_little(self, total, stds):
+        add_noise(self, total, [s / 100 for s in stds])
 
     monkeypatch.setattr(mechanisms.Gaussian, "add_noise", too_little)
     train_data, valid_data = _data(tiny_tokenizer)

@@ -176,7 +176,7 @@ def test_no_noise_sums_the_extra_rows_and_scales_without_a_ledger_entry():
     p.grad = torch.tensor([1.0, 2.0, 3.0])  # what autograd summed for the records
     mech = NoNoise([[p]], ["p"], seed=0)
     spec = mech.admit(Action((), 0.0), 0.0)
-    mech.accumulate(spec, [torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, -1.0]])])
+    mech.accumulate(spec, torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, -1.0]]))
     stats = mech.release(spec, 4.0, batch_size=3)
     torch.testing.assert_close(p.grad, torch.tensor([11.0, 2.0, 2.0]) / 4.0)
     assert stats.norms is None and mech.ledger_entry(spec, 0, 0.1, 3) is None
@@ -465,21 +465,28 @@ def test_factors_and_noise_are_made_on_the_device_of_the_norms_and_parameters():
     norms = torch.ones(4, 2, device="meta", dtype=torch.float64)
     factors = mech.factors(norms, spec)
     assert (factors.device.type, factors.shape, factors.dtype) == ("meta", (4, 2), torch.float64)
-    mech.add_noise(spec.stds)
+    total = torch.zeros(5, device="meta")  # the summed gradient, both groups side by side
+    mech.add_noise(total, spec.stds)
+    mech.scale(total, 2.0)
     assert (a.grad.device.type, a.grad.shape, a.grad.dtype) == ("meta", (2,), torch.float32)
     assert (b.grad.device.type, b.grad.shape, b.grad.dtype) == ("meta", (3,), torch.bfloat16)
 
 
-def test_canary_rows_must_match_the_parameters_one_for_one():
-    """Extra rows (the audit's gradient canaries) in another order or number would land on
-    other coordinates: clipped and noised as a sample, but auditing the wrong thing."""
+def test_canary_rows_must_span_every_parameter():
+    """Extra rows (the audit's gradient canaries) of another width would land on other
+    coordinates: clipped and noised as a sample, but auditing the wrong thing."""
     a = torch.nn.Parameter(torch.zeros(2, 3))
     b = torch.nn.Parameter(torch.zeros(4))
     a.grad_sample, b.grad_sample = torch.ones(2, 2, 3), torch.ones(2, 4)
     mech = Gaussian([[a], [b]], ["a", "b"], seed=0)
     spec = mech.admit(Action((1.0, 1.0), 0.8), 0.8)
-    for rows in ([torch.ones(1, 4), torch.ones(1, 2, 3)], [torch.ones(1, 10)]):
-        with pytest.raises(ValueError, match="one \\(rows, \\*p.shape\\) tensor per parameter"):
+    for rows in (torch.ones(1, 9), torch.ones(1, 11), torch.ones(10)):
+        with pytest.raises(ValueError, match="one \\(rows, T\\) tensor .* T = 10"):
             mech.accumulate(spec, rows)
-    mech.accumulate(spec, [torch.ones(1, 2, 3), torch.ones(1, 4)])  # in order: a third sample
-    assert a.grad_sample is None and mech.release(spec, 3.0, 3).norms.shape == (3, 2)
+    assert a.grad_sample is not None  # a refused call folded nothing in
+    canary = torch.zeros(1, 10)
+    canary[0, 7] = 2.0  # b's second entry
+    mech.accumulate(spec, canary)  # a third sample
+    stats = mech.release(spec, 3.0, 3)
+    assert a.grad_sample is None and stats.norms.shape == (3, 2)
+    assert stats.norms[2].tolist() == [0.0, 2.0]  # the canary counted in b's group only

@@ -18,7 +18,7 @@ A non-private mechanism has no ledger and no guard: the same calls then only sum
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,9 +119,10 @@ class PrivacyEngine:
         return self._spec.action
 
     def accumulate(
-        self, extra_rows: Sequence[torch.Tensor] | None = None, records: int | None = None
+        self, extra_rows: torch.Tensor | None = None, records: int | None = None
     ) -> None:
-        """Fold one micro-batch of ``records`` records (0: the audit's canaries alone) in."""
+        """Fold one micro-batch of ``records`` records (0: the audit's canaries alone) in;
+        ``extra_rows``: (rows, T) gradients of records without a forward pass (canaries)."""
         self.mechanism.accumulate(self._current(), extra_rows, records)
 
     def step(self, step: int, batch_size: int) -> StepStats | None:

@@ -145,34 +145,30 @@ class CanaryInjector:
         self.canaries = canaries
         self.params = list(params)
         sizes = [p.numel() for p in self.params]
-        total = sum(sizes)
+        total = self._total = sum(sizes)
         if canaries.coordinates.max(initial=-1) >= total:
             raise ValueError("a canary coordinate lies outside the trainable parameters")
         offsets = np.cumsum([0, *sizes])
         owner = np.searchsorted(offsets, canaries.coordinates, side="right") - 1
-        self._owner = owner  # parameter index of each canary
         self._local = canaries.coordinates - offsets[owner]  # flat index inside that parameter
         self._mine = [np.flatnonzero(owner == i) for i in range(len(self.params))]  # per param
         # per (parameter, device): the flat indices of its canaries' coordinates, on that device
         self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def _rows(self, canary_ids: np.ndarray, param_index: int, param: torch.Tensor):
-        """(n, *param.shape) per-sample gradients of the given canaries for one parameter,
-        made on the parameter's device: only the few nonzero entries cross from the host."""
-        rows = torch.zeros((len(canary_ids), param.numel()), dtype=param.dtype, device=param.device)
-        at = np.flatnonzero(self._owner[canary_ids] == param_index)  # rows of this param's
-        if at.size:
-            j = canary_ids[at]
-            values = torch.as_tensor(self.canaries.norm * self.canaries.signs[j], dtype=param.dtype)
-            index = torch.as_tensor(np.stack([at, self._local[j]])).to(param.device)
-            rows[index[0], index[1]] = values.to(param.device)
-        return rows.view(len(canary_ids), *param.shape)
-
-    def rows(self, canary_ids: np.ndarray) -> list[torch.Tensor]:
-        """Per-sample gradients of the given canaries, one (n, *shape) tensor per parameter:
-        the rows the mechanism clips (or, without per-sample clipping, sums) like every other
-        record's."""
-        return [self._rows(canary_ids, i, p) for i, p in enumerate(self.params)]
+    def rows(self, canary_ids: np.ndarray) -> torch.Tensor:
+        """(n, T) float32 per-sample gradients of the given canaries over every parameter side
+        by side (T: all their entries, in order), made on the parameters' device with only the
+        n nonzero entries crossing from the host: the rows the mechanism clips (or, without
+        per-sample clipping, sums) like every other record's."""
+        device = self.params[0].device
+        rows = torch.zeros((len(canary_ids), self._total), dtype=torch.float32, device=device)
+        if len(canary_ids):
+            values = self.canaries.norm * self.canaries.signs[canary_ids]
+            index = torch.as_tensor(
+                np.stack([np.arange(len(canary_ids)), self.canaries.coordinates[canary_ids]])
+            ).to(device)
+            rows[index[0], index[1]] = torch.as_tensor(values, dtype=torch.float32).to(device)
+        return rows
 
     @torch.no_grad()
     def observe(self) -> None:

@@ -87,13 +87,33 @@ class Mechanism(ABC):
     def accumulate(
         self,
         spec: StepSpec,
-        extra_rows: Sequence[torch.Tensor] | None = None,
+        extra_rows: torch.Tensor | None = None,
         records: int | None = None,
     ) -> None:
-        """Fold one micro-batch into the running sum; ``extra_rows`` are per-parameter
-        per-sample gradients of records that have no forward pass (the audit's canaries);
-        ``records``: the micro-batch's records that had one (the loop always says; None, in
-        unit tests of a mechanism, takes whatever was captured)."""
+        """Fold one micro-batch into the running sum; ``extra_rows`` (rows, T) are per-sample
+        gradients over every parameter side by side, in the mechanism's order, of records that
+        have no forward pass (the audit's canaries); ``records``: the micro-batch's records that
+        had one (the loop always says; None, in unit tests of a mechanism, takes whatever was
+        captured)."""
+
+    def width(self) -> int:
+        """T: the parameters' entries side by side (the columns of ``extra_rows``)."""
+        return sum(p.numel() for p in self.parameters)
+
+    def check_extra_rows(self, extra_rows: torch.Tensor) -> None:
+        """A canary on other coordinates would be clipped, noised and audited wrongly."""
+        if extra_rows.dim() != 2 or extra_rows.shape[1] != self.width():
+            raise ValueError(
+                f"extra_rows must be one (rows, T) tensor over every parameter side by side, "
+                f"T = {self.width()}: got shape {tuple(extra_rows.shape)}"
+            )
+
+    def write_grads(self, flat: torch.Tensor) -> None:
+        """Each parameter's ``p.grad`` from its slice of ``flat`` (T,), in its own dtype: one
+        operation a parameter, after the step's arithmetic was done on the whole vector."""
+        params = self.parameters
+        for p, part in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad = part.view_as(p).to(p.dtype)
 
     @abstractmethod
     def release(self, spec: StepSpec, expected_batch_size: float, batch_size: int) -> StepStats:
@@ -139,7 +159,7 @@ class PerSampleClipping(Mechanism):
         self._norms: list[torch.Tensor] = []
 
     def side_by_side(
-        self, extra_rows: Sequence[torch.Tensor] | None = None, records: int | None = None
+        self, extra_rows: torch.Tensor | None = None, records: int | None = None
     ) -> torch.Tensor:
         """(B, T) float32: each sample's gradient over every parameter, the groups' columns in
         order, with ``extra_rows`` (the audit's canaries) as further samples. One matrix makes
@@ -148,7 +168,7 @@ class PerSampleClipping(Mechanism):
         params = self.parameters
         captured = [getattr(p, "grad_sample", None) for p in params]
         missing = next((p for p, g in zip(params, captured, strict=True) if g is None), None)
-        canaries_only = bool(extra_rows) and all(g is None for g in captured)
+        canaries_only = extra_rows is not None and all(g is None for g in captured)
         if missing is not None and (records or not canaries_only):
             raise RuntimeError(
                 f"no per-sample gradient for a trainable parameter of shape "
@@ -164,24 +184,16 @@ class PerSampleClipping(Mechanism):
                 "records: a trainable module does not see its input batch first, so clipping "
                 "would not bound each record; use a model whose adapted layers take (batch, ...)"
             )
-        if extra_rows and (
-            len(extra_rows) != len(params)
-            or any(r.shape[1:] != p.shape for r, p in zip(extra_rows, params, strict=False))
-        ):  # a canary on the wrong coordinates would be clipped, noised and audited wrongly
-            shapes = [tuple(r.shape[1:]) for r in extra_rows][:4]
-            raise ValueError(
-                f"extra_rows must hold one (rows, *p.shape) tensor per parameter, in order: got "
-                f"{len(extra_rows)} for {len(params)} parameters (first shapes {shapes})"
-            )
+        if extra_rows is not None:
+            self.check_extra_rows(extra_rows)
         blocks = []
         if missing is None:
             blocks.append(torch.cat([g.float().flatten(1) for g in captured], dim=1))
             for p in params:  # the matrix holds them now: not two copies at the peak
                 p.grad_sample = None
-        if extra_rows:
+        if extra_rows is not None:
             device = blocks[0].device if blocks else params[0].device
-            rows = torch.cat([r.float().flatten(1) for r in extra_rows], dim=1)
-            blocks.append(rows.to(device))
+            blocks.append(extra_rows.float().to(device))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def per_sample_norms(self, columns: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,7 +209,7 @@ class PerSampleClipping(Mechanism):
     def accumulate(
         self,
         spec: StepSpec,
-        extra_rows: Sequence[torch.Tensor] | None = None,
+        extra_rows: torch.Tensor | None = None,
         records: int | None = None,
     ) -> None:
         columns = self.side_by_side(extra_rows, records).split(self._widths, dim=1)  # by group
@@ -209,23 +221,24 @@ class PerSampleClipping(Mechanism):
         self._sum = clipped if self._sum is None else self._sum.add_(clipped)
         self._norms.append(norms.detach())
 
-    def take_sum(self, thresholds: Sequence[float]) -> tuple[torch.Tensor, float]:
-        """Move the running sum into ``p.grad`` (zeros for an empty batch); return the batch's
-        norms (on CPU) and the fraction of per-group norms above their threshold. In a
-        distributed run, the sum and the norms are every replica's together."""
+    def take_sum(self, thresholds: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The running sum (T,) float32, all parameters side by side (zeros for an empty
+        batch), the batch's norms (on CPU) and the fraction of per-group norms above their
+        threshold; the sum is reset. In a distributed run, the sum and the norms are every
+        replica's together. The release adds noise to it and scales it whole, then
+        ``write_grads``: a few operations a step instead of a few a parameter (SmolLM2's LoRA
+        has 420 matrices; launching those is the cost on a GPU)."""
         if self._norms:
-            params = self.parameters
-            parts = self._sum.split([p.numel() for p in params])
-            for p, part in zip(params, parts, strict=True):
-                p.grad = part.view_as(p).to(p.dtype)
+            total = self._sum
             norms = torch.cat(self._norms)
         else:  # a Poisson batch can be empty: the step is then noise alone (still accounted)
-            for p in self.parameters:
-                p.grad = torch.zeros_like(p)
+            params = self.parameters
+            total = torch.zeros(sum(self._widths), device=params[0].device)
+            for p in params:
                 p.grad_sample = None
             norms = torch.zeros(0, len(self.groups))
         if self.replica.distributed:
-            self.replica.sum_([p.grad for p in self.parameters])
+            self.replica.sum_([total])
             norms = self.replica.gather_rows(norms)
         norms = norms.cpu()  # the one copy from the device a step needs (the logs read them)
         if norms.numel():
@@ -235,8 +248,8 @@ class PerSampleClipping(Mechanism):
             clipped = 0.0
         self._sum = None
         self._norms = []
-        return norms, clipped
+        return total, norms, clipped
 
-    def scale(self, expected_batch_size: float) -> None:
-        for p in self.parameters:
-            p.grad = p.grad / expected_batch_size
+    def scale(self, total: torch.Tensor, expected_batch_size: float) -> None:
+        """The noised sum over the public expected batch size, into ``p.grad``."""
+        self.write_grads(total.div_(expected_batch_size))

@@ -171,7 +171,7 @@ class Gaussian(PerSampleClipping):
 
     def release(self, spec: GaussianSpec, expected_batch_size: float, batch_size: int) -> StepStats:
         a = spec.action
-        norms, clipped = self.take_sum(a.clip_thresholds)
+        total, norms, clipped = self.take_sum(a.clip_thresholds)
         stats = StepStats(norms, clipped)
         if spec.count_std is not None and a.count_levels:
             stats.norm_histogram_dp = self.release_norm_histogram(
@@ -181,8 +181,8 @@ class Gaussian(PerSampleClipping):
             stats.unclipped_fraction_dp = self.release_unclipped_count(
                 norms, a.clip_thresholds, spec.count_std, expected_batch_size
             )
-        self.add_noise(spec.stds)
-        self.scale(expected_batch_size)
+        self.add_noise(total, spec.stds)
+        self.scale(total, expected_batch_size)
         stats.metrics = {"noise_multiplier": spec.guard_noise, "clipped_fraction": clipped}
         if stats.unclipped_fraction_dp is not None:
             stats.metrics["unclipped_fraction_dp"] = stats.unclipped_fraction_dp
@@ -235,13 +235,13 @@ class Gaussian(PerSampleClipping):
         noise = torch.normal(0.0, count_std, size=tuple(centred.shape), generator=self.generator)
         return ((centred + noise.double()) / expected + 0.5).numpy()
 
-    def add_noise(self, stds: Sequence[float]) -> None:
-        for std, group in zip(stds, self.groups, strict=True):
-            # One draw per group on the CPU generator (CPU and CUDA runs add identical noise),
-            # moved to the device in one copy.
-            sizes = [p.numel() for p in group]
-            flat = torch.normal(0.0, std, size=(sum(sizes),), generator=self.generator)
-            flat = flat.to(group[0].device, non_blocking=True)
-            for p, noise in zip(group, flat.split(sizes), strict=True):
-                noise = noise.view_as(p).to(p.dtype)
-                p.grad = noise if p.grad is None else p.grad + noise
+    def add_noise(self, total: torch.Tensor, stds: Sequence[float]) -> None:
+        """Add group k's noise of std stds[k] to its columns of the summed gradient ``total``
+        (T,): one draw per group on the CPU generator (CPU and CUDA runs add identical noise),
+        moved to the device in one copy."""
+        draws = [
+            torch.normal(0.0, std, size=(width,), generator=self.generator)
+            for std, width in zip(stds, self._widths, strict=True)
+        ]
+        noise = draws[0] if len(draws) == 1 else torch.cat(draws)
+        total.add_(noise.to(total.device, non_blocking=True))

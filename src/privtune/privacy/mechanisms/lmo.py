@@ -61,15 +61,10 @@ class LMO(PerSampleClipping):
         return (limit / (norms + 1e-6)).clamp(max=1.0)
 
     def release(self, spec: LMOSpec, expected_batch_size: float, batch_size: int) -> StepStats:
-        norms, clipped = self.take_sum([spec.clip])
-        params = self.parameters
-        sizes = [p.numel() for p in params]
-        flat = lmo_noise(spec.law, (sum(sizes),), spec.clip, self.generator)
-        flat = flat.to(params[0].device, non_blocking=True)
-        for p, noise in zip(params, flat.split(sizes), strict=True):
-            noise = noise.view_as(p).to(p.dtype)
-            p.grad = noise if p.grad is None else p.grad + noise
-        self.scale(expected_batch_size)
+        total, norms, clipped = self.take_sum([spec.clip])
+        noise = lmo_noise(spec.law, tuple(total.shape), spec.clip, self.generator)
+        total.add_(noise.to(total.device, non_blocking=True))
+        self.scale(total, expected_batch_size)
         metrics = {"noise_multiplier": spec.z, "clipped_fraction": clipped, "clip/all": spec.clip}
         return StepStats(norms, clipped, metrics=metrics)
 

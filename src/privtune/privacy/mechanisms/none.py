@@ -6,8 +6,6 @@ scaling so that only the privacy differs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from privtune.privacy.action import Action
@@ -25,15 +23,18 @@ class NoNoise(Mechanism):
     def accumulate(
         self,
         spec: StepSpec,
-        extra_rows: Sequence[torch.Tensor] | None = None,
+        extra_rows: torch.Tensor | None = None,
         records: int | None = None,
     ) -> None:
         """Autograd has summed the records' gradients into ``p.grad``; add the extra rows."""
         del records  # no per-sample view to check
         if extra_rows is None:
             return
-        for p, rows in zip(self.parameters, extra_rows, strict=True):
-            total = rows.sum(0)
+        self.check_extra_rows(extra_rows)
+        params = self.parameters
+        summed = extra_rows.sum(0).split([p.numel() for p in params])
+        for p, part in zip(params, summed, strict=True):
+            total = part.view_as(p).to(device=p.device, dtype=p.dtype)
             p.grad = total if p.grad is None else p.grad + total
 
     def release(
