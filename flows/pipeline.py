@@ -194,9 +194,26 @@ def metrics_of(
     }
 
 
+def override(text: str) -> tuple[str, Any]:
+    """`--set finetune.epsilon=4`: a dotted params key and its value, read as YAML (4 is a
+    number, [q_proj, v_proj] a list, null None), as the deployment's `overrides` takes them."""
+    import argparse
+
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE (e.g. finetune.epsilon=4)")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key}: value is not valid YAML ({err})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python flows/pipeline.py [--methods ...] [--profile P] [--force] [--promote]`: one run
-    here (an ephemeral Prefect server unless PREFECT_API_URL names one)."""
+    """`python flows/pipeline.py [--methods ...] [--profile P] [--set KEY=VALUE ...] [--force]
+    [--promote]`: one run here (an ephemeral Prefect server unless PREFECT_API_URL names
+    one)."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -205,10 +222,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--methods", nargs="+", help="a subset of params.yaml's methods")
     parser.add_argument("--profile", help="a profile of profiles.yaml (built in profiles/<name>/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        type=override,
+        action="append",
+        help="a dotted params override (repeatable), e.g. finetune.epsilon=4: the run builds "
+        "in profiles/<name>/, as with --profile",
+    )
     parser.add_argument("--force", action="store_true", help="rerun stages DVC finds up to date")
     parser.add_argument("--promote", action="store_true", help="end by judging the new versions")
     args = parser.parse_args(argv)
-    pipeline(methods=args.methods, profile=args.profile, force=args.force, promote=args.promote)
+    pipeline(
+        methods=args.methods,
+        profile=args.profile,
+        overrides=dict(args.overrides) if args.overrides else None,
+        force=args.force,
+        promote=args.promote,
+    )
 
 
 if __name__ == "__main__":

@@ -337,6 +337,6 @@ def test_a_small_corpus_hears_that_audit_canaries_crowd_its_batches(tmp_path, ca
         }
     )
     prepare(crowded, tmp_path)
-    assert "lower prepare.canaries.audit" in capsys.readouterr().out
+    assert "lower prepare.canaries.audit" in capsys.readouterr().err
     prepare(params, tmp_path)  # audit 0
-    assert "prepare.canaries.audit" not in capsys.readouterr().out
+    assert "prepare.canaries.audit" not in capsys.readouterr().err

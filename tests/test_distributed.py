@@ -311,5 +311,5 @@ def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
         command, env=env, cwd=project, capture_output=True, text=True, timeout=240
     )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "reusing finished MLflow run" in again.stdout
+    assert "reusing finished MLflow run" in again.stderr
     assert read(project) == read(single)

@@ -36,8 +36,21 @@ def test_the_arguments_reach_the_flows(monkeypatch):
     monkeypatch.setattr(flows.pipeline, "pipeline", lambda **kw: seen.update(kw))
     flows.pipeline.main(["--methods", "dpsgd", "rldp", "--profile", "quick"])
     assert seen == {
-        "methods": ["dpsgd", "rldp"], "profile": "quick", "force": False, "promote": False,
+        "methods": ["dpsgd", "rldp"], "profile": "quick", "overrides": None, "force": False,
+        "promote": False,
     }  # fmt: skip
+    flows.pipeline.main(
+        ["--set", "finetune.epsilon=4", "--set", "finetune.lora.target_modules=[q_proj, v_proj]",
+         "--set", "evaluate.max_records=null", "--set", "prepare.source=corpus/a=b.csv"]
+    )  # fmt: skip
+    assert seen["overrides"] == {
+        "finetune.epsilon": 4, "finetune.lora.target_modules": ["q_proj", "v_proj"],
+        "evaluate.max_records": None, "prepare.source": "corpus/a=b.csv",
+    }  # fmt: skip
+    for bad in ("finetune.epsilon", "=4", "finetune..lr=1", "finetune.lr=[1"):
+        with pytest.raises(SystemExit) as done:
+            flows.pipeline.main(["--set", bad])
+        assert done.value.code == 2
     monkeypatch.setattr(flows.promote, "rollback", lambda: seen.update(rolled=True))
     flows.promote.main(["rollback"])
     assert seen["rolled"]

@@ -354,7 +354,7 @@ def test_killed_mid_training_then_mid_write_a_rerun_completes_cleanly(
     assert (half_written / "finetune.json").is_file() and not (project / "models/dpsgd").exists()
 
     assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
-    assert "finetune dpsgd: resuming at step " in capsys.readouterr().out  # said, not only tagged
+    assert "finetune dpsgd: resuming at step " in capsys.readouterr().err  # said, not only tagged
     outputs = ["models/dpsgd/finetune.json", "models/dpsgd/ledger.json", "models/dpsgd/adapter"]
     outputs += [
         "metrics/finetune-dpsgd.json",

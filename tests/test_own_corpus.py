@@ -190,7 +190,7 @@ def test_copied_forward_notes_are_kept_once_so_no_copy_crosses_the_splits(tmp_pa
         csv.writer(handle).writerows([header, *body, *copies])
     write_params(tmp_path / "params.yaml", **USER)
     assert _main(tmp_path, "prepare") == 0
-    assert "30 record(s) repeat an earlier record's text" in capsys.readouterr().out
+    assert "30 record(s) repeat an earlier record's text" in capsys.readouterr().err
     prepared = tmp_path / "data" / "prepared"
     card = json.loads((prepared / "data_card.json").read_text())
     assert card["duplicates_removed"] == 30

@@ -45,7 +45,7 @@ def test_retry_after_outputs_were_lost_reuses_the_finished_run(project, capsys):
     (project / "metrics/finetune-dpsgd.json").unlink()
     capsys.readouterr()
     assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
-    assert "reusing finished MLflow run" in capsys.readouterr().out
+    assert "reusing finished MLflow run" in capsys.readouterr().err
     assert len(_dpsgd_runs(project)) == 1
     assert (project / "models/dpsgd/ledger.json").read_text() == ledger  # nothing re-spent
     assert (project / "metrics/finetune-dpsgd.json").read_text() == metrics

@@ -431,3 +431,30 @@ def test_both_workers_register_and_a_prefect_flow_promotes_through_the_servers(s
     card = version_card(client, champion, servers.env["MLFLOW_TRACKING_URI"])
     assert card["model"]["finetune_run_id"] == champion.run_id
     assert ("privtune-promote", "COMPLETED") in _prefect_flow_runs(servers)
+
+
+@pytest.mark.slow
+def test_a_stage_against_the_server_prints_its_result_alone_and_the_run_link_apart(
+    servers, workers, tmp_path
+):
+    """Against a tracking server MLflow prints the run's links on stdout, which is the stage
+    command's JSON result (a worker's log or a script parsing it broke: walkthrough finding);
+    privtune prints where the run is on stderr instead."""
+    from tests.conftest import edit_params
+
+    checkouts, _ = workers
+    checkout = tmp_path / "worker-c"
+    shutil.copytree(checkouts["nonprivate"], checkout)
+    edit_params(checkout, finetune={"seed": 7})  # other inputs: a new run, not the finished one
+    done = subprocess.run(
+        [sys.executable, "-m", "privtune.cli", "finetune", "nonprivate"],
+        cwd=checkout, env=_worker_env(servers, checkout), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["method"] == "nonprivate"  # nothing else on stdout
+    link = next(line for line in done.stderr.splitlines() if line.startswith("MLflow run "))
+    experiment = _mlflow(servers).get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    prefix = f"MLflow run nonprivate: {servers.env['MLFLOW_TRACKING_URI']}/#/experiments/"
+    assert link.startswith(f"{prefix}{experiment}/runs/")
+    assert "finetune nonprivate: " in done.stderr  # the progress lines, beside it

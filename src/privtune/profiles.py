@@ -205,15 +205,15 @@ def project(
         shutil.copytree(
             root / "src", target / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )
+        if check:
+            from privtune.stages.preflight import check_project
+
+            check_project(target, methods)  # before DVC removes any stage's outputs
         if not (target / ".dvc").is_dir():  # its own DVC project; the checkout's DVC skips it
             Repo.init(str(target), no_scm=True).close()
             with Repo(str(target)) as repo, repo.config.edit() as config:
                 config["core"]["analytics"] = False
                 config["core"]["check_update"] = False
-        if check:
-            from privtune.stages.preflight import check_project
-
-            check_project(target, methods)  # before DVC removes any stage's outputs
     except BaseException:
         if created:
             shutil.rmtree(target, ignore_errors=True)

@@ -480,6 +480,9 @@ def isolated_store() -> Iterator[None]:
 def use_store(root: str | Path = ".") -> Iterator[Any]:
     """The mlflow module pointed at the project's store inside, and back as it was after."""
     disable_telemetry()
+    # MLflow prints a server run's links on stdout, which is a stage command's JSON result:
+    # start_run says where the run is on stderr instead
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
     with isolated_store():
@@ -713,3 +716,7 @@ def start_run(
             raise
         heartbeat.stop()
         context.__exit__(None, None, None)
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")):  # a server: where a reviewer finds the run
+            where = f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs"
+            print(f"MLflow run {run.info.run_name}: {where}/{run.info.run_id}", file=sys.stderr)

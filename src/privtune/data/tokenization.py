@@ -20,7 +20,9 @@ EOS = "<|endoftext|>"
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on (public) texts and wrap it for transformers."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
+    bpe.train_from_iterator(  # its progress bar writes blank lines to stdout, the stage's JSON
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS
     )

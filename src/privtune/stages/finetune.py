@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +82,10 @@ def _reuse(root: Path, name: str, run: Any) -> dict[str, Any]:
 
     plot_training(history, info["finetune"]["epsilon"], root / PLOTS_DIR / f"finetune-{name}.png")
     _publish(root, name, info, history)
-    print(f"finetune {name}: reusing finished MLflow run {run.info.run_id} (same inputs)")
+    print(
+        f"finetune {name}: reusing finished MLflow run {run.info.run_id} (same inputs)",
+        file=sys.stderr,
+    )
     return info["metrics"]
 
 
@@ -156,7 +160,8 @@ def _finetune(
     if resumed is not None and replica.is_main:  # said here: the MLflow tag comes at the end
         print(
             f"finetune {name}: resuming at step {resumed['steps_taken']} of {plan.steps} from "
-            f"{CHECKPOINTS_DIR}/{name}.pt (an attempt with the same inputs was stopped there)"
+            f"{CHECKPOINTS_DIR}/{name}.pt (an attempt with the same inputs was stopped there)",
+            file=sys.stderr,
         )
     checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
     common = {"entry": name, "plan": plan, "checkpoint": checkpointing, "trainer": trainer}

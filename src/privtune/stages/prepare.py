@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,8 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
         print(
             f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
             "left out (a copy in train and another among the attack's non-members or the test "
-            "notes would make the attacks and the perplexity wrong)"
+            "notes would make the attacks and the perplexity wrong)",
+            file=sys.stderr,
         )
     splits = _split(records, params)
     train = splits["train"]
@@ -223,7 +225,8 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         print(
             f"prepare: the white-box audit's canary records are {audit_share:.0%} of the train "
             "split: with a corpus this small, lower prepare.canaries.audit (0: no text audit) "
-            "so that most of each batch is your records"
+            "so that most of each batch is your records",
+            file=sys.stderr,
         )
     with io.atomic_dir(root / PREPARED_DIR) as out:
         for name in SPLITS:
