@@ -3,6 +3,7 @@ line at each tenth of a task on stderr, the command's JSON alone on stdout."""
 
 import io
 import json
+import os
 import re
 import shutil
 
@@ -43,12 +44,17 @@ def test_no_lines_on_a_terminal_or_when_disabled(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_stage_logs_its_progress_on_stderr_and_its_result_on_stdout(tiny_project, tmp_path):
-    """`privtune finetune` under a worker: the steps as lines, the metrics as JSON."""
+def test_a_stage_logs_its_progress_on_stderr_and_its_result_on_stdout(
+    tiny_project, tmp_path, monkeypatch
+):
+    """`privtune finetune` under a worker: the steps as lines, the metrics as JSON, and the
+    libraries' bars (carriage-return lines in a log) off."""
     import contextlib
 
     from privtune.cli import main
 
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
     root = tmp_path / "p"
     shutil.copytree(tiny_project, root)
     out, err = io.StringIO(), io.StringIO()
@@ -59,3 +65,5 @@ def test_a_stage_logs_its_progress_on_stderr_and_its_result_on_stdout(tiny_proje
     lines = [line for line in err.getvalue().splitlines() if line.startswith("finetune dpsgd: ")]
     assert len(lines) == min(10, steps) and lines[-1].startswith(f"finetune dpsgd: {steps}/")
     assert all(re.search(r"loss \d+\.\d{3} eps \d+\.\d{2}$", line) for line in lines)
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"

@@ -220,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def quiet_library_progress() -> None:
-    """--no-progress hides the libraries' bars too (transformers' "Loading weights"), not only
-    ours: logs of scheduled runs stay readable."""
+    """--no-progress, or no terminal to draw on, hides the libraries' bars too (transformers'
+    "Loading weights", MLflow's "Downloading artifacts"), not only ours: in a log they are
+    lines joined by carriage returns, and a scheduled run's log stays readable."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     if "transformers" in sys.modules:  # already imported: switch its flag off
         from transformers.utils import logging as hf_logging
 
@@ -239,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
             "--root", f"'{root}' is not a directory", "pass the project's directory, or omit it"
         )
     progress = not args.no_progress
-    if not progress:
+    if not progress or not sys.stderr.isatty():  # ours then print lines (privtune.progress)
         quiet_library_progress()
     params = load_params(_params_path(args.params, root), SECTIONS[args.stage])
     if args.stage in WRITERS:
