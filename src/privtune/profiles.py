@@ -125,6 +125,14 @@ def resolve(
     return f"overrides-{digest[:8]}", params
 
 
+def origin(profile: str | None, overrides: dict[str, Any] | None) -> str:
+    """Where a run's values come from, for an error's fix to name."""
+    where = f"{PROFILES_FILE}: {profile}" if profile else "params.yaml"
+    if overrides:
+        where += f" or the run's overrides ({', '.join(overrides)})"
+    return where
+
+
 def run_params(
     root: str | Path, profile: str | None, overrides: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any]]:
@@ -132,10 +140,7 @@ def run_params(
     registered as `<registry.name>-<project name>` and its runs tracked in the MLflow
     experiment `<tracking.experiment>-<project name>`, unless the overrides name them."""
     name, params = resolve(root, profile, overrides)
-    where = f"{PROFILES_FILE}: {profile}" if profile else "params.yaml"
-    if overrides:  # an error's fix names where the value may have come from
-        where += f" or the run's overrides ({', '.join(overrides)})"
-    defaults = parse_params(params, Path(where))
+    defaults = parse_params(params, Path(origin(profile, overrides)))
     for dotted, value in (
         ("registry.name", defaults.registry.name),
         ("tracking.experiment", defaults.tracking.experiment),
@@ -208,7 +213,11 @@ def project(
         if check:
             from privtune.stages.preflight import check_project
 
-            check_project(target, methods)  # before DVC removes any stage's outputs
+            try:
+                check_project(target, methods)  # before DVC removes any stage's outputs
+            except ConfigError as err:  # the value is the profile's or the overrides'
+                where = origin(profile, overrides)
+                raise ConfigError(err.field, err.problem, f"{err.fix} (in {where})") from None
         if not (target / ".dvc").is_dir():  # its own DVC project; the checkout's DVC skips it
             Repo.init(str(target), no_scm=True).close()
             with Repo(str(target)) as repo, repo.config.edit() as config:
