@@ -526,6 +526,11 @@ def test_run_attacks_reports_flat_floats_and_no_text(
         part.rsplit(" ", 2)[0] for part in line.removeprefix("attack phases: ").split(", ")
     ] == list(phases)
     assert not any("seconds" in key for key in metrics)
+    # progress through membership inference, not only at its end: a line a tenth (no terminal)
+    scored = 2 * (len(world["members"]) + len(world["non_members"]))  # target and reference
+    mia = [x for x in captured.err.splitlines() if x.startswith("membership inference (texts")]
+    assert "━" not in captured.err  # the lines, not rich's bar drawn once at the end
+    assert len(mia) > 1 and mia[-1].startswith(f"membership inference (texts scored): {scored}/")
     written = json.dumps(metrics) + captured.out + captured.err
     blobs = [written.encode()] + [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
     for needle in secrets + prefixes + fragments:

@@ -27,6 +27,7 @@ def test_a_log_gets_a_line_at_each_tenth_of_a_task(capsys):
     assert "left, loss" in lines[0]  # the ETA, then the task's status
     assert all(re.search(r", loss \d\.\d{3}$", line) for line in lines)  # whole lines
     assert captured.out == ""  # stdout stays the command's result
+    assert "━" not in captured.err  # no bar drawn once more at the end, in a log
 
 
 def test_no_lines_on_a_terminal_or_when_disabled(capsys):

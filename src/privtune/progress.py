@@ -1,9 +1,9 @@
 """The progress bar of long loops (counts and losses only, never record text).
 
 On a terminal it is rich's live bar. Where no terminal shows one (a Prefect worker's log,
-`dvc repro` piped to a file, a lane's log) rich draws the bar once, at the end; there the same
-bar also prints a plain line at every tenth of a task, so a log says how far a long stage is
-and when it should end. Both go to stderr: stdout stays the commands' results (JSON).
+`dvc repro` piped to a file, a lane's log) rich would draw the bar once, at the end; there the
+bar prints a plain line at every tenth of a task instead, so a log says how far a long stage
+is and when it should end. Both go to stderr: stdout stays the commands' results (JSON).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def progress_bar(enabled: bool, *columns: ProgressColumn | str, stderr: bool = T
     """The bar of a long loop; ``columns`` replace the default ones (description, bar,
     done/total with the task's `status` field, time remaining). ``stderr``: False for a bar
     whose console prints the command's own result lines (the lanes' stage lines)."""
+    console = Console(stderr=stderr)
     return LoggedProgress(
         *(
             columns
@@ -38,8 +39,9 @@ def progress_bar(enabled: bool, *columns: ProgressColumn | str, stderr: bool = T
                 TimeRemainingColumn(),
             )
         ),
-        console=Console(stderr=stderr),
+        console=console,
         disable=not enabled,
+        transient=not console.is_terminal,  # a log has the lines: not the bar again at the end
     )
 
 

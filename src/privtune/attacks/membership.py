@@ -7,7 +7,7 @@ Members are private training records, non-members held-out records of the same d
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -59,8 +59,10 @@ def membership_inference(
     seed: int = 0,
     max_length: int | None = None,
     batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, RocSummary], dict[str, tuple]]:
-    """ROC summary of every score, and the raw (member, non-member) scores for plotting."""
+    """ROC summary of every score, and the raw (member, non-member) scores for plotting;
+    ``on_batch(n)`` after each batch of n texts scored by either model."""
     member_texts = record_texts(members, "members")
     non_member_texts = record_texts(non_members, "non_members")
     scores = membership_scores(
@@ -71,6 +73,7 @@ def membership_inference(
         min_k=min_k,
         max_length=max_length,
         batch_size=batch_size,
+        on_batch=on_batch,
     )
     n = len(member_texts)
     curves = {name: (values[:n], values[n:]) for name, values in scores.items()}

@@ -217,7 +217,8 @@ def run_attacks(
     figures: list[Path] = []
     clock = _PhaseClock()
     with _progress(config.progress) as progress:
-        task = progress.add_task("membership inference", total=1)
+        scored = (len(members) + len(non_members)) * (1 if reference_model is None else 2)
+        task = progress.add_task("membership inference (texts scored)", total=scored)
         mia, curves = membership_inference(
             model,
             reference_model,
@@ -228,9 +229,9 @@ def run_attacks(
             resamples=config.bootstrap_resamples,
             confidence=config.confidence,
             seed=config.seed,
+            on_batch=lambda n: progress.advance(task, n),
             **scoring,
         )
-        progress.advance(task)
         clock.lap("membership inference")
         if out_dir is not None:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +51,12 @@ def token_logprobs(
     texts: Sequence[str],
     max_length: int | None = None,
     batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
     """log p(token | earlier tokens) of every predicted token of each text ([bos] text [eos]).
 
     Records are batched by length (less padding); the result keeps the input order.
+    ``on_batch(n)`` after each batch of n texts (a progress bar's advance).
     """
     if max_length is None:
         max_length = model_max_length(model)
@@ -70,6 +72,8 @@ def token_logprobs(
         nll, mask = token_nll(logits, batch["labels"])
         for row, record in enumerate(index.tolist()):
             out[record] = -nll[row][mask[row]].double().cpu().numpy()
+        if on_batch is not None:
+            on_batch(len(index))
     return out
 
 
@@ -96,13 +100,14 @@ def membership_scores(
     min_k: float = 0.2,
     max_length: int | None = None,
     batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """All membership scores of each text (higher = more likely member), keyed by score name.
 
     ``reference`` (target loss minus reference loss, negated) is left out when no reference
-    model is given.
+    model is given. ``on_batch(n)`` after each batch of n texts through either model.
     """
-    target = token_logprobs(model, tokenizer, texts, max_length, batch_size)
+    target = token_logprobs(model, tokenizer, texts, max_length, batch_size, on_batch)
     loss = np.array([-lp.mean() if lp.size else 0.0 for lp in target])
     scores = {
         "loss": -loss,
@@ -110,7 +115,9 @@ def membership_scores(
         "min_k": np.array([min_k_logprob(lp, min_k) for lp in target]),
     }
     if reference_model is not None:
-        reference = token_logprobs(reference_model, tokenizer, texts, max_length, batch_size)
+        reference = token_logprobs(
+            reference_model, tokenizer, texts, max_length, batch_size, on_batch
+        )
         ref_loss = np.array([-lp.mean() if lp.size else 0.0 for lp in reference])
         scores["reference"] = -(loss - ref_loss)
     return {name: scores[name] for name in SCORE_NAMES if name in scores}
