@@ -217,3 +217,24 @@ def test_check_tries_the_cloze_pattern_on_the_corpus(project, capsys):
         preflight.check(project, "base")
     edit_params(project, evaluate={"task": "cloze", "cloze": {"pattern": r"(\d+) mg"}})
     assert main(["--root", str(project), "check"]) == 0
+
+
+def test_the_roc_helpers_the_check_reads_load_without_the_model_libraries():
+    """`privtune check` (before every pipeline and profile run) reads the attacks' ROC
+    helpers; the attacks package used to import all its modules, peft and transformers with
+    them (about 7 s of the check's 15)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, privtune.attacks.roc; "
+        "print(sorted({'peft', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    from privtune.attacks import RocSummary, run_attacks  # the package's names still load
+
+    assert RocSummary.__name__ == "RocSummary" and callable(run_attacks)
