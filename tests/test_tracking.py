@@ -131,7 +131,8 @@ def test_git_modified_names_uncommitted_changes_but_not_the_pipelines_outputs(tm
 def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path, capsys):
     """`tracking.experiment` names where a project's runs go (a profile's project gets
     `privtune-<profile>`): the fine-tuning is tracked there, and a rerun with the same inputs
-    finds it there and reuses it instead of training (and spending the budget) again."""
+    finds it and reuses it instead of training (and releasing a model) again, also after the
+    experiment is renamed: the run is the same release wherever it is filed."""
     import shutil
 
     import mlflow
@@ -144,9 +145,12 @@ def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path,
     edit_params(root, tracking={"experiment": "cardiology-notes"})
     for _ in range(2):
         assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
-    capsys.readouterr()
+    edit_params(root, tracking={"experiment": "renamed"})
+    assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
+    assert "reusing finished MLflow run" in capsys.readouterr().err
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     assert client.get_experiment_by_name(tracking.EXPERIMENT) is None
     experiment = client.get_experiment_by_name("cardiology-notes")
     runs = client.search_runs([experiment.experiment_id])
     assert [run.data.tags["entry"] for run in runs] == ["dpsgd"]
+    assert client.get_experiment_by_name("renamed") is None  # nothing trained or filed there

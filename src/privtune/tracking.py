@@ -385,25 +385,24 @@ def _client(root: str | Path) -> Any:
     return mlflow.MlflowClient(checked_uri(root))
 
 
-def _runs_with_key(root: str | Path, key: str, experiment: str = EXPERIMENT) -> list[Any]:
+def _runs_with_key(root: str | Path, key: str) -> list[Any]:
+    """Every run of the store with this key, whatever its experiment: a key is a stage and its
+    inputs, so a run with it in another experiment (`tracking.experiment` renamed, a profile
+    whose inputs are the default's) is the same release, which must not be made twice."""
     client = _client(root)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
         return []
-    return client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"
-    )
+    return client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
 
 
-def finished_run(root: str | Path, key: str, experiment: str = EXPERIMENT) -> Any | None:
-    """The latest FINISHED run with this key (same stage and inputs) in ``experiment``."""
-    runs = [r for r in _runs_with_key(root, key, experiment) if r.info.status == "FINISHED"]
+def finished_run(root: str | Path, key: str) -> Any | None:
+    """The latest FINISHED run with this key (same stage and inputs), if any."""
+    runs = [r for r in _runs_with_key(root, key) if r.info.status == "FINISHED"]
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
-def discard_unfinished(
-    root: str | Path, key: str, keep: str | None = None, experiment: str = EXPERIMENT
-) -> int:
+def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> int:
     """Delete runs with this key that ended without finishing (a crashed attempt), so a retry
     does not leave a duplicate beside its own run; ``keep``: a run to resume instead. A run
     still RUNNING is left alone: its process may be alive on another machine sharing the store
@@ -412,7 +411,7 @@ def discard_unfinished(
     client = _client(root)
     stale = [
         r
-        for r in _runs_with_key(root, key, experiment)
+        for r in _runs_with_key(root, key)
         if r.info.status not in ("FINISHED", "RUNNING") and r.info.run_id != keep
     ]
     for run in stale:

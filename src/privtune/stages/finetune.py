@@ -171,7 +171,7 @@ def _finetune(
         tracking.close_dead_runs(
             root, experiment
         )  # runs a killed attempt left RUNNING: KILLED, with why
-        previous = tracking.finished_run(root, key, experiment)
+        previous = tracking.finished_run(root, key)  # in any experiment of the store
         if previous is not None:
             reused = _reuse(root, name, previous) or None
     # Every rank learns whether rank 0 reuses a finished run: a rank that trained alone would
@@ -182,7 +182,7 @@ def _finetune(
         train(model, train_data, valid_data, f, method, options, show_progress=False, **common)
         return {}
     resumed_run = resumed.get("mlflow_run_id") if resumed else None
-    tracking.discard_unfinished(root, key, keep=resumed_run, experiment=experiment)
+    tracking.discard_unfinished(root, key, keep=resumed_run)
 
     with tracking.start_run(
         run_name=name, root=root, key=key, run_id=resumed_run, experiment=experiment
