@@ -316,7 +316,8 @@ class TrackingParams(_Section):
     """Where the runs go in MLflow (no stage reads it: dvc.yaml tracks no `tracking` key)."""
 
     # The MLflow experiment of this project's runs. A profile run (privtune/profiles.py) gets
-    # `<experiment>-<profile>`, so on a team server its runs never mix with the default's.
+    # `<experiment>-<profile>`, so on a team server its new runs stay apart from the default's
+    # (a fine-tuning with the same inputs as a run anywhere in the store is reused from there).
     experiment: str = Field(default="privtune", min_length=1, description="MLflow experiment")
 
 

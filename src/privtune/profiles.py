@@ -8,9 +8,10 @@ profile (`make demo-smollm2`, `python -m privtune.profiles run quick`, or the Pr
 dvc.yaml and code, params.yaml with the overlay, its own outputs, dvc.lock and MLflow store; it
 registers its models as `<registry.name>-<name>`, so none of them can become the default
 model's champion, and its runs go to the MLflow experiment `<tracking.experiment>-<name>`, so
-on a team's server they never mix with the default pipeline's. `dvc repro` there reruns only
-what changed, like in the checkout. With `--lanes N`, N methods' stages run at once
-(privtune/lanes.py: the same outputs and dvc.lock).
+on a team's server its new runs stay apart from the default pipeline's (a fine-tuning whose
+inputs equal a run's anywhere in the store is reused, not trained again). `dvc repro` there
+reruns only what changed, like in the checkout. With `--lanes N`, N methods' stages run at
+once (privtune/lanes.py: the same outputs and dvc.lock).
 
     python -m privtune.profiles list              # the profiles, one line each
     python -m privtune.profiles run smollm2 [--cpu-profile smollm2-cpu] [--lanes 3]

@@ -168,9 +168,8 @@ def _finetune(
     reused: dict[str, Any] | None = None
     experiment = params.tracking.experiment
     if replica.is_main:
-        tracking.close_dead_runs(
-            root, experiment
-        )  # runs a killed attempt left RUNNING: KILLED, with why
+        # runs a killed attempt left RUNNING in this experiment: KILLED, with why
+        tracking.close_dead_runs(root, experiment)
         previous = tracking.finished_run(root, key)  # in any experiment of the store
         if previous is not None:
             reused = _reuse(root, name, previous) or None

@@ -329,8 +329,8 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         )
         (out / "report.md").write_text(text + "\n")
         key = "report:" + hashlib.sha256(io.tree_sha256(out).encode()).hexdigest()
-        experiment = params.tracking.experiment
         if tracking.finished_run(root, key) is None:
+            experiment = params.tracking.experiment
             with tracking.start_run("report", root=root, key=key, experiment=experiment) as run:
                 run.set_tags(
                     {

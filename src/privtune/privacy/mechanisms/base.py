@@ -70,6 +70,8 @@ class Mechanism(ABC):
             raise ValueError("every clipping group needs a name and at least one parameter")
         self.groups = [list(g) for g in groups]
         self.group_names = tuple(group_names)
+        # each parameter's entries, in order: the slices of the side-by-side vector (T of them)
+        self._sizes = [p.numel() for group in self.groups for p in group]
         # Noise comes from a CPU generator so CPU and CUDA runs draw identical noise (and every
         # replica of a distributed run the same draw: privacy.distributed).
         self.generator = torch.Generator().manual_seed(seed)
@@ -98,7 +100,7 @@ class Mechanism(ABC):
 
     def width(self) -> int:
         """T: the parameters' entries side by side (the columns of ``extra_rows``)."""
-        return sum(p.numel() for p in self.parameters)
+        return sum(self._sizes)
 
     def check_extra_rows(self, extra_rows: torch.Tensor) -> None:
         """A canary on other coordinates would be clipped, noised and audited wrongly."""
@@ -111,8 +113,7 @@ class Mechanism(ABC):
     def write_grads(self, flat: torch.Tensor) -> None:
         """Each parameter's ``p.grad`` from its slice of ``flat`` (T,), in its own dtype: one
         operation a parameter, after the step's arithmetic was done on the whole vector."""
-        params = self.parameters
-        for p, part in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        for p, part in zip(self.parameters, flat.split(self._sizes), strict=True):
             p.grad = part.view_as(p).to(p.dtype)
 
     @abstractmethod
@@ -233,7 +234,7 @@ class PerSampleClipping(Mechanism):
             norms = torch.cat(self._norms)
         else:  # a Poisson batch can be empty: the step is then noise alone (still accounted)
             params = self.parameters
-            total = torch.zeros(sum(self._widths), device=params[0].device)
+            total = torch.zeros(self.width(), device=params[0].device)
             for p in params:
                 p.grad_sample = None
             norms = torch.zeros(0, len(self.groups))

@@ -31,9 +31,8 @@ class NoNoise(Mechanism):
         if extra_rows is None:
             return
         self.check_extra_rows(extra_rows)
-        params = self.parameters
-        summed = extra_rows.sum(0).split([p.numel() for p in params])
-        for p, part in zip(params, summed, strict=True):
+        summed = extra_rows.sum(0).split(self._sizes)
+        for p, part in zip(self.parameters, summed, strict=True):
             total = part.view_as(p).to(device=p.device, dtype=p.dtype)
             p.grad = total if p.grad is None else p.grad + total
 
