@@ -5,6 +5,7 @@ the headline view in the form MLflow's UI reads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -131,13 +132,15 @@ def test_git_modified_names_uncommitted_changes_but_not_the_pipelines_outputs(tm
 def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path, capsys):
     """`tracking.experiment` names where a project's runs go (a profile's project gets
     `privtune-<profile>`): the fine-tuning is tracked there, and a rerun with the same inputs
-    finds it and reuses it instead of training (and releasing a model) again, also after the
-    experiment is renamed: the run is the same release wherever it is filed."""
+    finds it and reuses it instead of training (and releasing a model) again. After a rename
+    the finished run is still reused (the same release wherever it is filed), through a copy
+    filed in the new experiment, which the project's later stages then write to."""
     import shutil
 
     import mlflow
 
     from privtune.cli import main
+    from privtune.io import read_json
     from tests.conftest import edit_params
 
     root = tmp_path / "p"
@@ -145,12 +148,75 @@ def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path,
     edit_params(root, tracking={"experiment": "cardiology-notes"})
     for _ in range(2):
         assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
-    edit_params(root, tracking={"experiment": "renamed"})
-    assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
-    assert "reusing finished MLflow run" in capsys.readouterr().err
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     assert client.get_experiment_by_name(tracking.EXPERIMENT) is None
     experiment = client.get_experiment_by_name("cardiology-notes")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [run.data.tags["entry"] for run in runs] == ["dpsgd"]
-    assert client.get_experiment_by_name("renamed") is None  # nothing trained or filed there
+    [trained] = client.search_runs([experiment.experiment_id])
+    assert trained.data.tags["entry"] == "dpsgd"
+    capsys.readouterr()
+
+    edit_params(root, tracking={"experiment": "renamed"})
+    for _ in range(2):  # the second run reuses the copy: no copy of a copy
+        assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
+    err = capsys.readouterr().err
+    assert f"reusing finished MLflow run {trained.info.run_id}" in err
+    assert "filed in experiment renamed" in err
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [
+        trained.info.run_id
+    ]
+    renamed = client.get_experiment_by_name("renamed")
+    [copy] = client.search_runs([renamed.experiment_id])
+    assert copy.info.status == "FINISHED"
+    assert copy.data.tags[tracking.REUSED_FROM_TAG] == trained.info.run_id
+    assert copy.data.tags[tracking.RUN_KEY_TAG] == trained.data.tags[tracking.RUN_KEY_TAG]
+    assert copy.data.params == trained.data.params
+    assert copy.data.metrics == trained.data.metrics
+
+    def curve(run_id, key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    for key in ("loss", "epsilon"):  # whole curves, at their steps
+        assert curve(copy.info.run_id, key) == curve(trained.info.run_id, key)
+    assert f"Reused from run `{trained.info.run_id}`" in copy.data.tags[tracking.NOTE_TAG]
+    info = read_json(root / "models/dpsgd/finetune.json")
+    assert (info["run_id"], info["reused_from"]) == (copy.info.run_id, trained.info.run_id)
+    artifacts = {f.path for f in client.list_artifacts(copy.info.run_id)}
+    assert {"adapter", "ledger.json", "finetune.json", "finetune-dpsgd.png"} <= artifacts
+    # this project's evaluation and registration go to its copy; the source stays as it was
+    for stage in ("evaluate", "register"):
+        assert main(["--root", str(root), "--no-progress", stage, "dpsgd"]) == 0
+    [version] = client.search_model_versions("name = 'privtune-clinical-notes'")
+    assert version.run_id == copy.info.run_id
+    assert "test_perplexity" in client.get_run(copy.info.run_id).data.metrics
+    assert client.get_run(trained.info.run_id).data.metrics == trained.data.metrics
+    # the adapter and ledger released once: the copy holds the same bytes
+    for item in ("adapter/adapter_model.safetensors", "ledger.json"):
+        copied = Path(client.download_artifacts(copy.info.run_id, item, str(tmp_path / "c")))
+        original = Path(client.download_artifacts(trained.info.run_id, item, str(tmp_path / "o")))
+        assert copied.read_bytes() == original.read_bytes()
+
+
+def test_a_copied_run_leaves_behind_what_was_attached_after_its_source_ended(store):
+    """Another project's evaluation, attached to its finished fine-tuning run, is that
+    project's: a copy takes what the run logged while it ran, and its own process tags."""
+    import mlflow
+
+    with tracking.start_run("dpsgd", root=store, key="k", experiment="default") as run:
+        run.log_params({"method": "dpsgd"})
+        run.set_tags({"entry": "dpsgd"})
+        for step in range(3):
+            run.log_metrics({"loss": 3.0 - step}, step=step)
+    tracking.attach_metrics(store, run.run_id, {"test_perplexity": 40.0}, 2)
+    client = mlflow.MlflowClient()
+    source = client.get_run(run.run_id)
+    with tracking.copy_run(store, source, key="k", experiment="profile") as copy:
+        pass
+    copied = client.get_run(copy.run_id)
+    assert copied.data.metrics == {"loss": 1.0} and copied.data.params == {"method": "dpsgd"}
+    assert copied.data.tags["entry"] == "dpsgd"
+    assert copied.data.tags[tracking.HEARTBEAT_TAG] != source.data.tags[tracking.HEARTBEAT_TAG]
+    profile = client.get_experiment_by_name("profile").experiment_id
+    assert copied.info.experiment_id == profile
+    assert tracking.finished_run(store, "k", "profile").info.run_id == copy.run_id
+    assert tracking.finished_run(store, "k", "default").info.run_id == run.run_id
+    assert tracking.finished_run(store, "k", "elsewhere").info.run_id == copy.run_id  # latest

@@ -317,7 +317,8 @@ class TrackingParams(_Section):
 
     # The MLflow experiment of this project's runs. A profile run (privtune/profiles.py) gets
     # `<experiment>-<profile>`, so on a team server its new runs stay apart from the default's
-    # (a fine-tuning with the same inputs as a run anywhere in the store is reused from there).
+    # (a fine-tuning with the same inputs as a run anywhere in the store is not trained again:
+    # that run is copied into this experiment, `tracking.copy_run`).
     experiment: str = Field(default="privtune", min_length=1, description="MLflow experiment")
 
 

@@ -9,7 +9,8 @@ dvc.yaml and code, params.yaml with the overlay, its own outputs, dvc.lock and M
 registers its models as `<registry.name>-<name>`, so none of them can become the default
 model's champion, and its runs go to the MLflow experiment `<tracking.experiment>-<name>`, so
 on a team's server its new runs stay apart from the default pipeline's (a fine-tuning whose
-inputs equal a run's anywhere in the store is reused, not trained again). `dvc repro` there
+inputs equal a run's anywhere in the store is not trained again: that run is copied into the
+profile's experiment). `dvc repro` there
 reruns only what changed, like in the checkout. With `--lanes N`, N methods' stages run at
 once (privtune/lanes.py: the same outputs and dvc.lock).
 

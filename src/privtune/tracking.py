@@ -396,10 +396,68 @@ def _runs_with_key(root: str | Path, key: str) -> list[Any]:
     return client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
 
 
-def finished_run(root: str | Path, key: str) -> Any | None:
-    """The latest FINISHED run with this key (same stage and inputs), if any."""
+def finished_run(root: str | Path, key: str, experiment: str | None = None) -> Any | None:
+    """The latest FINISHED run with this key (same stage and inputs), if any: one filed in
+    ``experiment`` (a name) before one filed elsewhere."""
     runs = [r for r in _runs_with_key(root, key) if r.info.status == "FINISHED"]
+    if experiment is not None:
+        found = _client(root).get_experiment_by_name(experiment)
+        here = [r for r in runs if found and r.info.experiment_id == found.experiment_id]
+        runs = here or runs
     return max(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def in_experiment(root: str | Path, run: Any, experiment: str) -> bool:
+    """Whether ``run`` is filed in the experiment named ``experiment``."""
+    found = _client(root).get_experiment_by_name(experiment)
+    return found is not None and run.info.experiment_id == found.experiment_id
+
+
+REUSED_FROM_TAG = "privtune.reused_from"  # the run a copy was made from (same stage and inputs)
+
+
+@contextlib.contextmanager
+def copy_run(root: str | Path, source: Any, *, key: str, experiment: str) -> Iterator[RunTracker]:
+    """A run in ``experiment`` that carries what ``source`` (a finished run, filed elsewhere)
+    logged while it ran: its params, its tags and description, and its metric curves (points
+    attached after it ended, such as another project's evaluation, stay behind). Yields the open
+    copy for the caller's artifacts; it is tagged with the source it came from. Why not one run
+    in two experiments: MLflow files a run in one, and a project's registry versions, results
+    and UI view read its own experiment."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _client(root)
+    end = source.info.end_time or int(time.time() * 1000)
+    origin = client.get_experiment(source.info.experiment_id).name
+    # Not taken over: MLflow's own tags (it sets the copy's) and the source's process,
+    # heartbeat and error (the copy is a run of its own).
+    own = {PID_TAG, HOST_TAG, PID_NAMESPACE_TAG, HEARTBEAT_TAG, HEARTBEAT_SECONDS_TAG, ERROR_TAG}
+    tags = {
+        k: v
+        for k, v in source.data.tags.items()
+        if k not in own | {RUN_KEY_TAG} and (k == NOTE_TAG or not k.startswith("mlflow."))
+    }
+    tags[REUSED_FROM_TAG] = source.info.run_id
+    note = (
+        f"Reused from run `{source.info.run_id}` of experiment `{origin}`: the same stage "
+        "and inputs, so the same release, not trained again. Its params, tags, curves and "
+        "artifacts are copied here."
+    )
+    tags[NOTE_TAG] = f"{tags[NOTE_TAG]}\n\n{note}" if NOTE_TAG in tags else note
+    with start_run(source.info.run_name, root=root, key=key, experiment=experiment) as run:
+        params = [Param(k, v) for k, v in source.data.params.items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000
+            client.log_batch(run.run_id, params=params[start : start + 100])
+        points = [
+            Metric(m.key, m.value, m.timestamp, m.step)
+            for name in source.data.metrics
+            for m in client.get_metric_history(source.info.run_id, name)
+            if m.timestamp <= end
+        ]
+        for start in range(0, len(points), 1000):
+            client.log_batch(run.run_id, metrics=points[start : start + 1000])
+        client.log_batch(run.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        yield run
 
 
 def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> int:

@@ -237,18 +237,19 @@ def register(
         membership_counts=membership_counts,
     )
     if existing is None:
-        # mlflow.pyfunc.log_model logs through the global tracking URI: set for this call only
+        # mlflow.pyfunc.log_model logs through the global tracking URI, and a sqlite registry
+        # looks the logged model up through it (MlflowClient()): set for these calls only
         with tempfile.TemporaryDirectory() as tmp, tracking.use_store(root):
             card_dir = write_card(card, Path(tmp) / "model_card")
             last_step = max(0, int(info.get("metrics", {}).get("steps", 1)) - 1)
             model_uri, model_id = _logged_model(
                 root, entry, run_id, tags[KEY_TAG], card_dir, last_step
             )
-        if not _registered_model_exists(mlflow_client, name):
-            _create_registered_model(mlflow_client, name)
-        version = mlflow_client.create_model_version(
-            name, model_uri, run_id=run_id, tags=tags, model_id=model_id
-        )
+            if not _registered_model_exists(mlflow_client, name):
+                _create_registered_model(mlflow_client, name)
+            version = mlflow_client.create_model_version(
+                name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+            )
     else:  # an earlier attempt created it and stopped before its description and alias
         version = existing
     _link_version(mlflow_client, name, version)

@@ -54,39 +54,55 @@ def _publish(root: Path, name: str, info: dict[str, Any], history: list[dict]) -
     io.write_json(root / METRICS_DIR / f"finetune-{name}.json", info["metrics"])
 
 
-def _reuse(root: Path, name: str, run: Any) -> dict[str, Any]:
-    """Restore the model of an earlier finished run with the same key: nothing is re-spent."""
+_RESTORED = ("adapter", "ledger.json", "controller.pt", "audit.json", "history.json")
+
+
+def _reuse(root: Path, name: str, run: Any, key: str, experiment: str) -> dict[str, Any]:
+    """Restore the model of an earlier finished run with the same key: nothing is re-spent.
+    A run filed in another experiment (a profile whose fine-tuning inputs are the default's, a
+    renamed `tracking.experiment`) is copied into this project's first, with its id in
+    finetune.json: the registry version, evaluation and attack results of this project land on
+    its own run, not on the other project's."""
     from privtune import tracking
+    from privtune.plots import plot_training
 
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.download_run_artifacts(root, run.info.run_id, tmp)
         if not (files / "finetune.json").is_file() or not (files / "adapter").is_dir():
             return {}
-        with io.atomic_dir(root / MODELS_DIR / name) as out:
-            for item in (
-                "adapter",
-                "ledger.json",
-                "controller.pt",
-                "audit.json",
-                "finetune.json",
-                "history.json",
-            ):
-                source = files / item
-                if source.is_dir():
-                    shutil.copytree(source, out / item)
-                elif source.is_file():
-                    shutil.copy2(source, out / item)
-    info = io.read_json(root / MODELS_DIR / name / "finetune.json")
-    history = io.read_json(root / MODELS_DIR / name / "history.json")
-    from privtune.plots import plot_training
-
-    plot_training(history, info["finetune"]["epsilon"], root / PLOTS_DIR / f"finetune-{name}.png")
+        info = io.read_json(files / "finetune.json")
+        history = io.read_json(files / "history.json")
+        figure = root / PLOTS_DIR / f"finetune-{name}.png"
+        if tracking.in_experiment(root, run, experiment):
+            _restore(files, root / MODELS_DIR / name, info)
+            plot_training(history, info["finetune"]["epsilon"], figure)
+            filed = ""
+        else:
+            tracking.discard_unfinished(root, key)  # a copy an earlier attempt left unfinished
+            with tracking.copy_run(root, run, key=key, experiment=experiment) as copy:
+                info = info | {"run_id": copy.run_id, "reused_from": run.info.run_id}
+                _restore(files, root / MODELS_DIR / name, info)
+                copy.log_artifact(plot_training(history, info["finetune"]["epsilon"], figure))
+                copy.log_dir_contents(root / MODELS_DIR / name)
+            filed = f", filed in experiment {experiment} as run {copy.run_id}"
     _publish(root, name, info, history)
     print(
-        f"finetune {name}: reusing finished MLflow run {run.info.run_id} (same inputs)",
+        f"finetune {name}: reusing finished MLflow run {run.info.run_id} (same inputs){filed}",
         file=sys.stderr,
     )
     return info["metrics"]
+
+
+def _restore(files: Path, out_dir: Path, info: dict[str, Any]) -> None:
+    """models/<name> from a run's downloaded artifacts, with ``info`` as its finetune.json."""
+    with io.atomic_dir(out_dir) as out:
+        for item in _RESTORED:
+            source = files / item
+            if source.is_dir():
+                shutil.copytree(source, out / item)
+            elif source.is_file():
+                shutil.copy2(source, out / item)
+        io.write_json(out / "finetune.json", info)
 
 
 def finetune(
@@ -170,9 +186,9 @@ def _finetune(
     if replica.is_main:
         # runs a killed attempt left RUNNING in this experiment: KILLED, with why
         tracking.close_dead_runs(root, experiment)
-        previous = tracking.finished_run(root, key)  # in any experiment of the store
+        previous = tracking.finished_run(root, key, experiment)  # this one's, else any
         if previous is not None:
-            reused = _reuse(root, name, previous) or None
+            reused = _reuse(root, name, previous, key, experiment) or None
     # Every rank learns whether rank 0 reuses a finished run: a rank that trained alone would
     # wait for the others in its first collective until the group timed out.
     if replica.broadcast(reused is not None):

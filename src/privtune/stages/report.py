@@ -329,8 +329,10 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         )
         (out / "report.md").write_text(text + "\n")
         key = "report:" + hashlib.sha256(io.tree_sha256(out).encode()).hexdigest()
-        if tracking.finished_run(root, key) is None:
-            experiment = params.tracking.experiment
+        experiment = params.tracking.experiment
+        logged = tracking.finished_run(root, key, experiment)
+        # a report is no release: one filed in another experiment is logged here too
+        if logged is None or not tracking.in_experiment(root, logged, experiment):
             with tracking.start_run("report", root=root, key=key, experiment=experiment) as run:
                 run.set_tags(
                     {
