@@ -87,3 +87,33 @@ def test_a_running_attempt_elsewhere_is_not_deleted(project, monkeypatch):
     client.set_terminated(other_id, status="FAILED")  # it ended there without finishing
     assert tracking.discard_unfinished(project, key) == 1
     assert _dpsgd_runs(project) == []
+
+
+def test_a_non_private_run_is_reused_across_an_epsilon_sweep_and_a_private_one_is_not(
+    project, capsys, monkeypatch, tmp_path
+):
+    """What only a private run reads (target ε and δ, the accountant, the δ gate) is not in a
+    non-private run's key: an ε sweep reuses its model. The premise, checked: with reproducible
+    seeds the non-private run trains the very same adapter at another ε, δ and accountant."""
+    write_params(project / "params.yaml", finetune={"secret_noise": False})
+    params = load_params(project / "params.yaml")
+    assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
+    adapter = (project / "models/nonprivate/adapter/adapter_model.safetensors").read_bytes()
+    other = {"secret_noise": False, "epsilon": 2.0, "delta": 1e-6, "accountant": "rdp"}
+    write_params(project / "params.yaml", finetune=other, registry={"gates": {"max_delta": 1e-5}})
+    swept = load_params(project / "params.yaml")
+    assert run_key(swept, "nonprivate", project) == run_key(params, "nonprivate", project)
+    assert run_key(swept, "dpsgd", project) != run_key(params, "dpsgd", project)
+    changed = load_params(project / "params.yaml").model_copy(
+        update={"finetune": swept.finetune.model_copy(update={"lr": 0.02})}
+    )
+    assert run_key(changed, "nonprivate", project) != run_key(swept, "nonprivate", project)
+    capsys.readouterr()
+    assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
+    assert "reusing finished MLflow run" in capsys.readouterr().err
+    assert (project / "models/nonprivate/adapter/adapter_model.safetensors").read_bytes() == adapter
+    # trained again at the other ε, δ and accountant (in a new store): the same adapter
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/fresh.db")
+    assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
+    assert "reusing" not in capsys.readouterr().err
+    assert (project / "models/nonprivate/adapter/adapter_model.safetensors").read_bytes() == adapter

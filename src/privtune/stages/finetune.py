@@ -24,22 +24,35 @@ if TYPE_CHECKING:
     from privtune.privacy.plan import TrainingPlan
 
 
+# What a run without noise never reads (its plan is validated with them, but trains the same).
+_PRIVATE_ONLY = ("epsilon", "delta", "accountant")
+
+
 def run_key(params: Params, name: str, root: Path) -> str:
     """The identity of a fine-tuning run: its method, parameters, data, base model and code.
 
     Two attempts with the same key would train the same kind of model on the same records and
     spend the same budget again (with secret noise, another model: a second release), so the
-    second one reuses the first's finished run instead (see `finetune`).
+    second one reuses the first's finished run instead (see `finetune`). A non-private
+    method's key leaves out what only a private run reads (the target epsilon and delta, the
+    accountant, the delta gate): an epsilon sweep reuses its model instead of training it again.
     """
+    from privtune.control.registry import controller_class
+
     method, options = params.method(name)
+    f = params.finetune.model_dump()
+    private = controller_class(method, name).private
+    if not private:
+        for unread in _PRIVATE_ONLY:
+            f.pop(unread)
     payload = {
         "stage": "finetune",
         "entry": name,
         "method": method,
         "options": options,
-        "finetune": params.finetune.model_dump(),
+        "finetune": f,
         # the default delta is capped by the registry's gate: a lower gate is another plan
-        "max_delta": params.registry.gates.max_delta,
+        "max_delta": params.registry.gates.max_delta if private else None,
         "max_length": resolved_max_length(params, root),
         "data": data_hash(root),
         "base": io.tree_sha256(root / BASE_DIR),
