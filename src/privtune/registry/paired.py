@@ -352,14 +352,12 @@ def _measure(
 ) -> dict[str, Any]:
     from privtune.evaluate import evaluate_scored
     from privtune.modeling import position_limit, resolve_device
-    from privtune.stages.common import read_split, resolved_max_length
+    from privtune.stages.common import evaluated_split, resolved_max_length
     from privtune.stages.evaluate import evaluated_on, task_train
 
     root, metric = champion.root, gates.utility_metric
-    test = read_split(root, "test")
+    test = evaluated_split(root, params)
     max_length, candidates = resolved_max_length(params, root), task_train(params, root)
-    if params.evaluate.max_records:
-        test = test[: params.evaluate.max_records]
     seen = champion.seen()  # before any model is loaded: the cheap refusals first
     records = [r for r in test if r["text"] not in seen]
     if not records:

@@ -13,7 +13,7 @@ from typing import Any
 from privtune import io
 from privtune.config import BASE_DIR, METRICS_DIR, SOURCE_BUILD, BaseParams, Params
 from privtune.errors import ConfigError, ModelError
-from privtune.stages.common import BASE_INFO, read_split
+from privtune.stages.common import BASE_INFO, evaluated_split, read_split
 
 
 def _checked_source(b: BaseParams, root: Path):
@@ -104,7 +104,7 @@ def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
     source = _checked_source(b, root)
     train = read_split(root, "train")
     train_texts = [r["text"] for r in train]
-    test = read_split(root, "test")[: params.evaluate.max_records]
+    test = evaluated_split(root, params)
     check_task(test, train, params.evaluate)  # before pretraining, not after
     metrics: dict[str, Any] = {}
     if source == SOURCE_BUILD:

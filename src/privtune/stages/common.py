@@ -56,6 +56,11 @@ def read_split(root: Path, name: str) -> list[dict]:
     return read_input(path, io.read_jsonl, PREPARE_AGAIN)
 
 
+def evaluated_split(root: Path, params: Params) -> list[dict]:
+    """The test notes every evaluation scores: the first `evaluate.max_records` (all: null)."""
+    return read_split(root, "test")[: params.evaluate.max_records]
+
+
 def data_hash(root: Path) -> str:
     card = root / PREPARED_DIR / "data_card.json"
     if not card.is_file():

@@ -15,6 +15,7 @@ from privtune import io
 from privtune.config import METRICS_DIR, Params
 from privtune.errors import ModelError
 from privtune.stages.common import (
+    evaluated_split,
     fine_tuned_dir,
     load_base,
     read_input,
@@ -61,9 +62,7 @@ def evaluate(params: Params, name: str, root: Path = Path(".")) -> dict[str, Any
     model, tokenizer = load_base(root)
     model = load_adapter(model, model_dir / "adapter")
     model.to(resolve_device(params.finetune.device, "finetune.device"))
-    test = read_split(root, "test")
-    if params.evaluate.max_records:
-        test = test[: params.evaluate.max_records]
+    test = evaluated_split(root, params)
     max_length, candidates = resolved_max_length(params, root), task_train(params, root)
     metrics, scores = evaluate_scored(
         model,

@@ -41,10 +41,10 @@ def check(root: str | Path, target: str) -> None:
             build(load_params(root / "params.yaml"), root)  # the corpus read, nothing written
         elif stage == "base" and (root / PREPARED_DIR / "test.jsonl").is_file():
             from privtune.downstream import check_task
-            from privtune.stages.common import read_split
+            from privtune.stages.common import evaluated_split, read_split
 
             params = load_params(root / "params.yaml")
-            test = read_split(root, "test")[: params.evaluate.max_records]
+            test = evaluated_split(root, params)
             check_task(test, read_split(root, "train"), params.evaluate)  # its first check
         elif stage == "finetune" and (root / PREPARED_DIR / "train.jsonl").is_file():
             from privtune.stages.finetune import finetune_plan
