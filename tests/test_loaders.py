@@ -153,6 +153,26 @@ def test_a_csv_with_a_stray_quote_is_refused_not_merged_into_one_record(tmp_path
     assert "secret text" not in str(err.value) and "Fix:" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        # the opening quote forgotten: the note's comma splits it, the rest would be dropped
+        ('id,text\n1,"a note"\n2,secret text, age 90. Seen by N79563."\n', 3),
+        ('id,text,ward\n1,"a note",a\n2,"secret text"\n', 2),  # a line cut short
+    ],
+)
+def test_a_csv_row_with_another_number_of_fields_than_its_header_is_refused(
+    tmp_path, content, found
+):
+    """csv.DictReader files extra fields under None and fills missing ones with None: a note
+    with an unquoted comma would load cut short, silently."""
+    path = tmp_path / "notes.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"record 2 \(line 3\) has {found} fields") as err:
+        load_records(path)
+    assert "secret text" not in str(err.value) and "quote every field" in str(err.value)
+
+
 def test_a_json_array_file_loads_and_a_bad_one_names_the_element(tmp_path):
     path = tmp_path / "notes.json"
     path.write_text(json.dumps(ROWS, indent=1))

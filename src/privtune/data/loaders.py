@@ -208,6 +208,21 @@ def _csv_field_limit(limit: int) -> Iterator[None]:
         csv.field_size_limit(before)
 
 
+def _check_field_count(source: str, row: dict, reader: csv.DictReader, record: int) -> None:
+    """A row with more fields than the header (an unquoted comma in a note: the rest of the
+    note would be dropped) or fewer (a line cut short) is refused, not silently mended."""
+    header = len(reader.fieldnames or ())
+    extra = row.get(None)  # DictReader files fields past the header under the key None
+    found = header + len(extra) if extra else sum(v is not None for v in row.values())
+    if found != header:
+        raise DataError(
+            source,
+            f"record {record} (line {reader.line_num}) has {found} fields, the header {header}",
+            'quote every field that holds a comma, a quote or a line break ("...", a quote '
+            'inside doubled: ""), as RFC 4180 CSV does',
+        )
+
+
 def load_csv(
     path: Path,
     text_column: str = TEXT_COLUMN,
@@ -220,7 +235,9 @@ def load_csv(
         reader = csv.DictReader(handle, strict=True)
         rows: list[dict] = []
         try:
-            rows.extend(dict(row) for row in reader)
+            for row in reader:
+                _check_field_count(str(path), row, reader, len(rows) + 1)
+                rows.append(row)
         except csv.Error as err:
             # the reader has not counted the line it failed on yet
             where = f"record {len(rows) + 1} (line {reader.line_num + 1})"
