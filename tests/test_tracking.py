@@ -160,7 +160,7 @@ def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path,
         assert main(["--root", str(root), "--no-progress", "finetune", "dpsgd"]) == 0
     err = capsys.readouterr().err
     assert f"reusing finished MLflow run {trained.info.run_id}" in err
-    assert "filed in experiment renamed" in err
+    assert "of experiment cardiology-notes (same inputs), copied into experiment renamed" in err
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [
         trained.info.run_id
     ]
@@ -177,7 +177,9 @@ def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path,
 
     for key in ("loss", "epsilon"):  # whole curves, at their steps
         assert curve(copy.info.run_id, key) == curve(trained.info.run_id, key)
-    assert f"Reused from run `{trained.info.run_id}`" in copy.data.tags[tracking.NOTE_TAG]
+    note = copy.data.tags[tracking.NOTE_TAG]
+    assert note.startswith(f"**A copy of run `{trained.info.run_id}`** (experiment `cardiology")
+    assert note.endswith(trained.data.tags[tracking.NOTE_TAG])  # the run's own description
     info = read_json(root / "models/dpsgd/finetune.json")
     assert (info["run_id"], info["reused_from"]) == (copy.info.run_id, trained.info.run_id)
     artifacts = {f.path for f in client.list_artifacts(copy.info.run_id)}
@@ -187,6 +189,7 @@ def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path,
         assert main(["--root", str(root), "--no-progress", stage, "dpsgd"]) == 0
     [version] = client.search_model_versions("name = 'privtune-clinical-notes'")
     assert version.run_id == copy.info.run_id
+    assert f"(a copy of run `{trained.info.run_id}`, which trained it)" in version.description
     assert "test_perplexity" in client.get_run(copy.info.run_id).data.metrics
     assert client.get_run(trained.info.run_id).data.metrics == trained.data.metrics
     # the adapter and ledger released once: the copy holds the same bytes
@@ -198,12 +201,14 @@ def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path,
 
 def test_a_copied_run_leaves_behind_what_was_attached_after_its_source_ended(store):
     """Another project's evaluation, attached to its finished fine-tuning run, is that
-    project's: a copy takes what the run logged while it ran, and its own process tags."""
+    project's: a copy takes what the run logged while it ran, and runs as a run of its own. A
+    copy of a copy names the run that trained, once; a lookup from a third experiment finds
+    that run, not a copy; another experiment's failed attempts are not this one's to delete."""
     import mlflow
 
     with tracking.start_run("dpsgd", root=store, key="k", experiment="default") as run:
         run.log_params({"method": "dpsgd"})
-        run.set_tags({"entry": "dpsgd"})
+        run.set_tags({"entry": "dpsgd", tracking.NOTE_TAG: "DP-SGD at ε 8."})
         for step in range(3):
             run.log_metrics({"loss": 3.0 - step}, step=step)
     tracking.attach_metrics(store, run.run_id, {"test_perplexity": 40.0}, 2)
@@ -219,4 +224,17 @@ def test_a_copied_run_leaves_behind_what_was_attached_after_its_source_ended(sto
     assert copied.info.experiment_id == profile
     assert tracking.finished_run(store, "k", "profile").info.run_id == copy.run_id
     assert tracking.finished_run(store, "k", "default").info.run_id == run.run_id
-    assert tracking.finished_run(store, "k", "elsewhere").info.run_id == copy.run_id  # latest
+    assert tracking.finished_run(store, "k", "elsewhere").info.run_id == run.run_id  # trained
+
+    with tracking.copy_run(store, copied, key="k", experiment="third") as second:
+        pass
+    tags = client.get_run(second.run_id).data.tags
+    assert tags[tracking.REUSED_FROM_TAG] == run.run_id  # the run that trained, not the copy
+    note = tags[tracking.NOTE_TAG]
+    assert note.startswith(f"**A copy of run `{run.run_id}`** (experiment `default`)")
+    assert note.count("A copy of run") == 1 and note.endswith("DP-SGD at ε 8.")
+
+    with pytest.raises(RuntimeError), tracking.start_run(root=store, key="k", experiment="default"):
+        raise RuntimeError("an attempt of the default project")
+    assert tracking.discard_unfinished(store, "k", experiment="profile") == 0
+    assert tracking.discard_unfinished(store, "k", experiment="default") == 1

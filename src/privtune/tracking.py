@@ -398,12 +398,12 @@ def _runs_with_key(root: str | Path, key: str) -> list[Any]:
 
 def finished_run(root: str | Path, key: str, experiment: str | None = None) -> Any | None:
     """The latest FINISHED run with this key (same stage and inputs), if any: one filed in
-    ``experiment`` (a name) before one filed elsewhere."""
+    ``experiment`` (a name) first; elsewhere, a run that trained before a copy of one."""
     runs = [r for r in _runs_with_key(root, key) if r.info.status == "FINISHED"]
     if experiment is not None:
         found = _client(root).get_experiment_by_name(experiment)
         here = [r for r in runs if found and r.info.experiment_id == found.experiment_id]
-        runs = here or runs
+        runs = here or [r for r in runs if REUSED_FROM_TAG not in r.data.tags] or runs
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
@@ -413,7 +413,27 @@ def in_experiment(root: str | Path, run: Any, experiment: str) -> bool:
     return found is not None and run.info.experiment_id == found.experiment_id
 
 
-REUSED_FROM_TAG = "privtune.reused_from"  # the run a copy was made from (same stage and inputs)
+def experiment_name(root: str | Path, run: Any) -> str:
+    """The name of the experiment ``run`` is filed in."""
+    return _client(root).get_experiment(run.info.experiment_id).name
+
+
+REUSED_FROM_TAG = "privtune.reused_from"  # a copy's run that trained (same stage and inputs)
+_COPY_NOTE_END = "\n\n---\n\n"  # between a copy's own paragraph and its source's description
+
+
+def _trained_run(client: Any, source: Any) -> Any:
+    """The run that trained what ``source`` holds: itself, or the one a copy names (the copy,
+    when that one was deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    original = source.data.tags.get(REUSED_FROM_TAG)
+    if original is None:
+        return source
+    try:
+        return client.get_run(original)
+    except MlflowException:
+        return source
 
 
 @contextlib.contextmanager
@@ -421,29 +441,34 @@ def copy_run(root: str | Path, source: Any, *, key: str, experiment: str) -> Ite
     """A run in ``experiment`` that carries what ``source`` (a finished run, filed elsewhere)
     logged while it ran: its params, its tags and description, and its metric curves (points
     attached after it ended, such as another project's evaluation, stay behind). Yields the open
-    copy for the caller's artifacts; it is tagged with the source it came from. Why not one run
-    in two experiments: MLflow files a run in one, and a project's registry versions, results
-    and UI view read its own experiment."""
+    copy for the caller's artifacts. Its tag `privtune.reused_from` and the top of its
+    description name the run that trained (the source, or the run a copied source names), with
+    when and how long. Why not one run in two experiments: MLflow files a run in one, and a
+    project's registry versions, results and UI view read its own experiment."""
     from mlflow.entities import Metric, Param, RunTag
 
     client = _client(root)
     end = source.info.end_time or int(time.time() * 1000)
-    origin = client.get_experiment(source.info.experiment_id).name
+    trained = _trained_run(client, source)
     # Not taken over: MLflow's own tags (it sets the copy's) and the source's process,
     # heartbeat and error (the copy is a run of its own).
     own = {PID_TAG, HOST_TAG, PID_NAMESPACE_TAG, HEARTBEAT_TAG, HEARTBEAT_SECONDS_TAG, ERROR_TAG}
     tags = {
         k: v
         for k, v in source.data.tags.items()
-        if k not in own | {RUN_KEY_TAG} and (k == NOTE_TAG or not k.startswith("mlflow."))
+        if k not in own | {RUN_KEY_TAG, NOTE_TAG} and not k.startswith("mlflow.")
     }
-    tags[REUSED_FROM_TAG] = source.info.run_id
+    tags[REUSED_FROM_TAG] = trained.info.run_id
+    began = datetime.fromtimestamp(trained.info.start_time / 1000, UTC)
+    took = ((trained.info.end_time or end) - trained.info.start_time) / 1000
     note = (
-        f"Reused from run `{source.info.run_id}` of experiment `{origin}`: the same stage "
-        "and inputs, so the same release, not trained again. Its params, tags, curves and "
-        "artifacts are copied here."
+        f"**A copy of run `{trained.info.run_id}`** (experiment `{experiment_name(root, trained)}`"
+        f"), which trained this model on {began:%Y-%m-%d %H:%M} UTC in {took:.0f} s: the same "
+        "stage and inputs, so the same release, not trained again. Its params, tags, curves and "
+        "artifacts are copied here; this project's evaluation and registration are its own."
     )
-    tags[NOTE_TAG] = f"{tags[NOTE_TAG]}\n\n{note}" if NOTE_TAG in tags else note
+    described = source.data.tags.get(NOTE_TAG, "").split(_COPY_NOTE_END, 1)[-1]
+    tags[NOTE_TAG] = f"{note}{_COPY_NOTE_END}{described}" if described else note
     with start_run(source.info.run_name, root=root, key=key, experiment=experiment) as run:
         params = [Param(k, v) for k, v in source.data.params.items()]
         for start in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000
@@ -460,9 +485,12 @@ def copy_run(root: str | Path, source: Any, *, key: str, experiment: str) -> Ite
         yield run
 
 
-def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> int:
+def discard_unfinished(
+    root: str | Path, key: str, keep: str | None = None, experiment: str | None = None
+) -> int:
     """Delete runs with this key that ended without finishing (a crashed attempt), so a retry
-    does not leave a duplicate beside its own run; ``keep``: a run to resume instead. A run
+    does not leave a duplicate beside its own run; ``keep``: a run to resume instead;
+    ``experiment``: only those filed there (another project's failed runs are its own). A run
     still RUNNING is left alone: its process may be alive on another machine sharing the store
     (the dead ones were closed as KILLED first, `close_dead_runs`: this machine's by their
     pid, another's by their silent heartbeats). Returns how many were deleted."""
@@ -470,7 +498,9 @@ def discard_unfinished(root: str | Path, key: str, keep: str | None = None) -> i
     stale = [
         r
         for r in _runs_with_key(root, key)
-        if r.info.status not in ("FINISHED", "RUNNING") and r.info.run_id != keep
+        if r.info.status not in ("FINISHED", "RUNNING")
+        and r.info.run_id != keep
+        and (experiment is None or in_experiment(root, r, experiment))
     ]
     for run in stale:
         client.delete_run(run.info.run_id)

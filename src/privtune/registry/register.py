@@ -178,6 +178,8 @@ def provenance(root: str | Path, entry: str) -> dict[str, str]:
     built = root / BASE_DIR / BASE_INFO
     return {
         "finetune_run_id": info["run_id"],
+        # a run copied from another experiment (same inputs): the run that trained the model
+        **({"trained_in_run_id": info["reused_from"]} if "reused_from" in info else {}),
         "adapter_sha256": io.tree_sha256(root / MODELS_DIR / entry / "adapter"),
         "base": str(info.get("base", BASE_DIR)),
         # what the base stage made it from (its files' md5: dvc.base_md5, from dvc.lock)
@@ -292,13 +294,16 @@ def _link_version(mlflow_client, name: str, version: Any) -> None:
 def card_section(card: dict[str, Any]) -> str:
     """The part of a version's description that points at its model card."""
     model = card["model"]
+    run = f"`{model.get('finetune_run_id')}`"
+    if model.get("trained_in_run_id"):  # copied from another experiment
+        run += f" (a copy of run `{model['trained_in_run_id']}`, which trained it)"
     return (
         "**Privacy model card**\n\n"
         "`model_card.md` (to read) and `model_card.json` (for tools), at the root of this "
         "version's model artifacts and inside the pyfunc (`artifacts/model_card/`): the "
         "contract, the data hash and size, the accountant and ledger, every attack with its "
         "record counts and intervals, the audit and the gates.\n\n"
-        f"Fine-tuning run `{model.get('finetune_run_id')}`, adapter sha256 "
+        f"Fine-tuning run {run}, adapter sha256 "
         f"`{str(model.get('adapter_sha256'))[:16]}…`, data sha256 "
         f"`{str(card['data'].get('content_sha256'))[:16]}…`, git `{model.get('git_commit')}`."
     )

@@ -91,16 +91,20 @@ def _reuse(root: Path, name: str, run: Any, key: str, experiment: str) -> dict[s
             plot_training(history, info["finetune"]["epsilon"], figure)
             filed = ""
         else:
-            tracking.discard_unfinished(root, key)  # a copy an earlier attempt left unfinished
+            # a copy an earlier attempt left unfinished (here: another's failed runs are its own)
+            tracking.discard_unfinished(root, key, experiment=experiment)
             with tracking.copy_run(root, run, key=key, experiment=experiment) as copy:
-                info = info | {"run_id": copy.run_id, "reused_from": run.info.run_id}
+                trained = info.get("reused_from", run.info.run_id)  # a copy names the run
+                info = info | {"run_id": copy.run_id, "reused_from": trained}
                 _restore(files, root / MODELS_DIR / name, info)
                 copy.log_artifact(plot_training(history, info["finetune"]["epsilon"], figure))
                 copy.log_dir_contents(root / MODELS_DIR / name)
-            filed = f", filed in experiment {experiment} as run {copy.run_id}"
+            filed = f", copied into experiment {experiment} as run {copy.run_id}"
     _publish(root, name, info, history)
+    where = tracking.experiment_name(root, run)
     print(
-        f"finetune {name}: reusing finished MLflow run {run.info.run_id} (same inputs){filed}",
+        f"finetune {name}: reusing finished MLflow run {run.info.run_id} of experiment {where} "
+        f"(same inputs){filed}",
         file=sys.stderr,
     )
     return info["metrics"]
@@ -210,7 +214,7 @@ def _finetune(
         train(model, train_data, valid_data, f, method, options, show_progress=False, **common)
         return {}
     resumed_run = resumed.get("mlflow_run_id") if resumed else None
-    tracking.discard_unfinished(root, key, keep=resumed_run)
+    tracking.discard_unfinished(root, key, keep=resumed_run, experiment=experiment)
 
     with tracking.start_run(
         run_name=name, root=root, key=key, run_id=resumed_run, experiment=experiment
