@@ -271,10 +271,10 @@ def test_the_delta_an_error_suggests_is_accepted(n, gate):
     also land just above a gate like 1.6e-4)."""
     finetune = parse_params({"finetune": {"delta": 0.5 / n * 3}}).finetune
     with pytest.raises(ConfigError, match=r"below 1/N") as err:
-        make_plan(n, finetune, private=False, max_delta=gate)
+        make_plan(n, finetune, private=True, max_delta=gate)
     suggested = float(re.search(r"\(e\.g\. ([0-9.e-]+),", str(err.value)).group(1))
     followed = finetune.model_copy(update={"delta": suggested})
-    assert make_plan(n, followed, private=False, max_delta=gate).delta == suggested
+    assert make_plan(n, followed, private=True, max_delta=gate).delta == suggested
 
 
 def test_a_delta_the_gate_would_refuse_is_refused_before_training():
@@ -282,6 +282,16 @@ def test_a_delta_the_gate_would_refuse_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"finetune\.delta.*registry\.gates\.max_delta") as err:
         make_plan(522, finetune, private=True, max_delta=1e-4)
     assert "at most 0.0001" in str(err.value)
+
+
+@pytest.mark.parametrize("delta", [2e-4, 0.5])
+def test_a_bad_delta_is_a_private_methods_error_not_the_non_private_ones(delta):
+    """A run without noise claims no (ε, δ): the refusal names a private method's plan (the
+    check named finetune@nonprivate, the first in the list, for δ = 0.5)."""
+    finetune = parse_params({"finetune": {"delta": delta}}).finetune
+    assert make_plan(522, finetune, private=False, max_delta=1e-4).steps > 0
+    with pytest.raises(ConfigError, match=r"finetune\.delta"):
+        make_plan(522, finetune, private=True, max_delta=1e-4)
 
 
 # --- canaries --------------------------------------------------------------------------------

@@ -68,14 +68,14 @@ def make_plan(
     q = params.batch_size / n_records
     steps = max(1, math.ceil(params.epochs / q))
     delta = params.delta if params.delta is not None else default_delta(n_records, max_delta)
-    if not delta < 1.0 / n_records:
+    if private and not delta < 1.0 / n_records:  # a run without noise claims no (ε, δ)
         raise ConfigError(
             "finetune.delta",
             f"{delta:g} is not below 1/N = {1.0 / n_records:.3g} for N = {n_records} records",
             f"set finetune.delta below {1.0 / n_records:.3g} (e.g. "
             f"{_round_down(default_delta(n_records, max_delta)):.3g}, or null for that default)",
         )
-    if max_delta is not None and delta > max_delta:
+    if private and max_delta is not None and delta > max_delta:
         raise ConfigError(
             "finetune.delta",
             f"{delta:g} exceeds the registry's delta gate registry.gates.max_delta = "
