@@ -137,17 +137,19 @@ def decide(root: str, version: str | None) -> dict:
     cache_policy=NO_CACHE,
 )
 def choose(root: str) -> list[dict]:
-    """The best eligible of the versions not judged yet becomes champion (`privtune promote`);
-    a retry after it finds nothing new and judges the challenger again (a rebuilt, not
-    duplicated, decision). Nothing new and no challenger: nothing to promote, a result."""
+    """The best eligible of the versions not judged yet becomes champion (`privtune promote`).
+    Nothing new: nothing to promote, a result; a challenger judged already is not judged
+    again on every scheduled run (`privtune promote` or `--version N` judges it again)."""
     from privtune.registry import CHALLENGER, pending_versions, promote_best
     from privtune.registry.promotion import alias_version
     from privtune.registry.register import client
 
     registry = _registry(root)
     waiting = pending_versions(registry.name, root=root)
-    if not waiting and alias_version(client(root), registry.name, CHALLENGER) is None:
-        get_run_logger().info("nothing to promote: no new version of %s", registry.name)
+    if not waiting:  # every version judged (the challenger too: refused, it keeps the alias)
+        challenger = alias_version(client(root), registry.name, CHALLENGER)
+        why = "" if challenger is None else f" (challenger v{challenger.version} judged already)"
+        get_run_logger().info("nothing to promote: no new version of %s%s", registry.name, why)
         return [_nothing_to_promote(registry.name)]
     selection = promote_best(registry.name, registry.gates, root=root)
     promoted = selection.chosen is not None

@@ -54,8 +54,9 @@ class RemoteRunFailed(DispatchError):
 
 @dataclass(frozen=True)
 class Dispatched:
-    """What a dispatch did: `how` is "new", "reused" (an earlier run with the same inputs) or
-    "local" (no live worker and the fallback was asked for)."""
+    """What a dispatch did: `how` is "new", "reused" (an earlier run with the same inputs),
+    "current" (DVC here has the stage up to date: nothing to run, no worker asked) or "local"
+    (no live worker and the fallback was asked for)."""
 
     how: str
     flow_run_id: str | None = None
@@ -193,6 +194,14 @@ def stage_is_current(root: str | Path, target: str) -> bool:
         return not repo.status(targets=[target])
 
 
+def _current(root: str | Path, target: str) -> bool:
+    """`stage_is_current`, False where DVC cannot say (a locked repository): then dispatch."""
+    try:
+        return stage_is_current(root, target)
+    except Exception:  # noqa: BLE001 (the worker's DVC meets and reports the same problem)
+        return False
+
+
 def _usable_key(
     client: Any,
     deployment: Any,
@@ -313,6 +322,9 @@ def finetune(
 
     logger = _logger()
     target = f"finetune@{method}"
+    if not force and _current(root, target):  # e.g. built by `dvc repro` here, not a flow run
+        logger.info("fine-tuning %s: %s is up to date here; no worker needed", method, target)
+        return Dispatched("current")
     stages.check_before(root, target, force)  # before a worker is taken and DVC runs there
     with get_client(sync_client=True) as client:
         found = client.read_deployment_by_name(deployment)

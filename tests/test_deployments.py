@@ -270,6 +270,9 @@ def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed)
     assert state.is_completed(), state.message
     (stage,) = _task_runs(state.state_details.flow_run_id)
     assert stage.name == "finetune-dpsgd" and stage.state.is_completed()
+    # now up to date here (as after a `dvc repro` by hand): no worker is needed, none asked for
+    done = dispatch.finetune("privtune-finetune/idle-finetune", "dpsgd", str(project))
+    assert done.how == "current" and done.flow_run_id is None
 
 
 def test_share_carries_the_dvc_lock_entries_both_ways(deployed, tmp_path):

@@ -399,3 +399,35 @@ def test_a_promotion_waits_for_the_one_in_progress(registry: Registry) -> None:
         assert waiting.is_alive() and not done and registry.aliases.get("champion") is None
     waiting.join(timeout=30)
     assert done and done[0].promoted and registry.aliases["champion"] == v1
+
+
+def test_a_scheduled_promotion_does_not_judge_a_refused_challenger_again(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The nightly pipeline's promotion (`choose`) judges what is new; a challenger refused
+    by an earlier run is not judged again every night (`privtune promote` still does)."""
+    import importlib
+
+    from flows import promote as flow
+
+    logged: list[str] = []
+    logger = SimpleNamespace(info=lambda message, *args: logged.append(message % args))
+    register = importlib.import_module("privtune.registry.register")
+    monkeypatch.setattr(register, "client", lambda root=".": registry)
+    monkeypatch.setattr(flow, "get_run_logger", lambda: logger)
+    gates = "  gates:\n    utility_confidence: null\n"
+    (tmp_path / "params.yaml").write_text("registry:\n  name: m\n" + gates)
+    root = str(tmp_path)
+    v1 = registry.add(40.0)
+    v2 = registry.add(41.0)
+    decisions = flow.choose.fn(root)
+    assert {d["version"]: d["promoted"] for d in decisions} == {v1: True, v2: False}
+    assert registry.aliases["challenger"] == v2  # refused: it keeps the alias
+    logged.clear()
+    assert flow.choose.fn(root) == [
+        {"name": "m", "version": None, "promoted": False, "nothing_to_promote": True}
+    ]
+    assert logged == [f"nothing to promote: no new version of m (challenger v{v2} judged already)"]
+    assert registry.versions[v2].tags["promotion.decision"] == "refused"
+    v3 = registry.add(39.0)
+    assert [d["version"] for d in flow.choose.fn(root) if d["promoted"]] == [v3]
