@@ -200,11 +200,72 @@ def reproduce(
 _STAGE: dict[str, Any] = {"retry_condition_fn": transient, "cache_policy": NO_CACHE}
 
 
+class _RestoredFromRunCache(logging.Handler):
+    """Notes DVC's "Stage '<target>' is cached - skipping run" (dvc/stage/cache.py): DVC
+    returns a stage restored from its run cache among those it ran."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target, self.seen = target, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args and record.args[0] == self.target and "is cached" in str(record.msg):
+            self.seen = True
+
+
+@contextlib.contextmanager
+def _forwarded_notices(logger: Any, target: str, every: float = 1.0) -> Iterator[None]:
+    """The stage command's progress lines and notices (privtune.progress: $PRIVTUNE_NOTICES_FILE)
+    into this task's run log while DVC runs it, so the scheduler's UI shows how far a stage is
+    (DVC's subprocess writes to the worker's own stderr, which the run log never sees). Only
+    those lines: anything else on stderr, such as a traceback, may quote data."""
+    import threading
+
+    from privtune.io import environ
+    from privtune.progress import NOTICES_ENV
+
+    with tempfile.TemporaryDirectory(prefix="privtune-notices-") as tmp:
+        path = Path(tmp) / "notices.txt"
+        path.touch()
+        done = threading.Event()
+
+        def pump() -> None:
+            with open(path, encoding="utf-8") as handle:
+                while True:
+                    finished = done.is_set()  # read once more after the stage ended
+                    for line in handle:
+                        logger.info("%s | %s", target, line.rstrip("\n"))
+                    if finished:
+                        return
+                    done.wait(every)
+
+        reader = threading.Thread(target=pump, name=f"notices-{target}", daemon=True)
+        reader.start()
+        try:
+            with environ({NOTICES_ENV: str(path)}):
+                yield
+        finally:
+            done.set()
+            reader.join()
+
+
 def _run(root: str, target: str, force: bool, wait_for_lock: bool = False) -> list[str]:
-    ran = reproduce(root, target, force, wait_for_lock)
-    # DVC returns a stage restored from its run cache as run (its line above says "cached")
-    done = "ran (or was restored from DVC's run cache)" if ran else "up to date, skipped"
-    get_run_logger().info("%s: %s", target, done)
+    logger = get_run_logger()
+    restored = _RestoredFromRunCache(target)
+    dvc_cache = logging.getLogger("dvc.stage.cache")
+    dvc_cache.addHandler(restored)
+    try:
+        with _forwarded_notices(logger, target):
+            ran = reproduce(root, target, force, wait_for_lock)
+    finally:
+        dvc_cache.removeHandler(restored)
+    if not ran:
+        done = "up to date, skipped"
+    elif restored.seen:
+        done = "restored from DVC's run cache (its inputs were as in an earlier run: nothing ran)"
+    else:
+        done = "ran"
+    logger.info("%s: %s", target, done)
     return ran
 
 

@@ -269,6 +269,69 @@ def test_a_sweep_refuses_points_the_project_already_has_before_running_any(tmp_p
         sweep.fn(root=str(project), epsilons=[1.0, 8.0], seeds=[0])
 
 
+def test_a_stage_task_logs_its_progress_lines_and_whether_it_ran_or_was_restored(
+    tmp_path, monkeypatch
+):
+    """A stage task forwards privtune's own lines from DVC's subprocess (progress, notices)
+    into its run log, not the rest of its stderr (a traceback may quote data), and says whether
+    the stage ran, was restored from DVC's run cache (inputs as in an earlier run) or skipped."""
+    import logging
+
+    from tasks import stages
+
+    project = tmp_path / "project"
+    _git_repo(project, ("dvc", "init", "-q"))
+    script = (
+        "from privtune.progress import notice, progress_bar\n"
+        "import sys\n"
+        "notice('stage: a notice')\n"
+        "print('Traceback: secret note text', file=sys.stderr)\n"
+        "with progress_bar(True) as bar:\n"
+        "    task = bar.add_task('steps', total=10, status='')\n"
+        "    for _ in range(10):\n"
+        "        bar.advance(task)\n"
+        "open('out.txt', 'w').write('done')\n"
+    )
+    (project / "stage.py").write_text(script)
+    (project / "params.yaml").write_text("p: 1\n")
+    (project / "dvc.yaml").write_text(
+        f"stages:\n  hello:\n    cmd: {sys.executable} stage.py\n    deps: [stage.py]\n"
+        "    params: [p]\n    outs: [out.txt]\n"
+    )
+    _sh(project, "git", "add", "-A")
+    _sh(project, "git", "commit", "-qm", "init")
+    logged: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logger = logging.getLogger("stage-task")
+    logger.setLevel(logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [Lines()])
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(stages, "get_run_logger", lambda: logger)
+
+    def run() -> list[str]:
+        logged.clear()
+        stages._run(str(project), "hello", force=False)
+        return list(logged)
+
+    lines = run()
+    assert lines[0] == "hello | stage: a notice"
+    assert [line.split(",")[0] for line in lines[1:11]] == [
+        f"hello | steps: {n}/10 ({n * 10}%)" for n in range(1, 11)
+    ]
+    assert lines[-1] == "hello: ran" and not any("secret" in line for line in lines)
+    assert run() == ["hello: up to date, skipped"]
+    (project / "params.yaml").write_text("p: 2\n")
+    assert run()[-1] == "hello: ran"
+    (project / "params.yaml").write_text("p: 1\n")
+    assert run() == [
+        "hello: restored from DVC's run cache (its inputs were as in an earlier run: nothing ran)"
+    ]
+
+
 # -- a sweep fanned out on a local Ray cluster -------------------------------------------------
 
 # The shortest whole pipeline a sweep point runs: one private method at the tiny sizes.

@@ -245,10 +245,11 @@ def _run(args: argparse.Namespace) -> int:
         quiet_library_progress()
     params = load_params(_params_path(args.params, root), SECTIONS[args.stage])
     if args.stage in WRITERS:
+        from privtune.progress import notice
         from privtune.stages.common import remove_stale_outputs
 
         for path in remove_stale_outputs(root):
-            print(f"removed {path}: left by an interrupted run", file=sys.stderr)
+            notice(f"removed {path}: left by an interrupted run")
     if args.stage == "prepare":
         from privtune.stages.prepare import prepare
 

@@ -1,13 +1,20 @@
-"""The progress bar of long loops (counts and losses only, never record text).
+"""What a stage tells its user while it runs: the progress bar of long loops and notices
+(counts, losses, ε, paths and run ids only, never record text).
 
-On a terminal it is rich's live bar. Where no terminal shows one (a Prefect worker's log,
+On a terminal the bar is rich's live bar. Where no terminal shows one (a Prefect worker's log,
 `dvc repro` piped to a file, a lane's log) rich would draw the bar once, at the end; there the
 bar prints a plain line at every tenth of a task instead, so a log says how far a long stage
 is and when it should end. Both go to stderr: stdout stays the commands' results (JSON).
+Under a scheduler (tasks/stages.py sets PRIVTUNE_NOTICES_FILE) the plain lines and notices are
+also appended to that file, which the task forwards into its run's log: DVC runs the stage as
+a subprocess whose output the scheduler's log never sees. Nothing else on stderr goes there
+(a traceback may quote data).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import timedelta
 
 from rich.console import Console
@@ -22,6 +29,21 @@ from rich.progress import (
 )
 
 LINES = 10  # plain lines a task prints where no terminal shows the bar
+NOTICES_ENV = "PRIVTUNE_NOTICES_FILE"
+
+
+def notice(message: str) -> None:
+    """A line for the user on stderr (and in the scheduler's log): reuse, resume, warnings."""
+    print(message, file=sys.stderr, flush=True)
+    forward(message)
+
+
+def forward(line: str) -> None:
+    """Append ``line`` to $PRIVTUNE_NOTICES_FILE, where a scheduler's task reads it."""
+    path = os.environ.get(NOTICES_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:  # one write a line: O_APPEND
+            handle.write(line.rstrip("\n") + "\n")
 
 
 def progress_bar(enabled: bool, *columns: ProgressColumn | str, stderr: bool = True) -> Progress:
@@ -56,7 +78,9 @@ class LoggedProgress(Progress):
         if self.disable or self.console.is_terminal or task is None or not task.total:
             return
         if _tenth(task.completed, task.total) > _tenth(before, task.total):
-            self.console.print(progress_line(task), markup=False, highlight=False, soft_wrap=True)
+            line = progress_line(task)
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            forward(line)
 
     def _task(self, task_id: TaskID) -> Task | None:
         return next((task for task in self.tasks if task.id == task_id), None)

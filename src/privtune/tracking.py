@@ -806,4 +806,6 @@ def start_run(
         uri = mlflow.get_tracking_uri()
         if uri.startswith(("http://", "https://")):  # a server: where a reviewer finds the run
             where = f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs"
-            print(f"MLflow run {run.info.run_name}: {where}/{run.info.run_id}", file=sys.stderr)
+            from privtune.progress import notice
+
+            notice(f"MLflow run {run.info.run_name}: {where}/{run.info.run_id}")

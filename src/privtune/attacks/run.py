@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from privtune.attacks.scoring import SCORE_NAMES, membership_scores
 from privtune.data.canaries import Canary
 from privtune.errors import ConfigError
 from privtune.privacy.gradient_canaries import GradientCanaries
-from privtune.progress import progress_bar
+from privtune.progress import notice, progress_bar
 
 
 @dataclass(frozen=True)
@@ -294,5 +293,5 @@ def run_attacks(
         clock.lap("audits")
     # Seconds are not metrics (a rerun must give the same metrics file): a log line, which
     # says where an attack stage's time goes (on a GPU, sizing attack.candidates, batch_size).
-    print(f"attack phases: {clock}", file=sys.stderr, flush=True)
+    notice(f"attack phases: {clock}")
     return summarize(mia, exposures, extractions, audits), figures

@@ -3,13 +3,13 @@ one-run privacy audits of a fine-tuned model (logged to its MLflow run by `regis
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from privtune import io
 from privtune.config import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, DataError
+from privtune.progress import notice
 from privtune.stages.common import (
     PREPARE_AGAIN,
     fine_tuned_dir,
@@ -70,12 +70,11 @@ def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) ->
     planted = sum(c.repetitions for c in canaries)
     trained = sum(seen.values())
     if trained < planted:
-        print(
+        notice(
             f"warning: {planted - trained} of {planted} planted canary occurrences lie past "
             f"base.max_length = {max_length} tokens, so training never saw them and the "
             "canaries' exposure and extraction understate memorisation; raise base.max_length "
-            "(or use notes whose first lines hold room for a canary)",
-            file=sys.stderr,
+            "(or use notes whose first lines hold room for a canary)"
         )
     return {
         "canary_occurrences_planted": float(planted),

@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import torch
 import privtune
 from privtune import io
 from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
+from privtune.progress import notice
 from privtune.stages.common import data_hash, load_base, read_split, resolved_max_length
 
 if TYPE_CHECKING:
@@ -102,10 +102,9 @@ def _reuse(root: Path, name: str, run: Any, key: str, experiment: str) -> dict[s
             filed = f", copied into experiment {experiment} as run {copy.run_id}"
     _publish(root, name, info, history)
     where = tracking.experiment_name(root, run)
-    print(
+    notice(
         f"finetune {name}: reusing finished MLflow run {run.info.run_id} of experiment {where} "
-        f"(same inputs){filed}",
-        file=sys.stderr,
+        f"(same inputs){filed}"
     )
     return info["metrics"]
 
@@ -191,10 +190,9 @@ def _finetune(
     checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
     resumed = load_checkpoint(checkpoint_path, key)
     if resumed is not None and replica.is_main:  # said here: the MLflow tag comes at the end
-        print(
+        notice(
             f"finetune {name}: resuming at step {resumed['steps_taken']} of {plan.steps} from "
-            f"{CHECKPOINTS_DIR}/{name}.pt (an attempt with the same inputs was stopped there)",
-            file=sys.stderr,
+            f"{CHECKPOINTS_DIR}/{name}.pt (an attempt with the same inputs was stopped there)"
         )
     checkpointing = Checkpointing(checkpoint_path, f.checkpoint_every, key)
     common = {"entry": name, "plan": plan, "checkpoint": checkpointing, "trainer": trainer}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from privtune import io
 from privtune.config import GENERATOR_SOURCE, PREPARED_DIR, Params
 from privtune.errors import ConfigError, DataError
+from privtune.progress import notice
 
 SPLITS = ("public", "train", "valid", "test", "attack")
 
@@ -173,11 +173,10 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
         records = load_records(source, p.text_column, p.id_column, p.max_record_chars)
     records, duplicates = _without_duplicates(records)
     if duplicates:  # said before the split's checks: it may be why the corpus came up short
-        print(
+        notice(
             f"prepare: {duplicates} record(s) repeat an earlier record's text exactly and were "
             "left out (a copy in train and another among the attack's non-members or the test "
-            "notes would make the attacks and the perplexity wrong)",
-            file=sys.stderr,
+            "notes would make the attacks and the perplexity wrong)"
         )
     splits = _split(records, params)
     train = splits["train"]
@@ -204,7 +203,15 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
         audit = make_audit_canaries(
             p.canaries.audit, seed=p.seed, avoid=canaries, identifier=p.canaries.identifier
         )
-        train = train + [{**r, "kind": "audit_canary"} for r in audit_records(audit)]
+        included = [{**r, "kind": "audit_canary"} for r in audit_records(audit)]
+        train = train + included
+        share = len(included) / len(train)
+        if share > 0.25:  # said by `privtune check` too: it runs this build
+            notice(  # the audit's records would crowd the user's own out of each batch
+                f"prepare: the black-box audit's text canaries are {share:.0%} of the train "
+                "split: with a corpus this small, lower prepare.canaries.audit (0: no text "
+                "audit) so that most of each batch is your records"
+            )
     public = [{"text": t} for t in generate_public_corpus(p.n_public, p.seed + 1)]
     written = {**splits, "train": train, "public": public}
     return Prepared(written, canaries, audit, needed, duplicates)
@@ -220,14 +227,6 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         built.splits, built.canaries, built.audit, built.duplicates,
     )  # fmt: skip
     train, public = written["train"], written["public"]
-    audit_share = sum(r.get("kind") == "audit_canary" for r in train) / max(len(train), 1)
-    if audit_share > 0.25:  # the audit's records would crowd the user's own out of each batch
-        print(
-            f"prepare: the white-box audit's canary records are {audit_share:.0%} of the train "
-            "split: with a corpus this small, lower prepare.canaries.audit (0: no text audit) "
-            "so that most of each batch is your records",
-            file=sys.stderr,
-        )
     with io.atomic_dir(root / PREPARED_DIR) as out:
         for name in SPLITS:
             io.write_jsonl(out / f"{name}.jsonl", written[name])
