@@ -247,6 +247,35 @@ def test_planted_canary_is_exposed_and_held_out_ones_are_not(world, overfit_mode
     assert np.mean([r.exposure for r in held_out]) < 4
 
 
+def test_calibrated_exposure_ranks_what_fine_tuning_added_to_the_reference(
+    world, overfit_model, untouched_model
+):
+    """Against the reference it was fine-tuned from, the planted canary still tops the
+    ranking; against itself a model adds nothing: every candidate ties (about 1 bit)."""
+    results = canary_exposures(
+        overfit_model,
+        world["tokenizer"],
+        world["canaries"],
+        n_candidates=N_CANDIDATES,
+        seed=0,
+        reference=untouched_model,
+    )
+    top = math.log2(N_CANDIDATES + 1)
+    planted = [r for r in results if r.repetitions == PLANTED_REPS]
+    assert planted[0].calibrated == pytest.approx(top)
+    assert np.mean([r.calibrated for r in results if r.repetitions == 0]) < 4
+    alone = canary_exposures(
+        untouched_model, world["tokenizer"], world["canaries"][:1], n_candidates=N_CANDIDATES,
+        seed=0, reference=untouched_model,
+    )  # fmt: skip
+    assert alone[0].calibrated == pytest.approx(top - math.log2(1 + N_CANDIDATES / 2))
+    without = canary_exposures(
+        overfit_model, world["tokenizer"], world["canaries"], n_candidates=N_CANDIDATES, seed=0
+    )
+    assert all(r.calibrated is None for r in without)
+    assert [r.exposure for r in without] == [r.exposure for r in results]
+
+
 def test_untouched_model_gives_chance_exposure(world, untouched_model):
     canaries = make_canaries((1,), per_repetition=6, held_out=0, seed=9)
     results = canary_exposures(
@@ -499,6 +528,8 @@ def test_run_attacks_reports_flat_floats_and_no_text(
         f"exposure_r{PLANTED_REPS}_mean",
         f"exposure_r{PLANTED_REPS}_max",
         "exposure_held_out_mean",
+        f"exposure_calibrated_r{PLANTED_REPS}_mean",  # the base model is the reference
+        "exposure_calibrated_held_out_max",
         f"extraction_greedy_r{PLANTED_REPS}",
         f"extraction_sampled_r{PLANTED_REPS}",
         "extraction_greedy_held_out",
@@ -557,8 +588,8 @@ def test_summarize_groups_by_repetitions():
 
     roc = RocSummary(0.6, 0.55, 0.65, {0.001: 0.0, 0.01: 0.02})
     exposures = [
-        CanaryExposure("a", 1, 2.0, 4.0),
-        CanaryExposure("b", 1, 4.0, 1.0),
+        CanaryExposure("a", 1, 2.0, 4.0, 1.0),
+        CanaryExposure("b", 1, 4.0, 1.0, 5.0),
         CanaryExposure("c", 16, 9.0, 1.0),
         CanaryExposure("d", 0, 1.0, 8.0),
     ]
@@ -570,6 +601,11 @@ def test_summarize_groups_by_repetitions():
     metrics = summarize({"loss": roc, "zlib": roc}, exposures, extractions, {})
     assert metrics["exposure_r1_mean"] == 3.0 and metrics["exposure_r1_max"] == 4.0
     assert metrics["exposure_r16_mean"] == 9.0 and metrics["exposure_held_out_mean"] == 1.0
+    assert metrics["exposure_calibrated_r1_mean"] == 3.0
+    assert metrics["exposure_calibrated_r1_max"] == 5.0
+    assert not any(
+        k.startswith(("exposure_calibrated_r16", "exposure_calibrated_held")) for k in metrics
+    )
     assert metrics["extraction_greedy_r1"] == 0.5 and metrics["extraction_sampled_r1"] == 1 / 8
     assert metrics["extraction_greedy_held_out"] == 0.0
     assert metrics["mia_loss_tpr_at_fpr_0.01"] == 0.02 and metrics["mia_auc_max"] == 0.6

@@ -44,6 +44,7 @@ SAFE_ATTACK = {
     "mia_members": 83,
     "mia_non_members": 83,
     "exposure_r4_mean": 1.1,
+    "exposure_calibrated_r4_mean": 2.5,
     "audit_whitebox_m": 64,
     "audit_whitebox_guesses": 20,
     "audit_whitebox_correct": 12,
@@ -225,6 +226,11 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
         "audit",
     }
     assert "## Membership inference" in text and "| loss | 0.52 | [0.44, 0.6] |" in text
+    assert card["attacks"]["canaries"]["exposure_bits"]["r4"] == {
+        "mean": 1.1,
+        "calibrated_mean": 2.5,
+    }
+    assert "| r4 | 1.1 | – | 2.5 | – |" in text
     loaded = mlflow.pyfunc.load_model(f"models:/clinical-tags/{version.version}")
     assert loaded.unwrap_python_model().model_card == card
 

@@ -3,6 +3,12 @@
 The secret's log-likelihood after its prefix is ranked among random candidate secrets of the
 same format; exposure = log2(n_candidates + 1) - log2(rank), so rank 1 gives the maximum and a
 model that knows nothing gives about 1/ln 2 = 1.44 bits on average.
+
+With a reference model (the base), a calibrated exposure ranks the fine-tuned model's
+log-likelihood minus the reference's: what fine-tuning added. A BPE tokenizer splits the
+secrets' digits unevenly (a "50" in the notes' ages becomes one token), so the raw ranking
+mostly says how few tokens a secret takes: one held-out canary at 10 bits and planted ones at
+1 on a user's corpus (measured), where the calibrated ranking gave 1.3 and 3.1 bits on average.
 """
 
 from __future__ import annotations
@@ -88,12 +94,14 @@ def exposure_from_scores(secret_score: float, candidate_scores: np.ndarray) -> f
 
 @dataclass(frozen=True)
 class CanaryExposure:
-    """Exposure of one canary (identified by id and repetitions, never by its text)."""
+    """Exposure of one canary (identified by id and repetitions, never by its text);
+    ``calibrated``: against the reference model's log-likelihoods (None: no reference)."""
 
     id: str
     repetitions: int
     exposure: float
     rank: float
+    calibrated: float | None = None
 
 
 def canary_exposures(
@@ -104,14 +112,18 @@ def canary_exposures(
     seed: int = 0,
     chunk_size: int | None = None,
     on_canary: Callable[[], None] | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> list[CanaryExposure]:
-    """Exposure of every canary against the same ``n_candidates`` random secrets.
+    """Exposure of every canary against the same ``n_candidates`` random secrets, and with a
+    ``reference`` model (same tokenizer) the calibrated exposure too.
 
     Candidates exclude all canaries' secrets, so no canary competes with another's secret.
     """
     if n_candidates < 1:
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
     model.eval()
+    if reference is not None:
+        reference.eval()
     candidates = candidate_secrets(n_candidates, seed, exclude={c.secret for c in canaries})
     encoded: dict[str, list[list[int]]] = {}  # candidates' ids per gap, shared by canaries
     results = []
@@ -120,16 +132,23 @@ def canary_exposures(
         if gap not in encoded:
             encoded[gap] = encode_continuations(tokenizer, gap, candidates)
         tails = [*encode_continuations(tokenizer, gap, [canary.secret]), *encoded[gap]]
+        continuations = [canary.secret, *candidates]
         scores = chunked_continuation_logprobs(
-            model, tokenizer, canary.prefix, [canary.secret, *candidates], chunk_size, tails
+            model, tokenizer, canary.prefix, continuations, chunk_size, tails
         ).double()
         secret, others = float(scores[0]), scores[1:].numpy()
         rank = secret_rank(secret, others)
-        results.append(
-            CanaryExposure(
-                canary.id, canary.repetitions, exposure_from_scores(secret, others), rank
+        calibrated = None
+        if reference is not None:
+            gained = (
+                scores
+                - chunked_continuation_logprobs(
+                    reference, tokenizer, canary.prefix, continuations, chunk_size, tails
+                ).double()
             )
-        )
+            calibrated = exposure_from_scores(float(gained[0]), gained[1:].numpy())
+        exposure = exposure_from_scores(secret, others)
+        results.append(CanaryExposure(canary.id, canary.repetitions, exposure, rank, calibrated))
         if on_canary is not None:
             on_canary()
     return results

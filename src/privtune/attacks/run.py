@@ -130,6 +130,10 @@ def summarize(
         metrics[f"exposure_{label}_mean"] = float(np.mean(values))
         metrics[f"exposure_{label}_max"] = float(np.max(values))
         metrics[f"exposure_{label}_canaries"] = float(len(values))
+        calibrated = [e.calibrated for e in exposures if e.repetitions == reps]
+        if all(c is not None for c in calibrated):  # ranked against the reference model's
+            metrics[f"exposure_calibrated_{label}_mean"] = float(np.mean(calibrated))
+            metrics[f"exposure_calibrated_{label}_max"] = float(np.max(calibrated))
     for reps in sorted({e.repetitions for e in extractions}):
         group = [e for e in extractions if e.repetitions == reps]
         label = f"r{reps}" if reps else "held_out"
@@ -248,6 +252,7 @@ def run_attacks(
             seed=config.seed,
             chunk_size=config.chunk_size,
             on_canary=lambda: progress.advance(task),
+            reference=reference_model,
         )
         clock.lap("exposure")
         task = progress.add_task("extraction", total=len(canaries))

@@ -29,7 +29,8 @@ CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
 CARD_ARTIFACT = "model_card"  # name of the card's directory among the pyfunc's artifacts
 SCORES = ("loss", "reference", "zlib", "min_k")  # attacks.scoring.SCORE_NAMES, report order
-_EXPOSURE = re.compile(r"exposure_(r\d+|held_out)_(mean|max)")
+# exposure_r16_mean; exposure_calibrated_r16_mean (against the base model: attacks/exposure.py)
+_EXPOSURE = re.compile(r"exposure_(calibrated_)?(r\d+|held_out)_(mean|max)")
 _EXTRACTION = re.compile(r"extraction_(greedy|sampled)_(r\d+|held_out)")
 
 
@@ -95,7 +96,7 @@ def _canaries(attack: Mapping[str, float], data_card: Mapping[str, Any]) -> dict
     extraction: dict[str, dict[str, float]] = {}
     for key, value in attack.items():
         if found := _EXPOSURE.fullmatch(key):
-            exposure.setdefault(found[1], {})[found[2]] = value
+            exposure.setdefault(found[2], {})[f"{found[1] or ''}{found[3]}"] = value
         elif found := _EXTRACTION.fullmatch(key):
             extraction.setdefault(found[2], {})[found[1]] = value
     planted = data_card.get("canaries", {})
@@ -433,7 +434,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "",
         f"{canaries['planted']} planted canaries (repeated {canaries['repetitions']} times), "
         f"{canaries['held_out']} held out. Exposure in bits (≈1.44 for a model that knows "
-        "nothing) and the rate of exact extraction:",
+        "nothing; calibrated: ranked by what fine-tuning added to the base model's "
+        "likelihood, not by how few tokens a secret takes) and the rate of exact extraction:",
         "",
     ]
     planted, trained = canaries.get("occurrences_planted"), canaries.get("occurrences_trained")
@@ -445,8 +447,9 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             "",
         ]
     lines += [
-        "| canaries | exposure mean | exposure max | extraction greedy | extraction sampled |",
-        "|---|---|---|---|---|",
+        "| canaries | exposure mean | exposure max | calibrated mean | calibrated max "
+        "| extraction greedy | extraction sampled |",
+        "|---|---|---|---|---|---|---|",
     ]
     groups = sorted(
         set(canaries["exposure_bits"]) | set(canaries["extraction_rate"]),
@@ -457,6 +460,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         x = canaries["extraction_rate"].get(group, {})
         lines.append(
             f"| {group} | {_g(e.get('mean'))} | {_g(e.get('max'))} | "
+            f"{_g(e.get('calibrated_mean'))} | {_g(e.get('calibrated_max'))} | "
             f"{_g(x.get('greedy'))} | {_g(x.get('sampled'))} |"
         )
     lines += ["", "## Audit", ""]
