@@ -29,6 +29,8 @@ def test_jsonl_csv_and_datasets_dir_load_the_same_texts(tmp_path):
     [
         ("a.jsonl", '{"body": "x"}\n', "no `text` column"),
         ("b.jsonl", '{"text": "ok"}\n{broken\n', "line 2 is not valid JSON"),
+        # a quote never closed is named so (it was "Invalid control character": the line break)
+        ("h.jsonl", '{"text": "secret text}\r\n', "(Unterminated string starting at column 10)"),
         ("c.jsonl", "", "empty"),
         ("d.csv", "body\nsecret text\n", "no `text` column"),
         ("e.csv", "", "empty"),

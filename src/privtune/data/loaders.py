@@ -187,8 +187,8 @@ def load_jsonl(
             offset += len(raw)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
+            try:  # without its line break: an unclosed string is named so, not as a control
+                row = json.loads(line.rstrip("\r\n"))  # character where it meets the break
             except json.JSONDecodeError as err:
                 problem = _json_error(err, f"line {number}")
                 raise DataError(str(path), problem, "write one JSON object per line") from None
