@@ -276,6 +276,47 @@ def test_calibrated_exposure_ranks_what_fine_tuning_added_to_the_reference(
     assert [r.exposure for r in without] == [r.exposure for r in results]
 
 
+def test_the_reference_scores_are_kept_for_the_next_method_and_rescored_when_unusable(
+    world, overfit_model, untouched_model, tmp_path
+):
+    """Every method fine-tuned from one base is calibrated against the same scores: kept in a
+    file the next attack reads (shown by reading them with another reference model passed),
+    scored again when the file lacks a canary or cannot be read."""
+    from privtune.attacks.exposure import reference_cache_path
+
+    canaries = world["canaries"]
+    args = (world["tokenizer"], canaries)
+    kw = {"n_candidates": N_CANDIDATES, "seed": 0}
+    path = reference_cache_path(
+        tmp_path, "base-sha", canaries, N_CANDIDATES, 0, None, torch.device("cpu")
+    )
+    assert path.parent == tmp_path / ".privtune/cache"
+    assert path != reference_cache_path(
+        tmp_path, "other-base", canaries, N_CANDIDATES, 0, None, torch.device("cpu")
+    )
+    first = canary_exposures(
+        overfit_model, *args, **kw, reference=untouched_model, reference_cache=path
+    )
+    assert path.is_file()
+    # the file's scores are used, not the model passed: as calibrated as the first time
+    again = canary_exposures(
+        overfit_model, *args, **kw, reference=overfit_model, reference_cache=path
+    )
+    assert [r.calibrated for r in again] == [r.calibrated for r in first]
+    itself = canary_exposures(overfit_model, *args, **kw, reference=overfit_model)
+    assert [r.calibrated for r in itself] != [r.calibrated for r in first]
+    wrong_and_one_missing = {canaries[0].id: torch.zeros(N_CANDIDATES + 1, dtype=torch.float64)}
+    for damaged in (b"not a tensor file", wrong_and_one_missing):
+        if isinstance(damaged, bytes):
+            path.write_bytes(damaged)
+        else:
+            torch.save(damaged, path)
+        rescored = canary_exposures(
+            overfit_model, *args, **kw, reference=untouched_model, reference_cache=path
+        )
+        assert [r.calibrated for r in rescored] == [r.calibrated for r in first]
+
+
 def test_untouched_model_gives_chance_exposure(world, untouched_model):
     canaries = make_canaries((1,), per_repetition=6, held_out=0, seed=9)
     results = canary_exposures(

@@ -13,15 +13,23 @@ mostly says how few tokens a secret takes: one held-out canary at 10 bits and pl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from privtune.data.canaries import Canary, candidate_secrets
 from privtune.evaluate import continuation_logprobs, encode_continuations, split_prompt
+from privtune.io import atomic_file
+
+CACHE_DIR = Path(".privtune/cache")  # a project's own, beside the checkpoints (git-ignored)
 
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """Memory allowed for one chunk's float32 logits (continuations x tokens x vocabulary)."""
@@ -113,15 +121,20 @@ def canary_exposures(
     chunk_size: int | None = None,
     on_canary: Callable[[], None] | None = None,
     reference: torch.nn.Module | None = None,
+    reference_cache: Path | None = None,
 ) -> list[CanaryExposure]:
     """Exposure of every canary against the same ``n_candidates`` random secrets, and with a
-    ``reference`` model (same tokenizer) the calibrated exposure too.
+    ``reference`` model (same tokenizer) the calibrated exposure too. ``reference_cache``: a
+    file of the reference's scores (read when it holds every canary's, written otherwise):
+    they are the same for every method fine-tuned from it, so the attack stages after the
+    first score only their own model.
 
     Candidates exclude all canaries' secrets, so no canary competes with another's secret.
     """
     if n_candidates < 1:
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
     model.eval()
+    cached = _read_scores(reference_cache, canaries, n_candidates + 1)
     if reference is not None:
         reference.eval()
     candidates = candidate_secrets(n_candidates, seed, exclude={c.secret for c in canaries})
@@ -140,15 +153,51 @@ def canary_exposures(
         rank = secret_rank(secret, others)
         calibrated = None
         if reference is not None:
-            gained = (
-                scores
-                - chunked_continuation_logprobs(
+            if canary.id not in cached:
+                cached[canary.id] = chunked_continuation_logprobs(
                     reference, tokenizer, canary.prefix, continuations, chunk_size, tails
                 ).double()
-            )
+            gained = scores - cached[canary.id]
             calibrated = exposure_from_scores(float(gained[0]), gained[1:].numpy())
         exposure = exposure_from_scores(secret, others)
         results.append(CanaryExposure(canary.id, canary.repetitions, exposure, rank, calibrated))
         if on_canary is not None:
             on_canary()
+    if reference is not None and reference_cache is not None:
+        with atomic_file(reference_cache, "wb") as handle:  # concurrent stages: same bytes
+            torch.save(cached, handle)
     return results
+
+
+def _read_scores(path: Path | None, canaries: Sequence[Canary], n: int) -> dict[str, Any]:
+    """The cached reference scores of these canaries ({} when any is missing or the file is
+    unreadable: they are scored again and the file rewritten)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        scores = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return {}
+    if not isinstance(scores, dict) or not all(
+        isinstance(scores.get(c.id), torch.Tensor) and scores[c.id].shape == (n,) for c in canaries
+    ):
+        return {}
+    return scores
+
+
+def reference_cache_path(
+    root: Path,
+    base_sha256: str,
+    canaries: Sequence[Canary],
+    n_candidates: int,
+    seed: int,
+    chunk_size: int | None,
+    device: torch.device,
+) -> Path:
+    """Where a project keeps the reference's exposure scores, keyed by all they depend on: the
+    base model's files, the canaries, the candidates, the chunking and the device kind (whose
+    arithmetic differs in the last bits)."""
+    canary_key = [(c.id, c.prefix, c.secret) for c in canaries]
+    key = [base_sha256, canary_key, n_candidates, seed, chunk_size, device.type]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+    return root / CACHE_DIR / f"exposure-reference-{digest}.pt"

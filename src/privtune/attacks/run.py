@@ -49,6 +49,8 @@ class AttackConfig:
         max_length: Token limit when scoring records; None = the model's context.
         batch_size: Records per forward pass when scoring.
         progress: Show rich progress bars (counts only, never text).
+        reference_cache: File of the reference model's exposure scores, shared by every
+            method's attack (`exposure.reference_cache_path`); None = score them each time.
     """
 
     min_k: float = 0.2
@@ -64,6 +66,7 @@ class AttackConfig:
     max_length: int | None = None
     batch_size: int = 32
     progress: bool = True
+    reference_cache: Path | None = None
 
 
 def _rate(values: Sequence[float]) -> float:
@@ -253,6 +256,7 @@ def run_attacks(
             chunk_size=config.chunk_size,
             on_canary=lambda: progress.advance(task),
             reference=reference_model,
+            reference_cache=config.reference_cache,
         )
         clock.lap("exposure")
         task = progress.add_task("extraction", total=len(canaries))

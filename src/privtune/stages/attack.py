@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune import io
-from privtune.config import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
+from privtune.config import BASE_DIR, METRICS_DIR, PLOTS_DIR, PREPARED_DIR, AttackParams, Params
 from privtune.errors import AuditViolation, DataError
 from privtune.progress import notice
 from privtune.stages.common import (
@@ -84,6 +84,7 @@ def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) ->
 
 def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
     """Attack the model of `methods.<name>`; fail loudly if the audit beats the claim."""
+    from privtune.attacks.exposure import reference_cache_path
     from privtune.attacks.run import AttackConfig, run_attacks
     from privtune.data.canaries import load_canaries
     from privtune.modeling import load_adapter, resolve_device
@@ -111,6 +112,11 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     gradient = (
         read_input(gradient_file, GradientCanaries.load, again) if gradient_file.is_file() else None
     )
+    cache = None
+    if reference is not None:  # its exposure scores: the same for every method's attack
+        cache = reference_cache_path(
+            root, io.tree_sha256(root / BASE_DIR), canaries, a.candidates, a.seed, None, device
+        )
     config = AttackConfig(
         min_k=a.min_k,
         bootstrap_resamples=a.bootstrap,
@@ -123,6 +129,7 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
         max_length=max_length,
         batch_size=a.batch_size,
         progress=show_progress,
+        reference_cache=cache,
     )
     found, figures = run_attacks(
         model,
