@@ -30,6 +30,29 @@ def test_a_log_gets_a_line_at_each_tenth_of_a_task(capsys):
     assert "━" not in captured.err  # no bar drawn once more at the end, in a log
 
 
+def test_notices_and_lines_go_to_the_schedulers_file_too_and_never_fail_a_stage(
+    capsys, monkeypatch, tmp_path
+):
+    """Under a scheduler's task ($PRIVTUNE_NOTICES_FILE) the notices and the plain lines are
+    appended there as well; a file the task no longer has is no reason to stop a stage."""
+    from privtune.progress import NOTICES_ENV, notice
+
+    path = tmp_path / "notices.txt"
+    monkeypatch.setenv(NOTICES_ENV, str(path))
+    notice("finetune dpsgd: resuming at step 20")
+    with progress_bar(True) as progress:
+        task = progress.add_task("attack", total=2, status="")
+        for _ in range(2):
+            progress.advance(task)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "finetune dpsgd: resuming at step 20"
+    assert [line.split(",")[0] for line in lines[1:]] == ["attack: 1/2 (50%)", "attack: 2/2 (100%)"]
+    assert capsys.readouterr().err.startswith("finetune dpsgd: resuming at step 20\n")
+    monkeypatch.setenv(NOTICES_ENV, str(tmp_path / "gone" / "notices.txt"))
+    notice("still said on stderr")
+    assert capsys.readouterr().err == "still said on stderr\n"
+
+
 def test_no_lines_on_a_terminal_or_when_disabled(capsys):
     shown = io.StringIO()
     terminal = LoggedProgress(console=Console(file=shown, force_terminal=True))

@@ -42,8 +42,11 @@ def forward(line: str) -> None:
     """Append ``line`` to $PRIVTUNE_NOTICES_FILE, where a scheduler's task reads it."""
     path = os.environ.get(NOTICES_ENV)
     if path:
-        with open(path, "a", encoding="utf-8") as handle:  # one write a line: O_APPEND
-            handle.write(line.rstrip("\n") + "\n")
+        try:
+            with open(path, "a", encoding="utf-8") as handle:  # one write a line: O_APPEND
+                handle.write(line.rstrip("\n") + "\n")
+        except OSError:  # the task that reads it is gone: the line is on stderr all the same
+            pass
 
 
 def progress_bar(enabled: bool, *columns: ProgressColumn | str, stderr: bool = True) -> Progress:
