@@ -147,12 +147,14 @@ def check_before(root: str, target: str, force: bool = False) -> None:
     its outputs to run it: `PermanentStageError` with the stage's own message. Not for a
     stage DVC will skip (prepare's check reads the whole corpus)."""
     from privtune.errors import PrivtuneError
+    from privtune.progress import quiet_notices
     from privtune.stages import preflight
 
     checked = target.partition("@")[0] in preflight.STAGES
     if checked and (force or not _stage_is_current(root, target)):
         try:
-            preflight.check(root, target)
+            with quiet_notices():  # the stage says its warnings itself, once, when it runs
+                preflight.check(root, target)
         except PrivtuneError as err:
             raise PermanentStageError(target, 2, type(err).__name__, str(err)) from err
 

@@ -189,6 +189,10 @@ def test_copied_forward_notes_are_kept_once_so_no_copy_crosses_the_splits(tmp_pa
     with (tmp_path / "notes.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *body, *copies])
     write_params(tmp_path / "params.yaml", **USER)
+    from tasks.stages import check_before
+
+    check_before(str(tmp_path), "prepare")  # a scheduler's check: the stage says it, once
+    assert "repeat an earlier record" not in capsys.readouterr().err
     assert _main(tmp_path, "prepare") == 0
     assert "30 record(s) repeat an earlier record's text" in capsys.readouterr().err
     prepared = tmp_path / "data" / "prepared"

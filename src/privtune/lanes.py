@@ -106,11 +106,13 @@ class Lanes:
         is then kept). ``gpu``: the one GPU its command sees (CUDA_VISIBLE_DEVICES)."""
         from privtune.cli import ERROR_FILE_ENV, EXIT_BAD_INPUT, EXIT_INTERRUPTED, read_error_file
         from privtune.errors import PrivtuneError
+        from privtune.progress import quiet_notices
         from privtune.stages import preflight
 
         log = self.logs / f"{name}.log"
         try:  # what the stage would refuse, before DVC removes its outputs to run it
-            preflight.check(self.target, name)
+            with quiet_notices():  # its warnings: in the stage's own log, when it runs
+                preflight.check(self.target, name)
         except PrivtuneError as err:
             log.write_text(f"error: {err}\n")  # the CLI's own line: fields, never records
             record = {"stage": name, "status": "failed", "exit_code": EXIT_BAD_INPUT}

@@ -13,8 +13,10 @@ a subprocess whose output the scheduler's log never sees. Nothing else on stderr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 
 from rich.console import Console
@@ -32,10 +34,26 @@ LINES = 10  # plain lines a task prints where no terminal shows the bar
 NOTICES_ENV = "PRIVTUNE_NOTICES_FILE"
 
 
+_QUIET: list[bool] = []  # set while a check runs what the stage itself will run and say
+
+
 def notice(message: str) -> None:
     """A line for the user on stderr (and in the scheduler's log): reuse, resume, warnings."""
+    if _QUIET:
+        return
     print(message, file=sys.stderr, flush=True)
     forward(message)
+
+
+@contextlib.contextmanager
+def quiet_notices() -> Iterator[None]:
+    """No notices inside: for a preflight of a stage about to run, which says them itself
+    (a scheduler's task log had prepare's warning three times)."""
+    _QUIET.append(True)
+    try:
+        yield
+    finally:
+        _QUIET.pop()
 
 
 def forward(line: str) -> None:
