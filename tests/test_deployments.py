@@ -249,6 +249,8 @@ def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed)
         "--pool", "privtune-idle",
     )  # fmt: skip
     _sh(project, "dvc", "repro", "base")  # the key reads the data and base model
+    # a fine-tuning to do (one DVC finds up to date here is not dispatched: below)
+    edit_params(project, finetune={"lr": 0.03})
     started = time.monotonic()
     with pytest.raises(dispatch.NoLiveWorker) as refused:
         dispatch.finetune("privtune-finetune/idle-finetune", "dpsgd", str(project), timeout=600)
@@ -265,7 +267,7 @@ def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed)
         # (checked here: a result read back from a busy server can come without its data)
         assert done.how == "local", done
 
-    # asked to, it fine-tunes here instead of waiting (the stage: DVC finds it up to date)
+    # asked to, it fine-tunes here instead of waiting
     state = fallback(str(project), return_state=True)
     assert state.is_completed(), state.message
     (stage,) = _task_runs(state.state_details.flow_run_id)
