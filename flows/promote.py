@@ -5,7 +5,8 @@ python flows/promote.py rollback   # give `champion` back to the previous champi
 
 The gates and the registered model's name come from params.yaml (`registry:`), as for
 `privtune promote`; a refusal is a decision, not a failure: the flow completes and returns it.
-So is "nothing to promote" (no challenger): a nightly run with no new model has nothing to do.
+So is "nothing to promote" (no challenger, or, for the pipeline's promotion, no version not
+judged yet): a nightly run with no new model has nothing to do.
 Only transient failures are retried; a configuration or model error fails at once.
 """
 
@@ -88,6 +89,13 @@ def _report(name: str, decisions: list, methods: dict | None, promoted: bool, wh
         )
 
 
+def _retried() -> bool:
+    """Whether this task run is a retry (Prefect counts its attempts from 1)."""
+    from prefect.runtime import task_run
+
+    return task_run.run_count > 1
+
+
 def _nothing_to_promote(name: str) -> dict:
     return {"name": name, "version": None, "promoted": False, "nothing_to_promote": True}
 
@@ -139,15 +147,18 @@ def decide(root: str, version: str | None) -> dict:
 def choose(root: str) -> list[dict]:
     """The best eligible of the versions not judged yet becomes champion (`privtune promote`).
     Nothing new: nothing to promote, a result; a challenger judged already is not judged
-    again on every scheduled run (`privtune promote` or `--version N` judges it again)."""
+    again on every scheduled run (`privtune promote` or `--version N` judges it again). A
+    retry of this task judges the challenger again: the failed attempt may have recorded
+    its decisions before failing, and the retry's result rebuilds them."""
     from privtune.registry import CHALLENGER, pending_versions, promote_best
     from privtune.registry.promotion import alias_version
     from privtune.registry.register import client
 
     registry = _registry(root)
     waiting = pending_versions(registry.name, root=root)
-    if not waiting:  # every version judged (the challenger too: refused, it keeps the alias)
-        challenger = alias_version(client(root), registry.name, CHALLENGER)
+    challenger = alias_version(client(root), registry.name, CHALLENGER)
+    if not waiting and (challenger is None or not _retried()):
+        # every version judged (the challenger too: refused, it keeps the alias)
         why = "" if challenger is None else f" (challenger v{challenger.version} judged already)"
         get_run_logger().info("nothing to promote: no new version of %s%s", registry.name, why)
         return [_nothing_to_promote(registry.name)]

@@ -51,6 +51,7 @@ from privtune.modeling import build_gpt2
 from tests.conftest import synthetic_texts
 
 N_CANDIDATES = 500  # the stage uses 10,000; 500 keeps the tests fast (max exposure 8.97 bits)
+CPU = torch.device("cpu")
 PLANTED_REPS = 4
 
 
@@ -287,13 +288,13 @@ def test_the_reference_scores_are_kept_for_the_next_method_and_rescored_when_unu
     canaries = world["canaries"]
     args = (world["tokenizer"], canaries)
     kw = {"n_candidates": N_CANDIDATES, "seed": 0}
-    path = reference_cache_path(
-        tmp_path, "base-sha", canaries, N_CANDIDATES, 0, None, torch.device("cpu")
-    )
+    path = reference_cache_path(tmp_path, "base-sha", canaries, N_CANDIDATES, 0, 64, CPU)
     assert path.parent == tmp_path / ".privtune/cache"
-    assert path != reference_cache_path(
-        tmp_path, "other-base", canaries, N_CANDIDATES, 0, None, torch.device("cpu")
-    )
+    for other in [("other-base", canaries, N_CANDIDATES, 0, 64, CPU),
+                  ("base-sha", canaries[:1], N_CANDIDATES, 0, 64, CPU),
+                  ("base-sha", canaries, N_CANDIDATES, 0, 128, CPU),
+                  ("base-sha", canaries, N_CANDIDATES, 0, 64, torch.device("cuda"))]:  # fmt: skip
+        assert path != reference_cache_path(tmp_path, *other)
     first = canary_exposures(
         overfit_model, *args, **kw, reference=untouched_model, reference_cache=path
     )

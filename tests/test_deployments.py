@@ -270,7 +270,12 @@ def test_dispatch_to_a_pool_without_a_live_worker_fails_fast_naming_it(deployed)
     # asked to, it fine-tunes here instead of waiting
     state = fallback(str(project), return_state=True)
     assert state.is_completed(), state.message
-    (stage,) = _task_runs(state.state_details.flow_run_id)
+    deadline = time.monotonic() + 60  # the task's last state reaches the server after the flow's
+    while True:
+        (stage,) = _task_runs(state.state_details.flow_run_id)
+        if stage.state.is_final() or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert stage.name == "finetune-dpsgd" and stage.state.is_completed()
     # now up to date here (as after a `dvc repro` by hand): no worker is needed, none asked for
     done = dispatch.finetune("privtune-finetune/idle-finetune", "dpsgd", str(project))

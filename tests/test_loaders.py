@@ -175,6 +175,14 @@ def test_a_csv_row_with_another_number_of_fields_than_its_header_is_refused(
     assert "secret text" not in str(err.value) and "quote every field" in str(err.value)
 
 
+def test_a_csv_with_blank_trailing_header_cells_loads(tmp_path):
+    """Excel writes a header's empty trailing cells as `,,`: repeated (empty) names, which a
+    dict merges; every row has as many fields, so it loads as before."""
+    path = tmp_path / "notes.csv"
+    path.write_text('id,text,,\n1,"a note, with a comma",,\n\n2,second note,,\n')
+    assert [r["text"] for r in load_records(path)] == ["a note, with a comma", "second note"]
+
+
 def test_a_json_array_file_loads_and_a_bad_one_names_the_element(tmp_path):
     path = tmp_path / "notes.json"
     path.write_text(json.dumps(ROWS, indent=1))

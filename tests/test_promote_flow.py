@@ -429,5 +429,10 @@ def test_a_scheduled_promotion_does_not_judge_a_refused_challenger_again(
     ]
     assert logged == [f"nothing to promote: no new version of m (challenger v{v2} judged already)"]
     assert registry.versions[v2].tags["promotion.decision"] == "refused"
+    # a retry of the task (its first attempt may have failed after recording its decision)
+    # rebuilds the decision: the challenger is judged again
+    monkeypatch.setattr(flow, "_retried", lambda: True)
+    assert [d["version"] for d in flow.choose.fn(root)] == [v2]
+    monkeypatch.setattr(flow, "_retried", lambda: False)
     v3 = registry.add(39.0)
     assert [d["version"] for d in flow.choose.fn(root) if d["promoted"]] == [v3]

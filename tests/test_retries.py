@@ -92,18 +92,25 @@ def test_a_running_attempt_elsewhere_is_not_deleted(project, monkeypatch):
 def test_a_non_private_run_is_reused_across_an_epsilon_sweep_and_a_private_one_is_not(
     project, capsys, monkeypatch, tmp_path
 ):
-    """What only a private run reads (target ε and δ, the accountant, the δ gate) is not in a
-    non-private run's key: an ε sweep reuses its model. The premise, checked: with reproducible
-    seeds the non-private run trains the very same adapter at another ε, δ and accountant."""
+    """What only a private run reads (the target ε, the accountant) is not in a non-private
+    run's key: an ε sweep reuses its model (δ is: its attack audits the model at the plan's
+    δ). The premise, checked: with reproducible seeds the non-private run trains the very same
+    adapter at another ε and accountant."""
     write_params(project / "params.yaml", finetune={"secret_noise": False})
     params = load_params(project / "params.yaml")
     assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
     adapter = (project / "models/nonprivate/adapter/adapter_model.safetensors").read_bytes()
-    other = {"secret_noise": False, "epsilon": 2.0, "delta": 1e-6, "accountant": "rdp"}
-    write_params(project / "params.yaml", finetune=other, registry={"gates": {"max_delta": 1e-5}})
+    other = {"secret_noise": False, "epsilon": 2.0, "accountant": "rdp"}
+    write_params(project / "params.yaml", finetune=other)
     swept = load_params(project / "params.yaml")
     assert run_key(swept, "nonprivate", project) == run_key(params, "nonprivate", project)
     assert run_key(swept, "dpsgd", project) != run_key(params, "dpsgd", project)
+    audited_elsewhere = swept.model_copy(
+        update={"finetune": swept.finetune.model_copy(update={"delta": 1e-6})}
+    )
+    assert run_key(audited_elsewhere, "nonprivate", project) != run_key(
+        swept, "nonprivate", project
+    )
     changed = load_params(project / "params.yaml").model_copy(
         update={"finetune": swept.finetune.model_copy(update={"lr": 0.02})}
     )
@@ -112,7 +119,7 @@ def test_a_non_private_run_is_reused_across_an_epsilon_sweep_and_a_private_one_i
     assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
     assert "reusing finished MLflow run" in capsys.readouterr().err
     assert (project / "models/nonprivate/adapter/adapter_model.safetensors").read_bytes() == adapter
-    # trained again at the other ε, δ and accountant (in a new store): the same adapter
+    # trained again at the other ε and accountant (in a new store): the same adapter
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/fresh.db")
     assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
     assert "reusing" not in capsys.readouterr().err

@@ -255,7 +255,9 @@ class AttackParams(_Section):
     # Members (training records) and as many non-members: the attack split, held out of every
     # other split by `prepare` (so its size follows this value).
     members: int = Field(default=150, ge=10, description="members and as many non-members")
-    reference: bool = Field(default=True, description="calibrate by the base model's loss")
+    # The base model as the attacks' reference: membership scores, the audit's guesses and
+    # the calibrated exposure (what fine-tuning added to the base's likelihood).
+    reference: bool = Field(default=True, description="calibrate by the base model")
     min_k: float = Field(default=0.2, gt=0, le=1, description="fraction k of Min-K% prob")
     bootstrap: int = Field(default=1000, ge=100, description="resamples for AUC intervals")
     candidates: int = Field(
@@ -313,7 +315,9 @@ class RegistryParams(_Section):
 
 
 class TrackingParams(_Section):
-    """Where the runs go in MLflow (no stage reads it: dvc.yaml tracks no `tracking` key)."""
+    """Where the runs go in MLflow: a parameter of the stages that file runs (finetune,
+    report), so a renamed experiment gets the project's runs (a finished fine-tuning copied
+    there, not trained again)."""
 
     # The MLflow experiment of this project's runs. A profile run (privtune/profiles.py) gets
     # `<experiment>-<profile>`, so on a team server its new runs stay apart from the default's

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -34,12 +35,14 @@ LINES = 10  # plain lines a task prints where no terminal shows the bar
 NOTICES_ENV = "PRIVTUNE_NOTICES_FILE"
 
 
-_QUIET: list[bool] = []  # set while a check runs what the stage itself will run and say
+# Set, in one thread, while a check runs what the stage itself will run and say (a lane's
+# check must not quiet another lane's notices).
+_QUIET = threading.local()
 
 
 def notice(message: str) -> None:
     """A line for the user on stderr (and in the scheduler's log): reuse, resume, warnings."""
-    if _QUIET:
+    if getattr(_QUIET, "depth", 0):
         return
     print(message, file=sys.stderr, flush=True)
     forward(message)
@@ -49,11 +52,11 @@ def notice(message: str) -> None:
 def quiet_notices() -> Iterator[None]:
     """No notices inside: for a preflight of a stage about to run, which says them itself
     (a scheduler's task log had prepare's warning three times)."""
-    _QUIET.append(True)
+    _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
     try:
         yield
     finally:
-        _QUIET.pop()
+        _QUIET.depth -= 1
 
 
 def forward(line: str) -> None:

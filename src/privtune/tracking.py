@@ -340,6 +340,7 @@ class RunTracker:
     def __init__(self, mlflow: Any, run: Any) -> None:
         self._mlflow = mlflow
         self.run_id: str = run.info.run_id
+        self.reused_from: str | None = None  # a copy's run that trained (`copy_run`)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
@@ -482,6 +483,7 @@ def copy_run(root: str | Path, source: Any, *, key: str, experiment: str) -> Ite
         for start in range(0, len(points), 1000):
             client.log_batch(run.run_id, metrics=points[start : start + 1000])
         client.log_batch(run.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        run.reused_from = trained.info.run_id
         yield run
 
 

@@ -7,8 +7,8 @@ model that knows nothing gives about 1/ln 2 = 1.44 bits on average.
 With a reference model (the base), a calibrated exposure ranks the fine-tuned model's
 log-likelihood minus the reference's: what fine-tuning added. A BPE tokenizer splits the
 secrets' digits unevenly (a "50" in the notes' ages becomes one token), so the raw ranking
-mostly says how few tokens a secret takes: one held-out canary at 10 bits and planted ones at
-1 on a user's corpus (measured), where the calibrated ranking gave 1.3 and 3.1 bits on average.
+mostly says how few tokens a secret takes. Measured on a user's 300 notes: held-out canaries
+at 5.2 bits on average (one at 10.1) and the 16-times ones at 1.0; calibrated, 1.3 and 3.1.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def canary_exposures(
         if on_canary is not None:
             on_canary()
     if reference is not None and reference_cache is not None:
-        with atomic_file(reference_cache, "wb") as handle:  # concurrent stages: same bytes
+        with atomic_file(reference_cache, "wb") as handle:  # a concurrent stage: same scores
             torch.save(cached, handle)
     return results
 
@@ -191,13 +191,23 @@ def reference_cache_path(
     canaries: Sequence[Canary],
     n_candidates: int,
     seed: int,
-    chunk_size: int | None,
+    chunk_size: int,
     device: torch.device,
 ) -> Path:
     """Where a project keeps the reference's exposure scores, keyed by all they depend on: the
-    base model's files, the canaries, the candidates, the chunking and the device kind (whose
-    arithmetic differs in the last bits)."""
+    base model's files, the canaries, the candidates, the chunk size (pass the one used: a
+    pass's batch changes the last bits), the device kind, and the code and libraries that
+    score (privtune's sources, torch, transformers, tokenizers): none of these is a DVC input
+    of the file, which lives outside the stages' outputs."""
+    import tokenizers
+    import transformers
+
+    import privtune
+    from privtune.io import tree_sha256
+
     canary_key = [(c.id, c.prefix, c.secret) for c in canaries]
-    key = [base_sha256, canary_key, n_candidates, seed, chunk_size, device.type]
+    code = tree_sha256(Path(privtune.__file__).parent, "*.py")
+    libraries = [torch.__version__, transformers.__version__, tokenizers.__version__]
+    key = [base_sha256, canary_key, n_candidates, seed, chunk_size, device.type, code, libraries]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
     return root / CACHE_DIR / f"exposure-reference-{digest}.pt"

@@ -208,39 +208,43 @@ def _csv_field_limit(limit: int) -> Iterator[None]:
         csv.field_size_limit(before)
 
 
-def _check_field_count(source: str, row: dict, reader: csv.DictReader, record: int) -> None:
-    """A row with more fields than the header (an unquoted comma in a note: the rest of the
-    note would be dropped) or fewer (a line cut short) is refused, not silently mended."""
-    header = len(reader.fieldnames or ())
-    extra = row.get(None)  # DictReader files fields past the header under the key None
-    found = header + len(extra) if extra else sum(v is not None for v in row.values())
-    if found != header:
-        raise DataError(
-            source,
-            f"record {record} (line {reader.line_num}) has {found} fields, the header {header}",
-            'quote every field that holds a comma, a quote or a line break ("...", a quote '
-            'inside doubled: ""), as RFC 4180 CSV does',
-        )
-
-
 def load_csv(
     path: Path,
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
 ) -> list[dict]:
+    """A CSV with a header row. A row of another number of fields than the header (a note
+    with an unquoted comma: the rest of it would be dropped; a line cut short) is refused,
+    not mended. csv.reader rather than DictReader: DictReader files extra fields under None
+    and merges repeated header names (Excel's blank trailing cells), so it cannot count."""
     text = _read_utf8(path)
+    header: list[str] | None = None
+    rows: list[dict] = []
     with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
         # strict: a stray quote is an error, not a field running on through the next notes
-        reader = csv.DictReader(handle, strict=True)
-        rows: list[dict] = []
+        reader = csv.reader(handle, strict=True)
+        read = 0  # lines of the rows read whole: an error is in the record starting after them
         try:
-            for row in reader:
-                _check_field_count(str(path), row, reader, len(rows) + 1)
-                rows.append(row)
+            for fields in reader:
+                start, read = read + 1, reader.line_num  # a quoted field may span lines
+                if not fields:  # a blank line
+                    continue
+                if header is None:
+                    header = fields
+                    _require_columns(str(path), header, text_column, id_column, named=False)
+                    continue
+                if len(fields) != len(header):
+                    raise DataError(
+                        str(path),
+                        f"record {len(rows) + 1} (line {start}) has {len(fields)} "
+                        f"fields, the header {len(header)}",
+                        "quote every field that holds a comma, a quote or a line break "
+                        '("...", a quote inside doubled: ""), as RFC 4180 CSV does',
+                    )
+                rows.append(dict(zip(header, fields, strict=True)))
         except csv.Error as err:
-            # the reader has not counted the line it failed on yet
-            where = f"record {len(rows) + 1} (line {reader.line_num + 1})"
+            where = f"record {len(rows) + 1} (line {read + 1})"
             if "field larger than field limit" in str(err):
                 raise _too_long(str(path), where, None, max_chars) from None
             raise DataError(
@@ -249,10 +253,8 @@ def load_csv(
                 f"not valid CSV at {where} ({err})",
                 "write RFC 4180 CSV: a header naming the columns, quoted fields",
             ) from None
-        if reader.fieldnames is None:
-            raise DataError(str(path), "the dataset is empty", "provide a header and rows")
-        fields = list(reader.fieldnames)
-        _require_columns(str(path), fields, text_column, id_column, named=False)
+    if header is None:
+        raise DataError(str(path), "the dataset is empty", "provide a header and rows")
     return _check_rows(rows, str(path), text_column, id_column, max_chars)
 
 

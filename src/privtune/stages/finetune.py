@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from privtune.privacy.plan import TrainingPlan
 
 
-# What a run without noise never reads (its plan is validated with them, but trains the same).
-_PRIVATE_ONLY = ("epsilon", "delta", "accountant")
+# What a run without noise never reads: it trains the same model at any target epsilon and
+# accountant. (Not delta: its attack stage audits the model at the plan's delta.)
+_PRIVATE_ONLY = ("epsilon", "accountant")
 
 
 def run_key(params: Params, name: str, root: Path) -> str:
@@ -34,8 +35,8 @@ def run_key(params: Params, name: str, root: Path) -> str:
     Two attempts with the same key would train the same kind of model on the same records and
     spend the same budget again (with secret noise, another model: a second release), so the
     second one reuses the first's finished run instead (see `finetune`). A non-private
-    method's key leaves out what only a private run reads (the target epsilon and delta, the
-    accountant, the delta gate): an epsilon sweep reuses its model instead of training it again.
+    method's key leaves out what only a private run reads (the target epsilon, the accountant):
+    an epsilon sweep reuses its model instead of training it again.
     """
     from privtune.control.registry import controller_class
 
@@ -52,7 +53,7 @@ def run_key(params: Params, name: str, root: Path) -> str:
         "options": options,
         "finetune": f,
         # the default delta is capped by the registry's gate: a lower gate is another plan
-        "max_delta": params.registry.gates.max_delta if private else None,
+        "max_delta": params.registry.gates.max_delta,
         "max_length": resolved_max_length(params, root),
         "data": data_hash(root),
         "base": io.tree_sha256(root / BASE_DIR),
@@ -94,8 +95,7 @@ def _reuse(root: Path, name: str, run: Any, key: str, experiment: str) -> dict[s
             # a copy an earlier attempt left unfinished (here: another's failed runs are its own)
             tracking.discard_unfinished(root, key, experiment=experiment)
             with tracking.copy_run(root, run, key=key, experiment=experiment) as copy:
-                trained = info.get("reused_from", run.info.run_id)  # a copy names the run
-                info = info | {"run_id": copy.run_id, "reused_from": trained}
+                info = info | {"run_id": copy.run_id, "reused_from": copy.reused_from}
                 _restore(files, root / MODELS_DIR / name, info)
                 copy.log_artifact(plot_training(history, info["finetune"]["epsilon"], figure))
                 copy.log_dir_contents(root / MODELS_DIR / name)

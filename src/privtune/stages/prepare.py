@@ -147,7 +147,7 @@ class Prepared:
 
     splits: dict[str, list[dict]]  # SPLITS' records, canaries planted in train
     canaries: list  # the exposure canaries (planted and held out)
-    audit: list  # the white-box audit's canaries
+    audit: list  # the black-box audit's text canaries
     records_with_canary: int
     duplicates: int  # records left out as exact repeats of an earlier one
 
