@@ -192,18 +192,19 @@ def test_plan_boundaries() -> None:
         "finetune.batch_size: 41 is larger than the N = 40 training records (audit canaries "
         "included). Fix: set finetune.batch_size to at most 40 (typically N/10 to N/30)"
     )
-    # delta must be strictly below 1/N
+    # delta must be strictly below 1/N (a private plan's: one without noise claims no delta)
+    assert make_plan(1000, _finetune(delta=1e-3), private=False).delta == 1e-3
     with pytest.raises(ConfigError) as err:
-        make_plan(1000, _finetune(delta=1e-3), private=False)
+        make_plan(1000, _finetune(delta=1e-3), private=True)
     assert str(err.value) == (
         "finetune.delta: 0.001 is not below 1/N = 0.001 for N = 1000 records. "
         "Fix: set finetune.delta below 0.001 (e.g. 0.0001, or null for that default)"
     )
-    assert make_plan(1000, _finetune(delta=0.999e-3), private=False).delta == 0.999e-3
+    assert make_plan(1000, _finetune(delta=0.999e-3), private=True).delta == 0.999e-3
     # the registry's delta gate: equality is allowed, above it is refused
-    assert make_plan(1000, _finetune(delta=1e-4), private=False, max_delta=1e-4).delta == 1e-4
+    assert make_plan(1000, _finetune(delta=1e-4), private=True, max_delta=1e-4).delta == 1e-4
     with pytest.raises(ConfigError) as err:
-        make_plan(1000, _finetune(delta=1.0001e-4), private=False, max_delta=1e-4)
+        make_plan(1000, _finetune(delta=1.0001e-4), private=True, max_delta=1e-4)
     assert str(err.value) == (
         "finetune.delta: 0.00010001 exceeds the registry's delta gate registry.gates.max_delta "
         "= 0.0001: the model would be trained and then refused promotion. Fix: set "
