@@ -156,9 +156,9 @@ def choose(root: str) -> list[dict]:
 
     registry = _registry(root)
     waiting = pending_versions(registry.name, root=root)
-    challenger = alias_version(client(root), registry.name, CHALLENGER)
+    # every version judged (the challenger too: refused, it keeps the alias)
+    challenger = None if waiting else alias_version(client(root), registry.name, CHALLENGER)
     if not waiting and (challenger is None or not _retried()):
-        # every version judged (the challenger too: refused, it keeps the alias)
         why = "" if challenger is None else f" (challenger v{challenger.version} judged already)"
         get_run_logger().info("nothing to promote: no new version of %s%s", registry.name, why)
         return [_nothing_to_promote(registry.name)]

@@ -194,14 +194,6 @@ def stage_is_current(root: str | Path, target: str) -> bool:
         return not repo.status(targets=[target])
 
 
-def _current(root: str | Path, target: str) -> bool:
-    """`stage_is_current`, False where DVC cannot say (a locked repository): then dispatch."""
-    try:
-        return stage_is_current(root, target)
-    except Exception:  # noqa: BLE001 (the worker's DVC meets and reports the same problem)
-        return False
-
-
 def _usable_key(
     client: Any,
     deployment: Any,
@@ -322,10 +314,12 @@ def finetune(
 
     logger = _logger()
     target = f"finetune@{method}"
-    if not force and _current(root, target):  # e.g. built by `dvc repro` here, not a flow run
+    if not force and stages.stage_known_current(root, target):  # e.g. built by `dvc repro`
         logger.info("fine-tuning %s: %s is up to date here; no worker needed", method, target)
         return Dispatched("current")
-    stages.check_before(root, target, force)  # before a worker is taken and DVC runs there
+    # before a worker is taken and DVC runs there; stale here (or forced): checked without
+    # asking DVC's status again
+    stages.check_before(root, target, force=True)
     with get_client(sync_client=True) as client:
         found = client.read_deployment_by_name(deployment)
         pool = found.work_pool_name

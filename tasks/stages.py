@@ -151,7 +151,7 @@ def check_before(root: str, target: str, force: bool = False) -> None:
     from privtune.stages import preflight
 
     checked = target.partition("@")[0] in preflight.STAGES
-    if checked and (force or not _stage_is_current(root, target)):
+    if checked and (force or not stage_known_current(root, target)):
         try:
             with quiet_notices():  # the stage says its warnings itself, once, when it runs
                 preflight.check(root, target)
@@ -159,14 +159,15 @@ def check_before(root: str, target: str, force: bool = False) -> None:
             raise PermanentStageError(target, 2, type(err).__name__, str(err)) from err
 
 
-def _stage_is_current(root: str, target: str) -> bool:
+def stage_known_current(root: str, target: str) -> bool:
     """DVC's own answer (its dependencies and parameters match dvc.lock); False when DVC
-    cannot say (a stage it does not know, a locked repository): then the check runs."""
+    cannot say (a stage it does not know, a locked repository): then the check runs, or the
+    fine-tuning is dispatched (tasks/dispatch.py), and DVC reports the problem itself."""
     from tasks.dispatch import stage_is_current
 
     try:
         return stage_is_current(root, target)
-    except Exception:  # noqa: BLE001 (the reproduce below meets and reports the same problem)
+    except Exception:  # noqa: BLE001 (DVC's run meets and reports the same problem)
         return False
 
 

@@ -164,6 +164,12 @@ def file_md5(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def code_sha256() -> str:
+    """Content hash of privtune's own sources (this package's .py files): part of the keys of
+    what the code computes (a fine-tuning run, cached exposure scores)."""
+    return tree_sha256(Path(__file__).parent, "*.py")
+
+
 def tree_sha256(path: str | Path, pattern: str = "*") -> str:
     """Content hash of a directory (relative names and bytes of the files matching `pattern`)."""
     path = Path(path)

@@ -402,16 +402,21 @@ def finished_run(root: str | Path, key: str, experiment: str | None = None) -> A
     ``experiment`` (a name) first; elsewhere, a run that trained before a copy of one."""
     runs = [r for r in _runs_with_key(root, key) if r.info.status == "FINISHED"]
     if experiment is not None:
-        found = _client(root).get_experiment_by_name(experiment)
-        here = [r for r in runs if found and r.info.experiment_id == found.experiment_id]
+        here_id = _id_of(root, experiment)
+        here = [r for r in runs if r.info.experiment_id == here_id]
         runs = here or [r for r in runs if REUSED_FROM_TAG not in r.data.tags] or runs
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
+def _id_of(root: str | Path, experiment: str) -> str | None:
+    """The id of the experiment named ``experiment`` (None: the store has none)."""
+    found = _client(root).get_experiment_by_name(experiment)
+    return None if found is None else found.experiment_id
+
+
 def in_experiment(root: str | Path, run: Any, experiment: str) -> bool:
     """Whether ``run`` is filed in the experiment named ``experiment``."""
-    found = _client(root).get_experiment_by_name(experiment)
-    return found is not None and run.info.experiment_id == found.experiment_id
+    return run.info.experiment_id == _id_of(root, experiment)
 
 
 def experiment_name(root: str | Path, run: Any) -> str:
@@ -497,12 +502,13 @@ def discard_unfinished(
     (the dead ones were closed as KILLED first, `close_dead_runs`: this machine's by their
     pid, another's by their silent heartbeats). Returns how many were deleted."""
     client = _client(root)
+    here_id = None if experiment is None else _id_of(root, experiment)
     stale = [
         r
         for r in _runs_with_key(root, key)
         if r.info.status not in ("FINISHED", "RUNNING")
         and r.info.run_id != keep
-        and (experiment is None or in_experiment(root, r, experiment))
+        and (experiment is None or r.info.experiment_id == here_id)
     ]
     for run in stale:
         client.delete_run(run.info.run_id)

@@ -135,6 +135,7 @@ def canary_exposures(
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
     model.eval()
     cached = _read_scores(reference_cache, canaries, n_candidates + 1)
+    complete = bool(cached)  # read whole from the file: nothing to write back
     if reference is not None:
         reference.eval()
     candidates = candidate_secrets(n_candidates, seed, exclude={c.secret for c in canaries})
@@ -163,7 +164,7 @@ def canary_exposures(
         results.append(CanaryExposure(canary.id, canary.repetitions, exposure, rank, calibrated))
         if on_canary is not None:
             on_canary()
-    if reference is not None and reference_cache is not None:
+    if reference is not None and reference_cache is not None and not complete:
         with atomic_file(reference_cache, "wb") as handle:  # a concurrent stage: same scores
             torch.save(cached, handle)
     return results
@@ -202,11 +203,10 @@ def reference_cache_path(
     import tokenizers
     import transformers
 
-    import privtune
-    from privtune.io import tree_sha256
+    from privtune.io import code_sha256
 
     canary_key = [(c.id, c.prefix, c.secret) for c in canaries]
-    code = tree_sha256(Path(privtune.__file__).parent, "*.py")
+    code = code_sha256()
     libraries = [torch.__version__, transformers.__version__, tokenizers.__version__]
     key = [base_sha256, canary_key, n_candidates, seed, chunk_size, device.type, code, libraries]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import privtune
 from privtune import io
 from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.progress import notice
@@ -57,7 +56,7 @@ def run_key(params: Params, name: str, root: Path) -> str:
         "max_length": resolved_max_length(params, root),
         "data": data_hash(root),
         "base": io.tree_sha256(root / BASE_DIR),
-        "code": io.tree_sha256(Path(privtune.__file__).parent, "*.py"),
+        "code": io.code_sha256(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
