@@ -158,6 +158,52 @@ def test_scores_are_oriented_member_high(world, overfit_model, untouched_model):
     np.testing.assert_allclose(scores["loss"], expected, rtol=1e-5)
 
 
+def test_the_reference_losses_are_kept_for_the_next_method(
+    world, overfit_model, untouched_model, tmp_path
+):
+    """The base model's losses of the attack's records are the same for every method: the
+    first attack scores them, the next reads them (shown by passing another reference model),
+    for these texts only, and a file that does not fit them is scored again. The file holds
+    numbers and its name a hash, no text."""
+    from privtune.attacks.reference_cache import ReferenceCache
+
+    texts = [r["text"] for r in world["members"][:3] + world["non_members"][:3]]
+    cache = ReferenceCache.for_project(tmp_path, "base-sha", CPU)
+    tokenizer = world["tokenizer"]
+    counted: list[int] = []
+    first = membership_scores(
+        overfit_model, untouched_model, tokenizer, texts, reference_cache=cache,
+        on_batch=counted.append,
+    )  # fmt: skip
+    (path,) = cache.directory.iterdir()
+    assert path.name.startswith("membership-reference-")
+    assert all(t.encode() not in path.read_bytes() for t in texts)
+    counted.clear()
+    again = membership_scores(
+        overfit_model, overfit_model, tokenizer, texts, reference_cache=cache,
+        on_batch=counted.append,
+    )  # fmt: skip
+    np.testing.assert_array_equal(again["reference"], first["reference"])
+    assert sum(counted) == 2 * len(texts)  # a progress bar still ends full
+    itself = membership_scores(overfit_model, overfit_model, tokenizer, texts)
+    assert not np.allclose(itself["reference"], first["reference"])
+    # other texts (or the same in another order) are another file, scored by the model given
+    other = membership_scores(
+        overfit_model, overfit_model, tokenizer, texts[::-1], reference_cache=cache
+    )
+    np.testing.assert_allclose(other["reference"], itself["reference"][::-1], atol=1e-6)
+    assert len(list(cache.directory.iterdir())) == 2
+    for damaged in (b"not a tensor file", torch.zeros(2, dtype=torch.float64)):
+        if isinstance(damaged, bytes):
+            path.write_bytes(damaged)
+        else:
+            torch.save(damaged, path)
+        rescored = membership_scores(
+            overfit_model, untouched_model, tokenizer, texts, reference_cache=cache
+        )
+        np.testing.assert_array_equal(rescored["reference"], first["reference"])
+
+
 def test_bad_record_is_named_by_index_without_text(world, untouched_model):
     with pytest.raises(DataError, match=r"non_members\[1\]"):
         membership_inference(
@@ -283,25 +329,27 @@ def test_the_reference_scores_are_kept_for_the_next_method_and_rescored_when_unu
     """Every method fine-tuned from one base is calibrated against the same scores: kept in a
     file the next attack reads (shown by reading them with another reference model passed),
     scored again when the file lacks a canary or cannot be read."""
-    from privtune.attacks.exposure import reference_cache_path
+    from privtune.attacks.reference_cache import ReferenceCache
 
     canaries = world["canaries"]
     args = (world["tokenizer"], canaries)
-    kw = {"n_candidates": N_CANDIDATES, "seed": 0}
-    path = reference_cache_path(tmp_path, "base-sha", canaries, N_CANDIDATES, 0, 64, CPU)
-    assert path.parent == tmp_path / ".privtune/cache"
-    for other in [("other-base", canaries, N_CANDIDATES, 0, 64, CPU),
-                  ("base-sha", canaries[:1], N_CANDIDATES, 0, 64, CPU),
-                  ("base-sha", canaries, N_CANDIDATES, 0, 128, CPU),
-                  ("base-sha", canaries, N_CANDIDATES, 0, 64, torch.device("cuda"))]:  # fmt: skip
-        assert path != reference_cache_path(tmp_path, *other)
+    kw = {"n_candidates": N_CANDIDATES, "seed": 0, "chunk_size": 64}
+    cache = ReferenceCache.for_project(tmp_path, "base-sha", CPU)
+    assert cache.directory == tmp_path / ".privtune/cache"
+    key = ([(c.id, c.prefix, c.secret) for c in canaries], N_CANDIDATES, 0, 64)
+    path = cache.path("exposure", *key)
+    for base, device in [("other-base", CPU), ("base-sha", torch.device("cuda"))]:
+        assert ReferenceCache.for_project(tmp_path, base, device).path("exposure", *key) != path
+    for parts in [(key[0][:1], *key[1:]), (*key[:3], 128), (*key[:2], 1, 64)]:
+        assert cache.path("exposure", *parts) != path
+    assert cache.path("membership", *key) != path
     first = canary_exposures(
-        overfit_model, *args, **kw, reference=untouched_model, reference_cache=path
+        overfit_model, *args, **kw, reference=untouched_model, reference_cache=cache
     )
     assert path.is_file()
     # the file's scores are used, not the model passed: as calibrated as the first time
     again = canary_exposures(
-        overfit_model, *args, **kw, reference=overfit_model, reference_cache=path
+        overfit_model, *args, **kw, reference=overfit_model, reference_cache=cache
     )
     assert [r.calibrated for r in again] == [r.calibrated for r in first]
     itself = canary_exposures(overfit_model, *args, **kw, reference=overfit_model)
@@ -313,7 +361,7 @@ def test_the_reference_scores_are_kept_for_the_next_method_and_rescored_when_unu
         else:
             torch.save(damaged, path)
         rescored = canary_exposures(
-            overfit_model, *args, **kw, reference=untouched_model, reference_cache=path
+            overfit_model, *args, **kw, reference=untouched_model, reference_cache=cache
         )
         assert [r.calibrated for r in rescored] == [r.calibrated for r in first]
 

@@ -92,6 +92,10 @@ def test_evaluate_and_every_attack_on_the_llama(project):
         assert attacked["audit_whitebox_m"] == 32 and attacked["audit_blackbox_m"] == 16
     dpsgd = _json(project / "metrics/attack-dpsgd.json")
     assert dpsgd["audit_epsilon_lower_bound"] <= dpsgd["claimed_epsilon"]
+    # the base's scores, the same for both methods, scored by the first attack only: its
+    # exposure ranking, its losses of the membership records and of the audit canaries
+    kept = sorted(p.name.split("-")[0] for p in (project / ".privtune/cache").iterdir())
+    assert kept == ["exposure", "membership", "membership"]
 
 
 def test_registered_llama_generates_from_the_registry(project, monkeypatch):

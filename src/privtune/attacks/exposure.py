@@ -13,23 +13,16 @@ at 5.2 bits on average (one at 10.1) and the 16-times ones at 1.0; calibrated, 1
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from privtune.attacks.reference_cache import ReferenceCache, read_scores, write_scores
 from privtune.data.canaries import Canary, candidate_secrets
 from privtune.evaluate import continuation_logprobs, encode_continuations, split_prompt
-from privtune.io import atomic_file
-
-CACHE_DIR = Path(".privtune/cache")  # a project's own, beside the checkpoints (git-ignored)
 
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """Memory allowed for one chunk's float32 logits (continuations x tokens x vocabulary)."""
@@ -121,21 +114,35 @@ def canary_exposures(
     chunk_size: int | None = None,
     on_canary: Callable[[], None] | None = None,
     reference: torch.nn.Module | None = None,
-    reference_cache: Path | None = None,
+    reference_cache: ReferenceCache | None = None,
 ) -> list[CanaryExposure]:
     """Exposure of every canary against the same ``n_candidates`` random secrets, and with a
-    ``reference`` model (same tokenizer) the calibrated exposure too. ``reference_cache``: a
-    file of the reference's scores (read when it holds every canary's, written otherwise):
-    they are the same for every method fine-tuned from it, so the attack stages after the
-    first score only their own model.
+    ``reference`` model (same tokenizer) the calibrated exposure too. ``reference_cache``: where
+    the reference's scores are kept (read when the file holds every canary's, written
+    otherwise): they are the same for every method fine-tuned from it, so the attack stages
+    after the first score only their own model.
 
     Candidates exclude all canaries' secrets, so no canary competes with another's secret.
     """
     if n_candidates < 1:
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
     model.eval()
-    cached = _read_scores(reference_cache, canaries, n_candidates + 1)
-    complete = bool(cached)  # read whole from the file: nothing to write back
+    # one size for both models and the key: a pass's batch changes the scores' last bits
+    chunk_size = chunk_size or default_chunk_size(model)
+    path = None
+    if reference is not None and reference_cache is not None:
+        canary_key = [(c.id, c.prefix, c.secret) for c in canaries]
+        path = reference_cache.path("exposure", canary_key, n_candidates, seed, chunk_size)
+
+    def holds_every_canary(scores: object) -> bool:
+        return isinstance(scores, dict) and all(
+            isinstance(scores.get(c.id), torch.Tensor) and scores[c.id].shape == (n_candidates + 1,)
+            for c in canaries
+        )
+
+    cached = read_scores(path, holds_every_canary)
+    complete = cached is not None  # read whole from the file: nothing to write back
+    cached = cached or {}
     if reference is not None:
         reference.eval()
     candidates = candidate_secrets(n_candidates, seed, exclude={c.secret for c in canaries})
@@ -164,50 +171,6 @@ def canary_exposures(
         results.append(CanaryExposure(canary.id, canary.repetitions, exposure, rank, calibrated))
         if on_canary is not None:
             on_canary()
-    if reference is not None and reference_cache is not None and not complete:
-        with atomic_file(reference_cache, "wb") as handle:  # a concurrent stage: same scores
-            torch.save(cached, handle)
+    if path is not None and not complete:
+        write_scores(path, cached)
     return results
-
-
-def _read_scores(path: Path | None, canaries: Sequence[Canary], n: int) -> dict[str, Any]:
-    """The cached reference scores of these canaries ({} when any is missing or the file is
-    unreadable: they are scored again and the file rewritten)."""
-    if path is None or not path.is_file():
-        return {}
-    try:
-        scores = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError):
-        return {}
-    if not isinstance(scores, dict) or not all(
-        isinstance(scores.get(c.id), torch.Tensor) and scores[c.id].shape == (n,) for c in canaries
-    ):
-        return {}
-    return scores
-
-
-def reference_cache_path(
-    root: Path,
-    base_sha256: str,
-    canaries: Sequence[Canary],
-    n_candidates: int,
-    seed: int,
-    chunk_size: int,
-    device: torch.device,
-) -> Path:
-    """Where a project keeps the reference's exposure scores, keyed by all they depend on: the
-    base model's files, the canaries, the candidates, the chunk size (pass the one used: a
-    pass's batch changes the last bits), the device kind, and the code and libraries that
-    score (privtune's sources, torch, transformers, tokenizers): none of these is a DVC input
-    of the file, which lives outside the stages' outputs."""
-    import tokenizers
-    import transformers
-
-    from privtune.io import code_sha256
-
-    canary_key = [(c.id, c.prefix, c.secret) for c in canaries]
-    code = code_sha256()
-    libraries = [torch.__version__, transformers.__version__, tokenizers.__version__]
-    key = [base_sha256, canary_key, n_candidates, seed, chunk_size, device.type, code, libraries]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
-    return root / CACHE_DIR / f"exposure-reference-{digest}.pt"

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import torch
 
+from privtune.attacks.reference_cache import ReferenceCache
 from privtune.attacks.roc import RocSummary, roc_summary
 from privtune.attacks.scoring import membership_scores, record_texts
 from privtune.data.canaries import Canary
@@ -60,9 +61,11 @@ def membership_inference(
     max_length: int | None = None,
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
+    reference_cache: ReferenceCache | None = None,
 ) -> tuple[dict[str, RocSummary], dict[str, tuple]]:
     """ROC summary of every score, and the raw (member, non-member) scores for plotting;
-    ``on_batch(n)`` after each batch of n texts scored by either model."""
+    ``on_batch(n)`` after each batch of n texts scored by either model; ``reference_cache``:
+    where the reference model's scores are kept (:func:`membership_scores`)."""
     member_texts = record_texts(members, "members")
     non_member_texts = record_texts(non_members, "non_members")
     scores = membership_scores(
@@ -74,6 +77,7 @@ def membership_inference(
         max_length=max_length,
         batch_size=batch_size,
         on_batch=on_batch,
+        reference_cache=reference_cache,
     )
     n = len(member_texts)
     curves = {name: (values[:n], values[n:]) for name, values in scores.items()}

@@ -23,6 +23,7 @@ from privtune.attacks.audit import AuditResult, one_run_audit
 from privtune.attacks.exposure import CanaryExposure, canary_exposures
 from privtune.attacks.extraction import CanaryExtraction, canary_extraction
 from privtune.attacks.membership import membership_inference
+from privtune.attacks.reference_cache import ReferenceCache
 from privtune.attacks.roc import RocSummary, plot_roc, unresolved_reason
 from privtune.attacks.scoring import SCORE_NAMES, membership_scores
 from privtune.data.canaries import Canary
@@ -49,8 +50,9 @@ class AttackConfig:
         max_length: Token limit when scoring records; None = the model's context.
         batch_size: Records per forward pass when scoring.
         progress: Show rich progress bars (counts only, never text).
-        reference_cache: File of the reference model's exposure scores, shared by every
-            method's attack (`exposure.reference_cache_path`); None = score them each time.
+        reference_cache: Where the reference model's scores (exposure, membership) are kept
+            for every method's attack (`reference_cache.ReferenceCache`); None = score them
+            each time.
     """
 
     min_k: float = 0.2
@@ -66,7 +68,7 @@ class AttackConfig:
     max_length: int | None = None
     batch_size: int = 32
     progress: bool = True
-    reference_cache: Path | None = None
+    reference_cache: ReferenceCache | None = None
 
 
 def _rate(values: Sequence[float]) -> float:
@@ -236,6 +238,7 @@ def run_attacks(
             confidence=config.confidence,
             seed=config.seed,
             on_batch=lambda n: progress.advance(task, n),
+            reference_cache=config.reference_cache,
             **scoring,
         )
         clock.lap("membership inference")
@@ -289,6 +292,7 @@ def run_attacks(
                 tokenizer,
                 [f"{c.text}." for c in audit_canaries],
                 min_k=config.min_k,
+                reference_cache=config.reference_cache,
                 **scoring,
             )[config.audit_score]
             audits["blackbox"] = one_run_audit(

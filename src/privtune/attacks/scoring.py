@@ -13,6 +13,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from privtune.attacks.reference_cache import (
+    ReferenceCache,
+    read_scores,
+    texts_digest,
+    write_scores,
+)
 from privtune.data.tokenization import encode_records
 from privtune.errors import DataError
 from privtune.losses import next_token_logits, token_nll
@@ -101,12 +107,17 @@ def membership_scores(
     max_length: int | None = None,
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
+    reference_cache: ReferenceCache | None = None,
 ) -> dict[str, np.ndarray]:
     """All membership scores of each text (higher = more likely member), keyed by score name.
 
     ``reference`` (target loss minus reference loss, negated) is left out when no reference
     model is given. ``on_batch(n)`` after each batch of n texts through either model.
+    ``reference_cache``: where the reference model's losses of these texts are kept (the same
+    for every method fine-tuned from it: scored by the first attack, read by the others).
     """
+    if max_length is None:
+        max_length = model_max_length(model)
     target = token_logprobs(model, tokenizer, texts, max_length, batch_size, on_batch)
     loss = np.array([-lp.mean() if lp.size else 0.0 for lp in target])
     scores = {
@@ -115,9 +126,38 @@ def membership_scores(
         "min_k": np.array([min_k_logprob(lp, min_k) for lp in target]),
     }
     if reference_model is not None:
-        reference = token_logprobs(
-            reference_model, tokenizer, texts, max_length, batch_size, on_batch
+        ref_loss = _reference_losses(
+            reference_model, tokenizer, texts, max_length, batch_size, on_batch, reference_cache
         )
-        ref_loss = np.array([-lp.mean() if lp.size else 0.0 for lp in reference])
         scores["reference"] = -(loss - ref_loss)
     return {name: scores[name] for name in SCORE_NAMES if name in scores}
+
+
+def _reference_losses(
+    reference_model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+    cache: ReferenceCache | None,
+) -> np.ndarray:
+    """The reference model's mean token loss of each text, from the cache when it holds them."""
+    path = None
+    if cache is not None:  # batch size too: a batch's padding changes the last bits
+        path = cache.path("membership", texts_digest(texts), max_length, batch_size)
+    cached = read_scores(
+        path,
+        lambda t: (
+            isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.shape == (len(texts),)
+        ),
+    )
+    if cached is not None:
+        if on_batch is not None:
+            on_batch(len(texts))  # a progress bar counts them as scored
+        return cached.numpy()
+    reference = token_logprobs(reference_model, tokenizer, texts, max_length, batch_size, on_batch)
+    losses = np.array([-lp.mean() if lp.size else 0.0 for lp in reference])
+    if path is not None:
+        write_scores(path, torch.from_numpy(losses))
+    return losses

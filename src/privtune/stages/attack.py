@@ -84,7 +84,8 @@ def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) ->
 
 def attack(params: Params, name: str, root: Path = Path("."), show_progress: bool = True):
     """Attack the model of `methods.<name>`; fail loudly if the audit beats the claim."""
-    from privtune.attacks.exposure import default_chunk_size, reference_cache_path
+    from privtune.attacks.exposure import default_chunk_size
+    from privtune.attacks.reference_cache import ReferenceCache
     from privtune.attacks.run import AttackConfig, run_attacks
     from privtune.data.canaries import load_canaries
     from privtune.modeling import load_adapter, resolve_device
@@ -112,17 +113,16 @@ def attack(params: Params, name: str, root: Path = Path("."), show_progress: boo
     gradient = (
         read_input(gradient_file, GradientCanaries.load, again) if gradient_file.is_file() else None
     )
-    cache, chunk = None, default_chunk_size(model)  # (on a GPU, its free memory's share)
-    if reference is not None:  # its exposure scores: the same for every method's attack
-        base = io.tree_sha256(root / BASE_DIR)
-        cache = reference_cache_path(root, base, canaries, a.candidates, a.seed, chunk, device)
+    cache = None
+    if reference is not None:  # its scores: the same for every method's attack
+        cache = ReferenceCache.for_project(root, io.tree_sha256(root / BASE_DIR), device)
     config = AttackConfig(
         min_k=a.min_k,
         bootstrap_resamples=a.bootstrap,
         confidence=a.confidence,
         seed=a.seed,
         n_candidates=a.candidates,
-        chunk_size=chunk,
+        chunk_size=default_chunk_size(model),  # (on a GPU, its free memory's share)
         samples=a.samples,
         audit_delta=delta,
         audit_score="reference" if a.reference else "loss",

@@ -36,6 +36,9 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("TPR @ 1% FPR (best)", "attack", "mia_tpr_at_fpr_0.01_max", "{:.3f}"),
     ("exposure r16 (bits)", "attack", "exposure_r16_mean", "{:.2f}"),
     ("exposure held-out", "attack", "exposure_held_out_mean", "{:.2f}"),
+    # ranked by what fine-tuning added to the base's log-likelihood (attacks/exposure.py)
+    ("calibrated exposure r16", "attack", "exposure_calibrated_r16_mean", "{:.2f}"),
+    ("calibrated held-out", "attack", "exposure_calibrated_held_out_mean", "{:.2f}"),
     ("extraction r16", "attack", "extraction_greedy_r16", "{:.2f}"),
     ("audit ε lower bound", "attack", "audit_epsilon_lower_bound", "{:.3f}"),
 )
@@ -303,8 +306,11 @@ def report(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 f"Target ε {params.finetune.epsilon:g} for every private method; δ and steps "
                 "as in the table. Lower perplexity is better; an MIA AUC near 0.5, TPR at 1% "
                 "FPR near 0.01 and exposure near the held-out canaries' mean mean the attacks "
-                "learn nothing. The audit bound must stay at or below ε spent. Membership "
-                "numbers rest on the members / non-members shown: an AUC from 40 of each is "
+                "learn nothing; calibrated exposure ranks what fine-tuning added to the base "
+                "model's likelihood (read it on your own corpus, where the raw ranking mostly "
+                "says how few tokens a secret takes). The audit bound must stay at or below "
+                "ε spent. Membership numbers rest on the members / non-members shown: an AUC "
+                "from 40 of each is "
                 f"±0.13 wide; `{UNRESOLVED}` marks a TPR at an FPR below 1 / non-members, "
                 "which they cannot measure. Downstream accuracy is the declared task's "
                 "(`evaluate.task`), chance in brackets.",
