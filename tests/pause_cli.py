@@ -7,8 +7,9 @@ POINT is `checkpoint` (right after the first checkpoint is saved: mid-training),
 steps were logged after it) or `write:<name>` (inside io.atomic_dir for the output <name>,
 e.g. `write:dpsgd`, once its files are in the temporary folder and before it replaces the
 output: mid-write). At that point the
-process touches MARKER and sleeps; the test waits for MARKER and kills the process by PID. A
-race-free kill: without the pause, a small run can finish before the signal lands.
+process touches MARKER and sleeps; the test waits for MARKER and kills the process by PID (a
+race-free kill: without the pause, a small run can finish before the signal lands), or
+removes MARKER to let it go on.
 """
 
 from __future__ import annotations
@@ -22,9 +23,18 @@ from pathlib import Path
 PAUSE_SECONDS = 600
 
 
+_paused: list[Path] = []
+
+
 def _pause(marker: Path) -> None:
+    """Once: until the test removes MARKER (the process then goes on) or kills the process."""
+    if _paused:
+        return
+    _paused.append(marker)
     marker.touch()
-    time.sleep(PAUSE_SECONDS)
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def pause_at(point: str, marker: Path) -> None:

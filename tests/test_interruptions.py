@@ -415,3 +415,123 @@ def test_dvc_checkout_restores_what_an_interrupted_repro_removed(tmp_path):
     assert sh("git", "checkout", "--", "metrics.json").returncode == 0
     assert (project / "model/weights.bin").read_text() == "v1v1"
     assert json.loads((project / "metrics.json").read_text()) == {"loss": 1.5}
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"exited with {process.returncode} before {what}"
+        assert time.time() < deadline, f"never {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_start_of_an_entry_waits_for_the_first_and_reuses_its_run(
+    tiny_project, tmp_path, monkeypatch
+):
+    """Two processes fine-tuning one entry at once (a restart beside a killed launcher's
+    orphaned workers, two shells) would release two models of the same records: the second
+    waits for the first's lock, then reuses its finished run. Nothing is trained twice."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    edit_params(project, finetune={"checkpoint_every": 2})
+    paused = tmp_path / "paused"
+    first = _start(project, paused, "checkpoint")  # mid-training, holding the entry's lock
+    _wait_for(paused.exists, first, "reached the pause")
+    said = tmp_path / "second.err"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = ["--root", str(project), "--no-progress", "finetune", "dpsgd"]
+    with said.open("w") as err:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "privtune.cli", *argv], env=env, stderr=err
+        )
+    try:
+        _wait_for(lambda: "waiting for it to end" in said.read_text(), second, "said it waits")
+        assert f"process {first.pid} on {socket.gethostname()}" in said.read_text()
+        time.sleep(1)
+        assert second.poll() is None and len(_runs(project)) == 1  # still waiting, no run
+        paused.unlink()  # the first goes on and finishes
+        assert first.wait(timeout=300) == 0
+        assert second.wait(timeout=300) == 0
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+    assert "reusing finished MLflow run" in said.read_text()
+    runs = _runs(project)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert not list((project / ".privtune/checkpoints").glob("*.holder.json"))
+
+
+@pytest.mark.slow
+def test_sigterm_closes_the_run_as_killed_and_a_rerun_resumes_it(
+    tiny_project, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM (a scheduler's cancel, `kill`, torchrun passing it on) stops a stage as Ctrl-C
+    does: exit 130, the MLflow run KILLED with why, not left RUNNING; a rerun resumes it."""
+    from privtune.cli import EXIT_INTERRUPTED, main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    edit_params(project, finetune={"checkpoint_every": 2})
+    paused = tmp_path / "paused"
+    first = _start(project, paused, "checkpoint")
+    _wait_for(paused.exists, first, "reached the pause")
+    os.kill(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=120) == EXIT_INTERRUPTED
+    (run,) = _runs(project)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tracking.ERROR_TAG] == "Terminated: interrupted"
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    assert "resuming at step" in capsys.readouterr().err
+    assert [(r.info.run_id, r.info.status) for r in _runs(project)] == [
+        (run.info.run_id, "FINISHED")
+    ]
+
+
+def test_a_run_another_live_process_makes_is_waited_for_until_it_ends(tmp_path, monkeypatch):
+    """Another checkout or machine sharing the store making a run with the same key: the
+    fine-tuning waits for it (the project's lock cannot see it) and stops waiting when it
+    ends; a run of a dead process is closed, not waited for."""
+    import threading
+
+    from privtune.stages import finetune
+
+    monkeypatch.setattr(finetune, "LIVE_RUN_POLL_SECONDS", 0.1)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with tracking.start_run("other", root=tmp_path, key="k") as other:
+            run_id = other.run_id
+        client = tracking._client(tmp_path)
+        client.update_run(run_id, status="RUNNING")  # as its process left it, still alive
+        client.set_tag(run_id, tracking.PID_TAG, str(sleeper.pid))
+        assert tracking.running_elsewhere(tmp_path, "k").info.run_id == run_id
+        assert tracking.running_elsewhere(tmp_path, "another key") is None
+        threading.Timer(1.0, lambda: (sleeper.kill(), sleeper.wait())).start()  # reaped
+        began = time.monotonic()
+        finetune.wait_for_live_run(tmp_path, "dpsgd", "k")
+        assert time.monotonic() - began >= 0.9  # waited until its process was gone
+        assert client.get_run(run_id).info.status == "KILLED"
+        assert tracking.running_elsewhere(tmp_path, "k") is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize(
+    ("world", "error", "lost"),
+    [
+        ("2", RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer"), True),
+        ("2", RuntimeError("Connection reset by peer"), True),
+        ("1", RuntimeError("Connection closed by peer"), False),  # not distributed: a bug
+        ("2", RuntimeError("shape mismatch"), False),
+        ("2", ValueError("Connection closed by peer"), False),
+    ],
+)
+def test_a_rank_whose_peer_went_away_is_interrupted_not_a_bug(world, error, lost, monkeypatch):
+    from privtune.cli import _lost_a_rank
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert _lost_a_rank(error) is lost

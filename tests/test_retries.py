@@ -124,3 +124,17 @@ def test_a_non_private_run_is_reused_across_an_epsilon_sweep_and_a_private_one_i
     assert main(["--root", str(project), "--no-progress", "finetune", "nonprivate"]) == 0
     assert "reusing" not in capsys.readouterr().err
     assert (project / "models/nonprivate/adapter/adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_how_a_step_is_computed_is_not_part_of_a_run_key(project):
+    """A run retried with smaller micro-batches (out of memory), the other per-sample gradient
+    code or another checkpoint interval makes the same release (the same ledger and noise:
+    tests/test_mechanisms.py): it resumes or reuses the run instead of releasing another."""
+    params = load_params(project / "params.yaml")
+    for name in ("dpsgd", "nonprivate"):
+        for change in ({"physical_batch_size": 2}, {"grad_sampler": "opacus"},
+                       {"checkpoint_every": 3}):  # fmt: skip
+            other = params.model_copy(
+                update={"finetune": params.finetune.model_copy(update=change)}
+            )
+            assert run_key(other, name, project) == run_key(params, name, project), change

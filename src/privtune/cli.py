@@ -6,7 +6,7 @@ privtune report | promote [--version V] | rollback | check                [--par
 Exit codes: 0 ok, 1 promotion refused by a gate, 2 bad input (parameters, data, model files,
 command-line arguments), 3 budget guard, 4 audit violation, 5 unexpected error (a bug: the
 traceback is printed), 6 a server does not answer (MLFLOW_TRACKING_URI; a retry may pass),
-130 interrupted (Ctrl-C). With $PRIVTUNE_ERROR_FILE set, an exit 2-4
+130 interrupted (Ctrl-C, SIGTERM, a lost torchrun rank). With $PRIVTUNE_ERROR_FILE set, an exit 2-4
 also writes {"exit_code", "error", "message"} there as JSON: `dvc repro` runs this command in a
 subprocess, and the scheduler (tasks/stages.py) reads the file to fail at once, with the
 message, instead of retrying what cannot succeed.
@@ -18,11 +18,15 @@ message, instead of retrying what cannot succeed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # MLflow's tracking URI as it was after the command: main() may run again in this process
-    with isolated_store():
+    with isolated_store(), _terminate_as_interrupt():
         try:
             return _run(args)
         except ServerError as err:  # not written to $PRIVTUNE_ERROR_FILE: the task retries
@@ -202,14 +206,23 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(EXIT_BUDGET, "privacy budget violation", err)
         except AuditViolation as err:
             return _fail(EXIT_AUDIT, "privacy audit violation", err)
-        except KeyboardInterrupt:
-            print("interrupted: rerun the same command to resume or redo it", file=sys.stderr)
+        except KeyboardInterrupt as err:
+            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            print(f"{how}: rerun the same command to resume or redo it", file=sys.stderr)
             return EXIT_INTERRUPTED
         except BrokenPipeError:  # the reader stopped (`| head`): what was done stays done
             # Python's recipe: stdout to devnull, or its flush at exit raises again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_BROKEN_PIPE
         except Exception as err:  # a bug, not the input: the traceback is what to report
+            if _lost_a_rank(err):
+                print(
+                    f"interrupted: another process of this distributed run stopped "
+                    f"({type(err).__name__}: the connection to it closed); rerun the same "
+                    "torchrun command to resume",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
             traceback.print_exc()
             print(
                 f"unexpected error ({type(err).__name__}): this is a bug in privtune or its "
@@ -217,6 +230,42 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_UNEXPECTED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's cancel, `kill`, torchrun passing on its own): stopped as Ctrl-C
+    stops a command, its MLflow run KILLED and saying why, not left RUNNING."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated while a command runs (in the main thread only: a signal
+    handler cannot be set elsewhere, e.g. a Prefect task's thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)  # a second one, while stopping, ends it at once
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _lost_a_rank(err: Exception) -> bool:
+    """Whether a rank of a torchrun run failed because another rank went away (its gloo or
+    NCCL connection closed): an interruption of the run, not a bug of this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(err, RuntimeError):
+        return False
+    import torch.distributed
+
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    text = str(err)
+    return isinstance(err, backend_error) or "closed by peer" in text or "reset by peer" in text
 
 
 def quiet_library_progress() -> None:
@@ -296,7 +345,8 @@ def _run(args: argparse.Namespace) -> int:
         from privtune.registry import rollback
 
         result = asdict(rollback(params.registry.name, root=root))
-    print(json.dumps(result, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
+        print(json.dumps(result, indent=2, default=str))
     return EXIT_OK
 
 

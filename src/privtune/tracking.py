@@ -397,6 +397,24 @@ def _runs_with_key(root: str | Path, key: str) -> list[Any]:
     return client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
 
 
+def running_elsewhere(root: str | Path, key: str) -> Any | None:
+    """A run with this key (any experiment) that another live process is making now, else
+    None. Runs left RUNNING by the dead are closed first (`close_dead_runs` in their
+    experiment), and this process's own open runs are not another's."""
+    client = _client(root)
+    mine = _owner_tags()
+    for run in _runs_with_key(root, key):
+        if run.info.status != "RUNNING":
+            continue
+        tags = run.data.tags
+        if all(tags.get(tag) == value for tag, value in mine.items()):
+            continue
+        close_dead_runs(root, client.get_experiment(run.info.experiment_id).name)
+        if client.get_run(run.info.run_id).info.status == "RUNNING":
+            return run
+    return None
+
+
 def finished_run(root: str | Path, key: str, experiment: str | None = None) -> Any | None:
     """The latest FINISHED run with this key (same stage and inputs), if any: one filed in
     ``experiment`` (a name) first; elsewhere, a run that trained before a copy of one."""

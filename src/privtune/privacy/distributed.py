@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,23 @@ class Replica:
         return box[0]
 
 
+def stop_with_launcher() -> None:
+    """Have the kernel send this rank SIGTERM when its launcher dies (Linux's
+    PR_SET_PDEATHSIG): torchrun's workers run in a session of their own and outlive a
+    `kill -9` of torchrun, training on unseen; SIGTERM stops the rank as an interrupt (its run
+    KILLED; the same command resumes it). Through ctypes: no library wraps this one call."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def process_group_from_environment() -> Iterator[Replica]:
     """Join the process group torchrun describes (WORLD_SIZE > 1; gloo on CPU, nccl on CUDA)
@@ -91,6 +109,7 @@ def process_group_from_environment() -> Iterator[Replica]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     joined = world > 1 and not dist.is_initialized()
     if joined:
+        stop_with_launcher()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             # NCCL reduces CUDA tensors only: the loss summary and the object collectives

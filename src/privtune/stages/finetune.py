@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +31,12 @@ if TYPE_CHECKING:
 # What a run without noise never reads: it trains the same model at any target epsilon and
 # accountant. (Not delta: its attack stage audits the model at the plan's delta.)
 _PRIVATE_ONLY = ("epsilon", "accountant")
+# How a step is computed, not what it releases (the same ledger and noise, tested): a run
+# resumed or retried with another micro-batch (after running out of memory) is the same run.
+_HOW_ONLY = ("physical_batch_size", "grad_sampler", "checkpoint_every")
+# How often a fine-tuning waits to see whether a run with its inputs that another live
+# process is making has ended.
+LIVE_RUN_POLL_SECONDS = 10.0
 
 
 def run_key(params: Params, name: str, root: Path) -> str:
@@ -35,16 +46,16 @@ def run_key(params: Params, name: str, root: Path) -> str:
     spend the same budget again (with secret noise, another model: a second release), so the
     second one reuses the first's finished run instead (see `finetune`). A non-private
     method's key leaves out what only a private run reads (the target epsilon, the accountant):
-    an epsilon sweep reuses its model instead of training it again.
+    an epsilon sweep reuses its model instead of training it again; how a step is computed
+    (micro-batches, the per-sample gradient code, checkpoints) is not in any key.
     """
     from privtune.control.registry import controller_class
 
     method, options = params.method(name)
     f = params.finetune.model_dump()
     private = controller_class(method, name).private
-    if not private:
-        for unread in _PRIVATE_ONLY:
-            f.pop(unread)
+    for unread in _HOW_ONLY + (() if private else _PRIVATE_ONLY):
+        f.pop(unread)
     payload = {
         "stage": "finetune",
         "entry": name,
@@ -127,8 +138,61 @@ def finetune(
     from privtune.privacy.distributed import process_group_from_environment
 
     # under torchrun: one rank of a distributed run, in its process group until the end
-    with process_group_from_environment() as replica:
-        return _finetune(params, name, root, show_progress, replica)
+    with process_group_from_environment() as replica, contextlib.ExitStack() as held:
+        return _finetune(params, name, root, show_progress, replica, held)
+
+
+@contextlib.contextmanager
+def one_at_a_time(root: Path, name: str) -> Iterator[None]:
+    """Hold this project's lock of entry ``name`` while it trains: two processes fine-tuning
+    one entry at once (a restart beside a launcher's orphaned workers, two shells) would both
+    release a model of the same records, or write one checkpoint in turns. The second waits,
+    then finds the first's finished run (reused) or its checkpoint (resumed). The OS frees the
+    lock of a process that dies, `kill -9` included."""
+    from filelock import FileLock, Timeout
+
+    folder = root / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(folder / f"{name}.lock"), folder / f"{name}.holder.json"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        held_by = io.read_json(holder) if holder.is_file() else {}
+        notice(
+            f"finetune {name}: process {held_by.get('pid', '?')} on {held_by.get('host', '?')} "
+            f"(since {held_by.get('since', '?')}) is fine-tuning this entry in this project: "
+            "waiting for it to end (its finished run is then reused, or its checkpoint "
+            "resumed; Ctrl-C stops waiting)"
+        )
+        lock.acquire()
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        io.write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def wait_for_live_run(root: Path, name: str, key: str) -> None:
+    """Wait while another live process makes a run with these inputs (another checkout or
+    machine sharing the store: the lock above is this checkout's); a dead one's run is closed
+    and not waited for (tracking.running_elsewhere)."""
+    from privtune import tracking
+
+    said = False
+    while (live := tracking.running_elsewhere(root, key)) is not None:
+        if not said:
+            tags = live.data.tags
+            notice(
+                f"finetune {name}: run {live.info.run_id} with the same inputs is being made "
+                f"by process {tags.get(tracking.PID_TAG, '?')} on "
+                f"{tags.get(tracking.HOST_TAG, '?')} (last heartbeat "
+                f"{tags.get(tracking.HEARTBEAT_TAG, '?')}): waiting for it to end (a finished "
+                "run is then reused; Ctrl-C stops waiting)"
+            )
+            said = True
+        time.sleep(LIVE_RUN_POLL_SECONDS)
 
 
 def finetune_plan(
@@ -154,7 +218,12 @@ def finetune_plan(
 
 
 def _finetune(
-    params: Params, name: str, root: Path, show_progress: bool, replica: Replica
+    params: Params,
+    name: str,
+    root: Path,
+    show_progress: bool,
+    replica: Replica,
+    held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     from privtune import tracking
     from privtune.callbacks import load_checkpoint
@@ -184,6 +253,8 @@ def _finetune(
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
     key = run_key(params, name, root)
+    if replica.is_main:  # (the other ranks wait for rank 0 in their first collective)
+        held.enter_context(one_at_a_time(root, name))
     # A run killed mid-way resumes from its last checkpoint (kept outside the stage's DVC
     # outputs, which `dvc repro` removes before rerunning the stage), in the same MLflow run.
     checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
@@ -200,6 +271,7 @@ def _finetune(
     if replica.is_main:
         # runs a killed attempt left RUNNING in this experiment: KILLED, with why
         tracking.close_dead_runs(root, experiment)
+        wait_for_live_run(root, name, key)
         previous = tracking.finished_run(root, key, experiment)  # this one's, else any
         if previous is not None:
             reused = _reuse(root, name, previous, key, experiment) or None
@@ -229,6 +301,8 @@ def _finetune(
         )
         # a learned controller's warm start (RLDP): the data its policy saw, file hash
         run.set_tags(trainer.controller.provenance())
+        # torchrun's processes (a tag: a resume may use another number, with the same ledger)
+        run.set_tags({"privtune.processes": replica.world_size})
         if resumed_run is None:
             run.log_params(
                 {
@@ -300,6 +374,7 @@ def _finetune(
                 "run_id": run.run_id,
                 "plan": dataclasses.asdict(plan),
                 "finetune": f.model_dump(),
+                "processes": replica.world_size,
                 "metrics": metrics,
             }
             io.write_json(out / "finetune.json", info)
