@@ -313,3 +313,44 @@ def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing finished MLflow run" in again.stderr
     assert read(project) == read(single)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_is_stopped_when_its_launcher_is_killed(tmp_path):
+    """torchrun starts its ranks in a session of their own: after `kill -9` of torchrun they
+    trained on, unseen, and a restart beside them released a second model. A rank asks the
+    kernel for SIGTERM when its launcher dies, which stops it as an interrupt."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "rank.pid"
+    rank = (
+        "import os, sys, time; from privtune.privacy.distributed import stop_with_launcher; "
+        f"stop_with_launcher(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        "time.sleep(120)"
+    )
+    launcher = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True); "
+        "time.sleep(120)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env)
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert time.time() < deadline and parent.poll() is None, "the rank never started"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        assert time.time() < deadline, "the rank outlived its launcher"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
