@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -64,15 +65,20 @@ class Dispatched:
 
 
 def finetune_key(root: str | Path, method: str) -> str:
-    """The idempotency key of `finetune@method`: its inputs' identity (`run_key`), and the
+    """The idempotency key of `finetune@method`: its inputs' identity (`run_key`), the whole
+    `finetune` section (DVC's parameters of the stage: run_key leaves out how a step is
+    computed, a change of which still makes the stage's dvc.lock entry stale) and the
     checkout, so two projects on one Prefect server never share a fine-tuning."""
     from privtune.config import load_params
     from privtune.stages.finetune import run_key
 
     root = Path(root).resolve()
-    inputs = run_key(load_params(root / "params.yaml"), method, root)
+    params = load_params(root / "params.yaml")
+    inputs = run_key(params, method, root)
+    section = json.dumps(params.finetune.model_dump(), sort_keys=True, default=str)
+    stage = hashlib.sha256(section.encode()).hexdigest()[:12]
     where = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return f"finetune@{method}:{inputs}:{where}"
+    return f"finetune@{method}:{inputs}:{stage}:{where}"
 
 
 def _live(worker: Any, now: datetime) -> bool:

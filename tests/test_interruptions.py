@@ -447,7 +447,8 @@ def test_a_second_start_of_an_entry_waits_for_the_first_and_reuses_its_run(
             [sys.executable, "-m", "privtune.cli", *argv], env=env, stderr=err
         )
     try:
-        _wait_for(lambda: "waiting for it to end" in said.read_text(), second, "said it waits")
+        lock = "is fine-tuning this entry in this project: waiting"  # the lock, not the run
+        _wait_for(lambda: lock in said.read_text(), second, "said it waits")
         assert f"process {first.pid} on {socket.gethostname()}" in said.read_text()
         time.sleep(1)
         assert second.poll() is None and len(_runs(project)) == 1  # still waiting, no run
@@ -494,9 +495,12 @@ def test_sigterm_closes_the_run_as_killed_and_a_rerun_resumes_it(
 def test_a_run_another_live_process_makes_is_waited_for_until_it_ends(tmp_path, monkeypatch):
     """Another checkout or machine sharing the store making a run with the same key: the
     fine-tuning waits for it (the project's lock cannot see it) and stops waiting when it
-    ends; a run of a dead process is closed, not waited for."""
+    ends; a run of a dead process is closed, not waited for, nor one whose heartbeats
+    stopped (its pid may be another process's now)."""
+    import contextlib
     import threading
 
+    from privtune.privacy.distributed import Replica
     from privtune.stages import finetune
 
     monkeypatch.setattr(finetune, "LIVE_RUN_POLL_SECONDS", 0.1)
@@ -509,9 +513,16 @@ def test_a_run_another_live_process_makes_is_waited_for_until_it_ends(tmp_path, 
         client.set_tag(run_id, tracking.PID_TAG, str(sleeper.pid))
         assert tracking.running_elsewhere(tmp_path, "k").info.run_id == run_id
         assert tracking.running_elsewhere(tmp_path, "another key") is None
+        beat = client.get_run(run_id).data.tags[tracking.HEARTBEAT_TAG]
+        client.set_tag(run_id, tracking.HEARTBEAT_TAG, "2026-01-01T00:00:00.000+00:00")
+        assert tracking.running_elsewhere(tmp_path, "k") is None  # silent for months
+        client.set_tag(run_id, tracking.HEARTBEAT_TAG, beat)
         threading.Timer(1.0, lambda: (sleeper.kill(), sleeper.wait())).start()  # reaped
         began = time.monotonic()
-        finetune.wait_for_live_run(tmp_path, "dpsgd", "k")
+        with contextlib.ExitStack() as held:
+            finetune.wait_turn(tmp_path, "dpsgd", "k", Replica(), held, round_seconds=0.2)
+            assert (tmp_path / ".privtune/checkpoints/dpsgd.holder.json").is_file()
+        assert not (tmp_path / ".privtune/checkpoints/dpsgd.holder.json").exists()  # released
         assert time.monotonic() - began >= 0.9  # waited until its process was gone
         assert client.get_run(run_id).info.status == "KILLED"
         assert tracking.running_elsewhere(tmp_path, "k") is None

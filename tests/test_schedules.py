@@ -45,6 +45,11 @@ def test_dispatch_key_changes_with_the_inputs_and_only_with_them(keyed_project):
     write_params(keyed_project / "params.yaml", finetune={"lr": 0.02})
     changed_lr = finetune_key(keyed_project, "dpsgd")
     assert changed_lr != first
+    # a DVC parameter of the stage that no run key holds (how a step is computed): the stage
+    # is stale, so a dispatch with it is another flow run (which then reuses the MLflow run)
+    write_params(keyed_project / "params.yaml", finetune={"lr": 0.02, "checkpoint_every": 3})
+    assert finetune_key(keyed_project, "dpsgd") != changed_lr
+    write_params(keyed_project / "params.yaml", finetune={"lr": 0.02})
     # another method's options are not an input of finetune@dpsgd
     write_params(
         keyed_project / "params.yaml",

@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             if _lost_a_rank(err):
                 print(
                     f"interrupted: another process of this distributed run stopped "
-                    f"({type(err).__name__}: the connection to it closed); rerun the same "
-                    "torchrun command to resume",
+                    f"({type(err).__name__}: its connection closed; the MLflow run is FAILED); "
+                    "rerun the same torchrun command to resume",
                     file=sys.stderr,
                 )
                 return EXIT_INTERRUPTED
@@ -246,26 +246,29 @@ def _terminate_as_interrupt() -> Iterator[None]:
         return
 
     def _raise(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, previous)  # a second one, while stopping, ends it at once
+        signal.signal(signal.SIGTERM, restore)  # a second one, while stopping, ends it at once
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:  # the caller asked for SIGTERM to be ignored: it stays so
+        yield
+        return
+    restore = signal.SIG_DFL if previous is None else previous  # None: a handler set in C
+    signal.signal(signal.SIGTERM, _raise)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, restore)
 
 
 def _lost_a_rank(err: Exception) -> bool:
-    """Whether a rank of a torchrun run failed because another rank went away (its gloo or
-    NCCL connection closed): an interruption of the run, not a bug of this process."""
+    """Whether a rank of a torchrun run failed because another rank went away (its connection
+    closed or was reset): an interruption of the run, not a bug of this process. Any other
+    collective error (mismatched collectives: a bug) keeps its traceback."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(err, RuntimeError):
         return False
-    import torch.distributed
-
-    backend_error = getattr(torch.distributed, "DistBackendError", ())
     text = str(err)
-    return isinstance(err, backend_error) or "closed by peer" in text or "reset by peer" in text
+    return "closed by peer" in text or "reset by peer" in text
 
 
 def quiet_library_progress() -> None:

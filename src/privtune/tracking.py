@@ -400,18 +400,20 @@ def _runs_with_key(root: str | Path, key: str) -> list[Any]:
 def running_elsewhere(root: str | Path, key: str) -> Any | None:
     """A run with this key (any experiment) that another live process is making now, else
     None. Runs left RUNNING by the dead are closed first (`close_dead_runs` in their
-    experiment), and this process's own open runs are not another's."""
+    experiment); this process's own open runs are not another's, and a run whose heartbeats
+    stopped is not waited for even where its pid still answers (a pid the system reused)."""
     client = _client(root)
     mine = _owner_tags()
     for run in _runs_with_key(root, key):
         if run.info.status != "RUNNING":
             continue
-        tags = run.data.tags
-        if all(tags.get(tag) == value for tag, value in mine.items()):
+        if all(run.data.tags.get(tag) == value for tag, value in mine.items()):
             continue
         close_dead_runs(root, client.get_experiment(run.info.experiment_id).name)
-        if client.get_run(run.info.run_id).info.status == "RUNNING":
-            return run
+        found = client.get_run(run.info.run_id)
+        beating = _heartbeat_stopped(found.data.tags, datetime.now(UTC)) is None
+        if found.info.status == "RUNNING" and beating:
+            return found
     return None
 
 

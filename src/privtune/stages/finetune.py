@@ -12,7 +12,6 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +30,15 @@ if TYPE_CHECKING:
 # What a run without noise never reads: it trains the same model at any target epsilon and
 # accountant. (Not delta: its attack stage audits the model at the plan's delta.)
 _PRIVATE_ONLY = ("epsilon", "accountant")
-# How a step is computed, not what it releases (the same ledger and noise, tested): a run
+# How a step is computed, not what it releases (the same ledger and noise: test_train.py,
+# test_lora_grad_sample.py): a run
 # resumed or retried with another micro-batch (after running out of memory) is the same run.
 _HOW_ONLY = ("physical_batch_size", "grad_sampler", "checkpoint_every")
 # How often a fine-tuning waits to see whether a run with its inputs that another live
-# process is making has ended.
+# process is making has ended; and at most how long rank 0 waits before telling the other
+# ranks of a torchrun run that it still waits (well under the process group's timeout).
 LIVE_RUN_POLL_SECONDS = 10.0
+WAIT_ROUND_SECONDS = 30.0
 
 
 def run_key(params: Params, name: str, root: Path) -> str:
@@ -142,57 +144,100 @@ def finetune(
         return _finetune(params, name, root, show_progress, replica, held)
 
 
-@contextlib.contextmanager
-def one_at_a_time(root: Path, name: str) -> Iterator[None]:
-    """Hold this project's lock of entry ``name`` while it trains: two processes fine-tuning
-    one entry at once (a restart beside a launcher's orphaned workers, two shells) would both
-    release a model of the same records, or write one checkpoint in turns. The second waits,
-    then finds the first's finished run (reused) or its checkpoint (resumed). The OS frees the
-    lock of a process that dies, `kill -9` included."""
-    from filelock import FileLock, Timeout
+class EntryTurn:
+    """This project's turn to fine-tune entry ``name`` with run key ``key``.
 
-    folder = root / CHECKPOINTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    lock, holder = FileLock(folder / f"{name}.lock"), folder / f"{name}.holder.json"
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        held_by = io.read_json(holder) if holder.is_file() else {}
-        notice(
-            f"finetune {name}: process {held_by.get('pid', '?')} on {held_by.get('host', '?')} "
-            f"(since {held_by.get('since', '?')}) is fine-tuning this entry in this project: "
-            "waiting for it to end (its finished run is then reused, or its checkpoint "
-            "resumed; Ctrl-C stops waiting)"
+    Two processes fine-tuning one entry at once (a restart beside a launcher's orphaned
+    workers, two shells) would both release a model of the same records, or write one
+    checkpoint in turns; so the entry has a file lock in the project (freed by the OS when its
+    holder dies, `kill -9` included), and a run with the key that another live process is
+    making against the same store (another checkout or machine) is waited out too. The
+    waiter then finds the finished run (reused) or the checkpoint (resumed). Waiting goes in
+    rounds of at most ``round_seconds`` (`wait`): under torchrun, rank 0 waits and tells the
+    other ranks after each round, so no collective waits longer than a round.
+    """
+
+    def __init__(self, root: Path, name: str, key: str) -> None:
+        from filelock import FileLock
+
+        folder = root / CHECKPOINTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self.root, self.name, self.key = root, name, key
+        self.lock = FileLock(folder / f"{name}.lock")
+        self.holder = folder / f"{name}.holder.json"
+        self.said: set[str] = set()
+
+    def ready(self, round_seconds: float) -> bool:
+        """Try for up to ``round_seconds``; True once this process holds the lock and no other
+        live process makes a run with the key."""
+        from filelock import Timeout
+
+        from privtune import tracking
+
+        if not self.lock.is_locked:
+            try:
+                self.lock.acquire(timeout=0)
+            except Timeout:
+                self._say_once("lock", self._lock_holder())
+                try:
+                    self.lock.acquire(timeout=round_seconds)
+                except Timeout:
+                    return False
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+            io.write_json(self.holder, info)
+        live = tracking.running_elsewhere(self.root, self.key)
+        if live is None:
+            return True
+        tags = live.data.tags
+        self._say_once(
+            "run",
+            f"run {live.info.run_id} with the same inputs is being made by process "
+            f"{tags.get(tracking.PID_TAG, '?')} on {tags.get(tracking.HOST_TAG, '?')} (last "
+            f"heartbeat {tags.get(tracking.HEARTBEAT_TAG, '?')}): waiting for it to end (a "
+            "finished run is then reused; Ctrl-C stops waiting)",
         )
-        lock.acquire()
-    try:
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        io.write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": since})
-        yield
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
+        time.sleep(min(LIVE_RUN_POLL_SECONDS, round_seconds))
+        return False
+
+    def _lock_holder(self) -> str:
+        try:
+            held_by = io.read_json(self.holder)
+        except (OSError, ValueError):  # gone or being written: its holder is ending or starting
+            held_by = {}
+        return (
+            f"process {held_by.get('pid', '?')} on {held_by.get('host', '?')} (since "
+            f"{held_by.get('since', '?')}) is fine-tuning this entry in this project: waiting "
+            "for it to end (its finished run is then reused, or its checkpoint resumed; Ctrl-C "
+            "stops waiting)"
+        )
+
+    def _say_once(self, what: str, message: str) -> None:
+        if what not in self.said:
+            self.said.add(what)
+            notice(f"finetune {self.name}: {message}")
+
+    def release(self) -> None:
+        if self.lock.is_locked:
+            self.holder.unlink(missing_ok=True)
+            self.lock.release()
 
 
-def wait_for_live_run(root: Path, name: str, key: str) -> None:
-    """Wait while another live process makes a run with these inputs (another checkout or
-    machine sharing the store: the lock above is this checkout's); a dead one's run is closed
-    and not waited for (tracking.running_elsewhere)."""
-    from privtune import tracking
-
-    said = False
-    while (live := tracking.running_elsewhere(root, key)) is not None:
-        if not said:
-            tags = live.data.tags
-            notice(
-                f"finetune {name}: run {live.info.run_id} with the same inputs is being made "
-                f"by process {tags.get(tracking.PID_TAG, '?')} on "
-                f"{tags.get(tracking.HOST_TAG, '?')} (last heartbeat "
-                f"{tags.get(tracking.HEARTBEAT_TAG, '?')}): waiting for it to end (a finished "
-                "run is then reused; Ctrl-C stops waiting)"
-            )
-            said = True
-        time.sleep(LIVE_RUN_POLL_SECONDS)
+def wait_turn(
+    root: Path,
+    name: str,
+    key: str,
+    replica: Replica,
+    held: contextlib.ExitStack,
+    round_seconds: float = WAIT_ROUND_SECONDS,
+) -> None:
+    """Rank 0 waits for the entry's turn (:class:`EntryTurn`), held until ``held`` closes; the
+    other ranks learn after each round whether it still waits."""
+    turn = EntryTurn(root, name, key) if replica.is_main else None
+    if turn is not None:
+        held.callback(turn.release)
+    while replica.broadcast(turn is not None and not turn.ready(round_seconds)):
+        pass
 
 
 def finetune_plan(
@@ -253,8 +298,7 @@ def _finetune(
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
     key = run_key(params, name, root)
-    if replica.is_main:  # (the other ranks wait for rank 0 in their first collective)
-        held.enter_context(one_at_a_time(root, name))
+    wait_turn(root, name, key, replica, held)  # one fine-tuning of an entry at a time
     # A run killed mid-way resumes from its last checkpoint (kept outside the stage's DVC
     # outputs, which `dvc repro` removes before rerunning the stage), in the same MLflow run.
     checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
@@ -271,7 +315,6 @@ def _finetune(
     if replica.is_main:
         # runs a killed attempt left RUNNING in this experiment: KILLED, with why
         tracking.close_dead_runs(root, experiment)
-        wait_for_live_run(root, name, key)
         previous = tracking.finished_run(root, key, experiment)  # this one's, else any
         if previous is not None:
             reused = _reuse(root, name, previous, key, experiment) or None
