@@ -284,6 +284,16 @@ def _finetune(
     f = params.finetune
     train_records = read_split(root, "train")
     plan = finetune_plan(params, name, root, n_texts=len(train_records))  # before the model
+    # A retried stage (Prefect retries, a crash after training) must neither train again and
+    # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
+    key = run_key(params, name, root)
+    # Another process holds the entry (its lock file exists only once one has trained it):
+    # wait before loading a model beside it on its device. Otherwise the turn is taken once
+    # the run is built, so that a refused input leaves no lock file behind.
+    lock_file = root / CHECKPOINTS_DIR / f"{name}.lock"
+    early = replica.broadcast(replica.is_main and lock_file.is_file())
+    if early:
+        wait_turn(root, name, key, replica, held)
     model, tokenizer = load_base(root)
     max_length = resolved_max_length(params, root)
     train_data = encode_records([r["text"] for r in train_records], tokenizer, max_length)
@@ -295,10 +305,8 @@ def _finetune(
     # run is opened or a file written: a bad input leaves nothing behind.
     trainer = Trainer(model, train_data, valid_data, f, method, options, entry=name, plan=plan)
 
-    # A retried stage (Prefect retries, a crash after training) must neither train again and
-    # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
-    key = run_key(params, name, root)
-    wait_turn(root, name, key, replica, held)  # one fine-tuning of an entry at a time
+    if not early:
+        wait_turn(root, name, key, replica, held)  # one fine-tuning of an entry at a time
     # A run killed mid-way resumes from its last checkpoint (kept outside the stage's DVC
     # outputs, which `dvc repro` removes before rerunning the stage), in the same MLflow run.
     checkpoint_path = root / CHECKPOINTS_DIR / f"{name}.pt"
