@@ -307,12 +307,16 @@ def _start(project: Path, marker: Path, point: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(HELPER), str(marker), point, "--", *argv], env=env)
 
 
-def _kill_when_paused(process: subprocess.Popen, marker: Path, timeout: float = 600) -> None:
+def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    while not marker.exists():
-        assert process.poll() is None, f"exited with {process.returncode} before the pause"
-        assert time.time() < deadline, "never reached the pause point"
+    while not condition():
+        assert process.poll() is None, f"exited with {process.returncode} before {what}"
+        assert time.time() < deadline, f"never {what}"
         time.sleep(0.1)
+
+
+def _kill_when_paused(process: subprocess.Popen, marker: Path, timeout: float = 600) -> None:
+    _wait_for(marker.exists, process, "reached the pause point", timeout)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
 
@@ -415,14 +419,6 @@ def test_dvc_checkout_restores_what_an_interrupted_repro_removed(tmp_path):
     assert sh("git", "checkout", "--", "metrics.json").returncode == 0
     assert (project / "model/weights.bin").read_text() == "v1v1"
     assert json.loads((project / "metrics.json").read_text()) == {"loss": 1.5}
-
-
-def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, f"exited with {process.returncode} before {what}"
-        assert time.time() < deadline, f"never {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.slow

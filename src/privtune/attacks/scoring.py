@@ -119,7 +119,7 @@ def membership_scores(
     if max_length is None:
         max_length = model_max_length(model)
     target = token_logprobs(model, tokenizer, texts, max_length, batch_size, on_batch)
-    loss = np.array([-lp.mean() if lp.size else 0.0 for lp in target])
+    loss = _mean_losses(target)
     scores = {
         "loss": -loss,
         "zlib": -loss / np.array([zlib_bytes(t) for t in texts], dtype=float),
@@ -131,6 +131,11 @@ def membership_scores(
         )
         scores["reference"] = -(loss - ref_loss)
     return {name: scores[name] for name in SCORE_NAMES if name in scores}
+
+
+def _mean_losses(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """Each text's mean token loss (0 for a text with no predicted token)."""
+    return np.array([-lp.mean() if lp.size else 0.0 for lp in logprobs])
 
 
 def _reference_losses(
@@ -157,7 +162,7 @@ def _reference_losses(
             on_batch(len(texts))  # a progress bar counts them as scored
         return cached.numpy()
     reference = token_logprobs(reference_model, tokenizer, texts, max_length, batch_size, on_batch)
-    losses = np.array([-lp.mean() if lp.size else 0.0 for lp in reference])
+    losses = _mean_losses(reference)
     if path is not None:
         write_scores(path, torch.from_numpy(losses))
     return losses

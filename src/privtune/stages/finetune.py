@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 # accountant. (Not delta: its attack stage audits the model at the plan's delta.)
 _PRIVATE_ONLY = ("epsilon", "accountant")
 # How a step is computed, not what it releases (the same ledger and noise: test_train.py,
-# test_lora_grad_sample.py): a run
-# resumed or retried with another micro-batch (after running out of memory) is the same run.
+# test_lora_grad_sample.py): a run resumed or retried with another micro-batch (after running
+# out of memory) is the same run.
 _HOW_ONLY = ("physical_batch_size", "grad_sampler", "checkpoint_every")
 # How often a fine-tuning waits to see whether a run with its inputs that another live
 # process is making has ended; and at most how long rank 0 waits before telling the other
@@ -144,6 +144,11 @@ def finetune(
         return _finetune(params, name, root, show_progress, replica, held)
 
 
+def _lock_file(root: Path, name: str) -> Path:
+    """The file lock of entry ``name`` in the project (it exists once one has trained it)."""
+    return root / CHECKPOINTS_DIR / f"{name}.lock"
+
+
 class EntryTurn:
     """This project's turn to fine-tune entry ``name`` with run key ``key``.
 
@@ -160,11 +165,11 @@ class EntryTurn:
     def __init__(self, root: Path, name: str, key: str) -> None:
         from filelock import FileLock
 
-        folder = root / CHECKPOINTS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
+        lock_file = _lock_file(root, name)
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
         self.root, self.name, self.key = root, name, key
-        self.lock = FileLock(folder / f"{name}.lock")
-        self.holder = folder / f"{name}.holder.json"
+        self.lock = FileLock(lock_file)
+        self.holder = lock_file.with_suffix(".holder.json")
         self.said: set[str] = set()
 
     def ready(self, round_seconds: float) -> bool:
@@ -287,11 +292,10 @@ def _finetune(
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
     key = run_key(params, name, root)
-    # Another process holds the entry (its lock file exists only once one has trained it):
-    # wait before loading a model beside it on its device. Otherwise the turn is taken once
-    # the run is built, so that a refused input leaves no lock file behind.
-    lock_file = root / CHECKPOINTS_DIR / f"{name}.lock"
-    early = replica.broadcast(replica.is_main and lock_file.is_file())
+    # Another process may hold the entry (its lock file exists once one has trained it): wait
+    # before loading a model beside it on its device. Otherwise the turn is taken once the
+    # run is built, so that a refused input leaves no lock file behind.
+    early = replica.broadcast(replica.is_main and _lock_file(root, name).is_file())
     if early:
         wait_turn(root, name, key, replica, held)
     model, tokenizer = load_base(root)
