@@ -462,6 +462,60 @@ def test_a_second_start_of_an_entry_waits_for_the_first_and_reuses_its_run(
 
 
 @pytest.mark.slow
+def test_a_start_in_another_checkout_sharing_the_store_waits_and_reuses_the_run(
+    tiny_project, tmp_path
+):
+    """Two checkouts of one project sharing one tracking store (a team's PostgreSQL, or one
+    sqlite file), each starting the same fine-tuning: the second's own project lock is free,
+    so it waits on the store's lock for the run key, then reuses the first's finished run. One
+    model of the records, not two."""
+    import mlflow
+
+    first_checkout, second_checkout = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(tiny_project, first_checkout)
+    edit_params(first_checkout, finetune={"checkpoint_every": 2})
+    shutil.copytree(first_checkout, second_checkout)
+    store = f"sqlite:///{tmp_path}/shared.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MLFLOW_TRACKING_URI": store}
+    paused, said = tmp_path / "paused", tmp_path / "second.err"
+    argv = ["--no-progress", "finetune", "dpsgd"]
+    first = subprocess.Popen(
+        [sys.executable, str(HELPER), str(paused), "checkpoint", "--"]
+        + ["--root", str(first_checkout), *argv],
+        env=env,
+    )
+    second = None
+    try:
+        _wait_for(paused.exists, first, "reached the pause")
+        with said.open("w") as err:
+            second = subprocess.Popen(
+                [sys.executable, "-m", "privtune.cli", "--root", str(second_checkout), *argv],
+                env=env,
+                stderr=err,
+            )
+        waits = "is fine-tuning the same inputs against this tracking store"
+        _wait_for(lambda: waits in said.read_text(), second, "said it waits")
+        assert f"privtune pid {first.pid} on {socket.gethostname()}" in said.read_text()
+        assert f"project {first_checkout})" in said.read_text()  # the holder's checkout
+        time.sleep(1)
+        client = mlflow.MlflowClient(store)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        assert second.poll() is None and len(client.search_runs(experiments)) == 1
+        paused.unlink()  # the first goes on and finishes
+        assert first.wait(timeout=300) == 0
+        assert second.wait(timeout=300) == 0
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert "reusing finished MLflow run" in said.read_text()
+    runs = client.search_runs(experiments)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    ledgers = [c / "models/dpsgd/ledger.json" for c in (first_checkout, second_checkout)]
+    assert ledgers[0].read_bytes() == ledgers[1].read_bytes()
+
+
+@pytest.mark.slow
 def test_sigterm_closes_the_run_as_killed_and_a_rerun_resumes_it(
     tiny_project, tmp_path, monkeypatch, capsys
 ):

@@ -3,24 +3,24 @@
 A promotion reads the champion, judges, then moves aliases and appends to the history tag; two
 at once (the nightly run and a reviewer's `privtune promote`) could both judge against the same
 champion and leave the history and `previous` alias naming the wrong versions. MLflow has no
-compare-and-set, so the lock lives beside the store: a file lock next to a sqlite store, a
-PostgreSQL advisory lock in a PostgreSQL store (both released by the OS or the server when the
-holder dies, `kill -9` included). An http(s) tracking server is reached only through its API;
-there the one slot of a Prefect global concurrency limit serialises them: the promote and
-rollback flows hold it, and so does the CLI wherever a Prefect server is configured
+compare-and-set, so the lock lives beside the store (`privtune.store_lock`): a file lock next to
+a sqlite store, a PostgreSQL advisory lock in a PostgreSQL store (both released by the OS or the
+server when the holder dies, `kill -9` included). An http(s) tracking server is reached only
+through its API; there the one slot of a Prefect global concurrency limit serialises them: the
+promote and rollback flows hold it, and so does the CLI wherever a Prefect server is configured
 (PREFECT_API_URL), so a reviewer's `privtune promote` waits for the nightly flow's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
 from privtune import tracking
 from privtune.errors import ServerError
+from privtune.store_lock import StoreLock
 
 # How long a promotion waits for another to finish before it gives up (a transient failure:
 # the CLI exits 6 and the Prefect task retries it).
@@ -84,51 +84,24 @@ def prefect_slot(wait: float | None = None) -> Iterator[None]:
             _SLOT_HELD.reset(token)
 
 
-def _key(uri: str) -> int:
-    """A signed 64-bit advisory-lock key, the same for every client of one store."""
-    digest = hashlib.sha256(f"privtune.registry:{uri}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 @contextlib.contextmanager
 def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterator[str]:
     """Hold the store's promotion lock; yields what kind it is ("file", "postgresql",
     "prefect" for a store reached through a server's API where a Prefect server is configured,
     else "none")."""
-    uri = tracking.tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        from filelock import FileLock, Timeout
-
-        path = Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")
-        try:
-            with FileLock(path, timeout=wait):
-                yield "file"
-        except Timeout as err:
+    lock = StoreLock(tracking.tracking_uri(root), "registry", root, suffix=".registry.lock")
+    if lock.kind != "none":
+        if not lock.acquire(timeout=wait):
+            where = lock.path if lock.kind == "file" else "the store's lock"
             raise ServerError(
-                "registry", f"another promotion has held {path} for {wait:g} s",
-                "wait for it to finish (a dead holder releases the lock itself), then retry",
-            ) from err  # fmt: skip
-    elif uri.split(":", 1)[0].split("+", 1)[0] == "postgresql":
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
-        key = {"key": _key(uri)}
+                "registry", f"another promotion ({lock.holder()}) has held {where} for "
+                f"{wait:g} s", "wait for it to finish (a dead holder releases the lock itself), "
+                "then retry",
+            )  # fmt: skip
         try:
-            with engine.connect() as connection:
-                connection.execute(sqlalchemy.text(f"SET lock_timeout = '{int(wait * 1000)}ms'"))
-                try:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
-                except sqlalchemy.exc.OperationalError as err:
-                    raise ServerError(
-                        "registry", f"another promotion held the store's lock for {wait:g} s",
-                        "wait for it to finish, then retry",
-                    ) from err  # fmt: skip
-                try:
-                    yield "postgresql"
-                finally:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+            yield lock.kind
         finally:
-            engine.dispose()
+            lock.release()
     elif _SLOT_HELD.get() or _prefect_api() is not None:
         with prefect_slot(wait):
             yield "prefect"

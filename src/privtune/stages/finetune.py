@@ -155,9 +155,12 @@ class EntryTurn:
     Two processes fine-tuning one entry at once (a restart beside a launcher's orphaned
     workers, two shells) would both release a model of the same records, or write one
     checkpoint in turns; so the entry has a file lock in the project (freed by the OS when its
-    holder dies, `kill -9` included), and a run with the key that another live process is
-    making against the same store (another checkout or machine) is waited out too. The
-    waiter then finds the finished run (reused) or the checkpoint (resumed). Waiting goes in
+    holder dies, `kill -9` included), and the run key has a lock of the tracking store (a file
+    lock beside sqlite, an advisory lock in PostgreSQL: `store_lock`), which another checkout
+    or machine using that store takes too. Through an http(s) server, which has no lock, a run
+    with the key that another live process is making is waited out instead (two starts within
+    the same second can both pass that check). The waiter then finds the finished run (reused)
+    or the checkpoint (resumed). Waiting goes in
     rounds of at most ``round_seconds`` (`wait`): under torchrun, rank 0 waits and tells the
     other ranks after each round, so no collective waits longer than a round.
     """
@@ -165,10 +168,14 @@ class EntryTurn:
     def __init__(self, root: Path, name: str, key: str) -> None:
         from filelock import FileLock
 
+        from privtune import tracking
+        from privtune.store_lock import StoreLock
+
         lock_file = _lock_file(root, name)
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         self.root, self.name, self.key = root, name, key
         self.lock = FileLock(lock_file)
+        self.store_lock = StoreLock(tracking.tracking_uri(root), f"finetune-{key}", root)
         self.holder = lock_file.with_suffix(".holder.json")
         self.said: set[str] = set()
 
@@ -191,6 +198,15 @@ class EntryTurn:
             since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
             io.write_json(self.holder, info)
+        if not self.store_lock.acquire(timeout=0):
+            self._say_once(
+                "store",
+                f"{self.store_lock.holder()} is fine-tuning the same inputs against this "
+                "tracking store (another checkout or machine): waiting for it to end (its "
+                "finished run is then reused; Ctrl-C stops waiting)",
+            )
+            if not self.store_lock.acquire(timeout=round_seconds):
+                return False
         live = tracking.running_elsewhere(self.root, self.key)
         if live is None:
             return True
@@ -223,6 +239,7 @@ class EntryTurn:
             notice(f"finetune {self.name}: {message}")
 
     def release(self) -> None:
+        self.store_lock.release()
         if self.lock.is_locked:
             self.holder.unlink(missing_ok=True)
             self.lock.release()

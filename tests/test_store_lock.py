@@ -1,6 +1,7 @@
-"""The promotion lock beside each kind of store (privtune/registry/lock.py): a second holder
-waits, gives up after its wait as a transient error naming the lock, and a holder killed with
-`kill -9` releases it."""
+"""Locks beside each kind of store (privtune/store_lock.py): the promotion lock
+(privtune/registry/lock.py) and a fine-tuning's run-key lock, which another checkout or machine
+sharing the store takes too. A second holder waits, says who holds it, gives up after its wait;
+a holder killed with `kill -9` releases it."""
 
 import os
 import signal
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from privtune import tracking
 from privtune.errors import ServerError
 from privtune.registry.lock import registry_lock
+from privtune.store_lock import StoreLock
 
 POSTGRES = "postgresql://root@127.0.0.1:5432/test"
 
@@ -111,3 +114,59 @@ def test_a_holder_killed_with_sigkill_releases_the_lock(store, request):
         assert time.monotonic() - started < 10
     finally:
         holder.kill()
+
+
+@pytest.mark.parametrize("store", ["sqlite_store", "postgres_store"])
+def test_a_store_lock_is_held_by_one_and_names_its_holder(store, request):
+    root = request.getfixturevalue(store)
+    uri = tracking.tracking_uri(root)
+    first, second = StoreLock(uri, "finetune-k"), StoreLock(uri, "finetune-k")
+    other_name = StoreLock(uri, "finetune-other")
+    assert first.acquire(timeout=0)
+    try:
+        started = time.monotonic()
+        assert not second.acquire(timeout=0.6)  # tried for its whole wait
+        assert time.monotonic() - started >= 0.5
+        assert f"privtune pid {os.getpid()} on " in second.holder()
+        assert other_name.acquire(timeout=0)  # another name is another lock
+        other_name.release()
+    finally:
+        first.release()
+    assert second.acquire(timeout=5)  # released: the next one takes it
+    second.release()
+    if store == "sqlite_store":
+        assert (root / "mlflow.locks/finetune-k.lock").exists()
+        assert not list((root / "mlflow.locks").glob("*.holder.json"))  # removed on release
+
+
+@pytest.mark.parametrize("store", ["sqlite_store", "postgres_store"])
+def test_a_fine_tuning_in_another_checkout_of_the_store_is_waited_for(
+    store, request, tmp_path, capsys, monkeypatch
+):
+    """Two checkouts (two project folders) sharing one tracking store: the second's turn for
+    a run key waits while the first holds the store's lock for it (its own project lock is
+    free), says whom it waits for, and goes on when the lock is released."""
+    import contextlib
+
+    from privtune.privacy.distributed import Replica
+    from privtune.stages import finetune
+
+    root = request.getfixturevalue(store)
+    other_checkout = tmp_path / "other-checkout"
+    other_checkout.mkdir()
+    shared = tracking.tracking_uri(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared)  # sqlite: the first checkout's file
+    first = StoreLock(shared, "finetune-k")
+    assert first.acquire(timeout=0)
+    threading.Timer(1.5, first.release).start()
+    began = time.monotonic()
+    with contextlib.ExitStack() as held:
+        finetune.wait_turn(other_checkout, "dpsgd", "k", Replica(), held, round_seconds=0.2)
+        assert time.monotonic() - began >= 1.4  # it waited for the first
+        assert not StoreLock(shared, "finetune-k").acquire(timeout=0)  # and holds it now
+    after = StoreLock(shared, "finetune-k")
+    assert after.acquire(timeout=0)  # released at the end
+    after.release()
+    said = capsys.readouterr().err
+    assert f"privtune pid {os.getpid()} on " in said
+    assert "is fine-tuning the same inputs against this tracking store" in said
