@@ -122,8 +122,11 @@ def test_a_store_lock_is_held_by_one_and_names_its_holder(store, request):
     uri = tracking.tracking_uri(root)
     first, second = StoreLock(uri, "finetune-k"), StoreLock(uri, "finetune-k")
     other_name = StoreLock(uri, "finetune-other")
+    assert not second.taken_elsewhere()
+    assert not (root / "mlflow.locks").exists()  # a probe creates nothing
     assert first.acquire(timeout=0)
     try:
+        assert second.taken_elsewhere() and not other_name.taken_elsewhere()
         started = time.monotonic()
         assert not second.acquire(timeout=0.6)  # tried for its whole wait
         assert time.monotonic() - started >= 0.5
@@ -132,6 +135,7 @@ def test_a_store_lock_is_held_by_one_and_names_its_holder(store, request):
         other_name.release()
     finally:
         first.release()
+    assert not second.taken_elsewhere()
     assert second.acquire(timeout=5)  # released: the next one takes it
     second.release()
     if store == "sqlite_store":
@@ -157,7 +161,9 @@ def test_a_fine_tuning_in_another_checkout_of_the_store_is_waited_for(
     shared = tracking.tracking_uri(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", shared)  # sqlite: the first checkout's file
     first = StoreLock(shared, "finetune-k")
+    assert not finetune._held_elsewhere(other_checkout, "dpsgd", "k")
     assert first.acquire(timeout=0)
+    assert finetune._held_elsewhere(other_checkout, "dpsgd", "k")  # waits before loading
     threading.Timer(1.5, first.release).start()
     began = time.monotonic()
     with contextlib.ExitStack() as held:

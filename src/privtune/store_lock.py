@@ -76,6 +76,17 @@ class StoreLock:
             self.held = self._acquire_advisory(timeout)
         return self.held
 
+    def taken_elsewhere(self) -> bool:
+        """Whether another holds the lock now (a probe; beside sqlite it creates no file)."""
+        if self.held or self.kind == "none":
+            return False
+        if self.kind == "file" and not self.path.is_file():
+            return False
+        if not self.acquire(timeout=0):
+            return True
+        self.release()
+        return False
+
     def _acquire_file(self, timeout: float) -> bool:
         from filelock import Timeout
 

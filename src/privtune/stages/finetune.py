@@ -21,6 +21,7 @@ from privtune import io
 from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.progress import notice
 from privtune.stages.common import data_hash, load_base, read_split, resolved_max_length
+from privtune.store_lock import StoreLock
 
 if TYPE_CHECKING:
     from privtune.privacy.distributed import Replica
@@ -149,6 +150,19 @@ def _lock_file(root: Path, name: str) -> Path:
     return root / CHECKPOINTS_DIR / f"{name}.lock"
 
 
+def _store_lock(root: Path, key: str) -> StoreLock:
+    """The tracking store's lock of run key ``key`` (other checkouts and machines take it)."""
+    from privtune import tracking
+
+    return StoreLock(tracking.tracking_uri(root), f"finetune-{key}", root)
+
+
+def _held_elsewhere(root: Path, name: str, key: str) -> bool:
+    """Whether the entry's lock file exists (another may hold it) or another process holds the
+    store's lock of the run key: worth waiting for before a model is loaded."""
+    return _lock_file(root, name).is_file() or _store_lock(root, key).taken_elsewhere()
+
+
 class EntryTurn:
     """This project's turn to fine-tune entry ``name`` with run key ``key``.
 
@@ -168,14 +182,11 @@ class EntryTurn:
     def __init__(self, root: Path, name: str, key: str) -> None:
         from filelock import FileLock
 
-        from privtune import tracking
-        from privtune.store_lock import StoreLock
-
         lock_file = _lock_file(root, name)
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         self.root, self.name, self.key = root, name, key
         self.lock = FileLock(lock_file)
-        self.store_lock = StoreLock(tracking.tracking_uri(root), f"finetune-{key}", root)
+        self.store_lock = _store_lock(root, key)
         self.holder = lock_file.with_suffix(".holder.json")
         self.said: set[str] = set()
 
@@ -309,10 +320,11 @@ def _finetune(
     # A retried stage (Prefect retries, a crash after training) must neither train again and
     # spend the budget twice nor leave a duplicate run: runs are keyed by stage and inputs.
     key = run_key(params, name, root)
-    # Another process may hold the entry (its lock file exists once one has trained it): wait
-    # before loading a model beside it on its device. Otherwise the turn is taken once the
-    # run is built, so that a refused input leaves no lock file behind.
-    early = replica.broadcast(replica.is_main and _lock_file(root, name).is_file())
+    # Another process may hold the entry (its lock file exists once one has trained it), or
+    # another checkout of the store its run key: wait before loading a model beside it on its
+    # device. Otherwise the turn is taken once the run is built, so that a refused input
+    # leaves no lock file behind.
+    early = replica.broadcast(replica.is_main and _held_elsewhere(root, name, key))
     if early:
         wait_turn(root, name, key, replica, held)
     model, tokenizer = load_base(root)
