@@ -324,7 +324,7 @@ def test_calibrated_exposure_ranks_what_fine_tuning_added_to_the_reference(
 
 
 def test_the_reference_scores_are_kept_for_the_next_method_and_rescored_when_unusable(
-    world, overfit_model, untouched_model, tmp_path
+    world, overfit_model, untouched_model, tmp_path, monkeypatch
 ):
     """Every method fine-tuned from one base is calibrated against the same scores: kept in a
     file the next attack reads (shown by reading them with another reference model passed),
@@ -338,7 +338,12 @@ def test_the_reference_scores_are_kept_for_the_next_method_and_rescored_when_unu
     assert cache.directory == tmp_path / ".privtune/cache"
     key = ([(c.id, c.prefix, c.secret) for c in canaries], N_CANDIDATES, 0, 64)
     path = cache.path("exposure", *key)
-    for base, device in [("other-base", CPU), ("base-sha", torch.device("cuda"))]:
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    h100 = ReferenceCache.for_project(tmp_path, "base-sha", gpu).path("exposure", *key)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert ReferenceCache.for_project(tmp_path, "base-sha", gpu).path("exposure", *key) != h100
+    for base, device in [("other-base", CPU), ("base-sha", gpu)]:
         assert ReferenceCache.for_project(tmp_path, base, device).path("exposure", *key) != path
     for parts in [(key[0][:1], *key[1:]), (*key[:3], 128), (*key[:2], 1, 64)]:
         assert cache.path("exposure", *parts) != path

@@ -3,9 +3,9 @@
 Calibrated exposure and the reference membership score need the base model's scores of the
 same canaries and records for every method's attack; a project computes them once. A file is
 keyed by everything its scores depend on (the base's files, what was scored, how it was
-batched, the device kind, privtune's code and the libraries that score), none of which is a
-DVC input of the file: it lives in `.privtune/cache/`, outside the stages' outputs. Files hold
-numbers under canary ids or in record order, never text.
+batched, the device kind and on CUDA the GPU model, privtune's code and the libraries that
+score), none of which is a DVC input of the file: it lives in `.privtune/cache/`, outside the
+stages' outputs. Files hold numbers under canary ids or in record order, never text.
 """
 
 from __future__ import annotations
@@ -42,13 +42,23 @@ class ReferenceCache:
         from privtune.io import code_sha256
 
         libraries = (torch.__version__, transformers.__version__, tokenizers.__version__)
-        return cls(root / CACHE_DIR, (base_sha256, device.type, code_sha256(), *libraries))
+        return cls(
+            root / CACHE_DIR, (base_sha256, _device_model(device), code_sha256(), *libraries)
+        )
 
     def path(self, kind: str, *parts: Any) -> Path:
         """The file of ``kind`` ("exposure", "membership") scores keyed by ``parts`` (what was
         scored and how: JSON-serialisable)."""
         digest = hashlib.sha256(json.dumps([*self.key, kind, *parts]).encode()).hexdigest()
         return self.directory / f"{kind}-reference-{digest[:32]}.pt"
+
+
+def _device_model(device: torch.device) -> str:
+    """The device's kind, and on CUDA its model and CUDA version: two GPU models (a checkout
+    shared by an H100 and an H200 worker) score the same text to different last bits."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda:{torch.cuda.get_device_name(device)}:{torch.version.cuda}"
 
 
 def texts_digest(texts: Sequence[str]) -> str:
