@@ -260,6 +260,53 @@ def test_ranks_that_would_resume_from_different_checkpoints_fail_together(tmp_pa
         assert (", rank 1: none)" if rank_1_finds == "nothing" else other) in outcome, outcome
 
 
+def _crash_or_resume_worker(rank: int, port: int, out: str, crash: bool) -> None:
+    """Both ranks run with one checkpoint file (a shared disk): killed after step 3, or on."""
+    from tests.test_resume import Crash
+
+    _join(rank, port)
+    run = {"checkpoint": Checkpointing(Path(out, "run.pt"), every=2, key="same-inputs")}
+    try:
+        result, state = _tiny_run("dpsgd", {}, callbacks=[Crash(at=3)] if crash else [], **run)
+    except KeyboardInterrupt:  # the crash: what is left is the checkpoint
+        pass
+    else:
+        saved = {"ledger": result.ledger.state_dict(), "state": state}
+        torch.save(saved | {"resumed_at": result.resumed_at}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [(1, 2), (2, 1)])
+def test_a_run_resumed_by_another_number_of_ranks_keeps_the_uninterrupted_ledger(tmp_path, ranks):
+    """Killed with one process and resumed under torchrun with two, or the other way: the
+    checkpoint holds the logical batches' state, not the ranks', so the resumed run's ledger is
+    the uninterrupted run's and its adapter the same up to float sums in another order."""
+    from tests.test_resume import Crash
+
+    uninterrupted, expected = _tiny_run("dpsgd", {})
+    run = {"checkpoint": Checkpointing(tmp_path / "run.pt", every=2, key="same-inputs")}
+    killed, resumed_by = ranks
+    if killed == 1:
+        with pytest.raises(KeyboardInterrupt):
+            _tiny_run("dpsgd", {}, callbacks=[Crash(at=3)], **run)
+    else:
+        mp.spawn(_crash_or_resume_worker, args=(free_port(), str(tmp_path), True), nprocs=WORLD)
+    assert (tmp_path / "run.pt").is_file()
+    if resumed_by == 1:
+        result, state = _tiny_run("dpsgd", {}, **run)
+        outcomes = [{"ledger": result.ledger.state_dict(), "state": state}]
+        assert result.resumed_at == 2
+    else:
+        mp.spawn(_crash_or_resume_worker, args=(free_port(), str(tmp_path), False), nprocs=WORLD)
+        outcomes = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        assert [o["resumed_at"] for o in outcomes] == [2, 2]
+    for outcome in outcomes:
+        assert outcome["ledger"] == uninterrupted.ledger.state_dict()
+        for name, value in expected.items():
+            torch.testing.assert_close(outcome["state"][name], value, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_torchrun_finetune_stage_writes_the_single_process_ledger(tmp_path):
     """`torchrun --nproc_per_node 2 -m privtune.cli finetune dpsgd`: rank 0 writes the outputs
