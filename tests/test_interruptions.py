@@ -520,7 +520,8 @@ def test_sigterm_closes_the_run_as_killed_and_a_rerun_resumes_it(
     tiny_project, tmp_path, monkeypatch, capsys
 ):
     """SIGTERM (a scheduler's cancel, `kill`, torchrun passing it on) stops a stage as Ctrl-C
-    does: exit 130, the MLflow run KILLED with why, not left RUNNING; a rerun resumes it."""
+    does: exit 130, the MLflow run KILLED with why, not left RUNNING; a rerun resumes it, here
+    with smaller micro-batches, which the run's tags then say (its params keep none)."""
     from privtune.cli import EXIT_INTERRUPTED, main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -535,11 +536,14 @@ def test_sigterm_closes_the_run_as_killed_and_a_rerun_resumes_it(
     (run,) = _runs(project)
     assert run.info.status == "KILLED"
     assert run.data.tags[tracking.ERROR_TAG] == "Terminated: interrupted"
+    assert run.data.tags["privtune.physical_batch_size"] == "None"
+    edit_params(project, finetune={"physical_batch_size": 2})
     assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
     assert "resuming at step" in capsys.readouterr().err
-    assert [(r.info.run_id, r.info.status) for r in _runs(project)] == [
-        (run.info.run_id, "FINISHED")
-    ]
+    (resumed,) = _runs(project)
+    assert (resumed.info.run_id, resumed.info.status) == (run.info.run_id, "FINISHED")
+    assert resumed.data.tags["privtune.physical_batch_size"] == "2"
+    assert not [k for k in resumed.data.params if k.endswith("physical_batch_size")]
 
 
 def test_a_run_another_live_process_makes_is_waited_for_until_it_ends(tmp_path, monkeypatch):

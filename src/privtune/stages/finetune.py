@@ -385,15 +385,17 @@ def _finetune(
         )
         # a learned controller's warm start (RLDP): the data its policy saw, file hash
         run.set_tags(trainer.controller.provenance())
-        # torchrun's processes (a tag: a resume may use another number, with the same ledger)
-        run.set_tags({"privtune.processes": replica.world_size})
+        # How this attempt computes a step (tags: a resume may use other micro-batches or
+        # processes, with the same ledger; an MLflow param keeps its first value)
+        how = {f"privtune.{k}": getattr(f, k) for k in _HOW_ONLY}
+        run.set_tags(how | {"privtune.processes": replica.world_size})
         if resumed_run is None:
             run.log_params(
                 {
                     "method": method,
                     "entry": name,
                     "method_options": options,
-                    "finetune": f.model_dump(),
+                    "finetune": f.model_dump(exclude=set(_HOW_ONLY)),
                     "base": params.base.model_dump(),
                     "data_sha256": data_hash(root),
                     "git_commit": tracking.git_commit(root),
