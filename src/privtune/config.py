@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -110,6 +111,14 @@ class PrepareParams(_Section):
     # prepared splits so a record can be traced without quoting it; must be unique).
     text_column: str = Field(default="text", min_length=1)
     id_column: str | None = Field(default=None, min_length=1)
+    # Optional column naming whose record it is (a patient id): a patient's records all go to
+    # one split, and the data and model cards say how many one patient has in training (the
+    # guarantee is per record: a patient with k records is protected as a group of k).
+    group_column: str | None = Field(default=None, min_length=1)
+    # Keep at most this many training records per group (chosen at random with prepare.seed):
+    # bounds what one patient contributes, so the per-patient guarantee is group privacy for
+    # at most this many records. null: keep them all.
+    max_records_per_group: int | None = Field(default=None, ge=1)
     n_private: int = Field(
         default=1190, ge=10, description="generated private notes (attack split included)"
     )
@@ -120,6 +129,16 @@ class PrepareParams(_Section):
         default=MAX_RECORD_CHARS, ge=1, description="longest record of a user's corpus"
     )
     canaries: CanaryParams = CanaryParams()
+
+    @field_validator("max_records_per_group")
+    @classmethod
+    def _cap_needs_groups(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("group_column") is None:
+            raise ValueError(
+                "a cap per group needs prepare.group_column: set it to the column of patient "
+                "(group) ids, or max_records_per_group to null"
+            )
+        return value
 
     @field_validator("source")
     @classmethod

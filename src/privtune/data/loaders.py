@@ -1,9 +1,11 @@
 """Load a user's own corpus: JSONL (or a .json array), CSV, or a `datasets` directory, with a
-text column (`prepare.text_column`, default `text`) and optionally an id column
-(`prepare.id_column`).
+text column (`prepare.text_column`, default `text`), optionally an id column
+(`prepare.id_column`) and a group column (`prepare.group_column`: whose record it is, e.g. a
+patient id).
 
-Records come back as ``{"text": ...}`` (plus ``"id"``): the other columns stay behind, since the
-prepared splits need only the text and every copied field is more private data to carry.
+Records come back as ``{"text": ...}`` (plus ``"id"``, ``"group"``): the other columns stay
+behind, since the prepared splits need only the text and every copied field is more private
+data to carry.
 Errors name the file, the line and the columns present, never a record's content.
 """
 
@@ -28,8 +30,9 @@ def _missing_column(
 ) -> DataError:
     """`named`: the present names may be shown; a CSV's header row may be a record (a file
     without a header), so its cells are counted, never echoed."""
-    key = "prepare.text_column" if which == "text" else "prepare.id_column"
-    fix = f"set {key} to the column holding the {'document text' if which == 'text' else 'ids'}"
+    key = f"prepare.{which}_column"
+    held = {"text": "document text", "id": "ids", "group": "patient (group) ids"}[which]
+    fix = f"set {key} to the column holding the {held}"
     if which == "text":
         fix += f", or rename that column to `{column}`"
     if named:
@@ -51,9 +54,10 @@ def _require_columns(
     id_column: str | None,
     record: int | None = None,
     named: bool = True,
+    group_column: str | None = None,
 ) -> None:
-    """The text column (and the id column, when one is named) are among ``present``."""
-    for column, which in [(text_column, "text"), (id_column, "id")]:
+    """The text column (and the id and group columns, when named) are among ``present``."""
+    for column, which in [(text_column, "text"), (id_column, "id"), (group_column, "group")]:
         if column is not None and column not in present:
             err = _missing_column(source, column, present, which, named)
             if record is None:
@@ -99,14 +103,17 @@ def _check_rows(
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
+    group_column: str | None = None,
 ) -> list[dict]:
-    """Each row reduced to its text (and id): present, non-empty strings; ids unique."""
+    """Each row reduced to its text (and id, group): present, non-empty strings; ids unique."""
     if not rows:
         raise DataError(source, "the dataset is empty", "provide at least one record")
     out = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
-        _require_columns(source, list(row), text_column, id_column, record=index + 1)
+        _require_columns(
+            source, list(row), text_column, id_column, record=index + 1, group_column=group_column
+        )
         text = row[text_column]
         if not isinstance(text, str) or not text.strip():
             raise DataError(
@@ -133,6 +140,16 @@ def _check_rows(
                     f"make `{id_column}` unique, or set prepare.id_column to null",
                 )
             seen.add(record["id"])
+        if group_column is not None:
+            group = row[group_column]
+            if group is None or not str(group).strip():  # the value is never shown
+                raise DataError(
+                    source,
+                    f"record {index + 1} has an empty `{group_column}`",
+                    f"give every record the id of its patient (group) in `{group_column}`, "
+                    "or set prepare.group_column to null",
+                )
+            record["group"] = str(group)
         out.append(record)
     return out
 
@@ -153,6 +170,7 @@ def load_json_array(
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
+    group_column: str | None = None,
 ) -> list[dict]:
     """A .json file holding one array of objects (what json.dump of a list of records writes)."""
     text = _read_utf8(path)
@@ -165,7 +183,7 @@ def load_json_array(
         if not isinstance(row, dict):
             problem = f"element {index + 1} of the array is not a JSON object"
             raise DataError(str(path), problem, "make each element an object: {...}")
-    return _check_rows(rows, str(path), text_column, id_column, max_chars)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column)
 
 
 def load_jsonl(
@@ -173,6 +191,7 @@ def load_jsonl(
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
+    group_column: str | None = None,
 ) -> list[dict]:
     rows = []
     offset = 0
@@ -195,7 +214,7 @@ def load_jsonl(
             if not isinstance(row, dict):
                 raise DataError(str(path), f"line {number} is not a JSON object", "use {...}")
             rows.append(row)
-    return _check_rows(rows, str(path), text_column, id_column, max_chars)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column)
 
 
 @contextlib.contextmanager
@@ -213,6 +232,7 @@ def load_csv(
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
+    group_column: str | None = None,
 ) -> list[dict]:
     """A CSV with a header row. A row of another number of fields than the header (a note
     with an unquoted comma: the rest of it would be dropped; a line cut short) is refused,
@@ -232,7 +252,9 @@ def load_csv(
                     continue
                 if header is None:
                     header = fields
-                    _require_columns(str(path), header, text_column, id_column, named=False)
+                    _require_columns(
+                        str(path), header, text_column, id_column, None, False, group_column
+                    )
                     continue
                 if len(fields) != len(header):
                     raise DataError(
@@ -255,7 +277,7 @@ def load_csv(
             ) from None
     if header is None:
         raise DataError(str(path), "the dataset is empty", "provide a header and rows")
-    return _check_rows(rows, str(path), text_column, id_column, max_chars)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column)
 
 
 def load_datasets_dir(
@@ -263,6 +285,7 @@ def load_datasets_dir(
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
+    group_column: str | None = None,
 ) -> list[dict]:
     import datasets
 
@@ -283,8 +306,12 @@ def load_datasets_dir(
                 "or name it train: prepare makes its own train/valid/test split",
             )
         ds = ds["train" if "train" in ds else next(iter(ds))]
-    _require_columns(str(path), list(ds.column_names), text_column, id_column)
-    return _check_rows([dict(row) for row in ds], str(path), text_column, id_column, max_chars)
+    _require_columns(
+        str(path), list(ds.column_names), text_column, id_column, group_column=group_column
+    )
+    return _check_rows(
+        [dict(row) for row in ds], str(path), text_column, id_column, max_chars, group_column
+    )
 
 
 def existing_source(source: str | Path) -> Path:
@@ -305,11 +332,12 @@ def load_records(
     text_column: str = TEXT_COLUMN,
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
+    group_column: str | None = None,
 ) -> list[dict]:
-    """Records of a JSONL/CSV file or a datasets directory as ``{"text"[, "id"]}`` dicts, each
-    text at most ``max_chars`` characters (prepare.max_record_chars)."""
+    """Records of a JSONL/CSV file or a datasets directory as ``{"text"[, "id"][, "group"]}``
+    dicts, each text at most ``max_chars`` characters (prepare.max_record_chars)."""
     path = existing_source(source)
-    columns = (text_column, id_column, max_chars)
+    columns = (text_column, id_column, max_chars, group_column)
     suffix = path.suffix.lower()
     try:
         if path.is_dir():

@@ -177,6 +177,8 @@ def build_card(
             "stopped_by_guard": metrics.get("stopped_by_guard"),
             # null: not private (no noise), or trained before secret seeds existed (seeded)
             "secret_noise": finetune.get("secret_noise") if private else None,
+            # with prepare.group_column: what a patient with the most training records gets
+            "per_group": _per_group(data_card, metrics) if private else None,
         },
         "data": {
             "content_sha256": data_card.get("content_sha256"),
@@ -202,6 +204,15 @@ def build_card(
             "utility": "judged at promotion, against the champion of that time",
         },
     }
+
+
+def _per_group(data_card: Mapping[str, Any], metrics: Mapping[str, Any]) -> Any:
+    from privtune.privacy.group import per_group
+
+    epsilon, delta = _finite(metrics.get("epsilon")), metrics.get("delta")
+    if epsilon is None or delta is None:
+        return None
+    return per_group(data_card.get("groups"), float(epsilon), float(delta))
 
 
 def _split_md5(root: Path) -> dict[str, str]:

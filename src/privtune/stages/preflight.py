@@ -79,16 +79,27 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
     from privtune.stages.prepare import build
 
     root = Path(root)
-    splits = build(params, root).splits
+    built = build(params, root)
+    splits = built.splits
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     lines = [f"prepare: {counts} records"]
+    if built.groups is not None:  # counts only, never an id
+        g = built.groups
+        lines.append(
+            f"prepare: {g['groups']['train']} patients ({g['column']}) in train, up to "
+            f"{g['train_records_per_group_max']} records each (mean "
+            f"{g['train_records_per_group_mean']:g}; left out: "
+            f"{g['records_left_out']['attack_split_boundary']} at the attack split's edge, "
+            f"{g['records_left_out']['cap']} by prepare.max_records_per_group)"
+        )
     # the downstream task the base stage checks first (a cloze pattern that marks no answer)
     check_task(splits["test"][: params.evaluate.max_records], splits["train"], params.evaluate)
     if warning := _attack_power_warning(params, sum(len(rows) for rows in splits.values())):
         lines.append(warning)
+    most = None if built.groups is None else built.groups["train_records_per_group_max"]
     for name in params.methods if methods is None else methods:
         try:
-            lines.append(_entry_line(params, name, root, len(splits["train"])))
+            lines.append(_entry_line(params, name, root, len(splits["train"]), most))
         except PrivtuneError as err:  # which entry: its field may be shared (finetune.epsilon)
             raise type(err)(err.field, f"{err.problem} (finetune@{name})", err.fix) from None
     return lines
@@ -113,9 +124,13 @@ def _attack_power_warning(params: Params, n_records: int) -> str | None:
     )
 
 
-def _entry_line(params: Params, name: str, root: Path, n_texts: int) -> str:
-    """One entry's line of `privtune check`: its plan (checked) and the noise it will add."""
+def _entry_line(
+    params: Params, name: str, root: Path, n_texts: int, group: int | None = None
+) -> str:
+    """One entry's line of `privtune check`: its plan (checked) and the noise it will add;
+    with ``group`` (the most training records of one patient), what that patient gets."""
     from privtune.control.registry import controller_class, describe_controller
+    from privtune.privacy.group import describe
     from privtune.stages.finetune import finetune_plan
     from privtune.train import plan_context
 
@@ -134,4 +149,5 @@ def _entry_line(params: Params, name: str, root: Path, n_texts: int) -> str:
     noise = describe_controller(method, plan_context(plan, f), options, name) or (
         f"noise multiplier {plan.calibrated_noise:.3g} for epsilon {f.epsilon:g} ({f.accountant})"
     )
-    return f"{line}, delta {plan.delta:.2g}, {noise}"
+    line = f"{line}, delta {plan.delta:.2g}, {noise}"
+    return line if group is None else f"{line}; {describe(group, f.epsilon, plan.delta)}"

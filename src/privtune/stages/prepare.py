@@ -2,13 +2,16 @@
 
 The private records are split five ways: `attack` (attack.members records held out of
 everything, the membership attack's non-members: records no stage trains, validates or
-evaluates on), then train / valid / test by the fractions of what is left.
+evaluates on), then train / valid / test by the fractions of what is left. With
+`prepare.group_column` (a patient id) a patient's records never straddle two splits, and
+`prepare.max_records_per_group` bounds how many one patient has in train.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,13 +78,41 @@ def _fewer_members_fix(n_records: int, params: Params) -> str:
     )
 
 
-def _split(records: list[dict], params: Params) -> dict[str, list[dict]]:
-    """attack (attack.members records), then valid / test / train of the rest."""
+def _grouped(rows: list[dict]) -> list[dict]:
+    """``rows`` with each group's records together, groups in the order they first appear."""
+    by_group: dict[str, list[dict]] = {}
+    for row in rows:
+        by_group.setdefault(row["group"], []).append(row)
+    return [row for members in by_group.values() for row in members]
+
+
+def _group_end(rows: list[dict], n: int) -> int:
+    """The first cut at or after ``n`` that no group straddles (``n`` without groups)."""
+    if not 0 < n < len(rows) or "group" not in rows[0]:
+        return n
+    while n < len(rows) and rows[n]["group"] == rows[n - 1]["group"]:
+        n += 1
+    return n
+
+
+def _split(records: list[dict], params: Params) -> tuple[dict[str, list[dict]], int]:
+    """attack (attack.members records), then valid / test / train of the rest; and how many
+    records were left out because their patient's other records went to the attack split
+    (with groups, every split takes whole patients)."""
     p, n_attack = params.prepare, params.attack.members
     rows = list(records)
     random.Random(p.seed).shuffle(rows)
-    attack, rows = rows[:n_attack], rows[n_attack:]
-    n_valid, n_test, n_train = _split_sizes(len(records), n_attack, params)
+    if p.group_column is not None:  # patients in a random order, each one's records together
+        rows = _grouped(rows)
+    # the attack split is exactly attack.members records: the rest of its last patient's
+    # records are used nowhere (they would be members of train, or test notes of a patient
+    # the attack holds out)
+    cut = _group_end(rows, n_attack)
+    attack, rows, dropped = rows[:n_attack], rows[cut:], cut - n_attack
+    n_valid, n_test, n_train = _split_sizes(len(records) - dropped, n_attack, params)
+    n_valid = _group_end(rows, n_valid)
+    n_test = _group_end(rows, n_valid + n_test) - n_valid
+    n_train = len(rows) - n_valid - n_test
     if n_train < 2:
         raise DataError(
             "prepare.source",
@@ -90,11 +121,47 @@ def _split(records: list[dict], params: Params) -> dict[str, list[dict]]:
             _fewer_members_fix(len(records), params)
             + ", or lower prepare.valid_fraction / prepare.test_fraction",
         )
-    return {
+    splits = {
         "train": rows[n_valid + n_test :],
         "valid": rows[:n_valid],
         "test": rows[n_valid : n_valid + n_test],
         "attack": attack,
+    }
+    return splits, dropped
+
+
+def _capped(train: list[dict], cap: int | None, seed: int) -> tuple[list[dict], int]:
+    """At most ``cap`` records of each group, chosen at random (seeded), in their order; and
+    how many were left out."""
+    if cap is None:
+        return train, 0
+    by_group: dict[str, list[int]] = {}
+    for index, row in enumerate(train):
+        by_group.setdefault(row["group"], []).append(index)
+    generator = random.Random(seed)
+    kept = sorted(
+        i
+        for indices in by_group.values()
+        for i in generator.sample(indices, min(cap, len(indices)))
+    )
+    return [train[i] for i in kept], len(train) - len(kept)
+
+
+def _group_summary(
+    splits: dict[str, list[dict]], params: Params, dropped_at_split: int, dropped_by_cap: int
+) -> dict[str, Any] | None:
+    """The data card's counts of patients (groups): never an id."""
+    p = params.prepare
+    if p.group_column is None:
+        return None
+    train_counts = Counter(row["group"] for row in splits["train"])
+    return {
+        "column": p.group_column,
+        "max_records_per_group": p.max_records_per_group,
+        "groups": {name: len({row["group"] for row in rows}) for name, rows in splits.items()},
+        "train_records_per_group_max": max(train_counts.values()),
+        "train_records_per_group_mean": round(len(splits["train"]) / len(train_counts), 2),
+        "records_left_out": {"attack_split_boundary": dropped_at_split, "cap": dropped_by_cap},
     }
 
 
@@ -150,6 +217,7 @@ class Prepared:
     audit: list  # the black-box audit's text canaries
     records_with_canary: int
     duplicates: int  # records left out as exact repeats of an earlier one
+    groups: dict[str, Any] | None = None  # counts of patients (prepare.group_column)
 
 
 def build(params: Params, root: Path = Path(".")) -> Prepared:
@@ -168,9 +236,16 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
     p = params.prepare
     source = source_path(params, root)
     if source is None:
+        if p.group_column is not None:
+            raise ConfigError(
+                "prepare.group_column",
+                "the generated notes have no patient column (each is its own patient)",
+                "set prepare.group_column to null, or prepare.source to your corpus",
+            )
         records = generate_private_notes(p.n_private, p.seed)
     else:
-        records = load_records(source, p.text_column, p.id_column, p.max_record_chars)
+        columns = (p.text_column, p.id_column, p.max_record_chars, p.group_column)
+        records = load_records(source, *columns)
     records, duplicates = _without_duplicates(records)
     if duplicates:  # said before the split's checks: it may be why the corpus came up short
         notice(
@@ -178,7 +253,11 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
             "left out (a copy in train and another among the attack's non-members or the test "
             "notes would make the attacks and the perplexity wrong)"
         )
-    splits = _split(records, params)
+    splits, left_at_split = _split(records, params)
+    splits["train"], left_by_cap = _capped(splits["train"], p.max_records_per_group, p.seed)
+    groups = _group_summary(splits, params, left_at_split, left_by_cap)
+    if groups is not None:  # counted: the splits carry no patient id further
+        splits = {name: [_without_group(r) for r in rows] for name, rows in splits.items()}
     train = splits["train"]
     canaries = make_canaries(
         p.canaries.repetitions,
@@ -214,7 +293,11 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
             )
     public = [{"text": t} for t in generate_public_corpus(p.n_public, p.seed + 1)]
     written = {**splits, "train": train, "public": public}
-    return Prepared(written, canaries, audit, needed, duplicates)
+    return Prepared(written, canaries, audit, needed, duplicates, groups)
+
+
+def _without_group(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "group"}
 
 
 def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
@@ -252,6 +335,7 @@ def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 for name, rows in [("public", public), ("train", train), ("test", written["test"])]
             },
             "duplicates_removed": duplicates,
+            **({"groups": built.groups} if built.groups is not None else {}),
             "content_sha256": digest.hexdigest(),
         }
         io.write_json(out / "data_card.json", card)
