@@ -169,6 +169,9 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
         }
     }
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    groups = {"column": "patient", "max_records_per_group": 2, "train_records_per_group_max": 2}
+    data_card = project / "data/prepared/data_card.json"
+    io.write_json(data_card, io.read_json(data_card) | {"groups": groups})
     mlflow_client = client(project)
     end_before = mlflow_client.get_run(run_id).info.end_time
     try:
@@ -217,6 +220,11 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert card["model"]["base_source"] == "unrecorded"  # this base has no privtune.json
     assert card["contract"]["secret_noise"] is True
     assert "Sampler and noise seeded from OS entropy, kept secret." in text
+    # a corpus with a patient column: what its patient with the most training records gets
+    per_group = card["contract"]["per_group"]
+    assert per_group["max_training_records_of_one_group"] == 2 and per_group["epsilon"] == 8.0
+    assert per_group["delta"] == pytest.approx(2 * math.exp(4.0) * 1e-5)
+    assert "the most training records of one patient is 2; by group privacy that" in text
     assert {g["gate"] for g in card["gates"]["at_registration"]} == {
         "epsilon",
         "delta",

@@ -391,6 +391,13 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             else "- **Sampler and noise seeded from `finetune.seed`** (reproducible): the "
             "guarantee does not hold against anyone who knows the params.",
         ]
+        if group := c.get("per_group"):  # a corpus with a patient column
+            k, bound = group["max_training_records_of_one_group"], group["delta"]
+            lines.append(
+                f"- Per patient (`{group['column']}`): the most training records of one patient "
+                f"is {k}; by group privacy that patient is protected at ε {_g(group['epsilon'])}"
+                + (f", δ {_g(bound, '{:.3g}')}." if bound is not None else ": no bound (δ ≥ 1).")
+            )
     lines += [
         "",
         "## Data",
