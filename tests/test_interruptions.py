@@ -445,7 +445,7 @@ def test_a_second_start_of_an_entry_waits_for_the_first_and_reuses_its_run(
     try:
         lock = "is fine-tuning this entry in this project: waiting"  # the lock, not the run
         _wait_for(lambda: lock in said.read_text(), second, "said it waits")
-        assert f"process {first.pid} on {socket.gethostname()}" in said.read_text()
+        assert f"privtune pid {first.pid} on {socket.gethostname()}" in said.read_text()
         time.sleep(1)
         assert second.poll() is None and len(_runs(project)) == 1  # still waiting, no run
         paused.unlink()  # the first goes on and finishes

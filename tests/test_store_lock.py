@@ -176,3 +176,58 @@ def test_a_fine_tuning_in_another_checkout_of_the_store_is_waited_for(
     said = capsys.readouterr().err
     assert f"privtune pid {os.getpid()} on " in said
     assert "is fine-tuning the same inputs against this tracking store" in said
+
+
+def test_an_acquire_interrupted_after_the_lock_is_taken_is_still_released(
+    sqlite_store, monkeypatch
+):
+    """Ctrl-C (or SIGTERM made an interrupt) between taking the file lock and writing who holds
+    it: `release` still frees it, so a retry in the same process does not wait for itself."""
+    from privtune import store_lock
+
+    uri = tracking.tracking_uri(sqlite_store)
+    lock = StoreLock(uri, "finetune-k")
+
+    def interrupted(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_lock.io, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(timeout=0)
+    assert StoreLock(uri, "finetune-k").taken_elsewhere()
+    lock.release()
+    assert not StoreLock(uri, "finetune-k").taken_elsewhere()
+
+
+def test_a_probe_writes_nothing_and_refuses_no_one(sqlite_store):
+    uri = tracking.tracking_uri(sqlite_store)
+    first = StoreLock(uri, "finetune-k")
+    assert first.acquire(timeout=0)
+    first.release()
+    holder = sqlite_store / "mlflow.locks/finetune-k.holder.json"
+    assert not StoreLock(uri, "finetune-k").taken_elsewhere() and not holder.exists()
+
+
+def test_the_postgresql_lock_outlives_an_idle_session_timeout(postgres_store, monkeypatch):
+    """The lock's session idles for the whole run: a server or role idle_session_timeout
+    (PGOPTIONS stands in for one here) would end it and free the lock under a live holder."""
+    monkeypatch.setenv("PGOPTIONS", "-c idle_session_timeout=1000")
+    uri = tracking.tracking_uri(postgres_store)
+    first = StoreLock(uri, "finetune-idle")
+    assert first.acquire(timeout=0)
+    try:
+        time.sleep(2.5)
+        assert StoreLock(uri, "finetune-idle").taken_elsewhere()
+        assert not StoreLock(uri, "finetune-idle").acquire(timeout=0)
+    finally:
+        first.release()
+
+
+def test_the_registry_lock_keeps_the_key_earlier_versions_take(postgres_store):
+    """A nightly flow on the previous version and a reviewer's `privtune promote` on this one
+    must still exclude each other in one PostgreSQL store."""
+    uri = tracking.tracking_uri(postgres_store)
+    earlier = StoreLock(uri, "earlier", label=f"privtune.registry:{uri}")
+    with registry_lock(postgres_store):
+        assert earlier.taken_elsewhere()
+    assert not earlier.taken_elsewhere()

@@ -89,7 +89,10 @@ def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterato
     """Hold the store's promotion lock; yields what kind it is ("file", "postgresql",
     "prefect" for a store reached through a server's API where a Prefect server is configured,
     else "none")."""
-    lock = StoreLock(tracking.tracking_uri(root), "registry", root, suffix=".registry.lock")
+    uri = tracking.tracking_uri(root)
+    # the advisory key earlier versions took, so that they and this one exclude each other
+    label = f"privtune.registry:{uri}"
+    lock = StoreLock(uri, "registry", root, suffix=".registry.lock", label=label)
     if lock.kind != "none":
         if not lock.acquire(timeout=wait):
             where = lock.path if lock.kind == "file" else "the store's lock"

@@ -7,9 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from privtune import io
 from privtune.config import BASE_DIR, CHECKPOINTS_DIR, METRICS_DIR, MODELS_DIR, PLOTS_DIR, Params
 from privtune.progress import notice
 from privtune.stages.common import data_hash, load_base, read_split, resolved_max_length
-from privtune.store_lock import StoreLock
+from privtune.store_lock import HolderFileLock, StoreLock
 
 if TYPE_CHECKING:
     from privtune.privacy.distributed import Replica
@@ -180,44 +178,31 @@ class EntryTurn:
     """
 
     def __init__(self, root: Path, name: str, key: str) -> None:
-        from filelock import FileLock
-
-        lock_file = _lock_file(root, name)
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
         self.root, self.name, self.key = root, name, key
-        self.lock = FileLock(lock_file)
-        self.store_lock = _store_lock(root, key)
-        self.holder = lock_file.with_suffix(".holder.json")
+        # taken in this order, freed in the other: the project's, then the store's
+        self.locks = [
+            (HolderFileLock(_lock_file(root, name), root), "this entry in this project", "its "
+             "finished run is then reused, or its checkpoint resumed"),
+            (_store_lock(root, key), "the same inputs against this tracking store (another "
+             "checkout or machine)", "its finished run is then reused"),
+        ]  # fmt: skip
         self.said: set[str] = set()
 
     def ready(self, round_seconds: float) -> bool:
-        """Try for up to ``round_seconds``; True once this process holds the lock and no other
+        """Try for up to ``round_seconds``; True once this process holds the locks and no other
         live process makes a run with the key."""
-        from filelock import Timeout
-
         from privtune import tracking
 
-        if not self.lock.is_locked:
-            try:
-                self.lock.acquire(timeout=0)
-            except Timeout:
-                self._say_once("lock", self._lock_holder())
-                try:
-                    self.lock.acquire(timeout=round_seconds)
-                except Timeout:
+        for lock, what, then in self.locks:
+            if not lock.acquire(timeout=0):
+                if what not in self.said:  # asked once: in PostgreSQL, a query
+                    self._say_once(
+                        what,
+                        f"{lock.holder()} is fine-tuning {what}: waiting for it to end ({then}; "
+                        "Ctrl-C stops waiting)",
+                    )
+                if not lock.acquire(timeout=round_seconds):
                     return False
-            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
-            io.write_json(self.holder, info)
-        if not self.store_lock.acquire(timeout=0):
-            self._say_once(
-                "store",
-                f"{self.store_lock.holder()} is fine-tuning the same inputs against this "
-                "tracking store (another checkout or machine): waiting for it to end (its "
-                "finished run is then reused; Ctrl-C stops waiting)",
-            )
-            if not self.store_lock.acquire(timeout=round_seconds):
-                return False
         live = tracking.running_elsewhere(self.root, self.key)
         if live is None:
             return True
@@ -232,28 +217,15 @@ class EntryTurn:
         time.sleep(min(LIVE_RUN_POLL_SECONDS, round_seconds))
         return False
 
-    def _lock_holder(self) -> str:
-        try:
-            held_by = io.read_json(self.holder)
-        except (OSError, ValueError):  # gone or being written: its holder is ending or starting
-            held_by = {}
-        return (
-            f"process {held_by.get('pid', '?')} on {held_by.get('host', '?')} (since "
-            f"{held_by.get('since', '?')}) is fine-tuning this entry in this project: waiting "
-            "for it to end (its finished run is then reused, or its checkpoint resumed; Ctrl-C "
-            "stops waiting)"
-        )
-
     def _say_once(self, what: str, message: str) -> None:
         if what not in self.said:
             self.said.add(what)
             notice(f"finetune {self.name}: {message}")
 
     def release(self) -> None:
-        self.store_lock.release()
-        if self.lock.is_locked:
-            self.holder.unlink(missing_ok=True)
-            self.lock.release()
+        with contextlib.ExitStack() as releases:  # each one, even if another's raises
+            for lock, _, _ in self.locks:
+                releases.callback(lock.release)  # run in reverse: the store's first
 
 
 def wait_turn(
