@@ -40,6 +40,18 @@ def test_non_positive_epsilon(project, capsys, epsilon, tmp_path):
     assert _listing(root) == before
 
 
+def test_under_torchrun_rank_0_alone_says_a_bad_input(project, capsys, tmp_path, monkeypatch):
+    """Every rank finds the same bad input: one message, not one per rank."""
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    write_params(root / "params.yaml", finetune={"epsilon": -1})
+    monkeypatch.setenv("RANK", "1")
+    assert _run(root, "finetune", "dpsgd", capsys=capsys) == (2, "")
+    monkeypatch.setenv("RANK", "0")
+    code, err = _run(root, "finetune", "dpsgd", capsys=capsys)
+    assert code == 2 and "finetune.epsilon" in err
+
+
 def test_delta_not_below_one_over_n(project, capsys, tmp_path):
     root = tmp_path / "p"
     shutil.copytree(project, root)

@@ -155,7 +155,10 @@ def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> 
 
 def _fail(code: int, label: str, err: Exception) -> int:
     """Print the error; leave it for the scheduler too when it asked (exit codes 2-4 are
-    deterministic: a retry would fail the same way, or worse, retry an audit until it passes)."""
+    deterministic: a retry would fail the same way, or worse, retry an audit until it passes;
+    under torchrun every rank finds the same one, and rank 0 alone says it)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return code
     print(f"{label}: {err}", file=sys.stderr)
     stage = os.environ.get("DVC_STAGE")  # set by `dvc repro` for the stage's command
     if stage and "DVC_EXP_BASELINE_REV" not in os.environ:  # an experiment builds apart
