@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,8 @@ def _splits(root: Path) -> dict[str, list[dict]]:
 
 
 def test_the_group_column_is_read_in_every_format_and_refused_when_missing_or_empty(tmp_path):
+    """Ids are compared without surrounding spaces ("P1 " is P1); a misspelled column is named
+    with the header's columns (the text column was found there: it is a header)."""
     csv = tmp_path / "notes.csv"
     csv.write_text("patient,text\nP1,first note\nP1,second note\nP2,third note\n")
     jsonl = tmp_path / "notes.jsonl"
@@ -74,8 +77,12 @@ def test_the_group_column_is_read_in_every_format_and_refused_when_missing_or_em
     for source in (csv, jsonl):
         rows = load_records(source, group_column="patient")
         assert [r["group"] for r in rows] == ["P1", "P1", "P2"]
-    with pytest.raises(DataError, match=r"no `mrn` column.*prepare\.group_column"):
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("patient,text\nP1,first note\nP1 ,second note\n")
+    assert [r["group"] for r in load_records(spaced, group_column="patient")] == ["P1", "P1"]
+    with pytest.raises(DataError, match=r"no `mrn` column.*prepare\.group_column") as err:
         load_records(csv, group_column="mrn")
+    assert "['patient', 'text']" in str(err.value)
     empty = tmp_path / "empty.csv"
     empty.write_text("patient,text\nP-SECRET-1,first note\n,second note\n")
     with pytest.raises(DataError, match=r"record 2 has an empty `patient`") as err:
@@ -115,9 +122,8 @@ def test_no_patient_is_in_two_splits_and_none_trains_on_more_than_the_cap(
     source, patient_of = _notes(root / "notes.csv", sizes, seed)
     params = _params(source, members=10, cap=cap).model_copy(deep=True)
     records = load_records(source, "text", "note_id", group_column="patient")
-    splits, left_at_split = _split(records, params)
-    train, left_by_cap = _capped(splits["train"], cap, params.prepare.seed)
-    splits["train"] = train
+    kept, left_by_cap = _capped(records, cap, params.prepare.seed)
+    splits, left_at_split = _split(kept, params)
     patients = {name: {r["group"] for r in rows} for name, rows in splits.items()}
     names = list(patients)
     for i, a in enumerate(names):
@@ -125,11 +131,11 @@ def test_no_patient_is_in_two_splits_and_none_trains_on_more_than_the_cap(
             assert not patients[a] & patients[b], (a, b)
     assert len(splits["attack"]) == 10  # exactly attack.members non-members
     assert sum(map(len, splits.values())) + left_at_split + left_by_cap == len(records)
-    per_patient = [sum(r["group"] == p for r in train) for p in patients["train"]]
-    assert max(per_patient) <= (cap or max(sizes))
-    if cap is not None:  # a patient with more notes than the cap keeps exactly the cap
-        full = [p for p in patients["train"] if sizes[int(p[2:])] >= cap]
-        assert all(sum(r["group"] == p for r in train) == cap for p in full)
+    for name, rows in splits.items():  # every split: members and non-members alike
+        counts = {p: sum(r["group"] == p for r in rows) for p in patients[name]}
+        assert max(counts.values()) <= (cap or max(sizes)), name
+        if cap is not None and name != "attack":  # more notes than the cap: exactly the cap
+            assert all(counts[p] == cap for p in counts if sizes[int(p[2:])] >= cap), name
 
 
 def test_prepare_writes_whole_patients_and_counts_them_without_an_id(tmp_path):
@@ -146,10 +152,13 @@ def test_prepare_writes_whole_patients_and_counts_them_without_an_id(tmp_path):
                 continue  # a canary
             assert seen.setdefault(patient_of[row["text"]], name) == name
     groups = card["groups"]
-    train_patients = {patient_of[r["text"]] for r in splits["train"] if r["text"] in patient_of}
-    assert groups["groups"]["train"] == len(train_patients)
+    train_patients = [patient_of[r["text"]] for r in splits["train"] if r["text"] in patient_of]
+    assert groups["groups"]["train"] == len(set(train_patients))
     assert groups["train_records_per_group_max"] == 3 and groups["max_records_per_group"] == 3
-    assert groups["records_left_out"]["cap"] > 0  # patients with 4 or 5 notes kept 3
+    assert groups["records_left_out"]["cap"] == sum(max(0, n - 3) for n in sizes)
+    # the notes of one patient are not in a run: the first notes of a split are many patients'
+    runs = sum(a != b for a, b in zip(train_patients, train_patients[1:], strict=False)) + 1
+    assert runs > 1.5 * len(set(train_patients))
     assert card["counts"]["attack"] == 12
     written = "".join(p.read_text() for p in (tmp_path / "data/prepared").iterdir())
     assert "P-00" not in written  # no patient id in the splits or the data card
@@ -213,3 +222,18 @@ def test_the_card_and_check_say_what_a_patient_with_the_most_records_gets(tmp_pa
     lines = check_all(params, tmp_path, ["dpsgd"])
     assert "patients (patient) in train, up to 2 records each" in lines[1]
     assert "a patient with 2 training records: epsilon 2, delta" in lines[-1]
+
+
+def test_the_members_fix_is_the_most_these_patients_afford(tmp_path):
+    """Whole-patient splits and the cap leave fewer training notes than a note-by-note split:
+    the most attack.members an error suggests is found by splitting, and it prepares."""
+    from privtune.stages.prepare import prepare
+
+    sizes = [1 + (i % 8) for i in range(150)]  # 675 notes, 1 to 8 per patient
+    source, _ = _notes(tmp_path / "notes.csv", sizes)
+    with pytest.raises(ConfigError, match=r"at most (\d+)") as err:
+        prepare(_params(source, members=250, cap=3), tmp_path)
+    most = int(re.search(r"at most (\d+)", str(err.value)).group(1))
+    assert prepare(_params(source, members=most, cap=3), tmp_path)["counts"]["attack"] == most
+    with pytest.raises(ConfigError, match="at most"):
+        prepare(_params(source, members=most + 1, cap=3), tmp_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from privtune import lanes
+from privtune.config import load_params
 from privtune.errors import ConfigError
 from tasks.stages import PermanentStageError, is_permanent, reproduce
 from tests.conftest import edit_params
@@ -182,6 +183,9 @@ def test_check_warns_when_the_attack_cannot_measure_a_promotion_gate(project, ca
     warning = next(line for line in capsys.readouterr().out.splitlines() if "warning" in line)
     assert "attack.members 10" in warning and "mia_tpr_at_fpr_0.01" in warning
     need = int(re.search(r"needs at least (\d+) records", warning).group(1))
+    # the corpus's own records: not the public passages, not the audit's canaries
+    params = load_params(project / "params.yaml")
+    assert f"(these are {params.prepare.n_private})" in warning
     (project / "inputs").mkdir()
     notes = project / "inputs" / "notes.jsonl"
     edit_params(

@@ -224,7 +224,7 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     per_group = card["contract"]["per_group"]
     assert per_group["max_training_records_of_one_group"] == 2 and per_group["epsilon"] == 8.0
     assert per_group["delta"] == pytest.approx(2 * math.exp(4.0) * 1e-5)
-    assert "the most training records of one patient is 2; by group privacy that" in text
+    assert "the most training records of one patient is 2; group privacy gives that" in text
     assert {g["gate"] for g in card["gates"]["at_registration"]} == {
         "epsilon",
         "delta",

@@ -115,9 +115,9 @@ class PrepareParams(_Section):
     # one split, and the data and model cards say how many one patient has in training (the
     # guarantee is per record: a patient with k records is protected as a group of k).
     group_column: str | None = Field(default=None, min_length=1)
-    # Keep at most this many training records per group (chosen at random with prepare.seed):
-    # bounds what one patient contributes, so the per-patient guarantee is group privacy for
-    # at most this many records. null: keep them all.
+    # Keep at most this many records per group, in every split (chosen at random with
+    # prepare.seed, before the split): bounds what one patient contributes, so the per-patient
+    # guarantee is group privacy for at most this many records. null: keep them all.
     max_records_per_group: int | None = Field(default=None, ge=1)
     n_private: int = Field(
         default=1190, ge=10, description="generated private notes (attack split included)"

@@ -149,7 +149,7 @@ def _check_rows(
                     f"give every record the id of its patient (group) in `{group_column}`, "
                     "or set prepare.group_column to null",
                 )
-            record["group"] = str(group)
+            record["group"] = str(group).strip()  # "P1 " is P1: a stray space splits no one
         out.append(record)
     return out
 
@@ -252,8 +252,10 @@ def load_csv(
                     continue
                 if header is None:
                     header = fields
+                    # with the text column found, the row is a header: its names may be shown
+                    named = text_column in header
                     _require_columns(
-                        str(path), header, text_column, id_column, None, False, group_column
+                        str(path), header, text_column, id_column, None, named, group_column
                     )
                     continue
                 if len(fields) != len(header):

@@ -395,8 +395,12 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             k, bound = group["max_training_records_of_one_group"], group["delta"]
             lines.append(
                 f"- Per patient (`{group['column']}`): the most training records of one patient "
-                f"is {k}; by group privacy that patient is protected at ε {_g(group['epsilon'])}"
-                + (f", δ {_g(bound, '{:.3g}')}." if bound is not None else ": no bound (δ ≥ 1).")
+                f"is {k}; group privacy gives that patient "
+                + (
+                    f"ε {_g(group['epsilon'])}, δ {_g(bound, '{:.3g}')}."
+                    if bound is not None
+                    else f"no bound (ε {_g(group['epsilon'])} with δ ≥ 1)."
+                )
             )
     lines += [
         "",

@@ -94,7 +94,10 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
         )
     # the downstream task the base stage checks first (a cloze pattern that marks no answer)
     check_task(splits["test"][: params.evaluate.max_records], splits["train"], params.evaluate)
-    if warning := _attack_power_warning(params, sum(len(rows) for rows in splits.values())):
+    # the corpus's records split (the public passages and the audit's canaries are not)
+    audit = sum(r.get("kind") == "audit_canary" for r in splits["train"])
+    private = sum(len(rows) for name, rows in splits.items() if name != "public") - audit
+    if warning := _attack_power_warning(params, private):
         lines.append(warning)
     most = None if built.groups is None else built.groups["train_records_per_group_max"]
     for name in params.methods if methods is None else methods:

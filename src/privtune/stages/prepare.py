@@ -4,7 +4,7 @@ The private records are split five ways: `attack` (attack.members records held o
 everything, the membership attack's non-members: records no stage trains, validates or
 evaluates on), then train / valid / test by the fractions of what is left. With
 `prepare.group_column` (a patient id) a patient's records never straddle two splits, and
-`prepare.max_records_per_group` bounds how many one patient has in train.
+`prepare.max_records_per_group` bounds how many notes one patient has, in every split.
 """
 
 from __future__ import annotations
@@ -63,9 +63,31 @@ def _planted(params: Params) -> int:
     return c.per_repetition * sum(c.repetitions)
 
 
-def _fewer_members_fix(n_records: int, params: Params) -> str:
-    planted = _planted(params)
-    most = _most_members(n_records, planted, params)
+def _most_grouped_members(records: list[dict], planted: int, params: Params) -> int:
+    """_most_members for records split by patient: found by splitting them (the cuts move to
+    patient boundaries), binary search then down to one that fits (0: none)."""
+
+    def fits(members: int) -> bool:
+        attack = params.attack.model_copy(update={"members": members})
+        trial = params.model_copy(update={"attack": attack})
+        train = _cut(records, trial)[0]["train"]
+        return len(train) >= 2 and len(train) - planted >= members
+
+    low, high = 0, len(records) // 2
+    while low < high:  # the largest that fits, were fitting monotone in members
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    while low > 0 and not fits(low):  # a patient boundary may break monotony by a little
+        low -= 1
+    return low
+
+
+def _fewer_members_fix(records: list[dict], params: Params) -> str:
+    planted, n_records = _planted(params), len(records)
+    if params.prepare.group_column is not None:
+        most = _most_grouped_members(records, planted, params)
+    else:
+        most = _most_members(n_records, planted, params)
     least = next(m.ge for m in type(params.attack).model_fields["members"].metadata)
     canaries = f"or plant fewer canaries (prepare.canaries: {planted} records carry one)"
     if most >= least:
@@ -95,48 +117,58 @@ def _group_end(rows: list[dict], n: int) -> int:
     return n
 
 
-def _split(records: list[dict], params: Params) -> tuple[dict[str, list[dict]], int]:
-    """attack (attack.members records), then valid / test / train of the rest; and how many
-    records were left out because their patient's other records went to the attack split
-    (with groups, every split takes whole patients)."""
+def _cut(records: list[dict], params: Params) -> tuple[dict[str, list[dict]], int]:
+    """attack (attack.members records), then valid / test / train of the rest, unchecked; and
+    how many records were left out because their patient's other records went to the attack
+    split (with groups, every split takes whole patients)."""
     p, n_attack = params.prepare, params.attack.members
     rows = list(records)
-    random.Random(p.seed).shuffle(rows)
-    if p.group_column is not None:  # patients in a random order, each one's records together
+    generator = random.Random(p.seed)
+    generator.shuffle(rows)
+    grouped = p.group_column is not None
+    if grouped:  # patients in a random order, each one's records together
         rows = _grouped(rows)
     # the attack split is exactly attack.members records: the rest of its last patient's
     # records are used nowhere (they would be members of train, or test notes of a patient
     # the attack holds out)
     cut = _group_end(rows, n_attack)
     attack, rows, dropped = rows[:n_attack], rows[cut:], cut - n_attack
-    n_valid, n_test, n_train = _split_sizes(len(records) - dropped, n_attack, params)
+    n_valid, n_test, _ = _split_sizes(len(records) - dropped, n_attack, params)
     n_valid = _group_end(rows, n_valid)
     n_test = _group_end(rows, n_valid + n_test) - n_valid
-    n_train = len(rows) - n_valid - n_test
-    if n_train < 2:
-        raise DataError(
-            "prepare.source",
-            f"only {len(records)} records: too few for an attack split of attack.members = "
-            f"{n_attack} and train/valid/test splits",
-            _fewer_members_fix(len(records), params)
-            + ", or lower prepare.valid_fraction / prepare.test_fraction",
-        )
     splits = {
         "train": rows[n_valid + n_test :],
         "valid": rows[:n_valid],
         "test": rows[n_valid : n_valid + n_test],
         "attack": attack,
     }
+    if grouped:  # a patient's notes apart again: no run of one patient's notes in a file,
+        for rows in splits.values():  # and the first N of a split are N patients' notes
+            generator.shuffle(rows)
     return splits, dropped
 
 
-def _capped(train: list[dict], cap: int | None, seed: int) -> tuple[list[dict], int]:
+def _split(records: list[dict], params: Params) -> tuple[dict[str, list[dict]], int]:
+    """`_cut`, refused when it leaves fewer than two training records."""
+    splits, dropped = _cut(records, params)
+    if len(splits["train"]) < 2:
+        raise DataError(
+            "prepare.source",
+            f"only {len(records)} records: too few for an attack split of attack.members = "
+            f"{params.attack.members} and train/valid/test splits",
+            _fewer_members_fix(records, params)
+            + ", or lower prepare.valid_fraction / prepare.test_fraction",
+        )
+    return splits, dropped
+
+
+def _capped(records: list[dict], cap: int | None, seed: int) -> tuple[list[dict], int]:
     """At most ``cap`` records of each group, chosen at random (seeded), in their order; and
     how many were left out."""
     if cap is None:
-        return train, 0
+        return records, 0
     by_group: dict[str, list[int]] = {}
-    for index, row in enumerate(train):
+    for index, row in enumerate(records):
         by_group.setdefault(row["group"], []).append(index)
     generator = random.Random(seed)
     kept = sorted(
@@ -144,7 +176,7 @@ def _capped(train: list[dict], cap: int | None, seed: int) -> tuple[list[dict], 
         for indices in by_group.values()
         for i in generator.sample(indices, min(cap, len(indices)))
     )
-    return [train[i] for i in kept], len(train) - len(kept)
+    return [records[i] for i in kept], len(records) - len(kept)
 
 
 def _group_summary(
@@ -181,7 +213,9 @@ def source_path(params: Params, root: Path) -> Path | None:
     return existing_source(source if source.is_absolute() else root / source)
 
 
-def _members_available(train: list[dict], planted: int, n_records: int, params: Params) -> None:
+def _members_available(
+    train: list[dict], planted: int, records: list[dict], params: Params
+) -> None:
     """The membership attack needs attack.members canary-free training records: say so here,
     before any training, rather than attacking with fewer."""
     clean = len(train) - planted
@@ -190,7 +224,7 @@ def _members_available(train: list[dict], planted: int, n_records: int, params: 
             "attack.members",
             f"{params.attack.members} members wanted but the train split has {clean} records "
             f"without a canary ({len(train)} records, {planted} with one)",
-            _fewer_members_fix(n_records, params),
+            _fewer_members_fix(records, params),
         )
 
 
@@ -253,8 +287,10 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
             "left out (a copy in train and another among the attack's non-members or the test "
             "notes would make the attacks and the perplexity wrong)"
         )
+    # every split keeps at most the cap of a patient's notes: the attack's members (train)
+    # and non-members (the attack split) then come from one distribution
+    records, left_by_cap = _capped(records, p.max_records_per_group, p.seed)
     splits, left_at_split = _split(records, params)
-    splits["train"], left_by_cap = _capped(splits["train"], p.max_records_per_group, p.seed)
     groups = _group_summary(splits, params, left_at_split, left_by_cap)
     if groups is not None:  # counted: the splits carry no patient id further
         splits = {name: [_without_group(r) for r in rows] for name, rows in splits.items()}
@@ -273,7 +309,7 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
             f"planting needs {needed} training records but the train split has {len(train)}",
             "lower prepare.canaries.per_repetition or the repetitions, or add records",
         )
-    _members_available(train, needed, len(records), params)
+    _members_available(train, needed, records, params)
     train = insert_canaries(train, canaries, seed=p.seed)
     audit = []
     if p.canaries.audit:
