@@ -172,9 +172,9 @@ class EntryTurn:
     or machine using that store takes too. Through an http(s) server, which has no lock, a run
     with the key that another live process is making is waited out instead (two starts within
     the same second can both pass that check). The waiter then finds the finished run (reused)
-    or the checkpoint (resumed). Waiting goes in
-    rounds of at most ``round_seconds`` (`wait`): under torchrun, rank 0 waits and tells the
-    other ranks after each round, so no collective waits longer than a round.
+    or the checkpoint (resumed). Waiting goes in rounds of at most ``round_seconds``: under
+    torchrun, rank 0 waits and tells the other ranks after each round, so no collective waits
+    longer than a round.
     """
 
     def __init__(self, root: Path, name: str, key: str) -> None:
