@@ -299,12 +299,26 @@ def test_rldp_leaves_no_sb3_folder_in_the_temp_dir():
 # -- kill -9 of a real stage ---------------------------------------------------------------------
 
 
-def _start(project: Path, marker: Path, point: str) -> subprocess.Popen:
+def _env(store: str | None = None) -> dict[str, str]:
+    """A child's environment: the tracking store ``store``, else the project's own."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store
     env.pop("MLFLOW_TRACKING_URI", None)
+    return env | ({"MLFLOW_TRACKING_URI": store} if store else {})
+
+
+def _start(project: Path, marker: Path, point: str, store: str | None = None) -> subprocess.Popen:
+    """`finetune dpsgd` paused at ``point`` (tests/pause_cli.py)."""
     argv = ["--root", str(project), "--no-progress", "finetune", "dpsgd"]
-    return subprocess.Popen([sys.executable, str(HELPER), str(marker), point, "--", *argv], env=env)
+    helper = [sys.executable, str(HELPER), str(marker), point, "--", *argv]
+    return subprocess.Popen(helper, env=_env(store))
+
+
+def _start_plain(project: Path, err, store: str | None = None) -> subprocess.Popen:
+    """`finetune dpsgd`, its stderr to ``err``."""
+    argv = ["--root", str(project), "--no-progress", "finetune", "dpsgd"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "privtune.cli", *argv], env=_env(store), stderr=err
+    )
 
 
 def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -436,12 +450,8 @@ def test_a_second_start_of_an_entry_waits_for_the_first_and_reuses_its_run(
     first = _start(project, paused, "checkpoint")  # mid-training, holding the entry's lock
     _wait_for(paused.exists, first, "reached the pause")
     said = tmp_path / "second.err"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    argv = ["--root", str(project), "--no-progress", "finetune", "dpsgd"]
     with said.open("w") as err:
-        second = subprocess.Popen(
-            [sys.executable, "-m", "privtune.cli", *argv], env=env, stderr=err
-        )
+        second = _start_plain(project, err)
     try:
         lock = "is fine-tuning this entry in this project: waiting"  # the lock, not the run
         _wait_for(lambda: lock in said.read_text(), second, "said it waits")
@@ -476,23 +486,13 @@ def test_a_start_in_another_checkout_sharing_the_store_waits_and_reuses_the_run(
     edit_params(first_checkout, finetune={"checkpoint_every": 2})
     shutil.copytree(first_checkout, second_checkout)
     store = f"sqlite:///{tmp_path}/shared.db"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MLFLOW_TRACKING_URI": store}
     paused, said = tmp_path / "paused", tmp_path / "second.err"
-    argv = ["--no-progress", "finetune", "dpsgd"]
-    first = subprocess.Popen(
-        [sys.executable, str(HELPER), str(paused), "checkpoint", "--"]
-        + ["--root", str(first_checkout), *argv],
-        env=env,
-    )
+    first = _start(first_checkout, paused, "checkpoint", store)
     second = None
     try:
         _wait_for(paused.exists, first, "reached the pause")
         with said.open("w") as err:
-            second = subprocess.Popen(
-                [sys.executable, "-m", "privtune.cli", "--root", str(second_checkout), *argv],
-                env=env,
-                stderr=err,
-            )
+            second = _start_plain(second_checkout, err, store)
         waits = "is fine-tuning the same inputs against this tracking store"
         _wait_for(lambda: waits in said.read_text(), second, "said it waits")
         assert f"privtune pid {first.pid} on {socket.gethostname()}" in said.read_text()

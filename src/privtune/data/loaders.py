@@ -141,15 +141,16 @@ def _check_rows(
                 )
             seen.add(record["id"])
         if group_column is not None:
-            group = row[group_column]
-            if group is None or not str(group).strip():  # the value is never shown
+            # "P1 " is P1: a stray space splits no patient in two
+            group = "" if row[group_column] is None else str(row[group_column]).strip()
+            if not group:  # the value is never shown
                 raise DataError(
                     source,
                     f"record {index + 1} has an empty `{group_column}`",
                     f"give every record the id of its patient (group) in `{group_column}`, "
                     "or set prepare.group_column to null",
                 )
-            record["group"] = str(group).strip()  # "P1 " is P1: a stray space splits no one
+            record["group"] = group
         out.append(record)
     return out
 

@@ -95,7 +95,7 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
     # the downstream task the base stage checks first (a cloze pattern that marks no answer)
     check_task(splits["test"][: params.evaluate.max_records], splits["train"], params.evaluate)
     # the corpus's records split (the public passages and the audit's canaries are not)
-    audit = sum(r.get("kind") == "audit_canary" for r in splits["train"])
+    audit = sum(c.repetitions for c in built.audit)  # the audit canaries included in train
     private = sum(len(rows) for name, rows in splits.items() if name != "public") - audit
     if warning := _attack_power_warning(params, private):
         lines.append(warning)
