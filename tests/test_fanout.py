@@ -118,14 +118,12 @@ def test_unknown_per_method_stage_is_refused():
 
 # -- several fine-tunings at once on a local Ray cluster ---------------------------------------
 
-METHODS = ["nonprivate", "dpsgd", "quantile"]
+# Two methods: enough to overlap on Ray and to write dvc.lock at once (a third added 80 s of
+# a 2-core CI run and nothing the two do not show).
+METHODS = ["nonprivate", "dpsgd"]
 FANOUT = {
     "finetune": {"delta": 1e-5, "audit_canaries": 32},
-    "methods": {
-        "nonprivate": {},
-        "dpsgd": {"clip": 1.0},
-        "quantile": {"clip": 1.0, "target_quantile": 0.5, "clip_lr": 0.2},
-    },
+    "methods": {"nonprivate": {}, "dpsgd": {"clip": 1.0}},
 }
 
 
@@ -196,7 +194,7 @@ def test_fine_tunings_at_once_on_ray_equal_the_same_runs_in_turn(tmp_path, monke
 
     project = make_project(tmp_path)
     write_params(project / "params.yaml", **FANOUT)
-    _sh(project, "git", "commit", "-qam", "three methods")
+    _sh(project, "git", "commit", "-qam", "two methods")
     _sh(project, "dvc", "repro", "base")  # shared inputs of both schedules
     in_turn, at_once = tmp_path / "in-turn", tmp_path / "at-once"
     shutil.copytree(project, in_turn, symlinks=True)
