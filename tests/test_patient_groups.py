@@ -11,9 +11,11 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from privtune.config import Params, parse_params
 from privtune.data.loaders import load_records
@@ -237,3 +239,130 @@ def test_the_members_fix_is_the_most_these_patients_afford(tmp_path):
     assert prepare(_params(source, members=most, cap=3), tmp_path)["counts"]["attack"] == most
     with pytest.raises(ConfigError, match="at most"):
         prepare(_params(source, members=most + 1, cap=3), tmp_path)
+
+
+# --- the membership attack's intervals, by patient --------------------------------------------
+
+
+def test_the_prepared_notes_carry_a_patient_number_that_is_not_the_id(tmp_path):
+    """Every note of the splits has its patient's number (one per patient, the same in every
+    split, different patients apart), numbered in the shuffled order: what the attack's
+    intervals resample by, without the id."""
+    from privtune.data.loaders import GROUP_NUMBER
+    from privtune.stages.prepare import prepare
+
+    source, patient_of = _notes(tmp_path / "notes.csv", [1 + (i % 4) for i in range(90)])
+    prepare(_params(source, members=12, cap=3), tmp_path)
+    number_of: dict[str, int] = {}
+    for rows in _splits(tmp_path).values():
+        for row in rows:
+            if row["text"] not in patient_of:  # a canary or a note with one planted
+                continue
+            assert isinstance(row[GROUP_NUMBER], int)
+            assert (
+                number_of.setdefault(patient_of[row["text"]], row[GROUP_NUMBER])
+                == row[GROUP_NUMBER]
+            )
+    assert len(set(number_of.values())) == len(number_of)  # one number per patient
+    by_id = [number_of[p] for p in sorted(number_of)]
+    assert by_id != sorted(by_id)  # not the ids' order
+
+
+def _clustered(patients: int, notes: int, seed: int, shift: float = 0.3):
+    """Scores where a patient's notes are alike (their patient's level plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    members = np.repeat(rng.normal(shift, 1, patients), notes) + rng.normal(
+        0, 0.1, patients * notes
+    )
+    non = np.repeat(rng.normal(0, 1, patients), notes) + rng.normal(0, 0.1, patients * notes)
+    groups = np.repeat(np.arange(patients), notes)
+    return members, non, (groups, groups + patients)
+
+
+def test_the_auc_interval_resamples_patients_when_their_notes_are_alike():
+    from privtune.attacks.roc import auc_confidence_interval
+
+    members, non, patients = _clustered(40, 4, seed=0)
+    notes_low, notes_high = auc_confidence_interval(members, non, 2000, seed=1)
+    low, high = auc_confidence_interval(members, non, 2000, seed=1, patients=patients)
+    # 160 notes of 40 patients carry about 40 notes' evidence: twice the width (sqrt 4)
+    assert 1.6 < (high - low) / (notes_high - notes_low) < 2.5
+    # one note per patient: the same interval as resampling notes
+    single = (np.arange(160), np.arange(160, 320))
+    s_low, s_high = auc_confidence_interval(members, non, 4000, seed=2, patients=single)
+    n_low, n_high = auc_confidence_interval(members, non, 4000, seed=2)
+    assert s_low == pytest.approx(n_low, abs=0.01) and s_high == pytest.approx(n_high, abs=0.01)
+    with pytest.raises(ValueError, match="needs its patient"):
+        auc_confidence_interval(members, non, 100, patients=(patients[0][:-1], patients[1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=2, max_size=30),
+    seed=st.integers(0, 2**16),
+    rate=st.floats(0, 1),
+)
+def test_effective_members_lie_between_the_patients_and_the_notes(sizes, seed, rate):
+    """Between n / (a patient's most notes) (each patient one draw) and n (every note one)."""
+    from privtune.attacks.roc import effective_members
+
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    hits = rng.random(groups.size) < rate
+    n = groups.size
+    effective = effective_members(hits, groups)
+    assert n / max(sizes) - 1e-9 <= effective <= n + 1e-9
+    if max(sizes) == 1:
+        assert effective == n
+
+
+def test_a_tpr_bound_counts_patients_whose_notes_all_hit_or_all_miss_once():
+    from privtune.attacks.roc import effective_members, roc_summary, tpr_lower_bound
+
+    groups = np.repeat(np.arange(50), 3)
+    hits = np.repeat(np.arange(50) < 10, 3)  # 10 patients' 30 notes hit, all of them
+    assert effective_members(hits, groups) == pytest.approx(50)
+    assert effective_members(hits, np.arange(150)) == 150
+    # an integer number of members is Clopper-Pearson as before; a fraction continues it
+    assert tpr_lower_bound(0.2, 150, 0.95) == pytest.approx(
+        stats.binomtest(30, 150).proportion_ci(0.95, "exact").low
+    )
+    assert tpr_lower_bound(0.2, 150.0001, 0.95) == pytest.approx(
+        tpr_lower_bound(0.2, 150, 0.95), rel=1e-3
+    )
+    assert tpr_lower_bound(0.2, 50, 0.95) < tpr_lower_bound(0.2, 150, 0.95)
+    # through roc_summary: alike notes give the bound of their patients' number
+    members, non, patients = _clustered(50, 3, seed=4, shift=3.0)
+    by_note = roc_summary(members, non, 200, 0.95, 0, fprs=(0.01,))
+    by_patient = roc_summary(members, non, 200, 0.95, 0, fprs=(0.01,), patients=patients)
+    assert by_patient.tpr_at_fpr == by_note.tpr_at_fpr and by_patient.auc == by_note.auc
+    assert by_patient.tpr_ci_low[0.01] < by_note.tpr_ci_low[0.01]
+    assert by_patient.patients == (50, 50) and by_note.patients is None
+
+
+def test_the_attack_metrics_the_card_and_the_report_count_the_patients():
+    from privtune.attacks.membership import record_patients
+    from privtune.attacks.roc import roc_summary
+    from privtune.attacks.run import _membership
+    from privtune.registry import card
+    from privtune.stages.report import MIA_COUNTS, _cell
+
+    members = [{"text": f"m{i}", "group_number": i // 2} for i in range(20)]
+    non = [{"text": f"n{i}", "group_number": 10 + i // 4} for i in range(20)]
+    patients = record_patients(members, non)
+    assert patients == ([i // 2 for i in range(20)], [10 + i // 4 for i in range(20)])
+    assert record_patients(members, non[:-1] + [{"text": "no number"}]) is None
+    scores = np.linspace(0, 1, 40)
+    summary = roc_summary(scores[::2], scores[1::2], 100, patients=patients)
+    metrics = _membership({"loss": summary})
+    assert (metrics["mia_member_patients"], metrics["mia_non_member_patients"]) == (10, 5)
+    assert "mia_member_patients" not in _membership(
+        {"loss": roc_summary(scores[::2], scores[1::2])}
+    )
+
+    membership = card._membership(metrics, None)
+    assert membership["patients"] == [10, 5]
+    text = card._membership_text({"attacks": {"membership": membership}})
+    assert "20 members vs 20 non-members (of 10 and 5 patients, resampled by patient)" in text
+    cell = _cell({"attack": metrics}, "attack", MIA_COUNTS, "{}")
+    assert cell == "20 / 20 (10 / 5 patients)"

@@ -16,6 +16,7 @@ from privtune.attacks.reference_cache import ReferenceCache
 from privtune.attacks.roc import RocSummary, roc_summary
 from privtune.attacks.scoring import membership_scores, record_texts
 from privtune.data.canaries import Canary
+from privtune.data.loaders import GROUP_NUMBER
 from privtune.errors import DataError
 
 T = TypeVar("T")
@@ -81,7 +82,21 @@ def membership_inference(
     )
     n = len(member_texts)
     curves = {name: (values[:n], values[n:]) for name, values in scores.items()}
+    patients = record_patients(members, non_members)
     summaries = {
-        name: roc_summary(m, nm, resamples, confidence, seed) for name, (m, nm) in curves.items()
+        name: roc_summary(m, nm, resamples, confidence, seed, patients=patients)
+        for name, (m, nm) in curves.items()
     }
     return summaries, curves
+
+
+def record_patients(
+    members: Sequence[dict], non_members: Sequence[dict]
+) -> tuple[list[int], list[int]] | None:
+    """Each member's and non-member's patient number (prepare writes ``GROUP_NUMBER`` when
+    the corpus has prepare.group_column), or None when the records have none: the intervals
+    then count notes as independent."""
+    numbers = [[r.get(GROUP_NUMBER) for r in side] for side in (members, non_members)]
+    if any(n is None for side in numbers for n in side):
+        return None
+    return numbers[0], numbers[1]

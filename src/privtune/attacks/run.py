@@ -97,6 +97,8 @@ def _membership(mia: dict[str, RocSummary]) -> dict[str, float | str | None]:
     if first.members:  # every score ranks the same records
         metrics["mia_members"] = first.members
         metrics["mia_non_members"] = first.non_members
+    if first.patients is not None:  # the intervals resampled these patients, not notes
+        metrics["mia_member_patients"], metrics["mia_non_member_patients"] = first.patients
     metrics["mia_auc_max"] = max(s.auc for s in mia.values())
     metrics["mia_auc_ci_low_max"] = max(s.auc_ci_low for s in mia.values())
     for fpr, tpr in first.tpr_at_fpr.items():

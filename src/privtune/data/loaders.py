@@ -23,6 +23,9 @@ from privtune.config import MAX_RECORD_CHARS
 from privtune.errors import DataError
 
 TEXT_COLUMN = "text"
+# A prepared record's patient, as a number prepare gives each patient (in a seeded random
+# order: never derived from the id): what the attacks' intervals resample by.
+GROUP_NUMBER = "group_number"
 
 
 def _missing_column(

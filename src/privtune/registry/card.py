@@ -82,9 +82,12 @@ def _membership(attack: Mapping[str, float], counts: tuple[int, int] | None) -> 
         }
     members = attack.get("mia_members", counts[0] if counts else None)
     non_members = attack.get("mia_non_members", counts[1] if counts else None)
+    patients = [attack.get(f"mia_{side}_patients") for side in ("member", "non_member")]
     return {
         "members": None if members is None else int(members),
         "non_members": None if non_members is None else int(non_members),
+        # with a patient column: the patients the intervals resampled (None: notes)
+        "patients": None if None in patients else [int(n) for n in patients],
         "best_auc": attack.get("mia_auc_max"),
         "best_tpr_at_fpr_0.01": attack.get("mia_tpr_at_fpr_0.01_max"),
         "scores": scores,
@@ -286,6 +289,8 @@ def _membership_text(card: Mapping[str, Any]) -> str:
         if m["members"] is not None
         else "record counts not recorded"
     )
+    if m.get("patients"):  # cards of versions registered before patients were counted lack it
+        counts += " (of {} and {} patients, resampled by patient)".format(*m["patients"])
     scores = f"best of {len(m['scores'])} scores; " if m["scores"] else ""
     return (
         f"MIA AUC {_g(m['best_auc'])}, TPR {_g(m['best_tpr_at_fpr_0.01'], '{:.3f}')} at 1 % FPR "

@@ -18,6 +18,7 @@ from typing import Any
 
 from privtune import io
 from privtune.config import GENERATOR_SOURCE, PREPARED_DIR, Params
+from privtune.data.loaders import GROUP_NUMBER
 from privtune.errors import ConfigError, DataError
 from privtune.progress import notice
 
@@ -292,8 +293,8 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
     records, left_by_cap = _capped(records, p.max_records_per_group, p.seed)
     splits, left_at_split = _split(records, params)
     groups = _group_summary(splits, params, left_at_split, left_by_cap)
-    if groups is not None:  # counted: the splits carry no patient id further
-        splits = {name: [_without_group(r) for r in rows] for name, rows in splits.items()}
+    if groups is not None:  # counted: the splits carry a patient number, never the id
+        splits = _numbered(splits)
     train = splits["train"]
     canaries = make_canaries(
         p.canaries.repetitions,
@@ -332,8 +333,19 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
     return Prepared(written, canaries, audit, needed, duplicates, groups)
 
 
-def _without_group(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "group"}
+def _numbered(splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The splits with each record's patient id replaced by a number (``GROUP_NUMBER``),
+    given in the order patients first appear in the shuffled splits, so it says nothing of
+    the id: the attacks' intervals resample patients by it."""
+    numbers: dict[str, int] = {}
+    return {
+        name: [
+            {**{k: v for k, v in r.items() if k != "group"},
+             GROUP_NUMBER: numbers.setdefault(r["group"], len(numbers))}
+            for r in rows
+        ]
+        for name, rows in splits.items()
+    }  # fmt: skip
 
 
 def prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:

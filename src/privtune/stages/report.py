@@ -82,7 +82,11 @@ def _cell(row: dict[str, Any], source: str, key: str, fmt: str) -> str:
         return _downstream(row, fmt)
     if key == MIA_COUNTS:
         members, non_members = (row["attack"].get(k) for k in ("mia_members", "mia_non_members"))
-        return "–" if members is None else f"{members:.0f} / {non_members:.0f}"
+        if members is None:
+            return "–"
+        patients = [row["attack"].get(f"mia_{side}_patients") for side in ("member", "non_member")]
+        of = "" if None in patients else " ({:.0f} / {:.0f} patients)".format(*patients)
+        return f"{members:.0f} / {non_members:.0f}{of}"
     value = row[source].get(key)
     if value is None and key in ("epsilon", "target_epsilon") and row["finetune"]:
         return "∞"  # trained without a finite epsilon claim: non-private
