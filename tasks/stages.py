@@ -222,6 +222,7 @@ def _forwarded_notices(logger: Any, target: str, every: float = 1.0) -> Iterator
     into this task's run log while DVC runs it, so the scheduler's UI shows how far a stage is
     (DVC's subprocess writes to the worker's own stderr, which the run log never sees). Only
     those lines: anything else on stderr, such as a traceback, may quote data."""
+    import contextvars
     import threading
 
     from privtune.io import environ
@@ -242,7 +243,12 @@ def _forwarded_notices(logger: Any, target: str, every: float = 1.0) -> Iterator
                         return
                     done.wait(every)
 
-        reader = threading.Thread(target=pump, name=f"notices-{target}", daemon=True)
+        # in this context: a new thread starts with Prefect's default settings, and a flow
+        # given its server by `temporary_settings` would log to an ephemeral one it starts
+        context = contextvars.copy_context()
+        reader = threading.Thread(
+            target=context.run, args=(pump,), name=f"notices-{target}", daemon=True
+        )
         reader.start()
         try:
             with environ({NOTICES_ENV: str(path)}):
