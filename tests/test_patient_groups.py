@@ -327,6 +327,8 @@ def test_a_tpr_bound_counts_patients_whose_notes_all_hit_or_all_miss_once():
     assert tpr_lower_bound(0.2, 150, 0.95) == pytest.approx(
         stats.binomtest(30, 150).proportion_ci(0.95, "exact").low
     )
+    for tpr in (0.0, 0.2, 1.0):  # a float count gives the binomial bound where it is whole
+        assert tpr_lower_bound(tpr, 150.0, 0.95) == pytest.approx(tpr_lower_bound(tpr, 150, 0.95))
     assert tpr_lower_bound(0.2, 150.0001, 0.95) == pytest.approx(
         tpr_lower_bound(0.2, 150, 0.95), rel=1e-3
     )

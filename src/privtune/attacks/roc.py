@@ -64,10 +64,11 @@ def unresolved_reason(fpr: float, non_members: int) -> str:
 
 def tpr_lower_bound(tpr: float, members: float, confidence: float) -> float:
     """Lower end of the two-sided Clopper-Pearson interval of a TPR measured on ``members``
-    (an effective number of members may be fractional: the beta quantile takes it)."""
-    if float(members).is_integer():
+    (a float: an effective number, whose hits tpr x members may be fractional too; the
+    binomial interval's beta quantile takes both)."""
+    if isinstance(members, int):
         hits = round(tpr * members)
-        return float(stats.binomtest(hits, int(members)).proportion_ci(confidence, "exact").low)
+        return float(stats.binomtest(hits, members).proportion_ci(confidence, "exact").low)
     hits = tpr * members
     if hits <= 0:
         return 0.0
