@@ -151,6 +151,7 @@ def test_contract_and_attack_gates_at_their_boundaries(key, value, gate, passed)
 class _Version:
     def __init__(self, version: str) -> None:
         self.version, self.tags = version, {"method": "dpsgd", "secret_noise": "true"}
+        self.description = f"v{version}: PROMOTED to champion (gate table below)"
 
 
 class _Model:
@@ -210,6 +211,10 @@ class FakeRegistry:
         self._model(name)
         self.versions[str(version)].tags[key] = value
 
+    def update_model_version(self, name, version, description):
+        self._model(name)
+        self.versions[str(version)].description = description
+
     def search_model_versions(self, query):
         return list(self.versions.values()) if query == "name = 'm'" else []
 
@@ -227,6 +232,8 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
+    # v3 was rolled back once before (then promoted by hand): its line is replaced, not stacked
+    fake.versions["3"].description = "**ROLLED BACK** earlier\n\nv3: PROMOTED to champion"
     roots = []
     monkeypatch.setattr(promotion, "client", lambda root: roots.append(str(root)) or fake)
     back = promotion.rollback("m")
@@ -239,7 +246,12 @@ def test_rollback_through_three_champions_moves_previous_champion_too(monkeypatc
     assert back.name == "m"
     rolled_back = datetime.fromisoformat(fake.versions["3"].tags["promotion.rolled_back"])
     assert rolled_back.utcoffset() == timedelta(0)  # UTC, as every promotion time is
-    with pytest.raises(promotion.ModelError, match=r"no previous champion .*\(v1 is the only"):
+    for version, to in (("3", "2"), ("2", "1")):  # each demoted page says so, once
+        page = fake.versions[version].description
+        assert page.startswith("**ROLLED BACK**") and page.count("ROLLED BACK") == 1
+        assert f"given back to v{to}" in page and f"\n\nv{version}: PROMOTED to champion" in page
+    assert not fake.versions["1"].description.startswith("**ROLLED BACK**")
+    with pytest.raises(promotion.ModelError, match=r"no previous champion .*no champion came "):
         promotion.rollback("m")
     assert set(roots) == {"."}  # the current directory's store unless told
     fake = FakeRegistry(["1", "2"], ["1", "2"])
@@ -542,3 +554,21 @@ def test_utility_gate_without_a_paired_comparison_at_its_confidence_refuses():
     failed = replace(compared, value=None, champion_value=None, error="v1 has no scores")
     gate = _gates(tags | {PAIRED_TAG: failed.to_tag()}, champion)["utility"]
     assert not gate.passed and "comparing both on the same records failed: v1 has" in gate.reason
+
+
+def test_the_rollback_command_says_what_it_did_in_words_or_json(monkeypatch, tmp_path, capsys):
+    from privtune.cli import main
+    from privtune.registry import promotion
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("registry: {name: m}\n")
+    fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
+    monkeypatch.setattr(promotion, "client", lambda root: fake)
+    assert main(["--root", str(tmp_path), "rollback"]) == 0
+    assert capsys.readouterr().out == (
+        "m: champion v3 -> v2 (rolled back: v3's page says so; its gate decision is kept)\n"
+    )
+    assert main(["--root", str(tmp_path), "rollback", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done == {"name": "m", "from_version": "2", "to_version": "1", "warning": None}

@@ -431,7 +431,11 @@ def test_promotion_gates_history_and_rollback(project):
     assert (back.from_version, back.to_version) == ("3", "1") and back.warning is None
     assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     assert mlflow_client.get_registered_model(name).tags["champion"] == "v1"
-    with pytest.raises(ModelError, match="no previous champion"):
+    # v3's page no longer opens with its promotion: it says it was rolled back, once
+    demoted = mlflow_client.get_model_version(name, "3").description
+    assert demoted.startswith("**ROLLED BACK**") and "given back to v1" in demoted
+    assert "PROMOTED to champion" in demoted  # the gates' record of the promotion stays
+    with pytest.raises(ModelError, match=r"no previous champion.*no champion came before v1"):
         rollback(name, root=project)
     with pytest.raises(ModelError, match="no such registered model"):
         rollback("clinical-nobody", root=project)

@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
         help="judge this version only, a positive integer (default: every new version)",
     )
     cmd.add_argument("--json", action="store_true", help="print the decisions as JSON")
-    sub.add_parser("rollback", help="give `champion` back to the previous champion")
+    back = sub.add_parser("rollback", help="give `champion` back to the previous champion")
+    back.add_argument("--json", action="store_true", help="print the rollback as JSON")
     return parser
 
 
@@ -110,7 +111,7 @@ def _version(value: str) -> str:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a version number: use a positive integer, e.g. --version 3 "
-            "(the versions are listed by `privtune promote`)"
+            "(the registered model's page in MLflow lists its versions)"
         )
     return str(int(value))
 
@@ -350,7 +351,18 @@ def _run(args: argparse.Namespace) -> int:
 
         from privtune.registry import rollback
 
-        result = asdict(rollback(params.registry.name, root=root))
+        done = rollback(params.registry.name, root=root)
+        if int(os.environ.get("RANK", "0")) == 0:
+            if args.json:
+                print(json.dumps(asdict(done), indent=2))
+            else:
+                print(
+                    f"{done.name}: champion v{done.from_version} -> v{done.to_version} (rolled "
+                    f"back: v{done.from_version}'s page says so; its gate decision is kept)"
+                )
+                if done.warning:
+                    print(f"warning: {done.warning}")
+        return EXIT_OK
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         print(json.dumps(result, indent=2, default=str))
     return EXIT_OK

@@ -251,9 +251,10 @@ HEADLINE_FILTER = "tags.stage = 'finetune'"
 def headline_view_state() -> dict[str, Any]:
     """The runs-table state MLflow's UI restores for the headline view: the fine-tuning runs,
     the headline columns, each wide enough for its name and a full-precision value (MLflow's
-    100 px cut both to "0.5694222..." and "attack.mia_auc_")."""
-    widths = {  # pixels: about 7 a character of the name, 140 for a metric's 17 digits
-        column: max(110 if column.startswith("params.") else 140, 7 * len(name) + 28)
+    100 px cut both to "0.5694222..." and "attack.mia_auc_"; 140 px still cut δ's
+    "9.671179883945841e-05" and "237.08598297068512" after about 16 characters)."""
+    widths = {  # pixels: about 7 a character of the name, 190 for a metric's 21 characters
+        column: max(110 if column.startswith("params.") else 190, 7 * len(name) + 28)
         for column in HEADLINE_COLUMNS
         for name in [column.split("`")[1]]
     }

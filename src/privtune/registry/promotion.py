@@ -458,8 +458,8 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:  # pragma:
         head = f"**No champion.** {len(versions)} version{plural} registered"
         head += f"; {len(refused)} refused ({reasons}{more})" if refused else ""
         head += (
-            f"; {len(waiting)} not yet judged: run `privtune promote` (the challenger) or "
-            "`privtune promote --version N`."
+            f"; {len(waiting)} not yet judged: run `privtune promote` (it judges them and "
+            "promotes the best that passes) or `privtune promote --version N`."
             if waiting
             else "."
         )
@@ -814,6 +814,10 @@ class Rollback:
     warning: str | None = None
 
 
+# Opens a rolled-back version's description: a second rollback of it replaces that line.
+ROLLED_BACK = "**ROLLED BACK**"
+
+
 def rollback(name: str, *, root: str | Path = ".") -> Rollback:
     """Give `champion` back to the previous champion (the history tag on the registered model)."""
     with registry_lock(root):
@@ -824,7 +828,8 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     mlflow_client = client(root)
     history = _history(mlflow_client, name)
     if len(history) < 2:
-        held = f"v{history[-1]} is the only champion there has been" if history else "none yet"
+        # history holds the champions still to return to: rolled-back ones are gone from it
+        held = f"no champion came before v{history[-1]}" if history else "none yet"
         raise ModelError(
             f"{name} {HISTORY_TAG}",
             f"no previous champion to roll back to ({held})",
@@ -840,6 +845,16 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     mlflow_client.set_model_version_tag(name, demoted, "promotion.rolled_back", now)
+    # its description opened with "PROMOTED to champion": the page now says it is no longer
+    # (the gates' decision below it stays the record of that promotion)
+    description = mlflow_client.get_model_version(name, demoted).description or ""
+    if description.startswith(ROLLED_BACK):
+        description = description.partition("\n\n")[2]
+    line = (
+        f"{ROLLED_BACK} {now}: `champion` was given back to v{restored} (`privtune "
+        "rollback`); the promotion recorded below no longer holds."
+    )
+    mlflow_client.update_model_version(name, demoted, description=f"{line}\n\n{description}")
     describe_registered_model(mlflow_client, name)
     tags = dict(mlflow_client.get_model_version(name, restored).tags)
     noise = _noise(Gates(), tags)
