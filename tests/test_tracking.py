@@ -82,8 +82,11 @@ def test_experiment_is_described_typed_and_has_the_headline_view(store):
     for column in columns:  # wide enough for the name, and a metric's 17 significant digits
         name = column.split("`")[1]
         assert state["columnWidths"][column] >= 7 * len(name) + 28
-        # a metric's widest value: "9.671179883945841e-05" (21 characters, δ)
-        assert column.startswith("params.") or state["columnWidths"][column] >= 190
+        # a number's widest value: "9.671179883945841e-05" (21 characters, δ, a param)
+        assert (
+            column in ("params.`method`", "params.`private`")
+            or state["columnWidths"][column] >= 190
+        )
     assert all(c.split(".", 1)[0] in {"metrics", "params"} for c in columns)
     assert all(c.count("`") == 2 for c in columns)
     # Describing again changes nothing (the view keeps its creation time).

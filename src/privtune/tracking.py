@@ -253,8 +253,9 @@ def headline_view_state() -> dict[str, Any]:
     the headline columns, each wide enough for its name and a full-precision value (MLflow's
     100 px cut both to "0.5694222..." and "attack.mia_auc_"; 140 px still cut δ's
     "9.671179883945841e-05" and "237.08598297068512" after about 16 characters)."""
-    widths = {  # pixels: about 7 a character of the name, 190 for a metric's 21 characters
-        column: max(110 if column.startswith("params.") else 190, 7 * len(name) + 28)
+    text = ("params.`method`", "params.`private`")  # the rest hold numbers (delta a param)
+    widths = {  # pixels: about 7 a character of the name, 190 for a number's 21 characters
+        column: max(110 if column in text else 190, 7 * len(name) + 28)
         for column in HEADLINE_COLUMNS
         for name in [column.split("`")[1]]
     }
