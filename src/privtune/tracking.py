@@ -237,7 +237,8 @@ def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def finetune_note(name: str, method: str, target_epsilon: float | None) -> str:
     """A fine-tuning run's description: what it trained and what its headline metrics mean."""
     contract = (
-        f"under the target ε = {target_epsilon:g} (δ is a parameter of the run)"
+        f"under the target ε = {target_epsilon:g} (δ is the run's `delta` parameter; "
+        "`finetune.delta` is what params.yaml asked for: null, 1/(10 N) within the delta gate)"
         if target_epsilon is not None
         else "without differential privacy (no ε: the utility ceiling)"
     )
