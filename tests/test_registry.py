@@ -197,6 +197,10 @@ def test_version_has_headline_tags_a_verdict_and_a_model_card(project):
     assert "test perplexity 42" in first and "MIA AUC 0.52" in first
     assert "83 members vs 83 non-members" in first and "audit ε ≥ 0.500" in first
     assert "not yet judged" in first and "Privacy model card" in rest
+    # one click from the version's page to the artifacts that hold model_card.md
+    model_id = mv.source.removeprefix("models:/")
+    experiment_id = mlflow_client.get_logged_model(model_id).experiment_id
+    assert f"(#/experiments/{experiment_id}/models/{model_id}/artifacts)" in rest
 
     # The card: on the version's model, inside the pyfunc, and equal to the stages' files.
     card, text = _card(project, "clinical-tags", version.version)
@@ -405,6 +409,7 @@ def test_promotion_gates_history_and_rollback(project):
     first = description.splitlines()[0]
     assert first.startswith("worse (dpsgd)") and "REFUSED: utility: " in first
     assert description.count("**Promotion gates**, judged") == 1
+    assert description.count("[Open the model's artifacts](#/experiments/") == 1
     assert description.count("REFUSED") == 1
     assert "| utility | **FAIL** | 60 | 50 | -10 |" in description
     assert (

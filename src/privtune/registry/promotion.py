@@ -382,7 +382,7 @@ def _record(
 ) -> None:  # pragma: no mutate block
     """The decision as a few tags, and the version's description rebuilt: the verdict line,
     this decision's gate table (replacing any earlier one) and the model card pointer."""
-    from privtune.registry.register import card_section
+    from privtune.registry.register import artifacts_link, card_section
 
     name, version = decision.name, decision.version
     now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -415,7 +415,7 @@ def _record(
     card = version_card(mlflow_client, current, uri)
     parts = [verdict_line(card, gates, headline), gate_report(decision, now)]
     if card.get("schema") == CARD_SCHEMA:
-        parts.append(card_section(card))
+        parts.append(card_section(card, artifacts_link(mlflow_client, current)))
     mlflow_client.update_model_version(name, version, description="\n\n".join(parts))
 
 

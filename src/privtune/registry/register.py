@@ -256,7 +256,8 @@ def register(
         version = existing
     _link_version(mlflow_client, name, version)
     pending = f"**not yet judged** (`privtune promote --version {version.version}`)"
-    description = "\n\n".join([verdict_line(card, gates, pending), card_section(card)])
+    section = card_section(card, artifacts_link(mlflow_client, version))
+    description = "\n\n".join([verdict_line(card, gates, pending), section])
     mlflow_client.update_model_version(name, version.version, description=description)
     set_alias(mlflow_client, name, alias, str(version.version))
     # its tags (champion, champion.why) race like the alias when two workers register at once
@@ -291,18 +292,36 @@ def _link_version(mlflow_client, name: str, version: Any) -> None:
         mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: value})
 
 
-def card_section(card: dict[str, Any]) -> str:
-    """The part of a version's description that points at its model card."""
+def artifacts_link(mlflow_client: Any, version: Any) -> str | None:
+    """The MLflow UI's page of the version's logged-model artifacts, where model_card.md is
+    (relative to the UI's root, so a tracking server's UI resolves it too); None for a version
+    without a logged model (registered by an older privtune)."""
+    from mlflow.exceptions import MlflowException
+
+    from privtune.registry.card import logged_model_id
+
+    model_id = logged_model_id(version)
+    try:
+        experiment_id = mlflow_client.get_logged_model(model_id).experiment_id
+    except MlflowException:
+        return None
+    return f"#/experiments/{experiment_id}/models/{model_id}/artifacts"
+
+
+def card_section(card: dict[str, Any], link: str | None = None) -> str:
+    """The part of a version's description that points at its model card (``link``: the
+    page of the model's artifacts, :func:`artifacts_link`)."""
     model = card["model"]
     run = f"`{model.get('finetune_run_id')}`"
     if model.get("trained_in_run_id"):  # copied from another experiment
         run += f" (a copy of run `{model['trained_in_run_id']}`, which trained it)"
+    open_it = f" [Open the model's artifacts]({link}) (a new tab): model_card.md." if link else ""
     return (
         "**Privacy model card**\n\n"
         "`model_card.md` (to read) and `model_card.json` (for tools), at the root of this "
         "version's model artifacts and inside the pyfunc (`artifacts/model_card/`): the "
         "contract, the data hash and size, the accountant and ledger, every attack with its "
-        "record counts and intervals, the audit and the gates.\n\n"
+        f"record counts and intervals, the audit and the gates.{open_it}\n\n"
         f"Fine-tuning run {run}, adapter sha256 "
         f"`{str(model.get('adapter_sha256'))[:16]}…`, data sha256 "
         f"`{str(card['data'].get('content_sha256'))[:16]}…`, git `{model.get('git_commit')}`."
