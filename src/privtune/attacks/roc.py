@@ -75,14 +75,20 @@ def tpr_lower_bound(tpr: float, members: float, confidence: float) -> float:
     return float(stats.beta.ppf((1 - confidence) / 2, hits, members - hits + 1))
 
 
+def _patient_index(groups: Sequence[Hashable]) -> tuple[np.ndarray, int]:
+    """Each note's patient as 0..k-1 (ids compared as text), and k."""
+    _, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    return index, int(index.max()) + 1
+
+
 def effective_members(hits: Sequence[bool], groups: Sequence[Hashable]) -> float:
     """How many independent members ``hits`` (one per note) are worth when notes of a patient
     (``groups``) are alike: n over Kish's design effect 1 + (m - 1) rho, with rho the
     one-way ANOVA intra-patient correlation of the hits (clamped to [0, 1]) and m the
     notes-weighted mean number of notes a patient has. One note per patient: n."""
     values = np.asarray(hits, dtype=float)
-    _, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    n, k = values.size, int(index.max()) + 1
+    index, k = _patient_index(groups)
+    n = values.size
     if k == n:
         return float(n)
     if k == 1:
@@ -142,8 +148,7 @@ def _auc_statistic(members: np.ndarray, non_members: np.ndarray, axis: int = -1)
 def _patient_draws(groups: Sequence[Hashable], resamples: int, rng) -> np.ndarray:
     """(resamples, notes): how often each note is in each resample when its patients are
     drawn with replacement (a patient drawn twice brings its notes twice)."""
-    _, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    patients = int(index.max()) + 1
+    index, patients = _patient_index(groups)
     drawn = rng.integers(0, patients, size=(resamples, patients))
     counts = np.zeros((resamples, patients))
     np.add.at(counts, (np.arange(resamples)[:, None], drawn), 1)
@@ -221,20 +226,18 @@ def roc_summary(
         member_scores, non_member_scores, resamples, confidence, seed, patients
     )
     n_members, n_non_members = len(member_scores), len(non_member_scores)
-    tprs = {
-        f: tpr_at_fpr(member_scores, non_member_scores, f) if resolvable(f, n_non_members) else None
-        for f in fprs
-    }
+    tprs: dict[float, float | None] = {}
     bounds = {}
-    for f, t in tprs.items():
-        if t is None:
+    for f in fprs:
+        if not resolvable(f, n_non_members):
+            tprs[f] = None
             continue
+        tprs[f], rule = _best_rule(member_scores, non_member_scores, f)
         effective: float = n_members
-        if patients is not None:
-            rule = _best_rule(member_scores, non_member_scores, f)[1]
+        if patients is not None:  # how many draws the members at or above the rule are
             hits = np.asarray(member_scores, dtype=float) >= rule
             effective = effective_members(hits, patients[0])
-        bounds[f] = tpr_lower_bound(t, effective, confidence)
+        bounds[f] = tpr_lower_bound(tprs[f], effective, confidence)
     return RocSummary(
         auc=float(roc_auc_score(labels, scores)),
         auc_ci_low=low,
@@ -243,7 +246,7 @@ def roc_summary(
         tpr_ci_low=bounds,
         members=n_members,
         non_members=n_non_members,
-        patients=None if patients is None else tuple(len(set(map(str, g))) for g in patients),
+        patients=None if patients is None else tuple(_patient_index(g)[1] for g in patients),
     )
 
 
