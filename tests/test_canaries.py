@@ -211,6 +211,19 @@ def test_placement_end_and_max_offset(notes: list[dict[str, str]]) -> None:
                 assert line_start <= 200
 
 
+def test_a_note_with_no_line_start_near_its_beginning_gets_the_canary_as_its_first_line():
+    """A record is truncated from its end: a canary appended to a long one-line note (or one
+    whose first line is longer than max_offset) would never be trained on."""
+    canaries = make_canaries(repetitions=(1,), per_repetition=2, held_out=1, seed=0)
+    records = [{"text": "x" * 300}, {"text": "y" * 120 + "\n" + "z" * 50}]
+    planted = insert_canaries(records, canaries, seed=0, max_offset=100)
+    for record, original in zip(planted, records, strict=True):
+        first, rest = record["text"].split("\n", 1)
+        assert any(first.endswith(c.text + ".") for c in canaries) and rest == original["text"]
+    out = insert_canaries(records, canaries, seed=0, max_offset=121)
+    assert out[1]["text"].startswith("y" * 120 + "\n")  # a line start within reach is used
+
+
 def test_insertion_is_deterministic_and_seed_sensitive(notes: list[dict[str, str]]) -> None:
     canaries = make_canaries(seed=1)
     assert insert_canaries(notes, canaries, seed=2) == insert_canaries(notes, canaries, seed=2)

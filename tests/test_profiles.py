@@ -49,6 +49,23 @@ def test_shipped_profiles_are_valid_and_pass_the_delta_gate(name):
     assert set(checked.methods) == expected
 
 
+def test_the_quick_profile_trains_on_every_canary_it_plants():
+    """quick's notes are cut at 96 tokens of its small tokenizer (about 175 characters): its
+    canaries are planted within prepare.canaries.max_offset of a note's start, so the attack
+    stage measures exposure on every planted copy (at 600 it was 13 of 42)."""
+    from privtune.data.canaries import trained_occurrences
+    from privtune.data.tokenization import train_tokenizer
+    from privtune.stages.prepare import build
+
+    params = parse_params(resolve(ROOT, "quick", None)[1])
+    prepared = build(params, ROOT)  # in memory: nothing is written
+    public = [r["text"] for r in prepared.splits["public"]]
+    tokenizer = train_tokenizer(public, params.base.vocab_size)
+    train = [r["text"] for r in prepared.splits["train"]]
+    seen = trained_occurrences(prepared.canaries, train, tokenizer, params.base.max_length)
+    assert sum(seen.values()) == sum(c.repetitions for c in prepared.canaries) == 42
+
+
 def test_extends_applies_the_base_profile_first(tmp_path):
     (tmp_path / "profiles.yaml").write_text(
         yaml.safe_dump(

@@ -59,6 +59,9 @@ class CanaryParams(_Section):
     # The identifier each canary names, so canaries read like the corpus's own notes: `#` is a
     # random digit, `@` a random capital letter, anything else literal (e.g. "ID-########").
     identifier: str = Field(default="MRN ####-####", min_length=1)
+    # Canaries are planted by characters, before any tokenizer: a canary line starts within
+    # this many characters of its note's start, so base.max_length's truncation keeps it.
+    max_offset: int = Field(default=600, ge=0, description="characters a canary may start at")
 
     @field_validator("identifier")
     @classmethod

@@ -229,11 +229,13 @@ def candidate_secrets(n: int, seed: int, exclude: Collection[str] = ()) -> list[
 
 
 def _insert_position(text: str, rng: random.Random, placement: str, max_offset: int) -> int:
-    """A line start (after a newline, within ``max_offset`` characters) or the end of text."""
+    """A line start (after a newline, within ``max_offset`` characters), or the text's start
+    when it has none there: a record is truncated to the model's context from its end, so a
+    canary appended to a long one-line record would never be trained on."""
     if placement == "end":
         return len(text)
     starts = [i + 1 for i, ch in enumerate(text) if ch == "\n" and i + 1 <= max_offset]
-    return rng.choice(starts) if starts else len(text)
+    return rng.choice(starts) if starts else 0
 
 
 def _plant(
@@ -275,8 +277,9 @@ def insert_canaries(
         canaries: Canaries from :func:`make_canaries` (or loaded ones).
         seed: Chooses the records and the positions.
         placement: ``"line"`` puts the canary at a random line start, ``"end"`` appends it.
-        max_offset: With ``"line"``, only line starts within this many characters are used,
-            so that truncating a record to the model's context keeps the canary.
+        max_offset: With ``"line"``, only line starts within this many characters are used
+            (the record's start when there are none), so that truncating a record to the
+            model's context keeps the canary (``prepare.canaries.max_offset``).
 
     Raises:
         ValueError: if there are fewer records than the planted canaries need, if an argument

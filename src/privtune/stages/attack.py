@@ -74,7 +74,8 @@ def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) ->
             f"warning: {planted - trained} of {planted} planted canary occurrences lie past "
             f"base.max_length = {max_length} tokens, so training never saw them and the "
             "canaries' exposure and extraction understate memorisation; raise base.max_length "
-            "(or use notes whose first lines hold room for a canary)"
+            "or lower prepare.canaries.max_offset (the characters from a note's start within "
+            "which a canary's line is planted) and run `dvc repro`"
         )
     return {
         "canary_occurrences_planted": float(planted),

@@ -311,7 +311,7 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
             "lower prepare.canaries.per_repetition or the repetitions, or add records",
         )
     _members_available(train, needed, records, params)
-    train = insert_canaries(train, canaries, seed=p.seed)
+    train = insert_canaries(train, canaries, seed=p.seed, max_offset=p.canaries.max_offset)
     audit = []
     if p.canaries.audit:
         # Standalone records (one per IN canary): adding or removing one is exactly the
