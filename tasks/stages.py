@@ -189,6 +189,9 @@ def reproduce(
     from dvc.repo import Repo
 
     _cli_on_path()
+    # DVC prints its lines through its own handlers; propagated, the root logger's console
+    # handler (Prefect's logging config) printed each one again in the worker's log
+    logging.getLogger("dvc").propagate = False
     check_before(root, target, force)
     # DVC resolves stage paths against the working directory: run from the repo root.
     with (

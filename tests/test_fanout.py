@@ -330,6 +330,31 @@ def test_a_stage_task_logs_its_progress_lines_and_whether_it_ran_or_was_restored
     ]
 
 
+def test_a_worker_console_shows_dvcs_lines_once(tmp_path):
+    """DVC writes its lines ("Running stage ...") through its own handlers; a Prefect process
+    also has a console handler on the root logger (prefect/logging/logging.yml), which printed
+    every DVC line a second time in the worker's log. Run as a worker's flow process is set up."""
+    _sh(tmp_path, "dvc", "init", "-q", "--no-scm")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n")
+    script = (
+        "import sys\n"
+        "from prefect.logging.configuration import setup_logging\n"
+        "setup_logging()\n"
+        "from tasks.stages import reproduce\n"
+        "assert reproduce(sys.argv[1], 'hello') == ['hello']\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = done.stdout + done.stderr
+    assert shown.count("Running stage 'hello'") == 1, shown
+
+
 # -- a sweep fanned out on a local Ray cluster -------------------------------------------------
 
 # The shortest whole pipeline a sweep point runs: one private method at the tiny sizes.
