@@ -20,9 +20,12 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+import contextlib  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import absl.logging  # noqa: E402
 import pytest  # noqa: E402
@@ -182,6 +185,120 @@ def edit_params(root, drop: tuple[str, ...] = (), **sections):
 # prepared data and a base model, not a good one, copy it (shutil.copytree) instead of
 # building their own.
 FAST_BASE = {"base": {"steps": 2}, "evaluate": {"max_records": 2}}
+
+
+@contextlib.contextmanager
+def inside_project(root: Path) -> Iterator[None]:
+    """The working directory at ``root``, no MLflow tracking URI set (the project's own sqlite
+    store) and no LMO-DP law searches kept, all put back on exit: what a test's monkeypatch and
+    the autouse fixtures below give it, for a module-scoped fixture that builds a project once
+    (its function-scoped monkeypatch is not available there)."""
+    from privtune.tracking import TRACKING_ENV, isolated_store
+
+    service = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    with pytest.MonkeyPatch.context() as patch, isolated_store():
+        if service is not None:
+            patch.setattr(service, "_tracking_uri", None)
+        patch.delenv(TRACKING_ENV, raising=False)
+        patch.chdir(root)
+        try:
+            yield
+        finally:
+            searches = sys.modules.get("privtune.privacy.lmo_search")
+            if searches is not None:
+                searches._SEARCHED.clear()
+
+
+def _path_pairs(source: Path, destination: Path) -> list[tuple[str, str]]:
+    """How ``source`` can be written in a file (as given and resolved, plain and as a file
+    URI's percent-encoded path), each with ``destination`` written alike."""
+    pairs: dict[str, str] = {}
+    for old, new in ((source, destination), (source.resolve(), destination.resolve())):
+        pairs.setdefault(str(old), str(new))
+        pairs.setdefault(old.as_uri().removeprefix("file://"), new.as_uri().removeprefix("file://"))
+    return list(pairs.items())
+
+
+def _rewrite_sqlite(db: Path, pairs: list[tuple[str, str]]) -> None:
+    """Every text value of every table with ``old`` replaced by ``new``, then VACUUM (so no
+    stale copy of an old value is left in a free page)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]:
+                for old, new in pairs:
+                    con.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                        f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0',
+                        (old, new, old),
+                    )
+        con.commit()
+        con.execute("VACUUM")
+
+
+def copy_project(source: Path, destination: Path) -> None:
+    """Copy the directory ``source`` (a project built once per module or session, with its
+    MLflow sqlite store `mlflow.db`, its artifacts `mlruns/`, a DVC cache, ...) into
+    ``destination``, so a test can promote, tag or retrain in it without touching the original.
+
+    MLflow keeps absolute paths: the experiments' artifact locations, the runs' artifact URIs,
+    the logged models' and model versions' storage locations, and the pyfunc's MLmodel and the
+    adapters' configs in the artifacts. Every occurrence of ``source`` in the store and in the
+    text files is rewritten to ``destination``; then no byte of any file may still name
+    ``source`` (a store still pointing there would let one test write into every other's
+    artifacts, silently, if a newer MLflow or DVC kept a path somewhere new)."""
+    source, destination = Path(source), Path(destination)
+    pairs = _path_pairs(source, destination)
+    olds = [old for old, _ in pairs]
+    assert not any(old in new for old in olds for _, new in pairs), (source, destination)
+    shutil.copytree(source, destination, symlinks=True, dirs_exist_ok=True)
+    files = [p for p in destination.rglob("*") if p.is_file() and not p.is_symlink()]
+    for path in files:
+        data = path.read_bytes()
+        if not any(old.encode() in data for old in olds):
+            continue
+        if data.startswith(b"SQLite format 3\x00"):
+            _rewrite_sqlite(path, pairs)
+            continue
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise AssertionError(f"{path} names {source} and is not text: not rewritten") from None
+        for old, new in pairs:
+            text = text.replace(old, new)
+        path.write_text(text)
+    left = [str(p) for p in files if any(old.encode() in p.read_bytes() for old in olds)]
+    assert not left, f"the copy still names {source}: {left}"
+    # MLflow caches each run's and logged model's artifact repository in-process by its id
+    # alone, and the copy's ids are the source's: without this, logging to the copy's models
+    # would write into the source's (or another copy's) mlruns/
+    service = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if service is not None:
+        service._artifact_repos_cache.clear()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by its relative path, with its content's digest."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).digest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@contextlib.contextmanager
+def left_unchanged(root: Path) -> Iterator[None]:
+    """Fails on exit if a file under ``root`` was added, removed or changed inside: wraps a
+    template's lifetime, which tests only ever see copies of (`copy_project`)."""
+    before = _tree(root)
+    yield
+    after = _tree(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"written into the template {root}: {changed}"
 
 
 @pytest.fixture(scope="session")

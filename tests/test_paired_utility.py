@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from privtune.registry import CHAMPION, promote
 from privtune.registry.paired import PAIRED_TAG, TrainingSet, read_paired
 from privtune.registry.register import client
 from privtune.stages.common import read_split
-from tests.conftest import edit_params
+from tests.conftest import copy_project, edit_params, inside_project, left_unchanged
 
 NAME = "paired-notes"
 METHOD = "dpsgd"
@@ -57,30 +58,45 @@ def _notes(root, *splits: str) -> set[str]:
     }
 
 
+@pytest.fixture(scope="module")
+def _retrained_template(tiny_project, tmp_path_factory) -> Iterator[tuple[Path, frozenset[str]]]:
+    """The `retrained` scenario built once per module (two trainings and registrations): a
+    directory with the project and v1's adapter, and the notes v1 trained and validated on.
+    Tests get a copy (`retrained`), never this."""
+    from dvc.repo import Repo
+
+    template = tmp_path_factory.mktemp("paired-retrained")
+    root = template / "project"
+    shutil.copytree(tiny_project, root)
+    with inside_project(root):
+        edit_params(root, evaluate={"max_records": 24}, registry={"name": NAME})
+        Repo.init(str(root), no_scm=True)
+        with Repo(str(root)) as repo:
+            repo.add("data/prepared")
+        assert _train_and_register(root) == "1"
+        client(root).set_registered_model_alias(NAME, CHAMPION, "1")
+        shutil.copytree(root / f"models/{METHOD}/adapter", template / "v1-adapter")
+        seen = _notes(root, "train", "valid")
+        edit_params(root, prepare={"n_private": 140})  # new notes arrived
+        _run(root, "prepare")
+        assert _train_and_register(root) == "2"
+    with left_unchanged(template):
+        yield template, frozenset(seen)
+
+
 @pytest.fixture
-def retrained(tiny_project, tmp_path, monkeypatch):
+def retrained(_retrained_template, tmp_path, monkeypatch) -> tuple[Path, set[str], Path]:
     """v1 trained and made champion; then 20 new notes arrive, the prepare stage reshuffles
     (part of the new test split was v1's training or validation data), and v2 is trained and
     registered on it. The first splits are in the DVC cache, where `dvc repro prepare` leaves
-    them (`dvc add` caches alike)."""
-    from dvc.repo import Repo
-
+    them (`dvc add` caches alike). Each test gets its own copy of a project built once per
+    module (`copy_project`: its store and artifacts point into the copy only)."""
+    template, seen = _retrained_template
+    copy_project(template, tmp_path)
     root = tmp_path / "project"
-    shutil.copytree(tiny_project, root)
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store
-    edit_params(root, evaluate={"max_records": 24}, registry={"name": NAME})
-    Repo.init(str(root), no_scm=True)
-    with Repo(str(root)) as repo:
-        repo.add("data/prepared")
-    assert _train_and_register(root) == "1"
-    client(root).set_registered_model_alias(NAME, CHAMPION, "1")
-    shutil.copytree(root / f"models/{METHOD}/adapter", tmp_path / "v1-adapter")
-    seen = _notes(root, "train", "valid")
-    edit_params(root, prepare={"n_private": 140})  # new notes arrived
-    _run(root, "prepare")
-    assert _train_and_register(root) == "2"
-    return root, seen, tmp_path / "v1-adapter"
+    return root, set(seen), tmp_path / "v1-adapter"
 
 
 def _utility(decision):
@@ -278,19 +294,32 @@ def test_a_note_the_champion_trained_on_with_a_canary_planted_in_it_counts_as_se
     assert "Patient 1 admitted." in seen and "" not in seen and None not in seen
 
 
-@pytest.fixture
-def rerun(tiny_project, tmp_path, monkeypatch):
-    """v1 trained and made champion, then v2 fine-tuned again on the same data (another
-    seed): the two versions' registered evaluations are of the same test records."""
-    root = tmp_path / "project"
+@pytest.fixture(scope="module")
+def _rerun_template(tiny_project, tmp_path_factory) -> Iterator[Path]:
+    """The `rerun` scenario built once per module (two trainings and registrations): tests get
+    a copy (`rerun`), never this."""
+    template = tmp_path_factory.mktemp("paired-rerun")
+    root = template / "project"
     shutil.copytree(tiny_project, root)
+    with inside_project(root):
+        edit_params(root, evaluate={"max_records": 24}, registry={"name": NAME})
+        assert _train_and_register(root) == "1"
+        client(root).set_registered_model_alias(NAME, CHAMPION, "1")
+        edit_params(root, finetune={"seed": 3})
+        assert _train_and_register(root) == "2"
+    with left_unchanged(template):
+        yield template
+
+
+@pytest.fixture
+def rerun(_rerun_template, tmp_path, monkeypatch) -> Path:
+    """v1 trained and made champion, then v2 fine-tuned again on the same data (another
+    seed): the two versions' registered evaluations are of the same test records. Each test
+    gets its own copy of a project built once per module (`copy_project`)."""
+    copy_project(_rerun_template, tmp_path)
+    root = tmp_path / "project"
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    edit_params(root, evaluate={"max_records": 24}, registry={"name": NAME})
-    assert _train_and_register(root) == "1"
-    client(root).set_registered_model_alias(NAME, CHAMPION, "1")
-    edit_params(root, finetune={"seed": 3})
-    assert _train_and_register(root) == "2"
     return root
 
 
