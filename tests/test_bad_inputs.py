@@ -571,7 +571,9 @@ def test_bad_input_exits_2_naming_the_field_and_leaving_nothing(
     assert _mlflow_runs(root) == runs == 0
 
 
-def test_params_path_is_relative_to_the_current_directory(tiny_project, tmp_path, monkeypatch):
+def test_params_path_is_relative_to_the_current_directory(
+    tiny_project, tmp_path, monkeypatch, capsys
+):
     """`--params` is a shell path (cwd); without it, the project's own params.yaml."""
     root = tmp_path / "project"
     shutil.copytree(tiny_project, root)
@@ -581,6 +583,12 @@ def test_params_path_is_relative_to_the_current_directory(tiny_project, tmp_path
     monkeypatch.chdir(elsewhere)
     assert main(["--root", str(root), "--params", "params.yaml", "summary"]) == 0
     assert main(["--root", str(root), "summary"]) == 2  # <root>/params.yaml is not there
+    capsys.readouterr()
+    edit_params(elsewhere, finetune={"epsilon": -1.0})
+    monkeypatch.chdir(root)  # a "../" is named the way a reader finds the file
+    assert main(["--root", ".", "--params", "../elsewhere/params.yaml", "check"]) == 2
+    err = capsys.readouterr().err
+    assert f"in {elsewhere / 'params.yaml'}" in err and "../" not in err
 
 
 @pytest.mark.parametrize(

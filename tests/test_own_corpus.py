@@ -203,3 +203,21 @@ def test_copied_forward_notes_are_kept_once_so_no_copy_crosses_the_splits(tmp_pa
         for line in (prepared / f"{split}.jsonl").read_text().splitlines():
             texts.setdefault(json.loads(line)["text"], set()).add(split)
     assert all(len(splits) == 1 for splits in texts.values())
+
+
+def test_a_small_corpus_is_warned_that_the_audits_canaries_crowd_its_batches(tmp_path, capsys):
+    """The black-box audit adds its own records to the train split (about half of
+    prepare.canaries.audit): in a small corpus they would be much of every batch."""
+    from privtune.config import load_params
+    from privtune.stages.prepare import build
+
+    write_notes(tmp_path / "notes.csv", 90)
+    for audit, warned in ((16, False), (64, True)):
+        canaries = USER["prepare"]["canaries"] | {"audit": audit}
+        write_params(
+            tmp_path / "params.yaml", **USER | {"prepare": USER["prepare"] | {"canaries": canaries}}
+        )
+        build(load_params(tmp_path / "params.yaml"), tmp_path)
+        err = capsys.readouterr().err
+        assert ("warning: prepare: the black-box audit's text canaries are" in err) is warned
+        assert ("lower prepare.canaries.audit" in err) is warned

@@ -224,6 +224,10 @@ def test_the_card_and_check_say_what_a_patient_with_the_most_records_gets(tmp_pa
     lines = check_all(params, tmp_path, ["dpsgd"])
     assert "patients (patient) in train, up to 2 records each" in lines[1]
     assert "a patient with 2 training records: epsilon 2, delta" in lines[-1]
+    # 12 members cannot measure the TPR at 1 % FPR: the fix names the cap as a way to records
+    left = sum(max(0, n - 2) for n in sizes)
+    (warning,) = [line for line in lines if line.startswith("warning: attack.members 12")]
+    assert f"(prepare.max_records_per_group left out {left} records;" in warning
 
 
 def test_the_members_fix_is_the_most_these_patients_afford(tmp_path):
@@ -236,9 +240,14 @@ def test_the_members_fix_is_the_most_these_patients_afford(tmp_path):
     with pytest.raises(ConfigError, match=r"at most (\d+)") as err:
         prepare(_params(source, members=250, cap=3), tmp_path)
     most = int(re.search(r"at most (\d+)", str(err.value)).group(1))
+    left = sum(max(0, n - 3) for n in sizes)  # the cap is the other way to more records
+    assert f"prepare.max_records_per_group left out {left} records" in str(err.value)
     assert prepare(_params(source, members=most, cap=3), tmp_path)["counts"]["attack"] == most
     with pytest.raises(ConfigError, match="at most"):
         prepare(_params(source, members=most + 1, cap=3), tmp_path)
+    with pytest.raises(ConfigError, match="at most") as uncapped:
+        prepare(_params(source, members=500), tmp_path)
+    assert "max_records_per_group" not in str(uncapped.value)  # nothing was left out by it
 
 
 # --- the membership attack's intervals, by patient --------------------------------------------

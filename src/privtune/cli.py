@@ -121,8 +121,8 @@ def _params_path(value: str | None, root: Path) -> Path:
     without it, the project's own params.yaml."""
     if value is None:
         return root / "params.yaml"
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else Path.cwd() / path
+    # abspath: a "../" stays out of the messages that name the file (no symlink is resolved)
+    return Path(os.path.abspath(Path(value).expanduser()))
 
 
 def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> int:

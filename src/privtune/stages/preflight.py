@@ -97,7 +97,8 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
     # the corpus's records split (the public passages and the audit's canaries are not)
     audit = sum(c.repetitions for c in built.audit)  # the audit canaries included in train
     private = sum(len(rows) for name, rows in splits.items() if name != "public") - audit
-    if warning := _attack_power_warning(params, private):
+    left_by_cap = 0 if built.groups is None else built.groups["records_left_out"]["cap"]
+    if warning := _attack_power_warning(params, private, left_by_cap):
         lines.append(warning)
     most = None if built.groups is None else built.groups["train_records_per_group_max"]
     for name in params.methods if methods is None else methods:
@@ -108,11 +109,11 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
     return lines
 
 
-def _attack_power_warning(params: Params, n_records: int) -> str | None:
+def _attack_power_warning(params: Params, n_records: int, left_by_cap: int = 0) -> str | None:
     """A warning when the attack split cannot measure the TPR at 1 % FPR that a promotion
     gate reads: every model would run to the end and be refused as insufficient evidence."""
     from privtune.attacks.roc import non_members_needed, resolvable
-    from privtune.stages.prepare import records_for_members
+    from privtune.stages.prepare import cap_fix, records_for_members
 
     fpr, members = 0.01, params.attack.members
     if resolvable(fpr, members):
@@ -123,7 +124,7 @@ def _attack_power_warning(params: Params, n_records: int) -> str | None:
         f"{fpr:.0%} FPR, which needs {need} non-members: `privtune promote` will refuse every "
         f"version on gate mia_tpr_at_fpr_0.01 (insufficient evidence). Fix: attack.members "
         f"{need}, which needs at least {records_for_members(need, params)} records (these are "
-        f"{n_records})"
+        f"{n_records})" + (f"; or {cap_fix(left_by_cap)}" if left_by_cap else "")
     )
 
 

@@ -83,7 +83,7 @@ def _most_grouped_members(records: list[dict], planted: int, params: Params) -> 
     return low
 
 
-def _fewer_members_fix(records: list[dict], params: Params) -> str:
+def _fewer_members_fix(records: list[dict], params: Params, left_by_cap: int = 0) -> str:
     planted, n_records = _planted(params), len(records)
     if params.prepare.group_column is not None:
         most = _most_grouped_members(records, planted, params)
@@ -91,13 +91,23 @@ def _fewer_members_fix(records: list[dict], params: Params) -> str:
         most = _most_members(n_records, planted, params)
     least = next(m.ge for m in type(params.attack).model_fields["members"].metadata)
     canaries = f"or plant fewer canaries (prepare.canaries: {planted} records carry one)"
+    capped = f", or {cap_fix(left_by_cap)}" if left_by_cap else ""
     if most >= least:
         return (
-            f"lower attack.members to at most {most} (these {n_records} records' most), {canaries}"
+            f"lower attack.members to at most {most} (these {n_records} records' most), "
+            f"{canaries}{capped}"
         )
     return (
         f"provide more records: {n_records} afford {most} members at most, under "
-        f"attack.members' minimum of {least}; {canaries}"
+        f"attack.members' minimum of {least}; {canaries}{capped}"
+    )
+
+
+def cap_fix(left_by_cap: int) -> str:
+    """The other way to more records, when the cap of a patient's notes left some out."""
+    return (
+        f"keep more notes a patient (prepare.max_records_per_group left out {left_by_cap} "
+        "records; a patient's privacy bound grows with it)"
     )
 
 
@@ -149,15 +159,18 @@ def _cut(records: list[dict], params: Params) -> tuple[dict[str, list[dict]], in
     return splits, dropped
 
 
-def _split(records: list[dict], params: Params) -> tuple[dict[str, list[dict]], int]:
+def _split(
+    records: list[dict], params: Params, left_by_cap: int = 0
+) -> tuple[dict[str, list[dict]], int]:
     """`_cut`, refused when it leaves fewer than two training records."""
     splits, dropped = _cut(records, params)
     if len(splits["train"]) < 2:
+        capped = f" (prepare.max_records_per_group left out {left_by_cap})" if left_by_cap else ""
         raise DataError(
             "prepare.source",
-            f"only {len(records)} records: too few for an attack split of attack.members = "
-            f"{params.attack.members} and train/valid/test splits",
-            _fewer_members_fix(records, params)
+            f"only {len(records)} records{capped}: too few for an attack split of "
+            f"attack.members = {params.attack.members} and train/valid/test splits",
+            _fewer_members_fix(records, params, left_by_cap)
             + ", or lower prepare.valid_fraction / prepare.test_fraction",
         )
     return splits, dropped
@@ -215,7 +228,7 @@ def source_path(params: Params, root: Path) -> Path | None:
 
 
 def _members_available(
-    train: list[dict], planted: int, records: list[dict], params: Params
+    train: list[dict], planted: int, records: list[dict], params: Params, left_by_cap: int = 0
 ) -> None:
     """The membership attack needs attack.members canary-free training records: say so here,
     before any training, rather than attacking with fewer."""
@@ -225,7 +238,7 @@ def _members_available(
             "attack.members",
             f"{params.attack.members} members wanted but the train split has {clean} records "
             f"without a canary ({len(train)} records, {planted} with one)",
-            _fewer_members_fix(records, params),
+            _fewer_members_fix(records, params, left_by_cap),
         )
 
 
@@ -291,7 +304,7 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
     # every split keeps at most the cap of a patient's notes: the attack's members (train)
     # and non-members (the attack split) then come from one distribution
     records, left_by_cap = _capped(records, p.max_records_per_group, p.seed)
-    splits, left_at_split = _split(records, params)
+    splits, left_at_split = _split(records, params, left_by_cap)
     groups = _group_summary(splits, params, left_at_split, left_by_cap)
     if groups is not None:  # counted: the splits carry a patient number, never the id
         splits = _numbered(splits)
@@ -310,7 +323,7 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
             f"planting needs {needed} training records but the train split has {len(train)}",
             "lower prepare.canaries.per_repetition or the repetitions, or add records",
         )
-    _members_available(train, needed, records, params)
+    _members_available(train, needed, records, params, left_by_cap)
     train = insert_canaries(train, canaries, seed=p.seed, max_offset=p.canaries.max_offset)
     audit = []
     if p.canaries.audit:
@@ -324,9 +337,9 @@ def build(params: Params, root: Path = Path(".")) -> Prepared:
         share = len(included) / len(train)
         if share > 0.25:  # said by `privtune check` too: it runs this build
             notice(  # the audit's records would crowd the user's own out of each batch
-                f"prepare: the black-box audit's text canaries are {share:.0%} of the train "
-                "split: with a corpus this small, lower prepare.canaries.audit (0: no text "
-                "audit) so that most of each batch is your records"
+                f"warning: prepare: the black-box audit's text canaries are {share:.0%} of the "
+                "train split: with a corpus this small, lower prepare.canaries.audit (0: no "
+                "text audit) so that most of each batch is your records"
             )
     public = [{"text": t} for t in generate_public_corpus(p.n_public, p.seed + 1)]
     written = {**splits, "train": train, "public": public}
