@@ -188,25 +188,42 @@ FAST_BASE = {"base": {"steps": 2}, "evaluate": {"max_records": 2}}
 
 
 @contextlib.contextmanager
-def inside_project(root: Path) -> Iterator[None]:
-    """The working directory at ``root``, no MLflow tracking URI set (the project's own sqlite
-    store) and no LMO-DP law searches kept, all put back on exit: what a test's monkeypatch and
-    the autouse fixtures below give it, for a module-scoped fixture that builds a project once
-    (its function-scoped monkeypatch is not available there)."""
-    from privtune.tracking import TRACKING_ENV, isolated_store
+def no_tracking_uri() -> Iterator[None]:
+    """No MLflow tracking URI set in-process inside, and none left behind on exit: a URI one
+    test set would otherwise send the next test's clients to its store."""
+    from privtune.tracking import isolated_store
 
     service = sys.modules.get("mlflow.tracking._tracking_service.utils")
-    with pytest.MonkeyPatch.context() as patch, isolated_store():
-        if service is not None:
-            patch.setattr(service, "_tracking_uri", None)
+    if service is not None:
+        service._tracking_uri = None
+    with isolated_store():
+        yield
+
+
+@contextlib.contextmanager
+def lmo_searches_forgotten() -> Iterator[None]:
+    """The LMO-DP law searches a process keeps (lmo_search's _SEARCHED) cleared on exit, as
+    each stage's process starts without them."""
+    try:
+        yield
+    finally:
+        searches = sys.modules.get("privtune.privacy.lmo_search")
+        if searches is not None:
+            searches._SEARCHED.clear()
+
+
+@contextlib.contextmanager
+def inside_project(root: Path) -> Iterator[None]:
+    """The working directory at ``root``, no MLflow tracking URI (the project's own sqlite
+    store) and no LMO-DP law searches kept, put back on exit: what a test's monkeypatch and
+    the autouse fixtures below give it, for a module-scoped fixture that builds a project once
+    (its function-scoped monkeypatch is not available there)."""
+    from privtune.tracking import TRACKING_ENV
+
+    with pytest.MonkeyPatch.context() as patch, no_tracking_uri(), lmo_searches_forgotten():
         patch.delenv(TRACKING_ENV, raising=False)
         patch.chdir(root)
-        try:
-            yield
-        finally:
-            searches = sys.modules.get("privtune.privacy.lmo_search")
-            if searches is not None:
-                searches._SEARCHED.clear()
+        yield
 
 
 def _path_pairs(source: Path, destination: Path) -> list[tuple[str, str]]:
@@ -331,22 +348,13 @@ def _calibration_cache_per_mutant(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _lmo_searches_per_test():
-    """Each test starts without the LMO-DP law searches a process keeps (lmo_search's
-    _SEARCHED), as each stage's process does."""
-    yield
-    searches = sys.modules.get("privtune.privacy.lmo_search")
-    if searches is not None:
-        searches._SEARCHED.clear()
+    """Each test starts without the LMO-DP law searches a process keeps."""
+    with lmo_searches_forgotten():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _mlflow_store_per_test():
-    """Each test starts with no MLflow tracking URI set in-process, and leaves none behind:
-    a URI one test set would otherwise send the next test's clients to its store."""
-    from privtune.tracking import isolated_store
-
-    service = sys.modules.get("mlflow.tracking._tracking_service.utils")
-    if service is not None:
-        service._tracking_uri = None
-    with isolated_store():
+    """Each test starts with no MLflow tracking URI set in-process, and leaves none behind."""
+    with no_tracking_uri():
         yield
