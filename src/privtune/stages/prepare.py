@@ -165,11 +165,10 @@ def _split(
     """`_cut`, refused when it leaves fewer than two training records."""
     splits, dropped = _cut(records, params)
     if len(splits["train"]) < 2:
-        capped = f" (prepare.max_records_per_group left out {left_by_cap})" if left_by_cap else ""
-        raise DataError(
+        raise DataError(  # the fix says what the cap left out (_fewer_members_fix)
             "prepare.source",
-            f"only {len(records)} records{capped}: too few for an attack split of "
-            f"attack.members = {params.attack.members} and train/valid/test splits",
+            f"only {len(records)} records: too few for an attack split of attack.members = "
+            f"{params.attack.members} and train/valid/test splits",
             _fewer_members_fix(records, params, left_by_cap)
             + ", or lower prepare.valid_fraction / prepare.test_fraction",
         )
