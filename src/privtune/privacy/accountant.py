@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 from privtune.privacy.ledger import LMOSegment, PrivacyLedger
@@ -73,6 +73,26 @@ def _pld_epsilon(segments: Sequence[Segment], delta: float) -> float:
     return float(_pld_schedule(tuple(segments)).get_epsilon_for_delta(delta))
 
 
+@functools.lru_cache(maxsize=1024)
+def _rdp_step(z: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
+    """One subsampled-Gaussian step's RDP at ``orders`` (opacus' compute_rdp, whose ``steps``
+    only multiplies): cached, as opacus' RDPAccountant recomputes every segment of the history
+    at each call (a pure-Python series, about 0.1 s a segment), which made each guard projection
+    of a long varying schedule cost the whole history again."""
+    rdp = compute_rdp(q=q, noise_multiplier=z, steps=1, orders=list(orders))
+    rdp.flags.writeable = False  # shared by every caller of the cache
+    return rdp
+
+
+def _rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
+    """What opacus' RDPAccountant(history=segments).get_epsilon(delta) returns, from cached
+    per-step RDP: the same products, summed in the same order (tests/test_accountant.py)."""
+    orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
+    rdp = sum(_rdp_step(float(z), float(q), orders) * n for z, q, n in segments)
+    eps, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(eps)
+
+
 def _merge_adjacent(segments: list[Segment]) -> list[Segment]:
     """Adjacent segments of the same (z, q) are one: a constant schedule stays one segment
     however the guard cuts it (ledger so far, next interval, the rest), so its composition is
@@ -106,9 +126,7 @@ def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "pld") 
         except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError):
             # PRV's discretisation can fail on extreme schedules; RDP is looser but always sound.
             return epsilon(segments, delta, "rdp")
-    rdp = RDPAccountant()
-    rdp.history = list(segments)
-    return float(rdp.get_epsilon(delta))
+    return _rdp_epsilon(segments, delta)
 
 
 # The largest noise multiplier a calibration tries (opacus' own limit): a target that needs more
@@ -256,7 +274,7 @@ def composed_epsilon(
             continue
         if z <= 0:
             return math.inf
-        total += compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders)
+        total += _rdp_step(float(z), float(q), tuple(orders)) * n
     return rdp_epsilon(total, orders, delta)
 
 
