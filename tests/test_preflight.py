@@ -242,3 +242,65 @@ def test_the_roc_helpers_the_check_reads_load_without_the_model_libraries():
     from privtune.attacks import RocSummary, run_attacks  # the package's names still load
 
     assert RocSummary.__name__ == "RocSummary" and callable(run_attacks)
+
+
+def _canary_warning(out: str) -> str | None:
+    return next((line for line in out.splitlines() if "planted canary occurrences" in line), None)
+
+
+def test_check_counts_the_canaries_training_will_not_see_as_attack_does(project, capsys):
+    """Canaries are planted by characters before any tokenizer exists: under a short
+    base.max_length some lie past the cut and their exposure says nothing. check counts them
+    before anything trains, with the tokenizer the base stage will train (no model): the count
+    the attack stage makes from what prepare and base wrote, and never a canary's text."""
+    from privtune.cli import main
+    from privtune.data.canaries import trained_occurrences
+    from privtune.stages.attack import read_canaries
+    from privtune.stages.common import load_base, read_split
+
+    canaries, train = read_canaries(project), read_split(project, "train")
+    tokenizer = load_base(project)[1]  # what the base stage wrote for these params
+    max_length = 128  # of a 400-token vocabulary: some canaries lie past it, some within
+    edit_params(project, base={"max_length": max_length})  # (its tokenizer does not change)
+    texts = [r["text"] for r in train]
+    trained = sum(trained_occurrences(canaries, texts, tokenizer, max_length).values())
+    planted = sum(c.repetitions for c in canaries)
+    assert 0 < trained < planted
+
+    assert main(["--root", str(project), "check"]) == 0
+    warning = _canary_warning(capsys.readouterr().out)
+    assert warning.startswith(f"warning: {planted - trained} of {planted} planted canary ")
+    assert f"base.max_length = {max_length} tokens" in warning
+    assert "prepare.canaries.max_offset" in warning
+    assert not any(c.secret in warning or c.prefix.strip() in warning for c in canaries)
+    edit_params(project, prepare={"canaries": {"max_offset": 0}})  # every canary a note's start
+    assert main(["--root", str(project), "check"]) == 0
+    assert _canary_warning(capsys.readouterr().out) is None
+
+
+def test_check_reads_a_local_models_tokenizer_and_refuses_a_missing_directory(project, capsys):
+    """A local `from_pretrained` directory: its own tokenizer counts the canaries (no model is
+    loaded); a directory without a tokenizer is left to the base stage (which names what is
+    missing); a base.source that is no directory is the base stage's error, before it runs."""
+    from privtune.cli import main
+    from privtune.data.tokenization import train_tokenizer
+    from tests.conftest import synthetic_texts
+    from tests.tiny_gguf import tiny_llama
+
+    tokenizer = train_tokenizer(synthetic_texts(300), 320)
+    model = tiny_llama(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model.save_pretrained(project / "llama")
+    tokenizer.save_pretrained(project / "llama")
+    edit_params(project, base={"source": "llama", "max_length": 24})
+    assert main(["--root", str(project), "check"]) == 0
+    assert "base.max_length = 24 tokens" in _canary_warning(capsys.readouterr().out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (project / "llama" / name).unlink(missing_ok=True)
+    assert main(["--root", str(project), "check"]) == 0
+    assert _canary_warning(capsys.readouterr().out) is None
+    before = _files(project)
+    edit_params(project, base={"source": "no-such-model"})
+    assert main(["--root", str(project), "check"]) == 2
+    err = capsys.readouterr().err
+    assert "base.source" in err and "'no-such-model' is neither a known source" in err
+    assert {k for k, v in _files(project).items() if before.get(k) != v} == {"params.yaml"}

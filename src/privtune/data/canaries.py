@@ -329,6 +329,20 @@ def trained_occurrences(
     return counts
 
 
+def unseen_canaries_warning(planted: int, trained: int, max_length: int) -> str | None:
+    """What the attack stage (after training) and `privtune check` (before it) say when some
+    planted canary occurrences lie past ``base.max_length`` tokens; counts only, no text."""
+    if trained >= planted:
+        return None
+    return (
+        f"warning: {planted - trained} of {planted} planted canary occurrences lie past "
+        f"base.max_length = {max_length} tokens, so training never sees them and the "
+        "canaries' exposure and extraction understate memorisation; raise base.max_length "
+        "or lower prepare.canaries.max_offset (the characters from a note's start within "
+        "which a canary's line is planted) and run `dvc repro`"
+    )
+
+
 def save_canaries(canaries: Sequence[Canary], path: str | os.PathLike[str]) -> None:
     """Write canaries (and ``SECRET_FORMAT``) as JSON, atomically, for the attack stage."""
     payload = {"secret_format": SECRET_FORMAT, "canaries": [asdict(c) for c in canaries]}

@@ -63,20 +63,14 @@ def membership_sets(
 def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) -> dict[str, float]:
     """How many planted canary occurrences training could see (within base.max_length); says
     so, before the attacks run, when some could not, as their exposure and extraction then
-    understate memorisation."""
-    from privtune.data.canaries import trained_occurrences
+    understate memorisation (`privtune check` says the same before training)."""
+    from privtune.data.canaries import trained_occurrences, unseen_canaries_warning
 
     seen = trained_occurrences(canaries, [r["text"] for r in train], tokenizer, max_length)
     planted = sum(c.repetitions for c in canaries)
     trained = sum(seen.values())
-    if trained < planted:
-        notice(
-            f"warning: {planted - trained} of {planted} planted canary occurrences lie past "
-            f"base.max_length = {max_length} tokens, so training never saw them and the "
-            "canaries' exposure and extraction understate memorisation; raise base.max_length "
-            "or lower prepare.canaries.max_offset (the characters from a note's start within "
-            "which a canary's line is planted) and run `dvc repro`"
-        )
+    if warning := unseen_canaries_warning(planted, trained, max_length):
+        notice(warning)
     return {
         "canary_occurrences_planted": float(planted),
         "canary_occurrences_trained": float(trained),

@@ -16,7 +16,7 @@ from privtune.errors import ConfigError, ModelError
 from privtune.stages.common import BASE_INFO, evaluated_split, read_split
 
 
-def _checked_source(b: BaseParams, root: Path):
+def checked_source(b: BaseParams, root: Path):
     """`build`, a packaged GGUF's file, or a local directory: validated before any output."""
     from privtune.sources import PACKAGED, locate
 
@@ -101,7 +101,7 @@ def _base(params: Params, root: Path, show_progress: bool) -> dict[str, Any]:
 
     b = params.base
     device = resolve_device(b.device, "base.device")
-    source = _checked_source(b, root)
+    source = checked_source(b, root)
     train = read_split(root, "train")
     train_texts = [r["text"] for r in train]
     test = evaluated_split(root, params)

@@ -12,7 +12,8 @@ stage checks first (`evaluate.task`: a cloze pattern must mark answers), and the
 plan (N, q, steps, delta, calibrated noise; the Gaussian calibration is cached on disk, so the
 stage does not pay twice) with what the method's controller refuses about it (an LMO-DP law
 no grid candidate fits: its search, about a second on the paper grid, is paid again by the
-stage unless the method's `cache` file holds it).
+stage unless the method's `cache` file holds it). `check_all` also tells whether the planted
+canaries lie within base.max_length tokens, with the base stage's tokenizer (not its model).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
     left_by_cap = 0 if built.groups is None else built.groups["records_left_out"]["cap"]
     if warning := _attack_power_warning(params, private, left_by_cap):
         lines.append(warning)
+    if warning := _unseen_canaries_warning(params, root, built):
+        lines.append(warning)
     most = None if built.groups is None else built.groups["train_records_per_group_max"]
     for name in params.methods if methods is None else methods:
         try:
@@ -126,6 +129,45 @@ def _attack_power_warning(params: Params, n_records: int, left_by_cap: int = 0) 
         f"{need}, which needs at least {records_for_members(need, params)} records (these are "
         f"{n_records})" + (f"; or {cap_fix(left_by_cap)}" if left_by_cap else "")
     )
+
+
+def _unseen_canaries_warning(params: Params, root: Path, built) -> str | None:
+    """The attack stage's warning of planted canary occurrences past base.max_length, before
+    anything trains: from the tokenizer the base stage will use (trained on the public split
+    for `build`, a fraction of a second; read from the directory or the GGUF otherwise) and
+    the max_length it will resolve. A base source that cannot be read is the stage's error."""
+    from privtune.data.canaries import trained_occurrences, unseen_canaries_warning
+    from privtune.stages.base import resolve_max_length
+
+    planted = sum(c.repetitions for c in built.canaries)
+    tokenizer = _base_tokenizer(params, root, built.splits["public"]) if planted else None
+    if tokenizer is None:
+        return None
+    train = [r["text"] for r in built.splits["train"]]
+    max_length, _ = resolve_max_length(params.base, tokenizer, train)
+    trained = sum(trained_occurrences(built.canaries, train, tokenizer, max_length).values())
+    return unseen_canaries_warning(planted, trained, max_length)
+
+
+def _base_tokenizer(params: Params, root: Path, public: list[dict]):
+    """The base stage's tokenizer, without its model (None where it cannot be read here)."""
+    from privtune.config import SOURCE_BUILD
+    from privtune.stages.base import checked_source
+
+    source = checked_source(params.base, root)  # a bad source: the stage's own error, now
+    if source == SOURCE_BUILD:
+        from privtune.data.tokenization import train_tokenizer
+
+        return train_tokenizer([r["text"] for r in public], params.base.vocab_size)
+    from transformers import AutoTokenizer
+
+    directory, gguf = (source, None) if isinstance(source, Path) else (source[1].parent, source[1])
+    try:
+        return AutoTokenizer.from_pretrained(
+            directory, gguf_file=gguf and gguf.name, local_files_only=True
+        )
+    except (OSError, ValueError):  # the stage's load_pretrained says what is missing
+        return None
 
 
 def _entry_line(
