@@ -135,12 +135,13 @@ def _unseen_canaries_warning(params: Params, root: Path, built) -> str | None:
     """The attack stage's warning of planted canary occurrences past base.max_length, before
     anything trains: from the tokenizer the base stage will use (trained on the public split
     for `build`, a fraction of a second; read from the directory or the GGUF otherwise) and
-    the max_length it will resolve. A base source that cannot be read is the stage's error."""
+    the max_length it will resolve. A base.source that names nothing is the stage's error."""
     from privtune.data.canaries import trained_occurrences, unseen_canaries_warning
-    from privtune.stages.base import resolve_max_length
+    from privtune.stages.base import checked_source, resolve_max_length
 
+    source = checked_source(params.base, root)  # a bad source: the base stage's error, now
     planted = sum(c.repetitions for c in built.canaries)
-    tokenizer = _base_tokenizer(params, root, built.splits["public"]) if planted else None
+    tokenizer = _base_tokenizer(params, source, built.splits["public"]) if planted else None
     if tokenizer is None:
         return None
     train = [r["text"] for r in built.splits["train"]]
@@ -149,12 +150,11 @@ def _unseen_canaries_warning(params: Params, root: Path, built) -> str | None:
     return unseen_canaries_warning(planted, trained, max_length)
 
 
-def _base_tokenizer(params: Params, root: Path, public: list[dict]):
-    """The base stage's tokenizer, without its model (None where it cannot be read here)."""
+def _base_tokenizer(params: Params, source, public: list[dict]):
+    """The base stage's tokenizer for its checked ``source``, without the model (None where
+    it cannot be read here: the stage's load says what is missing)."""
     from privtune.config import SOURCE_BUILD
-    from privtune.stages.base import checked_source
 
-    source = checked_source(params.base, root)  # a bad source: the stage's own error, now
     if source == SOURCE_BUILD:
         from privtune.data.tokenization import train_tokenizer
 
@@ -166,7 +166,7 @@ def _base_tokenizer(params: Params, root: Path, public: list[dict]):
         return AutoTokenizer.from_pretrained(
             directory, gguf_file=gguf and gguf.name, local_files_only=True
         )
-    except (OSError, ValueError):  # the stage's load_pretrained says what is missing
+    except (OSError, ValueError):
         return None
 
 
