@@ -119,9 +119,48 @@ def test_an_error_under_dvc_repro_says_what_dvc_removed_and_how_it_comes_back(
     err = capsys.readouterr().err
     assert "removed finetune@dpsgd's previous outputs" in err
     assert "DVC's run cache" in err and "`privtune check`" in err
-    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)  # `dvc exp run`: built apart
+    # `dvc exp run` in the workspace removes them too, and leaves its -S values in params.yaml
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
+    monkeypatch.chdir(project)
+    assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
+    err = capsys.readouterr().err
+    assert "`dvc exp run` removed finetune@dpsgd's previous outputs from the workspace" in err
+    assert "`git checkout params.yaml`" in err and "DVC's run cache" in err
+    assert "`privtune check` them before `dvc exp run`" in err
+    apart = project / ".dvc" / "tmp" / "exps" / "tmp1234"  # `dvc exp run --temp`: a copy
+    apart.mkdir(parents=True)
+    monkeypatch.chdir(apart)
     assert main(["--root", str(project), "finetune", "dpsgd"]) == 2
     assert "run cache" not in capsys.readouterr().err
+
+
+def test_a_stage_knows_whether_dvc_exp_run_builds_it_in_the_workspace(tmp_path):
+    """What DVC really does (a toy repository): `dvc exp run` runs a stage in the workspace,
+    `dvc exp run --temp` in a copy under .dvc/tmp/exps, both with DVC_EXP_BASELINE_REV set;
+    `dvc repro` without it."""
+    import subprocess
+    import sys
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("x: 1\n")
+    probe = "from privtune.cli import built_apart; print(built_apart())"
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  s:\n    cmd: {sys.executable} -c '{probe}' > apart.txt\n"
+        "    params: [x]\n    outs: [apart.txt]\n"
+    )
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy")
+    sh("dvc", "repro", "-q")
+    assert (tmp_path / "apart.txt").read_text().strip() == "False"
+    sh("dvc", "exp", "run", "-q", "-S", "x=2")
+    assert (tmp_path / "apart.txt").read_text().strip() == "False"
+    sh("dvc", "exp", "run", "-q", "--temp", "-S", "x=3", "--name", "in-a-copy")
+    sh("dvc", "exp", "apply", "in-a-copy")
+    assert (tmp_path / "apart.txt").read_text().strip() == "True"
 
 
 def test_an_lmo_law_no_candidate_fits_is_refused_before_the_model_loads(project, capsys):

@@ -154,6 +154,14 @@ def _promote(params: Params, root: Path, version: str | None, as_json: bool) -> 
     return EXIT_OK if promoted else EXIT_REFUSED
 
 
+def built_apart() -> bool:
+    """Whether `dvc exp run` builds this stage in a copy of the project (`--temp`, a queued
+    run, the sweep's copies: all under .dvc/tmp/), where the outputs DVC removed first are no
+    user's; a `dvc exp run` without --temp builds in the workspace, as `dvc repro` does."""
+    inside_tmp = "/.dvc/tmp/" in Path.cwd().resolve().as_posix() + "/"
+    return "DVC_EXP_BASELINE_REV" in os.environ and inside_tmp
+
+
 def _fail(code: int, label: str, err: Exception) -> int:
     """Print the error; leave it for the scheduler too when it asked (exit codes 2-4 are
     deterministic: a retry would fail the same way, or worse, retry an audit until it passes;
@@ -162,13 +170,24 @@ def _fail(code: int, label: str, err: Exception) -> int:
         return code
     print(f"{label}: {err}", file=sys.stderr)
     stage = os.environ.get("DVC_STAGE")  # set by `dvc repro` for the stage's command
-    if stage and "DVC_EXP_BASELINE_REV" not in os.environ:  # an experiment builds apart
+    if stage and not built_apart():
         checked = code == EXIT_BAD_INPUT and stage.partition("@")[0] in ("prepare", "finetune")
+        if "DVC_EXP_BASELINE_REV" in os.environ:  # `dvc exp run` in the workspace
+            what = (
+                f"`dvc exp run` removed {stage}'s previous outputs from the workspace before "
+                "running it, and left its -S values in params.yaml: once params.yaml is fixed "
+                "or back as it was (`git checkout params.yaml`)"
+            )
+            check = "set the values in params.yaml and `privtune check` them before `dvc exp run`"
+        else:
+            what = (
+                f"`dvc repro` removed {stage}'s previous outputs before running it: once the "
+                "input is fixed"
+            )
+            check = "`privtune check` finds such errors before `dvc repro`"
         print(
-            f"(`dvc repro` removed {stage}'s previous outputs before running it: once the "
-            "input is fixed, `dvc repro` brings them back, from DVC's run cache in seconds when "
-            "it is as it was then"
-            + ("; `privtune check` finds such errors before `dvc repro`)" if checked else ")"),
+            f"({what}, `dvc repro` brings them back, from DVC's run cache in seconds when it "
+            "is as it was then" + (f"; {check})" if checked else ")"),
             file=sys.stderr,
         )
     path = os.environ.get(ERROR_FILE_ENV)
