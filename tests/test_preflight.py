@@ -343,3 +343,15 @@ def test_check_reads_a_local_models_tokenizer_and_refuses_a_missing_directory(pr
     err = capsys.readouterr().err
     assert "base.source" in err and "'no-such-model' is neither a known source" in err
     assert {k for k, v in _files(project).items() if before.get(k) != v} == {"params.yaml"}
+
+
+def test_a_whole_run_says_the_checks_warnings_before_it_starts(project, capsys):
+    """The pipeline flow and a profile's run check the project whole first (check_project):
+    its warnings (here: 10 members a side, and canaries that 64 tokens cut) reach the user
+    then, before anything trains, and its plan lines do not."""
+    from privtune.stages.preflight import check_project
+
+    check_project(project)
+    err = capsys.readouterr().err
+    assert "warning: attack.members 10" in err and "planted canary occurrences lie past" in err
+    assert "finetune@dpsgd" not in err

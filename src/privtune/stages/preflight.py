@@ -60,15 +60,20 @@ def check(root: str | Path, target: str) -> None:
 def check_project(root: str | Path, methods: list[str] | None = None) -> None:
     """`check_all` before a whole `dvc repro` of the project at ``root`` (a profile's run, the
     pipeline flow), for ``methods`` (default: all): privtune's own errors raised, anything
-    else left to the stages, as in `check`."""
+    else left to the stages, as in `check`; its warnings said before the run starts (canaries
+    a short max_length cuts, an attack without power for a gate), not after it trained."""
     from privtune.errors import PrivtuneError
+    from privtune.progress import notice
 
     try:
-        check_all(load_params(Path(root) / "params.yaml"), root, methods)
+        lines = check_all(load_params(Path(root) / "params.yaml"), root, methods)
     except PrivtuneError:
         raise
     except Exception:  # noqa: BLE001 (advisory: the stage reports it with its traceback)
         return
+    for line in lines:
+        if line.startswith("warning:"):
+            notice(line)
 
 
 def check_all(params: Params, root: str | Path, methods: list[str] | None = None) -> list[str]:
