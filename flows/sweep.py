@@ -126,7 +126,9 @@ def sweep(
             names = sweep_fanned_out.with_options(task_runner=task_runner)(
                 root=root, points=points, tracking=store, runner=runner.model_dump()
             )
-    get_run_logger().info("compare with: dvc exp show --only-changed")
+    # every metric of every method is a column of `dvc exp show` (about a thousand): narrowed
+    keep = r"Experiment|finetune\.(epsilon|seed)$|.*evaluate-.*:test_perplexity$"
+    get_run_logger().info("compare with: dvc exp show --drop '.*' --keep '%s'", keep)
     return names
 
 
