@@ -138,13 +138,18 @@ def test_a_stage_knows_whether_dvc_exp_run_builds_it_in_the_workspace(tmp_path):
     """What DVC really does (a toy repository): `dvc exp run` runs a stage in the workspace,
     `dvc exp run --temp` in a copy under .dvc/tmp/exps, both with DVC_EXP_BASELINE_REV set;
     `dvc repro` without it."""
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
     def sh(*args: str) -> None:
-        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(args, cwd=tmp_path, env=env, check=True, capture_output=True)
 
     sh("git", "init", "-q")
+    sh("git", "config", "user.name", "t")  # `dvc exp run` commits: an identity of its own
+    sh("git", "config", "user.email", "t@t")
     sh("dvc", "init", "-q")
     (tmp_path / "params.yaml").write_text("x: 1\n")
     probe = "from privtune.cli import built_apart; print(built_apart())"
@@ -153,7 +158,7 @@ def test_a_stage_knows_whether_dvc_exp_run_builds_it_in_the_workspace(tmp_path):
         "    params: [x]\n    outs: [apart.txt]\n"
     )
     sh("git", "add", "-A")
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy")
+    sh("git", "commit", "-qm", "toy")
     sh("dvc", "repro", "-q")
     assert (tmp_path / "apart.txt").read_text().strip() == "False"
     sh("dvc", "exp", "run", "-q", "-S", "x=2")
