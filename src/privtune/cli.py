@@ -175,7 +175,7 @@ def _fail(code: int, label: str, err: Exception) -> int:
         if "DVC_EXP_BASELINE_REV" in os.environ:  # `dvc exp run` in the workspace
             what = (
                 f"`dvc exp run` removed {stage}'s previous outputs from the workspace before "
-                "running it, and left its -S values in params.yaml: once params.yaml is fixed "
+                "running it, and left any -S values in params.yaml: once params.yaml is fixed "
                 "or back as it was (`git checkout params.yaml`)"
             )
             check = "set the values in params.yaml and `privtune check` them before `dvc exp run`"
