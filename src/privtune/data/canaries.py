@@ -329,6 +329,15 @@ def trained_occurrences(
     return counts
 
 
+def planted_and_trained(
+    canaries: Sequence[Canary], train_texts: Sequence[str], tokenizer, max_length: int
+) -> tuple[int, int]:
+    """Planted canary occurrences, and how many of them training sees (`trained_occurrences`
+    summed): what the attack stage records and, with `privtune check`, warns of."""
+    seen = trained_occurrences(canaries, train_texts, tokenizer, max_length)
+    return sum(c.repetitions for c in canaries), sum(seen.values())
+
+
 def unseen_canaries_warning(planted: int, trained: int, max_length: int) -> str | None:
     """What the attack stage (after training) and `privtune check` (before it) say when some
     planted canary occurrences lie past ``base.max_length`` tokens; counts only, no text."""

@@ -269,12 +269,13 @@ def composed_epsilon(
     total = np.zeros(len(orders))
     for params, q, n in lmo:
         total += segment_rdp(params, q, n)
+    key = tuple(orders)
     for z, q, n in gaussian:
         if n <= 0:
             continue
         if z <= 0:
             return math.inf
-        total += _rdp_step(float(z), float(q), tuple(orders)) * n
+        total += _rdp_step(float(z), float(q), key) * n
     return rdp_epsilon(total, orders, delta)
 
 

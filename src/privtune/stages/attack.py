@@ -64,11 +64,10 @@ def _canary_coverage(canaries, train: list[dict], tokenizer, max_length: int) ->
     """How many planted canary occurrences training could see (within base.max_length); says
     so, before the attacks run, when some could not, as their exposure and extraction then
     understate memorisation (`privtune check` says the same before training)."""
-    from privtune.data.canaries import trained_occurrences, unseen_canaries_warning
+    from privtune.data.canaries import planted_and_trained, unseen_canaries_warning
 
-    seen = trained_occurrences(canaries, [r["text"] for r in train], tokenizer, max_length)
-    planted = sum(c.repetitions for c in canaries)
-    trained = sum(seen.values())
+    texts = [r["text"] for r in train]
+    planted, trained = planted_and_trained(canaries, texts, tokenizer, max_length)
     if warning := unseen_canaries_warning(planted, trained, max_length):
         notice(warning)
     return {

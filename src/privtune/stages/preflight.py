@@ -141,17 +141,17 @@ def _unseen_canaries_warning(params: Params, root: Path, built) -> str | None:
     anything trains: from the tokenizer the base stage will use (trained on the public split
     for `build`, a fraction of a second; read from the directory or the GGUF otherwise) and
     the max_length it will resolve. A base.source that names nothing is the stage's error."""
-    from privtune.data.canaries import trained_occurrences, unseen_canaries_warning
+    from privtune.data.canaries import planted_and_trained, unseen_canaries_warning
     from privtune.stages.base import checked_source, resolve_max_length
 
     source = checked_source(params.base, root)  # a bad source: the base stage's error, now
-    planted = sum(c.repetitions for c in built.canaries)
-    tokenizer = _base_tokenizer(params, source, built.splits["public"]) if planted else None
+    planting = any(c.repetitions for c in built.canaries)
+    tokenizer = _base_tokenizer(params, source, built.splits["public"]) if planting else None
     if tokenizer is None:
         return None
     train = [r["text"] for r in built.splits["train"]]
     max_length, _ = resolve_max_length(params.base, tokenizer, train)
-    trained = sum(trained_occurrences(built.canaries, train, tokenizer, max_length).values())
+    planted, trained = planted_and_trained(built.canaries, train, tokenizer, max_length)
     return unseen_canaries_warning(planted, trained, max_length)
 
 
