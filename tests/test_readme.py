@@ -631,7 +631,7 @@ def test_rldp_decision_interval_runs_are_the_committed_runs():
 
 
 def test_rldp_at_twice_the_length_is_the_committed_runs():
-    """563 steps at epsilon 4: every method worse than at 283 steps, the anchor still ahead of
+    """563 steps at epsilon 4: every method worse than at 282 steps, the anchor still ahead of
     DP-SGD in every seed, the policy above the anchor on average and acting more."""
     results = ROOT / "benchmarks" / "results"
     table = (results / "rldp-long-566" / "rldp_ablation.md").read_text().strip()
