@@ -5,8 +5,9 @@ Read top to bottom: ``Trainer`` builds the run (plan, controller, engine, optimi
 sampler); ``train`` runs it: for each logical batch, decide when due (the controller proposes,
 the engine's guard admits), then ``Trainer.step`` (per-sample gradients per physical
 micro-batch, one DP release by the engine, the optimizer), then the callbacks (validation,
-metrics, progress). Nothing here branches on whether the method is private: the mechanism
-(privacy.mechanisms) decides what a release is, and the engine whether it is accounted.
+metrics, progress). The mechanism (privacy.mechanisms) decides what a release is, and the
+engine whether it is accounted; the loop asks whether a method is private only to hand its
+controller the noised statistics alone (``Observation.dp_only``).
 """
 
 from __future__ import annotations
