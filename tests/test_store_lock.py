@@ -56,6 +56,21 @@ def postgres_store(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_a_postgresql_store_that_is_down_is_a_server_error_at_once(tmp_path):
+    """The lock's own connection: exit 6's error (retried by the flows), the setting named,
+    the password hidden, within the connect timeout; nothing held."""
+    from tests.conftest import free_port
+
+    uri = f"postgresql://alice:s3cret@127.0.0.1:{free_port()}/test"
+    lock = StoreLock(uri, "registry", tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        lock.acquire(0)
+    assert time.monotonic() - started < 10 and not lock.held
+    assert "MLFLOW_TRACKING_URI" in str(err.value) and "does not answer" in str(err.value)
+    assert "s3cret" not in str(err.value) and "alice:***@" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("store", "kind"), [("sqlite_store", "file"), ("postgres_store", "postgresql")]
 )

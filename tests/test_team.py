@@ -171,6 +171,30 @@ def test_an_unreachable_tracking_server_fails_at_once_naming_the_setting(
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_unreachable_database_store_fails_at_once_naming_the_setting(
+    tmp_path, monkeypatch, capsys
+):
+    """A PostgreSQL store that is down, as the http server above: MLflow's own client retried
+    its first connection for 2.5 minutes, then exited 5 with the driver's traceback."""
+    from privtune.cli import EXIT_UNAVAILABLE, main
+    from tests.conftest import write_params
+
+    uri = f"postgresql://alice:s3cret@127.0.0.1:{free_port()}/test"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_params(tmp_path / "params.yaml")
+    started = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        tracking.checked_uri(tmp_path)
+    assert "MLFLOW_TRACKING_URI" in str(err.value) and "s3cret" not in str(err.value)
+    with pytest.raises(ServerError), tracking.start_run("x", root=tmp_path):
+        pass
+    assert main(["--root", str(tmp_path), "promote"]) == EXIT_UNAVAILABLE
+    assert time.monotonic() - started < 30
+    stderr = capsys.readouterr().err
+    assert "does not answer" in stderr and "Traceback" not in stderr and "s3cret" not in stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_an_unreachable_server_is_retried_by_the_scheduler():
     from tasks.stages import is_permanent
 

@@ -22,6 +22,7 @@ from typing import Any
 from privtune import io
 
 POLL_SECONDS = 0.5  # how often a waiter asks PostgreSQL again
+CONNECT_SECONDS = 5  # a PostgreSQL that does not answer a connection within this is down
 # Settings of the lock's session. Server-side keepalives (seconds): a holder whose machine
 # vanished without closing its connection is dropped, and its lock freed, after about 60 + 6 x
 # 10 s. No idle timeout: the session idles for the whole run, and a server or role setting
@@ -164,10 +165,17 @@ class StoreLock:
             self.uri,
             poolclass=sqlalchemy.pool.NullPool,
             isolation_level="AUTOCOMMIT",  # no transaction stays open while the lock is held
-            connect_args={"application_name": name},
+            connect_args={"application_name": name, "connect_timeout": CONNECT_SECONDS},
         )
+        try:
+            connection = engine.connect()
+        except sqlalchemy.exc.OperationalError as err:  # down: exit 6, retried, no traceback
+            from privtune.tracking import database_unreachable
+
+            engine.dispose()
+            raise database_unreachable(self.uri, err) from None
         # kept before the lock is asked for: an interrupt once it is granted still frees it
-        self._session = (engine, engine.connect())
+        self._session = (engine, connection)
         try:
             connection = self._session[1]
             for setting, value in _SESSION.items():

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.errors import ConfigError, ServerError
-from privtune.tracking import TELEMETRY_OFF
+from privtune.tracking import TELEMETRY_OFF, redact
 
 POSTGRES_ENV = "PRIVTUNE_POSTGRES_URL"
 # Trust/peer authentication as the current OS user on this machine; set a password in the URL
@@ -80,17 +80,6 @@ def _url(value: str) -> Any:
             "e.g. postgresql://root@127.0.0.1:5432",
         )
     return url
-
-
-def redact(value: str) -> str:
-    """The URL without its password: for messages and logs."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(value).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparsable URL>"
 
 
 def database_url(postgres: str, database: str, driver: str | None = None) -> str:
