@@ -704,3 +704,11 @@ def test_every_params_key_is_documented_in_the_configuration_tables():
             elif not any(re.search(rf"`({section}\.)?{key}`", cell) for cell in cells):
                 missing.append(f"{section}.{key}")
     assert not missing, f"params.yaml keys README's tables leave out: {missing}"
+
+
+def test_the_bad_input_count_is_the_test_files():
+    """README says how many bad inputs the CLI is tested on; the number had drifted (88 said,
+    89 run)."""
+    from tests.test_bad_inputs import CASES
+
+    assert f"`tests/test_bad_inputs.py` runs {len(CASES)} bad inputs" in README
