@@ -57,6 +57,22 @@ def test_a_missing_column_names_it_and_the_columns_present_without_any_record(tm
     assert SECRET not in str(err.value)
 
 
+def test_json_keyed_by_patient_id_is_refused_without_showing_the_ids(tmp_path):
+    """A .json object keyed by MRN (pandas' `to_json(orient="index")`, one line: read as one
+    JSONL record) has ids for keys: the error counts them and says what layout is wanted."""
+    keyed = tmp_path / "notes.json"
+    keyed.write_text(json.dumps({"MRN-40417": {"text": SECRET}, "MRN-40418": {"text": "b"}}))
+    with pytest.raises(DataError, match=r"no `text` column \(2 keys; not shown") as err:
+        load_records(keyed)
+    message = str(err.value)
+    assert "40417" not in message and SECRET not in message
+    assert "not an object keyed by patient or note id" in message
+    wide = tmp_path / "wide.jsonl"
+    wide.write_text(json.dumps({f"c{i}": "x" for i in range(21)}) + "\n")
+    with pytest.raises(DataError, match=r"21 keys; not shown"):
+        load_records(wide)
+
+
 def test_repeated_ids_are_refused_without_showing_the_id(tmp_path):
     csv = tmp_path / "notes.csv"
     csv.write_text("id,text\nMRN-77,a\nMRN-77,b\n")

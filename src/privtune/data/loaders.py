@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,19 +29,43 @@ TEXT_COLUMN = "text"
 GROUP_NUMBER = "group_number"
 
 
+# Keys shown in a missing-column error: a few short names without digit runs. Others may be
+# data: a .json object keyed by patient or note id (`to_json(orient="index")`) has ids as keys.
+_SHOWN_KEYS, _SHOWN_KEY_CHARS = 20, 40
+_ID_LIKE = re.compile(r"\d{3}")
+
+
+def _column_names(present: list[str]) -> str | None:
+    """The present names as the error may show them, or None when some may be data."""
+    names = sorted(map(str, present))
+    if len(names) > _SHOWN_KEYS or any(
+        len(n) > _SHOWN_KEY_CHARS or _ID_LIKE.search(n) for n in names
+    ):
+        return None
+    return str(names)
+
+
 def _missing_column(
     source: str, column: str, present: list[str], which: str = "text", named: bool = True
 ) -> DataError:
-    """`named`: the present names may be shown; a CSV's header row may be a record (a file
-    without a header), so its cells are counted, never echoed."""
+    """`named`: the present names may be shown (when they look like names, not ids: see
+    `_column_names`); a CSV's header row may be a record (a file without a header), so its
+    cells are counted, never echoed."""
     key = f"prepare.{which}_column"
     held = {"text": "document text", "id": "ids", "group": "patient (group) ids"}[which]
     fix = f"set {key} to the column holding the {held}"
     if which == "text":
         fix += f", or rename that column to `{column}`"
-    if named:
-        names = sorted(map(str, present))
+    if named and (names := _column_names(present)) is not None:
         return DataError(source, f"no `{column}` column (columns: {names})", fix)
+    if named:
+        return DataError(
+            source,
+            f"no `{column}` column ({len(present)} keys; not shown, as some look like data: "
+            "long, or with digits, as ids would be)",
+            "each record must be one object whose keys are the columns (a .json array of "
+            "them, or JSONL: one a line), not an object keyed by patient or note id; then " + fix,
+        )
     return DataError(
         source,
         f"no `{column}` column in the header row ({len(present)} columns; their names are not "

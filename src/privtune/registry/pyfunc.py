@@ -8,6 +8,7 @@ privacy model card is among those artifacts too.
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ class GenerationModel(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from privtune.modeling import load_adapter
+
+        # MLflow's schema check quotes the whole input when it fails (a frame whose first
+        # column is not the prompts): prompts may be patients' notes. Its own switch, unless
+        # the loading process set it.
+        os.environ.setdefault("MLFLOW_DISABLE_SCHEMA_DETAILS", "true")
 
         base = context.artifacts["base"]
         self.tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
