@@ -36,6 +36,11 @@ def test_jsonl_csv_and_datasets_dir_load_the_same_texts(tmp_path):
         ("e.csv", "", "empty"),
         ("f.jsonl", '{"text": ""}\n', "empty or non-string"),
         ("g.parquet", "x", "unsupported file type"),
+        # half an emoji's surrogate pair: read fine, then prepare's UTF-8 write failed (exit 5)
+        ("i.jsonl", '{"text": "secret text \\ud83d"}\n', "record 1's `text` has half of a"),
+        ("j.json", '[{"text": "secret text \\udc00"}]', "at character 12: not Unicode text"),
+        # json.loads' ValueError for an integer over Python's digit limit (was exit 5)
+        ("k.jsonl", '{"text": "secret text", "n": ' + "9" * 5000 + "}\n", "line 1 holds a number"),
     ],
 )
 def test_bad_files_give_errors_naming_the_problem_without_record_text(
@@ -227,3 +232,14 @@ def test_a_datasetdict_without_train_split_names_its_splits(tmp_path):
     one = datasets.DatasetDict({"notes": datasets.Dataset.from_list(ROWS)})
     one.save_to_disk(str(tmp_path / "one"))
     assert len(load_records(tmp_path / "one")) == 2  # a single split is the corpus
+
+
+def test_half_a_surrogate_pair_in_an_id_or_group_is_refused_by_field(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"text": "a", "mrn": "MRN-7\\ud83d", "pid": "P1"}\n')
+    with pytest.raises(DataError, match=r"`mrn` has half of a UTF-16 .* not Unicode an id") as err:
+        load_records(path, id_column="mrn")
+    assert "MRN-7" not in str(err.value)
+    path.write_text('{"text": "a", "pid": "P\\udc001"}\n')
+    with pytest.raises(DataError, match=r"`pid` has half of a UTF-16"):
+        load_records(path, group_column="pid")

@@ -151,6 +151,8 @@ def _check_rows(
             )
         if len(text) > max_chars:
             raise _too_long(source, f"record {index + 1}", len(text), max_chars)
+        if err := _lone_surrogate(source, index + 1, text_column, text):
+            raise err
         record = {"text": text}
         if id_column is not None:
             value = row[id_column]
@@ -161,6 +163,8 @@ def _check_rows(
                     f"give every record an id in `{id_column}`, or set prepare.id_column to null",
                 )
             record["id"] = str(value)
+            if err := _lone_surrogate(source, index + 1, id_column, record["id"], "an id"):
+                raise err
             if record["id"] in seen:  # the value itself may identify a patient: not shown
                 raise DataError(
                     source,
@@ -178,6 +182,8 @@ def _check_rows(
                     f"give every record the id of its patient (group) in `{group_column}`, "
                     "or set prepare.group_column to null",
                 )
+            if err := _lone_surrogate(source, index + 1, group_column, group, "an id"):
+                raise err
             record["group"] = group
         out.append(record)
     return out
@@ -186,6 +192,33 @@ def _check_rows(
 def _json_error(err: json.JSONDecodeError, where: str) -> str:
     """json's message and position, never the text around it (it may be a record)."""
     return f"{where} is not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+
+
+def _json_number_error(path: Path, where: str) -> DataError:
+    """The one ValueError json.loads raises besides a syntax error: an integer longer than
+    Python's limit on converting digits (4,300), which is not a field of any corpus."""
+    return DataError(
+        str(path),
+        f"{where} holds a number of more than 4,300 digits, which Python's JSON reader refuses",
+        "remove that field or write it as a string",
+    )
+
+
+def _lone_surrogate(
+    source: str, record: int, column: str, value: str, what: str = "text"
+) -> DataError | None:
+    """A JSON escape of half a UTF-16 pair ("\\ud83d" alone: a tool that cut an emoji in two)
+    decodes to a string no UTF-8 file can hold: prepare's write would fail after reading."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return DataError(
+            source,
+            f"record {record}'s `{column}` has half of a UTF-16 surrogate pair (a \\ud800-"
+            f"\\udfff escape without its other half) at character {err.start}: not Unicode {what}",
+            "re-export the file from its source as UTF-8, or remove that escape",
+        )
+    return None
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -208,6 +241,8 @@ def load_json_array(
     except json.JSONDecodeError as err:
         problem = _json_error(err, f"line {err.lineno}")
         raise DataError(str(path), problem, "write one JSON array of objects") from None
+    except ValueError:
+        raise _json_number_error(path, "the file") from None
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             problem = f"element {index + 1} of the array is not a JSON object"
@@ -240,6 +275,8 @@ def load_jsonl(
             except json.JSONDecodeError as err:
                 problem = _json_error(err, f"line {number}")
                 raise DataError(str(path), problem, "write one JSON object per line") from None
+            except ValueError:
+                raise _json_number_error(path, f"line {number}") from None
             if not isinstance(row, dict):
                 raise DataError(str(path), f"line {number} is not a JSON object", "use {...}")
             rows.append(row)
