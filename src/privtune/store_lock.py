@@ -177,7 +177,6 @@ class StoreLock:
         # kept before the lock is asked for: an interrupt once it is granted still frees it
         self._session = (engine, connection)
         try:
-            connection = self._session[1]
             for setting, value in _SESSION.items():
                 try:
                     connection.execute(sqlalchemy.text(f"SET {setting} = {value}"))

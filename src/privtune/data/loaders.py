@@ -151,8 +151,7 @@ def _check_rows(
             )
         if len(text) > max_chars:
             raise _too_long(source, f"record {index + 1}", len(text), max_chars)
-        if err := _lone_surrogate(source, index + 1, text_column, text):
-            raise err
+        _require_unicode(source, index + 1, text_column, text)
         record = {"text": text}
         if id_column is not None:
             value = row[id_column]
@@ -163,8 +162,7 @@ def _check_rows(
                     f"give every record an id in `{id_column}`, or set prepare.id_column to null",
                 )
             record["id"] = str(value)
-            if err := _lone_surrogate(source, index + 1, id_column, record["id"], "an id"):
-                raise err
+            _require_unicode(source, index + 1, id_column, record["id"], "an id")
             if record["id"] in seen:  # the value itself may identify a patient: not shown
                 raise DataError(
                     source,
@@ -182,8 +180,7 @@ def _check_rows(
                     f"give every record the id of its patient (group) in `{group_column}`, "
                     "or set prepare.group_column to null",
                 )
-            if err := _lone_surrogate(source, index + 1, group_column, group, "an id"):
-                raise err
+            _require_unicode(source, index + 1, group_column, group, "an id")
             record["group"] = group
         out.append(record)
     return out
@@ -204,21 +201,19 @@ def _json_number_error(path: Path, where: str) -> DataError:
     )
 
 
-def _lone_surrogate(
-    source: str, record: int, column: str, value: str, what: str = "text"
-) -> DataError | None:
-    """A JSON escape of half a UTF-16 pair ("\\ud83d" alone: a tool that cut an emoji in two)
-    decodes to a string no UTF-8 file can hold: prepare's write would fail after reading."""
+def _require_unicode(source: str, record: int, column: str, value: str, what: str = "text") -> None:
+    """Refused here, by record and column: half a UTF-16 pair as a JSON escape ("\\ud83d"
+    alone, from a tool that cut an emoji in two) decodes to a string no UTF-8 file can hold,
+    so prepare's write would fail after reading."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        return DataError(
+        raise DataError(
             source,
             f"record {record}'s `{column}` has half of a UTF-16 surrogate pair (a \\ud800-"
             f"\\udfff escape without its other half) at character {err.start}: not Unicode {what}",
             "re-export the file from its source as UTF-8, or remove that escape",
-        )
-    return None
+        ) from None
 
 
 def _starts_with_array(path: Path) -> bool:
