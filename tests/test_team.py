@@ -195,6 +195,75 @@ def test_an_unreachable_database_store_fails_at_once_naming_the_setting(
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _local_postgres(**parts: str) -> str:
+    """TEST_POSTGRES with another user or database, or a skip when it does not answer."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        team.check_postgres(TEST_POSTGRES, timeout=3)
+    except ServerError as err:
+        pytest.skip(f"no PostgreSQL to refuse a login: {err}")
+    return make_url(TEST_POSTGRES).set(**parts).render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("refused", ["role", "database"])
+def test_a_store_whose_server_refuses_the_login_or_database_is_bad_configuration(
+    refused, tmp_path, monkeypatch, capsys
+):
+    """The server answered and said no (no such role, no such database, a wrong password): a
+    retry cannot fix that, so exit 2 (bad configuration, not retried), not 6, naming the
+    setting and what to check, without the password and without a traceback."""
+    from privtune.cli import EXIT_BAD_INPUT, main
+    from tests.conftest import write_params
+
+    if refused == "role":
+        uri = _local_postgres(username=f"privtune_nobody_{secrets.token_hex(3)}", password="s3cret")
+    else:
+        uri = _local_postgres(database=f"privtune_missing_{secrets.token_hex(3)}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_params(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError) as err:
+        tracking.checked_uri(tmp_path)
+    message = str(err.value)
+    assert "MLFLOW_TRACKING_URI" in message and "refused" in message
+    assert "does not exist" in message and "s3cret" not in message
+    assert main(["--root", str(tmp_path), "promote"]) == EXIT_BAD_INPUT
+    stderr = capsys.readouterr().err
+    assert "refused" in stderr and "Traceback" not in stderr and "s3cret" not in stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_team_up_with_a_refused_login_exits_2_and_starts_nothing(tmp_path, capsys):
+    url = _local_postgres(username=f"privtune_nobody_{secrets.token_hex(3)}", password="s3cret")
+    with pytest.raises(ConfigError):
+        team.check_postgres(url)
+    home = tmp_path / "home"
+    assert team.main(["up", "--postgres", url, "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert "refused the login" in err and "role must exist" in err and "s3cret" not in err
+    assert not home.exists()
+
+
+@pytest.mark.parametrize(
+    ("first_line", "refused"),
+    [
+        ('connection to server at "h", port 5432 failed: FATAL:  password authentication '
+         'failed for user "alice"', True),
+        ('connection to server at "h", port 5432 failed: FATAL:  no pg_hba.conf entry for host '
+         '"10.0.0.2", user "alice", database "x", no encryption', True),
+        ("(1045, \"Access denied for user 'alice'@'10.0.0.2' (using password: YES)\")", True),
+        ("(1049, \"Unknown database 'privtune'\")", True),
+        ('connection to server at "h", port 5432 failed: FATAL:  the database system is '
+         "starting up", False),
+        ('connection to server at "h", port 5432 failed: FATAL:  sorry, too many clients '
+         "already", False),
+        ('connection to server at "h", port 5432 failed: Connection refused', False),
+    ],
+)  # fmt: skip
+def test_only_a_refusal_is_told_from_a_server_that_may_answer_later(first_line, refused):
+    assert tracking.login_refused(first_line) is refused
+
+
 def test_an_unreachable_server_is_retried_by_the_scheduler():
     from tasks.stages import is_permanent
 

@@ -169,11 +169,11 @@ class StoreLock:
         )
         try:
             connection = engine.connect()
-        except sqlalchemy.exc.OperationalError as err:  # down: exit 6, retried, no traceback
-            from privtune.tracking import database_unreachable
+        except sqlalchemy.exc.OperationalError as err:  # down: exit 6; refused: 2; no traceback
+            from privtune.tracking import database_error
 
             engine.dispose()
-            raise database_unreachable(self.uri, err) from None
+            raise database_error(self.uri, err) from None
         # kept before the lock is asked for: an interrupt once it is granted still frees it
         self._session = (engine, connection)
         try:

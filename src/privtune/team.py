@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.errors import ConfigError, ServerError
-from privtune.tracking import TELEMETRY_OFF, redact
+from privtune.tracking import TELEMETRY_OFF, driver_first_line, login_refused, redact
 
 POSTGRES_ENV = "PRIVTUNE_POSTGRES_URL"
 # Trust/peer authentication as the current OS user on this machine; set a password in the URL
@@ -125,7 +125,15 @@ def _connect(postgres: str, database: str | None = None, timeout: int = 5) -> An
             connect_timeout=timeout,
         )
     except psycopg2.OperationalError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = driver_first_line(err)
+        if login_refused(first):  # a retry will not change it: exit 2, not 6
+            raise ConfigError(
+                POSTGRES_FIELD,
+                f"PostgreSQL at {redact(postgres)} refused the login ({first})",
+                "check the user, password and database in the setting (postgresql://USER"
+                "[:PASSWORD]@HOST:PORT[/DATABASE], postgres when none is named): the role must "
+                "exist and may log in, the database must exist",
+            ) from None
         raise ServerError(
             POSTGRES_FIELD,
             f"PostgreSQL at {redact(postgres)} is not reachable ({first})",

@@ -91,13 +91,48 @@ def redact(url: str) -> str:
         return "<unparsable URL>"
 
 
-def database_unreachable(uri: str, err: BaseException) -> Exception:
-    """The ServerError of a database store that refused a connection: its URL without the
-    password and the driver's first line (which names the host, never a record)."""
-    from privtune.errors import ServerError
+# What a database server says when it answered and refused the login or the database name
+# (PostgreSQL's and MySQL's own words): a retry will not change that, so it is a setting to
+# fix (exit 2), not a server that is down (exit 6, retried). Matched on text because psycopg2
+# gives a refused connection no SQLSTATE; a server speaking another language falls back to 6.
+_REFUSALS = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # the database or the role
+    "access denied for user",
+    "unknown database",
+)
 
+
+def driver_first_line(err: BaseException) -> str:
+    """A driver error's first line (SQLAlchemy's wrapper unwrapped): it names the host, the
+    user and the database, never a password or a record."""
     text = str(getattr(err, "orig", None) or err).strip()
-    first = text.splitlines()[0] if text else type(err).__name__
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def login_refused(first_line: str) -> bool:
+    """Whether a connection error is the server refusing the login or database (a setting to
+    fix), not a server that does not answer."""
+    return any(words in first_line.lower() for words in _REFUSALS)
+
+
+def database_error(uri: str, err: BaseException) -> Exception:
+    """The error of a database store that could not be connected to: a ConfigError when the
+    server refused the login or the database, else a ServerError (retried); its URL without
+    the password and the driver's first line."""
+    from privtune.errors import ConfigError, ServerError
+
+    first = driver_first_line(err)
+    if login_refused(first):
+        return ConfigError(
+            TRACKING_ENV,
+            f"the MLflow store's database server refused {redact(uri)} ({first})",
+            "check the user, password and database name in the URL (MLflow does not create "
+            f"the database: createdb NAME), or unset {TRACKING_ENV} to use the project's own "
+            "sqlite store",
+        )
     return ServerError(
         TRACKING_ENV,
         f"the MLflow store's database {redact(uri)} does not answer ({first})",
@@ -110,7 +145,7 @@ def check_database(uri: str, timeout: int = 5) -> None:
     """A database store must accept a connection now. MLflow's SqlAlchemyStore retries its
     first connection for minutes (2.5 measured against a closed PostgreSQL port) and then
     raises the driver's error, a traceback; this fails within ``timeout`` seconds, naming the
-    setting. Once per store and process."""
+    setting (a refused login or database: ConfigError). Once per store and process."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0]
     if scheme not in DATABASE_SCHEMES or uri in _REACHED:
         return
@@ -122,7 +157,7 @@ def check_database(uri: str, timeout: int = 5) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.OperationalError as err:
-        raise database_unreachable(uri, err) from None
+        raise database_error(uri, err) from None
     finally:
         engine.dispose()
     _REACHED.add(uri)
