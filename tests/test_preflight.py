@@ -49,6 +49,31 @@ def test_the_scheduler_refuses_before_dvc_and_keeps_the_outputs(project):
     assert all(_files(project)[k] == v for k, v in before.items() if k != "params.yaml")
 
 
+def test_a_library_failure_in_the_preflight_is_left_to_the_stage(project, monkeypatch):
+    """Anything but privtune's own errors is not the preflight's to report: a library's
+    exception (which may quote what it read: a record, a path) is not raised to the scheduler
+    (a Prefect task state, a lane's log) but left to the stage, which raises it in its own
+    process with its traceback (exit 5). A privtune error still comes through."""
+    from privtune.errors import DataError
+    from privtune.stages import finetune, preflight, prepare
+
+    def library_failure(*args, **kwargs):
+        raise ValueError("Patient 4411 was admitted with ...")
+
+    monkeypatch.setattr(prepare, "build", library_failure)
+    monkeypatch.setattr(finetune, "finetune_plan", library_failure)
+    assert preflight.check(project, "prepare") is None
+    assert preflight.check(project, "finetune@dpsgd") is None
+    assert preflight.check_project(project) is None
+
+    def refused(*args, **kwargs):
+        raise DataError("prepare.source", "no text column", "name it")
+
+    monkeypatch.setattr(prepare, "build", refused)
+    with pytest.raises(DataError, match="prepare.source"):
+        preflight.check(project, "prepare")
+
+
 def test_a_good_project_passes_and_other_stages_are_left_to_dvc(project):
     from privtune.stages import preflight
 
