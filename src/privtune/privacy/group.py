@@ -17,8 +17,11 @@ def group_guarantee(k: int, epsilon: float, delta: float) -> tuple[float, float 
     """(ε, δ) for a group of ``k`` records; δ None when the bound is 1 or more (none at all)."""
     if k < 1:
         raise ValueError(f"a group has at least one record, got k = {k}")
-    group_delta = k * math.exp((k - 1) * epsilon) * delta
-    return k * epsilon, (group_delta if group_delta < 1 else None)
+    if delta <= 0:  # pure DP: a group's δ is 0 as well
+        return k * epsilon, 0.0
+    # in logs: e^((k-1)·ε) overflows a float from (k-1)·ε ≈ 710 (90 notes of a patient at ε 8)
+    log_delta = math.log(k) + (k - 1) * epsilon + math.log(delta)
+    return k * epsilon, (math.exp(log_delta) if log_delta < 0 else None)
 
 
 def per_group(groups: dict[str, Any] | None, epsilon: float, delta: float) -> dict[str, Any] | None:
