@@ -279,6 +279,7 @@ CASES = [
         params(methods={"mine": {"method": "magic"}}),
     ),
     Case("unknown-entry", ("finetune", "nosuch"), ("methods.nosuch",)),
+    Case("device-unknown", FT, ("finetune.device", "tpu9"), params(finetune={"device": "tpu9"})),
     # -- refused when the stage starts, before an MLflow run or a file ------------------------
     Case(
         "device-cuda",
@@ -287,7 +288,6 @@ CASES = [
         params(finetune={"device": "cuda"}),
         (no_cuda,),
     ),
-    Case("device-unknown", FT, ("finetune.device", "tpu9"), params(finetune={"device": "tpu9"})),
     Case(
         "base-device-cuda",
         ("base",),

@@ -153,3 +153,48 @@ def test_malformed_yaml(tmp_path):
     bad.write_text(yaml.safe_dump({"finetune": {"epsilon": "eight"}}))
     with pytest.raises(ConfigError, match=r"finetune\.epsilon"):
         load_params(bad)
+
+
+@pytest.mark.parametrize(
+    "corpus",
+    [
+        "note_id,patient,body\nn1,P0010,Seen in clinic: Assessment: depression, MRN 4411.\n",
+        '{"rid": "n00001", "pt": "P0010", "note": "Seen in clinic, MRN 4411."}\n'
+        '{"rid": "n00002", "pt": "P0011", "note": "Admitted: MRN 4412."}\n',
+    ],
+)
+def test_a_corpus_passed_as_the_parameter_file_is_not_quoted(tmp_path, corpus):
+    """`--params notes.csv` (the corpus for the parameter file): PyYAML's error carries a
+    snippet of the file, a patient's note; the message keeps only its problem and position."""
+    notes = tmp_path / "notes.csv"
+    notes.write_text(corpus)
+    with pytest.raises(ConfigError, match=r"not valid YAML \(.*line \d+, column \d+\)") as err:
+        load_params(notes)
+    message = str(err.value)
+    assert "MRN" not in message and "P0010" not in message and "n00001" not in message
+    assert "not the corpus" in message
+
+
+def test_a_directory_or_binary_file_as_the_parameter_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a parameter file"):
+        load_params(tmp_path)
+    latin = tmp_path / "notes.csv"
+    latin.write_bytes("note\nPatient Ren\xe9e, MRN 4411\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte offset 16\)") as err:
+        load_params(latin)
+    assert "Ren" not in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["finetune", "base"])
+def test_a_device_name_torch_does_not_know_is_refused_when_params_load(tmp_path, field):
+    """`privtune check` (and a stage's preflight) loads params: `device: gpu` is refused there,
+    not after prepare and base ran. Whether this machine has CUDA is the stage's check: a GPU
+    worker's params are often checked on a CPU machine."""
+    path = tmp_path / "params.yaml"
+    for bad in ("gpu", "Cuda", "cuda:", "cuda:x"):
+        path.write_text(yaml.safe_dump({field: {"device": bad}}))
+        with pytest.raises(ConfigError, match=rf"{field}\.device: must be auto .*cuda:N"):
+            load_params(path)
+    for good in ("auto", "cpu", "cuda", "cuda:3"):
+        path.write_text(yaml.safe_dump({field: {"device": good}}))
+        assert getattr(load_params(path), field).device == good

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -47,6 +48,21 @@ MAX_RECORD_CHARS = 100_000
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device_name(value: str) -> str:
+    """A device torch knows, checked when params load (`privtune check`, the schema), not
+    when a stage starts; whether this machine has it is the stage's check (a GPU worker's
+    params are often checked on a CPU machine)."""
+    if not _DEVICES.fullmatch(value):
+        raise ValueError("must be auto (CUDA when present), cpu, cuda or cuda:N")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device_name)]
 
 
 class CanaryParams(_Section):
@@ -181,7 +197,7 @@ class BaseParams(_Section):
     # Keeps the base's predictions calibrated on text unlike the public split, which leaves
     # low-rank fine-tuning room to move them (0 = plain cross-entropy).
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
-    device: str = "auto"
+    device: Device = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -217,7 +233,7 @@ class FinetuneParams(_Section):
     # subtract the noise. false seeds them from `seed` (published with the model): reproducible
     # runs for tests and paired benchmarks, refused by the promotion's `noise` gate.
     secret_noise: bool = True
-    device: str = "auto"
+    device: Device = "auto"
     epsilon: float = Field(default=8.0, description="target epsilon for every private method")
     # null = 1 / (10 N), well below the 1/N a meaningful delta must stay under
     delta: float | None = None
@@ -550,6 +566,17 @@ def method_options(
         raise _format_validation_error(path, err, f"methods.{entry}.", allowed) from None
 
 
+_YAML_FIX = "fix the YAML syntax (is --params the parameter file, not the corpus?)"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and position without its snippet of the file: passed a corpus by
+    mistake (`--params notes.csv`), the snippet is a patient's note."""
+    problem = getattr(err, "problem", None) or type(err).__name__
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_params(path: str | Path = "params.yaml", required: Sequence[str] = ()) -> Params:
     """Read and validate params.yaml; every error names the field and how to fix it.
 
@@ -561,14 +588,18 @@ def load_params(path: str | Path = "params.yaml", required: Sequence[str] = ()) 
     if not path.is_file():
         raise ConfigError(
             str(path),
-            "parameter file not found",
+            "is a directory, not a parameter file" if path.is_dir() else "parameter file not found",
             "write the file, or pass --params with its path (relative to the current "
             "directory, or absolute)",
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            str(path), f"not UTF-8 text (byte offset {err.start})", "pass params.yaml with --params"
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(str(path), f"not valid YAML ({err})", "fix the YAML syntax") from None
+        raise ConfigError(str(path), f"not valid YAML ({_yaml_problem(err)})", _YAML_FIX) from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(str(path), "top level must be a mapping", "use `section: {key: value}`")
     for section in required:
