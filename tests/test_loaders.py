@@ -243,3 +243,68 @@ def test_half_a_surrogate_pair_in_an_id_or_group_is_refused_by_field(tmp_path):
     path.write_text('{"text": "a", "pid": "P\\udc001"}\n')
     with pytest.raises(DataError, match=r"`pid` has half of a UTF-16"):
         load_records(path, group_column="pid")
+
+
+@pytest.mark.parametrize("header", ["note_id,body,body", "body,note_id,body"])
+def test_a_header_naming_a_read_column_twice_is_refused(tmp_path, header):
+    """csv's rows as dicts keep the last of two `body` cells: the model would train on a triage
+    comment (or the ids) in place of the note, with no error."""
+    path = tmp_path / "notes.csv"
+    path.write_text(f"{header}\nn1,Patient seen for cough,triage comment 1\n")
+    with pytest.raises(DataError, match=r"names `body` 2 times \(columns [12], 3\)") as err:
+        load_records(path, text_column="body", id_column="note_id")
+    assert "cough" not in str(err.value) and "triage" not in str(err.value)
+    path.write_text("note_id,body,extra,extra\nn1,Patient seen for cough,a,b\n")  # not read
+    assert load_records(path, text_column="body") == [{"text": "Patient seen for cough"}]
+
+
+@pytest.mark.parametrize("header", ["note_id, patient, body", "Note_ID,Patient,Body"])
+def test_a_column_named_but_for_case_or_spaces_is_pointed_at(tmp_path, header):
+    path = tmp_path / "notes.csv"
+    path.write_text(f"{header}\nn1,P1,Patient seen for cough\n")
+    with pytest.raises(
+        DataError, match=r"no `body` column; ' ?[bB]ody' differs from it only"
+    ) as err:
+        load_records(path, text_column="body")
+    assert "prepare.text_column to" in str(err.value) and "cough" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("bom", "encoding"),
+    [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe\x00\x00", "utf-32-le")],
+)
+def test_a_utf16_or_utf32_file_is_named_with_the_right_fix(tmp_path, bom, encoding):
+    """Excel's "Unicode Text" is UTF-16 with a byte-order mark; the generic fix (latin1 to
+    UTF-8) would turn it into text full of NUL characters."""
+    path = tmp_path / "notes.csv"
+    path.write_bytes(bom + "text\nRenée, MRN 4411\n".encode(encoding))
+    family = encoding[:6]
+    with pytest.raises(DataError, match=f"{family.upper()} text, not UTF-8") as err:
+        load_records(path)
+    assert f"iconv -f {family} -t utf-8" in str(err.value) and "Ren" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(1.0, "a number with a fraction"), (True, "a boolean"), (["P1"], "a JSON array"),
+     ({"a": 1}, "a JSON object")],
+)  # fmt: skip
+def test_an_id_or_group_of_another_json_type_is_refused_by_type(tmp_path, value, kind):
+    path = tmp_path / "notes.jsonl"
+    for column in ("rid", "pt"):
+        rows = [{"rid": "n1", "pt": "P1", "text": "a"}, {"rid": "n2", "pt": "P2", "text": "b"}]
+        rows[1][column] = value
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        with pytest.raises(DataError, match=f"record 2 has `{column}` as {kind}"):
+            load_records(path, id_column="rid", group_column="pt")
+
+
+def test_integer_ids_load_and_ids_are_compared_without_surrounding_spaces(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    rows = [{"rid": 17, "text": "a"}, {"rid": "n2", "text": "b"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert [r["id"] for r in load_records(path, id_column="rid")] == ["17", "n2"]
+    rows.append({"rid": "n2 ", "text": "c"})  # the same id as n2, as "P1 " is patient P1
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match="record 3 repeats an id"):
+        load_records(path, id_column="rid")

@@ -56,6 +56,15 @@ def _missing_column(
     fix = f"set {key} to the column holding the {held}"
     if which == "text":
         fix += f", or rename that column to `{column}`"
+    near = [
+        n for n in map(str, present) if n != column and n.strip().casefold() == column.casefold()
+    ]
+    if near:  # it equals the name asked for but for case and spaces: nothing of a record
+        return DataError(
+            source,
+            f"no `{column}` column; {near[0]!r} differs from it only in case or spaces",
+            f"set {key} to {near[0]!r} exactly, or rename that column to `{column}`",
+        )
     if named and (names := _column_names(present)) is not None:
         return DataError(source, f"no `{column}` column (columns: {names})", fix)
     if named:
@@ -93,6 +102,20 @@ def _require_columns(
             raise DataError(err.field, f"record {record} has {err.problem}", err.fix)
 
 
+def _require_unique_columns(source: str, header: list[str], used: tuple) -> None:
+    """A column privtune reads is named once: with two `text` columns a record would take the
+    last one's cells (a triage comment for the note), silently."""
+    for column in dict.fromkeys(c for c in used if c is not None):
+        places = [str(i + 1) for i, name in enumerate(header) if name == column]
+        if len(places) > 1:
+            raise DataError(
+                source,
+                f"the header row names `{column}` {len(places)} times (columns "
+                f"{', '.join(places)})",
+                f"rename the other columns, so that `{column}` names only the one to read",
+            )
+
+
 def _not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
     """Where the bad bytes are (line and byte offset), never what the record says."""
     return DataError(
@@ -102,10 +125,27 @@ def _not_utf8(path: Path, line: int, offset: int, byte: int) -> DataError:
     )
 
 
+_OTHER_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 def _read_utf8(path: Path) -> str:
     """The whole file as text, without a byte-order mark (Excel's "CSV UTF-8" starts with one,
     which would prefix the first column's name)."""
     data = path.read_bytes()
+    for mark, encoding in _OTHER_BOMS:  # UTF-32's marks first: they begin with UTF-16's
+        if data.startswith(mark):
+            raise DataError(
+                str(path),
+                f"{encoding.upper()} text, not UTF-8 (it starts with a {encoding.upper()} "
+                'byte-order mark, as Excel\'s "Unicode Text" export writes)',
+                f"re-encode the file as UTF-8 (e.g. `iconv -f {encoding} -t utf-8 in > out`), "
+                "then rerun",
+            )
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[bom:].decode("utf-8")
@@ -122,6 +162,22 @@ def _too_long(source: str, where: str, length: int | None, limit: int) -> DataEr
         "split long documents into records of at most that many characters, or raise "
         "prepare.max_record_chars (tokenizing and memory grow with it; records are truncated "
         "to base.max_length tokens anyway)",
+    )
+
+
+def _id_value(source: str, record: int, column: str, value: object) -> object:
+    """An id or group value as JSON may give it: a string or an integer (or null, refused as
+    empty by the caller). A float (1.0 would not repeat 1), a boolean, an array or an object
+    is refused by its type; the value is never shown."""
+    if value is None or isinstance(value, str) or type(value) is int:
+        return value
+    kind = {bool: "a boolean", float: "a number with a fraction part or exponent"}.get(
+        type(value), f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    )
+    raise DataError(
+        source,
+        f"record {record} has `{column}` as {kind}",
+        f"write every `{column}` as a string or an integer",
     )
 
 
@@ -154,14 +210,14 @@ def _check_rows(
         _require_unicode(source, index + 1, text_column, text)
         record = {"text": text}
         if id_column is not None:
-            value = row[id_column]
+            value = _id_value(source, index + 1, id_column, row[id_column])
             if value is None or not str(value).strip():
                 raise DataError(
                     source,
                     f"record {index + 1} has an empty `{id_column}`",
                     f"give every record an id in `{id_column}`, or set prepare.id_column to null",
                 )
-            record["id"] = str(value)
+            record["id"] = str(value).strip()  # "n2 " is n2, as a group's id is
             _require_unicode(source, index + 1, id_column, record["id"], "an id")
             if record["id"] in seen:  # the value itself may identify a patient: not shown
                 raise DataError(
@@ -172,7 +228,8 @@ def _check_rows(
             seen.add(record["id"])
         if group_column is not None:
             # "P1 " is P1: a stray space splits no patient in two
-            group = "" if row[group_column] is None else str(row[group_column]).strip()
+            value = _id_value(source, index + 1, group_column, row[group_column])
+            group = "" if value is None else str(value).strip()
             if not group:  # the value is never shown
                 raise DataError(
                     source,
@@ -317,6 +374,9 @@ def load_csv(
                     named = text_column in header
                     _require_columns(
                         str(path), header, text_column, id_column, None, named, group_column
+                    )
+                    _require_unique_columns(
+                        str(path), header, (text_column, id_column, group_column)
                     )
                     continue
                 if len(fields) != len(header):
