@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from privtune.config import load_params
 from privtune.stages.report import summary_table
@@ -177,6 +178,17 @@ def test_smollm2_attacks_table_is_the_committed_run_and_shows_power():
     assert open_model["mia_loss_auc_ci_low"] > 0.5
     assert private["mia_loss_auc_ci_low"] < 0.5 < private["mia_loss_auc_ci_high"]
     assert f"{open_model['mia_loss_auc_ci_low']:.3f}" in README
+    # the black-box audit: a positive bound from the non-private model's outputs alone, and
+    # none past the claimed epsilon under DP-SGD
+    assert open_model["audit_blackbox_epsilon_lower_bound"] > 0
+    assert f"ε ≥ {open_model['audit_blackbox_epsilon_lower_bound']:.2f}" in README
+    assert private["audit_blackbox_epsilon_lower_bound"] <= 8.0
+    # the same profile without the audit's canaries, quoted beside it
+    before = results.parent / "smollm2-cpu-attacks-no-audit"
+    assert yaml.safe_load((before / "params.yaml").read_text())["prepare"]["canaries"]["audit"] == 0
+    earlier = json.loads((before / "metrics" / "attack-nonprivate.json").read_text())
+    assert f"AUC {earlier['mia_loss_auc']:.3f} ({earlier['mia_loss_auc_ci_low']:.3f}" in README
+    assert f"{earlier['exposure_r1_mean']:.1f} bits for" in README
 
 
 def test_rldp_table_is_the_committed_benchmark_and_every_run_kept_its_budget():
