@@ -167,8 +167,9 @@ def _split(
     if len(splits["train"]) < 2:
         raise DataError(  # the fix says what the cap left out (_fewer_members_fix)
             "prepare.source",
-            f"only {len(records)} record{'' if len(records) == 1 else 's'}: too few for an attack split of attack.members = "
-            f"{params.attack.members} and train/valid/test splits",
+            f"only {len(records)} record{'' if len(records) == 1 else 's'}: too few for an "
+            f"attack split of attack.members = {params.attack.members} and train/valid/test "
+            "splits",
             _fewer_members_fix(records, params, left_by_cap)
             + ", or lower prepare.valid_fraction / prepare.test_fraction",
         )
