@@ -155,30 +155,48 @@ def test_malformed_yaml(tmp_path):
         load_params(bad)
 
 
+@pytest.mark.parametrize("name", ["notes.csv", "notes.jsonl", "notes.JSON", "notes.txt"])
+def test_a_corpus_passed_as_the_parameter_file_is_refused_by_its_suffix(tmp_path, name):
+    """`--params notes.csv` (the corpus for the parameter file): a .json object keyed by MRN
+    is valid YAML, and its keys would be named as unknown parameters."""
+    notes = tmp_path / name
+    notes.write_text('{"MRN4411": "Seen in clinic", "MRN4412": "Admitted"}\n')
+    with pytest.raises(ConfigError, match="is a corpus, not a parameter file") as err:
+        load_params(notes)
+    assert "MRN" not in str(err.value) and "prepare.source" in str(err.value)
+
+
 @pytest.mark.parametrize(
-    "corpus",
+    "content",
     [
         "note_id,patient,body\nn1,P0010,Seen in clinic: Assessment: depression, MRN 4411.\n",
         '{"rid": "n00001", "pt": "P0010", "note": "Seen in clinic, MRN 4411."}\n'
         '{"rid": "n00002", "pt": "P0011", "note": "Admitted: MRN 4412."}\n',
+        "Seen: !Smith pain\n",  # PyYAML quotes the tag
+        "Seen: *Jones\n",  # and the alias
+        'Seen: "Jones \\q"\n',  # and the escape
+        "Seen: Jones \x07 pain\n",  # a character YAML may not hold (a ReaderError)
     ],
 )
-def test_a_corpus_passed_as_the_parameter_file_is_not_quoted(tmp_path, corpus):
-    """`--params notes.csv` (the corpus for the parameter file): PyYAML's error carries a
-    snippet of the file, a patient's note; the message keeps only its problem and position."""
-    notes = tmp_path / "notes.csv"
-    notes.write_text(corpus)
-    with pytest.raises(ConfigError, match=r"not valid YAML \(.*line \d+, column \d+\)") as err:
-        load_params(notes)
+def test_a_yaml_error_names_the_problem_and_position_without_quoting_the_file(tmp_path, content):
+    """PyYAML's error carries a snippet of the file and quotes tokens from it: of a corpus
+    saved under a parameter file's name, a patient's note. Kept: its problem and position."""
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    with pytest.raises(
+        ConfigError, match=r"not valid YAML \(.*(line \d+, column|character) \d+\)"
+    ) as err:
+        load_params(path)
     message = str(err.value)
-    assert "MRN" not in message and "P0010" not in message and "n00001" not in message
+    for word in ("MRN", "P0010", "n00001", "Smith", "Jones", "clinic", "'q'"):
+        assert word not in message
     assert "not the corpus" in message
 
 
 def test_a_directory_or_binary_file_as_the_parameter_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="is a directory, not a parameter file"):
         load_params(tmp_path)
-    latin = tmp_path / "notes.csv"
+    latin = tmp_path / "params.yaml"
     latin.write_bytes("note\nPatient Ren\xe9e, MRN 4411\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte offset 16\)") as err:
         load_params(latin)

@@ -269,25 +269,27 @@ def test_a_column_named_but_for_case_or_spaces_is_pointed_at(tmp_path, header):
     assert "prepare.text_column to" in str(err.value) and "cough" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["notes.csv", "notes.jsonl"])
 @pytest.mark.parametrize(
     ("bom", "encoding"),
     [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe\x00\x00", "utf-32-le")],
 )
-def test_a_utf16_or_utf32_file_is_named_with_the_right_fix(tmp_path, bom, encoding):
-    """Excel's "Unicode Text" is UTF-16 with a byte-order mark; the generic fix (latin1 to
-    UTF-8) would turn it into text full of NUL characters."""
-    path = tmp_path / "notes.csv"
-    path.write_bytes(bom + "text\nRenée, MRN 4411\n".encode(encoding))
+def test_a_utf16_or_utf32_file_is_named_with_the_right_fix(tmp_path, name, bom, encoding):
+    """Excel's "Unicode Text" and PowerShell's `>` write UTF-16 with a byte-order mark; the
+    generic fix (latin1 to UTF-8) would turn it into text full of NUL characters."""
+    path = tmp_path / name
+    body = "text\nRenée, MRN 4411\n" if name.endswith("csv") else '{"text": "Renée, MRN 4411"}\n'
+    path.write_bytes(bom + body.encode(encoding))
     family = encoding[:6]
     with pytest.raises(DataError, match=f"{family.upper()} text, not UTF-8") as err:
         load_records(path)
     assert f"iconv -f {family} -t utf-8" in str(err.value) and "Ren" not in str(err.value)
+    assert "CSV UTF-8" in str(err.value)
 
 
 @pytest.mark.parametrize(
     ("value", "kind"),
-    [(1.0, "a number with a fraction"), (True, "a boolean"), (["P1"], "a JSON array"),
-     ({"a": 1}, "a JSON object")],
+    [(1.0, "a float"), (True, "a boolean"), (["P1"], "an array"), ({"a": 1}, "an object")],
 )  # fmt: skip
 def test_an_id_or_group_of_another_json_type_is_refused_by_type(tmp_path, value, kind):
     path = tmp_path / "notes.jsonl"

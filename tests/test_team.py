@@ -14,6 +14,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -201,7 +202,7 @@ def _local_postgres(**parts: str) -> str:
 
     try:
         team.check_postgres(TEST_POSTGRES, timeout=3)
-    except ServerError as err:
+    except (ServerError, ConfigError) as err:
         pytest.skip(f"no PostgreSQL to refuse a login: {err}")
     return make_url(TEST_POSTGRES).set(**parts).render_as_string(hide_password=False)
 
@@ -226,7 +227,8 @@ def test_a_store_whose_server_refuses_the_login_or_database_is_bad_configuration
         tracking.checked_uri(tmp_path)
     message = str(err.value)
     assert "MLFLOW_TRACKING_URI" in message and "refused" in message
-    assert "does not exist" in message and "s3cret" not in message
+    assert re.search("does not exist|authentication failed", message)  # trust or password auth
+    assert "s3cret" not in message
     assert main(["--root", str(tmp_path), "promote"]) == EXIT_BAD_INPUT
     stderr = capsys.readouterr().err
     assert "refused" in stderr and "Traceback" not in stderr and "s3cret" not in stderr
@@ -262,6 +264,21 @@ def test_team_up_with_a_refused_login_exits_2_and_starts_nothing(tmp_path, capsy
 )  # fmt: skip
 def test_only_a_refusal_is_told_from_a_server_that_may_answer_later(first_line, refused):
     assert tracking.login_refused(first_line) is refused
+
+
+def test_a_refusal_after_an_address_that_did_not_answer_is_found():
+    """libpq writes a line per address it tried: `localhost` on a server listening on IPv4
+    only is ::1's "Connection refused" first, then 127.0.0.1's FATAL."""
+    err = Exception(
+        'connection to server at "localhost" (::1), port 5432 failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?\n"
+        'connection to server at "localhost" (127.0.0.1), port 5432 failed: FATAL:  role '
+        '"bob" does not exist\n'
+    )
+    line = tracking.driver_line(err)
+    assert tracking.login_refused(line) and line.endswith('role "bob" does not exist')
+    down = Exception('connection to server at "h", port 5432 failed: Connection refused\n\tIs…')
+    assert tracking.driver_line(down).endswith("Connection refused")
 
 
 def test_an_unreachable_server_is_retried_by_the_scheduler():

@@ -58,7 +58,7 @@ def _device_name(value: str) -> str:
     when a stage starts; whether this machine has it is the stage's check (a GPU worker's
     params are often checked on a CPU machine)."""
     if not _DEVICES.fullmatch(value):
-        raise ValueError("must be auto (CUDA when present), cpu, cuda or cuda:N")
+        raise ValueError("must be auto (CUDA when present), cpu, cuda, cuda:N or mps")
     return value
 
 
@@ -569,12 +569,21 @@ def method_options(
 _YAML_FIX = "fix the YAML syntax (is --params the parameter file, not the corpus?)"
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# what a parameter file is not: passed one of these by mistake, the file is a corpus
+CORPUS_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".parquet", ".arrow")
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's problem and position without its snippet of the file: passed a corpus by
-    mistake (`--params notes.csv`), the snippet is a patient's note."""
-    problem = getattr(err, "problem", None) or type(err).__name__
+    """PyYAML's problem and position without its snippet of the file and without what it
+    quotes (a tag, an alias, a character): passed a corpus by mistake (`--params notes.csv`),
+    either is a piece of a patient's note."""
+    problem = _QUOTED.sub("…", getattr(err, "problem", None) or type(err).__name__)
     mark = getattr(err, "problem_mark", None)
-    return f"{problem}, line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+    if mark is not None:
+        return f"{problem}, line {mark.line + 1}, column {mark.column + 1}"
+    position = getattr(err, "position", None)  # a ReaderError: a character YAML may not hold
+    return f"{problem}, character {position + 1}" if position is not None else problem
 
 
 def load_params(path: str | Path = "params.yaml", required: Sequence[str] = ()) -> Params:
@@ -591,6 +600,12 @@ def load_params(path: str | Path = "params.yaml", required: Sequence[str] = ()) 
             "is a directory, not a parameter file" if path.is_dir() else "parameter file not found",
             "write the file, or pass --params with its path (relative to the current "
             "directory, or absolute)",
+        )
+    if path.suffix.lower() in CORPUS_SUFFIXES:  # its keys or cells would be named in errors
+        raise ConfigError(
+            str(path),
+            f"a {path.suffix} file is a corpus, not a parameter file (YAML)",
+            "pass params.yaml with --params; the corpus goes in its prepare.source",
         )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.errors import ConfigError, ServerError
-from privtune.tracking import TELEMETRY_OFF, driver_first_line, login_refused, redact
+from privtune.tracking import TELEMETRY_OFF, driver_line, login_refused, redact
 
 POSTGRES_ENV = "PRIVTUNE_POSTGRES_URL"
 # Trust/peer authentication as the current OS user on this machine; set a password in the URL
@@ -125,7 +125,7 @@ def _connect(postgres: str, database: str | None = None, timeout: int = 5) -> An
             connect_timeout=timeout,
         )
     except psycopg2.OperationalError as err:
-        first = driver_first_line(err)
+        first = driver_line(err)
         if login_refused(first):  # a retry will not change it: exit 2, not 6
             raise ConfigError(
                 POSTGRES_FIELD,
@@ -145,7 +145,8 @@ def _connect(postgres: str, database: str | None = None, timeout: int = 5) -> An
 
 
 def check_postgres(postgres: str, timeout: int = 5) -> None:
-    """Raise ServerError (naming the setting) unless PostgreSQL answers a login."""
+    """Raise ServerError (naming the setting) unless PostgreSQL answers, ConfigError when it
+    refuses the login."""
     _connect(postgres, timeout=timeout).close()
 
 
@@ -160,8 +161,8 @@ def ensure_database(postgres: str, name: str) -> bool:
             return False
         try:
             cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        except psycopg2.errors.InsufficientPrivilege:
-            raise ServerError(
+        except psycopg2.errors.InsufficientPrivilege:  # a grant, not an outage: exit 2
+            raise ConfigError(
                 POSTGRES_FIELD,
                 f"user {_url(postgres).username or '(OS user)'} may not create database {name}",
                 f"create it once as an administrator (createdb {name}) or grant CREATEDB",

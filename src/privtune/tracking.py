@@ -96,26 +96,33 @@ def redact(url: str) -> str:
 # fix (exit 2), not a server that is down (exit 6, retried). Matched on text because psycopg2
 # gives a refused connection no SQLSTATE; a server speaking another language falls back to 6.
 _REFUSALS = (
-    "password authentication failed",
-    "authentication failed",
+    "authentication failed",  # PostgreSQL: password, and other methods
     "no pg_hba.conf entry",
     "does not exist",  # the database or the role
-    "access denied for user",
+    "is not permitted to log in",
+    "no password supplied",
+    "permission denied for database",
+    "access denied for user",  # MySQL
     "unknown database",
+    "is not allowed to connect",
+    "login failed for user",  # SQL Server
 )
 
 
-def driver_first_line(err: BaseException) -> str:
-    """A driver error's first line (SQLAlchemy's wrapper unwrapped): it names the host, the
-    user and the database, never a password or a record."""
-    text = str(getattr(err, "orig", None) or err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def driver_line(err: BaseException) -> str:
+    """The line of a driver error (SQLAlchemy's wrapper unwrapped) that says what happened: the
+    refusal where there is one (libpq writes a line per address it tried, `localhost`'s ::1
+    refused before 127.0.0.1's FATAL), else the first. It names the host, the user and the
+    database, never a password or a record."""
+    lines = [line for line in str(getattr(err, "orig", None) or err).splitlines() if line.strip()]
+    refusals = [line for line in lines if login_refused(line)]
+    return (refusals or lines or [type(err).__name__])[0].strip()
 
 
-def login_refused(first_line: str) -> bool:
+def login_refused(text: str) -> bool:
     """Whether a connection error is the server refusing the login or database (a setting to
     fix), not a server that does not answer."""
-    return any(words in first_line.lower() for words in _REFUSALS)
+    return any(words in text.lower() for words in _REFUSALS)
 
 
 def database_error(uri: str, err: BaseException) -> Exception:
@@ -124,7 +131,7 @@ def database_error(uri: str, err: BaseException) -> Exception:
     the password and the driver's first line."""
     from privtune.errors import ConfigError, ServerError
 
-    first = driver_first_line(err)
+    first = driver_line(err)
     if login_refused(first):
         return ConfigError(
             TRACKING_ENV,

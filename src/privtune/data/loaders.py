@@ -50,7 +50,8 @@ def _missing_column(
 ) -> DataError:
     """`named`: the present names may be shown (when they look like names, not ids: see
     `_column_names`); a CSV's header row may be a record (a file without a header), so its
-    cells are counted, never echoed."""
+    cells are counted, never echoed, but for one that equals ``column`` save case and spaces
+    (` Body`): it says nothing a record could."""
     key = f"prepare.{which}_column"
     held = {"text": "document text", "id": "ids", "group": "patient (group) ids"}[which]
     fix = f"set {key} to the column holding the {held}"
@@ -133,19 +134,26 @@ _OTHER_BOMS = (
 )
 
 
+def _refuse_other_unicode(path: Path, head: bytes) -> None:
+    """A UTF-16 or UTF-32 file, known by its byte-order mark, named with its own fix (the
+    generic one, from latin1, would make it text full of NULs)."""
+    for mark, encoding in _OTHER_BOMS:  # UTF-32's marks first: they begin with UTF-16's
+        if head.startswith(mark):
+            name = encoding.upper()
+            raise DataError(
+                str(path),
+                f"{name} text, not UTF-8 (it starts with a {name} byte-order mark, as Excel's "
+                '"Unicode Text" and Windows PowerShell\'s `>` write)',
+                f"re-encode the file as UTF-8 (`iconv -f {encoding} -t utf-8 in > out`); from "
+                'Excel, save as "CSV UTF-8" instead (its Unicode Text is tab-separated)',
+            )
+
+
 def _read_utf8(path: Path) -> str:
     """The whole file as text, without a byte-order mark (Excel's "CSV UTF-8" starts with one,
     which would prefix the first column's name)."""
     data = path.read_bytes()
-    for mark, encoding in _OTHER_BOMS:  # UTF-32's marks first: they begin with UTF-16's
-        if data.startswith(mark):
-            raise DataError(
-                str(path),
-                f"{encoding.upper()} text, not UTF-8 (it starts with a {encoding.upper()} "
-                'byte-order mark, as Excel\'s "Unicode Text" export writes)',
-                f"re-encode the file as UTF-8 (e.g. `iconv -f {encoding} -t utf-8 in > out`), "
-                "then rerun",
-            )
+    _refuse_other_unicode(path, data[:4])
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[bom:].decode("utf-8")
@@ -166,14 +174,13 @@ def _too_long(source: str, where: str, length: int | None, limit: int) -> DataEr
 
 
 def _id_value(source: str, record: int, column: str, value: object) -> object:
-    """An id or group value as JSON may give it: a string or an integer (or null, refused as
-    empty by the caller). A float (1.0 would not repeat 1), a boolean, an array or an object
-    is refused by its type; the value is never shown."""
+    """An id or group value as JSON or a saved dataset may give it: a string or an integer (or
+    null, refused as empty by the caller). A float (1.0 would not repeat 1), a boolean, an
+    array, an object or anything else is refused by its type; the value is never shown."""
     if value is None or isinstance(value, str) or type(value) is int:
         return value
-    kind = {bool: "a boolean", float: "a number with a fraction part or exponent"}.get(
-        type(value), f"a JSON {'array' if isinstance(value, list) else 'object'}"
-    )
+    kinds = {bool: "a boolean", float: "a float", list: "an array", dict: "an object"}
+    kind = kinds.get(type(value), f"a {type(value).__name__}")
     raise DataError(
         source,
         f"record {record} has `{column}` as {kind}",
@@ -312,6 +319,8 @@ def load_jsonl(
     rows = []
     offset = 0
     with open(path, "rb") as handle:
+        _refuse_other_unicode(path, handle.read(4))
+        handle.seek(0)
         for number, raw in enumerate(handle, start=1):
             bom = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
             try:
