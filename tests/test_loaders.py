@@ -310,3 +310,21 @@ def test_integer_ids_load_and_ids_are_compared_without_surrounding_spaces(tmp_pa
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match="record 3 repeats an id"):
         load_records(path, id_column="rid")
+
+
+@pytest.mark.parametrize("name", ["notes.csv", "notes.jsonl"])
+def test_a_bad_record_is_named_with_the_line_it_starts_on(tmp_path, name):
+    """A record's error names its line, as the field-count errors do: in a CSV a quoted note
+    may span lines, and a JSONL may have blank ones, so record 3 is not line 4."""
+    path = tmp_path / name
+    if name.endswith("csv"):
+        path.write_text('id,text\na,"first note,\nover two lines"\nb,second\n\nc,\n')
+    else:
+        path.write_text(
+            '{"id": "a", "text": "first"}\n\n{"id": "b", "text": "second"}\n'
+            '{"id": "c", "text": ""}\n'
+        )
+    line = 6 if name.endswith("csv") else 4
+    match = f"record 3 has an empty or non-string `text`, at line {line}"
+    with pytest.raises(DataError, match=match):
+        load_records(path, id_column="id")

@@ -195,59 +195,84 @@ def _check_rows(
     id_column: str | None = None,
     max_chars: int = MAX_RECORD_CHARS,
     group_column: str | None = None,
+    lines: list[int] | None = None,
 ) -> list[dict]:
-    """Each row reduced to its text (and id, group): present, non-empty strings; ids unique."""
+    """Each row reduced to its text (and id, group): present, non-empty strings; ids unique.
+    ``lines``: the line each row starts on (CSV, JSONL), added to a record's error."""
     if not rows:
         raise DataError(source, "the dataset is empty", "provide at least one record")
-    out = []
+    out: list[dict] = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
-        _require_columns(
-            source, list(row), text_column, id_column, record=index + 1, group_column=group_column
+        try:
+            out.append(
+                _checked_row(
+                    row, index, source, text_column, id_column, max_chars, group_column, seen
+                )
+            )
+        except DataError as err:
+            if lines is None:
+                raise
+            raise DataError(err.field, f"{err.problem}, at line {lines[index]}", err.fix) from None
+    return out
+
+
+def _checked_row(
+    row: dict,
+    index: int,
+    source: str,
+    text_column: str,
+    id_column: str | None,
+    max_chars: int,
+    group_column: str | None,
+    seen: set[str],
+) -> dict:
+    """One row of `_check_rows` (``seen``: the ids so far, added to)."""
+    _require_columns(
+        source, list(row), text_column, id_column, record=index + 1, group_column=group_column
+    )
+    text = row[text_column]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(
+            source,
+            f"record {index + 1} has an empty or non-string `{text_column}`",
+            "remove empty records or fill them with text",
         )
-        text = row[text_column]
-        if not isinstance(text, str) or not text.strip():
+    if len(text) > max_chars:
+        raise _too_long(source, f"record {index + 1}", len(text), max_chars)
+    _require_unicode(source, index + 1, text_column, text)
+    record = {"text": text}
+    if id_column is not None:
+        value = _id_value(source, index + 1, id_column, row[id_column])
+        if value is None or not str(value).strip():
             raise DataError(
                 source,
-                f"record {index + 1} has an empty or non-string `{text_column}`",
-                "remove empty records or fill them with text",
+                f"record {index + 1} has an empty `{id_column}`",
+                f"give every record an id in `{id_column}`, or set prepare.id_column to null",
             )
-        if len(text) > max_chars:
-            raise _too_long(source, f"record {index + 1}", len(text), max_chars)
-        _require_unicode(source, index + 1, text_column, text)
-        record = {"text": text}
-        if id_column is not None:
-            value = _id_value(source, index + 1, id_column, row[id_column])
-            if value is None or not str(value).strip():
-                raise DataError(
-                    source,
-                    f"record {index + 1} has an empty `{id_column}`",
-                    f"give every record an id in `{id_column}`, or set prepare.id_column to null",
-                )
-            record["id"] = str(value).strip()  # "n2 " is n2, as a group's id is
-            _require_unicode(source, index + 1, id_column, record["id"], "an id")
-            if record["id"] in seen:  # the value itself may identify a patient: not shown
-                raise DataError(
-                    source,
-                    f"record {index + 1} repeats an id of an earlier record (`{id_column}`)",
-                    f"make `{id_column}` unique, or set prepare.id_column to null",
-                )
-            seen.add(record["id"])
-        if group_column is not None:
-            # "P1 " is P1: a stray space splits no patient in two
-            value = _id_value(source, index + 1, group_column, row[group_column])
-            group = "" if value is None else str(value).strip()
-            if not group:  # the value is never shown
-                raise DataError(
-                    source,
-                    f"record {index + 1} has an empty `{group_column}`",
-                    f"give every record the id of its patient (group) in `{group_column}`, "
-                    "or set prepare.group_column to null",
-                )
-            _require_unicode(source, index + 1, group_column, group, "an id")
-            record["group"] = group
-        out.append(record)
-    return out
+        record["id"] = str(value).strip()  # "n2 " is n2, as a group's id is
+        _require_unicode(source, index + 1, id_column, record["id"], "an id")
+        if record["id"] in seen:  # the value itself may identify a patient: not shown
+            raise DataError(
+                source,
+                f"record {index + 1} repeats an id of an earlier record (`{id_column}`)",
+                f"make `{id_column}` unique, or set prepare.id_column to null",
+            )
+        seen.add(record["id"])
+    if group_column is not None:
+        # "P1 " is P1: a stray space splits no patient in two
+        value = _id_value(source, index + 1, group_column, row[group_column])
+        group = "" if value is None else str(value).strip()
+        if not group:  # the value is never shown
+            raise DataError(
+                source,
+                f"record {index + 1} has an empty `{group_column}`",
+                f"give every record the id of its patient (group) in `{group_column}`, "
+                "or set prepare.group_column to null",
+            )
+        _require_unicode(source, index + 1, group_column, group, "an id")
+        record["group"] = group
+    return record
 
 
 def _json_error(err: json.JSONDecodeError, where: str) -> str:
@@ -316,7 +341,8 @@ def load_jsonl(
     max_chars: int = MAX_RECORD_CHARS,
     group_column: str | None = None,
 ) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
+    lines: list[int] = []  # where each record is
     offset = 0
     with open(path, "rb") as handle:
         _refuse_other_unicode(path, handle.read(4))
@@ -341,7 +367,8 @@ def load_jsonl(
             if not isinstance(row, dict):
                 raise DataError(str(path), f"line {number} is not a JSON object", "use {...}")
             rows.append(row)
-    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column)
+            lines.append(number)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column, lines)
 
 
 @contextlib.contextmanager
@@ -368,6 +395,7 @@ def load_csv(
     text = _read_utf8(path)
     header: list[str] | None = None
     rows: list[dict] = []
+    lines: list[int] = []  # where each record starts (a quoted field may span lines)
     with _csv_field_limit(max_chars), io.StringIO(text, newline="") as handle:
         # strict: a stray quote is an error, not a field running on through the next notes
         reader = csv.reader(handle, strict=True)
@@ -397,6 +425,7 @@ def load_csv(
                         '("...", a quote inside doubled: ""), as RFC 4180 CSV does',
                     )
                 rows.append(dict(zip(header, fields, strict=True)))
+                lines.append(start)
         except csv.Error as err:
             where = f"record {len(rows) + 1} (line {read + 1})"
             if "field larger than field limit" in str(err):
@@ -409,7 +438,7 @@ def load_csv(
             ) from None
     if header is None:
         raise DataError(str(path), "the dataset is empty", "provide a header and rows")
-    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column)
+    return _check_rows(rows, str(path), text_column, id_column, max_chars, group_column, lines)
 
 
 def load_datasets_dir(
