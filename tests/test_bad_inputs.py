@@ -108,6 +108,13 @@ def finished_model(root: Path, finetune_json: str) -> None:
     )
 
 
+def empty_store(root: Path) -> None:
+    """The project's MLflow store, made and migrated, with nothing registered in it."""
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments(max_results=1)
+
+
 def notes(n: int) -> list[dict]:
     return [{"text": f"note {i}: patient with cough, plan follow up"} for i in range(n)]
 
@@ -502,16 +509,38 @@ CASES = [
         ("models/base", "model.safetensors is truncated"),
         lambda root: truncate(root / "models/base/model.safetensors"),
     ),
+    Case(
+        "metrics-truncated-summary",
+        ("summary",),
+        ("evaluate-dpsgd.json", "unreadable (JSONDecodeError)", "dvc repro evaluate@dpsgd"),
+        lambda root: (
+            (root / "metrics").mkdir(exist_ok=True)
+            or (root / "metrics" / "evaluate-dpsgd.json").write_text('{"test_perplexity": ')
+        ),
+    ),
     # -- registry commands -------------------------------------------------------------------
-    Case("promote-version-99", ("promote", "--version", "99"), ("--version", "no version 99")),
+    Case(
+        "promote-version-99",
+        ("promote", "--version", "99"),
+        ("--version", "no version 99"),
+        empty_store,
+    ),
     Case(
         "promote-version-abc",
         ("promote", "--version", "abc"),
         ("--version", "'abc'", "positive integer"),
     ),
     Case("promote-version-zero", ("promote", "--version", "0"), ("--version", "positive integer")),
-    Case("promote-nothing-registered", ("promote",), ("challenger", "register a model first")),
-    Case("rollback-nothing-registered", ("rollback",), ("no such registered model",)),
+    Case(
+        "promote-nothing-registered",
+        ("promote",),
+        ("challenger", "register a model first"),
+        empty_store,
+    ),
+    Case("rollback-nothing-registered", ("rollback",), ("no such registered model",), empty_store),
+    # no store at all: said without creating one (or its directory, or the registry's lock)
+    Case("promote-no-store", ("promote",), ("--root", "no MLflow store", "dvc repro")),
+    Case("rollback-no-store", ("rollback",), ("--root", "no MLflow store", "dvc repro")),
     # -- command-line flags ------------------------------------------------------------------
     Case("params-file-missing", ("--params", "nope.yaml", *FT), ("nope.yaml", "not found")),
     Case("root-missing", ("--root", "no/such/root", *FT), ("--root", "no/such/root")),
@@ -519,6 +548,10 @@ CASES = [
     Case("finetune-without-entry", ("finetune",), ("name",)),
     Case("evaluate-before-finetune", ("evaluate", "dpsgd"), ("models/dpsgd", "finetune@dpsgd")),
 ]
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 def _outputs(root: Path) -> list[str]:
@@ -560,9 +593,12 @@ def test_bad_input_exits_2_naming_the_field_and_leaving_nothing(
     argv = list(case.argv)
     if "--root" not in argv:
         argv = ["--root", str(root), *argv]
+    files = _files(root)
     code = main(["--no-progress", *argv])
     err = capsys.readouterr().err
     assert code == 2, err
+    if case.id.endswith("-no-store"):
+        assert _files(root) == files  # no mlflow.db, no mlflow.registry.lock
     for name in case.named:
         assert name in err, f"{name!r} not in: {err}"
     assert "Traceback" not in err and SECRET not in err

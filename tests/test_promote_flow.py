@@ -223,6 +223,76 @@ def test_promoting_the_champion_again_or_nothing_is_an_error(registry: Registry)
     assert promotion.pending_versions("m") == [] and registry.roots[-1] == "."
 
 
+def test_a_rolled_back_champion_is_not_returned_to_though_it_was_champion_before(
+    registry: Registry,
+) -> None:
+    """v1, v2, then v1 again as champions: rolling v1 back gives v2 the alias, and a second
+    rollback has nowhere to go (it returned to v1, the version just rolled back)."""
+    v1, v2 = registry.add(40.0), registry.add(39.0)
+    registry.model.tags[HISTORY_TAG] = json.dumps([v1, v2, v1])
+    registry.aliases = {"champion": v1, PREVIOUS: v2}
+    back = promotion.rollback("m")
+    assert (back.from_version, back.to_version) == (v1, v2) and registry.history() == [v2]
+    assert registry.aliases == {"champion": v2}
+    with pytest.raises(ModelError, match="no previous champion"):
+        promotion.rollback("m")
+    assert registry.aliases["champion"] == v2
+
+
+def test_a_version_promoted_again_after_its_rollback_is_no_longer_marked_rolled_back(
+    registry: Registry,
+) -> None:
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(39.0)
+    promotion.promote("m")
+    promotion.rollback("m")
+    assert "promotion.rolled_back" in registry.versions[v2].tags
+    assert registry.versions[v2].description.startswith("**ROLLED BACK**")
+    assert promotion.promote("m", version=v2).promoted
+    assert "promotion.rolled_back" not in registry.versions[v2].tags
+    assert not registry.versions[v2].description.startswith("**ROLLED BACK**")
+    assert registry.history() == [v1, v2]
+
+
+def test_a_promotion_stopped_after_the_alias_moved_is_completed_by_its_rerun(
+    registry: Registry,
+) -> None:
+    """SIGTERM after the alias moved, before the model's page was rewritten: the page named the
+    champion before, and the rerun (as exit 130's message asks) said "already the champion"
+    and left it so."""
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(39.0)
+    promotion.promote("m")
+    registry.model.tags["champion"] = f"v{v1}"  # as the stopped run left the page
+    registry.model.description = f"**Champion: v{v1} (dpsgd)**, ..."
+    with pytest.raises(ModelError, match="already the champion"):
+        promotion.promote("m", version=v2)
+    assert registry.model.tags["champion"] == f"v{v2}"
+    assert registry.model.description.startswith(f"**Champion: v{v2} (dpsgd)**")
+
+
+def test_a_utility_metric_no_version_has_is_bad_input_not_a_refusal(registry: Registry) -> None:
+    """`registry.gates.utility_metric: test_perplexityy` refused every version for good
+    ("missing: cannot check"); now nothing is judged and the error lists the metrics there."""
+    from privtune.errors import ConfigError
+
+    v1 = registry.add(40.0)
+    typo = promotion.Gates(utility_metric="test_perplexityy")
+    for judge in (
+        lambda: promotion.promote("m", typo),
+        lambda: promotion.promote("m", typo, version=v1),
+        lambda: promotion.promote_best("m", typo),
+    ):
+        with pytest.raises(ConfigError, match=r"utility_metric: `test_perplexityy` is not a"):
+            judge()
+    assert "promotion.decision" not in registry.versions[v1].tags and registry.history() == []
+    with pytest.raises(ConfigError, match="use one of: .*test_perplexity"):
+        promotion.promote("m", typo)
+    assert promotion.promote("m").promoted  # the metric they have
+
+
 def test_promote_flow_decision_is_idempotent_under_retry(
     registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
@@ -384,8 +454,10 @@ def test_promote_best_with_no_champion_and_nothing_eligible(registry: Registry) 
     assert "champion" not in registry.aliases
 
 
-def test_a_promotion_waits_for_the_one_in_progress(registry: Registry) -> None:
-    """Two at once would judge against the same champion and interleave the history."""
+def test_a_promotion_waits_for_the_one_in_progress(registry: Registry, capsys) -> None:
+    """Two at once would judge against the same champion and interleave the history. The one
+    waiting says so, and for whom (it was silent for up to its 10 minutes)."""
+    import os
     import threading
 
     from privtune.registry.lock import registry_lock
@@ -395,8 +467,10 @@ def test_a_promotion_waits_for_the_one_in_progress(registry: Registry) -> None:
     with registry_lock("."):  # another promotion (or a rollback) holds the store
         waiting = threading.Thread(target=lambda: done.append(promotion.promote("m")))
         waiting.start()
-        waiting.join(timeout=1.5)
+        waiting.join(timeout=2.5)
         assert waiting.is_alive() and not done and registry.aliases.get("champion") is None
+        said = capsys.readouterr().err
+        assert "waiting for another promotion (privtune pid" in said and str(os.getpid()) in said
     waiting.join(timeout=30)
     assert done and done[0].promoted and registry.aliases["champion"] == v1
 

@@ -319,6 +319,10 @@ def _run(args: argparse.Namespace) -> int:
     if not progress or not sys.stderr.isatty():  # ours then print lines (privtune.progress)
         quiet_library_progress()
     params = load_params(_params_path(args.params, root), SECTIONS[args.stage])
+    if args.stage in ("promote", "rollback"):  # before the registry lock's file, or a store
+        from privtune.tracking import require_store
+
+        require_store(root)
     if args.stage in WRITERS:
         from privtune.progress import notice
         from privtune.stages.common import remove_stale_outputs

@@ -117,13 +117,35 @@ def read_json(path: str | Path) -> Any:
         return json.load(handle)
 
 
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A stage's metrics file (metrics/<stage>-<entry>.json), one JSON object; a damaged one
+    (cut short, edited by hand) is an error naming it and the stage that writes it again,
+    not a traceback (exit 5). json's message is left out: it quotes where it stopped."""
+    from privtune.errors import DataError
+
+    path = Path(path)
+    stage, _, entry = path.stem.partition("-")
+    rebuild = f"`dvc repro {stage}@{entry}`" if entry else f"`dvc repro {stage}`"
+    try:
+        metrics = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        problem = f"unreadable ({type(err).__name__})"
+    else:
+        if isinstance(metrics, dict):
+            return metrics
+        problem = f"not a JSON object ({type(metrics).__name__})"
+    raise DataError(
+        str(path), problem, f"rebuild it: {rebuild} (or `dvc checkout` the tracked version)"
+    )
+
+
 def read_numbers(path: str | Path) -> dict[str, float]:
     """The numeric entries of a metrics JSON file ({} when it is not there yet)."""
     if not Path(path).is_file():
         return {}
     return {
         k: v
-        for k, v in read_json(path).items()
+        for k, v in read_metrics(path).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
 

@@ -47,6 +47,25 @@ def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get(TRACKING_ENV) or f"sqlite:///{Path(root).resolve()}/mlflow.db"
 
 
+def require_store(root: str | Path = ".") -> None:
+    """For the commands that judge what is registered (promote, rollback): a sqlite store that
+    does not exist holds nothing, and opening it would create it (its directory too) before
+    saying so. Bad input, exit 2, nothing written."""
+    uri = tracking_uri(root)
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
+        return
+    from privtune.errors import ModelError
+
+    setting = TRACKING_ENV if os.environ.get(TRACKING_ENV) else "--root"
+    where = f"{TRACKING_ENV} at the store" if setting == TRACKING_ENV else "--root at the project"
+    raise ModelError(
+        setting,
+        f"no MLflow store at {uri.removeprefix('sqlite:///')}: nothing is registered there",
+        "run the pipeline first (`dvc repro`: its register stage registers the models), or "
+        f"point {where} that holds them",
+    )
+
+
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """An http(s) store must answer now. MLflow's client retries each failed call for minutes
     (MLFLOW_HTTP_REQUEST_MAX_RETRIES) before it says anything; this fails at once, naming the

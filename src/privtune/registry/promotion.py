@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.config import Gates, Params
-from privtune.errors import ModelError
+from privtune.errors import ConfigError, ModelError
 from privtune.registry.card import CARD_SCHEMA, gate_report, verdict_line, version_card
 from privtune.registry.lock import registry_lock
 from privtune.registry.paired import (
@@ -567,6 +567,32 @@ def nothing_to_promote(name: str, *, root: str | Path = ".") -> str | None:
     )
 
 
+# Utility metrics the evaluate stage writes (any task); a version that could not measure one
+# is refused by the gate ("missing"), but a name outside these that no version has is a typo.
+KNOWN_UTILITY = ("test_perplexity", "medication_accuracy", "downstream_accuracy", "cloze_accuracy")
+
+
+def require_utility_metric(name: str, gates: Gates, root: str | Path = ".") -> None:
+    """The utility gate's metric is one privtune measures or the registered versions carry: a
+    name that is neither (a typo, `test_perplexityy`) would refuse every version for good
+    ("missing: cannot check"), so it is bad input before anything is judged (exit 2)."""
+    versions = client(root).search_model_versions(f"name = '{name}'")
+    have = {
+        k.removeprefix(UTILITY_PREFIX)
+        for v in versions
+        for k in v.tags
+        if k.startswith(UTILITY_PREFIX)
+    }
+    known = have | set(KNOWN_UTILITY)
+    if versions and gates.utility_metric not in known:
+        raise ConfigError(
+            "registry.gates.utility_metric",
+            f"`{gates.utility_metric}` is not a metric privtune measures, and no registered "
+            f"version of {name} has it",
+            f"use one of: {', '.join(sorted(known))}",
+        )
+
+
 def promote(
     name: str,
     gates: Gates | None = None,
@@ -579,6 +605,7 @@ def promote(
     at a time per store (registry/lock.py). `params` (default: the project's params.yaml) says
     how to evaluate, where the champion must be measured again (registry/paired.py)."""
     gates = gates or Gates()
+    require_utility_metric(name, gates, root)
     pair_candidates(name, gates, root=root, version=version, params=params)
     with registry_lock(root):
         return _promote(name, gates, root=root, version=version)
@@ -600,6 +627,9 @@ def _promote(
         )
     champion = alias_version(mlflow_client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(candidate.version):
+        # a promotion stopped (SIGTERM) after the alias moved left the model's page naming
+        # the one before: the rerun its message asks for rewrites it
+        describe_registered_model(mlflow_client, name)
         raise ModelError(
             f"{name} v{candidate.version}", "already the champion", "register a new challenger"
         )
@@ -625,6 +655,8 @@ def _promote(
         mlflow_client.set_registered_model_alias(name, CHAMPION, candidate.version)
         if champion is not None:
             mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
+        if ROLLED_BACK_TAG in candidate.tags:  # judged and promoted again: no longer so
+            mlflow_client.delete_model_version_tag(name, candidate.version, ROLLED_BACK_TAG)
         challenger = alias_version(mlflow_client, name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(candidate.version):
             mlflow_client.delete_registered_model_alias(name, CHALLENGER)
@@ -667,6 +699,7 @@ def promote_best(
     (a candidate that passed its gates is refused as not chosen, naming the better one), so
     the champion history gains one entry, not one per candidate."""
     gates = gates or Gates()
+    require_utility_metric(name, gates or Gates(), root)
     pair_candidates(name, gates, root=root, best=True, params=params)
     with registry_lock(root):
         return _promote_best(name, gates, root=root)
@@ -816,6 +849,7 @@ class Rollback:
 
 # Opens a rolled-back version's description: a second rollback of it replaces that line.
 ROLLED_BACK = "**ROLLED BACK**"
+ROLLED_BACK_TAG = "promotion.rolled_back"  # when; removed if the version is promoted again
 
 
 def rollback(name: str, *, root: str | Path = ".") -> Rollback:
@@ -835,8 +869,18 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
             f"no previous champion to roll back to ({held})",
             "a rollback needs two promotions: promote another version first",
         )
-    demoted, restored = history[-1], history[-2]
-    history = history[:-1]
+    demoted = history[-1]
+    # every turn of the demoted version goes (promoted twice, it is not returned to by the
+    # next rollback either), and what is left holds no version twice in a row
+    rest = [v for v in history if v != demoted]
+    history = [v for i, v in enumerate(rest) if i == 0 or rest[i - 1] != v]
+    if not history:
+        raise ModelError(
+            f"{name} {HISTORY_TAG}",
+            f"no previous champion to roll back to (v{demoted} was every champion so far)",
+            "a rollback needs two promotions: promote another version first",
+        )
+    restored = history[-1]
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     mlflow_client.set_registered_model_alias(name, CHAMPION, restored)
     if len(history) >= 2:
@@ -844,7 +888,7 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     elif alias_version(mlflow_client, name, PREVIOUS) is not None:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    mlflow_client.set_model_version_tag(name, demoted, "promotion.rolled_back", now)
+    mlflow_client.set_model_version_tag(name, demoted, ROLLED_BACK_TAG, now)
     # its description opened with "PROMOTED to champion": the page now says it is no longer
     # (the gates' decision below it stays the record of that promotion)
     description = mlflow_client.get_model_version(name, demoted).description or ""

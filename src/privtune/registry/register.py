@@ -160,7 +160,7 @@ def version_tags(root: str | Path, entry: str, gates: Gates | None = None) -> di
     utility = {*UTILITY_FIELDS, (gates or Gates()).utility_metric}
     tags |= {f"{UTILITY_PREFIX}{k}": evaluation[k] for k in sorted(utility) if k in evaluation}
     evaluated = root / METRICS_DIR / f"evaluate-{entry}.json"
-    if evaluated.is_file() and "evaluated_on" in (on := io.read_json(evaluated)):
+    if evaluated.is_file() and "evaluated_on" in (on := io.read_metrics(evaluated)):
         tags[EVALUATED_ON_TAG] = on["evaluated_on"]  # what the utility numbers were measured on
     card = root / PREPARED_DIR / "data_card.json"
     if card.is_file():

@@ -63,7 +63,7 @@ def _membership_counts(root: Path, name: str, params: Params) -> tuple[int, int]
     path = root / METRICS_DIR / f"attack-{name}.json"
     if not path.is_file() or not (root / MODELS_DIR / name).is_dir():
         return None
-    if "mia_members" in io.read_json(path):
+    if "mia_members" in io.read_metrics(path):
         return None
     from privtune.errors import DataError
     from privtune.stages.attack import membership_sets

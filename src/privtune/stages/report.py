@@ -51,7 +51,7 @@ def collect(params: Params, root: Path) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {}
         for stage in ("finetune", "evaluate", "attack"):
             path = root / METRICS_DIR / f"{stage}-{name}.json"
-            numbers = io.read_json(path) if path.is_file() else {}
+            numbers = io.read_metrics(path) if path.is_file() else {}
             # numbers, and None where a stage recorded that it could not measure one
             row[stage] = {k: v for k, v in numbers.items() if v is None or _is_number(v)}
         row["method"] = params.method(name)[0]
