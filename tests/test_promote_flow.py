@@ -285,10 +285,14 @@ def test_a_utility_metric_no_version_has_is_bad_input_not_a_refusal(registry: Re
         lambda: promotion.promote("m", typo, version=v1),
         lambda: promotion.promote_best("m", typo),
     ):
-        with pytest.raises(ConfigError, match=r"utility_metric: `test_perplexityy` is not a"):
+        with pytest.raises(
+            ConfigError, match=r"no registered version of m carries `test_perplexityy`"
+        ):
             judge()
     assert "promotion.decision" not in registry.versions[v1].tags and registry.history() == []
-    with pytest.raises(ConfigError, match="use one of: .*test_perplexity"):
+    with pytest.raises(
+        ConfigError, match="use one they carry or privtune's own: .*test_perplexity"
+    ):
         promotion.promote("m", typo)
     assert promotion.promote("m").promoted  # the metric they have
 

@@ -242,3 +242,27 @@ def test_a_copied_run_leaves_behind_what_was_attached_after_its_source_ended(sto
         raise RuntimeError("an attempt of the default project")
     assert tracking.discard_unfinished(store, "k", experiment="profile") == 0
     assert tracking.discard_unfinished(store, "k", experiment="default") == 1
+
+
+def test_promote_and_rollback_find_no_store_where_there_is_none_or_an_empty_file(
+    tmp_path, monkeypatch
+):
+    """`tracking.require_store`: a sqlite file that is not there, or empty (MLflow would create
+    or migrate it), holds nothing to judge; one that exists is found, with a query string."""
+    from privtune.errors import ModelError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ModelError, match="--root: no MLflow store at"):
+        tracking.require_store(tmp_path)
+    (tmp_path / "mlflow.db").touch()
+    with pytest.raises(ModelError, match="nothing is registered there"):
+        tracking.require_store(tmp_path)
+    assert (tmp_path / "mlflow.db").stat().st_size == 0  # not migrated
+    other = tmp_path / "other.db"
+    other.write_bytes(b"SQLite format 3\x00")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}?mode=ro")
+    tracking.require_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/gone/mlflow.db")
+    with pytest.raises(ModelError, match="MLFLOW_TRACKING_URI: no MLflow store"):
+        tracking.require_store(tmp_path)
+    assert not (tmp_path / "gone").exists()

@@ -135,7 +135,10 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
             return metrics
         problem = f"not a JSON object ({type(metrics).__name__})"
     raise DataError(
-        str(path), problem, f"rebuild it: {rebuild} (or `dvc checkout` the tracked version)"
+        str(path),
+        problem,
+        f"restore the committed one (`git checkout -- {path}`: metrics are kept in git) or "
+        f"rebuild it: {rebuild}",
     )
 
 

@@ -52,15 +52,16 @@ def require_store(root: str | Path = ".") -> None:
     does not exist holds nothing, and opening it would create it (its directory too) before
     saying so. Bad input, exit 2, nothing written."""
     uri = tracking_uri(root)
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
-        return
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not uri.startswith("sqlite:///") or (path.is_file() and path.stat().st_size > 0):
+        return  # (an empty file holds nothing either: opening it would migrate it)
     from privtune.errors import ModelError
 
     setting = TRACKING_ENV if os.environ.get(TRACKING_ENV) else "--root"
     where = f"{TRACKING_ENV} at the store" if setting == TRACKING_ENV else "--root at the project"
     raise ModelError(
         setting,
-        f"no MLflow store at {uri.removeprefix('sqlite:///')}: nothing is registered there",
+        f"no MLflow store at {path}: nothing is registered there",
         "run the pipeline first (`dvc repro`: its register stage registers the models), or "
         f"point {where} that holds them",
     )

@@ -94,11 +94,12 @@ def registry_lock(root: str | Path = ".", wait: float = WAIT_SECONDS) -> Iterato
     label = f"privtune.registry:{uri}"
     lock = StoreLock(uri, "registry", root, suffix=".registry.lock", label=label)
     if lock.kind != "none":
-        if not lock.acquire(timeout=min(1.0, wait)):  # held: say who it waits for
+        first = min(1.0, wait)
+        if not lock.acquire(timeout=first):  # held: say who it waits for
             from privtune.progress import notice
 
             notice(f"waiting for another promotion ({lock.holder()}) to finish, up to {wait:g} s")
-        if not lock.held and not lock.acquire(timeout=wait):
+        if not lock.held and not lock.acquire(timeout=wait - first):
             where = lock.path if lock.kind == "file" else "the store's lock"
             raise ServerError(
                 "registry", f"another promotion ({lock.holder()}) has held {where} for "

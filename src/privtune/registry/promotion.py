@@ -512,6 +512,7 @@ def pair_candidates(
     again under the lock from the registered scores (`_compared`), and a candidate that needs
     measuring against it is left not comparable until `privtune promote --version N`."""
     gates = gates or Gates()
+    require_utility_metric(name, gates, root)  # before minutes of measuring
     if version is not None:
         versions = [version]
     else:
@@ -587,9 +588,9 @@ def require_utility_metric(name: str, gates: Gates, root: str | Path = ".") -> N
     if versions and gates.utility_metric not in known:
         raise ConfigError(
             "registry.gates.utility_metric",
-            f"`{gates.utility_metric}` is not a metric privtune measures, and no registered "
-            f"version of {name} has it",
-            f"use one of: {', '.join(sorted(known))}",
+            f"no registered version of {name} carries `{gates.utility_metric}` (a typo?)",
+            f"use one they carry or privtune's own: {', '.join(sorted(known))} (another metric "
+            "of your evaluate stage: register the versions again, `dvc repro register`)",
         )
 
 
@@ -605,7 +606,6 @@ def promote(
     at a time per store (registry/lock.py). `params` (default: the project's params.yaml) says
     how to evaluate, where the champion must be measured again (registry/paired.py)."""
     gates = gates or Gates()
-    require_utility_metric(name, gates, root)
     pair_candidates(name, gates, root=root, version=version, params=params)
     with registry_lock(root):
         return _promote(name, gates, root=root, version=version)
@@ -699,7 +699,6 @@ def promote_best(
     (a candidate that passed its gates is refused as not chosen, naming the better one), so
     the champion history gains one entry, not one per candidate."""
     gates = gates or Gates()
-    require_utility_metric(name, gates or Gates(), root)
     pair_candidates(name, gates, root=root, best=True, params=params)
     with registry_lock(root):
         return _promote_best(name, gates, root=root)

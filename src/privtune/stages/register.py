@@ -32,6 +32,8 @@ def register(
     entries = list(names) or list(params.methods)
     for name in entries:
         params.method(name)  # an unknown entry fails before anything is registered
+        for stage in ("evaluate", "attack"):  # and a damaged metrics file does too
+            io.read_numbers(root / METRICS_DIR / f"{stage}-{name}.json")
     result = {}
     experiments: set[str] = set()
     for name in entries:
