@@ -563,6 +563,7 @@ def test_the_rollback_command_says_what_it_did_in_words_or_json(monkeypatch, tmp
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "params.yaml").write_text("registry: {name: m}\n")
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\x00")  # a store (the fake's) is there
     fake = FakeRegistry(["1", "2", "3"], ["1", "2", "3"])
     monkeypatch.setattr(promotion, "client", lambda root: fake)
     assert main(["--root", str(tmp_path), "rollback"]) == 0
