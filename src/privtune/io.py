@@ -9,9 +9,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from privtune.errors import DataError, PrivtuneError
 
 # Temporary siblings are named `.<target>.tmp-<pid>-<random>`: a later start can tell the
 # leftovers of a killed process (its pid is gone) from the work of a live one.
@@ -117,29 +119,32 @@ def read_json(path: str | Path) -> Any:
         return json.load(handle)
 
 
+def read_input(
+    path: Path, load: Callable[[Path], Any], fix: str, error: type[PrivtuneError] = DataError
+) -> Any:
+    """A stage input read by `load`; a damaged file (hand-edited, cut short) is an error
+    naming the file and how to rebuild it, not a crash (exit 5, which schedulers retry). The
+    parser's message is left out: it can quote the record it stopped in."""
+    try:
+        return load(path)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise error(str(path), f"unreadable ({type(err).__name__})", fix) from None
+
+
 def read_metrics(path: str | Path) -> dict[str, Any]:
     """A stage's metrics file (metrics/<stage>-<entry>.json), one JSON object; a damaged one
-    (cut short, edited by hand) is an error naming it and the stage that writes it again,
-    not a traceback (exit 5). json's message is left out: it quotes where it stopped."""
-    from privtune.errors import DataError
-
+    (cut short, edited by hand) is an error naming it and the stage that writes it again."""
     path = Path(path)
     stage, _, entry = path.stem.partition("-")
     rebuild = f"`dvc repro {stage}@{entry}`" if entry else f"`dvc repro {stage}`"
-    try:
-        metrics = read_json(path)
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        problem = f"unreadable ({type(err).__name__})"
-    else:
-        if isinstance(metrics, dict):
-            return metrics
-        problem = f"not a JSON object ({type(metrics).__name__})"
-    raise DataError(
-        str(path),
-        problem,
+    fix = (
         f"restore the committed one (`git checkout -- {path}`: metrics are kept in git) or "
-        f"rebuild it: {rebuild}",
+        f"rebuild it: {rebuild}"
     )
+    metrics = read_input(path, read_json, fix)
+    if not isinstance(metrics, dict):
+        raise DataError(str(path), f"not a JSON object ({type(metrics).__name__})", fix)
+    return metrics
 
 
 def read_numbers(path: str | Path) -> dict[str, float]:

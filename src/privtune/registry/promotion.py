@@ -32,6 +32,7 @@ from privtune.registry.register import (
     CHAMPION,
     EVALUATED_ON_TAG,
     NOISE_TAG,
+    UTILITY_FIELDS,
     UTILITY_PREFIX,
     client,
     tracking_uri,
@@ -570,7 +571,7 @@ def nothing_to_promote(name: str, *, root: str | Path = ".") -> str | None:
 
 # Utility metrics the evaluate stage writes (any task); a version that could not measure one
 # is refused by the gate ("missing"), but a name outside these that no version has is a typo.
-KNOWN_UTILITY = ("test_perplexity", "medication_accuracy", "downstream_accuracy", "cloze_accuracy")
+KNOWN_UTILITY = (*UTILITY_FIELDS, "downstream_accuracy", "cloze_accuracy")
 
 
 def require_utility_metric(name: str, gates: Gates, root: str | Path = ".") -> None:

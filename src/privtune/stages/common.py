@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from privtune import io
 from privtune.config import (
@@ -16,7 +14,8 @@ from privtune.config import (
     PREPARED_DIR,
     Params,
 )
-from privtune.errors import DataError, ModelError, PrivtuneError
+from privtune.errors import DataError, ModelError
+from privtune.io import read_input  # the stages import it from here
 
 OUTPUT_FOLDERS = (PREPARED_DIR.parent, MODELS_DIR, METRICS_DIR, PLOTS_DIR, Path("reports"))
 
@@ -35,18 +34,6 @@ BASE_INFO = "privtune.json"
 
 
 PREPARE_AGAIN = "rebuild it: `dvc repro prepare` (or `dvc checkout` the tracked version)"
-
-
-def read_input(
-    path: Path, load: Callable[[Path], Any], fix: str, error: type[PrivtuneError] = DataError
-) -> Any:
-    """A stage input read by `load`; a damaged file (hand-edited, cut short) is an error
-    naming the file and how to rebuild it, not a crash (exit 5, which schedulers retry). The
-    parser's message is left out: it can quote the record it stopped in."""
-    try:
-        return load(path)
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-        raise error(str(path), f"unreadable ({type(err).__name__})", fix) from None
 
 
 def read_split(root: Path, name: str) -> list[dict]:
