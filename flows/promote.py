@@ -117,6 +117,7 @@ def decide(root: str, version: str | None) -> dict:
     from mlflow.exceptions import MlflowException
 
     from privtune.registry import CHALLENGER, CHAMPION, promote
+    from privtune.registry.promotion import stopped_promotion
     from privtune.registry.register import client
 
     registry = _registry(root)
@@ -125,12 +126,14 @@ def decide(root: str, version: str | None) -> dict:
         if version is None:
             get_run_logger().info("nothing to promote: %s has no %s", registry.name, CHALLENGER)
             return _nothing_to_promote(registry.name)
-    # A retry after the alias moved must not fail as "already the champion".
+    # A retry after the alias moved must not fail as "already the champion" (promote finishes
+    # a promotion stopped before the registry showed it).
     try:
         champion = client(root).get_model_version_by_alias(registry.name, CHAMPION)
     except MlflowException:  # no champion yet
         champion = None
-    if champion is not None and str(champion.version) == str(version):
+    held = champion is not None and str(champion.version) == str(version)
+    if held and stopped_promotion(registry.name, root=root) != str(version):
         return {"name": registry.name, "version": str(version), "promoted": True}
     decision = promote(registry.name, registry.gates, root=root, version=version)
     _report(registry.name, [decision], None, decision.promoted, decision.reason())
@@ -151,11 +154,13 @@ def choose(root: str) -> list[dict]:
     retry of this task judges the challenger again: the failed attempt may have recorded
     its decisions before failing, and the retry's result rebuilds them."""
     from privtune.registry import CHALLENGER, pending_versions, promote_best
-    from privtune.registry.promotion import alias_version
+    from privtune.registry.promotion import alias_version, stopped_promotion
     from privtune.registry.register import client
 
     registry = _registry(root)
+    # a promotion stopped before the registry showed it is finished by promote_best
     waiting = pending_versions(registry.name, root=root)
+    waiting = waiting or [v for v in [stopped_promotion(registry.name, root=root)] if v]
     # every version judged (the challenger too: refused, it keeps the alias)
     challenger = None if waiting else alias_version(client(root), registry.name, CHALLENGER)
     if not waiting and (challenger is None or not _retried()):

@@ -8,6 +8,7 @@ registry tests (test_registry.py) check the same flow once against a real MLflow
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -73,6 +74,10 @@ class Registry:
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         self._model(name)
         self.model.tags[key] = value
+
+    def delete_registered_model_tag(self, name: str, key: str) -> None:
+        self._model(name)
+        del self.model.tags[key]
 
     def update_registered_model(self, name: str, description: str) -> None:
         self._model(name)
@@ -271,6 +276,136 @@ def test_a_promotion_stopped_after_the_alias_moved_is_completed_by_its_rerun(
         promotion.promote("m", version=v2)
     assert registry.model.tags["champion"] == f"v{v2}"
     assert registry.model.description.startswith(f"**Champion: v{v2} (dpsgd)**")
+
+
+MUTATIONS = (
+    "set_registered_model_tag",
+    "delete_registered_model_tag",
+    "update_registered_model",
+    "set_registered_model_alias",
+    "delete_registered_model_alias",
+    "set_model_version_tag",
+    "delete_model_version_tag",
+    "update_model_version",
+)
+
+
+class Killed(BaseException):
+    """SIGTERM's KeyboardInterrupt as promotion meets it: not an Exception, nothing catches it."""
+
+
+def _kill_after(registry: Registry, writes: int) -> list[int]:
+    """The registry takes `writes` more changes, then the run is killed; the list counts down
+    the changes left (how many a run made: `writes` minus what is left)."""
+    left = [writes]
+    for method in MUTATIONS:
+        real = getattr(Registry, method)
+
+        def cut(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            if left[0] == 0:
+                raise Killed
+            left[0] -= 1
+            return _real(registry, *args, **kwargs)
+
+        setattr(registry, method, cut)
+    return left
+
+
+def _revive(registry: Registry) -> None:
+    for method in MUTATIONS:
+        registry.__dict__.pop(method, None)
+
+
+def _shown(registry: Registry) -> Any:
+    """What the registry shows: aliases, tags and pages, times left out (a rerun is later)."""
+    import re
+
+    def untimed(text: str) -> str:
+        return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", "<time>", text)
+
+    versions = {
+        v: ({k: untimed(t) for k, t in ver.tags.items()}, untimed(ver.description))
+        for v, ver in registry.versions.items()
+    }
+    tags = {k: untimed(t) for k, t in registry.model.tags.items()}
+    return dict(registry.aliases), tags, untimed(registry.model.description), versions
+
+
+def _second_promotion(registry: Registry, writes: int | None) -> int:
+    """v1 champion, then v2 (better) promoted with the run killed after `writes` registry
+    changes (None: never); returns how many changes the promotion made before it ended."""
+    registry.__init__()  # type: ignore[misc]
+    registry.add(40.0)
+    promotion.promote("m")
+    registry.add(39.0)
+    left = _kill_after(registry, 10**6 if writes is None else writes)
+    with contextlib.suppress(Killed):
+        promotion.promote("m")
+    _revive(registry)
+    return 10**6 - left[0] if writes is None else writes
+
+
+RERUNS = {
+    "promote": lambda: promotion.promote_best("m"),  # the CLI's `privtune promote`
+    "promote challenger": lambda: promotion.promote("m"),  # the promote flow's decide task
+    "promote --version 2": lambda: promotion.promote("m", version="2"),
+}
+
+
+@pytest.mark.parametrize("rerun", list(RERUNS))
+def test_a_promotion_killed_at_any_write_is_finished_by_the_rerun(
+    registry: Registry, rerun: str
+) -> None:
+    """Killed between any two of its registry writes (SIGTERM lands anywhere), v2's promotion
+    is finished by the rerun exit 130's message asks for: the registry shows what an
+    uninterrupted promotion leaves (aliases, history once, v2's verdict, both pages). Before,
+    a kill after the alias moved left v2 champion with no verdict (its page: "set by hand")
+    and the rerun said "already the champion"."""
+    writes = _second_promotion(registry, None)
+    whole = _shown(registry)
+    assert whole[0] == {"champion": "2", PREVIOUS: "1"} and writes > 5
+    assert promotion.PROMOTING_TAG not in whole[1] and registry.history() == ["1", "2"]
+    for cut in range(writes):
+        _second_promotion(registry, cut)
+        assert registry.model.tags.get(promotion.PROMOTING_TAG) is not None or cut == 0
+        result = RERUNS[rerun]()
+        assert _shown(registry) == whole, f"killed after {cut} writes"
+        decision = result.decisions[0] if isinstance(result, promotion.Selection) else result
+        assert (decision.version, decision.promoted) == ("2", True)
+        assert decision.finished_late == (cut > 0)  # the decision is the first write
+        if cut > 0:
+            assert "finished now" in decision.summary()
+
+
+def test_a_rollback_after_a_killed_promotion_undoes_all_of_it(registry: Registry) -> None:
+    """The rollback finishes the stopped promotion first: v2 leaves the history and is marked
+    rolled back, as after a whole one (it was left unjudged, for the next run to promote)."""
+    writes = _second_promotion(registry, None)
+    promotion.rollback("m")
+    whole = _shown(registry)
+    assert whole[0] == {"champion": "1"} and registry.history() == ["1"]
+    for cut in range(1, writes):
+        _second_promotion(registry, cut)
+        back = promotion.rollback("m")
+        assert (back.from_version, back.to_version) == ("2", "1")
+        assert _shown(registry) == whole, f"killed after {cut} writes"
+
+
+def test_a_killed_promotion_is_not_finished_over_a_champion_set_by_hand(
+    registry: Registry,
+) -> None:
+    """A champion moved to a third version in MLflow's UI after the kill stands: the stopped
+    promotion is forgotten, not applied over it."""
+    _second_promotion(registry, 3)  # the decision, the history and the alias written
+    assert registry.aliases["champion"] == "2"
+    assert promotion.stopped_promotion("m") == "2"
+    v3 = registry.add(45.0)
+    registry.aliases["champion"] = v3  # by hand
+    with pytest.raises(ModelError, match="already the champion"):
+        promotion.promote("m", version=v3)
+    assert registry.aliases["champion"] == v3 and promotion.stopped_promotion("m") is None
+    assert "promotion.decision" not in registry.versions["2"].tags
+    assert registry.history() == ["1"]  # a rollback does not return to v2
 
 
 def test_a_utility_metric_no_version_has_is_bad_input_not_a_refusal(registry: Registry) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -495,6 +496,61 @@ def test_a_promotion_cut_short_is_judged_again_and_enters_the_history_once(proje
     assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     assert json.loads(mlflow_client.get_registered_model(name).tags[HISTORY_TAG]) == ["1"]
     assert mlflow_client.get_model_version(name, "1").tags["promotion.decision"] == "promoted"
+
+
+def test_a_promotion_cut_short_after_the_alias_moved_is_finished_by_the_rerun(project, monkeypatch):
+    """Cut short after `champion` moved, before the version's page was rewritten: the page
+    was left as registered (and, cut before its verdict tags, the model's page said "set by
+    hand"), and `privtune promote` found nothing to judge or "already the champion". The
+    rerun finishes it, on a real store."""
+    from privtune.registry import promote_best
+    from privtune.registry.promotion import PROMOTING_TAG, stopped_promotion
+
+    name = "clinical-stopped"
+    add_entry(project, "stopped", perplexity=50.0, seed=13)
+    register("stopped", name, project)
+    _server_lost_once(monkeypatch, "update_model_version")  # _record's, after the aliases
+    with pytest.raises(ConnectionError):
+        promote(name, root=project)
+    mlflow_client = client(project)
+    assert str(alias_version(mlflow_client, name, CHAMPION).version) == "1"
+    described = mlflow_client.get_model_version(name, "1").description
+    assert "PROMOTED to champion" not in described  # its page still as registered
+    assert stopped_promotion(name, root=project) == "1"
+    assert nothing_to_promote(name, root=project) is None  # there is something to finish
+
+    selection = promote_best(name, root=project)  # what `privtune promote` runs
+    assert selection.chosen == "1" and selection.decisions[0].finished_late
+    assert "stopped before the registry showed it" in selection.why
+    version = mlflow_client.get_model_version(name, "1")
+    assert version.tags["promotion.decision"] == "promoted"
+    assert "PROMOTED to champion" in version.description
+    model = mlflow_client.get_registered_model(name)
+    assert PROMOTING_TAG not in model.tags and json.loads(model.tags[HISTORY_TAG]) == ["1"]
+    assert model.description.startswith("**Champion: v1") and "promoted 20" in model.description
+    assert nothing_to_promote(name, root=project) is not None  # and nothing is left to do
+
+
+def test_a_stopped_promotion_fits_a_tag_with_its_reasons_shortened() -> None:
+    """PostgreSQL holds a registered model's tag in 5000 characters: a decision with long
+    reasons is kept with them shortened, and reads back."""
+    from privtune.registry.promotion import (
+        MAX_MODEL_TAG,
+        Decision,
+        GateResult,
+        _promoting,
+    )
+
+    gates = tuple(GateResult(f"g{i}", True, 1.0, 2.0, 1.0, "why " * 400) for i in range(8))
+    decision = Decision("m", "3", True, "2", gates)
+    text = _promoting(decision)
+    assert len(text) <= MAX_MODEL_TAG
+    back = Decision.from_json(text)
+    assert back.version == "3" and back.champion_before == "2" and len(back.gates) == 8
+    assert all(g.reason and "why" in g.reason for g in back.gates)
+    short = replace(decision, gates=gates[:1])
+    short = replace(short, gates=(replace(gates[0], reason="short"),))
+    assert Decision.from_json(_promoting(short)) == short  # whole when it fits
 
 
 def test_promote_best_chooses_the_most_useful_eligible_new_version(project, capsys):

@@ -40,6 +40,10 @@ from privtune.registry.register import (
 
 PREVIOUS = "previous_champion"
 HISTORY_TAG = "privtune.champion_history"  # JSON list of versions that were champion, in order
+# A promotion being applied (its decision as JSON), from the moment the gates passed until the
+# registry shows it: one stopped midway (SIGTERM, a lost connection) is finished by the next
+# promote or rollback, so no version is left champion without its verdict, or the reverse.
+PROMOTING_TAG = "privtune.promotion_in_progress"
 MAX_TAG_TEXT = 500  # a tag is for search and a glance; the description has the whole story
 MAX_LISTED = 4  # refused versions named in the registered model's description
 MODEL_POLICY = (
@@ -89,6 +93,9 @@ class Decision:
     promoted: bool
     champion_before: str | None
     gates: tuple[GateResult, ...]
+    # a promotion decided by a run that stopped before the registry showed it, finished by
+    # this one (the gates were judged then, not again)
+    finished_late: bool = False
 
     @property
     def failed(self) -> list[GateResult]:
@@ -104,6 +111,8 @@ class Decision:
         verdict = "PROMOTED to champion" if self.promoted else "REFUSED"
         if self.unmeasured:
             verdict += " for now (measuring failed; the next promotion judges it again)"
+        if self.finished_late:
+            verdict += " (decided by a promotion that stopped before it was recorded; finished now)"
         lines = [
             f"{self.name} v{self.version}: {verdict} (champion before: "
             f"{'v' + self.champion_before if self.champion_before else 'none'})"
@@ -127,6 +136,13 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:  # pragma: no mutate block
         return asdict(self) | {"failed": [g.gate for g in self.failed]}
+
+    @classmethod
+    def from_json(cls, text: str) -> Decision:
+        """The decision `PROMOTING_TAG` holds (as `asdict` wrote it)."""
+        fields = json.loads(text)
+        gates = tuple(GateResult(**g) for g in fields.pop("gates"))
+        return cls(**fields, gates=gates)
 
     def __str__(self) -> str:
         return self.summary()
@@ -558,7 +574,7 @@ def nothing_to_promote(name: str, *, root: str | Path = ".") -> str | None:
     candidates, or when nothing is registered (its error then says to register one)."""
     mlflow_client = client(root)
     found = mlflow_client.search_model_versions(f"name = '{name}'")
-    if not found or _candidates(name, root):
+    if not found or _candidates(name, root) or stopped_promotion(name, root=root):
         return None
     champion = alias_version(mlflow_client, name, CHAMPION)
     held = f"champion v{champion.version}" if champion is not None else "no champion"
@@ -617,11 +633,14 @@ def _promote(
 ) -> Decision:
     gates = gates or Gates()
     mlflow_client = client(root)
+    finished = _finish_stopped(mlflow_client, name, gates, root)
     candidate = (
         _version_or_error(mlflow_client, name, version)
         if version is not None
         else alias_version(mlflow_client, name, CHALLENGER)
     )
+    if finished is not None and (candidate is None or str(candidate.version) == finished.version):
+        return finished  # what the stopped run was asked for (its challenger is champion now)
     if candidate is None:
         raise ModelError(
             f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
@@ -645,24 +664,94 @@ def _promote(
         tuple(results),
     )
     if promoted:
-        # The registry's state first, the verdict tags last: a promotion cut short before the
-        # alias moved leaves the version pending for the retry to judge again, and one cut
-        # short after leaves it champion without its verdict tags, never "promoted" without
-        # being champion; the history gains the version once however often this runs.
-        history = _history(mlflow_client, name)
-        if history[-1:] != [decision.version]:
-            history.append(decision.version)
-            mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        mlflow_client.set_registered_model_alias(name, CHAMPION, candidate.version)
-        if champion is not None:
-            mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
-        if ROLLED_BACK_TAG in candidate.tags:  # judged and promoted again: no longer so
-            mlflow_client.delete_model_version_tag(name, candidate.version, ROLLED_BACK_TAG)
-        challenger = alias_version(mlflow_client, name, CHALLENGER)
-        if challenger is not None and str(challenger.version) == str(candidate.version):
-            mlflow_client.delete_registered_model_alias(name, CHALLENGER)
-    _record(mlflow_client, decision, gates, tracking_uri(root))
+        # The decision is written down before the registry changes, and cleared once the
+        # registry shows it: a run stopped anywhere between leaves it for the next promote or
+        # rollback to finish (`_finish_stopped`).
+        mlflow_client.set_registered_model_tag(name, PROMOTING_TAG, _promoting(decision))
+        _apply(mlflow_client, decision, gates, tracking_uri(root))
+    else:
+        _record(mlflow_client, decision, gates, tracking_uri(root))
+        describe_registered_model(mlflow_client, name)
+    return decision
+
+
+MAX_MODEL_TAG = 5000  # characters: MLflow's SQL stores' column (PostgreSQL enforces it)
+
+
+def _promoting(decision: Decision) -> str:
+    """The decision as `PROMOTING_TAG` holds it: whole, or with its gates' reasons shortened
+    until it fits a tag (a promotion finished late then shows them shortened)."""
+    text, keep = json.dumps(asdict(decision)), MAX_TAG_TEXT
+    while len(text) > MAX_MODEL_TAG and keep:
+        gates = tuple(replace(g, reason=g.reason[:keep]) for g in decision.gates)
+        text, keep = json.dumps(asdict(replace(decision, gates=gates))), keep // 2
+    return text
+
+
+def _apply(mlflow_client: Any, decision: Decision, gates: Gates, uri: str) -> None:
+    """Make a promotion the registry's state: history, aliases, the version's verdict and
+    both pages, then clear `PROMOTING_TAG`. Every step may run again (a stopped promotion is
+    finished by running all of them): the history gains the version once."""
+    name, version = decision.name, decision.version
+    history = _history(mlflow_client, name)
+    if history[-1:] != [version]:
+        history.append(version)
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    if decision.champion_before is not None:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, decision.champion_before)
+    if ROLLED_BACK_TAG in mlflow_client.get_model_version(name, version).tags:
+        # judged and promoted again: no longer so
+        mlflow_client.delete_model_version_tag(name, version, ROLLED_BACK_TAG)
+    challenger = alias_version(mlflow_client, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        mlflow_client.delete_registered_model_alias(name, CHALLENGER)
+    _record(mlflow_client, decision, gates, uri)
     describe_registered_model(mlflow_client, name)
+    mlflow_client.delete_registered_model_tag(name, PROMOTING_TAG)
+
+
+def stopped_promotion(name: str, *, root: str | Path = ".") -> str | None:
+    """The version a stopped promotion was making champion (None: none was stopped), which
+    the next promote or rollback finishes."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = client(root).get_registered_model(name).tags.get(PROMOTING_TAG)
+    except MlflowException:  # no such model: nothing was promoted
+        return None
+    return None if raw is None else Decision.from_json(raw).version
+
+
+def _finish_stopped(
+    mlflow_client: Any, name: str, gates: Gates, root: str | Path
+) -> Decision | None:
+    """Finish a promotion a run decided but stopped applying (under the registry lock, as
+    every promotion): the gates passed then, so it is applied, not judged again. Left alone,
+    and forgotten, when the registry was changed by hand since (the version deleted, or
+    `champion` moved to a third version in MLflow's UI): the hand's choice stands."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
+    except MlflowException:  # no such model: the caller's error says so
+        return None
+    if raw is None:
+        return None
+    decision = replace(Decision.from_json(raw), finished_late=True)
+    champion = alias_version(mlflow_client, name, CHAMPION)
+    held = None if champion is None else str(champion.version)
+    exists = any(
+        str(v.version) == decision.version
+        for v in mlflow_client.search_model_versions(f"name = '{name}'")
+    )
+    if not exists or held not in (decision.version, decision.champion_before):
+        history = _history(mlflow_client, name)
+        if history[-1:] == [decision.version]:  # never shown as champion: nothing to return to
+            mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+        mlflow_client.delete_registered_model_tag(name, PROMOTING_TAG)
+        return None
+    _apply(mlflow_client, decision, gates, tracking_uri(root))
     return decision
 
 
@@ -708,7 +797,15 @@ def promote_best(
 def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".") -> Selection:
     gates = gates or Gates()
     mlflow_client = client(root)
+    finished = _finish_stopped(mlflow_client, name, gates, root)
     candidates = _candidates(name, root)
+    if finished is not None and not candidates:
+        method = version_method(name, finished.version, root=root)
+        why = (
+            f"v{finished.version} was made champion by a promotion that stopped before the "
+            "registry showed it; this one finished it"
+        )
+        return Selection(finished.version, why, (finished,), {finished.version: method})
     if not candidates:
         raise ModelError(
             f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
@@ -860,6 +957,8 @@ def rollback(name: str, *, root: str | Path = ".") -> Rollback:
 
 def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     mlflow_client = client(root)
+    # a promotion stopped midway is finished first: the rollback then undoes all of it
+    _finish_stopped(mlflow_client, name, Gates(), root)
     history = _history(mlflow_client, name)
     if len(history) < 2:
         # history holds the champions still to return to: rolled-back ones are gone from it
