@@ -57,6 +57,7 @@ def challenger(root: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     from privtune.registry import CHALLENGER
+    from privtune.registry.promotion import stopped_promotion
     from privtune.registry.register import client
 
     try:
@@ -64,7 +65,8 @@ def challenger(root: str) -> str | None:
     except MlflowException as err:
         if err.error_code not in _NOT_FOUND:  # e.g. the tracking server is down: retry
             raise
-        return None
+        # a promotion stopped after it took the alias: `decide` finishes it, not skipped
+        return stopped_promotion(_registry(root).name, root=root)
     return str(found.version)
 
 

@@ -9,6 +9,7 @@ registry tests (test_registry.py) check the same flow once against a real MLflow
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -389,6 +390,23 @@ def test_a_rollback_after_a_killed_promotion_undoes_all_of_it(registry: Registry
         back = promotion.rollback("m")
         assert (back.from_version, back.to_version) == ("2", "1")
         assert _shown(registry) == whole, f"killed after {cut} writes"
+
+
+def test_the_promote_flow_finishes_a_promotion_that_took_the_challenger_alias(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nightly flow's `challenger` task found no challenger (the stopped promotion had
+    consumed it) and reported nothing to promote, leaving v2 without its verdict."""
+    import flows.promote
+
+    _second_promotion(registry, 5)  # the decision, history, both aliases, the challenger's gone
+    assert "challenger" not in registry.aliases
+    monkeypatch.setattr(flows.promote, "_registry", lambda root: SimpleNamespace(name="m"))
+    register_module = importlib.import_module("privtune.registry.register")
+    monkeypatch.setattr(register_module, "client", lambda root: registry)
+    assert flows.promote.challenger.fn(".") == "2"
+    assert promotion.promote("m", version="2").finished_late
+    assert flows.promote.challenger.fn(".") is None  # then nothing is left to do
 
 
 def test_a_killed_promotion_is_not_finished_over_a_champion_set_by_hand(
