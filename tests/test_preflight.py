@@ -272,6 +272,29 @@ def test_check_warns_when_the_attack_cannot_measure_a_promotion_gate(project, ca
         assert code == 0 or "attack.members" in captured.err
 
 
+def test_check_warns_when_the_private_methods_will_spend_more_than_the_gate(project, capsys):
+    """finetune.epsilon 4 with a `max_epsilon: 2` gate: every private model would train, then
+    be refused by `privtune promote`; check names the methods and both settings (a warning, as
+    a sweep past the gate may mean it), and says nothing at or below the gate."""
+    from privtune.cli import main
+
+    def warned() -> list[str]:
+        assert main(["--root", str(project), "check"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        return [line for line in out if "registry.gates.max_epsilon" in line]
+
+    assert warned() == []  # this project's epsilon 4 under the default gate 8
+    edit_params(project, registry={"gates": {"max_epsilon": 2}})
+    params = load_params(project / "params.yaml")
+    private = [m for m in params.methods if m != "nonprivate"]
+    assert "nonprivate" in params.methods and private
+    (line,) = warned()
+    assert line.startswith("warning: finetune.epsilon 4 is above registry.gates.max_epsilon 2")
+    assert f"refuse {', '.join(private)} on gate epsilon" in line and "nonprivate" not in line
+    edit_params(project, finetune={"epsilon": 2})
+    assert warned() == []
+
+
 def test_check_tries_the_cloze_pattern_on_the_corpus(project, capsys):
     """A downstream pattern that marks no answer in the notes is refused by check, as the base
     stage would (it passed check and failed at `dvc repro base`); one that does passes."""

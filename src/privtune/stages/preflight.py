@@ -109,12 +109,33 @@ def check_all(params: Params, root: str | Path, methods: list[str] | None = None
     if warning := _unseen_canaries_warning(params, root, built):
         lines.append(warning)
     most = None if built.groups is None else built.groups["train_records_per_group_max"]
-    for name in params.methods if methods is None else methods:
+    names = params.methods if methods is None else methods
+    for name in names:
         try:
             lines.append(_entry_line(params, name, root, len(splits["train"]), most))
         except PrivtuneError as err:  # which entry: its field may be shared (finetune.epsilon)
             raise type(err)(err.field, f"{err.problem} (finetune@{name})", err.fix) from None
+    if warning := _epsilon_gate_warning(params, names):
+        lines.append(warning)
     return lines
+
+
+def _epsilon_gate_warning(params: Params, names: list[str]) -> str | None:
+    """A warning when the private entries will spend more than the promotion gate allows:
+    they would train, then every one be refused (a sweep past the gate may mean it, so this
+    is not an error as a delta above its gate is)."""
+    from privtune.control.registry import controller_class
+
+    epsilon, gate = params.finetune.epsilon, params.registry.gates.max_epsilon
+    private = [n for n in names if controller_class(params.method(n)[0], n).private]
+    if epsilon <= gate or not private:
+        return None
+    return (
+        f"warning: finetune.epsilon {epsilon:g} is above registry.gates.max_epsilon {gate:g}: "
+        f"`privtune promote` will refuse {', '.join(private)} on gate epsilon. Fix: "
+        f"finetune.epsilon {gate:g} or lower, or raise registry.gates.max_epsilon if your "
+        "privacy officer agrees"
+    )
 
 
 def _attack_power_warning(params: Params, n_records: int, left_by_cap: int = 0) -> str | None:
