@@ -217,3 +217,34 @@ def test_no_progress_also_hides_the_libraries_bars(monkeypatch, tmp_path, capfd)
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_with_json_a_failure_is_json_on_stdout_too(tmp_path, capsys, monkeypatch, command):
+    """`--json` is for tools: a failure was plain text they could not parse. It is now one
+    JSON object on stdout (exit code, error, field, problem, fix) with the words on stderr."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_params(tmp_path / "params.yaml")  # no store here: bad input, nothing created
+    code = main(["--root", str(tmp_path), command, "--json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == report["exit_code"] == 2 and report["error"] == "ModelError"
+    assert report["message"] in err and report["fix"] in report["message"]
+    assert report["field"] == "--root" and "no MLflow store" in report["problem"]
+    assert main(["--root", str(tmp_path), command]) == 2
+    assert capsys.readouterr().out == ""  # without --json: words on stderr alone
+
+
+def test_with_json_an_unexpected_error_says_what_not_its_text(tmp_path, capsys, monkeypatch):
+    """An unexpected error's text is a library's and may quote anything: the JSON names the
+    class and the exit code; the traceback stays on stderr for the bug report."""
+    from privtune import cli
+
+    def crash(args):
+        raise RuntimeError("Patient MRN 1234-5678 admitted")
+
+    monkeypatch.setattr(cli, "_run", crash)
+    assert main(["--root", str(tmp_path), "promote", "--json"]) == 5
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"exit_code": 5, "error": "RuntimeError", "message": "a bug"}
+    assert "MRN" not in out and "Traceback" in err

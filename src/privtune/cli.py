@@ -162,6 +162,9 @@ def built_apart() -> bool:
     return "DVC_EXP_BASELINE_REV" in os.environ and inside_tmp
 
 
+ERROR_FILE_FIELDS = ("exit_code", "error", "message")  # what read_error_file reads back
+
+
 def _fail(code: int, label: str, err: Exception) -> int:
     """Print the error; leave it for the scheduler too when it asked (exit codes 2-4 are
     deterministic: a retry would fail the same way, or worse, retry an audit until it passes;
@@ -192,7 +195,7 @@ def _fail(code: int, label: str, err: Exception) -> int:
         )
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
-        report = {"exit_code": code, "error": type(err).__name__, "message": str(err)}
+        report = {k: v for k, v in _error_report(code, err).items() if k in ERROR_FILE_FIELDS}
         with atomic_file(path) as handle:  # a reader never sees half a report
             json.dump(report, handle)
     return code
@@ -216,43 +219,75 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.code or 0)
     disable_telemetry()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    failed: list[BaseException] = []
     # MLflow's tracking URI as it was after the command: main() may run again in this process
     with isolated_store(), _terminate_as_interrupt():
-        try:
-            return _run(args)
-        except ServerError as err:  # not written to $PRIVTUNE_ERROR_FILE: the task retries
-            print(f"unavailable: {err}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        except PrivtuneError as err:
-            return _fail(EXIT_BAD_INPUT, "error", err)
-        except BudgetExhausted as err:
-            return _fail(EXIT_BUDGET, "privacy budget violation", err)
-        except AuditViolation as err:
-            return _fail(EXIT_AUDIT, "privacy audit violation", err)
-        except KeyboardInterrupt as err:
-            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-            print(f"{how}: rerun the same command to resume or redo it", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except BrokenPipeError:  # the reader stopped (`| head`): what was done stays done
-            # Python's recipe: stdout to devnull, or its flush at exit raises again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_BROKEN_PIPE
-        except Exception as err:  # a bug, not the input: the traceback is what to report
-            if _lost_a_rank(err):
-                print(
-                    f"interrupted: another process of this distributed run stopped "
-                    f"({type(err).__name__}: its connection closed; the MLflow run is FAILED); "
-                    "rerun the same torchrun command to resume",
-                    file=sys.stderr,
-                )
-                return EXIT_INTERRUPTED
-            traceback.print_exc()
+        code = _guarded(args, failed)
+    if failed and getattr(args, "json", False) and code != EXIT_BROKEN_PIPE:
+        # a tool that asked for JSON reads the failure as JSON too (stderr has it in words)
+        print(json.dumps(_error_report(code, failed[0])))
+    return code
+
+
+def _error_report(code: int, err: BaseException) -> dict[str, Any]:
+    """A failure for a program: exit code, error class, message (fields, never records), and
+    a privtune error's field, problem and fix."""
+    report: dict[str, Any] = {"exit_code": code, "error": type(err).__name__}
+    # an unexpected error's text is a library's (it may quote anything): the traceback on
+    # stderr is for the report, the JSON says only what happened
+    words = {EXIT_INTERRUPTED: "interrupted: rerun the same command", EXIT_UNEXPECTED: "a bug"}
+    report["message"] = words.get(code, str(err))
+    if isinstance(err, PrivtuneError):
+        report |= {"field": err.field, "problem": err.problem, "fix": err.fix}
+    return report
+
+
+def _guarded(args: argparse.Namespace, failed: list[BaseException]) -> int:
+    """The command, its failures turned into the documented exit codes (each noted in
+    ``failed``)."""
+    try:
+        return _run_noting(args, failed)
+    except ServerError as err:  # not written to $PRIVTUNE_ERROR_FILE: the task retries
+        print(f"unavailable: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except PrivtuneError as err:
+        return _fail(EXIT_BAD_INPUT, "error", err)
+    except BudgetExhausted as err:
+        return _fail(EXIT_BUDGET, "privacy budget violation", err)
+    except AuditViolation as err:
+        return _fail(EXIT_AUDIT, "privacy audit violation", err)
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{how}: rerun the same command to resume or redo it", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader stopped (`| head`): what was done stays done
+        # Python's recipe: stdout to devnull, or its flush at exit raises again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as err:  # a bug, not the input: the traceback is what to report
+        if _lost_a_rank(err):
             print(
-                f"unexpected error ({type(err).__name__}): this is a bug in privtune or its "
-                "environment; report it with the traceback above",
+                f"interrupted: another process of this distributed run stopped "
+                f"({type(err).__name__}: its connection closed; the MLflow run is FAILED); "
+                "rerun the same torchrun command to resume",
                 file=sys.stderr,
             )
-            return EXIT_UNEXPECTED
+            return EXIT_INTERRUPTED
+        traceback.print_exc()
+        print(
+            f"unexpected error ({type(err).__name__}): this is a bug in privtune or its "
+            "environment; report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
+
+
+def _run_noting(args: argparse.Namespace, failed: list[BaseException]) -> int:
+    try:
+        return _run(args)
+    except BaseException as err:
+        failed.append(err)
+        raise
 
 
 class Terminated(KeyboardInterrupt):
