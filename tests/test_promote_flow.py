@@ -245,6 +245,28 @@ def test_a_rolled_back_champion_is_not_returned_to_though_it_was_champion_before
     assert registry.aliases["champion"] == v2
 
 
+def test_a_rollback_undoes_a_champion_moved_by_hand(registry: Registry) -> None:
+    """`champion` moved in MLflow's UI to v3, which no promotion chose: the rollback demoted
+    v2 (the history's last, not champion) and gave the alias to v1. It now gives it back to
+    v2, the last champion the gates chose, and marks v3; the history is unchanged."""
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    v2 = registry.add(39.0)
+    promotion.promote("m")
+    v3 = registry.add(45.0)
+    registry.aliases["champion"] = v3  # by hand
+    back = promotion.rollback("m")
+    assert (back.from_version, back.to_version) == (v3, v2)
+    assert registry.aliases == {"champion": v2, PREVIOUS: v1, "challenger": v3}
+    assert registry.history() == [v1, v2]
+    assert "promotion.rolled_back" in registry.versions[v3].tags
+    assert "set on this version by hand" in registry.versions[v3].description
+    assert "promotion.rolled_back" not in registry.versions[v2].tags
+    assert registry.model.description.startswith(f"**Champion: v{v2} (dpsgd)**, promoted")
+    back = promotion.rollback("m")  # and a rollback after it walks the history as before
+    assert (back.from_version, back.to_version) == (v2, v1)
+
+
 def test_a_version_promoted_again_after_its_rollback_is_no_longer_marked_rolled_back(
     registry: Registry,
 ) -> None:

@@ -960,6 +960,11 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     # a promotion stopped midway is finished first: the rollback then undoes all of it
     _finish_stopped(mlflow_client, name, Gates(), root)
     history = _history(mlflow_client, name)
+    champion = alias_version(mlflow_client, name, CHAMPION)
+    if champion is not None and history and str(champion.version) != history[-1]:
+        # `champion` was moved by hand (MLflow's UI) to a version no promotion chose: rolling
+        # it back gives the alias to the last champion the gates chose, whose turn stays
+        return _give_back(mlflow_client, name, str(champion.version), history, by_hand=True)
     if len(history) < 2:
         # history holds the champions still to return to: rolled-back ones are gone from it
         held = f"no champion came before v{history[-1]}" if history else "none yet"
@@ -979,8 +984,16 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
             f"no previous champion to roll back to (v{demoted} was every champion so far)",
             "a rollback needs two promotions: promote another version first",
         )
-    restored = history[-1]
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    return _give_back(mlflow_client, name, demoted, history)
+
+
+def _give_back(
+    mlflow_client: Any, name: str, demoted: str, history: list[str], *, by_hand: bool = False
+) -> Rollback:
+    """`champion` to the last of ``history`` (the history tag as it now stands), `demoted`
+    marked rolled back on its page (``by_hand``: it held the alias without a promotion)."""
+    restored = history[-1]
     mlflow_client.set_registered_model_alias(name, CHAMPION, restored)
     if len(history) >= 2:
         mlflow_client.set_registered_model_alias(name, PREVIOUS, history[-2])
@@ -994,7 +1007,10 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
     if description.startswith(ROLLED_BACK):
         description = description.partition("\n\n")[2]
     line = (
-        f"{ROLLED_BACK} {now}: `champion` was given back to v{restored} (`privtune "
+        f"{ROLLED_BACK} {now}: `champion`, set on this version by hand, was given back to "
+        f"v{restored}, the last champion the gates chose (`privtune rollback`)."
+        if by_hand
+        else f"{ROLLED_BACK} {now}: `champion` was given back to v{restored} (`privtune "
         "rollback`); the promotion recorded below no longer holds."
     )
     mlflow_client.update_model_version(name, demoted, description=f"{line}\n\n{description}")
