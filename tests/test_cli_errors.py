@@ -248,3 +248,34 @@ def test_with_json_an_unexpected_error_says_what_not_its_text(tmp_path, capsys, 
     out, err = capsys.readouterr()
     assert json.loads(out) == {"exit_code": 5, "error": "RuntimeError", "message": "a bug"}
     assert "MRN" not in out and "Traceback" in err
+
+
+def test_sigterm_landing_in_an_import_is_an_interruption_not_a_bug(tmp_path, capsys, monkeypatch):
+    """SIGTERM raised inside an import can come out as that import's own error (a module left
+    half-initialised): exit 5 and "a bug in privtune" with a traceback. It is exit 130, as
+    any SIGTERM, and the next command's real bug is a bug again."""
+    import os
+    import signal
+    import time
+
+    from privtune import cli
+
+    def import_hit(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this thread before the sleep ends
+        except KeyboardInterrupt:
+            raise ImportError("cannot import name 'x' (most likely a circular import)") from None
+        raise AssertionError("SIGTERM did not arrive")
+
+    monkeypatch.setattr(cli, "_run", import_hit)
+    assert main(["--root", str(tmp_path), "promote"]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.startswith("terminated (SIGTERM): rerun the same command") and "Traceback" not in err
+
+    def crash(args):
+        raise ImportError("a real bug")
+
+    monkeypatch.setattr(cli, "_run", crash)
+    assert main(["--root", str(tmp_path), "promote"]) == cli.EXIT_UNEXPECTED
+    assert "Traceback" in capsys.readouterr().err

@@ -265,6 +265,11 @@ def _guarded(args: argparse.Namespace, failed: list[BaseException]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as err:  # a bug, not the input: the traceback is what to report
+        if TERMINATED.is_set():  # SIGTERM landed in an import, which failed of it
+            print(
+                "terminated (SIGTERM): rerun the same command to resume or redo it", file=sys.stderr
+            )
+            return EXIT_INTERRUPTED
         if _lost_a_rank(err):
             print(
                 f"interrupted: another process of this distributed run stopped "
@@ -295,6 +300,11 @@ class Terminated(KeyboardInterrupt):
     stops a command, its MLflow run KILLED and saying why, not left RUNNING."""
 
 
+# Set when SIGTERM raised Terminated: an import it landed in can turn it into another error
+# (a module half-initialised: matplotlib's, a dataclass's), which is still the interruption.
+TERMINATED = threading.Event()
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM raises Terminated while a command runs (in the main thread only: a signal
@@ -305,6 +315,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
     def _raise(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, restore)  # a second one, while stopping, ends it at once
+        TERMINATED.set()
         raise Terminated
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -312,6 +323,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
         return
     restore = signal.SIG_DFL if previous is None else previous  # None: a handler set in C
+    TERMINATED.clear()
     signal.signal(signal.SIGTERM, _raise)
     try:
         yield
