@@ -244,7 +244,7 @@ def rollback(root: str = ".") -> dict:
     with one_at_a_time():
         done = rollback_champion(_registry(root).name, root=root)
     get_run_logger().info("champion: v%s -> v%s", done.from_version, done.to_version)
-    if done.warning:  # a seeded champion is back: say so where the run is read
+    if done.warning:  # a seeded or since-refused champion is back: say so where it is read
         get_run_logger().warning("%s", done.warning)
     return asdict(done)
 

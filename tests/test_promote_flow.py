@@ -267,6 +267,24 @@ def test_a_rollback_undoes_a_champion_moved_by_hand(registry: Registry) -> None:
     assert (back.from_version, back.to_version) == (v2, v1)
 
 
+def test_a_champion_restored_by_rollback_after_a_refusal_is_not_called_set_by_hand(
+    registry: Registry,
+) -> None:
+    """v1 judged again (`--version 1`) against champion v2 and refused, then v2 rolled back:
+    the model's page called v1 "set by hand, not judged by the gates"."""
+    v1 = registry.add(40.0)
+    promotion.promote("m")
+    registry.add(39.0)
+    promotion.promote("m")
+    assert not promotion.promote("m", version=v1).promoted  # worse than v2
+    back = promotion.rollback("m")
+    assert registry.aliases["champion"] == v1
+    assert back.warning and back.warning.startswith("v1's last judgement was refused: utility")
+    page = registry.model.description
+    assert "champion again by `privtune rollback`" in page and "set by hand" not in page
+    assert "its last judgement: refused: utility" in page
+
+
 def test_a_version_promoted_again_after_its_rollback_is_no_longer_marked_rolled_back(
     registry: Registry,
 ) -> None:

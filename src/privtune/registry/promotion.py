@@ -455,6 +455,12 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:  # pragma:
         if tags.get("promotion.decision") == "promoted":
             why = tags.get("promotion.reason", "")
             how = f"promoted {tags.get('promotion.time', '')}: {why}"
+        elif str(champion.version) in _history(mlflow_client, name):
+            # a rollback gave it back, and a later promotion had judged it again and refused
+            # it (`--version N` against a newer champion): a rollback judges no gate
+            last = tags.get("promotion.decision", "none")
+            why = "champion again by `privtune rollback`, which judges no gate"
+            how = f"{why} (its last judgement: {last}: {tags.get('promotion.reason', '')})"
         else:  # the alias was set by hand (MLflow's UI, the client): no gate judged it
             why = "set by hand, not judged by the gates"
             how = f"{why} (`privtune promote --version {champion.version}` judges it)"
@@ -939,8 +945,9 @@ class Rollback:
     name: str
     from_version: str
     to_version: str
-    # Said when the restored champion's noise was seeded from finetune.seed (a rollback is
-    # the way back in an emergency, so it judges no gate; it says what it restored).
+    # Said when the restored champion's noise was seeded from finetune.seed, or a promotion
+    # since judged it again and refused it (a rollback is the way back in an emergency, so
+    # it judges no gate; it says what it restored).
     warning: str | None = None
 
 
@@ -1017,5 +1024,8 @@ def _give_back(
     describe_registered_model(mlflow_client, name)
     tags = dict(mlflow_client.get_model_version(name, restored).tags)
     noise = _noise(Gates(), tags)
-    warning = None if noise.passed else f"v{restored}: {noise.reason}"
-    return Rollback(name, demoted, restored, warning)
+    warnings = [] if noise.passed else [f"v{restored}: {noise.reason}"]
+    if tags.get("promotion.decision", "promoted") != "promoted":  # judged again since
+        reason = tags.get("promotion.reason", "")
+        warnings.append(f"v{restored}'s last judgement was {tags['promotion.decision']}: {reason}")
+    return Rollback(name, demoted, restored, "; ".join(warnings) or None)
