@@ -133,6 +133,53 @@ def test_git_modified_names_uncommitted_changes_but_not_the_pipelines_outputs(tm
     assert tracking.git_modified(tmp_path) == "params.yaml, train.py"
 
 
+def test_git_modified_of_a_profiles_project_sees_the_checkout_and_its_own_edits(tmp_path):
+    """profiles/<name>/ is git-ignored: git saw nothing there, so a profile's run (the way
+    SmolLM2 runs) said "none" though the checkout's code was edited, or the profile's own
+    params.yaml by hand before a `dvc repro` in it."""
+    import shutil
+    import subprocess
+
+    from privtune import profiles
+
+    checkout = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "src" / "privtune").mkdir(parents=True)
+    for name in ("params.yaml", "profiles.yaml", "dvc.yaml"):
+        shutil.copy(checkout / name, repo / name)
+    (repo / "src" / "privtune" / "stage.py").write_text("STEPS = 1\n")
+    (repo / ".gitignore").write_text("/profiles/\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=repo, check=True)
+    built = profiles.project(repo, "quick", None, check=False)
+    assert built == repo / "profiles" / "quick"
+    assert tracking.git_modified(built) == "none"
+    code = repo / "src" / "privtune" / "stage.py"
+    code.write_text("STEPS = 2\n")  # the checkout's code, edited after the build
+    assert (
+        tracking.git_modified(built)
+        == "src/privtune/stage.py, profiles/quick/src/privtune/stage.py"
+    )
+    profiles.project(repo, "quick", None, check=False)  # rebuilt from the edited checkout
+    assert tracking.git_modified(built) == "src/privtune/stage.py"
+    code.write_text("STEPS = 1\n")
+    profiles.project(repo, "quick", None, check=False)
+    params = built / "params.yaml"
+    params.write_text(params.read_text().replace("epsilon: 8.0", "epsilon: 7.0", 1))  # by hand
+    assert "epsilon: 7.0" in params.read_text()
+    assert tracking.git_modified(built) == "profiles/quick/params.yaml"
+    assert tracking.git_modified(repo) == "none"  # the checkout itself: as before
+    # the pipeline flow's overrides on a profile are what it was built of, not an edit
+    profiles.project(repo, "quick", {"finetune.epsilon": 7.0}, check=False)
+    assert "epsilon: 7.0" in params.read_text() and tracking.git_modified(built) == "none"
+    (built / profiles.BUILT_FROM).unlink()  # a project built before this record was kept
+    assert tracking.git_modified(built) == (
+        "profiles/quick (not compared with the checkout: rebuild it to know)"
+    )
+
+
 def test_a_project_tracks_its_runs_in_its_own_experiment(tiny_project, tmp_path, capsys):
     """`tracking.experiment` names where a project's runs go (a profile's project gets
     `privtune-<profile>`): the fine-tuning is tracked there, and a rerun with the same inputs

@@ -39,6 +39,7 @@ from privtune.errors import ConfigError, PrivtuneError, ServerError
 
 PROFILES_FILE = "profiles.yaml"
 PROFILES_DIR = Path("profiles")
+BUILT_FROM = "built-from.json"  # in a profile's project: the profile and overrides it was made of
 REPLACED = ("methods",)  # mappings a profile replaces instead of merging into
 
 
@@ -199,13 +200,17 @@ def project(
     name, params = run_params(root, profile, overrides)
     target = root / PROFILES_DIR / name
     created = not target.exists()
-    params_file = target / "params.yaml"
-    previous = params_file.read_text() if params_file.is_file() else None
+    params_file, origin_file = target / "params.yaml", target / BUILT_FROM
+    previous = {f: f.read_text() if f.is_file() else None for f in (params_file, origin_file)}
     try:
         target.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(from_checkout(params, root), sort_keys=False)
-        if previous != text:
-            params_file.write_text(text)
+        texts = {
+            params_file: made_params(root, profile, overrides),
+            origin_file: json.dumps({"profile": profile, "overrides": overrides or {}}),
+        }
+        for path, text in texts.items():
+            if previous[path] != text:
+                path.write_text(text)
         load_params(params_file)
         shutil.copy2(root / "dvc.yaml", target / "dvc.yaml")
         shutil.rmtree(target / "src", ignore_errors=True)
@@ -228,12 +233,22 @@ def project(
     except BaseException:
         if created:
             shutil.rmtree(target, ignore_errors=True)
-        elif previous is None:
-            params_file.unlink(missing_ok=True)
-        elif params_file.read_text() != previous:
-            params_file.write_text(previous)
+        else:
+            for path, text in previous.items():
+                if text is None:
+                    path.unlink(missing_ok=True)
+                elif not path.is_file() or path.read_text() != text:
+                    path.write_text(text)
         raise
     return target
+
+
+def made_params(root: str | Path, profile: str | None, overrides: dict[str, Any] | None) -> str:
+    """The params.yaml text `project` writes for a profile and overrides, from the checkout
+    ``root`` as it is now (`tracking.profile_edits` compares a project's with it)."""
+    root = Path(root).resolve()
+    _, params = run_params(root, profile, overrides)
+    return yaml.safe_dump(from_checkout(params, root), sort_keys=False)
 
 
 def repro(target: Path, *stages: str) -> int:

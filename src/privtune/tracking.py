@@ -441,16 +441,62 @@ PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")
 def git_modified(root: str | Path = ".") -> str:
     """The tracked files changed since `git_commit` (uncommitted params, code), the pipeline's
     own outputs left out: "none" for a clean checkout, "unknown" outside git. Beside the commit
-    it says whether that commit is all that trained the model (names only, never contents)."""
+    it says whether that commit is all that trained the model (names only, never contents).
+    A profile's project (profiles/<name>/, git-ignored) was built from the checkout: the
+    checkout's changes count, and so do its own copies edited since (`profile_edits`)."""
+    root = Path(root).resolve()
+    profile = _profile_checkout(root)
+    where, scope = (profile, ":/") if profile is not None else (root, ".")
     excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
-    cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded]
+    cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", scope, *excluded]
     try:
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(cmd, cwd=where, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     files = sorted(line[3:].strip() for line in out.splitlines() if line.strip())
+    if profile is not None:
+        try:
+            files += profile_edits(root, profile)
+        except Exception:  # provenance is reported, never fatal: a checkout that changed since
+            rel = root.relative_to(profile).as_posix()
+            files.append(f"{rel} (not compared with the checkout: rebuild it to know)")
     shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
     return shown or "none"
+
+
+def _profile_checkout(root: Path) -> Path | None:
+    """The checkout a profile's project under it was built from (None: ``root`` is no
+    profile's project): git sees nothing of profiles/<name>/, which it ignores."""
+    from privtune.profiles import PROFILES_DIR
+
+    checkout = root.parent.parent
+    if root.parent != checkout / PROFILES_DIR or not (checkout / ".git").exists():
+        return None
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(root)], cwd=checkout)
+    return checkout if ignored.returncode == 0 else None
+
+
+def profile_edits(root: Path, checkout: Path) -> list[str]:
+    """A profile's copies that differ from what `privtune.profiles` makes of the checkout now
+    (its code, dvc.yaml, and params.yaml from the profile and overrides it was built of):
+    edited in place, and run with `dvc repro` there."""
+    import filecmp
+
+    from privtune import profiles
+
+    edits = []
+    name = root.relative_to(checkout).as_posix()
+    if not filecmp.cmp(root / "dvc.yaml", checkout / "dvc.yaml", shallow=False):
+        edits.append(f"{name}/dvc.yaml")
+    for path in sorted((checkout / "src").rglob("*.py")):
+        copy = root / path.relative_to(checkout)
+        if not copy.is_file() or not filecmp.cmp(path, copy, shallow=False):
+            edits.append(f"{name}/{path.relative_to(checkout).as_posix()}")
+    built = json.loads((root / profiles.BUILT_FROM).read_text())
+    made = profiles.made_params(checkout, built["profile"], built["overrides"])
+    if (root / "params.yaml").read_text() != made:
+        edits.append(f"{name}/params.yaml")
+    return edits
 
 
 class RunTracker:
