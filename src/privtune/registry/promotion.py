@@ -541,6 +541,9 @@ def pair_candidates(
     else:
         versions = _candidates(name, root) if best else _challenger(name, root)
     champion = alias_version(client(root), name, CHAMPION)
+    # the champion is no candidate (one a stopped promotion made champion is finished, not
+    # compared with itself)
+    versions = [v for v in versions if champion is None or v != str(champion.version)]
     return pair_with_champion(name, versions, champion, gates, Path(root), params)
 
 
