@@ -160,3 +160,61 @@ def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
     steps = [m.step for m in store.get_metric_history(runs[0].info.run_id, "loss")]
     assert sorted(steps) == list(range(max(steps) + 1)) and 3 in steps
     assert not checkpoint.exists()  # done: nothing left to resume
+
+
+@pytest.mark.parametrize("gone", ["deleted", "other store"])
+def test_a_checkpoint_whose_mlflow_run_is_gone_resumes_in_a_new_run(
+    tmp_path, monkeypatch, capsys, gone
+):
+    """A run killed after its checkpoint, then its MLflow run deleted in the UI or the store
+    changed (MLFLOW_TRACKING_URI set to the team's): the rerun crashed (exit 5, "Run ... not
+    found" / "in the deleted state") on every try until the checkpoint was deleted by hand.
+    It now resumes the training in a new run that names the lost one, its ledger whole."""
+    import mlflow
+
+    from privtune import callbacks
+    from privtune.cli import EXIT_INTERRUPTED, main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(
+        project / "params.yaml", finetune={"epochs": 2.0, "checkpoint_every": 2, "log_every": 1}
+    )
+    assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
+    assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    real_save = callbacks.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(callbacks, "save_checkpoint", save_then_die)
+        assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == (
+            EXIT_INTERRUPTED
+        )
+    (killed,) = _mlflow_runs(project)
+    assert (project / ".privtune" / "checkpoints" / "dpsgd.pt").is_file()
+    store = f"sqlite:///{project}/mlflow.db"
+    if gone == "deleted":
+        mlflow.MlflowClient(store).delete_run(killed.info.run_id)
+    else:
+        store = f"sqlite:///{tmp_path}/team.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    capsys.readouterr()
+    assert main(["--root", str(project), "--no-progress", "finetune", "dpsgd"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming at step 2" in err
+    assert f"the checkpoint's MLflow run {killed.info.run_id} is not in this store" in err
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("privtune").experiment_id], "attributes.status = 'FINISHED'"
+    )
+    assert run.info.run_id != killed.info.run_id
+    assert run.data.tags["privtune.resumed_from_run"] == killed.info.run_id
+    assert run.data.tags["resumed_at_step"] == "2" and "data_sha256" in run.data.params
+    finished = json.loads((project / "metrics" / "finetune-dpsgd.json").read_text())
+    ledger = json.loads((project / "models" / "dpsgd" / "ledger.json").read_text())
+    steps = [entry["step"] for entry in ledger["entries"]]
+    assert steps == list(range(finished["steps"])) and finished["steps"] > 2  # each step once

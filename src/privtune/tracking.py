@@ -593,6 +593,22 @@ def finished_run(root: str | Path, key: str, experiment: str | None = None) -> A
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
+def resumable_run(root: str | Path, run_id: str) -> bool:
+    """Whether a checkpoint's MLflow run can be reopened in the project's store: it is there
+    and not deleted (the store may have changed since, `MLFLOW_TRACKING_URI` set to a team
+    server, or the run deleted in MLflow's UI)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        run = _client(root).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise  # the store did not answer: not a missing run
+        return False
+    return run.info.lifecycle_stage == "active"
+
+
 def _id_of(root: str | Path, experiment: str) -> str | None:
     """The id of the experiment named ``experiment`` (None: the store has none)."""
     found = _client(root).get_experiment_by_name(experiment)

@@ -339,12 +339,24 @@ def _finetune(
         train(model, train_data, valid_data, f, method, options, show_progress=False, **common)
         return {}
     resumed_run = resumed.get("mlflow_run_id") if resumed else None
+    lost_run = None
+    if resumed_run is not None and not tracking.resumable_run(root, resumed_run):
+        # the training resumes (its ledger is the checkpoint's), its MLflow run cannot: the
+        # steps before the checkpoint stay in the other store, or nowhere
+        lost_run, resumed_run = resumed_run, None
+        notice(
+            f"finetune {name}: the checkpoint's MLflow run {lost_run} is not in this store "
+            "(deleted, or MLFLOW_TRACKING_URI names another store): a new run records the "
+            f"steps from {resumed['steps_taken']} on, and the whole ledger at the end"
+        )
     tracking.discard_unfinished(root, key, keep=resumed_run, experiment=experiment)
 
     with tracking.start_run(
         run_name=name, root=root, key=key, run_id=resumed_run, experiment=experiment
     ) as run:
         checkpointing.extra["mlflow_run_id"] = run.run_id
+        if lost_run is not None:
+            run.set_tags({"privtune.resumed_from_run": lost_run})
         run.set_tags(
             {
                 "stage": "finetune",
