@@ -58,6 +58,10 @@ def finetune(
 
 def main(argv: list[str] | None = None) -> None:
     """`python flows/finetune.py [METHOD] [--force]`: one fine-tuning, run here."""
+    from privtune.tracking import disable_telemetry
+
+    # before the flow starts Prefect's temporary server, which inherits this environment
+    disable_telemetry()
     import argparse
 
     parser = argparse.ArgumentParser(description="`dvc repro finetune@<method>` as a flow.")

@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     """`python flows/pipeline.py [--methods ...] [--profile P] [--set KEY=VALUE ...] [--force]
     [--promote]`: one run here (an ephemeral Prefect server unless PREFECT_API_URL names
     one)."""
+    from privtune.tracking import disable_telemetry
+
+    # before the flow starts Prefect's temporary server, which inherits this environment
+    disable_telemetry()
     import argparse
 
     parser = argparse.ArgumentParser(

@@ -252,6 +252,10 @@ def rollback(root: str = ".") -> dict:
 def main(argv: list[str] | None = None) -> None:
     """`python flows/promote.py [--version V | --pending]` or `python flows/promote.py
     rollback`: the flows, run here."""
+    from privtune.tracking import disable_telemetry
+
+    # before the flow starts Prefect's temporary server, which inherits this environment
+    disable_telemetry()
     import argparse
 
     parser = argparse.ArgumentParser(description="Move `champion` through the gates, or back.")

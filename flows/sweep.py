@@ -134,6 +134,10 @@ def sweep(
 
 def main(argv: list[str] | None = None) -> None:
     """`python flows/sweep.py [--epsilons ...] [--seeds ...]`: the sweep, run here."""
+    from privtune.tracking import disable_telemetry
+
+    # before the flow starts Prefect's temporary server, which inherits this environment
+    disable_telemetry()
     import argparse
 
     parser = argparse.ArgumentParser(

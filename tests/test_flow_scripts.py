@@ -74,3 +74,31 @@ def test_a_run_over_some_methods_returns_their_metrics_not_the_others():
     assert list(metrics_of(shown, ["lmo-dpsgd"], ["lmo-dpsgd", "dpsgd"])) == [
         "metrics/finetune-lmo-dpsgd.json"
     ]
+
+
+@pytest.mark.parametrize(
+    ("module", "flow", "argv"),
+    [
+        ("flows.pipeline", "pipeline", []),
+        ("flows.sweep", "sweep", []),
+        ("flows.promote", "promote", []),
+        ("flows.finetune", "finetune", ["dpsgd"]),
+    ],
+)
+def test_the_scripts_turn_telemetry_off_before_prefects_server_starts(
+    module, flow, argv, monkeypatch
+):
+    """`python flows/pipeline.py` started Prefect's temporary server with its analytics on (a
+    heartbeat that phones home, and a 'database is locked' traceback in every local run's log
+    where there is no internet): the flow's own call came after the server had started."""
+    import os
+
+    from privtune.tracking import TELEMETRY_OFF
+
+    script = importlib.import_module(module)
+    for key in TELEMETRY_OFF:
+        monkeypatch.delenv(key, raising=False)
+    seen = {}
+    monkeypatch.setattr(script, flow, lambda *a, **k: seen.update(os.environ))
+    script.main(argv)
+    assert {key: seen.get(key) for key in TELEMETRY_OFF} == TELEMETRY_OFF
