@@ -97,6 +97,32 @@ def test_a_port_in_use_is_named_with_its_option(tmp_path, capsys):
     assert "--prefect-port" in err and f"127.0.0.1:{port}" in err and "choose another" in err
 
 
+@pytest.mark.parametrize(
+    ("ports", "says"),
+    [
+        (["--mlflow-port", "99999"], "99999 is not a port: use 1 to 65535"),
+        (["--prefect-port", "-1"], "-1 is not a port"),
+        (["--prefect-port", "0"], "0 is not a port"),
+        (["--mlflow-port", "http"], "'http' is not a port number"),
+        (["--mlflow-port", "5714", "--prefect-port", "5714"], "the same port as --mlflow-port"),
+    ],
+)
+def test_impossible_ports_are_refused_at_once_naming_the_option(tmp_path, capsys, ports, says):
+    """A port out of range was a traceback (OverflowError, exit 1); the same port twice, or
+    port 0, waited out the startup timeout (240 s) and then blamed a server (exit 6)."""
+    home = tmp_path / "home"
+    started = time.monotonic()
+    try:
+        code = team.main(["up", *ports, "--home", str(home), "--startup-timeout", "30"])
+    except SystemExit as done:  # argparse: the usage and the error
+        code = done.code
+    assert code == 2 and time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not home.exists()
+    option = "--prefect-port" if "the same" in says else ports[0]
+    assert option in err
+
+
 def test_workers_get_the_public_name_of_both_servers(capsys):
     config = team.TeamConfig(host="0.0.0.0", public_host="ml.internal", mlflow_port=5001)
     assert team.client_env(config) == {
@@ -355,6 +381,52 @@ def servers(tmp_path_factory):
     assert "servers stopped" in rest
     for port in (config.mlflow_port, config.prefect_port):
         team._check_port("127.0.0.1", port, "port")  # raises if a server still listens
+
+
+@pytest.mark.slow
+def test_kill_9_of_team_up_stops_its_servers_too(tmp_path):
+    """`team up` starts its servers in sessions of their own (Ctrl-C reaches `up`, which stops
+    them in order); a `kill -9` of `up` left both running on, holding the ports, and the next
+    `up` said the port was in use. The kernel now stops them with it (PR_SET_PDEATHSIG)."""
+    try:
+        team.check_postgres(TEST_POSTGRES, timeout=3)
+    except ServerError as err:
+        pytest.skip(f"no PostgreSQL for the team-deployment tests: {err}")
+    name = f"privtune_test_{secrets.token_hex(4)}"
+    ports = {"--mlflow-port": free_port(), "--prefect-port": free_port()}
+    argv = [
+        sys.executable, "-m", "privtune.team", "up", "--postgres", TEST_POSTGRES,
+        "--mlflow-database", f"{name}_mlflow", "--prefect-database", f"{name}_prefect",
+        *[str(part) for pair in ports.items() for part in pair],
+        "--home", str(tmp_path / "home"), "--mlflow-workers", "1", "--startup-timeout", "600",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        config = team.TeamConfig(postgres=TEST_POSTGRES)
+        TeamUp(config, process).ready()
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        listening = list(ports.values())
+        while listening and time.monotonic() < deadline:
+            time.sleep(1)
+            listening = [port for port in listening if _listens(port)]
+        assert not listening, f"still served after kill -9 of team up: {listening}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        time.sleep(2)  # the servers' connections close before their databases are dropped
+        for database in (f"{name}_mlflow", f"{name}_prefect"):
+            team.drop_database(TEST_POSTGRES, database)
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _worker_env(servers: TeamUp, checkout: Path) -> dict[str, str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.errors import ConfigError, ServerError
+from privtune.lifetime import stop_with_parent
 from privtune.tracking import TELEMETRY_OFF, driver_line, login_refused, redact
 
 POSTGRES_ENV = "PRIVTUNE_POSTGRES_URL"
@@ -227,6 +228,7 @@ class TeamServers:
             self.processes[name] = subprocess.Popen(
                 argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=stop_with_parent,  # a `kill -9` of `team up` stops them too
             )  # fmt: skip
         finally:
             log.close()
@@ -370,8 +372,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
         cmd.add_argument("--public-host", help="the name workers use (default: --host)")
-        cmd.add_argument("--mlflow-port", type=int, default=5000)
-        cmd.add_argument("--prefect-port", type=int, default=4200)
+        cmd.add_argument("--mlflow-port", type=_port, default=5000)
+        cmd.add_argument("--prefect-port", type=_port, default=4200)
     up = sub.choices["up"]
     up.add_argument(
         "--postgres",
@@ -382,15 +384,48 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--prefect-database", default="privtune_prefect")
     up.add_argument("--home", default=".privtune/team", help="logs, Prefect home, artifacts")
     up.add_argument("--artifacts", help="artifact store (default: <home>/artifacts; s3://...)")
-    up.add_argument("--mlflow-workers", type=int, default=2)
+    up.add_argument("--mlflow-workers", type=_positive(int), default=2)
     up.add_argument(
-        "--startup-timeout", type=float, default=240.0, help="seconds to wait for both servers"
+        "--startup-timeout",
+        type=_positive(float),
+        default=240.0,
+        help="seconds to wait for both servers",
     )
     up.add_argument("--allowed-hosts", help="MLflow --allowed-hosts (add the public name)")
     return parser
 
 
+def _port(text: str) -> int:
+    """A TCP port a server can listen on (0 would let the OS choose one no worker knows)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1 to 65535")
+    return port
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+
+    return parse
+
+
 def _config(args: argparse.Namespace) -> TeamConfig:
+    if args.mlflow_port == args.prefect_port:
+        raise ConfigError(
+            "--prefect-port",
+            f"the same port as --mlflow-port ({args.mlflow_port}): two servers cannot share it",
+            "give each server its own port (defaults: MLflow 5000, Prefect 4200)",
+        )
     config = TeamConfig(
         host=args.host,
         public_host=args.public_host,
@@ -411,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     from privtune.errors import PrivtuneError
 
     args = _parser().parse_args(argv)
-    config = _config(args)
+    try:
+        config = _config(args)
+    except PrivtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.command == "env":
         print(exports(client_env(config)))
         return 0

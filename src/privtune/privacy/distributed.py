@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from privtune.lifetime import stop_with_parent
 
 
 @dataclass(frozen=True)
@@ -84,20 +85,10 @@ class Replica:
 
 
 def stop_with_launcher() -> None:
-    """Have the kernel send this rank SIGTERM when its launcher dies (Linux's
-    PR_SET_PDEATHSIG): torchrun's workers run in a session of their own and outlive a
-    `kill -9` of torchrun, training on unseen; SIGTERM stops the rank as an interrupt (its run
-    KILLED; the same command resumes it). Through ctypes: no library wraps this one call."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    launcher = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != launcher:  # it died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
+    """Have the kernel send this rank SIGTERM when its launcher dies: torchrun's workers run
+    in a session of their own and outlive a `kill -9` of torchrun, training on unseen; SIGTERM
+    stops the rank as an interrupt (its run KILLED; the same command resumes it)."""
+    stop_with_parent()
 
 
 @contextlib.contextmanager
