@@ -279,3 +279,28 @@ def test_sigterm_landing_in_an_import_is_an_interruption_not_a_bug(tmp_path, cap
     monkeypatch.setattr(cli, "_run", crash)
     assert main(["--root", str(tmp_path), "promote"]) == cli.EXIT_UNEXPECTED
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_common_options_may_follow_the_command(tmp_path, capsys, monkeypatch):
+    """`privtune check --params p.yaml` was "unrecognized arguments" (every torchrun rank
+    printed the usage): --params, --root and --no-progress go before or after the command's
+    name; one given before stands when the command's own part does not repeat it."""
+    from privtune.cli import _parser
+
+    parsed = _parser().parse_args(["finetune", "dpsgd", "--params", "p.yaml", "--no-progress"])
+    assert (parsed.params, parsed.root, parsed.no_progress) == ("p.yaml", ".", True)
+    parsed = _parser().parse_args(["--root", "r", "--params", "q.yaml", "check"])
+    assert (parsed.params, parsed.root, parsed.no_progress) == ("q.yaml", "r", False)
+    parsed = _parser().parse_args(["--root", "r", "check", "--root", "s"])
+    assert parsed.root == "s"  # the later one, as for any repeated option
+    assert main(["check", "--root", str(tmp_path / "nowhere")]) == 2
+    assert "--root: " in capsys.readouterr().err
+
+
+def test_under_torchrun_rank_0_alone_prints_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["finetune"]) == 2  # the method's name missing
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["finetune"]) == 2
+    assert "the following arguments are required: name" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
+from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,40 +68,58 @@ SECTIONS = {
 WRITERS = {"prepare", "base", "finetune", "evaluate", "attack", "register", "report"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="privtune", description=__doc__.splitlines()[0])
+def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before its name or after it (`privtune finetune
+    dpsgd --params p.yaml`); after it they are not repeated defaults (SUPPRESS), so a value
+    given before the name stands."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
     parser.add_argument(
         "--params",
+        default=default(None),
         help="parameter file, relative to the current directory (default: <root>/params.yaml)",
     )
-    parser.add_argument("--root", default=".", help="project root (stage outputs go here)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--root", default=default("."), help="project root (stage outputs go here)")
+    parser.add_argument(
+        "--no-progress", action="store_true", default=default(False), help="hide progress bars"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privtune", description=__doc__.splitlines()[0])
+    _common(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common, defaults=False)
     sub = parser.add_subparsers(dest="stage", required=True)
-    sub.add_parser("prepare", help="pseudo-clinical data, splits, canaries, data card")
-    sub.add_parser("base", help="tokenizer and base model (pretrained here or loaded)")
-    sub.add_parser("report", help="every method side by side: reports/report.md and plots")
-    sub.add_parser(
+
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    add("prepare", help="pseudo-clinical data, splits, canaries, data card")
+    add("base", help="tokenizer and base model (pretrained here or loaded)")
+    add("report", help="every method side by side: reports/report.md and plots")
+    add(
         "check",
         help="what prepare and finetune would refuse, before `dvc repro` removes their "
         "outputs: the corpus, the splits, every method's plan (nothing written)",
     )
-    cmd = sub.add_parser("summary", help="print the compact table of every method's results")
+    cmd = add("summary", help="print the compact table of every method's results")
     cmd.add_argument("--markdown", action="store_true", help="as a markdown table (README)")
     for stage in ("finetune", "evaluate", "attack"):
-        cmd = sub.add_parser(stage, help=f"{stage} one method entry of params.yaml `methods`")
+        cmd = add(stage, help=f"{stage} one method entry of params.yaml `methods`")
         cmd.add_argument("name", help="a key of `methods` in params.yaml")
-    cmd = sub.add_parser("register", help="register the models of `methods` (default: all)")
+    cmd = add("register", help="register the models of `methods` (default: all)")
     cmd.add_argument("names", nargs="*", help="keys of `methods` in params.yaml")
-    cmd = sub.add_parser(
-        "promote", help="move `champion` to the best new version that passes every gate"
-    )
+    cmd = add("promote", help="move `champion` to the best new version that passes every gate")
     cmd.add_argument(
         "--version",
         type=_version,
         help="judge this version only, a positive integer (default: every new version)",
     )
     cmd.add_argument("--json", action="store_true", help="print the decisions as JSON")
-    back = sub.add_parser("rollback", help="give `champion` back to the previous champion")
+    back = add("rollback", help="give `champion` back to the previous champion")
     back.add_argument("--json", action="store_true", help="print the rollback as JSON")
     return parser
 
@@ -213,8 +232,11 @@ def read_error_file(path: str | Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # under torchrun every rank parses the same arguments: rank 0 alone says what is wrong
+    quiet = int(os.environ.get("RANK", "0")) != 0
     try:
-        args = _parser().parse_args(argv)
+        with contextlib.redirect_stderr(StringIO()) if quiet else contextlib.nullcontext():
+            args = _parser().parse_args(argv)
     except SystemExit as done:  # argparse printed the usage and the error (exit 2), or --help
         return int(done.code or 0)
     disable_telemetry()
