@@ -110,19 +110,26 @@ def _digest(root: Path, method: str) -> tuple[dict, bytes]:
     return ledger, adapter
 
 
+def _checkpointing_project(tmp_path: Path, epochs: float) -> Path:
+    """A prepared project with its base, checkpointing every 2 steps, logging every step."""
+    from privtune.cli import main
+
+    project = tmp_path / "project"
+    project.mkdir()
+    finetune = {"epochs": epochs, "checkpoint_every": 2, "log_every": 1}
+    write_params(project / "params.yaml", finetune=finetune)
+    assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
+    assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    return project
+
+
 @pytest.mark.slow
 def test_kill_9_mid_training_resumes_in_the_same_mlflow_run(tmp_path):
     """The real thing: `privtune finetune` killed with SIGKILL after a checkpoint, run again:
     the same ledger and adapter bytes as an uninterrupted run, one MLflow run (resumed)."""
     from privtune.cli import main
 
-    project = tmp_path / "project"
-    project.mkdir()
-    write_params(
-        project / "params.yaml", finetune={"epochs": 3.0, "checkpoint_every": 2, "log_every": 1}
-    )
-    assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
-    assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    project = _checkpointing_project(tmp_path, epochs=3.0)
     reference = tmp_path / "reference"
     shutil.copytree(project, reference)
     assert main(["--root", str(reference), "--no-progress", "finetune", "dpsgd"]) == 0
@@ -176,13 +183,7 @@ def test_a_checkpoint_whose_mlflow_run_is_gone_resumes_in_a_new_run(
     from privtune.cli import EXIT_INTERRUPTED, main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    project = tmp_path / "project"
-    project.mkdir()
-    write_params(
-        project / "params.yaml", finetune={"epochs": 2.0, "checkpoint_every": 2, "log_every": 1}
-    )
-    assert main(["--root", str(project), "--no-progress", "prepare"]) == 0
-    assert main(["--root", str(project), "--no-progress", "base"]) == 0
+    project = _checkpointing_project(tmp_path, epochs=2.0)
     real_save = callbacks.save_checkpoint
 
     def save_then_die(path, state):
