@@ -118,8 +118,9 @@ def decide(root: str, version: str | None) -> dict:
     """
     from mlflow.exceptions import MlflowException
 
+    from privtune.errors import ModelError
     from privtune.registry import CHALLENGER, CHAMPION, promote
-    from privtune.registry.promotion import stopped_promotion
+    from privtune.registry.promotion import alias_version, stopped_promotion
     from privtune.registry.register import client
 
     registry = _registry(root)
@@ -137,7 +138,15 @@ def decide(root: str, version: str | None) -> dict:
     held = champion is not None and str(champion.version) == str(version)
     if held and stopped_promotion(registry.name, root=root) != str(version):
         return {"name": registry.name, "version": str(version), "promoted": True}
-    decision = promote(registry.name, registry.gates, root=root, version=version)
+    try:
+        decision = promote(registry.name, registry.gates, root=root, version=version)
+    except ModelError:
+        # a reviewer's promotion of this version finished while this one waited for the lock
+        if str(getattr(alias_version(client(root), registry.name, CHAMPION), "version", "")) == (
+            str(version)
+        ):
+            return {"name": registry.name, "version": str(version), "promoted": True}
+        raise
     _report(registry.name, [decision], None, decision.promoted, decision.reason())
     return decision.to_dict()
 
@@ -242,7 +251,8 @@ def rollback(root: str = ".") -> dict:
     disable_telemetry()
     root = str(Path(root).resolve())
     with one_at_a_time():
-        done = rollback_champion(_registry(root).name, root=root)
+        registry = _registry(root)
+        done = rollback_champion(registry.name, root=root, gates=registry.gates)
     get_run_logger().info("champion: v%s -> v%s", done.from_version, done.to_version)
     if done.warning:  # a seeded or since-refused champion is back: say so where it is read
         get_run_logger().warning("%s", done.warning)

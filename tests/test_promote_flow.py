@@ -60,7 +60,8 @@ class Registry:
             raise _missing(f"registered model {name!r}")
 
     def add(self, perplexity: float, **tags: str) -> str:
-        version = str(len(self.versions) + 1)
+        self.created = getattr(self, "created", 0) + 1  # MLflow never reuses a number
+        version = str(self.created)
         self.versions[version] = _Version(
             version, SAFE | {"utility.test_perplexity": repr(perplexity)} | tags
         )
@@ -87,6 +88,8 @@ class Registry:
     # aliases
     def set_registered_model_alias(self, name: str, alias: str, version: Any) -> None:
         self._model(name)
+        if str(version) not in self.versions:
+            raise _missing(f"Model Version (name={name}, version={version})")
         self.aliases[alias] = str(version)
 
     def delete_registered_model_alias(self, name: str, alias: str) -> None:
@@ -376,6 +379,7 @@ def _second_promotion(registry: Registry, writes: int | None) -> int:
     """v1 champion, then v2 (better) promoted with the run killed after `writes` registry
     changes (None: never); returns how many changes the promotion made before it ended."""
     registry.__init__()  # type: ignore[misc]
+    registry.created = 0
     registry.add(40.0)
     promotion.promote("m")
     registry.add(39.0)
@@ -464,6 +468,111 @@ def test_a_killed_promotion_is_not_finished_over_a_champion_set_by_hand(
     assert registry.aliases["champion"] == v3 and promotion.stopped_promotion("m") is None
     assert "promotion.decision" not in registry.versions["2"].tags
     assert registry.history() == ["1"]  # a rollback does not return to v2
+
+
+def _delete(registry: Registry, version: str) -> None:
+    """A version deleted in MLflow's UI: its aliases go with it."""
+    del registry.versions[version]
+    registry.aliases = {a: v for a, v in registry.aliases.items() if v != version}
+
+
+def test_a_stopped_promotion_over_a_champion_deleted_since_is_finished_without_previous(
+    registry: Registry,
+) -> None:
+    """Stopped after the alias moved, then v1 (the champion before) deleted: finishing it set
+    `previous_champion` on v1 and failed, and so did every promote and rollback after."""
+    _second_promotion(registry, 3)  # decision, history, champion alias
+    _delete(registry, "1")
+    assert promotion.promote_best("m").chosen == "2"
+    assert registry.aliases == {"champion": "2"}
+    assert promotion.PROMOTING_TAG not in registry.model.tags
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "deleted"])
+def test_a_stopped_promotion_that_cannot_be_finished_is_forgotten_not_blocking(
+    registry: Registry, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """A record edited by hand, or naming a version deleted since, made every promote and
+    rollback fail (exit 5, or 'no challenger' for good). It is forgotten, saying why, its
+    history entry undone, and the next promotion judges as usual."""
+    _second_promotion(registry, 2)  # decision and history written, the alias not moved
+    assert registry.history() == ["1", "2"] and registry.aliases["champion"] == "1"
+    if damage == "unreadable":
+        registry.model.tags[promotion.PROMOTING_TAG] = '{"decision": {"version": "2"'
+        registry.model.tags[HISTORY_TAG] = json.dumps(["1"])  # undone by hand too
+    else:
+        _delete(registry, "2")
+    assert promotion.stopped_promotion("m") is None
+    v3 = registry.add(38.0)
+    assert promotion.promote_best("m").chosen == v3
+    err = capsys.readouterr().err
+    assert "forgot a promotion" in err and ("cannot be read" in err or "deleted" in err)
+    assert promotion.PROMOTING_TAG not in registry.model.tags
+    assert registry.history() == ["1", v3] and registry.aliases["champion"] == v3
+
+
+def test_the_stopped_promotion_and_the_new_candidates_are_both_reported(
+    registry: Registry,
+) -> None:
+    """Finished while other versions waited: it was applied but left out of the result, which
+    said 'nothing promoted' (exit 1) though v2 had become champion."""
+    _second_promotion(registry, 4)
+    v3 = registry.add(45.0)  # worse than v2: refused
+    selection = promotion.promote_best("m")
+    assert selection.chosen == "2" and registry.aliases["champion"] == "2"
+    assert [(d.version, d.promoted) for d in selection.decisions] == [("2", True), (v3, False)]
+    assert selection.why.startswith("finished the promotion of v2")
+    assert set(selection.methods) == {"2", v3}
+    v4 = registry.add(30.0)  # better: promoted over the finished one
+    _stop_then(registry, 1, lambda: promotion.promote("m", version=v4))
+    assert registry.aliases["champion"] == "2"
+    v5 = registry.add(29.0)
+    selection = promotion.promote_best("m")
+    assert [d.version for d in selection.decisions if d.promoted] == [v5, v4]
+    assert registry.history() == ["1", "2", v4, v5]
+
+
+def _stop_then(registry: Registry, writes: int, run: Any) -> None:
+    _kill_after(registry, writes)
+    with contextlib.suppress(Killed):
+        run()
+    _revive(registry)
+
+
+def test_the_models_page_says_a_promotion_stopped_not_a_rollback(registry: Registry) -> None:
+    """Stopped after the alias moved, before the verdict: register's page rewrite called the
+    champion 'champion again by rollback (its last judgement: none)'."""
+    _second_promotion(registry, 3)
+    promotion.describe_registered_model(registry, "m")
+    page = registry.model.description
+    assert "stopped before the registry showed it all" in page and "rollback`, which" not in page
+
+
+def test_a_rollback_records_a_champion_given_back_by_hand_to_an_earlier_one(
+    registry: Registry,
+) -> None:
+    """v1, v2, v3 champions; an operator gives `champion` back to v2 in MLflow's UI: the
+    rollback gave it to v3 again (the version just demoted). It records the hand's rollback:
+    v3 leaves the history, marked rolled back; v2 stays champion."""
+    for perplexity in (40.0, 39.0, 38.0):
+        registry.add(perplexity)
+        promotion.promote("m")
+    registry.aliases["champion"] = "2"  # by hand
+    back = promotion.rollback("m")
+    assert (back.from_version, back.to_version) == ("3", "2")
+    assert registry.aliases == {"champion": "2", PREVIOUS: "1"} and registry.history() == ["1", "2"]
+    assert "by hand, which `privtune rollback` recorded" in registry.versions["3"].description
+    assert "promotion.rolled_back" not in registry.versions["2"].tags
+    assert (promotion.rollback("m").to_version, registry.history()) == ("1", ["1"])
+
+
+def test_a_rollback_skips_versions_deleted_since(registry: Registry) -> None:
+    for perplexity in (40.0, 39.0, 38.0):
+        registry.add(perplexity)
+        promotion.promote("m")
+    _delete(registry, "2")
+    back = promotion.rollback("m")
+    assert (back.from_version, back.to_version) == ("3", "1") and registry.history() == ["1"]
 
 
 def test_a_utility_metric_no_version_has_is_bad_input_not_a_refusal(registry: Registry) -> None:

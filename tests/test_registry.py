@@ -533,24 +533,28 @@ def test_a_promotion_cut_short_after_the_alias_moved_is_finished_by_the_rerun(pr
 
 def test_a_stopped_promotion_fits_a_tag_with_its_reasons_shortened() -> None:
     """PostgreSQL holds a registered model's tag in 5000 characters: a decision with long
-    reasons is kept with them shortened, and reads back."""
+    reasons is kept with them shortened, and reads back, with the history before it."""
     from privtune.registry.promotion import (
         MAX_MODEL_TAG,
         Decision,
         GateResult,
         _promoting,
+        _read_promoting,
     )
 
     gates = tuple(GateResult(f"g{i}", True, 1.0, 2.0, 1.0, "why " * 400) for i in range(8))
     decision = Decision("m", "3", True, "2", gates)
-    text = _promoting(decision)
+    text = _promoting(decision, ["1", "2"])
     assert len(text) <= MAX_MODEL_TAG
-    back = Decision.from_json(text)
+    back, history = _read_promoting(text)
     assert back.version == "3" and back.champion_before == "2" and len(back.gates) == 8
-    assert all(g.reason and "why" in g.reason for g in back.gates)
-    short = replace(decision, gates=gates[:1])
-    short = replace(short, gates=(replace(gates[0], reason="short"),))
-    assert Decision.from_json(_promoting(short)) == short  # whole when it fits
+    assert all(g.reason and "why" in g.reason for g in back.gates) and history == ["1", "2"]
+    short = replace(decision, gates=(replace(gates[0], reason="short"),))
+    assert _read_promoting(_promoting(short, [])) == (short, [])  # whole when it fits
+    newer = json.loads(_promoting(short, []))
+    newer["decision"]["added_later"] = 1  # a newer privtune's field: left out, not a crash
+    assert _read_promoting(json.dumps(newer)) == (short, [])
+    assert _read_promoting("{not json") is None
 
 
 def test_promote_best_chooses_the_most_useful_eligible_new_version(project, capsys):

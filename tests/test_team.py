@@ -105,6 +105,8 @@ def test_a_port_in_use_is_named_with_its_option(tmp_path, capsys):
         (["--prefect-port", "0"], "0 is not a port"),
         (["--mlflow-port", "http"], "'http' is not a port number"),
         (["--mlflow-port", "5714", "--prefect-port", "5714"], "the same port as --mlflow-port"),
+        (["--startup-timeout", "nan"], "nan must be a number above 0"),
+        (["--mlflow-workers", "0"], "0 must be a number above 0"),
     ],
 )
 def test_impossible_ports_are_refused_at_once_naming_the_option(tmp_path, capsys, ports, says):

@@ -133,7 +133,9 @@ def test_git_modified_names_uncommitted_changes_but_not_the_pipelines_outputs(tm
     assert tracking.git_modified(tmp_path) == "params.yaml, train.py"
 
 
-def test_git_modified_of_a_profiles_project_sees_the_checkout_and_its_own_edits(tmp_path):
+def test_git_modified_of_a_profiles_project_sees_the_checkout_and_its_own_edits(
+    tmp_path, monkeypatch
+):
     """profiles/<name>/ is git-ignored: git saw nothing there, so a profile's run (the way
     SmolLM2 runs) said "none" though the checkout's code was edited, or the profile's own
     params.yaml by hand before a `dvc repro` in it."""
@@ -174,6 +176,9 @@ def test_git_modified_of_a_profiles_project_sees_the_checkout_and_its_own_edits(
     # the pipeline flow's overrides on a profile are what it was built of, not an edit
     profiles.project(repo, "quick", {"finetune.epsilon": 7.0}, check=False)
     assert "epsilon: 7.0" in params.read_text() and tracking.git_modified(built) == "none"
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))  # a slim image without git
+    assert tracking.git_modified(built) == "unknown"  # as outside git, not a crash
+    monkeypatch.undo()
     (built / profiles.BUILT_FROM).unlink()  # a project built before this record was kept
     assert tracking.git_modified(built) == (
         "profiles/quick (not compared with the checkout: rebuild it to know)"

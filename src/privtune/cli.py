@@ -443,7 +443,7 @@ def _run(args: argparse.Namespace) -> int:
 
         from privtune.registry import rollback
 
-        done = rollback(params.registry.name, root=root)
+        done = rollback(params.registry.name, root=root, gates=params.registry.gates)
         if int(os.environ.get("RANK", "0")) == 0:
             if args.json:
                 print(json.dumps(asdict(done), indent=2))

@@ -446,9 +446,9 @@ def git_modified(root: str | Path = ".") -> str:
     checkout's changes count, and so do its own copies edited since (`profile_edits`)."""
     root = Path(root).resolve()
     profile = _profile_checkout(root)
-    where, scope = (profile, ":/") if profile is not None else (root, ".")
+    where = profile if profile is not None else root
     excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
-    cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", scope, *excluded]
+    cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded]
     try:
         out = subprocess.run(cmd, cwd=where, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -470,9 +470,13 @@ def _profile_checkout(root: Path) -> Path | None:
     from privtune.profiles import PROFILES_DIR
 
     checkout = root.parent.parent
-    if root.parent != checkout / PROFILES_DIR or not (checkout / ".git").exists():
+    if root.parent != checkout / PROFILES_DIR or not (checkout / "dvc.yaml").is_file():
         return None
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(root)], cwd=checkout)
+    cmd = ["git", "check-ignore", "-q", str(root)]
+    try:
+        ignored = subprocess.run(cmd, cwd=checkout, capture_output=True)
+    except OSError:  # no git: the status below says "unknown"
+        return None
     return checkout if ignored.returncode == 0 else None
 
 

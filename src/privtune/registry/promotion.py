@@ -7,6 +7,7 @@ registry itself is the audit trail; `rollback` walks a history kept on the regis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -138,11 +139,14 @@ class Decision:
         return asdict(self) | {"failed": [g.gate for g in self.failed]}
 
     @classmethod
-    def from_json(cls, text: str) -> Decision:
-        """The decision `PROMOTING_TAG` holds (as `asdict` wrote it)."""
-        fields = json.loads(text)
-        gates = tuple(GateResult(**g) for g in fields.pop("gates"))
-        return cls(**fields, gates=gates)
+    def from_dict(cls, fields: dict[str, Any]) -> Decision:
+        """The decision `asdict` wrote (fields a newer privtune added are left out)."""
+        known = {f.name for f in dataclasses.fields(GateResult)}
+        gates = tuple(
+            GateResult(**{k: v for k, v in g.items() if k in known}) for g in fields["gates"]
+        )
+        own = {f.name for f in dataclasses.fields(cls)} - {"gates"}
+        return cls(**{k: v for k, v in fields.items() if k in own}, gates=gates)
 
     def __str__(self) -> str:
         return self.summary()
@@ -455,10 +459,15 @@ def describe_registered_model(mlflow_client: Any, name: str) -> None:  # pragma:
         if tags.get("promotion.decision") == "promoted":
             why = tags.get("promotion.reason", "")
             how = f"promoted {tags.get('promotion.time', '')}: {why}"
-        elif str(champion.version) in _history(mlflow_client, name):
+        elif _promoting_now(mlflow_client, name) == str(champion.version):
+            why = "promoted by a run that stopped before the registry showed it all"
+            how = f"{why} (the next `privtune promote` or `rollback` finishes it)"
+        elif "promotion.decision" in tags and str(champion.version) in _history(
+            mlflow_client, name
+        ):
             # a rollback gave it back, and a later promotion had judged it again and refused
             # it (`--version N` against a newer champion): a rollback judges no gate
-            last = tags.get("promotion.decision", "none")
+            last = tags["promotion.decision"]
             why = "champion again by `privtune rollback`, which judges no gate"
             how = f"{why} (its last judgement: {last}: {tags.get('promotion.reason', '')})"
         else:  # the alias was set by hand (MLflow's UI, the client): no gate judged it
@@ -540,9 +549,12 @@ def pair_candidates(
         versions = [version]
     else:
         versions = _candidates(name, root) if best else _challenger(name, root)
-    champion = alias_version(client(root), name, CHAMPION)
-    # the champion is no candidate (one a stopped promotion made champion is finished, not
-    # compared with itself)
+    mlflow_client = client(root)
+    champion = alias_version(mlflow_client, name, CHAMPION)
+    promoting = stopped_promotion(name, root=root)
+    if promoting is not None:  # the champion once that promotion is finished (first thing)
+        champion = mlflow_client.get_model_version(name, promoting)
+    # the champion is no candidate
     versions = [v for v in versions if champion is None or v != str(champion.version)]
     return pair_with_champion(name, versions, champion, gates, Path(root), params)
 
@@ -642,7 +654,8 @@ def _promote(
 ) -> Decision:
     gates = gates or Gates()
     mlflow_client = client(root)
-    finished = _finish_stopped(mlflow_client, name, gates, root)
+    stopped = _finish_stopped(mlflow_client, name, gates, root)
+    finished = stopped.decision if stopped is not None else None
     candidate = (
         _version_or_error(mlflow_client, name, version)
         if version is not None
@@ -676,7 +689,8 @@ def _promote(
         # The decision is written down before the registry changes, and cleared once the
         # registry shows it: a run stopped anywhere between leaves it for the next promote or
         # rollback to finish (`_finish_stopped`).
-        mlflow_client.set_registered_model_tag(name, PROMOTING_TAG, _promoting(decision))
+        intent = _promoting(decision, _history(mlflow_client, name))
+        mlflow_client.set_registered_model_tag(name, PROMOTING_TAG, intent)
         _apply(mlflow_client, decision, gates, tracking_uri(root))
     else:
         _record(mlflow_client, decision, gates, tracking_uri(root))
@@ -687,14 +701,26 @@ def _promote(
 MAX_MODEL_TAG = 5000  # characters: MLflow's SQL stores' column (PostgreSQL enforces it)
 
 
-def _promoting(decision: Decision) -> str:
-    """The decision as `PROMOTING_TAG` holds it: whole, or with its gates' reasons shortened
-    until it fits a tag (a promotion finished late then shows them shortened)."""
-    text, keep = json.dumps(asdict(decision)), MAX_TAG_TEXT
-    while len(text) > MAX_MODEL_TAG and keep:
+def _promoting(decision: Decision, history: list[str]) -> str:
+    """`PROMOTING_TAG`'s JSON: the decision (whole, or with its gates' reasons shortened until
+    it fits a tag: a promotion finished late then shows them shortened) and the champion
+    history before it (what a promotion that cannot be finished is undone to)."""
+    text, keep, shown = "", MAX_TAG_TEXT, decision
+    while not text or (len(text) > MAX_MODEL_TAG and keep):
+        text = json.dumps({"decision": asdict(shown), "history": history})
         gates = tuple(replace(g, reason=g.reason[:keep]) for g in decision.gates)
-        text, keep = json.dumps(asdict(replace(decision, gates=gates))), keep // 2
+        shown, keep = replace(decision, gates=gates), keep // 2
     return text
+
+
+def _read_promoting(raw: str) -> tuple[Decision, list[str]] | None:
+    """What `_promoting` wrote, or None where it cannot be read (edited by hand)."""
+    try:
+        fields = json.loads(raw)
+        decision = Decision.from_dict(fields["decision"])
+        return decision, [str(v) for v in fields["history"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _apply(mlflow_client: Any, decision: Decision, gates: Gates, uri: str) -> None:
@@ -721,25 +747,57 @@ def _apply(mlflow_client: Any, decision: Decision, gates: Gates, uri: str) -> No
 
 
 def stopped_promotion(name: str, *, root: str | Path = ".") -> str | None:
-    """The version a stopped promotion was making champion (None: none was stopped), which
-    the next promote or rollback finishes."""
+    """The version a stopped promotion was making champion, which the next promote or
+    rollback finishes: None when none was stopped, or its record cannot be finished (read or
+    its version found: the next promote or rollback forgets it)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(root)
+    try:
+        raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
+    except MlflowException:  # no such model: nothing was promoted
+        return None
+    read = None if raw is None else _read_promoting(raw)
+    if read is None or not _exists(mlflow_client, name, read[0].version):
+        return None
+    return read[0].version
+
+
+def _promoting_now(mlflow_client: Any, name: str) -> str | None:
+    """The version a promotion in progress (or stopped) is making champion, if any."""
+    raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
+    read = None if raw is None else _read_promoting(raw)
+    return None if read is None else read[0].version
+
+
+def _exists(mlflow_client: Any, name: str, version: str | None) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        raw = client(root).get_registered_model(name).tags.get(PROMOTING_TAG)
-    except MlflowException:  # no such model: nothing was promoted
-        return None
-    return None if raw is None else Decision.from_json(raw).version
+        return version is not None and mlflow_client.get_model_version(name, version) is not None
+    except MlflowException:
+        return False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What became of a promotion a run decided but stopped applying."""
+
+    decision: Decision | None  # applied now (None: forgotten, see ``note``)
+    note: str
 
 
 def _finish_stopped(
     mlflow_client: Any, name: str, gates: Gates, root: str | Path
-) -> Decision | None:
+) -> Finished | None:
     """Finish a promotion a run decided but stopped applying (under the registry lock, as
-    every promotion): the gates passed then, so it is applied, not judged again. Left alone,
-    and forgotten, when the registry was changed by hand since (the version deleted, or
-    `champion` moved to a third version in MLflow's UI): the hand's choice stands."""
+    every promotion): the gates passed then, so it is applied, not judged again. Forgotten,
+    its history entry undone, when it cannot be: its record unreadable, its version deleted,
+    or `champion` moved by hand since to a third version (the hand's choice stands). Says
+    which, as a notice (the CLI's stderr, a flow's log). None: nothing was stopped."""
     from mlflow.exceptions import MlflowException
+
+    from privtune.progress import notice
 
     try:
         raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
@@ -747,21 +805,36 @@ def _finish_stopped(
         return None
     if raw is None:
         return None
-    decision = replace(Decision.from_json(raw), finished_late=True)
+    read = _read_promoting(raw)
     champion = alias_version(mlflow_client, name, CHAMPION)
     held = None if champion is None else str(champion.version)
-    exists = any(
-        str(v.version) == decision.version
-        for v in mlflow_client.search_model_versions(f"name = '{name}'")
-    )
-    if not exists or held not in (decision.version, decision.champion_before):
-        history = _history(mlflow_client, name)
-        if history[-1:] == [decision.version]:  # never shown as champion: nothing to return to
-            mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
-        mlflow_client.delete_registered_model_tag(name, PROMOTING_TAG)
-        return None
-    _apply(mlflow_client, decision, gates, tracking_uri(root))
-    return decision
+    why = None
+    if read is None:
+        why = f"its record ({PROMOTING_TAG}) cannot be read"
+    else:
+        decision, before = read
+        if not _exists(mlflow_client, name, decision.version):
+            why = f"v{decision.version} was deleted since"
+        elif held not in (decision.version, decision.champion_before):
+            why = f"`champion` was moved by hand since, to v{held}"
+    if why is None:
+        if not _exists(mlflow_client, name, decision.champion_before):
+            decision = replace(decision, champion_before=None)  # deleted: no previous alias
+        decision = replace(decision, finished_late=True)
+        _apply(mlflow_client, decision, gates, tracking_uri(root))
+        note = (
+            f"finished the promotion of v{decision.version} to champion that a run decided "
+            "and stopped before the registry showed it"
+        )
+        notice(note)
+        return Finished(decision, note)
+    if read is not None and _history(mlflow_client, name) == [*before, decision.version]:
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(before))
+    mlflow_client.delete_registered_model_tag(name, PROMOTING_TAG)
+    what = f"of v{read[0].version} " if read is not None else ""
+    note = f"forgot a promotion {what}that a run decided and stopped: {why}"
+    notice(note)
+    return Finished(None, note)
 
 
 @dataclass(frozen=True)
@@ -806,15 +879,14 @@ def promote_best(
 def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = ".") -> Selection:
     gates = gates or Gates()
     mlflow_client = client(root)
-    finished = _finish_stopped(mlflow_client, name, gates, root)
+    stopped = _finish_stopped(mlflow_client, name, gates, root)
+    finished = stopped.decision if stopped is not None else None
     candidates = _candidates(name, root)
-    if finished is not None and not candidates:
-        method = version_method(name, finished.version, root=root)
-        why = (
-            f"v{finished.version} was made champion by a promotion that stopped before the "
-            "registry showed it; this one finished it"
-        )
-        return Selection(finished.version, why, (finished,), {finished.version: method})
+    if stopped is not None and not candidates:  # finished (or forgotten) it: all there was
+        chosen = None if finished is None else finished.version
+        done = () if finished is None else (finished,)
+        methods = {} if chosen is None else {chosen: version_method(name, chosen, root=root)}
+        return Selection(chosen, stopped.note, done, methods)
     if not candidates:
         raise ModelError(
             f"{name}@{CHALLENGER}", "no challenger to promote", "register a model first"
@@ -871,6 +943,12 @@ def _promote_best(name: str, gates: Gates | None = None, *, root: str | Path = "
                 f"{newest}; the others' utility does not compare with theirs)"
             )
     methods = {v: tags[v].get("method", "?") for v in candidates}
+    if stopped is not None:  # said first: it happened first
+        why = f"{stopped.note}; then {why}"
+    if finished is not None:  # promoted by this run too, before the candidates were judged
+        decisions.insert(1 if best is not None else 0, finished)
+        methods[finished.version] = version_method(name, finished.version, root=root)
+        best = best or finished.version
     return Selection(best, why, tuple(decisions), methods)
 
 
@@ -959,28 +1037,39 @@ ROLLED_BACK = "**ROLLED BACK**"
 ROLLED_BACK_TAG = "promotion.rolled_back"  # when; removed if the version is promoted again
 
 
-def rollback(name: str, *, root: str | Path = ".") -> Rollback:
-    """Give `champion` back to the previous champion (the history tag on the registered model)."""
+def rollback(name: str, *, root: str | Path = ".", gates: Gates | None = None) -> Rollback:
+    """Give `champion` back to the previous champion (the history tag on the registered model).
+    ``gates``: the project's, for the page of a stopped promotion it finishes first."""
     with registry_lock(root):
-        return _rollback(name, root=root)
+        return _rollback(name, root=root, gates=gates)
 
 
-def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
+def _rollback(name: str, *, root: str | Path = ".", gates: Gates | None = None) -> Rollback:
     mlflow_client = client(root)
     # a promotion stopped midway is finished first: the rollback then undoes all of it
-    _finish_stopped(mlflow_client, name, Gates(), root)
-    history = _history(mlflow_client, name)
+    _finish_stopped(mlflow_client, name, gates or Gates(), root)
+    registered = {str(v.version) for v in mlflow_client.search_model_versions(f"name = '{name}'")}
+    # a deleted version cannot be returned to
+    history = [v for v in _history(mlflow_client, name) if v in registered]
     champion = alias_version(mlflow_client, name, CHAMPION)
-    if champion is not None and history and str(champion.version) != history[-1]:
-        # `champion` was moved by hand (MLflow's UI) to a version no promotion chose: rolling
-        # it back gives the alias to the last champion the gates chose, whose turn stays
-        return _give_back(mlflow_client, name, str(champion.version), history, by_hand=True)
+    held = None if champion is None else str(champion.version)
+    if held is not None and history and held != history[-1]:
+        if held in history:
+            # given back by hand (MLflow's UI) to an earlier champion: the rollback records
+            # it, and the champions after that one leave the history as if rolled back here
+            cut = len(history) - history[::-1].index(held)
+            demoted, history = history[cut:], history[:cut]
+            mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+            return _give_back(mlflow_client, name, demoted, history, how="recorded")
+        # moved by hand to a version no promotion chose: rolled back to the last champion the
+        # gates chose, whose turn stays
+        return _give_back(mlflow_client, name, [held], history, how="by hand")
     if len(history) < 2:
         # history holds the champions still to return to: rolled-back ones are gone from it
-        held = f"no champion came before v{history[-1]}" if history else "none yet"
+        earlier = f"no champion came before v{history[-1]}" if history else "none yet"
         raise ModelError(
             f"{name} {HISTORY_TAG}",
-            f"no previous champion to roll back to ({held})",
+            f"no previous champion to roll back to ({earlier})",
             "a rollback needs two promotions: promote another version first",
         )
     demoted = history[-1]
@@ -995,14 +1084,21 @@ def _rollback(name: str, *, root: str | Path = ".") -> Rollback:
             "a rollback needs two promotions: promote another version first",
         )
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    return _give_back(mlflow_client, name, demoted, history)
+    return _give_back(mlflow_client, name, [demoted], history)
 
 
 def _give_back(
-    mlflow_client: Any, name: str, demoted: str, history: list[str], *, by_hand: bool = False
+    mlflow_client: Any,
+    name: str,
+    demoted: list[str],
+    history: list[str],
+    *,
+    how: str = "rollback",
 ) -> Rollback:
-    """`champion` to the last of ``history`` (the history tag as it now stands), `demoted`
-    marked rolled back on its page (``by_hand``: it held the alias without a promotion)."""
+    """`champion` to the last of ``history`` (the history tag as it now stands), each of
+    ``demoted`` marked rolled back on its page. ``how``: "rollback", "by hand" (the demoted
+    version held the alias without a promotion) or "recorded" (the alias was given back by
+    hand; the rollback records it)."""
     restored = history[-1]
     mlflow_client.set_registered_model_alias(name, CHAMPION, restored)
     if len(history) >= 2:
@@ -1010,20 +1106,23 @@ def _give_back(
     elif alias_version(mlflow_client, name, PREVIOUS) is not None:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    mlflow_client.set_model_version_tag(name, demoted, ROLLED_BACK_TAG, now)
-    # its description opened with "PROMOTED to champion": the page now says it is no longer
-    # (the gates' decision below it stays the record of that promotion)
-    description = mlflow_client.get_model_version(name, demoted).description or ""
-    if description.startswith(ROLLED_BACK):
-        description = description.partition("\n\n")[2]
-    line = (
-        f"{ROLLED_BACK} {now}: `champion`, set on this version by hand, was given back to "
-        f"v{restored}, the last champion the gates chose (`privtune rollback`)."
-        if by_hand
-        else f"{ROLLED_BACK} {now}: `champion` was given back to v{restored} (`privtune "
-        "rollback`); the promotion recorded below no longer holds."
-    )
-    mlflow_client.update_model_version(name, demoted, description=f"{line}\n\n{description}")
+    line = {
+        "rollback": f"`champion` was given back to v{restored} (`privtune rollback`); the "
+        "promotion recorded below no longer holds.",
+        "by hand": f"`champion`, set on this version by hand, was given back to v{restored}, "
+        "the last champion the gates chose (`privtune rollback`).",
+        "recorded": f"`champion` was given back to v{restored} by hand, which `privtune "
+        "rollback` recorded; the promotion recorded below no longer holds.",
+    }[how]
+    for version in dict.fromkeys(demoted):
+        mlflow_client.set_model_version_tag(name, version, ROLLED_BACK_TAG, now)
+        # its description opened with "PROMOTED to champion": the page now says it is no
+        # longer (the gates' decision below it stays the record of that promotion)
+        description = mlflow_client.get_model_version(name, version).description or ""
+        if description.startswith(ROLLED_BACK):
+            description = description.partition("\n\n")[2]
+        text = f"{ROLLED_BACK} {now}: {line}\n\n{description}"
+        mlflow_client.update_model_version(name, version, description=text)
     describe_registered_model(mlflow_client, name)
     tags = dict(mlflow_client.get_model_version(name, restored).tags)
     noise = _noise(Gates(), tags)
@@ -1031,4 +1130,4 @@ def _give_back(
     if tags.get("promotion.decision", "promoted") != "promoted":  # judged again since
         reason = tags.get("promotion.reason", "")
         warnings.append(f"v{restored}'s last judgement was {tags['promotion.decision']}: {reason}")
-    return Rollback(name, demoted, restored, "; ".join(warnings) or None)
+    return Rollback(name, demoted[-1], restored, "; ".join(warnings) or None)
