@@ -179,7 +179,7 @@ def test_git_modified_of_a_profiles_project_sees_the_checkout_and_its_own_edits(
     monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))  # a slim image without git
     assert tracking.git_modified(built) == "unknown"  # as outside git, not a crash
     monkeypatch.undo()
-    (built / profiles.BUILT_FROM).unlink()  # a project built before this record was kept
+    (built / tracking.BUILT_FROM).unlink()  # a project built before this record was kept
     assert tracking.git_modified(built) == (
         "profiles/quick (not compared with the checkout: rebuild it to know)"
     )

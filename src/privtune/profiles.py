@@ -33,13 +33,13 @@ from typing import Any
 
 import yaml
 
+from privtune import tracking
 from privtune.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNAVAILABLE
 from privtune.config import SOURCE_BUILD, load_params, parse_params
 from privtune.errors import ConfigError, PrivtuneError, ServerError
 
 PROFILES_FILE = "profiles.yaml"
-PROFILES_DIR = Path("profiles")
-BUILT_FROM = "built-from.json"  # in a profile's project: the profile and overrides it was made of
+PROFILES_DIR = tracking.PROFILES_DIR
 REPLACED = ("methods",)  # mappings a profile replaces instead of merging into
 
 
@@ -200,14 +200,15 @@ def project(
     name, params = run_params(root, profile, overrides)
     target = root / PROFILES_DIR / name
     created = not target.exists()
-    params_file, origin_file = target / "params.yaml", target / BUILT_FROM
+    params_file, origin_file = target / "params.yaml", target / tracking.BUILT_FROM
     previous = {f: f.read_text() if f.is_file() else None for f in (params_file, origin_file)}
     try:
         target.mkdir(parents=True, exist_ok=True)
-        texts = {
-            params_file: made_params(root, profile, overrides),
-            origin_file: json.dumps({"profile": profile, "overrides": overrides or {}}),
-        }
+        text = yaml.safe_dump(from_checkout(params, root), sort_keys=False)
+        # what it was made of, and the digest that tells a hand edit since (git_modified)
+        built = {"profile": profile, "overrides": overrides or {}}
+        built["params_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        texts = {params_file: text, origin_file: json.dumps(built)}
         for path, text in texts.items():
             if previous[path] != text:
                 path.write_text(text)
@@ -241,14 +242,6 @@ def project(
                     path.write_text(text)
         raise
     return target
-
-
-def made_params(root: str | Path, profile: str | None, overrides: dict[str, Any] | None) -> str:
-    """The params.yaml text `project` writes for a profile and overrides, from the checkout
-    ``root`` as it is now (`tracking.profile_edits` compares a project's with it)."""
-    root = Path(root).resolve()
-    _, params = run_params(root, profile, overrides)
-    return yaml.safe_dump(from_checkout(params, root), sort_keys=False)
 
 
 def repro(target: Path, *stages: str) -> int:

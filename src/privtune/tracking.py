@@ -464,11 +464,15 @@ def git_modified(root: str | Path = ".") -> str:
     return shown or "none"
 
 
+# Where privtune.profiles builds a profile's project, and the record of what it was built of
+# (here, not there: importing privtune.profiles would make every stage depend on them all).
+PROFILES_DIR = Path("profiles")
+BUILT_FROM = "built-from.json"
+
+
 def _profile_checkout(root: Path) -> Path | None:
     """The checkout a profile's project under it was built from (None: ``root`` is no
     profile's project): git sees nothing of profiles/<name>/, which it ignores."""
-    from privtune.profiles import PROFILES_DIR
-
     checkout = root.parent.parent
     if root.parent != checkout / PROFILES_DIR or not (checkout / "dvc.yaml").is_file():
         return None
@@ -481,12 +485,11 @@ def _profile_checkout(root: Path) -> Path | None:
 
 
 def profile_edits(root: Path, checkout: Path) -> list[str]:
-    """A profile's copies that differ from what `privtune.profiles` makes of the checkout now
-    (its code, dvc.yaml, and params.yaml from the profile and overrides it was built of):
-    edited in place, and run with `dvc repro` there."""
+    """A profile's copies edited in place since `privtune.profiles` made them (then run with
+    `dvc repro` there): its code and dvc.yaml against the checkout's, its params.yaml against
+    the digest of what was written (`BUILT_FROM`)."""
     import filecmp
-
-    from privtune import profiles
+    import hashlib
 
     edits = []
     name = root.relative_to(checkout).as_posix()
@@ -496,9 +499,9 @@ def profile_edits(root: Path, checkout: Path) -> list[str]:
         copy = root / path.relative_to(checkout)
         if not copy.is_file() or not filecmp.cmp(path, copy, shallow=False):
             edits.append(f"{name}/{path.relative_to(checkout).as_posix()}")
-    built = json.loads((root / profiles.BUILT_FROM).read_text())
-    made = profiles.made_params(checkout, built["profile"], built["overrides"])
-    if (root / "params.yaml").read_text() != made:
+    built = json.loads((root / BUILT_FROM).read_text())
+    written = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
+    if written != built["params_sha256"]:
         edits.append(f"{name}/params.yaml")
     return edits
 
