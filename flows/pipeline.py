@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,51 @@ def pipeline(
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
-    logger = get_run_logger()
     root = str(Path(root).resolve())
+    with one_run_per_project(root, profile, overrides):
+        return _pipeline(
+            root, methods, force, finetune_deployment, promote, share, finetune_timeout,
+            finetune_local_fallback, profile, overrides,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def one_run_per_project(
+    root: str, profile: str | None, overrides: dict[str, Any] | None
+) -> Iterator[None]:
+    """One pipeline run at a time on a project (the checkout's, or a profile's): a second
+    trigger while the first runs waited seconds for DVC's lock, then failed with its
+    LockError. It now waits for the first (saying whose), and finds what that built up to
+    date. The lock is the OS's: a killed run's is free."""
+    from privtune.store_lock import HolderFileLock
+
+    name = profiles.resolve(root, profile, overrides)[0] if profile or overrides else None
+    lock = HolderFileLock(
+        Path(root) / ".privtune" / f"pipeline{'-' + name if name else ''}.lock", root
+    )
+    if not lock.acquire(timeout=0):
+        where = f"profiles/{name}" if name else "this checkout"
+        get_run_logger().info("waiting for %s, which runs the pipeline on %s", lock.holder(), where)
+        lock.acquire(timeout=-1)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _pipeline(
+    root: str,
+    methods: list[str] | None,
+    force: bool,
+    finetune_deployment: str | None,
+    promote: bool,
+    share: bool,
+    finetune_timeout: float | None,
+    finetune_local_fallback: bool,
+    profile: str | None,
+    overrides: dict[str, Any] | None,
+) -> dict:
+    logger = get_run_logger()
     run_parameters: dict[str, Any] = {}
     if profile or overrides:
         if share:

@@ -102,3 +102,44 @@ def test_the_scripts_turn_telemetry_off_before_prefects_server_starts(
     monkeypatch.setattr(script, flow, lambda *a, **k: seen.update(os.environ))
     script.main(argv)
     assert {key: seen.get(key) for key in TELEMETRY_OFF} == TELEMETRY_OFF
+
+
+def test_a_second_pipeline_run_on_a_project_waits_for_the_first(tmp_path, monkeypatch):
+    """Two runs of one project at once (a second trigger while the nightly runs) took DVC's
+    lock in turns and one failed with its LockError; the second now waits, saying for whom.
+    A profile's project is another project: its run does not wait for the checkout's."""
+    import shutil
+    import threading
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import flows.pipeline
+
+    checkout = Path(__file__).resolve().parents[1]
+    for name in ("params.yaml", "profiles.yaml"):
+        shutil.copy(checkout / name, tmp_path / name)
+    said: list[str] = []
+    logger = SimpleNamespace(info=lambda text, *args: said.append(text % args))
+    monkeypatch.setattr(flows.pipeline, "get_run_logger", lambda: logger)
+    root = str(tmp_path)
+
+    def second(profile, started, done):
+        started.set()
+        with flows.pipeline.one_run_per_project(root, profile, None):
+            done.set()
+
+    with flows.pipeline.one_run_per_project(root, None, None):
+        runs = {}
+        for profile in (None, "quick"):
+            started, done = threading.Event(), threading.Event()
+            thread = threading.Thread(target=second, args=(profile, started, done))
+            thread.start()
+            started.wait(5)
+            runs[profile] = (thread, done)
+        assert runs["quick"][1].wait(10)  # another project: not held up
+        assert not runs[None][1].wait(1.5)  # the same project: waits
+        assert said and said[0].startswith("waiting for privtune pid ")
+        assert said[0].endswith("which runs the pipeline on this checkout")
+    assert runs[None][1].wait(10)  # then runs
+    for thread, _ in runs.values():
+        thread.join(10)
