@@ -36,10 +36,11 @@ def finetune(
     that profile's own project (privtune/profiles.py), the one the pipeline built in the same
     checkout.
     """
+    from privtune.config import project_root
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
-    root = str(Path(root).resolve())
+    root = str(project_root(root))
     if profile or overrides:
         # the pipeline checked the whole project; the stage checks its own plan
         root = str(profiles.project(root, profile, overrides, check=False))

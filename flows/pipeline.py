@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.futures import wait  # noqa: E402
 
 from privtune import profiles  # noqa: E402
-from privtune.config import RunnerParams, load_params  # noqa: E402
+from privtune.config import RunnerParams, load_params, project_root  # noqa: E402
 from tasks import dispatch, runners, stages  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def pipeline(
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
-    root = str(Path(root).resolve())
+    root = str(project_root(root))
     with one_run_per_project(root, profile, overrides):
         return _pipeline(
             root, methods, force, finetune_deployment, promote, share, finetune_timeout,

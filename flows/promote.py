@@ -222,10 +222,11 @@ def measure(root: str, version: str | None, pending: bool) -> None:
 def promote(root: str = ".", version: str | None = None, pending: bool = False) -> list[dict]:
     """Move `champion` through the gates: to `version`, or to the best eligible of the
     versions not judged yet (``pending``, as the nightly pipeline does), or to the challenger."""
+    from privtune.config import project_root
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
-    root = str(Path(root).resolve())
+    root = str(project_root(root))
     measure(root, version, pending)
     with one_at_a_time():
         if version is not None:
@@ -245,11 +246,12 @@ def rollback(root: str = ".") -> dict:
     """Give `champion` back to the version that held it before the last promotion."""
     from dataclasses import asdict
 
+    from privtune.config import project_root
     from privtune.registry import rollback as rollback_champion
     from privtune.tracking import disable_telemetry
 
     disable_telemetry()
-    root = str(Path(root).resolve())
+    root = str(project_root(root))
     with one_at_a_time():
         registry = _registry(root)
         done = rollback_champion(registry.name, root=root, gates=registry.gates)

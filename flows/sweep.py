@@ -20,7 +20,7 @@ from typing import Any  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.futures import wait  # noqa: E402
 
-from privtune.config import RunnerParams  # noqa: E402
+from privtune.config import RunnerParams, project_root  # noqa: E402
 from tasks import runners, stages  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def sweep(
     )
 
     disable_telemetry()
-    root = str(Path(root).resolve())
+    root = str(project_root(root))
     points = sweep_points(epsilons, seeds)
     if clash := existing_experiments(root, [name for name, _ in points]):
         raise ValueError(

@@ -143,3 +143,27 @@ def test_a_second_pipeline_run_on_a_project_waits_for_the_first(tmp_path, monkey
     assert runs[None][1].wait(10)  # then runs
     for thread, _ in runs.values():
         thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("module", "flow", "args"),
+    [
+        ("flows.pipeline", "pipeline", ()),
+        ("flows.promote", "promote", ()),
+        ("flows.promote", "rollback", ()),
+        ("flows.finetune", "finetune", ("dpsgd",)),
+        ("flows.sweep", "sweep", ()),
+    ],
+)
+def test_a_flow_given_a_root_that_is_no_project_names_its_root_parameter(
+    module, flow, args, tmp_path
+):
+    """A deployment run with `--param root=profiles/quik` said "parameter file not found.
+    Fix: ... pass --params", a command-line option no flow run has."""
+    from privtune.errors import ConfigError
+
+    run = getattr(importlib.import_module(module), flow).fn
+    with pytest.raises(ConfigError) as err:
+        run(*args, root=str(tmp_path / "quik"))
+    assert err.value.field == "root" and "flow's `root` parameter" in err.value.fix
+    assert "--params" not in str(err.value)

@@ -143,3 +143,31 @@ def test_a_bad_override_is_named_where_it_came_from():
         with pytest.raises(ConfigError) as bad:
             run_params(ROOT, profile, {"finetune.epsilon": 0})
         assert f"in {where} or the run's overrides (finetune.epsilon)" in str(bad.value)
+
+
+def test_a_refused_profile_run_names_where_the_refused_value_came_from(tmp_path):
+    """Every refusal of a profile's check ended "(in profiles.yaml: quick)", also for a value
+    from the checkout's params.yaml, the run's overrides, or a method the run's `methods`
+    named (a walk-through's findings): it names the one the value came from."""
+    import shutil
+
+    import yaml
+
+    from privtune.profiles import project
+
+    for name in ("params.yaml", "dvc.yaml", "profiles.yaml"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def refusal(*args, **kwargs) -> str:
+        with pytest.raises(ConfigError) as err:
+            project(tmp_path, *args, **kwargs)
+        return err.value.fix
+
+    tiny = {"finetune.epsilon": 1e-4}  # out of any noise's reach: refused by the check
+    assert refusal("quick", tiny).endswith("(in the run's overrides (finetune.epsilon))")
+    assert refusal("quick", None, methods=["dpsgdd"]).endswith("(in the run's `methods`)")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["finetune"]["epsilon"] = 1e-4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert refusal("quick", None).endswith("(in params.yaml)")

@@ -586,6 +586,20 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem}, character {position + 1}" if position is not None else problem
 
 
+def project_root(root: str | Path) -> Path:
+    """A flow's `root` parameter, resolved: a project has its params.yaml. Checked first, so a
+    mistyped root is named as the flow's parameter, not as a missing --params file."""
+    path = Path(root).resolve()
+    if not (path / "params.yaml").is_file():
+        raise ConfigError(
+            "root",
+            f"'{root}' is not a privtune project (no params.yaml in {path})",
+            "pass the checkout, or a profile's project profiles/<name>, as the flow's `root` "
+            "parameter (relative paths mean the worker's working directory)",
+        )
+    return path
+
+
 def load_params(path: str | Path = "params.yaml", required: Sequence[str] = ()) -> Params:
     """Read and validate params.yaml; every error names the field and how to fix it.
 

@@ -128,12 +128,41 @@ def resolve(
     return f"overrides-{digest[:8]}", params
 
 
-def origin(profile: str | None, overrides: dict[str, Any] | None) -> str:
-    """Where a run's values come from, for an error's fix to name."""
+def origin(
+    profile: str | None,
+    overrides: dict[str, Any] | None,
+    field: str | None = None,
+    root: str | Path | None = None,
+) -> str:
+    """Where a run's values come from, for an error's fix to name: with ``field`` (and the
+    checkout ``root``), where that one came from: the run's overrides, the profile, or the
+    checkout's params.yaml (an error said "in profiles.yaml: quick" for a value quick never
+    set)."""
+    if field is not None and root is not None:
+        keys = [
+            key
+            for key in overrides or {}
+            if key == field or key.startswith(f"{field}.") or field.startswith(f"{key}.")
+        ]
+        if keys:
+            return f"the run's overrides ({', '.join(keys)})"
+        if profile and _sets(overlay(Path(root), profile), field):
+            return f"{PROFILES_FILE}: {profile}"
+        return "params.yaml"
     where = f"{PROFILES_FILE}: {profile}" if profile else "params.yaml"
     if overrides:
         where += f" or the run's overrides ({', '.join(overrides)})"
     return where
+
+
+def _sets(tree: dict[str, Any], dotted: str) -> bool:
+    """Whether the nested mapping sets the dotted field (or a section above it whole)."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def run_params(
@@ -223,8 +252,13 @@ def project(
 
             try:
                 check_project(target, methods)  # before DVC removes any stage's outputs
-            except ConfigError as err:  # the value is the profile's or the overrides'
-                where = origin(profile, overrides)
+            except ConfigError as err:  # say where the value came from
+                entry = err.field.removeprefix("methods.").split(".")[0]
+                named = entry in (methods or []) and entry not in (params.get("methods") or {})
+                if err.field.startswith("methods.") and named:
+                    where = "the run's `methods`"  # a method named there, not in params.yaml
+                else:
+                    where = origin(profile, overrides, err.field, root)
                 raise ConfigError(err.field, err.problem, f"{err.fix} (in {where})") from None
         if not (target / ".dvc").is_dir():  # its own DVC project; the checkout's DVC skips it
             Repo.init(str(target), no_scm=True).close()
