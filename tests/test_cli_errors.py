@@ -304,3 +304,12 @@ def test_under_torchrun_rank_0_alone_prints_a_usage_error(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert main(["finetune"]) == 2
     assert "the following arguments are required: name" in capsys.readouterr().err
+
+
+def test_with_json_a_usage_error_is_json_on_stdout_too(capsys):
+    assert main(["promote", "--json", "--version", "abc"]) == 2
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["exit_code"] == 2 and report["error"] == "UsageError"
+    assert report["message"].startswith("argument --version: 'abc' is not a version number")
+    assert "usage: privtune promote" in err

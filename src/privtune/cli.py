@@ -234,11 +234,18 @@ def read_error_file(path: str | Path) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> int:
     # under torchrun every rank parses the same arguments: rank 0 alone says what is wrong
     quiet = int(os.environ.get("RANK", "0")) != 0
+    said = StringIO()
     try:
-        with contextlib.redirect_stderr(StringIO()) if quiet else contextlib.nullcontext():
+        with contextlib.redirect_stderr(said):
             args = _parser().parse_args(argv)
     except SystemExit as done:  # argparse printed the usage and the error (exit 2), or --help
-        return int(done.code or 0)
+        code = int(done.code or 0)
+        if not quiet:
+            sys.stderr.write(said.getvalue())
+            if code and "--json" in (sys.argv[1:] if argv is None else argv):  # for a tool
+                message = said.getvalue().strip().splitlines()[-1].partition(": error: ")[2]
+                print(json.dumps({"exit_code": code, "error": "UsageError", "message": message}))
+        return code
     disable_telemetry()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     failed: list[BaseException] = []
