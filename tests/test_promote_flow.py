@@ -481,11 +481,12 @@ def test_a_stopped_promotion_over_a_champion_deleted_since_is_finished_without_p
 ) -> None:
     """Stopped after the alias moved, then v1 (the champion before) deleted: finishing it set
     `previous_champion` on v1 and failed, and so did every promote and rollback after."""
-    _second_promotion(registry, 3)  # decision, history, champion alias
-    _delete(registry, "1")
-    assert promotion.promote_best("m").chosen == "2"
-    assert registry.aliases == {"champion": "2"}
-    assert promotion.PROMOTING_TAG not in registry.model.tags
+    for writes in (3, 2):  # after the champion alias moved; before it (v1's goes with v1)
+        _second_promotion(registry, writes)
+        _delete(registry, "1")
+        assert promotion.promote_best("m").chosen == "2"
+        assert registry.aliases == {"champion": "2"}
+        assert promotion.PROMOTING_TAG not in registry.model.tags
 
 
 @pytest.mark.parametrize("damage", ["unreadable", "deleted"])

@@ -813,13 +813,16 @@ def _finish_stopped(
         why = f"its record ({PROMOTING_TAG}) cannot be read"
     else:
         decision, before = read
+        if not _exists(mlflow_client, name, decision.champion_before):
+            # deleted since (its aliases with it): no previous alias, and no champion is
+            # what the stopped run left if it stopped before the alias moved
+            decision = replace(decision, champion_before=None)
         if not _exists(mlflow_client, name, decision.version):
             why = f"v{decision.version} was deleted since"
         elif held not in (decision.version, decision.champion_before):
-            why = f"`champion` was moved by hand since, to v{held}"
+            moved = f"moved by hand since, to v{held}" if held else "removed by hand since"
+            why = f"`champion` was {moved}"
     if why is None:
-        if not _exists(mlflow_client, name, decision.champion_before):
-            decision = replace(decision, champion_before=None)  # deleted: no previous alias
         decision = replace(decision, finished_late=True)
         _apply(mlflow_client, decision, gates, tracking_uri(root))
         note = (
