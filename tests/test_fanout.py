@@ -260,6 +260,7 @@ def test_a_sweep_refuses_points_the_project_already_has_before_running_any(tmp_p
 
     project = tmp_path / "project"
     _git_repo(project, ("git", "commit", "-q", "--allow-empty", "-m", "init"))
+    (project / "params.yaml").write_text("{}\n")  # a project (the flow checks its root first)
     head = _sh(project, "git", "rev-parse", "HEAD").strip()
     _sh(project, "git", "update-ref", str(ExpRefInfo(head, "eps1-seed0")), head)
     assert existing_experiments(str(project), ["eps1-seed0", "eps8-seed0"]) == ["eps1-seed0"]

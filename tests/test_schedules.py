@@ -191,7 +191,7 @@ def test_what_the_preflight_refuses_leaves_a_profile_as_it_was(checkout):
     with pytest.raises(PrivtuneError, match=r"finetune\.epsilon") as refused:
         profiles.project(checkout, "quick", {"finetune.epsilon": 1e-4})
     assert (quick / "params.yaml").read_text() == good
-    where = "(in profiles.yaml: quick or the run's overrides (finetune.epsilon))"
+    where = "(in the run's overrides (finetune.epsilon))"
     assert str(refused.value).endswith(where)  # where the value came from
     before = sorted(p.name for p in (checkout / "profiles").iterdir())
     with pytest.raises(PrivtuneError, match=r"finetune\.epsilon"):
