@@ -116,8 +116,6 @@ def decide(root: str, version: str | None) -> dict:
 
     Without a challenger there is nothing to promote: that is the result, not a failure.
     """
-    from mlflow.exceptions import MlflowException
-
     from privtune.errors import ModelError
     from privtune.registry import CHALLENGER, CHAMPION, promote
     from privtune.registry.promotion import alias_version, stopped_promotion
@@ -129,23 +127,21 @@ def decide(root: str, version: str | None) -> dict:
         if version is None:
             get_run_logger().info("nothing to promote: %s has no %s", registry.name, CHALLENGER)
             return _nothing_to_promote(registry.name)
+
+    def champion_now() -> bool:
+        champion = alias_version(client(root), registry.name, CHAMPION)
+        return champion is not None and str(champion.version) == str(version)
+
+    done = {"name": registry.name, "version": str(version), "promoted": True}
     # A retry after the alias moved must not fail as "already the champion" (promote finishes
     # a promotion stopped before the registry showed it).
-    try:
-        champion = client(root).get_model_version_by_alias(registry.name, CHAMPION)
-    except MlflowException:  # no champion yet
-        champion = None
-    held = champion is not None and str(champion.version) == str(version)
-    if held and stopped_promotion(registry.name, root=root) != str(version):
-        return {"name": registry.name, "version": str(version), "promoted": True}
+    if champion_now() and stopped_promotion(registry.name, root=root) != str(version):
+        return done
     try:
         decision = promote(registry.name, registry.gates, root=root, version=version)
     except ModelError:
-        # a reviewer's promotion of this version finished while this one waited for the lock
-        if str(getattr(alias_version(client(root), registry.name, CHAMPION), "version", "")) == (
-            str(version)
-        ):
-            return {"name": registry.name, "version": str(version), "promoted": True}
+        if champion_now():  # a reviewer's promotion of it finished while this one waited
+            return done
         raise
     _report(registry.name, [decision], None, decision.promoted, decision.reason())
     return decision.to_dict()

@@ -372,8 +372,8 @@ def test_a_rank_is_stopped_when_its_launcher_is_killed(tmp_path):
 
     pid_file = tmp_path / "rank.pid"
     rank = (
-        "import os, sys, time; from privtune.privacy.distributed import stop_with_launcher; "
-        f"stop_with_launcher(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        "import os, sys, time; from privtune.lifetime import stop_with_parent; "
+        f"stop_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
         "time.sleep(120)"
     )
     launcher = (

@@ -286,19 +286,15 @@ def _guarded(args: argparse.Namespace, failed: list[BaseException]) -> int:
     except AuditViolation as err:
         return _fail(EXIT_AUDIT, "privacy audit violation", err)
     except KeyboardInterrupt as err:
-        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"{how}: rerun the same command to resume or redo it", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(err, Terminated)
+        return _interrupted("terminated (SIGTERM)" if terminated else "interrupted")
     except BrokenPipeError:  # the reader stopped (`| head`): what was done stays done
         # Python's recipe: stdout to devnull, or its flush at exit raises again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as err:  # a bug, not the input: the traceback is what to report
         if TERMINATED.is_set():  # SIGTERM landed in an import, which failed of it
-            print(
-                "terminated (SIGTERM): rerun the same command to resume or redo it", file=sys.stderr
-            )
-            return EXIT_INTERRUPTED
+            return _interrupted("terminated (SIGTERM)")
         if _lost_a_rank(err):
             print(
                 f"interrupted: another process of this distributed run stopped "
@@ -314,6 +310,11 @@ def _guarded(args: argparse.Namespace, failed: list[BaseException]) -> int:
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED
+
+
+def _interrupted(how: str) -> int:
+    print(f"{how}: rerun the same command to resume or redo it", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _run_noting(args: argparse.Namespace, failed: list[BaseException]) -> int:

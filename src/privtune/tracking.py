@@ -605,12 +605,11 @@ def resumable_run(root: str | Path, run_id: str) -> bool:
     and not deleted (the store may have changed since, `MLFLOW_TRACKING_URI` set to a team
     server, or the run deleted in MLflow's UI)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
     try:
         run = _client(root).get_run(run_id)
     except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise  # the store did not answer: not a missing run
         return False
     return run.info.lifecycle_stage == "active"

@@ -84,13 +84,6 @@ class Replica:
         return box[0]
 
 
-def stop_with_launcher() -> None:
-    """Have the kernel send this rank SIGTERM when its launcher dies: torchrun's workers run
-    in a session of their own and outlive a `kill -9` of torchrun, training on unseen; SIGTERM
-    stops the rank as an interrupt (its run KILLED; the same command resumes it)."""
-    stop_with_parent()
-
-
 @contextlib.contextmanager
 def process_group_from_environment() -> Iterator[Replica]:
     """Join the process group torchrun describes (WORLD_SIZE > 1; gloo on CPU, nccl on CUDA)
@@ -100,7 +93,10 @@ def process_group_from_environment() -> Iterator[Replica]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     joined = world > 1 and not dist.is_initialized()
     if joined:
-        stop_with_launcher()
+        # torchrun's ranks run in a session of their own and outlived a `kill -9` of it,
+        # training on unseen: SIGTERM when it dies stops a rank as an interrupt (its run
+        # KILLED; the same command resumes it)
+        stop_with_parent()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             # NCCL reduces CUDA tensors only: the loss summary and the object collectives

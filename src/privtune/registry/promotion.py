@@ -750,22 +750,24 @@ def stopped_promotion(name: str, *, root: str | Path = ".") -> str | None:
     """The version a stopped promotion was making champion, which the next promote or
     rollback finishes: None when none was stopped, or its record cannot be finished (read or
     its version found: the next promote or rollback forgets it)."""
+    mlflow_client = client(root)
+    version = _promoting_now(mlflow_client, name)
+    return version if _exists(mlflow_client, name, version) else None
+
+
+def _promoting_record(mlflow_client: Any, name: str) -> str | None:
+    """`PROMOTING_TAG` as stored (None: no promotion in progress, or no such model)."""
     from mlflow.exceptions import MlflowException
 
-    mlflow_client = client(root)
     try:
-        raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
+        return mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
     except MlflowException:  # no such model: nothing was promoted
         return None
-    read = None if raw is None else _read_promoting(raw)
-    if read is None or not _exists(mlflow_client, name, read[0].version):
-        return None
-    return read[0].version
 
 
 def _promoting_now(mlflow_client: Any, name: str) -> str | None:
-    """The version a promotion in progress (or stopped) is making champion, if any."""
-    raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
+    """The version a promotion in progress (or stopped) is making champion, if readable."""
+    raw = _promoting_record(mlflow_client, name)
     read = None if raw is None else _read_promoting(raw)
     return None if read is None else read[0].version
 
@@ -795,14 +797,9 @@ def _finish_stopped(
     its history entry undone, when it cannot be: its record unreadable, its version deleted,
     or `champion` moved by hand since to a third version (the hand's choice stands). Says
     which, as a notice (the CLI's stderr, a flow's log). None: nothing was stopped."""
-    from mlflow.exceptions import MlflowException
-
     from privtune.progress import notice
 
-    try:
-        raw = mlflow_client.get_registered_model(name).tags.get(PROMOTING_TAG)
-    except MlflowException:  # no such model: the caller's error says so
-        return None
+    raw = _promoting_record(mlflow_client, name)  # no such model: the caller's error says so
     if raw is None:
         return None
     read = _read_promoting(raw)
